@@ -1,0 +1,170 @@
+// Package benchio measures sequential O_DIRECT bandwidth through an iouring
+// engine and, in the same run, through fio with the same size, block size
+// and queue depth.
+package benchio
+
+import (
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/hcache/hcache/internal/fio"
+	"github.com/hcache/hcache/internal/progress"
+	"github.com/hcache/hcache/iouring"
+)
+
+// Options of one benchmark run.
+type Options struct {
+	Dir       string
+	SizeBytes int64
+	BlockSize int
+	QD        int
+	Engine    string // auto, io_uring, fallback
+	SkipFio   bool
+	Progress  io.Writer
+}
+
+// Result is what `hcache bench io --json` prints.
+type Result struct {
+	Engine       string  `json:"engine"`
+	BS           int     `json:"bs"`
+	QD           int     `json:"qd"`
+	SizeBytes    int64   `json:"size_bytes"`
+	ReadGBps     float64 `json:"read_gbps"`
+	WriteGBps    float64 `json:"write_gbps"`
+	FioReadGBps  float64 `json:"fio_read_gbps"`
+	FioWriteGBps float64 `json:"fio_write_gbps"`
+	ReadRatio    float64 `json:"read_ratio"`
+	WriteRatio   float64 `json:"write_ratio"`
+	Registered   bool    `json:"registered_buffers"`
+}
+
+// Run runs the benchmark.
+func Run(o Options) (*Result, error) {
+	if o.BlockSize <= 0 || o.BlockSize%iouring.Alignment != 0 {
+		return nil, fmt.Errorf("bench io: --bs %d must be a positive multiple of %d", o.BlockSize, iouring.Alignment)
+	}
+	if o.QD < 1 || o.QD > iouring.MaxEntries {
+		return nil, fmt.Errorf("bench io: --qd %d must be in [1, %d]", o.QD, iouring.MaxEntries)
+	}
+	if o.SizeBytes < int64(o.BlockSize) || o.SizeBytes%int64(o.BlockSize) != 0 {
+		return nil, fmt.Errorf("bench io: --size %d must be a positive multiple of --bs %d", o.SizeBytes, o.BlockSize)
+	}
+	if err := os.MkdirAll(o.Dir, 0o755); err != nil {
+		return nil, err
+	}
+	entries := 1
+	for entries < o.QD {
+		entries <<= 1
+	}
+	e, err := iouring.New(iouring.Config{Kind: o.Engine, Entries: entries, Workers: o.QD})
+	if err != nil {
+		return nil, err
+	}
+	defer e.Close()
+	pool, err := iouring.NewPool(o.BlockSize, o.QD)
+	if err != nil {
+		return nil, err
+	}
+	defer pool.Free()
+	res := &Result{Engine: e.Name(), BS: o.BlockSize, QD: o.QD, SizeBytes: o.SizeBytes}
+	res.Registered = iouring.RegisterPool(e, pool, nil)
+	defer e.RegisterBuffers(nil)
+
+	path := filepath.Join(o.Dir, "hcache-bench-io.dat")
+	defer os.Remove(path)
+	fd, err := iouring.OpenDirect(path, unix.O_RDWR|unix.O_CREAT|unix.O_TRUNC, 0o644)
+	if err != nil {
+		return nil, err
+	}
+	defer unix.Close(fd)
+	if err := unix.Fallocate(fd, 0, 0, o.SizeBytes); err != nil {
+		return nil, fmt.Errorf("bench io: fallocate %s: %w", path, err)
+	}
+	for i := 0; i < pool.Count(); i++ {
+		b := pool.Get()
+		for j := range b {
+			b[j] = byte(j*7 + i)
+		}
+		defer pool.Put(b)
+	}
+	wsec, err := stream(e, pool, fd, o, iouring.OpWrite)
+	if err != nil {
+		return nil, err
+	}
+	if err := e.Do(&iouring.Request{Op: iouring.OpFdatasync, Fd: fd}); err != nil {
+		return nil, err
+	}
+	rsec, err := stream(e, pool, fd, o, iouring.OpRead)
+	if err != nil {
+		return nil, err
+	}
+	res.WriteGBps = float64(o.SizeBytes) / wsec / 1e9
+	res.ReadGBps = float64(o.SizeBytes) / rsec / 1e9
+	if o.SkipFio {
+		return res, nil
+	}
+	fpath := filepath.Join(o.Dir, "hcache-bench-fio.dat")
+	defer os.Remove(fpath)
+	job := fio.Job{File: fpath, SizeBytes: o.SizeBytes, BlockSize: o.BlockSize, QD: o.QD, Write: true}
+	if res.FioWriteGBps, err = fio.Run(job); err != nil {
+		return nil, err
+	}
+	job.Write = false
+	if res.FioReadGBps, err = fio.Run(job); err != nil {
+		return nil, err
+	}
+	res.WriteRatio = res.WriteGBps / res.FioWriteGBps
+	res.ReadRatio = res.ReadGBps / res.FioReadGBps
+	return res, nil
+}
+
+// stream keeps QD requests of BlockSize in flight over the whole file, in
+// order, and returns the elapsed seconds. The slabs are owned by the caller.
+func stream(e iouring.Engine, pool *iouring.Pool, fd int, o Options, op iouring.Op) (float64, error) {
+	slabs := make([][]byte, o.QD)
+	mem := pool.Memory()
+	for i := range slabs {
+		slabs[i] = mem[i*pool.SlabBytes() : i*pool.SlabBytes()+o.BlockSize]
+	}
+	total := o.SizeBytes / int64(o.BlockSize)
+	bar := progress.New(o.Progress, "bench io "+op.String(), o.SizeBytes, "bytes")
+	doneCh := make(chan *iouring.Request, o.QD)
+	cb := func(r *iouring.Request) { doneCh <- r }
+	reqs := make([]iouring.Request, o.QD)
+	start := time.Now()
+	var next, completed int64
+	inflight := 0
+	for i := 0; i < o.QD && next < total; i++ {
+		reqs[i] = iouring.Request{Op: op, Fd: fd, Buf: slabs[i], Off: next * int64(o.BlockSize)}
+		if err := e.Submit([]*iouring.Request{&reqs[i]}, cb); err != nil {
+			return 0, err
+		}
+		next++
+		inflight++
+	}
+	for inflight > 0 {
+		r := <-doneCh
+		inflight--
+		if r.Err != nil {
+			return 0, r.Err
+		}
+		completed++
+		bar.Add(int64(o.BlockSize))
+		if next < total {
+			r.Off = next * int64(o.BlockSize)
+			next++
+			if err := e.Submit([]*iouring.Request{r}, cb); err != nil {
+				return 0, err
+			}
+			inflight++
+		}
+	}
+	sec := time.Since(start).Seconds()
+	bar.Finish()
+	return sec, nil
+}
