@@ -1,0 +1,565 @@
+package chunk
+
+import (
+	"errors"
+	"fmt"
+	"sort"
+	"time"
+
+	"github.com/cockroachdb/pebble/v2/vfs"
+
+	"github.com/hcache/hcache/iouring"
+	"github.com/hcache/hcache/lsm"
+)
+
+type opKind uint8
+
+const (
+	opWrite   opKind = iota // write one chunk group
+	opBarrier               // commit everything before it durably, then answer
+	opDelete                // delete a context
+	opGC                    // compact segments
+	opDamage                // mark a context damaged
+	opClose                 // stop
+)
+
+type op struct {
+	kind       opKind
+	c          *ctxState
+	group      uint32
+	tokens     int
+	slab       []byte
+	groupBytes int
+	layerOff   []int
+	owned      bool // the slab returns to staging after the write
+	done       chan error
+	gcDone     chan GCResult
+}
+
+// writeJob is a group write in flight or awaiting its commit.
+type writeJob struct {
+	op
+	seg    *segFile
+	off    uint64
+	length uint32
+	header *iouring.AlignedBuffer
+	packed *iouring.AlignedBuffer // compressed payload, when used
+	chunk  lsm.Chunk
+	err    error
+}
+
+func (s *Store) submit(o op) error {
+	s.mu.Lock()
+	if err := s.writable(); err != nil {
+		s.mu.Unlock()
+		return err
+	}
+	s.mu.Unlock()
+	s.ops <- o
+	return nil
+}
+
+// barrier waits until every write submitted before it is durable and indexed;
+// it returns c's first write error, if any.
+func (s *Store) barrier(c *ctxState) error {
+	done := make(chan error, 1)
+	if err := s.submit(op{kind: opBarrier, c: c, done: done}); err != nil {
+		return err
+	}
+	return <-done
+}
+
+// flusher state, owned by the flusher goroutine.
+type flusher struct {
+	s        *Store
+	inflight int
+	compl    chan *writeJob
+	pending  []*writeJob
+	pendB    int64
+	waiters  []op
+}
+
+func (s *Store) flushLoop() {
+	defer s.flusherWG.Done()
+	f := &flusher{s: s, compl: make(chan *writeJob, s.opts.QueueDepth)}
+	for {
+		if f.inflight == 0 && (len(f.waiters) > 0 || (len(f.pending) > 0 && (f.pendB >= s.opts.CommitBytes || len(s.ops) == 0))) {
+			f.commit()
+		}
+		ops := s.ops
+		if f.inflight >= s.opts.QueueDepth {
+			ops = nil
+		}
+		select {
+		case j := <-f.compl:
+			f.completed(j)
+		case o := <-ops:
+			switch o.kind {
+			case opWrite:
+				f.startWrite(o)
+			case opBarrier:
+				f.waiters = append(f.waiters, o)
+			default:
+				f.drain()
+				f.commit()
+				if o.kind == opClose {
+					o.done <- nil
+					return
+				}
+				f.control(o)
+			}
+		}
+	}
+}
+
+// drain waits for every write in flight.
+func (f *flusher) drain() {
+	for f.inflight > 0 {
+		f.completed(<-f.compl)
+	}
+}
+
+func (f *flusher) completed(j *writeJob) {
+	f.inflight--
+	f.pending = append(f.pending, j)
+	f.pendB += int64(j.length)
+}
+
+// startWrite builds the record of a group and starts writing it.
+func (f *flusher) startWrite(o op) {
+	s := f.s
+	j := &writeJob{op: o}
+	f.inflight++
+	fail := func(err error) {
+		j.err = err
+		f.compl <- j
+	}
+	c := o.c
+	s.mu.Lock()
+	binding, gen, stored := c.binding, c.rec.Gen, c.stored
+	plan := c.ident.Plan
+	skip := c.deleted || c.writeErr != nil
+	s.mu.Unlock()
+	if skip {
+		fail(errSkipped)
+		return
+	}
+	hb := headerBytesFor(len(stored))
+	j.chunk = lsm.Chunk{Tokens: uint16(o.tokens), Slices: make([]lsm.Slice, len(stored))}
+	payload := [][]byte{}
+	var err error
+	if s.opts.Compression == "lz4" {
+		payload, err = f.packCompressed(j, binding, stored, plan, hb)
+		if err != nil {
+			fail(err)
+			return
+		}
+	} else {
+		for i, l := range stored {
+			raw := o.tokens * int(plan[l].RowBytes)
+			rows := o.slab[o.layerOff[l] : o.layerOff[l]+raw]
+			j.chunk.Slices[i] = lsm.Slice{Layer: uint16(l), Off: uint32(hb + o.layerOff[l]), Stored: uint32(raw), Raw: uint32(raw),
+				CRC: sliceCRC(&binding, o.group, uint16(l), rows)}
+		}
+		payload = [][]byte{o.slab[:o.groupBytes]}
+	}
+	length := hb
+	for _, p := range payload {
+		length += len(p)
+	}
+	seg, off, err := s.reserve(uint64(length))
+	if err != nil {
+		fail(err)
+		return
+	}
+	j.seg, j.off, j.length = seg, off, uint32(length)
+	j.chunk.Segment, j.chunk.Offset, j.chunk.Length = seg.id, off, uint32(length)
+	if j.header, err = s.scratch.get(hb); err != nil {
+		fail(err)
+		return
+	}
+	h := RecordHeader{HeaderBytes: uint32(hb), RecordBytes: uint64(length), Segment: seg.id, ChunkTokens: uint16(s.ct),
+		Tokens: uint16(o.tokens), Group: o.group, Gen: gen, Binding: binding, Slices: j.chunk.Slices}
+	h.Encode(j.header.Bytes())
+	bufs := append([][]byte{j.header.Bytes()[:hb]}, payload...)
+	s.stats.bytesWritten.Add(uint64(length))
+	seg.writeAsync(bufs, int64(off), func(err error) {
+		j.err = err
+		f.compl <- j
+	})
+}
+
+var errSkipped = errors.New("chunk: write skipped")
+
+// reserve allocates length bytes at the append point, rotating to a new
+// segment when the active one is full.
+func (s *Store) reserve(length uint64) (*segFile, uint64, error) {
+	if length+segHeaderBytes > uint64(s.opts.SegmentBytes) {
+		return nil, 0, fmt.Errorf("chunk: a %d-byte record does not fit a %d-byte segment; raise SegmentBytes", length, s.opts.SegmentBytes)
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.active != nil {
+		rec := s.segRecs[s.active.id]
+		if rec.Written+length <= uint64(s.opts.SegmentBytes) {
+			off := rec.Written
+			rec.Written += length
+			return s.active, off, nil
+		}
+		rec.Sealed = true
+		s.active = nil
+	}
+	sg, err := s.newSegment()
+	if err != nil {
+		return nil, 0, err
+	}
+	rec := s.segRecs[sg.id]
+	off := rec.Written
+	rec.Written += length
+	return sg, off, nil
+}
+
+// newSegment creates, preallocates and syncs a segment file (and its
+// directory entry). It becomes durable in the index at the next commit; until
+// then a crash leaves an orphan file that Open removes. Call with s.mu held.
+func (s *Store) newSegment() (*segFile, error) {
+	id := s.nextSeg
+	s.nextSeg++
+	sg, err := openSeg(s.fs, s.segDir, id, s.eng, !s.opts.DisableDirect)
+	if err != nil {
+		return nil, err
+	}
+	fail := func(err error) (*segFile, error) {
+		sg.close()
+		s.fs.Remove(sg.name)
+		return nil, err
+	}
+	if err := sg.preallocate(s.opts.SegmentBytes); err != nil {
+		return fail(fmt.Errorf("chunk: preallocate %s: %w", sg.name, err))
+	}
+	hdr, err := s.scratch.get(segHeaderBytes)
+	if err != nil {
+		return fail(err)
+	}
+	(&SegmentHeader{ID: id, CreatedNanos: time.Now().UnixNano()}).Encode(hdr.Bytes())
+	err = sg.write([][]byte{hdr.Bytes()[:segHeaderBytes]}, 0)
+	s.scratch.put(hdr)
+	if err == nil {
+		err = sg.datasync()
+	}
+	if err == nil {
+		err = syncDir(s.fs, s.segDir)
+	}
+	if err != nil {
+		return fail(err)
+	}
+	s.segs[id] = sg
+	s.segRecs[id] = &lsm.Segment{Written: segHeaderBytes}
+	s.active = sg
+	return sg, nil
+}
+
+func syncDir(fs vfs.FS, dir string) error {
+	d, err := fs.OpenDir(dir)
+	if err != nil {
+		return err
+	}
+	defer d.Close()
+	return d.Sync()
+}
+
+// commit makes the completed writes durable (fdatasync of each touched
+// segment), indexes them in one Pebble batch (synced when someone waits), and
+// answers the waiters.
+func (f *flusher) commit() {
+	s := f.s
+	jobs, waiters := f.pending, f.waiters
+	f.pending, f.waiters, f.pendB = nil, nil, 0
+	defer func() {
+		for _, j := range jobs {
+			f.release(j)
+		}
+	}()
+	// 1. Durability of the data.
+	touched := map[*segFile]bool{}
+	for _, j := range jobs {
+		if j.err == nil {
+			touched[j.seg] = true
+		}
+	}
+	var syncErr error
+	for sg := range touched {
+		if err := sg.datasync(); err != nil {
+			syncErr = err
+			s.opts.Logf("chunk: fdatasync of segment %d failed (%v); its unindexed writes are dropped and the segment is sealed", sg.id, err)
+			s.mu.Lock()
+			if rec := s.segRecs[sg.id]; rec != nil {
+				rec.Sealed = true
+			}
+			if s.active == sg {
+				s.active = nil
+			}
+			s.mu.Unlock()
+		}
+	}
+	// 2. The index batch.
+	b := s.db.NewBatch()
+	s.mu.Lock()
+	segTouched := map[uint32]bool{}
+	ctxTouched := map[*ctxState]bool{}
+	for sg := range touched {
+		segTouched[sg.id] = true
+	}
+	superseded := map[string]*lsm.Chunk{}
+	// Token counts advance in memory only after the index commit, so a
+	// restore never expects chunks the index does not have yet.
+	newTokens := map[*ctxState]uint64{}
+	for _, j := range jobs {
+		c := j.c
+		if j.err != nil || syncErr != nil {
+			if j.err != errSkipped && c.writeErr == nil {
+				if j.err == nil {
+					c.writeErr = syncErr
+				} else {
+					c.writeErr = j.err
+				}
+			}
+			continue
+		}
+		if c.deleted || c.writeErr != nil {
+			continue
+		}
+		key := lsm.ChunkKey(c.ns, c.id, j.group)
+		// The group may already be stored (a partial tail flushed
+		// earlier): its old record becomes dead.
+		if _, ok := newTokens[c]; !ok {
+			newTokens[c] = c.rec.Tokens
+		}
+		old := superseded[string(key)]
+		if old == nil && uint64(j.group)*uint64(s.ct) < c.rec.Tokens {
+			if v, err := s.db.Get(key); err == nil {
+				old, _ = lsm.DecodeChunk(v)
+			}
+		}
+		if old != nil {
+			if rec := s.segRecs[old.Segment]; rec != nil {
+				rec.Live -= min(rec.Live, uint64(old.Length))
+				segTouched[old.Segment] = true
+			}
+			c.live -= int64(old.Length)
+		}
+		ch := j.chunk
+		superseded[string(key)] = &ch
+		b.Set(key, ch.Encode())
+		s.segRecs[j.seg.id].Live += uint64(j.length)
+		c.live += int64(j.length)
+		if t := uint64(j.group)*uint64(s.ct) + uint64(j.tokens); t > newTokens[c] {
+			newTokens[c] = t
+		}
+		ctxTouched[c] = true
+		if s.cache != nil && s.cache.limit > 0 {
+			s.cacheGroup(c, j)
+		}
+	}
+	for _, c := range s.ctxs {
+		if c.dirty {
+			ctxTouched[c] = true
+		}
+	}
+	for c := range ctxTouched {
+		if c.deleted {
+			continue
+		}
+		if !s.namespaces[c.ns] {
+			s.namespaces[c.ns] = true
+			b.Set(lsm.NamespaceKey(c.ns), lsm.EncodeNanos(lsm.KindNamespace, time.Now().UnixNano()))
+		}
+		rec := c.rec
+		if t, ok := newTokens[c]; ok {
+			rec.Tokens = t
+		}
+		b.Set(lsm.ContextKey(c.ns, c.id), rec.Encode())
+		c.dirty = false
+	}
+	for id := range segTouched {
+		if rec := s.segRecs[id]; rec != nil {
+			b.Set(lsm.SegmentKey(id), rec.Encode())
+		}
+	}
+	if s.active != nil {
+		b.Set(lsm.SegmentKey(s.active.id), s.segRecs[s.active.id].Encode())
+	}
+	s.mu.Unlock()
+	var err error
+	if b.Empty() {
+		b.Discard()
+	} else {
+		err = b.Commit(len(waiters) > 0)
+	}
+	if err != nil {
+		s.mu.Lock()
+		s.failed = err
+		s.mu.Unlock()
+		s.opts.Logf("chunk: index commit failed: %v; the store refuses further writes", err)
+	}
+	s.stats.commits.Add(1)
+	if err == nil {
+		s.mu.Lock()
+		for c, t := range newTokens {
+			c.rec.Tokens = max(c.rec.Tokens, t)
+		}
+		s.mu.Unlock()
+	}
+	for _, w := range waiters {
+		s.mu.Lock()
+		werr := err
+		if werr == nil && w.c != nil {
+			werr = w.c.writeErr
+		}
+		s.mu.Unlock()
+		w.done <- werr
+	}
+	if err == nil {
+		f.evict()
+	}
+}
+
+// release frees a job's buffers once it is committed (or failed).
+func (f *flusher) release(j *writeJob) {
+	if j.header != nil {
+		f.s.scratch.put(j.header)
+	}
+	if j.packed != nil {
+		f.s.scratch.put(j.packed)
+	}
+	if j.owned {
+		f.s.staging.put(j.slab)
+		f.s.staging.handOff(-1)
+	}
+}
+
+// control runs a delete, GC or damage op with no write in flight.
+func (f *flusher) control(o op) {
+	s := f.s
+	switch o.kind {
+	case opDelete:
+		o.done <- s.deleteNow(o.c, true)
+	case opDamage:
+		s.mu.Lock()
+		o.c.rec.Flags |= lsm.FlagDamaged
+		o.c.dirty = true
+		s.mu.Unlock()
+		f.commit()
+		if o.done != nil {
+			o.done <- nil
+		}
+	case opGC:
+		o.gcDone <- s.gcNow()
+	}
+}
+
+// deleteNow removes a context's keys in one batch and its bytes from the
+// segments' live counts. Runs on the flusher.
+func (s *Store) deleteNow(c *ctxState, sync bool) error {
+	var chunks []*lsm.Chunk
+	err := s.db.Scan(lsm.ChunkPrefix(c.ns, c.id), lsm.ChunkPrefixEnd(c.ns, c.id), func(k, v []byte) error {
+		if ch, err := lsm.DecodeChunk(v); err == nil {
+			chunks = append(chunks, ch)
+		}
+		return nil
+	})
+	if err != nil {
+		return err
+	}
+	b := s.db.NewBatch()
+	b.DeleteRange(lsm.ChunkPrefix(c.ns, c.id), lsm.ChunkPrefixEnd(c.ns, c.id))
+	b.Delete(lsm.ContextKey(c.ns, c.id))
+	b.Delete(lsm.LastUseKey(c.ns, c.id))
+	s.mu.Lock()
+	touched := map[uint32]bool{}
+	for _, ch := range chunks {
+		if rec := s.segRecs[ch.Segment]; rec != nil {
+			rec.Live -= min(rec.Live, uint64(ch.Length))
+			touched[ch.Segment] = true
+		}
+	}
+	for id := range touched {
+		b.Set(lsm.SegmentKey(id), s.segRecs[id].Encode())
+	}
+	c.deleted = true
+	c.live = 0
+	if s.ctxs[ctxMapKey(c.ns, c.id)] == c {
+		delete(s.ctxs, ctxMapKey(c.ns, c.id))
+	}
+	s.mu.Unlock()
+	if s.cache != nil {
+		s.cache.dropGen(c.rec.Gen)
+	}
+	return b.Commit(sync)
+}
+
+// Delete removes a context durably. An open writer of it fails its next
+// Flush.
+func (s *Store) Delete(ns, id string) error {
+	s.mu.Lock()
+	c, err := s.lookup(ns, id)
+	s.mu.Unlock()
+	if err != nil {
+		return err
+	}
+	done := make(chan error, 1)
+	if err := s.submit(op{kind: opDelete, c: c, done: done}); err != nil {
+		return err
+	}
+	return <-done
+}
+
+// markDamaged records that a context's data failed a check.
+func (s *Store) markDamaged(c *ctxState) {
+	s.mu.Lock()
+	already := c.rec.Flags&lsm.FlagDamaged != 0
+	c.rec.Flags |= lsm.FlagDamaged
+	s.mu.Unlock()
+	if already {
+		return
+	}
+	s.stats.damaged.Add(1)
+	// Persist it without waiting; best effort if the store is closing.
+	_ = s.submit(op{kind: opDamage, c: c})
+}
+
+// evict deletes least recently used, unpinned contexts without an open
+// writer while the live bytes exceed CapacityBytes.
+func (f *flusher) evict() {
+	s := f.s
+	for {
+		s.mu.Lock()
+		var live int64
+		var cands []*ctxState
+		for _, c := range s.ctxs {
+			live += c.live
+			if !c.deleted && c.writer == nil && c.rec.Flags&lsm.FlagPinned == 0 {
+				cands = append(cands, c)
+			}
+		}
+		s.mu.Unlock()
+		if live <= s.opts.CapacityBytes || len(cands) == 0 {
+			return
+		}
+		sort.Slice(cands, func(i, j int) bool {
+			if cands[i].lastUse != cands[j].lastUse {
+				return cands[i].lastUse < cands[j].lastUse
+			}
+			return cands[i].rec.Gen < cands[j].rec.Gen
+		})
+		victim := cands[0]
+		if err := s.deleteNow(victim, false); err != nil {
+			s.opts.Logf("chunk: evicting %s/%s: %v", victim.ns, victim.id, err)
+			return
+		}
+		s.stats.evictions.Add(1)
+		if s.opts.OnEvict != nil {
+			s.opts.OnEvict(victim.ns, victim.id)
+		}
+	}
+}

@@ -1,0 +1,231 @@
+package chunk
+
+// On-disk formats of the chunk store. All integers are little-endian; all
+// checksums are CRC-32C (Castagnoli).
+//
+// # Segment file (seg-NNNNNNNN.hcs)
+//
+// A segment is preallocated, append-only, and written in 4096-byte units:
+//
+//	[0, 4096)          segment header
+//	[4096, Written)    chunk group records, back to back, each 4096-aligned
+//	[Written, size)    unused, or the remains of records never indexed
+//
+// Segment header: magic "HCSEGMT1" (8) | version u16 | reserved u16 |
+// segment id u32 | created unix nanos u64 | crc32c u32 of the bytes before it.
+// A segment whose header is unreadable is reported by fsck; its chunks fail
+// their own checks on restore.
+//
+// # Chunk group record
+//
+// One record holds the rows of up to ChunkTokens tokens for every stored layer
+// of one context (a "chunk group"), laid out layer-major so that restore reads
+// one layer's slice of every group:
+//
+//	[0, headerBytes)   record header (headerBytes is a multiple of 4096)
+//	slices             slice i at Off_i, Stored_i bytes, padded to 4096
+//
+// Record header: magic "HCCHUNK1" (8) | version u16 | flags u16 |
+// headerBytes u32 | recordBytes u64 | segment u32 | slices u16 |
+// chunkTokens u16 | tokens u16 | reserved u16 | group u32 | generation u64 |
+// binding [32] | slice table (slices x 20 bytes: layer u16, flags u16, off u32,
+// stored u32, raw u32, crc u32) | crc32c u32 of the bytes before it.
+//
+// Slice checksums cover the raw rows (after decompression) and start from a
+// seed derived from the context binding, the group and the layer (see
+// sliceSeed), so they prove the rows belong to this context and place.
+//
+// # What a reader does with torn or corrupt bytes
+//
+// The index is the only authority on what exists: a record is used only
+// through a chunk key, and that key is committed after the record's bytes were
+// made durable by fdatasync. On restore every slice is checked against the
+// index's checksum before it is handed over; a mismatch is ErrCorrupt naming
+// the context, layer and group, and the context is marked damaged. Bytes
+// beyond a segment's Written mark are never read as data: open scans them
+// only to count the records that a crash left unindexed (ScanRecords stops at
+// the first header whose magic, version, bounds or checksum is wrong, which is
+// how a torn tail ends), and the next append overwrites them.
+
+import (
+	"bytes"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"hash/crc32"
+
+	"github.com/hcache/hcache/lsm"
+)
+
+// BlockBytes is the unit of every segment write and read (O_DIRECT alignment).
+const BlockBytes = 4096
+
+const (
+	formatVersion     = 1
+	segHeaderBytes    = BlockBytes
+	recordFixedBytes  = 8 + 2 + 2 + 4 + 8 + 4 + 2 + 2 + 2 + 2 + 4 + 8 + 32
+	sliceEntryBytes   = 20
+	segHeaderUsed     = 8 + 2 + 2 + 4 + 8 + 4
+	maxRecordSlices   = MaxLayers
+	maxRecordBytesCap = 1 << 34
+)
+
+var (
+	segMagic    = []byte("HCSEGMT1")
+	recordMagic = []byte("HCCHUNK1")
+	castagnoli  = crc32.MakeTable(crc32.Castagnoli)
+)
+
+// ErrCorrupt is wrapped by every error about bytes that fail their checks.
+var ErrCorrupt = errors.New("chunk: corrupt data")
+
+func roundUp(n int) int { return (n + BlockBytes - 1) &^ (BlockBytes - 1) }
+
+// SegmentHeader is the first block of a segment file.
+type SegmentHeader struct {
+	ID           uint32
+	CreatedNanos int64
+}
+
+// Encode writes the header into a BlockBytes block.
+func (h *SegmentHeader) Encode(block []byte) {
+	clear(block[:segHeaderBytes])
+	copy(block, segMagic)
+	binary.LittleEndian.PutUint16(block[8:], formatVersion)
+	binary.LittleEndian.PutUint32(block[12:], h.ID)
+	binary.LittleEndian.PutUint64(block[16:], uint64(h.CreatedNanos))
+	binary.LittleEndian.PutUint32(block[24:], crc32.Checksum(block[:24], castagnoli))
+}
+
+// DecodeSegmentHeader parses a segment header block.
+func DecodeSegmentHeader(b []byte) (*SegmentHeader, error) {
+	if len(b) < segHeaderUsed || !bytes.Equal(b[:8], segMagic) {
+		return nil, fmt.Errorf("%w: segment header magic missing", ErrCorrupt)
+	}
+	if crc32.Checksum(b[:24], castagnoli) != binary.LittleEndian.Uint32(b[24:]) {
+		return nil, fmt.Errorf("%w: segment header checksum mismatch", ErrCorrupt)
+	}
+	if v := binary.LittleEndian.Uint16(b[8:]); v != formatVersion {
+		return nil, fmt.Errorf("%w: segment format version %d, this build reads %d", ErrCorrupt, v, formatVersion)
+	}
+	return &SegmentHeader{ID: binary.LittleEndian.Uint32(b[12:]), CreatedNanos: int64(binary.LittleEndian.Uint64(b[16:]))}, nil
+}
+
+// RecordHeader is the header of a chunk group record.
+type RecordHeader struct {
+	HeaderBytes uint32
+	RecordBytes uint64
+	Segment     uint32
+	ChunkTokens uint16
+	Tokens      uint16
+	Group       uint32
+	Gen         uint64
+	Binding     Binding
+	Slices      []lsm.Slice
+}
+
+func headerBytesFor(slices int) int {
+	return roundUp(recordFixedBytes + slices*sliceEntryBytes + 4)
+}
+
+// Encode writes the header into block, which must hold HeaderBytes bytes.
+func (h *RecordHeader) Encode(block []byte) {
+	n := int(h.HeaderBytes)
+	clear(block[:n])
+	copy(block, recordMagic)
+	binary.LittleEndian.PutUint16(block[8:], formatVersion)
+	binary.LittleEndian.PutUint32(block[12:], h.HeaderBytes)
+	binary.LittleEndian.PutUint64(block[16:], h.RecordBytes)
+	binary.LittleEndian.PutUint32(block[24:], h.Segment)
+	binary.LittleEndian.PutUint16(block[28:], uint16(len(h.Slices)))
+	binary.LittleEndian.PutUint16(block[30:], h.ChunkTokens)
+	binary.LittleEndian.PutUint16(block[32:], h.Tokens)
+	binary.LittleEndian.PutUint32(block[36:], h.Group)
+	binary.LittleEndian.PutUint64(block[40:], h.Gen)
+	copy(block[48:80], h.Binding[:])
+	p := block[recordFixedBytes:]
+	for _, s := range h.Slices {
+		binary.LittleEndian.PutUint16(p[0:], s.Layer)
+		binary.LittleEndian.PutUint16(p[2:], s.Flags)
+		binary.LittleEndian.PutUint32(p[4:], s.Off)
+		binary.LittleEndian.PutUint32(p[8:], s.Stored)
+		binary.LittleEndian.PutUint32(p[12:], s.Raw)
+		binary.LittleEndian.PutUint32(p[16:], s.CRC)
+		p = p[sliceEntryBytes:]
+	}
+	end := recordFixedBytes + len(h.Slices)*sliceEntryBytes
+	binary.LittleEndian.PutUint32(block[end:], crc32.Checksum(block[:end], castagnoli))
+}
+
+// DecodeRecordHeader parses and checks a record header from the bytes at the
+// start of a record (at least the header's bytes).
+func DecodeRecordHeader(b []byte) (*RecordHeader, error) {
+	if len(b) < recordFixedBytes+4 || !bytes.Equal(b[:8], recordMagic) {
+		return nil, fmt.Errorf("%w: record magic missing", ErrCorrupt)
+	}
+	if v := binary.LittleEndian.Uint16(b[8:]); v != formatVersion {
+		return nil, fmt.Errorf("%w: record format version %d, this build reads %d", ErrCorrupt, v, formatVersion)
+	}
+	h := &RecordHeader{
+		HeaderBytes: binary.LittleEndian.Uint32(b[12:]),
+		RecordBytes: binary.LittleEndian.Uint64(b[16:]),
+		Segment:     binary.LittleEndian.Uint32(b[24:]),
+		ChunkTokens: binary.LittleEndian.Uint16(b[30:]),
+		Tokens:      binary.LittleEndian.Uint16(b[32:]),
+		Group:       binary.LittleEndian.Uint32(b[36:]),
+		Gen:         binary.LittleEndian.Uint64(b[40:]),
+	}
+	n := int(binary.LittleEndian.Uint16(b[28:]))
+	if n == 0 || n > maxRecordSlices || int(h.HeaderBytes) != headerBytesFor(n) || len(b) < int(h.HeaderBytes) {
+		return nil, fmt.Errorf("%w: record header of %d bytes with %d slices", ErrCorrupt, h.HeaderBytes, n)
+	}
+	end := recordFixedBytes + n*sliceEntryBytes
+	if crc32.Checksum(b[:end], castagnoli) != binary.LittleEndian.Uint32(b[end:]) {
+		return nil, fmt.Errorf("%w: record header checksum mismatch", ErrCorrupt)
+	}
+	if h.RecordBytes%BlockBytes != 0 || h.RecordBytes < uint64(h.HeaderBytes) || h.RecordBytes > maxRecordBytesCap {
+		return nil, fmt.Errorf("%w: record length %d", ErrCorrupt, h.RecordBytes)
+	}
+	if h.Tokens == 0 || h.Tokens > h.ChunkTokens {
+		return nil, fmt.Errorf("%w: record holds %d tokens of a %d-token chunk", ErrCorrupt, h.Tokens, h.ChunkTokens)
+	}
+	copy(h.Binding[:], b[48:80])
+	h.Slices = make([]lsm.Slice, n)
+	p := b[recordFixedBytes:]
+	for i := range h.Slices {
+		s := lsm.Slice{
+			Layer: binary.LittleEndian.Uint16(p[0:]), Flags: binary.LittleEndian.Uint16(p[2:]),
+			Off: binary.LittleEndian.Uint32(p[4:]), Stored: binary.LittleEndian.Uint32(p[8:]),
+			Raw: binary.LittleEndian.Uint32(p[12:]), CRC: binary.LittleEndian.Uint32(p[16:]),
+		}
+		if s.Off < h.HeaderBytes || uint64(s.Off)+uint64(s.Stored) > h.RecordBytes {
+			return nil, fmt.Errorf("%w: slice %d outside its record", ErrCorrupt, i)
+		}
+		h.Slices[i] = s
+		p = p[sliceEntryBytes:]
+	}
+	return h, nil
+}
+
+// ScannedRecord is one record found by ScanRecords.
+type ScannedRecord struct {
+	Offset uint64
+	Header *RecordHeader
+}
+
+// ScanRecords walks the records laid back to back in data, which starts at
+// segment offset base, and returns those whose headers check, stopping at the
+// first block that is not a valid header (a torn or unwritten tail).
+func ScanRecords(data []byte, base uint64) []ScannedRecord {
+	var out []ScannedRecord
+	off := 0
+	for off+recordFixedBytes+4 <= len(data) {
+		h, err := DecodeRecordHeader(data[off:])
+		if err != nil || h.RecordBytes > uint64(len(data)-off) {
+			break
+		}
+		out = append(out, ScannedRecord{Offset: base + uint64(off), Header: h})
+		off += int(h.RecordBytes)
+	}
+	return out
+}

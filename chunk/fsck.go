@@ -1,0 +1,222 @@
+package chunk
+
+import (
+	"bytes"
+	"fmt"
+	"sort"
+
+	"github.com/hcache/hcache/lsm"
+)
+
+// CheckReport is the result of Check.
+type CheckReport struct {
+	Contexts        int
+	Chunks          int
+	Slices          int
+	Segments        int
+	Errors          []string // inconsistencies: any makes fsck fail
+	DamagedContexts []string // contexts already marked damaged (reported, not errors)
+	Orphans         []string // unindexed data found (and discarded) on open
+}
+
+// OK reports whether no inconsistency was found.
+func (r *CheckReport) OK() bool { return len(r.Errors) == 0 }
+
+// Check verifies every index entry against the segment bytes: each chunk key
+// must belong to a context, point inside a live segment at a record whose
+// header matches it, and each slice must pass its checksum; each context's
+// groups must be contiguous and cover its tokens; each segment's live count
+// must equal the bytes its chunk keys reference. Run it with no writer
+// active. It reads everything and changes nothing.
+func (s *Store) Check(progress func(done, total int)) *CheckReport {
+	r := &CheckReport{}
+	errf := func(format string, args ...any) { r.Errors = append(r.Errors, fmt.Sprintf(format, args...)) }
+	rec := s.Recovery()
+	if rec.OrphanSegments > 0 {
+		r.Orphans = append(r.Orphans, fmt.Sprintf("%d unindexed segment files removed on open", rec.OrphanSegments))
+	}
+	if rec.UnindexedRecords > 0 {
+		r.Orphans = append(r.Orphans, fmt.Sprintf("%d unindexed records past the append point (discarded)", rec.UnindexedRecords))
+	}
+	if rec.MissingSegments > 0 {
+		errf("%d indexed segments have no file", rec.MissingSegments)
+	}
+	type ctxChunks struct {
+		c      *ctxState
+		groups []uint32
+		tokens []uint16
+	}
+	all := map[string]*ctxChunks{}
+	liveBySeg := map[uint32]uint64{}
+	var keys [][]byte
+	var vals [][]byte
+	if err := s.db.Scan([]byte{'k'}, []byte{'l'}, func(k, v []byte) error {
+		keys, vals = append(keys, k), append(vals, v)
+		return nil
+	}); err != nil {
+		errf("scan chunk keys: %v", err)
+		return r
+	}
+	for i, k := range keys {
+		if progress != nil {
+			progress(i, len(keys))
+		}
+		ns, id, g, err := lsm.ParseChunkKey(k)
+		if err != nil {
+			errf("%v", err)
+			continue
+		}
+		r.Chunks++
+		ch, err := lsm.DecodeChunk(vals[i])
+		if err != nil {
+			errf("%s/%s group %d: %v", ns, id, g, err)
+			continue
+		}
+		liveBySeg[ch.Segment] += uint64(ch.Length)
+		s.mu.Lock()
+		c := s.ctxs[ctxMapKey(ns, id)]
+		s.mu.Unlock()
+		if c == nil {
+			errf("%s/%s group %d: chunk key without a context", ns, id, g)
+			continue
+		}
+		cc := all[ctxMapKey(ns, id)]
+		if cc == nil {
+			cc = &ctxChunks{c: c}
+			all[ctxMapKey(ns, id)] = cc
+		}
+		cc.groups = append(cc.groups, g)
+		cc.tokens = append(cc.tokens, ch.Tokens)
+		if c.ident == nil {
+			continue
+		}
+		if err := s.checkChunk(c, g, ch); err != nil {
+			errf("%s/%s group %d: %v", ns, id, g, err)
+			continue
+		}
+		r.Slices += len(ch.Slices)
+	}
+	s.mu.Lock()
+	ctxs := make([]*ctxState, 0, len(s.ctxs))
+	for _, c := range s.ctxs {
+		ctxs = append(ctxs, c)
+	}
+	segRecs := map[uint32]lsm.Segment{}
+	for id, sr := range s.segRecs {
+		segRecs[id] = *sr
+	}
+	s.mu.Unlock()
+	sort.Slice(ctxs, func(i, j int) bool { return ctxMapKey(ctxs[i].ns, ctxs[i].id) < ctxMapKey(ctxs[j].ns, ctxs[j].id) })
+	for _, c := range ctxs {
+		r.Contexts++
+		name := c.ns + "/" + c.id
+		if c.rec.Flags&lsm.FlagDamaged != 0 {
+			r.DamagedContexts = append(r.DamagedContexts, name)
+			continue
+		}
+		tokens := uint64(0)
+		if cc := all[ctxMapKey(c.ns, c.id)]; cc != nil {
+			for i, g := range cc.groups {
+				if int(g) != i {
+					errf("%s: group %d missing", name, i)
+					break
+				}
+				if int(cc.tokens[i]) != s.ct && i != len(cc.groups)-1 {
+					errf("%s: group %d holds %d tokens but is not the last", name, i, cc.tokens[i])
+				}
+				tokens += uint64(cc.tokens[i])
+			}
+		}
+		if tokens < c.rec.Tokens {
+			errf("%s: chunks cover %d tokens, the context records %d", name, tokens, c.rec.Tokens)
+		}
+	}
+	for id, sr := range segRecs {
+		r.Segments++
+		if liveBySeg[id] != sr.Live {
+			errf("segment %d: live bytes %d, chunk keys reference %d", id, sr.Live, liveBySeg[id])
+		}
+		s.mu.Lock()
+		sg := s.segs[id]
+		s.mu.Unlock()
+		if sg == nil {
+			continue
+		}
+		size, err := sg.size()
+		if err != nil {
+			errf("segment %d: stat: %v", id, err)
+		} else if uint64(size) < sr.Written {
+			errf("segment %d: file holds %d bytes, index says %d written", id, size, sr.Written)
+		}
+		hdr, err := s.scratch.get(segHeaderBytes)
+		if err == nil {
+			if err := sg.readAt(hdr.Bytes()[:segHeaderBytes], 0); err != nil {
+				errf("segment %d: read header: %v", id, err)
+			} else if h, err := DecodeSegmentHeader(hdr.Bytes()); err != nil {
+				errf("segment %d: %v", id, err)
+			} else if h.ID != id {
+				errf("segment %d: header names segment %d", id, h.ID)
+			}
+			s.scratch.put(hdr)
+		}
+	}
+	for id := range liveBySeg {
+		if _, ok := segRecs[id]; !ok {
+			errf("chunk keys reference segment %d, which is not indexed", id)
+		}
+	}
+	sort.Strings(r.Errors)
+	return r
+}
+
+// checkChunk reads one record's header and slices and checks them against the
+// index entry.
+func (s *Store) checkChunk(c *ctxState, g uint32, ch *lsm.Chunk) error {
+	s.mu.Lock()
+	sg := s.segs[ch.Segment]
+	var written uint64
+	if sr := s.segRecs[ch.Segment]; sr != nil {
+		written = sr.Written
+	}
+	s.mu.Unlock()
+	if sg == nil {
+		return fmt.Errorf("segment %d missing", ch.Segment)
+	}
+	if ch.Offset+uint64(ch.Length) > written {
+		return fmt.Errorf("record [%d, +%d) past segment %d's written end %d", ch.Offset, ch.Length, ch.Segment, written)
+	}
+	hb := headerBytesFor(len(ch.Slices))
+	buf, err := s.scratch.get(hb)
+	if err != nil {
+		return err
+	}
+	defer s.scratch.put(buf)
+	if err := sg.readAt(buf.Bytes()[:hb], int64(ch.Offset)); err != nil {
+		return err
+	}
+	h, err := DecodeRecordHeader(buf.Bytes()[:hb])
+	if err != nil {
+		return err
+	}
+	s.mu.Lock()
+	binding, gen := c.binding, c.rec.Gen
+	s.mu.Unlock()
+	switch {
+	case h.Group != g || h.Gen != gen || h.Segment != ch.Segment:
+		return fmt.Errorf("record header names group %d gen %d segment %d", h.Group, h.Gen, h.Segment)
+	case h.Tokens != ch.Tokens || h.RecordBytes != uint64(ch.Length):
+		return fmt.Errorf("record header holds %d tokens in %d bytes, index says %d in %d", h.Tokens, h.RecordBytes, ch.Tokens, ch.Length)
+	case !bytes.Equal(h.Binding[:], binding[:]):
+		return fmt.Errorf("record is bound to another context")
+	case len(h.Slices) != len(ch.Slices):
+		return fmt.Errorf("record has %d slices, index %d", len(h.Slices), len(ch.Slices))
+	}
+	items := make([]fetchItem, len(ch.Slices))
+	for i, sl := range ch.Slices {
+		if h.Slices[i] != sl {
+			return fmt.Errorf("slice %d differs between record and index", i)
+		}
+		items[i] = fetchItem{ch: ch, sl: sl, group: g, dst: make([]byte, sl.Raw)}
+	}
+	return s.fetch(c, items, false)
+}

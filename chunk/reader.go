@@ -1,0 +1,356 @@
+package chunk
+
+import (
+	"fmt"
+	"hash/crc32"
+	"time"
+	"unsafe"
+
+	"github.com/hcache/hcache/iouring"
+	"github.com/hcache/hcache/lsm"
+)
+
+// snapshot is what a restore reads: chunk records of contiguous groups, with
+// references on their segments so GC cannot delete the files under it.
+type snapshot struct {
+	c      *ctxState
+	chunks []*lsm.Chunk // by group
+	tokens int
+	segs   []*segFile
+}
+
+// snap takes a restore snapshot of c. Call with s.mu held.
+func (s *Store) snap(c *ctxState) (*snapshot, error) {
+	sn := &snapshot{c: c}
+	err := s.db.Scan(lsm.ChunkPrefix(c.ns, c.id), lsm.ChunkPrefixEnd(c.ns, c.id), func(k, v []byte) error {
+		_, _, g, err := lsm.ParseChunkKey(k)
+		if err != nil {
+			return err
+		}
+		ch, err := lsm.DecodeChunk(v)
+		if err != nil {
+			return fmt.Errorf("group %d: %w", g, err)
+		}
+		if int(g) != len(sn.chunks) {
+			return fmt.Errorf("%w: group %d missing", ErrCorrupt, len(sn.chunks))
+		}
+		if len(ch.Slices) != len(c.stored) {
+			return fmt.Errorf("%w: group %d has %d slices, the plan stores %d layers", ErrCorrupt, g, len(ch.Slices), len(c.stored))
+		}
+		sn.chunks = append(sn.chunks, ch)
+		return nil
+	})
+	if err != nil {
+		return nil, err
+	}
+	for i, ch := range sn.chunks {
+		if int(ch.Tokens) != s.ct && i != len(sn.chunks)-1 {
+			return nil, fmt.Errorf("%w: group %d holds %d of %d tokens but is not the last", ErrCorrupt, i, ch.Tokens, s.ct)
+		}
+		sn.tokens += int(ch.Tokens)
+	}
+	if uint64(sn.tokens) < c.rec.Tokens {
+		return nil, fmt.Errorf("%w: index holds %d tokens, the context has %d", ErrCorrupt, sn.tokens, c.rec.Tokens)
+	}
+	seen := map[uint32]bool{}
+	for _, ch := range sn.chunks {
+		if seen[ch.Segment] {
+			continue
+		}
+		seen[ch.Segment] = true
+		sg := s.segs[ch.Segment]
+		if sg == nil || sg.doomed {
+			s.unref(sn.segs)
+			return nil, fmt.Errorf("%w: segment %d of this context is missing", ErrCorrupt, ch.Segment)
+		}
+		sg.refs++
+		sn.segs = append(sn.segs, sg)
+	}
+	return sn, nil
+}
+
+// unref drops references; a doomed segment with none left is deleted. Call
+// with s.mu held.
+func (s *Store) unref(segs []*segFile) {
+	for _, sg := range segs {
+		sg.refs--
+		if sg.refs == 0 && sg.doomed {
+			s.removeSegment(sg)
+		}
+	}
+}
+
+func (s *Store) removeSegment(sg *segFile) {
+	sg.close()
+	if err := s.fs.Remove(sg.name); err != nil {
+		s.opts.Logf("chunk: remove segment %s: %v", sg.name, err)
+	}
+	delete(s.segs, sg.id)
+}
+
+// fetchItem is one slice to bring into dst (len(dst) = raw bytes).
+type fetchItem struct {
+	ch    *lsm.Chunk
+	sl    lsm.Slice
+	group uint32
+	dst   []byte
+	// internal
+	bounce *iouring.AlignedBuffer
+	hit    bool
+}
+
+func aligned(b []byte) bool {
+	return len(b) > 0 && uintptr(unsafe.Pointer(&b[0]))%BlockBytes == 0
+}
+
+// fetch reads the items (all at once, so the queue depth is the item count,
+// capped by the engine), decompresses, and verifies every slice's checksum.
+func (s *Store) fetch(c *ctxState, items []fetchItem, useCache bool) error {
+	var reqs []readReq
+	defer func() {
+		for i := range items {
+			if items[i].bounce != nil {
+				s.scratch.put(items[i].bounce)
+				items[i].bounce = nil
+			}
+		}
+	}()
+	s.mu.Lock()
+	binding, gen := c.binding, c.rec.Gen
+	s.mu.Unlock()
+	for i := range items {
+		it := &items[i]
+		if int(it.sl.Raw) != len(it.dst) {
+			return fmt.Errorf("%w: %s/%s layer %d group %d: slice holds %d bytes, want %d", ErrCorrupt, c.ns, c.id, it.sl.Layer, it.group, it.sl.Raw, len(it.dst))
+		}
+		if v, ok := s.cache.get(sliceKey{gen, it.group, it.sl.Layer, it.ch.Tokens}); useCache && ok && len(v) == len(it.dst) {
+			copy(it.dst, v)
+			it.hit = true
+			s.stats.cacheHits.Add(1)
+			continue
+		}
+		s.mu.Lock()
+		sg := s.segs[it.ch.Segment]
+		s.mu.Unlock()
+		if sg == nil {
+			return fmt.Errorf("%w: %s/%s layer %d group %d: segment %d missing", ErrCorrupt, c.ns, c.id, it.sl.Layer, it.group, it.ch.Segment)
+		}
+		off := int64(it.ch.Offset) + int64(it.sl.Off)
+		compressed := it.sl.Flags&lsm.SliceLZ4 != 0
+		if !compressed && sg.fd < 0 {
+			reqs = append(reqs, readReq{sg, it.dst, off})
+			continue
+		}
+		n := roundUp(int(it.sl.Stored))
+		if !compressed && aligned(it.dst) && cap(it.dst) >= n {
+			reqs = append(reqs, readReq{sg, it.dst[:n], off})
+			continue
+		}
+		b, err := s.scratch.get(n)
+		if err != nil {
+			return err
+		}
+		it.bounce = b
+		if sg.fd < 0 {
+			n = int(it.sl.Stored)
+		}
+		reqs = append(reqs, readReq{sg, b.Bytes()[:n], off})
+	}
+	if len(reqs) > 0 {
+		if err := readAll(s.eng, reqs); err != nil {
+			return fmt.Errorf("chunk: %s/%s: %w", c.ns, c.id, err)
+		}
+		s.stats.bytesRead.Add(uint64(sumLen(reqs)))
+	}
+	var tmp []byte
+	for i := range items {
+		it := &items[i]
+		if it.hit {
+			continue
+		}
+		if it.bounce != nil {
+			stored := it.bounce.Bytes()[:it.sl.Stored]
+			if it.sl.Flags&lsm.SliceLZ4 != 0 {
+				if len(tmp) < len(it.dst) {
+					tmp = make([]byte, len(it.dst))
+				}
+				if err := decompressSlice(it.dst, tmp, stored); err != nil {
+					return fmt.Errorf("%s/%s layer %d group %d: %w", c.ns, c.id, it.sl.Layer, it.group, err)
+				}
+			} else {
+				copy(it.dst, stored)
+			}
+		}
+		if got := crc32.Update(sliceSeed(&binding, it.group, it.sl.Layer), castagnoli, it.dst); got != it.sl.CRC {
+			return fmt.Errorf("%w: %s/%s layer %d group %d: checksum %08x, index says %08x", ErrCorrupt, c.ns, c.id, it.sl.Layer, it.group, got, it.sl.CRC)
+		}
+		if useCache {
+			s.cache.add(sliceKey{gen, it.group, it.sl.Layer, it.ch.Tokens}, it.dst)
+		}
+	}
+	return nil
+}
+
+func sumLen(reqs []readReq) int {
+	n := 0
+	for _, r := range reqs {
+		n += len(r.buf)
+	}
+	return n
+}
+
+// Restore streams the stored layers of a context, in layer order, to fn:
+// rows holds tokens x RowBytes of that layer, valid only during the call (the
+// buffer is reused). The reads of the next layer are in flight while fn runs.
+// It returns the number of tokens restored. ident must equal the stored
+// identity; every slice is verified before fn sees it. A context whose data
+// fails a check is marked damaged and never served again.
+func (s *Store) Restore(ns, id string, ident *Identity, fn func(layer int, rows []byte) error) (int, error) {
+	s.mu.Lock()
+	if s.closed {
+		s.mu.Unlock()
+		return 0, ErrClosed
+	}
+	c, err := s.lookup(ns, id)
+	if err != nil {
+		s.mu.Unlock()
+		return 0, err
+	}
+	if c.rec.Flags&lsm.FlagDamaged != 0 || c.ident == nil {
+		s.mu.Unlock()
+		return 0, fmt.Errorf("%w: %s/%s", ErrDamaged, ns, id)
+	}
+	if !c.ident.Equal(ident) {
+		s.mu.Unlock()
+		s.stats.identityMismatch.Add(1)
+		return 0, fmt.Errorf("%w: %s/%s", ErrIdentityMismatch, ns, id)
+	}
+	sn, err := s.snap(c)
+	if err != nil {
+		s.mu.Unlock()
+		s.markDamaged(c)
+		return 0, fmt.Errorf("chunk: restore %s/%s: %w", ns, id, err)
+	}
+	c.lastUse = time.Now().UnixNano()
+	lastUse := c.lastUse
+	s.mu.Unlock()
+	defer func() {
+		s.mu.Lock()
+		s.unref(sn.segs)
+		s.mu.Unlock()
+	}()
+	_ = s.db.Set(lsm.LastUseKey(ns, id), lsm.EncodeNanos(lsm.KindLastUse, lastUse))
+
+	type layerOut struct {
+		layer int
+		buf   *iouring.AlignedBuffer
+		rows  []byte
+		err   error
+	}
+	out := make(chan layerOut, 1)
+	stop := make(chan struct{})
+	go func() {
+		defer close(out)
+		for si, l := range c.stored {
+			buf, rows, err := s.readLayer(sn, si, l)
+			select {
+			case out <- layerOut{l, buf, rows, err}:
+			case <-stop:
+				if buf != nil {
+					s.scratch.put(buf)
+				}
+				return
+			}
+			if err != nil {
+				return
+			}
+		}
+	}()
+	var firstErr error
+	for lo := range out {
+		if firstErr == nil {
+			if lo.err != nil {
+				firstErr = lo.err
+				if errorsIsCorrupt(lo.err) {
+					s.markDamaged(c)
+				}
+			} else if err := fn(lo.layer, lo.rows); err != nil {
+				firstErr = err
+			}
+			if firstErr != nil {
+				close(stop)
+			}
+		}
+		if lo.buf != nil {
+			s.scratch.put(lo.buf)
+		}
+	}
+	if firstErr != nil {
+		return 0, firstErr
+	}
+	s.stats.restores.Add(1)
+	return sn.tokens, nil
+}
+
+// readLayer reads and verifies one layer of every group into one buffer.
+func (s *Store) readLayer(sn *snapshot, si, layer int) (*iouring.AlignedBuffer, []byte, error) {
+	rb := int(sn.c.ident.Plan[layer].RowBytes)
+	total := sn.tokens * rb
+	buf, err := s.scratch.get(total + BlockBytes)
+	if err != nil {
+		return nil, nil, err
+	}
+	mem := buf.Bytes()
+	items := make([]fetchItem, len(sn.chunks))
+	for g, ch := range sn.chunks {
+		start := g * s.ct * rb
+		n := int(ch.Tokens) * rb
+		items[g] = fetchItem{ch: ch, sl: ch.Slices[si], group: uint32(g), dst: mem[start : start+n]}
+	}
+	if err := s.fetch(sn.c, items, true); err != nil {
+		s.scratch.put(buf)
+		return nil, nil, err
+	}
+	return buf, mem[:total], nil
+}
+
+// restoreGroupInto reads the first tokens rows of every stored layer of one
+// group (Append uses it to reload a partial tail).
+func (s *Store) restoreGroupInto(c *ctxState, g uint32, tokens int, fn func(layer int, rows []byte)) (int, error) {
+	v, err := s.db.Get(lsm.ChunkKey(c.ns, c.id, g))
+	if err != nil {
+		return 0, fmt.Errorf("chunk: %s/%s group %d: %w", c.ns, c.id, g, err)
+	}
+	ch, err := lsm.DecodeChunk(v)
+	if err != nil {
+		return 0, err
+	}
+	if int(ch.Tokens) < tokens {
+		return 0, fmt.Errorf("%w: %s/%s group %d holds %d tokens, want %d", ErrCorrupt, c.ns, c.id, g, ch.Tokens, tokens)
+	}
+	s.mu.Lock()
+	sg := s.segs[ch.Segment]
+	if sg == nil || sg.doomed {
+		s.mu.Unlock()
+		return 0, fmt.Errorf("%w: %s/%s group %d: segment %d missing", ErrCorrupt, c.ns, c.id, g, ch.Segment)
+	}
+	sg.refs++
+	s.mu.Unlock()
+	defer func() {
+		s.mu.Lock()
+		s.unref([]*segFile{sg})
+		s.mu.Unlock()
+	}()
+	items := make([]fetchItem, len(ch.Slices))
+	for i, sl := range ch.Slices {
+		items[i] = fetchItem{ch: ch, sl: sl, group: g, dst: make([]byte, sl.Raw)}
+	}
+	if err := s.fetch(c, items, true); err != nil {
+		return 0, err
+	}
+	for _, it := range items {
+		rb := int(c.ident.Plan[it.sl.Layer].RowBytes)
+		fn(int(it.sl.Layer), it.dst[:tokens*rb])
+	}
+	return tokens, nil
+}

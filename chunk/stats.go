@@ -1,0 +1,50 @@
+package chunk
+
+import (
+	"errors"
+	"sync/atomic"
+)
+
+type storeStats struct {
+	bytesWritten, bytesRead, commits, restores atomic.Uint64
+	cacheHits, evictions, damaged              atomic.Uint64
+	identityMismatch, gcRuns, gcMoved          atomic.Uint64
+	rawBytes, storedBytes                      atomic.Uint64
+}
+
+// Stats are the store's counters (exported as metrics by the daemon).
+type Stats struct {
+	BytesWritten     uint64 // record bytes written to segments
+	BytesRead        uint64 // bytes read from segments
+	Commits          uint64 // index commits (group commits)
+	Restores         uint64 // successful restores
+	CacheHits        uint64 // slices served from the DRAM tier
+	CacheBytes       int64  // bytes in the DRAM tier
+	Evictions        uint64 // contexts evicted for space
+	Damaged          uint64 // contexts marked damaged
+	IdentityMismatch uint64 // restores refused for identity mismatch
+	GCRuns           uint64 // segments compacted
+	GCMovedBytes     uint64 // bytes rewritten by GC
+	LiveBytes        int64  // bytes of live records
+	CompressRawBytes uint64 // raw bytes of slices that went through lz4
+	CompressStored   uint64 // their bytes as stored
+}
+
+// Stats returns the counters.
+func (s *Store) Stats() Stats {
+	st := Stats{
+		BytesWritten: s.stats.bytesWritten.Load(), BytesRead: s.stats.bytesRead.Load(),
+		Commits: s.stats.commits.Load(), Restores: s.stats.restores.Load(), CacheHits: s.stats.cacheHits.Load(),
+		CacheBytes: s.cache.size(), Evictions: s.stats.evictions.Load(), Damaged: s.stats.damaged.Load(),
+		IdentityMismatch: s.stats.identityMismatch.Load(), GCRuns: s.stats.gcRuns.Load(), GCMovedBytes: s.stats.gcMoved.Load(),
+		CompressRawBytes: s.stats.rawBytes.Load(), CompressStored: s.stats.storedBytes.Load(),
+	}
+	s.mu.Lock()
+	for _, c := range s.ctxs {
+		st.LiveBytes += c.live
+	}
+	s.mu.Unlock()
+	return st
+}
+
+func errorsIsCorrupt(err error) bool { return errors.Is(err, ErrCorrupt) }

@@ -1,0 +1,649 @@
+// Package chunk is hcache's storage engine: a log-structured store of
+// per-layer rows (hidden states or K/V) of LLM contexts.
+//
+// A context (namespace + id) has an Identity (model fingerprint and per-layer
+// plan). Its rows are grouped by ChunkTokens tokens into chunk groups; each
+// group is written once, as one record laid out layer-major, into the active
+// segment file, and located through the Pebble index (package lsm).
+//
+// Writes are two-phase. Phase 1 (Writer.AppendLayer for prefill,
+// Writer.AppendToken for decode) copies rows into DRAM staging slabs and
+// returns. Phase 2 runs in the store's flusher goroutine: full groups (and the
+// partial tail on Flush) are written with large aligned writes through the
+// io_uring engine, made durable with one fdatasync per touched segment, and
+// then indexed with one Pebble batch. Flush waits for that commit; concurrent
+// flushes share it (group commit).
+//
+// Restore streams a context layer by layer: the reads of layer l+1 are in
+// flight while the consumer handles layer l, and every slice is verified
+// against its checksum before it is handed over.
+//
+// Every file goes through a vfs.FS: vfs.Default in production (segments then
+// use O_DIRECT descriptors and io_uring), a crashable in-memory FS in tests.
+package chunk
+
+import (
+	"errors"
+	"fmt"
+	"log"
+	"math"
+	"sort"
+	"sync"
+	"time"
+
+	"github.com/cockroachdb/pebble/v2/vfs"
+
+	"github.com/hcache/hcache/iouring"
+	"github.com/hcache/hcache/lsm"
+)
+
+// StoreVersion is the version of the store layout (directory, meta record).
+const StoreVersion = 1
+
+// Defaults and limits of Options.
+const (
+	DefaultChunkTokens   = 64
+	MaxChunkTokens       = 4096
+	DefaultSegmentBytes  = 1 << 30
+	MinSegmentBytes      = 1 << 20
+	DefaultCapacityBytes = 64 << 30
+	DefaultCacheBytes    = 256 << 20
+	DefaultStagingBytes  = 2 << 30
+	DefaultQueueDepth    = 32
+	DefaultCommitBytes   = 256 << 20
+	DefaultGCLiveRatio   = 0.5
+)
+
+// Options configure a Store. Zero values take the defaults above.
+type Options struct {
+	// FS is the file system seam; default vfs.Default.
+	FS vfs.FS
+	// Dir is the store's directory (required).
+	Dir string
+	// ChunkTokens is the number of tokens per chunk group. Fixed when the
+	// store is created; reopening with another value is an error.
+	ChunkTokens int
+	// SegmentBytes is the size of each segment file.
+	SegmentBytes int64
+	// CapacityBytes bounds the live bytes on disk; past it, whole contexts
+	// are evicted, least recently used first (pinned ones never). -1: no bound.
+	CapacityBytes int64
+	// CacheBytes bounds the DRAM tier of recently written or restored
+	// slices; 0 disables it.
+	CacheBytes int64
+	// StagingBytes bounds the DRAM staging slabs of unwritten rows.
+	StagingBytes int64
+	// Compression is "none" (default) or "lz4" (per slice, byte-plane
+	// shuffled, kept only where it saves at least 1/8).
+	Compression string
+	// Engine is the I/O engine; nil creates one of EngineKind.
+	Engine     iouring.Engine
+	EngineKind string
+	// QueueDepth bounds the flusher's writes in flight.
+	QueueDepth int
+	// CommitBytes: the flusher indexes written groups once this many bytes
+	// await a commit even when nobody is waiting (bounds replay loss).
+	CommitBytes int64
+	// GCLiveRatio: sealed segments with live/written below it are compacted.
+	GCLiveRatio float64
+	// DisableDirect keeps segments on the vfs.File path even for real files.
+	DisableDirect bool
+	// Logf reports notable events; default log.Printf.
+	Logf func(string, ...any)
+	// OnEvict is called (from the flusher) for each context evicted for space.
+	OnEvict func(ns, id string)
+}
+
+func (o *Options) fill() error {
+	if o.Dir == "" {
+		return errors.New("chunk: Options.Dir is required")
+	}
+	if o.FS == nil {
+		o.FS = vfs.Default
+	}
+	if o.SegmentBytes == 0 {
+		o.SegmentBytes = DefaultSegmentBytes
+	}
+	if o.SegmentBytes < MinSegmentBytes || o.SegmentBytes%BlockBytes != 0 {
+		return fmt.Errorf("chunk: SegmentBytes %d must be a multiple of %d and at least %d", o.SegmentBytes, BlockBytes, MinSegmentBytes)
+	}
+	if o.CapacityBytes == 0 {
+		o.CapacityBytes = DefaultCapacityBytes
+	}
+	if o.CapacityBytes < 0 {
+		o.CapacityBytes = math.MaxInt64
+	}
+	if o.CacheBytes < 0 {
+		return fmt.Errorf("chunk: CacheBytes %d is negative", o.CacheBytes)
+	}
+	if o.StagingBytes == 0 {
+		o.StagingBytes = DefaultStagingBytes
+	}
+	switch o.Compression {
+	case "", "none":
+		o.Compression = "none"
+	case "lz4":
+	default:
+		return fmt.Errorf("chunk: Compression %q (want none or lz4)", o.Compression)
+	}
+	if o.QueueDepth == 0 {
+		o.QueueDepth = DefaultQueueDepth
+	}
+	if o.QueueDepth < 1 || o.QueueDepth > iouring.MaxEntries {
+		return fmt.Errorf("chunk: QueueDepth %d not in [1, %d]", o.QueueDepth, iouring.MaxEntries)
+	}
+	if o.CommitBytes == 0 {
+		o.CommitBytes = DefaultCommitBytes
+	}
+	if o.GCLiveRatio == 0 {
+		o.GCLiveRatio = DefaultGCLiveRatio
+	}
+	if o.GCLiveRatio < 0 || o.GCLiveRatio > 1 {
+		return fmt.Errorf("chunk: GCLiveRatio %v not in [0, 1]", o.GCLiveRatio)
+	}
+	if o.Logf == nil {
+		o.Logf = log.Printf
+	}
+	return nil
+}
+
+// Errors callers can test with errors.Is.
+var (
+	ErrNotFound         = errors.New("chunk: context not found")
+	ErrExists           = errors.New("chunk: context exists")
+	ErrIdentityMismatch = errors.New("chunk: identity does not match the stored context")
+	ErrDamaged          = errors.New("chunk: context is damaged")
+	ErrClosed           = errors.New("chunk: store closed")
+	ErrBusy             = errors.New("chunk: context has an open writer")
+	ErrStagingFull      = errors.New("chunk: staging memory limit reached")
+	ErrRowSize          = errors.New("chunk: wrong row size")
+)
+
+// ctxState is a context in memory. Fields are guarded by Store.mu unless
+// noted.
+type ctxState struct {
+	ns, id   string
+	rec      lsm.Context // as last committed (Tokens is durable)
+	ident    *Identity
+	binding  Binding
+	stored   []int // layers that store rows, in slice order
+	sliceOf  []int // layer -> index in stored, or -1
+	live     int64 // bytes of its records (approximate until first commit)
+	lastUse  int64
+	writer   *Writer
+	deleted  bool
+	dirty    bool // rec must be written at the next commit
+	writeErr error
+}
+
+func ctxMapKey(ns, id string) string { return ns + "\x00" + id }
+
+// Store is an open chunk store.
+type Store struct {
+	opts     Options
+	fs       vfs.FS
+	dir      string
+	segDir   string
+	db       *lsm.DB
+	eng      iouring.Engine
+	ownEng   bool
+	lock     interface{ Close() error }
+	ct       int
+	scratch  alignedScratch
+	staging  staging
+	cache    *sliceCache
+	recovery Recovery
+
+	mu         sync.Mutex
+	ctxs       map[string]*ctxState
+	segs       map[uint32]*segFile
+	segRecs    map[uint32]*lsm.Segment
+	namespaces map[string]bool
+	active     *segFile
+	nextSeg    uint32
+	nextGen    uint64
+	closed     bool
+	failed     error // a fatal index error: the store refuses writes
+
+	ops       chan op
+	flusherWG sync.WaitGroup
+	stats     storeStats
+}
+
+// Recovery describes what Open found.
+type Recovery struct {
+	Contexts         int
+	Segments         int
+	OrphanSegments   int // segment files not in the index (removed)
+	MissingSegments  int // indexed segments without a file
+	UnindexedRecords int // records past the append point (discarded)
+	Duration         time.Duration
+}
+
+// Open opens or creates a store.
+func Open(opts Options) (*Store, error) {
+	start := time.Now()
+	if err := opts.fill(); err != nil {
+		return nil, err
+	}
+	s := &Store{
+		opts: opts, fs: opts.FS, dir: opts.Dir,
+		ctxs: map[string]*ctxState{}, segs: map[uint32]*segFile{}, segRecs: map[uint32]*lsm.Segment{},
+		namespaces: map[string]bool{}, nextSeg: 1, nextGen: 1,
+		ops: make(chan op, 1024),
+	}
+	s.segDir = s.fs.PathJoin(s.dir, "segments")
+	if err := s.fs.MkdirAll(s.segDir, 0o755); err != nil {
+		return nil, fmt.Errorf("chunk: create %s: %w", s.segDir, err)
+	}
+	lock, err := s.fs.Lock(s.fs.PathJoin(s.dir, "hcache.lock"))
+	if err != nil {
+		return nil, fmt.Errorf("chunk: %s is in use by another process: %w", s.dir, err)
+	}
+	s.lock = lock
+	ok := false
+	defer func() {
+		if !ok {
+			s.releaseOnFailedOpen()
+		}
+	}()
+	if s.db, err = lsm.Open(s.fs, s.fs.PathJoin(s.dir, "index")); err != nil {
+		return nil, err
+	}
+	if opts.Engine != nil {
+		s.eng = opts.Engine
+	} else {
+		if s.eng, err = iouring.New(iouring.Config{Kind: opts.EngineKind, Entries: nextPow2(max(opts.QueueDepth*2, 64)), Logf: opts.Logf}); err != nil {
+			return nil, err
+		}
+		s.ownEng = true
+	}
+	// Make the directory entries of the store itself durable (segments/,
+	// index/ and the store directory in its parent).
+	for _, d := range []string{s.fs.PathDir(s.dir), s.dir} {
+		if err := syncDir(s.fs, d); err != nil {
+			return nil, fmt.Errorf("chunk: sync directory %s: %w", d, err)
+		}
+	}
+	if err := s.loadMeta(); err != nil {
+		return nil, err
+	}
+	if err := s.recover(); err != nil {
+		return nil, err
+	}
+	s.staging.init(opts.StagingBytes)
+	s.cache = newSliceCache(opts.CacheBytes)
+	s.recovery.Duration = time.Since(start)
+	s.flusherWG.Add(1)
+	go s.flushLoop()
+	ok = true
+	return s, nil
+}
+
+func nextPow2(n int) int {
+	p := 1
+	for p < n {
+		p <<= 1
+	}
+	return min(p, iouring.MaxEntries)
+}
+
+func (s *Store) releaseOnFailedOpen() {
+	for _, sg := range s.segs {
+		sg.close()
+	}
+	if s.db != nil {
+		s.db.Close()
+	}
+	if s.ownEng && s.eng != nil {
+		s.eng.Close()
+	}
+	if s.lock != nil {
+		s.lock.Close()
+	}
+}
+
+func (s *Store) loadMeta() error {
+	v, err := s.db.Get(lsm.MetaKey())
+	if errors.Is(err, lsm.ErrNotFound) {
+		ct := s.opts.ChunkTokens
+		if ct == 0 {
+			ct = DefaultChunkTokens
+		}
+		if ct < 1 || ct > MaxChunkTokens {
+			return fmt.Errorf("chunk: ChunkTokens %d not in [1, %d]", ct, MaxChunkTokens)
+		}
+		m := lsm.Meta{StoreVersion: StoreVersion, ChunkTokens: uint32(ct), CreatedNanos: time.Now().UnixNano()}
+		b := s.db.NewBatch()
+		b.Set(lsm.MetaKey(), m.Encode())
+		if err := b.Commit(true); err != nil {
+			return err
+		}
+		s.ct = ct
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	m, err := lsm.DecodeMeta(v)
+	if err != nil {
+		return fmt.Errorf("chunk: store meta: %w", err)
+	}
+	if m.StoreVersion != StoreVersion {
+		return fmt.Errorf("chunk: store version %d, this build reads %d", m.StoreVersion, StoreVersion)
+	}
+	if s.opts.ChunkTokens != 0 && s.opts.ChunkTokens != int(m.ChunkTokens) {
+		return fmt.Errorf("chunk: store was created with ChunkTokens %d, opened with %d", m.ChunkTokens, s.opts.ChunkTokens)
+	}
+	s.ct = int(m.ChunkTokens)
+	return nil
+}
+
+// recover loads the index into memory, reconciles it with the segment files
+// and positions the append point.
+func (s *Store) recover() error {
+	// Segments.
+	err := s.db.Scan([]byte{'s'}, []byte{'t'}, func(k, v []byte) error {
+		id, err := lsm.ParseSegmentKey(k)
+		if err != nil {
+			return err
+		}
+		rec, err := lsm.DecodeSegment(v)
+		if err != nil {
+			return fmt.Errorf("segment %d: %w", id, err)
+		}
+		s.segRecs[id] = rec
+		s.nextSeg = max(s.nextSeg, id+1)
+		return nil
+	})
+	if err != nil {
+		return fmt.Errorf("chunk: load segments: %w", err)
+	}
+	names, err := s.fs.List(s.segDir)
+	if err != nil {
+		return fmt.Errorf("chunk: list %s: %w", s.segDir, err)
+	}
+	onDisk := map[uint32]bool{}
+	for _, n := range names {
+		id, ok := parseSegName(n)
+		if !ok {
+			continue
+		}
+		onDisk[id] = true
+		s.nextSeg = max(s.nextSeg, id+1)
+		if _, indexed := s.segRecs[id]; !indexed {
+			// Created, never committed: holds nothing acknowledged.
+			if err := s.fs.Remove(s.fs.PathJoin(s.segDir, n)); err != nil {
+				return fmt.Errorf("chunk: remove orphan segment %s: %w", n, err)
+			}
+			s.recovery.OrphanSegments++
+		}
+	}
+	ids := make([]uint32, 0, len(s.segRecs))
+	for id := range s.segRecs {
+		ids = append(ids, id)
+	}
+	sort.Slice(ids, func(i, j int) bool { return ids[i] < ids[j] })
+	for _, id := range ids {
+		if !onDisk[id] {
+			s.recovery.MissingSegments++
+			s.opts.Logf("chunk: segment %d is indexed but its file is missing; its contexts are damaged", id)
+			continue
+		}
+		sg, err := openSeg(s.fs, s.segDir, id, s.eng, !s.opts.DisableDirect)
+		if err != nil {
+			return err
+		}
+		s.segs[id] = sg
+		s.recovery.Segments++
+	}
+	// The newest unsealed segment is the active one; records past its
+	// append point were never indexed: count and discard them.
+	for i := len(ids) - 1; i >= 0; i-- {
+		rec := s.segRecs[ids[i]]
+		sg := s.segs[ids[i]]
+		if rec.Sealed || sg == nil {
+			continue
+		}
+		s.active = sg
+		s.recovery.UnindexedRecords = s.countTail(sg, rec.Written)
+		break
+	}
+	// Contexts.
+	err = s.db.Scan([]byte{'c'}, []byte{'d'}, func(k, v []byte) error {
+		ns, id, err := lsm.ParseContextKey(k)
+		if err != nil {
+			return err
+		}
+		c := &ctxState{ns: ns, id: id}
+		rec, err := lsm.DecodeContext(v)
+		if err == nil {
+			c.rec = *rec
+			c.ident, err = DecodeIdentity(rec.Identity)
+		}
+		if err != nil {
+			s.opts.Logf("chunk: context %s/%s: %v; marked damaged", ns, id, err)
+			c.rec.Flags |= lsm.FlagDamaged
+			c.ident = nil
+		} else {
+			c.setIdentity(c.ident)
+		}
+		s.nextGen = max(s.nextGen, c.rec.Gen+1)
+		s.namespaces[ns] = true
+		s.ctxs[ctxMapKey(ns, id)] = c
+		s.recovery.Contexts++
+		return nil
+	})
+	if err != nil {
+		return fmt.Errorf("chunk: load contexts: %w", err)
+	}
+	err = s.db.Scan([]byte{'u'}, []byte{'v'}, func(k, v []byte) error {
+		ns, id, err := lsm.ParseContextKey(k)
+		if err != nil {
+			return nil
+		}
+		if c := s.ctxs[ctxMapKey(ns, id)]; c != nil {
+			if t, err := lsm.DecodeNanos(lsm.KindLastUse, v); err == nil {
+				c.lastUse = t
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		return err
+	}
+	// Per-context live bytes, for eviction; chunks of a missing segment
+	// damage their context.
+	return s.db.Scan([]byte{'k'}, []byte{'l'}, func(k, v []byte) error {
+		ns, id, _, err := lsm.ParseChunkKey(k)
+		if err != nil {
+			return err
+		}
+		c := s.ctxs[ctxMapKey(ns, id)]
+		ch, derr := lsm.DecodeChunk(v)
+		if c == nil {
+			return nil
+		}
+		if derr != nil || s.segs[ch.Segment] == nil {
+			c.rec.Flags |= lsm.FlagDamaged
+			return nil
+		}
+		c.live += int64(ch.Length)
+		return nil
+	})
+}
+
+// countTail counts the valid records a crash left past the append point.
+func (s *Store) countTail(sg *segFile, written uint64) int {
+	size, err := sg.size()
+	if err != nil || uint64(size) <= written {
+		return 0
+	}
+	const window = 8 << 20
+	n := min(uint64(size)-written, window)
+	buf, err := s.scratch.get(int(n))
+	if err != nil {
+		return 0
+	}
+	defer s.scratch.put(buf)
+	b := buf.Bytes()[:roundUp(int(n))]
+	if int(n)%BlockBytes != 0 && sg.fd >= 0 {
+		return 0
+	}
+	if err := sg.readAt(b[:n], int64(written)); err != nil {
+		return 0
+	}
+	return len(ScanRecords(b[:n], written))
+}
+
+func (c *ctxState) setIdentity(id *Identity) {
+	c.ident = id
+	c.binding = NewBinding(c.ns, c.id, c.rec.Gen, id)
+	c.stored = c.stored[:0]
+	c.sliceOf = make([]int, len(id.Plan))
+	for l, p := range id.Plan {
+		c.sliceOf[l] = -1
+		if p.Kind != LayerNone {
+			c.sliceOf[l] = len(c.stored)
+			c.stored = append(c.stored, l)
+		}
+	}
+}
+
+// ChunkTokens is the store's tokens per chunk group.
+func (s *Store) ChunkTokens() int { return s.ct }
+
+// Recovery returns what Open found and how long it took.
+func (s *Store) Recovery() Recovery { return s.recovery }
+
+// EngineName names the I/O engine in use.
+func (s *Store) EngineName() string { return s.eng.Name() }
+
+// Close flushes nothing on its own (open writers must be flushed by their
+// owners), stops the flusher and closes files and the index.
+func (s *Store) Close() error {
+	s.mu.Lock()
+	if s.closed {
+		s.mu.Unlock()
+		return nil
+	}
+	s.closed = true
+	s.mu.Unlock()
+	done := make(chan error, 1)
+	s.ops <- op{kind: opClose, done: done}
+	<-done
+	s.flusherWG.Wait()
+	var firstErr error
+	for _, sg := range s.segs {
+		if err := sg.close(); err != nil && firstErr == nil {
+			firstErr = err
+		}
+	}
+	if err := s.db.Close(); err != nil && firstErr == nil {
+		firstErr = err
+	}
+	s.staging.release()
+	s.scratch.release()
+	if s.ownEng {
+		s.eng.Close()
+	}
+	if err := s.lock.Close(); err != nil && firstErr == nil {
+		firstErr = err
+	}
+	return firstErr
+}
+
+// ContextInfo describes a stored context.
+type ContextInfo struct {
+	Namespace, ID string
+	Tokens        uint64
+	Gen           uint64
+	LiveBytes     int64
+	Pinned        bool
+	Damaged       bool
+	LastUse       time.Time
+	Identity      *Identity
+}
+
+// Contexts lists the contexts, sorted by namespace and id.
+func (s *Store) Contexts() []ContextInfo {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	out := make([]ContextInfo, 0, len(s.ctxs))
+	for _, c := range s.ctxs {
+		if c.deleted {
+			continue
+		}
+		out = append(out, ContextInfo{
+			Namespace: c.ns, ID: c.id, Tokens: c.rec.Tokens, Gen: c.rec.Gen, LiveBytes: c.live,
+			Pinned: c.rec.Flags&lsm.FlagPinned != 0, Damaged: c.rec.Flags&lsm.FlagDamaged != 0,
+			LastUse: time.Unix(0, c.lastUse), Identity: c.ident,
+		})
+	}
+	sort.Slice(out, func(i, j int) bool {
+		if out[i].Namespace != out[j].Namespace {
+			return out[i].Namespace < out[j].Namespace
+		}
+		return out[i].ID < out[j].ID
+	})
+	return out
+}
+
+// SegmentInfo describes a segment.
+type SegmentInfo struct {
+	ID            uint32
+	Written, Live uint64
+	Sealed        bool
+	Active        bool
+}
+
+// Segments lists the segments by id.
+func (s *Store) Segments() []SegmentInfo {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	var out []SegmentInfo
+	for id, r := range s.segRecs {
+		out = append(out, SegmentInfo{ID: id, Written: r.Written, Live: r.Live, Sealed: r.Sealed, Active: s.active != nil && s.active.id == id})
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].ID < out[j].ID })
+	return out
+}
+
+// Namespaces lists the namespaces.
+func (s *Store) Namespaces() []string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	var out []string
+	for ns := range s.namespaces {
+		out = append(out, ns)
+	}
+	sort.Strings(out)
+	return out
+}
+
+// lookup returns a live context or ErrNotFound. Call with s.mu held.
+func (s *Store) lookup(ns, id string) (*ctxState, error) {
+	c := s.ctxs[ctxMapKey(ns, id)]
+	if c == nil || c.deleted {
+		return nil, fmt.Errorf("%w: %s/%s", ErrNotFound, ns, id)
+	}
+	return c, nil
+}
+
+// Pin exempts a context from eviction (or lifts the exemption). The change is
+// durable after the next Flush of any context.
+func (s *Store) Pin(ns, id string, pinned bool) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	c, err := s.lookup(ns, id)
+	if err != nil {
+		return err
+	}
+	if pinned {
+		c.rec.Flags |= lsm.FlagPinned
+	} else {
+		c.rec.Flags &^= lsm.FlagPinned
+	}
+	c.dirty = true
+	return nil
+}

@@ -1,0 +1,409 @@
+package chunk
+
+import (
+	"errors"
+	"fmt"
+	"sync"
+	"time"
+
+	"github.com/hcache/hcache/iouring"
+	"github.com/hcache/hcache/lsm"
+)
+
+// staging hands out aligned DRAM slabs for chunk groups, bounded by a byte
+// limit. Slabs are reused by size.
+type staging struct {
+	mu        sync.Mutex
+	cond      *sync.Cond
+	limit     int64
+	used      int64
+	inFlusher int // slabs handed to the flusher (they come back)
+	free      map[int][]*iouring.AlignedBuffer
+	all       map[*byte]*iouring.AlignedBuffer
+}
+
+func (st *staging) init(limit int64) {
+	st.limit = limit
+	st.cond = sync.NewCond(&st.mu)
+	st.free = map[int][]*iouring.AlignedBuffer{}
+	st.all = map[*byte]*iouring.AlignedBuffer{}
+}
+
+// get returns a slab of n bytes (n a multiple of BlockBytes). It waits while
+// the limit is reached and slabs are on their way back from the flusher; if
+// none are, waiting could not end, and it fails with ErrStagingFull.
+func (st *staging) get(n int) ([]byte, error) {
+	st.mu.Lock()
+	defer st.mu.Unlock()
+	for {
+		if l := st.free[n]; len(l) > 0 {
+			b := l[len(l)-1]
+			st.free[n] = l[:len(l)-1]
+			return b.Bytes(), nil
+		}
+		if st.used+int64(n) <= st.limit {
+			b, err := iouring.Alloc(n)
+			if err != nil {
+				return nil, err
+			}
+			st.used += int64(n)
+			st.all[&b.Bytes()[0]] = b
+			return b.Bytes(), nil
+		}
+		// Reuse idle slabs of other sizes.
+		for sz, l := range st.free {
+			if len(l) > 0 {
+				b := l[len(l)-1]
+				st.free[sz] = l[:len(l)-1]
+				delete(st.all, &b.Bytes()[0])
+				st.used -= int64(sz)
+				b.Free()
+				break
+			}
+		}
+		if st.used+int64(n) <= st.limit {
+			continue
+		}
+		if st.inFlusher == 0 {
+			return nil, fmt.Errorf("%w: %d bytes staged (StagingBytes = %d); flush or close writers", ErrStagingFull, st.used, st.limit)
+		}
+		st.cond.Wait()
+	}
+}
+
+func (st *staging) put(b []byte) {
+	st.mu.Lock()
+	defer st.mu.Unlock()
+	ab := st.all[&b[0]]
+	if ab == nil {
+		panic("chunk: staging.put of a foreign slab")
+	}
+	st.free[len(ab.Bytes())] = append(st.free[len(ab.Bytes())], ab)
+	st.cond.Broadcast()
+}
+
+func (st *staging) handOff(delta int) {
+	st.mu.Lock()
+	st.inFlusher += delta
+	st.mu.Unlock()
+	st.cond.Broadcast()
+}
+
+func (st *staging) release() {
+	st.mu.Lock()
+	defer st.mu.Unlock()
+	for _, b := range st.all {
+		b.Free()
+	}
+	st.all = map[*byte]*iouring.AlignedBuffer{}
+	st.free = map[int][]*iouring.AlignedBuffer{}
+	st.used = 0
+}
+
+// Writer appends rows to one context. It is not safe for concurrent use; use
+// one Writer per context (many Writers may run at once).
+type Writer struct {
+	s          *Store
+	c          *ctxState
+	ct         int
+	rowBytes   []int // per layer
+	layerOff   []int // per layer: offset of its slice in a group slab
+	groupBytes int
+	groups     map[uint32][]byte // staged groups not yet handed over
+	cur        []byte            // slab of the group AppendToken fills
+	curGroup   uint32
+	layerTok   []int // tokens appended per stored layer (index: slice index)
+	tokens     int   // min over layerTok: complete tokens
+	handed     int   // tokens in full groups handed to the flusher
+	closed     bool
+}
+
+// CreateOptions are per-context settings.
+type CreateOptions struct {
+	Pinned bool // never evicted
+}
+
+// Create creates a context and returns its writer. The context becomes
+// durable (with the rows appended so far) at the writer's first Flush.
+func (s *Store) Create(ns, id string, ident *Identity, opts CreateOptions) (*Writer, error) {
+	if err := lsm.ValidateName("namespace", ns); err != nil {
+		return nil, fmt.Errorf("chunk: %w", err)
+	}
+	if err := lsm.ValidateName("context id", id); err != nil {
+		return nil, fmt.Errorf("chunk: %w", err)
+	}
+	if err := ident.Validate(); err != nil {
+		return nil, err
+	}
+	ident = &Identity{Model: append([]byte(nil), ident.Model...), Plan: append([]LayerPlan(nil), ident.Plan...)}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if err := s.writable(); err != nil {
+		return nil, err
+	}
+	if c := s.ctxs[ctxMapKey(ns, id)]; c != nil && !c.deleted {
+		return nil, fmt.Errorf("%w: %s/%s", ErrExists, ns, id)
+	}
+	c := &ctxState{ns: ns, id: id, lastUse: time.Now().UnixNano()}
+	c.rec = lsm.Context{Identity: ident.Encode(), Gen: s.nextGen}
+	s.nextGen++
+	if opts.Pinned {
+		c.rec.Flags |= lsm.FlagPinned
+	}
+	c.setIdentity(ident)
+	c.dirty = true
+	s.ctxs[ctxMapKey(ns, id)] = c
+	w := s.newWriter(c)
+	c.writer = w
+	return w, nil
+}
+
+// Append opens a writer that continues an existing context (the next turn of
+// a conversation). ident must match the stored identity. A partial tail group
+// is read back into staging so that new rows complete it.
+func (s *Store) Append(ns, id string, ident *Identity) (*Writer, error) {
+	s.mu.Lock()
+	if err := s.writable(); err != nil {
+		s.mu.Unlock()
+		return nil, err
+	}
+	c, err := s.lookup(ns, id)
+	if err != nil {
+		s.mu.Unlock()
+		return nil, err
+	}
+	if c.rec.Flags&lsm.FlagDamaged != 0 || c.ident == nil {
+		s.mu.Unlock()
+		return nil, fmt.Errorf("%w: %s/%s", ErrDamaged, ns, id)
+	}
+	if !c.ident.Equal(ident) {
+		s.mu.Unlock()
+		return nil, fmt.Errorf("%w: %s/%s", ErrIdentityMismatch, ns, id)
+	}
+	if c.writer != nil {
+		s.mu.Unlock()
+		return nil, fmt.Errorf("%w: %s/%s", ErrBusy, ns, id)
+	}
+	w := s.newWriter(c)
+	c.writer = w
+	tokens := int(c.rec.Tokens)
+	s.mu.Unlock()
+
+	w.tokens, w.handed = tokens, tokens-tokens%w.ct
+	for i := range w.layerTok {
+		w.layerTok[i] = tokens
+	}
+	if tail := tokens % w.ct; tail != 0 {
+		g := uint32(tokens / w.ct)
+		slab, err := w.group(g)
+		if err != nil {
+			w.abandon()
+			return nil, err
+		}
+		// Read the stored tail rows of every layer back into the slab.
+		_, err = s.restoreGroupInto(c, g, tail, func(layer int, rows []byte) {
+			copy(slab[w.layerOff[layer]:], rows)
+		})
+		if err != nil {
+			w.abandon()
+			return nil, err
+		}
+	}
+	return w, nil
+}
+
+func (s *Store) writable() error {
+	if s.closed {
+		return ErrClosed
+	}
+	if s.failed != nil {
+		return fmt.Errorf("chunk: store failed earlier and refuses writes: %w", s.failed)
+	}
+	return nil
+}
+
+func (s *Store) newWriter(c *ctxState) *Writer {
+	w := &Writer{s: s, c: c, ct: s.ct, groups: map[uint32][]byte{}, curGroup: math32}
+	w.rowBytes = make([]int, len(c.ident.Plan))
+	w.layerOff = make([]int, len(c.ident.Plan))
+	off := 0
+	for l, p := range c.ident.Plan {
+		w.rowBytes[l] = int(p.RowBytes)
+		w.layerOff[l] = off
+		off += roundUp(s.ct * int(p.RowBytes))
+	}
+	w.groupBytes = off
+	w.layerTok = make([]int, len(c.stored))
+	return w
+}
+
+const math32 = ^uint32(0)
+
+// Tokens is the number of complete tokens appended (durable or not).
+func (w *Writer) Tokens() int { return w.tokens }
+
+func (w *Writer) group(g uint32) ([]byte, error) {
+	if b, ok := w.groups[g]; ok {
+		return b, nil
+	}
+	b, err := w.s.staging.get(w.groupBytes)
+	if err != nil {
+		return nil, err
+	}
+	w.groups[g] = b
+	return b, nil
+}
+
+func (w *Writer) check() error {
+	if w.closed {
+		return errors.New("chunk: writer is closed")
+	}
+	return nil
+}
+
+// AppendLayer appends rows (whole rows of the layer's RowBytes) for the next
+// tokens of one layer: the prefill producer, which hands over all tokens of
+// layer 0, then layer 1, and so on.
+func (w *Writer) AppendLayer(layer int, rows []byte) error {
+	if err := w.check(); err != nil {
+		return err
+	}
+	if layer < 0 || layer >= len(w.rowBytes) {
+		return fmt.Errorf("chunk: layer %d out of range [0, %d)", layer, len(w.rowBytes))
+	}
+	si := w.c.sliceOf[layer]
+	if si < 0 {
+		return fmt.Errorf("chunk: layer %d stores nothing in this context's plan", layer)
+	}
+	rb := w.rowBytes[layer]
+	if len(rows)%rb != 0 {
+		return fmt.Errorf("%w: layer %d: %d bytes is not a whole number of %d-byte rows", ErrRowSize, layer, len(rows), rb)
+	}
+	t := w.layerTok[si]
+	for len(rows) > 0 {
+		g := uint32(t / w.ct)
+		slab, err := w.group(g)
+		if err != nil {
+			return err
+		}
+		in := t % w.ct
+		n := min(w.ct-in, len(rows)/rb)
+		copy(slab[w.layerOff[layer]+in*rb:], rows[:n*rb])
+		rows = rows[n*rb:]
+		t += n
+		w.layerTok[si] = t
+	}
+	return w.advance()
+}
+
+// AppendToken appends one token's row for every layer (the decode producer):
+// rows[l] is layer l's row, nil for layers that store nothing.
+func (w *Writer) AppendToken(rows [][]byte) error {
+	if err := w.check(); err != nil {
+		return err
+	}
+	if len(rows) != len(w.rowBytes) {
+		return fmt.Errorf("chunk: AppendToken got %d layers, the plan has %d", len(rows), len(w.rowBytes))
+	}
+	t := w.tokens
+	for _, lt := range w.layerTok {
+		if lt != t {
+			return fmt.Errorf("chunk: AppendToken while a prefill is incomplete (layers at %d and %d tokens)", t, lt)
+		}
+	}
+	g := uint32(t / w.ct)
+	if g != w.curGroup {
+		slab, err := w.group(g)
+		if err != nil {
+			return err
+		}
+		w.cur, w.curGroup = slab, g
+	}
+	in := t % w.ct
+	for l, r := range rows {
+		rb := w.rowBytes[l]
+		if len(r) != rb {
+			return fmt.Errorf("%w: layer %d row is %d bytes, want %d", ErrRowSize, l, len(r), rb)
+		}
+		if rb != 0 {
+			copy(w.cur[w.layerOff[l]+in*rb:], r)
+		}
+	}
+	for i := range w.layerTok {
+		w.layerTok[i]++
+	}
+	w.tokens++
+	if w.tokens%w.ct == 0 {
+		return w.handFull()
+	}
+	return nil
+}
+
+// advance recomputes the complete token count and hands over full groups.
+func (w *Writer) advance() error {
+	t := w.layerTok[0]
+	for _, lt := range w.layerTok[1:] {
+		t = min(t, lt)
+	}
+	w.tokens = t
+	return w.handFull()
+}
+
+// handFull gives every full group to the flusher (which returns its slab).
+func (w *Writer) handFull() error {
+	for w.handed+w.ct <= w.tokens {
+		g := uint32(w.handed / w.ct)
+		slab := w.groups[g]
+		delete(w.groups, g)
+		if g == w.curGroup {
+			w.cur, w.curGroup = nil, math32
+		}
+		w.s.staging.handOff(1)
+		if err := w.s.submit(op{kind: opWrite, c: w.c, group: g, tokens: w.ct, slab: slab, groupBytes: w.groupBytes, layerOff: w.layerOff, owned: true}); err != nil {
+			w.s.staging.handOff(-1)
+			w.s.staging.put(slab)
+			return err
+		}
+		w.handed += w.ct
+	}
+	return nil
+}
+
+// Flush makes every complete token appended so far durable (data and index)
+// and returns after that, or with the error that prevented it.
+func (w *Writer) Flush() error {
+	if err := w.check(); err != nil {
+		return err
+	}
+	if tail := w.tokens - w.handed; tail > 0 {
+		g := uint32(w.handed / w.ct)
+		if err := w.s.submit(op{kind: opWrite, c: w.c, group: g, tokens: tail, slab: w.groups[g], groupBytes: w.groupBytes, layerOff: w.layerOff}); err != nil {
+			return err
+		}
+	}
+	return w.s.barrier(w.c)
+}
+
+// Close flushes and releases the writer's staging memory.
+func (w *Writer) Close() error {
+	if w.closed {
+		return nil
+	}
+	err := w.Flush()
+	w.abandon()
+	return err
+}
+
+// abandon releases the writer without flushing.
+func (w *Writer) abandon() {
+	w.closed = true
+	for g, b := range w.groups {
+		w.s.staging.put(b)
+		delete(w.groups, g)
+	}
+	w.s.mu.Lock()
+	if w.c.writer == w {
+		w.c.writer = nil
+	}
+	w.s.mu.Unlock()
+}
