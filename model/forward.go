@@ -1,0 +1,240 @@
+package model
+
+import (
+	"fmt"
+	"math"
+
+	"github.com/hcache/hcache/internal/half"
+	"github.com/hcache/hcache/internal/tensor"
+)
+
+func roundF16(f float32) float32  { return half.Round(f) }
+func roundBF16(f float32) float32 { return half.RoundBF16(f) }
+
+// Model is a loaded model ready for the reference forward pass.
+type Model struct {
+	Cfg     *Config
+	W       *Weights
+	InvFreq []float32
+	round   func(float32) float32
+}
+
+// New checks that w holds every tensor the forward pass needs.
+func New(c *Config, w *Weights) (*Model, error) {
+	if err := c.Validate(); err != nil {
+		return nil, err
+	}
+	if len(w.Embed) != c.Vocab*c.HiddenSize || len(w.LMHead) != c.Vocab*c.HiddenSize || len(w.Layers) != c.Layers {
+		return nil, fmt.Errorf("model: weights do not match the config (load them with WeightsAll)")
+	}
+	for i, l := range w.Layers {
+		if len(l.Wq) == 0 || len(l.Wo) == 0 || len(l.Wk) == 0 || len(l.MLPNormW) == 0 {
+			return nil, fmt.Errorf("model: layer %d lacks tensors the forward pass needs", i)
+		}
+	}
+	return &Model{Cfg: c, W: w, InvFreq: c.InvFreq(), round: roundFunc(c.DType)}, nil
+}
+
+// KVCache is the K and V of every token so far, per layer: [tokens x kv_dim],
+// values rounded to the model dtype (what a GPU cache would hold).
+type KVCache struct {
+	K, V   [][]float32
+	Tokens int
+}
+
+// NewKVCache returns an empty cache.
+func NewKVCache(c *Config) *KVCache {
+	return &KVCache{K: make([][]float32, c.Layers), V: make([][]float32, c.Layers)}
+}
+
+// Trace receives, per layer, the hidden states of the new tokens (the layer
+// input after the pre-attention norm, rounded to the dtype: what hcache
+// saves) and the K and V computed from them.
+type Trace func(layer int, hidden, k, v []float32)
+
+// ProjectKV rebuilds K and V of n tokens from their saved hidden states:
+// K = rope(h Wk^T + bk, pos), V = h Wv^T + bv, each rounded to the dtype. It
+// is the arithmetic the forward pass itself runs, so the result is bit-exact.
+func ProjectKV(c *Config, invFreq []float32, lw *LayerWeights, hidden []float32, positions []int, k, v []float32) {
+	n, d, kvd := len(positions), c.HiddenSize, c.KVDim()
+	round := roundFunc(c.DType)
+	tensor.MatMulT(k, hidden, n, d, lw.Wk, kvd, lw.Bk)
+	tensor.MatMulT(v, hidden, n, d, lw.Wv, kvd, lw.Bv)
+	for i := 0; i < n; i++ {
+		ki := k[i*kvd : (i+1)*kvd]
+		if c.UsesRope() {
+			for h := 0; h < c.KVHeads; h++ {
+				tensor.Rope(ki[h*c.HeadDim:(h+1)*c.HeadDim], positions[i], invFreq, c.RotaryInterleaved)
+			}
+		}
+		for j := range ki {
+			ki[j] = round(ki[j])
+		}
+		vi := v[i*kvd : (i+1)*kvd]
+		for j := range vi {
+			vi[j] = round(vi[j])
+		}
+	}
+}
+
+// normRows applies the pre-attention (or pre-MLP) norm to n rows.
+func (m *Model) normRows(out, x []float32, n int, w, b []float32) {
+	d := m.Cfg.HiddenSize
+	for i := 0; i < n; i++ {
+		if m.Cfg.Norm == "layernorm" {
+			tensor.LayerNorm(out[i*d:(i+1)*d], x[i*d:(i+1)*d], w, b, float32(m.Cfg.NormEps))
+		} else {
+			tensor.RMSNorm(out[i*d:(i+1)*d], x[i*d:(i+1)*d], w, float32(m.Cfg.NormEps))
+		}
+	}
+}
+
+// Forward runs tokens (appended after cache.Tokens) through the model,
+// extends the cache and returns the logits [len(tokens) x vocab].
+func (m *Model) Forward(tokens []int, cache *KVCache, trace Trace) ([]float32, error) {
+	c := m.Cfg
+	n, d, kvd, qd := len(tokens), c.HiddenSize, c.KVDim(), c.Heads*c.HeadDim
+	start := cache.Tokens
+	if start+n > c.MaxPositions {
+		return nil, fmt.Errorf("model: %d tokens exceed max_position_embeddings %d", start+n, c.MaxPositions)
+	}
+	positions := make([]int, n)
+	for i := range positions {
+		positions[i] = start + i
+	}
+	x := make([]float32, n*d)
+	for i, t := range tokens {
+		if t < 0 || t >= c.Vocab {
+			return nil, fmt.Errorf("model: token %d out of vocabulary [0, %d)", t, c.Vocab)
+		}
+		copy(x[i*d:], m.W.Embed[t*d:(t+1)*d])
+		if c.Arch == ArchOPT {
+			p := positions[i] + 2
+			for j := 0; j < d; j++ {
+				x[i*d+j] += m.W.PosEmbed[p*d+j]
+			}
+		}
+	}
+	h := make([]float32, n*d)
+	q := make([]float32, n*qd)
+	k := make([]float32, n*kvd)
+	v := make([]float32, n*kvd)
+	attn := make([]float32, n*qd)
+	o := make([]float32, n*d)
+	scale := float32(1 / math.Sqrt(float64(c.HeadDim)))
+	group := c.Heads / c.KVHeads
+	for l := 0; l < c.Layers; l++ {
+		lw := &m.W.Layers[l]
+		m.normRows(h, x, n, lw.AttnNormW, lw.AttnNormB)
+		for i := range h {
+			h[i] = m.round(h[i])
+		}
+		ProjectKV(c, m.InvFreq, lw, h, positions, k, v)
+		if trace != nil {
+			trace(l, h, k, v)
+		}
+		cache.K[l] = append(cache.K[l], k...)
+		cache.V[l] = append(cache.V[l], v...)
+		tensor.MatMulT(q, h, n, d, lw.Wq, qd, lw.Bq)
+		if c.UsesRope() {
+			for i := 0; i < n; i++ {
+				for hh := 0; hh < c.Heads; hh++ {
+					tensor.Rope(q[i*qd+hh*c.HeadDim:i*qd+(hh+1)*c.HeadDim], positions[i], m.InvFreq, c.RotaryInterleaved)
+				}
+			}
+		}
+		K, V := cache.K[l], cache.V[l]
+		scores := make([]float32, start+n)
+		for i := 0; i < n; i++ {
+			ctx := positions[i] + 1
+			for hh := 0; hh < c.Heads; hh++ {
+				qv := q[i*qd+hh*c.HeadDim : i*qd+(hh+1)*c.HeadDim]
+				kh := (hh / group) * c.HeadDim
+				for j := 0; j < ctx; j++ {
+					scores[j] = tensor.Dot(qv, K[j*kvd+kh:j*kvd+kh+c.HeadDim]) * scale
+				}
+				tensor.Softmax(scores[:ctx])
+				out := attn[i*qd+hh*c.HeadDim : i*qd+(hh+1)*c.HeadDim]
+				clear(out)
+				for j := 0; j < ctx; j++ {
+					p := scores[j]
+					vj := V[j*kvd+kh : j*kvd+kh+c.HeadDim]
+					for e := range out {
+						out[e] += p * vj[e]
+					}
+				}
+			}
+		}
+		tensor.MatMulT(o, attn, n, qd, lw.Wo, d, lw.Bo)
+		for i := range x {
+			x[i] += o[i]
+		}
+		m.normRows(h, x, n, lw.MLPNormW, lw.MLPNormB)
+		m.mlp(x, h, n, lw)
+	}
+	m.normRows(h, x, n, m.W.FinalNormW, m.W.FinalNormB)
+	logits := make([]float32, n*c.Vocab)
+	tensor.MatMulT(logits, h, n, d, m.W.LMHead, c.Vocab, nil)
+	cache.Tokens += n
+	return logits, nil
+}
+
+// mlp adds the MLP output of the normed rows h to x.
+func (m *Model) mlp(x, h []float32, n int, lw *LayerWeights) {
+	c := m.Cfg
+	d, im := c.HiddenSize, c.Intermediate
+	a := make([]float32, n*im)
+	out := make([]float32, n*d)
+	if c.Arch == ArchOPT {
+		tensor.MatMulT(a, h, n, d, lw.Fc1, im, lw.Fc1B)
+		for i := range a {
+			a[i] = max(a[i], 0)
+		}
+		tensor.MatMulT(out, a, n, im, lw.Fc2, d, lw.Fc2B)
+	} else {
+		up := make([]float32, n*im)
+		tensor.MatMulT(a, h, n, d, lw.Wgate, im, nil)
+		tensor.MatMulT(up, h, n, d, lw.Wup, im, nil)
+		for i := range a {
+			a[i] = tensor.SiLU(a[i]) * up[i]
+		}
+		tensor.MatMulT(out, a, n, im, lw.Wdown, d, nil)
+	}
+	for i := range x {
+		x[i] += out[i]
+	}
+}
+
+// Argmax returns the index of the largest logit of the last row.
+func Argmax(logits []float32, vocab int) int {
+	last := logits[len(logits)-vocab:]
+	best := 0
+	for i, v := range last {
+		if v > last[best] {
+			best = i
+		}
+	}
+	return best
+}
+
+// Generate greedily decodes steps tokens after feeding prompt (which may be
+// empty when the cache already holds the context and next is the first
+// token to feed). trace sees every layer of every forward.
+func (m *Model) Generate(cache *KVCache, prompt []int, steps int, trace Trace) ([]int, error) {
+	logits, err := m.Forward(prompt, cache, trace)
+	if err != nil {
+		return nil, err
+	}
+	var out []int
+	for i := 0; i < steps; i++ {
+		t := Argmax(logits, m.Cfg.Vocab)
+		out = append(out, t)
+		if i == steps-1 {
+			break
+		}
+		if logits, err = m.Forward([]int{t}, cache, trace); err != nil {
+			return nil, err
+		}
+	}
+	return out, nil
+}
