@@ -1,0 +1,151 @@
+package main
+
+import (
+	"fmt"
+	"io"
+	"os"
+
+	"github.com/hcache/hcache/chunk"
+	"github.com/hcache/hcache/internal/benchstore"
+	"github.com/hcache/hcache/internal/progress"
+)
+
+func init() {
+	register("bench store", "save/restore bandwidth of the chunk store against fio in the same run", benchStore)
+	register("fsck", "check every index entry against segment bytes and checksums", fsck)
+	register("stat", "print namespaces, contexts and per-segment live/dead bytes", stat)
+}
+
+func benchStore(args []string, stdout, stderr io.Writer) error {
+	fs := newFlags("bench store", stderr)
+	dir := fs.String("dir", os.TempDir(), "directory on the device to measure")
+	mdl := fs.String("model", "llama2-7b", "model preset whose row shapes to store")
+	tokens := fs.Int("tokens", 4096, "tokens per context")
+	contexts := fs.Int("contexts", 16, "contexts")
+	writers := fs.Int("writers", 2, "contexts saved concurrently")
+	comp := fs.String("compression", "none", "none or lz4")
+	asJSON := fs.Bool("json", false, "print one JSON object")
+	noFio := fs.Bool("no-fio", false, "skip the fio baseline")
+	if err := parseFlags(fs, args); err != nil {
+		return err
+	}
+	res, err := benchstore.Run(benchstore.Options{Dir: *dir, Model: *mdl, Tokens: *tokens, Contexts: *contexts,
+		Writers: *writers, Compression: *comp, SkipFio: *noFio, Progress: stderr})
+	if err != nil {
+		return err
+	}
+	if *asJSON {
+		return printJSON(stdout, res)
+	}
+	fmt.Fprintf(stdout, "save %.2f GB/s (fio %.2f, %.2f), restore %.2f GB/s (fio %.2f, %.2f), %.0f bytes/token on disk (%.4f x raw), append_token %.1f us (copy %.1f us, %.2f x), reopen %.1f ms\n",
+		res.SaveGBps, res.FioWriteGBps, res.SaveRatio, res.RestoreGBps, res.FioReadGBps, res.RestoreRatio,
+		res.BytesOnDiskPerToken, res.DiskOverRaw, res.AppendTokenUS, res.CopyUS, res.AppendTokenRatio, res.RecoveryMS)
+	return nil
+}
+
+// exitError carries an exit status.
+type exitError struct {
+	code int
+	msg  string
+}
+
+func (e *exitError) Error() string { return e.msg }
+func (e *exitError) ExitCode() int { return e.code }
+
+func openStoreFlags(name string, args []string, stderr io.Writer) (*chunk.Store, bool, error) {
+	fs := newFlags(name, stderr)
+	dir := fs.String("dir", "", "store directory (required)")
+	asJSON := fs.Bool("json", false, "print JSON")
+	if err := parseFlags(fs, args); err != nil {
+		return nil, false, err
+	}
+	if *dir == "" {
+		fs.Usage()
+		return nil, false, errUsage
+	}
+	if _, err := os.Stat(*dir); err != nil {
+		return nil, false, fmt.Errorf("store directory: %w", err)
+	}
+	st, err := chunk.Open(chunk.Options{Dir: *dir, Logf: func(f string, a ...any) { fmt.Fprintf(stderr, f+"\n", a...) }})
+	return st, *asJSON, err
+}
+
+func fsck(args []string, stdout, stderr io.Writer) error {
+	st, asJSON, err := openStoreFlags("fsck", args, stderr)
+	if err != nil {
+		return err
+	}
+	defer st.Close()
+	var bar *progress.Bar
+	rep := st.Check(func(done, total int) {
+		if bar == nil {
+			bar = progress.New(stderr, "fsck", int64(total), "chunk groups")
+		}
+		bar.Add(1)
+	})
+	bar.Finish()
+	if asJSON {
+		if err := printJSON(stdout, rep); err != nil {
+			return err
+		}
+	} else {
+		fmt.Fprintf(stdout, "%d contexts, %d chunk groups, %d slices, %d segments checked\n", rep.Contexts, rep.Chunks, rep.Slices, rep.Segments)
+		for _, o := range rep.Orphans {
+			fmt.Fprintf(stdout, "orphan: %s\n", o)
+		}
+		for _, d := range rep.DamagedContexts {
+			fmt.Fprintf(stdout, "damaged context: %s\n", d)
+		}
+		for _, e := range rep.Errors {
+			fmt.Fprintf(stdout, "error: %s\n", e)
+		}
+	}
+	if !rep.OK() {
+		return &exitError{1, fmt.Sprintf("%d inconsistencies", len(rep.Errors))}
+	}
+	if len(rep.DamagedContexts) > 0 {
+		return &exitError{1, fmt.Sprintf("%d damaged contexts", len(rep.DamagedContexts))}
+	}
+	fmt.Fprintln(stdout, "clean")
+	return nil
+}
+
+func stat(args []string, stdout, stderr io.Writer) error {
+	st, asJSON, err := openStoreFlags("stat", args, stderr)
+	if err != nil {
+		return err
+	}
+	defer st.Close()
+	out := struct {
+		Namespaces []string
+		Contexts   []chunk.ContextInfo
+		Segments   []chunk.SegmentInfo
+		Stats      chunk.Stats
+	}{st.Namespaces(), st.Contexts(), st.Segments(), st.Stats()}
+	if asJSON {
+		return printJSON(stdout, out)
+	}
+	fmt.Fprintf(stdout, "namespaces: %v\n", out.Namespaces)
+	fmt.Fprintf(stdout, "%-16s %-24s %10s %12s %s\n", "NAMESPACE", "CONTEXT", "TOKENS", "LIVE_BYTES", "FLAGS")
+	for _, c := range out.Contexts {
+		flags := ""
+		if c.Pinned {
+			flags += "pinned "
+		}
+		if c.Damaged {
+			flags += "damaged"
+		}
+		fmt.Fprintf(stdout, "%-16s %-24s %10d %12d %s\n", c.Namespace, c.ID, c.Tokens, c.LiveBytes, flags)
+	}
+	fmt.Fprintf(stdout, "%-10s %14s %14s %14s %s\n", "SEGMENT", "WRITTEN", "LIVE", "DEAD", "STATE")
+	for _, s := range out.Segments {
+		state := "sealed"
+		if s.Active {
+			state = "active"
+		} else if !s.Sealed {
+			state = "open"
+		}
+		fmt.Fprintf(stdout, "%-10d %14d %14d %14d %s\n", s.ID, s.Written, s.Live, s.Written-s.Live, state)
+	}
+	return nil
+}

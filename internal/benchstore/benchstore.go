@@ -1,0 +1,260 @@
+// Package benchstore measures the chunk store on real files: save and
+// restore bandwidth against fio in the same run, bytes on disk per token, the
+// caller-side cost of a decode-step append against a plain copy, and the time
+// to reopen the store.
+package benchstore
+
+import (
+	"fmt"
+	"io"
+	"math/rand"
+	"os"
+	"path/filepath"
+	"sync"
+	"time"
+
+	"github.com/hcache/hcache/chunk"
+	"github.com/hcache/hcache/internal/fio"
+	"github.com/hcache/hcache/internal/progress"
+	"github.com/hcache/hcache/model"
+)
+
+// Options of one run.
+type Options struct {
+	Dir         string
+	Model       string // preset name
+	Tokens      int
+	Contexts    int
+	Writers     int // contexts saved concurrently
+	Compression string
+	SkipFio     bool
+	Progress    io.Writer
+}
+
+// Result is what `hcache bench store --json` prints.
+type Result struct {
+	Model               string  `json:"model"`
+	Engine              string  `json:"engine"`
+	Tokens              int     `json:"tokens"`
+	Contexts            int     `json:"contexts"`
+	Plan                string  `json:"plan"`
+	RawBytesPerToken    int     `json:"raw_bytes_per_token"`
+	SaveGBps            float64 `json:"save_gbps"`
+	RestoreGBps         float64 `json:"restore_gbps"`
+	FioWriteGBps        float64 `json:"fio_write_gbps"`
+	FioReadGBps         float64 `json:"fio_read_gbps"`
+	FioWrite            string  `json:"fio_write_job"`
+	FioRead             string  `json:"fio_read_job"`
+	SaveRatio           float64 `json:"save_ratio"`
+	RestoreRatio        float64 `json:"restore_ratio"`
+	BytesOnDiskPerToken float64 `json:"bytes_on_disk_per_token"`
+	DiskOverRaw         float64 `json:"bytes_on_disk_over_raw"`
+	AppendTokenUS       float64 `json:"append_token_us"`
+	CopyUS              float64 `json:"copy_us"`
+	AppendTokenRatio    float64 `json:"append_token_ratio"`
+	RecoveryMS          float64 `json:"recovery_ms"`
+	CompressionRatio    float64 `json:"compression_ratio,omitempty"`
+}
+
+// Run runs the benchmark.
+func Run(o Options) (*Result, error) {
+	c, err := model.Preset(o.Model)
+	if err != nil {
+		return nil, err
+	}
+	if o.Tokens <= 0 || o.Contexts <= 0 {
+		return nil, fmt.Errorf("bench store: --tokens and --contexts must be positive")
+	}
+	if o.Writers <= 0 {
+		o.Writers = 2
+	}
+	plan := c.DefaultPlan()
+	ident := &chunk.Identity{Model: model.ShapeFingerprint(c), Plan: plan}
+	dir := filepath.Join(o.Dir, "hcache-bench-store")
+	os.RemoveAll(dir)
+	defer os.RemoveAll(dir)
+	opts := chunk.Options{Dir: dir, CacheBytes: 0, CapacityBytes: -1, Compression: o.Compression,
+		StagingBytes: int64(o.Writers+1) * int64(o.Tokens+64) * int64(rawPerToken(plan)), Logf: func(string, ...any) {}}
+	st, err := chunk.Open(opts)
+	if err != nil {
+		return nil, err
+	}
+	res := &Result{Model: o.Model, Engine: st.EngineName(), Tokens: o.Tokens, Contexts: o.Contexts,
+		Plan: plan[0].Kind.String(), RawBytesPerToken: rawPerToken(plan)}
+	// One layer of rows, reused for every layer and context.
+	maxRow := 0
+	for _, p := range plan {
+		maxRow = max(maxRow, int(p.RowBytes))
+	}
+	src := make([]byte, o.Tokens*maxRow)
+	rng := rand.New(rand.NewSource(1))
+	for i := 0; i+1 < len(src); i += 2 {
+		// fp16-like values: random mantissa, narrow exponent range.
+		src[i] = byte(rng.Intn(256))
+		src[i+1] = byte(0x30 + rng.Intn(12))
+	}
+	total := int64(o.Tokens) * int64(res.RawBytesPerToken) * int64(o.Contexts)
+
+	// Save: prefill-style appends, Writers contexts at a time.
+	bar := progress.New(o.Progress, "bench store save", int64(o.Contexts), "contexts")
+	start := time.Now()
+	var wg sync.WaitGroup
+	errs := make(chan error, o.Contexts)
+	next := make(chan int, o.Contexts)
+	for i := 0; i < o.Contexts; i++ {
+		next <- i
+	}
+	close(next)
+	for w := 0; w < o.Writers; w++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := range next {
+				wr, err := st.Create("bench", fmt.Sprint("ctx-", i), ident, chunk.CreateOptions{})
+				if err != nil {
+					errs <- err
+					return
+				}
+				for l, p := range plan {
+					if err := wr.AppendLayer(l, src[:o.Tokens*int(p.RowBytes)]); err != nil {
+						errs <- err
+						return
+					}
+				}
+				if err := wr.Close(); err != nil {
+					errs <- err
+					return
+				}
+				bar.Add(1)
+			}
+		}()
+	}
+	wg.Wait()
+	close(errs)
+	if err := <-errs; err != nil {
+		st.Close()
+		return nil, err
+	}
+	saveSec := time.Since(start).Seconds()
+	bar.Finish()
+	res.SaveGBps = float64(total) / saveSec / 1e9
+	var onDisk uint64
+	for _, s := range st.Segments() {
+		onDisk += s.Live
+	}
+	res.BytesOnDiskPerToken = float64(onDisk) / float64(o.Tokens*o.Contexts)
+	res.DiskOverRaw = res.BytesOnDiskPerToken / float64(res.RawBytesPerToken)
+	if s := st.Stats(); s.CompressRawBytes > 0 {
+		res.CompressionRatio = float64(s.CompressRawBytes) / float64(s.CompressStored)
+	}
+
+	// Restore: every context, layer by layer.
+	bar = progress.New(o.Progress, "bench store restore", int64(o.Contexts), "contexts")
+	start = time.Now()
+	for i := 0; i < o.Contexts; i++ {
+		if _, err := st.Restore("bench", fmt.Sprint("ctx-", i), ident, func(int, []byte) error { return nil }); err != nil {
+			st.Close()
+			return nil, err
+		}
+		bar.Add(1)
+	}
+	res.RestoreGBps = float64(total) / time.Since(start).Seconds() / 1e9
+	bar.Finish()
+
+	// Decode-step appends against a plain copy of the same bytes.
+	if res.AppendTokenUS, res.CopyUS, err = appendCost(st, ident, plan, src); err != nil {
+		st.Close()
+		return nil, err
+	}
+	res.AppendTokenRatio = res.AppendTokenUS / res.CopyUS
+	if err := st.Close(); err != nil {
+		return nil, err
+	}
+	// Reopen with the written index.
+	start = time.Now()
+	st, err = chunk.Open(opts)
+	if err != nil {
+		return nil, err
+	}
+	res.RecoveryMS = float64(time.Since(start).Microseconds()) / 1000
+	st.Close()
+
+	if !o.SkipFio {
+		fpath := filepath.Join(o.Dir, "hcache-bench-store-fio.dat")
+		defer os.Remove(fpath)
+		size := min(total, 4<<30)
+		size -= size % (1 << 20)
+		wj := fio.Job{File: fpath, SizeBytes: size, BlockSize: 1 << 20, QD: chunk.DefaultQueueDepth, Write: true}
+		groups := (o.Tokens + 63) / 64
+		sliceBytes := 64 * int(plan[0].RowBytes)
+		rj := fio.Job{File: fpath, SizeBytes: size - size%int64(sliceBytes), BlockSize: sliceBytes, QD: min(groups, 64)}
+		res.FioWrite = fmt.Sprintf("write bs=%d qd=%d size=%d", wj.BlockSize, wj.QD, wj.SizeBytes)
+		res.FioRead = fmt.Sprintf("read bs=%d qd=%d size=%d", rj.BlockSize, rj.QD, rj.SizeBytes)
+		if res.FioWriteGBps, err = fio.Run(wj); err != nil {
+			return nil, err
+		}
+		if res.FioReadGBps, err = fio.Run(rj); err != nil {
+			return nil, err
+		}
+		res.SaveRatio = res.SaveGBps / res.FioWriteGBps
+		res.RestoreRatio = res.RestoreGBps / res.FioReadGBps
+	}
+	return res, nil
+}
+
+func rawPerToken(plan []chunk.LayerPlan) int {
+	n := 0
+	for _, p := range plan {
+		n += int(p.RowBytes)
+	}
+	return n
+}
+
+// appendCost times AppendToken of every layer's row against copying the
+// same rows into a staging-like buffer, in the same run.
+func appendCost(st *chunk.Store, ident *chunk.Identity, plan []chunk.LayerPlan, src []byte) (float64, float64, error) {
+	const steps = 2048
+	rows := make([][]byte, len(plan))
+	for l, p := range plan {
+		rows[l] = src[l%8*int(p.RowBytes) : (l%8+1)*int(p.RowBytes)]
+	}
+	wr, err := st.Create("bench", "append-cost", ident, chunk.CreateOptions{})
+	if err != nil {
+		return 0, 0, err
+	}
+	defer st.Delete("bench", "append-cost")
+	// Warm the staging slabs.
+	for i := 0; i < 128; i++ {
+		if err := wr.AppendToken(rows); err != nil {
+			return 0, 0, err
+		}
+	}
+	start := time.Now()
+	for i := 0; i < steps; i++ {
+		if err := wr.AppendToken(rows); err != nil {
+			return 0, 0, err
+		}
+	}
+	appendUS := float64(time.Since(start).Microseconds()) / steps
+	if err := wr.Close(); err != nil {
+		return 0, 0, err
+	}
+	// Baseline: the same bytes copied into a 64-token layer-major buffer.
+	layerOff := make([]int, len(plan))
+	off := 0
+	for l, p := range plan {
+		layerOff[l] = off
+		off += 64 * int(p.RowBytes)
+	}
+	bufs := [][]byte{make([]byte, off), make([]byte, off)}
+	start = time.Now()
+	for i := 0; i < steps; i++ {
+		b := bufs[(i/64)%2]
+		t := i % 64
+		for l, r := range rows {
+			copy(b[layerOff[l]+t*len(r):], r)
+		}
+	}
+	copyUS := float64(time.Since(start).Microseconds()) / steps
+	return appendUS, max(copyUS, 1e-3), nil
+}

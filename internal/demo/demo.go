@@ -1,0 +1,234 @@
+// Package demo runs hcache end to end on the CPU: a multi-turn conversation
+// with a (synthetic or Hugging Face-style) model, whose per-layer states are
+// saved to an embedded store, evicted after every turn, and restored three
+// ways: hidden-state projection, KV load, and recomputation. Every restored
+// KV cache is compared bit for bit with one that was never evicted.
+package demo
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"math"
+	"math/rand"
+	"os"
+	"path/filepath"
+	"time"
+
+	"github.com/hcache/hcache/chunk"
+	"github.com/hcache/hcache/gpu"
+	"github.com/hcache/hcache/model"
+	"github.com/hcache/hcache/serve"
+)
+
+// Options of a demo run.
+type Options struct {
+	Model     string // preset name or model directory
+	Dir       string // store directory; a temporary one when empty
+	Turns     int
+	Prompt    int // user tokens per turn
+	Gen       int // generated tokens per turn
+	Seed      int64
+	MaxParams int64 // refuse larger synthetic presets (CPU reference speed)
+	Out       io.Writer
+}
+
+// Turn is one turn's figures.
+type Turn struct {
+	Turn         int     `json:"turn"`
+	Tokens       int     `json:"tokens"`
+	HiddenMS     float64 `json:"hidden_restore_ms"`
+	KVMS         float64 `json:"kv_restore_ms"`
+	RecomputeMS  float64 `json:"recompute_ms"`
+	HiddenBytes  int64   `json:"hidden_bytes_stored"`
+	KVBytes      int64   `json:"kv_bytes_stored"`
+	Lossless     bool    `json:"lossless"`
+	TokensAgreed bool    `json:"tokens_agree"`
+}
+
+// ErrLossy is returned when a restored cache or a generated token differs.
+var ErrLossy = errors.New("demo: a restored KV cache differs from the one never evicted")
+
+// Run runs the demo and returns its turns.
+func Run(o Options) ([]Turn, error) {
+	if o.Turns <= 0 || o.Prompt <= 0 || o.Gen <= 0 {
+		return nil, fmt.Errorf("demo: turns, prompt and gen must be positive")
+	}
+	if o.MaxParams == 0 {
+		o.MaxParams = 50_000_000
+	}
+	tmp, err := os.MkdirTemp("", "hcache-demo-")
+	if err != nil {
+		return nil, err
+	}
+	defer os.RemoveAll(tmp)
+	mdir := o.Model
+	if c, err := model.Preset(o.Model); err == nil {
+		if n := c.ParamCount(); n > o.MaxParams {
+			return nil, fmt.Errorf("demo: preset %s has %d parameters; the CPU reference forward pass is meant for small models (raise --max-params to try)", o.Model, n)
+		}
+		mdir = filepath.Join(tmp, "model")
+		if err := model.WriteModel(mdir, c, model.Synthesize(c, o.Seed)); err != nil {
+			return nil, err
+		}
+		fmt.Fprintf(o.Out, "synthetic %s (seed %d) written to %s\n", o.Model, o.Seed, mdir)
+	}
+	// The same loading code a real model goes through.
+	c, err := model.LoadConfig(mdir)
+	if err != nil {
+		return nil, err
+	}
+	w, err := model.LoadWeights(mdir, c, model.WeightsAll)
+	if err != nil {
+		return nil, err
+	}
+	m, err := model.New(c, w)
+	if err != nil {
+		return nil, err
+	}
+	kvw, err := model.LoadWeights(mdir, c, model.WeightsKV)
+	if err != nil {
+		return nil, err
+	}
+	backend, err := gpu.NewCPU(c, kvw)
+	if err != nil {
+		return nil, err
+	}
+	sdir := o.Dir
+	if sdir == "" {
+		sdir = filepath.Join(tmp, "store")
+	}
+	st, err := chunk.Open(chunk.Options{Dir: sdir, ChunkTokens: 64, SegmentBytes: 64 << 20, CacheBytes: 0, Logf: func(string, ...any) {}})
+	if err != nil {
+		return nil, err
+	}
+	defer st.Close()
+	fmt.Fprintf(o.Out, "model %s: %d layers, hidden %d, %d/%d heads, %s; store %s (%s engine)\n",
+		c.Arch, c.Layers, c.HiddenSize, c.Heads, c.KVHeads, c.DType, sdir, st.EngineName())
+
+	planH, planKV := c.PlanOf(chunk.LayerHidden), c.PlanOf(chunk.LayerKV)
+	identH, identKV := serve.Identity(c, w, planH), serve.Identity(c, w, planKV)
+	const ns = "demo"
+	rng := rand.New(rand.NewSource(o.Seed))
+	ref := model.NewKVCache(c)  // never evicted
+	live := model.NewKVCache(c) // evicted and restored every turn
+	var history []int           // every token fed so far
+	var last []int              // last generated token, not yet fed
+	var turns []Turn
+	fmt.Fprintf(o.Out, "%-5s %7s %12s %12s %14s %14s %12s %s\n", "turn", "tokens", "hidden_ms", "kv_load_ms", "recompute_ms", "hidden_bytes", "kv_bytes", "lossless")
+	for t := 0; t < o.Turns; t++ {
+		input := append([]int(nil), last...)
+		for i := 0; i < o.Prompt; i++ {
+			input = append(input, rng.Intn(c.Vocab))
+		}
+		var wh, wk *chunk.Writer
+		if t == 0 {
+			wh, err = st.Create(ns, "conversation-hidden", identH, chunk.CreateOptions{})
+			if err == nil {
+				wk, err = st.Create(ns, "conversation-kv", identKV, chunk.CreateOptions{})
+			}
+		} else {
+			wh, err = st.Append(ns, "conversation-hidden", identH)
+			if err == nil {
+				wk, err = st.Append(ns, "conversation-kv", identKV)
+			}
+		}
+		if err != nil {
+			return turns, err
+		}
+		sh, sk := serve.NewSaver(c, planH, wh), serve.NewSaver(c, planKV, wk)
+		both := func(l int, h, k, v []float32) { sh.Trace(l, h, k, v); sk.Trace(l, h, k, v) }
+		got, err := m.Generate(live, input, o.Gen, both)
+		if err != nil {
+			return turns, err
+		}
+		if sh.Err() != nil || sk.Err() != nil {
+			return turns, errors.Join(sh.Err(), sk.Err())
+		}
+		want, err := m.Generate(ref, input, o.Gen, nil)
+		if err != nil {
+			return turns, err
+		}
+		if err := errors.Join(wh.Close(), wk.Close()); err != nil {
+			return turns, err
+		}
+		history = append(history, input...)
+		history = append(history, got[:len(got)-1]...)
+		last = got[len(got)-1:]
+		tokens := live.Tokens
+		live = nil // evicted
+
+		tr := Turn{Turn: t + 1, Tokens: tokens, TokensAgreed: fmt.Sprint(got) == fmt.Sprint(want)}
+		restored, ms, err := restore(st, ns, "conversation-hidden", identH, c, backend, tokens)
+		if err != nil {
+			return turns, err
+		}
+		tr.HiddenMS = ms
+		kvCache, ms, err := restore(st, ns, "conversation-kv", identKV, c, backend, tokens)
+		if err != nil {
+			return turns, err
+		}
+		tr.KVMS = ms
+		start := time.Now()
+		if _, err := m.Forward(history, model.NewKVCache(c), nil); err != nil {
+			return turns, err
+		}
+		tr.RecomputeMS = float64(time.Since(start).Microseconds()) / 1000
+		for _, ci := range st.Contexts() {
+			switch ci.ID {
+			case "conversation-hidden":
+				tr.HiddenBytes = ci.LiveBytes
+			case "conversation-kv":
+				tr.KVBytes = ci.LiveBytes
+			}
+		}
+		tr.Lossless = tr.TokensAgreed && sameCache(restored, ref) && sameCache(kvCache, ref)
+		fmt.Fprintf(o.Out, "%-5d %7d %12.2f %12.2f %14.2f %14d %12d %v\n", tr.Turn, tr.Tokens, tr.HiddenMS, tr.KVMS, tr.RecomputeMS, tr.HiddenBytes, tr.KVBytes, tr.Lossless)
+		turns = append(turns, tr)
+		if !tr.Lossless {
+			return turns, fmt.Errorf("%w (turn %d)", ErrLossy, t+1)
+		}
+		live = restored
+	}
+	fmt.Fprintf(o.Out, "lossless: true (%d turns; every restored KV cache equals the never-evicted one bit for bit, and generation continued identically)\n", len(turns))
+	return turns, nil
+}
+
+func restore(st *chunk.Store, ns, id string, ident *chunk.Identity, c *model.Config, b gpu.Backend, tokens int) (*model.KVCache, float64, error) {
+	const blockTokens = 16
+	paged := make([]*gpu.PagedKV, c.Layers)
+	for l := range paged {
+		var err error
+		if paged[l], err = gpu.NewPagedKV(c, blockTokens, (tokens+blockTokens-1)/blockTokens); err != nil {
+			return nil, 0, err
+		}
+	}
+	start := time.Now()
+	rs, err := serve.Restore(st, ns, id, ident, b, paged)
+	ms := float64(time.Since(start).Microseconds()) / 1000
+	if err != nil {
+		return nil, 0, err
+	}
+	if rs.Tokens != tokens {
+		return nil, 0, fmt.Errorf("demo: restored %d tokens of %s, want %d", rs.Tokens, id, tokens)
+	}
+	kc, err := serve.PagedToCache(c, paged, tokens)
+	return kc, ms, err
+}
+
+func sameCache(a, b *model.KVCache) bool {
+	if a.Tokens != b.Tokens {
+		return false
+	}
+	for l := range a.K {
+		if len(a.K[l]) != len(b.K[l]) || len(a.V[l]) != len(b.V[l]) {
+			return false
+		}
+		for i := range a.K[l] {
+			if math.Float32bits(a.K[l][i]) != math.Float32bits(b.K[l][i]) || math.Float32bits(a.V[l][i]) != math.Float32bits(b.V[l][i]) {
+				return false
+			}
+		}
+	}
+	return true
+}

@@ -1,0 +1,137 @@
+// Package serve is the thin serving layer between a model runtime and the
+// chunk store: it saves the per-layer states a forward pass emits according
+// to the context's plan, and restores them into a paged KV cache by streaming
+// layers from the store into a projection backend, so that the projection of
+// layer l overlaps the reads of layer l+1.
+package serve
+
+import (
+	"fmt"
+	"time"
+
+	"github.com/hcache/hcache/chunk"
+	"github.com/hcache/hcache/gpu"
+	"github.com/hcache/hcache/model"
+)
+
+// Identity is the store identity of a model's states under a plan: the model
+// fingerprint (architecture, dtype, rope, layout and K/V weights) and the plan.
+func Identity(c *model.Config, w *model.Weights, plan []chunk.LayerPlan) *chunk.Identity {
+	return &chunk.Identity{Model: model.Fingerprint(c, w), Plan: plan}
+}
+
+// Saver turns forward-pass traces into store appends: a prefill (many
+// tokens) appends layer by layer; a decode step (one token) gathers every
+// layer and appends them as one token.
+type Saver struct {
+	cfg     *model.Config
+	plan    []chunk.LayerPlan
+	w       *chunk.Writer
+	pending [][]byte // decode step rows by layer
+	err     error
+}
+
+// NewSaver wraps a writer of a context stored under plan.
+func NewSaver(c *model.Config, plan []chunk.LayerPlan, w *chunk.Writer) *Saver {
+	return &Saver{cfg: c, plan: plan, w: w, pending: make([][]byte, len(plan))}
+}
+
+// Trace is the model.Trace to pass to Forward/Generate.
+func (s *Saver) Trace(layer int, hidden, k, v []float32) {
+	if s.err != nil {
+		return
+	}
+	c := s.cfg
+	n := len(hidden) / c.HiddenSize
+	var rows []byte
+	switch s.plan[layer].Kind {
+	case chunk.LayerHidden:
+		rows = make([]byte, n*c.HiddenRowBytes())
+		c.EncodeRow(rows, hidden)
+	case chunk.LayerKV:
+		rows = make([]byte, n*c.KVRowBytes())
+		kvd, half := c.KVDim(), c.KVRowBytes()/2
+		for i := 0; i < n; i++ {
+			c.EncodeRow(rows[i*2*half:], k[i*kvd:(i+1)*kvd])
+			c.EncodeRow(rows[i*2*half+half:], v[i*kvd:(i+1)*kvd])
+		}
+	}
+	if n == 1 {
+		s.pending[layer] = rows
+		if layer == c.Layers-1 {
+			s.err = s.w.AppendToken(s.pending)
+			s.pending = make([][]byte, len(s.plan))
+		}
+		return
+	}
+	if rows != nil {
+		s.err = s.w.AppendLayer(layer, rows)
+	}
+}
+
+// Err returns the first append error.
+func (s *Saver) Err() error { return s.err }
+
+// RestoreStats describes one restore.
+type RestoreStats struct {
+	Tokens     int
+	ReadBytes  int64
+	Elapsed    time.Duration
+	ProjectDur time.Duration // time spent in the backend
+}
+
+// Restore streams a context from the store into dst (one paged cache per
+// layer, positions 0..tokens-1) through the backend: hidden layers are
+// projected, KV layers copied.
+func Restore(st *chunk.Store, ns, id string, ident *chunk.Identity, b gpu.Backend, dst []*gpu.PagedKV) (RestoreStats, error) {
+	var rs RestoreStats
+	if len(dst) != len(ident.Plan) {
+		return rs, fmt.Errorf("serve: %d paged caches for a %d-layer plan", len(dst), len(ident.Plan))
+	}
+	for l, p := range ident.Plan {
+		if p.Kind == chunk.LayerNone {
+			return rs, fmt.Errorf("serve: layer %d is planned for recomputation, which this restore path does not run", l)
+		}
+	}
+	start := time.Now()
+	var positions []int
+	tokens, err := st.Restore(ns, id, ident, func(layer int, rows []byte) error {
+		n := len(rows) / int(ident.Plan[layer].RowBytes)
+		if positions == nil {
+			positions = make([]int, n)
+			for i := range positions {
+				positions[i] = i
+			}
+		}
+		rs.ReadBytes += int64(len(rows))
+		t0 := time.Now()
+		defer func() { rs.ProjectDur += time.Since(t0) }()
+		if ident.Plan[layer].Kind == chunk.LayerHidden {
+			return b.Project(layer, rows, positions, dst[layer])
+		}
+		return b.LoadKV(layer, rows, positions, dst[layer])
+	})
+	rs.Tokens, rs.Elapsed = tokens, time.Since(start)
+	return rs, err
+}
+
+// PagedToCache copies tokens positions of per-layer paged caches into a
+// model.KVCache, so the reference forward pass can continue from a restore.
+func PagedToCache(c *model.Config, layers []*gpu.PagedKV, tokens int) (*model.KVCache, error) {
+	kc := model.NewKVCache(c)
+	kvd := c.KVDim()
+	for l, p := range layers {
+		kc.K[l] = make([]float32, tokens*kvd)
+		kc.V[l] = make([]float32, tokens*kvd)
+		for t := 0; t < tokens; t++ {
+			k, v, err := p.Token(t)
+			if err != nil {
+				return nil, err
+			}
+			c.DecodeRow(kc.K[l][t*kvd:(t+1)*kvd], k)
+			c.DecodeRow(kc.V[l][t*kvd:(t+1)*kvd], v)
+		}
+	}
+	kc.Tokens = tokens
+	return kc, nil
+}

@@ -1,0 +1,131 @@
+package serve
+
+import (
+	"fmt"
+	"math"
+	"math/rand"
+	"testing"
+	"time"
+
+	"github.com/hcache/hcache/chunk"
+	"github.com/hcache/hcache/gpu"
+	"github.com/hcache/hcache/model"
+)
+
+// TestLosslessGenerationAfterRestore: prefill + 32 greedy decode steps while
+// saving per-layer states to a real store; evict the KV cache; restore it from
+// the store through the CPU projection backend; decode 32 more steps. The
+// tokens must equal those of a run that never evicted, and the restored cache
+// must equal the evicted one bit for bit.
+func TestLosslessGenerationAfterRestore(t *testing.T) {
+	seed := time.Now().UnixNano()
+	t.Logf("seed %d", seed)
+	cases := []struct {
+		preset string
+		plan   string // hidden, kv, mixed
+	}{
+		{"tiny-llama", "hidden"},
+		{"tiny-gqa", "hidden"},
+		{"tiny-gqa", "mixed"},
+		{"tiny-qwen2", "kv"},
+		{"tiny-opt", "hidden"},
+	}
+	st, err := chunk.Open(chunk.Options{Dir: t.TempDir(), ChunkTokens: 16, SegmentBytes: 8 << 20, Logf: t.Logf})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer st.Close()
+	for _, cs := range cases {
+		t.Run(cs.preset+"/"+cs.plan, func(t *testing.T) {
+			c, _ := model.Preset(cs.preset)
+			w := model.Synthesize(c, seed)
+			m, err := model.New(c, w)
+			if err != nil {
+				t.Fatal(err)
+			}
+			var plan []chunk.LayerPlan
+			switch cs.plan {
+			case "hidden":
+				plan = c.PlanOf(chunk.LayerHidden)
+			case "kv":
+				plan = c.PlanOf(chunk.LayerKV)
+			case "mixed":
+				plan = c.PlanOf(chunk.LayerHidden)
+				kv := c.PlanOf(chunk.LayerKV)
+				for l := 1; l < len(plan); l += 2 {
+					plan[l] = kv[l]
+				}
+			}
+			rng := rand.New(rand.NewSource(seed))
+			prompt := make([]int, 45)
+			for i := range prompt {
+				prompt[i] = rng.Intn(c.Vocab)
+			}
+			// The run that never evicts.
+			ref := model.NewKVCache(c)
+			first, err := m.Generate(ref, prompt, 32, nil)
+			if err != nil {
+				t.Fatal(err)
+			}
+			second, err := m.Generate(ref, first[31:], 32, nil)
+			if err != nil {
+				t.Fatal(err)
+			}
+			// The run that saves, evicts and restores.
+			ident := Identity(c, w, plan)
+			id := fmt.Sprint(cs.preset, "-", cs.plan)
+			wr, err := st.Create("test", id, ident, chunk.CreateOptions{})
+			if err != nil {
+				t.Fatal(err)
+			}
+			saver := NewSaver(c, plan, wr)
+			live := model.NewKVCache(c)
+			got1, err := m.Generate(live, prompt, 32, saver.Trace)
+			if err != nil || saver.Err() != nil {
+				t.Fatal(err, saver.Err())
+			}
+			if err := wr.Close(); err != nil {
+				t.Fatal(err)
+			}
+			if fmt.Sprint(got1) != fmt.Sprint(first) {
+				t.Fatal("saving changed the generated tokens")
+			}
+			tokens := live.Tokens
+			// Evict, then restore.
+			paged := make([]*gpu.PagedKV, c.Layers)
+			for l := range paged {
+				paged[l], _ = gpu.NewPagedKV(c, 16, (tokens+15)/16)
+			}
+			kvw := &model.Weights{Layers: w.Layers}
+			backend, err := gpu.NewCPU(c, kvw)
+			if err != nil {
+				t.Fatal(err)
+			}
+			rs, err := Restore(st, "test", id, ident, backend, paged)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if rs.Tokens != tokens {
+				t.Fatalf("restored %d tokens, want %d", rs.Tokens, tokens)
+			}
+			restored, err := PagedToCache(c, paged, tokens)
+			if err != nil {
+				t.Fatal(err)
+			}
+			for l := 0; l < c.Layers; l++ {
+				for i := range live.K[l] {
+					if math.Float32bits(live.K[l][i]) != math.Float32bits(restored.K[l][i]) || math.Float32bits(live.V[l][i]) != math.Float32bits(restored.V[l][i]) {
+						t.Fatalf("layer %d element %d: restored KV differs from the evicted cache", l, i)
+					}
+				}
+			}
+			got2, err := m.Generate(restored, got1[31:], 32, nil)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if fmt.Sprint(got2) != fmt.Sprint(second) {
+				t.Fatalf("tokens after restore differ:\n got  %v\n want %v", got2, second)
+			}
+		})
+	}
+}
