@@ -391,9 +391,15 @@ func (f *flusher) commit() {
 	}
 	s.mu.Unlock()
 	var err error
-	if b.Empty() {
+	switch {
+	case b.Empty() && len(waiters) == 0:
 		b.Discard()
-	} else {
+	case b.Empty():
+		// Earlier commits may have gone to the WAL without sync; a
+		// waiter is owed their durability too.
+		b.LogData([]byte("hcache flush"))
+		err = b.Commit(true)
+	default:
 		err = b.Commit(len(waiters) > 0)
 	}
 	if err != nil {

@@ -48,6 +48,7 @@ func (s *Store) Check(progress func(done, total int)) *CheckReport {
 	}
 	all := map[string]*ctxChunks{}
 	liveBySeg := map[uint32]uint64{}
+	endBySeg := map[uint32]uint64{}
 	var keys [][]byte
 	var vals [][]byte
 	if err := s.db.Scan([]byte{'k'}, []byte{'l'}, func(k, v []byte) error {
@@ -73,6 +74,7 @@ func (s *Store) Check(progress func(done, total int)) *CheckReport {
 			continue
 		}
 		liveBySeg[ch.Segment] += uint64(ch.Length)
+		endBySeg[ch.Segment] = max(endBySeg[ch.Segment], ch.Offset+uint64(ch.Length))
 		s.mu.Lock()
 		c := s.ctxs[ctxMapKey(ns, id)]
 		s.mu.Unlock()
@@ -145,8 +147,11 @@ func (s *Store) Check(progress func(done, total int)) *CheckReport {
 		size, err := sg.size()
 		if err != nil {
 			errf("segment %d: stat: %v", id, err)
-		} else if uint64(size) < sr.Written {
-			errf("segment %d: file holds %d bytes, index says %d written", id, size, sr.Written)
+		} else if uint64(size) < endBySeg[id] {
+			errf("segment %d: file holds %d bytes, its last indexed record ends at %d", id, size, endBySeg[id])
+		}
+		if endBySeg[id] > sr.Written {
+			errf("segment %d: a record ends at %d, past the append point %d", id, endBySeg[id], sr.Written)
 		}
 		hdr, err := s.scratch.get(segHeaderBytes)
 		if err == nil {

@@ -25,6 +25,7 @@ package chunk
 import (
 	"errors"
 	"fmt"
+	"hash/crc32"
 	"log"
 	"math"
 	"sort"
@@ -247,8 +248,22 @@ func Open(opts Options) (*Store, error) {
 			s.releaseOnFailedOpen()
 		}
 	}()
-	if s.db, err = lsm.Open(s.fs, s.fs.PathJoin(s.dir, "index")); err != nil {
-		return nil, err
+	markerPath := s.fs.PathJoin(s.dir, createdMarker)
+	_, markerErr := s.fs.Stat(markerPath)
+	indexDir := s.fs.PathJoin(s.dir, "index")
+	if s.db, err = lsm.Open(s.fs, indexDir); err != nil {
+		if markerErr == nil {
+			return nil, err
+		}
+		// The store's creation was cut short (no marker): it never
+		// acknowledged anything, so start it again from nothing.
+		opts.Logf("chunk: %s: unfinished store creation (%v); creating it again", s.dir, err)
+		if err := s.fs.RemoveAll(indexDir); err != nil {
+			return nil, err
+		}
+		if s.db, err = lsm.Open(s.fs, indexDir); err != nil {
+			return nil, err
+		}
 	}
 	if opts.Engine != nil {
 		s.eng = opts.Engine
@@ -268,6 +283,14 @@ func Open(opts Options) (*Store, error) {
 	if err := s.loadMeta(); err != nil {
 		return nil, err
 	}
+	if markerErr != nil {
+		if err := writeMarker(s.fs, markerPath); err != nil {
+			return nil, fmt.Errorf("chunk: write %s: %w", markerPath, err)
+		}
+		if err := syncDir(s.fs, s.dir); err != nil {
+			return nil, err
+		}
+	}
 	if err := s.recover(); err != nil {
 		return nil, err
 	}
@@ -278,6 +301,27 @@ func Open(opts Options) (*Store, error) {
 	go s.flushLoop()
 	ok = true
 	return s, nil
+}
+
+// createdMarker is written (and synced) once a new store's index holds its
+// meta record. Its absence tells Open that creation was interrupted.
+const createdMarker = "hcache.created"
+
+func writeMarker(fs vfs.FS, path string) error {
+	f, err := fs.Create(path, vfs.WriteCategoryUnspecified)
+	if err != nil {
+		return err
+	}
+	body := fmt.Sprintf("hcache store\nversion %d\n", StoreVersion)
+	if _, err := f.Write([]byte(fmt.Sprintf("%scrc32c %08x\n", body, crc32.Checksum([]byte(body), castagnoli)))); err != nil {
+		f.Close()
+		return err
+	}
+	if err := f.Sync(); err != nil {
+		f.Close()
+		return err
+	}
+	return f.Close()
 }
 
 func nextPow2(n int) int {

@@ -116,6 +116,7 @@ type Writer struct {
 	tokens     int   // min over layerTok: complete tokens
 	handed     int   // tokens in full groups handed to the flusher
 	closed     bool
+	closeErr   error // what Close returned; later calls return it again
 }
 
 // CreateOptions are per-context settings.
@@ -384,13 +385,15 @@ func (w *Writer) Flush() error {
 	return w.s.barrier(w.c)
 }
 
-// Close flushes and releases the writer's staging memory.
+// Close flushes and releases the writer's staging memory. Calling it again
+// returns the first call's result.
 func (w *Writer) Close() error {
 	if w.closed {
-		return nil
+		return w.closeErr
 	}
 	err := w.Flush()
 	w.abandon()
+	w.closeErr = err
 	return err
 }
 
