@@ -1,8 +1,10 @@
 package chunk
 
 import (
+	"errors"
 	"fmt"
 	"hash/crc32"
+	"io"
 	"time"
 	"unsafe"
 
@@ -158,6 +160,10 @@ func (s *Store) fetch(c *ctxState, items []fetchItem, useCache bool) error {
 	}
 	if len(reqs) > 0 {
 		if err := readAll(s.eng, reqs); err != nil {
+			if errors.Is(err, io.ErrUnexpectedEOF) || errors.Is(err, io.EOF) {
+				// The index points past the end of the segment.
+				return fmt.Errorf("%w: %s/%s: %v", ErrCorrupt, c.ns, c.id, err)
+			}
 			return fmt.Errorf("chunk: %s/%s: %w", c.ns, c.id, err)
 		}
 		s.stats.bytesRead.Add(uint64(sumLen(reqs)))

@@ -187,6 +187,7 @@ func (s *Store) Append(ns, id string, ident *Identity) (*Writer, error) {
 	}
 	w := s.newWriter(c)
 	c.writer = w
+	c.writeErr = nil // a failed writer's unflushed rows are gone; start again from what is durable
 	tokens := int(c.rec.Tokens)
 	s.mu.Unlock()
 

@@ -125,6 +125,9 @@ func ParseHFConfig(data []byte) (*Config, error) {
 		if h.HiddenAct != "" && h.HiddenAct != "silu" {
 			return nil, fmt.Errorf("%w: hidden_act %q (this build runs silu)", ErrConfig, h.HiddenAct)
 		}
+		if h.MLPBias {
+			return nil, fmt.Errorf("%w: mlp_bias is not supported", ErrConfig)
+		}
 	case "Qwen2ForCausalLM":
 		c.Arch = ArchQwen2
 		c.Norm, c.NormEps = "rms", h.RMSNormEps

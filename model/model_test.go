@@ -25,11 +25,15 @@ func TestParseHFConfig(t *testing.T) {
 				return c.KVHeads == 8 && c.RopeScaling.Type == "llama3" && c.RopeScaling.OriginalMaxPositions == 8192 && c.DType == "bfloat16"
 			}, ""},
 		{"linear legacy type", `{"architectures":["MistralForCausalLM"],"hidden_size":64,"num_hidden_layers":2,"num_attention_heads":4,"intermediate_size":128,"vocab_size":100,"max_position_embeddings":64,"rms_norm_eps":1e-5,"rope_scaling":{"type":"linear","factor":2.0}}`,
-			func(c *Config) bool { return c.Arch == ArchMistral && c.RopeScaling.Type == "linear" && c.RopeScaling.Factor == 2 }, ""},
+			func(c *Config) bool {
+				return c.Arch == ArchMistral && c.RopeScaling.Type == "linear" && c.RopeScaling.Factor == 2
+			}, ""},
 		{"qwen2 bias", `{"architectures":["Qwen2ForCausalLM"],"hidden_size":3584,"num_hidden_layers":28,"num_attention_heads":28,"num_key_value_heads":4,"intermediate_size":18944,"vocab_size":152064,"max_position_embeddings":32768,"rms_norm_eps":1e-6,"rope_theta":1000000.0,"torch_dtype":"bfloat16"}`,
 			func(c *Config) bool { return c.Arch == ArchQwen2 && c.QKVBias && !c.OBias && c.HeadDim == 128 }, ""},
 		{"opt", `{"architectures":["OPTForCausalLM"],"hidden_size":7168,"num_hidden_layers":48,"num_attention_heads":56,"ffn_dim":28672,"vocab_size":50272,"max_position_embeddings":2048,"do_layer_norm_before":true,"word_embed_proj_dim":7168,"torch_dtype":"float16"}`,
-			func(c *Config) bool { return c.Arch == ArchOPT && c.QKVBias && c.Norm == "layernorm" && c.TieEmbeddings && !c.UsesRope() }, ""},
+			func(c *Config) bool {
+				return c.Arch == ArchOPT && c.QKVBias && c.Norm == "layernorm" && c.TieEmbeddings && !c.UsesRope()
+			}, ""},
 		{"unknown arch", `{"architectures":["GPT2LMHeadModel"]}`, nil, "not supported"},
 		{"bad json", `{`, nil, "bad config"},
 		{"heads mismatch", `{"architectures":["LlamaForCausalLM"],"hidden_size":64,"num_hidden_layers":2,"num_attention_heads":4,"num_key_value_heads":3,"intermediate_size":128,"vocab_size":100,"max_position_embeddings":64,"rms_norm_eps":1e-5}`, nil, "multiple"},

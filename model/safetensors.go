@@ -1,6 +1,7 @@
 package model
 
 import (
+	"bytes"
 	"encoding/binary"
 	"encoding/json"
 	"errors"
@@ -275,4 +276,19 @@ func STDType(dtype string) string {
 		return "F32"
 	}
 	return "F16"
+}
+
+// ParseSafetensorsHeader validates the header of a safetensors image held in
+// data and returns its tensor names (the fuzz target's entry point).
+func ParseSafetensorsHeader(data []byte) ([]string, error) {
+	st, err := parseSTHeader(bytes.NewReader(data), "<memory>")
+	if err != nil {
+		return nil, err
+	}
+	names := make([]string, 0, len(st.tensors))
+	for n := range st.tensors {
+		names = append(names, n)
+	}
+	sort.Strings(names)
+	return names, nil
 }

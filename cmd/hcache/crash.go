@@ -1,0 +1,84 @@
+package main
+
+import (
+	"fmt"
+	"io"
+	"os"
+	"os/exec"
+	"time"
+
+	"github.com/hcache/hcache/fuzz/crash"
+)
+
+func init() {
+	register("crashtest", "crash-consistency harness: simulated power cuts and SIGKILLed writers", crashtest)
+	register("stress", "writer process of the SIGKILL loop (prints each acknowledgement)", stress)
+}
+
+func crashtest(args []string, stdout, stderr io.Writer) error {
+	fs := newFlags("crashtest", stderr)
+	cycles := fs.Int("cycles", 10, "simulated workloads (each crashed at every sync point)")
+	ops := fs.Int("ops", 200, "operations per simulated workload")
+	seed := fs.Int64("seed", time.Now().UnixNano()%1000000, "seed (printed; replays the run)")
+	writeProb := fs.Float64("write-crash-prob", 0.05, "chance of an extra crash point at a write between syncs")
+	kill := fs.Int("kill", 0, "SIGKILL cycles against a real writer process")
+	dir := fs.String("dir", "", "directory of the SIGKILL loop's store (default: a temporary one)")
+	asJSON := fs.Bool("json", false, "print the report as JSON")
+	if err := parseFlags(fs, args); err != nil {
+		return err
+	}
+	fmt.Fprintf(stderr, "crashtest seed %d\n", *seed)
+	rep := crash.Simulate(crash.SimOptions{Seed: *seed, Cycles: *cycles, Ops: *ops, WriteProb: *writeProb, Progress: stderr})
+	if *kill > 0 {
+		d := *dir
+		if d == "" {
+			tmp, err := os.MkdirTemp("", "hcache-crashtest-")
+			if err != nil {
+				return err
+			}
+			defer os.RemoveAll(tmp)
+			d = tmp
+		}
+		self, err := os.Executable()
+		if err != nil {
+			return err
+		}
+		err = crash.KillLoop(crash.KillOptions{Dir: d, Cycles: *kill, Seed: *seed, Progress: stderr,
+			Command: func(s int64) *exec.Cmd {
+				return exec.Command(self, "stress", "--dir", d, "--seed", fmt.Sprint(s))
+			}}, rep)
+		if err != nil {
+			return err
+		}
+	}
+	if *asJSON {
+		if err := printJSON(stdout, rep); err != nil {
+			return err
+		}
+	} else {
+		fmt.Fprintf(stdout, "seed %d: %d cycles, %d crash points, %d SIGKILL cycles, %d acknowledged contexts: lost %d, torn %d, fsck errors %d\n",
+			rep.Seed, rep.Cycles, rep.CrashPoints, rep.KillCycles, rep.AckedContexts, rep.LostAcked, rep.TornServed, rep.FsckErrors)
+	}
+	if !rep.OK() {
+		for _, f := range rep.Failures {
+			fmt.Fprintln(stderr, "failure:", f)
+		}
+		return &exitError{1, fmt.Sprintf("seed %d: acknowledged data lost or torn data served", rep.Seed)}
+	}
+	return nil
+}
+
+func stress(args []string, stdout, stderr io.Writer) error {
+	fs := newFlags("stress", stderr)
+	dir := fs.String("dir", "", "store directory (required)")
+	seed := fs.Int64("seed", 1, "seed")
+	ops := fs.Int("ops", 0, "operations (0: until killed)")
+	if err := parseFlags(fs, args); err != nil {
+		return err
+	}
+	if *dir == "" {
+		fs.Usage()
+		return errUsage
+	}
+	return crash.Stress(*dir, *seed, *ops, stdout)
+}

@@ -1,0 +1,45 @@
+package crash
+
+import (
+	"fmt"
+	"os"
+	"os/exec"
+	"strconv"
+	"testing"
+	"time"
+)
+
+// TestMain doubles as the stress writer when re-executed by the kill loop.
+func TestMain(m *testing.M) {
+	if dir := os.Getenv("HCACHE_STRESS_DIR"); dir != "" {
+		seed, _ := strconv.ParseInt(os.Getenv("HCACHE_STRESS_SEED"), 10, 64)
+		if err := Stress(dir, seed, 0, os.Stdout); err != nil {
+			fmt.Fprintln(os.Stderr, err)
+			os.Exit(1)
+		}
+		os.Exit(0)
+	}
+	os.Exit(m.Run())
+}
+
+func TestSIGKILLKeepsAcknowledged(t *testing.T) {
+	seed := time.Now().UnixNano() % 1000000
+	t.Logf("seed %d", seed)
+	dir := t.TempDir()
+	rep := &Report{Seed: seed}
+	err := KillLoop(KillOptions{Dir: dir, Cycles: 8, Seed: seed, Command: func(s int64) *exec.Cmd {
+		cmd := exec.Command(os.Args[0], "-test.run=^$")
+		cmd.Env = append(os.Environ(), "HCACHE_STRESS_DIR="+dir, fmt.Sprint("HCACHE_STRESS_SEED=", s))
+		return cmd
+	}}, rep)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("%+v", *rep)
+	if !rep.OK() {
+		t.Fatalf("%v", rep.Failures)
+	}
+	if rep.KillCycles != 8 || rep.AckedContexts == 0 {
+		t.Fatalf("kill loop too weak: %d cycles, %d acknowledged contexts", rep.KillCycles, rep.AckedContexts)
+	}
+}
