@@ -46,6 +46,8 @@ type writeJob struct {
 	packed *iouring.AlignedBuffer // compressed payload, when used
 	chunk  lsm.Chunk
 	err    error
+	seq    uint64 // submission order
+	done   bool   // the write completed (successfully or not)
 }
 
 func (s *Store) submit(o op) error {
@@ -70,38 +72,48 @@ func (s *Store) barrier(c *ctxState) error {
 }
 
 // flusher state, owned by the flusher goroutine.
+//
+// Writes complete in any order, but a context's groups must be indexed in
+// order (the token count covers a prefix), so commits take the longest
+// prefix of completed jobs in submission order. A barrier waits for every
+// job submitted before it, not for the pipeline to empty: writes submitted
+// after it stay in flight while it commits.
 type flusher struct {
-	s        *Store
-	inflight int
-	compl    chan *writeJob
-	pending  []*writeJob
-	pendB    int64
-	waiters  []op
+	s         *Store
+	inflight  int
+	compl     chan *writeJob
+	queue     []*writeJob // submitted, in order, not yet committed
+	seq       uint64      // jobs submitted so far
+	committed uint64      // every job up to this seq is committed
+	waiters   []waiter
+}
+
+type waiter struct {
+	op
+	need uint64 // the seq of the last job submitted before the barrier
 }
 
 func (s *Store) flushLoop() {
 	defer s.flusherWG.Done()
 	f := &flusher{s: s, compl: make(chan *writeJob, s.opts.QueueDepth)}
 	for {
-		if f.inflight == 0 && (len(f.waiters) > 0 || (len(f.pending) > 0 && (f.pendB >= s.opts.CommitBytes || len(s.ops) == 0))) {
-			f.commit()
-		}
+		f.maybeCommit()
 		ops := s.ops
 		if f.inflight >= s.opts.QueueDepth {
 			ops = nil
 		}
 		select {
 		case j := <-f.compl:
-			f.completed(j)
+			f.inflight--
+			j.done = true
 		case o := <-ops:
 			switch o.kind {
 			case opWrite:
 				f.startWrite(o)
 			case opBarrier:
-				f.waiters = append(f.waiters, o)
+				f.waiters = append(f.waiters, waiter{o, f.seq})
 			default:
 				f.drain()
-				f.commit()
 				if o.kind == opClose {
 					o.done <- nil
 					return
@@ -112,23 +124,66 @@ func (s *Store) flushLoop() {
 	}
 }
 
-// drain waits for every write in flight.
-func (f *flusher) drain() {
-	for f.inflight > 0 {
-		f.completed(<-f.compl)
+// donePrefix returns how many jobs at the front of the queue are complete,
+// and their bytes.
+func (f *flusher) donePrefix() (int, int64) {
+	n, b := 0, int64(0)
+	for n < len(f.queue) && f.queue[n].done {
+		b += int64(f.queue[n].length)
+		n++
 	}
+	return n, b
 }
 
-func (f *flusher) completed(j *writeJob) {
-	f.inflight--
-	f.pending = append(f.pending, j)
-	f.pendB += int64(j.length)
+// maybeCommit commits the completed prefix when a waiter can be answered,
+// when enough bytes await, or when the flusher is idle.
+func (f *flusher) maybeCommit() {
+	n, bytes := f.donePrefix()
+	upTo := f.committed
+	if n > 0 {
+		upTo = f.queue[n-1].seq
+	}
+	var ready []waiter
+	var rest []waiter
+	for _, w := range f.waiters {
+		if w.need <= upTo {
+			ready = append(ready, w)
+		} else {
+			rest = append(rest, w)
+		}
+	}
+	idle := f.inflight == 0 && len(f.s.ops) == 0
+	if len(ready) == 0 && !(n > 0 && (bytes >= f.s.opts.CommitBytes || idle)) {
+		return
+	}
+	jobs := f.queue[:n]
+	f.queue = f.queue[n:]
+	f.waiters = rest
+	f.committed = upTo
+	f.commit(jobs, ready)
+}
+
+// drain waits for every write in flight and commits everything.
+func (f *flusher) drain() {
+	for f.inflight > 0 {
+		j := <-f.compl
+		f.inflight--
+		j.done = true
+	}
+	jobs, ws := f.queue, f.waiters
+	f.queue, f.waiters = nil, nil
+	f.committed = f.seq
+	if len(jobs) > 0 || len(ws) > 0 {
+		f.commit(jobs, ws)
+	}
 }
 
 // startWrite builds the record of a group and starts writing it.
 func (f *flusher) startWrite(o op) {
 	s := f.s
-	j := &writeJob{op: o}
+	f.seq++
+	j := &writeJob{op: o, seq: f.seq}
+	f.queue = append(f.queue, j)
 	f.inflight++
 	fail := func(err error) {
 		j.err = err
@@ -271,10 +326,8 @@ func syncDir(fs vfs.FS, dir string) error {
 // commit makes the completed writes durable (fdatasync of each touched
 // segment), indexes them in one Pebble batch (synced when someone waits), and
 // answers the waiters.
-func (f *flusher) commit() {
+func (f *flusher) commit(jobs []*writeJob, waiters []waiter) {
 	s := f.s
-	jobs, waiters := f.pending, f.waiters
-	f.pending, f.waiters, f.pendB = nil, nil, 0
 	defer func() {
 		for _, j := range jobs {
 			f.release(j)
@@ -455,7 +508,7 @@ func (f *flusher) control(o op) {
 		o.c.rec.Flags |= lsm.FlagDamaged
 		o.c.dirty = true
 		s.mu.Unlock()
-		f.commit()
+		f.commit(nil, nil)
 		if o.done != nil {
 			o.done <- nil
 		}

@@ -105,27 +105,42 @@ func aligned(b []byte) bool {
 	return len(b) > 0 && uintptr(unsafe.Pointer(&b[0]))%BlockBytes == 0
 }
 
+// fetchOp is a fetch whose reads are in flight.
+type fetchOp struct {
+	s        *Store
+	c        *ctxState
+	items    []fetchItem
+	useCache bool
+	binding  Binding
+	gen      uint64
+	reads    *readBatch
+	bytes    int
+}
+
 // fetch reads the items (all at once, so the queue depth is the item count,
 // capped by the engine), decompresses, and verifies every slice's checksum.
 func (s *Store) fetch(c *ctxState, items []fetchItem, useCache bool) error {
-	var reqs []readReq
-	defer func() {
-		for i := range items {
-			if items[i].bounce != nil {
-				s.scratch.put(items[i].bounce)
-				items[i].bounce = nil
-			}
-		}
-	}()
+	f, err := s.fetchStart(c, items, useCache)
+	if err != nil {
+		return err
+	}
+	return f.finish()
+}
+
+// fetchStart serves cache hits and issues the reads of the other items.
+func (s *Store) fetchStart(c *ctxState, items []fetchItem, useCache bool) (*fetchOp, error) {
+	f := &fetchOp{s: s, c: c, items: items, useCache: useCache}
 	s.mu.Lock()
-	binding, gen := c.binding, c.rec.Gen
+	f.binding, f.gen = c.binding, c.rec.Gen
 	s.mu.Unlock()
+	var reqs []readReq
 	for i := range items {
 		it := &items[i]
 		if int(it.sl.Raw) != len(it.dst) {
-			return fmt.Errorf("%w: %s/%s layer %d group %d: slice holds %d bytes, want %d", ErrCorrupt, c.ns, c.id, it.sl.Layer, it.group, it.sl.Raw, len(it.dst))
+			f.release()
+			return nil, fmt.Errorf("%w: %s/%s layer %d group %d: slice holds %d bytes, want %d", ErrCorrupt, c.ns, c.id, it.sl.Layer, it.group, it.sl.Raw, len(it.dst))
 		}
-		if v, ok := s.cache.get(sliceKey{gen, it.group, it.sl.Layer, it.ch.Tokens}); useCache && ok && len(v) == len(it.dst) {
+		if v, ok := s.cache.get(sliceKey{f.gen, it.group, it.sl.Layer, it.ch.Tokens}); useCache && ok && len(v) == len(it.dst) {
 			copy(it.dst, v)
 			it.hit = true
 			s.stats.cacheHits.Add(1)
@@ -135,7 +150,8 @@ func (s *Store) fetch(c *ctxState, items []fetchItem, useCache bool) error {
 		sg := s.segs[it.ch.Segment]
 		s.mu.Unlock()
 		if sg == nil {
-			return fmt.Errorf("%w: %s/%s layer %d group %d: segment %d missing", ErrCorrupt, c.ns, c.id, it.sl.Layer, it.group, it.ch.Segment)
+			f.release()
+			return nil, fmt.Errorf("%w: %s/%s layer %d group %d: segment %d missing", ErrCorrupt, c.ns, c.id, it.sl.Layer, it.group, it.ch.Segment)
 		}
 		off := int64(it.ch.Offset) + int64(it.sl.Off)
 		compressed := it.sl.Flags&lsm.SliceLZ4 != 0
@@ -150,7 +166,8 @@ func (s *Store) fetch(c *ctxState, items []fetchItem, useCache bool) error {
 		}
 		b, err := s.scratch.get(n)
 		if err != nil {
-			return err
+			f.release()
+			return nil, err
 		}
 		it.bounce = b
 		if sg.fd < 0 {
@@ -158,19 +175,39 @@ func (s *Store) fetch(c *ctxState, items []fetchItem, useCache bool) error {
 		}
 		reqs = append(reqs, readReq{sg, b.Bytes()[:n], off})
 	}
+	f.bytes = sumLen(reqs)
 	if len(reqs) > 0 {
-		if err := readAll(s.eng, reqs); err != nil {
+		f.reads = startReads(s.eng, reqs)
+	}
+	return f, nil
+}
+
+func (f *fetchOp) release() {
+	for i := range f.items {
+		if f.items[i].bounce != nil {
+			f.s.scratch.put(f.items[i].bounce)
+			f.items[i].bounce = nil
+		}
+	}
+}
+
+// finish waits for the reads, decompresses and verifies.
+func (f *fetchOp) finish() error {
+	defer f.release()
+	s, c := f.s, f.c
+	if f.reads != nil {
+		if err := f.reads.wait(); err != nil {
 			if errors.Is(err, io.ErrUnexpectedEOF) || errors.Is(err, io.EOF) {
 				// The index points past the end of the segment.
 				return fmt.Errorf("%w: %s/%s: %v", ErrCorrupt, c.ns, c.id, err)
 			}
 			return fmt.Errorf("chunk: %s/%s: %w", c.ns, c.id, err)
 		}
-		s.stats.bytesRead.Add(uint64(sumLen(reqs)))
+		s.stats.bytesRead.Add(uint64(f.bytes))
 	}
 	var tmp []byte
-	for i := range items {
-		it := &items[i]
+	for i := range f.items {
+		it := &f.items[i]
 		if it.hit {
 			continue
 		}
@@ -187,11 +224,11 @@ func (s *Store) fetch(c *ctxState, items []fetchItem, useCache bool) error {
 				copy(it.dst, stored)
 			}
 		}
-		if got := crc32.Update(sliceSeed(&binding, it.group, it.sl.Layer), castagnoli, it.dst); got != it.sl.CRC {
+		if got := crc32.Update(sliceSeed(&f.binding, it.group, it.sl.Layer), castagnoli, it.dst); got != it.sl.CRC {
 			return fmt.Errorf("%w: %s/%s layer %d group %d: checksum %08x, index says %08x", ErrCorrupt, c.ns, c.id, it.sl.Layer, it.group, got, it.sl.CRC)
 		}
-		if useCache {
-			s.cache.add(sliceKey{gen, it.group, it.sl.Layer, it.ch.Tokens}, it.dst)
+		if f.useCache {
+			s.cache.add(sliceKey{f.gen, it.group, it.sl.Layer, it.ch.Tokens}, it.dst)
 		}
 	}
 	return nil
@@ -257,17 +294,30 @@ func (s *Store) Restore(ns, id string, ident *Identity, fn func(layer int, rows 
 	stop := make(chan struct{})
 	go func() {
 		defer close(out)
+		// Keep the reads of the next layer in flight while this one is
+		// verified and consumed.
+		next := s.startLayer(sn, 0)
 		for si, l := range c.stored {
-			buf, rows, err := s.readLayer(sn, si, l)
+			cur := next
+			next = nil
+			if si+1 < len(c.stored) && cur.err == nil {
+				next = s.startLayer(sn, si+1)
+			}
+			buf, rows, err := cur.finish()
 			select {
 			case out <- layerOut{l, buf, rows, err}:
 			case <-stop:
 				if buf != nil {
 					s.scratch.put(buf)
 				}
-				return
+				err = errStopped
 			}
 			if err != nil {
+				if next != nil {
+					if b, _, _ := next.finish(); b != nil {
+						s.scratch.put(b)
+					}
+				}
 				return
 			}
 		}
@@ -298,13 +348,25 @@ func (s *Store) Restore(ns, id string, ident *Identity, fn func(layer int, rows 
 	return sn.tokens, nil
 }
 
-// readLayer reads and verifies one layer of every group into one buffer.
-func (s *Store) readLayer(sn *snapshot, si, layer int) (*iouring.AlignedBuffer, []byte, error) {
+// layerRead is one layer of a restore with its reads in flight.
+type layerRead struct {
+	s     *Store
+	buf   *iouring.AlignedBuffer
+	rows  []byte
+	fetch *fetchOp
+	err   error
+}
+
+var errStopped = errors.New("chunk: restore stopped")
+
+// startLayer issues the reads of one layer of every group into one buffer.
+func (s *Store) startLayer(sn *snapshot, si int) *layerRead {
+	layer := sn.c.stored[si]
 	rb := int(sn.c.ident.Plan[layer].RowBytes)
 	total := sn.tokens * rb
 	buf, err := s.scratch.get(total + BlockBytes)
 	if err != nil {
-		return nil, nil, err
+		return &layerRead{err: err}
 	}
 	mem := buf.Bytes()
 	items := make([]fetchItem, len(sn.chunks))
@@ -313,11 +375,24 @@ func (s *Store) readLayer(sn *snapshot, si, layer int) (*iouring.AlignedBuffer, 
 		n := int(ch.Tokens) * rb
 		items[g] = fetchItem{ch: ch, sl: ch.Slices[si], group: uint32(g), dst: mem[start : start+n]}
 	}
-	if err := s.fetch(sn.c, items, true); err != nil {
+	f, err := s.fetchStart(sn.c, items, true)
+	if err != nil {
 		s.scratch.put(buf)
+		return &layerRead{err: err}
+	}
+	return &layerRead{s: s, buf: buf, rows: mem[:total], fetch: f}
+}
+
+// finish waits for the layer and verifies it; on error the buffer is freed.
+func (lr *layerRead) finish() (*iouring.AlignedBuffer, []byte, error) {
+	if lr.err != nil {
+		return nil, nil, lr.err
+	}
+	if err := lr.fetch.finish(); err != nil {
+		lr.s.scratch.put(lr.buf)
 		return nil, nil, err
 	}
-	return buf, mem[:total], nil
+	return lr.buf, lr.rows, nil
 }
 
 // restoreGroupInto reads the first tokens rows of every stored layer of one

@@ -103,27 +103,57 @@ type readReq struct {
 	off int64
 }
 
-// readAll issues every read at once (the engine bounds the queue depth) and
-// waits for all of them.
-func readAll(eng iouring.Engine, reqs []readReq) error {
-	var direct []*iouring.Request
-	var firstErr error
+// readBatch is a set of reads in flight.
+type readBatch struct {
+	wg      sync.WaitGroup
+	direct  []*iouring.Request
+	syncErr error
+	submitE error
+}
+
+// startReads issues every read at once (the engine bounds the queue depth):
+// reads of direct segments go to the engine asynchronously, reads through
+// the vfs.File happen before it returns.
+func startReads(eng iouring.Engine, reqs []readReq) *readBatch {
+	rb := &readBatch{}
 	for _, r := range reqs {
 		if r.seg.fd >= 0 {
-			direct = append(direct, &iouring.Request{Op: iouring.OpRead, Fd: r.seg.fd, Buf: r.buf, Off: r.off})
+			rb.direct = append(rb.direct, &iouring.Request{Op: iouring.OpRead, Fd: r.seg.fd, Buf: r.buf, Off: r.off})
 			continue
 		}
-		if _, err := r.seg.f.ReadAt(r.buf, r.off); err != nil && firstErr == nil {
-			firstErr = fmt.Errorf("chunk: read %s at %d len %d: %w", r.seg.name, r.off, len(r.buf), err)
+		if _, err := r.seg.f.ReadAt(r.buf, r.off); err != nil && rb.syncErr == nil {
+			rb.syncErr = fmt.Errorf("chunk: read %s at %d len %d: %w", r.seg.name, r.off, len(r.buf), err)
 		}
 	}
-	if len(direct) > 0 {
-		if err := eng.Do(direct...); err != nil && firstErr == nil {
-			firstErr = err
+	if len(rb.direct) > 0 {
+		rb.wg.Add(len(rb.direct))
+		if err := eng.Submit(rb.direct, func(*iouring.Request) { rb.wg.Done() }); err != nil {
+			rb.submitE = err
+			rb.wg.Add(-len(rb.direct))
 		}
 	}
-	return firstErr
+	return rb
 }
+
+// wait waits for the reads and returns the first error.
+func (rb *readBatch) wait() error {
+	rb.wg.Wait()
+	if rb.syncErr != nil {
+		return rb.syncErr
+	}
+	if rb.submitE != nil {
+		return rb.submitE
+	}
+	for _, r := range rb.direct {
+		if r.Err != nil {
+			return r.Err
+		}
+	}
+	return nil
+}
+
+// readAll issues the reads and waits for all of them.
+func readAll(eng iouring.Engine, reqs []readReq) error { return startReads(eng, reqs).wait() }
 
 // readAt reads len(buf) bytes at off (buf aligned when the segment is direct).
 func (s *segFile) readAt(buf []byte, off int64) error {

@@ -14,6 +14,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"runtime/pprof"
 	"sort"
 	"strconv"
 	"strings"
@@ -34,6 +35,16 @@ func register(name, summary string, run func(args []string, stdout, stderr io.Wr
 var errUsage = errors.New("usage")
 
 func main() {
+	// HCACHE_CPUPROFILE=FILE writes a CPU profile of the command.
+	if path := os.Getenv("HCACHE_CPUPROFILE"); path != "" {
+		if f, err := os.Create(path); err == nil {
+			pprof.StartCPUProfile(f)
+			code := run(os.Args[1:], os.Stdout, os.Stderr)
+			pprof.StopCPUProfile()
+			f.Close()
+			os.Exit(code)
+		}
+	}
 	os.Exit(run(os.Args[1:], os.Stdout, os.Stderr))
 }
 
