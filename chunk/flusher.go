@@ -328,11 +328,6 @@ func syncDir(fs vfs.FS, dir string) error {
 // answers the waiters.
 func (f *flusher) commit(jobs []*writeJob, waiters []waiter) {
 	s := f.s
-	defer func() {
-		for _, j := range jobs {
-			f.release(j)
-		}
-	}()
 	// 1. Durability of the data.
 	touched := map[*segFile]bool{}
 	for _, j := range jobs {
@@ -468,6 +463,11 @@ func (f *flusher) commit(jobs []*writeJob, waiters []waiter) {
 			c.rec.Tokens = max(c.rec.Tokens, t)
 		}
 		s.mu.Unlock()
+	}
+	// Staging slabs go back before anyone is answered, so a writer that
+	// flushed finds them free.
+	for _, j := range jobs {
+		f.release(j)
 	}
 	for _, w := range waiters {
 		s.mu.Lock()
