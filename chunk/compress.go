@@ -36,13 +36,18 @@ func unshuffle2(dst, src []byte) {
 
 // compressSlice returns the stored form of raw rows in dst (which must hold
 // lz4.CompressBlockBound(len(raw))) and whether it is compressed.
-func compressSlice(c *lz4.Compressor, dst, tmp, raw []byte) (int, bool) {
+// The third result is lz4's output size (len(raw) when lz4 gave up), kept
+// for the statistics even when the slice is stored raw.
+func compressSlice(c *lz4.Compressor, dst, tmp, raw []byte) (int, bool, int) {
 	shuffle2(tmp, raw)
 	n, err := c.CompressBlock(tmp[:len(raw)], dst)
-	if err != nil || n == 0 || n > len(raw)-len(raw)/8 {
-		return copy(dst, raw), false
+	if err != nil || n == 0 {
+		return copy(dst, raw), false, len(raw)
 	}
-	return n, true
+	if n > len(raw)-len(raw)/8 {
+		return copy(dst, raw), false, n
+	}
+	return n, true, n
 }
 
 // decompressSlice restores raw rows (len(raw) bytes) from a stored slice.
@@ -80,7 +85,8 @@ func (f *flusher) packCompressed(j *writeJob, binding Binding, stored []int, pla
 	pos := 0
 	for i, l := range stored {
 		raw := o.slab[o.layerOff[l] : o.layerOff[l]+o.tokens*int(plan[l].RowBytes)]
-		n, compressed := compressSlice(&comp, out[pos:], tmp, raw)
+		n, compressed, tried := compressSlice(&comp, out[pos:], tmp, raw)
+		f.s.stats.lz4Bytes.Add(uint64(tried))
 		flags := uint16(0)
 		if compressed {
 			flags = lsm.SliceLZ4

@@ -9,7 +9,7 @@ type storeStats struct {
 	bytesWritten, bytesRead, commits, restores atomic.Uint64
 	cacheHits, evictions, damaged              atomic.Uint64
 	identityMismatch, gcRuns, gcMoved          atomic.Uint64
-	rawBytes, storedBytes                      atomic.Uint64
+	rawBytes, storedBytes, lz4Bytes            atomic.Uint64
 }
 
 // Stats are the store's counters (exported as metrics by the daemon).
@@ -28,6 +28,7 @@ type Stats struct {
 	LiveBytes        int64  // bytes of live records
 	CompressRawBytes uint64 // raw bytes of slices that went through lz4
 	CompressStored   uint64 // their bytes as stored
+	CompressLZ4      uint64 // what lz4 made of them, kept or not
 }
 
 // Stats returns the counters.
@@ -37,7 +38,7 @@ func (s *Store) Stats() Stats {
 		Commits: s.stats.commits.Load(), Restores: s.stats.restores.Load(), CacheHits: s.stats.cacheHits.Load(),
 		CacheBytes: s.cache.size(), Evictions: s.stats.evictions.Load(), Damaged: s.stats.damaged.Load(),
 		IdentityMismatch: s.stats.identityMismatch.Load(), GCRuns: s.stats.gcRuns.Load(), GCMovedBytes: s.stats.gcMoved.Load(),
-		CompressRawBytes: s.stats.rawBytes.Load(), CompressStored: s.stats.storedBytes.Load(),
+		CompressRawBytes: s.stats.rawBytes.Load(), CompressStored: s.stats.storedBytes.Load(), CompressLZ4: s.stats.lz4Bytes.Load(),
 	}
 	s.mu.Lock()
 	for _, c := range s.ctxs {

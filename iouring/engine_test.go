@@ -378,3 +378,30 @@ func TestConfigValidation(t *testing.T) {
 		t.Fatalf("submit after close: %v", err)
 	}
 }
+
+func TestRegisteredFiles(t *testing.T) {
+	r, err := NewRing(8)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer r.Close()
+	fd, _ := directFile(t, 1<<20)
+	if err := r.RegisterFiles([]int{fd}); err != nil {
+		t.Fatal(err)
+	}
+	a, _ := Alloc(Alignment)
+	defer a.Free()
+	copy(a.Bytes(), "registered file")
+	if err := r.Do(&Request{Op: OpWrite, Fd: 0, Fixed: true, Buf: a.Bytes(), Off: 8192}); err != nil {
+		t.Fatal(err)
+	}
+	back, _ := Alloc(Alignment)
+	defer back.Free()
+	if _, err := unix.Pread(fd, back.Bytes(), 8192); err != nil || string(back.Bytes()[:15]) != "registered file" {
+		t.Fatalf("pread after a write through registered file 0: %q, %v", back.Bytes()[:15], err)
+	}
+	// An index past the table fails cleanly.
+	if err := r.Do(&Request{Op: OpRead, Fd: 5, Fixed: true, Buf: a.Bytes()}); !errors.Is(err, syscall.EBADF) {
+		t.Fatalf("read through an unregistered index: %v, want EBADF", err)
+	}
+}

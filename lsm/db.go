@@ -19,10 +19,31 @@ var ErrNotFound = errors.New("lsm: not found")
 
 type quietLogger struct{}
 
+// fatalError is what Pebble's Fatalf raises: Pebble cannot continue after
+// it (a failed WAL write or sync, as with fsyncgate). The operation that hit
+// it returns ErrFatal instead of the process exiting, and the index refuses
+// every later write.
+type fatalError struct{ msg string }
+
+// ErrFatal is wrapped by the error of an operation during which Pebble hit a
+// fatal error; the index is unusable afterwards and must be reopened.
+var ErrFatal = errors.New("lsm: the index hit a fatal error")
+
 func (quietLogger) Infof(string, ...any)  {}
 func (quietLogger) Errorf(string, ...any) {}
 func (quietLogger) Fatalf(format string, args ...any) {
-	panic(fmt.Sprintf("pebble: "+format, args...))
+	panic(fatalError{fmt.Sprintf("pebble: "+format, args...)})
+}
+
+// catchFatal turns a Pebble fatal error raised in this goroutine into err.
+func catchFatal(err *error) {
+	if r := recover(); r != nil {
+		fe, ok := r.(fatalError)
+		if !ok {
+			panic(r)
+		}
+		*err = fmt.Errorf("%w: %s", ErrFatal, fe.msg)
+	}
 }
 
 // Open opens (or creates) the index in dir on fs.
@@ -36,7 +57,10 @@ func Open(fs vfs.FS, dir string) (*DB, error) {
 }
 
 // Close closes the index.
-func (d *DB) Close() error { return d.db.Close() }
+func (d *DB) Close() (err error) {
+	defer catchFatal(&err)
+	return d.db.Close()
+}
 
 // Get returns a copy of the value of key, or ErrNotFound.
 func (d *DB) Get(key []byte) ([]byte, error) {
@@ -98,12 +122,13 @@ func (b *Batch) Empty() bool { return b.b.Empty() }
 
 // Commit applies the batch atomically; with sync it returns once the batch is
 // durable in Pebble's WAL.
-func (b *Batch) Commit(sync bool) error {
+func (b *Batch) Commit(sync bool) (err error) {
+	defer catchFatal(&err)
 	opts := pebble.NoSync
 	if sync {
 		opts = pebble.Sync
 	}
-	err := b.b.Commit(opts)
+	err = b.b.Commit(opts)
 	b.b.Close()
 	return err
 }
@@ -112,4 +137,7 @@ func (b *Batch) Commit(sync bool) error {
 func (b *Batch) Discard() { b.b.Close() }
 
 // Set writes one key outside a batch, without sync (last-use times).
-func (d *DB) Set(key, value []byte) error { return d.db.Set(key, value, pebble.NoSync) }
+func (d *DB) Set(key, value []byte) (err error) {
+	defer catchFatal(&err)
+	return d.db.Set(key, value, pebble.NoSync)
+}

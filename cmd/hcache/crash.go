@@ -73,6 +73,7 @@ func stress(args []string, stdout, stderr io.Writer) error {
 	dir := fs.String("dir", "", "store directory (required)")
 	seed := fs.Int64("seed", 1, "seed")
 	ops := fs.Int("ops", 0, "operations (0: until killed)")
+	ct := fs.Int("chunk-tokens", crash.StressChunkTokens, "tokens per chunk group of a new store (0: the existing store's)")
 	if err := parseFlags(fs, args); err != nil {
 		return err
 	}
@@ -80,5 +81,5 @@ func stress(args []string, stdout, stderr io.Writer) error {
 		fs.Usage()
 		return errUsage
 	}
-	return crash.Stress(*dir, *seed, *ops, stdout)
+	return crash.Stress(*dir, *seed, *ops, *ct, stdout)
 }

@@ -19,11 +19,12 @@ func runDemo(args []string, stdout, stderr io.Writer) error {
 	gen := fs.Int("gen", 32, "generated tokens per turn")
 	seed := fs.Int64("seed", 1, "seed of the synthetic model and the prompts")
 	maxParams := fs.Int64("max-params", 50_000_000, "largest synthetic preset the CPU reference runs")
+	comp := fs.String("compression", "none", "store compression: none or lz4 (reports the ratio on this model's states)")
 	asJSON := fs.Bool("json", false, "also print the turns as JSON")
 	if err := parseFlags(fs, args); err != nil {
 		return err
 	}
-	res, err := demo.Run(demo.Options{Model: *mdl, Dir: *dir, Turns: *turns, Prompt: *prompt, Gen: *gen, Seed: *seed, MaxParams: *maxParams, Out: stdout})
+	res, err := demo.Run(demo.Options{Model: *mdl, Dir: *dir, Turns: *turns, Prompt: *prompt, Gen: *gen, Seed: *seed, MaxParams: *maxParams, Compression: *comp, Out: stdout})
 	if err != nil {
 		return err
 	}

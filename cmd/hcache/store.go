@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"os/exec"
 
 	"github.com/hcache/hcache/chunk"
 	"github.com/hcache/hcache/internal/benchstore"
@@ -29,8 +30,15 @@ func benchStore(args []string, stdout, stderr io.Writer) error {
 	if err := parseFlags(fs, args); err != nil {
 		return err
 	}
+	self, err := os.Executable()
+	if err != nil {
+		return err
+	}
 	res, err := benchstore.Run(benchstore.Options{Dir: *dir, Model: *mdl, Tokens: *tokens, Contexts: *contexts,
-		Writers: *writers, Compression: *comp, SkipFio: *noFio, Progress: stderr})
+		Writers: *writers, Compression: *comp, SkipFio: *noFio, Progress: stderr,
+		CrashWriter: func(d string) *exec.Cmd {
+			return exec.Command(self, "stress", "--dir", d, "--seed", "1", "--chunk-tokens", "0")
+		}})
 	if err != nil {
 		return err
 	}

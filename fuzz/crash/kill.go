@@ -20,10 +20,14 @@ import (
 // StressNamespace holds the contexts of the stress workload.
 const StressNamespace = "stress"
 
-// stressOptions are the store settings of the stress workload (small
-// chunks and segments, so a short run crosses many of both).
-func stressOptions(dir string) chunk.Options {
-	return chunk.Options{Dir: dir, ChunkTokens: 16, SegmentBytes: 4 << 20, CapacityBytes: -1, GCLiveRatio: 0.6,
+// StressChunkTokens is the chunk size of stores the stress workload creates
+// (small, so a short run crosses many groups and segments).
+const StressChunkTokens = 16
+
+// stressOptions are the store settings of the stress workload; chunkTokens 0
+// accepts an existing store's.
+func stressOptions(dir string, chunkTokens int) chunk.Options {
+	return chunk.Options{Dir: dir, ChunkTokens: chunkTokens, SegmentBytes: 4 << 20, CapacityBytes: -1, GCLiveRatio: 0.6,
 		Logf: func(string, ...any) {}}
 }
 
@@ -36,9 +40,10 @@ func stressOptions(dir string) chunk.Options {
 //	DELSTART <id>       Delete is about to be called
 //	DEL <id>            Delete returned
 //
-// It runs ops operations (0: until killed).
-func Stress(dir string, seed int64, ops int, out io.Writer) error {
-	st, err := chunk.Open(stressOptions(dir))
+// It runs ops operations (0: until killed) on a store of chunkTokens tokens
+// per group (0: the existing store's, or the default for a new one).
+func Stress(dir string, seed int64, ops, chunkTokens int, out io.Writer) error {
+	st, err := chunk.Open(stressOptions(dir, chunkTokens))
 	if err != nil {
 		return err
 	}
@@ -247,7 +252,7 @@ func KillLoop(o KillOptions, rep *Report) error {
 
 // checkStore opens the store after a kill and checks it against the model.
 func checkStore(dir string, ident *chunk.Identity, model map[string]*ackModel, rep *Report, where string) error {
-	st, err := chunk.Open(stressOptions(dir))
+	st, err := chunk.Open(stressOptions(dir, 0))
 	if err != nil {
 		rep.FsckErrors++
 		rep.fail("%s: open: %v", where, err)

@@ -13,7 +13,7 @@ import (
 func TestMain(m *testing.M) {
 	if dir := os.Getenv("HCACHE_STRESS_DIR"); dir != "" {
 		seed, _ := strconv.ParseInt(os.Getenv("HCACHE_STRESS_SEED"), 10, 64)
-		if err := Stress(dir, seed, 0, os.Stdout); err != nil {
+		if err := Stress(dir, seed, 0, StressChunkTokens, os.Stdout); err != nil {
 			fmt.Fprintln(os.Stderr, err)
 			os.Exit(1)
 		}

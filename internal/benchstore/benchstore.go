@@ -9,8 +9,10 @@ import (
 	"io"
 	"math/rand"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"sync"
+	"syscall"
 	"time"
 
 	"github.com/hcache/hcache/chunk"
@@ -29,6 +31,11 @@ type Options struct {
 	Compression string
 	SkipFio     bool
 	Progress    io.Writer
+	// CrashWriter, when set, starts a writer process on a store directory
+	// (hcache stress); it is killed with SIGKILL mid-write and the reopen
+	// after that crash is what recovery_ms times. Without it, recovery_ms
+	// times a reopen after a clean close.
+	CrashWriter func(dir string) *exec.Cmd
 }
 
 // Result is what `hcache bench store --json` prints.
@@ -53,6 +60,7 @@ type Result struct {
 	CopyUS              float64 `json:"copy_us"`
 	AppendTokenRatio    float64 `json:"append_token_ratio"`
 	RecoveryMS          float64 `json:"recovery_ms"`
+	RecoveryAfter       string  `json:"recovery_after"`
 	CompressionRatio    float64 `json:"compression_ratio,omitempty"`
 }
 
@@ -170,7 +178,18 @@ func Run(o Options) (*Result, error) {
 	if err := st.Close(); err != nil {
 		return nil, err
 	}
-	// Reopen with the written index.
+	// Reopen with the written index, after a writer was killed mid-write.
+	res.RecoveryAfter = "clean close"
+	if o.CrashWriter != nil {
+		cmd := o.CrashWriter(dir)
+		if err := cmd.Start(); err != nil {
+			return nil, fmt.Errorf("bench store: start the crash writer: %w", err)
+		}
+		time.Sleep(700 * time.Millisecond)
+		cmd.Process.Signal(syscall.SIGKILL)
+		cmd.Wait()
+		res.RecoveryAfter = "SIGKILL of a writer process"
+	}
 	start = time.Now()
 	st, err = chunk.Open(opts)
 	if err != nil {
