@@ -3,6 +3,7 @@ package iouring
 import (
 	"fmt"
 	"os"
+	"unsafe"
 
 	"golang.org/x/sys/unix"
 )
@@ -12,35 +13,62 @@ import (
 // a ring, and can later be pinned for a GPU (cuMemHostRegister).
 type AlignedBuffer struct {
 	mem []byte
+	raw []byte // the whole mapping (mem lies inside it)
 }
 
-// Alloc maps n bytes rounded up to Alignment.
+// HugePageBytes is the transparent huge page size buffers of at least this
+// size are aligned to and advised for.
+const HugePageBytes = 2 << 20
+
+// Alloc maps n bytes rounded up to Alignment, with every page faulted in.
+//
+// Buffers of HugePageBytes or more are 2 MiB-aligned and advised
+// MADV_HUGEPAGE: a 1 MiB transfer from 4 KiB pages that are not physically
+// contiguous needs 256 segments, more than a virtio disk takes in one
+// request (max_segments 254 here), so it is split in two; huge pages keep it
+// whole. Pages are populated up front: on the development machine first-
+// touch faults cost 1.9 s per GiB against 0.27 s populated.
 func Alloc(n int) (*AlignedBuffer, error) {
 	if n <= 0 {
 		return nil, fmt.Errorf("iouring: Alloc(%d): size must be positive", n)
 	}
 	size := RoundUp(n)
-	// MAP_POPULATE faults the pages in up front: on the machines measured
-	// that is about 7x cheaper than taking one fault per 4 KiB page on
-	// first touch (0.27 s against 1.9 s per GiB), and these buffers are
-	// always written at once.
-	mem, err := unix.Mmap(-1, 0, size, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_PRIVATE|unix.MAP_ANONYMOUS|unix.MAP_POPULATE)
+	if size < HugePageBytes {
+		mem, err := unix.Mmap(-1, 0, size, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_PRIVATE|unix.MAP_ANONYMOUS|unix.MAP_POPULATE)
+		if err != nil {
+			return nil, fmt.Errorf("iouring: mmap %d bytes: %w", size, err)
+		}
+		return &AlignedBuffer{mem: mem, raw: mem}, nil
+	}
+	size = (size + HugePageBytes - 1) &^ (HugePageBytes - 1)
+	raw, err := unix.Mmap(-1, 0, size+HugePageBytes, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_PRIVATE|unix.MAP_ANONYMOUS)
 	if err != nil {
 		return nil, fmt.Errorf("iouring: mmap %d bytes: %w", size, err)
 	}
-	return &AlignedBuffer{mem: mem}, nil
+	off := int((HugePageBytes - uintptr(unsafe.Pointer(&raw[0]))%HugePageBytes) % HugePageBytes)
+	mem := raw[off : off+size : off+size]
+	_ = unix.Madvise(mem, unix.MADV_HUGEPAGE) // best effort: THP may be off
+	if err := unix.Madvise(mem, madvPopulateWrite); err != nil {
+		for i := 0; i < len(mem); i += 4096 { // kernels before 5.14
+			mem[i] = 0
+		}
+	}
+	return &AlignedBuffer{mem: mem[:RoundUp(n)], raw: raw}, nil
 }
+
+// madvPopulateWrite is MADV_POPULATE_WRITE (Linux 5.14).
+const madvPopulateWrite = 23
 
 // Bytes returns the whole buffer.
 func (b *AlignedBuffer) Bytes() []byte { return b.mem }
 
 // Free unmaps the buffer; its Bytes must not be used afterwards.
 func (b *AlignedBuffer) Free() error {
-	if b.mem == nil {
+	if b.raw == nil {
 		return nil
 	}
-	err := unix.Munmap(b.mem)
-	b.mem = nil
+	err := unix.Munmap(b.raw)
+	b.mem, b.raw = nil, nil
 	return err
 }
 

@@ -78,13 +78,15 @@ type Request struct {
 	Err error // nil or an *IOError (or io.ErrUnexpectedEOF wrapped in one)
 
 	// internal state
-	done     func(*Request)
-	total    int // bytes wanted
-	iov      []unix.Iovec
-	prev     *Request // previous request in its link chain
-	resuming bool     // a short transfer is being resumed
-	deferred []*Request
-	slot     uint32
+	done       func(*Request)
+	total      int // bytes wanted
+	iov        []unix.Iovec
+	prev       *Request // previous request in its link chain
+	resuming   bool     // a short transfer is being resumed
+	deferred   []*Request
+	slot       uint32
+	chained    bool // its SQE carries IOSQE_IO_LINK
+	placedOnce bool // counted in the ring's in-flight number
 }
 
 func (r *Request) length() int {

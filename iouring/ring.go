@@ -45,7 +45,7 @@ const (
 
 	probeOpSupported = 1
 
-	closeTag = ^uint64(0)
+	wakeTag = ^uint64(0)
 )
 
 type sqringOffsets struct {
@@ -123,16 +123,28 @@ type Ring struct {
 	cqHead, cqTail, cqMask *uint32
 	cqes                   []cqe
 
-	sqMu      sync.Mutex // guards the SQ ring
+	// Submitters hand requests to the ring goroutine through pend; that
+	// goroutine, locked to one OS thread, is the only one that touches the
+	// SQ and CQ. Completions of block I/O run as task work of the task that
+	// submitted them, so with one submitting thread they are posted while
+	// that thread waits in io_uring_enter, with no other thread to wake.
 	acquireMu sync.Mutex // one submitter acquires slots at a time (no partial-batch deadlock)
 	free      chan uint32
-	slots     []atomic.Pointer[Request] // atomics also tell the race detector what the kernel orders
+	slots     []*Request // ring goroutine only
+	pendMu    sync.Mutex
+	pend      []*Request
+	sleeping  atomic.Bool // the ring goroutine waits in io_uring_enter
+	efd       int         // eventfd that wakes it
+	efdBuf    [8]byte     // target of the armed eventfd read
+	inflight  int         // ring goroutine only
+	unsent    uint32      // SQEs placed, not yet entered; ring goroutine only
 
 	regMu   sync.RWMutex
 	regions []region
 
-	closed   atomic.Bool
-	reaperWG sync.WaitGroup
+	closeMu  sync.RWMutex
+	closed   bool
+	loopDone chan struct{}
 	stats    struct{ submitted, completed, resubmitted, fixed, enters atomic.Uint64 }
 }
 
@@ -168,6 +180,7 @@ func NewRing(entries int) (*Ring, error) {
 	if entries < 1 || entries > MaxEntries || entries&(entries-1) != 0 {
 		return nil, fmt.Errorf("iouring: entries = %d: must be a power of two in [1, %d]", entries, MaxEntries)
 	}
+	entries = max(entries, 2) // one entry is the wake-up read
 	var p params
 	fd, err := setup(uint32(entries), &p)
 	if err != nil {
@@ -183,16 +196,26 @@ func NewRing(entries int) (*Ring, error) {
 		unix.Close(fd)
 		return nil, err
 	}
-	// In-flight requests never exceed the SQ size; the CQ (2x by default)
-	// can therefore never overflow.
-	n := min(p.sqEntries, p.cqEntries)
+	efd, err := unix.Eventfd(0, unix.EFD_CLOEXEC)
+	if err != nil {
+		r.unmap()
+		unix.Close(fd)
+		return nil, fmt.Errorf("iouring: eventfd: %w", err)
+	}
+	r.efd = efd
+	// In-flight requests stay below the SQ size (one entry is kept for the
+	// wake-up read); the CQ (2x by default) can therefore never overflow.
+	n := min(p.sqEntries, p.cqEntries) - 1
+	if n == 0 {
+		n = 1
+	}
 	r.free = make(chan uint32, n)
-	r.slots = make([]atomic.Pointer[Request], n)
+	r.slots = make([]*Request, n)
 	for i := uint32(0); i < n; i++ {
 		r.free <- i
 	}
-	r.reaperWG.Add(1)
-	go r.reap()
+	r.loopDone = make(chan struct{})
+	go r.loop()
 	return r, nil
 }
 
@@ -350,7 +373,9 @@ func (r *Ring) Submit(reqs []*Request, done func(*Request)) error {
 	if err := validate(reqs); err != nil {
 		return err
 	}
-	if r.closed.Load() {
+	r.closeMu.RLock()
+	defer r.closeMu.RUnlock()
+	if r.closed {
 		return ErrClosed
 	}
 	capacity := cap(r.free)
@@ -383,41 +408,124 @@ func (r *Ring) Submit(reqs []*Request, done func(*Request)) error {
 			if i > 0 && batch[i-1].Link {
 				q.prev = batch[i-1]
 			}
+			q.chained = q.Link && i < len(batch)-1
 			q.slot = <-r.free
 		}
 		r.acquireMu.Unlock()
 		r.stats.submitted.Add(uint64(len(batch)))
-		r.push(batch)
+		r.pendMu.Lock()
+		r.pend = append(r.pend, batch...)
+		r.pendMu.Unlock()
+		r.wake()
 	}
 	return nil
 }
 
-// push writes SQEs for reqs (whose slots are held) and enters the kernel.
-func (r *Ring) push(reqs []*Request) {
-	r.sqMu.Lock()
-	defer r.sqMu.Unlock()
-	tail := atomic.LoadUint32(r.sqTail)
-	mask := *r.sqMask
-	for i, q := range reqs {
-		idx := tail & mask
-		s := &r.sqes[idx]
-		r.prep(s, q)
-		r.slots[q.slot].Store(q) // publish q to the reaper after every read of it here
-		if q.Link && i < len(reqs)-1 {
-			s.flags |= sqeIOLink
+// wake rouses the ring goroutine if it sleeps in io_uring_enter.
+func (r *Ring) wake() {
+	if r.sleeping.Load() && r.sleeping.CompareAndSwap(true, false) {
+		var one [8]byte
+		one[0] = 1
+		for {
+			_, err := unix.Write(r.efd, one[:])
+			if err != syscall.EINTR {
+				break
+			}
 		}
-		r.sqArray[idx] = idx
-		tail++
 	}
-	// Publish the entries before the tail (release): atomic store is
-	// sequentially consistent in Go.
-	atomic.StoreUint32(r.sqTail, tail)
-	toSubmit := uint32(len(reqs))
-	for toSubmit > 0 {
-		n, err := enter(r.fd, toSubmit, 0, 0)
-		r.stats.enters.Add(1)
+}
+
+// loop is the ring goroutine: it places submitted requests, enters the
+// kernel, reaps completions and runs their callbacks.
+func (r *Ring) loop() {
+	runtime.LockOSThread()
+	defer close(r.loopDone)
+	r.armWake()
+	for {
+		r.takePending()
+		r.enter(0)
+		if r.reapAvailable() > 0 {
+			continue
+		}
+		r.closeMu.RLock()
+		closed := r.closed
+		r.closeMu.RUnlock()
+		if closed && r.inflight == 0 && r.pendEmpty() {
+			return
+		}
+		r.sleeping.Store(true)
+		if !r.pendEmpty() {
+			r.sleeping.Store(false)
+			continue
+		}
+		r.enter(1)
+		r.sleeping.Store(false)
+	}
+}
+
+func (r *Ring) pendEmpty() bool {
+	r.pendMu.Lock()
+	defer r.pendMu.Unlock()
+	return len(r.pend) == 0
+}
+
+func (r *Ring) takePending() {
+	r.pendMu.Lock()
+	batch := r.pend
+	r.pend = nil
+	r.pendMu.Unlock()
+	for _, q := range batch {
+		r.place(q)
+	}
+}
+
+// place writes one request's SQE (ring goroutine only).
+func (r *Ring) place(q *Request) {
+	tail := *r.sqTail
+	idx := tail & *r.sqMask
+	s := &r.sqes[idx]
+	r.prep(s, q)
+	if q.chained {
+		s.flags |= sqeIOLink
+	}
+	r.sqArray[idx] = idx
+	r.slots[q.slot] = q
+	// Publish the entry before the tail (release).
+	atomic.StoreUint32(r.sqTail, tail+1)
+	r.unsent++
+	if !q.placedOnce {
+		q.placedOnce = true
+		r.inflight++
+	}
+}
+
+// armWake places the read of the eventfd that wakes the ring goroutine.
+func (r *Ring) armWake() {
+	tail := *r.sqTail
+	idx := tail & *r.sqMask
+	r.sqes[idx] = sqe{opcode: opRead, fd: int32(r.efd), addr: uint64(uintptr(unsafe.Pointer(&r.efdBuf[0]))), len: 8, userData: wakeTag}
+	r.sqArray[idx] = idx
+	atomic.StoreUint32(r.sqTail, tail+1)
+	r.unsent++
+}
+
+// enter submits the placed SQEs and, with minComplete 1, waits for a
+// completion.
+func (r *Ring) enter(minComplete uint32) {
+	for r.unsent > 0 || minComplete > 0 {
+		flags := uint32(0)
+		if minComplete > 0 {
+			flags = enterGetEvents
+		}
+		n, err := enter(r.fd, r.unsent, minComplete, flags)
+		if r.unsent > 0 {
+			r.stats.enters.Add(1)
+		}
 		if err != nil {
 			if err == syscall.EINTR || err == syscall.EAGAIN || err == syscall.EBUSY {
+				if minComplete > 0 && r.unsent == 0 {
+					return
+				}
 				runtime.Gosched()
 				continue
 			}
@@ -425,8 +533,113 @@ func (r *Ring) push(reqs []*Request) {
 			// refuses well-formed SQEs.
 			panic(fmt.Sprintf("iouring: io_uring_enter: %v", err))
 		}
-		toSubmit -= uint32(n)
+		r.unsent -= uint32(n)
+		if minComplete > 0 {
+			return
+		}
 	}
+}
+
+// reapAvailable handles every CQE in the queue and returns how many.
+func (r *Ring) reapAvailable() int {
+	head := atomic.LoadUint32(r.cqHead)
+	tail := atomic.LoadUint32(r.cqTail) // acquire
+	mask := *r.cqMask
+	n := 0
+	for ; head != tail; head++ {
+		c := r.cqes[head&mask]
+		n++
+		if c.userData == wakeTag {
+			r.armWake()
+			continue
+		}
+		r.complete(r.slots[c.userData], c.res)
+	}
+	atomic.StoreUint32(r.cqHead, head) // release the entries to the kernel
+	return n
+}
+
+func (r *Ring) complete(q *Request, res int32) {
+	if res < 0 {
+		errno := syscall.Errno(-res)
+		switch {
+		case errno == syscall.EINTR || errno == syscall.EAGAIN:
+			r.stats.resubmitted.Add(1)
+			r.place(q)
+			return
+		case errno == syscall.ECANCELED && q.prev != nil && q.prev.resuming:
+			// Our predecessor was cut short and is being resumed: run
+			// this request again once it has finished.
+			q.resuming = true
+			q.prev.deferred = append(q.prev.deferred, q)
+			return
+		}
+		r.finish(q, newIOError(q, errno))
+		return
+	}
+	done, err := advance(q, int(res))
+	if !done {
+		q.resuming = true
+		q.chained = false
+		r.stats.resubmitted.Add(1)
+		r.place(q)
+		return
+	}
+	if err != nil {
+		r.finish(q, newIOError(q, err))
+		return
+	}
+	r.finish(q, nil)
+}
+
+func (r *Ring) finish(q *Request, err error) {
+	q.Err = err
+	q.resuming = false
+	q.placedOnce = false
+	deferred := q.deferred
+	q.deferred = nil
+	done := q.done
+	r.slots[q.slot] = nil
+	r.inflight--
+	r.free <- q.slot
+	r.stats.completed.Add(1)
+	if len(deferred) > 0 {
+		if err != nil {
+			for _, d := range deferred {
+				r.finish(d, newIOError(d, syscall.ECANCELED))
+			}
+		} else {
+			for i, d := range deferred {
+				d.resuming = false
+				d.chained = d.Link && i < len(deferred)-1
+				if i > 0 {
+					d.prev = deferred[i-1]
+				} else {
+					d.prev = nil
+				}
+				r.place(d)
+			}
+		}
+	}
+	done(q)
+}
+
+// Close implements Engine: it waits for requests in flight, stops the ring
+// goroutine and releases the ring.
+func (r *Ring) Close() error {
+	r.closeMu.Lock()
+	if r.closed {
+		r.closeMu.Unlock()
+		return nil
+	}
+	r.closed = true
+	r.closeMu.Unlock()
+	r.sleeping.Store(true)
+	r.wake()
+	<-r.loopDone
+	r.unmap()
+	unix.Close(r.efd)
+	return unix.Close(r.fd)
 }
 
 // prep fills s for the current state of q (resumed requests transfer only what
@@ -490,128 +703,4 @@ func (r *Ring) prep(s *sqe, q *Request) {
 			s.opcode = opWritev
 		}
 	}
-}
-
-// reap is the completion goroutine.
-func (r *Ring) reap() {
-	defer r.reaperWG.Done()
-	for {
-		head := atomic.LoadUint32(r.cqHead)
-		tail := atomic.LoadUint32(r.cqTail) // acquire
-		if head == tail {
-			_, err := enter(r.fd, 0, 1, enterGetEvents)
-			if err != nil && err != syscall.EINTR && err != syscall.EAGAIN && err != syscall.EBUSY {
-				panic(fmt.Sprintf("iouring: io_uring_enter(GETEVENTS): %v", err))
-			}
-			continue
-		}
-		mask := *r.cqMask
-		stop := false
-		for ; head != tail; head++ {
-			c := r.cqes[head&mask]
-			if c.userData == closeTag {
-				stop = true
-				continue
-			}
-			r.complete(r.slots[c.userData].Load(), c.res)
-		}
-		atomic.StoreUint32(r.cqHead, head) // release the entries to the kernel
-		if stop {
-			return
-		}
-	}
-}
-
-func (r *Ring) complete(q *Request, res int32) {
-	if res < 0 {
-		errno := syscall.Errno(-res)
-		switch {
-		case errno == syscall.EINTR || errno == syscall.EAGAIN:
-			r.stats.resubmitted.Add(1)
-			r.push([]*Request{q})
-			return
-		case errno == syscall.ECANCELED && q.prev != nil && q.prev.resuming:
-			// Our predecessor was cut short and is being resumed: run
-			// this request again once it has finished.
-			q.resuming = true
-			q.prev.deferred = append(q.prev.deferred, q)
-			return
-		}
-		r.finish(q, newIOError(q, errno))
-		return
-	}
-	done, err := advance(q, int(res))
-	if !done {
-		q.resuming = true
-		r.stats.resubmitted.Add(1)
-		r.push([]*Request{q})
-		return
-	}
-	if err != nil {
-		r.finish(q, newIOError(q, err))
-		return
-	}
-	r.finish(q, nil)
-}
-
-func (r *Ring) finish(q *Request, err error) {
-	q.Err = err
-	q.resuming = false
-	deferred := q.deferred
-	q.deferred = nil
-	done := q.done
-	r.slots[q.slot].Store(nil)
-	r.free <- q.slot
-	r.stats.completed.Add(1)
-	if len(deferred) > 0 {
-		if err != nil {
-			for _, d := range deferred {
-				r.finish(d, newIOError(d, syscall.ECANCELED))
-			}
-		} else {
-			for i, d := range deferred {
-				d.resuming = false
-				if i > 0 {
-					d.prev = deferred[i-1]
-				} else {
-					d.prev = nil
-				}
-			}
-			r.push(deferred)
-		}
-	}
-	done(q)
-}
-
-// Close implements Engine: it waits for requests in flight, stops the reaper
-// and releases the ring.
-func (r *Ring) Close() error {
-	if r.closed.Swap(true) {
-		return nil
-	}
-	// Take every slot: no request is then in flight.
-	r.acquireMu.Lock()
-	for i := 0; i < cap(r.free); i++ {
-		<-r.free
-	}
-	r.acquireMu.Unlock()
-	r.sqMu.Lock()
-	tail := atomic.LoadUint32(r.sqTail)
-	idx := tail & *r.sqMask
-	r.sqes[idx] = sqe{opcode: opNop, userData: closeTag}
-	r.sqArray[idx] = idx
-	atomic.StoreUint32(r.sqTail, tail+1)
-	for {
-		_, err := enter(r.fd, 1, 0, 0)
-		if err == nil {
-			break
-		}
-		if err != syscall.EINTR && err != syscall.EAGAIN {
-			break
-		}
-	}
-	r.sqMu.Unlock()
-	r.reaperWG.Wait()
-	r.unmap()
-	return unix.Close(r.fd)
 }

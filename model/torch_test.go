@@ -58,8 +58,8 @@ func maxRelErr(a, b []float32, floor float64) float64 {
 
 // TestForwardMatchesTorch checks the Go reference forward pass against an
 // independent PyTorch implementation on the same synthetic weights.
-// Tolerances: logits come from fp32 arithmetic in a different order (1e-3
-// relative to the logit scale); K/V are rounded to the dtype after that, so
+// Tolerances: logits come from fp32 arithmetic in a different order, with
+// dtype rounding on the way (see logitTol); K/V are rounded to the dtype, so
 // an fp32 difference can flip a rounding of the hidden state or of K/V; the
 // error is measured against the largest |K| or |V| of the layer and allowed
 // four ulps of the dtype at that scale (fp16 2^-11, bf16 2^-8 per ulp).
@@ -107,8 +107,12 @@ func TestForwardMatchesTorch(t *testing.T) {
 			for _, v := range ref {
 				scale = max(scale, math.Abs(float64(v)))
 			}
-			if e := maxRelErr(logits, ref, scale); e > 1e-3 {
-				t.Fatalf("logits differ from torch: max error %.2e of the logit scale %.2f", e, scale)
+			// Rounding the hidden state and K/V to the dtype turns tiny fp32
+			// differences into whole-ulp flips that reach the logits: allow
+			// about two ulps of the dtype at the logit scale.
+			logitTol := map[string]float64{"float32": 1e-4, "float16": 2e-3, "bfloat16": 8e-3}[c.DType]
+			if e := maxRelErr(logits, ref, scale); e > logitTol {
+				t.Fatalf("logits differ from torch: max error %.2e of the logit scale %.2f (tolerance %.0e)", e, scale, logitTol)
 			}
 			kvTol := 4.0 / 2048
 			if c.DType == "bfloat16" {

@@ -23,11 +23,12 @@ func benchIO(args []string, stdout, stderr io.Writer) error {
 	engine := fs.String("engine", "auto", "engine: auto, io_uring or fallback")
 	asJSON := fs.Bool("json", false, "print one JSON object")
 	noFio := fs.Bool("no-fio", false, "skip the fio baseline")
+	rounds := fs.Int("rounds", 3, "alternate ours and fio this many times; report medians")
 	if err := parseFlags(fs, args); err != nil {
 		return err
 	}
 	res, err := benchio.Run(benchio.Options{
-		Dir: *dir, SizeBytes: int64(size), BlockSize: int(bs), QD: *qd, Engine: *engine, SkipFio: *noFio, Progress: stderr,
+		Dir: *dir, SizeBytes: int64(size), BlockSize: int(bs), QD: *qd, Engine: *engine, SkipFio: *noFio, Rounds: *rounds, Progress: stderr,
 	})
 	if err != nil {
 		return err

@@ -8,6 +8,7 @@ import (
 	"io"
 	"os"
 	"path/filepath"
+	"sort"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -25,7 +26,11 @@ type Options struct {
 	QD        int
 	Engine    string // auto, io_uring, fallback
 	SkipFio   bool
-	Progress  io.Writer
+	// Rounds alternates our runs with fio's this many times and reports the
+	// median of each: the disk's speed drifts by tens of percent over a
+	// minute here, and alternating keeps that drift out of the ratios.
+	Rounds   int
+	Progress io.Writer
 }
 
 // Result is what `hcache bench io --json` prints.
@@ -41,6 +46,7 @@ type Result struct {
 	ReadRatio    float64 `json:"read_ratio"`
 	WriteRatio   float64 `json:"write_ratio"`
 	Registered   bool    `json:"registered_buffers"`
+	Rounds       int     `json:"rounds"`
 }
 
 // Run runs the benchmark.
@@ -92,35 +98,71 @@ func Run(o Options) (*Result, error) {
 		}
 		defer pool.Put(b)
 	}
-	wsec, err := stream(e, pool, fd, o, iouring.OpWrite)
-	if err != nil {
-		return nil, err
+	if o.Rounds <= 0 {
+		o.Rounds = 3
 	}
-	if err := e.Do(&iouring.Request{Op: iouring.OpFdatasync, Fd: fd}); err != nil {
-		return nil, err
+	res.Rounds = o.Rounds
+	fpath := filepath.Join(o.Dir, "hcache-bench-fio.dat")
+	defer os.Remove(fpath)
+	job := fio.Job{File: fpath, SizeBytes: o.SizeBytes, BlockSize: o.BlockSize, QD: o.QD}
+	var ws, rs, fws, frs []float64
+	ourWrite := func() error {
+		sec, err := stream(e, pool, fd, o, iouring.OpWrite)
+		if err == nil {
+			err = e.Do(&iouring.Request{Op: iouring.OpFdatasync, Fd: fd})
+		}
+		ws = append(ws, float64(o.SizeBytes)/sec/1e9)
+		return err
 	}
-	rsec, err := stream(e, pool, fd, o, iouring.OpRead)
-	if err != nil {
-		return nil, err
+	ourRead := func() error {
+		sec, err := stream(e, pool, fd, o, iouring.OpRead)
+		rs = append(rs, float64(o.SizeBytes)/sec/1e9)
+		return err
 	}
-	res.WriteGBps = float64(o.SizeBytes) / wsec / 1e9
-	res.ReadGBps = float64(o.SizeBytes) / rsec / 1e9
+	fioRun := func(write bool, into *[]float64) error {
+		if o.SkipFio {
+			return nil
+		}
+		job.Write = write
+		bw, err := fio.Run(job)
+		*into = append(*into, bw)
+		return err
+	}
+	// Writes, then reads, each round alternating who goes first: a run
+	// right after a large write is slowed by the write-back it left, and
+	// alternating spreads that over both sides.
+	for phase := 0; phase < 2; phase++ {
+		for r := 0; r < o.Rounds; r++ {
+			var steps []func() error
+			if phase == 0 {
+				steps = []func() error{ourWrite, func() error { return fioRun(true, &fws) }}
+			} else {
+				steps = []func() error{ourRead, func() error { return fioRun(false, &frs) }}
+			}
+			if r%2 == 1 {
+				steps[0], steps[1] = steps[1], steps[0]
+			}
+			for _, step := range steps {
+				if err := step(); err != nil {
+					return nil, err
+				}
+			}
+		}
+	}
+	res.WriteGBps, res.ReadGBps = median(ws), median(rs)
 	if o.SkipFio {
 		return res, nil
 	}
-	fpath := filepath.Join(o.Dir, "hcache-bench-fio.dat")
-	defer os.Remove(fpath)
-	job := fio.Job{File: fpath, SizeBytes: o.SizeBytes, BlockSize: o.BlockSize, QD: o.QD, Write: true}
-	if res.FioWriteGBps, err = fio.Run(job); err != nil {
-		return nil, err
-	}
-	job.Write = false
-	if res.FioReadGBps, err = fio.Run(job); err != nil {
-		return nil, err
-	}
+	res.FioWriteGBps, res.FioReadGBps = median(fws), median(frs)
 	res.WriteRatio = res.WriteGBps / res.FioWriteGBps
 	res.ReadRatio = res.ReadGBps / res.FioReadGBps
 	return res, nil
+}
+
+func median(v []float64) float64 {
+	s := append([]float64(nil), v...)
+	sort.Float64s(s)
+	return s[len(s)/2]
 }
 
 // stream keeps QD requests of BlockSize in flight over the whole file, in
@@ -147,21 +189,39 @@ func stream(e iouring.Engine, pool *iouring.Pool, fd int, o Options, op iouring.
 		next++
 		inflight++
 	}
+	// Refill in batches: every completion available is resubmitted in one
+	// Submit (one io_uring_enter), as fio reaps and resubmits.
+	var batch []*iouring.Request
 	for inflight > 0 {
-		r := <-doneCh
-		inflight--
-		if r.Err != nil {
-			return 0, r.Err
+		batch = append(batch[:0], <-doneCh)
+	drain:
+		for {
+			select {
+			case r := <-doneCh:
+				batch = append(batch, r)
+			default:
+				break drain
+			}
 		}
-		completed++
-		bar.Add(int64(o.BlockSize))
-		if next < total {
-			r.Off = next * int64(o.BlockSize)
-			next++
-			if err := e.Submit([]*iouring.Request{r}, cb); err != nil {
+		inflight -= len(batch)
+		refill := batch[:0]
+		for _, r := range batch {
+			if r.Err != nil {
+				return 0, r.Err
+			}
+			completed++
+			bar.Add(int64(o.BlockSize))
+			if next < total {
+				r.Off = next * int64(o.BlockSize)
+				next++
+				refill = append(refill, r)
+			}
+		}
+		if len(refill) > 0 {
+			if err := e.Submit(refill, cb); err != nil {
 				return 0, err
 			}
-			inflight++
+			inflight += len(refill)
 		}
 	}
 	sec := time.Since(start).Seconds()
