@@ -86,6 +86,17 @@ type flusher struct {
 	seq       uint64      // jobs submitted so far
 	committed uint64      // every job up to this seq is committed
 	waiters   []waiter
+	// Commits run on the committer goroutine, one at a time, so the
+	// flusher keeps the disk busy with new writes while an fdatasync and
+	// an index commit are under way.
+	committing bool
+	commitQ    chan commitReq
+	commitDone chan struct{}
+}
+
+type commitReq struct {
+	jobs    []*writeJob
+	waiters []waiter
 }
 
 type waiter struct {
@@ -95,7 +106,14 @@ type waiter struct {
 
 func (s *Store) flushLoop() {
 	defer s.flusherWG.Done()
-	f := &flusher{s: s, compl: make(chan *writeJob, s.opts.QueueDepth)}
+	f := &flusher{s: s, compl: make(chan *writeJob, s.opts.QueueDepth), commitQ: make(chan commitReq), commitDone: make(chan struct{})}
+	go func() {
+		for req := range f.commitQ {
+			f.commit(req.jobs, req.waiters)
+			f.commitDone <- struct{}{}
+		}
+	}()
+	defer close(f.commitQ)
 	for {
 		f.maybeCommit()
 		ops := s.ops
@@ -106,6 +124,8 @@ func (s *Store) flushLoop() {
 		case j := <-f.compl:
 			f.inflight--
 			j.done = true
+		case <-f.commitDone:
+			f.committing = false
 		case o := <-ops:
 			switch o.kind {
 			case opWrite:
@@ -138,6 +158,9 @@ func (f *flusher) donePrefix() (int, int64) {
 // maybeCommit commits the completed prefix when a waiter can be answered,
 // when enough bytes await, or when the flusher is idle.
 func (f *flusher) maybeCommit() {
+	if f.committing {
+		return
+	}
 	n, bytes := f.donePrefix()
 	upTo := f.committed
 	if n > 0 {
@@ -156,15 +179,20 @@ func (f *flusher) maybeCommit() {
 	if len(ready) == 0 && !(n > 0 && (bytes >= f.s.opts.CommitBytes || idle)) {
 		return
 	}
-	jobs := f.queue[:n]
+	jobs := f.queue[:n:n]
 	f.queue = f.queue[n:]
 	f.waiters = rest
 	f.committed = upTo
-	f.commit(jobs, ready)
+	f.committing = true
+	f.commitQ <- commitReq{jobs, ready}
 }
 
 // drain waits for every write in flight and commits everything.
 func (f *flusher) drain() {
+	if f.committing {
+		<-f.commitDone
+		f.committing = false
+	}
 	for f.inflight > 0 {
 		j := <-f.compl
 		f.inflight--

@@ -268,7 +268,7 @@ func Open(opts Options) (*Store, error) {
 	if opts.Engine != nil {
 		s.eng = opts.Engine
 	} else {
-		if s.eng, err = iouring.New(iouring.Config{Kind: opts.EngineKind, Entries: nextPow2(max(opts.QueueDepth*2, 64)), Logf: opts.Logf}); err != nil {
+		if s.eng, err = iouring.New(iouring.Config{Kind: opts.EngineKind, Entries: nextPow2(max(opts.QueueDepth*4, iouring.DefaultEntries)), Logf: opts.Logf}); err != nil {
 			return nil, err
 		}
 		s.ownEng = true
