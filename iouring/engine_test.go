@@ -405,3 +405,36 @@ func TestRegisteredFiles(t *testing.T) {
 		t.Fatalf("read through an unregistered index: %v, want EBADF", err)
 	}
 }
+
+// TestSubmitSliceReuse: a caller may reuse its slice of requests as soon as
+// Submit returns.
+func TestSubmitSliceReuse(t *testing.T) {
+	for _, ec := range engines {
+		t.Run(ec.name, func(t *testing.T) {
+			e := newEngine(t, ec.kind, 16)
+			fd, _ := directFile(t, 64*Alignment)
+			b, _ := Alloc(64 * Alignment)
+			defer b.Free()
+			done := make(chan *Request, 64)
+			batch := make([]*Request, 0, 8)
+			for round := 0; round < 8; round++ {
+				batch = batch[:0]
+				for i := 0; i < 8; i++ {
+					k := round*8 + i
+					batch = append(batch, &Request{Op: OpRead, Fd: fd, Buf: b.Bytes()[k*Alignment : (k+1)*Alignment], Off: int64(k * Alignment)})
+				}
+				if err := e.Submit(batch, func(r *Request) { done <- r }); err != nil {
+					t.Fatal(err)
+				}
+				for i := range batch {
+					batch[i] = nil // reuse
+				}
+			}
+			for i := 0; i < 64; i++ {
+				if r := <-done; r.Err != nil {
+					t.Fatal(r.Err)
+				}
+			}
+		})
+	}
+}

@@ -63,7 +63,8 @@ func (f *Fallback) Submit(reqs []*Request, done func(*Request)) error {
 		q.total = q.length()
 		if !q.Link || i == len(reqs)-1 {
 			f.stats.submitted.Add(uint64(i + 1 - start))
-			f.queue <- reqs[start : i+1]
+			// A copy: the caller may reuse its slice once Submit returns.
+			f.queue <- append([]*Request(nil), reqs[start:i+1]...)
 			start = i + 1
 		}
 	}
