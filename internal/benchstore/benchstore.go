@@ -11,6 +11,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"sort"
 	"sync"
 	"syscall"
 	"time"
@@ -282,6 +283,12 @@ func Run(o Options) (*Result, error) {
 	return res, nil
 }
 
+func median(v []float64) float64 {
+	s := append([]float64(nil), v...)
+	sort.Float64s(s)
+	return s[len(s)/2]
+}
+
 func mean(v []float64) float64 {
 	t := 0.0
 	for _, x := range v {
@@ -322,39 +329,44 @@ func appendCost(st *chunk.Store, ident *chunk.Identity, plan []chunk.LayerPlan, 
 	if err := wr.Flush(); err != nil {
 		return 0, 0, err
 	}
-	var dur time.Duration
-	for done := 0; done < steps; done += 64 {
-		start := time.Now()
-		for i := 0; i < 64; i++ {
-			if err := wr.AppendToken(rows); err != nil {
-				return 0, 0, err
-			}
-		}
-		dur += time.Since(start)
-		if err := wr.Flush(); err != nil {
-			return 0, 0, err
-		}
-	}
-	appendUS := float64(dur.Microseconds()) / steps
-	if err := wr.Close(); err != nil {
-		return 0, 0, err
-	}
-	// Baseline: the same bytes copied into a 64-token layer-major buffer.
+	// Baseline: the same bytes copied into a 64-token layer-major buffer,
+	// timed in rounds alternating with the appends' rounds so both see the
+	// same machine; each side reports its median round.
 	layerOff := make([]int, len(plan))
 	off := 0
 	for l, p := range plan {
 		layerOff[l] = off
 		off += 64 * int(p.RowBytes)
 	}
-	bufs := [][]byte{make([]byte, off), make([]byte, off)}
-	start := time.Now()
-	for i := 0; i < steps; i++ {
-		b := bufs[(i/64)%2]
-		t := i % 64
-		for l, r := range rows {
-			copy(b[layerOff[l]+t*len(r):], r)
-		}
+	// One destination, reused every round, as the store reuses the slab a
+	// flush just returned.
+	b := make([]byte, off)
+	for i := range b {
+		b[i] = 1
 	}
-	copyUS := float64(time.Since(start).Microseconds()) / steps
+	var appendRounds, copyRounds []float64
+	for r := 0; r < steps/64; r++ {
+		start := time.Now()
+		for i := 0; i < 64; i++ {
+			if err := wr.AppendToken(rows); err != nil {
+				return 0, 0, err
+			}
+		}
+		appendRounds = append(appendRounds, float64(time.Since(start).Nanoseconds())/64/1e3)
+		if err := wr.Flush(); err != nil {
+			return 0, 0, err
+		}
+		start = time.Now()
+		for t := 0; t < 64; t++ {
+			for l, row := range rows {
+				copy(b[layerOff[l]+t*len(row):], row)
+			}
+		}
+		copyRounds = append(copyRounds, float64(time.Since(start).Nanoseconds())/64/1e3)
+	}
+	if err := wr.Close(); err != nil {
+		return 0, 0, err
+	}
+	appendUS, copyUS := median(appendRounds), median(copyRounds)
 	return appendUS, max(copyUS, 1e-3), nil
 }
