@@ -30,6 +30,7 @@ import (
 	"math"
 	"sort"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/cockroachdb/pebble/v2/vfs"
@@ -204,7 +205,8 @@ type Store struct {
 	nextSeg    uint32
 	nextGen    uint64
 	closed     bool
-	failed     error // a fatal index error: the store refuses writes
+	closedFlag atomic.Bool // closed, readable without s.mu (writers check it)
+	failed     error       // a fatal index error: the store refuses writes
 
 	ops       chan op
 	flusherWG sync.WaitGroup
@@ -563,8 +565,10 @@ func (s *Store) Recovery() Recovery { return s.recovery }
 // EngineName names the I/O engine in use.
 func (s *Store) EngineName() string { return s.eng.Name() }
 
-// Close flushes nothing on its own (open writers must be flushed by their
-// owners), stops the flusher and closes files and the index.
+// Close stops the flusher and closes files and the index. It flushes
+// nothing: rows of writers still open are dropped (flush or close writers
+// first), and those writers fail with ErrClosed afterwards. It must not run
+// concurrently with calls on those writers.
 func (s *Store) Close() error {
 	s.mu.Lock()
 	if s.closed {
@@ -572,7 +576,20 @@ func (s *Store) Close() error {
 		return nil
 	}
 	s.closed = true
+	s.closedFlag.Store(true)
+	// Writers still open lose their unflushed rows: their staging memory
+	// is released below, and their methods fail with ErrClosed from now.
+	var open []*Writer
+	for _, c := range s.ctxs {
+		if c.writer != nil {
+			open = append(open, c.writer)
+		}
+	}
 	s.mu.Unlock()
+	for _, w := range open {
+		w.abandon()
+		w.closeErr = ErrClosed
+	}
 	done := make(chan error, 1)
 	s.ops <- op{kind: opClose, done: done}
 	<-done

@@ -584,3 +584,86 @@ func TestCrashKeepsAcknowledged(t *testing.T) {
 	}
 	s.Close()
 }
+
+// TestConcurrentWritersAndReaders: many goroutines, each with its own
+// contexts, append both ways, flush, restore and delete at once (run under
+// -race), and a store closed under an open writer refuses it cleanly.
+func TestConcurrentWritersAndReaders(t *testing.T) {
+	for _, backend := range backends {
+		t.Run(backend, func(t *testing.T) {
+			seed := time.Now().UnixNano()
+			t.Logf("seed %d", seed)
+			e := newEnv(t, backend, func(o *Options) { o.SegmentBytes = 1 << 20; o.CacheBytes = 1 << 20 })
+			s := e.open()
+			ident := testIdentity("m")
+			var wg sync.WaitGroup
+			errs := make(chan error, 8)
+			for g := 0; g < 8; g++ {
+				wg.Add(1)
+				go func(g int) {
+					defer wg.Done()
+					rng := rand.New(rand.NewSource(seed + int64(g)))
+					for k := 0; k < 4; k++ {
+						id := fmt.Sprintf("g%d-%d", g, k)
+						w, err := s.Create("ns", id, ident, CreateOptions{})
+						if err != nil {
+							errs <- err
+							return
+						}
+						n := 0
+						for step := 0; step < 6; step++ {
+							m := 1 + rng.Intn(20)
+							if rng.Intn(2) == 0 {
+								appendTokens(t, w, ident, id, n, n+m)
+							} else {
+								appendPrefill(t, w, ident, id, n, n+m)
+							}
+							n += m
+							if err := w.Flush(); err != nil {
+								errs <- err
+								return
+							}
+							if _, err := s.Restore("ns", id, ident, func(layer int, rows []byte) error {
+								if !bytes.Equal(rows, expectLayer(id, layer, n, int(ident.Plan[layer].RowBytes))) {
+									return fmt.Errorf("%s layer %d differs", id, layer)
+								}
+								return nil
+							}); err != nil {
+								errs <- err
+								return
+							}
+						}
+						if err := w.Close(); err != nil {
+							errs <- err
+							return
+						}
+						if k%2 == 1 {
+							if err := s.Delete("ns", id); err != nil {
+								errs <- err
+								return
+							}
+						}
+					}
+				}(g)
+			}
+			wg.Wait()
+			close(errs)
+			for err := range errs {
+				t.Fatal(err)
+			}
+			if r := s.Check(nil); !r.OK() {
+				t.Fatal(r.Errors)
+			}
+			// A writer left open when the store closes fails afterwards.
+			w, _ := s.Create("ns", "left-open", ident, CreateOptions{})
+			appendTokens(t, w, ident, "left-open", 0, 70)
+			s.Close()
+			if err := w.AppendToken(make([][]byte, len(ident.Plan))); !errors.Is(err, ErrClosed) {
+				t.Fatalf("append after store close: %v", err)
+			}
+			if err := w.Close(); !errors.Is(err, ErrClosed) {
+				t.Fatalf("writer close after store close: %v", err)
+			}
+		})
+	}
+}

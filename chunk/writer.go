@@ -257,6 +257,9 @@ func (w *Writer) group(g uint32) ([]byte, error) {
 }
 
 func (w *Writer) check() error {
+	if w.s.closedFlag.Load() {
+		return ErrClosed
+	}
 	if w.closed {
 		return errors.New("chunk: writer is closed")
 	}
