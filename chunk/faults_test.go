@@ -5,6 +5,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync/atomic"
 	"syscall"
 	"testing"
 
@@ -262,3 +263,53 @@ func (walSync) Evaluate(op errorfs.Op) bool {
 	return (op.Kind == errorfs.OpFileSync || op.Kind == errorfs.OpFileSyncData) && strings.HasSuffix(op.Path, ".log")
 }
 func (walSync) String() string { return "wal-sync" }
+
+// TestSegmentSyncFailure: an fdatasync of a segment fails once (errorfs).
+// The flush fails, nothing written to that segment before the failure is
+// ever indexed, the segment is sealed, and writing resumes in a new one.
+func TestSegmentSyncFailure(t *testing.T) {
+	var armed atomic.Bool
+	inj := errorfs.InjectorFunc(func(op errorfs.Op) error {
+		if (op.Kind == errorfs.OpFileSyncData || op.Kind == errorfs.OpFileSync) && strings.Contains(op.Path, "seg-") && armed.CompareAndSwap(true, false) {
+			return errorfs.ErrInjected
+		}
+		return nil
+	})
+	s, err := Open(Options{FS: errorfs.Wrap(vfs.NewMem(), inj), Dir: "/s", ChunkTokens: 16, SegmentBytes: 1 << 20, Logf: t.Logf})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	ident := testIdentity("m")
+	w, _ := s.Create("ns", "c", ident, CreateOptions{})
+	appendTokens(t, w, ident, "c", 0, 40)
+	if err := w.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	first := s.Segments()
+	armed.Store(true)
+	appendTokens(t, w, ident, "c", 40, 80)
+	if err := w.Flush(); !errors.Is(err, errorfs.ErrInjected) {
+		t.Fatalf("flush over a failed fdatasync: %v", err)
+	}
+	verify(t, s, "ns", "c", ident, 40)
+	if err := w.Close(); err == nil {
+		t.Fatal("close of the failed writer succeeded")
+	}
+	w, err = s.Append("ns", "c", ident)
+	if err != nil {
+		t.Fatal(err)
+	}
+	appendTokens(t, w, ident, "c", 40, 60)
+	if err := w.Close(); err != nil {
+		t.Fatal(err)
+	}
+	verify(t, s, "ns", "c", ident, 60)
+	segs := s.Segments()
+	if len(segs) <= len(first) || !segs[0].Sealed {
+		t.Fatalf("segments before %+v, after %+v: want the failed one sealed and a new one", first, segs)
+	}
+	if r := s.Check(nil); !r.OK() {
+		t.Fatal(r.Errors)
+	}
+}

@@ -272,7 +272,10 @@ func (f *flusher) startWrite(o op) {
 	})
 }
 
-var errSkipped = errors.New("chunk: write skipped")
+var (
+	errSkipped    = errors.New("chunk: write skipped")
+	errSyncFailed = errors.New("chunk: an fdatasync of the segment failed earlier")
+)
 
 // reserve allocates length bytes at the append point, rotating to a new
 // segment when the active one is full.
@@ -369,6 +372,7 @@ func (f *flusher) commit(jobs []*writeJob, waiters []waiter) {
 			syncErr = err
 			s.opts.Logf("chunk: fdatasync of segment %d failed (%v); its unindexed writes are dropped and the segment is sealed", sg.id, err)
 			s.mu.Lock()
+			sg.syncFailed = true
 			if rec := s.segRecs[sg.id]; rec != nil {
 				rec.Sealed = true
 			}
@@ -392,6 +396,12 @@ func (f *flusher) commit(jobs []*writeJob, waiters []waiter) {
 	newTokens := map[*ctxState]uint64{}
 	for _, j := range jobs {
 		c := j.c
+		if j.err == nil && syncErr == nil && j.seg.syncFailed {
+			// Written before an fdatasync of its segment failed, even if
+			// a later one succeeded: the kernel may have dropped it
+			// (fsyncgate). Never index it.
+			j.err = errSyncFailed
+		}
 		if j.err != nil || syncErr != nil {
 			if j.err != errSkipped && c.writeErr == nil {
 				if j.err == nil {

@@ -15,7 +15,7 @@ type GCResult struct {
 	Err          error
 }
 
-// GC compacts sealed segments whose live fraction is below GCLiveRatio: their
+// GC compacts segments other than the active one whose live fraction is below GCLiveRatio: their
 // live records are rewritten at the append point, the index is switched to
 // the new locations in one synced batch, and the old files are deleted once
 // no restore reads them. Restores are not blocked; writes wait while it runs.
@@ -32,7 +32,7 @@ func (s *Store) gcNow() GCResult {
 	s.mu.Lock()
 	var victims []uint32
 	for id, rec := range s.segRecs {
-		if !rec.Sealed || (s.active != nil && s.active.id == id) || s.segs[id] == nil {
+		if (s.active != nil && s.active.id == id) || s.segs[id] == nil {
 			continue
 		}
 		used := rec.Written - min(rec.Written, segHeaderBytes)

@@ -23,8 +23,9 @@ type segFile struct {
 	eng  iouring.Engine
 
 	// guarded by Store.mu
-	refs   int  // restores reading it
-	doomed bool // removed from the index; delete the file at refs == 0
+	refs       int  // restores reading it
+	doomed     bool // removed from the index; delete the file at refs == 0
+	syncFailed bool // an fdatasync failed: nothing written since opening is trusted
 }
 
 func segName(id uint32) string { return fmt.Sprintf("seg-%08d.hcs", id) }

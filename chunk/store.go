@@ -455,6 +455,13 @@ func (s *Store) recover() error {
 		s.recovery.UnindexedRecords = s.countTail(sg, rec.Written)
 		break
 	}
+	// Every other segment takes no more appends (a seal is recorded in the
+	// index only when its record is next written).
+	for id, rec := range s.segRecs {
+		if s.active == nil || id != s.active.id {
+			rec.Sealed = true
+		}
+	}
 	// Contexts.
 	err = s.db.Scan([]byte{'c'}, []byte{'d'}, func(k, v []byte) error {
 		ns, id, err := lsm.ParseContextKey(k)
