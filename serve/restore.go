@@ -6,6 +6,7 @@
 package serve
 
 import (
+	"crypto/sha256"
 	"fmt"
 	"time"
 
@@ -14,10 +15,18 @@ import (
 	"github.com/hcache/hcache/model"
 )
 
+// RowLayout names how Saver lays rows out; it is part of every identity, so
+// states saved under another layout are never served.
+const RowLayout = "hcache rows v1: hidden = layer input after the pre-attention norm, rounded to the model dtype; kv = K then V, [kv_heads x head_dim] each, K after rope"
+
 // Identity is the store identity of a model's states under a plan: the model
-// fingerprint (architecture, dtype, rope, layout and K/V weights) and the plan.
+// fingerprint (architecture, dtype, rope and K/V weights) bound to the row
+// layout, and the plan.
 func Identity(c *model.Config, w *model.Weights, plan []chunk.LayerPlan) *chunk.Identity {
-	return &chunk.Identity{Model: model.Fingerprint(c, w), Plan: plan}
+	h := sha256.New()
+	h.Write(model.Fingerprint(c, w))
+	h.Write([]byte(RowLayout))
+	return &chunk.Identity{Model: h.Sum(nil), Plan: plan}
 }
 
 // Saver turns forward-pass traces into store appends: a prefill (many
