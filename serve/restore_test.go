@@ -1,6 +1,7 @@
 package serve
 
 import (
+	"errors"
 	"fmt"
 	"math"
 	"math/rand"
@@ -127,5 +128,53 @@ func TestLosslessGenerationAfterRestore(t *testing.T) {
 				t.Fatalf("tokens after restore differ:\n got  %v\n want %v", got2, second)
 			}
 		})
+	}
+}
+
+// TestIdentityCoversModelAndLayout: states saved for one model are refused
+// for another weights revision, another dtype or rope setting, and another
+// plan; the consumer never sees a row.
+func TestIdentityCoversModelAndLayout(t *testing.T) {
+	st, err := chunk.Open(chunk.Options{Dir: t.TempDir(), ChunkTokens: 16, SegmentBytes: 8 << 20, Logf: t.Logf})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer st.Close()
+	c, _ := model.Preset("tiny-llama")
+	w := model.Synthesize(c, 1)
+	plan := c.PlanOf(chunk.LayerHidden)
+	ident := Identity(c, w, plan)
+	wr, _ := st.Create("ns", "ctx", ident, chunk.CreateOptions{})
+	wr.AppendLayer(0, make([]byte, 3*c.HiddenRowBytes()))
+	for l := 1; l < c.Layers; l++ {
+		wr.AppendLayer(l, make([]byte, 3*c.HiddenRowBytes()))
+	}
+	if err := wr.Close(); err != nil {
+		t.Fatal(err)
+	}
+	bf16 := *c
+	bf16.DType = "bfloat16"
+	rope := *c
+	rope.RopeTheta = 500000
+	cases := []struct {
+		name  string
+		ident *chunk.Identity
+	}{
+		{"other weights revision", Identity(c, model.Synthesize(c, 2), plan)},
+		{"other dtype", Identity(&bf16, w, plan)},
+		{"other rope theta", Identity(&rope, w, plan)},
+		{"other plan", Identity(c, w, c.PlanOf(chunk.LayerKV))},
+	}
+	for _, cs := range cases {
+		_, err := st.Restore("ns", "ctx", cs.ident, func(int, []byte) error {
+			t.Fatalf("%s: a row was served", cs.name)
+			return nil
+		})
+		if !errors.Is(err, chunk.ErrIdentityMismatch) {
+			t.Fatalf("%s: %v, want ErrIdentityMismatch", cs.name, err)
+		}
+	}
+	if n, err := st.Restore("ns", "ctx", Identity(c, w, plan), func(int, []byte) error { return nil }); err != nil || n != 3 {
+		t.Fatalf("the same identity: %d tokens, %v", n, err)
 	}
 }
