@@ -308,14 +308,14 @@ func (s *Store) Restore(ns, id string, ident *Identity, fn func(layer int, rows 
 			case out <- layerOut{l, buf, rows, err}:
 			case <-stop:
 				if buf != nil {
-					s.scratch.put(buf)
+					s.readBufs.put(buf)
 				}
 				err = errStopped
 			}
 			if err != nil {
 				if next != nil {
 					if b, _, _ := next.finish(); b != nil {
-						s.scratch.put(b)
+						s.readBufs.put(b)
 					}
 				}
 				return
@@ -338,7 +338,7 @@ func (s *Store) Restore(ns, id string, ident *Identity, fn func(layer int, rows 
 			}
 		}
 		if lo.buf != nil {
-			s.scratch.put(lo.buf)
+			s.readBufs.put(lo.buf)
 		}
 	}
 	if firstErr != nil {
@@ -364,7 +364,7 @@ func (s *Store) startLayer(sn *snapshot, si int) *layerRead {
 	layer := sn.c.stored[si]
 	rb := int(sn.c.ident.Plan[layer].RowBytes)
 	total := sn.tokens * rb
-	buf, err := s.scratch.get(total + BlockBytes)
+	buf, err := s.readBufs.get(total + BlockBytes)
 	if err != nil {
 		return &layerRead{err: err}
 	}
@@ -377,7 +377,7 @@ func (s *Store) startLayer(sn *snapshot, si int) *layerRead {
 	}
 	f, err := s.fetchStart(sn.c, items, true)
 	if err != nil {
-		s.scratch.put(buf)
+		s.readBufs.put(buf)
 		return &layerRead{err: err}
 	}
 	return &layerRead{s: s, buf: buf, rows: mem[:total], fetch: f}
@@ -389,7 +389,7 @@ func (lr *layerRead) finish() (*iouring.AlignedBuffer, []byte, error) {
 		return nil, nil, lr.err
 	}
 	if err := lr.fetch.finish(); err != nil {
-		lr.s.scratch.put(lr.buf)
+		lr.s.readBufs.put(lr.buf)
 		return nil, nil, err
 	}
 	return lr.buf, lr.rows, nil

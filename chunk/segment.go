@@ -192,8 +192,10 @@ func (s *segFile) size() (int64, error) {
 // alignedScratch hands out aligned temporary buffers (bounce buffers for
 // compressed or unaligned slices, headers).
 type alignedScratch struct {
-	mu   sync.Mutex
-	free map[int][]*iouring.AlignedBuffer
+	mu    sync.Mutex
+	free  map[int][]*iouring.AlignedBuffer
+	hooks BufferHooks
+	logf  func(string, ...any)
 }
 
 func (a *alignedScratch) get(n int) (*iouring.AlignedBuffer, error) {
@@ -206,7 +208,20 @@ func (a *alignedScratch) get(n int) (*iouring.AlignedBuffer, error) {
 		return b, nil
 	}
 	a.mu.Unlock()
-	return iouring.Alloc(n)
+	b, err := iouring.Alloc(n)
+	if err == nil && a.hooks.Register != nil {
+		if err := a.hooks.Register(b.Bytes()); err != nil && a.logf != nil {
+			a.logf("chunk: registering a %d-byte read buffer: %v (used unregistered)", n, err)
+		}
+	}
+	return b, err
+}
+
+func (a *alignedScratch) free1(b *iouring.AlignedBuffer) {
+	if a.hooks.Unregister != nil {
+		a.hooks.Unregister(b.Bytes())
+	}
+	b.Free()
 }
 
 // maxScratchPerSize bounds the idle buffers kept per size.
@@ -220,7 +235,7 @@ func (a *alignedScratch) put(b *iouring.AlignedBuffer) {
 		a.free = map[int][]*iouring.AlignedBuffer{}
 	}
 	if len(a.free[n]) >= maxScratchPerSize {
-		b.Free()
+		a.free1(b)
 		return
 	}
 	a.free[n] = append(a.free[n], b)
@@ -231,7 +246,7 @@ func (a *alignedScratch) release() {
 	defer a.mu.Unlock()
 	for _, l := range a.free {
 		for _, b := range l {
-			b.Free()
+			a.free1(b)
 		}
 	}
 	a.free = nil

@@ -90,6 +90,10 @@ type Options struct {
 	GCLiveRatio float64
 	// DisableDirect keeps segments on the vfs.File path even for real files.
 	DisableDirect bool
+	// ReadBuffers are called as the store maps and unmaps the buffers
+	// Restore hands layers over in, so a GPU backend can pin each once
+	// (cuMemHostRegister) and copy straight from it.
+	ReadBuffers BufferHooks
 	// Logf reports notable events; default log.Printf.
 	Logf func(string, ...any)
 	// OnEvict is called (from the flusher) for each context evicted for space.
@@ -149,6 +153,14 @@ func (o *Options) fill() error {
 	return nil
 }
 
+// BufferHooks see the life of restore buffers: Register after one is
+// mapped, Unregister before it is unmapped. A Register error is logged and
+// the buffer used as it is.
+type BufferHooks struct {
+	Register   func(mem []byte) error
+	Unregister func(mem []byte)
+}
+
 // Errors callers can test with errors.Is.
 var (
 	ErrNotFound         = errors.New("chunk: context not found")
@@ -191,7 +203,8 @@ type Store struct {
 	ownEng   bool
 	lock     interface{ Close() error }
 	ct       int
-	scratch  alignedScratch
+	scratch  alignedScratch // headers, bounce buffers
+	readBufs alignedScratch // the buffers Restore hands layers over in
 	staging  staging
 	cache    *sliceCache
 	recovery Recovery
@@ -296,6 +309,7 @@ func Open(opts Options) (*Store, error) {
 	if err := s.recover(); err != nil {
 		return nil, err
 	}
+	s.readBufs.hooks, s.readBufs.logf = opts.ReadBuffers, opts.Logf
 	s.staging.init(opts.StagingBytes)
 	s.cache = newSliceCache(opts.CacheBytes)
 	s.recovery.Duration = time.Since(start)
@@ -612,6 +626,7 @@ func (s *Store) Close() error {
 	}
 	s.staging.release()
 	s.scratch.release()
+	s.readBufs.release()
 	if s.ownEng {
 		s.eng.Close()
 	}

@@ -9,6 +9,7 @@ import (
 	"sync"
 	"testing"
 	"time"
+	"unsafe"
 
 	"github.com/cockroachdb/pebble/v2/vfs"
 )
@@ -665,5 +666,60 @@ func TestConcurrentWritersAndReaders(t *testing.T) {
 				t.Fatalf("writer close after store close: %v", err)
 			}
 		})
+	}
+}
+
+// TestReadBufferHooks: every buffer Restore hands rows over in was
+// registered (as a GPU backend pins them), and each is unregistered once.
+func TestReadBufferHooks(t *testing.T) {
+	var mu sync.Mutex
+	registered := map[*byte]int{}
+	e := newEnv(t, "disk", func(o *Options) {
+		o.ReadBuffers = BufferHooks{
+			Register: func(m []byte) error {
+				mu.Lock()
+				registered[&m[0]] = len(m)
+				mu.Unlock()
+				return nil
+			},
+			Unregister: func(m []byte) {
+				mu.Lock()
+				if _, ok := registered[&m[0]]; !ok {
+					t.Errorf("unregister of a buffer never registered")
+				}
+				delete(registered, &m[0])
+				mu.Unlock()
+			},
+		}
+	})
+	s := e.open()
+	ident := testIdentity("m")
+	w, _ := s.Create("ns", "c", ident, CreateOptions{})
+	appendTokens(t, w, ident, "c", 0, 50)
+	w.Close()
+	inside := func(rows []byte) bool {
+		mu.Lock()
+		defer mu.Unlock()
+		p := uintptr(unsafe.Pointer(&rows[0]))
+		for start, n := range registered {
+			if a := uintptr(unsafe.Pointer(start)); p >= a && p+uintptr(len(rows)) <= a+uintptr(n) {
+				return true
+			}
+		}
+		return false
+	}
+	for i := 0; i < 3; i++ {
+		if _, err := s.Restore("ns", "c", ident, func(layer int, rows []byte) error {
+			if !inside(rows) {
+				return fmt.Errorf("layer %d handed over outside a registered buffer", layer)
+			}
+			return nil
+		}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	s.Close()
+	if len(registered) != 0 {
+		t.Fatalf("%d buffers still registered after Close", len(registered))
 	}
 }
