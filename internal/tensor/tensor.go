@@ -34,11 +34,26 @@ func Dot(a, b []float32) float32 {
 }
 
 // MatMulT computes out[n x o] = x[n x d] * w^T + bias, where w is [o x d]
-// (the Hugging Face Linear layout) and bias may be nil. Rows of out are split
-// across goroutines; each element is one Dot.
+// (the Hugging Face Linear layout) and bias may be nil. It is register-
+// blocked over four rows of x, so each row of w is read once per four
+// tokens instead of once per token; every element is still summed exactly
+// as Dot sums it, so the result does not depend on the blocking or on how
+// rows are split across goroutines.
 func MatMulT(out, x []float32, n, d int, w []float32, o int, bias []float32) {
 	work := func(r0, r1 int) {
-		for i := r0; i < r1; i++ {
+		i := r0
+		for ; i+4 <= r1; i += 4 {
+			x0, x1 := x[i*d:(i+1)*d], x[(i+1)*d:(i+2)*d]
+			x2, x3 := x[(i+2)*d:(i+3)*d], x[(i+3)*d:(i+4)*d]
+			for j := 0; j < o; j++ {
+				v0, v1, v2, v3 := dot4(x0, x1, x2, x3, w[j*d:(j+1)*d])
+				if bias != nil {
+					v0, v1, v2, v3 = v0+bias[j], v1+bias[j], v2+bias[j], v3+bias[j]
+				}
+				out[i*o+j], out[(i+1)*o+j], out[(i+2)*o+j], out[(i+3)*o+j] = v0, v1, v2, v3
+			}
+		}
+		for ; i < r1; i++ {
 			xi := x[i*d : (i+1)*d]
 			oi := out[i*o : (i+1)*o]
 			for j := 0; j < o; j++ {
@@ -51,6 +66,63 @@ func MatMulT(out, x []float32, n, d int, w []float32, o int, bias []float32) {
 		}
 	}
 	parallel(n, n*o*d, work)
+}
+
+// dot4 returns Dot(a, w), Dot(b, w), Dot(c, w), Dot(e, w) with Dot's exact
+// summation order, reading w once.
+func dot4(a, b, c, e, w []float32) (float32, float32, float32, float32) {
+	n := len(w)
+	a, b, c, e = a[:n], b[:n], c[:n], e[:n]
+	var a0, a1, a2, a3, a4, a5, a6, a7 float32
+	var b0, b1, b2, b3, b4, b5, b6, b7 float32
+	var c0, c1, c2, c3, c4, c5, c6, c7 float32
+	var e0, e1, e2, e3, e4, e5, e6, e7 float32
+	i := 0
+	for ; i+8 <= n; i += 8 {
+		w0, w1, w2, w3, w4, w5, w6, w7 := w[i], w[i+1], w[i+2], w[i+3], w[i+4], w[i+5], w[i+6], w[i+7]
+		a0 += a[i] * w0
+		a1 += a[i+1] * w1
+		a2 += a[i+2] * w2
+		a3 += a[i+3] * w3
+		a4 += a[i+4] * w4
+		a5 += a[i+5] * w5
+		a6 += a[i+6] * w6
+		a7 += a[i+7] * w7
+		b0 += b[i] * w0
+		b1 += b[i+1] * w1
+		b2 += b[i+2] * w2
+		b3 += b[i+3] * w3
+		b4 += b[i+4] * w4
+		b5 += b[i+5] * w5
+		b6 += b[i+6] * w6
+		b7 += b[i+7] * w7
+		c0 += c[i] * w0
+		c1 += c[i+1] * w1
+		c2 += c[i+2] * w2
+		c3 += c[i+3] * w3
+		c4 += c[i+4] * w4
+		c5 += c[i+5] * w5
+		c6 += c[i+6] * w6
+		c7 += c[i+7] * w7
+		e0 += e[i] * w0
+		e1 += e[i+1] * w1
+		e2 += e[i+2] * w2
+		e3 += e[i+3] * w3
+		e4 += e[i+4] * w4
+		e5 += e[i+5] * w5
+		e6 += e[i+6] * w6
+		e7 += e[i+7] * w7
+	}
+	for ; i < n; i++ {
+		a0 += a[i] * w[i]
+		b0 += b[i] * w[i]
+		c0 += c[i] * w[i]
+		e0 += e[i] * w[i]
+	}
+	return ((a0 + a1) + (a2 + a3)) + ((a4 + a5) + (a6 + a7)),
+		((b0 + b1) + (b2 + b3)) + ((b4 + b5) + (b6 + b7)),
+		((c0 + c1) + (c2 + c3)) + ((c4 + c5) + (c6 + c7)),
+		((e0 + e1) + (e2 + e3)) + ((e4 + e5) + (e6 + e7))
 }
 
 // parallel splits [0, n) across GOMAXPROCS goroutines when the work is big.
