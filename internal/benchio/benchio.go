@@ -8,13 +8,13 @@ import (
 	"io"
 	"os"
 	"path/filepath"
-	"sort"
 	"time"
 
 	"golang.org/x/sys/unix"
 
 	"github.com/hcache/hcache/internal/fio"
 	"github.com/hcache/hcache/internal/progress"
+	"github.com/hcache/hcache/internal/stat"
 	"github.com/hcache/hcache/iouring"
 )
 
@@ -149,20 +149,14 @@ func Run(o Options) (*Result, error) {
 			}
 		}
 	}
-	res.WriteGBps, res.ReadGBps = median(ws), median(rs)
+	res.WriteGBps, res.ReadGBps = stat.Median(ws), stat.Median(rs)
 	if o.SkipFio {
 		return res, nil
 	}
-	res.FioWriteGBps, res.FioReadGBps = median(fws), median(frs)
+	res.FioWriteGBps, res.FioReadGBps = stat.Median(fws), stat.Median(frs)
 	res.WriteRatio = res.WriteGBps / res.FioWriteGBps
 	res.ReadRatio = res.ReadGBps / res.FioReadGBps
 	return res, nil
-}
-
-func median(v []float64) float64 {
-	s := append([]float64(nil), v...)
-	sort.Float64s(s)
-	return s[len(s)/2]
 }
 
 // stream keeps QD requests of BlockSize in flight over the whole file, in

@@ -11,7 +11,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"sort"
 	"sync"
 	"syscall"
 	"time"
@@ -19,6 +18,7 @@ import (
 	"github.com/hcache/hcache/chunk"
 	"github.com/hcache/hcache/internal/fio"
 	"github.com/hcache/hcache/internal/progress"
+	"github.com/hcache/hcache/internal/stat"
 	"github.com/hcache/hcache/model"
 )
 
@@ -244,7 +244,7 @@ func Run(o Options) (*Result, error) {
 			return nil, err
 		}
 	}
-	res.RestoreGBps = mean(restores)
+	res.RestoreGBps = stat.Mean(restores)
 
 	// Decode-step appends against a plain copy of the same bytes.
 	if res.AppendTokenUS, res.CopyUS, err = appendCost(st, ident, plan, src); err != nil {
@@ -276,25 +276,11 @@ func Run(o Options) (*Result, error) {
 	st.Close()
 
 	if !o.SkipFio {
-		res.FioWriteGBps, res.FioReadGBps = mean(fioW), mean(fioR)
+		res.FioWriteGBps, res.FioReadGBps = stat.Mean(fioW), stat.Mean(fioR)
 		res.SaveRatio = res.SaveGBps / res.FioWriteGBps
 		res.RestoreRatio = res.RestoreGBps / res.FioReadGBps
 	}
 	return res, nil
-}
-
-func median(v []float64) float64 {
-	s := append([]float64(nil), v...)
-	sort.Float64s(s)
-	return s[len(s)/2]
-}
-
-func mean(v []float64) float64 {
-	t := 0.0
-	for _, x := range v {
-		t += x
-	}
-	return t / float64(len(v))
 }
 
 func rawPerToken(plan []chunk.LayerPlan) int {
@@ -367,6 +353,6 @@ func appendCost(st *chunk.Store, ident *chunk.Identity, plan []chunk.LayerPlan, 
 	if err := wr.Close(); err != nil {
 		return 0, 0, err
 	}
-	appendUS, copyUS := median(appendRounds), median(copyRounds)
+	appendUS, copyUS := stat.Median(appendRounds), stat.Median(copyRounds)
 	return appendUS, max(copyUS, 1e-3), nil
 }
