@@ -1,8 +1,10 @@
 package chunk
 
 import (
+	"errors"
 	"fmt"
 	"sort"
+	"time"
 
 	"github.com/hcache/hcache/lsm"
 )
@@ -27,9 +29,8 @@ func (s *Store) GC() GCResult {
 	return <-done
 }
 
-func (s *Store) gcNow() GCResult {
-	var res GCResult
-	s.mu.Lock()
+// gcVictims lists the segments worth compacting. Call with s.mu held.
+func (s *Store) gcVictims() []uint32 {
 	var victims []uint32
 	for id, rec := range s.segRecs {
 		if (s.active != nil && s.active.id == id) || s.segs[id] == nil {
@@ -40,6 +41,36 @@ func (s *Store) gcNow() GCResult {
 			victims = append(victims, id)
 		}
 	}
+	return victims
+}
+
+// gcLoop runs GC every interval when a segment is worth compacting.
+func (s *Store) gcLoop(interval time.Duration) {
+	defer s.gcWG.Done()
+	t := time.NewTicker(interval)
+	defer t.Stop()
+	for {
+		select {
+		case <-s.gcStop:
+			return
+		case <-t.C:
+		}
+		s.mu.Lock()
+		n := len(s.gcVictims())
+		s.mu.Unlock()
+		if n == 0 {
+			continue
+		}
+		if res := s.GC(); res.Err != nil && !errors.Is(res.Err, ErrClosed) {
+			s.opts.Logf("chunk: background GC: %v", res.Err)
+		}
+	}
+}
+
+func (s *Store) gcNow() GCResult {
+	var res GCResult
+	s.mu.Lock()
+	victims := s.gcVictims()
 	s.mu.Unlock()
 	sort.Slice(victims, func(i, j int) bool { return victims[i] < victims[j] })
 	for _, id := range victims {

@@ -54,6 +54,7 @@ const (
 	DefaultQueueDepth    = 32
 	DefaultCommitBytes   = 256 << 20
 	DefaultGCLiveRatio   = 0.5
+	DefaultGCInterval    = 30 * time.Second
 )
 
 // Options configure a Store. Zero values take the defaults above.
@@ -86,8 +87,12 @@ type Options struct {
 	// CommitBytes: the flusher indexes written groups once this many bytes
 	// await a commit even when nobody is waiting (bounds replay loss).
 	CommitBytes int64
-	// GCLiveRatio: sealed segments with live/written below it are compacted.
+	// GCLiveRatio: segments (not the active one) with live/written below
+	// it are compacted.
 	GCLiveRatio float64
+	// GCInterval is how often the store looks for segments to compact on
+	// its own; -1 leaves GC to explicit Store.GC calls.
+	GCInterval time.Duration
 	// DisableDirect keeps segments on the vfs.File path even for real files.
 	DisableDirect bool
 	// ReadBuffers are called as the store maps and unmaps the buffers
@@ -143,6 +148,9 @@ func (o *Options) fill() error {
 	}
 	if o.GCLiveRatio == 0 {
 		o.GCLiveRatio = DefaultGCLiveRatio
+	}
+	if o.GCInterval == 0 {
+		o.GCInterval = DefaultGCInterval
 	}
 	if o.GCLiveRatio < 0 || o.GCLiveRatio > 1 {
 		return fmt.Errorf("chunk: GCLiveRatio %v not in [0, 1]", o.GCLiveRatio)
@@ -223,6 +231,8 @@ type Store struct {
 
 	ops       chan op
 	flusherWG sync.WaitGroup
+	gcStop    chan struct{}
+	gcWG      sync.WaitGroup
 	stats     storeStats
 }
 
@@ -315,6 +325,11 @@ func Open(opts Options) (*Store, error) {
 	s.recovery.Duration = time.Since(start)
 	s.flusherWG.Add(1)
 	go s.flushLoop()
+	s.gcStop = make(chan struct{})
+	if opts.GCInterval > 0 {
+		s.gcWG.Add(1)
+		go s.gcLoop(opts.GCInterval)
+	}
 	ok = true
 	return s, nil
 }
@@ -598,6 +613,7 @@ func (s *Store) Close() error {
 	}
 	s.closed = true
 	s.closedFlag.Store(true)
+	close(s.gcStop)
 	// Writers still open lose their unflushed rows: their staging memory
 	// is released below, and their methods fail with ErrClosed from now.
 	var open []*Writer
@@ -611,6 +627,7 @@ func (s *Store) Close() error {
 		w.abandon()
 		w.closeErr = ErrClosed
 	}
+	s.gcWG.Wait()
 	done := make(chan error, 1)
 	s.ops <- op{kind: opClose, done: done}
 	<-done

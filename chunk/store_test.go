@@ -723,3 +723,39 @@ func TestReadBufferHooks(t *testing.T) {
 		t.Fatalf("%d buffers still registered after Close", len(registered))
 	}
 }
+
+// TestBackgroundGC: with GCInterval set, mostly dead segments are compacted
+// without anyone calling GC, and everything live still restores.
+func TestBackgroundGC(t *testing.T) {
+	e := newEnv(t, "mem", func(o *Options) { o.SegmentBytes = 1 << 20; o.GCInterval = 5 * time.Millisecond })
+	s := e.open()
+	defer s.Close()
+	ident := testIdentity("m")
+	for i := 0; i < 24; i++ {
+		id := fmt.Sprint("c", i)
+		w, _ := s.Create("ns", id, ident, CreateOptions{})
+		appendPrefill(t, w, ident, id, 0, 48)
+		if err := w.Close(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	before := len(s.Segments())
+	for i := 0; i < 24; i++ {
+		if i%4 != 0 {
+			s.Delete("ns", fmt.Sprint("c", i))
+		}
+	}
+	deadline := time.Now().Add(20 * time.Second)
+	for s.Stats().GCRuns == 0 {
+		if time.Now().After(deadline) {
+			t.Fatalf("no background GC ran (%d segments)", before)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	for i := 0; i < 24; i += 4 {
+		verify(t, s, "ns", fmt.Sprint("c", i), ident, 48)
+	}
+	if r := s.Check(nil); !r.OK() {
+		t.Fatal(r.Errors)
+	}
+}
