@@ -27,7 +27,8 @@ func (r *CheckReport) OK() bool { return len(r.Errors) == 0 }
 // header matches it, and each slice must pass its checksum; each context's
 // groups must be contiguous and cover its tokens; each segment's live count
 // must equal the bytes its chunk keys reference. Run it with no writer
-// active. It reads everything and changes nothing.
+// active and background GC off (Options.GCInterval -1). It reads everything
+// and changes nothing.
 func (s *Store) Check(progress func(done, total int)) *CheckReport {
 	r := &CheckReport{}
 	errf := func(format string, args ...any) { r.Errors = append(r.Errors, fmt.Sprintf(format, args...)) }

@@ -74,7 +74,7 @@ func openStoreFlags(name string, args []string, stderr io.Writer) (*chunk.Store,
 	if _, err := os.Stat(*dir); err != nil {
 		return nil, false, fmt.Errorf("store directory: %w", err)
 	}
-	st, err := chunk.Open(chunk.Options{Dir: *dir, Logf: func(f string, a ...any) { fmt.Fprintf(stderr, f+"\n", a...) }})
+	st, err := chunk.Open(chunk.Options{Dir: *dir, GCInterval: -1, Logf: func(f string, a ...any) { fmt.Fprintf(stderr, f+"\n", a...) }})
 	return st, *asJSON, err
 }
 

@@ -27,7 +27,7 @@ const StressChunkTokens = 16
 // stressOptions are the store settings of the stress workload; chunkTokens 0
 // accepts an existing store's.
 func stressOptions(dir string, chunkTokens int) chunk.Options {
-	return chunk.Options{Dir: dir, ChunkTokens: chunkTokens, SegmentBytes: 4 << 20, CapacityBytes: -1, GCLiveRatio: 0.6,
+	return chunk.Options{Dir: dir, ChunkTokens: chunkTokens, SegmentBytes: 4 << 20, CapacityBytes: -1, GCLiveRatio: 0.6, GCInterval: 20 * time.Millisecond,
 		Logf: func(string, ...any) {}}
 }
 
@@ -252,7 +252,9 @@ func KillLoop(o KillOptions, rep *Report) error {
 
 // checkStore opens the store after a kill and checks it against the model.
 func checkStore(dir string, ident *chunk.Identity, model map[string]*ackModel, rep *Report, where string) error {
-	st, err := chunk.Open(stressOptions(dir, 0))
+	opts := stressOptions(dir, 0)
+	opts.GCInterval = -1 // Check needs a still store
+	st, err := chunk.Open(opts)
 	if err != nil {
 		rep.FsckErrors++
 		rep.fail("%s: open: %v", where, err)

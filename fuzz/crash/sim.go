@@ -7,6 +7,7 @@ import (
 	randv2 "math/rand/v2"
 	"sort"
 	"sync"
+	"time"
 
 	"github.com/cockroachdb/pebble/v2/vfs"
 
@@ -105,7 +106,7 @@ func runCycle(rep *Report, o SimOptions, cycle int) {
 		}
 	}
 	s.opts = chunk.Options{FS: ffs, Dir: "/db", ChunkTokens: 8, SegmentBytes: chunk.MinSegmentBytes, CapacityBytes: -1,
-		CacheBytes: 1 << 16, GCLiveRatio: 0.6, Logf: func(string, ...any) {}}
+		CacheBytes: 1 << 16, GCLiveRatio: 0.6, GCInterval: 3 * time.Millisecond, Logf: func(string, ...any) {}}
 	st, err := chunk.Open(s.opts)
 	if err != nil {
 		rep.FsckErrors++
@@ -264,6 +265,7 @@ func (s *sim) crashPoint(where string) {
 	o := s.opts
 	o.FS = clone
 	o.OnEvict = nil
+	o.GCInterval = -1 // Check needs a still store
 	st, err := chunk.Open(o)
 	if err != nil {
 		s.rep.FsckErrors++
