@@ -729,7 +729,7 @@ func TestReadBufferHooks(t *testing.T) {
 func TestBackgroundGC(t *testing.T) {
 	e := newEnv(t, "mem", func(o *Options) { o.SegmentBytes = 1 << 20; o.GCInterval = 5 * time.Millisecond })
 	s := e.open()
-	defer s.Close()
+	defer func() { s.Close() }()
 	ident := testIdentity("m")
 	for i := 0; i < 24; i++ {
 		id := fmt.Sprint("c", i)
@@ -755,6 +755,10 @@ func TestBackgroundGC(t *testing.T) {
 	for i := 0; i < 24; i += 4 {
 		verify(t, s, "ns", fmt.Sprint("c", i), ident, 48)
 	}
+	// fsck wants a still store: reopen with GC off.
+	s.Close()
+	e.opts.GCInterval = -1
+	s = e.open()
 	if r := s.Check(nil); !r.OK() {
 		t.Fatal(r.Errors)
 	}
