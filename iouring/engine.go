@@ -8,9 +8,10 @@
 //
 // Callers build Requests and hand a batch to Engine.Submit with a completion
 // callback, or to Engine.Do, which blocks until every request of the batch has
-// completed. Many goroutines may submit to one engine at once: submission is
-// serialised by a mutex (one submitter at a time writes the SQ ring), and one
-// reaper goroutine per ring waits for completions and runs the callbacks.
+// completed. Many goroutines may submit to one engine at once: they queue
+// their requests for the ring goroutine (one per ring, locked to its OS
+// thread), which alone fills the SQ, enters the kernel, reaps completions and
+// runs the callbacks; it is woken through an eventfd read armed in the ring.
 // There is no goroutine per I/O.
 //
 // The number of requests in flight is bounded by the ring size (Config.Entries),
@@ -172,6 +173,7 @@ type Engine interface {
 	// the worker pool). done is called once per request, from the engine's
 	// completion goroutine, after the request's N and Err are final; it must
 	// not block. Requests with Link set chain to the next request of reqs.
+	// reqs itself may be reused once Submit returns.
 	Submit(reqs []*Request, done func(*Request)) error
 	// Do submits reqs and waits for all of them; it returns the first error.
 	Do(reqs ...*Request) error

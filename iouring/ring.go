@@ -175,7 +175,7 @@ func register(fd int, opcode uint32, arg unsafe.Pointer, nr uint32) error {
 }
 
 // NewRing sets up an io_uring with the given number of entries (the bound on
-// requests in flight) and starts its reaper goroutine.
+// requests in flight) and starts its ring goroutine.
 func NewRing(entries int) (*Ring, error) {
 	if entries < 1 || entries > MaxEntries || entries&(entries-1) != 0 {
 		return nil, fmt.Errorf("iouring: entries = %d: must be a power of two in [1, %d]", entries, MaxEntries)
