@@ -169,9 +169,9 @@ func alignmentHint(r *Request) string {
 
 // Engine runs batches of requests.
 type Engine interface {
-	// Submit queues reqs and returns once all are handed to the kernel (or
-	// the worker pool). done is called once per request, from the engine's
-	// completion goroutine, after the request's N and Err are final; it must
+	// Submit queues reqs for the ring goroutine (or the worker pool),
+	// waiting while the engine's in-flight bound is reached. done is called
+	// once per request, from the engine's goroutine, after the request's N and Err are final; it must
 	// not block. Requests with Link set chain to the next request of reqs.
 	// reqs itself may be reused once Submit returns.
 	Submit(reqs []*Request, done func(*Request)) error
