@@ -82,7 +82,7 @@ func Run(o Options) (*Result, error) {
 	dir := filepath.Join(o.Dir, "hcache-bench-store")
 	os.RemoveAll(dir)
 	defer os.RemoveAll(dir)
-	opts := chunk.Options{Dir: dir, CacheBytes: 0, CapacityBytes: -1, Compression: o.Compression,
+	opts := chunk.Options{Dir: dir, CacheBytes: 0, CapacityBytes: -1, Compression: o.Compression, GCInterval: -1,
 		StagingBytes: int64(o.Writers+1) * int64(o.Tokens+64) * int64(rawPerToken(plan)), Logf: func(string, ...any) {}}
 	st, err := chunk.Open(opts)
 	if err != nil {
