@@ -313,3 +313,34 @@ func TestSegmentSyncFailure(t *testing.T) {
 		t.Fatal(r.Errors)
 	}
 }
+
+// TestLiveCountRecountedOnOpen: a stored segment live count that disagrees
+// with the chunk keys is recounted on open and reported.
+func TestLiveCountRecountedOnOpen(t *testing.T) {
+	e := newEnv(t, "mem", nil)
+	s := e.open()
+	ident := testIdentity("m")
+	w, _ := s.Create("ns", "c", ident, CreateOptions{})
+	appendTokens(t, w, ident, "c", 0, 40)
+	w.Close()
+	seg := s.Segments()[0]
+	b := s.db.NewBatch()
+	b.Set(lsm.SegmentKey(seg.ID), (&lsm.Segment{Written: seg.Written, Live: seg.Live + 4096}).Encode())
+	if err := b.Commit(true); err != nil {
+		t.Fatal(err)
+	}
+	s.Close()
+	s = e.open()
+	defer s.Close()
+	if n := s.Recovery().LiveRecounted; n != 1 {
+		t.Fatalf("LiveRecounted = %d, want 1", n)
+	}
+	if got := s.Segments()[0].Live; got != seg.Live {
+		t.Fatalf("live after recount %d, want %d", got, seg.Live)
+	}
+	r := s.Check(nil)
+	if !r.OK() || len(r.Orphans) == 0 {
+		t.Fatalf("fsck: errors %v, notes %v", r.Errors, r.Orphans)
+	}
+	verify(t, s, "ns", "c", ident, 40)
+}

@@ -39,6 +39,9 @@ func (s *Store) Check(progress func(done, total int)) *CheckReport {
 	if rec.UnindexedRecords > 0 {
 		r.Orphans = append(r.Orphans, fmt.Sprintf("%d unindexed records past the append point (discarded)", rec.UnindexedRecords))
 	}
+	if rec.LiveRecounted > 0 {
+		r.Orphans = append(r.Orphans, fmt.Sprintf("%d segment live counts disagreed with the chunk keys on open (recounted)", rec.LiveRecounted))
+	}
 	if rec.MissingSegments > 0 {
 		errf("%d indexed segments have no file", rec.MissingSegments)
 	}

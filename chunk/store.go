@@ -243,6 +243,7 @@ type Recovery struct {
 	OrphanSegments   int // segment files not in the index (removed)
 	MissingSegments  int // indexed segments without a file
 	UnindexedRecords int // records past the append point (discarded)
+	LiveRecounted    int // segments whose stored live count disagreed with the chunk keys (recounted)
 	Duration         time.Duration
 }
 
@@ -535,14 +536,20 @@ func (s *Store) recover() error {
 		return err
 	}
 	// Per-context live bytes, for eviction; chunks of a missing segment
-	// damage their context.
-	return s.db.Scan([]byte{'k'}, []byte{'l'}, func(k, v []byte) error {
+	// damage their context. Segment live counts are derived from the same
+	// scan: the chunk keys are the truth, the stored count a summary that
+	// the next commit of the segment rewrites.
+	liveBySeg := map[uint32]uint64{}
+	err = s.db.Scan([]byte{'k'}, []byte{'l'}, func(k, v []byte) error {
 		ns, id, _, err := lsm.ParseChunkKey(k)
 		if err != nil {
 			return err
 		}
-		c := s.ctxs[ctxMapKey(ns, id)]
 		ch, derr := lsm.DecodeChunk(v)
+		if derr == nil {
+			liveBySeg[ch.Segment] += uint64(ch.Length)
+		}
+		c := s.ctxs[ctxMapKey(ns, id)]
 		if c == nil {
 			return nil
 		}
@@ -553,6 +560,17 @@ func (s *Store) recover() error {
 		c.live += int64(ch.Length)
 		return nil
 	})
+	if err != nil {
+		return err
+	}
+	for id, rec := range s.segRecs {
+		if rec.Live != liveBySeg[id] {
+			s.recovery.LiveRecounted++
+			s.opts.Logf("chunk: segment %d: stored live count %d, chunk keys reference %d; using the latter", id, rec.Live, liveBySeg[id])
+			rec.Live = liveBySeg[id]
+		}
+	}
+	return nil
 }
 
 // countTail counts the valid records a crash left past the append point.

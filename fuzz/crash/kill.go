@@ -261,6 +261,7 @@ func checkStore(dir string, ident *chunk.Identity, model map[string]*ackModel, r
 		return nil
 	}
 	defer st.Close()
+	rep.LiveRecounted += st.Recovery().LiveRecounted
 	ids := map[string]bool{}
 	for id := range model {
 		ids[id] = true

@@ -132,6 +132,7 @@ type Report struct {
 	LostAcked     int      `json:"lost_acked"`
 	TornServed    int      `json:"torn_served"`
 	FsckErrors    int      `json:"fsck_errors"`
+	LiveRecounted int      `json:"live_recounted"` // stored segment live counts corrected on open (not data loss)
 	Failures      []string `json:"failures,omitempty"`
 }
 

@@ -273,6 +273,7 @@ func (s *sim) crashPoint(where string) {
 		return
 	}
 	defer st.Close()
+	s.rep.LiveRecounted += st.Recovery().LiveRecounted
 	ids := make([]string, 0, len(expects))
 	for id := range expects {
 		ids = append(ids, id)
