@@ -266,6 +266,8 @@ func (s *sim) crashPoint(where string) {
 	o.FS = clone
 	o.OnEvict = nil
 	o.GCInterval = -1 // Check needs a still store
+	var logged []string
+	o.Logf = func(format string, args ...any) { logged = append(logged, fmt.Sprintf(format, args...)) }
 	st, err := chunk.Open(o)
 	if err != nil {
 		s.rep.FsckErrors++
@@ -273,7 +275,10 @@ func (s *sim) crashPoint(where string) {
 		return
 	}
 	defer st.Close()
-	s.rep.LiveRecounted += st.Recovery().LiveRecounted
+	if n := st.Recovery().LiveRecounted; n > 0 {
+		s.rep.LiveRecounted += n
+		s.rep.fail("%s: note: %v", tag, logged)
+	}
 	ids := make([]string, 0, len(expects))
 	for id := range expects {
 		ids = append(ids, id)
