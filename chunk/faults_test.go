@@ -324,12 +324,18 @@ func TestLiveCountRecountedOnOpen(t *testing.T) {
 	appendTokens(t, w, ident, "c", 0, 40)
 	w.Close()
 	seg := s.Segments()[0]
-	b := s.db.NewBatch()
+	s.Close()
+	// Tamper with the stored count while the store is closed.
+	db, err := lsm.Open(e.fs, e.fs.PathJoin(e.dir, "index"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	b := db.NewBatch()
 	b.Set(lsm.SegmentKey(seg.ID), (&lsm.Segment{Written: seg.Written, Live: seg.Live + 4096}).Encode())
 	if err := b.Commit(true); err != nil {
 		t.Fatal(err)
 	}
-	s.Close()
+	db.Close()
 	s = e.open()
 	defer s.Close()
 	if n := s.Recovery().LiveRecounted; n != 1 {

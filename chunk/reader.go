@@ -275,14 +275,13 @@ func (s *Store) Restore(ns, id string, ident *Identity, fn func(layer int, rows 
 		return 0, fmt.Errorf("chunk: restore %s/%s: %w", ns, id, err)
 	}
 	c.lastUse = time.Now().UnixNano()
-	lastUse := c.lastUse
+	c.useDirty = true // persisted with the next index commit
 	s.mu.Unlock()
 	defer func() {
 		s.mu.Lock()
 		s.unref(sn.segs)
 		s.mu.Unlock()
 	}()
-	_ = s.db.Set(lsm.LastUseKey(ns, id), lsm.EncodeNanos(lsm.KindLastUse, lastUse))
 
 	type layerOut struct {
 		layer int

@@ -192,6 +192,7 @@ type ctxState struct {
 	sliceOf  []int // layer -> index in stored, or -1
 	live     int64 // bytes of its records (approximate until first commit)
 	lastUse  int64
+	useDirty bool // lastUse changed since it was last written
 	writer   *Writer
 	deleted  bool
 	dirty    bool // rec must be written at the next commit

@@ -113,10 +113,6 @@ func (b *Batch) Delete(key []byte) { _ = b.b.Delete(key, nil) }
 // DeleteRange removes [lo, hi).
 func (b *Batch) DeleteRange(lo, hi []byte) { _ = b.b.DeleteRange(lo, hi, nil) }
 
-// LogData adds a WAL-only entry (it makes a synced commit of an otherwise
-// empty batch reach the disk, and with it every earlier unsynced commit).
-func (b *Batch) LogData(data []byte) { _ = b.b.LogData(data, nil) }
-
 // Empty reports whether the batch holds no mutation.
 func (b *Batch) Empty() bool { return b.b.Empty() }
 
@@ -135,9 +131,3 @@ func (b *Batch) Commit(sync bool) (err error) {
 
 // Discard drops an uncommitted batch.
 func (b *Batch) Discard() { b.b.Close() }
-
-// Set writes one key outside a batch, without sync (last-use times).
-func (d *DB) Set(key, value []byte) (err error) {
-	defer catchFatal(&err)
-	return d.db.Set(key, value, pebble.NoSync)
-}

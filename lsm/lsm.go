@@ -7,7 +7,7 @@
 //	"m" "meta"                              -> Meta      (format version, chunk tokens)
 //	"n" ns                                  -> Namespace (creation time)
 //	"c" ns 0x00 id                          -> Context   (identity, tokens, generation, flags)
-//	"u" ns 0x00 id                          -> last use  (unix nanoseconds; written without sync)
+//	"u" ns 0x00 id                          -> last use  (unix nanoseconds)
 //	"k" ns 0x00 id 0x00 group(uint32 BE)    -> Chunk     (segment, offset, per-layer slices)
 //	"s" segment(uint32 BE)                  -> Segment   (written bytes, live bytes, sealed)
 //
