@@ -27,7 +27,9 @@ func TestSIGKILLKeepsAcknowledged(t *testing.T) {
 	t.Logf("seed %d", seed)
 	dir := t.TempDir()
 	rep := &Report{Seed: seed}
-	err := KillLoop(KillOptions{Dir: dir, Cycles: 8, Seed: seed, Command: func(s int64) *exec.Cmd {
+	// The child is this test binary (slow to start under -race): give it
+	// time to open the store and acknowledge something before the kill.
+	err := KillLoop(KillOptions{Dir: dir, Cycles: 8, Seed: seed, MinRun: 150 * time.Millisecond, MaxRun: 600 * time.Millisecond, Command: func(s int64) *exec.Cmd {
 		cmd := exec.Command(os.Args[0], "-test.run=^$")
 		cmd.Env = append(os.Environ(), "HCACHE_STRESS_DIR="+dir, fmt.Sprint("HCACHE_STRESS_SEED=", s))
 		return cmd
