@@ -763,3 +763,50 @@ func TestBackgroundGC(t *testing.T) {
 		t.Fatal(r.Errors)
 	}
 }
+
+// TestPinSurvivesReopenAndEviction: Pin exempts a context from eviction,
+// durably; unpinning makes it evictable again.
+func TestPinSurvivesReopenAndEviction(t *testing.T) {
+	e := newEnv(t, "mem", nil)
+	s := e.open()
+	ident := testIdentity("m")
+	w, _ := s.Create("ns", "keep", ident, CreateOptions{})
+	appendTokens(t, w, ident, "keep", 0, 16)
+	w.Close()
+	if err := s.Pin("ns", "keep", true); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Pin("ns", "missing", true); !errors.Is(err, ErrNotFound) {
+		t.Fatalf("Pin of a missing context: %v", err)
+	}
+	s.Close()
+	s = e.open()
+	defer func() { s.Close() }()
+	if c := s.Contexts(); len(c) != 1 || !c[0].Pinned {
+		t.Fatalf("after reopen: %+v", c)
+	}
+	// Capacity below one context: only the pinned one is left, and it stays.
+	s.Close()
+	e.opts.CapacityBytes = 1
+	s = e.open()
+	w, _ = s.Create("ns", "other", ident, CreateOptions{})
+	appendTokens(t, w, ident, "other", 0, 16)
+	if err := w.Close(); err != nil {
+		t.Fatal(err)
+	}
+	// Eviction runs after a commit and spares contexts with an open writer.
+	third, _ := s.Create("ns", "third", ident, CreateOptions{})
+	appendTokens(t, third, ident, "third", 0, 16)
+	if err := third.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	ids := []string{}
+	for _, c := range s.Contexts() {
+		ids = append(ids, c.ID)
+	}
+	if fmt.Sprint(ids) != "[keep third]" {
+		t.Fatalf("contexts after eviction: %v, want [keep third]", ids)
+	}
+	verify(t, s, "ns", "keep", ident, 16)
+	third.Close()
+}
