@@ -36,6 +36,7 @@ func stressOptions(dir string, chunkTokens int) chunk.Options {
 // left), flushes, deletes and compacts, printing one line per acknowledgement
 // to out, unbuffered, after the call returned:
 //
+//	READY               the store is open
 //	ACK <id> <tokens>   Flush returned: tokens are durable
 //	DELSTART <id>       Delete is about to be called
 //	DEL <id>            Delete returned
@@ -48,6 +49,7 @@ func Stress(dir string, seed int64, ops, chunkTokens int, out io.Writer) error {
 		return err
 	}
 	defer st.Close()
+	fmt.Fprintln(out, "READY")
 	ident := Identity()
 	rng := rand.New(rand.NewSource(seed))
 	type live struct {
@@ -146,6 +148,7 @@ func Stress(dir string, seed int64, ops, chunkTokens int, out io.Writer) error {
 
 // ackModel is what the parent learned from a child's lines.
 type ackModel struct {
+	everAcked     bool
 	acked         int
 	ackedExists   bool
 	deleteStarted bool
@@ -192,25 +195,43 @@ func KillLoop(o KillOptions, rep *Report) error {
 		var lines []string
 		var mu sync.Mutex
 		done := make(chan struct{})
+		ready := make(chan struct{})
 		go func() {
 			defer close(done)
 			sc := bufio.NewScanner(stdout)
 			for sc.Scan() {
+				if sc.Text() == "READY" {
+					close(ready)
+					continue
+				}
 				mu.Lock()
 				lines = append(lines, sc.Text())
 				mu.Unlock()
 			}
 		}()
+		// The random run starts once the writer has opened the store, so
+		// a slow start (a loaded machine, -race) does not eat it.
 		run := o.MinRun + time.Duration(rng.Int63n(int64(o.MaxRun-o.MinRun)))
 		exited := make(chan error, 1)
 		go func() { <-done; exited <- cmd.Wait() }()
+		timer := time.After(readyTimeout)
+		select {
+		case <-ready:
+			timer = time.After(run)
+		case err := <-exited:
+			return fmt.Errorf("crash: writer (seed %d) exited before opening the store: %v: %s", childSeed, err, stderr.String())
+		case <-timer:
+			cmd.Process.Signal(syscall.SIGKILL)
+			<-exited
+			return fmt.Errorf("crash: writer (seed %d) did not open the store within %v", childSeed, readyTimeout)
+		}
 		select {
 		case err := <-exited:
 			// The writer stopped by itself: only a failure is news.
 			if err != nil {
 				return fmt.Errorf("crash: writer (seed %d) failed: %v: %s", childSeed, err, stderr.String())
 			}
-		case <-time.After(run):
+		case <-timer:
 			cmd.Process.Signal(syscall.SIGKILL)
 			<-exited
 		}
@@ -228,6 +249,7 @@ func KillLoop(o KillOptions, rep *Report) error {
 			case "ACK":
 				n, _ := strconv.Atoi(f[2])
 				m.acked, m.ackedExists, m.deleteStarted, m.deleteAcked = max(m.acked, n), true, false, false
+				m.everAcked = true
 			case "DELSTART":
 				m.deleteStarted = true
 			case "DEL":
@@ -242,13 +264,18 @@ func KillLoop(o KillOptions, rep *Report) error {
 		bar.Add(1)
 	}
 	bar.Finish()
+	// Every context acknowledged at some point was checked after each
+	// kill that followed.
 	for _, m := range model {
-		if m.ackedExists && !m.deleteStarted {
+		if m.everAcked {
 			rep.AckedContexts++
 		}
 	}
 	return nil
 }
+
+// readyTimeout bounds how long a writer may take to open the store.
+const readyTimeout = 60 * time.Second
 
 // checkStore opens the store after a kill and checks it against the model.
 func checkStore(dir string, ident *chunk.Identity, model map[string]*ackModel, rep *Report, where string) error {
