@@ -113,16 +113,6 @@ func (p *Pool) Memory() []byte { return p.buf.mem }
 // Get takes a slab, waiting for one if all are out.
 func (p *Pool) Get() []byte { return <-p.free }
 
-// TryGet takes a slab if one is free.
-func (p *Pool) TryGet() ([]byte, bool) {
-	select {
-	case b := <-p.free:
-		return b, true
-	default:
-		return nil, false
-	}
-}
-
 // Put returns a slab taken from this pool.
 func (p *Pool) Put(b []byte) {
 	if cap(b) != p.slabBytes {

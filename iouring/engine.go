@@ -320,7 +320,7 @@ var ErrUnaligned = fmt.Errorf("unaligned O_DIRECT transfer: %w", syscall.EINVAL)
 // ErrClosed is returned by Submit on a closed engine.
 var ErrClosed = errors.New("iouring: engine closed")
 
-// eofOrShort decides what a transfer of n more bytes (n >= 0) means for r.
+// advance decides what a transfer of n more bytes (n >= 0) means for r.
 // It returns done=true when r is complete, else r must be resumed.
 func advance(r *Request, n int) (done bool, err error) {
 	r.N += n

@@ -136,18 +136,6 @@ func ParseSegmentKey(k []byte) (uint32, error) {
 	return binary.BigEndian.Uint32(k[1:]), nil
 }
 
-// PrefixEnd returns the exclusive upper bound of keys starting with p.
-func PrefixEnd(p []byte) []byte {
-	end := append([]byte(nil), p...)
-	for i := len(end) - 1; i >= 0; i-- {
-		if end[i] < 0xff {
-			end[i]++
-			return end[:i+1]
-		}
-	}
-	return nil
-}
-
 // Framing.
 
 func frame(kind byte, payload []byte) []byte {

@@ -184,9 +184,6 @@ func OpenTensors(dir string) (*TensorSet, error) {
 	return ts, nil
 }
 
-// Has reports whether a tensor exists.
-func (ts *TensorSet) Has(name string) bool { _, ok := ts.lookup[name]; return ok }
-
 // Read loads a tensor as float32 and checks its shape.
 func (ts *TensorSet) Read(name string, shape ...int64) ([]float32, error) {
 	st := ts.lookup[name]
