@@ -350,3 +350,18 @@ func TestLiveCountRecountedOnOpen(t *testing.T) {
 	}
 	verify(t, s, "ns", "c", ident, 40)
 }
+
+// TestSecondOpenRefused: a store directory in use is refused to a second
+// opener (one process per directory), and free again once closed.
+func TestSecondOpenRefused(t *testing.T) {
+	e := newEnv(t, "disk", nil)
+	s := e.open()
+	if s2, err := Open(e.opts); err == nil {
+		s2.Close()
+		t.Fatal("a second Open of a directory in use succeeded")
+	} else if !strings.Contains(err.Error(), "in use") {
+		t.Fatalf("second Open: %v, want an error saying the directory is in use", err)
+	}
+	s.Close()
+	e.open().Close()
+}
