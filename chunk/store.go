@@ -587,14 +587,13 @@ func (s *Store) countTail(sg *segFile, written uint64) int {
 		return 0
 	}
 	defer s.scratch.put(buf)
-	b := buf.Bytes()[:roundUp(int(n))]
-	if int(n)%BlockBytes != 0 && sg.fd >= 0 {
+	b := buf.Bytes()[:n]
+	// A tail that is not whole blocks is refused by an O_DIRECT read:
+	// then there is nothing to count.
+	if err := sg.readAt(b, int64(written)); err != nil {
 		return 0
 	}
-	if err := sg.readAt(b[:n], int64(written)); err != nil {
-		return 0
-	}
-	return len(ScanRecords(b[:n], written))
+	return len(ScanRecords(b, written))
 }
 
 func (c *ctxState) setIdentity(id *Identity) {
