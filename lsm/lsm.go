@@ -29,6 +29,7 @@ import (
 	"errors"
 	"fmt"
 	"hash/crc32"
+	"strings"
 )
 
 // FormatVersion is the version of every value this package writes.
@@ -57,7 +58,7 @@ func ValidateName(what, s string) error {
 	if len(s) == 0 || len(s) > MaxNameBytes {
 		return fmt.Errorf("%s %q: length %d not in [1, %d]", what, s, len(s), MaxNameBytes)
 	}
-	if bytes.IndexByte([]byte(s), 0) >= 0 {
+	if strings.IndexByte(s, 0) >= 0 {
 		return fmt.Errorf("%s %q: contains a NUL byte", what, s)
 	}
 	return nil
