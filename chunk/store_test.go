@@ -12,6 +12,8 @@ import (
 	"unsafe"
 
 	"github.com/cockroachdb/pebble/v2/vfs"
+
+	"github.com/hcache/hcache/internal/rows"
 )
 
 // backends runs each test on the crashable in-memory FS and on real files
@@ -58,25 +60,7 @@ func testIdentity(model string) *Identity {
 }
 
 // row returns the deterministic row of (ctx, layer, token).
-func row(ctx string, layer, token, n int) []byte {
-	b := make([]byte, n)
-	x := uint64(token*1315423911+layer*2654435761) ^ hashString(ctx)
-	for i := range b {
-		x ^= x << 13
-		x ^= x >> 7
-		x ^= x << 17
-		b[i] = byte(x)
-	}
-	return b
-}
-
-func hashString(s string) uint64 {
-	h := uint64(14695981039346656037)
-	for i := 0; i < len(s); i++ {
-		h = (h ^ uint64(s[i])) * 1099511628211
-	}
-	return h
-}
+func row(ctx string, layer, token, n int) []byte { return rows.Row(ctx, layer, token, n) }
 
 // expectLayer is the rows of tokens [0, n) of a layer.
 func expectLayer(ctx string, layer, n, rb int) []byte {

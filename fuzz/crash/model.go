@@ -13,9 +13,9 @@ package crash
 import (
 	"errors"
 	"fmt"
-	"hash/fnv"
 
 	"github.com/hcache/hcache/chunk"
+	"github.com/hcache/hcache/internal/rows"
 )
 
 // Identity is the plan the harness stores: a hidden layer, a KV layer, a
@@ -29,19 +29,7 @@ func Identity() *chunk.Identity {
 
 // Row is the deterministic content of (context, layer, token): any byte
 // served from another context, layer, position or incarnation differs.
-func Row(ctx string, layer, token, n int) []byte {
-	h := fnv.New64a()
-	fmt.Fprintf(h, "%s|%d|%d", ctx, layer, token)
-	x := h.Sum64() | 1
-	b := make([]byte, n)
-	for i := range b {
-		x ^= x << 13
-		x ^= x >> 7
-		x ^= x << 17
-		b[i] = byte(x)
-	}
-	return b
-}
+func Row(ctx string, layer, token, n int) []byte { return rows.Row(ctx, layer, token, n) }
 
 // TokenRows returns rows of one token for every layer (nil where none).
 func TokenRows(ident *chunk.Identity, ctx string, token int) [][]byte {
