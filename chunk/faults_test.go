@@ -326,7 +326,7 @@ func TestLiveCountRecountedOnOpen(t *testing.T) {
 	seg := s.Segments()[0]
 	s.Close()
 	// Tamper with the stored count while the store is closed.
-	db, err := lsm.Open(e.fs, e.fs.PathJoin(e.dir, "index"))
+	db, err := lsm.Open(e.fs, e.fs.PathJoin(e.dir, "index"), lsm.Options{})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -222,13 +222,16 @@ func (f *flusher) startWrite(o op) {
 	s.mu.Lock()
 	binding, gen, stored := c.binding, c.rec.Gen, c.stored
 	plan := c.ident.Plan
+	encIdent := c.rec.Identity
 	skip := c.deleted || c.writeErr != nil
 	s.mu.Unlock()
 	if skip {
 		fail(errSkipped)
 		return
 	}
-	hb := headerBytesFor(len(stored))
+	h := RecordHeader{ChunkTokens: uint16(s.ct), Tokens: uint16(o.tokens), Group: o.group, Gen: gen, Binding: binding,
+		Version: formatVersion, Namespace: c.ns, ContextID: c.id, Identity: encIdent}
+	hb := headerBytesFor(len(stored), h.descBytes())
 	j.chunk = lsm.Chunk{Tokens: uint16(o.tokens), Slices: make([]lsm.Slice, len(stored))}
 	payload := [][]byte{}
 	var err error
@@ -238,7 +241,8 @@ func (f *flusher) startWrite(o op) {
 			fail(err)
 			return
 		}
-	} else {
+	} else if o.tokens == s.ct || len(stored) >= maxIovecs {
+		// A full group: the slab is written as it is.
 		for i, l := range stored {
 			raw := o.tokens * int(plan[l].RowBytes)
 			rows := o.slab[o.layerOff[l] : o.layerOff[l]+raw]
@@ -246,6 +250,18 @@ func (f *flusher) startWrite(o op) {
 				CRC: sliceCRC(&binding, o.group, uint16(l), rows)}
 		}
 		payload = [][]byte{o.slab[:o.groupBytes]}
+	} else {
+		// A partial group: each layer's slice takes its rows rounded up
+		// to a block, not the full chunk's room (one iovec per layer).
+		pos := 0
+		for i, l := range stored {
+			raw := o.tokens * int(plan[l].RowBytes)
+			rows := o.slab[o.layerOff[l] : o.layerOff[l]+raw]
+			j.chunk.Slices[i] = lsm.Slice{Layer: uint16(l), Off: uint32(hb + pos), Stored: uint32(raw), Raw: uint32(raw),
+				CRC: sliceCRC(&binding, o.group, uint16(l), rows)}
+			payload = append(payload, o.slab[o.layerOff[l]:o.layerOff[l]+roundUp(raw)])
+			pos += roundUp(raw)
+		}
 	}
 	length := hb
 	for _, p := range payload {
@@ -262,8 +278,7 @@ func (f *flusher) startWrite(o op) {
 		fail(err)
 		return
 	}
-	h := RecordHeader{HeaderBytes: uint32(hb), RecordBytes: uint64(length), Segment: seg.id, ChunkTokens: uint16(s.ct),
-		Tokens: uint16(o.tokens), Group: o.group, Gen: gen, Binding: binding, Slices: j.chunk.Slices}
+	h.HeaderBytes, h.RecordBytes, h.Segment, h.Slices = uint32(hb), uint64(length), seg.id, j.chunk.Slices
 	h.Encode(j.header.Bytes())
 	bufs := append([][]byte{j.header.Bytes()[:hb]}, payload...)
 	s.stats.bytesWritten.Add(uint64(length))
@@ -272,6 +287,9 @@ func (f *flusher) startWrite(o op) {
 		f.compl <- j
 	})
 }
+
+// maxIovecs bounds the iovecs of one write (the kernel's IOV_MAX is 1024).
+const maxIovecs = 1000
 
 var (
 	errSkipped    = errors.New("chunk: write skipped")

@@ -23,16 +23,20 @@
 package chunk
 
 import (
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"hash/crc32"
+	"io"
 	"log"
 	"math"
 	"sort"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
 
+	"github.com/cockroachdb/errors/oserror"
 	"github.com/cockroachdb/pebble/v2/vfs"
 
 	"github.com/hcache/hcache/iouring"
@@ -55,6 +59,8 @@ const (
 	DefaultCommitBytes   = 256 << 20
 	DefaultGCLiveRatio   = 0.5
 	DefaultGCInterval    = 30 * time.Second
+	// DefaultIdleReadBufferBytes bounds idle restore buffers.
+	DefaultIdleReadBufferBytes = 256 << 20
 )
 
 // Options configure a Store. Zero values take the defaults above.
@@ -99,6 +105,13 @@ type Options struct {
 	// Restore hands layers over in, so a GPU backend can pin each once
 	// (cuMemHostRegister) and copy straight from it.
 	ReadBuffers BufferHooks
+	// ReadOnly opens an existing store without writing anything: no lock
+	// file, no index created or recovered to disk, no orphan removed, no
+	// flusher or GC. Writes fail with ErrReadOnly. fsck and stat use it.
+	ReadOnly bool
+	// IdleReadBufferBytes bounds the restore buffers kept mapped for reuse
+	// while no restore uses them (DefaultIdleReadBufferBytes; -1: keep none).
+	IdleReadBufferBytes int64
 	// Logf reports notable events; default log.Printf.
 	Logf func(string, ...any)
 	// OnEvict is called (from the flusher) for each context evicted for space.
@@ -154,6 +167,12 @@ func (o *Options) fill() error {
 	}
 	if o.GCLiveRatio < 0 || o.GCLiveRatio > 1 {
 		return fmt.Errorf("chunk: GCLiveRatio %v not in [0, 1]", o.GCLiveRatio)
+	}
+	if o.IdleReadBufferBytes == 0 {
+		o.IdleReadBufferBytes = DefaultIdleReadBufferBytes
+	}
+	if o.IdleReadBufferBytes < 0 {
+		o.IdleReadBufferBytes = 0
 	}
 	if o.Logf == nil {
 		o.Logf = log.Printf
@@ -227,6 +246,7 @@ type Store struct {
 	nextSeg    uint32
 	nextGen    uint64
 	closed     bool
+	readOnly   bool
 	closedFlag atomic.Bool // closed, readable without s.mu (writers check it)
 	failed     error       // a fatal index error: the store refuses writes
 
@@ -241,54 +261,115 @@ type Store struct {
 type Recovery struct {
 	Contexts         int
 	Segments         int
-	OrphanSegments   int // segment files not in the index (removed)
-	MissingSegments  int // indexed segments without a file
-	UnindexedRecords int // records past the append point (discarded)
-	LiveRecounted    int // segments whose stored live count disagreed with the chunk keys (recounted)
+	OrphanSegments   int      // segment files not in the index holding no record (removed)
+	KeptOrphans      []string // segment files not in the index that hold records (kept, never opened)
+	MissingSegments  int      // indexed segments without a file
+	UnindexedRecords int      // records past the append point (discarded)
+	LiveRecounted    int      // segments whose stored live count disagreed with the chunk keys (recounted)
 	Duration         time.Duration
 }
 
-// Open opens or creates a store.
+// ErrIndexDamaged is wrapped by Open's error when the index disagrees with
+// the creation marker: missing, empty, unreadable, or its WAL replay found a
+// lost record followed by later ones. Open then changes nothing; the
+// segments still hold the data and Repair rebuilds the index from them.
+var ErrIndexDamaged = errors.New("chunk: the index is damaged")
+
+// ErrNotStore is wrapped by Open's error for a path that is not a store
+// (read-only opens never create one).
+var ErrNotStore = errors.New("chunk: not an hcache store")
+
+// ErrReadOnly is returned by every write to a store opened ReadOnly.
+var ErrReadOnly = errors.New("chunk: store opened read-only")
+
+func indexDamaged(dir string, format string, args ...any) error {
+	return fmt.Errorf("%w: %s: %s; nothing was changed: run `hcache repair --dir %s` to rebuild the index from the segments", ErrIndexDamaged, dir, fmt.Sprintf(format, args...), dir)
+}
+
+// storeEntries are the names a store directory may hold.
+var storeEntries = map[string]bool{"hcache.lock": true, createdMarker: true, "index": true, "segments": true}
+
+// Open opens or creates a store (with Options.ReadOnly: opens an existing
+// one and writes nothing).
 func Open(opts Options) (*Store, error) {
 	start := time.Now()
 	if err := opts.fill(); err != nil {
 		return nil, err
 	}
 	s := &Store{
-		opts: opts, fs: opts.FS, dir: opts.Dir,
+		opts: opts, fs: opts.FS, dir: opts.Dir, readOnly: opts.ReadOnly,
 		ctxs: map[string]*ctxState{}, segs: map[uint32]*segFile{}, segRecs: map[uint32]*lsm.Segment{},
 		namespaces: map[string]bool{}, nextSeg: 1, nextGen: 1,
 		ops: make(chan op, 1024),
 	}
 	s.segDir = s.fs.PathJoin(s.dir, "segments")
-	if err := s.fs.MkdirAll(s.segDir, 0o755); err != nil {
-		return nil, fmt.Errorf("chunk: create %s: %w", s.segDir, err)
+	st, statErr := s.fs.Stat(s.dir)
+	switch {
+	case statErr == nil && !st.IsDir():
+		return nil, fmt.Errorf("%w: %s is a file, not a store directory", ErrNotStore, s.dir)
+	case statErr != nil && s.readOnly:
+		return nil, fmt.Errorf("%w: %s: %v", ErrNotStore, s.dir, statErr)
 	}
-	lock, err := s.fs.Lock(s.fs.PathJoin(s.dir, "hcache.lock"))
-	if err != nil {
-		return nil, fmt.Errorf("chunk: %s is in use by another process: %w", s.dir, err)
+	markerPath := s.fs.PathJoin(s.dir, createdMarker)
+	hasMarker, markerErr := readMarker(s.fs, markerPath)
+	if markerErr != nil {
+		return nil, indexDamaged(s.dir, "creation marker %s: %v", markerPath, markerErr)
 	}
-	s.lock = lock
+	if !hasMarker {
+		if statErr == nil {
+			if err := s.checkUnfinished(); err != nil {
+				return nil, err
+			}
+		}
+		if s.readOnly {
+			return nil, fmt.Errorf("%w: %s has no %s", ErrNotStore, s.dir, createdMarker)
+		}
+	}
+	if !s.readOnly {
+		if err := s.fs.MkdirAll(s.segDir, 0o755); err != nil {
+			return nil, fmt.Errorf("chunk: create %s: %w", s.segDir, err)
+		}
+		lock, err := s.fs.Lock(s.fs.PathJoin(s.dir, "hcache.lock"))
+		if err != nil {
+			return nil, fmt.Errorf("chunk: %s is in use by another process: %w", s.dir, err)
+		}
+		s.lock = lock
+	}
 	ok := false
 	defer func() {
 		if !ok {
 			s.releaseOnFailedOpen()
 		}
 	}()
-	markerPath := s.fs.PathJoin(s.dir, createdMarker)
-	_, markerErr := s.fs.Stat(markerPath)
 	indexDir := s.fs.PathJoin(s.dir, "index")
-	if s.db, err = lsm.Open(s.fs, indexDir); err != nil {
-		if markerErr == nil {
-			return nil, err
+	var err error
+	if hasMarker && !s.readOnly {
+		// Read the whole index read-only first: a damaged index is
+		// refused before Pebble's own recovery rewrites anything.
+		if err := validateIndex(s.fs, indexDir); err != nil {
+			return nil, indexDamaged(s.dir, "%v", err)
 		}
-		// The store's creation was cut short (no marker): it never
-		// acknowledged anything, so start it again from nothing.
+	}
+	if hasMarker {
+		if s.readOnly {
+			if err := lsm.CheckWAL(s.fs, indexDir); err != nil {
+				return nil, indexDamaged(s.dir, "%v", err)
+			}
+		}
+		if s.db, err = lsm.Open(s.fs, indexDir, lsm.Options{ReadOnly: s.readOnly, MustExist: true}); err != nil {
+			if errors.Is(err, lsm.ErrLocked) {
+				return nil, fmt.Errorf("chunk: %s is in use by another process: %w", s.dir, err)
+			}
+			return nil, indexDamaged(s.dir, "%v", err)
+		}
+	} else if s.db, err = lsm.Open(s.fs, indexDir, lsm.Options{}); err != nil {
+		// The store's creation was cut short (no marker, no segment
+		// data): it never acknowledged anything, so start it again.
 		opts.Logf("chunk: %s: unfinished store creation (%v); creating it again", s.dir, err)
 		if err := s.fs.RemoveAll(indexDir); err != nil {
 			return nil, err
 		}
-		if s.db, err = lsm.Open(s.fs, indexDir); err != nil {
+		if s.db, err = lsm.Open(s.fs, indexDir, lsm.Options{}); err != nil {
 			return nil, err
 		}
 	}
@@ -300,17 +381,19 @@ func Open(opts Options) (*Store, error) {
 		}
 		s.ownEng = true
 	}
-	// Make the directory entries of the store itself durable (segments/,
-	// index/ and the store directory in its parent).
-	for _, d := range []string{s.fs.PathDir(s.dir), s.dir} {
-		if err := syncDir(s.fs, d); err != nil {
-			return nil, fmt.Errorf("chunk: sync directory %s: %w", d, err)
+	if !s.readOnly {
+		// Make the directory entries of the store itself durable
+		// (segments/, index/ and the store directory in its parent).
+		for _, d := range []string{s.fs.PathDir(s.dir), s.dir} {
+			if err := syncDir(s.fs, d); err != nil {
+				return nil, fmt.Errorf("chunk: sync directory %s: %w", d, err)
+			}
 		}
 	}
-	if err := s.loadMeta(); err != nil {
+	if err := s.loadMeta(hasMarker); err != nil {
 		return nil, err
 	}
-	if markerErr != nil {
+	if !hasMarker {
 		if err := writeMarker(s.fs, markerPath); err != nil {
 			return nil, fmt.Errorf("chunk: write %s: %w", markerPath, err)
 		}
@@ -319,21 +402,118 @@ func Open(opts Options) (*Store, error) {
 		}
 	}
 	if err := s.recover(); err != nil {
+		if errors.Is(err, lsm.ErrCorrupt) || errors.Is(err, lsm.ErrFatal) {
+			return nil, indexDamaged(s.dir, "%v", err)
+		}
 		return nil, err
 	}
-	s.readBufs.hooks, s.readBufs.logf = opts.ReadBuffers, opts.Logf
+	s.readBufs.hooks, s.readBufs.logf, s.readBufs.bounded, s.readBufs.limit = opts.ReadBuffers, opts.Logf, true, opts.IdleReadBufferBytes
 	s.staging.init(opts.StagingBytes)
 	s.cache = newSliceCache(opts.CacheBytes)
 	s.recovery.Duration = time.Since(start)
-	s.flusherWG.Add(1)
-	go s.flushLoop()
 	s.gcStop = make(chan struct{})
-	if opts.GCInterval > 0 {
-		s.gcWG.Add(1)
-		go s.gcLoop(opts.GCInterval)
+	if !s.readOnly {
+		s.flusherWG.Add(1)
+		go s.flushLoop()
+		if opts.GCInterval > 0 {
+			s.gcWG.Add(1)
+			go s.gcLoop(opts.GCInterval)
+		}
 	}
 	ok = true
 	return s, nil
+}
+
+// validateIndex opens the index read-only and reads every key: Pebble
+// reports a WAL that lost a synced record, a missing manifest or a corrupt
+// sstable block as an error here, without writing anything.
+func validateIndex(fs vfs.FS, dir string) error {
+	if err := lsm.CheckWAL(fs, dir); err != nil {
+		return err
+	}
+	db, err := lsm.Open(fs, dir, lsm.Options{ReadOnly: true})
+	if err != nil {
+		return err
+	}
+	defer db.Close()
+	if _, err := db.Get(lsm.MetaKey()); err != nil {
+		if errors.Is(err, lsm.ErrNotFound) {
+			return fmt.Errorf("the index holds no store record though %s says the store was created", createdMarker)
+		}
+		return err
+	}
+	if err := db.Scan(nil, nil, func(k, v []byte) error { return nil }); err != nil {
+		return err
+	}
+	return db.Err()
+}
+
+// checkUnfinished runs when the directory exists without a creation
+// marker: that is an unfinished creation only if nothing else is there and
+// no segment holds a record; otherwise the marker was lost and Open refuses.
+func (s *Store) checkUnfinished() error {
+	names, err := s.fs.List(s.dir)
+	if err != nil {
+		return fmt.Errorf("chunk: list %s: %w", s.dir, err)
+	}
+	for _, n := range names {
+		if !storeEntries[n] && !strings.HasPrefix(n, "index.") {
+			return fmt.Errorf("%w: %s is not empty (it holds %q) and has no %s; refusing to create a store in it", ErrNotStore, s.dir, n, createdMarker)
+		}
+	}
+	segs, err := s.fs.List(s.segDir)
+	if err != nil {
+		return nil // no segments directory: nothing written yet
+	}
+	for _, n := range segs {
+		if _, ok := parseSegName(n); !ok {
+			continue
+		}
+		if recs, _ := scanSegmentFile(s.fs, s.fs.PathJoin(s.segDir, n), 1); recs > 0 {
+			return indexDamaged(s.dir, "%s is missing but segment %s holds records", createdMarker, n)
+		}
+	}
+	return nil
+}
+
+// scanSegmentFile counts (up to limit) the records whose headers check in a
+// segment file, reading it through the vfs.
+func scanSegmentFile(fs vfs.FS, path string, limit int) (int, error) {
+	f, err := fs.Open(path)
+	if err != nil {
+		return 0, err
+	}
+	defer f.Close()
+	st, err := f.Stat()
+	if err != nil {
+		return 0, err
+	}
+	n := 0
+	hdr := make([]byte, BlockBytes)
+	for off := int64(segHeaderBytes); off+BlockBytes <= st.Size() && n < limit; {
+		if _, err := f.ReadAt(hdr, off); err != nil {
+			return n, err
+		}
+		h, err := DecodeRecordHeader(hdr)
+		if err != nil {
+			// A header longer than a block, or none.
+			if want := int(binary.LittleEndian.Uint32(hdr[12:])); err != nil && len(hdr) < want && want <= maxHeaderBytes && want%BlockBytes == 0 {
+				big := make([]byte, want)
+				if _, err := f.ReadAt(big, off); err == nil {
+					h, err = DecodeRecordHeader(big)
+					if err == nil {
+						n++
+						off += int64(h.RecordBytes)
+						continue
+					}
+				}
+			}
+			break
+		}
+		n++
+		off += int64(h.RecordBytes)
+	}
+	return n, nil
 }
 
 // createdMarker is written (and synced) once a new store's index holds its
@@ -355,6 +535,37 @@ func writeMarker(fs vfs.FS, path string) error {
 		return err
 	}
 	return f.Close()
+}
+
+// readMarker reports whether the creation marker exists, and an error if it
+// exists but is not a marker this build wrote.
+func readMarker(fs vfs.FS, path string) (bool, error) {
+	f, err := fs.Open(path)
+	if err != nil {
+		if oserror.IsNotExist(err) {
+			return false, nil
+		}
+		return false, err
+	}
+	defer f.Close()
+	b, err := io.ReadAll(io.LimitReader(f, 4096))
+	if err != nil {
+		return true, err
+	}
+	text := string(b)
+	i := strings.LastIndex(text, "crc32c ")
+	if !strings.HasPrefix(text, "hcache store\n") || i < 0 {
+		return true, errors.New("not an hcache creation marker")
+	}
+	var sum uint32
+	if _, err := fmt.Sscanf(text[i:], "crc32c %08x\n", &sum); err != nil || crc32.Checksum([]byte(text[:i]), castagnoli) != sum {
+		return true, errors.New("creation marker checksum mismatch")
+	}
+	var v int
+	if _, err := fmt.Sscanf(text[len("hcache store\n"):i], "version %d\n", &v); err != nil || v != StoreVersion {
+		return true, fmt.Errorf("creation marker version %d, this build reads %d", v, StoreVersion)
+	}
+	return true, nil
 }
 
 func nextPow2(n int) int {
@@ -380,8 +591,11 @@ func (s *Store) releaseOnFailedOpen() {
 	}
 }
 
-func (s *Store) loadMeta() error {
+func (s *Store) loadMeta(hasMarker bool) error {
 	v, err := s.db.Get(lsm.MetaKey())
+	if errors.Is(err, lsm.ErrNotFound) && hasMarker {
+		return indexDamaged(s.dir, "the index holds no store record though %s says the store was created", createdMarker)
+	}
 	if errors.Is(err, lsm.ErrNotFound) {
 		ct := s.opts.ChunkTokens
 		if ct == 0 {
@@ -400,11 +614,11 @@ func (s *Store) loadMeta() error {
 		return nil
 	}
 	if err != nil {
-		return err
+		return indexDamaged(s.dir, "reading the store record: %v", err)
 	}
 	m, err := lsm.DecodeMeta(v)
 	if err != nil {
-		return fmt.Errorf("chunk: store meta: %w", err)
+		return indexDamaged(s.dir, "store record: %v", err)
 	}
 	if m.StoreVersion != StoreVersion {
 		return fmt.Errorf("chunk: store version %d, this build reads %d", m.StoreVersion, StoreVersion)
@@ -449,11 +663,21 @@ func (s *Store) recover() error {
 		onDisk[id] = true
 		s.nextSeg = max(s.nextSeg, id+1)
 		if _, indexed := s.segRecs[id]; !indexed {
-			// Created, never committed: holds nothing acknowledged.
-			if err := s.fs.Remove(s.fs.PathJoin(s.segDir, n)); err != nil {
-				return fmt.Errorf("chunk: remove orphan segment %s: %w", n, err)
+			// Not in the index: normally created and never committed
+			// (a crash before its first commit). It is removed only if it
+			// holds no record at all; otherwise it is kept, unopened,
+			// for Repair to adopt what verifies.
+			path := s.fs.PathJoin(s.segDir, n)
+			recs, err := scanSegmentFile(s.fs, path, 1)
+			if err == nil && recs == 0 && !s.readOnly {
+				if err := s.fs.Remove(path); err != nil {
+					return fmt.Errorf("chunk: remove empty orphan segment %s: %w", n, err)
+				}
+				s.recovery.OrphanSegments++
+				continue
 			}
-			s.recovery.OrphanSegments++
+			s.recovery.KeptOrphans = append(s.recovery.KeptOrphans, n)
+			s.opts.Logf("chunk: segment file %s is not in the index but holds records; kept (hcache repair adopts what verifies)", n)
 		}
 	}
 	ids := make([]uint32, 0, len(s.segRecs))
@@ -467,7 +691,7 @@ func (s *Store) recover() error {
 			s.opts.Logf("chunk: segment %d is indexed but its file is missing; its contexts are damaged", id)
 			continue
 		}
-		sg, err := openSeg(s.fs, s.segDir, id, s.eng, !s.opts.DisableDirect)
+		sg, err := openSegMode(s.fs, s.segDir, id, s.eng, !s.opts.DisableDirect, s.readOnly)
 		if err != nil {
 			return err
 		}
@@ -646,10 +870,12 @@ func (s *Store) Close() error {
 		w.closeErr = ErrClosed
 	}
 	s.gcWG.Wait()
-	done := make(chan error, 1)
-	s.ops <- op{kind: opClose, done: done}
-	<-done
-	s.flusherWG.Wait()
+	if !s.readOnly {
+		done := make(chan error, 1)
+		s.ops <- op{kind: opClose, done: done}
+		<-done
+		s.flusherWG.Wait()
+	}
 	var firstErr error
 	for _, sg := range s.segs {
 		if err := sg.close(); err != nil && firstErr == nil {
@@ -665,8 +891,10 @@ func (s *Store) Close() error {
 	if s.ownEng {
 		s.eng.Close()
 	}
-	if err := s.lock.Close(); err != nil && firstErr == nil {
-		firstErr = err
+	if s.lock != nil {
+		if err := s.lock.Close(); err != nil && firstErr == nil {
+			firstErr = err
+		}
 	}
 	return firstErr
 }

@@ -218,6 +218,9 @@ func (s *Store) writable() error {
 	if s.closed {
 		return ErrClosed
 	}
+	if s.readOnly {
+		return ErrReadOnly
+	}
 	if s.failed != nil {
 		return fmt.Errorf("chunk: store failed earlier and refuses writes: %w", s.failed)
 	}
