@@ -34,7 +34,7 @@ func (s *Store) Check(progress func(done, total int)) *CheckReport {
 	errf := func(format string, args ...any) { r.Errors = append(r.Errors, fmt.Sprintf(format, args...)) }
 	rec := s.Recovery()
 	if rec.OrphanSegments > 0 {
-		r.Orphans = append(r.Orphans, fmt.Sprintf("%d unindexed segment files holding no record removed on open", rec.OrphanSegments))
+		r.Orphans = append(r.Orphans, fmt.Sprintf("%d unindexed segment files holding no record (a read-write open removes them)", rec.OrphanSegments))
 	}
 	for _, n := range rec.KeptOrphans {
 		r.Orphans = append(r.Orphans, fmt.Sprintf("segment file %s is not in the index but holds records (kept; `hcache repair` adopts what verifies)", n))

@@ -261,7 +261,7 @@ type Store struct {
 type Recovery struct {
 	Contexts         int
 	Segments         int
-	OrphanSegments   int      // segment files not in the index holding no record (removed)
+	OrphanSegments   int      // segment files not in the index holding no record (removed by a read-write open)
 	KeptOrphans      []string // segment files not in the index that hold records (kept, never opened)
 	MissingSegments  int      // indexed segments without a file
 	UnindexedRecords int      // records past the append point (discarded)
@@ -669,9 +669,11 @@ func (s *Store) recover() error {
 			// for Repair to adopt what verifies.
 			path := s.fs.PathJoin(s.segDir, n)
 			recs, err := scanSegmentFile(s.fs, path, 1)
-			if err == nil && recs == 0 && !s.readOnly {
-				if err := s.fs.Remove(path); err != nil {
-					return fmt.Errorf("chunk: remove empty orphan segment %s: %w", n, err)
+			if err == nil && recs == 0 {
+				if !s.readOnly {
+					if err := s.fs.Remove(path); err != nil {
+						return fmt.Errorf("chunk: remove empty orphan segment %s: %w", n, err)
+					}
 				}
 				s.recovery.OrphanSegments++
 				continue
