@@ -50,15 +50,28 @@ type writeJob struct {
 	done   bool   // the write completed (successfully or not)
 }
 
+// submit hands an op to the flusher. The check that the store is open and
+// the send happen under opsMu's read lock, and Close takes its write lock
+// before it sends its own op, so no op is sent after the flusher stopped.
+// The flusher never calls submit (it could wait on itself).
 func (s *Store) submit(o op) error {
+	s.opsMu.RLock()
+	defer s.opsMu.RUnlock()
 	s.mu.Lock()
-	if err := s.writable(); err != nil {
-		s.mu.Unlock()
+	err := s.writable()
+	s.mu.Unlock()
+	if err != nil {
 		return err
 	}
-	s.mu.Unlock()
 	s.ops <- o
 	return nil
+}
+
+// markDirty records that c's record must be written at the next commit.
+// Call with s.mu held.
+func (s *Store) markDirty(c *ctxState) {
+	c.dirty = true
+	s.dirtyCtxs[c] = struct{}{}
 }
 
 // barrier waits until every write submitted before it is durable and indexed;
@@ -452,12 +465,14 @@ func (f *flusher) commit(jobs []*writeJob, waiters []waiter) {
 				segTouched[old.Segment] = true
 			}
 			c.live -= int64(old.Length)
+			s.live -= int64(old.Length)
 		}
 		ch := j.chunk
 		superseded[string(key)] = &ch
 		b.Set(key, ch.Encode())
 		s.segRecs[j.seg.id].Live += uint64(j.length)
 		c.live += int64(j.length)
+		s.live += int64(j.length)
 		if t := uint64(j.group)*uint64(s.ct) + uint64(j.tokens); t > newTokens[c] {
 			newTokens[c] = t
 		}
@@ -466,7 +481,9 @@ func (f *flusher) commit(jobs []*writeJob, waiters []waiter) {
 			s.cacheGroup(c, j)
 		}
 	}
-	for _, c := range s.ctxs {
+	// Only contexts marked dirty since the last commit: the work of a
+	// commit does not grow with the number of contexts.
+	for c := range s.dirtyCtxs {
 		if c.dirty {
 			ctxTouched[c] = true
 		}
@@ -475,6 +492,7 @@ func (f *flusher) commit(jobs []*writeJob, waiters []waiter) {
 			c.useDirty = false
 		}
 	}
+	clear(s.dirtyCtxs)
 	for c := range ctxTouched {
 		if c.deleted {
 			continue
@@ -569,7 +587,7 @@ func (f *flusher) control(o op) {
 	case opDamage:
 		s.mu.Lock()
 		o.c.rec.Flags |= lsm.FlagDamaged
-		o.c.dirty = true
+		s.markDirty(o.c)
 		s.mu.Unlock()
 		f.commit(nil, nil)
 		if o.done != nil {
@@ -609,6 +627,7 @@ func (s *Store) deleteNow(c *ctxState) error {
 		b.Set(lsm.SegmentKey(id), s.segRecs[id].Encode())
 	}
 	c.deleted = true
+	s.live -= c.live
 	c.live = 0
 	if s.ctxs[ctxMapKey(c.ns, c.id)] == c {
 		delete(s.ctxs, ctxMapKey(c.ns, c.id))
@@ -654,27 +673,43 @@ func (s *Store) markDamaged(c *ctxState) {
 // writer while the live bytes exceed CapacityBytes.
 func (f *flusher) evict() {
 	s := f.s
-	for {
-		s.mu.Lock()
-		var live int64
-		var cands []*ctxState
-		for _, c := range s.ctxs {
-			live += c.live
-			if !c.deleted && c.writer == nil && c.rec.Flags&lsm.FlagPinned == 0 {
-				cands = append(cands, c)
-			}
-		}
+	s.mu.Lock()
+	if s.live <= s.opts.CapacityBytes {
 		s.mu.Unlock()
-		if live <= s.opts.CapacityBytes || len(cands) == 0 {
+		return // the common case: O(1) per commit
+	}
+	// Over capacity: rank the candidates once, with their last-use times
+	// read under the lock (Restore writes them).
+	type cand struct {
+		c       *ctxState
+		lastUse int64
+		gen     uint64
+	}
+	var cands []cand
+	for _, c := range s.ctxs {
+		if !c.deleted && c.writer == nil && c.rec.Flags&lsm.FlagPinned == 0 {
+			cands = append(cands, cand{c, c.lastUse, c.rec.Gen})
+		}
+	}
+	s.mu.Unlock()
+	sort.Slice(cands, func(i, j int) bool {
+		if cands[i].lastUse != cands[j].lastUse {
+			return cands[i].lastUse < cands[j].lastUse
+		}
+		return cands[i].gen < cands[j].gen
+	})
+	for _, cd := range cands {
+		s.mu.Lock()
+		over := s.live > s.opts.CapacityBytes
+		skip := cd.c.deleted || cd.c.writer != nil || cd.c.rec.Flags&lsm.FlagPinned != 0
+		s.mu.Unlock()
+		if !over {
 			return
 		}
-		sort.Slice(cands, func(i, j int) bool {
-			if cands[i].lastUse != cands[j].lastUse {
-				return cands[i].lastUse < cands[j].lastUse
-			}
-			return cands[i].rec.Gen < cands[j].rec.Gen
-		})
-		victim := cands[0]
+		if skip {
+			continue
+		}
+		victim := cd.c
 		if err := s.deleteNow(victim); err != nil {
 			s.opts.Logf("chunk: evicting %s/%s: %v", victim.ns, victim.id, err)
 			return

@@ -139,8 +139,18 @@ func (s *Store) compact(id uint32) (int, uint64, error) {
 		h, err := DecodeRecordHeader(rec)
 		if err != nil {
 			// Unreadable: the context is damaged; its bytes stay dead.
+			// Marked in place and written with this GC's batch (GC runs
+			// on the flusher, which must not submit to itself).
 			s.scratch.put(buf)
-			s.markDamaged(m.c)
+			s.mu.Lock()
+			if m.c.rec.Flags&lsm.FlagDamaged == 0 {
+				m.c.rec.Flags |= lsm.FlagDamaged
+				s.stats.damaged.Add(1)
+			}
+			if !m.c.deleted {
+				b.Set(lsm.ContextKey(m.c.ns, m.c.id), m.c.rec.Encode())
+			}
+			s.mu.Unlock()
 			continue
 		}
 		seg, off, err := s.reserve(uint64(m.ch.Length))

@@ -23,6 +23,11 @@ type snapshot struct {
 
 // snap takes a restore snapshot of c. Call with s.mu held.
 func (s *Store) snap(c *ctxState) (*snapshot, error) {
+	if s.snapFault != nil {
+		if err := s.snapFault(); err != nil {
+			return nil, err
+		}
+	}
 	sn := &snapshot{c: c}
 	err := s.db.Scan(lsm.ChunkPrefix(c.ns, c.id), lsm.ChunkPrefixEnd(c.ns, c.id), func(k, v []byte) error {
 		_, _, g, err := lsm.ParseChunkKey(k)
@@ -248,12 +253,17 @@ func sumLen(reqs []readReq) int {
 // It returns the number of tokens restored. ident must equal the stored
 // identity; every slice is verified before fn sees it. A context whose data
 // fails a check is marked damaged and never served again.
-func (s *Store) Restore(ns, id string, ident *Identity, fn func(layer int, rows []byte) error) (int, error) {
+func (s *Store) Restore(ns, id string, ident *Identity, fn func(layer int, rows []byte) error) (n int, err error) {
+	if ident == nil || fn == nil {
+		return 0, fmt.Errorf("chunk: Restore %s/%s: nil identity or callback", ns, id)
+	}
 	s.mu.Lock()
 	if s.closed {
 		s.mu.Unlock()
 		return 0, ErrClosed
 	}
+	s.restores.Add(1)
+	defer s.restores.Done()
 	c, err := s.lookup(ns, id)
 	if err != nil {
 		s.mu.Unlock()
@@ -271,11 +281,16 @@ func (s *Store) Restore(ns, id string, ident *Identity, fn func(layer int, rows 
 	sn, err := s.snap(c)
 	if err != nil {
 		s.mu.Unlock()
-		s.markDamaged(c)
+		// Only bytes that fail their checks damage a context; an index
+		// read that failed (I/O, a failed index) may succeed later.
+		if errorsIsCorrupt(err) || (errors.Is(err, lsm.ErrCorrupt) && !errors.Is(err, lsm.ErrFatal)) {
+			s.markDamaged(c)
+		}
 		return 0, fmt.Errorf("chunk: restore %s/%s: %w", ns, id, err)
 	}
 	c.lastUse = time.Now().UnixNano()
 	c.useDirty = true // persisted with the next index commit
+	s.dirtyCtxs[c] = struct{}{}
 	s.mu.Unlock()
 	defer func() {
 		s.mu.Lock()
@@ -322,6 +337,23 @@ func (s *Store) Restore(ns, id string, ident *Identity, fn func(layer int, rows 
 		}
 	}()
 	var firstErr error
+	stopped := false
+	// A panicking callback must not wedge the store: the reads are
+	// stopped and drained, buffers and segment references released, and
+	// the panic returned as an error.
+	defer func() {
+		if r := recover(); r != nil {
+			if !stopped {
+				close(stop)
+			}
+			for lo := range out {
+				if lo.buf != nil {
+					s.readBufs.put(lo.buf)
+				}
+			}
+			n, err = 0, fmt.Errorf("%w: %s/%s: %v", ErrCallbackPanic, ns, id, r)
+		}
+	}()
 	for lo := range out {
 		if firstErr == nil {
 			if lo.err != nil {
@@ -329,11 +361,14 @@ func (s *Store) Restore(ns, id string, ident *Identity, fn func(layer int, rows 
 				if errorsIsCorrupt(lo.err) {
 					s.markDamaged(c)
 				}
-			} else if err := fn(lo.layer, lo.rows); err != nil {
+			} else if s.closedFlag.Load() {
+				firstErr = ErrClosed // Close waits for this restore: stop early
+			} else if err := callLayer(fn, lo.layer, lo.rows, lo.buf, s); err != nil {
 				firstErr = err
 			}
 			if firstErr != nil {
 				close(stop)
+				stopped = true
 			}
 		}
 		if lo.buf != nil {
@@ -345,6 +380,23 @@ func (s *Store) Restore(ns, id string, ident *Identity, fn func(layer int, rows 
 	}
 	s.stats.restores.Add(1)
 	return sn.tokens, nil
+}
+
+// ErrCallbackPanic is wrapped by Restore's error when its callback panicked.
+var ErrCallbackPanic = errors.New("chunk: restore callback panicked")
+
+// callLayer runs the callback; if it panics, the layer's buffer goes back
+// before the panic continues to Restore's recovery.
+func callLayer(fn func(int, []byte) error, layer int, rows []byte, buf *iouring.AlignedBuffer, s *Store) (err error) {
+	defer func() {
+		if r := recover(); r != nil {
+			if buf != nil {
+				s.readBufs.put(buf)
+			}
+			panic(r)
+		}
+	}()
+	return fn(layer, rows)
 }
 
 // layerRead is one layer of a restore with its reads in flight.

@@ -250,6 +250,13 @@ type Store struct {
 	closedFlag atomic.Bool // closed, readable without s.mu (writers check it)
 	failed     error       // a fatal index error: the store refuses writes
 
+	dirtyCtxs map[*ctxState]struct{} // contexts to write at the next commit (under mu)
+	live      int64                  // sum of the contexts' live bytes (under mu)
+	restores  sync.WaitGroup         // Restore and Append reads in flight; Close waits for them
+
+	snapFault func() error // test seam: an index read failure in snap
+
+	opsMu     sync.RWMutex // submit's check-and-send vs Close (see submit)
 	ops       chan op
 	flusherWG sync.WaitGroup
 	gcStop    chan struct{}
@@ -300,7 +307,7 @@ func Open(opts Options) (*Store, error) {
 		opts: opts, fs: opts.FS, dir: opts.Dir, readOnly: opts.ReadOnly,
 		ctxs: map[string]*ctxState{}, segs: map[uint32]*segFile{}, segRecs: map[uint32]*lsm.Segment{},
 		namespaces: map[string]bool{}, nextSeg: 1, nextGen: 1,
-		ops: make(chan op, 1024),
+		ops: make(chan op, 1024), dirtyCtxs: map[*ctxState]struct{}{},
 	}
 	s.segDir = s.fs.PathJoin(s.dir, "segments")
 	st, statErr := s.fs.Stat(s.dir)
@@ -785,6 +792,7 @@ func (s *Store) recover() error {
 			return nil
 		}
 		c.live += int64(ch.Length)
+		s.live += int64(ch.Length)
 		return nil
 	})
 	if err != nil {
@@ -872,7 +880,14 @@ func (s *Store) Close() error {
 		w.closeErr = ErrClosed
 	}
 	s.gcWG.Wait()
+	// Restores in flight finish (they stop at the next layer) before the
+	// files they read are closed.
+	s.restores.Wait()
 	if !s.readOnly {
+		// Every submit that saw the store open has sent its op; later
+		// ones see it closed. The flusher handles them all before this.
+		s.opsMu.Lock()
+		s.opsMu.Unlock() //nolint:staticcheck // a barrier, not a critical section
 		done := make(chan error, 1)
 		s.ops <- op{kind: opClose, done: done}
 		<-done
@@ -992,6 +1007,6 @@ func (s *Store) Pin(ns, id string, pinned bool) error {
 	} else {
 		c.rec.Flags &^= lsm.FlagPinned
 	}
-	c.dirty = true
+	s.markDirty(c)
 	return nil
 }

@@ -133,6 +133,9 @@ func (s *Store) Create(ns, id string, ident *Identity, opts CreateOptions) (*Wri
 	if err := lsm.ValidateName("context id", id); err != nil {
 		return nil, fmt.Errorf("chunk: %w", err)
 	}
+	if ident == nil {
+		return nil, fmt.Errorf("%w: Create %s/%s with a nil identity", ErrIdentity, ns, id)
+	}
 	if err := ident.Validate(); err != nil {
 		return nil, err
 	}
@@ -152,7 +155,7 @@ func (s *Store) Create(ns, id string, ident *Identity, opts CreateOptions) (*Wri
 		c.rec.Flags |= lsm.FlagPinned
 	}
 	c.setIdentity(ident)
-	c.dirty = true
+	s.markDirty(c)
 	s.ctxs[ctxMapKey(ns, id)] = c
 	w := s.newWriter(c)
 	c.writer = w
@@ -163,6 +166,9 @@ func (s *Store) Create(ns, id string, ident *Identity, opts CreateOptions) (*Wri
 // a conversation). ident must match the stored identity. A partial tail group
 // is read back into staging so that new rows complete it.
 func (s *Store) Append(ns, id string, ident *Identity) (*Writer, error) {
+	if ident == nil {
+		return nil, fmt.Errorf("%w: Append %s/%s with a nil identity", ErrIdentity, ns, id)
+	}
 	s.mu.Lock()
 	if err := s.writable(); err != nil {
 		s.mu.Unlock()
@@ -189,7 +195,9 @@ func (s *Store) Append(ns, id string, ident *Identity) (*Writer, error) {
 	c.writer = w
 	c.writeErr = nil // a failed writer's unflushed rows are gone; start again from what is durable
 	tokens := int(c.rec.Tokens)
+	s.restores.Add(1) // Close waits for the tail read below
 	s.mu.Unlock()
+	defer s.restores.Done()
 
 	w.tokens, w.handed = tokens, tokens-tokens%w.ct
 	for i := range w.layerTok {
@@ -288,12 +296,28 @@ func (w *Writer) AppendLayer(layer int, rows []byte) error {
 		return fmt.Errorf("%w: layer %d: %d bytes is not a whole number of %d-byte rows", ErrRowSize, layer, len(rows), rb)
 	}
 	t := w.layerTok[si]
+	// Take every slab the rows need before copying any, so that a failure
+	// (ErrStagingFull) appends nothing and a retry stores the rows where
+	// they belong.
+	if n := len(rows) / rb; n > 0 {
+		var taken []uint32
+		for g := uint32(t / w.ct); g <= uint32((t+n-1)/w.ct); g++ {
+			if _, ok := w.groups[g]; ok {
+				continue
+			}
+			if _, err := w.group(g); err != nil {
+				for _, tg := range taken {
+					w.s.staging.put(w.groups[tg])
+					delete(w.groups, tg)
+				}
+				return err
+			}
+			taken = append(taken, g)
+		}
+	}
 	for len(rows) > 0 {
 		g := uint32(t / w.ct)
-		slab, err := w.group(g)
-		if err != nil {
-			return err
-		}
+		slab := w.groups[g]
 		in := t % w.ct
 		n := min(w.ct-in, len(rows)/rb)
 		copy(slab[w.layerOff[layer]+in*rb:], rows[:n*rb])
@@ -317,6 +341,11 @@ func (w *Writer) AppendToken(rows [][]byte) error {
 	for _, lt := range w.layerTok {
 		if lt != t {
 			return fmt.Errorf("chunk: AppendToken while a prefill is incomplete (layers at %d and %d tokens)", t, lt)
+		}
+	}
+	for l, r := range rows {
+		if len(r) != w.rowBytes[l] {
+			return fmt.Errorf("%w: layer %d row is %d bytes, want %d", ErrRowSize, l, len(r), w.rowBytes[l])
 		}
 	}
 	g := uint32(t / w.ct)
@@ -383,13 +412,30 @@ func (w *Writer) Flush() error {
 	if err := w.check(); err != nil {
 		return err
 	}
+	if err := w.deletedErr(); err != nil {
+		return err
+	}
 	if tail := w.tokens - w.handed; tail > 0 {
 		g := uint32(w.handed / w.ct)
 		if err := w.s.submit(op{kind: opWrite, c: w.c, group: g, tokens: tail, slab: w.groups[g], groupBytes: w.groupBytes, layerOff: w.layerOff}); err != nil {
 			return err
 		}
 	}
-	return w.s.barrier(w.c)
+	if err := w.s.barrier(w.c); err != nil {
+		return err
+	}
+	return w.deletedErr()
+}
+
+// deletedErr is ErrNotFound once the writer's context was deleted (or
+// evicted): nothing it appends can become durable.
+func (w *Writer) deletedErr() error {
+	w.s.mu.Lock()
+	defer w.s.mu.Unlock()
+	if w.c.deleted {
+		return fmt.Errorf("%w: %s/%s was deleted", ErrNotFound, w.c.ns, w.c.id)
+	}
+	return nil
 }
 
 // Close flushes and releases the writer's staging memory. Calling it again
