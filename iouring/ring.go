@@ -150,7 +150,7 @@ type Ring struct {
 	closing    chan struct{}
 	submitters atomic.Int32
 	loopDone   chan struct{}
-	stats    struct{ submitted, completed, resubmitted, fixed, enters atomic.Uint64 }
+	stats      struct{ submitted, completed, resubmitted, fixed, enters atomic.Uint64 }
 }
 
 type region struct{ start, end uintptr }
