@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"sort"
+	"syscall"
 	"time"
 
 	"github.com/cockroachdb/pebble/v2/vfs"
@@ -280,7 +281,7 @@ func (f *flusher) startWrite(o op) {
 	for _, p := range payload {
 		length += len(p)
 	}
-	seg, off, err := s.reserve(uint64(length))
+	seg, off, err := s.reserve(uint64(length), false)
 	if err != nil {
 		fail(err)
 		return
@@ -310,16 +311,24 @@ var (
 )
 
 // reserve allocates length bytes at the append point, rotating to a new
-// segment when the active one is full.
-func (s *Store) reserve(length uint64) (*segFile, uint64, error) {
+// segment when the active one is full. Writes are refused while the disk is
+// full (ErrDiskFull); GC (gc true) may still allocate, with the room the
+// released emergency reserve left.
+func (s *Store) reserve(length uint64, gc bool) (*segFile, uint64, error) {
 	if length+segHeaderBytes > uint64(s.opts.SegmentBytes) {
 		return nil, 0, fmt.Errorf("chunk: a %d-byte record does not fit a %d-byte segment; raise SegmentBytes", length, s.opts.SegmentBytes)
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	if s.diskFull && !gc && !s.spaceFreedLocked() {
+		return nil, 0, errDiskFull()
+	}
 	if s.active != nil {
 		rec := s.segRecs[s.active.id]
 		if rec.Written+length <= uint64(s.opts.SegmentBytes) {
+			if err := s.growLocked(s.active, rec.Written+length); err != nil {
+				return nil, 0, err
+			}
 			off := rec.Written
 			rec.Written += length
 			return s.active, off, nil
@@ -331,10 +340,78 @@ func (s *Store) reserve(length uint64) (*segFile, uint64, error) {
 	if err != nil {
 		return nil, 0, err
 	}
+	if err := s.growLocked(sg, segHeaderBytes+length); err != nil {
+		return nil, 0, err
+	}
 	rec := s.segRecs[sg.id]
 	off := rec.Written
 	rec.Written += length
 	return sg, off, nil
+}
+
+// initialSegmentBytes is the size a new segment is preallocated with; it
+// doubles as records arrive, up to SegmentBytes, so a small store takes
+// little space.
+const initialSegmentBytes = 1 << 20
+
+// growLocked makes sure sg has at least need bytes allocated. Call with s.mu
+// held.
+func (s *Store) growLocked(sg *segFile, need uint64) error {
+	if int64(need) <= sg.allocated {
+		return nil
+	}
+	size := min(s.opts.SegmentBytes, max(2*sg.allocated, int64(roundUp(int(need)))))
+	if err := sg.preallocate(size); err != nil {
+		if errors.Is(err, syscall.ENOSPC) {
+			s.enterDiskFullLocked(err)
+		}
+		return fmt.Errorf("chunk: grow %s to %d bytes: %w", sg.name, size, err)
+	}
+	sg.allocated = size
+	return nil
+}
+
+// ErrDiskFull is wrapped (with syscall.ENOSPC) by writes refused because
+// the file system is full. Restores, deletes and GC go on; writes resume
+// once GC has freed space.
+var ErrDiskFull = errors.New("chunk: the disk is full: writes are refused until deleting contexts and GC free space")
+
+func errDiskFull() error { return fmt.Errorf("%w (%w)", ErrDiskFull, syscall.ENOSPC) }
+
+// spaceFreedLocked leaves the disk-full state when the file system reports
+// room for the reserve and two new segments again (space freed from
+// outside); it takes the reserve back first. Call with s.mu held.
+func (s *Store) spaceFreedLocked() bool {
+	du, err := s.fs.GetDiskUsage(s.dir)
+	if err != nil || int64(du.AvailBytes) < s.opts.ReserveBytes+2*initialSegmentBytes {
+		return false
+	}
+	if err := s.takeReserve(); err != nil {
+		return false
+	}
+	s.diskFull = false
+	s.opts.Logf("chunk: %s: %d bytes free again; writes resume", s.dir, du.AvailBytes)
+	return true
+}
+
+// enterDiskFullLocked switches to refusing writes after an ENOSPC: the
+// emergency reserve file is released, so that the index (deletes) and GC
+// have room, and the active segment is sealed so GC may compact it. Call
+// with s.mu held.
+func (s *Store) enterDiskFullLocked(cause error) {
+	if s.diskFull {
+		return
+	}
+	s.diskFull = true
+	s.stats.diskFull.Add(1)
+	if s.active != nil {
+		if rec := s.segRecs[s.active.id]; rec != nil {
+			rec.Sealed = true
+		}
+		s.active = nil
+	}
+	released := s.releaseReserve()
+	s.opts.Logf("chunk: %s: disk full (%v): writes refused until deletes and GC free space; emergency reserve released: %v", s.dir, cause, released)
 }
 
 // newSegment creates, preallocates and syncs a segment file (and its
@@ -352,9 +429,14 @@ func (s *Store) newSegment() (*segFile, error) {
 		s.fs.Remove(sg.name)
 		return nil, err
 	}
-	if err := sg.preallocate(s.opts.SegmentBytes); err != nil {
+	size := min(s.opts.SegmentBytes, initialSegmentBytes)
+	if err := sg.preallocate(size); err != nil {
+		if errors.Is(err, syscall.ENOSPC) {
+			s.enterDiskFullLocked(err)
+		}
 		return fail(fmt.Errorf("chunk: preallocate %s: %w", sg.name, err))
 	}
+	sg.allocated = size
 	hdr, err := s.scratch.get(segHeaderBytes)
 	if err != nil {
 		return fail(err)
@@ -433,6 +515,9 @@ func (f *flusher) commit(jobs []*writeJob, waiters []waiter) {
 			// a later one succeeded: the kernel may have dropped it
 			// (fsyncgate). Never index it.
 			j.err = errSyncFailed
+		}
+		if errors.Is(j.err, syscall.ENOSPC) && !errors.Is(j.err, ErrDiskFull) {
+			s.enterDiskFullLocked(j.err)
 		}
 		if j.err != nil || syncErr != nil {
 			if j.err != errSkipped && c.writeErr == nil {

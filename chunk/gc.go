@@ -45,6 +45,31 @@ func (s *Store) gcVictims() []uint32 {
 }
 
 // gcLoop runs GC every interval when a segment is worth compacting.
+// maybeLeaveDiskFull ends the disk-full state after a GC: when the file
+// system reports enough free space for the emergency reserve and a segment
+// (or, where it reports nothing, when the GC removed a segment), the reserve
+// is taken again and writes resume.
+func (s *Store) maybeLeaveDiskFull(res *GCResult) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if !s.diskFull {
+		return
+	}
+	if du, err := s.fs.GetDiskUsage(s.dir); err == nil {
+		if int64(du.AvailBytes) < s.opts.ReserveBytes+2*initialSegmentBytes {
+			return
+		}
+	} else if res.Err != nil {
+		return // no usage reported: a GC that completed is the best sign
+	}
+	if err := s.takeReserve(); err != nil {
+		s.opts.Logf("chunk: %s: GC freed space but the emergency reserve could not be taken again (%v); writes stay refused", s.dir, err)
+		return
+	}
+	s.diskFull = false
+	s.opts.Logf("chunk: %s: GC freed space; emergency reserve taken again; writes resume", s.dir)
+}
+
 func (s *Store) gcLoop(interval time.Duration) {
 	defer s.gcWG.Done()
 	t := time.NewTicker(interval)
@@ -69,10 +94,18 @@ func (s *Store) gcLoop(interval time.Duration) {
 
 func (s *Store) gcNow() GCResult {
 	var res GCResult
+	defer s.maybeLeaveDiskFull(&res)
 	s.mu.Lock()
 	victims := s.gcVictims()
+	// Segments with nothing live first: dropping them needs no space.
+	sort.Slice(victims, func(i, j int) bool {
+		ei, ej := s.segRecs[victims[i]].Live == 0, s.segRecs[victims[j]].Live == 0
+		if ei != ej {
+			return ei
+		}
+		return victims[i] < victims[j]
+	})
 	s.mu.Unlock()
-	sort.Slice(victims, func(i, j int) bool { return victims[i] < victims[j] })
 	for _, id := range victims {
 		moved, bytes, err := s.compact(id)
 		res.MovedRecords += moved
@@ -94,26 +127,32 @@ type gcMove struct {
 	c   *ctxState
 }
 
-// compact moves the live records out of segment id and drops it.
+// compact moves the live records out of segment id and drops it. A segment
+// with no live record moves nothing and is dropped without allocating
+// anything (so GC frees space on a full disk); the chunk keys are still
+// scanned to confirm it holds nothing live.
 func (s *Store) compact(id uint32) (int, uint64, error) {
 	var moves []gcMove
-	err := s.db.Scan([]byte{'k'}, []byte{'l'}, func(k, v []byte) error {
-		ch, err := lsm.DecodeChunk(v)
-		if err != nil || ch.Segment != id {
+	err := error(nil)
+	{
+		err = s.db.Scan([]byte{'k'}, []byte{'l'}, func(k, v []byte) error {
+			ch, err := lsm.DecodeChunk(v)
+			if err != nil || ch.Segment != id {
+				return nil
+			}
+			ns, cid, _, err := lsm.ParseChunkKey(k)
+			if err != nil {
+				return nil
+			}
+			s.mu.Lock()
+			c := s.ctxs[ctxMapKey(ns, cid)]
+			s.mu.Unlock()
+			if c != nil {
+				moves = append(moves, gcMove{k, ch, c})
+			}
 			return nil
-		}
-		ns, cid, _, err := lsm.ParseChunkKey(k)
-		if err != nil {
-			return nil
-		}
-		s.mu.Lock()
-		c := s.ctxs[ctxMapKey(ns, cid)]
-		s.mu.Unlock()
-		if c != nil {
-			moves = append(moves, gcMove{k, ch, c})
-		}
-		return nil
-	})
+		})
+	}
 	if err != nil {
 		return 0, 0, err
 	}
@@ -153,7 +192,7 @@ func (s *Store) compact(id uint32) (int, uint64, error) {
 			s.mu.Unlock()
 			continue
 		}
-		seg, off, err := s.reserve(uint64(m.ch.Length))
+		seg, off, err := s.reserve(uint64(m.ch.Length), true)
 		if err != nil {
 			s.scratch.put(buf)
 			b.Discard()

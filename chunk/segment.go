@@ -22,6 +22,8 @@ type segFile struct {
 	fd   int // O_DIRECT descriptor, or -1
 	eng  iouring.Engine
 
+	allocated int64 // bytes preallocated (under Store.mu)
+
 	// guarded by Store.mu
 	refs       int  // restores reading it
 	doomed     bool // removed from the index; delete the file at refs == 0

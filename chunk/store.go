@@ -34,6 +34,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"github.com/cockroachdb/errors/oserror"
@@ -59,6 +60,8 @@ const (
 	DefaultCommitBytes   = 256 << 20
 	DefaultGCLiveRatio   = 0.5
 	DefaultGCInterval    = 30 * time.Second
+	// DefaultReserveBytes is the emergency reserve kept for a full disk.
+	DefaultReserveBytes = 64 << 20
 	// DefaultIdleReadBufferBytes bounds idle restore buffers.
 	DefaultIdleReadBufferBytes = 256 << 20
 )
@@ -109,6 +112,10 @@ type Options struct {
 	// file, no index created or recovered to disk, no orphan removed, no
 	// flusher or GC. Writes fail with ErrReadOnly. fsck and stat use it.
 	ReadOnly bool
+	// ReserveBytes is the emergency reserve: a preallocated file of this
+	// size that the store releases when the disk fills, so that deletes
+	// (index commits), GC and a reopen always have room. -1: none.
+	ReserveBytes int64
 	// IdleReadBufferBytes bounds the restore buffers kept mapped for reuse
 	// while no restore uses them (DefaultIdleReadBufferBytes; -1: keep none).
 	IdleReadBufferBytes int64
@@ -167,6 +174,12 @@ func (o *Options) fill() error {
 	}
 	if o.GCLiveRatio < 0 || o.GCLiveRatio > 1 {
 		return fmt.Errorf("chunk: GCLiveRatio %v not in [0, 1]", o.GCLiveRatio)
+	}
+	if o.ReserveBytes == 0 {
+		o.ReserveBytes = DefaultReserveBytes
+	}
+	if o.ReserveBytes < 0 {
+		o.ReserveBytes = 0
 	}
 	if o.IdleReadBufferBytes == 0 {
 		o.IdleReadBufferBytes = DefaultIdleReadBufferBytes
@@ -247,6 +260,7 @@ type Store struct {
 	nextGen    uint64
 	closed     bool
 	readOnly   bool
+	diskFull   bool        // an allocation met ENOSPC: writes refused until GC frees space
 	closedFlag atomic.Bool // closed, readable without s.mu (writers check it)
 	failed     error       // a fatal index error: the store refuses writes
 
@@ -294,7 +308,7 @@ func indexDamaged(dir string, format string, args ...any) error {
 }
 
 // storeEntries are the names a store directory may hold.
-var storeEntries = map[string]bool{"hcache.lock": true, createdMarker: true, "index": true, "segments": true}
+var storeEntries = map[string]bool{"hcache.lock": true, createdMarker: true, "index": true, "segments": true, reserveFile: true}
 
 // Open opens or creates a store (with Options.ReadOnly: opens an existing
 // one and writes nothing).
@@ -350,6 +364,16 @@ func Open(opts Options) (*Store, error) {
 	}()
 	indexDir := s.fs.PathJoin(s.dir, "index")
 	var err error
+	if !s.readOnly && s.opts.ReserveBytes > 0 {
+		// On a (nearly) full disk, release the emergency reserve before
+		// Pebble's recovery needs room for a new WAL and manifest; the
+		// store then opens refusing writes until GC frees space.
+		if du, err := s.fs.GetDiskUsage(s.dir); err == nil && int64(du.AvailBytes) < s.opts.ReserveBytes/2 {
+			s.diskFull = true
+			released := s.releaseReserve()
+			opts.Logf("chunk: %s: only %d bytes free: emergency reserve released (%v); writes refused until GC frees space", s.dir, du.AvailBytes, released)
+		}
+	}
 	if hasMarker && !s.readOnly {
 		// Read the whole index read-only first: a damaged index is
 		// refused before Pebble's own recovery rewrites anything.
@@ -413,6 +437,16 @@ func Open(opts Options) (*Store, error) {
 			return nil, indexDamaged(s.dir, "%v", err)
 		}
 		return nil, err
+	}
+	if !s.readOnly && !s.diskFull && s.opts.ReserveBytes > 0 {
+		if err := s.takeReserve(); err != nil {
+			if !errors.Is(err, syscall.ENOSPC) {
+				return nil, fmt.Errorf("chunk: emergency reserve: %w", err)
+			}
+			s.mu.Lock()
+			s.enterDiskFullLocked(err)
+			s.mu.Unlock()
+		}
 	}
 	s.readBufs.hooks, s.readBufs.logf, s.readBufs.bounded, s.readBufs.limit = opts.ReadBuffers, opts.Logf, true, opts.IdleReadBufferBytes
 	s.staging.init(opts.StagingBytes)
@@ -521,6 +555,40 @@ func scanSegmentFile(fs vfs.FS, path string, limit int) (int, error) {
 		off += int64(h.RecordBytes)
 	}
 	return n, nil
+}
+
+// reserveFile is the emergency reserve (Options.ReserveBytes).
+const reserveFile = "hcache.reserve"
+
+// takeReserve makes sure the reserve file holds ReserveBytes of allocated
+// space (fallocate; on file systems without it, nothing is held).
+func (s *Store) takeReserve() error {
+	if s.opts.ReserveBytes <= 0 {
+		return nil
+	}
+	path := s.fs.PathJoin(s.dir, reserveFile)
+	f, err := s.fs.OpenReadWrite(path, vfs.WriteCategoryUnspecified)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	if err := f.Preallocate(0, s.opts.ReserveBytes); err != nil {
+		return err
+	}
+	return f.Sync()
+}
+
+// releaseReserve removes the reserve file and reports whether it existed.
+func (s *Store) releaseReserve() bool {
+	path := s.fs.PathJoin(s.dir, reserveFile)
+	if _, err := s.fs.Stat(path); err != nil {
+		return false
+	}
+	if err := s.fs.Remove(path); err != nil {
+		s.opts.Logf("chunk: release the emergency reserve %s: %v", path, err)
+		return false
+	}
+	return true
 }
 
 // createdMarker is written (and synced) once a new store's index holds its
@@ -704,6 +772,9 @@ func (s *Store) recover() error {
 		if err != nil {
 			return err
 		}
+		if size, err := sg.size(); err == nil {
+			sg.allocated = size
+		}
 		s.segs[id] = sg
 		s.recovery.Segments++
 	}
@@ -876,8 +947,7 @@ func (s *Store) Close() error {
 	}
 	s.mu.Unlock()
 	for _, w := range open {
-		w.abandon()
-		w.closeErr = ErrClosed
+		w.abandon(ErrClosed)
 	}
 	s.gcWG.Wait()
 	// Restores in flight finish (they stop at the next layer) before the

@@ -103,6 +103,9 @@ func (st *staging) release() {
 // Writer appends rows to one context. It is not safe for concurrent use; use
 // one Writer per context (many Writers may run at once).
 type Writer struct {
+	// mu is held by each method: a Writer is used by one goroutine, but
+	// Store.Close may abandon it from another (its slabs are unmapped).
+	mu         sync.Mutex
 	s          *Store
 	c          *ctxState
 	ct         int
@@ -207,7 +210,7 @@ func (s *Store) Append(ns, id string, ident *Identity) (*Writer, error) {
 		g := uint32(tokens / w.ct)
 		slab, err := w.group(g)
 		if err != nil {
-			w.abandon()
+			w.abandon(err)
 			return nil, err
 		}
 		// Read the stored tail rows of every layer back into the slab.
@@ -215,7 +218,7 @@ func (s *Store) Append(ns, id string, ident *Identity) (*Writer, error) {
 			copy(slab[w.layerOff[layer]:], rows)
 		})
 		if err != nil {
-			w.abandon()
+			w.abandon(err)
 			return nil, err
 		}
 	}
@@ -253,7 +256,11 @@ func (s *Store) newWriter(c *ctxState) *Writer {
 const math32 = ^uint32(0)
 
 // Tokens is the number of complete tokens appended (durable or not).
-func (w *Writer) Tokens() int { return w.tokens }
+func (w *Writer) Tokens() int {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return w.tokens
+}
 
 func (w *Writer) group(g uint32) ([]byte, error) {
 	if b, ok := w.groups[g]; ok {
@@ -281,6 +288,8 @@ func (w *Writer) check() error {
 // tokens of one layer: the prefill producer, which hands over all tokens of
 // layer 0, then layer 1, and so on.
 func (w *Writer) AppendLayer(layer int, rows []byte) error {
+	w.mu.Lock()
+	defer w.mu.Unlock()
 	if err := w.check(); err != nil {
 		return err
 	}
@@ -331,6 +340,8 @@ func (w *Writer) AppendLayer(layer int, rows []byte) error {
 // AppendToken appends one token's row for every layer (the decode producer):
 // rows[l] is layer l's row, nil for layers that store nothing.
 func (w *Writer) AppendToken(rows [][]byte) error {
+	w.mu.Lock()
+	defer w.mu.Unlock()
 	if err := w.check(); err != nil {
 		return err
 	}
@@ -409,6 +420,12 @@ func (w *Writer) handFull() error {
 // Flush makes every complete token appended so far durable (data and index)
 // and returns after that, or with the error that prevented it.
 func (w *Writer) Flush() error {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return w.flushLocked()
+}
+
+func (w *Writer) flushLocked() error {
 	if err := w.check(); err != nil {
 		return err
 	}
@@ -441,17 +458,28 @@ func (w *Writer) deletedErr() error {
 // Close flushes and releases the writer's staging memory. Calling it again
 // returns the first call's result.
 func (w *Writer) Close() error {
+	w.mu.Lock()
+	defer w.mu.Unlock()
 	if w.closed {
 		return w.closeErr
 	}
-	err := w.Flush()
-	w.abandon()
+	err := w.flushLocked()
+	w.abandonLocked()
 	w.closeErr = err
 	return err
 }
 
-// abandon releases the writer without flushing.
-func (w *Writer) abandon() {
+// abandon releases the writer without flushing; later calls fail with err.
+func (w *Writer) abandon(err error) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if !w.closed {
+		w.abandonLocked()
+		w.closeErr = err
+	}
+}
+
+func (w *Writer) abandonLocked() {
 	w.closed = true
 	for g, b := range w.groups {
 		w.s.staging.put(b)
