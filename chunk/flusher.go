@@ -313,36 +313,40 @@ var (
 // reserve allocates length bytes at the append point, rotating to a new
 // segment when the active one is full. Writes are refused while the disk is
 // full (ErrDiskFull); GC (gc true) may still allocate, with the room the
-// released emergency reserve left.
+// released emergency reserve left. It runs only on the flusher (the one
+// allocator), and holds no store-wide lock across fallocate, fdatasync or
+// file creation.
 func (s *Store) reserve(length uint64, gc bool) (*segFile, uint64, error) {
 	if length+segHeaderBytes > uint64(s.opts.SegmentBytes) {
 		return nil, 0, fmt.Errorf("chunk: a %d-byte record does not fit a %d-byte segment; raise SegmentBytes", length, s.opts.SegmentBytes)
 	}
 	s.mu.Lock()
-	defer s.mu.Unlock()
 	if s.diskFull && !gc && !s.spaceFreedLocked() {
+		s.mu.Unlock()
 		return nil, 0, errDiskFull()
 	}
-	if s.active != nil {
-		rec := s.segRecs[s.active.id]
-		if rec.Written+length <= uint64(s.opts.SegmentBytes) {
-			if err := s.growLocked(s.active, rec.Written+length); err != nil {
-				return nil, 0, err
-			}
-			off := rec.Written
-			rec.Written += length
-			return s.active, off, nil
+	sg := s.active
+	var end uint64
+	if sg != nil {
+		rec := s.segRecs[sg.id]
+		if end = rec.Written + length; end > uint64(s.opts.SegmentBytes) {
+			rec.Sealed = true
+			s.active, sg = nil, nil
 		}
-		rec.Sealed = true
-		s.active = nil
 	}
-	sg, err := s.newSegment()
-	if err != nil {
+	s.mu.Unlock()
+	if sg == nil {
+		var err error
+		if sg, err = s.newSegment(); err != nil {
+			return nil, 0, err
+		}
+		end = segHeaderBytes + length
+	}
+	if err := s.grow(sg, end); err != nil {
 		return nil, 0, err
 	}
-	if err := s.growLocked(sg, segHeaderBytes+length); err != nil {
-		return nil, 0, err
-	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
 	rec := s.segRecs[sg.id]
 	off := rec.Written
 	rec.Written += length
@@ -354,16 +358,18 @@ func (s *Store) reserve(length uint64, gc bool) (*segFile, uint64, error) {
 // little space.
 const initialSegmentBytes = 1 << 20
 
-// growLocked makes sure sg has at least need bytes allocated. Call with s.mu
-// held.
-func (s *Store) growLocked(sg *segFile, need uint64) error {
+// grow makes sure sg has at least need bytes allocated (flusher only; no
+// lock held across fallocate).
+func (s *Store) grow(sg *segFile, need uint64) error {
 	if int64(need) <= sg.allocated {
 		return nil
 	}
 	size := min(s.opts.SegmentBytes, max(2*sg.allocated, int64(roundUp(int(need)))))
 	if err := sg.preallocate(size); err != nil {
 		if errors.Is(err, syscall.ENOSPC) {
+			s.mu.Lock()
 			s.enterDiskFullLocked(err)
+			s.mu.Unlock()
 		}
 		return fmt.Errorf("chunk: grow %s to %d bytes: %w", sg.name, size, err)
 	}
@@ -415,11 +421,15 @@ func (s *Store) enterDiskFullLocked(cause error) {
 }
 
 // newSegment creates, preallocates and syncs a segment file (and its
-// directory entry). It becomes durable in the index at the next commit; until
-// then a crash leaves an orphan file that Open removes. Call with s.mu held.
+// directory entry), then makes it the active one. It becomes durable in the
+// index at the next commit; until then a crash leaves an orphan file that
+// Open removes (it holds no record) or keeps. Flusher only; call without
+// s.mu.
 func (s *Store) newSegment() (*segFile, error) {
+	s.mu.Lock()
 	id := s.nextSeg
 	s.nextSeg++
+	s.mu.Unlock()
 	sg, err := openSeg(s.fs, s.segDir, id, s.eng, !s.opts.DisableDirect)
 	if err != nil {
 		return nil, err
@@ -432,7 +442,9 @@ func (s *Store) newSegment() (*segFile, error) {
 	size := min(s.opts.SegmentBytes, initialSegmentBytes)
 	if err := sg.preallocate(size); err != nil {
 		if errors.Is(err, syscall.ENOSPC) {
+			s.mu.Lock()
 			s.enterDiskFullLocked(err)
+			s.mu.Unlock()
 		}
 		return fail(fmt.Errorf("chunk: preallocate %s: %w", sg.name, err))
 	}
@@ -453,9 +465,11 @@ func (s *Store) newSegment() (*segFile, error) {
 	if err != nil {
 		return fail(err)
 	}
+	s.mu.Lock()
 	s.segs[id] = sg
 	s.segRecs[id] = &lsm.Segment{Written: segHeaderBytes}
 	s.active = sg
+	s.mu.Unlock()
 	return sg, nil
 }
 

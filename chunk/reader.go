@@ -21,13 +21,62 @@ type snapshot struct {
 	segs   []*segFile
 }
 
-// snap takes a restore snapshot of c. Call with s.mu held.
+// snap takes a restore snapshot of c. Call without s.mu: the index scan
+// runs unlocked (no store-wide lock is held across a Pebble scan), then the
+// segments are referenced under the lock. GC may move the records between
+// the two (and doom their old segment): the scan is then taken again.
 func (s *Store) snap(c *ctxState) (*snapshot, error) {
 	if s.snapFault != nil {
 		if err := s.snapFault(); err != nil {
 			return nil, err
 		}
 	}
+	for attempt := 0; ; attempt++ {
+		// The token count is read before the scan: the index is committed
+		// before the count advances, so the scan covers at least it.
+		s.mu.Lock()
+		want := c.rec.Tokens
+		s.mu.Unlock()
+		sn, err := s.scanChunks(c, want)
+		if err != nil {
+			return nil, err
+		}
+		s.mu.Lock()
+		if c.deleted {
+			s.mu.Unlock()
+			return nil, fmt.Errorf("%w: %s/%s", ErrNotFound, c.ns, c.id)
+		}
+		missing, ok := uint32(0), true
+		seen := map[uint32]bool{}
+		for _, ch := range sn.chunks {
+			if seen[ch.Segment] {
+				continue
+			}
+			seen[ch.Segment] = true
+			sg := s.segs[ch.Segment]
+			if sg == nil || sg.doomed {
+				missing, ok = ch.Segment, false
+				break
+			}
+			sg.refs++
+			sn.segs = append(sn.segs, sg)
+		}
+		if !ok {
+			s.unref(sn.segs)
+		}
+		s.mu.Unlock()
+		if ok {
+			return sn, nil
+		}
+		if attempt == 2 {
+			return nil, fmt.Errorf("%w: segment %d of this context is missing", ErrCorrupt, missing)
+		}
+	}
+}
+
+// scanChunks reads c's chunk keys (without s.mu) and checks that they form
+// a contiguous prefix covering at least want tokens.
+func (s *Store) scanChunks(c *ctxState, want uint64) (*snapshot, error) {
 	sn := &snapshot{c: c}
 	err := s.db.Scan(lsm.ChunkPrefix(c.ns, c.id), lsm.ChunkPrefixEnd(c.ns, c.id), func(k, v []byte) error {
 		_, _, g, err := lsm.ParseChunkKey(k)
@@ -56,22 +105,8 @@ func (s *Store) snap(c *ctxState) (*snapshot, error) {
 		}
 		sn.tokens += int(ch.Tokens)
 	}
-	if uint64(sn.tokens) < c.rec.Tokens {
-		return nil, fmt.Errorf("%w: index holds %d tokens, the context has %d", ErrCorrupt, sn.tokens, c.rec.Tokens)
-	}
-	seen := map[uint32]bool{}
-	for _, ch := range sn.chunks {
-		if seen[ch.Segment] {
-			continue
-		}
-		seen[ch.Segment] = true
-		sg := s.segs[ch.Segment]
-		if sg == nil || sg.doomed {
-			s.unref(sn.segs)
-			return nil, fmt.Errorf("%w: segment %d of this context is missing", ErrCorrupt, ch.Segment)
-		}
-		sg.refs++
-		sn.segs = append(sn.segs, sg)
+	if uint64(sn.tokens) < want {
+		return nil, fmt.Errorf("%w: index holds %d tokens, the context has %d", ErrCorrupt, sn.tokens, want)
 	}
 	return sn, nil
 }
@@ -278,9 +313,9 @@ func (s *Store) Restore(ns, id string, ident *Identity, fn func(layer int, rows 
 		s.stats.identityMismatch.Add(1)
 		return 0, fmt.Errorf("%w: %s/%s", ErrIdentityMismatch, ns, id)
 	}
+	s.mu.Unlock()
 	sn, err := s.snap(c)
 	if err != nil {
-		s.mu.Unlock()
 		// Only bytes that fail their checks damage a context; an index
 		// read that failed (I/O, a failed index) may succeed later.
 		if errorsIsCorrupt(err) || (errors.Is(err, lsm.ErrCorrupt) && !errors.Is(err, lsm.ErrFatal)) {
@@ -288,6 +323,7 @@ func (s *Store) Restore(ns, id string, ident *Identity, fn func(layer int, rows 
 		}
 		return 0, fmt.Errorf("chunk: restore %s/%s: %w", ns, id, err)
 	}
+	s.mu.Lock()
 	c.lastUse = time.Now().UnixNano()
 	c.useDirty = true // persisted with the next index commit
 	s.dirtyCtxs[c] = struct{}{}

@@ -22,7 +22,7 @@ type segFile struct {
 	fd   int // O_DIRECT descriptor, or -1
 	eng  iouring.Engine
 
-	allocated int64 // bytes preallocated (under Store.mu)
+	allocated int64 // bytes preallocated (the flusher, the only allocator, owns it)
 
 	// guarded by Store.mu
 	refs       int  // restores reading it

@@ -314,12 +314,14 @@ func TestChecksumFailureOnFlippedByte(t *testing.T) {
 	// Find the victim's group 1, layer 3 slice and flip one byte in it.
 	s.mu.Lock()
 	c := s.ctxs[ctxMapKey("ns", "victim")]
-	sn, err := s.snap(c)
-	s.unref(sn.segs)
 	s.mu.Unlock()
+	sn, err := s.snap(c)
 	if err != nil {
 		t.Fatal(err)
 	}
+	s.mu.Lock()
+	s.unref(sn.segs)
+	s.mu.Unlock()
 	ch := sn.chunks[1]
 	sl := ch.Slices[2] // layer 3
 	f, err := e.fs.OpenReadWrite(e.fs.PathJoin(e.dir, "segments", segName(ch.Segment)), vfs.WriteCategoryUnspecified)
