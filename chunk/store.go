@@ -308,7 +308,7 @@ func indexDamaged(dir string, format string, args ...any) error {
 }
 
 // storeEntries are the names a store directory may hold.
-var storeEntries = map[string]bool{"hcache.lock": true, createdMarker: true, "index": true, "segments": true, reserveFile: true}
+var storeEntries = map[string]bool{"hcache.lock": true, createdMarker: true, createdMarker + ".tmp": true, "index": true, "segments": true, reserveFile: true}
 
 // Open opens or creates a store (with Options.ReadOnly: opens an existing
 // one and writes nothing).
@@ -334,7 +334,13 @@ func Open(opts Options) (*Store, error) {
 	markerPath := s.fs.PathJoin(s.dir, createdMarker)
 	hasMarker, markerErr := readMarker(s.fs, markerPath)
 	if markerErr != nil {
-		return nil, indexDamaged(s.dir, "creation marker %s: %v", markerPath, markerErr)
+		// A marker that does not check: damage, unless nothing was ever
+		// stored (a marker from before the atomic write, torn by a crash
+		// while the store was being created).
+		if statErr != nil || s.segmentsHoldRecords() {
+			return nil, indexDamaged(s.dir, "creation marker %s: %v", markerPath, markerErr)
+		}
+		hasMarker = false
 	}
 	if !hasMarker {
 		if statErr == nil {
@@ -502,19 +508,27 @@ func (s *Store) checkUnfinished() error {
 			return fmt.Errorf("%w: %s is not empty (it holds %q) and has no %s; refusing to create a store in it", ErrNotStore, s.dir, n, createdMarker)
 		}
 	}
+	if s.segmentsHoldRecords() {
+		return indexDamaged(s.dir, "%s is missing but segments hold records", createdMarker)
+	}
+	return nil
+}
+
+// segmentsHoldRecords reports whether any segment file holds a record.
+func (s *Store) segmentsHoldRecords() bool {
 	segs, err := s.fs.List(s.segDir)
 	if err != nil {
-		return nil // no segments directory: nothing written yet
+		return false // no segments directory: nothing written yet
 	}
 	for _, n := range segs {
 		if _, ok := parseSegName(n); !ok {
 			continue
 		}
 		if recs, _ := scanSegmentFile(s.fs, s.fs.PathJoin(s.segDir, n), 1); recs > 0 {
-			return indexDamaged(s.dir, "%s is missing but segment %s holds records", createdMarker, n)
+			return true
 		}
 	}
-	return nil
+	return false
 }
 
 // scanSegmentFile counts (up to limit) the records whose headers check in a
@@ -595,8 +609,11 @@ func (s *Store) releaseReserve() bool {
 // meta record. Its absence tells Open that creation was interrupted.
 const createdMarker = "hcache.created"
 
+// writeMarker writes the marker atomically: a temporary file, synced, then
+// renamed over the marker (the caller syncs the directory).
 func writeMarker(fs vfs.FS, path string) error {
-	f, err := fs.Create(path, vfs.WriteCategoryUnspecified)
+	tmp := path + ".tmp"
+	f, err := fs.Create(tmp, vfs.WriteCategoryUnspecified)
 	if err != nil {
 		return err
 	}
@@ -609,7 +626,10 @@ func writeMarker(fs vfs.FS, path string) error {
 		f.Close()
 		return err
 	}
-	return f.Close()
+	if err := f.Close(); err != nil {
+		return err
+	}
+	return fs.Rename(tmp, path)
 }
 
 // readMarker reports whether the creation marker exists, and an error if it
