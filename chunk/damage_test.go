@@ -4,6 +4,7 @@ import (
 	"crypto/sha256"
 	"encoding/hex"
 	"errors"
+	"fmt"
 	"io/fs"
 	"os"
 	"path/filepath"
@@ -257,5 +258,86 @@ func TestOpenRefusesNonStore(t *testing.T) {
 		if d := diffTrees(before, treeDigest(t, dir)); len(d) > 0 {
 			t.Fatalf("Open(%s, read-only %v) changed the tree: %v", c.path, c.ro, d)
 		}
+	}
+}
+
+// TestRepairKeepsDeletesDeleted: a deleted context does not come back from
+// a repair, even after GC moved its tombstone while the deleted records
+// still sat in another segment.
+func TestRepairKeepsDeletesDeleted(t *testing.T) {
+	ident := testIdentity("m")
+	e := newEnv(t, "disk", func(o *Options) { o.SegmentBytes = 1 << 20; o.GCInterval = -1; o.GCLiveRatio = 0.5 })
+	s := e.open()
+	mk := func(id string, n int) {
+		w, err := s.Create("ns", id, ident, CreateOptions{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		appendPrefill(t, w, ident, id, 0, n)
+		if err := w.Close(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	mk("big", 400)
+	mk("gone", 16)
+	want := map[string]int{"big": 400}
+	for i := 0; len(s.Segments()) < 2; i++ {
+		id := fmt.Sprintf("keep%d", i)
+		mk(id, 64)
+		want[id] = 64
+	}
+	if err := s.Delete("ns", "gone"); err != nil {
+		t.Fatal(err)
+	}
+	tombSeg := s.Segments()[len(s.Segments())-1].ID
+	var doomed []string
+	for i := 0; len(s.Segments()) < 3; i++ {
+		id := fmt.Sprintf("tmp%d", i)
+		mk(id, 64)
+		doomed = append(doomed, id)
+	}
+	for _, id := range doomed {
+		if err := s.Delete("ns", id); err != nil {
+			t.Fatal(err)
+		}
+	}
+	res := s.GC()
+	if res.Err != nil {
+		t.Fatal(res.Err)
+	}
+	if _, ok := func() (any, bool) {
+		for _, sg := range s.Segments() {
+			if sg.ID == tombSeg {
+				return nil, true
+			}
+		}
+		return nil, false
+	}(); ok {
+		t.Fatalf("GC %+v did not compact segment %d (the tombstone's): %+v", res, tombSeg, s.Segments())
+	}
+	if got := len(s.Segments()); got < 2 {
+		t.Fatalf("segment 1 (holding the deleted records) was compacted too: %+v", s.Segments())
+	}
+	s.Close()
+	if err := os.RemoveAll(filepath.Join(e.dir, "index")); err != nil {
+		t.Fatal(err)
+	}
+	rep, err := Repair(RepairOptions{Dir: e.dir})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("repair: %d adopted, %d deleted records set aside; %v", rep.Contexts, rep.Deleted, rep.SetAside)
+	if rep.Deleted == 0 {
+		t.Fatal("repair found no deleted records")
+	}
+	s = e.open()
+	defer s.Close()
+	for _, c := range s.Contexts() {
+		if _, ok := want[c.ID]; !ok {
+			t.Fatalf("repair brought back %s, which was deleted", c.ID)
+		}
+	}
+	for id, n := range want {
+		verify(t, s, "ns", id, ident, n)
 	}
 }

@@ -682,7 +682,13 @@ func (f *flusher) control(o op) {
 	s := f.s
 	switch o.kind {
 	case opDelete:
-		o.done <- s.deleteNow(o.c)
+		segs, err := s.deleteNow(o.c)
+		if err == nil && len(segs) > 0 {
+			if terr := s.writeTombstone(o.c, segs); terr != nil {
+				s.opts.Logf("chunk: the delete of %s/%s is durable, but its tombstone could not be written (%v): a repair may bring the context back", o.c.ns, o.c.id, terr)
+			}
+		}
+		o.done <- err
 	case opDamage:
 		s.mu.Lock()
 		o.c.rec.Flags |= lsm.FlagDamaged
@@ -699,7 +705,7 @@ func (f *flusher) control(o op) {
 
 // deleteNow removes a context's keys in one batch and its bytes from the
 // segments' live counts. Runs on the flusher.
-func (s *Store) deleteNow(c *ctxState) error {
+func (s *Store) deleteNow(c *ctxState) ([]uint32, error) {
 	var chunks []*lsm.Chunk
 	err := s.db.Scan(lsm.ChunkPrefix(c.ns, c.id), lsm.ChunkPrefixEnd(c.ns, c.id), func(k, v []byte) error {
 		if ch, err := lsm.DecodeChunk(v); err == nil {
@@ -708,7 +714,7 @@ func (s *Store) deleteNow(c *ctxState) error {
 		return nil
 	})
 	if err != nil {
-		return err
+		return nil, err
 	}
 	b := s.db.NewBatch()
 	b.DeleteRange(lsm.ChunkPrefix(c.ns, c.id), lsm.ChunkPrefixEnd(c.ns, c.id))
@@ -722,9 +728,12 @@ func (s *Store) deleteNow(c *ctxState) error {
 			touched[ch.Segment] = true
 		}
 	}
+	var segs []uint32
 	for id := range touched {
 		b.Set(lsm.SegmentKey(id), s.segRecs[id].Encode())
+		segs = append(segs, id)
 	}
+	sort.Slice(segs, func(i, j int) bool { return segs[i] < segs[j] })
 	c.deleted = true
 	s.live -= c.live
 	c.live = 0
@@ -735,6 +744,44 @@ func (s *Store) deleteNow(c *ctxState) error {
 	if s.cache != nil {
 		s.cache.dropGen(c.rec.Gen)
 	}
+	return segs, b.Commit(true)
+}
+
+// writeTombstone logs a committed delete in the segments, so that a repair
+// (which sees only segments) does not bring the context back: a deletion
+// record naming the context and its generation, made durable, then indexed
+// under a "t" key with the segments that held the context's records (GC
+// carries the tombstone along while any of them exists). Runs on the
+// flusher after the delete's index commit: a crash in between loses only
+// the tombstone of a delete not yet acknowledged. Explicit deletes only;
+// evicted contexts (a cache's choice) may come back with a repair.
+func (s *Store) writeTombstone(c *ctxState, segs []uint32) error {
+	h := RecordHeader{Version: formatVersion, Flags: RecordTombstone, ChunkTokens: uint16(s.ct), Gen: c.rec.Gen, Namespace: c.ns, ContextID: c.id}
+	hb := headerBytesFor(0, h.descBytes())
+	seg, off, err := s.reserve(uint64(hb), true)
+	if err != nil {
+		return err
+	}
+	h.HeaderBytes, h.RecordBytes, h.Segment = uint32(hb), uint64(hb), seg.id
+	buf, err := s.scratch.get(hb)
+	if err != nil {
+		return err
+	}
+	h.Encode(buf.Bytes()[:hb])
+	err = seg.write([][]byte{buf.Bytes()[:hb]}, int64(off))
+	s.scratch.put(buf)
+	if err == nil {
+		err = seg.datasync()
+	}
+	if err != nil {
+		return err
+	}
+	t := lsm.Tombstone{Namespace: c.ns, ID: c.id, Gen: c.rec.Gen, Segments: segs}
+	b := s.db.NewBatch()
+	b.Set(lsm.TombstoneKey(seg.id, off), t.Encode())
+	s.mu.Lock()
+	b.Set(lsm.SegmentKey(seg.id), s.segRecs[seg.id].Encode())
+	s.mu.Unlock()
 	return b.Commit(true)
 }
 
@@ -809,7 +856,7 @@ func (f *flusher) evict() {
 			continue
 		}
 		victim := cd.c
-		if err := s.deleteNow(victim); err != nil {
+		if _, err := s.deleteNow(victim); err != nil {
 			s.opts.Logf("chunk: evicting %s/%s: %v", victim.ns, victim.id, err)
 			return
 		}

@@ -137,7 +137,11 @@ type RecordHeader struct {
 	Slices      []lsm.Slice
 	// Version is the record format version (0 encodes the current one).
 	// Version 2 carries the context descriptor below.
-	Version   uint16
+	Version uint16
+	// Flags: RecordTombstone marks a deletion record (version 2): no
+	// slices, no tokens; it says the context's generations up to Gen were
+	// deleted.
+	Flags     uint16
 	Namespace string
 	ContextID string
 	Identity  []byte // encoded Identity
@@ -164,6 +168,7 @@ func (h *RecordHeader) Encode(block []byte) {
 		h.Version = formatVersion
 	}
 	binary.LittleEndian.PutUint16(block[8:], h.Version)
+	binary.LittleEndian.PutUint16(block[10:], h.Flags)
 	binary.LittleEndian.PutUint32(block[12:], h.HeaderBytes)
 	binary.LittleEndian.PutUint64(block[16:], h.RecordBytes)
 	binary.LittleEndian.PutUint32(block[24:], h.Segment)
@@ -208,6 +213,7 @@ func DecodeRecordHeader(b []byte) (*RecordHeader, error) {
 	}
 	h := &RecordHeader{
 		Version:     v,
+		Flags:       binary.LittleEndian.Uint16(b[10:]),
 		HeaderBytes: binary.LittleEndian.Uint32(b[12:]),
 		RecordBytes: binary.LittleEndian.Uint64(b[16:]),
 		Segment:     binary.LittleEndian.Uint32(b[24:]),
@@ -217,7 +223,11 @@ func DecodeRecordHeader(b []byte) (*RecordHeader, error) {
 		Gen:         binary.LittleEndian.Uint64(b[40:]),
 	}
 	n := int(binary.LittleEndian.Uint16(b[28:]))
-	if n == 0 || n > maxRecordSlices || len(b) < int(h.HeaderBytes) || h.HeaderBytes > maxHeaderBytes {
+	tomb := h.Flags&RecordTombstone != 0
+	if h.Flags&^RecordTombstone != 0 || (tomb && (v == formatVersionV1 || n != 0)) {
+		return nil, fmt.Errorf("%w: record flags %#x with %d slices", ErrCorrupt, h.Flags, n)
+	}
+	if (n == 0 && !tomb) || n > maxRecordSlices || len(b) < int(h.HeaderBytes) || h.HeaderBytes > maxHeaderBytes {
 		return nil, fmt.Errorf("%w: record header of %d bytes with %d slices", ErrCorrupt, h.HeaderBytes, n)
 	}
 	end := recordFixedBytes + n*sliceEntryBytes
@@ -248,11 +258,17 @@ func DecodeRecordHeader(b []byte) (*RecordHeader, error) {
 	if h.RecordBytes%BlockBytes != 0 || h.RecordBytes < uint64(h.HeaderBytes) || h.RecordBytes > maxRecordBytesCap {
 		return nil, fmt.Errorf("%w: record length %d", ErrCorrupt, h.RecordBytes)
 	}
-	if h.Tokens == 0 || h.Tokens > h.ChunkTokens {
+	if tomb {
+		if h.Tokens != 0 || h.RecordBytes != uint64(h.HeaderBytes) {
+			return nil, fmt.Errorf("%w: tombstone with %d tokens in %d bytes", ErrCorrupt, h.Tokens, h.RecordBytes)
+		}
+	} else if h.Tokens == 0 || h.Tokens > h.ChunkTokens {
 		return nil, fmt.Errorf("%w: record holds %d tokens of a %d-token chunk", ErrCorrupt, h.Tokens, h.ChunkTokens)
 	}
 	copy(h.Binding[:], b[48:80])
-	h.Slices = make([]lsm.Slice, n)
+	if n > 0 {
+		h.Slices = make([]lsm.Slice, n)
+	}
 	p := b[recordFixedBytes:]
 	for i := range h.Slices {
 		s := lsm.Slice{
@@ -268,6 +284,9 @@ func DecodeRecordHeader(b []byte) (*RecordHeader, error) {
 	}
 	return h, nil
 }
+
+// RecordTombstone is the header flag of a deletion record.
+const RecordTombstone = 1
 
 // ScannedRecord is one record found by ScanRecords.
 type ScannedRecord struct {

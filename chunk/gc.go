@@ -3,6 +3,7 @@ package chunk
 import (
 	"errors"
 	"fmt"
+	"math"
 	"sort"
 	"time"
 
@@ -216,6 +217,10 @@ func (s *Store) compact(id uint32) (int, uint64, error) {
 		moved++
 		movedBytes += uint64(m.ch.Length)
 	}
+	if err := s.carryTombstones(id, b, touched); err != nil {
+		b.Discard()
+		return moved, movedBytes, err
+	}
 	for sg := range touched {
 		if err := sg.datasync(); err != nil {
 			b.Discard()
@@ -239,4 +244,68 @@ func (s *Store) compact(id uint32) (int, uint64, error) {
 	}
 	s.mu.Unlock()
 	return moved, movedBytes, nil
+}
+
+// carryTombstones handles the deletion records in segment id, which GC is
+// about to drop: one that still matters (a segment that held the deleted
+// context's records still exists) is rewritten at the append point and
+// re-keyed in b; the others are dropped from the index.
+func (s *Store) carryTombstones(id uint32, b *lsm.Batch, touched map[*segFile]bool) error {
+	type tomb struct {
+		key []byte
+		off uint64
+		t   *lsm.Tombstone
+		raw []byte
+	}
+	var tombs []tomb
+	err := s.db.Scan(lsm.TombstoneKey(id, 0), lsm.TombstoneKey(id, math.MaxUint64), func(k, v []byte) error {
+		_, off, err := lsm.ParseTombstoneKey(k)
+		if err != nil {
+			return nil
+		}
+		t, err := lsm.DecodeTombstone(v)
+		if err != nil {
+			b.Delete(k)
+			return nil
+		}
+		tombs = append(tombs, tomb{k, off, t, v})
+		return nil
+	})
+	if err != nil {
+		return err
+	}
+	for _, tb := range tombs {
+		b.Delete(tb.key)
+		keep := false
+		s.mu.Lock()
+		for _, sid := range tb.t.Segments {
+			if sg := s.segs[sid]; sid != id && sg != nil && !sg.doomed {
+				keep = true
+			}
+		}
+		s.mu.Unlock()
+		if !keep {
+			continue
+		}
+		h := RecordHeader{Version: formatVersion, Flags: RecordTombstone, ChunkTokens: uint16(s.ct), Gen: tb.t.Gen, Namespace: tb.t.Namespace, ContextID: tb.t.ID}
+		hb := headerBytesFor(0, h.descBytes())
+		seg, off, err := s.reserve(uint64(hb), true)
+		if err != nil {
+			return err
+		}
+		h.HeaderBytes, h.RecordBytes, h.Segment = uint32(hb), uint64(hb), seg.id
+		buf, err := s.scratch.get(hb)
+		if err != nil {
+			return err
+		}
+		h.Encode(buf.Bytes()[:hb])
+		err = seg.write([][]byte{buf.Bytes()[:hb]}, int64(off))
+		s.scratch.put(buf)
+		if err != nil {
+			return err
+		}
+		touched[seg] = true
+		b.Set(lsm.TombstoneKey(seg.id, off), tb.raw)
+	}
+	return nil
 }

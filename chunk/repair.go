@@ -34,7 +34,10 @@ type RepairReport struct {
 	// Superseded counts valid records replaced by a newer version of the
 	// same group (a partial group rewritten as it filled, a GC copy).
 	Superseded int
-	OldIndex   string // where the previous index was moved ("" if none)
+	// Deleted counts valid records of contexts a tombstone says were
+	// deleted (not adopted).
+	Deleted  int
+	OldIndex string // where the previous index was moved ("" if none)
 }
 
 // repairCand is one record that verified.
@@ -44,6 +47,7 @@ type repairCand struct {
 	off    uint64
 	ident  *Identity
 	ctxKey string
+	tomb   bool // a deletion record
 }
 
 // Repair rebuilds a store's index from its segment files alone. Every record
@@ -96,7 +100,7 @@ func Repair(o RepairOptions) (*RepairReport, error) {
 	}
 	sort.Slice(ids, func(i, j int) bool { return ids[i] < ids[j] })
 	segWritten := map[uint32]uint64{}
-	var cands []*repairCand
+	var cands, tombs []*repairCand
 	var done int64
 	ct := 0
 	for _, id := range ids {
@@ -108,6 +112,10 @@ func Repair(o RepairOptions) (*RepairReport, error) {
 		rep.Segments++
 		segWritten[id] = end
 		for _, c := range cs {
+			if c.tomb {
+				tombs = append(tombs, c)
+				continue
+			}
 			if ct == 0 {
 				ct = int(c.h.ChunkTokens)
 			}
@@ -125,6 +133,27 @@ func Repair(o RepairOptions) (*RepairReport, error) {
 	if ct == 0 {
 		ct = DefaultChunkTokens
 	}
+
+	// Deleted generations: a context's records up to the newest generation
+	// a tombstone names were deleted and are set aside.
+	deleted := map[string]uint64{}
+	for _, tb := range tombs {
+		deleted[tb.ctxKey] = max(deleted[tb.ctxKey], tb.h.Gen)
+	}
+	deadSegs := map[string]map[uint32]bool{}
+	var kept []*repairCand
+	for _, c := range cands {
+		if g, ok := deleted[c.ctxKey]; ok && c.h.Gen <= g {
+			if deadSegs[c.ctxKey] == nil {
+				deadSegs[c.ctxKey] = map[uint32]bool{}
+			}
+			deadSegs[c.ctxKey][c.seg] = true
+			rep.Deleted++
+			continue
+		}
+		kept = append(kept, c)
+	}
+	cands = kept
 
 	// Newest generation per context, newest version per group.
 	type ctxPick struct {
@@ -226,6 +255,17 @@ func Repair(o RepairOptions) (*RepairReport, error) {
 		rep.Tokens += tokens
 		rep.Adopted = append(rep.Adopted, fmt.Sprintf("%s/%s: %d tokens in %d groups (generation %d)", p.ns, p.id, tokens, n, p.gen))
 	}
+	// Tombstones are indexed again, so GC keeps carrying them while
+	// segments holding the deleted records exist.
+	for _, tb := range tombs {
+		var segs []uint32
+		for sid := range deadSegs[tb.ctxKey] {
+			segs = append(segs, sid)
+		}
+		sort.Slice(segs, func(i, j int) bool { return segs[i] < segs[j] })
+		t := lsm.Tombstone{Namespace: tb.h.Namespace, ID: tb.h.ContextID, Gen: tb.h.Gen, Segments: segs}
+		b.Set(lsm.TombstoneKey(tb.seg, tb.off), t.Encode())
+	}
 	for _, id := range ids {
 		// Every segment is sealed: new writes go to a new one, so nothing
 		// set aside is overwritten. GC reclaims what is not live.
@@ -318,6 +358,13 @@ func repairScanSegment(fs vfs.FS, path string, id uint32, rep *RepairReport) ([]
 		where := fmt.Sprintf("segment %d offset %d", id, off)
 		next := off + int64(h.RecordBytes)
 		end = uint64(next)
+		if h.Flags&RecordTombstone != 0 {
+			if h.Segment == id && lsm.ValidateName("namespace", h.Namespace) == nil && lsm.ValidateName("context id", h.ContextID) == nil {
+				out = append(out, &repairCand{h: h, seg: id, off: uint64(off), ctxKey: ctxMapKey(h.Namespace, h.ContextID), tomb: true})
+			}
+			off = next
+			continue
+		}
 		if h.Version == formatVersionV1 {
 			rep.SetAside = append(rep.SetAside, where+": format version 1 record (no context descriptor; written before repair was possible)")
 			off = next

@@ -403,9 +403,16 @@ func TestEvictionOrder(t *testing.T) {
 	verify(t, s, "ns", "b", ident, 16) // b is now more recent than c
 	mk("d", false)                     // over capacity: c goes
 	mk("e", false)                     // then b
-	mu.Lock()
-	got := fmt.Sprint(evicted)
-	mu.Unlock()
+	// Eviction runs after the commit answers its waiters: wait for it.
+	var got string
+	for deadline := time.Now().Add(20 * time.Second); time.Now().Before(deadline); time.Sleep(time.Millisecond) {
+		mu.Lock()
+		got = fmt.Sprint(evicted)
+		mu.Unlock()
+		if len(got) >= len("[c b]") {
+			break
+		}
+	}
 	if got != "[c b]" {
 		t.Fatalf("evicted %s, want [c b]", got)
 	}

@@ -113,13 +113,17 @@ func TestCheckersNeverWrite(t *testing.T) {
 		t.Fatalf("fsck after repair: %d\n%s%s", code, out, errs)
 	}
 	// Every context that held tokens is back with the same token count
-	// (stat's context lines). Contexts deleted since their segment was last
-	// compacted come back too (DESIGN.md: repair): not checked here.
+	// (stat's context lines), and no deleted one came back (tombstones).
 	_, statAfter, _ := runCLI("stat", "--dir", dir)
-	after := ctxLines(statAfter)
-	for id, n := range ctxLines(statOut) {
+	before, after := ctxLines(statOut), ctxLines(statAfter)
+	for id, n := range before {
 		if n != "0" && after[id] != n {
 			t.Fatalf("context %s held %s tokens before the damage, %q after repair\n%s", id, n, after[id], statAfter)
+		}
+	}
+	for id := range after {
+		if _, ok := before[id]; !ok {
+			t.Fatalf("repair brought back %s, deleted before the damage\n%s", id, statAfter)
 		}
 	}
 }
