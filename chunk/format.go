@@ -33,6 +33,10 @@ package chunk
 // length u16 | context id length u16 | identity length u32 | namespace |
 // context id | encoded identity] | crc32c u32 of the bytes before it.
 //
+// Flags (version 2): bit 0 marks a tombstone, the record of a delete: no
+// slices, no tokens, a descriptor naming the context; it deletes the
+// context's generations up to its generation (Repair honours it).
+//
 // Version 2 records describe themselves: with the descriptor, a record holds
 // everything the index holds about it (namespace, id, identity, generation,
 // group, token count, slices and their checksums), so the index can be
