@@ -20,6 +20,28 @@ type RepairOptions struct {
 	// far and the total.
 	Progress func(done, total int64)
 	Logf     func(string, ...any)
+	// ChunkTokens is used only when neither a record nor the old index
+	// says what the store's chunk size is (an empty store).
+	ChunkTokens int
+}
+
+// oldChunkTokens reads the chunk size from a (possibly damaged) index's
+// store record, read-only; 0 if it cannot.
+func oldChunkTokens(fs vfs.FS, dir string) int {
+	db, err := lsm.Open(fs, dir, lsm.Options{ReadOnly: true})
+	if err != nil {
+		return 0
+	}
+	defer db.Close()
+	v, err := db.Get(lsm.MetaKey())
+	if err != nil {
+		return 0
+	}
+	m, err := lsm.DecodeMeta(v)
+	if err != nil {
+		return 0
+	}
+	return int(m.ChunkTokens)
 }
 
 // RepairReport says what Repair adopted and what it set aside.
@@ -129,6 +151,14 @@ func Repair(o RepairOptions) (*RepairReport, error) {
 		if o.Progress != nil {
 			o.Progress(done, total)
 		}
+	}
+	if ct == 0 {
+		// No record: the old index's store record (if it still reads), else
+		// the option, else the default.
+		ct = oldChunkTokens(fs, fs.PathJoin(dir, "index"))
+	}
+	if ct == 0 {
+		ct = o.ChunkTokens
 	}
 	if ct == 0 {
 		ct = DefaultChunkTokens

@@ -19,6 +19,7 @@ func repair(args []string, stdout, stderr io.Writer) error {
 	fs := newFlags("repair", stderr)
 	dir := fs.String("dir", "", "store directory (required)")
 	asJSON := fs.Bool("json", false, "print the report as JSON")
+	ct := fs.Int("chunk-tokens", 0, "tokens per chunk group, used only when no record and no readable index says (an empty store)")
 	if err := parseFlags(fs, args); err != nil {
 		return err
 	}
@@ -28,7 +29,7 @@ func repair(args []string, stdout, stderr io.Writer) error {
 	}
 	var bar *progress.Bar
 	var last int64
-	rep, err := chunk.Repair(chunk.RepairOptions{Dir: *dir, Logf: func(f string, a ...any) { fmt.Fprintf(stderr, f+"\n", a...) },
+	rep, err := chunk.Repair(chunk.RepairOptions{Dir: *dir, ChunkTokens: *ct, Logf: func(f string, a ...any) { fmt.Fprintf(stderr, f+"\n", a...) },
 		Progress: func(done, total int64) {
 			if bar == nil {
 				bar = progress.New(stderr, "repair", total, "bytes")
@@ -53,6 +54,6 @@ func repair(args []string, stdout, stderr io.Writer) error {
 	for _, a := range rep.SetAside {
 		fmt.Fprintf(stdout, "set aside: %s\n", a)
 	}
-	fmt.Fprintf(stdout, "adopted %d contexts (%d groups, %d tokens); %d set aside; %d superseded versions\n", rep.Contexts, rep.Groups, rep.Tokens, len(rep.SetAside), rep.Superseded)
+	fmt.Fprintf(stdout, "adopted %d contexts (%d groups, %d tokens); %d set aside; %d records of deleted contexts; %d superseded versions\n", rep.Contexts, rep.Groups, rep.Tokens, len(rep.SetAside), rep.Deleted, rep.Superseded)
 	return nil
 }
