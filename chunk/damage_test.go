@@ -341,3 +341,43 @@ func TestRepairKeepsDeletesDeleted(t *testing.T) {
 		verify(t, s, "ns", id, ident, n)
 	}
 }
+
+// TestDamagedIndexLeavesOtherStoresWorking: a store whose index sstable is
+// corrupt fails to open (read-write and read-only) with Pebble's message
+// and no panic, while another store in the same process keeps writing and
+// restoring.
+func TestDamagedIndexLeavesOtherStoresWorking(t *testing.T) {
+	ident := testIdentity("m")
+	bad := newEnv(t, "disk", func(o *Options) { o.GCInterval = -1 })
+	s := bad.open()
+	fillStore(t, s, 3)
+	if err := s.db.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	s.Close()
+	good := newEnv(t, "disk", nil)
+	g := good.open()
+	defer g.Close()
+	sst := indexFiles(t, bad.dir, "*.sst")
+	for _, p := range sst {
+		st, _ := os.Stat(p)
+		flipByte(t, p, st.Size()/2)
+	}
+	for i, ro := range []bool{false, true, false} {
+		o := bad.opts
+		o.ReadOnly = ro
+		if s, err := Open(o); err == nil {
+			s.Close()
+			t.Fatalf("open %d (read-only %v) of a store with a corrupt sstable succeeded", i, ro)
+		} else if !errors.Is(err, ErrIndexDamaged) || !strings.Contains(err.Error(), "pebble") {
+			t.Fatalf("open %d: %v, want ErrIndexDamaged with Pebble's message", i, err)
+		}
+		id := fmt.Sprintf("g%d", i)
+		w, _ := g.Create("ns", id, ident, CreateOptions{})
+		appendPrefill(t, w, ident, id, 0, 20)
+		if err := w.Close(); err != nil {
+			t.Fatalf("the other store after the failed open: %v", err)
+		}
+		verify(t, g, "ns", id, ident, 20)
+	}
+}
