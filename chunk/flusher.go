@@ -649,6 +649,11 @@ func (f *flusher) commit(jobs []*writeJob, waiters []waiter) {
 	for _, j := range jobs {
 		f.release(j)
 	}
+	// Evict before answering: when a Flush returns, the capacity bound
+	// holds again.
+	if err == nil {
+		f.evict()
+	}
 	for _, w := range waiters {
 		s.mu.Lock()
 		werr := err
@@ -657,9 +662,6 @@ func (f *flusher) commit(jobs []*writeJob, waiters []waiter) {
 		}
 		s.mu.Unlock()
 		w.done <- werr
-	}
-	if err == nil {
-		f.evict()
 	}
 }
 
