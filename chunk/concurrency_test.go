@@ -209,8 +209,17 @@ func TestGCUnreadableHeaderMarksDamaged(t *testing.T) {
 	if err := s.Delete("ns", "gone"); err != nil {
 		t.Fatal(err)
 	}
+	// Zero the victim's record header and flip a byte in one of its
+	// slices: GC can neither read the header nor rebuild it from the index.
 	f, _ := os.OpenFile(filepath.Join(e.dir, "segments", segName(victim.Segment)), os.O_RDWR, 0)
 	f.WriteAt(make([]byte, 64), int64(victim.Offset))
+	f.WriteAt([]byte{0xff, 0x00, 0xff}, int64(victim.Offset)+int64(victim.Slices[1].Off)+5)
+	f.Close()
+	// Another context's header alone is zeroed: GC rebuilds it from the
+	// index (its slices verify) and the context survives.
+	rebuilt := chunkOf(t, s, "keep", 0)
+	f, _ = os.OpenFile(filepath.Join(e.dir, "segments", segName(rebuilt.Segment)), os.O_RDWR, 0)
+	f.WriteAt(make([]byte, 64), int64(rebuilt.Offset))
 	f.Close()
 	var res GCResult
 	within(t, "GC", 30*time.Second, func() { res = s.GC() })
@@ -228,6 +237,13 @@ func TestGCUnreadableHeaderMarksDamaged(t *testing.T) {
 		t.Fatalf("victim after reopen: %v, want ErrDamaged (the mark is durable)", err)
 	}
 	verify(t, s, "ns", "keep", ident, 48)
+	// With the damaged context gone, fsck finds the rebuilt header sound.
+	if err := s.Delete("ns", "victim"); err != nil {
+		t.Fatal(err)
+	}
+	if r := s.Check(nil); !r.OK() {
+		t.Fatalf("fsck after GC rebuilt a header: %v", r.Errors)
+	}
 }
 
 // TestIndexReadErrorIsNotCorruption: an index read that fails during a

@@ -3,6 +3,7 @@ package chunk
 import (
 	"errors"
 	"fmt"
+	"hash/crc32"
 	"math"
 	"sort"
 	"time"
@@ -178,6 +179,11 @@ func (s *Store) compact(id uint32) (int, uint64, error) {
 		}
 		h, err := DecodeRecordHeader(rec)
 		if err != nil {
+			// The header does not check: rebuild it from the index, if
+			// every slice still verifies against the index's checksums.
+			h, err = s.headerFromIndex(m, rec)
+		}
+		if err != nil {
 			// Unreadable: the context is damaged; its bytes stay dead.
 			// Marked in place and written with this GC's batch (GC runs
 			// on the flusher, which must not submit to itself).
@@ -308,4 +314,48 @@ func (s *Store) carryTombstones(id uint32, b *lsm.Batch, touched map[*segFile]bo
 		b.Set(lsm.TombstoneKey(seg.id, off), tb.raw)
 	}
 	return nil
+}
+
+// headerFromIndex rebuilds the header of a record whose own header is
+// damaged, from the chunk key and the context, after checking every slice
+// of rec against the index's checksums (so GC never drops data it can still
+// prove, and never moves data it cannot).
+func (s *Store) headerFromIndex(m gcMove, rec []byte) (*RecordHeader, error) {
+	s.mu.Lock()
+	c := m.c
+	if c.ident == nil || c.rec.Flags&lsm.FlagDamaged != 0 {
+		s.mu.Unlock()
+		return nil, fmt.Errorf("%w: context has no usable identity", ErrCorrupt)
+	}
+	binding, gen, enc := c.binding, c.rec.Gen, c.rec.Identity
+	s.mu.Unlock()
+	_, _, g, err := lsm.ParseChunkKey(m.key)
+	if err != nil {
+		return nil, err
+	}
+	h := &RecordHeader{Version: formatVersion, RecordBytes: uint64(m.ch.Length), ChunkTokens: uint16(s.ct), Tokens: m.ch.Tokens,
+		Group: g, Gen: gen, Binding: binding, Slices: m.ch.Slices, Namespace: c.ns, ContextID: c.id, Identity: enc}
+	hb := headerBytesFor(len(m.ch.Slices), h.descBytes())
+	h.HeaderBytes = uint32(hb)
+	var tmp []byte
+	for _, sl := range m.ch.Slices {
+		if int(sl.Off) < hb {
+			return nil, fmt.Errorf("%w: a rebuilt header (%d bytes) would overlap slice data at %d", ErrCorrupt, hb, sl.Off)
+		}
+		data := rec[sl.Off : sl.Off+sl.Stored]
+		raw := data
+		if sl.Flags&lsm.SliceLZ4 != 0 {
+			if len(tmp) < 2*int(sl.Raw) {
+				tmp = make([]byte, 2*int(sl.Raw))
+			}
+			raw = tmp[:sl.Raw]
+			if err := decompressSlice(raw, tmp[sl.Raw:], data); err != nil {
+				return nil, err
+			}
+		}
+		if got := crc32.Update(sliceSeed(&binding, g, sl.Layer), castagnoli, raw); got != sl.CRC {
+			return nil, fmt.Errorf("%w: layer %d checksum %08x, index says %08x", ErrCorrupt, sl.Layer, got, sl.CRC)
+		}
+	}
+	return h, nil
 }
