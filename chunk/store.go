@@ -504,7 +504,7 @@ func (s *Store) checkUnfinished() error {
 		return fmt.Errorf("chunk: list %s: %w", s.dir, err)
 	}
 	for _, n := range names {
-		if !storeEntries[n] && !strings.HasPrefix(n, "index.") {
+		if !storeEntries[n] && !strings.HasPrefix(n, "index.") && n != "lost+found" {
 			return fmt.Errorf("%w: %s is not empty (it holds %q) and has no %s; refusing to create a store in it", ErrNotStore, s.dir, n, createdMarker)
 		}
 	}
