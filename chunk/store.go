@@ -28,6 +28,7 @@ import (
 	"fmt"
 	"hash/crc32"
 	"io"
+	iofs "io/fs"
 	"log"
 	"math"
 	"sort"
@@ -37,7 +38,6 @@ import (
 	"syscall"
 	"time"
 
-	"github.com/cockroachdb/errors/oserror"
 	"github.com/cockroachdb/pebble/v2/vfs"
 
 	"github.com/hcache/hcache/iouring"
@@ -637,7 +637,7 @@ func writeMarker(fs vfs.FS, path string) error {
 func readMarker(fs vfs.FS, path string) (bool, error) {
 	f, err := fs.Open(path)
 	if err != nil {
-		if oserror.IsNotExist(err) {
+		if errors.Is(err, iofs.ErrNotExist) {
 			return false, nil
 		}
 		return false, err
