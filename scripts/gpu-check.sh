@@ -38,8 +38,11 @@ step() { # name, command...
 	[ $r -eq 0 ] || rc=1
 }
 step check timeout 90 "$BIN" gpu check --tokens 200 --json
-step llama2-7b timeout 150 "$BIN" bench gpu --model llama2-7b --tokens "$TOKENS" --json
-step llama3-8b timeout 150 "$BIN" bench gpu --model llama3-8b --tokens "$TOKENS" --json
+step llama2-7b timeout 150 "$BIN" bench gpu --model llama2-7b --tokens "$TOKENS" --reps 5 --json
+step llama3-8b timeout 150 "$BIN" bench gpu --model llama3-8b --tokens "$TOKENS" --reps 5 --json
+# The disk's read bandwidth with hcache's io_uring engine (fio is not
+# installed on the GPU machines; it is used where it is).
+step disk timeout 60 "$BIN" bench io --dir "${STORE_DIR:-/tmp}" --size 2G --bs 1M --qd 32 --rounds 1 $(command -v fio >/dev/null || echo --no-fio) --json
 step from-store timeout 120 "$BIN" bench gpu --model llama2-7b --tokens 4096 --reps 2 --from-store "${STORE_DIR:-/tmp}" --json
 python3 - "$OUT" <<'PY' | tee "$OUT/table.md"
 import json, sys, os
@@ -54,12 +57,18 @@ for name in ("llama2-7b", "llama3-8b", "from-store"):
         print(f"| {name} | failed: {e} |"); continue
     for r in rows:
         g = lambda k: r.get(k, "")
-        print(f"| {g('model')} | {g('tokens')} | {g('h2d_gbps'):.1f} | {g('copy_only_ms'):.2f} | {g('hidden_ms'):.2f} | {g('kv_ms'):.2f} | {g('hidden_over_copy'):.3f} | {g('hidden_over_kv'):.3f} | {g('max_rel_err'):.1e} | {g('unwritten')} | {g('kv_exact')} | {r.get('store_hidden_ms', '')} | {r.get('store_kv_ms', '')} | {r.get('store_read_gbps', '')} | {r.get('fio_read_gbps', '')} |")
+        f = lambda k: ("%.2f" % r[k]) if k in r else ""
+        print(f"| {g('model')} | {g('tokens')} | {g('h2d_gbps'):.1f} | {g('copy_only_ms'):.2f} | {g('hidden_ms'):.2f} | {g('kv_ms'):.2f} | {g('hidden_over_copy'):.3f} | {g('hidden_over_kv'):.3f} | {g('max_rel_err'):.1e} | {g('unwritten')} | {g('kv_exact')} | {f('store_hidden_ms')} | {f('store_kv_ms')} | {f('store_read_gbps')} | {f('fio_read_gbps')} |")
+try:
+    d = json.load(open(os.path.join(out, "disk.json")))
+    print(f"\ndisk (bench io, {d.get('engine')}, bs {d.get('bs')}, qd {d.get('qd')}): read {d.get('read_gbps', 0):.2f} GB/s, write {d.get('write_gbps', 0):.2f} GB/s")
+except Exception as e:
+    print(f"disk: failed: {e}")
 try:
     c = json.load(open(os.path.join(out, "check.json")))
     print(f"\ngpu check: {len(c['checks'])} preset shapes, {c['failed']} failed")
     for r in c["checks"]:
-        print(f"  {r['preset']:18s} {r['dtype']:9s} max_rel_err {r['max_rel_err']:.2e} unwritten {r['unwritten']} kv_exact {r['kv_exact']} ok {r['ok']}")
+        print(f"  {r['preset']:18s} {r['dtype']:9s} max_rel_err {r['max_rel_err']:.2e} max_abs_err {r['max_abs_err']:.2e} unwritten {r['unwritten']} kv_exact {r['kv_exact']} ok {r['ok']}")
 except Exception as e:
     print(f"gpu check: failed: {e}")
 PY

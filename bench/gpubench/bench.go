@@ -42,6 +42,7 @@ type Result struct {
 	HiddenVsCopy float64 `json:"hidden_over_copy"`
 	HiddenVsKV   float64 `json:"hidden_over_kv"`
 	MaxRelErr    float64 `json:"max_rel_err"`
+	MaxAbsErr    float64 `json:"max_abs_err"`
 	Unwritten    int     `json:"unwritten"`
 	KVExact      bool    `json:"kv_exact"`
 	// From a store on disk (FromStore set): the same restores read through
@@ -213,19 +214,21 @@ func Run(o Options) ([]Result, error) {
 		lb := cache.LayerBytes()
 		kb, vb := make([]byte, lb), make([]byte, lb)
 		sample := samplePositions(T, 24, rng)
+		all := &errStats{}
 		for l := 0; l < L; l++ {
 			s := sample
 			if l != 0 && l != L/2 && l != L-1 {
 				s = nil // poison check only
 			}
-			rel, left, err := checkLayer(&c, cpu, cache, l, hRows(l), positions, s, kb, vb)
+			es, left, err := checkLayer(&c, cpu, cache, l, hRows(l), positions, s, kb, vb)
 			if err != nil {
 				cache.Free()
 				return out, err
 			}
 			res.Unwritten += left
-			res.MaxRelErr = max(res.MaxRelErr, rel)
+			all.got, all.want = append(all.got, es.got...), append(all.want, es.want...)
 		}
+		res.MaxRelErr, res.MaxAbsErr = all.result()
 		// KV path: poison, restore, every position exact.
 		if err := cache.Poison(0xff); err != nil {
 			cache.Free()
@@ -364,14 +367,16 @@ func fromStore(res *Result, o Options, c *model.Config, b *cuda.Backend, cpu *gp
 	}
 	lb := cache.LayerBytes()
 	kb, vb := make([]byte, lb), make([]byte, lb)
+	all := &errStats{}
 	for _, l := range []int{0, L - 1} {
-		rel, left, err := checkLayer(c, cpu, cache, l, hRows(l), positions, sample, kb, vb)
+		es, left, err := checkLayer(c, cpu, cache, l, hRows(l), positions, sample, kb, vb)
 		if err != nil {
 			return err
 		}
-		res.StoreHiddenErr = max(res.StoreHiddenErr, rel)
+		all.got, all.want = append(all.got, es.got...), append(all.want, es.want...)
 		res.Unwritten += left
 	}
+	res.StoreHiddenErr, _ = all.result()
 	// fio on a file of the same size in the same directory, when installed.
 	f := filepath.Join(dir, "fio.dat")
 	if bw, err := fio.Run(fio.Job{File: f, SizeBytes: res.HiddenBytes, BlockSize: 1 << 20, QD: 32}); err == nil {

@@ -148,23 +148,52 @@ func countPoison(buf []byte, eb int) int {
 	return total
 }
 
-// relErr is the error measure of the checks: |got - want| / (|want| +
-// 1e-3), the largest over the elements compared. Both sides are rounded to
-// the model dtype, so one unit in the last place of fp16 is about 1e-3 and
-// of bf16 about 8e-3.
-func relErr(got, want float64) float64 {
-	if math.IsNaN(got) || math.IsNaN(want) {
-		return math.Inf(1)
+// errStats accumulates the error measure of the checks. max_rel_err is the
+// largest |got - want| / max(|want|, 0.01 x rms(want)) over the elements
+// compared: relative where values are of ordinary size, and measured against
+// 1% of the typical magnitude where a value is near zero (a sum of thousands
+// of products that cancels to ~0 carries the absolute rounding error of its
+// large partial sums, whatever the order of summation). Both sides are
+// rounded to the model dtype: one unit in the last place is about 1e-3 of
+// fp16 and 4e-3 to 8e-3 of bf16. max_abs_err is reported beside it.
+type errStats struct {
+	got, want []float64
+}
+
+func (e *errStats) add(got, want float64) {
+	e.got = append(e.got, got)
+	e.want = append(e.want, want)
+}
+
+// result returns max_rel_err and max_abs_err (+Inf if any value is NaN).
+func (e *errStats) result() (maxRel, maxAbs float64) {
+	var ss float64
+	for _, w := range e.want {
+		ss += w * w
 	}
-	return math.Abs(got-want) / (math.Abs(want) + 1e-3)
+	if len(e.want) == 0 {
+		return 0, 0
+	}
+	floor := 0.01 * math.Sqrt(ss/float64(len(e.want)))
+	for i, g := range e.got {
+		w := e.want[i]
+		if math.IsNaN(g) || math.IsNaN(w) {
+			return math.Inf(1), math.Inf(1)
+		}
+		d := math.Abs(g - w)
+		maxAbs = math.Max(maxAbs, d)
+		maxRel = math.Max(maxRel, d/math.Max(math.Abs(w), floor))
+	}
+	return maxRel, maxAbs
 }
 
 // checkLayer compares a restored layer at sampled positions with the CPU
 // backend's projection of the same rows, and counts unwritten elements.
 func checkLayer(c *model.Config, cpu *gpu.CPU, cache *cuda.Cache, layer int, rows []byte, positions []int,
-	sample []int, k, v []byte) (maxRel float64, left int, err error) {
+	sample []int, k, v []byte) (es *errStats, left int, err error) {
+	es = &errStats{}
 	if err := cache.Download(layer, k, v); err != nil {
-		return 0, 0, err
+		return nil, 0, err
 	}
 	eb := c.ElemBytes()
 	used := len(positions) * c.KVDim() * eb
@@ -178,29 +207,29 @@ func checkLayer(c *model.Config, cpu *gpu.CPU, cache *cuda.Cache, layer int, row
 	}
 	want, err := gpu.NewPagedKV(c, cache.BlockTokens, cache.Blocks)
 	if err != nil {
-		return 0, 0, err
+		return nil, 0, err
 	}
 	want.BlockTable = cacheTable(cache)
 	if err := cpu.Project(layer, sRows, sPos, want); err != nil {
-		return 0, 0, err
+		return nil, 0, err
 	}
 	got := &gpu.PagedKV{BlockTokens: cache.BlockTokens, KVHeads: c.KVHeads, HeadDim: c.HeadDim, ElemBytes: eb,
 		BlockTable: want.BlockTable, K: k, V: v}
 	for _, p := range sPos {
 		wk, wv, err := want.Token(p)
 		if err != nil {
-			return 0, 0, err
+			return nil, 0, err
 		}
 		gk, gv, err := got.Token(p)
 		if err != nil {
-			return 0, 0, err
+			return nil, 0, err
 		}
 		for i := 0; i < c.KVDim(); i++ {
-			maxRel = math.Max(maxRel, relErr(elemValue(c, gk, i), elemValue(c, wk, i)))
-			maxRel = math.Max(maxRel, relErr(elemValue(c, gv, i), elemValue(c, wv, i)))
+			es.add(elemValue(c, gk, i), elemValue(c, wk, i))
+			es.add(elemValue(c, gv, i), elemValue(c, wv, i))
 		}
 	}
-	return maxRel, left, nil
+	return es, left, nil
 }
 
 func cacheTable(c *cuda.Cache) []int { return c.BlockTable() }
@@ -243,6 +272,7 @@ type CheckResult struct {
 	Tokens    int     `json:"tokens"`
 	Layers    int     `json:"layers_checked"`
 	MaxRelErr float64 `json:"max_rel_err"`
+	MaxAbsErr float64 `json:"max_abs_err"`
 	Unwritten int     `json:"unwritten"`
 	KVExact   bool    `json:"kv_exact"`
 	OK        bool    `json:"ok"`
@@ -276,7 +306,7 @@ func Check(opts cuda.Options, tokens int, seed int64, progress io.Writer) ([]Che
 			return out, fmt.Errorf("%s: %w", name, err)
 		}
 		if progress != nil {
-			fmt.Fprintf(progress, "check %-18s %-8s max_rel_err %.2e unwritten %d kv_exact %v\n", name, cc.DType, res.MaxRelErr, res.Unwritten, res.KVExact)
+			fmt.Fprintf(progress, "check %-18s %-8s max_rel_err %.2e max_abs_err %.2e unwritten %d kv_exact %v\n", name, cc.DType, res.MaxRelErr, res.MaxAbsErr, res.Unwritten, res.KVExact)
 		}
 		out = append(out, res)
 	}
@@ -337,11 +367,10 @@ func checkOne(c *model.Config, name string, tokens int, seed int64, opts cuda.Op
 	lb := cache.LayerBytes()
 	k, v := make([]byte, lb), make([]byte, lb)
 	sample := samplePositions(tokens, tokens, rng)
-	maxRel, _, err := checkLayer(c, cpu, cache, 0, rows, positions, sample, k, v)
+	es, _, err := checkLayer(c, cpu, cache, 0, rows, positions, sample, k, v)
 	if err != nil {
 		return res, err
 	}
-	res.MaxRelErr = maxRel
 	got := &gpu.PagedKV{BlockTokens: bt, KVHeads: c.KVHeads, HeadDim: c.HeadDim, ElemBytes: c.ElemBytes(), BlockTable: table, K: k, V: v}
 	res.Unwritten += unwritten(got, positions, c.ElemBytes())
 	res.KVExact = true
@@ -377,10 +406,11 @@ func checkOne(c *model.Config, name string, tokens int, seed int64, opts cuda.Op
 		gk, gv, _ := hp.Token(p)
 		wk, wv, _ := cp.Token(p)
 		for i := 0; i < c.KVDim(); i++ {
-			res.MaxRelErr = math.Max(res.MaxRelErr, relErr(elemValue(c, gk, i), elemValue(c, wk, i)))
-			res.MaxRelErr = math.Max(res.MaxRelErr, relErr(elemValue(c, gv, i), elemValue(c, wv, i)))
+			es.add(elemValue(c, gk, i), elemValue(c, wk, i))
+			es.add(elemValue(c, gv, i), elemValue(c, wv, i))
 		}
 	}
+	res.MaxRelErr, res.MaxAbsErr = es.result()
 	res.OK = res.MaxRelErr < CheckTolerance && res.Unwritten == 0 && res.KVExact
 	return res, nil
 }
