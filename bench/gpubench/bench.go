@@ -13,6 +13,7 @@ import (
 	"github.com/hcache/hcache/gpu/cuda"
 	"github.com/hcache/hcache/internal/fio"
 	"github.com/hcache/hcache/model"
+	"github.com/hcache/hcache/serve"
 )
 
 // Options of a GPU benchmark run.
@@ -329,19 +330,7 @@ func fromStore(res *Result, o Options, c *model.Config, b *cuda.Backend, cpu *gp
 	res.StoreReadGBps = float64(res.HiddenBytes) / median(reads).Seconds() / 1e9
 	restore := func(id string, ident *chunk.Identity, hidden bool) (time.Duration, error) {
 		t0 := time.Now()
-		r, err := b.Begin(cache, positions)
-		if err != nil {
-			return 0, err
-		}
-		_, err = st.RestoreOwned("bench", id, ident, 4, func(layer int, rows []byte, release func()) error {
-			if hidden {
-				return r.Hidden(layer, rows, release)
-			}
-			return r.KV(layer, rows, release)
-		})
-		if _, werr := r.Wait(); err == nil {
-			err = werr
-		}
+		_, _, err := serve.RestoreToDevice(st, "bench", id, ident, b, cache, 0, 4)
 		return time.Since(t0), err
 	}
 	var hs, ks []time.Duration
