@@ -69,16 +69,18 @@ func parallel(n int, fn func(i int)) {
 	wg.Wait()
 }
 
-// hostRows returns rows x rowBytes of encoded values drawn from N(0,1)-like
-// uniform values (valid numbers of the dtype, never the poison pattern).
+// hostRows fills dst (rows of rowBytes) with encoded values, uniform with a
+// standard deviation of 1 (valid numbers of the dtype, never the poison
+// pattern). The result depends only on the seed: rows are split into a fixed
+// number of parts, each with its own generator, whatever the core count.
 func hostRows(c *model.Config, dst []byte, rowBytes int, seed int64) {
 	rows := len(dst) / rowBytes
 	per := rowBytes / c.ElemBytes()
-	chunks := runtime.GOMAXPROCS(0)
-	parallel(chunks, func(i int) {
+	const parts = 64
+	parallel(parts, func(i int) {
 		rng := rand.New(rand.NewSource(seed + int64(i)))
 		v := make([]float32, per)
-		for r := i; r < rows; r += chunks {
+		for r := i; r < rows; r += parts {
 			for j := range v {
 				v[j] = (rng.Float32()*2 - 1) * 1.7320508
 			}
@@ -310,6 +312,14 @@ func Check(opts cuda.Options, tokens int, seed int64, progress io.Writer) ([]Che
 		}
 		out = append(out, res)
 	}
+	res, err := CheckIPC(opts, "llama2-7b", tokens, seed)
+	if err != nil {
+		return out, fmt.Errorf("IPC: %w", err)
+	}
+	if progress != nil {
+		fmt.Fprintf(progress, "check %-18s %-8s max_rel_err %.2e max_abs_err %.2e unwritten %d (restored by a child process through a CUDA IPC handle)\n", res.Preset, res.DType, res.MaxRelErr, res.MaxAbsErr, res.Unwritten)
+	}
+	out = append(out, res)
 	return out, nil
 }
 

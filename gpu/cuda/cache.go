@@ -19,6 +19,7 @@ type Cache struct {
 	tableLen    int
 	hostTable   []int
 	owned       uintptr // the allocation NewCache made; 0 for wrapped memory
+	ipcBase     uintptr // the mapping OpenIPCCache opened; 0 otherwise
 }
 
 // LayerBytes is the size of one layer's K (or V) in bytes.
@@ -172,9 +173,12 @@ func (c *Cache) Free() {
 	c.b.with(func() error {
 		c.b.free(c.owned)
 		c.b.free(c.table)
+		if c.ipcBase != 0 {
+			c.b.d.call("cuIpcCloseMemHandle", c.ipcBase)
+		}
 		return nil
 	})
-	c.owned, c.table, c.K, c.V = 0, 0, nil, nil
+	c.owned, c.table, c.ipcBase, c.K, c.V = 0, 0, 0, nil, nil
 }
 
 func i32bytes(v []int32) []byte {

@@ -78,8 +78,12 @@ var driverSymbols = []string{
 	"cuMemHostRegister_v2", "cuMemHostUnregister",
 	"cuStreamCreate", "cuStreamDestroy_v2", "cuStreamSynchronize", "cuStreamWaitEvent",
 	"cuEventCreate", "cuEventDestroy_v2", "cuEventRecord", "cuEventSynchronize", "cuEventElapsedTime",
-	"cuGetErrorName", "cuGetErrorString", "cuIpcGetMemHandle",
+	"cuGetErrorName", "cuGetErrorString",
 }
+
+// optionalSymbols are loaded when present (CUDA IPC); a driver without them
+// still runs everything else, and OpenIPCCache/ExportIPC say what is missing.
+var optionalSymbols = []string{"cuIpcGetMemHandle", "cuIpcOpenMemHandle_v2", "cuIpcCloseMemHandle"}
 
 var cublasSymbols = []string{
 	"cublasCreate_v2", "cublasDestroy_v2", "cublasSetStream_v2", "cublasGemmEx", "cublasGetVersion_v2", "cublasSetMathMode",
@@ -118,6 +122,11 @@ func openLibraries(explicit string) (*driver, error) {
 			return nil, fmt.Errorf("%w: libcuda.so.1 lacks %s (driver too old?): %v", ErrNoDevice, name, err)
 		}
 		d.fn[name] = p
+	}
+	for _, name := range optionalSymbols {
+		if p, err := purego.Dlsym(h, name); err == nil {
+			d.fn[name] = p
+		}
 	}
 	if r := d.call("cuInit", 0); r != 0 {
 		return nil, fmt.Errorf("%w: cuInit: %s", ErrNoDevice, d.errString(r))
@@ -189,6 +198,9 @@ func firstLine(s string) string {
 	}
 	return s
 }
+
+// has reports whether an optional entry point was found.
+func (d *driver) has(name string) bool { return d.fn[name] != 0 }
 
 // call invokes a driver or cuBLAS function; both return a status code
 // (0 = success).
