@@ -510,7 +510,18 @@ func (f *flusher) commit(jobs []*writeJob, waiters []waiter) {
 			s.mu.Unlock()
 		}
 	}
-	// 2. The index batch.
+	// 2. The index batch. The records a job supersedes (a partial group
+	// written before) are read from the index first, without the store
+	// lock. Token counts change only here, on this goroutine.
+	stored := map[string]*lsm.Chunk{}
+	for _, j := range jobs {
+		if j.err == nil && uint64(j.group)*uint64(s.ct) < j.c.rec.Tokens {
+			key := lsm.ChunkKey(j.c.ns, j.c.id, j.group)
+			if v, err := s.db.Get(key); err == nil {
+				stored[string(key)], _ = lsm.DecodeChunk(v)
+			}
+		}
+	}
 	b := s.db.NewBatch()
 	s.mu.Lock()
 	segTouched := map[uint32]bool{}
@@ -554,9 +565,7 @@ func (f *flusher) commit(jobs []*writeJob, waiters []waiter) {
 		}
 		old := superseded[string(key)]
 		if old == nil && uint64(j.group)*uint64(s.ct) < c.rec.Tokens {
-			if v, err := s.db.Get(key); err == nil {
-				old, _ = lsm.DecodeChunk(v)
-			}
+			old = stored[string(key)]
 		}
 		if old != nil {
 			if rec := s.segRecs[old.Segment]; rec != nil {
