@@ -3,9 +3,11 @@ package lsm
 import (
 	"errors"
 	"fmt"
+	"runtime"
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 
 	"github.com/cockroachdb/pebble/v2"
@@ -56,7 +58,48 @@ func (l *fatalLogger) Fatalf(format string, args ...any) {
 	l.mu.Lock()
 	l.fatal = true
 	l.mu.Unlock()
-	panic(fatalError{msg})
+	if inCall(goid()) {
+		panic(fatalError{msg}) // recovered by the operation (catchFatal)
+	}
+	// One of Pebble's own goroutines (a flush, a compaction): nothing
+	// there would recover a panic, and it would end the process. The
+	// goroutine ends instead; every later operation fails with the
+	// recorded error and Close abandons the index.
+	runtime.Goexit()
+}
+
+// Goroutines inside a DB operation, where a Fatalf panic is recovered.
+var calls sync.Map // goroutine id -> *atomic.Int32
+
+// goid is the current goroutine's id, read from its stack header.
+func goid() uint64 {
+	var b [64]byte
+	n := runtime.Stack(b[:], false)
+	f := strings.Fields(string(b[:n]))
+	if len(f) < 2 {
+		return 0
+	}
+	id, _ := strconv.ParseUint(f[1], 10, 64)
+	return id
+}
+
+func inCall(id uint64) bool {
+	v, ok := calls.Load(id)
+	return ok && v.(*atomic.Int32).Load() > 0
+}
+
+// enter marks this goroutine as inside an operation; the returned function
+// leaves.
+func enter() func() {
+	id := goid()
+	v, _ := calls.LoadOrStore(id, new(atomic.Int32))
+	n := v.(*atomic.Int32)
+	n.Add(1)
+	return func() {
+		if n.Add(-1) == 0 {
+			calls.Delete(id)
+		}
+	}
 }
 
 func (l *fatalLogger) record(msg string) {
@@ -124,6 +167,8 @@ func Open(fs vfs.FS, dir string, o Options) (d *DB, err error) {
 	// first WAL of a new (or older-format) index before raising the format:
 	// reopen once so the WAL in use carries synced offsets.
 	reopen := !o.ReadOnly && walFormatBefore(fs, dir) < pebble.FormatWALSyncChunks
+	leave := enter()
+	defer leave()
 	db, err := pebble.Open(dir, opts)
 	if err == nil && reopen {
 		if err = db.Close(); err == nil {
@@ -191,6 +236,7 @@ func (d *DB) Close() (err error) {
 		return nil
 	}
 	defer catchFatal(&err)
+	defer enter()()
 	return d.db.Close()
 }
 
@@ -201,6 +247,7 @@ func (d *DB) Flush() (err error) {
 		return ferr
 	}
 	defer catchFatal(&err)
+	defer enter()()
 	return d.wrap(d.db.Flush())
 }
 
@@ -210,6 +257,7 @@ func (d *DB) Get(key []byte) (out []byte, err error) {
 		return nil, ferr
 	}
 	defer catchFatal(&err)
+	defer enter()()
 	v, closer, err := d.db.Get(key)
 	if errors.Is(err, pebble.ErrNotFound) {
 		return nil, ErrNotFound
@@ -228,6 +276,7 @@ func (d *DB) Scan(lo, hi []byte, fn func(k, v []byte) error) (err error) {
 		return ferr
 	}
 	defer catchFatal(&err)
+	defer enter()()
 	it, err := d.db.NewIter(&pebble.IterOptions{LowerBound: lo, UpperBound: hi})
 	if err != nil {
 		return d.wrap(err)
@@ -278,6 +327,7 @@ func (b *Batch) Commit(sync bool) (err error) {
 		return ferr
 	}
 	defer catchFatal(&err)
+	defer enter()()
 	opts := pebble.NoSync
 	if sync {
 		opts = pebble.Sync
