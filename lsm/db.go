@@ -7,7 +7,6 @@ import (
 	"strconv"
 	"strings"
 	"sync"
-	"sync/atomic"
 	"syscall"
 
 	"github.com/cockroachdb/pebble/v2"
@@ -58,7 +57,7 @@ func (l *fatalLogger) Fatalf(format string, args ...any) {
 	l.mu.Lock()
 	l.fatal = true
 	l.mu.Unlock()
-	if inCall(goid()) {
+	if inOperation() {
 		panic(fatalError{msg}) // recovered by the operation (catchFatal)
 	}
 	// One of Pebble's own goroutines (a flush, a compaction): nothing
@@ -68,38 +67,16 @@ func (l *fatalLogger) Fatalf(format string, args ...any) {
 	runtime.Goexit()
 }
 
-// Goroutines inside a DB operation, where a Fatalf panic is recovered.
-var calls sync.Map // goroutine id -> *atomic.Int32
-
-// goid is the current goroutine's id, read from its stack header.
-func goid() uint64 {
-	var b [64]byte
-	n := runtime.Stack(b[:], false)
-	f := strings.Fields(string(b[:n]))
-	if len(f) < 2 {
-		return 0
+// inOperation reports whether the current goroutine runs a DB operation
+// (Open or a method of DB or Batch), which recovers a Fatalf panic. Only
+// Fatalf asks, so the hot paths pay nothing.
+func inOperation() bool {
+	buf := make([]byte, 64<<10)
+	st := string(buf[:runtime.Stack(buf, false)])
+	if i := strings.Index(st, "\ncreated by "); i >= 0 {
+		st = st[:i] // the goroutine's creator is not on its stack
 	}
-	id, _ := strconv.ParseUint(f[1], 10, 64)
-	return id
-}
-
-func inCall(id uint64) bool {
-	v, ok := calls.Load(id)
-	return ok && v.(*atomic.Int32).Load() > 0
-}
-
-// enter marks this goroutine as inside an operation; the returned function
-// leaves.
-func enter() func() {
-	id := goid()
-	v, _ := calls.LoadOrStore(id, new(atomic.Int32))
-	n := v.(*atomic.Int32)
-	n.Add(1)
-	return func() {
-		if n.Add(-1) == 0 {
-			calls.Delete(id)
-		}
-	}
+	return strings.Contains(st, "hcache/lsm.(*DB).") || strings.Contains(st, "hcache/lsm.(*Batch).") || strings.Contains(st, "hcache/lsm.Open(")
 }
 
 func (l *fatalLogger) record(msg string) {
@@ -167,8 +144,6 @@ func Open(fs vfs.FS, dir string, o Options) (d *DB, err error) {
 	// first WAL of a new (or older-format) index before raising the format:
 	// reopen once so the WAL in use carries synced offsets.
 	reopen := !o.ReadOnly && walFormatBefore(fs, dir) < pebble.FormatWALSyncChunks
-	leave := enter()
-	defer leave()
 	db, err := pebble.Open(dir, opts)
 	if err == nil && reopen {
 		if err = db.Close(); err == nil {
@@ -236,7 +211,6 @@ func (d *DB) Close() (err error) {
 		return nil
 	}
 	defer catchFatal(&err)
-	defer enter()()
 	return d.db.Close()
 }
 
@@ -247,7 +221,6 @@ func (d *DB) Flush() (err error) {
 		return ferr
 	}
 	defer catchFatal(&err)
-	defer enter()()
 	return d.wrap(d.db.Flush())
 }
 
@@ -257,7 +230,6 @@ func (d *DB) Get(key []byte) (out []byte, err error) {
 		return nil, ferr
 	}
 	defer catchFatal(&err)
-	defer enter()()
 	v, closer, err := d.db.Get(key)
 	if errors.Is(err, pebble.ErrNotFound) {
 		return nil, ErrNotFound
@@ -276,7 +248,6 @@ func (d *DB) Scan(lo, hi []byte, fn func(k, v []byte) error) (err error) {
 		return ferr
 	}
 	defer catchFatal(&err)
-	defer enter()()
 	it, err := d.db.NewIter(&pebble.IterOptions{LowerBound: lo, UpperBound: hi})
 	if err != nil {
 		return d.wrap(err)
@@ -327,7 +298,6 @@ func (b *Batch) Commit(sync bool) (err error) {
 		return ferr
 	}
 	defer catchFatal(&err)
-	defer enter()()
 	opts := pebble.NoSync
 	if sync {
 		opts = pebble.Sync

@@ -17,19 +17,18 @@ func TestFatalfNeverEndsTheProcess(t *testing.T) {
 		name string
 		hit  func(db *DB) error
 	}{
-		{"inside an operation", func(db *DB) (err error) {
-			defer catchFatal(&err)
-			defer enter()()
-			db.log.Fatalf("MANIFEST sync failed: %s", "EIO")
-			return nil
+		{"inside an operation", func(db *DB) error {
+			return db.fatalInOperation("MANIFEST sync failed: %s", "EIO")
 		}},
 		{"on a background goroutine", func(db *DB) error {
-			done := make(chan struct{})
+			// Started like Pebble's own goroutines: no DB operation on
+			// its stack.
+			ended := make(chan struct{})
 			go func() {
-				defer close(done)
-				db.log.Fatalf("MANIFEST sync failed: %s", "EIO")
+				defer close(ended)
+				backgroundFatal(db.log)
 			}()
-			<-done
+			<-ended
 			return nil
 		}},
 	}
@@ -75,3 +74,12 @@ func TestFatalfNeverEndsTheProcess(t *testing.T) {
 		t.Fatalf("another index after the failures: %v", err)
 	}
 }
+
+// fatalInOperation is Fatalf reached inside a DB operation.
+func (d *DB) fatalInOperation(format string, args ...any) (err error) {
+	defer catchFatal(&err)
+	d.log.Fatalf(format, args...)
+	return nil
+}
+
+func backgroundFatal(l *fatalLogger) { l.Fatalf("MANIFEST sync failed: %s", "EIO") }
