@@ -19,6 +19,7 @@ import (
 	"github.com/hcache/hcache/gpu"
 	"github.com/hcache/hcache/model"
 	"github.com/hcache/hcache/serve"
+	"github.com/hcache/hcache/serve/sched"
 )
 
 // Options of a demo run.
@@ -109,7 +110,7 @@ func Run(o Options) ([]Turn, error) {
 	fmt.Fprintf(o.Out, "model %s: %d layers, hidden %d, %d/%d heads, %s; store %s (%s engine)\n",
 		c.Arch, c.Layers, c.HiddenSize, c.Heads, c.KVHeads, c.DType, sdir, st.EngineName())
 
-	planH, planKV := c.PlanOf(chunk.LayerHidden), c.PlanOf(chunk.LayerKV)
+	planH, planKV := sched.PlanOf(c, chunk.LayerHidden), sched.PlanOf(c, chunk.LayerKV)
 	identH, identKV := serve.Identity(c, w, planH), serve.Identity(c, w, planKV)
 	const ns = "demo"
 	rng := rand.New(rand.NewSource(o.Seed))
