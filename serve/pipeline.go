@@ -1,0 +1,312 @@
+package serve
+
+import (
+	"errors"
+	"fmt"
+	"sync"
+	"time"
+
+	"github.com/hcache/hcache/chunk"
+	"github.com/hcache/hcache/gpu"
+	"github.com/hcache/hcache/model"
+)
+
+// Recomputer computes the K and V of the first layers of a context from its
+// token ids: the restore path of layers a plan stores nothing for. The CPU
+// forward pass implements it here; a GPU forward can later.
+type Recomputer interface {
+	// Recompute runs layers [0, layers) over tokens at positions
+	// 0..len(tokens)-1, writes each layer's K and V into dst[layer], and
+	// calls done(layer) as each layer is complete.
+	Recompute(tokens []int, layers int, dst []*gpu.PagedKV, done func(layer int)) error
+}
+
+// CPURecompute is the Recomputer of the reference forward pass: its K and V
+// are bit for bit those the forward pass computed when the context was
+// first prefilled.
+type CPURecompute struct{ M *model.Model }
+
+// Recompute implements Recomputer.
+func (r CPURecompute) Recompute(tokens []int, layers int, dst []*gpu.PagedKV, done func(layer int)) error {
+	c := r.M.Cfg
+	kvd, tb := c.KVDim(), c.KVDim()*c.ElemBytes()
+	var werr error
+	err := r.M.Prefill(tokens, layers, func(l int, _, k, v []float32) {
+		if werr != nil {
+			return
+		}
+		for i := range tokens {
+			kb, vb, err := dst[l].Token(i)
+			if err != nil {
+				werr = err
+				return
+			}
+			c.EncodeRow(kb[:tb], k[i*kvd:(i+1)*kvd])
+			c.EncodeRow(vb[:tb], v[i*kvd:(i+1)*kvd])
+		}
+		done(l)
+	})
+	return errors.Join(err, werr)
+}
+
+// Settings of a Restorer. Zero values take the defaults.
+type Settings struct {
+	// MaxConcurrent is how many restores run at once; later ones wait in
+	// arrival order (FIFO). Default DefaultMaxConcurrent.
+	MaxConcurrent int
+	// BufferBytes bounds the stored rows one restore holds between the
+	// reads and its compute stream (rows read ahead while the compute
+	// stream recomputes or projects). When it is full the reads of that
+	// restore pause. One layer is always admitted, so a layer larger than
+	// the budget still restores. Default DefaultBufferBytes.
+	BufferBytes int64
+}
+
+// Defaults of Settings.
+const (
+	DefaultMaxConcurrent = 4
+	DefaultBufferBytes   = 256 << 20
+)
+
+// Restorer runs restores of any plan against one store, one projection
+// backend and (for plans that recompute a prefix) one Recomputer, shared
+// fairly by concurrent restores: admission is FIFO (MaxConcurrent at once),
+// each restore has its own read-ahead budget (BufferBytes), and the backend
+// is taken one layer at a time in FIFO order, so concurrent restores
+// alternate layer by layer on it and none waits behind another's whole
+// context. Their reads share the store's io_uring queue, each restore
+// keeping at most two layers of reads in flight.
+type Restorer struct {
+	st       *chunk.Store
+	backend  gpu.Backend
+	rc       Recomputer
+	settings Settings
+	admit    *fifoSem
+	turn     *fifoSem // the backend, one layer at a time
+}
+
+// NewRestorer builds a restorer; rc may be nil when no plan recomputes.
+func NewRestorer(st *chunk.Store, b gpu.Backend, rc Recomputer, s Settings) *Restorer {
+	if s.MaxConcurrent <= 0 {
+		s.MaxConcurrent = DefaultMaxConcurrent
+	}
+	if s.BufferBytes <= 0 {
+		s.BufferBytes = DefaultBufferBytes
+	}
+	return &Restorer{st: st, backend: b, rc: rc, settings: s, admit: newFIFOSem(s.MaxConcurrent), turn: newFIFOSem(1)}
+}
+
+// Settings returns the settings in force (defaults filled in).
+func (r *Restorer) Settings() Settings { return r.settings }
+
+// Request names a context to restore and where to.
+type Request struct {
+	NS, ID string
+	Ident  *chunk.Identity
+	// Tokens are the context's token ids, needed when the plan recomputes
+	// layers (LayerNone); their count must equal the stored token count.
+	// Ignored otherwise.
+	Tokens []int
+	// Dst is one paged cache per layer; positions 0..tokens-1 are written.
+	Dst []*gpu.PagedKV
+}
+
+// LayerTiming is one layer of a restore, as offsets from the restore's
+// start (after admission): when its rows had been read (zero for a
+// recomputed layer) and when the compute stream started and finished it.
+// A gap between one layer's End and the next one's Start, with ReadDone
+// after that End, is a bubble: compute waited for I/O.
+type LayerTiming struct {
+	Layer    int           `json:"layer"`
+	Kind     string        `json:"kind"`
+	ReadDone time.Duration `json:"read_done_ns"`
+	Start    time.Duration `json:"start_ns"`
+	End      time.Duration `json:"end_ns"`
+}
+
+// RestoreStats describes one restore.
+type RestoreStats struct {
+	Tokens     int
+	ReadBytes  int64
+	Elapsed    time.Duration // admission to the last layer written
+	QueueWait  time.Duration // waiting for admission
+	ProjectDur time.Duration // time in the backend (projection and KV loads)
+	// RecomputeDur is the recomputation of the unstored prefix.
+	RecomputeDur time.Duration
+	// IODur is from the start until the last stored layer was read.
+	IODur time.Duration
+	// ComputeIdle is the time the compute stream waited for reads after
+	// its recomputation (bubbles), and BackendWait the time it waited for
+	// its turn on a backend shared with other restores.
+	ComputeIdle time.Duration
+	BackendWait time.Duration
+	// PeakBufferedBytes is the most read-ahead bytes held at once.
+	PeakBufferedBytes int64
+	Layers            []LayerTiming
+}
+
+// ErrTokens is wrapped when a plan needs token ids that were not given or
+// do not match the context.
+var ErrTokens = errors.New("serve: token ids do not match the restore")
+
+// recomputedPrefix returns r, the number of leading LayerNone layers, or an
+// error when a LayerNone layer follows a stored one.
+func recomputedPrefix(plan []chunk.LayerPlan) (int, error) {
+	r := 0
+	for r < len(plan) && plan[r].Kind == chunk.LayerNone {
+		r++
+	}
+	for l := r; l < len(plan); l++ {
+		if plan[l].Kind == chunk.LayerNone {
+			return 0, fmt.Errorf("serve: layer %d is recomputed after stored layer %d; only a recomputed prefix of layers can be restored", l, r)
+		}
+	}
+	return r, nil
+}
+
+type layerMsg struct {
+	layer int
+	rows  []byte
+	at    time.Duration
+}
+
+// Restore restores one context: the plan's recomputed prefix is computed
+// from req.Tokens while the stored layers after it stream from the store
+// (read ahead into this restore's budget) and are projected or loaded as
+// their reads complete.
+func (r *Restorer) Restore(req Request) (RestoreStats, error) {
+	var rs RestoreStats
+	if req.Ident == nil {
+		return rs, fmt.Errorf("serve: restore of %s/%s without an identity", req.NS, req.ID)
+	}
+	plan := req.Ident.Plan
+	if len(req.Dst) != len(plan) {
+		return rs, fmt.Errorf("serve: %d paged caches for a %d-layer plan", len(req.Dst), len(plan))
+	}
+	nr, err := recomputedPrefix(plan)
+	if err != nil {
+		return rs, err
+	}
+	if nr > 0 {
+		if r.rc == nil {
+			return rs, fmt.Errorf("serve: the plan of %s/%s recomputes layers 0..%d but this restorer has no Recomputer", req.NS, req.ID, nr-1)
+		}
+		if len(req.Tokens) == 0 {
+			return rs, fmt.Errorf("%w: the plan of %s/%s recomputes layers 0..%d; the request must carry the context's token ids", ErrTokens, req.NS, req.ID, nr-1)
+		}
+	}
+	q0 := time.Now()
+	r.admit.acquire()
+	defer r.admit.release()
+	start := time.Now()
+	rs.QueueWait = start.Sub(q0)
+	since := func() time.Duration { return time.Since(start) }
+
+	budget := newByteBudget(r.settings.BufferBytes)
+	msgs := make(chan layerMsg, len(plan))
+	var stopOnce sync.Once
+	stopped := make(chan struct{})
+	stop := func() { stopOnce.Do(func() { close(stopped); budget.close() }) }
+	errStop := errors.New("serve: restore stopped")
+
+	type ioResult struct {
+		tokens int
+		err    error
+	}
+	ioDone := make(chan ioResult, 1)
+	go func() {
+		n, err := r.st.Restore(req.NS, req.ID, req.Ident, func(layer int, rows []byte) error {
+			select {
+			case <-stopped:
+				return errStop
+			default:
+			}
+			if !budget.acquire(int64(len(rows))) {
+				return errStop
+			}
+			own := make([]byte, len(rows))
+			copy(own, rows)
+			msgs <- layerMsg{layer, own, since()}
+			return nil
+		})
+		close(msgs)
+		ioDone <- ioResult{n, err}
+	}()
+
+	fail := func(err error) (RestoreStats, error) {
+		stop()
+		for m := range msgs {
+			budget.release(int64(len(m.rows)))
+		}
+		<-ioDone
+		return rs, err
+	}
+
+	// Compute stream: the recomputed prefix first, overlapping the reads.
+	if nr > 0 {
+		t0 := since()
+		last := t0
+		err := r.rc.Recompute(req.Tokens, nr, req.Dst, func(l int) {
+			now := since()
+			rs.Layers = append(rs.Layers, LayerTiming{Layer: l, Kind: "recompute", Start: last, End: now})
+			last = now
+		})
+		rs.RecomputeDur = since() - t0
+		if err != nil {
+			return fail(fmt.Errorf("serve: recompute layers 0..%d of %s/%s: %w", nr-1, req.NS, req.ID, err))
+		}
+	}
+	var positions []int
+	prevEnd := since()
+	for m := range msgs {
+		lp := plan[m.layer]
+		n := len(m.rows) / int(lp.RowBytes)
+		if positions == nil {
+			positions = make([]int, n)
+			for i := range positions {
+				positions[i] = i
+			}
+		}
+		if nr > 0 && n != len(req.Tokens) {
+			budget.release(int64(len(m.rows)))
+			return fail(fmt.Errorf("%w: %d token ids given, %s/%s stores %d tokens", ErrTokens, len(req.Tokens), req.NS, req.ID, n))
+		}
+		rs.ReadBytes += int64(len(m.rows))
+		if m.at > prevEnd {
+			rs.ComputeIdle += m.at - prevEnd
+		}
+		w0 := since()
+		r.turn.acquire()
+		t0 := since()
+		rs.BackendWait += t0 - w0
+		var err error
+		if lp.Kind == chunk.LayerHidden {
+			err = r.backend.Project(m.layer, m.rows, positions, req.Dst[m.layer])
+		} else {
+			err = r.backend.LoadKV(m.layer, m.rows, positions, req.Dst[m.layer])
+		}
+		r.turn.release()
+		t1 := since()
+		rs.ProjectDur += t1 - t0
+		budget.release(int64(len(m.rows)))
+		rs.Layers = append(rs.Layers, LayerTiming{Layer: m.layer, Kind: lp.Kind.String(), ReadDone: m.at, Start: t0, End: t1})
+		prevEnd = t1
+		rs.IODur = m.at
+		if err != nil {
+			return fail(fmt.Errorf("serve: layer %d of %s/%s: %w", m.layer, req.NS, req.ID, err))
+		}
+	}
+	res := <-ioDone
+	if res.err != nil {
+		return rs, res.err
+	}
+	if nr > 0 && res.tokens != len(req.Tokens) {
+		return rs, fmt.Errorf("%w: %d token ids given, %s/%s holds %d tokens", ErrTokens, len(req.Tokens), req.NS, req.ID, res.tokens)
+	}
+	rs.Tokens = res.tokens
+	rs.Elapsed = since()
+	budget.mu.Lock()
+	rs.PeakBufferedBytes = budget.peak
+	budget.mu.Unlock()
+	return rs, nil
+}
