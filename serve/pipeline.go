@@ -203,6 +203,7 @@ func (r *Restorer) Restore(req Request) (RestoreStats, error) {
 	since := func() time.Duration { return time.Since(start) }
 
 	budget := newByteBudget(r.settings.BufferBytes)
+	bufs := &bufList{}
 	msgs := make(chan layerMsg, len(plan))
 	var stopOnce sync.Once
 	stopped := make(chan struct{})
@@ -224,7 +225,7 @@ func (r *Restorer) Restore(req Request) (RestoreStats, error) {
 			if !budget.acquire(int64(len(rows))) {
 				return errStop
 			}
-			own := make([]byte, len(rows))
+			own := bufs.get(len(rows))
 			copy(own, rows)
 			msgs <- layerMsg{layer, own, since()}
 			return nil
@@ -288,6 +289,7 @@ func (r *Restorer) Restore(req Request) (RestoreStats, error) {
 		r.turn.release()
 		t1 := since()
 		rs.ProjectDur += t1 - t0
+		bufs.put(m.rows)
 		budget.release(int64(len(m.rows)))
 		rs.Layers = append(rs.Layers, LayerTiming{Layer: m.layer, Kind: lp.Kind.String(), ReadDone: m.at, Start: t0, End: t1})
 		prevEnd = t1
@@ -309,4 +311,29 @@ func (r *Restorer) Restore(req Request) (RestoreStats, error) {
 	rs.PeakBufferedBytes = budget.peak
 	budget.mu.Unlock()
 	return rs, nil
+}
+
+// bufList recycles one restore's read-ahead buffers (its budget bounds how
+// many are live at once).
+type bufList struct {
+	mu   sync.Mutex
+	free [][]byte
+}
+
+func (b *bufList) get(n int) []byte {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	for i, f := range b.free {
+		if cap(f) >= n {
+			b.free = append(b.free[:i], b.free[i+1:]...)
+			return f[:n]
+		}
+	}
+	return make([]byte, n)
+}
+
+func (b *bufList) put(buf []byte) {
+	b.mu.Lock()
+	b.free = append(b.free, buf)
+	b.mu.Unlock()
 }
