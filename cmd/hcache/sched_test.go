@@ -11,11 +11,11 @@ import (
 
 type simOut struct {
 	Rows []struct {
-		Method   string   `json:"method"`
-		Mean     *float64 `json:"ttft_ms_mean"`
-		P99      *float64 `json:"ttft_ms_p99"`
-		Bytes    *float64 `json:"storage_bytes_per_token"`
-		Split    any      `json:"split"`
+		Method string   `json:"method"`
+		Mean   *float64 `json:"ttft_ms_mean"`
+		P99    *float64 `json:"ttft_ms_p99"`
+		Bytes  *float64 `json:"storage_bytes_per_token"`
+		Split  any      `json:"split"`
 	} `json:"rows"`
 }
 
