@@ -129,7 +129,7 @@ func Run(o Options) (*Result, error) {
 		}
 	} else {
 		say("profiling this machine at %d tokens", o.Tokens)
-		readGBps, _, err := profiler.StoreReadGBps(o.Dir, c, 32<<20, 3)
+		readGBps, _, err := profiler.StoreReadGBps(o.Dir, c, 32<<20, 3, false)
 		if err != nil {
 			return nil, err
 		}

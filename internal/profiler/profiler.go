@@ -91,12 +91,17 @@ func RandomRows(c *model.Config, rng *rand.Rand, n, width int) []byte {
 
 // StoreReadGBps writes one context of about bytes bytes (hidden rows of
 // every layer) to a fresh store under dir, then times restores of it with
-// no consumer work: the store's read bandwidth (O_DIRECT, no DRAM cache).
-func StoreReadGBps(dir string, c *model.Config, bytes int64, rounds int) (float64, string, error) {
+// no consumer work: the store's read bandwidth from disk (O_DIRECT, DRAM
+// tier off) or, with dram, from its DRAM tier (sized to hold the context).
+func StoreReadGBps(dir string, c *model.Config, bytes int64, rounds int, dram bool) (float64, string, error) {
 	sdir := filepath.Join(dir, "hcache-profile-store")
 	os.RemoveAll(sdir)
 	defer os.RemoveAll(sdir)
-	st, err := chunk.Open(chunk.Options{Dir: sdir, CacheBytes: 0, GCInterval: -1, Logf: func(string, ...any) {}})
+	cache := int64(0)
+	if dram {
+		cache = 2*bytes + 64<<20
+	}
+	st, err := chunk.Open(chunk.Options{Dir: sdir, CacheBytes: cache, GCInterval: -1, Logf: func(string, ...any) {}})
 	if err != nil {
 		return 0, "", err
 	}
@@ -255,11 +260,15 @@ func Measure(o Options) (*profiles.Profile, error) {
 		return nil, err
 	}
 	say(fmt.Sprintf("store read bandwidth on %s (%d MiB context)", o.Dir, o.ReadBytes>>20))
-	readGBps, engine, err := StoreReadGBps(o.Dir, c, o.ReadBytes, o.Rounds)
+	readGBps, engine, err := StoreReadGBps(o.Dir, c, o.ReadBytes, o.Rounds, false)
 	if err != nil {
 		return nil, err
 	}
-	say(fmt.Sprintf("store read: %.2f GB/s (%s engine)", readGBps, engine))
+	dramGBps, _, err := StoreReadGBps(o.Dir, c, o.ReadBytes, o.Rounds, true)
+	if err != nil {
+		return nil, err
+	}
+	say(fmt.Sprintf("store read: %.2f GB/s from disk (%s engine), %.2f GB/s from the DRAM tier", readGBps, engine, dramGBps))
 	copyGBps := CopyGBps(o.Rounds)
 	gemm := GemmTFLOPs(c.HiddenSize, 256, o.Rounds)
 	say(fmt.Sprintf("memory copy %.2f GB/s, float32 GEMM %.4f TFLOP/s", copyGBps, gemm))
