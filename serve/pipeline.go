@@ -54,11 +54,12 @@ type Settings struct {
 	// MaxConcurrent is how many restores run at once; later ones wait in
 	// arrival order (FIFO). Default DefaultMaxConcurrent.
 	MaxConcurrent int
-	// BufferBytes bounds the stored rows one restore holds between the
-	// reads and its compute stream (rows read ahead while the compute
-	// stream recomputes or projects). When it is full the reads of that
-	// restore pause. One layer is always admitted, so a layer larger than
-	// the budget still restores. Default DefaultBufferBytes.
+	// BufferBytes bounds the stored rows one restore holds read ahead of
+	// its compute stream: the store's buffers are handed over without a
+	// copy, and the store reads at most max(2, BufferBytes / layer bytes)
+	// layers ahead (two layers always, so a layer larger than the budget
+	// still restores; a request without token ids, whose layer size is
+	// not known in advance, gets two). Default DefaultBufferBytes.
 	BufferBytes int64
 }
 
@@ -71,7 +72,7 @@ const (
 // Restorer runs restores of any plan against one store, one projection
 // backend and (for plans that recompute a prefix) one Recomputer, shared
 // fairly by concurrent restores: admission is FIFO (MaxConcurrent at once),
-// each restore has its own read-ahead budget (BufferBytes), and the backend
+// each restore has its own read-ahead bound (BufferBytes), and the backend
 // is taken one layer at a time in FIFO order, so concurrent restores
 // alternate layer by layer on it and none waits behind another's whole
 // context. Their reads share the store's io_uring queue, each restore
@@ -105,7 +106,9 @@ type Request struct {
 	Ident  *chunk.Identity
 	// Tokens are the context's token ids, needed when the plan recomputes
 	// layers (LayerNone); their count must equal the stored token count.
-	// Ignored otherwise.
+	// Otherwise optional: when given, their count sizes the read-ahead
+	// (Settings.BufferBytes); without them the store reads two layers
+	// ahead.
 	Tokens []int
 	// Dst is one paged cache per layer; positions 0..tokens-1 are written.
 	Dst []*gpu.PagedKV
@@ -165,14 +168,15 @@ func recomputedPrefix(plan []chunk.LayerPlan) (int, error) {
 }
 
 type layerMsg struct {
-	layer int
-	rows  []byte
-	at    time.Duration
+	layer   int
+	rows    []byte
+	at      time.Duration
+	release func() // gives the store its buffer back
 }
 
 // Restore restores one context: the plan's recomputed prefix is computed
 // from req.Tokens while the stored layers after it stream from the store
-// (read ahead into this restore's budget) and are projected or loaded as
+// (read ahead within this restore's bound) and are projected or loaded as
 // their reads complete.
 func (r *Restorer) Restore(req Request) (RestoreStats, error) {
 	var rs RestoreStats
@@ -202,12 +206,27 @@ func (r *Restorer) Restore(req Request) (RestoreStats, error) {
 	rs.QueueWait = start.Sub(q0)
 	since := func() time.Duration { return time.Since(start) }
 
-	budget := newByteBudget(r.settings.BufferBytes)
-	bufs := &bufList{}
+	// Read-ahead: the store keeps reading while the compute stream holds
+	// layers (RestoreOwned hands its buffers over without a copy), up to
+	// `ahead` buffers. The compute stream may hold layers for long (while
+	// it recomputes the prefix, or projects a hidden layer while KV layers
+	// arrive), so when the token count is known the budget decides how many
+	// layers may be read ahead; otherwise the store's default.
+	ahead := chunk.DefaultRestoreAhead
+	stored := len(plan) - nr
+	if len(req.Tokens) > 0 {
+		maxRow := 0
+		for _, p := range plan {
+			maxRow = max(maxRow, int(p.RowBytes))
+		}
+		layer := int64(len(req.Tokens)) * int64(maxRow)
+		ahead = int(min(int64(stored+1), max(2, r.settings.BufferBytes/max(1, layer))))
+	}
+	var held heldBytes
 	msgs := make(chan layerMsg, len(plan))
 	var stopOnce sync.Once
 	stopped := make(chan struct{})
-	stop := func() { stopOnce.Do(func() { close(stopped); budget.close() }) }
+	stop := func() { stopOnce.Do(func() { close(stopped) }) }
 	errStop := errors.New("serve: restore stopped")
 
 	type ioResult struct {
@@ -216,18 +235,15 @@ func (r *Restorer) Restore(req Request) (RestoreStats, error) {
 	}
 	ioDone := make(chan ioResult, 1)
 	go func() {
-		n, err := r.st.Restore(req.NS, req.ID, req.Ident, func(layer int, rows []byte) error {
+		n, err := r.st.RestoreOwned(req.NS, req.ID, req.Ident, ahead, func(layer int, rows []byte, release func()) error {
 			select {
 			case <-stopped:
+				release()
 				return errStop
 			default:
 			}
-			if !budget.acquire(int64(len(rows))) {
-				return errStop
-			}
-			own := bufs.get(len(rows))
-			copy(own, rows)
-			msgs <- layerMsg{layer, own, since()}
+			held.add(int64(len(rows)))
+			msgs <- layerMsg{layer, rows, since(), release}
 			return nil
 		})
 		close(msgs)
@@ -237,7 +253,8 @@ func (r *Restorer) Restore(req Request) (RestoreStats, error) {
 	fail := func(err error) (RestoreStats, error) {
 		stop()
 		for m := range msgs {
-			budget.release(int64(len(m.rows)))
+			held.add(-int64(len(m.rows)))
+			m.release()
 		}
 		<-ioDone
 		return rs, err
@@ -269,7 +286,8 @@ func (r *Restorer) Restore(req Request) (RestoreStats, error) {
 			}
 		}
 		if nr > 0 && n != len(req.Tokens) {
-			budget.release(int64(len(m.rows)))
+			held.add(-int64(len(m.rows)))
+			m.release()
 			return fail(fmt.Errorf("%w: %d token ids given, %s/%s stores %d tokens", ErrTokens, len(req.Tokens), req.NS, req.ID, n))
 		}
 		rs.ReadBytes += int64(len(m.rows))
@@ -289,8 +307,8 @@ func (r *Restorer) Restore(req Request) (RestoreStats, error) {
 		r.turn.release()
 		t1 := since()
 		rs.ProjectDur += t1 - t0
-		bufs.put(m.rows)
-		budget.release(int64(len(m.rows)))
+		held.add(-int64(len(m.rows)))
+		m.release()
 		rs.Layers = append(rs.Layers, LayerTiming{Layer: m.layer, Kind: lp.Kind.String(), ReadDone: m.at, Start: t0, End: t1})
 		prevEnd = t1
 		rs.IODur = m.at
@@ -307,33 +325,25 @@ func (r *Restorer) Restore(req Request) (RestoreStats, error) {
 	}
 	rs.Tokens = res.tokens
 	rs.Elapsed = since()
-	budget.mu.Lock()
-	rs.PeakBufferedBytes = budget.peak
-	budget.mu.Unlock()
+	rs.PeakBufferedBytes = held.peakBytes()
 	return rs, nil
 }
 
-// bufList recycles one restore's read-ahead buffers (its budget bounds how
-// many are live at once).
-type bufList struct {
-	mu   sync.Mutex
-	free [][]byte
+// heldBytes counts the bytes of layers handed over and not yet released.
+type heldBytes struct {
+	mu        sync.Mutex
+	now, peak int64
 }
 
-func (b *bufList) get(n int) []byte {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	for i, f := range b.free {
-		if cap(f) >= n {
-			b.free = append(b.free[:i], b.free[i+1:]...)
-			return f[:n]
-		}
-	}
-	return make([]byte, n)
+func (h *heldBytes) add(n int64) {
+	h.mu.Lock()
+	h.now += n
+	h.peak = max(h.peak, h.now)
+	h.mu.Unlock()
 }
 
-func (b *bufList) put(buf []byte) {
-	b.mu.Lock()
-	b.free = append(b.free, buf)
-	b.mu.Unlock()
+func (h *heldBytes) peakBytes() int64 {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return h.peak
 }

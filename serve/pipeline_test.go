@@ -253,7 +253,7 @@ func TestRestoreBackendFailureStopsReads(t *testing.T) {
 // TestConcurrentRestoresShareFairly: many restores of contexts of
 // different lengths and plans through one Restorer at once all complete
 // with exact caches; no restore held more read-ahead than its budget (or
-// one layer); and with one admission slot, restores are served strictly in
+// two layers); and with one admission slot, restores are served strictly in
 // arrival order, so a steady stream of later arrivals cannot starve one.
 func TestConcurrentRestoresShareFairly(t *testing.T) {
 	seed := time.Now().UnixNano()
@@ -298,8 +298,8 @@ func TestConcurrentRestoresShareFairly(t *testing.T) {
 		}
 		sameKV(t, sv.id, c, sv.ref, paged[i])
 		layer := int64(sv.ref.Tokens) * int64(max(c.HiddenRowBytes(), c.KVRowBytes()))
-		if p := stats[i].PeakBufferedBytes; p > max(budget, layer) {
-			t.Errorf("restore %d held %d read-ahead bytes, budget %d, largest layer %d", i, p, budget, layer)
+		if p := stats[i].PeakBufferedBytes; p > max(budget, 2*layer) {
+			t.Errorf("restore %d held %d read-ahead bytes, budget %d, largest layer %d (two are allowed)", i, p, budget, layer)
 		}
 	}
 
@@ -391,35 +391,5 @@ func TestFIFOSemHandsOff(t *testing.T) {
 	}
 	if fmt.Sprint(seq) != "[0 1 2 99]" {
 		t.Fatalf("order %v, want [0 1 2 99]", seq)
-	}
-}
-
-func TestByteBudget(t *testing.T) {
-	b := newByteBudget(100)
-	if !b.acquire(60) || !b.acquire(40) {
-		t.Fatal("within the budget refused")
-	}
-	done := make(chan bool)
-	go func() { done <- b.acquire(10) }()
-	select {
-	case <-done:
-		t.Fatal("acquire over the budget did not wait")
-	case <-time.After(20 * time.Millisecond):
-	}
-	b.release(60)
-	if !<-done {
-		t.Fatal("acquire after release failed")
-	}
-	b.release(50)
-	if !b.acquire(1000) { // larger than the budget, nothing held: admitted
-		t.Fatal("an oversized request with nothing held must be admitted")
-	}
-	go func() { done <- b.acquire(1) }()
-	b.close()
-	if <-done {
-		t.Fatal("acquire after close succeeded")
-	}
-	if b.peak != 1000 {
-		t.Fatalf("peak %d", b.peak)
 	}
 }
