@@ -83,3 +83,47 @@ func TestValidationNamesTheBadField(t *testing.T) {
 		t.Fatalf("no recompute cost: %v", err)
 	}
 }
+
+// FuzzParse: any input either parses into a profile that validates and
+// survives a round trip, or is refused with ErrProfile; never a panic.
+func FuzzParse(f *testing.F) {
+	for _, n := range Names() {
+		b, err := shipped.ReadFile(n + ".json")
+		if err != nil {
+			f.Fatal(err)
+		}
+		f.Add(b)
+	}
+	f.Add([]byte(`{"name":"x"}`))
+	f.Fuzz(func(t *testing.T, data []byte) {
+		p, err := Parse(data)
+		if err != nil {
+			if !errors.Is(err, ErrProfile) {
+				t.Fatalf("error %v does not wrap ErrProfile", err)
+			}
+			return
+		}
+		b, err := p.Marshal()
+		if err != nil {
+			t.Fatal(err)
+		}
+		q, err := Parse(b)
+		if err != nil {
+			t.Fatalf("a valid profile does not parse back: %v", err)
+		}
+		if q.Name != p.Name || len(q.Tiers) != len(p.Tiers) {
+			t.Fatalf("round trip changed the profile")
+		}
+		if p.Recompute != nil {
+			for _, n := range []int{1, 1000, 1 << 20} {
+				if v := p.Recompute.At(n); !(v > 0) || math.IsInf(v, 0) {
+					// A huge exponent can overflow far beyond the points;
+					// only the measured range must be finite.
+					if n <= p.Recompute.Points[len(p.Recompute.Points)-1].Tokens && n >= p.Recompute.Points[0].Tokens {
+						t.Fatalf("recompute at %d = %v", n, v)
+					}
+				}
+			}
+		}
+	})
+}

@@ -37,6 +37,8 @@ type WorkloadParams struct {
 	AnswerMax    int `json:"answer_max,omitempty"`
 	// MaxContext ends a conversation (or caps a document) at this length.
 	MaxContext int `json:"max_context"`
+	// Source says where each parameter comes from.
+	Source string `json:"source"`
 }
 
 // Workloads are the built-in workload shapes.
@@ -46,13 +48,15 @@ var Workloads = map[string]WorkloadParams{
 	// SOSP 2023, Fig. 11: about 161 input and 338 output tokens); the
 	// spread (sigma of the log 1.0), the geometric number of turns (mean
 	// 4, at most 20) and the 16K cap are assumptions, not measurements.
-	"chat": {Name: "chat", Conversations: 400, MeanTurns: 4, MaxTurns: 20, PromptMean: 161, AnswerMean: 338, LogSigma: 1.0, MaxContext: 16384},
+	"chat": {Name: "chat", Conversations: 400, MeanTurns: 4, MaxTurns: 20, PromptMean: 161, AnswerMean: 338, LogSigma: 1.0, MaxContext: 16384,
+		Source: "prompt/answer means 161/338 tokens: ShareGPT as reported by the vLLM paper (Kwon et al., SOSP 2023, Fig. 11); log-normal sigma 1.0, geometric turns with mean 4 (max 20) and the 16K cap: assumptions"},
 	// L-Eval-like long documents: lengths log-uniform in 4K-16K tokens
 	// (the range issue 12 takes from L-Eval; An et al., 2023), 3-6
 	// questions per document of 20-60 tokens, answers of 50-200 tokens
 	// (assumptions). The first question's prefill saves the document;
 	// every later question restores document plus earlier turns.
-	"long": {Name: "long", Documents: 120, DocMin: 4096, DocMax: 16384, QuestionsMin: 3, QuestionsMax: 6, QuestionMin: 20, QuestionMax: 60, AnswerMin: 50, AnswerMax: 200, MaxContext: 20480},
+	"long": {Name: "long", Documents: 120, DocMin: 4096, DocMax: 16384, QuestionsMin: 3, QuestionsMax: 6, QuestionMin: 20, QuestionMax: 60, AnswerMin: 50, AnswerMax: 200, MaxContext: 20480,
+		Source: "documents log-uniform in 4K-16K tokens: the L-Eval range issue 12 takes (An et al., 2023); 3-6 questions of 20-60 tokens, answers of 50-200: assumptions"},
 }
 
 // lognormal draws a positive length with the given mean.
