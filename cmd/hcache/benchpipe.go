@@ -18,7 +18,7 @@ func benchPipeline(args []string, stdout, stderr io.Writer) error {
 	dir := fs.String("dir", os.TempDir(), "directory for the store (on the device to measure)")
 	mdl := fs.String("model", "demo-llama", "preset name or model directory (small: the CPU forward pass runs it)")
 	tokens := fs.Int("tokens", 512, "context length")
-	rounds := fs.Int("rounds", 7, "alternate io-only, compute-only and pipelined this many times; medians")
+	rounds := fs.Int("rounds", 15, "rounds of io-only, compute-only and pipelined back to back (order rotated); medians")
 	seed := fs.Int64("seed", 1, "seed of the synthetic weights and the tokens")
 	plan := fs.String("plan", "", "recompute,hidden,kv layer counts (default: the scheduler's best mixed plan on a profile measured now)")
 	asJSON := fs.Bool("json", false, "print one JSON object")
