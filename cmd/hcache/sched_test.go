@@ -109,3 +109,24 @@ func TestBenchPipelineJSON(t *testing.T) {
 		t.Fatalf("bad --plan: exit %d %s", code, errs)
 	}
 }
+
+func TestPlanCommand(t *testing.T) {
+	code, out, errs := runCLI("plan", "--profile", "h200-nvme", "--model", "llama3-8b", "--tokens", "8192", "--json")
+	if code != 0 {
+		t.Fatalf("exit %d: %s", code, errs)
+	}
+	var res struct {
+		Split     struct{ Recompute, Hidden, KV int } `json:"split"`
+		Predicted float64                             `json:"predicted_ms"`
+		AllKV     float64                             `json:"all_kv_ms"`
+	}
+	if err := json.Unmarshal([]byte(out), &res); err != nil {
+		t.Fatal(err)
+	}
+	if res.Split.Hidden != 0 || res.Split.Recompute+res.Split.KV != 32 || res.Predicted <= 0 || res.Predicted > res.AllKV {
+		t.Fatalf("plan for a GQA model on an I/O-bound profile: %s", out)
+	}
+	if code, _, errs := runCLI("plan", "--tokens", "0"); code == 0 || !strings.Contains(errs, "positive") {
+		t.Fatalf("--tokens 0: exit %d %s", code, errs)
+	}
+}
