@@ -127,25 +127,26 @@ type LayerTiming struct {
 	End      time.Duration `json:"end_ns"`
 }
 
-// RestoreStats describes one restore.
+// RestoreStats describes one restore. Durations are nanoseconds in JSON.
 type RestoreStats struct {
-	Tokens     int
-	ReadBytes  int64
-	Elapsed    time.Duration // admission to the last layer written
-	QueueWait  time.Duration // waiting for admission
-	ProjectDur time.Duration // time in the backend (projection and KV loads)
+	Tokens     int           `json:"tokens"`
+	ReadBytes  int64         `json:"read_bytes"`
+	Elapsed    time.Duration `json:"elapsed_ns"`    // admission to the last layer written
+	QueueWait  time.Duration `json:"queue_wait_ns"` // waiting for admission
+	ProjectDur time.Duration `json:"backend_ns"`    // time in the backend (projection and KV loads)
 	// RecomputeDur is the recomputation of the unstored prefix.
-	RecomputeDur time.Duration
-	// IODur is from the start until the last stored layer was read.
-	IODur time.Duration
+	RecomputeDur time.Duration `json:"recompute_ns"`
+	// IODur is from the start until the last stored layer was handed to
+	// the compute stream (read, verified and within the read-ahead bound).
+	IODur time.Duration `json:"io_ns"`
 	// ComputeIdle is the time the compute stream waited for reads after
 	// its recomputation (bubbles), and BackendWait the time it waited for
 	// its turn on a backend shared with other restores.
-	ComputeIdle time.Duration
-	BackendWait time.Duration
+	ComputeIdle time.Duration `json:"compute_idle_ns"`
+	BackendWait time.Duration `json:"backend_wait_ns"`
 	// PeakBufferedBytes is the most read-ahead bytes held at once.
-	PeakBufferedBytes int64
-	Layers            []LayerTiming
+	PeakBufferedBytes int64         `json:"peak_buffered_bytes"`
+	Layers            []LayerTiming `json:"layers"`
 }
 
 // ErrTokens is wrapped when a plan needs token ids that were not given or
