@@ -215,3 +215,42 @@ func TestSplitPlanRoundTrip(t *testing.T) {
 		t.Error("kv before hidden read as a split")
 	}
 }
+
+// TestCostsFromProfile: a curve measured on a model gives back its own
+// points for that model, scales up for a bigger one, and I/O is bytes over
+// the slower of the tier and the host-to-device copy.
+func TestCostsFromProfile(t *testing.T) {
+	h200, _ := profiles.Load("h200-nvme")
+	pl, _ := NewPlatform(h200, "nvme")
+	l7, _ := model.Preset("llama2-7b")
+	l13, _ := model.Preset("llama2-13b")
+	for _, pt := range h200.Recompute.Points {
+		cs, err := pl.Costs(l7, pt.Tokens)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got := cs.RecomputeMS * float64(l7.Layers); math.Abs(got-pt.MS) > 1e-9*pt.MS {
+			t.Errorf("llama2-7b recompute at %d: %v ms, the curve says %v", pt.Tokens, got, pt.MS)
+		}
+		big, _ := pl.Costs(l13, pt.Tokens)
+		if big.RecomputeMS*float64(l13.Layers) <= pt.MS*1.5 {
+			t.Errorf("llama2-13b recompute at %d: %v ms, want well above the 7B's %v", pt.Tokens, big.RecomputeMS*float64(l13.Layers), pt.MS)
+		}
+		wantIO := float64(pt.Tokens*l7.HiddenRowBytes()) / 1.9e9 * 1e3
+		if math.Abs(cs.HiddenIOMS-wantIO) > 1e-9*wantIO || math.Abs(cs.KVIOMS-2*wantIO) > 1e-9*wantIO {
+			t.Errorf("I/O at %d tokens: hidden %v kv %v, want %v and twice that", pt.Tokens, cs.HiddenIOMS, cs.KVIOMS, wantIO)
+		}
+	}
+	dram, _ := NewPlatform(h200, "dram")
+	if dram.IOGBps() != 55 {
+		t.Errorf("dram tier moves at %v GB/s, want the 55 GB/s H2D bound", dram.IOGBps())
+	}
+	// Without a curve: FLOPs at the GEMM rate times the efficiency.
+	a100, _ := profiles.Load("a100-pm9a3x4")
+	pa, _ := NewPlatform(a100, "")
+	cs, _ := pa.Costs(l7, 4096)
+	want := recomputeFlops(ShapeOf(l7), 4096)/(265e12*0.53)*1e3 + 0.02
+	if math.Abs(cs.RecomputeMS-want) > 1e-9*want {
+		t.Errorf("a100 recompute per layer %v ms, want %v", cs.RecomputeMS, want)
+	}
+}
