@@ -1,6 +1,7 @@
 package model
 
 import (
+	"errors"
 	"fmt"
 	"math"
 
@@ -17,6 +18,7 @@ type Model struct {
 	W       *Weights
 	InvFreq []float32
 	round   func(float32) float32
+	stop    <-chan struct{} // set only on PrefillStop's copy
 }
 
 // New checks that w holds every tensor the forward pass needs.
@@ -112,10 +114,21 @@ func (m *Model) Forward(tokens []int, cache *KVCache, trace Trace) ([]float32, e
 // the K and V are bit for bit those of a full forward pass. It is how a
 // restore recomputes a plan's prefix of unstored layers.
 func (m *Model) Prefill(tokens []int, layers int, trace Trace) error {
+	return m.PrefillStop(tokens, layers, trace, nil)
+}
+
+// ErrStopped is returned by PrefillStop when it was stopped.
+var ErrStopped = errors.New("model: prefill stopped")
+
+// PrefillStop is Prefill that returns ErrStopped before the next layer once
+// stop is closed (a restore whose reads failed stops recomputing).
+func (m *Model) PrefillStop(tokens []int, layers int, trace Trace, stop <-chan struct{}) error {
 	if layers < 0 || layers > m.Cfg.Layers {
 		return fmt.Errorf("model: prefill of %d layers, the model has %d", layers, m.Cfg.Layers)
 	}
-	_, err := m.layers(tokens, NewKVCache(m.Cfg), trace, layers)
+	m2 := *m
+	m2.stop = stop
+	_, err := m2.layers(tokens, NewKVCache(m.Cfg), trace, layers)
 	return err
 }
 
@@ -154,6 +167,13 @@ func (m *Model) layers(tokens []int, cache *KVCache, trace Trace, upto int) ([]f
 	scale := float32(1 / math.Sqrt(float64(c.HeadDim)))
 	group := c.Heads / c.KVHeads
 	for l := 0; l < upto; l++ {
+		if m.stop != nil {
+			select {
+			case <-m.stop:
+				return nil, ErrStopped
+			default:
+			}
+		}
 		lw := &m.W.Layers[l]
 		m.normRows(h, x, n, lw.AttnNormW, lw.AttnNormB)
 		for i := range h {

@@ -1,6 +1,7 @@
 package model
 
 import (
+	"errors"
 	"math"
 	"math/rand"
 	"testing"
@@ -51,5 +52,24 @@ func TestPrefillMatchesForward(t *testing.T) {
 		if err := m.Prefill(tokens, c.Layers+1, nil); err == nil {
 			t.Fatalf("%s: prefill of more layers than the model has was accepted", name)
 		}
+	}
+}
+
+func TestPrefillStop(t *testing.T) {
+	c, _ := Preset("tiny-llama")
+	m, _ := New(c, Synthesize(c, 1))
+	stop := make(chan struct{})
+	seen := 0
+	err := m.PrefillStop([]int{1, 2, 3}, c.Layers, func(l int, _, _, _ []float32) {
+		seen++
+		if l == 1 {
+			close(stop)
+		}
+	}, stop)
+	if !errors.Is(err, ErrStopped) || seen != 2 {
+		t.Fatalf("stopped after layer 1: %v, %d layers traced", err, seen)
+	}
+	if err := m.PrefillStop([]int{1, 2, 3}, c.Layers, nil, make(chan struct{})); err != nil {
+		t.Fatalf("an open stop channel: %v", err)
 	}
 }

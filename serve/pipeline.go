@@ -17,8 +17,9 @@ import (
 type Recomputer interface {
 	// Recompute runs layers [0, layers) over tokens at positions
 	// 0..len(tokens)-1, writes each layer's K and V into dst[layer], and
-	// calls done(layer) as each layer is complete.
-	Recompute(tokens []int, layers int, dst []*gpu.PagedKV, done func(layer int)) error
+	// calls done(layer) as each layer is complete. Once stop is closed
+	// (nil: never) it may return early with an error.
+	Recompute(tokens []int, layers int, dst []*gpu.PagedKV, done func(layer int), stop <-chan struct{}) error
 }
 
 // CPURecompute is the Recomputer of the reference forward pass: its K and V
@@ -27,11 +28,11 @@ type Recomputer interface {
 type CPURecompute struct{ M *model.Model }
 
 // Recompute implements Recomputer.
-func (r CPURecompute) Recompute(tokens []int, layers int, dst []*gpu.PagedKV, done func(layer int)) error {
+func (r CPURecompute) Recompute(tokens []int, layers int, dst []*gpu.PagedKV, done func(layer int), stop <-chan struct{}) error {
 	c := r.M.Cfg
 	kvd, tb := c.KVDim(), c.KVDim()*c.ElemBytes()
 	var werr error
-	err := r.M.Prefill(tokens, layers, func(l int, _, k, v []float32) {
+	err := r.M.PrefillStop(tokens, layers, func(l int, _, k, v []float32) {
 		if werr != nil {
 			return
 		}
@@ -45,7 +46,7 @@ func (r CPURecompute) Recompute(tokens []int, layers int, dst []*gpu.PagedKV, do
 			c.EncodeRow(vb[:tb], v[i*kvd:(i+1)*kvd])
 		}
 		done(l)
-	})
+	}, stop)
 	return errors.Join(err, werr)
 }
 
@@ -235,6 +236,7 @@ func (r *Restorer) Restore(req Request) (RestoreStats, error) {
 		err    error
 	}
 	ioDone := make(chan ioResult, 1)
+	ioFailed := make(chan struct{}) // closed when the reads fail: stop recomputing
 	go func() {
 		n, err := r.st.RestoreOwned(req.NS, req.ID, req.Ident, ahead, func(layer int, rows []byte, release func()) error {
 			select {
@@ -247,17 +249,25 @@ func (r *Restorer) Restore(req Request) (RestoreStats, error) {
 			msgs <- layerMsg{layer, rows, since(), release}
 			return nil
 		})
+		if err != nil {
+			close(ioFailed)
+		}
 		close(msgs)
 		ioDone <- ioResult{n, err}
 	}()
 
+	// fail stops the reads and returns err, or the store's error when err
+	// is nil.
 	fail := func(err error) (RestoreStats, error) {
 		stop()
 		for m := range msgs {
 			held.add(-int64(len(m.rows)))
 			m.release()
 		}
-		<-ioDone
+		res := <-ioDone
+		if err == nil {
+			err = res.err
+		}
 		return rs, err
 	}
 
@@ -269,8 +279,13 @@ func (r *Restorer) Restore(req Request) (RestoreStats, error) {
 			now := since()
 			rs.Layers = append(rs.Layers, LayerTiming{Layer: l, Kind: "recompute", Start: last, End: now})
 			last = now
-		})
+		}, ioFailed)
 		rs.RecomputeDur = since() - t0
+		select {
+		case <-ioFailed: // the store's error explains the restore
+			return fail(nil)
+		default:
+		}
 		if err != nil {
 			return fail(fmt.Errorf("serve: recompute layers 0..%d of %s/%s: %w", nr-1, req.NS, req.ID, err))
 		}

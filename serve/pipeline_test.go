@@ -201,6 +201,12 @@ func TestRestoreRefusesBadRequests(t *testing.T) {
 	if _, err := rest.Restore(Request{NS: "test", ID: "ctx", Ident: Identity(c, w, odd), Tokens: sv.tokens, Dst: paged}); err == nil || !strings.Contains(err.Error(), "prefix") {
 		t.Errorf("non-prefix recompute: %v", err)
 	}
+	// A state saved under other weights is refused with the store's
+	// error, whether or not the recomputation had finished.
+	other := Identity(c, model.Synthesize(c, 99), sv.ident.Plan)
+	if _, err := rest.Restore(Request{NS: "test", ID: "ctx", Ident: other, Tokens: sv.tokens, Dst: paged}); !errors.Is(err, chunk.ErrIdentityMismatch) {
+		t.Errorf("other weights: %v, want ErrIdentityMismatch", err)
+	}
 	// The old entry point refuses a recomputing plan clearly.
 	if _, err := Restore(st, "test", "ctx", sv.ident, backend, paged); err == nil || !strings.Contains(err.Error(), "Recomputer") {
 		t.Errorf("Restore of a recomputing plan without a recomputer: %v", err)

@@ -222,7 +222,7 @@ func Run(o Options) (*Result, error) {
 	runCompute := func() error {
 		t0 := time.Now()
 		if res.Split.Recompute > 0 {
-			if err := rc.Recompute(tokens, res.Split.Recompute, paged, func(int) {}); err != nil {
+			if err := rc.Recompute(tokens, res.Split.Recompute, paged, func(int) {}, nil); err != nil {
 				return err
 			}
 		}
