@@ -399,3 +399,103 @@ func TestFIFOSemHandsOff(t *testing.T) {
 		t.Fatalf("order %v, want [0 1 2 99]", seq)
 	}
 }
+
+// turnBackend records which restore each backend call serves; before each
+// call it waits until the other restore, while it has layers left, is
+// queued for the backend, so that the order seen is the turn's choice.
+type turnBackend struct {
+	gpu.Backend
+	rest  *Restorer
+	owner map[*gpu.PagedKV]int
+	left  [2]int
+	mu    sync.Mutex
+	seq   []int
+}
+
+func (b *turnBackend) call(dst *gpu.PagedKV) {
+	me := b.owner[dst]
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		b.mu.Lock()
+		otherLeft := b.left[1-me]
+		b.mu.Unlock()
+		if otherLeft == 0 || b.rest.turn.waiting() > 0 || time.Now().After(deadline) {
+			break
+		}
+		time.Sleep(100 * time.Microsecond)
+	}
+	b.mu.Lock()
+	b.seq = append(b.seq, me)
+	b.left[me]--
+	b.mu.Unlock()
+}
+
+func (b *turnBackend) LoadKV(layer int, rows []byte, positions []int, dst *gpu.PagedKV) error {
+	b.call(dst)
+	return b.Backend.LoadKV(layer, rows, positions, dst)
+}
+
+func (b *turnBackend) Project(layer int, hidden []byte, positions []int, dst *gpu.PagedKV) error {
+	b.call(dst)
+	return b.Backend.Project(layer, hidden, positions, dst)
+}
+
+// TestBackendTurnsAlternate: two restores that both have layers ready take
+// the backend in turns, layer by layer: neither runs its whole context
+// while the other waits.
+func TestBackendTurnsAlternate(t *testing.T) {
+	st, err := chunk.Open(chunk.Options{Dir: t.TempDir(), ChunkTokens: 16, SegmentBytes: 8 << 20, Logf: t.Logf})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer st.Close()
+	c, _ := model.Preset("tiny-llama")
+	w := model.Synthesize(c, 5)
+	m, _ := model.New(c, w)
+	backend, _ := gpu.NewCPU(c, w)
+	var ctxs []*saved
+	for i := 0; i < 2; i++ {
+		ctxs = append(ctxs, saveContext(t, st, m, w, sched.PlanOf(c, chunk.LayerKV), fmt.Sprint("t", i), []int{1 + i, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20}, 2))
+	}
+	tb := &turnBackend{Backend: backend, owner: map[*gpu.PagedKV]int{}, left: [2]int{c.Layers, c.Layers}}
+	rest := NewRestorer(st, tb, nil, Settings{MaxConcurrent: 2})
+	tb.rest = rest
+	var wg sync.WaitGroup
+	for i, sv := range ctxs {
+		dst := pagedFor(t, c, sv.ref.Tokens)
+		for _, p := range dst {
+			tb.owner[p] = i
+		}
+		wg.Add(1)
+		go func(sv *saved) {
+			defer wg.Done()
+			if _, err := rest.Restore(Request{NS: "test", ID: sv.id, Ident: sv.ident, Tokens: sv.tokens, Dst: dst}); err != nil {
+				t.Error(err)
+			}
+			sameKV(t, sv.id, c, sv.ref, dst)
+		}(sv)
+	}
+	wg.Wait()
+	// Once both are under way, calls alternate until one has no layers
+	// left; the first restore may have run alone before the second was
+	// queued.
+	seq := tb.seq
+	i := 0
+	for i+1 < len(seq) && seq[i+1] == seq[0] {
+		i++
+	}
+	for ; i+1 < len(seq); i++ {
+		if seq[i] == seq[i+1] {
+			others := 0
+			for _, s := range seq[i+1:] {
+				if s != seq[i] {
+					others++
+				}
+			}
+			if others > 0 {
+				t.Fatalf("backend calls %v: restore %d ran twice in a row while the other had layers waiting", seq, seq[i])
+			}
+		}
+	}
+	t.Logf("backend turns %v", seq)
+}
