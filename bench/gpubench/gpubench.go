@@ -69,16 +69,18 @@ func parallel(n int, fn func(i int)) {
 	wg.Wait()
 }
 
-// hostRows returns rows x rowBytes of encoded values drawn from N(0,1)-like
-// uniform values (valid numbers of the dtype, never the poison pattern).
+// hostRows fills dst (rows of rowBytes) with encoded values, uniform with a
+// standard deviation of 1 (valid numbers of the dtype, never the poison
+// pattern). The result depends only on the seed: rows are split into a fixed
+// number of parts, each with its own generator, whatever the core count.
 func hostRows(c *model.Config, dst []byte, rowBytes int, seed int64) {
 	rows := len(dst) / rowBytes
 	per := rowBytes / c.ElemBytes()
-	chunks := runtime.GOMAXPROCS(0)
-	parallel(chunks, func(i int) {
+	const parts = 64
+	parallel(parts, func(i int) {
 		rng := rand.New(rand.NewSource(seed + int64(i)))
 		v := make([]float32, per)
-		for r := i; r < rows; r += chunks {
+		for r := i; r < rows; r += parts {
 			for j := range v {
 				v[j] = (rng.Float32()*2 - 1) * 1.7320508
 			}
@@ -310,7 +312,118 @@ func Check(opts cuda.Options, tokens int, seed int64, progress io.Writer) ([]Che
 		}
 		out = append(out, res)
 	}
+	pres, err := checkPipeline(opts, tokens, seed)
+	if err != nil {
+		return out, fmt.Errorf("pipeline: %w", err)
+	}
+	if progress != nil {
+		fmt.Fprintf(progress, "check %-18s %-8s max_rel_err %.2e max_abs_err %.2e unwritten %d kv_exact %v (2 slots, 6 layers, hidden and KV alternating)\n", pres.Preset, pres.DType, pres.MaxRelErr, pres.MaxAbsErr, pres.Unwritten, pres.KVExact)
+	}
+	out = append(out, pres)
+	res, err := CheckIPC(opts, "llama2-7b", tokens, seed)
+	if err != nil {
+		return out, fmt.Errorf("IPC: %w", err)
+	}
+	if progress != nil {
+		fmt.Fprintf(progress, "check %-18s %-8s max_rel_err %.2e max_abs_err %.2e unwritten %d (restored by a child process through a CUDA IPC handle)\n", res.Preset, res.DType, res.MaxRelErr, res.MaxAbsErr, res.Unwritten)
+	}
+	out = append(out, res)
 	return out, nil
+}
+
+// checkPipeline restores every layer of demo-llama (6 layers) with only 2
+// staging slots, hidden and KV layers alternating and every layer's rows
+// different, so each slot is reused three times: a copy overtaking the
+// kernel that still reads its slot would show as a wrong layer.
+func checkPipeline(opts cuda.Options, tokens int, seed int64) (CheckResult, error) {
+	c, err := model.Preset("demo-llama")
+	if err != nil {
+		return CheckResult{}, err
+	}
+	res := CheckResult{Preset: "demo-llama pipeline", DType: c.DType, Tokens: tokens, Layers: c.Layers}
+	o := opts
+	o.Slots = 2
+	w := SynthKV(c, seed)
+	b, err := cuda.Open(c, w, o)
+	if err != nil {
+		return res, err
+	}
+	defer b.Close()
+	cpu, err := gpu.NewCPU(c, w)
+	if err != nil {
+		return res, err
+	}
+	const bt = 16
+	blocks := (tokens + bt - 1) / bt
+	cache, err := b.NewCache(c.Layers, blocks, bt)
+	if err != nil {
+		return res, err
+	}
+	defer cache.Free()
+	if err := cache.Poison(0xff); err != nil {
+		return res, err
+	}
+	positions := make([]int, tokens)
+	for i := range positions {
+		positions[i] = i
+	}
+	rows := make([][]byte, c.Layers)
+	for l := range rows {
+		rb := c.HiddenRowBytes()
+		if l%2 == 1 {
+			rb = c.KVRowBytes()
+		}
+		rows[l] = make([]byte, tokens*rb)
+		hostRows(c, rows[l], rb, seed+int64(l)*1000)
+	}
+	r, err := b.Begin(cache, positions)
+	if err != nil {
+		return res, err
+	}
+	for l := 0; l < c.Layers && err == nil; l++ {
+		if l%2 == 0 {
+			err = r.Hidden(l, rows[l], nil)
+		} else {
+			err = r.KV(l, rows[l], nil)
+		}
+	}
+	if _, werr := r.Wait(); err == nil {
+		err = werr
+	}
+	if err != nil {
+		return res, err
+	}
+	lb := cache.LayerBytes()
+	k, v := make([]byte, lb), make([]byte, lb)
+	all := &errStats{}
+	res.KVExact = true
+	got := &gpu.PagedKV{BlockTokens: bt, KVHeads: c.KVHeads, HeadDim: c.HeadDim, ElemBytes: c.ElemBytes(), BlockTable: cache.BlockTable(), K: k, V: v}
+	for l := 0; l < c.Layers; l++ {
+		if l%2 == 0 {
+			es, left, err := checkLayer(c, cpu, cache, l, rows[l], positions, positions, k, v)
+			if err != nil {
+				return res, err
+			}
+			res.Unwritten += left
+			all.got, all.want = append(all.got, es.got...), append(all.want, es.want...)
+			continue
+		}
+		if err := cache.Download(l, k, v); err != nil {
+			return res, err
+		}
+		res.Unwritten += unwritten(got, positions, c.ElemBytes())
+		half := c.KVRowBytes() / 2
+		for i, p := range positions {
+			gk, gv, _ := got.Token(p)
+			row := rows[l][i*2*half : (i+1)*2*half]
+			if string(gk) != string(row[:half]) || string(gv) != string(row[half:]) {
+				res.KVExact = false
+			}
+		}
+	}
+	res.MaxRelErr, res.MaxAbsErr = all.result()
+	res.OK = res.MaxRelErr < CheckTolerance && res.Unwritten == 0 && res.KVExact
+	return res, nil
 }
 
 func checkOne(c *model.Config, name string, tokens int, seed int64, opts cuda.Options) (CheckResult, error) {

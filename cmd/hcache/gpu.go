@@ -14,6 +14,7 @@ import (
 
 func init() {
 	register("gpu check", "CUDA backend against the CPU reference on every preset shape (needs a GPU)", gpuCheck)
+	register("gpu ipc-child", "(used by gpu check) restore into another process's cache opened by its CUDA IPC handle", gpuIPCChild)
 	register("bench gpu", "restore into GPU memory: pipelined hidden vs copy-only vs KV offload (needs a GPU)", benchGPU)
 }
 
@@ -110,4 +111,28 @@ func benchGPU(args []string, stdout, stderr io.Writer) error {
 			r.Model, r.Tokens, r.Device, r.CopyOnlyMs, r.HiddenMs, r.HiddenVsCopy, r.KVMs, r.MaxRelErr)
 	}
 	return nil
+}
+
+func gpuIPCChild(args []string, stdout, stderr io.Writer) error {
+	fs := newFlags("gpu ipc-child", stderr)
+	opts := cudaFlags(fs)
+	preset := fs.String("preset", "llama2-7b", "model preset (two layers of it)")
+	tokens := fs.Int("tokens", 100, "tokens")
+	seed := fs.Int64("seed", 1, "seed of the weights and rows (the parent's)")
+	handle := fs.String("handle", "", "CUDA IPC handle of the parent's cache, hex")
+	koff := fs.String("koff", "", "byte offsets of each layer's K in the allocation, comma-separated")
+	voff := fs.String("voff", "", "byte offsets of each layer's V")
+	blocks := fs.Int("blocks", 0, "blocks in the cache")
+	if err := parseFlags(fs, args); err != nil {
+		return err
+	}
+	k, err := gpubench.ParseInts(*koff)
+	if err != nil {
+		return fmt.Errorf("--koff: %w", err)
+	}
+	v, err := gpubench.ParseInts(*voff)
+	if err != nil {
+		return fmt.Errorf("--voff: %w", err)
+	}
+	return gpubench.IPCChild(opts(), *preset, *tokens, *seed, *handle, k, v, *blocks)
 }

@@ -61,9 +61,8 @@ type driver struct {
 }
 
 var (
-	drvOnce sync.Once
-	drv     *driver
-	drvErr  error
+	drvMu sync.Mutex
+	drv   *driver
 )
 
 // driverSymbols are the CUDA driver API entry points used (the _v2 ABI
@@ -75,11 +74,15 @@ var driverSymbols = []string{
 	"cuModuleLoadData", "cuModuleUnload", "cuModuleGetFunction", "cuLaunchKernel",
 	"cuMemAlloc_v2", "cuMemFree_v2", "cuMemsetD8_v2", "cuMemsetD8Async",
 	"cuMemcpyHtoD_v2", "cuMemcpyDtoH_v2", "cuMemcpyHtoDAsync_v2", "cuMemcpyDtoHAsync_v2",
-	"cuMemHostRegister_v2", "cuMemHostUnregister",
+	"cuMemHostRegister_v2", "cuMemHostUnregister", "cuMemGetAddressRange_v2",
 	"cuStreamCreate", "cuStreamDestroy_v2", "cuStreamSynchronize", "cuStreamWaitEvent",
 	"cuEventCreate", "cuEventDestroy_v2", "cuEventRecord", "cuEventSynchronize", "cuEventElapsedTime",
-	"cuGetErrorName", "cuGetErrorString", "cuIpcGetMemHandle",
+	"cuGetErrorName", "cuGetErrorString",
 }
+
+// optionalSymbols are loaded when present (CUDA IPC); a driver without them
+// still runs everything else, and OpenIPCCache/ExportIPC say what is missing.
+var optionalSymbols = []string{"cuIpcGetMemHandle", "cuIpcOpenMemHandle_v2", "cuIpcCloseMemHandle"}
 
 var cublasSymbols = []string{
 	"cublasCreate_v2", "cublasDestroy_v2", "cublasSetStream_v2", "cublasGemmEx", "cublasGetVersion_v2", "cublasSetMathMode",
@@ -98,11 +101,25 @@ func Probe(cublasPath string) (devices int, cublas string, err error) {
 	return int(n), d.cublasPath, nil
 }
 
-// loadDriver dlopens libcuda.so.1 and libcublas once per process. Nothing
-// here runs at init: only the first Open does.
+// loadDriver dlopens libcuda.so.1 and libcublas; nothing here runs at init,
+// only the first Open or Probe. A success is kept for the process (one
+// cuBLAS per process: asking for another path afterwards is an error); a
+// failure is not, so a later call with another cuBLAS path tries again.
 func loadDriver(cublasPath string) (*driver, error) {
-	drvOnce.Do(func() { drv, drvErr = openLibraries(cublasPath) })
-	return drv, drvErr
+	drvMu.Lock()
+	defer drvMu.Unlock()
+	if drv != nil {
+		if cublasPath != "" && cublasPath != drv.cublasPath {
+			return nil, fmt.Errorf("cuda: cuBLAS is already loaded from %s in this process; cannot switch to %s", drv.cublasPath, cublasPath)
+		}
+		return drv, nil
+	}
+	d, err := openLibraries(cublasPath)
+	if err != nil {
+		return nil, err
+	}
+	drv = d
+	return d, nil
 }
 
 func openLibraries(explicit string) (*driver, error) {
@@ -118,6 +135,11 @@ func openLibraries(explicit string) (*driver, error) {
 			return nil, fmt.Errorf("%w: libcuda.so.1 lacks %s (driver too old?): %v", ErrNoDevice, name, err)
 		}
 		d.fn[name] = p
+	}
+	for _, name := range optionalSymbols {
+		if p, err := purego.Dlsym(h, name); err == nil {
+			d.fn[name] = p
+		}
 	}
 	if r := d.call("cuInit", 0); r != 0 {
 		return nil, fmt.Errorf("%w: cuInit: %s", ErrNoDevice, d.errString(r))
@@ -189,6 +211,9 @@ func firstLine(s string) string {
 	}
 	return s
 }
+
+// has reports whether an optional entry point was found.
+func (d *driver) has(name string) bool { return d.fn[name] != 0 }
 
 // call invokes a driver or cuBLAS function; both return a status code
 // (0 = success).
