@@ -6,15 +6,15 @@ import (
 	"testing"
 )
 
-// TestModelAndGPUDoNotLinkTheStore: model and gpu sit below the storage
-// engine; neither may depend (directly or through another package) on chunk,
+// TestModelAndGPUDoNotLinkTheStore: model, gpu and gpu/cuda sit below the
+// storage engine; none may depend (directly or through another package) on chunk,
 // lsm or iouring. The plan helpers live in serve/sched for this reason.
 func TestModelAndGPUDoNotLinkTheStore(t *testing.T) {
 	goBin, err := exec.LookPath("go")
 	if err != nil {
 		t.Fatalf("the go command is needed to list dependencies: %v", err)
 	}
-	out, err := exec.Command(goBin, "list", "-deps", "github.com/hcache/hcache/model", "github.com/hcache/hcache/gpu").CombinedOutput()
+	out, err := exec.Command(goBin, "list", "-deps", "github.com/hcache/hcache/model", "github.com/hcache/hcache/gpu", "github.com/hcache/hcache/gpu/cuda").CombinedOutput()
 	if err != nil {
 		t.Fatalf("go list: %v\n%s", err, out)
 	}

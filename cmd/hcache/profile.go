@@ -37,6 +37,7 @@ func runProfile(args []string, stdout, stderr io.Writer) error {
 	fs.Var(&readBytes, "read-bytes", "size of the context whose restore measures the read bandwidth")
 	seed := fs.Int64("seed", 1, "seed of the synthetic weights of a preset")
 	maxParams := fs.Int64("max-params", 50_000_000, "largest synthetic preset the CPU reference runs")
+	backend := fs.String("backend", "auto", "projection backend: auto (CUDA when a device can be used, else cpu), cpu or cuda")
 	out := fs.String("out", "", "also write the profile to this file (usable as --profile of simulate)")
 	asJSON := fs.Bool("json", false, "print the profile as JSON")
 	if err := parseFlags(fs, args); err != nil {
@@ -53,7 +54,7 @@ func runProfile(args []string, stdout, stderr io.Writer) error {
 		return err
 	}
 	p, err := profiler.Measure(profiler.Options{Dir: *dir, Model: *mdl, Seed: *seed, MaxParams: *maxParams, Tokens: toks,
-		ReadBytes: int64(readBytes), Rounds: *rounds, Progress: stderr})
+		ReadBytes: int64(readBytes), Rounds: *rounds, Backend: *backend, Progress: stderr})
 	if err != nil {
 		return err
 	}

@@ -79,6 +79,9 @@ func TestProfileThenSimulate(t *testing.T) {
 	if code, _, errs := runCLI("simulate", "--profile", out, "--model", "tiny-llama", "--workload", "chat"); code != 0 {
 		t.Fatalf("simulate on the measured profile: exit %d: %s", code, errs)
 	}
+	if code, _, errs := runCLI("profile", "--dir", dir, "--model", "tiny-llama", "--backend", "tpu"); code == 0 || !strings.Contains(errs, "tpu") {
+		t.Fatalf("profile --backend tpu: exit %d %s", code, errs)
+	}
 	if code, _, errs := runCLI("profile", "--model", "tiny-llama"); code == 0 || !strings.Contains(errs, "--dir") {
 		t.Fatalf("profile without --dir: exit %d %s", code, errs)
 	}

@@ -17,6 +17,7 @@ import (
 
 	"github.com/hcache/hcache/chunk"
 	"github.com/hcache/hcache/gpu"
+	"github.com/hcache/hcache/gpu/cuda"
 	"github.com/hcache/hcache/internal/tensor"
 	"github.com/hcache/hcache/model"
 	"github.com/hcache/hcache/profiles"
@@ -55,7 +56,12 @@ type Options struct {
 	Tokens    []int // token counts of the curves
 	ReadBytes int64 // bytes of the read-bandwidth context (default 64 MiB)
 	Rounds    int   // repetitions; medians are kept (default 3)
-	Progress  io.Writer
+	// Backend is "cpu", "cuda" or "auto" (CUDA when a device can be used,
+	// else the CPU backend). A CUDA backend is timed through gpu.Backend,
+	// whose calls copy rows in and the cache back out: an upper bound of
+	// its pipelined cost.
+	Backend  string
+	Progress io.Writer
 }
 
 func median(d []time.Duration) time.Duration {
@@ -226,7 +232,7 @@ func MeasureCurves(m *model.Model, b gpu.Backend, tokens []int, rounds int, bar 
 }
 
 // Measure measures a whole profile of this machine for one model with the
-// CPU backend.
+// backend chosen (the CPU one when no CUDA device can be used).
 func Measure(o Options) (*profiles.Profile, error) {
 	if o.Rounds <= 0 {
 		o.Rounds = 3
@@ -255,9 +261,18 @@ func Measure(o Options) (*profiles.Profile, error) {
 	if err != nil {
 		return nil, err
 	}
-	b, err := gpu.NewCPU(c, w)
+	if o.Backend == "" {
+		o.Backend = cuda.SelectAuto
+	}
+	b, note, err := cuda.Select(o.Backend, c, w, cuda.Options{})
 	if err != nil {
 		return nil, err
+	}
+	defer b.Close()
+	say("backend: " + note)
+	backendName := "cpu"
+	if b.Name() == "cuda" {
+		backendName = "cuda"
 	}
 	say(fmt.Sprintf("store read bandwidth on %s (%d MiB context)", o.Dir, o.ReadBytes>>20))
 	readGBps, engine, err := StoreReadGBps(o.Dir, c, o.ReadBytes, o.Rounds, false)
@@ -288,16 +303,16 @@ func Measure(o Options) (*profiles.Profile, error) {
 	}
 	p := &profiles.Profile{
 		Name:            "measured-" + host,
-		Description:     fmt.Sprintf("This machine with the cpu backend and model %s (%s engine on %s).", o.Model, engine, o.Dir),
-		Backend:         "cpu",
+		Description:     fmt.Sprintf("This machine, %s, model %s (%s engine on %s).", note, o.Model, engine, o.Dir),
+		Backend:         backendName,
 		Tiers:           []profiles.Tier{{Name: "dir", ReadGBps: profiles.Figure{Value: readGBps, Source: src("store restore of one context, O_DIRECT, no DRAM cache, on " + o.Dir)}}},
-		H2DGBps:         profiles.Figure{Value: copyGBps, Source: src("64 MiB memory copy (the cpu backend's host-to-device step is a copy)")},
+		H2DGBps:         profiles.Figure{Value: copyGBps, Source: src("64 MiB host memory copy (the cpu backend's host-to-device step; with the cuda backend this is a host copy, not the PCIe copy, which this command does not measure)")},
 		GemmTFLOPs:      profiles.Figure{Value: gemm, Source: src(fmt.Sprintf("float32 GEMM [256 x %d] x [%d x %d] of the CPU reference", c.HiddenSize, c.HiddenSize, c.HiddenSize))},
 		MemGBps:         profiles.Figure{Value: copyGBps, Source: src("64 MiB memory copy")},
 		LayerOverheadUS: profiles.Figure{Value: 0, Source: "measured curves include per-layer overheads"},
 		Recompute:       curve(cv.Recompute, "forward pass over all layers"),
-		Project:         curve(cv.Project, "backend projection of every layer"),
-		KVLoad:          curve(cv.KVLoad, "backend KV load of every layer"),
+		Project:         curve(cv.Project, backendName+" backend projection of every layer through gpu.Backend"),
+		KVLoad:          curve(cv.KVLoad, backendName+" backend KV load of every layer through gpu.Backend"),
 	}
 	if err := p.Validate(); err != nil {
 		return nil, fmt.Errorf("profile: the measurement is not a valid profile: %w", err)
