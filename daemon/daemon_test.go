@@ -1,0 +1,599 @@
+package daemon_test
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"io"
+	"log/slog"
+	"math/rand"
+	"net"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/encoding"
+	"google.golang.org/grpc/status"
+
+	"github.com/hcache/hcache/chunk"
+	hc "github.com/hcache/hcache/clients/hcacheclient"
+	"github.com/hcache/hcache/daemon"
+	hcachev1 "github.com/hcache/hcache/proto/hcache/v1"
+)
+
+type env struct {
+	t     *testing.T
+	dir   string
+	sock  string
+	store *chunk.Store
+	srv   *daemon.Server
+}
+
+// start runs a daemon on a fresh store in a temp directory.
+func start(t *testing.T, mod func(*daemon.Config)) *env {
+	t.Helper()
+	// Socket paths are limited to 108 bytes: keep them short.
+	sd, err := os.MkdirTemp("", "hcd")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(sd) })
+	e := &env{t: t, dir: t.TempDir(), sock: filepath.Join(sd, "s")}
+	e.store, err = chunk.Open(chunk.Options{Dir: e.dir, GCInterval: -1, SegmentBytes: 8 << 20, CacheBytes: 1 << 20, Logf: t.Logf})
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg := daemon.Config{Store: e.store, Listen: e.sock, Shm: e.sock + ".shm", GCInterval: -1,
+		Logger: slog.New(slog.NewTextHandler(io.Discard, nil))}
+	if mod != nil {
+		mod(&cfg)
+	}
+	e.srv, err = daemon.New(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		e.srv.Stop()
+		e.store.Close()
+	})
+	return e
+}
+
+func (e *env) dial(opts ...hc.Option) *hc.Client {
+	e.t.Helper()
+	c, err := hc.Dial("unix://"+e.sock, opts...)
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	e.t.Cleanup(func() { c.Close() })
+	return c
+}
+
+var ident = hc.Identity{Model: []byte("test-model-v1"), Plan: []hc.LayerPlan{
+	{Kind: hc.LayerHidden, RowBytes: 64}, {Kind: hc.LayerNone}, {Kind: hc.LayerKV, RowBytes: 32}}}
+
+// rows returns deterministic rows for tokens [from, from+n) of a layer.
+func rows(ctxID string, layer, from, n, rb int) []byte {
+	b := make([]byte, n*rb)
+	for i := range b {
+		tok := from + i/rb
+		b[i] = byte(len(ctxID)*131 + layer*37 + tok*7 + (i%rb)*3)
+	}
+	return b
+}
+
+// save creates a context with n tokens (prefill) and flushes.
+func save(t *testing.T, c *hc.Client, ns, id string, n int) {
+	t.Helper()
+	ctx := context.Background()
+	w, err := c.Create(ctx, ns, id, ident, false)
+	if err != nil {
+		t.Fatalf("create %s/%s: %v", ns, id, err)
+	}
+	for l, p := range ident.Plan {
+		if p.RowBytes > 0 {
+			if err := w.AppendLayer(ctx, l, rows(id, l, 0, n, int(p.RowBytes))); err != nil {
+				t.Fatalf("append %s/%s layer %d: %v", ns, id, l, err)
+			}
+		}
+	}
+	if err := w.Close(ctx); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// check restores a context and compares every layer's bytes.
+func check(t *testing.T, c *hc.Client, ns, id string, n int) {
+	t.Helper()
+	got := map[int][]byte{}
+	tokens, err := c.Restore(context.Background(), ns, id, ident, func(l int, r []byte) error {
+		got[l] = append([]byte(nil), r...)
+		return nil
+	})
+	if err != nil {
+		t.Fatalf("restore %s/%s: %v", ns, id, err)
+	}
+	if int(tokens) != n {
+		t.Fatalf("restore %s/%s: %d tokens, want %d", ns, id, tokens, n)
+	}
+	for l, p := range ident.Plan {
+		if p.RowBytes == 0 {
+			if _, ok := got[l]; ok {
+				t.Fatalf("layer %d stores nothing but was restored", l)
+			}
+			continue
+		}
+		if !bytes.Equal(got[l], rows(id, l, 0, n, int(p.RowBytes))) {
+			t.Fatalf("restore %s/%s layer %d: bytes differ", ns, id, l)
+		}
+	}
+}
+
+func wantCode(t *testing.T, what string, err error, code codes.Code) {
+	t.Helper()
+	if status.Code(err) != code {
+		t.Fatalf("%s: got %v (%v), want %v", what, status.Code(err), err, code)
+	}
+}
+
+// rawCodec sends bytes as they are, to deliver malformed messages.
+type rawCodec struct{}
+
+func (rawCodec) Marshal(v any) ([]byte, error)      { return v.([]byte), nil }
+func (rawCodec) Unmarshal(data []byte, v any) error { *(v.(*[]byte)) = data; return nil }
+func (rawCodec) Name() string                       { return "proto" }
+
+var _ encoding.Codec = rawCodec{}
+
+func TestBadInput(t *testing.T) {
+	e := start(t, func(c *daemon.Config) {
+		c.MaxMessageBytes = 1 << 20
+		c.MaxTokensPerContext = 1000
+		c.MaxContexts = 50
+	})
+	c := e.dial()
+	ctx := context.Background()
+	save(t, c, "ns", "good", 100)
+	ref := func(ns, id string) *hcachev1.ContextRef { return &hcachev1.ContextRef{Namespace: ns, Id: id} }
+	idp := func(id hc.Identity) *hcachev1.Identity {
+		p := &hcachev1.Identity{Model: id.Model}
+		for _, l := range id.Plan {
+			p.Plan = append(p.Plan, &hcachev1.LayerPlan{Kind: hcachev1.LayerKind(l.Kind), RowBytes: l.RowBytes})
+		}
+		return p
+	}
+	other := hc.Identity{Model: []byte("another-model"), Plan: ident.Plan}
+	restoreErr := func(st grpc.ServerStreamingClient[hcachev1.RestoreChunk], err error) error {
+		if err != nil {
+			return err
+		}
+		for {
+			if _, err := st.Recv(); err != nil {
+				if err == io.EOF {
+					return nil
+				}
+				return err
+			}
+		}
+	}
+	// A writer held open by this connection for the cases that need one.
+	w, err := c.Create(ctx, "ns", "open", ident, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cases := []struct {
+		name string
+		code codes.Code
+		call func() error
+	}{
+		{"malformed protobuf", codes.Internal, func() error {
+			conn, err := grpc.NewClient("unix://"+e.sock, grpc.WithTransportCredentials(insecure.NewCredentials()))
+			if err != nil {
+				return err
+			}
+			defer conn.Close()
+			var out []byte
+			return conn.Invoke(ctx, "/hcache.v1.HCache/Stat", []byte{0x0a, 0xff, 0xff, 0xff}, &out, grpc.ForceCodec(rawCodec{}))
+		}},
+		{"missing context reference", codes.InvalidArgument, func() error {
+			_, err := c.API.Stat(ctx, &hcachev1.StatRequest{})
+			return err
+		}},
+		{"empty id", codes.InvalidArgument, func() error { _, err := c.Stat(ctx, "ns", ""); return err }},
+		{"id with NUL", codes.InvalidArgument, func() error { _, err := c.Stat(ctx, "ns", "a\x00b"); return err }},
+		{"id with a control character", codes.InvalidArgument, func() error { _, err := c.Stat(ctx, "ns", "a\nb"); return err }},
+		{"id of 256 bytes", codes.InvalidArgument, func() error { _, err := c.Stat(ctx, "ns", strings.Repeat("x", 256)); return err }},
+		{"empty namespace", codes.InvalidArgument, func() error { _, err := c.Stat(ctx, "", "x"); return err }},
+		{"identity without a plan", codes.InvalidArgument, func() error {
+			_, err := c.Create(ctx, "ns", "noplan", hc.Identity{Model: []byte("m")}, false)
+			return err
+		}},
+		{"identity with an odd row size", codes.InvalidArgument, func() error {
+			_, err := c.Create(ctx, "ns", "odd", hc.Identity{Model: []byte("m"), Plan: []hc.LayerPlan{{Kind: hc.LayerHidden, RowBytes: 3}}}, false)
+			return err
+		}},
+		{"open without a mode", codes.InvalidArgument, func() error {
+			_, err := c.API.OpenContext(ctx, &hcachev1.OpenContextRequest{Ctx: ref("ns", "m"), Identity: idp(ident)})
+			return err
+		}},
+		{"unknown context: stat", codes.NotFound, func() error { _, err := c.Stat(ctx, "ns", "nope"); return err }},
+		{"unknown context: restore", codes.NotFound, func() error {
+			return restoreErr(c.API.Restore(ctx, &hcachev1.RestoreRequest{Ctx: ref("ns", "nope"), Identity: idp(ident)}))
+		}},
+		{"unknown context: append mode", codes.NotFound, func() error { _, err := c.Append(ctx, "ns", "nope", ident); return err }},
+		{"unknown context: delete", codes.NotFound, func() error { return c.Delete(ctx, "ns", "nope") }},
+		{"append without an open writer", codes.FailedPrecondition, func() error {
+			_, err := c.API.AppendLayer(ctx, &hcachev1.AppendLayerRequest{Ctx: ref("ns", "good"), Rows: &hcachev1.Rows{Where: &hcachev1.Rows_Inline{Inline: make([]byte, 64)}}})
+			return err
+		}},
+		{"wrong row size: layer", codes.InvalidArgument, func() error { return w.AppendLayer(ctx, 0, make([]byte, 65)) }},
+		{"wrong row size: tokens", codes.InvalidArgument, func() error { return w.AppendTokens(ctx, 1, make([]byte, 95)) }},
+		{"token count zero", codes.InvalidArgument, func() error { return w.AppendTokens(ctx, 0, nil) }},
+		{"layer out of range", codes.InvalidArgument, func() error { return w.AppendLayer(ctx, 3, make([]byte, 64)) }},
+		{"layer that stores nothing", codes.InvalidArgument, func() error { return w.AppendLayer(ctx, 1, make([]byte, 64)) }},
+		{"rows missing", codes.InvalidArgument, func() error {
+			_, err := c.API.AppendLayer(ctx, &hcachev1.AppendLayerRequest{Ctx: ref("ns", "open")})
+			return err
+		}},
+		{"oversize message", codes.ResourceExhausted, func() error { return w.AppendLayer(ctx, 0, make([]byte, 64*20000)) }},
+		{"tokens per context exceeded", codes.ResourceExhausted, func() error { return w.AppendLayer(ctx, 0, make([]byte, 64*1001)) }},
+		{"identity mismatch: restore", codes.FailedPrecondition, func() error {
+			return restoreErr(c.API.Restore(ctx, &hcachev1.RestoreRequest{Ctx: ref("ns", "good"), Identity: idp(other)}))
+		}},
+		{"identity mismatch: append", codes.FailedPrecondition, func() error { _, err := c.Append(ctx, "ns", "good", other); return err }},
+		{"context exists", codes.AlreadyExists, func() error { _, err := c.Create(ctx, "ns", "good", ident, false); return err }},
+		{"writer open on another connection", codes.Aborted, func() error {
+			_, err := e.dial().Append(ctx, "ns", "open", ident)
+			return err
+		}},
+		{"append on another connection's writer", codes.FailedPrecondition, func() error {
+			_, err := e.dial().API.AppendLayer(ctx, &hcachev1.AppendLayerRequest{Ctx: ref("ns", "open"), Rows: &hcachev1.Rows{Where: &hcachev1.Rows_Inline{Inline: make([]byte, 64)}}})
+			return err
+		}},
+		{"delete with an open writer", codes.FailedPrecondition, func() error { return c.Delete(ctx, "ns", "open") }},
+		{"unknown shared region", codes.FailedPrecondition, func() error {
+			_, err := c.API.AppendLayer(ctx, &hcachev1.AppendLayerRequest{Ctx: ref("ns", "open"), Rows: &hcachev1.Rows{Where: &hcachev1.Rows_Region{Region: &hcachev1.RegionSlice{Region: "deadbeef", Length: 64}}}})
+			return err
+		}},
+		{"shared region slice out of range", codes.OutOfRange, func() error {
+			g, err := c.NewRegion(ctx, 4096)
+			if err != nil {
+				return err
+			}
+			defer g.Close()
+			return w.AppendLayerRegion(ctx, 0, g, 4096-64, 128)
+		}},
+		{"shared region unmapped early", codes.FailedPrecondition, func() error {
+			g, err := c.NewRegion(ctx, 4096)
+			if err != nil {
+				return err
+			}
+			id := g.ID
+			g.Close()
+			// The daemon releases it when it sees the side connection close.
+			var last error
+			for i := 0; i < 100; i++ {
+				_, last = c.API.AppendLayer(ctx, &hcachev1.AppendLayerRequest{Ctx: ref("ns", "open"), Rows: &hcachev1.Rows{Where: &hcachev1.Rows_Region{Region: &hcachev1.RegionSlice{Region: id, Length: 64}}}})
+				if status.Code(last) == codes.FailedPrecondition {
+					break
+				}
+				time.Sleep(10 * time.Millisecond)
+			}
+			return last
+		}},
+		{"restore region too small", codes.OutOfRange, func() error {
+			g, err := c.NewRegion(ctx, 4096)
+			if err != nil {
+				return err
+			}
+			defer g.Close()
+			_, err = c.RestoreInto(ctx, "ns", "good", ident, g, 0, 4096, func(int, []byte) error { return nil })
+			return err
+		}},
+		{"fsck with a writer open", codes.FailedPrecondition, func() error {
+			_, err := c.API.Fsck(ctx, &hcachev1.FsckRequest{})
+			return err
+		}},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) { wantCode(t, tc.name, tc.call(), tc.code) })
+	}
+	// Nothing above changed the stored data or stopped the daemon.
+	check(t, c, "ns", "good", 100)
+	if err := w.AppendLayer(ctx, 0, rows("open", 0, 0, 10, 64)); err != nil {
+		t.Fatal(err)
+	}
+	if err := w.AppendLayer(ctx, 2, rows("open", 2, 0, 10, 32)); err != nil {
+		t.Fatal(err)
+	}
+	if err := w.Close(ctx); err != nil {
+		t.Fatal(err)
+	}
+	check(t, c, "ns", "open", 10)
+}
+
+func TestUnsealedRegionRefused(t *testing.T) {
+	e := start(t, nil)
+	fd, err := unix.MemfdCreate("x", unix.MFD_ALLOW_SEALING)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer unix.Close(fd)
+	unix.Ftruncate(fd, 4096)
+	conn, err := net.DialUnix("unix", nil, &net.UnixAddr{Name: e.sock + ".shm", Net: "unix"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	if _, _, err := conn.WriteMsgUnix([]byte(daemon.ShmMagic), unix.UnixRights(fd), nil); err != nil {
+		t.Fatal(err)
+	}
+	line, _ := io.ReadAll(conn)
+	if !strings.HasPrefix(string(line), "ERR") || !strings.Contains(string(line), "F_SEAL_SHRINK") {
+		t.Fatalf("unsealed memfd: daemon answered %q, want an ERR naming F_SEAL_SHRINK", line)
+	}
+}
+
+func TestInflightLimit(t *testing.T) {
+	e := start(t, func(c *daemon.Config) { c.MaxInflight = 1; c.RestorePieceBytes = 64 << 10 })
+	c := e.dial()
+	ctx := context.Background()
+	save(t, c, "ns", "big", 100)
+	big := hc.Identity{Model: []byte("big"), Plan: []hc.LayerPlan{{Kind: hc.LayerHidden, RowBytes: 64 << 10}}}
+	w, err := c.Create(ctx, "ns", "huge", big, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := w.AppendLayer(ctx, 0, make([]byte, 8*(64<<10))); err != nil {
+		t.Fatal(err)
+	}
+	if err := w.Close(ctx); err != nil {
+		t.Fatal(err)
+	}
+	// A restore whose stream is not read stays in flight (8 x 64 KiB is
+	// more than the transport's flow-control window lets through).
+	sctx, cancel := context.WithCancel(ctx)
+	st, err := c.API.Restore(sctx, &hcachev1.RestoreRequest{Ctx: &hcachev1.ContextRef{Namespace: "ns", Id: "huge"},
+		Identity: &hcachev1.Identity{Model: big.Model, Plan: []*hcachev1.LayerPlan{{Kind: hcachev1.LayerKind_LAYER_HIDDEN, RowBytes: 64 << 10}}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := st.Recv(); err != nil {
+		t.Fatal(err)
+	}
+	_, err = c.Stat(ctx, "ns", "big")
+	wantCode(t, "second request in flight", err, codes.ResourceExhausted)
+	// Another connection is not limited by this one.
+	if _, err := e.dial().Stat(ctx, "ns", "big"); err != nil {
+		t.Fatal(err)
+	}
+	cancel()
+	// Once the stream ends the connection admits requests again.
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		_, err := c.Stat(ctx, "ns", "big")
+		if err == nil {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("connection still refused after the stream ended: %v", err)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+func TestClientDiesMidAppend(t *testing.T) {
+	e := start(t, nil)
+	ctx := context.Background()
+	c1, err := hc.Dial("unix://" + e.sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	w, err := c1.Create(ctx, "ns", "turn", ident, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, l := range []int{0, 2} {
+		if err := w.AppendLayer(ctx, l, rows("turn", l, 0, 70, int(ident.Plan[l].RowBytes))); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := w.Flush(ctx); err != nil {
+		t.Fatal(err)
+	}
+	// More rows, not flushed; half a prefill (layer 0 only); then the client dies.
+	if err := w.AppendLayer(ctx, 0, rows("turn", 0, 70, 30, 64)); err != nil {
+		t.Fatal(err)
+	}
+	c1.Close()
+	c2 := e.dial()
+	// The daemon notices the connection end and abandons the writer.
+	deadline := time.Now().Add(10 * time.Second)
+	var w2 *hc.Writer
+	for {
+		w2, err = c2.Append(ctx, "ns", "turn", ident)
+		if err == nil {
+			break
+		}
+		if status.Code(err) != codes.Aborted || time.Now().After(deadline) {
+			t.Fatalf("reopen after the client died: %v", err)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	if w2.Tokens != 70 {
+		t.Fatalf("reopened at %d tokens, want the 70 flushed", w2.Tokens)
+	}
+	if err := w2.Close(ctx); err != nil {
+		t.Fatal(err)
+	}
+	check(t, c2, "ns", "turn", 70)
+}
+
+func TestTenancy(t *testing.T) {
+	tokA, tokB := "token-for-namespace-a", "token-for-namespace-b"
+	e := start(t, func(c *daemon.Config) {
+		c.Grants.Tokens = map[string][]string{tokA: {"a"}, tokB: {"b"}}
+		c.Quotas = map[string]int64{"b": 96 * 130}
+	})
+	ctx := context.Background()
+	a, b := e.dial(hc.WithToken(tokA)), e.dial(hc.WithToken(tokB))
+	save(t, a, "a", "x", 100)
+	save(t, b, "b", "y", 100)
+	wantCode(t, "A stats B", func() error { _, err := a.Stat(ctx, "b", "y"); return err }(), codes.PermissionDenied)
+	wantCode(t, "A restores B", func() error {
+		_, err := a.Restore(ctx, "b", "y", ident, func(int, []byte) error { return nil })
+		return err
+	}(), codes.PermissionDenied)
+	wantCode(t, "A deletes B", a.Delete(ctx, "b", "y"), codes.PermissionDenied)
+	wantCode(t, "A lists B", func() error { _, err := a.List(ctx, "b"); return err }(), codes.PermissionDenied)
+	wantCode(t, "A creates in B", func() error { _, err := a.Create(ctx, "b", "z", ident, false); return err }(), codes.PermissionDenied)
+	wantCode(t, "A runs gc", func() error { _, err := a.API.Gc(ctx, &hcachev1.GcRequest{}); return err }(), codes.PermissionDenied)
+	wantCode(t, "unknown token", func() error { _, err := e.dial(hc.WithToken("no-such-token-xxxxxxxx")).Stat(ctx, "a", "x"); return err }(), codes.Unauthenticated)
+	all, err := a.List(ctx, "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(all) != 1 || all[0].GetNamespace() != "a" {
+		t.Fatalf("A lists %v, want only a/x", all)
+	}
+	// Quota: B holds 100 x 96 bytes of 130 x 96: 40 rows of layer 0 fit, 40 more of layer 2 do not.
+	w, err := b.Create(ctx, "b", "more", ident, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := w.AppendLayer(ctx, 0, rows("more", 0, 0, 40, 64)); err != nil {
+		t.Fatal(err)
+	}
+	wantCode(t, "quota", w.AppendLayer(ctx, 2, rows("more", 2, 0, 40, 32)), codes.ResourceExhausted)
+	if err := w.Close(ctx); err != nil {
+		t.Fatal(err)
+	}
+	check(t, b, "b", "y", 100)
+	// Deleting frees quota.
+	if err := b.Delete(ctx, "b", "y"); err != nil {
+		t.Fatal(err)
+	}
+	save(t, b, "b", "z", 100)
+	check(t, a, "a", "x", 100)
+}
+
+func TestTCPNeedsToken(t *testing.T) {
+	tok := "tcp-token-0123456789"
+	var addr string
+	e := start(t, func(c *daemon.Config) {
+		ln, _ := net.Listen("tcp", "127.0.0.1:0")
+		addr = ln.Addr().String()
+		ln.Close()
+		c.TCP = addr
+		c.Grants.Tokens = map[string][]string{tok: {"t"}}
+	})
+	_ = e
+	ctx := context.Background()
+	anon, err := hc.Dial(addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer anon.Close()
+	wantCode(t, "TCP without a token", func() error { _, err := anon.Stat(ctx, "t", "x"); return err }(), codes.Unauthenticated)
+	c, err := hc.Dial(addr, hc.WithToken(tok))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	save(t, c, "t", "x", 130)
+	check(t, c, "t", "x", 130)
+	if _, err := c.NewRegion(ctx, 4096); err == nil {
+		t.Fatal("TCP client got a shared region")
+	}
+}
+
+func TestSharedRegionRoundTrip(t *testing.T) {
+	seed := time.Now().UnixNano()
+	t.Logf("seed %d", seed)
+	rng := rand.New(rand.NewSource(seed))
+	e := start(t, nil)
+	c := e.dial()
+	ctx := context.Background()
+	n := 64 + rng.Intn(200)
+	g, err := c.NewRegion(ctx, 1<<20)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer g.Close()
+	w, err := c.Create(ctx, "ns", "shm", ident, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	off := uint64(0)
+	for _, l := range []int{0, 2} {
+		r := rows("shm", l, 0, n, int(ident.Plan[l].RowBytes))
+		copy(g.Mem[off:], r)
+		if err := w.AppendLayerRegion(ctx, l, g, off, uint64(len(r))); err != nil {
+			t.Fatal(err)
+		}
+		off += uint64(len(r))
+	}
+	// Decode tokens, inline.
+	for i := 0; i < 5; i++ {
+		tok := append(rows("shm", 0, n+i, 1, 64), rows("shm", 2, n+i, 1, 32)...)
+		if err := w.AppendTokens(ctx, 1, tok); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := w.Close(ctx); err != nil {
+		t.Fatal(err)
+	}
+	clear(g.Mem)
+	got := map[int][]byte{}
+	tokens, err := c.RestoreInto(ctx, "ns", "shm", ident, g, 4096, uint64(len(g.Mem)-4096), func(l int, r []byte) error {
+		got[l] = append([]byte(nil), r...)
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if int(tokens) != n+5 {
+		t.Fatalf("%d tokens, want %d", tokens, n+5)
+	}
+	for _, l := range []int{0, 2} {
+		if want := rows("shm", l, 0, n+5, int(ident.Plan[l].RowBytes)); !bytes.Equal(got[l], want) {
+			t.Fatalf("layer %d differs", l)
+		}
+	}
+	if !bytes.Equal(g.Mem[4096:4096+len(got[0])], got[0]) {
+		t.Fatal("layer 0 not placed at the requested offset")
+	}
+}
+
+func TestMetrics(t *testing.T) {
+	ln, _ := net.Listen("tcp", "127.0.0.1:0")
+	addr := ln.Addr().String()
+	ln.Close()
+	e := start(t, func(c *daemon.Config) { c.Metrics = addr })
+	c := e.dial()
+	save(t, c, "ns", "m", 100)
+	check(t, c, "ns", "m", 100)
+	c.Stat(context.Background(), "ns", "missing")
+	body := httpGet(t, "http://"+addr+"/metrics")
+	for _, want := range []string{
+		`hcache_restore_requests_total{result="hit"} 1`,
+		`hcache_restore_seconds_count{stage="total"} 1`,
+		`hcache_rpcs_total{code="NotFound",method="/hcache.v1.HCache/Stat"} 1`,
+		"hcache_live_bytes ", "hcache_dead_bytes ", "hcache_bytes_written_total ", "hcache_checksum_failures_total 0",
+		"hcache_gc_segments_total ", "hcache_evictions_total ", "hcache_io_errors_total 0",
+		fmt.Sprintf("hcache_appended_bytes_total %d", 100*96),
+	} {
+		if !strings.Contains(body, want) {
+			t.Errorf("metrics lack %q", want)
+		}
+	}
+	if h := httpGet(t, "http://"+addr+"/healthz"); h != "ok\n" {
+		t.Fatalf("healthz: %q", h)
+	}
+}
