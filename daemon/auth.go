@@ -66,7 +66,7 @@ func (peerCreds) Info() credentials.ProtocolInfo {
 	return credentials.ProtocolInfo{SecurityProtocol: "hcache-peercred"}
 }
 func (p peerCreds) Clone() credentials.TransportCredentials { return p }
-func (peerCreds) OverrideServerName(string) error         { return nil }
+func (peerCreds) OverrideServerName(string) error           { return nil }
 
 func ucred(uc *net.UnixConn) (*unix.Ucred, error) {
 	raw, err := uc.SyscallConn()
