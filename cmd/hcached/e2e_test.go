@@ -202,9 +202,11 @@ func TestDaemonEndToEnd(t *testing.T) {
 		t.Fatal(err)
 	}
 	const tokenBytes = 256 + 256 + 128
+	// B's quota: more than the 16 contexts below (at most 239 tokens each) hold.
+	const quotaTokens = 4000
 	sock := filepath.Join(sd, "s.sock")
 	d := &daemonProc{t: t, bin: bin, sock: sock, args: []string{"--dir", dir, "--listen", "unix://" + sock, "--metrics", freePort(t),
-		"--tokens", tokFile, "--quota", fmt.Sprintf("b=%d", 2000*tokenBytes), "--gc-interval", "-1s", "--cache", "0"}}
+		"--tokens", tokFile, "--quota", fmt.Sprintf("b=%d", quotaTokens*tokenBytes), "--gc-interval", "-1s", "--cache", "0"}}
 	d.start()
 	defer func() {
 		select {
@@ -366,7 +368,7 @@ func TestDaemonEndToEnd(t *testing.T) {
 		}
 	}
 
-	// B's quota (2000 tokens' rows): a context that would pass it is refused
+	// B's quota: a context that would pass it is refused
 	// mid-prefill, and B's data is intact.
 	lb, err := cb.List(ctx, "b")
 	if err != nil {
@@ -383,7 +385,7 @@ func TestDaemonEndToEnd(t *testing.T) {
 	var qerr error
 	for l := range e2eIdent.Plan {
 		if e2eIdent.Plan[l].RowBytes > 0 {
-			if qerr = wq.AppendLayer(ctx, l, rowsOf(seed, "too-big", l, 0, 2000-used+1)); qerr != nil {
+			if qerr = wq.AppendLayer(ctx, l, rowsOf(seed, "too-big", l, 0, quotaTokens-used+1)); qerr != nil {
 				break
 			}
 		}
