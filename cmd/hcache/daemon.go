@@ -429,4 +429,3 @@ func benchDaemon(args []string, stdout, stderr io.Writer) error {
 	}
 	return nil
 }
-
