@@ -597,3 +597,50 @@ func TestMetrics(t *testing.T) {
 		t.Fatalf("healthz: %q", h)
 	}
 }
+
+func TestChecksumFailureIsDataLoss(t *testing.T) {
+	e := start(t, nil)
+	c := e.dial()
+	save(t, c, "ns", "victim", 100)
+	save(t, c, "ns", "bystander", 100)
+	// Reopen without the DRAM tier, so the restore reads the flipped byte.
+	e.srv.Stop()
+	if err := e.store.Close(); err != nil {
+		t.Fatal(err)
+	}
+	segs, err := filepath.Glob(filepath.Join(e.dir, "segments", "*.hcs"))
+	if err != nil || len(segs) != 1 {
+		t.Fatalf("segments: %v %v", segs, err)
+	}
+	f, err := os.OpenFile(segs[0], os.O_RDWR, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// The first record (the victim's group 0) starts at 4096: its header
+	// block, then the first slice at 8192.
+	b := make([]byte, 1)
+	f.ReadAt(b, 8192+100)
+	b[0] ^= 0x40
+	f.WriteAt(b, 8192+100)
+	f.Close()
+	e.store, err = chunk.Open(chunk.Options{Dir: e.dir, GCInterval: -1, SegmentBytes: 8 << 20, CacheBytes: 0, Logf: t.Logf})
+	if err != nil {
+		t.Fatal(err)
+	}
+	os.Remove(e.sock)
+	os.Remove(e.sock + ".shm")
+	e.srv, err = daemon.New(daemon.Config{Store: e.store, Listen: e.sock, GCInterval: -1, Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
+	if err != nil {
+		t.Fatal(err)
+	}
+	c = e.dial()
+	ctx := context.Background()
+	for i, what := range []string{"checksum failure", "damaged context"} {
+		_, err := c.Restore(ctx, "ns", "victim", ident, func(int, []byte) error { return nil })
+		wantCode(t, what, err, codes.DataLoss)
+		if i == 0 && !strings.Contains(err.Error(), "checksum") {
+			t.Fatalf("first restore: %v, want it to name the checksum", err)
+		}
+	}
+	check(t, c, "ns", "bystander", 100)
+}
