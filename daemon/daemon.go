@@ -72,6 +72,8 @@ type Config struct {
 	GCInterval          time.Duration
 	StopTimeout         time.Duration
 	Logger              *slog.Logger
+	// Models are what Restore with project set can project with.
+	Models []*Model
 }
 
 func (c *Config) fill() error {

@@ -141,7 +141,7 @@ func (s *Server) Info(ctx context.Context, _ *hcachev1.InfoRequest) (*hcachev1.I
 	}
 	r := &hcachev1.InfoReply{Version: Version, ChunkTokens: uint32(s.store.ChunkTokens()), Namespaces: c.namespaces,
 		MaxMessageBytes: uint64(s.cfg.MaxMessageBytes), MaxRegionBytes: uint64(s.cfg.MaxRegionBytes),
-		MaxTokensPerContext: s.cfg.MaxTokensPerContext}
+		MaxTokensPerContext: s.cfg.MaxTokensPerContext, Models: s.modelInfos()}
 	if c.unix {
 		r.ShmSocket = s.cfg.Shm
 	}
@@ -426,6 +426,12 @@ func (s *Server) Restore(req *hcachev1.RestoreRequest, stream grpc.ServerStreami
 	if err != nil {
 		return err
 	}
+	var proj *projector
+	if req.GetProject() {
+		if proj, err = s.newProjector(ident); err != nil {
+			return err
+		}
+	}
 	var dst []byte
 	var dstOff uint64
 	if r := req.GetRegion(); r != nil {
@@ -461,19 +467,29 @@ func (s *Server) Restore(req *hcachev1.RestoreRequest, stream grpc.ServerStreami
 		}
 		rb := ident.Plan[layer].RowBytes
 		tok := uint64(len(rows)) / uint64(rb)
+		kind := hcachev1.LayerKind(ident.Plan[layer].Kind)
+		if proj != nil {
+			t0 := time.Now()
+			var err error
+			if rows, err = proj.layer(layer, rows); err != nil {
+				return err
+			}
+			s.metrics.restoreStage.WithLabelValues("project").Observe(time.Since(t0).Seconds())
+			kind, rb = hcachev1.LayerKind_LAYER_KV, uint32(proj.m.Config.KVRowBytes())
+		}
 		if dst != nil {
 			if len(rows) > len(dst)-placed {
 				return status.Errorf(codes.OutOfRange, "shared region slice of %d bytes too small: layer %d needs bytes [%d, %d)", len(dst), layer, placed, placed+len(rows))
 			}
 			copy(dst[placed:], rows)
-			m := &hcachev1.RestoreChunk{Layer: uint32(layer), Tokens: tok, RowBytes: rb, LayerDone: true,
+			m := &hcachev1.RestoreChunk{Layer: uint32(layer), Tokens: tok, RowBytes: rb, LayerDone: true, Kind: kind,
 				Region: &hcachev1.RegionSlice{Region: req.GetRegion().GetRegion(), Offset: dstOff + uint64(placed), Length: uint64(len(rows))}}
 			placed += len(rows)
 			return stream.Send(m)
 		}
 		for off := 0; off < len(rows) || off == 0; off += piece {
 			end := min(off+piece, len(rows))
-			m := &hcachev1.RestoreChunk{Layer: uint32(layer), Tokens: tok, RowBytes: rb, Offset: uint64(off),
+			m := &hcachev1.RestoreChunk{Layer: uint32(layer), Tokens: tok, RowBytes: rb, Offset: uint64(off), Kind: kind,
 				Inline: rows[off:end], LayerDone: end == len(rows)}
 			if err := stream.Send(m); err != nil {
 				return err

@@ -195,9 +195,22 @@ func (w *Writer) Close(ctx context.Context) error {
 // Restore streams a context's stored layers inline to fn (rows valid during
 // the call) and returns the token count.
 func (c *Client) Restore(ctx context.Context, ns, id string, ident Identity, fn func(layer int, rows []byte) error) (uint64, error) {
+	return c.restore(ctx, &hcachev1.RestoreRequest{Ctx: ref(ns, id), Identity: ident.proto()}, fn)
+}
+
+// RestoreProjected is Restore with the hidden-state layers projected on the
+// daemon's backend: every layer's rows come back as K|V rows
+// ([tokens x 2 x kv_dim] in the model dtype, K after rope). The identity's
+// model must be one the daemon loaded (Info lists them with their
+// fingerprints).
+func (c *Client) RestoreProjected(ctx context.Context, ns, id string, ident Identity, fn func(layer int, rows []byte) error) (uint64, error) {
+	return c.restore(ctx, &hcachev1.RestoreRequest{Ctx: ref(ns, id), Identity: ident.proto(), Project: true}, fn)
+}
+
+func (c *Client) restore(ctx context.Context, req *hcachev1.RestoreRequest, fn func(layer int, rows []byte) error) (uint64, error) {
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
-	st, err := c.API.Restore(ctx, &hcachev1.RestoreRequest{Ctx: ref(ns, id), Identity: ident.proto()})
+	st, err := c.API.Restore(ctx, req)
 	if err != nil {
 		return 0, err
 	}

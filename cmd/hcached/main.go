@@ -36,7 +36,8 @@ func run(args []string) int {
 	shm := fs.String("shm", "", "shared-memory side socket (default: the --listen path + \".shm\"; \"off\" disables)")
 	metricsAddr := fs.String("metrics", "127.0.0.1:9464", "HTTP address of /metrics and /healthz (\"\" disables)")
 	tokens := fs.String("tokens", "", "bearer token file: lines \"TOKEN NS[,NS...]\" (mode 600)")
-	var grants, quotas listFlag
+	var grants, quotas, models listFlag
+	fs.Var(&models, "model", "NAME=DIR: load a model's K/V weights to project hidden states on restore (repeatable)")
 	fs.Var(&grants, "grant", "UID=NS[,NS...]: namespaces a unix user may use, \"*\" = all (repeatable; default: this daemon's user gets *)")
 	fs.Var(&quotas, "quota", "NS=BYTES: stored row bytes allowed in a namespace (repeatable)")
 	defQuota := fs.String("default-quota", "0", "row bytes allowed in a namespace without --quota (0: unlimited)")
@@ -116,6 +117,18 @@ func run(args []string) int {
 			return fail("--tokens: %v", err)
 		}
 		cfg.Grants.Tokens = t
+	}
+	for _, m := range models {
+		name, dir, ok := strings.Cut(m, "=")
+		if !ok {
+			return fail("--model %q: want NAME=DIR", m)
+		}
+		lm, err := daemon.LoadModel(name, dir)
+		if err != nil {
+			return fail("--model %s: %v", name, err)
+		}
+		log.Info("model loaded", "name", name, "dir", dir, "layers", lm.Config.Layers, "backend", lm.Backend.Name())
+		cfg.Models = append(cfg.Models, lm)
 	}
 	var srv atomic.Pointer[daemon.Server]
 	st, err := chunk.Open(chunk.Options{Dir: *dir, ChunkTokens: *chunkTokens, CapacityBytes: size("capacity", *capacity),

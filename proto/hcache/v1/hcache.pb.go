@@ -474,6 +474,7 @@ type InfoReply struct {
 	MaxMessageBytes     uint64                 `protobuf:"varint,5,opt,name=max_message_bytes,json=maxMessageBytes,proto3" json:"max_message_bytes,omitempty"`
 	MaxRegionBytes      uint64                 `protobuf:"varint,6,opt,name=max_region_bytes,json=maxRegionBytes,proto3" json:"max_region_bytes,omitempty"`
 	MaxTokensPerContext uint64                 `protobuf:"varint,7,opt,name=max_tokens_per_context,json=maxTokensPerContext,proto3" json:"max_tokens_per_context,omitempty"`
+	Models              []*ModelInfo           `protobuf:"bytes,8,rep,name=models,proto3" json:"models,omitempty"` // models the daemon can project with
 	unknownFields       protoimpl.UnknownFields
 	sizeCache           protoimpl.SizeCache
 }
@@ -557,6 +558,100 @@ func (x *InfoReply) GetMaxTokensPerContext() uint64 {
 	return 0
 }
 
+func (x *InfoReply) GetModels() []*ModelInfo {
+	if x != nil {
+		return x.Models
+	}
+	return nil
+}
+
+// ModelInfo is a model loaded by the daemon (--model NAME=DIR) for restores
+// with project set. fingerprint is the identity model bytes of states saved
+// for it (the model's fingerprint bound to the row layout, serve.Identity).
+type ModelInfo struct {
+	state          protoimpl.MessageState `protogen:"open.v1"`
+	Name           string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	Fingerprint    []byte                 `protobuf:"bytes,2,opt,name=fingerprint,proto3" json:"fingerprint,omitempty"`
+	Layers         uint32                 `protobuf:"varint,3,opt,name=layers,proto3" json:"layers,omitempty"`
+	HiddenRowBytes uint32                 `protobuf:"varint,4,opt,name=hidden_row_bytes,json=hiddenRowBytes,proto3" json:"hidden_row_bytes,omitempty"`
+	KvRowBytes     uint32                 `protobuf:"varint,5,opt,name=kv_row_bytes,json=kvRowBytes,proto3" json:"kv_row_bytes,omitempty"`
+	Backend        string                 `protobuf:"bytes,6,opt,name=backend,proto3" json:"backend,omitempty"`
+	unknownFields  protoimpl.UnknownFields
+	sizeCache      protoimpl.SizeCache
+}
+
+func (x *ModelInfo) Reset() {
+	*x = ModelInfo{}
+	mi := &file_hcache_v1_hcache_proto_msgTypes[7]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ModelInfo) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ModelInfo) ProtoMessage() {}
+
+func (x *ModelInfo) ProtoReflect() protoreflect.Message {
+	mi := &file_hcache_v1_hcache_proto_msgTypes[7]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ModelInfo.ProtoReflect.Descriptor instead.
+func (*ModelInfo) Descriptor() ([]byte, []int) {
+	return file_hcache_v1_hcache_proto_rawDescGZIP(), []int{7}
+}
+
+func (x *ModelInfo) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *ModelInfo) GetFingerprint() []byte {
+	if x != nil {
+		return x.Fingerprint
+	}
+	return nil
+}
+
+func (x *ModelInfo) GetLayers() uint32 {
+	if x != nil {
+		return x.Layers
+	}
+	return 0
+}
+
+func (x *ModelInfo) GetHiddenRowBytes() uint32 {
+	if x != nil {
+		return x.HiddenRowBytes
+	}
+	return 0
+}
+
+func (x *ModelInfo) GetKvRowBytes() uint32 {
+	if x != nil {
+		return x.KvRowBytes
+	}
+	return 0
+}
+
+func (x *ModelInfo) GetBackend() string {
+	if x != nil {
+		return x.Backend
+	}
+	return ""
+}
+
 type OpenContextRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Ctx           *ContextRef            `protobuf:"bytes,1,opt,name=ctx,proto3" json:"ctx,omitempty"`
@@ -569,7 +664,7 @@ type OpenContextRequest struct {
 
 func (x *OpenContextRequest) Reset() {
 	*x = OpenContextRequest{}
-	mi := &file_hcache_v1_hcache_proto_msgTypes[7]
+	mi := &file_hcache_v1_hcache_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -581,7 +676,7 @@ func (x *OpenContextRequest) String() string {
 func (*OpenContextRequest) ProtoMessage() {}
 
 func (x *OpenContextRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_hcache_v1_hcache_proto_msgTypes[7]
+	mi := &file_hcache_v1_hcache_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -594,7 +689,7 @@ func (x *OpenContextRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use OpenContextRequest.ProtoReflect.Descriptor instead.
 func (*OpenContextRequest) Descriptor() ([]byte, []int) {
-	return file_hcache_v1_hcache_proto_rawDescGZIP(), []int{7}
+	return file_hcache_v1_hcache_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *OpenContextRequest) GetCtx() *ContextRef {
@@ -635,7 +730,7 @@ type OpenContextReply struct {
 
 func (x *OpenContextReply) Reset() {
 	*x = OpenContextReply{}
-	mi := &file_hcache_v1_hcache_proto_msgTypes[8]
+	mi := &file_hcache_v1_hcache_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -647,7 +742,7 @@ func (x *OpenContextReply) String() string {
 func (*OpenContextReply) ProtoMessage() {}
 
 func (x *OpenContextReply) ProtoReflect() protoreflect.Message {
-	mi := &file_hcache_v1_hcache_proto_msgTypes[8]
+	mi := &file_hcache_v1_hcache_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -660,7 +755,7 @@ func (x *OpenContextReply) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use OpenContextReply.ProtoReflect.Descriptor instead.
 func (*OpenContextReply) Descriptor() ([]byte, []int) {
-	return file_hcache_v1_hcache_proto_rawDescGZIP(), []int{8}
+	return file_hcache_v1_hcache_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *OpenContextReply) GetTokens() uint64 {
@@ -688,7 +783,7 @@ type AppendLayerRequest struct {
 
 func (x *AppendLayerRequest) Reset() {
 	*x = AppendLayerRequest{}
-	mi := &file_hcache_v1_hcache_proto_msgTypes[9]
+	mi := &file_hcache_v1_hcache_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -700,7 +795,7 @@ func (x *AppendLayerRequest) String() string {
 func (*AppendLayerRequest) ProtoMessage() {}
 
 func (x *AppendLayerRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_hcache_v1_hcache_proto_msgTypes[9]
+	mi := &file_hcache_v1_hcache_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -713,7 +808,7 @@ func (x *AppendLayerRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AppendLayerRequest.ProtoReflect.Descriptor instead.
 func (*AppendLayerRequest) Descriptor() ([]byte, []int) {
-	return file_hcache_v1_hcache_proto_rawDescGZIP(), []int{9}
+	return file_hcache_v1_hcache_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *AppendLayerRequest) GetCtx() *ContextRef {
@@ -748,7 +843,7 @@ type AppendTokensRequest struct {
 
 func (x *AppendTokensRequest) Reset() {
 	*x = AppendTokensRequest{}
-	mi := &file_hcache_v1_hcache_proto_msgTypes[10]
+	mi := &file_hcache_v1_hcache_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -760,7 +855,7 @@ func (x *AppendTokensRequest) String() string {
 func (*AppendTokensRequest) ProtoMessage() {}
 
 func (x *AppendTokensRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_hcache_v1_hcache_proto_msgTypes[10]
+	mi := &file_hcache_v1_hcache_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -773,7 +868,7 @@ func (x *AppendTokensRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AppendTokensRequest.ProtoReflect.Descriptor instead.
 func (*AppendTokensRequest) Descriptor() ([]byte, []int) {
-	return file_hcache_v1_hcache_proto_rawDescGZIP(), []int{10}
+	return file_hcache_v1_hcache_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *AppendTokensRequest) GetCtx() *ContextRef {
@@ -806,7 +901,7 @@ type AppendReply struct {
 
 func (x *AppendReply) Reset() {
 	*x = AppendReply{}
-	mi := &file_hcache_v1_hcache_proto_msgTypes[11]
+	mi := &file_hcache_v1_hcache_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -818,7 +913,7 @@ func (x *AppendReply) String() string {
 func (*AppendReply) ProtoMessage() {}
 
 func (x *AppendReply) ProtoReflect() protoreflect.Message {
-	mi := &file_hcache_v1_hcache_proto_msgTypes[11]
+	mi := &file_hcache_v1_hcache_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -831,7 +926,7 @@ func (x *AppendReply) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AppendReply.ProtoReflect.Descriptor instead.
 func (*AppendReply) Descriptor() ([]byte, []int) {
-	return file_hcache_v1_hcache_proto_rawDescGZIP(), []int{11}
+	return file_hcache_v1_hcache_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *AppendReply) GetTokens() uint64 {
@@ -850,7 +945,7 @@ type FlushRequest struct {
 
 func (x *FlushRequest) Reset() {
 	*x = FlushRequest{}
-	mi := &file_hcache_v1_hcache_proto_msgTypes[12]
+	mi := &file_hcache_v1_hcache_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -862,7 +957,7 @@ func (x *FlushRequest) String() string {
 func (*FlushRequest) ProtoMessage() {}
 
 func (x *FlushRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_hcache_v1_hcache_proto_msgTypes[12]
+	mi := &file_hcache_v1_hcache_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -875,7 +970,7 @@ func (x *FlushRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FlushRequest.ProtoReflect.Descriptor instead.
 func (*FlushRequest) Descriptor() ([]byte, []int) {
-	return file_hcache_v1_hcache_proto_rawDescGZIP(), []int{12}
+	return file_hcache_v1_hcache_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *FlushRequest) GetCtx() *ContextRef {
@@ -894,7 +989,7 @@ type FlushReply struct {
 
 func (x *FlushReply) Reset() {
 	*x = FlushReply{}
-	mi := &file_hcache_v1_hcache_proto_msgTypes[13]
+	mi := &file_hcache_v1_hcache_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -906,7 +1001,7 @@ func (x *FlushReply) String() string {
 func (*FlushReply) ProtoMessage() {}
 
 func (x *FlushReply) ProtoReflect() protoreflect.Message {
-	mi := &file_hcache_v1_hcache_proto_msgTypes[13]
+	mi := &file_hcache_v1_hcache_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -919,7 +1014,7 @@ func (x *FlushReply) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FlushReply.ProtoReflect.Descriptor instead.
 func (*FlushReply) Descriptor() ([]byte, []int) {
-	return file_hcache_v1_hcache_proto_rawDescGZIP(), []int{13}
+	return file_hcache_v1_hcache_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *FlushReply) GetTokens() uint64 {
@@ -939,7 +1034,7 @@ type CloseContextRequest struct {
 
 func (x *CloseContextRequest) Reset() {
 	*x = CloseContextRequest{}
-	mi := &file_hcache_v1_hcache_proto_msgTypes[14]
+	mi := &file_hcache_v1_hcache_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -951,7 +1046,7 @@ func (x *CloseContextRequest) String() string {
 func (*CloseContextRequest) ProtoMessage() {}
 
 func (x *CloseContextRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_hcache_v1_hcache_proto_msgTypes[14]
+	mi := &file_hcache_v1_hcache_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -964,7 +1059,7 @@ func (x *CloseContextRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CloseContextRequest.ProtoReflect.Descriptor instead.
 func (*CloseContextRequest) Descriptor() ([]byte, []int) {
-	return file_hcache_v1_hcache_proto_rawDescGZIP(), []int{14}
+	return file_hcache_v1_hcache_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *CloseContextRequest) GetCtx() *ContextRef {
@@ -990,13 +1085,16 @@ type RestoreRequest struct {
 	// bounds the bytes the daemon may write.
 	Region        *RegionSlice `protobuf:"bytes,3,opt,name=region,proto3" json:"region,omitempty"`
 	MaxPieceBytes uint32       `protobuf:"varint,4,opt,name=max_piece_bytes,json=maxPieceBytes,proto3" json:"max_piece_bytes,omitempty"` // inline pieces: at most this many bytes (0: daemon default)
+	// project: hidden-state layers come back as K|V rows computed on the
+	// daemon's backend (the identity's model must be one the daemon loaded).
+	Project       bool `protobuf:"varint,5,opt,name=project,proto3" json:"project,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *RestoreRequest) Reset() {
 	*x = RestoreRequest{}
-	mi := &file_hcache_v1_hcache_proto_msgTypes[15]
+	mi := &file_hcache_v1_hcache_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1008,7 +1106,7 @@ func (x *RestoreRequest) String() string {
 func (*RestoreRequest) ProtoMessage() {}
 
 func (x *RestoreRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_hcache_v1_hcache_proto_msgTypes[15]
+	mi := &file_hcache_v1_hcache_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1021,7 +1119,7 @@ func (x *RestoreRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RestoreRequest.ProtoReflect.Descriptor instead.
 func (*RestoreRequest) Descriptor() ([]byte, []int) {
-	return file_hcache_v1_hcache_proto_rawDescGZIP(), []int{15}
+	return file_hcache_v1_hcache_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *RestoreRequest) GetCtx() *ContextRef {
@@ -1052,6 +1150,13 @@ func (x *RestoreRequest) GetMaxPieceBytes() uint32 {
 	return 0
 }
 
+func (x *RestoreRequest) GetProject() bool {
+	if x != nil {
+		return x.Project
+	}
+	return false
+}
+
 type RestoreChunk struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Layer         uint32                 `protobuf:"varint,1,opt,name=layer,proto3" json:"layer,omitempty"`
@@ -1061,13 +1166,14 @@ type RestoreChunk struct {
 	Inline        []byte                 `protobuf:"bytes,5,opt,name=inline,proto3" json:"inline,omitempty"`                         // inline piece
 	Region        *RegionSlice           `protobuf:"bytes,6,opt,name=region,proto3" json:"region,omitempty"`                         // or where the whole layer was placed
 	LayerDone     bool                   `protobuf:"varint,7,opt,name=layer_done,json=layerDone,proto3" json:"layer_done,omitempty"` // last piece of this layer
+	Kind          LayerKind              `protobuf:"varint,8,opt,name=kind,proto3,enum=hcache.v1.LayerKind" json:"kind,omitempty"`   // layout of the rows: HIDDEN as stored, or KV (stored, or projected)
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *RestoreChunk) Reset() {
 	*x = RestoreChunk{}
-	mi := &file_hcache_v1_hcache_proto_msgTypes[16]
+	mi := &file_hcache_v1_hcache_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1079,7 +1185,7 @@ func (x *RestoreChunk) String() string {
 func (*RestoreChunk) ProtoMessage() {}
 
 func (x *RestoreChunk) ProtoReflect() protoreflect.Message {
-	mi := &file_hcache_v1_hcache_proto_msgTypes[16]
+	mi := &file_hcache_v1_hcache_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1092,7 +1198,7 @@ func (x *RestoreChunk) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RestoreChunk.ProtoReflect.Descriptor instead.
 func (*RestoreChunk) Descriptor() ([]byte, []int) {
-	return file_hcache_v1_hcache_proto_rawDescGZIP(), []int{16}
+	return file_hcache_v1_hcache_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *RestoreChunk) GetLayer() uint32 {
@@ -1144,6 +1250,13 @@ func (x *RestoreChunk) GetLayerDone() bool {
 	return false
 }
 
+func (x *RestoreChunk) GetKind() LayerKind {
+	if x != nil {
+		return x.Kind
+	}
+	return LayerKind_LAYER_NONE
+}
+
 type StatRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Ctx           *ContextRef            `protobuf:"bytes,1,opt,name=ctx,proto3" json:"ctx,omitempty"`
@@ -1153,7 +1266,7 @@ type StatRequest struct {
 
 func (x *StatRequest) Reset() {
 	*x = StatRequest{}
-	mi := &file_hcache_v1_hcache_proto_msgTypes[17]
+	mi := &file_hcache_v1_hcache_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1165,7 +1278,7 @@ func (x *StatRequest) String() string {
 func (*StatRequest) ProtoMessage() {}
 
 func (x *StatRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_hcache_v1_hcache_proto_msgTypes[17]
+	mi := &file_hcache_v1_hcache_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1178,7 +1291,7 @@ func (x *StatRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StatRequest.ProtoReflect.Descriptor instead.
 func (*StatRequest) Descriptor() ([]byte, []int) {
-	return file_hcache_v1_hcache_proto_rawDescGZIP(), []int{17}
+	return file_hcache_v1_hcache_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *StatRequest) GetCtx() *ContextRef {
@@ -1205,7 +1318,7 @@ type ContextInfo struct {
 
 func (x *ContextInfo) Reset() {
 	*x = ContextInfo{}
-	mi := &file_hcache_v1_hcache_proto_msgTypes[18]
+	mi := &file_hcache_v1_hcache_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1217,7 +1330,7 @@ func (x *ContextInfo) String() string {
 func (*ContextInfo) ProtoMessage() {}
 
 func (x *ContextInfo) ProtoReflect() protoreflect.Message {
-	mi := &file_hcache_v1_hcache_proto_msgTypes[18]
+	mi := &file_hcache_v1_hcache_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1230,7 +1343,7 @@ func (x *ContextInfo) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ContextInfo.ProtoReflect.Descriptor instead.
 func (*ContextInfo) Descriptor() ([]byte, []int) {
-	return file_hcache_v1_hcache_proto_rawDescGZIP(), []int{18}
+	return file_hcache_v1_hcache_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *ContextInfo) GetNamespace() string {
@@ -1305,7 +1418,7 @@ type ListRequest struct {
 
 func (x *ListRequest) Reset() {
 	*x = ListRequest{}
-	mi := &file_hcache_v1_hcache_proto_msgTypes[19]
+	mi := &file_hcache_v1_hcache_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1317,7 +1430,7 @@ func (x *ListRequest) String() string {
 func (*ListRequest) ProtoMessage() {}
 
 func (x *ListRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_hcache_v1_hcache_proto_msgTypes[19]
+	mi := &file_hcache_v1_hcache_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1330,7 +1443,7 @@ func (x *ListRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListRequest.ProtoReflect.Descriptor instead.
 func (*ListRequest) Descriptor() ([]byte, []int) {
-	return file_hcache_v1_hcache_proto_rawDescGZIP(), []int{19}
+	return file_hcache_v1_hcache_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *ListRequest) GetNamespace() string {
@@ -1349,7 +1462,7 @@ type ListReply struct {
 
 func (x *ListReply) Reset() {
 	*x = ListReply{}
-	mi := &file_hcache_v1_hcache_proto_msgTypes[20]
+	mi := &file_hcache_v1_hcache_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1361,7 +1474,7 @@ func (x *ListReply) String() string {
 func (*ListReply) ProtoMessage() {}
 
 func (x *ListReply) ProtoReflect() protoreflect.Message {
-	mi := &file_hcache_v1_hcache_proto_msgTypes[20]
+	mi := &file_hcache_v1_hcache_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1374,7 +1487,7 @@ func (x *ListReply) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListReply.ProtoReflect.Descriptor instead.
 func (*ListReply) Descriptor() ([]byte, []int) {
-	return file_hcache_v1_hcache_proto_rawDescGZIP(), []int{20}
+	return file_hcache_v1_hcache_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *ListReply) GetContexts() []*ContextInfo {
@@ -1393,7 +1506,7 @@ type DeleteRequest struct {
 
 func (x *DeleteRequest) Reset() {
 	*x = DeleteRequest{}
-	mi := &file_hcache_v1_hcache_proto_msgTypes[21]
+	mi := &file_hcache_v1_hcache_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1405,7 +1518,7 @@ func (x *DeleteRequest) String() string {
 func (*DeleteRequest) ProtoMessage() {}
 
 func (x *DeleteRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_hcache_v1_hcache_proto_msgTypes[21]
+	mi := &file_hcache_v1_hcache_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1418,7 +1531,7 @@ func (x *DeleteRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteRequest.ProtoReflect.Descriptor instead.
 func (*DeleteRequest) Descriptor() ([]byte, []int) {
-	return file_hcache_v1_hcache_proto_rawDescGZIP(), []int{21}
+	return file_hcache_v1_hcache_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *DeleteRequest) GetCtx() *ContextRef {
@@ -1436,7 +1549,7 @@ type DeleteReply struct {
 
 func (x *DeleteReply) Reset() {
 	*x = DeleteReply{}
-	mi := &file_hcache_v1_hcache_proto_msgTypes[22]
+	mi := &file_hcache_v1_hcache_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1448,7 +1561,7 @@ func (x *DeleteReply) String() string {
 func (*DeleteReply) ProtoMessage() {}
 
 func (x *DeleteReply) ProtoReflect() protoreflect.Message {
-	mi := &file_hcache_v1_hcache_proto_msgTypes[22]
+	mi := &file_hcache_v1_hcache_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1461,7 +1574,7 @@ func (x *DeleteReply) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteReply.ProtoReflect.Descriptor instead.
 func (*DeleteReply) Descriptor() ([]byte, []int) {
-	return file_hcache_v1_hcache_proto_rawDescGZIP(), []int{22}
+	return file_hcache_v1_hcache_proto_rawDescGZIP(), []int{23}
 }
 
 type PinRequest struct {
@@ -1474,7 +1587,7 @@ type PinRequest struct {
 
 func (x *PinRequest) Reset() {
 	*x = PinRequest{}
-	mi := &file_hcache_v1_hcache_proto_msgTypes[23]
+	mi := &file_hcache_v1_hcache_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1486,7 +1599,7 @@ func (x *PinRequest) String() string {
 func (*PinRequest) ProtoMessage() {}
 
 func (x *PinRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_hcache_v1_hcache_proto_msgTypes[23]
+	mi := &file_hcache_v1_hcache_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1499,7 +1612,7 @@ func (x *PinRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PinRequest.ProtoReflect.Descriptor instead.
 func (*PinRequest) Descriptor() ([]byte, []int) {
-	return file_hcache_v1_hcache_proto_rawDescGZIP(), []int{23}
+	return file_hcache_v1_hcache_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *PinRequest) GetCtx() *ContextRef {
@@ -1524,7 +1637,7 @@ type PinReply struct {
 
 func (x *PinReply) Reset() {
 	*x = PinReply{}
-	mi := &file_hcache_v1_hcache_proto_msgTypes[24]
+	mi := &file_hcache_v1_hcache_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1536,7 +1649,7 @@ func (x *PinReply) String() string {
 func (*PinReply) ProtoMessage() {}
 
 func (x *PinReply) ProtoReflect() protoreflect.Message {
-	mi := &file_hcache_v1_hcache_proto_msgTypes[24]
+	mi := &file_hcache_v1_hcache_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1549,7 +1662,7 @@ func (x *PinReply) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PinReply.ProtoReflect.Descriptor instead.
 func (*PinReply) Descriptor() ([]byte, []int) {
-	return file_hcache_v1_hcache_proto_rawDescGZIP(), []int{24}
+	return file_hcache_v1_hcache_proto_rawDescGZIP(), []int{25}
 }
 
 type FsckRequest struct {
@@ -1560,7 +1673,7 @@ type FsckRequest struct {
 
 func (x *FsckRequest) Reset() {
 	*x = FsckRequest{}
-	mi := &file_hcache_v1_hcache_proto_msgTypes[25]
+	mi := &file_hcache_v1_hcache_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1572,7 +1685,7 @@ func (x *FsckRequest) String() string {
 func (*FsckRequest) ProtoMessage() {}
 
 func (x *FsckRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_hcache_v1_hcache_proto_msgTypes[25]
+	mi := &file_hcache_v1_hcache_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1585,7 +1698,7 @@ func (x *FsckRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FsckRequest.ProtoReflect.Descriptor instead.
 func (*FsckRequest) Descriptor() ([]byte, []int) {
-	return file_hcache_v1_hcache_proto_rawDescGZIP(), []int{25}
+	return file_hcache_v1_hcache_proto_rawDescGZIP(), []int{26}
 }
 
 type FsckReply struct {
@@ -1603,7 +1716,7 @@ type FsckReply struct {
 
 func (x *FsckReply) Reset() {
 	*x = FsckReply{}
-	mi := &file_hcache_v1_hcache_proto_msgTypes[26]
+	mi := &file_hcache_v1_hcache_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1615,7 +1728,7 @@ func (x *FsckReply) String() string {
 func (*FsckReply) ProtoMessage() {}
 
 func (x *FsckReply) ProtoReflect() protoreflect.Message {
-	mi := &file_hcache_v1_hcache_proto_msgTypes[26]
+	mi := &file_hcache_v1_hcache_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1628,7 +1741,7 @@ func (x *FsckReply) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FsckReply.ProtoReflect.Descriptor instead.
 func (*FsckReply) Descriptor() ([]byte, []int) {
-	return file_hcache_v1_hcache_proto_rawDescGZIP(), []int{26}
+	return file_hcache_v1_hcache_proto_rawDescGZIP(), []int{27}
 }
 
 func (x *FsckReply) GetContexts() int64 {
@@ -1688,7 +1801,7 @@ type GcRequest struct {
 
 func (x *GcRequest) Reset() {
 	*x = GcRequest{}
-	mi := &file_hcache_v1_hcache_proto_msgTypes[27]
+	mi := &file_hcache_v1_hcache_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1700,7 +1813,7 @@ func (x *GcRequest) String() string {
 func (*GcRequest) ProtoMessage() {}
 
 func (x *GcRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_hcache_v1_hcache_proto_msgTypes[27]
+	mi := &file_hcache_v1_hcache_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1713,7 +1826,7 @@ func (x *GcRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GcRequest.ProtoReflect.Descriptor instead.
 func (*GcRequest) Descriptor() ([]byte, []int) {
-	return file_hcache_v1_hcache_proto_rawDescGZIP(), []int{27}
+	return file_hcache_v1_hcache_proto_rawDescGZIP(), []int{28}
 }
 
 type GcReply struct {
@@ -1727,7 +1840,7 @@ type GcReply struct {
 
 func (x *GcReply) Reset() {
 	*x = GcReply{}
-	mi := &file_hcache_v1_hcache_proto_msgTypes[28]
+	mi := &file_hcache_v1_hcache_proto_msgTypes[29]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1739,7 +1852,7 @@ func (x *GcReply) String() string {
 func (*GcReply) ProtoMessage() {}
 
 func (x *GcReply) ProtoReflect() protoreflect.Message {
-	mi := &file_hcache_v1_hcache_proto_msgTypes[28]
+	mi := &file_hcache_v1_hcache_proto_msgTypes[29]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1752,7 +1865,7 @@ func (x *GcReply) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GcReply.ProtoReflect.Descriptor instead.
 func (*GcReply) Descriptor() ([]byte, []int) {
-	return file_hcache_v1_hcache_proto_rawDescGZIP(), []int{28}
+	return file_hcache_v1_hcache_proto_rawDescGZIP(), []int{29}
 }
 
 func (x *GcReply) GetSegments() int64 {
@@ -1799,7 +1912,7 @@ const file_hcache_v1_hcache_proto_rawDesc = "" +
 	"\x06inline\x18\x01 \x01(\fH\x00R\x06inline\x120\n" +
 	"\x06region\x18\x02 \x01(\v2\x16.hcache.v1.RegionSliceH\x00R\x06regionB\a\n" +
 	"\x05where\"\r\n" +
-	"\vInfoRequest\"\x92\x02\n" +
+	"\vInfoRequest\"\xc0\x02\n" +
 	"\tInfoReply\x12\x18\n" +
 	"\aversion\x18\x01 \x01(\tR\aversion\x12!\n" +
 	"\fchunk_tokens\x18\x02 \x01(\rR\vchunkTokens\x12\x1d\n" +
@@ -1810,7 +1923,16 @@ const file_hcache_v1_hcache_proto_rawDesc = "" +
 	"namespaces\x12*\n" +
 	"\x11max_message_bytes\x18\x05 \x01(\x04R\x0fmaxMessageBytes\x12(\n" +
 	"\x10max_region_bytes\x18\x06 \x01(\x04R\x0emaxRegionBytes\x123\n" +
-	"\x16max_tokens_per_context\x18\a \x01(\x04R\x13maxTokensPerContext\"\xaf\x01\n" +
+	"\x16max_tokens_per_context\x18\a \x01(\x04R\x13maxTokensPerContext\x12,\n" +
+	"\x06models\x18\b \x03(\v2\x14.hcache.v1.ModelInfoR\x06models\"\xbf\x01\n" +
+	"\tModelInfo\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12 \n" +
+	"\vfingerprint\x18\x02 \x01(\fR\vfingerprint\x12\x16\n" +
+	"\x06layers\x18\x03 \x01(\rR\x06layers\x12(\n" +
+	"\x10hidden_row_bytes\x18\x04 \x01(\rR\x0ehiddenRowBytes\x12 \n" +
+	"\fkv_row_bytes\x18\x05 \x01(\rR\n" +
+	"kvRowBytes\x12\x18\n" +
+	"\abackend\x18\x06 \x01(\tR\abackend\"\xaf\x01\n" +
 	"\x12OpenContextRequest\x12'\n" +
 	"\x03ctx\x18\x01 \x01(\v2\x15.hcache.v1.ContextRefR\x03ctx\x12/\n" +
 	"\bidentity\x18\x02 \x01(\v2\x13.hcache.v1.IdentityR\bidentity\x12'\n" +
@@ -1836,12 +1958,13 @@ const file_hcache_v1_hcache_proto_rawDesc = "" +
 	"\x06tokens\x18\x01 \x01(\x04R\x06tokens\"X\n" +
 	"\x13CloseContextRequest\x12'\n" +
 	"\x03ctx\x18\x01 \x01(\v2\x15.hcache.v1.ContextRefR\x03ctx\x12\x18\n" +
-	"\aabandon\x18\x02 \x01(\bR\aabandon\"\xc2\x01\n" +
+	"\aabandon\x18\x02 \x01(\bR\aabandon\"\xdc\x01\n" +
 	"\x0eRestoreRequest\x12'\n" +
 	"\x03ctx\x18\x01 \x01(\v2\x15.hcache.v1.ContextRefR\x03ctx\x12/\n" +
 	"\bidentity\x18\x02 \x01(\v2\x13.hcache.v1.IdentityR\bidentity\x12.\n" +
 	"\x06region\x18\x03 \x01(\v2\x16.hcache.v1.RegionSliceR\x06region\x12&\n" +
-	"\x0fmax_piece_bytes\x18\x04 \x01(\rR\rmaxPieceBytes\"\xd8\x01\n" +
+	"\x0fmax_piece_bytes\x18\x04 \x01(\rR\rmaxPieceBytes\x12\x18\n" +
+	"\aproject\x18\x05 \x01(\bR\aproject\"\x82\x02\n" +
 	"\fRestoreChunk\x12\x14\n" +
 	"\x05layer\x18\x01 \x01(\rR\x05layer\x12\x16\n" +
 	"\x06tokens\x18\x02 \x01(\x04R\x06tokens\x12\x1b\n" +
@@ -1850,7 +1973,8 @@ const file_hcache_v1_hcache_proto_rawDesc = "" +
 	"\x06inline\x18\x05 \x01(\fR\x06inline\x12.\n" +
 	"\x06region\x18\x06 \x01(\v2\x16.hcache.v1.RegionSliceR\x06region\x12\x1d\n" +
 	"\n" +
-	"layer_done\x18\a \x01(\bR\tlayerDone\"6\n" +
+	"layer_done\x18\a \x01(\bR\tlayerDone\x12(\n" +
+	"\x04kind\x18\b \x01(\x0e2\x14.hcache.v1.LayerKindR\x04kind\"6\n" +
 	"\vStatRequest\x12'\n" +
 	"\x03ctx\x18\x01 \x01(\v2\x15.hcache.v1.ContextRefR\x03ctx\"\xa5\x02\n" +
 	"\vContextInfo\x12\x1c\n" +
@@ -1932,7 +2056,7 @@ func file_hcache_v1_hcache_proto_rawDescGZIP() []byte {
 }
 
 var file_hcache_v1_hcache_proto_enumTypes = make([]protoimpl.EnumInfo, 2)
-var file_hcache_v1_hcache_proto_msgTypes = make([]protoimpl.MessageInfo, 29)
+var file_hcache_v1_hcache_proto_msgTypes = make([]protoimpl.MessageInfo, 30)
 var file_hcache_v1_hcache_proto_goTypes = []any{
 	(LayerKind)(0),              // 0: hcache.v1.LayerKind
 	(OpenMode)(0),               // 1: hcache.v1.OpenMode
@@ -1943,82 +2067,85 @@ var file_hcache_v1_hcache_proto_goTypes = []any{
 	(*Rows)(nil),                // 6: hcache.v1.Rows
 	(*InfoRequest)(nil),         // 7: hcache.v1.InfoRequest
 	(*InfoReply)(nil),           // 8: hcache.v1.InfoReply
-	(*OpenContextRequest)(nil),  // 9: hcache.v1.OpenContextRequest
-	(*OpenContextReply)(nil),    // 10: hcache.v1.OpenContextReply
-	(*AppendLayerRequest)(nil),  // 11: hcache.v1.AppendLayerRequest
-	(*AppendTokensRequest)(nil), // 12: hcache.v1.AppendTokensRequest
-	(*AppendReply)(nil),         // 13: hcache.v1.AppendReply
-	(*FlushRequest)(nil),        // 14: hcache.v1.FlushRequest
-	(*FlushReply)(nil),          // 15: hcache.v1.FlushReply
-	(*CloseContextRequest)(nil), // 16: hcache.v1.CloseContextRequest
-	(*RestoreRequest)(nil),      // 17: hcache.v1.RestoreRequest
-	(*RestoreChunk)(nil),        // 18: hcache.v1.RestoreChunk
-	(*StatRequest)(nil),         // 19: hcache.v1.StatRequest
-	(*ContextInfo)(nil),         // 20: hcache.v1.ContextInfo
-	(*ListRequest)(nil),         // 21: hcache.v1.ListRequest
-	(*ListReply)(nil),           // 22: hcache.v1.ListReply
-	(*DeleteRequest)(nil),       // 23: hcache.v1.DeleteRequest
-	(*DeleteReply)(nil),         // 24: hcache.v1.DeleteReply
-	(*PinRequest)(nil),          // 25: hcache.v1.PinRequest
-	(*PinReply)(nil),            // 26: hcache.v1.PinReply
-	(*FsckRequest)(nil),         // 27: hcache.v1.FsckRequest
-	(*FsckReply)(nil),           // 28: hcache.v1.FsckReply
-	(*GcRequest)(nil),           // 29: hcache.v1.GcRequest
-	(*GcReply)(nil),             // 30: hcache.v1.GcReply
+	(*ModelInfo)(nil),           // 9: hcache.v1.ModelInfo
+	(*OpenContextRequest)(nil),  // 10: hcache.v1.OpenContextRequest
+	(*OpenContextReply)(nil),    // 11: hcache.v1.OpenContextReply
+	(*AppendLayerRequest)(nil),  // 12: hcache.v1.AppendLayerRequest
+	(*AppendTokensRequest)(nil), // 13: hcache.v1.AppendTokensRequest
+	(*AppendReply)(nil),         // 14: hcache.v1.AppendReply
+	(*FlushRequest)(nil),        // 15: hcache.v1.FlushRequest
+	(*FlushReply)(nil),          // 16: hcache.v1.FlushReply
+	(*CloseContextRequest)(nil), // 17: hcache.v1.CloseContextRequest
+	(*RestoreRequest)(nil),      // 18: hcache.v1.RestoreRequest
+	(*RestoreChunk)(nil),        // 19: hcache.v1.RestoreChunk
+	(*StatRequest)(nil),         // 20: hcache.v1.StatRequest
+	(*ContextInfo)(nil),         // 21: hcache.v1.ContextInfo
+	(*ListRequest)(nil),         // 22: hcache.v1.ListRequest
+	(*ListReply)(nil),           // 23: hcache.v1.ListReply
+	(*DeleteRequest)(nil),       // 24: hcache.v1.DeleteRequest
+	(*DeleteReply)(nil),         // 25: hcache.v1.DeleteReply
+	(*PinRequest)(nil),          // 26: hcache.v1.PinRequest
+	(*PinReply)(nil),            // 27: hcache.v1.PinReply
+	(*FsckRequest)(nil),         // 28: hcache.v1.FsckRequest
+	(*FsckReply)(nil),           // 29: hcache.v1.FsckReply
+	(*GcRequest)(nil),           // 30: hcache.v1.GcRequest
+	(*GcReply)(nil),             // 31: hcache.v1.GcReply
 }
 var file_hcache_v1_hcache_proto_depIdxs = []int32{
 	0,  // 0: hcache.v1.LayerPlan.kind:type_name -> hcache.v1.LayerKind
 	2,  // 1: hcache.v1.Identity.plan:type_name -> hcache.v1.LayerPlan
 	5,  // 2: hcache.v1.Rows.region:type_name -> hcache.v1.RegionSlice
-	4,  // 3: hcache.v1.OpenContextRequest.ctx:type_name -> hcache.v1.ContextRef
-	3,  // 4: hcache.v1.OpenContextRequest.identity:type_name -> hcache.v1.Identity
-	1,  // 5: hcache.v1.OpenContextRequest.mode:type_name -> hcache.v1.OpenMode
-	4,  // 6: hcache.v1.AppendLayerRequest.ctx:type_name -> hcache.v1.ContextRef
-	6,  // 7: hcache.v1.AppendLayerRequest.rows:type_name -> hcache.v1.Rows
-	4,  // 8: hcache.v1.AppendTokensRequest.ctx:type_name -> hcache.v1.ContextRef
-	6,  // 9: hcache.v1.AppendTokensRequest.rows:type_name -> hcache.v1.Rows
-	4,  // 10: hcache.v1.FlushRequest.ctx:type_name -> hcache.v1.ContextRef
-	4,  // 11: hcache.v1.CloseContextRequest.ctx:type_name -> hcache.v1.ContextRef
-	4,  // 12: hcache.v1.RestoreRequest.ctx:type_name -> hcache.v1.ContextRef
-	3,  // 13: hcache.v1.RestoreRequest.identity:type_name -> hcache.v1.Identity
-	5,  // 14: hcache.v1.RestoreRequest.region:type_name -> hcache.v1.RegionSlice
-	5,  // 15: hcache.v1.RestoreChunk.region:type_name -> hcache.v1.RegionSlice
-	4,  // 16: hcache.v1.StatRequest.ctx:type_name -> hcache.v1.ContextRef
-	3,  // 17: hcache.v1.ContextInfo.identity:type_name -> hcache.v1.Identity
-	20, // 18: hcache.v1.ListReply.contexts:type_name -> hcache.v1.ContextInfo
-	4,  // 19: hcache.v1.DeleteRequest.ctx:type_name -> hcache.v1.ContextRef
-	4,  // 20: hcache.v1.PinRequest.ctx:type_name -> hcache.v1.ContextRef
-	7,  // 21: hcache.v1.HCache.Info:input_type -> hcache.v1.InfoRequest
-	9,  // 22: hcache.v1.HCache.OpenContext:input_type -> hcache.v1.OpenContextRequest
-	11, // 23: hcache.v1.HCache.AppendLayer:input_type -> hcache.v1.AppendLayerRequest
-	12, // 24: hcache.v1.HCache.AppendTokens:input_type -> hcache.v1.AppendTokensRequest
-	14, // 25: hcache.v1.HCache.Flush:input_type -> hcache.v1.FlushRequest
-	16, // 26: hcache.v1.HCache.CloseContext:input_type -> hcache.v1.CloseContextRequest
-	17, // 27: hcache.v1.HCache.Restore:input_type -> hcache.v1.RestoreRequest
-	19, // 28: hcache.v1.HCache.Stat:input_type -> hcache.v1.StatRequest
-	21, // 29: hcache.v1.HCache.List:input_type -> hcache.v1.ListRequest
-	23, // 30: hcache.v1.HCache.Delete:input_type -> hcache.v1.DeleteRequest
-	25, // 31: hcache.v1.HCache.Pin:input_type -> hcache.v1.PinRequest
-	27, // 32: hcache.v1.HCache.Fsck:input_type -> hcache.v1.FsckRequest
-	29, // 33: hcache.v1.HCache.Gc:input_type -> hcache.v1.GcRequest
-	8,  // 34: hcache.v1.HCache.Info:output_type -> hcache.v1.InfoReply
-	10, // 35: hcache.v1.HCache.OpenContext:output_type -> hcache.v1.OpenContextReply
-	13, // 36: hcache.v1.HCache.AppendLayer:output_type -> hcache.v1.AppendReply
-	13, // 37: hcache.v1.HCache.AppendTokens:output_type -> hcache.v1.AppendReply
-	15, // 38: hcache.v1.HCache.Flush:output_type -> hcache.v1.FlushReply
-	15, // 39: hcache.v1.HCache.CloseContext:output_type -> hcache.v1.FlushReply
-	18, // 40: hcache.v1.HCache.Restore:output_type -> hcache.v1.RestoreChunk
-	20, // 41: hcache.v1.HCache.Stat:output_type -> hcache.v1.ContextInfo
-	22, // 42: hcache.v1.HCache.List:output_type -> hcache.v1.ListReply
-	24, // 43: hcache.v1.HCache.Delete:output_type -> hcache.v1.DeleteReply
-	26, // 44: hcache.v1.HCache.Pin:output_type -> hcache.v1.PinReply
-	28, // 45: hcache.v1.HCache.Fsck:output_type -> hcache.v1.FsckReply
-	30, // 46: hcache.v1.HCache.Gc:output_type -> hcache.v1.GcReply
-	34, // [34:47] is the sub-list for method output_type
-	21, // [21:34] is the sub-list for method input_type
-	21, // [21:21] is the sub-list for extension type_name
-	21, // [21:21] is the sub-list for extension extendee
-	0,  // [0:21] is the sub-list for field type_name
+	9,  // 3: hcache.v1.InfoReply.models:type_name -> hcache.v1.ModelInfo
+	4,  // 4: hcache.v1.OpenContextRequest.ctx:type_name -> hcache.v1.ContextRef
+	3,  // 5: hcache.v1.OpenContextRequest.identity:type_name -> hcache.v1.Identity
+	1,  // 6: hcache.v1.OpenContextRequest.mode:type_name -> hcache.v1.OpenMode
+	4,  // 7: hcache.v1.AppendLayerRequest.ctx:type_name -> hcache.v1.ContextRef
+	6,  // 8: hcache.v1.AppendLayerRequest.rows:type_name -> hcache.v1.Rows
+	4,  // 9: hcache.v1.AppendTokensRequest.ctx:type_name -> hcache.v1.ContextRef
+	6,  // 10: hcache.v1.AppendTokensRequest.rows:type_name -> hcache.v1.Rows
+	4,  // 11: hcache.v1.FlushRequest.ctx:type_name -> hcache.v1.ContextRef
+	4,  // 12: hcache.v1.CloseContextRequest.ctx:type_name -> hcache.v1.ContextRef
+	4,  // 13: hcache.v1.RestoreRequest.ctx:type_name -> hcache.v1.ContextRef
+	3,  // 14: hcache.v1.RestoreRequest.identity:type_name -> hcache.v1.Identity
+	5,  // 15: hcache.v1.RestoreRequest.region:type_name -> hcache.v1.RegionSlice
+	5,  // 16: hcache.v1.RestoreChunk.region:type_name -> hcache.v1.RegionSlice
+	0,  // 17: hcache.v1.RestoreChunk.kind:type_name -> hcache.v1.LayerKind
+	4,  // 18: hcache.v1.StatRequest.ctx:type_name -> hcache.v1.ContextRef
+	3,  // 19: hcache.v1.ContextInfo.identity:type_name -> hcache.v1.Identity
+	21, // 20: hcache.v1.ListReply.contexts:type_name -> hcache.v1.ContextInfo
+	4,  // 21: hcache.v1.DeleteRequest.ctx:type_name -> hcache.v1.ContextRef
+	4,  // 22: hcache.v1.PinRequest.ctx:type_name -> hcache.v1.ContextRef
+	7,  // 23: hcache.v1.HCache.Info:input_type -> hcache.v1.InfoRequest
+	10, // 24: hcache.v1.HCache.OpenContext:input_type -> hcache.v1.OpenContextRequest
+	12, // 25: hcache.v1.HCache.AppendLayer:input_type -> hcache.v1.AppendLayerRequest
+	13, // 26: hcache.v1.HCache.AppendTokens:input_type -> hcache.v1.AppendTokensRequest
+	15, // 27: hcache.v1.HCache.Flush:input_type -> hcache.v1.FlushRequest
+	17, // 28: hcache.v1.HCache.CloseContext:input_type -> hcache.v1.CloseContextRequest
+	18, // 29: hcache.v1.HCache.Restore:input_type -> hcache.v1.RestoreRequest
+	20, // 30: hcache.v1.HCache.Stat:input_type -> hcache.v1.StatRequest
+	22, // 31: hcache.v1.HCache.List:input_type -> hcache.v1.ListRequest
+	24, // 32: hcache.v1.HCache.Delete:input_type -> hcache.v1.DeleteRequest
+	26, // 33: hcache.v1.HCache.Pin:input_type -> hcache.v1.PinRequest
+	28, // 34: hcache.v1.HCache.Fsck:input_type -> hcache.v1.FsckRequest
+	30, // 35: hcache.v1.HCache.Gc:input_type -> hcache.v1.GcRequest
+	8,  // 36: hcache.v1.HCache.Info:output_type -> hcache.v1.InfoReply
+	11, // 37: hcache.v1.HCache.OpenContext:output_type -> hcache.v1.OpenContextReply
+	14, // 38: hcache.v1.HCache.AppendLayer:output_type -> hcache.v1.AppendReply
+	14, // 39: hcache.v1.HCache.AppendTokens:output_type -> hcache.v1.AppendReply
+	16, // 40: hcache.v1.HCache.Flush:output_type -> hcache.v1.FlushReply
+	16, // 41: hcache.v1.HCache.CloseContext:output_type -> hcache.v1.FlushReply
+	19, // 42: hcache.v1.HCache.Restore:output_type -> hcache.v1.RestoreChunk
+	21, // 43: hcache.v1.HCache.Stat:output_type -> hcache.v1.ContextInfo
+	23, // 44: hcache.v1.HCache.List:output_type -> hcache.v1.ListReply
+	25, // 45: hcache.v1.HCache.Delete:output_type -> hcache.v1.DeleteReply
+	27, // 46: hcache.v1.HCache.Pin:output_type -> hcache.v1.PinReply
+	29, // 47: hcache.v1.HCache.Fsck:output_type -> hcache.v1.FsckReply
+	31, // 48: hcache.v1.HCache.Gc:output_type -> hcache.v1.GcReply
+	36, // [36:49] is the sub-list for method output_type
+	23, // [23:36] is the sub-list for method input_type
+	23, // [23:23] is the sub-list for extension type_name
+	23, // [23:23] is the sub-list for extension extendee
+	0,  // [0:23] is the sub-list for field type_name
 }
 
 func init() { file_hcache_v1_hcache_proto_init() }
@@ -2036,7 +2163,7 @@ func file_hcache_v1_hcache_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_hcache_v1_hcache_proto_rawDesc), len(file_hcache_v1_hcache_proto_rawDesc)),
 			NumEnums:      2,
-			NumMessages:   29,
+			NumMessages:   30,
 			NumExtensions: 0,
 			NumServices:   1,
 		},
