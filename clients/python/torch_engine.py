@@ -1,7 +1,7 @@
 """A small PyTorch serving loop whose conversations keep their state in hcached.
 
 Usage: torch_engine.py --addr unix:///path/hcache.sock --model MODEL_DIR [--transport shm|inline]
-       [--conversations 2] [--turns 3] [--prompt 40] [--gen 12] [--seed 1] [--namespace engine]
+       [--project NAME] [--conversations 2] [--turns 3] [--prompt 40] [--gen 12] [--seed 1] [--namespace engine]
 
 The model is the repository's independent PyTorch reference
 (model/testdata/torch_ref.py: its safetensors reader and the same math,
@@ -11,7 +11,9 @@ incrementally with a KV cache. For each conversation and turn the engine
   1. (turn > 1) restores the context from the daemon, layer by layer, and
      rebuilds each layer's K and V while the next layer is still streaming:
      hidden-state layers by projection (K = rope(h Wk), V = h Wv), KV layers as
-     stored;
+     stored; with --project NAME the daemon projects (its model NAME, loaded
+     with hcached --model NAME=DIR of the same weights) and every layer
+     arrives as K|V;
   2. prefills the turn's tokens, saving every layer's row (the hidden state
      entering the K/V projection, or K|V for KV layers) as it is computed
      (AppendLayer), then decodes greedily, saving each token's rows of every
@@ -157,12 +159,23 @@ def as_bytes(t, dtype):
 class Engine:
     """The hcache side: saves rows through the daemon, restores them."""
 
-    def __init__(self, model, client, ns, plan_kinds, transport):
+    def __init__(self, model, client, ns, plan_kinds, transport, project=None):
         self.m, self.c, self.ns, self.transport = model, client, ns, transport
         d, kvd = model.d, model.KV * model.hd
         self.rowbytes = [(d if k == hc.HIDDEN else 2 * kvd) * model.esize for k in plan_kinds]
         self.kinds = plan_kinds
-        self.ident = hc.Identity(model.fingerprint, list(zip(plan_kinds, self.rowbytes)))
+        fingerprint = model.fingerprint
+        self.project = project is not None
+        if self.project:
+            # States for the daemon's model NAME carry its fingerprint (this
+            # engine's row layout is the daemon's: serve.RowLayout); only
+            # valid because both were given the same model directory.
+            found = [x for x in client.info().models if x.name == project]
+            if not found:
+                raise SystemExit(f"torch_engine: the daemon has no model {project!r} (hcached --model {project}=DIR)")
+            fingerprint = found[0].fingerprint
+        self.ident = hc.Identity(fingerprint, list(zip(plan_kinds, self.rowbytes)))
+        self.max_proj_diff = 0.0
         self.region = client.region(64 << 20) if transport == "shm" else None
         self.save_area = 32 << 20  # the region's first half stages saves, the second receives restores
         self.saved = {}  # conversation -> per-layer list of saved row bytes (to check restores)
@@ -232,23 +245,34 @@ class Engine:
         saved = self.saved[conv]
         if self.region is not None:
             layers = ((l, n, self.region.tensor(torch.uint8, off, nb)) for l, n, off, nb in
-                      self.c.restore_into(self.ns, conv, self.ident, self.region, self.save_area))
+                      self.c.restore_into(self.ns, conv, self.ident, self.region, self.save_area, project=self.project))
         else:
             layers = ((l, n, torch.frombuffer(bytearray(b), dtype=torch.uint8)) for l, n, b in
-                      self.c.restore(self.ns, conv, self.ident))
+                      self.c.restore(self.ns, conv, self.ident, project=self.project))
         got = 0
         for l, n, raw in layers:  # vLLM: wait_for_layer_load(l)
             if n != tokens:
                 raise SystemExit(f"torch_engine: {conv}: restored {n} tokens, expected {tokens}")
             rows = raw.reshape(n, -1)
             want = torch.cat(saved[l])
+            kvd = m.KV * m.hd
+            if self.project and self.kinds[l] == hc.HIDDEN:
+                # Projected by the daemon: compare with this engine's own
+                # projection of the saved hidden state.
+                vals = rows.clone().view(m.dtype).float()
+                k, v = vals[:, :kvd].reshape(n, m.KV, m.hd), vals[:, kvd:].reshape(n, m.KV, m.hd)
+                rk, rv = m.kv(l, want.clone().view(m.dtype).float(), pos)
+                scale = max(float(rk.abs().max()), float(rv.abs().max()), 1e-6)
+                self.max_proj_diff = max(self.max_proj_diff, float((k - rk).abs().max()) / scale, float((v - rv).abs().max()) / scale)
+                cache[l] = (k, v)
+                got += 1
+                continue
             if not torch.equal(rows, want):
                 raise SystemExit(f"torch_engine: {conv} layer {l}: restored rows differ from the saved ones")
             vals = rows.clone().view(m.dtype).float()
             if self.kinds[l] == hc.HIDDEN:
                 cache[l] = m.kv(l, vals, pos)
             else:
-                kvd = m.KV * m.hd
                 cache[l] = (vals[:, :kvd].reshape(n, m.KV, m.hd), vals[:, kvd:].reshape(n, m.KV, m.hd))
             got += 1
         if got != m.L:
@@ -264,6 +288,7 @@ def main():
     ap.add_argument("--token", default=None)
     ap.add_argument("--namespace", default="engine")
     ap.add_argument("--transport", choices=["shm", "inline"], default="shm")
+    ap.add_argument("--project", default=None, metavar="NAME", help="let the daemon project hidden states with its model NAME")
     ap.add_argument("--conversations", type=int, default=2)
     ap.add_argument("--turns", type=int, default=3)
     ap.add_argument("--prompt", type=int, default=40)
@@ -275,7 +300,7 @@ def main():
     # Plan: the last layer keeps K|V, the others their hidden state.
     kinds = [hc.HIDDEN] * (m.L - 1) + [hc.KV]
     client = hc.Client(a.addr, token=a.token)
-    eng = Engine(m, client, a.namespace, kinds, a.transport)
+    eng = Engine(m, client, a.namespace, kinds, a.transport, a.project)
     vocab = m.W["model.embed_tokens.weight"].shape[0]
     g = torch.Generator().manual_seed(a.seed)
     convs = [f"conv-{a.seed}-{i}" for i in range(a.conversations)]
@@ -315,7 +340,8 @@ def main():
     print(json.dumps({"tokens_equal": equal, "conversations": len(convs), "turns": a.turns, "transport": a.transport,
                       "restores": len(restored), "restored_tokens": restored, "stored_tokens": stored,
                       "generated": sum(len(x) for v in hc_tokens.values() for x in v),
-                      "plan": [("hidden" if k == hc.HIDDEN else "kv") for k in kinds]}))
+                      "plan": [("hidden" if k == hc.HIDDEN else "kv") for k in kinds],
+                      "projected_by_daemon": eng.project, "max_projection_diff": eng.max_proj_diff}))
     if eng.region is not None:
         eng.region.close()
     client.close()

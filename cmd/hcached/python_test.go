@@ -56,7 +56,8 @@ func TestPythonTorchEngine(t *testing.T) {
 	}
 	defer os.RemoveAll(sd)
 	sock := filepath.Join(sd, "s.sock")
-	d := &daemonProc{t: t, bin: bin, sock: sock, args: []string{"--dir", t.TempDir(), "--listen", "unix://" + sock, "--metrics", "", "--cache", "0"}}
+	d := &daemonProc{t: t, bin: bin, sock: sock, args: []string{"--dir", t.TempDir(), "--listen", "unix://" + sock, "--metrics", "", "--cache", "0",
+		"--model", "tiny-gqa=" + filepath.Join(mdir, "tiny-gqa")}}
 	d.start()
 	defer d.signal(syscall.SIGTERM)
 	engine, err := filepath.Abs(filepath.Join("..", "..", "clients", "python", "torch_engine.py"))
@@ -65,15 +66,25 @@ func TestPythonTorchEngine(t *testing.T) {
 	}
 	cases := []struct {
 		preset, transport, seed string
+		project                 bool // the daemon projects the hidden states
 	}{
-		{"tiny-gqa", "shm", "1"},
-		{"tiny-gqa", "inline", "2"},
-		{"tiny-llama", "shm", "3"},
+		{"tiny-gqa", "shm", "1", false},
+		{"tiny-gqa", "inline", "2", false},
+		{"tiny-llama", "shm", "3", false},
+		{"tiny-gqa", "shm", "4", true},
 	}
 	for _, tc := range cases {
-		t.Run(tc.preset+"/"+tc.transport, func(t *testing.T) {
-			cmd := exec.Command(py, engine, "--addr", "unix://"+sock, "--model", filepath.Join(mdir, tc.preset),
-				"--transport", tc.transport, "--seed", tc.seed, "--conversations", "2", "--turns", "3", "--prompt", "70", "--gen", "10")
+		name := tc.preset + "/" + tc.transport
+		if tc.project {
+			name += "/projected"
+		}
+		t.Run(name, func(t *testing.T) {
+			args := []string{engine, "--addr", "unix://" + sock, "--model", filepath.Join(mdir, tc.preset),
+				"--transport", tc.transport, "--seed", tc.seed, "--conversations", "2", "--turns", "3", "--prompt", "70", "--gen", "10"}
+			if tc.project {
+				args = append(args, "--project", tc.preset)
+			}
+			cmd := exec.Command(py, args...)
 			var stderr bytes.Buffer
 			cmd.Stderr = &stderr
 			out, err := cmd.Output()
@@ -86,6 +97,8 @@ func TestPythonTorchEngine(t *testing.T) {
 				RestoredTokens []int             `json:"restored_tokens"`
 				StoredTokens   map[string]uint64 `json:"stored_tokens"`
 				Generated      int               `json:"generated"`
+				Projected      bool              `json:"projected_by_daemon"`
+				MaxProjDiff    float64           `json:"max_projection_diff"`
 			}
 			if err := json.Unmarshal(out, &res); err != nil {
 				t.Fatalf("torch_engine output %q: %v", out, err)
@@ -94,6 +107,11 @@ func TestPythonTorchEngine(t *testing.T) {
 			// 2 conversations x 3 turns: the 2nd and 3rd turns restore.
 			if !res.TokensEqual || res.Restores != 4 || res.Generated != 60 {
 				t.Fatalf("tokens equal %v, %d restores (want 4), %d tokens generated (want 60)", res.TokensEqual, res.Restores, res.Generated)
+			}
+			// The daemon's Go projection against the engine's torch one: within
+			// bf16 rounding (2^-8) of the K/V scale.
+			if res.Projected != tc.project || res.MaxProjDiff > 8e-3 {
+				t.Fatalf("projected by the daemon %v (want %v), max difference from torch's projection %g of the scale", res.Projected, tc.project, res.MaxProjDiff)
 			}
 			// Every turn feeds its prompt (70, 77, 84 tokens, plus the previous
 			// turn's last token) and 9 of its 10 generated tokens.

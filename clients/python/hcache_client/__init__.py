@@ -200,9 +200,11 @@ class Client:
         r = self._call("OpenContext", pb.OpenContextRequest(ctx=self._ref(ns, cid), identity=ident.proto(), mode=pb.APPEND))
         return Writer(self, self._ref(ns, cid), ident, r.tokens)
 
-    def restore(self, ns, cid, ident):
-        """Yields (layer, tokens, rows bytes) as each layer arrives."""
-        req = pb.RestoreRequest(ctx=self._ref(ns, cid), identity=ident.proto())
+    def restore(self, ns, cid, ident, project=False):
+        """Yields (layer, tokens, rows bytes) as each layer arrives. With
+        project, hidden-state layers come back as K|V rows projected on the
+        daemon's backend (the identity's model must be one in info().models)."""
+        req = pb.RestoreRequest(ctx=self._ref(ns, cid), identity=ident.proto(), project=project)
         buf = bytearray()
         try:
             for m in self._stubs["Restore"](req, metadata=self.md):
@@ -214,12 +216,12 @@ class Client:
         except grpc.RpcError as e:
             raise Error(e.code(), e.details()) from None
 
-    def restore_into(self, ns, cid, ident, region, offset=0, length=None):
+    def restore_into(self, ns, cid, ident, region, offset=0, length=None, project=False):
         """Restores into a shared region; yields (layer, tokens, offset, nbytes)
         as each layer is placed (read it with region.array / region.tensor)."""
         if length is None:
             length = region.size - offset
-        req = pb.RestoreRequest(ctx=self._ref(ns, cid), identity=ident.proto(), region=region.slice(offset, length))
+        req = pb.RestoreRequest(ctx=self._ref(ns, cid), identity=ident.proto(), region=region.slice(offset, length), project=project)
         try:
             for m in self._stubs["Restore"](req, metadata=self.md):
                 yield m.layer, m.tokens, m.region.offset, m.region.length
