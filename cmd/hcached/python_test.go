@@ -124,3 +124,31 @@ func TestPythonTorchEngine(t *testing.T) {
 		})
 	}
 }
+
+// TestPythonClient runs clients/python/test_client.py (round trips inline and
+// through a shared region, decode appends, error codes) against the real
+// hcached.
+func TestPythonClient(t *testing.T) {
+	py := torchPython(t)
+	bin := hcachedBinary(t)
+	sd, err := os.MkdirTemp("", "hcd")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer os.RemoveAll(sd)
+	sock := filepath.Join(sd, "s.sock")
+	d := &daemonProc{t: t, bin: bin, sock: sock, args: []string{"--dir", t.TempDir(), "--listen", "unix://" + sock, "--metrics", ""}}
+	d.start()
+	defer d.signal(syscall.SIGTERM)
+	script, err := filepath.Abs(filepath.Join("..", "..", "clients", "python", "test_client.py"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	out, err := exec.Command(py, script, "unix://"+sock).CombinedOutput()
+	if err != nil {
+		t.Fatalf("test_client.py: %v\n%s", err, out)
+	}
+	if !bytes.Contains(out, []byte("Ran 3 tests")) || !bytes.Contains(out, []byte("\nOK")) {
+		t.Fatalf("test_client.py did not run its 3 tests:\n%s", out)
+	}
+}
