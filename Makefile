@@ -50,6 +50,7 @@ bench: build
 	./$(BIN) bench io --dir $(BENCH_DIR) --size 4G --bs 1M --qd 32 --json
 	./$(BIN) bench io --dir $(BENCH_DIR) --size 4G --bs 1M --qd 8 --engine fallback --json
 	./$(BIN) bench store --dir $(BENCH_DIR) --model llama2-7b --tokens 4096 --contexts 16 --json
+	./$(BIN) bench daemon --dir $(BENCH_DIR) --model llama2-7b --tokens 512 --contexts 8 --rounds 4 --json
 
 lint:
 	@out=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi

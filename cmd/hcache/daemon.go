@@ -398,7 +398,7 @@ func benchDaemon(args []string, stdout, stderr io.Writer) error {
 	tokens := fs.Int("tokens", 512, "tokens per context")
 	contexts := fs.Int("contexts", 8, "contexts")
 	clients := fs.String("clients", "1,4,16", "client counts of the concurrency rows")
-	rounds := fs.Int("rounds", 2, "restores per client in each concurrency row")
+	rounds := fs.Int("rounds", 4, "restores per client in each concurrency row")
 	asJSON := fs.Bool("json", false, "print one JSON object")
 	if err := parseFlags(fs, args); err != nil {
 		return err

@@ -4,11 +4,14 @@ import (
 	"bytes"
 	"context"
 	"fmt"
+	"io"
 	"math/rand"
 	"net"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strings"
 	"sync"
 	"syscall"
 	"testing"
@@ -205,7 +208,8 @@ func TestDaemonEndToEnd(t *testing.T) {
 	// B's quota: more than the 16 contexts below (at most 239 tokens each) hold.
 	const quotaTokens = 4000
 	sock := filepath.Join(sd, "s.sock")
-	d := &daemonProc{t: t, bin: bin, sock: sock, args: []string{"--dir", dir, "--listen", "unix://" + sock, "--metrics", freePort(t),
+	metricsAddr := freePort(t)
+	d := &daemonProc{t: t, bin: bin, sock: sock, args: []string{"--dir", dir, "--listen", "unix://" + sock, "--metrics", metricsAddr,
 		"--tokens", tokFile, "--quota", fmt.Sprintf("b=%d", quotaTokens*tokenBytes), "--gc-interval", "-1s", "--cache", "0"}}
 	d.start()
 	defer func() {
@@ -305,6 +309,17 @@ func TestDaemonEndToEnd(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Logf("%d contexts written by 8 writers, %d concurrent restores verified", len(acked), reads)
+	// The daemon's metrics saw them.
+	body := httpGet(t, "http://"+metricsAddr+"/metrics")
+	for _, want := range []string{fmt.Sprintf(`hcache_restore_requests_total{result="hit"} %d`, reads),
+		fmt.Sprintf(`hcache_restore_seconds_count{stage="total"} %d`, reads), "hcache_contexts 32", "hcache_checksum_failures_total 0"} {
+		if !strings.Contains(body, want) {
+			t.Errorf("metrics lack %q", want)
+		}
+	}
+	if h := httpGet(t, "http://"+metricsAddr+"/healthz"); h != "ok\n" {
+		t.Errorf("healthz: %q", h)
+	}
 
 	// A writer in the middle of a turn (acknowledged prefix + unflushed rows)
 	// when the daemon is SIGKILLed.
@@ -428,4 +443,18 @@ func TestDaemonEndToEnd(t *testing.T) {
 		t.Fatalf("after SIGTERM and restart: %v", err)
 	}
 	d.signal(syscall.SIGTERM)
+}
+
+func httpGet(t *testing.T, url string) string {
+	t.Helper()
+	r, err := http.Get(url)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer r.Body.Close()
+	b, err := io.ReadAll(r.Body)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return string(b)
 }
