@@ -664,7 +664,7 @@ func TestProjectedRestore(t *testing.T) {
 			if err := model.WriteModel(mdir, mc, w); err != nil {
 				t.Fatal(err)
 			}
-			lm, err := daemon.LoadModel(preset, mdir)
+			lm, err := daemon.LoadModel(preset, mdir, "cpu")
 			if err != nil {
 				t.Fatal(err)
 			}

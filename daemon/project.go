@@ -3,12 +3,14 @@ package daemon
 import (
 	"bytes"
 	"fmt"
+	"sync"
 
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
 	"github.com/hcache/hcache/chunk"
 	"github.com/hcache/hcache/gpu"
+	"github.com/hcache/hcache/gpu/cuda"
 	"github.com/hcache/hcache/model"
 	hcachev1 "github.com/hcache/hcache/proto/hcache/v1"
 	"github.com/hcache/hcache/serve"
@@ -21,12 +23,15 @@ type Model struct {
 	Name        string
 	Config      *model.Config
 	Backend     gpu.Backend
+	Note        string // which backend was chosen, and why
 	Fingerprint []byte
+	mu          sync.Mutex // restores take turns on the backend
 }
 
 // LoadModel reads a model directory (config.json + safetensors; only the
-// norms and K/V projections) and builds a CPU backend for it.
-func LoadModel(name, dir string) (*Model, error) {
+// norms and K/V projections) and builds the backend named (cuda.Select:
+// "auto" is CUDA when a device can be used, else the CPU backend).
+func LoadModel(name, dir, backend string) (*Model, error) {
 	c, err := model.LoadConfig(dir)
 	if err != nil {
 		return nil, err
@@ -35,11 +40,11 @@ func LoadModel(name, dir string) (*Model, error) {
 	if err != nil {
 		return nil, err
 	}
-	b, err := gpu.NewCPU(c, w)
+	b, note, err := cuda.Select(backend, c, w, cuda.Options{})
 	if err != nil {
 		return nil, err
 	}
-	return &Model{Name: name, Config: c, Backend: b, Fingerprint: serve.Identity(c, w, nil).Model}, nil
+	return &Model{Name: name, Config: c, Backend: b, Note: note, Fingerprint: serve.Identity(c, w, nil).Model}, nil
 }
 
 func (s *Server) modelInfos() []*hcachev1.ModelInfo {
@@ -115,7 +120,10 @@ func (p *projector) layer(l int, rows []byte) ([]byte, error) {
 		p.out = make([]byte, n*c.KVRowBytes())
 		p.tokens = n
 	}
-	if err := p.m.Backend.Project(l, rows, p.pos, p.paged); err != nil {
+	p.m.mu.Lock()
+	err := p.m.Backend.Project(l, rows, p.pos, p.paged)
+	p.m.mu.Unlock()
+	if err != nil {
 		return nil, fmt.Errorf("project layer %d: %w", l, err)
 	}
 	half := c.KVRowBytes() / 2

@@ -38,6 +38,7 @@ func run(args []string) int {
 	tokens := fs.String("tokens", "", "bearer token file: lines \"TOKEN NS[,NS...]\" (mode 600)")
 	var grants, quotas, models listFlag
 	fs.Var(&models, "model", "NAME=DIR: load a model's K/V weights to project hidden states on restore (repeatable)")
+	backend := fs.String("backend", "auto", "projection backend of --model: auto (CUDA when a device can be used, else CPU), cpu or cuda")
 	fs.Var(&grants, "grant", "UID=NS[,NS...]: namespaces a unix user may use, \"*\" = all (repeatable; default: this daemon's user gets *)")
 	fs.Var(&quotas, "quota", "NS=BYTES: stored row bytes allowed in a namespace (repeatable)")
 	defQuota := fs.String("default-quota", "0", "row bytes allowed in a namespace without --quota (0: unlimited)")
@@ -123,11 +124,11 @@ func run(args []string) int {
 		if !ok {
 			return fail("--model %q: want NAME=DIR", m)
 		}
-		lm, err := daemon.LoadModel(name, dir)
+		lm, err := daemon.LoadModel(name, dir, *backend)
 		if err != nil {
 			return fail("--model %s: %v", name, err)
 		}
-		log.Info("model loaded", "name", name, "dir", dir, "layers", lm.Config.Layers, "backend", lm.Backend.Name())
+		log.Info("model loaded", "name", name, "dir", dir, "layers", lm.Config.Layers, "backend", lm.Note)
 		cfg.Models = append(cfg.Models, lm)
 	}
 	var srv atomic.Pointer[daemon.Server]
