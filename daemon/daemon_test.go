@@ -3,9 +3,11 @@ package daemon_test
 import (
 	"bytes"
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"log/slog"
+	"math"
 	"math/rand"
 	"net"
 	"os"
@@ -24,6 +26,7 @@ import (
 	"github.com/hcache/hcache/chunk"
 	hc "github.com/hcache/hcache/clients/hcacheclient"
 	"github.com/hcache/hcache/daemon"
+	"github.com/hcache/hcache/gpu/cuda"
 	"github.com/hcache/hcache/model"
 	hcachev1 "github.com/hcache/hcache/proto/hcache/v1"
 	"github.com/hcache/hcache/serve"
@@ -654,98 +657,127 @@ func TestChecksumFailureIsDataLoss(t *testing.T) {
 // must equal the forward pass's cache bit for bit.
 func TestProjectedRestore(t *testing.T) {
 	for _, preset := range []string{"tiny-gqa", "tiny-qwen2"} {
-		t.Run(preset, func(t *testing.T) {
-			mc, err := model.Preset(preset)
-			if err != nil {
-				t.Fatal(err)
-			}
-			mdir := t.TempDir()
-			w := model.Synthesize(mc, 11)
-			if err := model.WriteModel(mdir, mc, w); err != nil {
-				t.Fatal(err)
-			}
-			lm, err := daemon.LoadModel(preset, mdir, "cpu")
-			if err != nil {
-				t.Fatal(err)
-			}
-			e := start(t, func(c *daemon.Config) { c.Models = []*daemon.Model{lm} })
-			c := e.dial()
-			ctx := context.Background()
-			info, err := c.Info(ctx)
-			if err != nil || len(info.GetModels()) != 1 || !bytes.Equal(info.GetModels()[0].GetFingerprint(), lm.Fingerprint) {
-				t.Fatalf("Info models: %v %v", info.GetModels(), err)
-			}
-			plan := make([]hc.LayerPlan, mc.Layers)
-			cplan := make([]chunk.LayerPlan, mc.Layers)
-			for l := range plan {
-				plan[l] = hc.LayerPlan{Kind: hc.LayerHidden, RowBytes: uint32(mc.HiddenRowBytes())}
-				if l == mc.Layers-1 {
-					plan[l] = hc.LayerPlan{Kind: hc.LayerKV, RowBytes: uint32(mc.KVRowBytes())}
-				}
-				cplan[l] = chunk.LayerPlan{Kind: chunk.LayerKind(plan[l].Kind), RowBytes: plan[l].RowBytes}
-			}
-			mident := hc.Identity{Model: serve.Identity(mc, w, cplan).Model, Plan: plan}
-			if !bytes.Equal(mident.Model, lm.Fingerprint) {
-				t.Fatal("the daemon's fingerprint differs from serve.Identity's")
-			}
-			m, err := model.New(mc, w)
-			if err != nil {
-				t.Fatal(err)
-			}
-			cache := model.NewKVCache(mc)
-			toks := make([]int, 150)
-			for i := range toks {
-				toks[i] = (i*37 + 5) % mc.Vocab
-			}
-			wr, err := c.Create(ctx, "ns", "proj", mident, false)
-			if err != nil {
-				t.Fatal(err)
-			}
-			kvd := mc.KVDim()
-			if _, err := m.Forward(toks, cache, func(l int, hidden, k, v []float32) {
-				n := len(hidden) / mc.HiddenSize
-				var rows []byte
-				if plan[l].Kind == hc.LayerHidden {
-					rows = make([]byte, n*mc.HiddenRowBytes())
-					mc.EncodeRow(rows, hidden)
-				} else {
-					half := mc.KVRowBytes() / 2
-					rows = make([]byte, n*2*half)
-					for i := 0; i < n; i++ {
-						mc.EncodeRow(rows[i*2*half:], k[i*kvd:(i+1)*kvd])
-						mc.EncodeRow(rows[i*2*half+half:], v[i*kvd:(i+1)*kvd])
-					}
-				}
-				if err := wr.AppendLayer(ctx, l, rows); err != nil {
-					t.Error(err)
-				}
-			}); err != nil {
-				t.Fatal(err)
-			}
-			if err := wr.Close(ctx); err != nil {
-				t.Fatal(err)
-			}
-			layers := 0
-			n, err := c.RestoreProjected(ctx, "ns", "proj", mident, func(l int, rows []byte) error {
-				layers++
-				half := mc.KVRowBytes() / 2
-				want := make([]byte, len(toks)*2*half)
-				for i := range toks {
-					mc.EncodeRow(want[i*2*half:], cache.K[l][i*kvd:(i+1)*kvd])
-					mc.EncodeRow(want[i*2*half+half:], cache.V[l][i*kvd:(i+1)*kvd])
-				}
-				if !bytes.Equal(rows, want) {
-					return fmt.Errorf("layer %d: projected K|V differ from the forward pass's cache", l)
-				}
-				return nil
-			})
-			if err != nil || int(n) != len(toks) || layers != mc.Layers {
-				t.Fatalf("projected restore: %d tokens, %d layers, %v", n, layers, err)
-			}
-			// An identity the daemon has no model for cannot be projected.
-			save(t, c, "ns", "plain", 10)
-			_, err = c.RestoreProjected(ctx, "ns", "plain", ident, func(int, []byte) error { return nil })
-			wantCode(t, "project without a model", err, codes.FailedPrecondition)
-		})
+		t.Run(preset, func(t *testing.T) { projectedRestore(t, preset, "cpu") })
 	}
+}
+
+// TestProjectedRestoreCUDA is the same through the CUDA backend, on a
+// machine with a GPU (skipped elsewhere): K|V within the dtype's rounding of
+// the CPU forward pass's.
+func TestProjectedRestoreCUDA(t *testing.T) {
+	for _, preset := range []string{"tiny-gqa", "tiny-llama"} {
+		t.Run(preset, func(t *testing.T) { projectedRestore(t, preset, "cuda") })
+	}
+}
+
+func projectedRestore(t *testing.T, preset, backend string) {
+	mc, err := model.Preset(preset)
+	if err != nil {
+		t.Fatal(err)
+	}
+	mdir := t.TempDir()
+	w := model.Synthesize(mc, 11)
+	if err := model.WriteModel(mdir, mc, w); err != nil {
+		t.Fatal(err)
+	}
+	lm, err := daemon.LoadModel(preset, mdir, backend)
+	if errors.Is(err, cuda.ErrNoDevice) {
+		t.Skipf("no CUDA device: %v", err)
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("backend: %s", lm.Note)
+	e := start(t, func(c *daemon.Config) { c.Models = []*daemon.Model{lm} })
+	c := e.dial()
+	ctx := context.Background()
+	info, err := c.Info(ctx)
+	if err != nil || len(info.GetModels()) != 1 || !bytes.Equal(info.GetModels()[0].GetFingerprint(), lm.Fingerprint) {
+		t.Fatalf("Info models: %v %v", info.GetModels(), err)
+	}
+	plan := make([]hc.LayerPlan, mc.Layers)
+	cplan := make([]chunk.LayerPlan, mc.Layers)
+	for l := range plan {
+		plan[l] = hc.LayerPlan{Kind: hc.LayerHidden, RowBytes: uint32(mc.HiddenRowBytes())}
+		if l == mc.Layers-1 {
+			plan[l] = hc.LayerPlan{Kind: hc.LayerKV, RowBytes: uint32(mc.KVRowBytes())}
+		}
+		cplan[l] = chunk.LayerPlan{Kind: chunk.LayerKind(plan[l].Kind), RowBytes: plan[l].RowBytes}
+	}
+	mident := hc.Identity{Model: serve.Identity(mc, w, cplan).Model, Plan: plan}
+	if !bytes.Equal(mident.Model, lm.Fingerprint) {
+		t.Fatal("the daemon's fingerprint differs from serve.Identity's")
+	}
+	m, err := model.New(mc, w)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cache := model.NewKVCache(mc)
+	toks := make([]int, 150)
+	for i := range toks {
+		toks[i] = (i*37 + 5) % mc.Vocab
+	}
+	wr, err := c.Create(ctx, "ns", "proj", mident, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	kvd := mc.KVDim()
+	if _, err := m.Forward(toks, cache, func(l int, hidden, k, v []float32) {
+		n := len(hidden) / mc.HiddenSize
+		var rows []byte
+		if plan[l].Kind == hc.LayerHidden {
+			rows = make([]byte, n*mc.HiddenRowBytes())
+			mc.EncodeRow(rows, hidden)
+		} else {
+			half := mc.KVRowBytes() / 2
+			rows = make([]byte, n*2*half)
+			for i := 0; i < n; i++ {
+				mc.EncodeRow(rows[i*2*half:], k[i*kvd:(i+1)*kvd])
+				mc.EncodeRow(rows[i*2*half+half:], v[i*kvd:(i+1)*kvd])
+			}
+		}
+		if err := wr.AppendLayer(ctx, l, rows); err != nil {
+			t.Error(err)
+		}
+	}); err != nil {
+		t.Fatal(err)
+	}
+	if err := wr.Close(ctx); err != nil {
+		t.Fatal(err)
+	}
+	layers := 0
+	n, err := c.RestoreProjected(ctx, "ns", "proj", mident, func(l int, rows []byte) error {
+		layers++
+		half := mc.KVRowBytes() / 2
+		want := make([]byte, len(toks)*2*half)
+		for i := range toks {
+			mc.EncodeRow(want[i*2*half:], cache.K[l][i*kvd:(i+1)*kvd])
+			mc.EncodeRow(want[i*2*half+half:], cache.V[l][i*kvd:(i+1)*kvd])
+		}
+		if backend == "cpu" {
+			if !bytes.Equal(rows, want) {
+				return fmt.Errorf("layer %d: projected K|V differ from the forward pass's cache", l)
+			}
+			return nil
+		}
+		got, exp := make([]float32, len(rows)/mc.ElemBytes()), make([]float32, len(want)/mc.ElemBytes())
+		mc.DecodeRow(got, rows)
+		mc.DecodeRow(exp, want)
+		scale, worst := 1e-6, 0.0
+		for i := range exp {
+			scale = max(scale, math.Abs(float64(exp[i])))
+			worst = max(worst, math.Abs(float64(got[i]-exp[i])))
+		}
+		if worst/scale > 8e-3 {
+			return fmt.Errorf("layer %d: %s K|V differ from the CPU forward pass by %g of the scale", l, backend, worst/scale)
+		}
+		return nil
+	})
+	if err != nil || int(n) != len(toks) || layers != mc.Layers {
+		t.Fatalf("projected restore: %d tokens, %d layers, %v", n, layers, err)
+	}
+	// An identity the daemon has no model for cannot be projected.
+	save(t, c, "ns", "plain", 10)
+	_, err = c.RestoreProjected(ctx, "ns", "plain", ident, func(int, []byte) error { return nil })
+	wantCode(t, "project without a model", err, codes.FailedPrecondition)
 }
