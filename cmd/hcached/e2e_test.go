@@ -21,6 +21,7 @@ import (
 	"google.golang.org/grpc/status"
 
 	hc "github.com/hcache/hcache/clients/hcacheclient"
+	"github.com/hcache/hcache/model"
 )
 
 // daemonProc is a real hcached process.
@@ -457,4 +458,57 @@ func httpGet(t *testing.T, url string) string {
 		t.Fatal(err)
 	}
 	return string(b)
+}
+
+// TestBadFlags: a bad setting is refused with a message naming it, before
+// anything is served.
+func TestBadFlags(t *testing.T) {
+	bin := hcachedBinary(t)
+	sd, err := os.MkdirTemp("", "hcd")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer os.RemoveAll(sd)
+	open := filepath.Join(sd, "tokens-open")
+	os.WriteFile(open, []byte("a-token-of-enough-length ns\n"), 0o644)
+	short := filepath.Join(sd, "tokens-short")
+	os.WriteFile(short, []byte("short ns\n"), 0o600)
+	dir := t.TempDir()
+	mdir := t.TempDir()
+	mc, _ := model.Preset("tiny-llama")
+	if err := model.WriteModel(mdir, mc, model.Synthesize(mc, 1)); err != nil {
+		t.Fatal(err)
+	}
+	sock := "unix://" + filepath.Join(sd, "s")
+	cases := []struct {
+		name string
+		args []string
+		code int
+		msg  string
+	}{
+		{"no directory", []string{"--listen", sock}, 2, "usage: hcached --dir"},
+		{"bad grant", []string{"--dir", dir, "--listen", sock, "--grant", "alice"}, 1, "want UID=NAMESPACE"},
+		{"bad grant namespace", []string{"--dir", dir, "--listen", sock, "--grant", "1000=a\x01b"}, 1, "control character"},
+		{"bad quota", []string{"--dir", dir, "--listen", sock, "--quota", "ns=lots"}, 2, "bad size"},
+		{"quota without namespace", []string{"--dir", dir, "--listen", sock, "--quota", "5G"}, 1, "want NS=BYTES"},
+		{"token file readable by others", []string{"--dir", dir, "--listen", sock, "--tokens", open}, 1, "chmod 600"},
+		{"short token", []string{"--dir", dir, "--listen", sock, "--tokens", short}, 1, "shorter than 16"},
+		{"tcp without tokens", []string{"--dir", dir, "--listen", sock, "--tcp", "127.0.0.1:0", "--metrics", ""}, 1, "needs a token file"},
+		{"model without a config", []string{"--dir", dir, "--listen", sock, "--model", "m=" + dir}, 1, "--model m"},
+		{"unknown backend", []string{"--dir", dir, "--listen", sock, "--model", "m=" + mdir, "--backend", "tpu"}, 1, `unknown backend \"tpu\"`},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			out, err := exec.Command(bin, tc.args...).CombinedOutput()
+			code := 0
+			if ee, ok := err.(*exec.ExitError); ok {
+				code = ee.ExitCode()
+			} else if err != nil {
+				t.Fatal(err)
+			}
+			if code != tc.code || !strings.Contains(string(out), tc.msg) {
+				t.Fatalf("exit %d (want %d), output lacks %q:\n%s", code, tc.code, tc.msg, out)
+			}
+		})
+	}
 }
