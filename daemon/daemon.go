@@ -294,6 +294,7 @@ func (s *Server) Stop() {
 	s.mu.Unlock()
 	for _, w := range ws {
 		w.mu.Lock()
+		w.closed = true
 		if err := w.w.Close(); err != nil {
 			s.log.Error("flush on stop failed", "ns", w.ns, "id", w.id, "err", err)
 		} else {
@@ -391,6 +392,7 @@ func (s *Server) connEnded(id uint64) {
 	s.mu.Unlock()
 	for _, w := range orphans {
 		w.mu.Lock()
+		w.closed = true
 		w.w.Abandon()
 		w.mu.Unlock()
 		s.log.Warn("client gone: writer abandoned, unflushed rows dropped", "ns", w.ns, "id", w.id)

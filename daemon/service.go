@@ -28,6 +28,19 @@ type openWriter struct {
 	layerTok []uint64 // rows appended per layer (durable base included)
 	tokenRow int      // bytes of one token over the stored layers
 	appended atomic.Int64
+	closed   bool // closed or abandoned (guarded by mu)
+}
+
+// lock takes the writer for an append or flush, refusing one that was
+// closed meanwhile (by CloseContext on another goroutine, or because its
+// connection ended).
+func (w *openWriter) lock() error {
+	w.mu.Lock()
+	if w.closed {
+		w.mu.Unlock()
+		return status.Errorf(codes.FailedPrecondition, "context %s/%s: the writer was closed", w.ns, w.id)
+	}
+	return nil
 }
 
 func key(ns, id string) string { return ns + "\x00" + id }
@@ -252,7 +265,9 @@ func (s *Server) AppendLayer(ctx context.Context, req *hcachev1.AppendLayerReque
 	defer release()
 	s.admin.RLock()
 	defer s.admin.RUnlock()
-	w.mu.Lock()
+	if err := w.lock(); err != nil {
+		return nil, err
+	}
 	defer w.mu.Unlock()
 	l := int(req.GetLayer())
 	if l >= len(w.ident.Plan) {
@@ -299,7 +314,9 @@ func (s *Server) AppendTokens(ctx context.Context, req *hcachev1.AppendTokensReq
 	defer release()
 	s.admin.RLock()
 	defer s.admin.RUnlock()
-	w.mu.Lock()
+	if err := w.lock(); err != nil {
+		return nil, err
+	}
 	defer w.mu.Unlock()
 	n := int(req.GetCount())
 	if n < 1 {
@@ -365,7 +382,9 @@ func (s *Server) Flush(ctx context.Context, req *hcachev1.FlushRequest) (*hcache
 	}
 	s.admin.RLock()
 	defer s.admin.RUnlock()
-	w.mu.Lock()
+	if err := w.lock(); err != nil {
+		return nil, err
+	}
 	defer w.mu.Unlock()
 	start := time.Now()
 	if err := w.w.Flush(); err != nil {
@@ -387,7 +406,10 @@ func (s *Server) CloseContext(ctx context.Context, req *hcachev1.CloseContextReq
 	}
 	s.admin.RLock()
 	defer s.admin.RUnlock()
-	w.mu.Lock()
+	if err := w.lock(); err != nil {
+		return nil, err
+	}
+	w.closed = true
 	var cerr error
 	if req.GetAbandon() {
 		w.w.Abandon()
