@@ -2,7 +2,8 @@
 cmd/hcached's TestPythonClient): round trips inline and through a shared
 region (numpy views), decode appends, and the gRPC codes of bad input.
 
-Usage: test_client.py unix:///path/hcache.sock
+Usage: test_client.py unix:///path/hcache.sock [HOST:PORT TOKEN]
+(with a TCP address and a token granted namespace "py", the TCP checks run too)
 """
 import os
 import sys
@@ -15,6 +16,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import hcache_client as hc  # noqa: E402
 
 ADDR = None
+TCP, TOKEN = None, None
 IDENT = hc.Identity(b"python-test-model", [(hc.HIDDEN, 64), (hc.NONE, 0), (hc.KV, 32)])
 
 
@@ -103,6 +105,37 @@ class ClientTest(unittest.TestCase):
         self.assertEqual(rows[0], layer_rows(0, 0, 10, 64, 3).tobytes())
 
 
+class TCPTest(unittest.TestCase):
+    def setUp(self):
+        if TCP is None:
+            self.skipTest("no TCP address given")
+
+    def test_tcp(self):
+        c = hc.Client(TCP, token=TOKEN)
+        try:
+            w = c.create("py", "tcp", IDENT)
+            w.append_layer(0, layer_rows(0, 0, 300, 64, 4))
+            w.append_layer(2, layer_rows(2, 0, 300, 32, 4))
+            w.close()
+            rows = {l: r for l, _, r in c.restore("py", "tcp", IDENT)}
+            self.assertEqual(rows[0], layer_rows(0, 0, 300, 64, 4).tobytes())
+            self.assertEqual(rows[2], layer_rows(2, 0, 300, 32, 4).tobytes())
+            with self.assertRaises(hc.Error) as cm:
+                c.region(4096)
+            self.assertEqual(cm.exception.code, grpc.StatusCode.FAILED_PRECONDITION)
+        finally:
+            c.close()
+        anon = hc.Client(TCP)
+        try:
+            with self.assertRaises(hc.Error) as cm:
+                anon.stat("py", "tcp")
+            self.assertEqual(cm.exception.code, grpc.StatusCode.UNAUTHENTICATED)
+        finally:
+            anon.close()
+
+
 if __name__ == "__main__":
     ADDR = sys.argv.pop(1)
+    if len(sys.argv) >= 3:
+        TCP, TOKEN = sys.argv.pop(1), sys.argv.pop(1)
     unittest.main(verbosity=2)

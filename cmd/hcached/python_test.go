@@ -126,8 +126,8 @@ func TestPythonTorchEngine(t *testing.T) {
 }
 
 // TestPythonClient runs clients/python/test_client.py (round trips inline and
-// through a shared region, decode appends, error codes) against the real
-// hcached.
+// through a shared region, decode appends, error codes, TCP with a token)
+// against the real hcached.
 func TestPythonClient(t *testing.T) {
 	py := torchPython(t)
 	bin := hcachedBinary(t)
@@ -137,18 +137,25 @@ func TestPythonClient(t *testing.T) {
 	}
 	defer os.RemoveAll(sd)
 	sock := filepath.Join(sd, "s.sock")
-	d := &daemonProc{t: t, bin: bin, sock: sock, args: []string{"--dir", t.TempDir(), "--listen", "unix://" + sock, "--metrics", ""}}
+	tok := "python-tcp-token-0123456789"
+	tokFile := filepath.Join(sd, "tokens")
+	if err := os.WriteFile(tokFile, []byte(tok+" py\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	tcp := freePort(t)
+	d := &daemonProc{t: t, bin: bin, sock: sock, args: []string{"--dir", t.TempDir(), "--listen", "unix://" + sock, "--metrics", "",
+		"--tcp", tcp, "--tokens", tokFile}}
 	d.start()
 	defer d.signal(syscall.SIGTERM)
 	script, err := filepath.Abs(filepath.Join("..", "..", "clients", "python", "test_client.py"))
 	if err != nil {
 		t.Fatal(err)
 	}
-	out, err := exec.Command(py, script, "unix://"+sock).CombinedOutput()
+	out, err := exec.Command(py, script, "unix://"+sock, tcp, tok).CombinedOutput()
 	if err != nil {
 		t.Fatalf("test_client.py: %v\n%s", err, out)
 	}
-	if !bytes.Contains(out, []byte("Ran 3 tests")) || !bytes.Contains(out, []byte("\nOK")) {
-		t.Fatalf("test_client.py did not run its 3 tests:\n%s", out)
+	if !bytes.Contains(out, []byte("Ran 4 tests")) || !bytes.Contains(out, []byte("\nOK")) || bytes.Contains(out, []byte("skipped")) {
+		t.Fatalf("test_client.py did not run its 4 tests:\n%s", out)
 	}
 }
