@@ -18,6 +18,10 @@ import (
 	hcachev1 "github.com/hcache/hcache/proto/hcache/v1"
 )
 
+// restoreAhead is how many restored layers may be out at once: one being
+// sent, the others read or being read.
+const restoreAhead = 3
+
 // openWriter is a context's writer, owned by the connection that opened it.
 type openWriter struct {
 	mu       sync.Mutex
@@ -468,22 +472,11 @@ func (s *Server) Restore(req *hcachev1.RestoreRequest, stream grpc.ServerStreami
 	if piece <= 0 || piece > s.cfg.RestorePieceBytes {
 		piece = s.cfg.RestorePieceBytes
 	}
-	start := time.Now()
-	last := start
-	first := true
 	placed := 0
-	tokens, err := s.store.Restore(ns, id, ident, func(layer int, rows []byte) error {
-		now := time.Now()
-		if first {
-			s.metrics.restoreStage.WithLabelValues("first_layer").Observe(now.Sub(start).Seconds())
-			first = false
-		} else {
-			s.metrics.restoreStage.WithLabelValues("layer_wait").Observe(now.Sub(last).Seconds())
-		}
-		defer func() {
-			s.metrics.restoreStage.WithLabelValues("layer_send").Observe(time.Since(now).Seconds())
-			last = time.Now()
-		}()
+	// send hands one layer to the client; it runs on its own goroutine so
+	// that the store keeps reading the next layers (RestoreOwned keeps
+	// restoreAhead buffers out) while this one is copied and sent.
+	send := func(layer int, rows []byte) error {
 		if err := ctx.Err(); err != nil {
 			return err
 		}
@@ -521,7 +514,52 @@ func (s *Server) Restore(req *hcachev1.RestoreRequest, stream grpc.ServerStreami
 			}
 		}
 		return nil
+	}
+	type owned struct {
+		layer   int
+		rows    []byte
+		release func()
+	}
+	queue := make(chan owned, restoreAhead)
+	var sendErr atomic.Pointer[error]
+	sent := make(chan struct{})
+	go func() {
+		defer close(sent)
+		for o := range queue {
+			if sendErr.Load() == nil {
+				t0 := time.Now()
+				if err := send(o.layer, o.rows); err != nil {
+					sendErr.Store(&err)
+				}
+				s.metrics.restoreStage.WithLabelValues("layer_send").Observe(time.Since(t0).Seconds())
+			}
+			o.release()
+		}
+	}()
+	start := time.Now()
+	last := start
+	first := true
+	tokens, err := s.store.RestoreOwned(ns, id, ident, restoreAhead, func(layer int, rows []byte, release func()) error {
+		now := time.Now()
+		if first {
+			s.metrics.restoreStage.WithLabelValues("first_layer").Observe(now.Sub(start).Seconds())
+			first = false
+		} else {
+			s.metrics.restoreStage.WithLabelValues("layer_wait").Observe(now.Sub(last).Seconds())
+		}
+		last = now
+		if e := sendErr.Load(); e != nil {
+			release()
+			return *e
+		}
+		queue <- owned{layer, rows, release} // never full: at most restoreAhead buffers are out
+		return nil
 	})
+	close(queue)
+	<-sent
+	if e := sendErr.Load(); e != nil && err == nil {
+		err = *e
+	}
 	if err != nil {
 		switch {
 		case errors.Is(err, chunk.ErrNotFound):
