@@ -13,6 +13,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -780,4 +781,64 @@ func projectedRestore(t *testing.T, preset, backend string) {
 	save(t, c, "ns", "plain", 10)
 	_, err = c.RestoreProjected(ctx, "ns", "plain", ident, func(int, []byte) error { return nil })
 	wantCode(t, "project without a model", err, codes.FailedPrecondition)
+}
+
+// TestEvictionFreesQuota: a context evicted for space no longer counts
+// against its namespace's quota.
+func TestEvictionFreesQuota(t *testing.T) {
+	ln, _ := net.Listen("tcp", "127.0.0.1:0")
+	addr := ln.Addr().String()
+	ln.Close()
+	sd, err := os.MkdirTemp("", "hcd")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer os.RemoveAll(sd)
+	var srv atomic.Pointer[daemon.Server]
+	// One 100-token context of this plan is 2 groups of 12 KiB on disk:
+	// the capacity holds one, so saving a second evicts the first.
+	st, err := chunk.Open(chunk.Options{Dir: t.TempDir(), GCInterval: -1, CacheBytes: 0, CapacityBytes: 40 << 10, Logf: t.Logf,
+		OnEvict: func(ns, id string) {
+			if s := srv.Load(); s != nil {
+				s.OnEvict(ns, id)
+			}
+		}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer st.Close()
+	sock := filepath.Join(sd, "s")
+	s, err := daemon.New(daemon.Config{Store: st, Listen: sock, Metrics: addr, GCInterval: -1, Quotas: map[string]int64{"q": 250 * 96},
+		Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv.Store(s)
+	defer s.Stop()
+	c, err := hc.Dial("unix://" + sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	ctx := context.Background()
+	save(t, c, "q", "first", 100)
+	save(t, c, "q", "second", 100)
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		_, err := c.Stat(ctx, "q", "first")
+		body := httpGet(t, "http://"+addr+"/metrics")
+		if status.Code(err) == codes.NotFound && strings.Contains(body, `hcache_namespace_bytes{namespace="q"} 9600`) {
+			if !strings.Contains(body, "hcache_evictions_total 1") || !strings.Contains(body, `hcache_namespace_quota_bytes{namespace="q"} 24000`) {
+				t.Fatalf("metrics after the eviction:\n%s", body)
+			}
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("first context not evicted or usage not recounted: stat %v\n%s", err, body)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	// 9600 + 9600 fits the quota of 24000; without the recount it would not.
+	save(t, c, "q", "third", 100)
+	check(t, c, "q", "third", 100)
 }

@@ -83,7 +83,33 @@ func newMetrics(s *Server) *metrics {
 		defer s.mu.Unlock()
 		return float64(len(s.writers))
 	})
+	f(usageCollector{s})
 	return m
+}
+
+// usageCollector exports each namespace's row bytes (what quotas count) and
+// its quota.
+type usageCollector struct{ s *Server }
+
+var (
+	usageDesc = prometheus.NewDesc("hcache_namespace_bytes", "Row bytes a namespace holds (stored plus appended to open writers): what --quota bounds.", []string{"namespace"}, nil)
+	quotaDesc = prometheus.NewDesc("hcache_namespace_quota_bytes", "A namespace's quota (absent: none).", []string{"namespace"}, nil)
+)
+
+func (u usageCollector) Describe(ch chan<- *prometheus.Desc) {
+	ch <- usageDesc
+	ch <- quotaDesc
+}
+
+func (u usageCollector) Collect(ch chan<- prometheus.Metric) {
+	u.s.mu.Lock()
+	defer u.s.mu.Unlock()
+	for ns, n := range u.s.usage {
+		ch <- prometheus.MustNewConstMetric(usageDesc, prometheus.GaugeValue, float64(n), ns)
+		if q := u.s.quota(ns); q > 0 {
+			ch <- prometheus.MustNewConstMetric(quotaDesc, prometheus.GaugeValue, float64(q), ns)
+		}
+	}
 }
 
 func (m *metrics) rpcDone(method string, err error) {
