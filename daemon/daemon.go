@@ -143,6 +143,7 @@ type Server struct {
 	stopping bool
 
 	nextConn atomic.Uint64
+	stopOnce sync.Once
 	gcStop   chan struct{}
 	gcDone   chan struct{}
 	serveErr chan error
@@ -263,8 +264,10 @@ func listenUnix(path string) (*net.UnixListener, error) {
 // Stop stops gracefully: no new connections or RPCs, running RPCs finish
 // (up to StopTimeout, then they are cancelled), open writers are flushed and
 // closed, shared regions released. The store is left open for the caller to
-// close.
-func (s *Server) Stop() {
+// close. Calling it again does nothing.
+func (s *Server) Stop() { s.stopOnce.Do(s.stop) }
+
+func (s *Server) stop() {
 	s.mu.Lock()
 	s.stopping = true
 	s.mu.Unlock()

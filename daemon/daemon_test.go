@@ -842,3 +842,83 @@ func TestEvictionFreesQuota(t *testing.T) {
 	save(t, c, "q", "third", 100)
 	check(t, c, "q", "third", 100)
 }
+
+// TestStopLetsRequestsFinish: Stop lets a restore in progress finish (its
+// client reads every byte), refuses new requests meanwhile, and flushes an
+// open writer.
+func TestStopLetsRequestsFinish(t *testing.T) {
+	e := start(t, func(c *daemon.Config) { c.RestorePieceBytes = 64 << 10 })
+	c := e.dial()
+	ctx := context.Background()
+	big := hc.Identity{Model: []byte("big"), Plan: []hc.LayerPlan{{Kind: hc.LayerHidden, RowBytes: 4096}, {Kind: hc.LayerHidden, RowBytes: 4096}}}
+	want := make([]byte, 4000*4096) // 32 MiB in all: more than the transport buffers
+	for i := range want {
+		want[i] = byte(i * 7)
+	}
+	w, err := c.Create(ctx, "ns", "big", big, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	w.AppendLayer(ctx, 0, want)
+	w.AppendLayer(ctx, 1, want)
+	if err := w.Close(ctx); err != nil {
+		t.Fatal(err)
+	}
+	// A writer with unflushed rows.
+	w2, err := c.Create(ctx, "ns", "pending", ident, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	w2.AppendLayer(ctx, 0, rows("pending", 0, 0, 30, 64))
+	w2.AppendLayer(ctx, 2, rows("pending", 2, 0, 30, 32))
+	st, err := c.API.Restore(ctx, &hcachev1.RestoreRequest{Ctx: &hcachev1.ContextRef{Namespace: "ns", Id: "big"},
+		Identity: &hcachev1.Identity{Model: big.Model, Plan: []*hcachev1.LayerPlan{{Kind: 1, RowBytes: 4096}, {Kind: 1, RowBytes: 4096}}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	first, err := st.Recv()
+	if err != nil {
+		t.Fatal(err)
+	}
+	stopped := make(chan struct{})
+	go func() {
+		e.srv.Stop()
+		close(stopped)
+	}()
+	// New requests are refused while the stop waits for the stream.
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		_, err := e.dial().Stat(ctx, "ns", "big")
+		if status.Code(err) == codes.Unavailable {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("a new request during the stop: %v, want UNAVAILABLE", err)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	select {
+	case <-stopped:
+		t.Fatal("Stop returned while a restore was still streaming")
+	default:
+	}
+	got := map[uint32][]byte{0: first.GetInline()}
+	for {
+		m, err := st.Recv()
+		if err == io.EOF {
+			break
+		}
+		if err != nil {
+			t.Fatalf("restore cut by the stop: %v", err)
+		}
+		got[m.GetLayer()] = append(got[m.GetLayer()], m.GetInline()...)
+	}
+	if !bytes.Equal(got[0], want) || !bytes.Equal(got[1], want) {
+		t.Fatal("restore finished with wrong bytes")
+	}
+	<-stopped
+	// The open writer was flushed on the way out.
+	if info, err := e.store.Context("ns", "pending"); err != nil || info.Tokens != 30 {
+		t.Fatalf("pending writer after Stop: %+v %v, want 30 durable tokens", info, err)
+	}
+}
