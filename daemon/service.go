@@ -180,7 +180,11 @@ func (s *Server) OpenContext(ctx context.Context, req *hcachev1.OpenContextReque
 	s.mu.Lock()
 	if w := s.writers[key(ns, id)]; w != nil {
 		s.mu.Unlock()
-		return nil, status.Errorf(codes.Aborted, "context %s/%s is open for writing on another connection", ns, id)
+		where := "another connection"
+		if w.conn == c.conn {
+			where = "this connection already"
+		}
+		return nil, status.Errorf(codes.Aborted, "context %s/%s is open for writing on %s", ns, id, where)
 	}
 	s.mu.Unlock()
 	var w *chunk.Writer
