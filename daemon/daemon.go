@@ -12,6 +12,7 @@ import (
 	"net"
 	"net/http"
 	"os"
+	"path/filepath"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -239,6 +240,9 @@ func (s *Server) Errors() <-chan error { return s.serveErr }
 // (one nobody answers on) and refusing to replace anything else.
 func listenUnix(path string) (*net.UnixListener, error) {
 	path = strings.TrimPrefix(strings.TrimPrefix(path, "unix://"), "unix:")
+	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
+		return nil, fmt.Errorf("daemon: socket directory: %w", err)
+	}
 	if fi, err := os.Lstat(path); err == nil {
 		if fi.Mode()&os.ModeSocket == 0 {
 			return nil, fmt.Errorf("daemon: %s exists and is not a socket", path)
@@ -418,8 +422,23 @@ func (s *Server) unaryLimit(ctx context.Context, req any, info *grpc.UnaryServer
 	}
 	defer release()
 	resp, err := h(ctx, req)
-	s.metrics.rpcDone(info.FullMethod, err)
+	s.rpcDone(ctx, info.FullMethod, err)
 	return resp, err
+}
+
+// rpcDone counts an RPC and logs a failure: at error level when the daemon
+// or its data is at fault, at debug level when the request was.
+func (s *Server) rpcDone(ctx context.Context, method string, err error) {
+	s.metrics.rpcDone(method, err)
+	if err == nil {
+		return
+	}
+	lvl := slog.LevelDebug
+	switch status.Code(err) {
+	case codes.Internal, codes.DataLoss, codes.Unknown:
+		lvl = slog.LevelError
+	}
+	s.log.Log(ctx, lvl, "request failed", "method", method, "code", status.Code(err).String(), "err", status.Convert(err).Message(), "conn", connID(ctx))
 }
 
 func (s *Server) streamLimit(srv any, ss grpc.ServerStream, info *grpc.StreamServerInfo, h grpc.StreamHandler) error {
@@ -430,7 +449,7 @@ func (s *Server) streamLimit(srv any, ss grpc.ServerStream, info *grpc.StreamSer
 	}
 	defer release()
 	err = h(srv, ss)
-	s.metrics.rpcDone(info.FullMethod, err)
+	s.rpcDone(ss.Context(), info.FullMethod, err)
 	return err
 }
 
