@@ -29,28 +29,45 @@ type peerAuth struct {
 	credentials.CommonAuthInfo
 	unix          bool
 	uid, gid, pid uint32
+	tls           credentials.AuthInfo // TCP with TLS
 }
 
 func (p peerAuth) AuthType() string {
-	if p.unix {
+	switch {
+	case p.unix:
 		return "unix-peercred"
+	case p.tls != nil:
+		return "tls"
 	}
 	return "tcp"
 }
 
-// peerCreds is a TransportCredentials that performs no handshake on the wire
-// (the transport is a local unix socket or plain TCP) and records the unix
-// peer credentials of each connection, read with SO_PEERCRED when it is
-// accepted.
-type peerCreds struct{}
+// peerCreds is the server's TransportCredentials. On a unix socket it
+// performs no handshake on the wire and records the peer credentials of the
+// connection, read with SO_PEERCRED when it is accepted. On TCP it runs the
+// TLS handshake when tls is set (--tls-cert/--tls-key), and nothing
+// otherwise.
+type peerCreds struct {
+	tls credentials.TransportCredentials
+}
 
 func (peerCreds) ClientHandshake(ctx context.Context, _ string, c net.Conn) (net.Conn, credentials.AuthInfo, error) {
 	return c, peerAuth{CommonAuthInfo: credentials.CommonAuthInfo{SecurityLevel: credentials.NoSecurity}}, nil
 }
 
-func (peerCreds) ServerHandshake(c net.Conn) (net.Conn, credentials.AuthInfo, error) {
+func (p peerCreds) ServerHandshake(c net.Conn) (net.Conn, credentials.AuthInfo, error) {
 	a := peerAuth{CommonAuthInfo: credentials.CommonAuthInfo{SecurityLevel: credentials.NoSecurity}}
-	if uc, ok := c.(*net.UnixConn); ok {
+	uc, isUnix := c.(*net.UnixConn)
+	if !isUnix && p.tls != nil {
+		tc, info, err := p.tls.ServerHandshake(c)
+		if err != nil {
+			return nil, nil, err
+		}
+		a.CommonAuthInfo = credentials.CommonAuthInfo{SecurityLevel: credentials.PrivacyAndIntegrity}
+		a.tls = info
+		return tc, a, nil
+	}
+	if isUnix {
 		cred, err := ucred(uc)
 		if err != nil {
 			return nil, nil, fmt.Errorf("SO_PEERCRED: %w", err)
@@ -65,8 +82,13 @@ func (peerCreds) ServerHandshake(c net.Conn) (net.Conn, credentials.AuthInfo, er
 func (peerCreds) Info() credentials.ProtocolInfo {
 	return credentials.ProtocolInfo{SecurityProtocol: "hcache-peercred"}
 }
-func (p peerCreds) Clone() credentials.TransportCredentials { return p }
-func (peerCreds) OverrideServerName(string) error           { return nil }
+func (p peerCreds) Clone() credentials.TransportCredentials {
+	if p.tls != nil {
+		return peerCreds{tls: p.tls.Clone()}
+	}
+	return p
+}
+func (peerCreds) OverrideServerName(string) error { return nil }
 
 func ucred(uc *net.UnixConn) (*unix.Ucred, error) {
 	raw, err := uc.SyscallConn()

@@ -20,6 +20,7 @@ import (
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/stats"
 	"google.golang.org/grpc/status"
 
@@ -50,8 +51,9 @@ type Config struct {
 	// Listen is the unix socket path of the API.
 	Listen string
 	// TCP, if set, is an additional TCP address of the API (bearer tokens
-	// required there).
-	TCP string
+	// required there), with TLS when TLSCertFile and TLSKeyFile are set.
+	TCP                     string
+	TLSCertFile, TLSKeyFile string
 	// Shm is the path of the shared-memory side socket; "" disables shared
 	// regions.
 	Shm string
@@ -169,8 +171,19 @@ func New(cfg Config) (*Server, error) {
 		s.usage[c.Namespace] += int64(c.Tokens) * rowSum(c.Identity)
 	}
 	s.metrics = newMetrics(s)
+	var creds peerCreds
+	if cfg.TLSCertFile != "" || cfg.TLSKeyFile != "" {
+		tc, err := credentials.NewServerTLSFromFile(cfg.TLSCertFile, cfg.TLSKeyFile)
+		if err != nil {
+			return nil, fmt.Errorf("daemon: TLS: %w", err)
+		}
+		creds.tls = tc
+	}
+	if cfg.TCP != "" && creds.tls == nil {
+		s.log.Warn("TCP without TLS: bearer tokens and rows travel in clear; use it only on a trusted network (--tls-cert, --tls-key)")
+	}
 	s.grpc = grpc.NewServer(
-		grpc.Creds(peerCreds{}),
+		grpc.Creds(creds),
 		grpc.MaxRecvMsgSize(cfg.MaxMessageBytes),
 		grpc.MaxSendMsgSize(cfg.MaxMessageBytes),
 		grpc.StatsHandler(connTracker{s}),

@@ -3,11 +3,19 @@ package daemon_test
 import (
 	"bytes"
 	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	crand "crypto/rand"
+	"crypto/tls"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"encoding/pem"
 	"errors"
 	"fmt"
 	"io"
 	"log/slog"
 	"math"
+	"math/big"
 	"math/rand"
 	"net"
 	"os"
@@ -921,4 +929,68 @@ func TestStopLetsRequestsFinish(t *testing.T) {
 	if info, err := e.store.Context("ns", "pending"); err != nil || info.Tokens != 30 {
 		t.Fatalf("pending writer after Stop: %+v %v, want 30 durable tokens", info, err)
 	}
+}
+
+// selfSigned writes a certificate for 127.0.0.1 and its key; it returns
+// their paths and a pool trusting the certificate.
+func selfSigned(t *testing.T) (certFile, keyFile string, pool *x509.CertPool) {
+	t.Helper()
+	key, err := ecdsa.GenerateKey(elliptic.P256(), crand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tmpl := &x509.Certificate{SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: "hcached test"},
+		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour),
+		IPAddresses: []net.IP{net.ParseIP("127.0.0.1")}, KeyUsage: x509.KeyUsageDigitalSignature,
+		ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth}}
+	der, err := x509.CreateCertificate(crand.Reader, tmpl, tmpl, &key.PublicKey, key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	kb, err := x509.MarshalECPrivateKey(key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	dir := t.TempDir()
+	certFile, keyFile = filepath.Join(dir, "cert.pem"), filepath.Join(dir, "key.pem")
+	os.WriteFile(certFile, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}), 0o600)
+	os.WriteFile(keyFile, pem.EncodeToMemory(&pem.Block{Type: "EC PRIVATE KEY", Bytes: kb}), 0o600)
+	cert, err := x509.ParseCertificate(der)
+	if err != nil {
+		t.Fatal(err)
+	}
+	pool = x509.NewCertPool()
+	pool.AddCert(cert)
+	return certFile, keyFile, pool
+}
+
+func TestTCPWithTLS(t *testing.T) {
+	tok := "tls-token-0123456789"
+	certFile, keyFile, pool := selfSigned(t)
+	ln, _ := net.Listen("tcp", "127.0.0.1:0")
+	addr := ln.Addr().String()
+	ln.Close()
+	e := start(t, func(c *daemon.Config) {
+		c.TCP, c.TLSCertFile, c.TLSKeyFile = addr, certFile, keyFile
+		c.Grants.Tokens = map[string][]string{tok: {"t"}}
+	})
+	ctx := context.Background()
+	c, err := hc.Dial(addr, hc.WithToken(tok), hc.WithTLS(&tls.Config{RootCAs: pool}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	save(t, c, "t", "x", 70)
+	check(t, c, "t", "x", 70)
+	// A plaintext client does not get through the TLS listener.
+	plain, err := hc.Dial(addr, hc.WithToken(tok))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer plain.Close()
+	if _, err := plain.Stat(ctx, "t", "x"); status.Code(err) != codes.Unavailable {
+		t.Fatalf("plaintext client on the TLS listener: %v, want UNAVAILABLE", err)
+	}
+	// The unix socket still works with peer credentials.
+	check(t, e.dial(), "t", "x", 70)
 }

@@ -10,6 +10,7 @@ package hcacheclient
 import (
 	"bufio"
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"io"
@@ -19,6 +20,7 @@ import (
 
 	"golang.org/x/sys/unix"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/metadata"
 
@@ -72,10 +74,15 @@ type Client struct {
 	API   hcachev1.HCacheClient // the raw API, for what the helpers do not cover
 	token string
 	addr  string
+	tls   *tls.Config
 }
 
 // Option configures Dial.
 type Option func(*Client)
+
+// WithTLS connects over TLS (a TCP daemon started with --tls-cert and
+// --tls-key); cfg holds the roots that verify its certificate.
+func WithTLS(cfg *tls.Config) Option { return func(c *Client) { c.tls = cfg } }
 
 // WithToken presents a bearer token (required over TCP; on the unix socket
 // it narrows the user's grant to the token's namespaces).
@@ -91,7 +98,11 @@ func Dial(addr string, opts ...Option) (*Client, error) {
 	if !strings.HasPrefix(addr, "unix:") {
 		target = "passthrough:///" + addr
 	}
-	gopts := []grpc.DialOption{grpc.WithTransportCredentials(insecure.NewCredentials()),
+	creds := insecure.NewCredentials()
+	if c.tls != nil {
+		creds = credentials.NewTLS(c.tls)
+	}
+	gopts := []grpc.DialOption{grpc.WithTransportCredentials(creds),
 		grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(1<<30), grpc.MaxCallSendMsgSize(1<<30))}
 	if c.token != "" {
 		gopts = append(gopts, grpc.WithChainUnaryInterceptor(func(ctx context.Context, m string, req, reply any, cc *grpc.ClientConn, inv grpc.UnaryInvoker, o ...grpc.CallOption) error {

@@ -36,6 +36,8 @@ func run(args []string) int {
 	shm := fs.String("shm", "", "shared-memory side socket (default: the --listen path + \".shm\"; \"off\" disables)")
 	metricsAddr := fs.String("metrics", "127.0.0.1:9464", "HTTP address of /metrics and /healthz (\"\" disables)")
 	tokens := fs.String("tokens", "", "bearer token file: lines \"TOKEN NS[,NS...]\" (mode 600)")
+	tlsCert := fs.String("tls-cert", "", "TLS certificate (PEM) of the --tcp listener")
+	tlsKey := fs.String("tls-key", "", "TLS private key (PEM) of the --tcp listener")
 	var grants, quotas, models listFlag
 	fs.Var(&models, "model", "NAME=DIR: load a model's K/V weights to project hidden states on restore (repeatable)")
 	backend := fs.String("backend", "auto", "projection backend of --model: auto (CUDA when a device can be used, else CPU), cpu or cuda")
@@ -82,7 +84,7 @@ func run(args []string) int {
 		return n
 	}
 	cfg := daemon.Config{
-		Listen: strings.TrimPrefix(strings.TrimPrefix(*listen, "unix://"), "unix:"), TCP: *tcp, Metrics: *metricsAddr,
+		Listen: strings.TrimPrefix(strings.TrimPrefix(*listen, "unix://"), "unix:"), TCP: *tcp, TLSCertFile: *tlsCert, TLSKeyFile: *tlsKey, Metrics: *metricsAddr,
 		Quotas: map[string]int64{}, DefaultQuota: size("default-quota", *defQuota),
 		MaxContexts: *maxContexts, MaxTokensPerContext: *maxTokens, MaxInflight: *maxInflight,
 		MaxMessageBytes: int(size("max-message", *maxMsg)), MaxRegionBytes: size("max-region", *maxRegion), MaxRegionsPerUID: *maxRegions,

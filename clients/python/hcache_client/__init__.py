@@ -165,10 +165,16 @@ class Writer:
 
 
 class Client:
-    def __init__(self, addr, token=None, max_message=1 << 30):
+    def __init__(self, addr, token=None, max_message=1 << 30, root_certificates=None):
+        """addr: "unix:///path/hcache.sock" or "host:port"; token: a bearer
+        token (required over TCP); root_certificates: PEM bytes verifying a
+        TCP daemon's TLS certificate (--tls-cert), None for plaintext."""
         self.addr = addr
-        self.channel = grpc.insecure_channel(addr, options=[
-            ("grpc.max_receive_message_length", max_message), ("grpc.max_send_message_length", max_message)])
+        opts = [("grpc.max_receive_message_length", max_message), ("grpc.max_send_message_length", max_message)]
+        if root_certificates is not None:
+            self.channel = grpc.secure_channel(addr, grpc.ssl_channel_credentials(root_certificates), options=opts)
+        else:
+            self.channel = grpc.insecure_channel(addr, options=opts)
         self.md = (("authorization", "Bearer " + token),) if token else None
         self._stubs = {}
         for name, (req, rep, stream) in _METHODS.items():
