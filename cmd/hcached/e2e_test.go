@@ -473,6 +473,8 @@ func TestBadFlags(t *testing.T) {
 	os.WriteFile(open, []byte("a-token-of-enough-length ns\n"), 0o644)
 	short := filepath.Join(sd, "tokens-short")
 	os.WriteFile(short, []byte("short ns\n"), 0o600)
+	good := filepath.Join(sd, "tokens-good")
+	os.WriteFile(good, []byte("a-token-of-enough-length ns\n"), 0o600)
 	dir := t.TempDir()
 	mdir := t.TempDir()
 	mc, _ := model.Preset("tiny-llama")
@@ -494,6 +496,8 @@ func TestBadFlags(t *testing.T) {
 		{"token file readable by others", []string{"--dir", dir, "--listen", sock, "--tokens", open}, 1, "chmod 600"},
 		{"short token", []string{"--dir", dir, "--listen", sock, "--tokens", short}, 1, "shorter than 16"},
 		{"tcp without tokens", []string{"--dir", dir, "--listen", sock, "--tcp", "127.0.0.1:0", "--metrics", ""}, 1, "needs a token file"},
+		{"missing TLS certificate", []string{"--dir", dir, "--listen", sock, "--tcp", "127.0.0.1:0", "--tokens", good, "--metrics", "",
+			"--tls-cert", filepath.Join(sd, "none.pem"), "--tls-key", filepath.Join(sd, "none.key")}, 1, "TLS"},
 		{"model without a config", []string{"--dir", dir, "--listen", sock, "--model", "m=" + dir}, 1, "--model m"},
 		{"unknown backend", []string{"--dir", dir, "--listen", sock, "--model", "m=" + mdir, "--backend", "tpu"}, 1, `unknown backend \"tpu\"`},
 	}
