@@ -993,3 +993,28 @@ func TestTCPWithTLS(t *testing.T) {
 	// The unix socket still works with peer credentials.
 	check(t, e.dial(), "t", "x", 70)
 }
+
+// TestSilentSideConnection: a side-socket client that never registers does
+// not hold up Stop.
+func TestSilentSideConnection(t *testing.T) {
+	e := start(t, nil)
+	conn, err := net.Dial("unix", e.sock+".shm")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	time.Sleep(50 * time.Millisecond) // let the daemon accept it
+	done := make(chan struct{})
+	go func() {
+		e.srv.Stop()
+		close(done)
+	}()
+	select {
+	case <-done:
+	case <-time.After(5 * time.Second):
+		t.Fatal("Stop waits for a side connection that never registered")
+	}
+	if b, err := io.ReadAll(conn); err != nil || len(b) != 0 {
+		t.Fatalf("the silent connection got %q, %v; want it closed", b, err)
+	}
+}

@@ -9,6 +9,7 @@ import (
 	"io"
 	"net"
 	"sync"
+	"time"
 
 	"golang.org/x/sys/unix"
 	"google.golang.org/grpc/codes"
@@ -115,9 +116,23 @@ func (s *Server) serveShm(ln *net.UnixListener) {
 	}
 }
 
+// shmRegisterTimeout bounds the wait for a registration message.
+const shmRegisterTimeout = 10 * time.Second
+
 func (s *Server) handleShm(c *net.UnixConn) {
 	defer c.Close()
+	// Stop closes every side connection, registered or not.
+	s.shmMu.Lock()
+	s.shmOpen[c] = true
+	s.shmMu.Unlock()
+	defer func() {
+		s.shmMu.Lock()
+		delete(s.shmOpen, c)
+		s.shmMu.Unlock()
+	}()
+	c.SetReadDeadline(time.Now().Add(shmRegisterTimeout))
 	g, err := s.registerRegion(c)
+	c.SetReadDeadline(time.Time{})
 	if err != nil {
 		s.log.Warn("shared region refused", "err", err)
 		fmt.Fprintf(c, "ERR %s\n", oneLine(err.Error()))
@@ -129,13 +144,7 @@ func (s *Server) handleShm(c *net.UnixConn) {
 		return
 	}
 	// The region lives as long as the connection.
-	s.shmMu.Lock()
-	s.shmOpen[c] = true
-	s.shmMu.Unlock()
 	io.Copy(io.Discard, c)
-	s.shmMu.Lock()
-	delete(s.shmOpen, c)
-	s.shmMu.Unlock()
 	s.regions.drop(g)
 	s.log.Info("shared region released", "region", g.id)
 }
