@@ -144,3 +144,41 @@ func TestRestoreOwnedMisuse(t *testing.T) {
 		t.Fatal("Restore with a nil callback: no error")
 	}
 }
+
+// TestRestoreOwnedHoldsUntilNext: a consumer that releases each layer only
+// when the next one arrives (double buffering) finishes with the smallest
+// ahead.
+func TestRestoreOwnedHoldsUntilNext(t *testing.T) {
+	e := newEnv(t, "disk", nil)
+	s := e.open()
+	defer s.Close()
+	ident := testIdentity("m")
+	w, _ := s.Create("ns", "c", ident, CreateOptions{})
+	appendTokens(t, w, ident, "c", 0, 40)
+	w.Close()
+	for _, ahead := range []int{2, 3} {
+		var prev func()
+		done := make(chan error, 1)
+		go func() {
+			_, err := s.RestoreOwned("ns", "c", ident, ahead, func(layer int, rows []byte, release func()) error {
+				if prev != nil {
+					prev()
+				}
+				prev = release
+				if layer == 3 { // the last stored layer
+					release()
+				}
+				return nil
+			})
+			done <- err
+		}()
+		select {
+		case err := <-done:
+			if err != nil {
+				t.Fatalf("ahead %d: %v", ahead, err)
+			}
+		case <-time.After(20 * time.Second):
+			t.Fatalf("ahead %d: RestoreOwned hung with a consumer that holds one buffer", ahead)
+		}
+	}
+}

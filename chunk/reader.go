@@ -267,7 +267,9 @@ const DefaultRestoreAhead = 2
 // returns, such as a GPU backend whose host-to-device copy of rows is still
 // in flight: fn takes ownership of rows and must call release exactly once
 // (from any goroutine; later calls are no-ops) when nothing reads rows any
-// more, also when fn returns an error. The store never reuses a buffer
+// more, also when fn returns an error. A consumer may keep each buffer until
+// it receives the next one; if fn panics, the buffer is taken to be dropped
+// (released) and the restore fails. The store never reuses a buffer
 // before its release, and keeps reading the following layers meanwhile:
 // at most ahead buffers (DefaultRestoreAhead when 0, at least 2) are held at once,
 // counting those given to fn and not yet released. RestoreOwned returns only
@@ -284,7 +286,7 @@ func (s *Store) RestoreOwned(ns, id string, ident *Identity, ahead int, fn func(
 		ahead = DefaultRestoreAhead
 	}
 	if ahead < 2 {
-		return 0, fmt.Errorf("chunk: RestoreOwned ahead %d: at least 2 buffers (the one being read and the one handed over)", ahead)
+		return 0, fmt.Errorf("chunk: RestoreOwned ahead %d: at least 2 buffers (the one handed over and the one being read)", ahead)
 	}
 	s.mu.Lock()
 	if s.closed {
@@ -334,6 +336,15 @@ func (s *Store) RestoreOwned(ns, id string, ident *Identity, ahead int, fn func(
 			})
 		}
 	}
+	tryTake := func() bool {
+		select {
+		case held <- struct{}{}:
+			outstanding.Add(1)
+			return true
+		default:
+			return false
+		}
+	}
 	take := func(stop <-chan struct{}) bool {
 		select {
 		case held <- struct{}{}:
@@ -363,7 +374,12 @@ func (s *Store) RestoreOwned(ns, id string, ident *Identity, ahead int, fn func(
 		for si, l := range c.stored {
 			cur := next
 			next = nil
-			if si+1 < len(c.stored) && cur.err == nil && take(stop) {
+			more := si+1 < len(c.stored) && cur.err == nil
+			// Start the next layer's reads before this one is verified
+			// when a buffer is free; otherwise only once this layer has
+			// been handed over, since a consumer may keep its previous
+			// buffer until it receives this one.
+			if more && tryTake() {
 				next = s.startLayer(sn, si+1)
 			}
 			buf, rows, err := cur.finish()
@@ -378,6 +394,9 @@ func (s *Store) RestoreOwned(ns, id string, ident *Identity, ahead int, fn func(
 					giveBack(buf)()
 				}
 				err = errStopped
+			}
+			if err == nil && more && next == nil && take(stop) {
+				next = s.startLayer(sn, si+1)
 			}
 			if err != nil || next == nil {
 				if next != nil {

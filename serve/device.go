@@ -20,7 +20,11 @@ const DefaultDeviceAhead = 4
 // completed, while the store reads the next layers. Tokens land at
 // positions start, start+1, ...; hidden layers are projected, KV layers
 // scattered. A plan with recomputed layers is refused: those need the
-// forward pass. ahead <= 0 takes DefaultDeviceAhead.
+// forward pass; so is a plan or cache whose shape is not the backend's
+// model. (That the identity names the backend's weights is the caller's to
+// ensure: the store checks the identity against the stored one, the backend
+// holds weights, and only the caller knows both.) ahead <= 0 takes
+// DefaultDeviceAhead.
 func RestoreToDevice(st *chunk.Store, ns, id string, ident *chunk.Identity, b *cuda.Backend, cache *cuda.Cache, start, ahead int) (int, cuda.Timing, error) {
 	var t cuda.Timing
 	if st == nil || b == nil || cache == nil || ident == nil {
@@ -32,6 +36,22 @@ func RestoreToDevice(st *chunk.Store, ns, id string, ident *chunk.Identity, b *c
 	for l, p := range ident.Plan {
 		if p.Kind == chunk.LayerNone {
 			return 0, t, fmt.Errorf("serve: layer %d is planned for recomputation, which a device restore does not run", l)
+		}
+	}
+	c := b.Config()
+	if len(ident.Plan) != c.Layers {
+		return 0, t, fmt.Errorf("serve: a %d-layer plan for a %d-layer model", len(ident.Plan), c.Layers)
+	}
+	if cache.Layers != c.Layers {
+		return 0, t, fmt.Errorf("serve: a %d-layer cache for a %d-layer model", cache.Layers, c.Layers)
+	}
+	for l, p := range ident.Plan {
+		want := c.HiddenRowBytes()
+		if p.Kind == chunk.LayerKV {
+			want = c.KVRowBytes()
+		}
+		if int(p.RowBytes) != want {
+			return 0, t, fmt.Errorf("serve: layer %d (%s) stores %d-byte rows; the backend's model has %d", l, p.Kind, p.RowBytes, want)
 		}
 	}
 	if ahead <= 0 {

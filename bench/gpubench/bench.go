@@ -111,13 +111,11 @@ func Run(o Options) ([]Result, error) {
 		return nil, err
 	}
 	defer kvm.free()
-	// Layer 0's rows are random; the other layers repeat them (each layer
-	// has its own weights, so the outputs differ).
-	hostRows(&c, hid.mem[:maxT*hrb], hrb, o.Seed)
-	hostRows(&c, kvm.mem[:maxT*kvrb], kvrb, o.Seed+1)
-	for l := 1; l < L; l++ {
-		copy(hid.mem[l*maxT*hrb:(l+1)*maxT*hrb], hid.mem[:maxT*hrb])
-		copy(kvm.mem[l*maxT*kvrb:(l+1)*maxT*kvrb], kvm.mem[:maxT*kvrb])
+	// Every layer's rows differ, so a copy that lands in the wrong staging
+	// slot, or a slot overwritten before its layer was consumed, shows.
+	for l := 0; l < L; l++ {
+		hostRows(&c, hid.mem[l*maxT*hrb:(l+1)*maxT*hrb], hrb, o.Seed+int64(l)*1000)
+		hostRows(&c, kvm.mem[l*maxT*kvrb:(l+1)*maxT*kvrb], kvrb, o.Seed+int64(l)*1000+500)
 	}
 	var out []Result
 	rng := rand.New(rand.NewSource(o.Seed))
@@ -215,11 +213,12 @@ func Run(o Options) ([]Result, error) {
 		lb := cache.LayerBytes()
 		kb, vb := make([]byte, lb), make([]byte, lb)
 		sample := samplePositions(T, 24, rng)
+		few := samplePositions(T, 6, rng)
 		all := &errStats{}
 		for l := 0; l < L; l++ {
 			s := sample
 			if l != 0 && l != L/2 && l != L-1 {
-				s = nil // poison check only
+				s = few
 			}
 			es, left, err := checkLayer(&c, cpu, cache, l, hRows(l), positions, s, kb, vb)
 			if err != nil {
@@ -240,7 +239,7 @@ func Run(o Options) ([]Result, error) {
 			return out, err
 		}
 		res.KVExact = true
-		for _, l := range []int{0, L - 1} {
+		for l := 0; l < L; l++ {
 			if err := cache.Download(l, kb, vb); err != nil {
 				cache.Free()
 				return out, err

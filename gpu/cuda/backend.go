@@ -52,6 +52,7 @@ type Options struct {
 // Defaults.
 const (
 	DefaultSlots   = 3
+	MaxSlots       = 64
 	DefaultThreads = 256
 )
 
@@ -99,12 +100,14 @@ type Backend struct {
 	ropeLen int
 	staging devBuf    // slots x slotBytes
 	gemm    devBuf    // [tokens x 2 kv_dim] float32
-	events  []uintptr // pool of timing-free events
+	events  []uintptr // pool of timing-free events (used under busy)
 	pos     uintptr   // device int32 positions of the restore in progress
 	posLen  int
 	alpha   float32 // GEMM scalars, read by cuBLAS from host memory
 	beta    float32
 	closed  bool
+	caches  map[*Cache]bool // live caches, freed by Close
+	memory  int64           // the device's total memory
 }
 
 type devBuf struct {
@@ -121,8 +124,8 @@ func Open(c *model.Config, w *model.Weights, o Options) (*Backend, error) {
 	if o.Slots == 0 {
 		o.Slots = DefaultSlots
 	}
-	if o.Slots < 2 {
-		return nil, fmt.Errorf("cuda: Slots %d: at least 2 (one copying, one computing)", o.Slots)
+	if o.Slots < 2 || o.Slots > MaxSlots {
+		return nil, fmt.Errorf("cuda: Slots %d: between 2 (one copying, one computing) and %d", o.Slots, MaxSlots)
 	}
 	if o.Threads == 0 {
 		o.Threads = DefaultThreads
@@ -170,8 +173,9 @@ func (b *Backend) init(w *model.Weights) error {
 	name := make([]byte, 256)
 	d.call("cuDeviceGetName", bptr(name), uintptr(len(name)), uintptr(b.dev))
 	b.devName = cStringBytes(name)
+	d.call("cuDeviceTotalMem_v2", ptr(&b.memory), uintptr(b.dev))
 	if err := d.check("cuDevicePrimaryCtxRetain", d.call("cuDevicePrimaryCtxRetain", ptr(&b.ctx), uintptr(b.dev))); err != nil {
-		return err
+		return fmt.Errorf("%w: %v", ErrNoDevice, err)
 	}
 	if err := d.lockThread(b.ctx); err != nil {
 		return err
@@ -179,7 +183,7 @@ func (b *Backend) init(w *model.Weights) error {
 	defer runtime.UnlockOSThread()
 	ptx := append(append([]byte(nil), kernelPTX...), 0)
 	if err := d.check("cuModuleLoadData", d.call("cuModuleLoadData", ptr(&b.mod), bptr(ptx))); err != nil {
-		return err
+		return fmt.Errorf("%w: the driver cannot load the kernels' PTX (sm_80, PTX 7.0): %v", ErrNoDevice, err)
 	}
 	runtime.KeepAlive(ptx)
 	for _, k := range []struct {
@@ -187,7 +191,9 @@ func (b *Backend) init(w *model.Weights) error {
 		dst  *uintptr
 	}{{"hc_project_scatter", &b.fProj}, {"hc_kv_scatter", &b.fKV}} {
 		cname := append([]byte(k.name), 0)
-		if err := d.check("cuModuleGetFunction "+k.name, d.call("cuModuleGetFunction", ptr(k.dst), b.mod, bptr(cname))); err != nil {
+		err := d.check("cuModuleGetFunction "+k.name, d.call("cuModuleGetFunction", ptr(k.dst), b.mod, bptr(cname)))
+		runtime.KeepAlive(cname)
+		if err != nil {
 			return err
 		}
 	}
@@ -197,12 +203,34 @@ func (b *Backend) init(w *model.Weights) error {
 		}
 	}
 	if err := checkBlas("cublasCreate", d.call("cublasCreate_v2", ptr(&b.blas))); err != nil {
-		return err
+		return fmt.Errorf("%w: %s: %v", ErrNoDevice, d.cublasPath, err)
 	}
 	if err := checkBlas("cublasSetStream", d.call("cublasSetStream_v2", b.blas, b.compS)); err != nil {
 		return err
 	}
-	return b.uploadWeights(w)
+	if err := b.uploadWeights(w); err != nil {
+		return err
+	}
+	return b.sync()
+}
+
+// sync waits for everything queued on the device, synchronous copies from
+// pageable memory included (they may return before their DMA lands, and the
+// restore streams do not wait for the legacy stream). Call on a locked
+// thread with the context current.
+func (b *Backend) sync() error {
+	return b.d.check("cuCtxSynchronize", b.d.call("cuCtxSynchronize"))
+}
+
+// Config is the model the backend projects for.
+func (b *Backend) Config() *model.Config { return b.cfg }
+
+// live reports an error once the backend is closed. Call with b.mu held.
+func (b *Backend) live() error {
+	if b.closed {
+		return errors.New("cuda: backend closed")
+	}
+	return nil
 }
 
 // uploadWeights writes each layer's [Wk; Wv] in the model dtype (exact: the
@@ -357,6 +385,11 @@ func (b *Backend) Close() error {
 	}
 	return b.with(func() error {
 		d := b.d
+		d.call("cuCtxSynchronize")
+		for c := range b.caches {
+			c.release()
+		}
+		b.caches = nil
 		for _, p := range b.weights {
 			b.free(p)
 		}
@@ -386,6 +419,23 @@ func (b *Backend) Close() error {
 	})
 }
 
+// RopeTable is the kernels' rotation table for positions [0, n): for each
+// position and frequency, cos then sin of the angle, computed as
+// tensor.Rope computes them (float32 angle, float64 cos and sin rounded to
+// float32).
+func RopeTable(invFreq []float32, n int) []float32 {
+	half := len(invFreq)
+	tab := make([]float32, n*half*2)
+	for pos := 0; pos < n; pos++ {
+		for i, f := range invFreq {
+			ang := float32(pos) * f
+			tab[(pos*half+i)*2] = float32(math.Cos(float64(ang)))
+			tab[(pos*half+i)*2+1] = float32(math.Sin(float64(ang)))
+		}
+	}
+	return tab
+}
+
 // ensureRope makes the cos/sin table cover positions [0, n). The angles are
 // computed as tensor.Rope computes them (float32 angle, float64 cos and sin
 // rounded to float32), so the kernel rotates with the CPU reference's
@@ -398,15 +448,7 @@ func (b *Backend) ensureRope(n int) error {
 	for size < n {
 		size *= 2
 	}
-	half := b.cfg.HeadDim / 2
-	tab := make([]float32, size*half*2)
-	for pos := 0; pos < size; pos++ {
-		for i, f := range b.invFreq {
-			ang := float32(pos) * f
-			tab[(pos*half+i)*2] = float32(math.Cos(float64(ang)))
-			tab[(pos*half+i)*2+1] = float32(math.Sin(float64(ang)))
-		}
-	}
+	tab := RopeTable(b.invFreq, size)
 	p, err := b.alloc(4 * len(tab))
 	if err != nil {
 		return err

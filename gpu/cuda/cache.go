@@ -3,6 +3,7 @@ package cuda
 import (
 	"errors"
 	"fmt"
+	"math/bits"
 )
 
 // Cache is a paged KV cache in device memory: for each layer, K and V laid
@@ -27,15 +28,45 @@ func (c *Cache) LayerBytes() int {
 	return c.Blocks * c.BlockTokens * c.b.cfg.KVDim() * c.b.cfg.ElemBytes()
 }
 
+// cacheBytes is layers x 2 x blocks x blockTokens token rows, refused when
+// it overflows or exceeds the device's memory.
+func (b *Backend) cacheBytes(layers, blocks, blockTokens int) (layerBytes int, err error) {
+	if layers <= 0 || blocks <= 0 || blockTokens <= 0 {
+		return 0, fmt.Errorf("cuda: cache of %d layers x %d blocks x %d tokens", layers, blocks, blockTokens)
+	}
+	row := uint64(b.cfg.KVDim() * b.cfg.ElemBytes())
+	limit := uint64(1) << 62
+	if b.memory > 0 {
+		limit = uint64(b.memory)
+	}
+	lb := uint64(blocks)
+	for _, f := range []uint64{uint64(blockTokens), row} {
+		hi, lo := bits.Mul64(lb, f)
+		if hi != 0 || lo > limit {
+			return 0, fmt.Errorf("cuda: a layer of %d blocks x %d tokens x %d bytes exceeds the device's %d bytes", blocks, blockTokens, row, limit)
+		}
+		lb = lo
+	}
+	if hi, total := bits.Mul64(lb, 2*uint64(layers)); hi != 0 || total > limit {
+		return 0, fmt.Errorf("cuda: %d layers of %d bytes (K and V) exceed the device's %d bytes", layers, lb, limit)
+	}
+	return int(lb), nil
+}
+
 // NewCache allocates a cache of layers x blocks x blockTokens tokens with an
 // identity block table.
 func (b *Backend) NewCache(layers, blocks, blockTokens int) (*Cache, error) {
-	if layers <= 0 || blocks <= 0 || blockTokens <= 0 {
-		return nil, fmt.Errorf("cuda: cache of %d layers x %d blocks x %d tokens", layers, blocks, blockTokens)
+	lb, err := b.cacheBytes(layers, blocks, blockTokens)
+	if err != nil {
+		return nil, err
 	}
 	c := &Cache{b: b, Layers: layers, Blocks: blocks, BlockTokens: blockTokens}
-	lb := c.LayerBytes()
-	err := b.with(func() error {
+	err = b.with(func() error {
+		b.mu.Lock()
+		defer b.mu.Unlock()
+		if err := b.live(); err != nil {
+			return err
+		}
 		p, err := b.alloc(2 * layers * lb)
 		if err != nil {
 			return err
@@ -45,6 +76,7 @@ func (b *Backend) NewCache(layers, blocks, blockTokens int) (*Cache, error) {
 			c.K = append(c.K, p+uintptr(2*l*lb))
 			c.V = append(c.V, p+uintptr((2*l+1)*lb))
 		}
+		b.track(c)
 		return nil
 	})
 	if err != nil {
@@ -68,16 +100,73 @@ func (b *Backend) WrapCache(k, v []uintptr, blocks, blockTokens int, blockTable 
 	if len(k) == 0 || len(k) != len(v) || blocks <= 0 || blockTokens <= 0 {
 		return nil, fmt.Errorf("cuda: WrapCache needs as many K as V pointers (%d, %d) and positive sizes", len(k), len(v))
 	}
-	for l := range k {
-		if k[l] == 0 || v[l] == 0 {
-			return nil, fmt.Errorf("cuda: WrapCache: layer %d has a nil device pointer", l)
+	lb, err := b.cacheBytes(len(k), blocks, blockTokens)
+	if err != nil {
+		return nil, err
+	}
+	// Every layer's K and V must lie inside one device allocation of this
+	// context and be aligned for the kernels' 32-bit stores.
+	err = b.with(func() error {
+		for l := range k {
+			for _, p := range []uintptr{k[l], v[l]} {
+				if p == 0 || p%4 != 0 {
+					return fmt.Errorf("cuda: WrapCache: layer %d pointer %#x is nil or not 4-byte aligned", l, p)
+				}
+				base, size := new(uintptr), new(uintptr)
+				if err := b.d.check(fmt.Sprintf("WrapCache: layer %d pointer %#x is not device memory of this context: cuMemGetAddressRange", l, p),
+					b.d.call("cuMemGetAddressRange_v2", ptr(base), ptr(size), p)); err != nil {
+					return err
+				}
+				if p+uintptr(lb) > *base+*size {
+					return fmt.Errorf("cuda: WrapCache: layer %d: %d bytes from %#x run past the end of its allocation (%#x + %d)", l, lb, p, *base, *size)
+				}
+			}
 		}
+		return nil
+	})
+	if err != nil {
+		return nil, err
 	}
 	c := &Cache{b: b, Layers: len(k), Blocks: blocks, BlockTokens: blockTokens, K: k, V: v}
+	b.mu.Lock()
+	if err := b.live(); err != nil {
+		b.mu.Unlock()
+		return nil, err
+	}
+	b.track(c)
+	b.mu.Unlock()
 	if err := c.SetBlockTable(blockTable); err != nil {
+		c.Free()
 		return nil, err
 	}
 	return c, nil
+}
+
+// track records a live cache. Call with b.mu held.
+func (b *Backend) track(c *Cache) {
+	if b.caches == nil {
+		b.caches = map[*Cache]bool{}
+	}
+	b.caches[c] = true
+}
+
+// op runs fn for a cache method: on a locked thread with the context
+// current, refused once the cache or its backend is gone.
+func (c *Cache) op(fn func() error) error {
+	return c.b.with(func() error {
+		c.b.mu.Lock()
+		defer c.b.mu.Unlock()
+		if err := c.b.live(); err != nil {
+			return err
+		}
+		if c.K == nil {
+			return errors.New("cuda: cache freed")
+		}
+		if err := fn(); err != nil {
+			return err
+		}
+		return c.b.sync()
+	})
 }
 
 // SetBlockTable uploads a block table; every entry must name a block of the
@@ -93,7 +182,7 @@ func (c *Cache) SetBlockTable(t []int) error {
 		}
 		host[i] = int32(pb)
 	}
-	return c.b.with(func() error {
+	return c.op(func() error {
 		if len(t) > c.tableLen {
 			p, err := c.b.alloc(4 * len(t))
 			if err != nil {
@@ -113,7 +202,7 @@ func (c *Cache) BlockTable() []int { return append([]int(nil), c.hostTable...) }
 // Poison fills every layer's K and V with the byte v (0xff makes NaNs of
 // every dtype), so a check can see which elements a restore wrote.
 func (c *Cache) Poison(v byte) error {
-	return c.b.with(func() error {
+	return c.op(func() error {
 		for l := range c.K {
 			for _, p := range []uintptr{c.K[l], c.V[l]} {
 				if err := c.b.d.check("cuMemsetD8", c.b.d.call("cuMemsetD8_v2", p, uintptr(v), uintptr(c.LayerBytes()))); err != nil {
@@ -130,7 +219,7 @@ func (c *Cache) Upload(layer int, k, v []byte) error {
 	if err := c.checkLayer(layer, k, v); err != nil {
 		return err
 	}
-	return c.b.with(func() error {
+	return c.op(func() error {
 		if err := c.b.htod(c.K[layer], k); err != nil {
 			return err
 		}
@@ -143,8 +232,8 @@ func (c *Cache) Download(layer int, k, v []byte) error {
 	if err := c.checkLayer(layer, k, v); err != nil {
 		return err
 	}
-	return c.b.with(func() error {
-		if err := c.b.d.check("cuCtxSynchronize", c.b.d.call("cuCtxSynchronize")); err != nil {
+	return c.op(func() error {
+		if err := c.b.sync(); err != nil {
 			return err
 		}
 		if err := c.b.dtoh(k, c.K[layer]); err != nil {
@@ -165,19 +254,33 @@ func (c *Cache) checkLayer(layer int, k, v []byte) error {
 }
 
 // Free releases the cache's device memory (the block table only, for a
-// wrapped cache).
+// wrapped cache; the mapping too, for one opened by IPC). After the
+// backend's Close it does nothing: Close freed it.
 func (c *Cache) Free() {
-	if c == nil {
+	if c == nil || c.b == nil {
 		return
 	}
 	c.b.with(func() error {
-		c.b.free(c.owned)
-		c.b.free(c.table)
-		if c.ipcBase != 0 {
-			c.b.d.call("cuIpcCloseMemHandle", c.ipcBase)
+		c.b.mu.Lock()
+		defer c.b.mu.Unlock()
+		if c.b.closed || !c.b.caches[c] {
+			return nil
 		}
+		c.b.sync()
+		c.release()
+		delete(c.b.caches, c)
 		return nil
 	})
+}
+
+// release frees the cache's device resources. Call on a locked thread with
+// the context current and b.mu held.
+func (c *Cache) release() {
+	c.b.free(c.owned)
+	c.b.free(c.table)
+	if c.ipcBase != 0 {
+		c.b.d.call("cuIpcCloseMemHandle", c.ipcBase)
+	}
 	c.owned, c.table, c.ipcBase, c.K, c.V = 0, 0, 0, nil, nil
 }
 

@@ -61,9 +61,8 @@ type driver struct {
 }
 
 var (
-	drvOnce sync.Once
-	drv     *driver
-	drvErr  error
+	drvMu sync.Mutex
+	drv   *driver
 )
 
 // driverSymbols are the CUDA driver API entry points used (the _v2 ABI
@@ -75,7 +74,7 @@ var driverSymbols = []string{
 	"cuModuleLoadData", "cuModuleUnload", "cuModuleGetFunction", "cuLaunchKernel",
 	"cuMemAlloc_v2", "cuMemFree_v2", "cuMemsetD8_v2", "cuMemsetD8Async",
 	"cuMemcpyHtoD_v2", "cuMemcpyDtoH_v2", "cuMemcpyHtoDAsync_v2", "cuMemcpyDtoHAsync_v2",
-	"cuMemHostRegister_v2", "cuMemHostUnregister",
+	"cuMemHostRegister_v2", "cuMemHostUnregister", "cuMemGetAddressRange_v2",
 	"cuStreamCreate", "cuStreamDestroy_v2", "cuStreamSynchronize", "cuStreamWaitEvent",
 	"cuEventCreate", "cuEventDestroy_v2", "cuEventRecord", "cuEventSynchronize", "cuEventElapsedTime",
 	"cuGetErrorName", "cuGetErrorString",
@@ -102,11 +101,25 @@ func Probe(cublasPath string) (devices int, cublas string, err error) {
 	return int(n), d.cublasPath, nil
 }
 
-// loadDriver dlopens libcuda.so.1 and libcublas once per process. Nothing
-// here runs at init: only the first Open does.
+// loadDriver dlopens libcuda.so.1 and libcublas; nothing here runs at init,
+// only the first Open or Probe. A success is kept for the process (one
+// cuBLAS per process: asking for another path afterwards is an error); a
+// failure is not, so a later call with another cuBLAS path tries again.
 func loadDriver(cublasPath string) (*driver, error) {
-	drvOnce.Do(func() { drv, drvErr = openLibraries(cublasPath) })
-	return drv, drvErr
+	drvMu.Lock()
+	defer drvMu.Unlock()
+	if drv != nil {
+		if cublasPath != "" && cublasPath != drv.cublasPath {
+			return nil, fmt.Errorf("cuda: cuBLAS is already loaded from %s in this process; cannot switch to %s", drv.cublasPath, cublasPath)
+		}
+		return drv, nil
+	}
+	d, err := openLibraries(cublasPath)
+	if err != nil {
+		return nil, err
+	}
+	drv = d
+	return d, nil
 }
 
 func openLibraries(explicit string) (*driver, error) {

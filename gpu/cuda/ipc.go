@@ -4,6 +4,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"runtime"
 	"strings"
 )
 
@@ -55,6 +56,11 @@ func (b *Backend) OpenIPCCache(h IPCHandle, kOff, vOff []int64, blocks, blockTok
 	if len(kOff) == 0 || len(kOff) != len(vOff) {
 		return nil, fmt.Errorf("cuda: OpenIPCCache needs as many K as V offsets (%d, %d)", len(kOff), len(vOff))
 	}
+	if runtime.GOARCH != "amd64" {
+		// The handle is a struct passed by value, placed here as the
+		// x86-64 SysV ABI places it; other ABIs pass it differently.
+		return nil, fmt.Errorf("cuda: OpenIPCCache is implemented for amd64, not %s", runtime.GOARCH)
+	}
 	if !b.d.has("cuIpcOpenMemHandle_v2") || !b.d.has("cuIpcCloseMemHandle") {
 		return nil, errors.New("cuda: this driver has no cuIpcOpenMemHandle_v2")
 	}
@@ -90,6 +96,8 @@ func (b *Backend) OpenIPCCache(h IPCHandle, kOff, vOff []int64, blocks, blockTok
 		b.with(func() error { b.d.call("cuIpcCloseMemHandle", *base); return nil })
 		return nil, err
 	}
+	b.mu.Lock()
 	c.ipcBase = *base
+	b.mu.Unlock()
 	return c, nil
 }

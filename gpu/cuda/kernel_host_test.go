@@ -126,21 +126,6 @@ func TestHostConversions(t *testing.T) {
 	}
 }
 
-// ropeTable computes the kernel's cos/sin table as Backend.ensureRope does.
-func ropeTable(c *model.Config, n int) []float32 {
-	inv := c.InvFreq()
-	half := c.HeadDim / 2
-	tab := make([]float32, n*half*2)
-	for pos := 0; pos < n; pos++ {
-		for i, f := range inv {
-			ang := float32(pos) * f
-			tab[(pos*half+i)*2] = float32(math.Cos(float64(ang)))
-			tab[(pos*half+i)*2+1] = float32(math.Sin(float64(ang)))
-		}
-	}
-	return tab
-}
-
 // TestHostKernelsMatchCPU: for every model family, hidden rows projected by
 // the CPU backend and by GEMM + the host-built fused kernel (bias, RoPE,
 // rounding, paged scatter through a shuffled block table) give the same
@@ -222,7 +207,7 @@ func TestHostKernelsMatchCPU(t *testing.T) {
 				}
 				var rope []float32
 				if c.UsesRope() {
-					rope = ropeTable(c, maxPos+1)
+					rope = RopeTable(c.InvFreq(), maxPos+1)
 				}
 				got, _ := gpu.NewPagedKV(c, tc.blockTokens, 2*blocks)
 				poison(got.K)
@@ -236,6 +221,7 @@ func TestHostKernelsMatchCPU(t *testing.T) {
 					uintptr(blocks), uintptr(tc.blockTokens), uintptr(c.KVHeads), uintptr(c.HeadDim), uintptr(il),
 					uintptr(dt), bptr(got.K), bptr(got.V), uintptr(tc.threads))
 				comparePaged(t, fmt.Sprintf("%s layer %d hidden", tc.what, layer), c, want, got, positions)
+				noStrayWrites(t, fmt.Sprintf("%s layer %d hidden", tc.what, layer), got, positions)
 
 				// KV rows through the KV kernel.
 				kvRows := make([]byte, n*c.KVRowBytes())
@@ -251,6 +237,7 @@ func TestHostKernelsMatchCPU(t *testing.T) {
 				purego.SyscallN(k.kv, bptr(kvRows), pi32(pos32), pi32(table32), uintptr(n), uintptr(blocks),
 					uintptr(tc.blockTokens), uintptr(kvd*c.ElemBytes()/4), bptr(gotKV.K), bptr(gotKV.V), uintptr(tc.threads))
 				comparePaged(t, fmt.Sprintf("%s layer %d kv", tc.what, layer), c, wantKV, gotKV, positions)
+				noStrayWrites(t, fmt.Sprintf("%s layer %d kv", tc.what, layer), gotKV, positions)
 			}
 		})
 	}
@@ -277,6 +264,34 @@ func comparePaged(t *testing.T, what string, c *model.Config, want, got *gpu.Pag
 		}
 		if !bytes.Equal(wk, gk) || !bytes.Equal(wv, gv) {
 			t.Fatalf("%s: position %d differs from the CPU backend (K equal %v, V equal %v)", what, p, bytes.Equal(wk, gk), bytes.Equal(wv, gv))
+		}
+	}
+}
+
+// noStrayWrites checks that every byte of the cache outside the positions'
+// slots still holds the poison the kernel started from.
+func noStrayWrites(t *testing.T, what string, p *gpu.PagedKV, positions []int) {
+	t.Helper()
+	tb := p.KVHeads * p.HeadDim * p.ElemBytes
+	mine := map[int]bool{}
+	for _, pos := range positions {
+		k, _, err := p.Token(pos)
+		if err != nil {
+			t.Fatal(err)
+		}
+		off := int(uintptr(unsafe.Pointer(&k[0])) - uintptr(unsafe.Pointer(&p.K[0])))
+		mine[off/tb] = true
+	}
+	for slot := 0; slot < len(p.K)/tb; slot++ {
+		if mine[slot] {
+			continue
+		}
+		for _, buf := range [][]byte{p.K, p.V} {
+			for _, b := range buf[slot*tb : (slot+1)*tb] {
+				if b != 0xff {
+					t.Fatalf("%s: slot %d, which no position maps to, was written", what, slot)
+				}
+			}
 		}
 	}
 }

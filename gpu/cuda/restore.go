@@ -60,6 +60,9 @@ func (b *Backend) Begin(c *Cache, positions []int) (*Restore, error) {
 		if p < 0 || p/c.BlockTokens >= len(c.hostTable) {
 			return nil, fmt.Errorf("cuda: position %d (token %d) outside the block table (%d blocks of %d tokens)", p, i, len(c.hostTable), c.BlockTokens)
 		}
+		if p >= b.cfg.MaxPositions {
+			return nil, fmt.Errorf("cuda: position %d (token %d) beyond the model's max_position_embeddings %d", p, i, b.cfg.MaxPositions)
+		}
 		maxPos = max(maxPos, p)
 	}
 	b.busy.Lock()
@@ -67,8 +70,11 @@ func (b *Backend) Begin(c *Cache, positions []int) (*Restore, error) {
 	err := b.with(func() error {
 		b.mu.Lock()
 		defer b.mu.Unlock()
-		if b.closed {
-			return errors.New("cuda: backend closed")
+		if err := b.live(); err != nil {
+			return err
+		}
+		if !b.caches[c] {
+			return errors.New("cuda: Begin on a freed cache")
 		}
 		if err := b.ensureRope(maxPos + 1); err != nil {
 			return err
@@ -86,9 +92,22 @@ func (b *Backend) Begin(c *Cache, positions []int) (*Restore, error) {
 				return err
 			}
 		}
+		// The uploads above were synchronous copies from pageable memory,
+		// which the non-blocking restore streams do not wait for.
+		if err := b.sync(); err != nil {
+			return err
+		}
 		return b.d.check("cuEventRecord", b.d.call("cuEventRecord", r.start, b.copyS))
 	})
 	if err != nil {
+		b.with(func() error {
+			for _, e := range []uintptr{r.start, r.end} {
+				if e != 0 {
+					b.d.call("cuEventDestroy_v2", e)
+				}
+			}
+			return nil
+		})
 		b.busy.Unlock()
 		return nil, err
 	}
@@ -219,6 +238,8 @@ func (r *Restore) submit(layer int, rows []byte, release func(), kind int) (err 
 			return err
 		}
 		if err := d.check("cuEventRecord", d.call("cuEventRecord", cp, b.copyS)); err != nil {
+			// The copy is queued: the rows go back only once it is done.
+			d.call("cuStreamSynchronize", b.copyS)
 			return err
 		}
 		handed = true
@@ -373,6 +394,11 @@ func (r *Restore) Wait() (Timing, error) {
 	close(r.rel)
 	<-r.relDone
 	b.with(func() error {
+		if err != nil {
+			// Whatever is still queued must finish before the next
+			// restore reuses the staging buffers.
+			b.sync()
+		}
 		b.mu.Lock()
 		defer b.mu.Unlock()
 		b.events = append(b.events, r.copied...)
