@@ -236,10 +236,16 @@ func (c *Client) restore(ctx context.Context, req *hcachev1.RestoreRequest, fn f
 			return 0, err
 		}
 		tokens = m.GetTokens()
-		if m.GetOffset() == 0 {
-			buf = buf[:0]
+		// One buffer, sized from the first piece, reused for every layer.
+		need := m.GetTokens() * uint64(m.GetRowBytes())
+		if need > 1<<40 || m.GetOffset()+uint64(len(m.GetInline())) > need {
+			return 0, fmt.Errorf("hcacheclient: restore piece at %d+%d outside its layer of %d bytes", m.GetOffset(), len(m.GetInline()), need)
 		}
-		buf = append(buf, m.GetInline()...)
+		if uint64(cap(buf)) < need {
+			buf = make([]byte, need)
+		}
+		buf = buf[:need]
+		copy(buf[m.GetOffset():], m.GetInline())
 		if m.GetLayerDone() {
 			if err := fn(int(m.GetLayer()), buf); err != nil {
 				return 0, err

@@ -422,8 +422,8 @@ func benchDaemon(args []string, stdout, stderr io.Writer) error {
 	if *asJSON {
 		return printJSON(stdout, res)
 	}
-	fmt.Fprintf(stdout, "restore %s, %d x %d tokens (%d bytes each): embedded %.2f GB/s, daemon %.2f GB/s, ratio %.2f\n",
-		res.Model, res.Contexts, res.Tokens, res.BytesPerContext, res.EmbeddedGBps, res.DaemonGBps, res.Ratio)
+	fmt.Fprintf(stdout, "restore %s, %d x %d tokens (%d bytes each): embedded %.2f GB/s, daemon %.2f GB/s, ratio %.2f; inline in the messages %.2f GB/s\n",
+		res.Model, res.Contexts, res.Tokens, res.BytesPerContext, res.EmbeddedGBps, res.DaemonGBps, res.Ratio, res.InlineGBps)
 	for _, r := range res.Rows {
 		fmt.Fprintf(stdout, "%3d clients: %.2f GB/s aggregate, p50 %.1f ms, p99 %.1f ms (%d restores)\n", r.Clients, r.AggregateGBps, r.P50MS, r.P99MS, r.Restores)
 	}

@@ -52,6 +52,7 @@ type Result struct {
 	EmbeddedGBps    float64 `json:"embedded_gbps"`
 	DaemonGBps      float64 `json:"daemon_gbps"`
 	Ratio           float64 `json:"ratio"`
+	InlineGBps      float64 `json:"daemon_inline_gbps"` // one client, bytes in the messages (as over TCP)
 	Method          string  `json:"method"`
 	Rows            []Row   `json:"clients_rows"`
 }
@@ -195,12 +196,29 @@ func Run(o Options) (*Result, error) {
 		}
 	}
 	bar.Finish()
-	g.Close()
-	cl.Close()
 	total := float64(passes * int64(o.Contexts) * ctxBytes)
 	res.EmbeddedGBps = total / eTime.Seconds() / 1e9
 	res.DaemonGBps = total / dTime.Seconds() / 1e9
 	res.Ratio = res.DaemonGBps / res.EmbeddedGBps
+
+	// The same client with the bytes inline in the messages (what a TCP
+	// client gets), one pass, after the ratio's passes.
+	bar = progress.New(o.Progress, "restore inline", int64(o.Contexts), "restores")
+	t0 := time.Now()
+	for i := 0; i < o.Contexts; i++ {
+		n, err := cl.Restore(ctx, "bench", fmt.Sprintf("c%d", i), ident, func(int, []byte) error { return nil })
+		if err == nil && int(n) != o.Tokens {
+			err = fmt.Errorf("inline restore: %d tokens, want %d", n, o.Tokens)
+		}
+		if err != nil {
+			return nil, err
+		}
+		bar.Add(1)
+	}
+	res.InlineGBps = float64(int64(o.Contexts)*ctxBytes) / time.Since(t0).Seconds() / 1e9
+	bar.Finish()
+	g.Close()
+	cl.Close()
 
 	for _, n := range o.Clients {
 		row, err := clientsRow(n, o, dial, viaDaemon, ctxBytes)
