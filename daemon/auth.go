@@ -10,6 +10,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"sync"
 
 	"golang.org/x/sys/unix"
 	"google.golang.org/grpc/codes"
@@ -49,6 +50,19 @@ func (p peerAuth) AuthType() string {
 // otherwise.
 type peerCreds struct {
 	tls credentials.TransportCredentials
+	s   *Server // counts connections per user (--max-conns)
+}
+
+// countedConn gives back its user's connection slot when closed.
+type countedConn struct {
+	net.Conn
+	once    sync.Once
+	release func()
+}
+
+func (c *countedConn) Close() error {
+	c.once.Do(c.release)
+	return c.Conn.Close()
 }
 
 func (peerCreds) ClientHandshake(ctx context.Context, _ string, c net.Conn) (net.Conn, credentials.AuthInfo, error) {
@@ -75,6 +89,13 @@ func (p peerCreds) ServerHandshake(c net.Conn) (net.Conn, credentials.AuthInfo, 
 		a.unix, a.uid, a.gid, a.pid = true, cred.Uid, cred.Gid, uint32(cred.Pid)
 		// Local connections are as private as the machine.
 		a.SecurityLevel = credentials.PrivacyAndIntegrity
+		if p.s != nil {
+			release, err := p.s.takeConn(cred.Uid)
+			if err != nil {
+				return nil, nil, err
+			}
+			return &countedConn{Conn: c, release: release}, a, nil
+		}
 	}
 	return c, a, nil
 }
@@ -84,7 +105,7 @@ func (peerCreds) Info() credentials.ProtocolInfo {
 }
 func (p peerCreds) Clone() credentials.TransportCredentials {
 	if p.tls != nil {
-		return peerCreds{tls: p.tls.Clone()}
+		return peerCreds{tls: p.tls.Clone(), s: p.s}
 	}
 	return p
 }
@@ -293,4 +314,21 @@ func (s *Server) uidGrant(uid uint32) []string {
 		return nil
 	}
 	return s.grants.UIDs[uid]
+}
+
+// takeConn takes one of a user's connection slots (--max-conns), or refuses
+// the connection; the returned func gives the slot back.
+func (s *Server) takeConn(uid uint32) (func(), error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.connsByUID[uid] >= s.cfg.MaxConnsPerUID {
+		s.log.Warn("connection refused: too many connections", "uid", uid, "max", s.cfg.MaxConnsPerUID)
+		return nil, fmt.Errorf("uid %d already has %d connections (--max-conns)", uid, s.cfg.MaxConnsPerUID)
+	}
+	s.connsByUID[uid]++
+	return func() {
+		s.mu.Lock()
+		s.connsByUID[uid]--
+		s.mu.Unlock()
+	}, nil
 }

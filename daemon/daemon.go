@@ -37,6 +37,7 @@ const (
 	DefaultMaxContexts         = 1 << 20
 	DefaultMaxTokensPerContext = 1 << 20
 	DefaultMaxInflight         = 64
+	DefaultMaxConnsPerUID      = 256
 	DefaultMaxMessageBytes     = 64 << 20
 	DefaultMaxRegionBytes      = 4 << 30
 	DefaultMaxRegionsPerUID    = 64
@@ -69,6 +70,7 @@ type Config struct {
 	MaxContexts         int
 	MaxTokensPerContext uint64
 	MaxInflight         int   // concurrent RPCs per client connection
+	MaxConnsPerUID      int   // unix connections per user
 	MaxMessageBytes     int   // gRPC message size, both ways
 	MaxRegionBytes      int64 // one shared region
 	MaxRegionsPerUID    int
@@ -94,6 +96,7 @@ func (c *Config) fill() error {
 	}
 	def(&c.MaxContexts, DefaultMaxContexts)
 	def(&c.MaxInflight, DefaultMaxInflight)
+	def(&c.MaxConnsPerUID, DefaultMaxConnsPerUID)
 	def(&c.MaxMessageBytes, DefaultMaxMessageBytes)
 	def(&c.MaxRegionsPerUID, DefaultMaxRegionsPerUID)
 	def(&c.RestorePieceBytes, DefaultRestorePieceBytes)
@@ -140,11 +143,12 @@ type Server struct {
 	// exclusively by fsck (which must see a still store).
 	admin sync.RWMutex
 
-	mu       sync.Mutex
-	writers  map[string]*openWriter // ns\0id
-	conns    map[uint64]*connState
-	usage    map[string]int64 // stored + appended row bytes per namespace
-	stopping bool
+	mu         sync.Mutex
+	writers    map[string]*openWriter // ns\0id
+	conns      map[uint64]*connState
+	connsByUID map[uint32]int
+	usage      map[string]int64 // stored + appended row bytes per namespace
+	stopping   bool
 
 	nextConn atomic.Uint64
 	stopOnce sync.Once
@@ -164,7 +168,7 @@ func New(cfg Config) (*Server, error) {
 		return nil, err
 	}
 	s := &Server{cfg: cfg, store: cfg.Store, grants: cfg.Grants, log: cfg.Logger,
-		writers: map[string]*openWriter{}, conns: map[uint64]*connState{}, usage: map[string]int64{},
+		writers: map[string]*openWriter{}, conns: map[uint64]*connState{}, connsByUID: map[uint32]int{}, usage: map[string]int64{},
 		shmOpen: map[*net.UnixConn]bool{}, gcStop: make(chan struct{}), gcDone: make(chan struct{}),
 		serveErr: make(chan error, 4)}
 	s.regions.init()
@@ -172,7 +176,7 @@ func New(cfg Config) (*Server, error) {
 		s.usage[c.Namespace] += int64(c.Tokens) * rowSum(c.Identity)
 	}
 	s.metrics = newMetrics(s)
-	var creds peerCreds
+	creds := peerCreds{s: s}
 	if cfg.TLSCertFile != "" || cfg.TLSKeyFile != "" {
 		tc, err := credentials.NewServerTLSFromFile(cfg.TLSCertFile, cfg.TLSKeyFile)
 		if err != nil {

@@ -1018,3 +1018,41 @@ func TestSilentSideConnection(t *testing.T) {
 		t.Fatalf("the silent connection got %q, %v; want it closed", b, err)
 	}
 }
+
+// TestConnectionLimit: a user's connections past --max-conns are refused,
+// and a closed one frees its slot.
+func TestConnectionLimit(t *testing.T) {
+	e := start(t, func(c *daemon.Config) { c.MaxConnsPerUID = 2 })
+	ctx := context.Background()
+	var cs []*hc.Client
+	for i := 0; i < 2; i++ {
+		c, err := hc.Dial("unix://" + e.sock)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		if _, err := c.Info(ctx); err != nil {
+			t.Fatal(err)
+		}
+		cs = append(cs, c)
+	}
+	third := e.dial()
+	_, err := third.Info(ctx)
+	wantCode(t, "third connection", err, codes.Unavailable)
+	cs[0].Close()
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		_, err := e.dial().Info(ctx)
+		if err == nil {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("no connection slot after one was closed: %v", err)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	// The connections still open were not disturbed.
+	if _, err := cs[1].Info(ctx); err != nil {
+		t.Fatal(err)
+	}
+}

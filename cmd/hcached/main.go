@@ -47,6 +47,7 @@ func run(args []string) int {
 	maxContexts := fs.Int("max-contexts", daemon.DefaultMaxContexts, "contexts the store may hold")
 	maxTokens := fs.Uint64("max-tokens", daemon.DefaultMaxTokensPerContext, "tokens per context")
 	maxInflight := fs.Int("max-inflight", daemon.DefaultMaxInflight, "concurrent requests per client connection")
+	maxConns := fs.Int("max-conns", daemon.DefaultMaxConnsPerUID, "unix socket connections per user")
 	maxMsg := fs.String("max-message", strconv.Itoa(daemon.DefaultMaxMessageBytes), "largest gRPC message, both ways")
 	maxRegion := fs.String("max-region", strconv.Itoa(daemon.DefaultMaxRegionBytes), "largest shared region")
 	maxRegions := fs.Int("max-regions", daemon.DefaultMaxRegionsPerUID, "shared regions per user")
@@ -86,7 +87,7 @@ func run(args []string) int {
 	cfg := daemon.Config{
 		Listen: strings.TrimPrefix(strings.TrimPrefix(*listen, "unix://"), "unix:"), TCP: *tcp, TLSCertFile: *tlsCert, TLSKeyFile: *tlsKey, Metrics: *metricsAddr,
 		Quotas: map[string]int64{}, DefaultQuota: size("default-quota", *defQuota),
-		MaxContexts: *maxContexts, MaxTokensPerContext: *maxTokens, MaxInflight: *maxInflight,
+		MaxContexts: *maxContexts, MaxTokensPerContext: *maxTokens, MaxInflight: *maxInflight, MaxConnsPerUID: *maxConns,
 		MaxMessageBytes: int(size("max-message", *maxMsg)), MaxRegionBytes: size("max-region", *maxRegion), MaxRegionsPerUID: *maxRegions,
 		GCInterval: *gcInterval, StopTimeout: *stopTimeout, Logger: log,
 	}
