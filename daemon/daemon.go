@@ -44,6 +44,7 @@ const (
 	DefaultRestorePieceBytes   = 4 << 20
 	DefaultGCInterval          = 30 * time.Second
 	DefaultStopTimeout         = 30 * time.Second
+	DefaultRestoreTimeout      = 10 * time.Minute
 )
 
 // Config configures a Server. Zero limits take the defaults above.
@@ -77,6 +78,7 @@ type Config struct {
 	RestorePieceBytes   int // inline restore pieces
 	GCInterval          time.Duration
 	StopTimeout         time.Duration
+	RestoreTimeout      time.Duration // longest restore (a client that stops reading is cut off)
 	Logger              *slog.Logger
 	// Models are what Restore with project set can project with.
 	Models []*Model
@@ -111,6 +113,9 @@ func (c *Config) fill() error {
 	}
 	if c.StopTimeout == 0 {
 		c.StopTimeout = DefaultStopTimeout
+	}
+	if c.RestoreTimeout == 0 {
+		c.RestoreTimeout = DefaultRestoreTimeout
 	}
 	if c.Logger == nil {
 		c.Logger = slog.New(slog.NewJSONHandler(os.Stderr, nil))
@@ -150,11 +155,12 @@ type Server struct {
 	usage      map[string]int64 // stored + appended row bytes per namespace
 	stopping   bool
 
-	nextConn atomic.Uint64
-	stopOnce sync.Once
-	gcStop   chan struct{}
-	gcDone   chan struct{}
-	serveErr chan error
+	restoring sync.WaitGroup // restore goroutines, which may outlive their RPC (--restore-timeout)
+	nextConn  atomic.Uint64
+	stopOnce  sync.Once
+	gcStop    chan struct{}
+	gcDone    chan struct{}
+	serveErr  chan error
 }
 
 type connState struct {
@@ -314,6 +320,8 @@ func (s *Server) stop() {
 		s.grpc.Stop()
 		<-done
 	}
+	// Restores cut off by their timeout wind down once their stream is gone.
+	s.restoring.Wait()
 	s.mu.Lock()
 	ws := make([]*openWriter, 0, len(s.writers))
 	for k, w := range s.writers {

@@ -1056,3 +1056,40 @@ func TestConnectionLimit(t *testing.T) {
 		t.Fatal(err)
 	}
 }
+
+// TestRestoreTimeout: a client that stops reading a restore is cut off after
+// RestoreTimeout; the daemon keeps serving and stops cleanly.
+func TestRestoreTimeout(t *testing.T) {
+	e := start(t, func(c *daemon.Config) { c.RestoreTimeout = 300 * time.Millisecond; c.RestorePieceBytes = 64 << 10 })
+	c := e.dial()
+	ctx := context.Background()
+	big := hc.Identity{Model: []byte("big"), Plan: []hc.LayerPlan{{Kind: hc.LayerHidden, RowBytes: 4096}, {Kind: hc.LayerHidden, RowBytes: 4096}}}
+	w, err := c.Create(ctx, "ns", "big", big, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	rowsBig := make([]byte, 4000*4096) // 32 MiB in all: more than the transport buffers
+	w.AppendLayer(ctx, 0, rowsBig)
+	w.AppendLayer(ctx, 1, rowsBig)
+	if err := w.Close(ctx); err != nil {
+		t.Fatal(err)
+	}
+	st, err := c.API.Restore(ctx, &hcachev1.RestoreRequest{Ctx: &hcachev1.ContextRef{Namespace: "ns", Id: "big"},
+		Identity: &hcachev1.Identity{Model: big.Model, Plan: []*hcachev1.LayerPlan{{Kind: 1, RowBytes: 4096}, {Kind: 1, RowBytes: 4096}}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := st.Recv(); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(time.Second) // a client that stopped reading: the restore cannot finish
+	for err == nil {
+		_, err = st.Recv()
+	}
+	wantCode(t, "restore not read", err, codes.DeadlineExceeded)
+	// The daemon serves on (and Stop, in the cleanup, does not wait for the
+	// abandoned restore).
+	if _, err := c.Stat(ctx, "ns", "big"); err != nil {
+		t.Fatal(err)
+	}
+}

@@ -464,12 +464,13 @@ func (s *Server) Restore(req *hcachev1.RestoreRequest, stream grpc.ServerStreami
 	}
 	var dst []byte
 	var dstOff uint64
+	releaseRegion := func() {}
 	if r := req.GetRegion(); r != nil {
 		g, b, err := s.regions.acquire(c, r)
 		if err != nil {
 			return err
 		}
-		defer s.regions.release(g)
+		releaseRegion = func() { s.regions.release(g) }
 		dst, dstOff = b, r.GetOffset()
 	}
 	piece := int(req.GetMaxPieceBytes())
@@ -543,27 +544,52 @@ func (s *Server) Restore(req *hcachev1.RestoreRequest, stream grpc.ServerStreami
 	start := time.Now()
 	last := start
 	first := true
-	tokens, err := s.store.RestoreOwned(ns, id, ident, restoreAhead, func(layer int, rows []byte, release func()) error {
-		now := time.Now()
-		if first {
-			s.metrics.restoreStage.WithLabelValues("first_layer").Observe(now.Sub(start).Seconds())
-			first = false
-		} else {
-			s.metrics.restoreStage.WithLabelValues("layer_wait").Observe(now.Sub(last).Seconds())
-		}
-		last = now
-		if e := sendErr.Load(); e != nil {
-			release()
-			return *e
-		}
-		queue <- owned{layer, rows, release} // never full: at most restoreAhead buffers are out
-		return nil
-	})
-	close(queue)
-	<-sent
-	if e := sendErr.Load(); e != nil && err == nil {
-		err = *e
+	// The restore runs on its own goroutine so that a client that stops
+	// reading is cut off after --restore-timeout: returning ends the stream,
+	// which fails the blocked send, and the goroutine then winds down and
+	// only then lets go of the shared region it writes into.
+	type result struct {
+		tokens int
+		err    error
 	}
+	done := make(chan result, 1)
+	s.restoring.Add(1)
+	go func() {
+		defer s.restoring.Done()
+		defer releaseRegion()
+		tokens, err := s.store.RestoreOwned(ns, id, ident, restoreAhead, func(layer int, rows []byte, release func()) error {
+			now := time.Now()
+			if first {
+				s.metrics.restoreStage.WithLabelValues("first_layer").Observe(now.Sub(start).Seconds())
+				first = false
+			} else {
+				s.metrics.restoreStage.WithLabelValues("layer_wait").Observe(now.Sub(last).Seconds())
+			}
+			last = now
+			if e := sendErr.Load(); e != nil {
+				release()
+				return *e
+			}
+			queue <- owned{layer, rows, release} // never full: at most restoreAhead buffers are out
+			return nil
+		})
+		close(queue)
+		<-sent
+		if e := sendErr.Load(); e != nil && err == nil {
+			err = *e
+		}
+		done <- result{tokens, err}
+	}()
+	var res result
+	timeout := time.NewTimer(s.cfg.RestoreTimeout)
+	defer timeout.Stop()
+	select {
+	case res = <-done:
+	case <-timeout.C:
+		s.metrics.restores.WithLabelValues("timeout").Inc()
+		return status.Errorf(codes.DeadlineExceeded, "restore of %s/%s took longer than --restore-timeout %v (is the client reading?)", ns, id, s.cfg.RestoreTimeout)
+	}
+	tokens, err := res.tokens, res.err
 	if err != nil {
 		switch {
 		case errors.Is(err, chunk.ErrNotFound):

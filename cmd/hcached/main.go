@@ -53,6 +53,7 @@ func run(args []string) int {
 	maxRegions := fs.Int("max-regions", daemon.DefaultMaxRegionsPerUID, "shared regions per user")
 	gcInterval := fs.Duration("gc-interval", daemon.DefaultGCInterval, "how often GC looks for segments to compact (negative: only on request)")
 	stopTimeout := fs.Duration("stop-timeout", daemon.DefaultStopTimeout, "on SIGTERM/SIGINT, how long running requests may take before they are cancelled")
+	restoreTimeout := fs.Duration("restore-timeout", daemon.DefaultRestoreTimeout, "longest a restore may take (a client that stops reading is cut off)")
 	capacity := fs.String("capacity", strconv.FormatInt(chunk.DefaultCapacityBytes, 10), "live bytes on disk before least recently used contexts are evicted (-1: none)")
 	cacheBytes := fs.String("cache", strconv.FormatInt(chunk.DefaultCacheBytes, 10), "DRAM tier of recently used slices (0: off)")
 	staging := fs.String("staging", strconv.FormatInt(chunk.DefaultStagingBytes, 10), "DRAM staging bound of unwritten rows")
@@ -89,7 +90,7 @@ func run(args []string) int {
 		Quotas: map[string]int64{}, DefaultQuota: size("default-quota", *defQuota),
 		MaxContexts: *maxContexts, MaxTokensPerContext: *maxTokens, MaxInflight: *maxInflight, MaxConnsPerUID: *maxConns,
 		MaxMessageBytes: int(size("max-message", *maxMsg)), MaxRegionBytes: size("max-region", *maxRegion), MaxRegionsPerUID: *maxRegions,
-		GCInterval: *gcInterval, StopTimeout: *stopTimeout, Logger: log,
+		GCInterval: *gcInterval, StopTimeout: *stopTimeout, RestoreTimeout: *restoreTimeout, Logger: log,
 	}
 	switch {
 	case *shm == "off":
