@@ -2,6 +2,8 @@ package main
 
 import (
 	"context"
+	"crypto/tls"
+	"crypto/x509"
 	"flag"
 	"fmt"
 	"io"
@@ -32,14 +34,15 @@ func init() {
 
 // target is where a command works: a daemon or a directory.
 type target struct {
-	addr, dir, tokenFile string
-	asJSON               bool
+	addr, dir, tokenFile, tlsCA string
+	asJSON                      bool
 }
 
 func (t *target) flags(fs *flag.FlagSet) {
 	fs.StringVar(&t.addr, "addr", "", "hcached address: unix:///path/hcache.sock or host:port")
 	fs.StringVar(&t.dir, "dir", "", "store directory (when no daemon runs on it)")
 	fs.StringVar(&t.tokenFile, "token-file", "", "file holding a bearer token (default: $HCACHE_TOKEN)")
+	fs.StringVar(&t.tlsCA, "tls-ca", "", "PEM certificates that verify a TCP daemon's TLS certificate (then TLS is used)")
 	fs.BoolVar(&t.asJSON, "json", false, "print JSON")
 }
 
@@ -64,6 +67,17 @@ func (t *target) dial() (*hc.Client, error) {
 	var opts []hc.Option
 	if tok != "" {
 		opts = append(opts, hc.WithToken(tok))
+	}
+	if t.tlsCA != "" {
+		pem, err := os.ReadFile(t.tlsCA)
+		if err != nil {
+			return nil, err
+		}
+		pool := x509.NewCertPool()
+		if !pool.AppendCertsFromPEM(pem) {
+			return nil, fmt.Errorf("--tls-ca %s: no PEM certificate in it", t.tlsCA)
+		}
+		opts = append(opts, hc.WithTLS(&tls.Config{RootCAs: pool}))
 	}
 	return hc.Dial(t.addr, opts...)
 }
