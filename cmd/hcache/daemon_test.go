@@ -2,13 +2,22 @@ package main
 
 import (
 	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/x509"
+	"crypto/x509/pkix"
 	"encoding/json"
+	"encoding/pem"
 	"io"
 	"log/slog"
+	"math/big"
+	"net"
 	"os"
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/hcache/hcache/chunk"
 	hc "github.com/hcache/hcache/clients/hcacheclient"
@@ -146,5 +155,48 @@ func TestBenchDaemonSmoke(t *testing.T) {
 	}
 	if res.EmbeddedGBps <= 0 || res.DaemonGBps <= 0 || res.Ratio <= 0 || len(res.Rows) != 2 || res.Rows[1].Clients != 2 || res.Rows[1].Restores != 2 || res.Rows[1].P99MS <= 0 {
 		t.Fatalf("bench daemon result: %s", out)
+	}
+}
+
+// TestDaemonCommandsOverTLS: the --addr commands reach a TCP daemon with TLS
+// (--tls-ca) and a bearer token (--token-file).
+func TestDaemonCommandsOverTLS(t *testing.T) {
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tmpl := &x509.Certificate{SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: "hcached"},
+		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour),
+		IPAddresses: []net.IP{net.ParseIP("127.0.0.1")}, ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth}}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	kb, _ := x509.MarshalECPrivateKey(key)
+	d := t.TempDir()
+	certFile, keyFile, tokFile := filepath.Join(d, "cert.pem"), filepath.Join(d, "key.pem"), filepath.Join(d, "token")
+	os.WriteFile(certFile, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}), 0o600)
+	os.WriteFile(keyFile, pem.EncodeToMemory(&pem.Block{Type: "EC PRIVATE KEY", Bytes: kb}), 0o600)
+	tok := "cli-token-0123456789"
+	os.WriteFile(tokFile, []byte(tok+"\n"), 0o600)
+	ln, _ := net.Listen("tcp", "127.0.0.1:0")
+	addr := ln.Addr().String()
+	ln.Close()
+	st, err := chunk.Open(chunk.Options{Dir: t.TempDir(), GCInterval: -1, Logf: t.Logf})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer st.Close()
+	srv, err := daemon.New(daemon.Config{Store: st, TCP: addr, TLSCertFile: certFile, TLSKeyFile: keyFile,
+		Grants: daemon.Grants{Tokens: map[string][]string{tok: {"ns"}}}, GCInterval: -1, Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer srv.Stop()
+	if code, out, errs := runCLI("ls", "--addr", addr, "--tls-ca", certFile, "--token-file", tokFile, "--json"); code != 0 || strings.TrimSpace(out) != "[]" {
+		t.Fatalf("ls over TLS: exit %d, %q, %s", code, out, errs)
+	}
+	if code, _, _ := runCLI("ls", "--addr", addr, "--token-file", tokFile); code != 1 {
+		t.Fatalf("ls in plaintext against a TLS daemon: exit %d, want 1", code)
 	}
 }
