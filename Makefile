@@ -64,6 +64,7 @@ bench: build
 	./$(BIN) bench io --dir $(BENCH_DIR) --size 4G --bs 1M --qd 32 --json
 	./$(BIN) bench io --dir $(BENCH_DIR) --size 4G --bs 1M --qd 8 --engine fallback --json
 	./$(BIN) bench store --dir $(BENCH_DIR) --model llama2-7b --tokens 4096 --contexts 16 --json
+	./$(BIN) bench daemon --dir $(BENCH_DIR) --model llama2-7b --tokens 512 --contexts 8 --rounds 4 --json
 
 lint: ptx-check
 	@out=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
@@ -89,3 +90,22 @@ gpu-bundle:
 
 clean:
 	rm -rf bin tmp
+
+# Regenerates the committed gRPC code from proto/ with pinned generators:
+# protoc from Debian's protobuf-compiler (3.21.12), protoc-gen-go and
+# protoc-gen-go-grpc at the versions below.
+PROTOC_GEN_GO      := google.golang.org/protobuf/cmd/protoc-gen-go@v1.36.12
+PROTOC_GEN_GO_GRPC := google.golang.org/grpc/cmd/protoc-gen-go-grpc@v1.5.1
+PROTO_BIN          := $(CURDIR)/bin/proto
+
+.PHONY: proto
+proto:
+	GOBIN=$(PROTO_BIN) $(GO) install $(PROTOC_GEN_GO)
+	GOBIN=$(PROTO_BIN) $(GO) install $(PROTOC_GEN_GO_GRPC)
+	protoc -I proto --plugin=protoc-gen-go=$(PROTO_BIN)/protoc-gen-go --plugin=protoc-gen-go-grpc=$(PROTO_BIN)/protoc-gen-go-grpc \
+		--go_out=proto --go_opt=paths=source_relative \
+		--go-grpc_out=proto --go-grpc_opt=paths=source_relative \
+		proto/hcache/v1/hcache.proto
+	protoc -I proto --python_out=clients/python/hcache_client proto/hcache/v1/hcache.proto
+	mv clients/python/hcache_client/hcache/v1/hcache_pb2.py clients/python/hcache_client/hcache_pb2.py
+	rm -rf clients/python/hcache_client/hcache

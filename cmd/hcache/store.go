@@ -62,7 +62,8 @@ func (e *exitError) ExitCode() int { return e.code }
 
 func openStoreFlags(name string, args []string, stderr io.Writer) (*chunk.Store, bool, error) {
 	fs := newFlags(name, stderr)
-	dir := fs.String("dir", "", "store directory (required)")
+	dir := fs.String("dir", "", "store directory (required unless --addr)")
+	fs.String("addr", "", "hcached address (unix:///path or host:port): ask the daemon instead of opening --dir")
 	asJSON := fs.Bool("json", false, "print JSON")
 	if err := parseFlags(fs, args); err != nil {
 		return nil, false, err
@@ -80,6 +81,9 @@ func openStoreFlags(name string, args []string, stderr io.Writer) (*chunk.Store,
 }
 
 func fsck(args []string, stdout, stderr io.Writer) error {
+	if addrOf(args) != "" {
+		return fsckDaemon(args, stdout, stderr)
+	}
 	st, asJSON, err := openStoreFlags("fsck", args, stderr)
 	if err != nil {
 		return err
@@ -93,6 +97,11 @@ func fsck(args []string, stdout, stderr io.Writer) error {
 		bar.Add(1)
 	})
 	bar.Finish()
+	return printCheck(stdout, rep, asJSON)
+}
+
+// printCheck prints an fsck report and turns its findings into the exit status.
+func printCheck(stdout io.Writer, rep *chunk.CheckReport, asJSON bool) error {
 	if asJSON {
 		if err := printJSON(stdout, rep); err != nil {
 			return err
@@ -120,6 +129,9 @@ func fsck(args []string, stdout, stderr io.Writer) error {
 }
 
 func stat(args []string, stdout, stderr io.Writer) error {
+	if addrOf(args) != "" {
+		return statDaemon(args, stdout, stderr)
+	}
 	st, asJSON, err := openStoreFlags("stat", args, stderr)
 	if err != nil {
 		return err

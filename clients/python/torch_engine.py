@@ -1,0 +1,355 @@
+"""A small PyTorch serving loop whose conversations keep their state in hcached.
+
+Usage: torch_engine.py --addr unix:///path/hcache.sock --model MODEL_DIR [--transport shm|inline]
+       [--project NAME] [--conversations 2] [--turns 3] [--prompt 40] [--gen 12] [--seed 1] [--namespace engine]
+
+The model is the repository's independent PyTorch reference
+(model/testdata/torch_ref.py: its safetensors reader and the same math,
+rounding the normed hidden state and K/V to the model dtype), run here
+incrementally with a KV cache. For each conversation and turn the engine
+
+  1. (turn > 1) restores the context from the daemon, layer by layer, and
+     rebuilds each layer's K and V while the next layer is still streaming:
+     hidden-state layers by projection (K = rope(h Wk), V = h Wv), KV layers as
+     stored; with --project NAME the daemon projects (its model NAME, loaded
+     with hcached --model NAME=DIR of the same weights) and every layer
+     arrives as K|V;
+  2. prefills the turn's tokens, saving every layer's row (the hidden state
+     entering the K/V projection, or K|V for KV layers) as it is computed
+     (AppendLayer), then decodes greedily, saving each token's rows of every
+     layer (AppendTokens);
+  3. flushes (durable), closes the writer and drops its KV cache.
+
+The same conversations run uninterrupted (KV kept in memory) alongside; the
+program prints one JSON line and exits 1 unless every generated token is equal
+and every restored row is byte-identical to the one saved.
+"""
+import argparse
+import hashlib
+import json
+import math
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.join(HERE, "..", "..", "model", "testdata"))
+from torch_ref import load_safetensors  # noqa: E402
+
+import hcache_client as hc  # noqa: E402
+
+ROW_LAYOUT = b"torch_engine rows v1: hidden = layer input after the pre-attention norm, in the model dtype; kv = K (after rope) then V, [kv_heads x head_dim] each"
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+class Model:
+    def __init__(self, mdir):
+        with open(os.path.join(mdir, "config.json"), "rb") as f:
+            raw_cfg = f.read()
+        cfg = json.loads(raw_cfg)
+        if cfg["architectures"][0] == "OPTForCausalLM":
+            raise SystemExit("torch_engine: OPT models are not supported (use a Llama, Mistral or Qwen2 config)")
+        self.cfg = cfg
+        self.W = load_safetensors(os.path.join(mdir, "model.safetensors"))
+        self.d = cfg["hidden_size"]
+        self.H = cfg["num_attention_heads"]
+        self.KV = cfg.get("num_key_value_heads", self.H)
+        self.hd = cfg.get("head_dim", self.d // self.H)
+        self.L = cfg["num_hidden_layers"]
+        self.eps = cfg["rms_norm_eps"]
+        self.dtype = DTYPES[cfg.get("torch_dtype", "float16")]
+        self.esize = torch.tensor([], dtype=self.dtype).element_size()
+        theta = cfg["rope_theta"]
+        inv = 1.0 / (theta ** (torch.arange(0, self.hd, 2, dtype=torch.int64).float() / self.hd))
+        rs = cfg.get("rope_scaling") or {}
+        typ = rs.get("rope_type", rs.get("type", ""))
+        if typ == "linear":
+            inv = inv / rs["factor"]
+        elif typ == "llama3":
+            factor, lo, hi, old = rs["factor"], rs["low_freq_factor"], rs["high_freq_factor"], rs["original_max_position_embeddings"]
+            low_wl, high_wl = old / lo, old / hi
+            wl = 2 * math.pi / inv
+            new = torch.where(wl > low_wl, inv / factor, inv)
+            smooth = (old / wl - lo) / (hi - lo)
+            smoothed = (1 - smooth) * new / factor + smooth * new
+            mid = ~(wl < high_wl) & ~(wl > low_wl)
+            inv = torch.where(mid, smoothed, new)
+        self.inv = inv
+        self.interleaved = cfg.get("rotary_interleaved", False)
+        h = hashlib.sha256()
+        h.update(raw_cfg)
+        with open(os.path.join(mdir, "model.safetensors"), "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        h.update(ROW_LAYOUT)
+        self.fingerprint = h.digest()
+
+    def rnd(self, x):
+        return x.to(self.dtype).float()
+
+    def rope(self, x, pos):
+        ang = pos[:, None].float() * self.inv[None, :]
+        cos, sin = ang.cos(), ang.sin()
+        if self.interleaved:
+            x1, x2 = x[..., 0::2], x[..., 1::2]
+            c, s = cos[:, None, :], sin[:, None, :]
+            out = torch.empty_like(x)
+            out[..., 0::2] = x1 * c - x2 * s
+            out[..., 1::2] = x2 * c + x1 * s
+            return out
+        c = torch.cat([cos, cos], -1)[:, None, :]
+        s = torch.cat([sin, sin], -1)[:, None, :]
+        half = self.hd // 2
+        return x * c + torch.cat([-x[..., half:], x[..., :half]], -1) * s
+
+    def rms(self, x, w):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * w
+
+    def w(self, l, name):
+        return self.W.get(f"model.layers.{l}.{name}")
+
+    def kv(self, l, h, pos):
+        """K and V of layer l from its normed hidden state h [n, d]."""
+        n = h.shape[0]
+        k = F.linear(h, self.w(l, "self_attn.k_proj.weight"), self.w(l, "self_attn.k_proj.bias")).view(n, self.KV, self.hd)
+        v = F.linear(h, self.w(l, "self_attn.v_proj.weight"), self.w(l, "self_attn.v_proj.bias")).view(n, self.KV, self.hd)
+        return self.rnd(self.rope(k, pos)), self.rnd(v)
+
+    def forward(self, ids, pos0, cache, save=None):
+        """Runs tokens ids at positions pos0.. against cache (a list of
+        (K, V) per layer, extended in place); save(l, h, k, v) sees each
+        layer's rows as computed. Returns the last token's logits."""
+        n = len(ids)
+        pos = torch.arange(pos0, pos0 + n)
+        x = self.W["model.embed_tokens.weight"][torch.tensor(ids)]
+        for l in range(self.L):
+            h = self.rnd(self.rms(x, self.w(l, "input_layernorm.weight")))
+            q = F.linear(h, self.w(l, "self_attn.q_proj.weight"), self.w(l, "self_attn.q_proj.bias")).view(n, self.H, self.hd)
+            q = self.rope(q, pos)
+            k, v = self.kv(l, h, pos)
+            if save is not None:
+                save(l, h, k, v)
+            if cache[l] is not None:
+                k, v = torch.cat([cache[l][0], k]), torch.cat([cache[l][1], v])
+            cache[l] = (k, v)
+            T = k.shape[0]
+            mask = torch.where(torch.arange(T)[None, :] > pos[:, None], float("-inf"), 0.0)
+            rep = self.H // self.KV
+            kk, vv = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+            sc = torch.einsum("qhd,khd->hqk", q, kk) / math.sqrt(self.hd) + mask
+            a = torch.einsum("hqk,khd->qhd", sc.softmax(-1), vv).reshape(n, self.H * self.hd)
+            x = x + F.linear(a, self.w(l, "self_attn.o_proj.weight"), self.w(l, "self_attn.o_proj.bias"))
+            h2 = self.rms(x, self.w(l, "post_attention_layernorm.weight"))
+            g = F.linear(h2, self.w(l, "mlp.gate_proj.weight"))
+            u = F.linear(h2, self.w(l, "mlp.up_proj.weight"))
+            x = x + F.linear(F.silu(g) * u, self.w(l, "mlp.down_proj.weight"))
+        x = self.rms(x[-1:], self.W["model.norm.weight"])
+        head = self.W.get("lm_head.weight", self.W["model.embed_tokens.weight"])
+        return F.linear(x, head)[0]
+
+
+def as_bytes(t, dtype):
+    """A float tensor's rows in the model dtype, as a uint8 tensor."""
+    return t.to(dtype).contiguous().view(torch.uint8).reshape(t.shape[0], -1)
+
+
+class Engine:
+    """The hcache side: saves rows through the daemon, restores them."""
+
+    def __init__(self, model, client, ns, plan_kinds, transport, project=None):
+        self.m, self.c, self.ns, self.transport = model, client, ns, transport
+        d, kvd = model.d, model.KV * model.hd
+        self.rowbytes = [(d if k == hc.HIDDEN else 2 * kvd) * model.esize for k in plan_kinds]
+        self.kinds = plan_kinds
+        fingerprint = model.fingerprint
+        self.project = project is not None
+        if self.project:
+            # States for the daemon's model NAME carry its fingerprint (this
+            # engine's row layout is the daemon's: serve.RowLayout); only
+            # valid because both were given the same model directory.
+            found = [x for x in client.info().models if x.name == project]
+            if not found:
+                raise SystemExit(f"torch_engine: the daemon has no model {project!r} (hcached --model {project}=DIR)")
+            fingerprint = found[0].fingerprint
+        self.ident = hc.Identity(fingerprint, list(zip(plan_kinds, self.rowbytes)))
+        self.max_proj_diff = 0.0
+        self.region = client.region(64 << 20) if transport == "shm" else None
+        self.save_area = 32 << 20  # the region's first half stages saves, the second receives restores
+        self.saved = {}  # conversation -> per-layer list of saved row bytes (to check restores)
+
+    def row(self, l, h, k, v):
+        if self.kinds[l] == hc.HIDDEN:
+            return as_bytes(h, self.m.dtype)
+        n = k.shape[0]
+        return torch.cat([as_bytes(k.reshape(n, -1), self.m.dtype), as_bytes(v.reshape(n, -1), self.m.dtype)], 1)
+
+    def send(self, rows, at):
+        """rows (uint8 tensor) as the client sends them: via the region or inline."""
+        if self.region is None:
+            return rows.numpy()
+        flat = rows.reshape(-1)
+        self.region.tensor(torch.uint8, at, flat.numel()).copy_(flat)
+        return (self.region, at, flat.numel())
+
+    def turn(self, conv, first, ids, pos0, gen):
+        """One turn: restore (unless first), prefill ids, decode gen tokens."""
+        m = self.m
+        stats = {}
+        if first:
+            w = self.c.create(self.ns, conv, self.ident)
+            cache = [None] * m.L
+            self.saved[conv] = [[] for _ in range(m.L)]
+        else:
+            cache = self.restore(conv, pos0, stats)
+            w = self.c.append(self.ns, conv, self.ident)
+            if w.tokens != pos0:
+                raise SystemExit(f"torch_engine: {conv}: daemon holds {w.tokens} tokens, the engine expected {pos0}")
+        saved = self.saved[conv]
+
+        def save_layer(l, h, k, v):  # prefill: one layer, every token (vLLM: save_kv_layer)
+            r = self.row(l, h, k, v)
+            saved[l].append(r.clone())
+            w.append_layer(l, self.send(r, 0))
+
+        step = []
+
+        def save_token(l, h, k, v):  # decode: gathered over the layers, then one AppendTokens
+            r = self.row(l, h, k, v)
+            saved[l].append(r.clone())
+            step.append(r.reshape(-1))
+
+        out = []
+        logits = m.forward(ids, pos0, cache, save_layer)
+        pos = pos0 + len(ids)
+        for i in range(gen):
+            t = int(logits.argmax())
+            out.append(t)
+            if i == gen - 1:
+                break
+            step.clear()
+            logits = m.forward([t], pos, cache, save_token)
+            w.append_tokens(1, self.send(torch.cat(step), 0))
+            pos += 1
+        w.flush()  # vLLM: wait_for_save
+        w.close()
+        return out, pos, stats
+
+    def restore(self, conv, tokens, stats):
+        """Rebuilds the KV cache from the daemon, layer by layer."""
+        m = self.m
+        cache = [None] * m.L
+        pos = torch.arange(tokens)
+        saved = self.saved[conv]
+        if self.region is not None:
+            layers = ((l, n, self.region.tensor(torch.uint8, off, nb)) for l, n, off, nb in
+                      self.c.restore_into(self.ns, conv, self.ident, self.region, self.save_area, project=self.project))
+        else:
+            layers = ((l, n, torch.frombuffer(bytearray(b), dtype=torch.uint8)) for l, n, b in
+                      self.c.restore(self.ns, conv, self.ident, project=self.project))
+        got = 0
+        for l, n, raw in layers:  # vLLM: wait_for_layer_load(l)
+            if n != tokens:
+                raise SystemExit(f"torch_engine: {conv}: restored {n} tokens, expected {tokens}")
+            rows = raw.reshape(n, -1)
+            want = torch.cat(saved[l])
+            kvd = m.KV * m.hd
+            if self.project and self.kinds[l] == hc.HIDDEN:
+                # Projected by the daemon: compare with this engine's own
+                # projection of the saved hidden state.
+                vals = rows.clone().view(m.dtype).float()
+                k, v = vals[:, :kvd].reshape(n, m.KV, m.hd), vals[:, kvd:].reshape(n, m.KV, m.hd)
+                rk, rv = m.kv(l, want.clone().view(m.dtype).float(), pos)
+                scale = max(float(rk.abs().max()), float(rv.abs().max()), 1e-6)
+                self.max_proj_diff = max(self.max_proj_diff, float((k - rk).abs().max()) / scale, float((v - rv).abs().max()) / scale)
+                cache[l] = (k, v)
+                got += 1
+                continue
+            if not torch.equal(rows, want):
+                raise SystemExit(f"torch_engine: {conv} layer {l}: restored rows differ from the saved ones")
+            vals = rows.clone().view(m.dtype).float()
+            if self.kinds[l] == hc.HIDDEN:
+                cache[l] = m.kv(l, vals, pos)
+            else:
+                cache[l] = (vals[:, :kvd].reshape(n, m.KV, m.hd), vals[:, kvd:].reshape(n, m.KV, m.hd))
+            got += 1
+        if got != m.L:
+            raise SystemExit(f"torch_engine: {conv}: restored {got} layers of {m.L}")
+        stats["restored"] = tokens
+        return cache
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--addr", required=True)
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--token", default=None)
+    ap.add_argument("--namespace", default="engine")
+    ap.add_argument("--transport", choices=["shm", "inline"], default="shm")
+    ap.add_argument("--project", default=None, metavar="NAME", help="let the daemon project hidden states with its model NAME")
+    ap.add_argument("--conversations", type=int, default=2)
+    ap.add_argument("--turns", type=int, default=3)
+    ap.add_argument("--prompt", type=int, default=40)
+    ap.add_argument("--gen", type=int, default=12)
+    ap.add_argument("--seed", type=int, default=1)
+    a = ap.parse_args()
+    torch.manual_seed(a.seed)
+    m = Model(a.model)
+    # Plan: the last layer keeps K|V, the others their hidden state.
+    kinds = [hc.HIDDEN] * (m.L - 1) + [hc.KV]
+    client = hc.Client(a.addr, token=a.token)
+    eng = Engine(m, client, a.namespace, kinds, a.transport, a.project)
+    vocab = m.W["model.embed_tokens.weight"].shape[0]
+    g = torch.Generator().manual_seed(a.seed)
+    convs = [f"conv-{a.seed}-{i}" for i in range(a.conversations)]
+    prompts = {c: [torch.randint(0, vocab, (a.prompt + 7 * t,), generator=g).tolist() for t in range(a.turns)] for c in convs}
+    ref_cache = {c: [None] * m.L for c in convs}
+    state = {c: {"pos": 0, "last": [], "pos_ref": 0, "last_ref": []} for c in convs}
+    ref_tokens = {c: [] for c in convs}
+    hc_tokens = {c: [] for c in convs}
+    restored = []
+    # Interleave the conversations turn by turn, as a server would.
+    for t in range(a.turns):
+        for c in convs:
+            s = state[c]
+            # Uninterrupted reference: the KV cache stays in memory.
+            ids = s["last_ref"] + prompts[c][t]
+            logits = m.forward(ids, s["pos_ref"], ref_cache[c])
+            pos = s["pos_ref"] + len(ids)
+            out = []
+            for i in range(a.gen):
+                tok = int(logits.argmax())
+                out.append(tok)
+                if i == a.gen - 1:
+                    break
+                logits = m.forward([tok], pos, ref_cache[c])
+                pos += 1
+            ref_tokens[c].append(out)
+            s["pos_ref"], s["last_ref"] = pos, [out[-1]]
+            # Through hcached: restore, continue, save, drop.
+            ids = s["last"] + prompts[c][t]
+            out, pos, st = eng.turn(c, t == 0, ids, s["pos"], a.gen)
+            hc_tokens[c].append(out)
+            if "restored" in st:
+                restored.append(st["restored"])
+            s["pos"], s["last"] = pos, [out[-1]]
+    equal = ref_tokens == hc_tokens
+    stored = {c: client.stat(a.namespace, c).tokens for c in convs}
+    print(json.dumps({"tokens_equal": equal, "conversations": len(convs), "turns": a.turns, "transport": a.transport,
+                      "restores": len(restored), "restored_tokens": restored, "stored_tokens": stored,
+                      "generated": sum(len(x) for v in hc_tokens.values() for x in v),
+                      "plan": [("hidden" if k == hc.HIDDEN else "kv") for k in kinds],
+                      "projected_by_daemon": eng.project, "max_projection_diff": eng.max_proj_diff}))
+    if eng.region is not None:
+        eng.region.close()
+    client.close()
+    if not equal:
+        print(json.dumps({"reference": ref_tokens, "hcache": hc_tokens}), file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    with torch.no_grad():
+        main()

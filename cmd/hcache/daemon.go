@@ -1,0 +1,445 @@
+package main
+
+import (
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"flag"
+	"fmt"
+	"io"
+	"os"
+	"strconv"
+	"strings"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/hcache/hcache/chunk"
+	hc "github.com/hcache/hcache/clients/hcacheclient"
+	"github.com/hcache/hcache/internal/benchdaemon"
+	hcachev1 "github.com/hcache/hcache/proto/hcache/v1"
+)
+
+// Commands that work against a running hcached (--addr) or, when none runs,
+// on a store directory (--dir): ls, rm, pin, gc; stat and fsck (store.go)
+// take --addr too.
+
+func init() {
+	register("ls", "list contexts (--addr: through hcached; --dir: on a store directory)", ls)
+	register("rm", "delete a context (--addr or --dir)", rm)
+	register("pin", "pin a context against eviction, or --unpin it (--addr or --dir)", pin)
+	register("gc", "compact segments below the live ratio (--addr or --dir)", gcCmd)
+	register("bench daemon", "restore throughput through hcached's shared memory against the embedded store, and with 1/4/16 clients", benchDaemon)
+}
+
+// target is where a command works: a daemon or a directory.
+type target struct {
+	addr, dir, tokenFile, tlsCA string
+	asJSON                      bool
+}
+
+func (t *target) flags(fs *flag.FlagSet) {
+	fs.StringVar(&t.addr, "addr", "", "hcached address: unix:///path/hcache.sock or host:port")
+	fs.StringVar(&t.dir, "dir", "", "store directory (when no daemon runs on it)")
+	fs.StringVar(&t.tokenFile, "token-file", "", "file holding a bearer token (default: $HCACHE_TOKEN)")
+	fs.StringVar(&t.tlsCA, "tls-ca", "", "PEM certificates that verify a TCP daemon's TLS certificate (then TLS is used)")
+	fs.BoolVar(&t.asJSON, "json", false, "print JSON")
+}
+
+func (t *target) check(fs *flag.FlagSet) error {
+	if (t.addr == "") == (t.dir == "") {
+		fmt.Fprintln(fs.Output(), "give exactly one of --addr and --dir")
+		fs.Usage()
+		return errUsage
+	}
+	return nil
+}
+
+func (t *target) dial() (*hc.Client, error) {
+	tok := os.Getenv("HCACHE_TOKEN")
+	if t.tokenFile != "" {
+		b, err := os.ReadFile(t.tokenFile)
+		if err != nil {
+			return nil, err
+		}
+		tok = strings.TrimSpace(string(b))
+	}
+	var opts []hc.Option
+	if tok != "" {
+		opts = append(opts, hc.WithToken(tok))
+	}
+	if t.tlsCA != "" {
+		pem, err := os.ReadFile(t.tlsCA)
+		if err != nil {
+			return nil, err
+		}
+		pool := x509.NewCertPool()
+		if !pool.AppendCertsFromPEM(pem) {
+			return nil, fmt.Errorf("--tls-ca %s: no PEM certificate in it", t.tlsCA)
+		}
+		opts = append(opts, hc.WithTLS(&tls.Config{RootCAs: pool}))
+	}
+	return hc.Dial(t.addr, opts...)
+}
+
+func (t *target) open(stderr io.Writer) (*chunk.Store, error) {
+	if _, err := os.Stat(t.dir); err != nil {
+		return nil, fmt.Errorf("store directory: %w", err)
+	}
+	return chunk.Open(chunk.Options{Dir: t.dir, GCInterval: -1, Logf: func(f string, a ...any) { fmt.Fprintf(stderr, f+"\n", a...) }})
+}
+
+func rpcCtx() (context.Context, context.CancelFunc) {
+	return context.WithTimeout(context.Background(), 10*time.Minute)
+}
+
+// ctxRow is one context as ls prints it.
+type ctxRow struct {
+	Namespace string `json:"namespace"`
+	ID        string `json:"id"`
+	Tokens    uint64 `json:"tokens"`
+	LiveBytes int64  `json:"live_bytes"`
+	Pinned    bool   `json:"pinned"`
+	Damaged   bool   `json:"damaged"`
+	Writer    bool   `json:"writer_open,omitempty"`
+	LastUse   string `json:"last_use"`
+}
+
+func ls(args []string, stdout, stderr io.Writer) error {
+	fs := newFlags("ls", stderr)
+	var t target
+	t.flags(fs)
+	ns := fs.String("ns", "", "only this namespace")
+	if err := parseFlags(fs, args); err != nil {
+		return err
+	}
+	if err := t.check(fs); err != nil {
+		return err
+	}
+	var rows []ctxRow
+	if t.addr != "" {
+		c, err := t.dial()
+		if err != nil {
+			return err
+		}
+		defer c.Close()
+		ctx, cancel := rpcCtx()
+		defer cancel()
+		list, err := c.List(ctx, *ns)
+		if err != nil {
+			return err
+		}
+		for _, ci := range list {
+			rows = append(rows, ctxRow{ci.GetNamespace(), ci.GetId(), ci.GetTokens(), ci.GetLiveBytes(), ci.GetPinned(), ci.GetDamaged(), ci.GetWriterOpen(),
+				time.Unix(0, ci.GetLastUseUnixNanos()).UTC().Format(time.RFC3339)})
+		}
+	} else {
+		st, err := t.open(stderr)
+		if err != nil {
+			return err
+		}
+		defer st.Close()
+		for _, ci := range st.Contexts() {
+			if *ns != "" && ci.Namespace != *ns {
+				continue
+			}
+			rows = append(rows, ctxRow{ci.Namespace, ci.ID, ci.Tokens, ci.LiveBytes, ci.Pinned, ci.Damaged, false, ci.LastUse.UTC().Format(time.RFC3339)})
+		}
+	}
+	if t.asJSON {
+		if rows == nil {
+			rows = []ctxRow{}
+		}
+		return printJSON(stdout, rows)
+	}
+	fmt.Fprintf(stdout, "%-16s %-32s %10s %14s %-20s %s\n", "NAMESPACE", "CONTEXT", "TOKENS", "LIVE_BYTES", "LAST_USE", "FLAGS")
+	for _, r := range rows {
+		var flags []string
+		if r.Pinned {
+			flags = append(flags, "pinned")
+		}
+		if r.Damaged {
+			flags = append(flags, "damaged")
+		}
+		if r.Writer {
+			flags = append(flags, "writing")
+		}
+		fmt.Fprintf(stdout, "%-16s %-32s %10d %14d %-20s %s\n", r.Namespace, r.ID, r.Tokens, r.LiveBytes, r.LastUse, strings.Join(flags, ","))
+	}
+	return nil
+}
+
+func nsID(fs *flag.FlagSet) (*string, *string) {
+	return fs.String("ns", "", "namespace (required)"), fs.String("id", "", "context id (required)")
+}
+
+func needNSID(fs *flag.FlagSet, ns, id string) error {
+	if ns == "" || id == "" {
+		fmt.Fprintln(fs.Output(), "--ns and --id are required")
+		fs.Usage()
+		return errUsage
+	}
+	return nil
+}
+
+func rm(args []string, stdout, stderr io.Writer) error {
+	fs := newFlags("rm", stderr)
+	var t target
+	t.flags(fs)
+	ns, id := nsID(fs)
+	if err := parseFlags(fs, args); err != nil {
+		return err
+	}
+	if err := t.check(fs); err != nil {
+		return err
+	}
+	if err := needNSID(fs, *ns, *id); err != nil {
+		return err
+	}
+	if t.addr != "" {
+		c, err := t.dial()
+		if err != nil {
+			return err
+		}
+		defer c.Close()
+		ctx, cancel := rpcCtx()
+		defer cancel()
+		if err := c.Delete(ctx, *ns, *id); err != nil {
+			return err
+		}
+	} else {
+		st, err := t.open(stderr)
+		if err != nil {
+			return err
+		}
+		err = st.Delete(*ns, *id)
+		if cerr := st.Close(); err == nil {
+			err = cerr
+		}
+		if err != nil {
+			return err
+		}
+	}
+	return report(stdout, t.asJSON, map[string]any{"deleted": *ns + "/" + *id}, "deleted %s/%s\n", *ns, *id)
+}
+
+func report(w io.Writer, asJSON bool, v any, format string, a ...any) error {
+	if asJSON {
+		return printJSON(w, v)
+	}
+	_, err := fmt.Fprintf(w, format, a...)
+	return err
+}
+
+func pin(args []string, stdout, stderr io.Writer) error {
+	fs := newFlags("pin", stderr)
+	var t target
+	t.flags(fs)
+	ns, id := nsID(fs)
+	unpin := fs.Bool("unpin", false, "lift the pin")
+	if err := parseFlags(fs, args); err != nil {
+		return err
+	}
+	if err := t.check(fs); err != nil {
+		return err
+	}
+	if err := needNSID(fs, *ns, *id); err != nil {
+		return err
+	}
+	if t.addr != "" {
+		c, err := t.dial()
+		if err != nil {
+			return err
+		}
+		defer c.Close()
+		ctx, cancel := rpcCtx()
+		defer cancel()
+		if err := c.Pin(ctx, *ns, *id, !*unpin); err != nil {
+			return err
+		}
+	} else {
+		st, err := t.open(stderr)
+		if err != nil {
+			return err
+		}
+		err = st.Pin(*ns, *id, !*unpin)
+		if cerr := st.Close(); err == nil { // Close commits the pin
+			err = cerr
+		}
+		if err != nil {
+			return err
+		}
+	}
+	return report(stdout, t.asJSON, map[string]any{"context": *ns + "/" + *id, "pinned": !*unpin}, "%s/%s pinned: %v\n", *ns, *id, !*unpin)
+}
+
+func gcCmd(args []string, stdout, stderr io.Writer) error {
+	fs := newFlags("gc", stderr)
+	var t target
+	t.flags(fs)
+	if err := parseFlags(fs, args); err != nil {
+		return err
+	}
+	if err := t.check(fs); err != nil {
+		return err
+	}
+	var out struct {
+		Segments     int64  `json:"segments"`
+		MovedRecords int64  `json:"moved_records"`
+		MovedBytes   uint64 `json:"moved_bytes"`
+	}
+	if t.addr != "" {
+		c, err := t.dial()
+		if err != nil {
+			return err
+		}
+		defer c.Close()
+		ctx, cancel := rpcCtx()
+		defer cancel()
+		r, err := c.API.Gc(ctx, &hcachev1.GcRequest{})
+		if err != nil {
+			return err
+		}
+		out.Segments, out.MovedRecords, out.MovedBytes = r.GetSegments(), r.GetMovedRecords(), r.GetMovedBytes()
+	} else {
+		st, err := t.open(stderr)
+		if err != nil {
+			return err
+		}
+		r := st.GC()
+		if cerr := st.Close(); r.Err == nil {
+			r.Err = cerr
+		}
+		if r.Err != nil {
+			return r.Err
+		}
+		out.Segments, out.MovedRecords, out.MovedBytes = int64(r.Segments), int64(r.MovedRecords), r.MovedBytes
+	}
+	return report(stdout, t.asJSON, out, "gc: %d segments compacted, %d records (%d bytes) moved\n", out.Segments, out.MovedRecords, out.MovedBytes)
+}
+
+// addrOf returns the value of an --addr flag in args, if any.
+func addrOf(args []string) string {
+	for i, a := range args {
+		a = strings.TrimPrefix(strings.TrimPrefix(a, "-"), "-")
+		if v, ok := strings.CutPrefix(a, "addr="); ok {
+			return v
+		}
+		if a == "addr" && i+1 < len(args) {
+			return args[i+1]
+		}
+	}
+	return ""
+}
+
+// fsckDaemon runs fsck through hcached.
+func fsckDaemon(args []string, stdout, stderr io.Writer) error {
+	fs := newFlags("fsck", stderr)
+	var t target
+	t.flags(fs)
+	if err := parseFlags(fs, args); err != nil {
+		return err
+	}
+	c, err := t.dial()
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	ctx, cancel := rpcCtx()
+	defer cancel()
+	r, err := c.API.Fsck(ctx, &hcachev1.FsckRequest{})
+	if err != nil {
+		return err
+	}
+	rep := chunk.CheckReport{Contexts: int(r.GetContexts()), Chunks: int(r.GetChunks()), Slices: int(r.GetSlices()), Segments: int(r.GetSegments()),
+		Errors: r.GetErrors(), DamagedContexts: r.GetDamagedContexts(), Orphans: r.GetOrphans()}
+	return printCheck(stdout, &rep, t.asJSON)
+}
+
+// statDaemon prints what a daemon shows the caller: its namespaces and contexts.
+func statDaemon(args []string, stdout, stderr io.Writer) error {
+	fs := newFlags("stat", stderr)
+	var t target
+	t.flags(fs)
+	if err := parseFlags(fs, args); err != nil {
+		return err
+	}
+	c, err := t.dial()
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	ctx, cancel := rpcCtx()
+	defer cancel()
+	info, err := c.Info(ctx)
+	if err != nil {
+		return err
+	}
+	list, err := c.List(ctx, "")
+	if err != nil {
+		return err
+	}
+	var live int64
+	var tokens uint64
+	for _, ci := range list {
+		live += ci.GetLiveBytes()
+		tokens += ci.GetTokens()
+	}
+	out := map[string]any{"version": info.GetVersion(), "chunk_tokens": info.GetChunkTokens(), "granted_namespaces": info.GetNamespaces(),
+		"shm_socket": info.GetShmSocket(), "contexts": len(list), "tokens": tokens, "live_bytes": live}
+	if t.asJSON {
+		return printJSON(stdout, out)
+	}
+	fmt.Fprintf(stdout, "%s, chunk tokens %d, granted %v, shared memory %q\n%d contexts, %d tokens, %d live bytes (run 'hcache ls --addr' for each)\n",
+		info.GetVersion(), info.GetChunkTokens(), info.GetNamespaces(), info.GetShmSocket(), len(list), tokens, live)
+	return nil
+}
+
+// isTerminal reports whether w is a terminal (progress shows only there).
+func isTerminal(w io.Writer) bool {
+	f, ok := w.(*os.File)
+	if !ok {
+		return false
+	}
+	_, err := unix.IoctlGetTermios(int(f.Fd()), unix.TCGETS)
+	return err == nil
+}
+
+func benchDaemon(args []string, stdout, stderr io.Writer) error {
+	fs := newFlags("bench daemon", stderr)
+	dir := fs.String("dir", os.TempDir(), "directory on the device to measure")
+	mdl := fs.String("model", "llama2-7b", "model preset whose row shapes to store")
+	tokens := fs.Int("tokens", 512, "tokens per context")
+	contexts := fs.Int("contexts", 8, "contexts")
+	clients := fs.String("clients", "1,4,16", "client counts of the concurrency rows")
+	rounds := fs.Int("rounds", 4, "restores per client in each concurrency row")
+	asJSON := fs.Bool("json", false, "print one JSON object")
+	if err := parseFlags(fs, args); err != nil {
+		return err
+	}
+	var ns []int
+	for _, f := range strings.Split(*clients, ",") {
+		n, err := strconv.Atoi(strings.TrimSpace(f))
+		if err != nil || n < 1 {
+			return fmt.Errorf("--clients %q: want positive integers separated by commas", *clients)
+		}
+		ns = append(ns, n)
+	}
+	var prog io.Writer
+	if isTerminal(stderr) {
+		prog = stderr
+	}
+	res, err := benchdaemon.Run(benchdaemon.Options{Dir: *dir, Model: *mdl, Tokens: *tokens, Contexts: *contexts, Clients: ns, Rounds: *rounds, Progress: prog})
+	if err != nil {
+		return err
+	}
+	if *asJSON {
+		return printJSON(stdout, res)
+	}
+	fmt.Fprintf(stdout, "restore %s, %d x %d tokens (%d bytes each): embedded %.2f GB/s, daemon %.2f GB/s, ratio %.2f; inline in the messages %.2f GB/s\n",
+		res.Model, res.Contexts, res.Tokens, res.BytesPerContext, res.EmbeddedGBps, res.DaemonGBps, res.Ratio, res.InlineGBps)
+	for _, r := range res.Rows {
+		fmt.Fprintf(stdout, "%3d clients: %.2f GB/s aggregate, p50 %.1f ms, p99 %.1f ms (%d restores)\n", r.Clients, r.AggregateGBps, r.P50MS, r.P99MS, r.Restores)
+	}
+	return nil
+}

@@ -1,0 +1,202 @@
+package main
+
+import (
+	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"encoding/json"
+	"encoding/pem"
+	"io"
+	"log/slog"
+	"math/big"
+	"net"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/hcache/hcache/chunk"
+	hc "github.com/hcache/hcache/clients/hcacheclient"
+	"github.com/hcache/hcache/daemon"
+)
+
+// TestDaemonCommands drives ls, stat, pin, rm, fsck and gc against a running
+// daemon (--addr), then the same commands on the directory once it stopped.
+func TestDaemonCommands(t *testing.T) {
+	sd, err := os.MkdirTemp("", "hcd")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer os.RemoveAll(sd)
+	dir := t.TempDir()
+	sock := filepath.Join(sd, "s")
+	st, err := chunk.Open(chunk.Options{Dir: dir, GCInterval: -1, Logf: t.Logf})
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv, err := daemon.New(daemon.Config{Store: st, Listen: sock, GCInterval: -1, Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := "unix://" + sock
+	c, err := hc.Dial(addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	ident := hc.Identity{Model: []byte("cli"), Plan: []hc.LayerPlan{{Kind: hc.LayerHidden, RowBytes: 128}}}
+	for _, id := range []string{"one", "two"} {
+		w, err := c.Create(ctx, "ns", id, ident, false)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := w.AppendLayer(ctx, 0, make([]byte, 100*128)); err != nil {
+			t.Fatal(err)
+		}
+		if err := w.Close(ctx); err != nil {
+			t.Fatal(err)
+		}
+	}
+	c.Close()
+	lsJSON := func(where ...string) []ctxRow {
+		t.Helper()
+		code, out, errs := runCLI(append([]string{"ls", "--json"}, where...)...)
+		if code != 0 {
+			t.Fatalf("ls %v: exit %d: %s", where, code, errs)
+		}
+		var rows []ctxRow
+		if err := json.Unmarshal([]byte(out), &rows); err != nil {
+			t.Fatalf("ls --json output %q: %v", out, err)
+		}
+		return rows
+	}
+	rows := lsJSON("--addr", addr)
+	if len(rows) != 2 || rows[0].ID != "one" || rows[0].Tokens != 100 || rows[1].ID != "two" {
+		t.Fatalf("ls --addr: %+v", rows)
+	}
+	for _, args := range [][]string{
+		{"pin", "--addr", addr, "--ns", "ns", "--id", "one"},
+		{"rm", "--addr", addr, "--ns", "ns", "--id", "two"},
+		{"gc", "--addr", addr, "--json"},
+	} {
+		if code, out, errs := runCLI(args...); code != 0 {
+			t.Fatalf("%v: exit %d\n%s\n%s", args, code, out, errs)
+		}
+	}
+	rows = lsJSON("--addr", addr)
+	if len(rows) != 1 || rows[0].ID != "one" || !rows[0].Pinned {
+		t.Fatalf("after pin and rm: %+v", rows)
+	}
+	if code, out, errs := runCLI("fsck", "--addr", addr); code != 0 || !strings.Contains(out, "clean") {
+		t.Fatalf("fsck --addr: exit %d\n%s\n%s", code, out, errs)
+	}
+	if code, out, errs := runCLI("stat", "--addr", addr, "--json"); code != 0 || !strings.Contains(out, `"contexts": 1`) {
+		t.Fatalf("stat --addr: exit %d\n%s\n%s", code, out, errs)
+	}
+	if code, _, errs := runCLI("rm", "--addr", addr, "--ns", "ns", "--id", "missing"); code != 1 || !strings.Contains(errs, "NotFound") {
+		t.Fatalf("rm of a missing context: exit %d, %s", code, errs)
+	}
+	if code, _, _ := runCLI("ls", "--addr", addr, "--dir", dir); code != 2 {
+		t.Fatalf("ls with both --addr and --dir: exit %d, want 2", code)
+	}
+	srv.Stop()
+	if err := st.Close(); err != nil {
+		t.Fatal(err)
+	}
+	// No daemon: the same commands on the directory.
+	rows = lsJSON("--dir", dir)
+	if len(rows) != 1 || rows[0].ID != "one" || !rows[0].Pinned {
+		t.Fatalf("ls --dir: %+v", rows)
+	}
+	for _, args := range [][]string{
+		{"pin", "--dir", dir, "--ns", "ns", "--id", "one", "--unpin"},
+		{"gc", "--dir", dir},
+		{"fsck", "--dir", dir},
+	} {
+		if code, out, errs := runCLI(args...); code != 0 {
+			t.Fatalf("%v: exit %d\n%s\n%s", args, code, out, errs)
+		}
+	}
+	if rows = lsJSON("--dir", dir); len(rows) != 1 || rows[0].Pinned {
+		t.Fatalf("after --unpin on the directory: %+v", rows)
+	}
+	if code, out, errs := runCLI("rm", "--dir", dir, "--ns", "ns", "--id", "one"); code != 0 {
+		t.Fatalf("rm --dir: exit %d\n%s\n%s", code, out, errs)
+	}
+	if rows = lsJSON("--dir", dir); len(rows) != 0 {
+		t.Fatalf("after rm --dir: %+v", rows)
+	}
+}
+
+// TestBenchDaemonSmoke runs a tiny bench daemon and checks its JSON shape
+// (the figures themselves are measured with `hcache bench daemon`).
+func TestBenchDaemonSmoke(t *testing.T) {
+	code, out, errs := runCLI("bench", "daemon", "--dir", t.TempDir(), "--model", "tiny-llama", "--tokens", "100", "--contexts", "2", "--clients", "1,2", "--rounds", "1", "--json")
+	if code != 0 {
+		t.Fatalf("exit %d\n%s", code, errs)
+	}
+	var res struct {
+		EmbeddedGBps float64 `json:"embedded_gbps"`
+		DaemonGBps   float64 `json:"daemon_gbps"`
+		Ratio        float64 `json:"ratio"`
+		Rows         []struct {
+			Clients       int     `json:"clients"`
+			Restores      int     `json:"restores"`
+			AggregateGBps float64 `json:"aggregate_gbps"`
+			P99MS         float64 `json:"p99_ms"`
+		} `json:"clients_rows"`
+	}
+	if err := json.Unmarshal([]byte(out), &res); err != nil {
+		t.Fatalf("%q: %v", out, err)
+	}
+	if res.EmbeddedGBps <= 0 || res.DaemonGBps <= 0 || res.Ratio <= 0 || len(res.Rows) != 2 || res.Rows[1].Clients != 2 || res.Rows[1].Restores != 2 || res.Rows[1].P99MS <= 0 {
+		t.Fatalf("bench daemon result: %s", out)
+	}
+}
+
+// TestDaemonCommandsOverTLS: the --addr commands reach a TCP daemon with TLS
+// (--tls-ca) and a bearer token (--token-file).
+func TestDaemonCommandsOverTLS(t *testing.T) {
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tmpl := &x509.Certificate{SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: "hcached"},
+		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour),
+		IPAddresses: []net.IP{net.ParseIP("127.0.0.1")}, ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth}}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	kb, _ := x509.MarshalECPrivateKey(key)
+	d := t.TempDir()
+	certFile, keyFile, tokFile := filepath.Join(d, "cert.pem"), filepath.Join(d, "key.pem"), filepath.Join(d, "token")
+	os.WriteFile(certFile, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}), 0o600)
+	os.WriteFile(keyFile, pem.EncodeToMemory(&pem.Block{Type: "EC PRIVATE KEY", Bytes: kb}), 0o600)
+	tok := "cli-token-0123456789"
+	os.WriteFile(tokFile, []byte(tok+"\n"), 0o600)
+	ln, _ := net.Listen("tcp", "127.0.0.1:0")
+	addr := ln.Addr().String()
+	ln.Close()
+	st, err := chunk.Open(chunk.Options{Dir: t.TempDir(), GCInterval: -1, Logf: t.Logf})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer st.Close()
+	srv, err := daemon.New(daemon.Config{Store: st, TCP: addr, TLSCertFile: certFile, TLSKeyFile: keyFile,
+		Grants: daemon.Grants{Tokens: map[string][]string{tok: {"ns"}}}, GCInterval: -1, Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer srv.Stop()
+	if code, out, errs := runCLI("ls", "--addr", addr, "--tls-ca", certFile, "--token-file", tokFile, "--json"); code != 0 || strings.TrimSpace(out) != "[]" {
+		t.Fatalf("ls over TLS: exit %d, %q, %s", code, out, errs)
+	}
+	if code, _, _ := runCLI("ls", "--addr", addr, "--token-file", tokFile); code != 1 {
+		t.Fatalf("ls in plaintext against a TLS daemon: exit %d, want 1", code)
+	}
+}
