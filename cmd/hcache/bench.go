@@ -5,7 +5,7 @@ import (
 	"io"
 	"os"
 
-	"github.com/hcache/hcache/internal/benchio"
+	benchio "github.com/hcache/hcache/bench/io"
 )
 
 func init() {

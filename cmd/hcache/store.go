@@ -6,8 +6,8 @@ import (
 	"os"
 	"os/exec"
 
+	benchstore "github.com/hcache/hcache/bench/store"
 	"github.com/hcache/hcache/chunk"
-	"github.com/hcache/hcache/internal/benchstore"
 	"github.com/hcache/hcache/internal/progress"
 )
 

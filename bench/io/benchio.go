@@ -12,7 +12,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
-	"github.com/hcache/hcache/internal/fio"
+	"github.com/hcache/hcache/bench/fio"
 	"github.com/hcache/hcache/internal/progress"
 	"github.com/hcache/hcache/internal/stat"
 	"github.com/hcache/hcache/iouring"

@@ -15,8 +15,8 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/hcache/hcache/bench/fio"
 	"github.com/hcache/hcache/chunk"
-	"github.com/hcache/hcache/internal/fio"
 	"github.com/hcache/hcache/internal/progress"
 	"github.com/hcache/hcache/internal/stat"
 	"github.com/hcache/hcache/model"
