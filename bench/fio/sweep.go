@@ -6,6 +6,7 @@ import (
 	"io"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"time"
 
@@ -81,13 +82,32 @@ func FindHugetlbfs() string {
 	return ""
 }
 
-// hugeFree returns the free bytes of a hugetlbfs mount.
+// hugeFree returns the free bytes of a hugetlbfs mount: its own limit when
+// mounted with size=, else the system's free huge pages.
 func hugeFree(dir string) int64 {
 	var st unix.Statfs_t
 	if unix.Statfs(dir, &st) != nil {
 		return 0
 	}
-	return int64(st.Bfree) * int64(st.Bsize)
+	if st.Blocks > 0 {
+		return int64(st.Bfree) * int64(st.Bsize)
+	}
+	b, err := os.ReadFile("/proc/meminfo")
+	if err != nil {
+		return 0
+	}
+	var free, size int64
+	for _, line := range strings.Split(string(b), "\n") {
+		f := strings.Fields(line)
+		if len(f) >= 2 && f[0] == "HugePages_Free:" {
+			free, _ = strconv.ParseInt(f[1], 10, 64)
+		}
+		if len(f) >= 2 && f[0] == "Hugepagesize:" {
+			size, _ = strconv.ParseInt(f[1], 10, 64)
+			size <<= 10
+		}
+	}
+	return free * size
 }
 
 // memFor picks fio's buffer settings for a point: huge pages from a
