@@ -34,6 +34,7 @@ func benchCompare(args []string, stdout, stderr io.Writer) error {
 	maxDoc := fs.Int("max-doc", 16384, "long: longest document (tokens)")
 	recModel := fs.String("recompute-model", "tiny-llama", "recompute: the model preset its CPU forward pass runs")
 	recMax := fs.Int("recompute-max", 6, "recompute: restores it runs (at concurrency 1)")
+	recTok := fs.Int("recompute-max-tokens", 2048, "recompute: longest context it restores (the CPU prefill is quadratic)")
 	sweep := addSweepFlags(fs)
 	if err := parseFlags(fs, args); err != nil {
 		return err
@@ -44,7 +45,7 @@ func benchCompare(args []string, stdout, stderr io.Writer) error {
 	}
 	o := compare.Options{Model: *mdl, Workload: *wl, Layers: *layers, Dir: *dir, Seed: *seed,
 		Conversations: *convs, MaxContext: *maxCtx, Docs: *docs, Questions: *questions, MinDoc: *minDoc, MaxDoc: *maxDoc,
-		RecomputeModel: *recModel, RecomputeMax: *recMax, Sweep: so, Progress: stderr}
+		RecomputeModel: *recModel, RecomputeMax: *recMax, RecomputeMaxTokens: *recTok, Sweep: so, Progress: stderr}
 	if o.Layers == 0 {
 		o.Layers = 8
 		if *wl == "long" {
