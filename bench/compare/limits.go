@@ -150,6 +150,17 @@ func (r *Result) target(name, want, k string, ok func(float64) bool) {
 
 func key(s string) string { return strings.ReplaceAll(s, "-", "_") }
 
+// LoadAvg is the 1-minute load average (0 if unknown).
+func LoadAvg() float64 {
+	b, err := os.ReadFile("/proc/loadavg")
+	if err != nil {
+		return 0
+	}
+	var v float64
+	fmt.Sscan(string(b), &v)
+	return v
+}
+
 // Machine describes the machine: CPU, cores, memory, kernel, and the file
 // system and device under dir.
 func Machine(dir string) string {

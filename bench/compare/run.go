@@ -104,6 +104,9 @@ type Result struct {
 	Plots        []string           `json:"plots,omitempty"`
 	Report       string             `json:"report,omitempty"`
 	ElapsedS     float64            `json:"elapsed_s"`
+	// LoadAvg is /proc/loadavg's 1-minute figure at the start and the end:
+	// the machine is shared, and a load above its cores slows every system.
+	LoadAvg [2]float64 `json:"loadavg_start_end"`
 	Points       []Point            `json:"-"`
 	TokensStored int64              `json:"tokens_stored"`
 }
@@ -177,6 +180,7 @@ func Run(o Options) (*Result, error) {
 		return nil, err
 	}
 	start := time.Now()
+	load0 := LoadAvg()
 	cfg, err := model.Preset(o.Model)
 	if err != nil {
 		return nil, err
@@ -309,6 +313,7 @@ func Run(o Options) (*Result, error) {
 	}
 	res.ratios()
 	res.ElapsedS = time.Since(start).Seconds()
+	res.LoadAvg = [2]float64{load0, LoadAvg()}
 	return res, nil
 }
 
