@@ -86,29 +86,29 @@ type Point struct {
 
 // Result is what `hcache bench compare --json` prints.
 type Result struct {
-	Model        string             `json:"model"`
-	Workload     string             `json:"workload"`
-	Layers       int                `json:"layers"`
-	ModelLayers  int                `json:"model_layers"`
-	Scale        string             `json:"scale"`
-	Plan         string             `json:"plan"`
-	Params       []string           `json:"workload_params"`
-	Rows         []Row              `json:"rows"`
-	Ratios       map[string]float64 `json:"ratios"`
-	Targets      []Target           `json:"targets"`
-	FioSweep     *fio.SweepResult   `json:"fio_sweep,omitempty"`
-	MemcpyGBps   float64            `json:"memcpy_gbps"`
-	Date         string             `json:"date"`
-	Commit       string             `json:"commit"`
-	Machine      string             `json:"machine"`
-	Plots        []string           `json:"plots,omitempty"`
-	Report       string             `json:"report,omitempty"`
-	ElapsedS     float64            `json:"elapsed_s"`
+	Model       string             `json:"model"`
+	Workload    string             `json:"workload"`
+	Layers      int                `json:"layers"`
+	ModelLayers int                `json:"model_layers"`
+	Scale       string             `json:"scale"`
+	Plan        string             `json:"plan"`
+	Params      []string           `json:"workload_params"`
+	Rows        []Row              `json:"rows"`
+	Ratios      map[string]float64 `json:"ratios"`
+	Targets     []Target           `json:"targets"`
+	FioSweep    *fio.SweepResult   `json:"fio_sweep,omitempty"`
+	MemcpyGBps  float64            `json:"memcpy_gbps"`
+	Date        string             `json:"date"`
+	Commit      string             `json:"commit"`
+	Machine     string             `json:"machine"`
+	Plots       []string           `json:"plots,omitempty"`
+	Report      string             `json:"report,omitempty"`
+	ElapsedS    float64            `json:"elapsed_s"`
 	// LoadAvg is /proc/loadavg's 1-minute figure at the start and the end:
 	// the machine is shared, and a load above its cores slows every system.
-	LoadAvg [2]float64 `json:"loadavg_start_end"`
-	Points       []Point            `json:"-"`
-	TokensStored int64              `json:"tokens_stored"`
+	LoadAvg      [2]float64 `json:"loadavg_start_end"`
+	Points       []Point    `json:"-"`
+	TokensStored int64      `json:"tokens_stored"`
 }
 
 // Row returns the row of system at concurrency c, or nil.
