@@ -22,7 +22,7 @@ func benchCompare(args []string, stdout, stderr io.Writer) error {
 	asJSON := fs.Bool("json", false, "print one JSON object")
 	dir := fs.String("dir", os.TempDir(), "scratch directory on the device to measure")
 	out := fs.String("out", "bench/results", "where the Markdown report and PNG plots go ('' for none)")
-	layers := fs.Int("layers", 0, "layers kept of the model, rows at full width (0: 8 for chat, 2 for long, so a run fits 24 GiB and a few minutes)")
+	layers := fs.Int("layers", 0, "layers kept of the model, rows at full width (0: 16 for chat, 2 for long, so a run fits 24 GiB and a few minutes)")
 	conc := fs.String("concurrency", "1,16", "concurrency levels")
 	systems := fs.String("systems", strings.Join(compare.AllSystems, ","), "systems to run")
 	seed := fs.Int64("seed", 1, "workload seed")
@@ -47,7 +47,7 @@ func benchCompare(args []string, stdout, stderr io.Writer) error {
 		Conversations: *convs, MaxContext: *maxCtx, Docs: *docs, Questions: *questions, MinDoc: *minDoc, MaxDoc: *maxDoc,
 		RecomputeModel: *recModel, RecomputeMax: *recMax, RecomputeMaxTokens: *recTok, Sweep: so, Progress: stderr}
 	if o.Layers == 0 {
-		o.Layers = 8
+		o.Layers = 16
 		if *wl == "long" {
 			o.Layers = 2
 		}
