@@ -23,6 +23,10 @@ type HcacheOptions struct {
 	Model      []byte // model fingerprint
 	Plan       []chunk.LayerPlan
 	CacheBytes int64
+	// StagingBytes bounds the DRAM staging (0: the store's default). A
+	// prefill stages a whole context until its last layer arrives, so
+	// concurrent long prefills need room for all of them.
+	StagingBytes int64
 }
 
 // NewHcache opens a fresh store in spec.Dir.
@@ -38,7 +42,7 @@ func NewHcache(spec Spec, o HcacheOptions) (*Hcache, error) {
 			return nil, fmt.Errorf("peer %s: plan row %d bytes, spec %d", o.Name, p.RowBytes, spec.RowBytes)
 		}
 	}
-	st, err := chunk.Open(chunk.Options{Dir: filepath.Join(spec.Dir, "store"), CacheBytes: o.CacheBytes, CapacityBytes: -1,
+	st, err := chunk.Open(chunk.Options{Dir: filepath.Join(spec.Dir, "store"), CacheBytes: o.CacheBytes, StagingBytes: o.StagingBytes, CapacityBytes: -1,
 		GCInterval: -1, Logf: func(string, ...any) {}})
 	if err != nil {
 		return nil, err

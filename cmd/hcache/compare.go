@@ -35,6 +35,8 @@ func benchCompare(args []string, stdout, stderr io.Writer) error {
 	recModel := fs.String("recompute-model", "tiny-llama", "recompute: the model preset its CPU forward pass runs")
 	recMax := fs.Int("recompute-max", 6, "recompute: restores it runs (at concurrency 1)")
 	recTok := fs.Int("recompute-max-tokens", 2048, "recompute: longest context it restores (the CPU prefill is quadratic)")
+	warm := sizeFlag(4 << 30)
+	fs.Var(&warm, "warm", "memory touched once before the first system (VM first-touch costs would fall on it)")
 	sweep := addSweepFlags(fs)
 	if err := parseFlags(fs, args); err != nil {
 		return err
@@ -45,7 +47,7 @@ func benchCompare(args []string, stdout, stderr io.Writer) error {
 	}
 	o := compare.Options{Model: *mdl, Workload: *wl, Layers: *layers, Dir: *dir, Seed: *seed,
 		Conversations: *convs, MaxContext: *maxCtx, Docs: *docs, Questions: *questions, MinDoc: *minDoc, MaxDoc: *maxDoc,
-		RecomputeModel: *recModel, RecomputeMax: *recMax, RecomputeMaxTokens: *recTok, Sweep: so, Progress: stderr}
+		RecomputeModel: *recModel, RecomputeMax: *recMax, RecomputeMaxTokens: *recTok, Sweep: so, Progress: stderr, WarmBytes: int64(warm)}
 	if o.Layers == 0 {
 		o.Layers = 16
 		if *wl == "long" {
