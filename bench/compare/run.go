@@ -50,9 +50,10 @@ type Options struct {
 	DRAMCacheBytes int64
 	Sweep          *fio.SweepOptions // nil: no limit row from fio
 	// WarmBytes of anonymous memory are mapped, populated and unmapped
-	// before the first system runs: on a VM the first touch of guest memory
-	// also costs the host's page faults (1.4 s per GiB here), which would
-	// otherwise fall on whichever system runs first.
+	// before each system runs: on a VM the first touch of guest memory
+	// also costs the host's page faults (1.4 s per GiB here), and free
+	// memory goes back to the host within seconds, so without this the
+	// cost falls unevenly, mostly on the first system.
 	WarmBytes int64
 	Progress  io.Writer
 }
@@ -221,11 +222,6 @@ func Run(o Options) (*Result, error) {
 	}
 	defer os.RemoveAll(dir)
 
-	if o.WarmBytes > 0 {
-		if mem, err := unix.Mmap(-1, 0, int(o.WarmBytes), unix.PROT_READ|unix.PROT_WRITE, unix.MAP_PRIVATE|unix.MAP_ANONYMOUS|unix.MAP_POPULATE); err == nil {
-			unix.Munmap(mem)
-		}
-	}
 	// The limits, measured first: the fio sweep and memory copy bandwidth.
 	res.MemcpyGBps = MemcpyGBps(256 << 20)
 	if contains(o.Systems, "limit") && o.Sweep != nil {
@@ -249,6 +245,7 @@ func Run(o Options) (*Result, error) {
 			if name == "recompute" && c != 1 {
 				continue
 			}
+			warm(o.WarmBytes)
 			spec := peer.Spec{Dir: filepath.Join(dir, name), Layers: cfg.Layers, ChunkTokens: peer.DefaultChunkTokens}
 			// Staging for c concurrent saves of the longest context (a
 			// prefill stages a context whole), at least the default.
@@ -329,6 +326,16 @@ func Run(o Options) (*Result, error) {
 	res.ElapsedS = time.Since(start).Seconds()
 	res.LoadAvg = [2]float64{load0, LoadAvg()}
 	return res, nil
+}
+
+// warm maps, populates and unmaps n bytes (see Options.WarmBytes).
+func warm(n int64) {
+	if n <= 0 {
+		return
+	}
+	if mem, err := unix.Mmap(-1, 0, int(n), unix.PROT_READ|unix.PROT_WRITE, unix.MAP_PRIVATE|unix.MAP_ANONYMOUS|unix.MAP_POPULATE); err == nil {
+		unix.Munmap(mem)
+	}
 }
 
 // gpuRecompute quotes the GPU profile (../shared/notes/gpu.md).

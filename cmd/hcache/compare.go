@@ -36,7 +36,7 @@ func benchCompare(args []string, stdout, stderr io.Writer) error {
 	recMax := fs.Int("recompute-max", 6, "recompute: restores it runs (at concurrency 1)")
 	recTok := fs.Int("recompute-max-tokens", 2048, "recompute: longest context it restores (the CPU prefill is quadratic)")
 	warm := sizeFlag(4 << 30)
-	fs.Var(&warm, "warm", "memory touched once before the first system (VM first-touch costs would fall on it)")
+	fs.Var(&warm, "warm", "memory touched before each system (VM first-touch costs would otherwise fall mostly on the first)")
 	sweep := addSweepFlags(fs)
 	if err := parseFlags(fs, args); err != nil {
 		return err
