@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"hash/crc32"
 	"io"
+	"sync"
 	"time"
 	"unsafe"
 
@@ -249,6 +250,44 @@ func sumLen(reqs []readReq) int {
 // identity; every slice is verified before fn sees it. A context whose data
 // fails a check is marked damaged and never served again.
 func (s *Store) Restore(ns, id string, ident *Identity, fn func(layer int, rows []byte) error) (int, error) {
+	if fn == nil {
+		return 0, errors.New("chunk: Restore needs a callback")
+	}
+	return s.RestoreOwned(ns, id, ident, 0, func(layer int, rows []byte, release func()) error {
+		defer release()
+		return fn(layer, rows)
+	})
+}
+
+// DefaultRestoreAhead is the number of layers RestoreOwned keeps read or
+// reading beyond the ones its caller still holds, when the caller passes 0.
+const DefaultRestoreAhead = 2
+
+// RestoreOwned is Restore for consumers that finish with a layer after fn
+// returns, such as a GPU backend whose host-to-device copy of rows is still
+// in flight: fn takes ownership of rows and must call release exactly once
+// (from any goroutine; later calls are no-ops) when nothing reads rows any
+// more, also when fn returns an error. A consumer may keep each buffer until
+// it receives the next one; if fn panics, the buffer is taken to be dropped
+// (released) and the restore fails. The store never reuses a buffer
+// before its release, and keeps reading the following layers meanwhile:
+// at most ahead buffers (DefaultRestoreAhead when 0, at least 2) are held at once,
+// counting those given to fn and not yet released. RestoreOwned returns only
+// after every buffer it handed out has been released, so release must not
+// wait for RestoreOwned to return.
+func (s *Store) RestoreOwned(ns, id string, ident *Identity, ahead int, fn func(layer int, rows []byte, release func()) error) (int, error) {
+	if ident == nil {
+		return 0, errors.New("chunk: restore needs an identity")
+	}
+	if fn == nil {
+		return 0, errors.New("chunk: RestoreOwned needs a callback")
+	}
+	if ahead <= 0 {
+		ahead = DefaultRestoreAhead
+	}
+	if ahead < 2 {
+		return 0, fmt.Errorf("chunk: RestoreOwned ahead %d: at least 2 buffers (the one handed over and the one being read)", ahead)
+	}
 	s.mu.Lock()
 	if s.closed {
 		s.mu.Unlock()
@@ -283,6 +322,39 @@ func (s *Store) Restore(ns, id string, ident *Identity, fn func(layer int, rows 
 		s.mu.Unlock()
 	}()
 
+	// held counts the buffers taken and not yet given back: one slot per
+	// buffer, so the producer blocks once ahead buffers are out.
+	held := make(chan struct{}, ahead)
+	var outstanding sync.WaitGroup
+	giveBack := func(buf *iouring.AlignedBuffer) func() {
+		var once sync.Once
+		return func() {
+			once.Do(func() {
+				s.readBufs.put(buf)
+				<-held
+				outstanding.Done()
+			})
+		}
+	}
+	tryTake := func() bool {
+		select {
+		case held <- struct{}{}:
+			outstanding.Add(1)
+			return true
+		default:
+			return false
+		}
+	}
+	take := func(stop <-chan struct{}) bool {
+		select {
+		case held <- struct{}{}:
+			outstanding.Add(1)
+			return true
+		case <-stop:
+			return false
+		}
+	}
+
 	type layerOut struct {
 		layer int
 		buf   *iouring.AlignedBuffer
@@ -295,26 +367,44 @@ func (s *Store) Restore(ns, id string, ident *Identity, fn func(layer int, rows 
 		defer close(out)
 		// Keep the reads of the next layer in flight while this one is
 		// verified and consumed.
+		if !take(stop) {
+			return
+		}
 		next := s.startLayer(sn, 0)
 		for si, l := range c.stored {
 			cur := next
 			next = nil
-			if si+1 < len(c.stored) && cur.err == nil {
+			more := si+1 < len(c.stored) && cur.err == nil
+			// Start the next layer's reads before this one is verified
+			// when a buffer is free; otherwise only once this layer has
+			// been handed over, since a consumer may keep its previous
+			// buffer until it receives this one.
+			if more && tryTake() {
 				next = s.startLayer(sn, si+1)
 			}
 			buf, rows, err := cur.finish()
+			if err != nil { // finish freed the buffer
+				<-held
+				outstanding.Done()
+			}
 			select {
 			case out <- layerOut{l, buf, rows, err}:
 			case <-stop:
 				if buf != nil {
-					s.readBufs.put(buf)
+					giveBack(buf)()
 				}
 				err = errStopped
 			}
-			if err != nil {
+			if err == nil && more && next == nil && take(stop) {
+				next = s.startLayer(sn, si+1)
+			}
+			if err != nil || next == nil {
 				if next != nil {
-					if b, _, _ := next.finish(); b != nil {
-						s.readBufs.put(b)
+					if b, _, ferr := next.finish(); ferr == nil {
+						giveBack(b)()
+					} else {
+						<-held
+						outstanding.Done()
 					}
 				}
 				return
@@ -323,28 +413,44 @@ func (s *Store) Restore(ns, id string, ident *Identity, fn func(layer int, rows 
 	}()
 	var firstErr error
 	for lo := range out {
-		if firstErr == nil {
-			if lo.err != nil {
+		if lo.buf == nil {
+			if firstErr == nil {
 				firstErr = lo.err
 				if errorsIsCorrupt(lo.err) {
 					s.markDamaged(c)
 				}
-			} else if err := fn(lo.layer, lo.rows); err != nil {
-				firstErr = err
-			}
-			if firstErr != nil {
 				close(stop)
 			}
+			continue
 		}
-		if lo.buf != nil {
-			s.readBufs.put(lo.buf)
+		release := giveBack(lo.buf)
+		if firstErr != nil {
+			release()
+			continue
+		}
+		if err := callOwned(fn, lo.layer, lo.rows, release); err != nil {
+			firstErr = err
+			close(stop)
 		}
 	}
+	outstanding.Wait()
 	if firstErr != nil {
 		return 0, firstErr
 	}
 	s.stats.restores.Add(1)
 	return sn.tokens, nil
+}
+
+// callOwned runs a restore callback; a panic in it becomes an error and the
+// buffer is released, so a misbehaving consumer cannot wedge the store.
+func callOwned(fn func(int, []byte, func()) error, layer int, rows []byte, release func()) (err error) {
+	defer func() {
+		if r := recover(); r != nil {
+			release()
+			err = fmt.Errorf("chunk: restore callback panicked on layer %d: %v", layer, r)
+		}
+	}()
+	return fn(layer, rows, release)
 }
 
 // layerRead is one layer of a restore with its reads in flight.
