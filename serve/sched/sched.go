@@ -161,10 +161,19 @@ func Optimise(pr Problem) (Split, float64) {
 			best, bestT = s, t
 		}
 	}
+	// A weighted sum over several lengths need not be minimised near any
+	// one length's balance point: small problems scan every k exactly.
+	exact := len(pr.Costs) > 1 && (L+1)*(L+1)*L*len(pr.Costs) <= 50_000_000
 	for r := 0; r <= maxR; r++ {
 		n := L - r
 		if !pr.Hidden {
 			try(Split{Recompute: r, KV: n})
+			continue
+		}
+		if exact {
+			for k := 0; k <= n; k++ {
+				try(Split{Recompute: r, Hidden: n - k, KV: k})
+			}
 			continue
 		}
 		try(Split{Recompute: r, Hidden: n})
