@@ -13,12 +13,7 @@ import (
 // dropped (whole groups already handed to the flusher may still become
 // durable, always as a prefix of the context). The daemon calls it for the
 // writers of a client whose connection ended.
-func (w *Writer) Abandon() {
-	if !w.closed {
-		w.abandon()
-		w.closeErr = ErrClosed
-	}
-}
+func (w *Writer) Abandon() { w.abandon(ErrClosed) }
 
 // NumContexts counts the live contexts.
 func (s *Store) NumContexts() int {
