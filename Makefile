@@ -9,7 +9,7 @@ FUZZ_TARGETS := FuzzRecordHeader FuzzSegmentScan FuzzSegmentHeader FuzzIndexReco
 CLANG     ?= clang-19
 PTX       := gpu/cuda/kernels/hcache.ptx
 
-.PHONY: help build test unit fuzz-smoke fuzz bench demo crash lint clean ptx ptx-check gpu-bundle gpu-check
+.PHONY: help build test unit fuzz-smoke fuzz bench bench-compare demo crash lint clean ptx ptx-check gpu-bundle gpu-check
 
 help:
 	@echo "make demo        multi-turn conversation on an embedded store and a synthetic model; checks losslessness"
@@ -17,6 +17,7 @@ help:
 	@echo "make bench       go benchmarks, then bench io and bench store against fio (BENCH_DIR=$(BENCH_DIR))"
 	@echo "make crash       >= 1000 simulated power cuts and 50 SIGKILLed writers"
 	@echo "make fuzz        every fuzz target for FUZZ_LONG=$(FUZZ_LONG)"
+	@echo "make bench-compare  hcache against its peers, llama2-7b chat and long, llama3-8b chat; reports in bench/results"
 	@echo "make build       bin/hcache"
 	@echo "make ptx         regenerate the CUDA kernels' PTX with $(CLANG) (committed; ptx-check runs in lint)"
 	@echo "make gpu-bundle  bin/hcache with CGO_ENABLED=0, to carry to a GPU machine with scripts/gpu-check.sh"
@@ -65,6 +66,12 @@ bench: build
 	./$(BIN) bench io --dir $(BENCH_DIR) --size 4G --bs 1M --qd 8 --engine fallback --json
 	./$(BIN) bench store --dir $(BENCH_DIR) --model llama2-7b --tokens 4096 --contexts 16 --json
 	./$(BIN) bench daemon --dir $(BENCH_DIR) --model llama2-7b --tokens 512 --contexts 8 --rounds 4 --json
+
+bench-compare: build
+	mkdir -p $(BENCH_DIR)
+	./$(BIN) bench compare --model llama2-7b --workload chat --dir $(BENCH_DIR) --json
+	./$(BIN) bench compare --model llama2-7b --workload long --dir $(BENCH_DIR) --json
+	./$(BIN) bench compare --model llama3-8b --workload chat --dir $(BENCH_DIR) --json
 
 lint: ptx-check
 	@out=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi

@@ -8,10 +8,10 @@ import (
 	"path/filepath"
 	"time"
 
+	"github.com/hcache/hcache/bench/fio"
 	"github.com/hcache/hcache/chunk"
 	"github.com/hcache/hcache/gpu"
 	"github.com/hcache/hcache/gpu/cuda"
-	"github.com/hcache/hcache/internal/fio"
 	"github.com/hcache/hcache/model"
 	"github.com/hcache/hcache/serve"
 )

@@ -5,7 +5,7 @@ import (
 	"io"
 	"os"
 
-	"github.com/hcache/hcache/internal/benchio"
+	benchio "github.com/hcache/hcache/bench/io"
 )
 
 func init() {
@@ -24,11 +24,17 @@ func benchIO(args []string, stdout, stderr io.Writer) error {
 	asJSON := fs.Bool("json", false, "print one JSON object")
 	noFio := fs.Bool("no-fio", false, "skip the fio baseline")
 	rounds := fs.Int("rounds", 3, "alternate ours and fio this many times; report medians")
+	sweep := addSweepFlags(fs)
 	if err := parseFlags(fs, args); err != nil {
+		return err
+	}
+	so, err := sweep.options(*dir)
+	if err != nil {
 		return err
 	}
 	res, err := benchio.Run(benchio.Options{
 		Dir: *dir, SizeBytes: int64(size), BlockSize: int(bs), QD: *qd, Engine: *engine, SkipFio: *noFio, Rounds: *rounds, Progress: stderr,
+		Sweep: so,
 	})
 	if err != nil {
 		return err
@@ -38,5 +44,8 @@ func benchIO(args []string, stdout, stderr io.Writer) error {
 	}
 	fmt.Fprintf(stdout, "engine %s bs %d qd %d: write %.2f GB/s (fio %.2f, ratio %.2f), read %.2f GB/s (fio %.2f, ratio %.2f)\n",
 		res.Engine, res.BS, res.QD, res.WriteGBps, res.FioWriteGBps, res.WriteRatio, res.ReadGBps, res.FioReadGBps, res.ReadRatio)
+	if res.FioSweep != nil {
+		fmt.Fprintf(stdout, "%s; ours: write %.2f x, read %.2f x the best\n", res.FioSweep, res.WriteVsBest, res.ReadVsBest)
+	}
 	return nil
 }

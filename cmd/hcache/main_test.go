@@ -58,13 +58,17 @@ func TestUsageErrors(t *testing.T) {
 }
 
 func TestBenchIOSmoke(t *testing.T) {
-	args := []string{"bench", "io", "--dir", t.TempDir(), "--size", "32M", "--bs", "1M", "--qd", "8", "--json"}
+	args := []string{"bench", "io", "--dir", t.TempDir(), "--size", "32M", "--bs", "1M", "--qd", "8", "--json",
+		"--sweep-size", "8M", "--sweep-bs", "256K,1M", "--sweep-qd", "2", "--sweep-runtime", "200ms"}
+	keys := []string{"engine", "bs", "qd", "read_gbps", "write_gbps", "fio_read_gbps", "fio_write_gbps", "read_ratio", "write_ratio",
+		"fio_best_read_gbps", "fio_best_write_gbps", "read_vs_best", "write_vs_best", "fio_sweep"}
 	if _, err := exec.LookPath("fio"); err != nil {
 		if os.Getenv("CI") != "" {
 			t.Fatal("fio is not installed (.ci/run installs it)")
 		}
 		t.Log("fio not installed: measuring without the baseline")
 		args = append(args, "--no-fio")
+		keys = keys[:5]
 	}
 	for _, engine := range []string{"io_uring", "fallback"} {
 		code, out, errs := runCLI(append(args, "--engine", engine)...)
@@ -75,13 +79,21 @@ func TestBenchIOSmoke(t *testing.T) {
 		if err := json.Unmarshal([]byte(out), &res); err != nil {
 			t.Fatalf("%s: output is not one JSON object: %v\n%s", engine, err, out)
 		}
-		for _, k := range []string{"engine", "bs", "qd", "read_gbps", "write_gbps", "fio_read_gbps", "fio_write_gbps", "read_ratio", "write_ratio"} {
+		for _, k := range keys {
 			if _, ok := res[k]; !ok {
 				t.Fatalf("%s: field %s missing", engine, k)
 			}
 		}
 		if res["engine"] != engine || res["read_gbps"].(float64) <= 0 {
 			t.Fatalf("%s: %v", engine, res)
+		}
+		if sw, ok := res["fio_sweep"].(map[string]any); ok {
+			if pts := sw["points"].([]any); len(pts) != 4 {
+				t.Fatalf("%s: %d sweep points, want 2 block sizes x 1 queue depth x read/write", engine, len(pts))
+			}
+			if got := res["read_gbps"].(float64) / res["fio_best_read_gbps"].(float64); got != res["read_vs_best"].(float64) {
+				t.Fatalf("%s: read_vs_best %v, want %v", engine, res["read_vs_best"], got)
+			}
 		}
 	}
 }

@@ -6,8 +6,8 @@ import (
 	"os"
 	"os/exec"
 
+	benchstore "github.com/hcache/hcache/bench/store"
 	"github.com/hcache/hcache/chunk"
-	"github.com/hcache/hcache/internal/benchstore"
 	"github.com/hcache/hcache/internal/progress"
 )
 
@@ -27,15 +27,23 @@ func benchStore(args []string, stdout, stderr io.Writer) error {
 	comp := fs.String("compression", "none", "none or lz4")
 	asJSON := fs.Bool("json", false, "print one JSON object")
 	noFio := fs.Bool("no-fio", false, "skip the fio baseline")
+	sweep := addSweepFlags(fs)
 	if err := parseFlags(fs, args); err != nil {
 		return err
+	}
+	so, err := sweep.options(*dir)
+	if err != nil {
+		return err
+	}
+	if *noFio {
+		so = nil
 	}
 	self, err := os.Executable()
 	if err != nil {
 		return err
 	}
 	res, err := benchstore.Run(benchstore.Options{Dir: *dir, Model: *mdl, Tokens: *tokens, Contexts: *contexts,
-		Writers: *writers, Compression: *comp, SkipFio: *noFio, Progress: stderr,
+		Writers: *writers, Compression: *comp, SkipFio: *noFio, Progress: stderr, Sweep: so,
 		CrashWriter: func(d string) *exec.Cmd {
 			return exec.Command(self, "stress", "--dir", d, "--seed", "1", "--chunk-tokens", "0")
 		}})
@@ -48,6 +56,9 @@ func benchStore(args []string, stdout, stderr io.Writer) error {
 	fmt.Fprintf(stdout, "save %.2f GB/s (fio %.2f, %.2f), restore %.2f GB/s (fio %.2f, %.2f), %.0f bytes/token on disk (%.4f x raw), append_token %.1f us (copy %.1f us, %.2f x), reopen %.1f ms\n",
 		res.SaveGBps, res.FioWriteGBps, res.SaveRatio, res.RestoreGBps, res.FioReadGBps, res.RestoreRatio,
 		res.BytesOnDiskPerToken, res.DiskOverRaw, res.AppendTokenUS, res.CopyUS, res.AppendTokenRatio, res.RecoveryMS)
+	if res.FioSweep != nil {
+		fmt.Fprintf(stdout, "%s; ours: save %.2f x, restore %.2f x the best\n", res.FioSweep, res.SaveVsBest, res.RestoreVsBest)
+	}
 	return nil
 }
 

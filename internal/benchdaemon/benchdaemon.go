@@ -19,6 +19,7 @@ import (
 	"github.com/hcache/hcache/daemon"
 	"github.com/hcache/hcache/internal/progress"
 	"github.com/hcache/hcache/model"
+	"github.com/hcache/hcache/serve/sched"
 )
 
 // Options configure a run.
@@ -66,7 +67,7 @@ func Run(o Options) (*Result, error) {
 	if o.Tokens <= 0 || o.Contexts <= 0 || o.Rounds <= 0 {
 		return nil, fmt.Errorf("bench daemon: --tokens, --contexts and --rounds must be positive")
 	}
-	plan := c.DefaultPlan()
+	plan := sched.DefaultPlan(c)
 	cident := &chunk.Identity{Model: model.ShapeFingerprint(c), Plan: plan}
 	ident := hc.Identity{Model: cident.Model}
 	var perToken int64

@@ -12,7 +12,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
-	"github.com/hcache/hcache/internal/fio"
+	"github.com/hcache/hcache/bench/fio"
 	"github.com/hcache/hcache/internal/progress"
 	"github.com/hcache/hcache/internal/stat"
 	"github.com/hcache/hcache/iouring"
@@ -31,6 +31,9 @@ type Options struct {
 	// minute here, and alternating keeps that drift out of the ratios.
 	Rounds   int
 	Progress io.Writer
+	// Sweep, when set, runs a fio sweep first; its best points are the
+	// disk's limit the result is also compared with.
+	Sweep *fio.SweepOptions
 }
 
 // Result is what `hcache bench io --json` prints.
@@ -47,6 +50,13 @@ type Result struct {
 	WriteRatio   float64 `json:"write_ratio"`
 	Registered   bool    `json:"registered_buffers"`
 	Rounds       int     `json:"rounds"`
+	// Against the best of the fio sweep (the disk's limit): a figure above
+	// 1 means the sweep missed the disk's best, not that we beat it.
+	FioBestReadGBps  float64          `json:"fio_best_read_gbps,omitempty"`
+	FioBestWriteGBps float64          `json:"fio_best_write_gbps,omitempty"`
+	ReadVsBest       float64          `json:"read_vs_best,omitempty"`
+	WriteVsBest      float64          `json:"write_vs_best,omitempty"`
+	FioSweep         *fio.SweepResult `json:"fio_sweep,omitempty"`
 }
 
 // Run runs the benchmark.
@@ -156,6 +166,19 @@ func Run(o Options) (*Result, error) {
 	res.FioWriteGBps, res.FioReadGBps = stat.Median(fws), stat.Median(frs)
 	res.WriteRatio = res.WriteGBps / res.FioWriteGBps
 	res.ReadRatio = res.ReadGBps / res.FioReadGBps
+	if o.Sweep != nil {
+		so := *o.Sweep
+		if so.Dir == "" {
+			so.Dir = o.Dir
+		}
+		sw, err := fio.RunSweep(so)
+		if err != nil {
+			return nil, err
+		}
+		res.FioSweep = sw
+		res.FioBestReadGBps, res.FioBestWriteGBps = sw.BestRead.GBps, sw.BestWrite.GBps
+		res.ReadVsBest, res.WriteVsBest = res.ReadGBps/sw.BestRead.GBps, res.WriteGBps/sw.BestWrite.GBps
+	}
 	return res, nil
 }
 

@@ -15,11 +15,12 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/hcache/hcache/bench/fio"
 	"github.com/hcache/hcache/chunk"
-	"github.com/hcache/hcache/internal/fio"
 	"github.com/hcache/hcache/internal/progress"
 	"github.com/hcache/hcache/internal/stat"
 	"github.com/hcache/hcache/model"
+	"github.com/hcache/hcache/serve/sched"
 )
 
 // Options of one run.
@@ -37,6 +38,9 @@ type Options struct {
 	// after that crash is what recovery_ms times. Without it, recovery_ms
 	// times a reopen after a clean close.
 	CrashWriter func(dir string) *exec.Cmd
+	// Sweep, when set, runs a fio sweep after the measurement; its best
+	// points are the disk's limit the result is also compared with.
+	Sweep *fio.SweepOptions
 }
 
 // Result is what `hcache bench store --json` prints.
@@ -63,6 +67,12 @@ type Result struct {
 	RecoveryMS          float64 `json:"recovery_ms"`
 	RecoveryAfter       string  `json:"recovery_after"`
 	CompressionRatio    float64 `json:"compression_ratio,omitempty"`
+	// Against the best of the fio sweep (the disk's limit).
+	FioBestReadGBps  float64          `json:"fio_best_read_gbps,omitempty"`
+	FioBestWriteGBps float64          `json:"fio_best_write_gbps,omitempty"`
+	SaveVsBest       float64          `json:"save_vs_best,omitempty"`
+	RestoreVsBest    float64          `json:"restore_vs_best,omitempty"`
+	FioSweep         *fio.SweepResult `json:"fio_sweep,omitempty"`
 }
 
 // Run runs the benchmark.
@@ -77,7 +87,7 @@ func Run(o Options) (*Result, error) {
 	if o.Writers <= 0 {
 		o.Writers = 2
 	}
-	plan := c.DefaultPlan()
+	plan := sched.DefaultPlan(c)
 	ident := &chunk.Identity{Model: model.ShapeFingerprint(c), Plan: plan}
 	dir := filepath.Join(o.Dir, "hcache-bench-store")
 	os.RemoveAll(dir)
@@ -279,6 +289,19 @@ func Run(o Options) (*Result, error) {
 		res.FioWriteGBps, res.FioReadGBps = stat.Mean(fioW), stat.Mean(fioR)
 		res.SaveRatio = res.SaveGBps / res.FioWriteGBps
 		res.RestoreRatio = res.RestoreGBps / res.FioReadGBps
+	}
+	if o.Sweep != nil {
+		so := *o.Sweep
+		if so.Dir == "" {
+			so.Dir = o.Dir
+		}
+		sw, err := fio.RunSweep(so)
+		if err != nil {
+			return nil, err
+		}
+		res.FioSweep = sw
+		res.FioBestReadGBps, res.FioBestWriteGBps = sw.BestRead.GBps, sw.BestWrite.GBps
+		res.SaveVsBest, res.RestoreVsBest = res.SaveGBps/sw.BestWrite.GBps, res.RestoreGBps/sw.BestRead.GBps
 	}
 	return res, nil
 }
