@@ -1068,7 +1068,7 @@ func TestRestoreTimeout(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	rowsBig := make([]byte, 4000*4096) // 32 MiB in all: more than the transport buffers
+	rowsBig := make([]byte, 6000*4096) // 48 MiB in all: more than the transport buffers (at most 16 MiB a stream)
 	w.AppendLayer(ctx, 0, rowsBig)
 	w.AppendLayer(ctx, 1, rowsBig)
 	if err := w.Close(ctx); err != nil {
@@ -1079,10 +1079,9 @@ func TestRestoreTimeout(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := st.Recv(); err != nil {
-		t.Fatal(err)
-	}
-	time.Sleep(time.Second) // a client that stopped reading: the restore cannot finish
+	// A client that does not read: the restore cannot finish, whatever the
+	// machine's speed (more than the transport buffers), so it is cut off.
+	time.Sleep(time.Second)
 	for err == nil {
 		_, err = st.Recv()
 	}

@@ -30,6 +30,11 @@ func init() {
 	register("pin", "pin a context against eviction, or --unpin it (--addr or --dir)", pin)
 	register("gc", "compact segments below the live ratio (--addr or --dir)", gcCmd)
 	register("bench daemon", "restore throughput through hcached's shared memory against the embedded store, and with 1/4/16 clients", benchDaemon)
+	examples["ls"] = "hcache ls --addr unix:///run/hcache/hcache.sock --ns engine-a --json"
+	examples["rm"] = "hcache rm --addr unix:///run/hcache/hcache.sock --ns engine-a --id conv-1"
+	examples["pin"] = "hcache pin --dir /var/lib/hcache --ns engine-a --id system-prompt   # no daemon running"
+	examples["gc"] = "hcache gc --addr 10.0.0.5:7070 --tls-ca ca.pem --token-file admin.token"
+	examples["bench daemon"] = "hcache bench daemon --dir /mnt/nvme --model llama2-7b --tokens 512 --contexts 8 --json"
 }
 
 // target is where a command works: a daemon or a directory.
