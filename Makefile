@@ -33,11 +33,20 @@ test: lint unit fuzz-smoke
 unit:
 	$(GO) test -race -count=1 -timeout 20m ./...
 
+# On a failure the test output (with the failure and the path of the input
+# Go wrote under fuzz/testdata/fuzz/TARGET/) and that input are shown.
 fuzz-smoke:
-	@for t in $(FUZZ_TARGETS); do \
+	@log=$$(mktemp); for t in $(FUZZ_TARGETS); do \
 		echo "fuzz $$t for $(FUZZTIME)"; \
-		$(GO) test ./fuzz -run='^$$' -fuzz="^$$t$$" -fuzztime=$(FUZZTIME) >/dev/null || exit 1; \
-	done
+		if ! $(GO) test ./fuzz -run='^$$' -fuzz="^$$t$$" -fuzztime=$(FUZZTIME) >$$log 2>&1; then \
+			cat $$log; \
+			for f in $$(sed -n 's/.*Failing input written to \(testdata[^ ]*\).*/\1/p' $$log); do \
+				echo "--- failing input fuzz/$$f:"; cat fuzz/$$f; echo; \
+				echo "--- rerun: $(GO) test ./fuzz -run='$$t/'$$(basename $$f)"; \
+			done; \
+			rm -f $$log; echo "fuzz-smoke: $$t failed"; exit 1; \
+		fi; \
+	done; rm -f $$log
 	@echo "fuzz-smoke: $(words $(FUZZ_TARGETS)) passed, 0 failed"
 
 fuzz:

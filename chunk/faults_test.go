@@ -131,10 +131,30 @@ func TestInjectedFaults(t *testing.T) {
 		if err := w.Close(); !errors.Is(err, syscall.ENOSPC) {
 			t.Fatalf("close after the failed flush: %v, want the same error", err)
 		}
-		// What was acknowledged is intact; other contexts still write.
+		// What was acknowledged is intact and restores; writes are
+		// refused (the disk is full) until GC has freed space.
 		verify(t, s, "ns", "c", ident, 20)
+		if err := other.Close(); !errors.Is(err, ErrDiskFull) || !errors.Is(err, syscall.ENOSPC) {
+			t.Fatalf("other context on a full disk: %v, want ErrDiskFull (ENOSPC)", err)
+		}
+		if !s.Stats().DiskFull {
+			t.Fatal("Stats().DiskFull is false after ENOSPC")
+		}
+		// This file system reports no usage: a GC that completes ends the
+		// state (on a real one, enough free space does).
+		if res := s.GC(); res.Err != nil {
+			t.Fatal(res.Err)
+		}
+		if s.Stats().DiskFull {
+			t.Fatal("still refusing writes after GC")
+		}
+		other, err = s.Append("ns", "other", ident)
+		if err != nil {
+			t.Fatal(err)
+		}
+		appendTokens(t, other, ident, "other", 0, 5)
 		if err := other.Close(); err != nil {
-			t.Fatalf("other context after ENOSPC: %v", err)
+			t.Fatalf("other context after GC: %v", err)
 		}
 		verify(t, s, "ns", "other", ident, 5)
 		// A new writer continues from the durable state.
@@ -326,7 +346,7 @@ func TestLiveCountRecountedOnOpen(t *testing.T) {
 	seg := s.Segments()[0]
 	s.Close()
 	// Tamper with the stored count while the store is closed.
-	db, err := lsm.Open(e.fs, e.fs.PathJoin(e.dir, "index"))
+	db, err := lsm.Open(e.fs, e.fs.PathJoin(e.dir, "index"), lsm.Options{})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"sort"
+	"syscall"
 	"time"
 
 	"github.com/cockroachdb/pebble/v2/vfs"
@@ -50,15 +51,28 @@ type writeJob struct {
 	done   bool   // the write completed (successfully or not)
 }
 
+// submit hands an op to the flusher. The check that the store is open and
+// the send happen under opsMu's read lock, and Close takes its write lock
+// before it sends its own op, so no op is sent after the flusher stopped.
+// The flusher never calls submit (it could wait on itself).
 func (s *Store) submit(o op) error {
+	s.opsMu.RLock()
+	defer s.opsMu.RUnlock()
 	s.mu.Lock()
-	if err := s.writable(); err != nil {
-		s.mu.Unlock()
+	err := s.writable()
+	s.mu.Unlock()
+	if err != nil {
 		return err
 	}
-	s.mu.Unlock()
 	s.ops <- o
 	return nil
+}
+
+// markDirty records that c's record must be written at the next commit.
+// Call with s.mu held.
+func (s *Store) markDirty(c *ctxState) {
+	c.dirty = true
+	s.dirtyCtxs[c] = struct{}{}
 }
 
 // barrier waits until every write submitted before it is durable and indexed;
@@ -222,13 +236,16 @@ func (f *flusher) startWrite(o op) {
 	s.mu.Lock()
 	binding, gen, stored := c.binding, c.rec.Gen, c.stored
 	plan := c.ident.Plan
+	encIdent := c.rec.Identity
 	skip := c.deleted || c.writeErr != nil
 	s.mu.Unlock()
 	if skip {
 		fail(errSkipped)
 		return
 	}
-	hb := headerBytesFor(len(stored))
+	h := RecordHeader{ChunkTokens: uint16(s.ct), Tokens: uint16(o.tokens), Group: o.group, Gen: gen, Binding: binding,
+		Version: formatVersion, Namespace: c.ns, ContextID: c.id, Identity: encIdent}
+	hb := headerBytesFor(len(stored), h.descBytes())
 	j.chunk = lsm.Chunk{Tokens: uint16(o.tokens), Slices: make([]lsm.Slice, len(stored))}
 	payload := [][]byte{}
 	var err error
@@ -238,7 +255,8 @@ func (f *flusher) startWrite(o op) {
 			fail(err)
 			return
 		}
-	} else {
+	} else if o.tokens == s.ct || len(stored) >= maxIovecs {
+		// A full group: the slab is written as it is.
 		for i, l := range stored {
 			raw := o.tokens * int(plan[l].RowBytes)
 			rows := o.slab[o.layerOff[l] : o.layerOff[l]+raw]
@@ -246,12 +264,24 @@ func (f *flusher) startWrite(o op) {
 				CRC: sliceCRC(&binding, o.group, uint16(l), rows)}
 		}
 		payload = [][]byte{o.slab[:o.groupBytes]}
+	} else {
+		// A partial group: each layer's slice takes its rows rounded up
+		// to a block, not the full chunk's room (one iovec per layer).
+		pos := 0
+		for i, l := range stored {
+			raw := o.tokens * int(plan[l].RowBytes)
+			rows := o.slab[o.layerOff[l] : o.layerOff[l]+raw]
+			j.chunk.Slices[i] = lsm.Slice{Layer: uint16(l), Off: uint32(hb + pos), Stored: uint32(raw), Raw: uint32(raw),
+				CRC: sliceCRC(&binding, o.group, uint16(l), rows)}
+			payload = append(payload, o.slab[o.layerOff[l]:o.layerOff[l]+roundUp(raw)])
+			pos += roundUp(raw)
+		}
 	}
 	length := hb
 	for _, p := range payload {
 		length += len(p)
 	}
-	seg, off, err := s.reserve(uint64(length))
+	seg, off, err := s.reserve(uint64(length), false)
 	if err != nil {
 		fail(err)
 		return
@@ -262,8 +292,7 @@ func (f *flusher) startWrite(o op) {
 		fail(err)
 		return
 	}
-	h := RecordHeader{HeaderBytes: uint32(hb), RecordBytes: uint64(length), Segment: seg.id, ChunkTokens: uint16(s.ct),
-		Tokens: uint16(o.tokens), Group: o.group, Gen: gen, Binding: binding, Slices: j.chunk.Slices}
+	h.HeaderBytes, h.RecordBytes, h.Segment, h.Slices = uint32(hb), uint64(length), seg.id, j.chunk.Slices
 	h.Encode(j.header.Bytes())
 	bufs := append([][]byte{j.header.Bytes()[:hb]}, payload...)
 	s.stats.bytesWritten.Add(uint64(length))
@@ -273,45 +302,134 @@ func (f *flusher) startWrite(o op) {
 	})
 }
 
+// maxIovecs bounds the iovecs of one write (the kernel's IOV_MAX is 1024).
+const maxIovecs = 1000
+
 var (
 	errSkipped    = errors.New("chunk: write skipped")
 	errSyncFailed = errors.New("chunk: an fdatasync of the segment failed earlier")
 )
 
 // reserve allocates length bytes at the append point, rotating to a new
-// segment when the active one is full.
-func (s *Store) reserve(length uint64) (*segFile, uint64, error) {
+// segment when the active one is full. Writes are refused while the disk is
+// full (ErrDiskFull); GC (gc true) may still allocate, with the room the
+// released emergency reserve left. It runs only on the flusher (the one
+// allocator), and holds no store-wide lock across fallocate, fdatasync or
+// file creation.
+func (s *Store) reserve(length uint64, gc bool) (*segFile, uint64, error) {
 	if length+segHeaderBytes > uint64(s.opts.SegmentBytes) {
 		return nil, 0, fmt.Errorf("chunk: a %d-byte record does not fit a %d-byte segment; raise SegmentBytes", length, s.opts.SegmentBytes)
 	}
 	s.mu.Lock()
-	defer s.mu.Unlock()
-	if s.active != nil {
-		rec := s.segRecs[s.active.id]
-		if rec.Written+length <= uint64(s.opts.SegmentBytes) {
-			off := rec.Written
-			rec.Written += length
-			return s.active, off, nil
-		}
-		rec.Sealed = true
-		s.active = nil
+	if s.diskFull && !gc && !s.spaceFreedLocked() {
+		s.mu.Unlock()
+		return nil, 0, errDiskFull()
 	}
-	sg, err := s.newSegment()
-	if err != nil {
+	sg := s.active
+	var end uint64
+	if sg != nil {
+		rec := s.segRecs[sg.id]
+		if end = rec.Written + length; end > uint64(s.opts.SegmentBytes) {
+			rec.Sealed = true
+			s.active, sg = nil, nil
+		}
+	}
+	s.mu.Unlock()
+	if sg == nil {
+		var err error
+		if sg, err = s.newSegment(); err != nil {
+			return nil, 0, err
+		}
+		end = segHeaderBytes + length
+	}
+	if err := s.grow(sg, end); err != nil {
 		return nil, 0, err
 	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
 	rec := s.segRecs[sg.id]
 	off := rec.Written
 	rec.Written += length
 	return sg, off, nil
 }
 
+// initialSegmentBytes is the size a new segment is preallocated with; it
+// doubles as records arrive, up to SegmentBytes, so a small store takes
+// little space.
+const initialSegmentBytes = 1 << 20
+
+// grow makes sure sg has at least need bytes allocated (flusher only; no
+// lock held across fallocate).
+func (s *Store) grow(sg *segFile, need uint64) error {
+	if int64(need) <= sg.allocated {
+		return nil
+	}
+	size := min(s.opts.SegmentBytes, max(2*sg.allocated, int64(roundUp(int(need)))))
+	if err := sg.preallocate(size); err != nil {
+		if errors.Is(err, syscall.ENOSPC) {
+			s.mu.Lock()
+			s.enterDiskFullLocked(err)
+			s.mu.Unlock()
+		}
+		return fmt.Errorf("chunk: grow %s to %d bytes: %w", sg.name, size, err)
+	}
+	sg.allocated = size
+	return nil
+}
+
+// ErrDiskFull is wrapped (with syscall.ENOSPC) by writes refused because
+// the file system is full. Restores, deletes and GC go on; writes resume
+// once GC has freed space.
+var ErrDiskFull = errors.New("chunk: the disk is full: writes are refused until deleting contexts and GC free space")
+
+func errDiskFull() error { return fmt.Errorf("%w (%w)", ErrDiskFull, syscall.ENOSPC) }
+
+// spaceFreedLocked leaves the disk-full state when the file system reports
+// room for the reserve and two new segments again (space freed from
+// outside); it takes the reserve back first. Call with s.mu held.
+func (s *Store) spaceFreedLocked() bool {
+	du, err := s.fs.GetDiskUsage(s.dir)
+	if err != nil || int64(du.AvailBytes) < s.opts.ReserveBytes+2*initialSegmentBytes {
+		return false
+	}
+	if err := s.takeReserve(); err != nil {
+		return false
+	}
+	s.diskFull = false
+	s.opts.Logf("chunk: %s: %d bytes free again; writes resume", s.dir, du.AvailBytes)
+	return true
+}
+
+// enterDiskFullLocked switches to refusing writes after an ENOSPC: the
+// emergency reserve file is released, so that the index (deletes) and GC
+// have room, and the active segment is sealed so GC may compact it. Call
+// with s.mu held.
+func (s *Store) enterDiskFullLocked(cause error) {
+	if s.diskFull {
+		return
+	}
+	s.diskFull = true
+	s.stats.diskFull.Add(1)
+	if s.active != nil {
+		if rec := s.segRecs[s.active.id]; rec != nil {
+			rec.Sealed = true
+		}
+		s.active = nil
+	}
+	released := s.releaseReserve()
+	s.opts.Logf("chunk: %s: disk full (%v): writes refused until deletes and GC free space; emergency reserve released: %v", s.dir, cause, released)
+}
+
 // newSegment creates, preallocates and syncs a segment file (and its
-// directory entry). It becomes durable in the index at the next commit; until
-// then a crash leaves an orphan file that Open removes. Call with s.mu held.
+// directory entry), then makes it the active one. It becomes durable in the
+// index at the next commit; until then a crash leaves an orphan file that
+// Open removes (it holds no record) or keeps. Flusher only; call without
+// s.mu.
 func (s *Store) newSegment() (*segFile, error) {
+	s.mu.Lock()
 	id := s.nextSeg
 	s.nextSeg++
+	s.mu.Unlock()
 	sg, err := openSeg(s.fs, s.segDir, id, s.eng, !s.opts.DisableDirect)
 	if err != nil {
 		return nil, err
@@ -321,9 +439,16 @@ func (s *Store) newSegment() (*segFile, error) {
 		s.fs.Remove(sg.name)
 		return nil, err
 	}
-	if err := sg.preallocate(s.opts.SegmentBytes); err != nil {
+	size := min(s.opts.SegmentBytes, initialSegmentBytes)
+	if err := sg.preallocate(size); err != nil {
+		if errors.Is(err, syscall.ENOSPC) {
+			s.mu.Lock()
+			s.enterDiskFullLocked(err)
+			s.mu.Unlock()
+		}
 		return fail(fmt.Errorf("chunk: preallocate %s: %w", sg.name, err))
 	}
+	sg.allocated = size
 	hdr, err := s.scratch.get(segHeaderBytes)
 	if err != nil {
 		return fail(err)
@@ -340,9 +465,11 @@ func (s *Store) newSegment() (*segFile, error) {
 	if err != nil {
 		return fail(err)
 	}
+	s.mu.Lock()
 	s.segs[id] = sg
 	s.segRecs[id] = &lsm.Segment{Written: segHeaderBytes}
 	s.active = sg
+	s.mu.Unlock()
 	return sg, nil
 }
 
@@ -383,7 +510,18 @@ func (f *flusher) commit(jobs []*writeJob, waiters []waiter) {
 			s.mu.Unlock()
 		}
 	}
-	// 2. The index batch.
+	// 2. The index batch. The records a job supersedes (a partial group
+	// written before) are read from the index first, without the store
+	// lock. Token counts change only here, on this goroutine.
+	stored := map[string]*lsm.Chunk{}
+	for _, j := range jobs {
+		if j.err == nil && uint64(j.group)*uint64(s.ct) < j.c.rec.Tokens {
+			key := lsm.ChunkKey(j.c.ns, j.c.id, j.group)
+			if v, err := s.db.Get(key); err == nil {
+				stored[string(key)], _ = lsm.DecodeChunk(v)
+			}
+		}
+	}
 	b := s.db.NewBatch()
 	s.mu.Lock()
 	segTouched := map[uint32]bool{}
@@ -402,6 +540,9 @@ func (f *flusher) commit(jobs []*writeJob, waiters []waiter) {
 			// a later one succeeded: the kernel may have dropped it
 			// (fsyncgate). Never index it.
 			j.err = errSyncFailed
+		}
+		if errors.Is(j.err, syscall.ENOSPC) && !errors.Is(j.err, ErrDiskFull) {
+			s.enterDiskFullLocked(j.err)
 		}
 		if j.err != nil || syncErr != nil {
 			if j.err != errSkipped && c.writeErr == nil {
@@ -424,9 +565,7 @@ func (f *flusher) commit(jobs []*writeJob, waiters []waiter) {
 		}
 		old := superseded[string(key)]
 		if old == nil && uint64(j.group)*uint64(s.ct) < c.rec.Tokens {
-			if v, err := s.db.Get(key); err == nil {
-				old, _ = lsm.DecodeChunk(v)
-			}
+			old = stored[string(key)]
 		}
 		if old != nil {
 			if rec := s.segRecs[old.Segment]; rec != nil {
@@ -434,12 +573,14 @@ func (f *flusher) commit(jobs []*writeJob, waiters []waiter) {
 				segTouched[old.Segment] = true
 			}
 			c.live -= int64(old.Length)
+			s.live -= int64(old.Length)
 		}
 		ch := j.chunk
 		superseded[string(key)] = &ch
 		b.Set(key, ch.Encode())
 		s.segRecs[j.seg.id].Live += uint64(j.length)
 		c.live += int64(j.length)
+		s.live += int64(j.length)
 		if t := uint64(j.group)*uint64(s.ct) + uint64(j.tokens); t > newTokens[c] {
 			newTokens[c] = t
 		}
@@ -448,7 +589,9 @@ func (f *flusher) commit(jobs []*writeJob, waiters []waiter) {
 			s.cacheGroup(c, j)
 		}
 	}
-	for _, c := range s.ctxs {
+	// Only contexts marked dirty since the last commit: the work of a
+	// commit does not grow with the number of contexts.
+	for c := range s.dirtyCtxs {
 		if c.dirty {
 			ctxTouched[c] = true
 		}
@@ -457,6 +600,7 @@ func (f *flusher) commit(jobs []*writeJob, waiters []waiter) {
 			c.useDirty = false
 		}
 	}
+	clear(s.dirtyCtxs)
 	for c := range ctxTouched {
 		if c.deleted {
 			continue
@@ -514,6 +658,11 @@ func (f *flusher) commit(jobs []*writeJob, waiters []waiter) {
 	for _, j := range jobs {
 		f.release(j)
 	}
+	// Evict before answering: when a Flush returns, the capacity bound
+	// holds again.
+	if err == nil {
+		f.evict()
+	}
 	for _, w := range waiters {
 		s.mu.Lock()
 		werr := err
@@ -522,9 +671,6 @@ func (f *flusher) commit(jobs []*writeJob, waiters []waiter) {
 		}
 		s.mu.Unlock()
 		w.done <- werr
-	}
-	if err == nil {
-		f.evict()
 	}
 }
 
@@ -547,11 +693,17 @@ func (f *flusher) control(o op) {
 	s := f.s
 	switch o.kind {
 	case opDelete:
-		o.done <- s.deleteNow(o.c)
+		segs, err := s.deleteNow(o.c)
+		if err == nil && len(segs) > 0 {
+			if terr := s.writeTombstone(o.c, segs); terr != nil {
+				s.opts.Logf("chunk: the delete of %s/%s is durable, but its tombstone could not be written (%v): a repair may bring the context back", o.c.ns, o.c.id, terr)
+			}
+		}
+		o.done <- err
 	case opDamage:
 		s.mu.Lock()
 		o.c.rec.Flags |= lsm.FlagDamaged
-		o.c.dirty = true
+		s.markDirty(o.c)
 		s.mu.Unlock()
 		f.commit(nil, nil)
 		if o.done != nil {
@@ -564,7 +716,7 @@ func (f *flusher) control(o op) {
 
 // deleteNow removes a context's keys in one batch and its bytes from the
 // segments' live counts. Runs on the flusher.
-func (s *Store) deleteNow(c *ctxState) error {
+func (s *Store) deleteNow(c *ctxState) ([]uint32, error) {
 	var chunks []*lsm.Chunk
 	err := s.db.Scan(lsm.ChunkPrefix(c.ns, c.id), lsm.ChunkPrefixEnd(c.ns, c.id), func(k, v []byte) error {
 		if ch, err := lsm.DecodeChunk(v); err == nil {
@@ -573,7 +725,7 @@ func (s *Store) deleteNow(c *ctxState) error {
 		return nil
 	})
 	if err != nil {
-		return err
+		return nil, err
 	}
 	b := s.db.NewBatch()
 	b.DeleteRange(lsm.ChunkPrefix(c.ns, c.id), lsm.ChunkPrefixEnd(c.ns, c.id))
@@ -587,10 +739,14 @@ func (s *Store) deleteNow(c *ctxState) error {
 			touched[ch.Segment] = true
 		}
 	}
+	var segs []uint32
 	for id := range touched {
 		b.Set(lsm.SegmentKey(id), s.segRecs[id].Encode())
+		segs = append(segs, id)
 	}
+	sort.Slice(segs, func(i, j int) bool { return segs[i] < segs[j] })
 	c.deleted = true
+	s.live -= c.live
 	c.live = 0
 	if s.ctxs[ctxMapKey(c.ns, c.id)] == c {
 		delete(s.ctxs, ctxMapKey(c.ns, c.id))
@@ -599,6 +755,44 @@ func (s *Store) deleteNow(c *ctxState) error {
 	if s.cache != nil {
 		s.cache.dropGen(c.rec.Gen)
 	}
+	return segs, b.Commit(true)
+}
+
+// writeTombstone logs a committed delete in the segments, so that a repair
+// (which sees only segments) does not bring the context back: a deletion
+// record naming the context and its generation, made durable, then indexed
+// under a "t" key with the segments that held the context's records (GC
+// carries the tombstone along while any of them exists). Runs on the
+// flusher after the delete's index commit: a crash in between loses only
+// the tombstone of a delete not yet acknowledged. Explicit deletes only;
+// evicted contexts (a cache's choice) may come back with a repair.
+func (s *Store) writeTombstone(c *ctxState, segs []uint32) error {
+	h := RecordHeader{Version: formatVersion, Flags: RecordTombstone, ChunkTokens: uint16(s.ct), Gen: c.rec.Gen, Namespace: c.ns, ContextID: c.id}
+	hb := headerBytesFor(0, h.descBytes())
+	seg, off, err := s.reserve(uint64(hb), true)
+	if err != nil {
+		return err
+	}
+	h.HeaderBytes, h.RecordBytes, h.Segment = uint32(hb), uint64(hb), seg.id
+	buf, err := s.scratch.get(hb)
+	if err != nil {
+		return err
+	}
+	h.Encode(buf.Bytes()[:hb])
+	err = seg.write([][]byte{buf.Bytes()[:hb]}, int64(off))
+	s.scratch.put(buf)
+	if err == nil {
+		err = seg.datasync()
+	}
+	if err != nil {
+		return err
+	}
+	t := lsm.Tombstone{Namespace: c.ns, ID: c.id, Gen: c.rec.Gen, Segments: segs}
+	b := s.db.NewBatch()
+	b.Set(lsm.TombstoneKey(seg.id, off), t.Encode())
+	s.mu.Lock()
+	b.Set(lsm.SegmentKey(seg.id), s.segRecs[seg.id].Encode())
+	s.mu.Unlock()
 	return b.Commit(true)
 }
 
@@ -636,28 +830,44 @@ func (s *Store) markDamaged(c *ctxState) {
 // writer while the live bytes exceed CapacityBytes.
 func (f *flusher) evict() {
 	s := f.s
-	for {
-		s.mu.Lock()
-		var live int64
-		var cands []*ctxState
-		for _, c := range s.ctxs {
-			live += c.live
-			if !c.deleted && c.writer == nil && c.rec.Flags&lsm.FlagPinned == 0 {
-				cands = append(cands, c)
-			}
-		}
+	s.mu.Lock()
+	if s.live <= s.opts.CapacityBytes {
 		s.mu.Unlock()
-		if live <= s.opts.CapacityBytes || len(cands) == 0 {
+		return // the common case: O(1) per commit
+	}
+	// Over capacity: rank the candidates once, with their last-use times
+	// read under the lock (Restore writes them).
+	type cand struct {
+		c       *ctxState
+		lastUse int64
+		gen     uint64
+	}
+	var cands []cand
+	for _, c := range s.ctxs {
+		if !c.deleted && c.writer == nil && c.rec.Flags&lsm.FlagPinned == 0 {
+			cands = append(cands, cand{c, c.lastUse, c.rec.Gen})
+		}
+	}
+	s.mu.Unlock()
+	sort.Slice(cands, func(i, j int) bool {
+		if cands[i].lastUse != cands[j].lastUse {
+			return cands[i].lastUse < cands[j].lastUse
+		}
+		return cands[i].gen < cands[j].gen
+	})
+	for _, cd := range cands {
+		s.mu.Lock()
+		over := s.live > s.opts.CapacityBytes
+		skip := cd.c.deleted || cd.c.writer != nil || cd.c.rec.Flags&lsm.FlagPinned != 0
+		s.mu.Unlock()
+		if !over {
 			return
 		}
-		sort.Slice(cands, func(i, j int) bool {
-			if cands[i].lastUse != cands[j].lastUse {
-				return cands[i].lastUse < cands[j].lastUse
-			}
-			return cands[i].rec.Gen < cands[j].rec.Gen
-		})
-		victim := cands[0]
-		if err := s.deleteNow(victim); err != nil {
+		if skip {
+			continue
+		}
+		victim := cd.c
+		if _, err := s.deleteNow(victim); err != nil {
 			s.opts.Logf("chunk: evicting %s/%s: %v", victim.ns, victim.id, err)
 			return
 		}

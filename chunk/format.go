@@ -29,7 +29,21 @@ package chunk
 // headerBytes u32 | recordBytes u64 | segment u32 | slices u16 |
 // chunkTokens u16 | tokens u16 | reserved u16 | group u32 | generation u64 |
 // binding [32] | slice table (slices x 20 bytes: layer u16, flags u16, off u32,
-// stored u32, raw u32, crc u32) | crc32c u32 of the bytes before it.
+// stored u32, raw u32, crc u32) | [version 2: context descriptor: namespace
+// length u16 | context id length u16 | identity length u32 | namespace |
+// context id | encoded identity] | crc32c u32 of the bytes before it.
+//
+// Flags (version 2): bit 0 marks a tombstone, the record of a delete: no
+// slices, no tokens, a descriptor naming the context; it deletes the
+// context's generations up to its generation (Repair honours it).
+//
+// Version 2 records describe themselves: with the descriptor, a record holds
+// everything the index holds about it (namespace, id, identity, generation,
+// group, token count, slices and their checksums), so the index can be
+// rebuilt from the segments alone (Repair). The binding in the header must
+// equal the one the descriptor computes. Version 1 records (no descriptor)
+// are still read through the index; Repair cannot attribute them and sets
+// them aside.
 //
 // Slice checksums cover the raw rows (after decompression) and start from a
 // seed derived from the context binding, the group and the layer (see
@@ -61,13 +75,16 @@ import (
 const BlockBytes = 4096
 
 const (
-	formatVersion     = 1
+	formatVersion     = 2 // what this build writes
+	formatVersionV1   = 1 // records without a context descriptor: read, never written
 	segHeaderBytes    = BlockBytes
 	recordFixedBytes  = 8 + 2 + 2 + 4 + 8 + 4 + 2 + 2 + 2 + 2 + 4 + 8 + 32
 	sliceEntryBytes   = 20
 	segHeaderUsed     = 8 + 2 + 2 + 4 + 8 + 4
 	maxRecordSlices   = MaxLayers
 	maxRecordBytesCap = 1 << 34
+	maxIdentityBytes  = 4 + 2 + 2 + MaxModelBytes + 4 + MaxLayers*5 + 4 + 64
+	maxHeaderBytes    = 64 << 10
 )
 
 var (
@@ -122,10 +139,28 @@ type RecordHeader struct {
 	Gen         uint64
 	Binding     Binding
 	Slices      []lsm.Slice
+	// Version is the record format version (0 encodes the current one).
+	// Version 2 carries the context descriptor below.
+	Version uint16
+	// Flags: RecordTombstone marks a deletion record (version 2): no
+	// slices, no tokens; it says the context's generations up to Gen were
+	// deleted.
+	Flags     uint16
+	Namespace string
+	ContextID string
+	Identity  []byte // encoded Identity
 }
 
-func headerBytesFor(slices int) int {
-	return roundUp(recordFixedBytes + slices*sliceEntryBytes + 4)
+// descBytes is the size of the context descriptor of a version 2 header.
+func (h *RecordHeader) descBytes() int {
+	if h.Version == formatVersionV1 {
+		return 0
+	}
+	return 8 + len(h.Namespace) + len(h.ContextID) + len(h.Identity)
+}
+
+func headerBytesFor(slices, desc int) int {
+	return roundUp(recordFixedBytes + slices*sliceEntryBytes + desc + 4)
 }
 
 // Encode writes the header into block, which must hold HeaderBytes bytes.
@@ -133,7 +168,11 @@ func (h *RecordHeader) Encode(block []byte) {
 	n := int(h.HeaderBytes)
 	clear(block[:n])
 	copy(block, recordMagic)
-	binary.LittleEndian.PutUint16(block[8:], formatVersion)
+	if h.Version == 0 {
+		h.Version = formatVersion
+	}
+	binary.LittleEndian.PutUint16(block[8:], h.Version)
+	binary.LittleEndian.PutUint16(block[10:], h.Flags)
 	binary.LittleEndian.PutUint32(block[12:], h.HeaderBytes)
 	binary.LittleEndian.PutUint64(block[16:], h.RecordBytes)
 	binary.LittleEndian.PutUint32(block[24:], h.Segment)
@@ -154,6 +193,15 @@ func (h *RecordHeader) Encode(block []byte) {
 		p = p[sliceEntryBytes:]
 	}
 	end := recordFixedBytes + len(h.Slices)*sliceEntryBytes
+	if h.Version != formatVersionV1 {
+		binary.LittleEndian.PutUint16(block[end:], uint16(len(h.Namespace)))
+		binary.LittleEndian.PutUint16(block[end+2:], uint16(len(h.ContextID)))
+		binary.LittleEndian.PutUint32(block[end+4:], uint32(len(h.Identity)))
+		end += 8
+		end += copy(block[end:], h.Namespace)
+		end += copy(block[end:], h.ContextID)
+		end += copy(block[end:], h.Identity)
+	}
 	binary.LittleEndian.PutUint32(block[end:], crc32.Checksum(block[:end], castagnoli))
 }
 
@@ -163,10 +211,13 @@ func DecodeRecordHeader(b []byte) (*RecordHeader, error) {
 	if len(b) < recordFixedBytes+4 || !bytes.Equal(b[:8], recordMagic) {
 		return nil, fmt.Errorf("%w: record magic missing", ErrCorrupt)
 	}
-	if v := binary.LittleEndian.Uint16(b[8:]); v != formatVersion {
-		return nil, fmt.Errorf("%w: record format version %d, this build reads %d", ErrCorrupt, v, formatVersion)
+	v := binary.LittleEndian.Uint16(b[8:])
+	if v != formatVersion && v != formatVersionV1 {
+		return nil, fmt.Errorf("%w: record format version %d, this build reads %d and %d", ErrCorrupt, v, formatVersionV1, formatVersion)
 	}
 	h := &RecordHeader{
+		Version:     v,
+		Flags:       binary.LittleEndian.Uint16(b[10:]),
 		HeaderBytes: binary.LittleEndian.Uint32(b[12:]),
 		RecordBytes: binary.LittleEndian.Uint64(b[16:]),
 		Segment:     binary.LittleEndian.Uint32(b[24:]),
@@ -176,21 +227,52 @@ func DecodeRecordHeader(b []byte) (*RecordHeader, error) {
 		Gen:         binary.LittleEndian.Uint64(b[40:]),
 	}
 	n := int(binary.LittleEndian.Uint16(b[28:]))
-	if n == 0 || n > maxRecordSlices || int(h.HeaderBytes) != headerBytesFor(n) || len(b) < int(h.HeaderBytes) {
+	tomb := h.Flags&RecordTombstone != 0
+	if h.Flags&^RecordTombstone != 0 || (tomb && (v == formatVersionV1 || n != 0)) {
+		return nil, fmt.Errorf("%w: record flags %#x with %d slices", ErrCorrupt, h.Flags, n)
+	}
+	if (n == 0 && !tomb) || n > maxRecordSlices || len(b) < int(h.HeaderBytes) || h.HeaderBytes > maxHeaderBytes {
 		return nil, fmt.Errorf("%w: record header of %d bytes with %d slices", ErrCorrupt, h.HeaderBytes, n)
 	}
 	end := recordFixedBytes + n*sliceEntryBytes
+	desc := 0
+	if v != formatVersionV1 {
+		if end+8+4 > int(h.HeaderBytes) {
+			return nil, fmt.Errorf("%w: record header of %d bytes with %d slices", ErrCorrupt, h.HeaderBytes, n)
+		}
+		nl, il, dl := int(binary.LittleEndian.Uint16(b[end:])), int(binary.LittleEndian.Uint16(b[end+2:])), int(binary.LittleEndian.Uint32(b[end+4:]))
+		if nl > lsm.MaxNameBytes || il > lsm.MaxNameBytes || dl > maxIdentityBytes {
+			return nil, fmt.Errorf("%w: record descriptor lengths %d/%d/%d", ErrCorrupt, nl, il, dl)
+		}
+		desc = 8 + nl + il + dl
+		if int(h.HeaderBytes) != headerBytesFor(n, desc) {
+			return nil, fmt.Errorf("%w: record header of %d bytes with %d slices and a %d-byte descriptor", ErrCorrupt, h.HeaderBytes, n, desc)
+		}
+		p := b[end+8:]
+		h.Namespace = string(p[:nl])
+		h.ContextID = string(p[nl : nl+il])
+		h.Identity = append([]byte(nil), p[nl+il:nl+il+dl]...)
+	} else if int(h.HeaderBytes) != headerBytesFor(n, 0) {
+		return nil, fmt.Errorf("%w: record header of %d bytes with %d slices", ErrCorrupt, h.HeaderBytes, n)
+	}
+	end += desc
 	if crc32.Checksum(b[:end], castagnoli) != binary.LittleEndian.Uint32(b[end:]) {
 		return nil, fmt.Errorf("%w: record header checksum mismatch", ErrCorrupt)
 	}
 	if h.RecordBytes%BlockBytes != 0 || h.RecordBytes < uint64(h.HeaderBytes) || h.RecordBytes > maxRecordBytesCap {
 		return nil, fmt.Errorf("%w: record length %d", ErrCorrupt, h.RecordBytes)
 	}
-	if h.Tokens == 0 || h.Tokens > h.ChunkTokens {
+	if tomb {
+		if h.Tokens != 0 || h.RecordBytes != uint64(h.HeaderBytes) {
+			return nil, fmt.Errorf("%w: tombstone with %d tokens in %d bytes", ErrCorrupt, h.Tokens, h.RecordBytes)
+		}
+	} else if h.Tokens == 0 || h.Tokens > h.ChunkTokens {
 		return nil, fmt.Errorf("%w: record holds %d tokens of a %d-token chunk", ErrCorrupt, h.Tokens, h.ChunkTokens)
 	}
 	copy(h.Binding[:], b[48:80])
-	h.Slices = make([]lsm.Slice, n)
+	if n > 0 {
+		h.Slices = make([]lsm.Slice, n)
+	}
 	p := b[recordFixedBytes:]
 	for i := range h.Slices {
 		s := lsm.Slice{
@@ -206,6 +288,9 @@ func DecodeRecordHeader(b []byte) (*RecordHeader, error) {
 	}
 	return h, nil
 }
+
+// RecordTombstone is the header flag of a deletion record.
+const RecordTombstone = 1
 
 // ScannedRecord is one record found by ScanRecords.
 type ScannedRecord struct {

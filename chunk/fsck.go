@@ -34,7 +34,10 @@ func (s *Store) Check(progress func(done, total int)) *CheckReport {
 	errf := func(format string, args ...any) { r.Errors = append(r.Errors, fmt.Sprintf(format, args...)) }
 	rec := s.Recovery()
 	if rec.OrphanSegments > 0 {
-		r.Orphans = append(r.Orphans, fmt.Sprintf("%d unindexed segment files removed on open", rec.OrphanSegments))
+		r.Orphans = append(r.Orphans, fmt.Sprintf("%d unindexed segment files holding no record (a read-write open removes them)", rec.OrphanSegments))
+	}
+	for _, n := range rec.KeptOrphans {
+		r.Orphans = append(r.Orphans, fmt.Sprintf("segment file %s is not in the index but holds records (kept; `hcache repair` adopts what verifies)", n))
 	}
 	if rec.UnindexedRecords > 0 {
 		r.Orphans = append(r.Orphans, fmt.Sprintf("%d unindexed records past the append point (discarded)", rec.UnindexedRecords))
@@ -194,7 +197,16 @@ func (s *Store) checkChunk(c *ctxState, g uint32, ch *lsm.Chunk) error {
 	if ch.Offset+uint64(ch.Length) > written {
 		return fmt.Errorf("record [%d, +%d) past segment %d's written end %d", ch.Offset, ch.Length, ch.Segment, written)
 	}
-	hb := headerBytesFor(len(ch.Slices))
+	hb := BlockBytes
+	if len(ch.Slices) > 0 {
+		hb = int(ch.Slices[0].Off) // slices follow the header
+		for _, sl := range ch.Slices {
+			hb = min(hb, int(sl.Off))
+		}
+	}
+	if hb <= 0 || hb > maxHeaderBytes || hb%BlockBytes != 0 {
+		return fmt.Errorf("index places the first slice at %d", hb)
+	}
 	buf, err := s.scratch.get(hb)
 	if err != nil {
 		return err
@@ -217,6 +229,8 @@ func (s *Store) checkChunk(c *ctxState, g uint32, ch *lsm.Chunk) error {
 		return fmt.Errorf("record header holds %d tokens in %d bytes, index says %d in %d", h.Tokens, h.RecordBytes, ch.Tokens, ch.Length)
 	case !bytes.Equal(h.Binding[:], binding[:]):
 		return fmt.Errorf("record is bound to another context")
+	case h.Version != formatVersionV1 && (h.Namespace != c.ns || h.ContextID != c.id || !bytes.Equal(h.Identity, c.rec.Identity)):
+		return fmt.Errorf("record describes context %s/%s", h.Namespace, h.ContextID)
 	case len(h.Slices) != len(ch.Slices):
 		return fmt.Errorf("record has %d slices, index %d", len(h.Slices), len(ch.Slices))
 	}

@@ -3,6 +3,8 @@ package chunk
 import (
 	"errors"
 	"fmt"
+	"hash/crc32"
+	"math"
 	"sort"
 	"time"
 
@@ -45,6 +47,31 @@ func (s *Store) gcVictims() []uint32 {
 }
 
 // gcLoop runs GC every interval when a segment is worth compacting.
+// maybeLeaveDiskFull ends the disk-full state after a GC: when the file
+// system reports enough free space for the emergency reserve and a segment
+// (or, where it reports nothing, when the GC removed a segment), the reserve
+// is taken again and writes resume.
+func (s *Store) maybeLeaveDiskFull(res *GCResult) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if !s.diskFull {
+		return
+	}
+	if du, err := s.fs.GetDiskUsage(s.dir); err == nil {
+		if int64(du.AvailBytes) < s.opts.ReserveBytes+2*initialSegmentBytes {
+			return
+		}
+	} else if res.Err != nil {
+		return // no usage reported: a GC that completed is the best sign
+	}
+	if err := s.takeReserve(); err != nil {
+		s.opts.Logf("chunk: %s: GC freed space but the emergency reserve could not be taken again (%v); writes stay refused", s.dir, err)
+		return
+	}
+	s.diskFull = false
+	s.opts.Logf("chunk: %s: GC freed space; emergency reserve taken again; writes resume", s.dir)
+}
+
 func (s *Store) gcLoop(interval time.Duration) {
 	defer s.gcWG.Done()
 	t := time.NewTicker(interval)
@@ -69,10 +96,18 @@ func (s *Store) gcLoop(interval time.Duration) {
 
 func (s *Store) gcNow() GCResult {
 	var res GCResult
+	defer s.maybeLeaveDiskFull(&res)
 	s.mu.Lock()
 	victims := s.gcVictims()
+	// Segments with nothing live first: dropping them needs no space.
+	sort.Slice(victims, func(i, j int) bool {
+		ei, ej := s.segRecs[victims[i]].Live == 0, s.segRecs[victims[j]].Live == 0
+		if ei != ej {
+			return ei
+		}
+		return victims[i] < victims[j]
+	})
 	s.mu.Unlock()
-	sort.Slice(victims, func(i, j int) bool { return victims[i] < victims[j] })
 	for _, id := range victims {
 		moved, bytes, err := s.compact(id)
 		res.MovedRecords += moved
@@ -94,26 +129,32 @@ type gcMove struct {
 	c   *ctxState
 }
 
-// compact moves the live records out of segment id and drops it.
+// compact moves the live records out of segment id and drops it. A segment
+// with no live record moves nothing and is dropped without allocating
+// anything (so GC frees space on a full disk); the chunk keys are still
+// scanned to confirm it holds nothing live.
 func (s *Store) compact(id uint32) (int, uint64, error) {
 	var moves []gcMove
-	err := s.db.Scan([]byte{'k'}, []byte{'l'}, func(k, v []byte) error {
-		ch, err := lsm.DecodeChunk(v)
-		if err != nil || ch.Segment != id {
+	err := error(nil)
+	{
+		err = s.db.Scan([]byte{'k'}, []byte{'l'}, func(k, v []byte) error {
+			ch, err := lsm.DecodeChunk(v)
+			if err != nil || ch.Segment != id {
+				return nil
+			}
+			ns, cid, _, err := lsm.ParseChunkKey(k)
+			if err != nil {
+				return nil
+			}
+			s.mu.Lock()
+			c := s.ctxs[ctxMapKey(ns, cid)]
+			s.mu.Unlock()
+			if c != nil {
+				moves = append(moves, gcMove{k, ch, c})
+			}
 			return nil
-		}
-		ns, cid, _, err := lsm.ParseChunkKey(k)
-		if err != nil {
-			return nil
-		}
-		s.mu.Lock()
-		c := s.ctxs[ctxMapKey(ns, cid)]
-		s.mu.Unlock()
-		if c != nil {
-			moves = append(moves, gcMove{k, ch, c})
-		}
-		return nil
-	})
+		})
+	}
 	if err != nil {
 		return 0, 0, err
 	}
@@ -138,12 +179,27 @@ func (s *Store) compact(id uint32) (int, uint64, error) {
 		}
 		h, err := DecodeRecordHeader(rec)
 		if err != nil {
+			// The header does not check: rebuild it from the index, if
+			// every slice still verifies against the index's checksums.
+			h, err = s.headerFromIndex(m, rec)
+		}
+		if err != nil {
 			// Unreadable: the context is damaged; its bytes stay dead.
+			// Marked in place and written with this GC's batch (GC runs
+			// on the flusher, which must not submit to itself).
 			s.scratch.put(buf)
-			s.markDamaged(m.c)
+			s.mu.Lock()
+			if m.c.rec.Flags&lsm.FlagDamaged == 0 {
+				m.c.rec.Flags |= lsm.FlagDamaged
+				s.stats.damaged.Add(1)
+			}
+			if !m.c.deleted {
+				b.Set(lsm.ContextKey(m.c.ns, m.c.id), m.c.rec.Encode())
+			}
+			s.mu.Unlock()
 			continue
 		}
-		seg, off, err := s.reserve(uint64(m.ch.Length))
+		seg, off, err := s.reserve(uint64(m.ch.Length), true)
 		if err != nil {
 			s.scratch.put(buf)
 			b.Discard()
@@ -166,6 +222,10 @@ func (s *Store) compact(id uint32) (int, uint64, error) {
 		s.mu.Unlock()
 		moved++
 		movedBytes += uint64(m.ch.Length)
+	}
+	if err := s.carryTombstones(id, b, touched); err != nil {
+		b.Discard()
+		return moved, movedBytes, err
 	}
 	for sg := range touched {
 		if err := sg.datasync(); err != nil {
@@ -190,4 +250,112 @@ func (s *Store) compact(id uint32) (int, uint64, error) {
 	}
 	s.mu.Unlock()
 	return moved, movedBytes, nil
+}
+
+// carryTombstones handles the deletion records in segment id, which GC is
+// about to drop: one that still matters (a segment that held the deleted
+// context's records still exists) is rewritten at the append point and
+// re-keyed in b; the others are dropped from the index.
+func (s *Store) carryTombstones(id uint32, b *lsm.Batch, touched map[*segFile]bool) error {
+	type tomb struct {
+		key []byte
+		off uint64
+		t   *lsm.Tombstone
+		raw []byte
+	}
+	var tombs []tomb
+	err := s.db.Scan(lsm.TombstoneKey(id, 0), lsm.TombstoneKey(id, math.MaxUint64), func(k, v []byte) error {
+		_, off, err := lsm.ParseTombstoneKey(k)
+		if err != nil {
+			return nil
+		}
+		t, err := lsm.DecodeTombstone(v)
+		if err != nil {
+			b.Delete(k)
+			return nil
+		}
+		tombs = append(tombs, tomb{k, off, t, v})
+		return nil
+	})
+	if err != nil {
+		return err
+	}
+	for _, tb := range tombs {
+		b.Delete(tb.key)
+		keep := false
+		s.mu.Lock()
+		for _, sid := range tb.t.Segments {
+			if sg := s.segs[sid]; sid != id && sg != nil && !sg.doomed {
+				keep = true
+			}
+		}
+		s.mu.Unlock()
+		if !keep {
+			continue
+		}
+		h := RecordHeader{Version: formatVersion, Flags: RecordTombstone, ChunkTokens: uint16(s.ct), Gen: tb.t.Gen, Namespace: tb.t.Namespace, ContextID: tb.t.ID}
+		hb := headerBytesFor(0, h.descBytes())
+		seg, off, err := s.reserve(uint64(hb), true)
+		if err != nil {
+			return err
+		}
+		h.HeaderBytes, h.RecordBytes, h.Segment = uint32(hb), uint64(hb), seg.id
+		buf, err := s.scratch.get(hb)
+		if err != nil {
+			return err
+		}
+		h.Encode(buf.Bytes()[:hb])
+		err = seg.write([][]byte{buf.Bytes()[:hb]}, int64(off))
+		s.scratch.put(buf)
+		if err != nil {
+			return err
+		}
+		touched[seg] = true
+		b.Set(lsm.TombstoneKey(seg.id, off), tb.raw)
+	}
+	return nil
+}
+
+// headerFromIndex rebuilds the header of a record whose own header is
+// damaged, from the chunk key and the context, after checking every slice
+// of rec against the index's checksums (so GC never drops data it can still
+// prove, and never moves data it cannot).
+func (s *Store) headerFromIndex(m gcMove, rec []byte) (*RecordHeader, error) {
+	s.mu.Lock()
+	c := m.c
+	if c.ident == nil || c.rec.Flags&lsm.FlagDamaged != 0 {
+		s.mu.Unlock()
+		return nil, fmt.Errorf("%w: context has no usable identity", ErrCorrupt)
+	}
+	binding, gen, enc := c.binding, c.rec.Gen, c.rec.Identity
+	s.mu.Unlock()
+	_, _, g, err := lsm.ParseChunkKey(m.key)
+	if err != nil {
+		return nil, err
+	}
+	h := &RecordHeader{Version: formatVersion, RecordBytes: uint64(m.ch.Length), ChunkTokens: uint16(s.ct), Tokens: m.ch.Tokens,
+		Group: g, Gen: gen, Binding: binding, Slices: m.ch.Slices, Namespace: c.ns, ContextID: c.id, Identity: enc}
+	hb := headerBytesFor(len(m.ch.Slices), h.descBytes())
+	h.HeaderBytes = uint32(hb)
+	var tmp []byte
+	for _, sl := range m.ch.Slices {
+		if int(sl.Off) < hb {
+			return nil, fmt.Errorf("%w: a rebuilt header (%d bytes) would overlap slice data at %d", ErrCorrupt, hb, sl.Off)
+		}
+		data := rec[sl.Off : sl.Off+sl.Stored]
+		raw := data
+		if sl.Flags&lsm.SliceLZ4 != 0 {
+			if len(tmp) < 2*int(sl.Raw) {
+				tmp = make([]byte, 2*int(sl.Raw))
+			}
+			raw = tmp[:sl.Raw]
+			if err := decompressSlice(raw, tmp[sl.Raw:], data); err != nil {
+				return nil, err
+			}
+		}
+		if got := crc32.Update(sliceSeed(&binding, g, sl.Layer), castagnoli, raw); got != sl.CRC {
+			return nil, fmt.Errorf("%w: layer %d checksum %08x, index says %08x", ErrCorrupt, sl.Layer, got, sl.CRC)
+		}
+	}
+	return h, nil
 }

@@ -22,8 +22,62 @@ type snapshot struct {
 	segs   []*segFile
 }
 
-// snap takes a restore snapshot of c. Call with s.mu held.
+// snap takes a restore snapshot of c. Call without s.mu: the index scan
+// runs unlocked (no store-wide lock is held across a Pebble scan), then the
+// segments are referenced under the lock. GC may move the records between
+// the two (and doom their old segment): the scan is then taken again.
 func (s *Store) snap(c *ctxState) (*snapshot, error) {
+	if s.snapFault != nil {
+		if err := s.snapFault(); err != nil {
+			return nil, err
+		}
+	}
+	for attempt := 0; ; attempt++ {
+		// The token count is read before the scan: the index is committed
+		// before the count advances, so the scan covers at least it.
+		s.mu.Lock()
+		want := c.rec.Tokens
+		s.mu.Unlock()
+		sn, err := s.scanChunks(c, want)
+		if err != nil {
+			return nil, err
+		}
+		s.mu.Lock()
+		if c.deleted {
+			s.mu.Unlock()
+			return nil, fmt.Errorf("%w: %s/%s", ErrNotFound, c.ns, c.id)
+		}
+		missing, ok := uint32(0), true
+		seen := map[uint32]bool{}
+		for _, ch := range sn.chunks {
+			if seen[ch.Segment] {
+				continue
+			}
+			seen[ch.Segment] = true
+			sg := s.segs[ch.Segment]
+			if sg == nil || sg.doomed {
+				missing, ok = ch.Segment, false
+				break
+			}
+			sg.refs++
+			sn.segs = append(sn.segs, sg)
+		}
+		if !ok {
+			s.unref(sn.segs)
+		}
+		s.mu.Unlock()
+		if ok {
+			return sn, nil
+		}
+		if attempt == 2 {
+			return nil, fmt.Errorf("%w: segment %d of this context is missing", ErrCorrupt, missing)
+		}
+	}
+}
+
+// scanChunks reads c's chunk keys (without s.mu) and checks that they form
+// a contiguous prefix covering at least want tokens.
+func (s *Store) scanChunks(c *ctxState, want uint64) (*snapshot, error) {
 	sn := &snapshot{c: c}
 	err := s.db.Scan(lsm.ChunkPrefix(c.ns, c.id), lsm.ChunkPrefixEnd(c.ns, c.id), func(k, v []byte) error {
 		_, _, g, err := lsm.ParseChunkKey(k)
@@ -52,22 +106,8 @@ func (s *Store) snap(c *ctxState) (*snapshot, error) {
 		}
 		sn.tokens += int(ch.Tokens)
 	}
-	if uint64(sn.tokens) < c.rec.Tokens {
-		return nil, fmt.Errorf("%w: index holds %d tokens, the context has %d", ErrCorrupt, sn.tokens, c.rec.Tokens)
-	}
-	seen := map[uint32]bool{}
-	for _, ch := range sn.chunks {
-		if seen[ch.Segment] {
-			continue
-		}
-		seen[ch.Segment] = true
-		sg := s.segs[ch.Segment]
-		if sg == nil || sg.doomed {
-			s.unref(sn.segs)
-			return nil, fmt.Errorf("%w: segment %d of this context is missing", ErrCorrupt, ch.Segment)
-		}
-		sg.refs++
-		sn.segs = append(sn.segs, sg)
+	if uint64(sn.tokens) < want {
+		return nil, fmt.Errorf("%w: index holds %d tokens, the context has %d", ErrCorrupt, sn.tokens, want)
 	}
 	return sn, nil
 }
@@ -250,8 +290,8 @@ func sumLen(reqs []readReq) int {
 // identity; every slice is verified before fn sees it. A context whose data
 // fails a check is marked damaged and never served again.
 func (s *Store) Restore(ns, id string, ident *Identity, fn func(layer int, rows []byte) error) (int, error) {
-	if fn == nil {
-		return 0, errors.New("chunk: Restore needs a callback")
+	if ident == nil || fn == nil {
+		return 0, fmt.Errorf("chunk: Restore %s/%s: nil identity or callback", ns, id)
 	}
 	return s.RestoreOwned(ns, id, ident, 0, func(layer int, rows []byte, release func()) error {
 		defer release()
@@ -293,6 +333,8 @@ func (s *Store) RestoreOwned(ns, id string, ident *Identity, ahead int, fn func(
 		s.mu.Unlock()
 		return 0, ErrClosed
 	}
+	s.restores.Add(1)
+	defer s.restores.Done()
 	c, err := s.lookup(ns, id)
 	if err != nil {
 		s.mu.Unlock()
@@ -307,14 +349,20 @@ func (s *Store) RestoreOwned(ns, id string, ident *Identity, ahead int, fn func(
 		s.stats.identityMismatch.Add(1)
 		return 0, fmt.Errorf("%w: %s/%s", ErrIdentityMismatch, ns, id)
 	}
+	s.mu.Unlock()
 	sn, err := s.snap(c)
 	if err != nil {
-		s.mu.Unlock()
-		s.markDamaged(c)
+		// Only bytes that fail their checks damage a context; an index
+		// read that failed (I/O, a failed index) may succeed later.
+		if errorsIsCorrupt(err) || (errors.Is(err, lsm.ErrCorrupt) && !errors.Is(err, lsm.ErrFatal)) {
+			s.markDamaged(c)
+		}
 		return 0, fmt.Errorf("chunk: restore %s/%s: %w", ns, id, err)
 	}
+	s.mu.Lock()
 	c.lastUse = time.Now().UnixNano()
 	c.useDirty = true // persisted with the next index commit
+	s.dirtyCtxs[c] = struct{}{}
 	s.mu.Unlock()
 	defer func() {
 		s.mu.Lock()
@@ -428,6 +476,13 @@ func (s *Store) RestoreOwned(ns, id string, ident *Identity, ahead int, fn func(
 			release()
 			continue
 		}
+		if s.closedFlag.Load() {
+			// Close waits for this restore: stop at this layer.
+			release()
+			firstErr = ErrClosed
+			close(stop)
+			continue
+		}
 		if err := callOwned(fn, lo.layer, lo.rows, release); err != nil {
 			firstErr = err
 			close(stop)
@@ -441,13 +496,16 @@ func (s *Store) RestoreOwned(ns, id string, ident *Identity, ahead int, fn func(
 	return sn.tokens, nil
 }
 
+// ErrCallbackPanic is wrapped by Restore's error when its callback panicked.
+var ErrCallbackPanic = errors.New("chunk: restore callback panicked")
+
 // callOwned runs a restore callback; a panic in it becomes an error and the
 // buffer is released, so a misbehaving consumer cannot wedge the store.
 func callOwned(fn func(int, []byte, func()) error, layer int, rows []byte, release func()) (err error) {
 	defer func() {
 		if r := recover(); r != nil {
 			release()
-			err = fmt.Errorf("chunk: restore callback panicked on layer %d: %v", layer, r)
+			err = fmt.Errorf("%w on layer %d: %v", ErrCallbackPanic, layer, r)
 		}
 	}()
 	return fn(layer, rows, release)

@@ -22,6 +22,8 @@ type segFile struct {
 	fd   int // O_DIRECT descriptor, or -1
 	eng  iouring.Engine
 
+	allocated int64 // bytes preallocated (the flusher, the only allocator, owns it)
+
 	// guarded by Store.mu
 	refs       int  // restores reading it
 	doomed     bool // removed from the index; delete the file at refs == 0
@@ -41,16 +43,30 @@ func parseSegName(name string) (uint32, bool) {
 	return uint32(n), true
 }
 
-// openSeg opens (create=true: creates) a segment file.
+// openSeg opens (or creates) a segment file for reading and writing.
 func openSeg(fs vfs.FS, dir string, id uint32, eng iouring.Engine, direct bool) (*segFile, error) {
+	return openSegMode(fs, dir, id, eng, direct, false)
+}
+
+// openSegMode opens a segment file; readOnly opens an existing one for
+// reading only.
+func openSegMode(fs vfs.FS, dir string, id uint32, eng iouring.Engine, direct, readOnly bool) (*segFile, error) {
 	name := fs.PathJoin(dir, segName(id))
-	f, err := fs.OpenReadWrite(name, vfs.WriteCategoryUnspecified)
+	var f vfs.File
+	var err error
+	flags := unix.O_RDWR
+	if readOnly {
+		f, err = fs.Open(name)
+		flags = unix.O_RDONLY
+	} else {
+		f, err = fs.OpenReadWrite(name, vfs.WriteCategoryUnspecified)
+	}
 	if err != nil {
 		return nil, fmt.Errorf("chunk: open segment %s: %w", name, err)
 	}
 	s := &segFile{id: id, name: name, f: f, fd: -1, eng: eng}
 	if direct && eng != nil && f.Fd() != vfs.InvalidFd {
-		fd, err := iouring.OpenDirect(fmt.Sprintf("/proc/self/fd/%d", f.Fd()), unix.O_RDWR, 0)
+		fd, err := iouring.OpenDirect(fmt.Sprintf("/proc/self/fd/%d", f.Fd()), flags, 0)
 		if err == nil {
 			s.fd = fd
 		}
@@ -190,18 +206,48 @@ func (s *segFile) size() (int64, error) {
 }
 
 // alignedScratch hands out aligned temporary buffers (bounce buffers for
-// compressed or unaligned slices, headers).
+// compressed or unaligned slices, headers, restore buffers) and keeps the
+// idle ones for reuse: with bounded set, at most limit bytes of them, the
+// least recently returned freed first, and sizes rounded up to classes (a
+// quarter of a power of two apart) so that contexts of different lengths
+// share buffers; without, up to maxScratchPerSize per exact size.
 type alignedScratch struct {
-	mu    sync.Mutex
-	free  map[int][]*iouring.AlignedBuffer
-	hooks BufferHooks
-	logf  func(string, ...any)
+	mu      sync.Mutex
+	free    map[int][]*iouring.AlignedBuffer
+	idle    []*iouring.AlignedBuffer // bounded: idle buffers, oldest first
+	idleB   int64
+	bounded bool
+	limit   int64
+	hooks   BufferHooks
+	logf    func(string, ...any)
+}
+
+// sizeClass rounds n up to a multiple of a quarter of the power of two
+// below it (at least a block).
+func sizeClass(n int) int {
+	n = roundUp(n)
+	p := BlockBytes
+	for p*2 <= n {
+		p *= 2
+	}
+	step := max(p/4, BlockBytes)
+	return (n + step - 1) / step * step
 }
 
 func (a *alignedScratch) get(n int) (*iouring.AlignedBuffer, error) {
 	n = roundUp(n)
 	a.mu.Lock()
-	if l := a.free[n]; len(l) > 0 {
+	if a.bounded {
+		n = sizeClass(n)
+		for i, b := range a.idle {
+			if len(b.Bytes()) == n {
+				a.idle = append(a.idle[:i], a.idle[i+1:]...)
+				a.idleB -= int64(n)
+				a.mu.Unlock()
+				return b, nil
+			}
+		}
+	} else if l := a.free[n]; len(l) > 0 {
 		b := l[len(l)-1]
 		a.free[n] = l[:len(l)-1]
 		a.mu.Unlock()
@@ -224,13 +270,24 @@ func (a *alignedScratch) free1(b *iouring.AlignedBuffer) {
 	b.Free()
 }
 
-// maxScratchPerSize bounds the idle buffers kept per size.
+// maxScratchPerSize bounds the idle buffers kept per size (unbounded mode).
 const maxScratchPerSize = 8
 
 func (a *alignedScratch) put(b *iouring.AlignedBuffer) {
 	n := len(b.Bytes())
 	a.mu.Lock()
 	defer a.mu.Unlock()
+	if a.bounded {
+		a.idle = append(a.idle, b)
+		a.idleB += int64(n)
+		for a.idleB > a.limit && len(a.idle) > 0 {
+			old := a.idle[0]
+			a.idle = a.idle[1:]
+			a.idleB -= int64(len(old.Bytes()))
+			a.free1(old)
+		}
+		return
+	}
 	if a.free == nil {
 		a.free = map[int][]*iouring.AlignedBuffer{}
 	}
@@ -241,6 +298,20 @@ func (a *alignedScratch) put(b *iouring.AlignedBuffer) {
 	a.free[n] = append(a.free[n], b)
 }
 
+// idleBytes is the memory held by idle buffers.
+func (a *alignedScratch) idleBytes() int64 {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if a.bounded {
+		return a.idleB
+	}
+	var n int64
+	for sz, l := range a.free {
+		n += int64(sz * len(l))
+	}
+	return n
+}
+
 func (a *alignedScratch) release() {
 	a.mu.Lock()
 	defer a.mu.Unlock()
@@ -249,5 +320,8 @@ func (a *alignedScratch) release() {
 			a.free1(b)
 		}
 	}
-	a.free = nil
+	for _, b := range a.idle {
+		a.free1(b)
+	}
+	a.free, a.idle, a.idleB = nil, nil, 0
 }

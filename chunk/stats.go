@@ -10,6 +10,7 @@ type storeStats struct {
 	cacheHits, evictions, damaged              atomic.Uint64
 	identityMismatch, gcRuns, gcMoved          atomic.Uint64
 	rawBytes, storedBytes, lz4Bytes            atomic.Uint64
+	diskFull                                   atomic.Uint64
 }
 
 // Stats are the store's counters (exported as metrics by the daemon).
@@ -29,6 +30,9 @@ type Stats struct {
 	CompressRawBytes uint64 // raw bytes of slices that went through lz4
 	CompressStored   uint64 // their bytes as stored
 	CompressLZ4      uint64 // what lz4 made of them, kept or not
+	DiskFullEvents   uint64 // times writes were refused for a full disk
+	DiskFull         bool   // writes are refused now (until GC frees space)
+	IdleReadBuffers  int64  // bytes of idle restore buffers (bounded by IdleReadBufferBytes)
 }
 
 // Stats returns the counters.
@@ -40,10 +44,11 @@ func (s *Store) Stats() Stats {
 		IdentityMismatch: s.stats.identityMismatch.Load(), GCRuns: s.stats.gcRuns.Load(), GCMovedBytes: s.stats.gcMoved.Load(),
 		CompressRawBytes: s.stats.rawBytes.Load(), CompressStored: s.stats.storedBytes.Load(), CompressLZ4: s.stats.lz4Bytes.Load(),
 	}
+	st.DiskFullEvents = s.stats.diskFull.Load()
+	st.IdleReadBuffers = s.readBufs.idleBytes()
 	s.mu.Lock()
-	for _, c := range s.ctxs {
-		st.LiveBytes += c.live
-	}
+	st.LiveBytes = s.live
+	st.DiskFull = s.diskFull
 	s.mu.Unlock()
 	return st
 }

@@ -23,14 +23,19 @@
 package chunk
 
 import (
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"hash/crc32"
+	"io"
+	iofs "io/fs"
 	"log"
 	"math"
 	"sort"
+	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"github.com/cockroachdb/pebble/v2/vfs"
@@ -55,6 +60,10 @@ const (
 	DefaultCommitBytes   = 256 << 20
 	DefaultGCLiveRatio   = 0.5
 	DefaultGCInterval    = 30 * time.Second
+	// DefaultReserveBytes is the emergency reserve kept for a full disk.
+	DefaultReserveBytes = 64 << 20
+	// DefaultIdleReadBufferBytes bounds idle restore buffers.
+	DefaultIdleReadBufferBytes = 256 << 20
 )
 
 // Options configure a Store. Zero values take the defaults above.
@@ -99,6 +108,17 @@ type Options struct {
 	// Restore hands layers over in, so a GPU backend can pin each once
 	// (cuMemHostRegister) and copy straight from it.
 	ReadBuffers BufferHooks
+	// ReadOnly opens an existing store without writing anything: no lock
+	// file, no index created or recovered to disk, no orphan removed, no
+	// flusher or GC. Writes fail with ErrReadOnly. fsck and stat use it.
+	ReadOnly bool
+	// ReserveBytes is the emergency reserve: a preallocated file of this
+	// size that the store releases when the disk fills, so that deletes
+	// (index commits), GC and a reopen always have room. -1: none.
+	ReserveBytes int64
+	// IdleReadBufferBytes bounds the restore buffers kept mapped for reuse
+	// while no restore uses them (DefaultIdleReadBufferBytes; -1: keep none).
+	IdleReadBufferBytes int64
 	// Logf reports notable events; default log.Printf.
 	Logf func(string, ...any)
 	// OnEvict is called (from the flusher) for each context evicted for space.
@@ -154,6 +174,18 @@ func (o *Options) fill() error {
 	}
 	if o.GCLiveRatio < 0 || o.GCLiveRatio > 1 {
 		return fmt.Errorf("chunk: GCLiveRatio %v not in [0, 1]", o.GCLiveRatio)
+	}
+	if o.ReserveBytes == 0 {
+		o.ReserveBytes = DefaultReserveBytes
+	}
+	if o.ReserveBytes < 0 {
+		o.ReserveBytes = 0
+	}
+	if o.IdleReadBufferBytes == 0 {
+		o.IdleReadBufferBytes = DefaultIdleReadBufferBytes
+	}
+	if o.IdleReadBufferBytes < 0 {
+		o.IdleReadBufferBytes = 0
 	}
 	if o.Logf == nil {
 		o.Logf = log.Printf
@@ -227,9 +259,18 @@ type Store struct {
 	nextSeg    uint32
 	nextGen    uint64
 	closed     bool
+	readOnly   bool
+	diskFull   bool        // an allocation met ENOSPC: writes refused until GC frees space
 	closedFlag atomic.Bool // closed, readable without s.mu (writers check it)
 	failed     error       // a fatal index error: the store refuses writes
 
+	dirtyCtxs map[*ctxState]struct{} // contexts to write at the next commit (under mu)
+	live      int64                  // sum of the contexts' live bytes (under mu)
+	restores  sync.WaitGroup         // Restore and Append reads in flight; Close waits for them
+
+	snapFault func() error // test seam: an index read failure in snap
+
+	opsMu     sync.RWMutex // submit's check-and-send vs Close (see submit)
 	ops       chan op
 	flusherWG sync.WaitGroup
 	gcStop    chan struct{}
@@ -241,54 +282,131 @@ type Store struct {
 type Recovery struct {
 	Contexts         int
 	Segments         int
-	OrphanSegments   int // segment files not in the index (removed)
-	MissingSegments  int // indexed segments without a file
-	UnindexedRecords int // records past the append point (discarded)
-	LiveRecounted    int // segments whose stored live count disagreed with the chunk keys (recounted)
+	OrphanSegments   int      // segment files not in the index holding no record (removed by a read-write open)
+	KeptOrphans      []string // segment files not in the index that hold records (kept, never opened)
+	MissingSegments  int      // indexed segments without a file
+	UnindexedRecords int      // records past the append point (discarded)
+	LiveRecounted    int      // segments whose stored live count disagreed with the chunk keys (recounted)
 	Duration         time.Duration
 }
 
-// Open opens or creates a store.
+// ErrIndexDamaged is wrapped by Open's error when the index disagrees with
+// the creation marker: missing, empty, unreadable, or its WAL replay found a
+// lost record followed by later ones. Open then changes nothing; the
+// segments still hold the data and Repair rebuilds the index from them.
+var ErrIndexDamaged = errors.New("chunk: the index is damaged")
+
+// ErrNotStore is wrapped by Open's error for a path that is not a store
+// (read-only opens never create one).
+var ErrNotStore = errors.New("chunk: not an hcache store")
+
+// ErrReadOnly is returned by every write to a store opened ReadOnly.
+var ErrReadOnly = errors.New("chunk: store opened read-only")
+
+func indexDamaged(dir string, format string, args ...any) error {
+	return fmt.Errorf("%w: %s: %s; nothing was changed: run `hcache repair --dir %s` to rebuild the index from the segments", ErrIndexDamaged, dir, fmt.Sprintf(format, args...), dir)
+}
+
+// storeEntries are the names a store directory may hold.
+var storeEntries = map[string]bool{"hcache.lock": true, createdMarker: true, createdMarker + ".tmp": true, "index": true, "segments": true, reserveFile: true}
+
+// Open opens or creates a store (with Options.ReadOnly: opens an existing
+// one and writes nothing).
 func Open(opts Options) (*Store, error) {
 	start := time.Now()
 	if err := opts.fill(); err != nil {
 		return nil, err
 	}
 	s := &Store{
-		opts: opts, fs: opts.FS, dir: opts.Dir,
+		opts: opts, fs: opts.FS, dir: opts.Dir, readOnly: opts.ReadOnly,
 		ctxs: map[string]*ctxState{}, segs: map[uint32]*segFile{}, segRecs: map[uint32]*lsm.Segment{},
 		namespaces: map[string]bool{}, nextSeg: 1, nextGen: 1,
-		ops: make(chan op, 1024),
+		ops: make(chan op, 1024), dirtyCtxs: map[*ctxState]struct{}{},
 	}
 	s.segDir = s.fs.PathJoin(s.dir, "segments")
-	if err := s.fs.MkdirAll(s.segDir, 0o755); err != nil {
-		return nil, fmt.Errorf("chunk: create %s: %w", s.segDir, err)
+	st, statErr := s.fs.Stat(s.dir)
+	switch {
+	case statErr == nil && !st.IsDir():
+		return nil, fmt.Errorf("%w: %s is a file, not a store directory", ErrNotStore, s.dir)
+	case statErr != nil && s.readOnly:
+		return nil, fmt.Errorf("%w: %s: %v", ErrNotStore, s.dir, statErr)
 	}
-	lock, err := s.fs.Lock(s.fs.PathJoin(s.dir, "hcache.lock"))
-	if err != nil {
-		return nil, fmt.Errorf("chunk: %s is in use by another process: %w", s.dir, err)
+	markerPath := s.fs.PathJoin(s.dir, createdMarker)
+	hasMarker, markerErr := readMarker(s.fs, markerPath)
+	if markerErr != nil {
+		// A marker that does not check: damage, unless nothing was ever
+		// stored (a marker from before the atomic write, torn by a crash
+		// while the store was being created).
+		if statErr != nil || s.segmentsHoldRecords() {
+			return nil, indexDamaged(s.dir, "creation marker %s: %v", markerPath, markerErr)
+		}
+		hasMarker = false
 	}
-	s.lock = lock
+	if !hasMarker {
+		if statErr == nil {
+			if err := s.checkUnfinished(); err != nil {
+				return nil, err
+			}
+		}
+		if s.readOnly {
+			return nil, fmt.Errorf("%w: %s has no %s", ErrNotStore, s.dir, createdMarker)
+		}
+	}
+	if !s.readOnly {
+		if err := s.fs.MkdirAll(s.segDir, 0o755); err != nil {
+			return nil, fmt.Errorf("chunk: create %s: %w", s.segDir, err)
+		}
+		lock, err := s.fs.Lock(s.fs.PathJoin(s.dir, "hcache.lock"))
+		if err != nil {
+			return nil, fmt.Errorf("chunk: %s is in use by another process: %w", s.dir, err)
+		}
+		s.lock = lock
+	}
 	ok := false
 	defer func() {
 		if !ok {
 			s.releaseOnFailedOpen()
 		}
 	}()
-	markerPath := s.fs.PathJoin(s.dir, createdMarker)
-	_, markerErr := s.fs.Stat(markerPath)
 	indexDir := s.fs.PathJoin(s.dir, "index")
-	if s.db, err = lsm.Open(s.fs, indexDir); err != nil {
-		if markerErr == nil {
-			return nil, err
+	var err error
+	if !s.readOnly && s.opts.ReserveBytes > 0 {
+		// On a (nearly) full disk, release the emergency reserve before
+		// Pebble's recovery needs room for a new WAL and manifest; the
+		// store then opens refusing writes until GC frees space.
+		if du, err := s.fs.GetDiskUsage(s.dir); err == nil && int64(du.AvailBytes) < s.opts.ReserveBytes/2 {
+			s.diskFull = true
+			released := s.releaseReserve()
+			opts.Logf("chunk: %s: only %d bytes free: emergency reserve released (%v); writes refused until GC frees space", s.dir, du.AvailBytes, released)
 		}
-		// The store's creation was cut short (no marker): it never
-		// acknowledged anything, so start it again from nothing.
+	}
+	if hasMarker && !s.readOnly {
+		// Read the whole index read-only first: a damaged index is
+		// refused before Pebble's own recovery rewrites anything.
+		if err := validateIndex(s.fs, indexDir); err != nil {
+			return nil, indexDamaged(s.dir, "%v", err)
+		}
+	}
+	if hasMarker {
+		if s.readOnly {
+			if err := lsm.CheckWAL(s.fs, indexDir); err != nil {
+				return nil, indexDamaged(s.dir, "%v", err)
+			}
+		}
+		if s.db, err = lsm.Open(s.fs, indexDir, lsm.Options{ReadOnly: s.readOnly, MustExist: true}); err != nil {
+			if errors.Is(err, lsm.ErrLocked) {
+				return nil, fmt.Errorf("chunk: %s is in use by another process: %w", s.dir, err)
+			}
+			return nil, indexDamaged(s.dir, "%v", err)
+		}
+	} else if s.db, err = lsm.Open(s.fs, indexDir, lsm.Options{}); err != nil {
+		// The store's creation was cut short (no marker, no segment
+		// data): it never acknowledged anything, so start it again.
 		opts.Logf("chunk: %s: unfinished store creation (%v); creating it again", s.dir, err)
 		if err := s.fs.RemoveAll(indexDir); err != nil {
 			return nil, err
 		}
-		if s.db, err = lsm.Open(s.fs, indexDir); err != nil {
+		if s.db, err = lsm.Open(s.fs, indexDir, lsm.Options{}); err != nil {
 			return nil, err
 		}
 	}
@@ -300,17 +418,19 @@ func Open(opts Options) (*Store, error) {
 		}
 		s.ownEng = true
 	}
-	// Make the directory entries of the store itself durable (segments/,
-	// index/ and the store directory in its parent).
-	for _, d := range []string{s.fs.PathDir(s.dir), s.dir} {
-		if err := syncDir(s.fs, d); err != nil {
-			return nil, fmt.Errorf("chunk: sync directory %s: %w", d, err)
+	if !s.readOnly {
+		// Make the directory entries of the store itself durable
+		// (segments/, index/ and the store directory in its parent).
+		for _, d := range []string{s.fs.PathDir(s.dir), s.dir} {
+			if err := syncDir(s.fs, d); err != nil {
+				return nil, fmt.Errorf("chunk: sync directory %s: %w", d, err)
+			}
 		}
 	}
-	if err := s.loadMeta(); err != nil {
+	if err := s.loadMeta(hasMarker); err != nil {
 		return nil, err
 	}
-	if markerErr != nil {
+	if !hasMarker {
 		if err := writeMarker(s.fs, markerPath); err != nil {
 			return nil, fmt.Errorf("chunk: write %s: %w", markerPath, err)
 		}
@@ -319,29 +439,181 @@ func Open(opts Options) (*Store, error) {
 		}
 	}
 	if err := s.recover(); err != nil {
+		if errors.Is(err, lsm.ErrCorrupt) || errors.Is(err, lsm.ErrFatal) {
+			return nil, indexDamaged(s.dir, "%v", err)
+		}
 		return nil, err
 	}
-	s.readBufs.hooks, s.readBufs.logf = opts.ReadBuffers, opts.Logf
+	if !s.readOnly && !s.diskFull && s.opts.ReserveBytes > 0 {
+		if err := s.takeReserve(); err != nil {
+			if !errors.Is(err, syscall.ENOSPC) {
+				return nil, fmt.Errorf("chunk: emergency reserve: %w", err)
+			}
+			s.mu.Lock()
+			s.enterDiskFullLocked(err)
+			s.mu.Unlock()
+		}
+	}
+	s.readBufs.hooks, s.readBufs.logf, s.readBufs.bounded, s.readBufs.limit = opts.ReadBuffers, opts.Logf, true, opts.IdleReadBufferBytes
 	s.staging.init(opts.StagingBytes)
 	s.cache = newSliceCache(opts.CacheBytes)
 	s.recovery.Duration = time.Since(start)
-	s.flusherWG.Add(1)
-	go s.flushLoop()
 	s.gcStop = make(chan struct{})
-	if opts.GCInterval > 0 {
-		s.gcWG.Add(1)
-		go s.gcLoop(opts.GCInterval)
+	if !s.readOnly {
+		s.flusherWG.Add(1)
+		go s.flushLoop()
+		if opts.GCInterval > 0 {
+			s.gcWG.Add(1)
+			go s.gcLoop(opts.GCInterval)
+		}
 	}
 	ok = true
 	return s, nil
+}
+
+// validateIndex opens the index read-only and reads every key: Pebble
+// reports a WAL that lost a synced record, a missing manifest or a corrupt
+// sstable block as an error here, without writing anything.
+func validateIndex(fs vfs.FS, dir string) error {
+	if err := lsm.CheckWAL(fs, dir); err != nil {
+		return err
+	}
+	db, err := lsm.Open(fs, dir, lsm.Options{ReadOnly: true})
+	if err != nil {
+		return err
+	}
+	defer db.Close()
+	if _, err := db.Get(lsm.MetaKey()); err != nil {
+		if errors.Is(err, lsm.ErrNotFound) {
+			return fmt.Errorf("the index holds no store record though %s says the store was created", createdMarker)
+		}
+		return err
+	}
+	if err := db.Scan(nil, nil, func(k, v []byte) error { return nil }); err != nil {
+		return err
+	}
+	return db.Err()
+}
+
+// checkUnfinished runs when the directory exists without a creation
+// marker: that is an unfinished creation only if nothing else is there and
+// no segment holds a record; otherwise the marker was lost and Open refuses.
+func (s *Store) checkUnfinished() error {
+	names, err := s.fs.List(s.dir)
+	if err != nil {
+		return fmt.Errorf("chunk: list %s: %w", s.dir, err)
+	}
+	for _, n := range names {
+		if !storeEntries[n] && !strings.HasPrefix(n, "index.") && n != "lost+found" {
+			return fmt.Errorf("%w: %s is not empty (it holds %q) and has no %s; refusing to create a store in it", ErrNotStore, s.dir, n, createdMarker)
+		}
+	}
+	if s.segmentsHoldRecords() {
+		return indexDamaged(s.dir, "%s is missing but segments hold records", createdMarker)
+	}
+	return nil
+}
+
+// segmentsHoldRecords reports whether any segment file holds a record.
+func (s *Store) segmentsHoldRecords() bool {
+	segs, err := s.fs.List(s.segDir)
+	if err != nil {
+		return false // no segments directory: nothing written yet
+	}
+	for _, n := range segs {
+		if _, ok := parseSegName(n); !ok {
+			continue
+		}
+		if recs, _ := scanSegmentFile(s.fs, s.fs.PathJoin(s.segDir, n), 1); recs > 0 {
+			return true
+		}
+	}
+	return false
+}
+
+// scanSegmentFile counts (up to limit) the records whose headers check in a
+// segment file, reading it through the vfs.
+func scanSegmentFile(fs vfs.FS, path string, limit int) (int, error) {
+	f, err := fs.Open(path)
+	if err != nil {
+		return 0, err
+	}
+	defer f.Close()
+	st, err := f.Stat()
+	if err != nil {
+		return 0, err
+	}
+	n := 0
+	hdr := make([]byte, BlockBytes)
+	for off := int64(segHeaderBytes); off+BlockBytes <= st.Size() && n < limit; {
+		if _, err := f.ReadAt(hdr, off); err != nil {
+			return n, err
+		}
+		h, err := DecodeRecordHeader(hdr)
+		if err != nil {
+			// A header longer than a block, or none.
+			if want := int(binary.LittleEndian.Uint32(hdr[12:])); err != nil && len(hdr) < want && want <= maxHeaderBytes && want%BlockBytes == 0 {
+				big := make([]byte, want)
+				if _, err := f.ReadAt(big, off); err == nil {
+					h, err = DecodeRecordHeader(big)
+					if err == nil {
+						n++
+						off += int64(h.RecordBytes)
+						continue
+					}
+				}
+			}
+			break
+		}
+		n++
+		off += int64(h.RecordBytes)
+	}
+	return n, nil
+}
+
+// reserveFile is the emergency reserve (Options.ReserveBytes).
+const reserveFile = "hcache.reserve"
+
+// takeReserve makes sure the reserve file holds ReserveBytes of allocated
+// space (fallocate; on file systems without it, nothing is held).
+func (s *Store) takeReserve() error {
+	if s.opts.ReserveBytes <= 0 {
+		return nil
+	}
+	path := s.fs.PathJoin(s.dir, reserveFile)
+	f, err := s.fs.OpenReadWrite(path, vfs.WriteCategoryUnspecified)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	if err := f.Preallocate(0, s.opts.ReserveBytes); err != nil {
+		return err
+	}
+	return f.Sync()
+}
+
+// releaseReserve removes the reserve file and reports whether it existed.
+func (s *Store) releaseReserve() bool {
+	path := s.fs.PathJoin(s.dir, reserveFile)
+	if _, err := s.fs.Stat(path); err != nil {
+		return false
+	}
+	if err := s.fs.Remove(path); err != nil {
+		s.opts.Logf("chunk: release the emergency reserve %s: %v", path, err)
+		return false
+	}
+	return true
 }
 
 // createdMarker is written (and synced) once a new store's index holds its
 // meta record. Its absence tells Open that creation was interrupted.
 const createdMarker = "hcache.created"
 
+// writeMarker writes the marker atomically: a temporary file, synced, then
+// renamed over the marker (the caller syncs the directory).
 func writeMarker(fs vfs.FS, path string) error {
-	f, err := fs.Create(path, vfs.WriteCategoryUnspecified)
+	tmp := path + ".tmp"
+	f, err := fs.Create(tmp, vfs.WriteCategoryUnspecified)
 	if err != nil {
 		return err
 	}
@@ -354,7 +626,41 @@ func writeMarker(fs vfs.FS, path string) error {
 		f.Close()
 		return err
 	}
-	return f.Close()
+	if err := f.Close(); err != nil {
+		return err
+	}
+	return fs.Rename(tmp, path)
+}
+
+// readMarker reports whether the creation marker exists, and an error if it
+// exists but is not a marker this build wrote.
+func readMarker(fs vfs.FS, path string) (bool, error) {
+	f, err := fs.Open(path)
+	if err != nil {
+		if errors.Is(err, iofs.ErrNotExist) {
+			return false, nil
+		}
+		return false, err
+	}
+	defer f.Close()
+	b, err := io.ReadAll(io.LimitReader(f, 4096))
+	if err != nil {
+		return true, err
+	}
+	text := string(b)
+	i := strings.LastIndex(text, "crc32c ")
+	if !strings.HasPrefix(text, "hcache store\n") || i < 0 {
+		return true, errors.New("not an hcache creation marker")
+	}
+	var sum uint32
+	if _, err := fmt.Sscanf(text[i:], "crc32c %08x\n", &sum); err != nil || crc32.Checksum([]byte(text[:i]), castagnoli) != sum {
+		return true, errors.New("creation marker checksum mismatch")
+	}
+	var v int
+	if _, err := fmt.Sscanf(text[len("hcache store\n"):i], "version %d\n", &v); err != nil || v != StoreVersion {
+		return true, fmt.Errorf("creation marker version %d, this build reads %d", v, StoreVersion)
+	}
+	return true, nil
 }
 
 func nextPow2(n int) int {
@@ -380,8 +686,11 @@ func (s *Store) releaseOnFailedOpen() {
 	}
 }
 
-func (s *Store) loadMeta() error {
+func (s *Store) loadMeta(hasMarker bool) error {
 	v, err := s.db.Get(lsm.MetaKey())
+	if errors.Is(err, lsm.ErrNotFound) && hasMarker {
+		return indexDamaged(s.dir, "the index holds no store record though %s says the store was created", createdMarker)
+	}
 	if errors.Is(err, lsm.ErrNotFound) {
 		ct := s.opts.ChunkTokens
 		if ct == 0 {
@@ -400,11 +709,11 @@ func (s *Store) loadMeta() error {
 		return nil
 	}
 	if err != nil {
-		return err
+		return indexDamaged(s.dir, "reading the store record: %v", err)
 	}
 	m, err := lsm.DecodeMeta(v)
 	if err != nil {
-		return fmt.Errorf("chunk: store meta: %w", err)
+		return indexDamaged(s.dir, "store record: %v", err)
 	}
 	if m.StoreVersion != StoreVersion {
 		return fmt.Errorf("chunk: store version %d, this build reads %d", m.StoreVersion, StoreVersion)
@@ -449,11 +758,23 @@ func (s *Store) recover() error {
 		onDisk[id] = true
 		s.nextSeg = max(s.nextSeg, id+1)
 		if _, indexed := s.segRecs[id]; !indexed {
-			// Created, never committed: holds nothing acknowledged.
-			if err := s.fs.Remove(s.fs.PathJoin(s.segDir, n)); err != nil {
-				return fmt.Errorf("chunk: remove orphan segment %s: %w", n, err)
+			// Not in the index: normally created and never committed
+			// (a crash before its first commit). It is removed only if it
+			// holds no record at all; otherwise it is kept, unopened,
+			// for Repair to adopt what verifies.
+			path := s.fs.PathJoin(s.segDir, n)
+			recs, err := scanSegmentFile(s.fs, path, 1)
+			if err == nil && recs == 0 {
+				if !s.readOnly {
+					if err := s.fs.Remove(path); err != nil {
+						return fmt.Errorf("chunk: remove empty orphan segment %s: %w", n, err)
+					}
+				}
+				s.recovery.OrphanSegments++
+				continue
 			}
-			s.recovery.OrphanSegments++
+			s.recovery.KeptOrphans = append(s.recovery.KeptOrphans, n)
+			s.opts.Logf("chunk: segment file %s is not in the index but holds records; kept (hcache repair adopts what verifies)", n)
 		}
 	}
 	ids := make([]uint32, 0, len(s.segRecs))
@@ -467,9 +788,12 @@ func (s *Store) recover() error {
 			s.opts.Logf("chunk: segment %d is indexed but its file is missing; its contexts are damaged", id)
 			continue
 		}
-		sg, err := openSeg(s.fs, s.segDir, id, s.eng, !s.opts.DisableDirect)
+		sg, err := openSegMode(s.fs, s.segDir, id, s.eng, !s.opts.DisableDirect, s.readOnly)
 		if err != nil {
 			return err
+		}
+		if size, err := sg.size(); err == nil {
+			sg.allocated = size
 		}
 		s.segs[id] = sg
 		s.recovery.Segments++
@@ -559,6 +883,7 @@ func (s *Store) recover() error {
 			return nil
 		}
 		c.live += int64(ch.Length)
+		s.live += int64(ch.Length)
 		return nil
 	})
 	if err != nil {
@@ -642,14 +967,22 @@ func (s *Store) Close() error {
 	}
 	s.mu.Unlock()
 	for _, w := range open {
-		w.abandon()
-		w.closeErr = ErrClosed
+		w.abandon(ErrClosed)
 	}
 	s.gcWG.Wait()
-	done := make(chan error, 1)
-	s.ops <- op{kind: opClose, done: done}
-	<-done
-	s.flusherWG.Wait()
+	// Restores in flight finish (they stop at the next layer) before the
+	// files they read are closed.
+	s.restores.Wait()
+	if !s.readOnly {
+		// Every submit that saw the store open has sent its op; later
+		// ones see it closed. The flusher handles them all before this.
+		s.opsMu.Lock()
+		s.opsMu.Unlock() //nolint:staticcheck // a barrier, not a critical section
+		done := make(chan error, 1)
+		s.ops <- op{kind: opClose, done: done}
+		<-done
+		s.flusherWG.Wait()
+	}
 	var firstErr error
 	for _, sg := range s.segs {
 		if err := sg.close(); err != nil && firstErr == nil {
@@ -665,8 +998,10 @@ func (s *Store) Close() error {
 	if s.ownEng {
 		s.eng.Close()
 	}
-	if err := s.lock.Close(); err != nil && firstErr == nil {
-		firstErr = err
+	if s.lock != nil {
+		if err := s.lock.Close(); err != nil && firstErr == nil {
+			firstErr = err
+		}
 	}
 	return firstErr
 }
@@ -762,6 +1097,6 @@ func (s *Store) Pin(ns, id string, pinned bool) error {
 	} else {
 		c.rec.Flags &^= lsm.FlagPinned
 	}
-	c.dirty = true
+	s.markDirty(c)
 	return nil
 }

@@ -314,12 +314,14 @@ func TestChecksumFailureOnFlippedByte(t *testing.T) {
 	// Find the victim's group 1, layer 3 slice and flip one byte in it.
 	s.mu.Lock()
 	c := s.ctxs[ctxMapKey("ns", "victim")]
-	sn, err := s.snap(c)
-	s.unref(sn.segs)
 	s.mu.Unlock()
+	sn, err := s.snap(c)
 	if err != nil {
 		t.Fatal(err)
 	}
+	s.mu.Lock()
+	s.unref(sn.segs)
+	s.mu.Unlock()
 	ch := sn.chunks[1]
 	sl := ch.Slices[2] // layer 3
 	f, err := e.fs.OpenReadWrite(e.fs.PathJoin(e.dir, "segments", segName(ch.Segment)), vfs.WriteCategoryUnspecified)
@@ -401,9 +403,16 @@ func TestEvictionOrder(t *testing.T) {
 	verify(t, s, "ns", "b", ident, 16) // b is now more recent than c
 	mk("d", false)                     // over capacity: c goes
 	mk("e", false)                     // then b
-	mu.Lock()
-	got := fmt.Sprint(evicted)
-	mu.Unlock()
+	// Eviction runs after the commit answers its waiters: wait for it.
+	var got string
+	for deadline := time.Now().Add(20 * time.Second); time.Now().Before(deadline); time.Sleep(time.Millisecond) {
+		mu.Lock()
+		got = fmt.Sprint(evicted)
+		mu.Unlock()
+		if len(got) >= len("[c b]") {
+			break
+		}
+	}
 	if got != "[c b]" {
 		t.Fatalf("evicted %s, want [c b]", got)
 	}

@@ -103,6 +103,9 @@ func (st *staging) release() {
 // Writer appends rows to one context. It is not safe for concurrent use; use
 // one Writer per context (many Writers may run at once).
 type Writer struct {
+	// mu is held by each method: a Writer is used by one goroutine, but
+	// Store.Close may abandon it from another (its slabs are unmapped).
+	mu         sync.Mutex
 	s          *Store
 	c          *ctxState
 	ct         int
@@ -133,6 +136,9 @@ func (s *Store) Create(ns, id string, ident *Identity, opts CreateOptions) (*Wri
 	if err := lsm.ValidateName("context id", id); err != nil {
 		return nil, fmt.Errorf("chunk: %w", err)
 	}
+	if ident == nil {
+		return nil, fmt.Errorf("%w: Create %s/%s with a nil identity", ErrIdentity, ns, id)
+	}
 	if err := ident.Validate(); err != nil {
 		return nil, err
 	}
@@ -152,7 +158,7 @@ func (s *Store) Create(ns, id string, ident *Identity, opts CreateOptions) (*Wri
 		c.rec.Flags |= lsm.FlagPinned
 	}
 	c.setIdentity(ident)
-	c.dirty = true
+	s.markDirty(c)
 	s.ctxs[ctxMapKey(ns, id)] = c
 	w := s.newWriter(c)
 	c.writer = w
@@ -163,6 +169,9 @@ func (s *Store) Create(ns, id string, ident *Identity, opts CreateOptions) (*Wri
 // a conversation). ident must match the stored identity. A partial tail group
 // is read back into staging so that new rows complete it.
 func (s *Store) Append(ns, id string, ident *Identity) (*Writer, error) {
+	if ident == nil {
+		return nil, fmt.Errorf("%w: Append %s/%s with a nil identity", ErrIdentity, ns, id)
+	}
 	s.mu.Lock()
 	if err := s.writable(); err != nil {
 		s.mu.Unlock()
@@ -189,7 +198,9 @@ func (s *Store) Append(ns, id string, ident *Identity) (*Writer, error) {
 	c.writer = w
 	c.writeErr = nil // a failed writer's unflushed rows are gone; start again from what is durable
 	tokens := int(c.rec.Tokens)
+	s.restores.Add(1) // Close waits for the tail read below
 	s.mu.Unlock()
+	defer s.restores.Done()
 
 	w.tokens, w.handed = tokens, tokens-tokens%w.ct
 	for i := range w.layerTok {
@@ -199,7 +210,7 @@ func (s *Store) Append(ns, id string, ident *Identity) (*Writer, error) {
 		g := uint32(tokens / w.ct)
 		slab, err := w.group(g)
 		if err != nil {
-			w.abandon()
+			w.abandon(err)
 			return nil, err
 		}
 		// Read the stored tail rows of every layer back into the slab.
@@ -207,7 +218,7 @@ func (s *Store) Append(ns, id string, ident *Identity) (*Writer, error) {
 			copy(slab[w.layerOff[layer]:], rows)
 		})
 		if err != nil {
-			w.abandon()
+			w.abandon(err)
 			return nil, err
 		}
 	}
@@ -217,6 +228,9 @@ func (s *Store) Append(ns, id string, ident *Identity) (*Writer, error) {
 func (s *Store) writable() error {
 	if s.closed {
 		return ErrClosed
+	}
+	if s.readOnly {
+		return ErrReadOnly
 	}
 	if s.failed != nil {
 		return fmt.Errorf("chunk: store failed earlier and refuses writes: %w", s.failed)
@@ -242,7 +256,11 @@ func (s *Store) newWriter(c *ctxState) *Writer {
 const math32 = ^uint32(0)
 
 // Tokens is the number of complete tokens appended (durable or not).
-func (w *Writer) Tokens() int { return w.tokens }
+func (w *Writer) Tokens() int {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return w.tokens
+}
 
 func (w *Writer) group(g uint32) ([]byte, error) {
 	if b, ok := w.groups[g]; ok {
@@ -270,6 +288,8 @@ func (w *Writer) check() error {
 // tokens of one layer: the prefill producer, which hands over all tokens of
 // layer 0, then layer 1, and so on.
 func (w *Writer) AppendLayer(layer int, rows []byte) error {
+	w.mu.Lock()
+	defer w.mu.Unlock()
 	if err := w.check(); err != nil {
 		return err
 	}
@@ -285,12 +305,28 @@ func (w *Writer) AppendLayer(layer int, rows []byte) error {
 		return fmt.Errorf("%w: layer %d: %d bytes is not a whole number of %d-byte rows", ErrRowSize, layer, len(rows), rb)
 	}
 	t := w.layerTok[si]
+	// Take every slab the rows need before copying any, so that a failure
+	// (ErrStagingFull) appends nothing and a retry stores the rows where
+	// they belong.
+	if n := len(rows) / rb; n > 0 {
+		var taken []uint32
+		for g := uint32(t / w.ct); g <= uint32((t+n-1)/w.ct); g++ {
+			if _, ok := w.groups[g]; ok {
+				continue
+			}
+			if _, err := w.group(g); err != nil {
+				for _, tg := range taken {
+					w.s.staging.put(w.groups[tg])
+					delete(w.groups, tg)
+				}
+				return err
+			}
+			taken = append(taken, g)
+		}
+	}
 	for len(rows) > 0 {
 		g := uint32(t / w.ct)
-		slab, err := w.group(g)
-		if err != nil {
-			return err
-		}
+		slab := w.groups[g]
 		in := t % w.ct
 		n := min(w.ct-in, len(rows)/rb)
 		copy(slab[w.layerOff[layer]+in*rb:], rows[:n*rb])
@@ -304,6 +340,8 @@ func (w *Writer) AppendLayer(layer int, rows []byte) error {
 // AppendToken appends one token's row for every layer (the decode producer):
 // rows[l] is layer l's row, nil for layers that store nothing.
 func (w *Writer) AppendToken(rows [][]byte) error {
+	w.mu.Lock()
+	defer w.mu.Unlock()
 	if err := w.check(); err != nil {
 		return err
 	}
@@ -314,6 +352,11 @@ func (w *Writer) AppendToken(rows [][]byte) error {
 	for _, lt := range w.layerTok {
 		if lt != t {
 			return fmt.Errorf("chunk: AppendToken while a prefill is incomplete (layers at %d and %d tokens)", t, lt)
+		}
+	}
+	for l, r := range rows {
+		if len(r) != w.rowBytes[l] {
+			return fmt.Errorf("%w: layer %d row is %d bytes, want %d", ErrRowSize, l, len(r), w.rowBytes[l])
 		}
 	}
 	g := uint32(t / w.ct)
@@ -377,7 +420,16 @@ func (w *Writer) handFull() error {
 // Flush makes every complete token appended so far durable (data and index)
 // and returns after that, or with the error that prevented it.
 func (w *Writer) Flush() error {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return w.flushLocked()
+}
+
+func (w *Writer) flushLocked() error {
 	if err := w.check(); err != nil {
+		return err
+	}
+	if err := w.deletedErr(); err != nil {
 		return err
 	}
 	if tail := w.tokens - w.handed; tail > 0 {
@@ -386,23 +438,48 @@ func (w *Writer) Flush() error {
 			return err
 		}
 	}
-	return w.s.barrier(w.c)
+	if err := w.s.barrier(w.c); err != nil {
+		return err
+	}
+	return w.deletedErr()
+}
+
+// deletedErr is ErrNotFound once the writer's context was deleted (or
+// evicted): nothing it appends can become durable.
+func (w *Writer) deletedErr() error {
+	w.s.mu.Lock()
+	defer w.s.mu.Unlock()
+	if w.c.deleted {
+		return fmt.Errorf("%w: %s/%s was deleted", ErrNotFound, w.c.ns, w.c.id)
+	}
+	return nil
 }
 
 // Close flushes and releases the writer's staging memory. Calling it again
 // returns the first call's result.
 func (w *Writer) Close() error {
+	w.mu.Lock()
+	defer w.mu.Unlock()
 	if w.closed {
 		return w.closeErr
 	}
-	err := w.Flush()
-	w.abandon()
+	err := w.flushLocked()
+	w.abandonLocked()
 	w.closeErr = err
 	return err
 }
 
-// abandon releases the writer without flushing.
-func (w *Writer) abandon() {
+// abandon releases the writer without flushing; later calls fail with err.
+func (w *Writer) abandon(err error) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if !w.closed {
+		w.abandonLocked()
+		w.closeErr = err
+	}
+}
+
+func (w *Writer) abandonLocked() {
 	w.closed = true
 	for g, b := range w.groups {
 		w.s.staging.put(b)

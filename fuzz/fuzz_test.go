@@ -16,6 +16,7 @@ import (
 	"github.com/hcache/hcache/fuzz/crash"
 	"github.com/hcache/hcache/lsm"
 	"github.com/hcache/hcache/model"
+	"github.com/hcache/hcache/serve/sched"
 )
 
 func sampleHeader() *chunk.RecordHeader {
@@ -112,7 +113,7 @@ func FuzzIndexRecords(f *testing.F) {
 func FuzzIdentity(f *testing.F) {
 	f.Add(crash.Identity().Encode())
 	c, _ := model.Preset("llama3-8b")
-	f.Add((&chunk.Identity{Model: model.ShapeFingerprint(c), Plan: c.DefaultPlan()}).Encode())
+	f.Add((&chunk.Identity{Model: model.ShapeFingerprint(c), Plan: sched.DefaultPlan(c)}).Encode())
 	f.Fuzz(func(t *testing.T, data []byte) {
 		id, err := chunk.DecodeIdentity(data)
 		if err != nil {

@@ -142,10 +142,15 @@ type Ring struct {
 	regMu   sync.RWMutex
 	regions []region
 
-	closeMu  sync.RWMutex
-	closed   bool
-	loopDone chan struct{}
-	stats    struct{ submitted, completed, resubmitted, fixed, enters atomic.Uint64 }
+	// Close never waits for a lock a blocked submitter holds: it sets
+	// closed and closes closing, which wakes submitters waiting for a
+	// slot; the ring goroutine keeps completing requests until no
+	// submitter is inside Submit and nothing is in flight.
+	closed     atomic.Bool
+	closing    chan struct{}
+	submitters atomic.Int32
+	loopDone   chan struct{}
+	stats      struct{ submitted, completed, resubmitted, fixed, enters atomic.Uint64 }
 }
 
 type region struct{ start, end uintptr }
@@ -215,6 +220,7 @@ func NewRing(entries int) (*Ring, error) {
 		r.free <- i
 	}
 	r.loopDone = make(chan struct{})
+	r.closing = make(chan struct{})
 	go r.loop()
 	return r, nil
 }
@@ -373,9 +379,15 @@ func (r *Ring) Submit(reqs []*Request, done func(*Request)) error {
 	if err := validate(reqs); err != nil {
 		return err
 	}
-	r.closeMu.RLock()
-	defer r.closeMu.RUnlock()
-	if r.closed {
+	r.submitters.Add(1)
+	defer func() {
+		r.submitters.Add(-1)
+		if r.closed.Load() {
+			r.sleeping.Store(true) // the ring goroutine may wait for the last submitter
+			r.wake()
+		}
+	}()
+	if r.closed.Load() {
 		return ErrClosed
 	}
 	capacity := cap(r.free)
@@ -399,6 +411,16 @@ func (r *Ring) Submit(reqs []*Request, done func(*Request)) error {
 		reqs = reqs[cut:]
 		r.acquireMu.Lock()
 		for i, q := range batch {
+			select {
+			case q.slot = <-r.free:
+			case <-r.closing:
+				// Give back the slots of this batch; nothing of it was sent.
+				for _, p := range batch[:i] {
+					r.free <- p.slot
+				}
+				r.acquireMu.Unlock()
+				return ErrClosed
+			}
 			q.done = done
 			q.N, q.Err = 0, nil
 			q.total = q.length()
@@ -409,7 +431,6 @@ func (r *Ring) Submit(reqs []*Request, done func(*Request)) error {
 				q.prev = batch[i-1]
 			}
 			q.chained = q.Link && i < len(batch)-1
-			q.slot = <-r.free
 		}
 		r.acquireMu.Unlock()
 		r.stats.submitted.Add(uint64(len(batch)))
@@ -447,14 +468,14 @@ func (r *Ring) loop() {
 		if r.reapAvailable() > 0 {
 			continue
 		}
-		r.closeMu.RLock()
-		closed := r.closed
-		r.closeMu.RUnlock()
-		if closed && r.inflight == 0 && r.pendEmpty() {
+		done := func() bool {
+			return r.closed.Load() && r.submitters.Load() == 0 && r.inflight == 0 && r.pendEmpty()
+		}
+		if done() {
 			return
 		}
 		r.sleeping.Store(true)
-		if !r.pendEmpty() {
+		if !r.pendEmpty() || done() {
 			r.sleeping.Store(false)
 			continue
 		}
@@ -627,13 +648,10 @@ func (r *Ring) finish(q *Request, err error) {
 // Close implements Engine: it waits for requests in flight, stops the ring
 // goroutine and releases the ring.
 func (r *Ring) Close() error {
-	r.closeMu.Lock()
-	if r.closed {
-		r.closeMu.Unlock()
+	if !r.closed.CompareAndSwap(false, true) {
 		return nil
 	}
-	r.closed = true
-	r.closeMu.Unlock()
+	close(r.closing)
 	r.sleeping.Store(true)
 	r.wake()
 	<-r.loopDone

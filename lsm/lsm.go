@@ -10,6 +10,7 @@
 //	"u" ns 0x00 id                          -> last use  (unix nanoseconds)
 //	"k" ns 0x00 id 0x00 group(uint32 BE)    -> Chunk     (segment, offset, per-layer slices)
 //	"s" segment(uint32 BE)                  -> Segment   (written bytes, live bytes, sealed)
+//	"t" segment(uint32 BE) offset(uint64 BE) -> Tombstone (a deletion record in a segment)
 //
 // Namespaces and context ids are 1..255 bytes without NUL, so the 0x00
 // separators keep one context's keys contiguous and apart from its neighbours.
@@ -43,6 +44,7 @@ const (
 	KindChunk     = 'K'
 	KindSegment   = 'S'
 	KindLastUse   = 'U'
+	KindTombstone = 'T'
 )
 
 // ErrCorrupt is wrapped by every decode error.
@@ -384,4 +386,63 @@ func DecodeNanos(kind byte, v []byte) (int64, error) {
 	r := reader{b: p}
 	t := int64(r.u64())
 	return t, r.done(kind)
+}
+
+// TombstoneKey is the key of the deletion record at (segment, offset).
+func TombstoneKey(seg uint32, off uint64) []byte {
+	return binary.BigEndian.AppendUint64(binary.BigEndian.AppendUint32([]byte{'t'}, seg), off)
+}
+
+// ParseTombstoneKey returns the location in a tombstone key.
+func ParseTombstoneKey(k []byte) (uint32, uint64, error) {
+	if len(k) != 13 || k[0] != 't' {
+		return 0, 0, fmt.Errorf("%w: bad tombstone key %q", ErrCorrupt, k)
+	}
+	return binary.BigEndian.Uint32(k[1:]), binary.BigEndian.Uint64(k[5:]), nil
+}
+
+// Tombstone records a deletion record written to a segment: the context
+// and generation it deletes, and the segments that held the context's
+// records when it was deleted (the tombstone is kept, through GC, while any
+// of them exists).
+type Tombstone struct {
+	Namespace, ID string
+	Gen           uint64
+	Segments      []uint32
+}
+
+// Encode frames t.
+func (t *Tombstone) Encode() []byte {
+	var p []byte
+	p = binary.LittleEndian.AppendUint16(p, uint16(len(t.Namespace)))
+	p = append(p, t.Namespace...)
+	p = binary.LittleEndian.AppendUint16(p, uint16(len(t.ID)))
+	p = append(p, t.ID...)
+	p = binary.LittleEndian.AppendUint64(p, t.Gen)
+	p = binary.LittleEndian.AppendUint32(p, uint32(len(t.Segments)))
+	for _, s := range t.Segments {
+		p = binary.LittleEndian.AppendUint32(p, s)
+	}
+	return frame(KindTombstone, p)
+}
+
+// DecodeTombstone parses a Tombstone value.
+func DecodeTombstone(v []byte) (*Tombstone, error) {
+	p, err := unframe(KindTombstone, v)
+	if err != nil {
+		return nil, err
+	}
+	r := reader{b: p}
+	t := &Tombstone{}
+	t.Namespace = string(r.take(int(r.u16())))
+	t.ID = string(r.take(int(r.u16())))
+	t.Gen = r.u64()
+	n := r.u32()
+	if n > 1<<20 {
+		return nil, fmt.Errorf("%w: tombstone lists %d segments", ErrCorrupt, n)
+	}
+	for i := uint32(0); i < n && !r.err; i++ {
+		t.Segments = append(t.Segments, r.u32())
+	}
+	return t, r.done(KindTombstone)
 }

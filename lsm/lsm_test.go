@@ -79,7 +79,7 @@ func TestRecordsDetectCorruption(t *testing.T) {
 }
 
 func TestDBBatchAndScan(t *testing.T) {
-	db, err := Open(vfs.NewMem(), "/idx")
+	db, err := Open(vfs.NewMem(), "/idx", Options{})
 	if err != nil {
 		t.Fatal(err)
 	}

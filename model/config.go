@@ -1,6 +1,6 @@
 // Package model describes decoder-only LLMs (Llama, Mistral, Qwen2, OPT):
 // their Hugging Face config.json, presets, safetensors weights, a model
-// fingerprint used as the store's identity, the per-layer storage plan, and a
+// fingerprint used as the store's identity, and a
 // plain float32 reference forward pass that emits the hidden state entering
 // each layer's K/V projection and the K/V it computed.
 package model
@@ -17,7 +17,6 @@ import (
 	"sort"
 	"strings"
 
-	"github.com/hcache/hcache/chunk"
 	"github.com/hcache/hcache/internal/half"
 )
 
@@ -283,34 +282,6 @@ func (c *Config) KVDim() int { return c.KVHeads * c.HeadDim }
 
 // UsesRope reports whether K is rotated (all but OPT).
 func (c *Config) UsesRope() bool { return c.Arch != ArchOPT }
-
-// DefaultPlan stores, per layer, whichever of hidden state and KV is smaller:
-// hidden for MHA models (half the bytes), KV for GQA models.
-func (c *Config) DefaultPlan() []chunk.LayerPlan {
-	p := make([]chunk.LayerPlan, c.Layers)
-	for l := range p {
-		if c.HiddenRowBytes() <= c.KVRowBytes() {
-			p[l] = chunk.LayerPlan{Kind: chunk.LayerHidden, RowBytes: uint32(c.HiddenRowBytes())}
-		} else {
-			p[l] = chunk.LayerPlan{Kind: chunk.LayerKV, RowBytes: uint32(c.KVRowBytes())}
-		}
-	}
-	return p
-}
-
-// PlanOf builds a plan of one kind for every layer.
-func (c *Config) PlanOf(kind chunk.LayerKind) []chunk.LayerPlan {
-	p := make([]chunk.LayerPlan, c.Layers)
-	for l := range p {
-		switch kind {
-		case chunk.LayerHidden:
-			p[l] = chunk.LayerPlan{Kind: kind, RowBytes: uint32(c.HiddenRowBytes())}
-		case chunk.LayerKV:
-			p[l] = chunk.LayerPlan{Kind: kind, RowBytes: uint32(c.KVRowBytes())}
-		}
-	}
-	return p
-}
 
 // ArchFingerprint hashes the fields that decide what a stored row means:
 // architecture, dimensions, dtype, norm, rope settings and layout.

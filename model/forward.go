@@ -1,6 +1,7 @@
 package model
 
 import (
+	"errors"
 	"fmt"
 	"math"
 
@@ -17,6 +18,7 @@ type Model struct {
 	W       *Weights
 	InvFreq []float32
 	round   func(float32) float32
+	stop    <-chan struct{} // set only on PrefillStop's copy
 }
 
 // New checks that w holds every tensor the forward pass needs.
@@ -93,6 +95,47 @@ func (m *Model) normRows(out, x []float32, n int, w, b []float32) {
 // extends the cache and returns the logits [len(tokens) x vocab].
 func (m *Model) Forward(tokens []int, cache *KVCache, trace Trace) ([]float32, error) {
 	c := m.Cfg
+	x, err := m.layers(tokens, cache, trace, c.Layers)
+	if err != nil {
+		return nil, err
+	}
+	n, d := len(tokens), c.HiddenSize
+	h := make([]float32, n*d)
+	m.normRows(h, x, n, m.W.FinalNormW, m.W.FinalNormB)
+	logits := make([]float32, n*c.Vocab)
+	tensor.MatMulT(logits, h, n, d, m.W.LMHead, c.Vocab, nil)
+	cache.Tokens += n
+	return logits, nil
+}
+
+// Prefill runs tokens (positions 0..len-1) through the first layers layers
+// only, calling trace after each with the layer's hidden states and the K
+// and V it computed: the same arithmetic, in the same order, as Forward, so
+// the K and V are bit for bit those of a full forward pass. It is how a
+// restore recomputes a plan's prefix of unstored layers.
+func (m *Model) Prefill(tokens []int, layers int, trace Trace) error {
+	return m.PrefillStop(tokens, layers, trace, nil)
+}
+
+// ErrStopped is returned by PrefillStop when it was stopped.
+var ErrStopped = errors.New("model: prefill stopped")
+
+// PrefillStop is Prefill that returns ErrStopped before the next layer once
+// stop is closed (a restore whose reads failed stops recomputing).
+func (m *Model) PrefillStop(tokens []int, layers int, trace Trace, stop <-chan struct{}) error {
+	if layers < 0 || layers > m.Cfg.Layers {
+		return fmt.Errorf("model: prefill of %d layers, the model has %d", layers, m.Cfg.Layers)
+	}
+	m2 := *m
+	m2.stop = stop
+	_, err := m2.layers(tokens, NewKVCache(m.Cfg), trace, layers)
+	return err
+}
+
+// layers runs the embedding and the first upto layers, extending cache's
+// K/V of those layers, and returns the residual stream.
+func (m *Model) layers(tokens []int, cache *KVCache, trace Trace, upto int) ([]float32, error) {
+	c := m.Cfg
 	n, d, kvd, qd := len(tokens), c.HiddenSize, c.KVDim(), c.Heads*c.HeadDim
 	start := cache.Tokens
 	if start+n > c.MaxPositions {
@@ -123,7 +166,14 @@ func (m *Model) Forward(tokens []int, cache *KVCache, trace Trace) ([]float32, e
 	o := make([]float32, n*d)
 	scale := float32(1 / math.Sqrt(float64(c.HeadDim)))
 	group := c.Heads / c.KVHeads
-	for l := 0; l < c.Layers; l++ {
+	for l := 0; l < upto; l++ {
+		if m.stop != nil {
+			select {
+			case <-m.stop:
+				return nil, ErrStopped
+			default:
+			}
+		}
 		lw := &m.W.Layers[l]
 		m.normRows(h, x, n, lw.AttnNormW, lw.AttnNormB)
 		for i := range h {
@@ -135,6 +185,11 @@ func (m *Model) Forward(tokens []int, cache *KVCache, trace Trace) ([]float32, e
 		}
 		cache.K[l] = append(cache.K[l], k...)
 		cache.V[l] = append(cache.V[l], v...)
+		if l == upto-1 && upto < c.Layers {
+			// A prefill that stops here needs this layer's K and V
+			// only, not its output.
+			break
+		}
 		tensor.MatMulT(q, h, n, d, lw.Wq, qd, lw.Bq)
 		if c.UsesRope() {
 			for i := 0; i < n; i++ {
@@ -172,11 +227,7 @@ func (m *Model) Forward(tokens []int, cache *KVCache, trace Trace) ([]float32, e
 		m.normRows(h, x, n, lw.MLPNormW, lw.MLPNormB)
 		m.mlp(x, h, n, lw)
 	}
-	m.normRows(h, x, n, m.W.FinalNormW, m.W.FinalNormB)
-	logits := make([]float32, n*c.Vocab)
-	tensor.MatMulT(logits, h, n, d, m.W.LMHead, c.Vocab, nil)
-	cache.Tokens += n
-	return logits, nil
+	return x, nil
 }
 
 // mlp adds the MLP output of the normed rows h to x.

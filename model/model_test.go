@@ -85,8 +85,8 @@ func TestPlanRatios(t *testing.T) {
 		}
 	}
 	c, _ := Preset("llama2-7b")
-	if p := c.DefaultPlan(); p[0].RowBytes != 8192 || p[0].Kind != 1 {
-		t.Fatalf("llama2-7b default plan %+v, want hidden rows of 8192 bytes", p[0])
+	if c.HiddenRowBytes() != 8192 {
+		t.Fatalf("llama2-7b hidden row %d bytes, want 8192", c.HiddenRowBytes())
 	}
 }
 

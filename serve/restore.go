@@ -7,8 +7,6 @@ package serve
 
 import (
 	"crypto/sha256"
-	"fmt"
-	"time"
 
 	"github.com/hcache/hcache/chunk"
 	"github.com/hcache/hcache/gpu"
@@ -81,47 +79,14 @@ func (s *Saver) Trace(layer int, hidden, k, v []float32) {
 // Err returns the first append error.
 func (s *Saver) Err() error { return s.err }
 
-// RestoreStats describes one restore.
-type RestoreStats struct {
-	Tokens     int
-	ReadBytes  int64
-	Elapsed    time.Duration
-	ProjectDur time.Duration // time spent in the backend
-}
-
-// Restore streams a context from the store into dst (one paged cache per
-// layer, positions 0..tokens-1) through the backend: hidden layers are
-// projected, KV layers copied.
+// Restore streams a context whose plan stores every layer from the store
+// into dst (one paged cache per layer, positions 0..tokens-1) through the
+// backend: hidden layers are projected, KV layers copied, each projection
+// overlapping the reads of later layers. It is a Restorer of its own with
+// default settings; plans that recompute a prefix, and restores that must
+// share a store and backend fairly, use a Restorer.
 func Restore(st *chunk.Store, ns, id string, ident *chunk.Identity, b gpu.Backend, dst []*gpu.PagedKV) (RestoreStats, error) {
-	var rs RestoreStats
-	if len(dst) != len(ident.Plan) {
-		return rs, fmt.Errorf("serve: %d paged caches for a %d-layer plan", len(dst), len(ident.Plan))
-	}
-	for l, p := range ident.Plan {
-		if p.Kind == chunk.LayerNone {
-			return rs, fmt.Errorf("serve: layer %d is planned for recomputation, which this restore path does not run", l)
-		}
-	}
-	start := time.Now()
-	var positions []int
-	tokens, err := st.Restore(ns, id, ident, func(layer int, rows []byte) error {
-		n := len(rows) / int(ident.Plan[layer].RowBytes)
-		if positions == nil {
-			positions = make([]int, n)
-			for i := range positions {
-				positions[i] = i
-			}
-		}
-		rs.ReadBytes += int64(len(rows))
-		t0 := time.Now()
-		defer func() { rs.ProjectDur += time.Since(t0) }()
-		if ident.Plan[layer].Kind == chunk.LayerHidden {
-			return b.Project(layer, rows, positions, dst[layer])
-		}
-		return b.LoadKV(layer, rows, positions, dst[layer])
-	})
-	rs.Tokens, rs.Elapsed = tokens, time.Since(start)
-	return rs, err
+	return NewRestorer(st, b, nil, Settings{}).Restore(Request{NS: ns, ID: id, Ident: ident, Dst: dst})
 }
 
 // PagedToCache copies tokens positions of per-layer paged caches into a

@@ -11,6 +11,7 @@ import (
 	"github.com/hcache/hcache/chunk"
 	"github.com/hcache/hcache/gpu"
 	"github.com/hcache/hcache/model"
+	"github.com/hcache/hcache/serve/sched"
 )
 
 // TestLosslessGenerationAfterRestore: prefill + 32 greedy decode steps while
@@ -47,12 +48,12 @@ func TestLosslessGenerationAfterRestore(t *testing.T) {
 			var plan []chunk.LayerPlan
 			switch cs.plan {
 			case "hidden":
-				plan = c.PlanOf(chunk.LayerHidden)
+				plan = sched.PlanOf(c, chunk.LayerHidden)
 			case "kv":
-				plan = c.PlanOf(chunk.LayerKV)
+				plan = sched.PlanOf(c, chunk.LayerKV)
 			case "mixed":
-				plan = c.PlanOf(chunk.LayerHidden)
-				kv := c.PlanOf(chunk.LayerKV)
+				plan = sched.PlanOf(c, chunk.LayerHidden)
+				kv := sched.PlanOf(c, chunk.LayerKV)
 				for l := 1; l < len(plan); l += 2 {
 					plan[l] = kv[l]
 				}
@@ -142,7 +143,7 @@ func TestIdentityCoversModelAndLayout(t *testing.T) {
 	defer st.Close()
 	c, _ := model.Preset("tiny-llama")
 	w := model.Synthesize(c, 1)
-	plan := c.PlanOf(chunk.LayerHidden)
+	plan := sched.PlanOf(c, chunk.LayerHidden)
 	ident := Identity(c, w, plan)
 	wr, _ := st.Create("ns", "ctx", ident, chunk.CreateOptions{})
 	wr.AppendLayer(0, make([]byte, 3*c.HiddenRowBytes()))
@@ -163,7 +164,7 @@ func TestIdentityCoversModelAndLayout(t *testing.T) {
 		{"other weights revision", Identity(c, model.Synthesize(c, 2), plan)},
 		{"other dtype", Identity(&bf16, w, plan)},
 		{"other rope theta", Identity(&rope, w, plan)},
-		{"other plan", Identity(c, w, c.PlanOf(chunk.LayerKV))},
+		{"other plan", Identity(c, w, sched.PlanOf(c, chunk.LayerKV))},
 	}
 	for _, cs := range cases {
 		_, err := st.Restore("ns", "ctx", cs.ident, func(int, []byte) error {

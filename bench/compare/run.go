@@ -21,6 +21,7 @@ import (
 	"github.com/hcache/hcache/chunk"
 	"github.com/hcache/hcache/internal/progress"
 	"github.com/hcache/hcache/model"
+	"github.com/hcache/hcache/serve/sched"
 	"golang.org/x/sys/unix"
 )
 
@@ -213,7 +214,7 @@ func Run(o Options) (*Result, error) {
 	}
 	res.Scale = fmt.Sprintf("%d of %s's %d layers (rows at full width: hidden %d B, K||V %d B per token per layer); %s",
 		cfg.Layers, o.Model, res.ModelLayers, cfg.HiddenRowBytes(), cfg.KVRowBytes(), strings.Join(w.Params[:1], ""))
-	plan := cfg.DefaultPlan()
+	plan := sched.DefaultPlan(cfg)
 	res.Plan = plan[0].Kind.String()
 	shape := model.ShapeFingerprint(cfg)
 	dir := filepath.Join(o.Dir, fmt.Sprintf("hcache-bench-compare-%d", os.Getpid()))
@@ -265,11 +266,11 @@ func Run(o Options) (*Result, error) {
 				}
 				sys, err = peer.NewHcache(spec, peer.HcacheOptions{Name: name, Model: shape, Plan: plan, CacheBytes: cache, StagingBytes: staging})
 				if name == "hcache" {
-					note = "plan: " + res.Plan + " (model.DefaultPlan), O_DIRECT, DRAM tier off"
+					note = "plan: " + res.Plan + " (sched.DefaultPlan), O_DIRECT, DRAM tier off"
 				}
 			case "hcache-kv":
 				spec.RowBytes = cfg.KVRowBytes()
-				sys, err = peer.NewHcache(spec, peer.HcacheOptions{Name: name, Model: shape, Plan: cfg.PlanOf(chunk.LayerKV), StagingBytes: staging})
+				sys, err = peer.NewHcache(spec, peer.HcacheOptions{Name: name, Model: shape, Plan: sched.PlanOf(cfg, chunk.LayerKV), StagingBytes: staging})
 				note = "K||V rows, O_DIRECT, DRAM tier off"
 			case "file-per-chunk":
 				spec.RowBytes = cfg.KVRowBytes()

@@ -20,6 +20,7 @@ import (
 	"github.com/hcache/hcache/internal/progress"
 	"github.com/hcache/hcache/internal/stat"
 	"github.com/hcache/hcache/model"
+	"github.com/hcache/hcache/serve/sched"
 )
 
 // Options of one run.
@@ -86,7 +87,7 @@ func Run(o Options) (*Result, error) {
 	if o.Writers <= 0 {
 		o.Writers = 2
 	}
-	plan := c.DefaultPlan()
+	plan := sched.DefaultPlan(c)
 	ident := &chunk.Identity{Model: model.ShapeFingerprint(c), Plan: plan}
 	dir := filepath.Join(o.Dir, "hcache-bench-store")
 	os.RemoveAll(dir)

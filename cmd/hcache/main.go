@@ -49,9 +49,13 @@ func main() {
 }
 
 func run(args []string, stdout, stderr io.Writer) int {
-	if len(args) == 0 || args[0] == "-h" || args[0] == "--help" || args[0] == "help" {
+	if len(args) == 0 {
 		usage(stderr)
 		return 2
+	}
+	if args[0] == "-h" || args[0] == "--help" || args[0] == "help" {
+		usage(stdout)
+		return 0
 	}
 	// Two-word commands ("bench io") first, then one-word ones.
 	name := args[0]
@@ -68,7 +72,10 @@ func run(args []string, stdout, stderr io.Writer) int {
 		return 2
 	}
 	if err := c.run(rest, stdout, stderr); err != nil {
-		if errors.Is(err, flag.ErrHelp) || errors.Is(err, errUsage) {
+		if errors.Is(err, flag.ErrHelp) {
+			return 0 // help was asked for and printed
+		}
+		if errors.Is(err, errUsage) {
 			return 2
 		}
 		fmt.Fprintf(stderr, "hcache %s: %v\n", name, err)
@@ -94,9 +101,21 @@ func usage(w io.Writer) {
 	fmt.Fprintln(w, "\nRun 'hcache COMMAND -h' for the flags of one command.")
 }
 
+// examples holds one example invocation per command, shown by its -h.
+var examples = map[string]string{}
+
 func newFlags(name string, stderr io.Writer) *flag.FlagSet {
 	fs := flag.NewFlagSet("hcache "+name, flag.ContinueOnError)
 	fs.SetOutput(stderr)
+	fs.Usage = func() {
+		w := fs.Output()
+		fmt.Fprintf(w, "usage: hcache %s [flags]\n\n%s\n", name, commands[name].summary)
+		if ex := examples[name]; ex != "" {
+			fmt.Fprintf(w, "\nexample:\n  %s\n", ex)
+		}
+		fmt.Fprintln(w, "\nflags:")
+		fs.PrintDefaults()
+	}
 	return fs
 }
 

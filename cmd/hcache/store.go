@@ -13,8 +13,8 @@ import (
 
 func init() {
 	register("bench store", "save/restore bandwidth of the chunk store against fio in the same run", benchStore)
-	register("fsck", "check every index entry against segment bytes and checksums", fsck)
-	register("stat", "print namespaces, contexts and per-segment live/dead bytes", stat)
+	register("fsck", "check every index entry against segment bytes and checksums (read-only)", fsck)
+	register("stat", "print namespaces, contexts and per-segment live/dead bytes (read-only)", stat)
 }
 
 func benchStore(args []string, stdout, stderr io.Writer) error {
@@ -85,7 +85,8 @@ func openStoreFlags(name string, args []string, stderr io.Writer) (*chunk.Store,
 	if _, err := os.Stat(*dir); err != nil {
 		return nil, false, fmt.Errorf("store directory: %w", err)
 	}
-	st, err := chunk.Open(chunk.Options{Dir: *dir, GCInterval: -1, Logf: func(f string, a ...any) { fmt.Fprintf(stderr, f+"\n", a...) }})
+	// Checkers never write: read-only, no lock file, no recovery applied.
+	st, err := chunk.Open(chunk.Options{Dir: *dir, ReadOnly: true, GCInterval: -1, Logf: func(f string, a ...any) { fmt.Fprintf(stderr, f+"\n", a...) }})
 	return st, *asJSON, err
 }
 

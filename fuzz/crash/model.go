@@ -121,6 +121,7 @@ type Report struct {
 	TornServed    int      `json:"torn_served"`
 	FsckErrors    int      `json:"fsck_errors"`
 	LiveRecounted int      `json:"live_recounted"` // stored segment live counts corrected on open (not data loss)
+	RepairChecks  int      `json:"repair_checks"`  // crash points also checked after deleting the index and repairing
 	Failures      []string `json:"failures,omitempty"`
 }
 

@@ -274,6 +274,11 @@ func (s *sim) crashPoint(where string) {
 		s.rep.fail("%s: open after crash: %v", tag, err)
 		return
 	}
+	if point%3 == 0 {
+		// Every third crash point: then lose the index and repair it from
+		// the segments alone; the same acknowledgements must hold.
+		defer s.checkRepair(clone, o, tag, expects)
+	}
 	defer st.Close()
 	if n := st.Recovery().LiveRecounted; n > 0 {
 		s.rep.LiveRecounted += n
@@ -296,5 +301,46 @@ func (s *sim) crashPoint(where string) {
 	for _, d := range r.DamagedContexts {
 		s.rep.FsckErrors++
 		s.rep.fail("%s: fsck: damaged context %s", tag, d)
+	}
+}
+
+// checkRepair deletes the crashed store's index, rebuilds it with
+// chunk.Repair and checks the contexts against the same acknowledgements
+// (a context acknowledged with no token has no record to rebuild it from).
+func (s *sim) checkRepair(fs vfs.FS, o chunk.Options, tag string, expects map[string]Expect) {
+	tag += " after index loss and repair"
+	if err := fs.RemoveAll(fs.PathJoin(o.Dir, "index")); err != nil {
+		s.rep.FsckErrors++
+		s.rep.fail("%s: remove index: %v", tag, err)
+		return
+	}
+	if _, err := chunk.Repair(chunk.RepairOptions{FS: fs, Dir: o.Dir, ChunkTokens: o.ChunkTokens}); err != nil {
+		s.rep.FsckErrors++
+		s.rep.fail("%s: %v", tag, err)
+		return
+	}
+	st, err := chunk.Open(o)
+	if err != nil {
+		s.rep.FsckErrors++
+		s.rep.fail("%s: open: %v", tag, err)
+		return
+	}
+	defer st.Close()
+	s.rep.RepairChecks++
+	ids := make([]string, 0, len(expects))
+	for id := range expects {
+		ids = append(ids, id)
+	}
+	sort.Strings(ids)
+	for _, id := range ids {
+		e := expects[id]
+		e.MustExist = e.MustExist && e.MinTokens > 0
+		v, msg := CheckContext(st, "crash", id, s.ident, e)
+		s.rep.tally(v, msg, tag)
+	}
+	r := st.Check(nil)
+	for _, e := range r.Errors {
+		s.rep.FsckErrors++
+		s.rep.fail("%s: fsck: %s", tag, e)
 	}
 }

@@ -1,8 +1,12 @@
 // Package demo runs hcache end to end on the CPU: a multi-turn conversation
 // with a (synthetic or Hugging Face-style) model, whose per-layer states are
 // saved to an embedded store, evicted after every turn, and restored three
-// ways: hidden-state projection, KV load, and recomputation. Every restored
-// KV cache is compared bit for bit with one that was never evicted.
+// four ways: under the bubble-free scheduler's plan for this model (a
+// recomputed prefix of layers, then hidden states and/or KV, overlapped),
+// hidden-state projection of every layer, KV load of every layer, and full
+// recomputation. Every restored KV cache is compared bit for bit with one
+// that was never evicted, and the conversation continues from the
+// scheduled restore.
 package demo
 
 import (
@@ -18,7 +22,9 @@ import (
 	"github.com/hcache/hcache/chunk"
 	"github.com/hcache/hcache/gpu"
 	"github.com/hcache/hcache/model"
+	"github.com/hcache/hcache/profiles"
 	"github.com/hcache/hcache/serve"
+	"github.com/hcache/hcache/serve/sched"
 )
 
 // Options of a demo run.
@@ -33,16 +39,21 @@ type Options struct {
 	// Compression of the store ("none" or "lz4"); with lz4 the demo
 	// reports the ratio lz4 reached on this model's states.
 	Compression string
-	Out         io.Writer
+	// Profile is the platform profile the scheduler plans with (a shipped
+	// name or a path); default a100-pm9a3x4.
+	Profile string
+	Out     io.Writer
 }
 
 // Turn is one turn's figures.
 type Turn struct {
 	Turn         int     `json:"turn"`
 	Tokens       int     `json:"tokens"`
+	ScheduledMS  float64 `json:"scheduled_restore_ms"`
 	HiddenMS     float64 `json:"hidden_restore_ms"`
 	KVMS         float64 `json:"kv_restore_ms"`
 	RecomputeMS  float64 `json:"recompute_ms"`
+	SchedBytes   int64   `json:"scheduled_bytes_stored"`
 	HiddenBytes  int64   `json:"hidden_bytes_stored"`
 	KVBytes      int64   `json:"kv_bytes_stored"`
 	Lossless     bool    `json:"lossless"`
@@ -109,8 +120,30 @@ func Run(o Options) ([]Turn, error) {
 	fmt.Fprintf(o.Out, "model %s: %d layers, hidden %d, %d/%d heads, %s; store %s (%s engine)\n",
 		c.Arch, c.Layers, c.HiddenSize, c.Heads, c.KVHeads, c.DType, sdir, st.EngineName())
 
-	planH, planKV := c.PlanOf(chunk.LayerHidden), c.PlanOf(chunk.LayerKV)
+	planH, planKV := sched.PlanOf(c, chunk.LayerHidden), sched.PlanOf(c, chunk.LayerKV)
 	identH, identKV := serve.Identity(c, w, planH), serve.Identity(c, w, planKV)
+	// The scheduler's plan, fixed before the context is first saved, for
+	// the length the conversation is expected to reach.
+	if o.Profile == "" {
+		o.Profile = "a100-pm9a3x4"
+	}
+	prof, err := profiles.Load(o.Profile)
+	if err != nil {
+		return nil, err
+	}
+	platform, err := sched.NewPlatform(prof, "")
+	if err != nil {
+		return nil, err
+	}
+	decision, err := platform.Choose(c, o.Turns*(o.Prompt+o.Gen))
+	if err != nil {
+		return nil, err
+	}
+	planS := decision.Plan
+	identS := serve.Identity(c, w, planS)
+	restorer := serve.NewRestorer(st, backend, serve.CPURecompute{M: m}, serve.Settings{})
+	fmt.Fprintf(o.Out, "scheduler plan on %s (%s) for %d tokens: %v (predicted restore %.3f ms there)\n",
+		prof.Name, platform.Tier.Name, o.Turns*(o.Prompt+o.Gen), decision.Split, decision.PredictedMS)
 	const ns = "demo"
 	rng := rand.New(rand.NewSource(o.Seed))
 	ref := model.NewKVCache(c)  // never evicted
@@ -118,41 +151,47 @@ func Run(o Options) ([]Turn, error) {
 	var history []int           // every token fed so far
 	var last []int              // last generated token, not yet fed
 	var turns []Turn
-	fmt.Fprintf(o.Out, "%-5s %7s %12s %12s %14s %14s %12s %s\n", "turn", "tokens", "hidden_ms", "kv_load_ms", "recompute_ms", "hidden_bytes", "kv_bytes", "lossless")
+	fmt.Fprintf(o.Out, "%-5s %7s %12s %12s %12s %14s %12s %14s %12s %s\n", "turn", "tokens", "sched_ms", "hidden_ms", "kv_load_ms", "recompute_ms", "sched_bytes", "hidden_bytes", "kv_bytes", "lossless")
 	for t := 0; t < o.Turns; t++ {
 		input := append([]int(nil), last...)
 		for i := 0; i < o.Prompt; i++ {
 			input = append(input, rng.Intn(c.Vocab))
 		}
-		var wh, wk *chunk.Writer
+		var wh, wk, ws *chunk.Writer
 		if t == 0 {
 			wh, err = st.Create(ns, "conversation-hidden", identH, chunk.CreateOptions{})
 			if err == nil {
 				wk, err = st.Create(ns, "conversation-kv", identKV, chunk.CreateOptions{})
+			}
+			if err == nil {
+				ws, err = st.Create(ns, "conversation-scheduled", identS, chunk.CreateOptions{})
 			}
 		} else {
 			wh, err = st.Append(ns, "conversation-hidden", identH)
 			if err == nil {
 				wk, err = st.Append(ns, "conversation-kv", identKV)
 			}
+			if err == nil {
+				ws, err = st.Append(ns, "conversation-scheduled", identS)
+			}
 		}
 		if err != nil {
 			return turns, err
 		}
-		sh, sk := serve.NewSaver(c, planH, wh), serve.NewSaver(c, planKV, wk)
-		both := func(l int, h, k, v []float32) { sh.Trace(l, h, k, v); sk.Trace(l, h, k, v) }
+		sh, sk, ss := serve.NewSaver(c, planH, wh), serve.NewSaver(c, planKV, wk), serve.NewSaver(c, planS, ws)
+		both := func(l int, h, k, v []float32) { sh.Trace(l, h, k, v); sk.Trace(l, h, k, v); ss.Trace(l, h, k, v) }
 		got, err := m.Generate(live, input, o.Gen, both)
 		if err != nil {
 			return turns, err
 		}
-		if sh.Err() != nil || sk.Err() != nil {
-			return turns, errors.Join(sh.Err(), sk.Err())
+		if sh.Err() != nil || sk.Err() != nil || ss.Err() != nil {
+			return turns, errors.Join(sh.Err(), sk.Err(), ss.Err())
 		}
 		want, err := m.Generate(ref, input, o.Gen, nil)
 		if err != nil {
 			return turns, err
 		}
-		if err := errors.Join(wh.Close(), wk.Close()); err != nil {
+		if err := errors.Join(wh.Close(), wk.Close(), ws.Close()); err != nil {
 			return turns, err
 		}
 		history = append(history, input...)
@@ -162,6 +201,11 @@ func Run(o Options) ([]Turn, error) {
 		live = nil // evicted
 
 		tr := Turn{Turn: t + 1, Tokens: tokens, TokensAgreed: fmt.Sprint(got) == fmt.Sprint(want)}
+		scheduled, ms, err := restoreWith(restorer, ns, "conversation-scheduled", identS, c, history, tokens)
+		if err != nil {
+			return turns, err
+		}
+		tr.ScheduledMS = ms
 		restored, ms, err := restore(st, ns, "conversation-hidden", identH, c, backend, tokens)
 		if err != nil {
 			return turns, err
@@ -183,22 +227,59 @@ func Run(o Options) ([]Turn, error) {
 				tr.HiddenBytes = ci.LiveBytes
 			case "conversation-kv":
 				tr.KVBytes = ci.LiveBytes
+			case "conversation-scheduled":
+				tr.SchedBytes = ci.LiveBytes
 			}
 		}
-		tr.Lossless = tr.TokensAgreed && sameCache(restored, ref) && sameCache(kvCache, ref)
-		fmt.Fprintf(o.Out, "%-5d %7d %12.2f %12.2f %14.2f %14d %12d %v\n", tr.Turn, tr.Tokens, tr.HiddenMS, tr.KVMS, tr.RecomputeMS, tr.HiddenBytes, tr.KVBytes, tr.Lossless)
+		tr.Lossless = tr.TokensAgreed && sameCache(scheduled, ref) && sameCache(restored, ref) && sameCache(kvCache, ref)
+		fmt.Fprintf(o.Out, "%-5d %7d %12.2f %12.2f %12.2f %14.2f %12d %14d %12d %v\n", tr.Turn, tr.Tokens, tr.ScheduledMS, tr.HiddenMS, tr.KVMS, tr.RecomputeMS, tr.SchedBytes, tr.HiddenBytes, tr.KVBytes, tr.Lossless)
 		turns = append(turns, tr)
 		if !tr.Lossless {
 			return turns, fmt.Errorf("%w (turn %d)", ErrLossy, t+1)
 		}
-		live = restored
+		live = scheduled // the conversation continues from the scheduled restore
 	}
 	if s := st.Stats(); s.CompressRawBytes > 0 {
 		fmt.Fprintf(o.Out, "lz4 (byte-plane shuffled) on these states: ratio %.3f; stored ratio %.3f (a slice stays raw unless lz4 saves 1/8)\n",
 			float64(s.CompressRawBytes)/float64(s.CompressLZ4), float64(s.CompressRawBytes)/float64(s.CompressStored))
 	}
-	fmt.Fprintf(o.Out, "lossless: true (%d turns; every restored KV cache equals the never-evicted one bit for bit, and generation continued identically)\n", len(turns))
+	fmt.Fprintf(o.Out, "lossless: true (%d turns; every restored KV cache (scheduled, hidden, KV) equals the never-evicted one bit for bit, and generation continued identically)\n", len(turns))
 	return turns, nil
+}
+
+// restoreWith restores a context through a Restorer, which recomputes the
+// plan's unstored prefix from the token ids.
+func restoreWith(r *serve.Restorer, ns, id string, ident *chunk.Identity, c *model.Config, history []int, tokens int) (*model.KVCache, float64, error) {
+	if len(history) != tokens {
+		return nil, 0, fmt.Errorf("demo: %d token ids for a %d-token context", len(history), tokens)
+	}
+	paged, err := newPaged(c, tokens)
+	if err != nil {
+		return nil, 0, err
+	}
+	start := time.Now()
+	rs, err := r.Restore(serve.Request{NS: ns, ID: id, Ident: ident, Tokens: history, Dst: paged})
+	ms := float64(time.Since(start).Microseconds()) / 1000
+	if err != nil {
+		return nil, 0, err
+	}
+	if rs.Tokens != tokens {
+		return nil, 0, fmt.Errorf("demo: restored %d tokens of %s, want %d", rs.Tokens, id, tokens)
+	}
+	kc, err := serve.PagedToCache(c, paged, tokens)
+	return kc, ms, err
+}
+
+func newPaged(c *model.Config, tokens int) ([]*gpu.PagedKV, error) {
+	const blockTokens = 16
+	paged := make([]*gpu.PagedKV, c.Layers)
+	for l := range paged {
+		var err error
+		if paged[l], err = gpu.NewPagedKV(c, blockTokens, (tokens+blockTokens-1)/blockTokens); err != nil {
+			return nil, err
+		}
+	}
+	return paged, nil
 }
 
 func restore(st *chunk.Store, ns, id string, ident *chunk.Identity, c *model.Config, b gpu.Backend, tokens int) (*model.KVCache, float64, error) {

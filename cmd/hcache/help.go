@@ -1,0 +1,19 @@
+package main
+
+// One example per command, shown by `hcache COMMAND -h` (commands added in
+// their own files set theirs in their init).
+func init() {
+	for name, ex := range map[string]string{
+		"bench io":      "hcache bench io --dir /mnt/nvme/tmp --size 4G --bs 1M --qd 8",
+		"bench store":   "hcache bench store --dir /mnt/nvme/tmp --model llama2-7b --tokens 4096 --contexts 16",
+		"crashtest":     "hcache crashtest --cycles 10 --ops 200 --kill 50 --json",
+		"stress":        "hcache stress --dir /tmp/crashstore --seed 1   # run by crashtest; prints each acknowledgement",
+		"demo":          "hcache demo --model tiny-llama --turns 3",
+		"model synth":   "hcache model synth --config tiny-llama --seed 1 --out /tmp/tiny",
+		"gpu ipc-child": "hcache gpu ipc-child --handle HEX --koff K0,K1 --voff V0,V1 --blocks N   # started by gpu check",
+	} {
+		if examples[name] == "" {
+			examples[name] = ex
+		}
+	}
+}

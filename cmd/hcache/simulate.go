@@ -1,0 +1,67 @@
+package main
+
+import (
+	"fmt"
+	"io"
+
+	"github.com/hcache/hcache/model"
+	"github.com/hcache/hcache/profiles"
+	"github.com/hcache/hcache/serve/sched"
+)
+
+func init() {
+	register("simulate", "TTFT and storage of recompute / kv / hidden / scheduled over a seeded workload on a profile", runSimulate)
+}
+
+func runSimulate(args []string, stdout, stderr io.Writer) error {
+	fs := newFlags("simulate", stderr)
+	prof := fs.String("profile", "a100-pm9a3x4", "shipped profile name or path to a profile JSON")
+	tier := fs.String("tier", "", "storage tier of the profile (default: its first)")
+	mdl := fs.String("model", "llama2-7b", "preset name or model directory (only its config is read)")
+	wl := fs.String("workload", "chat", "workload: chat (ShareGPT-like) or long (L-Eval-like)")
+	seed := fs.Int64("seed", 1, "seed of the workload")
+	asJSON := fs.Bool("json", false, "print one JSON object")
+	if err := parseFlags(fs, args); err != nil {
+		return err
+	}
+	p, err := profiles.Load(*prof)
+	if err != nil {
+		return err
+	}
+	pl, err := sched.NewPlatform(p, *tier)
+	if err != nil {
+		return err
+	}
+	c, err := model.Preset(*mdl)
+	if err != nil {
+		if c, err = model.LoadConfig(*mdl); err != nil {
+			return fmt.Errorf("--model %q is neither a preset (%v) nor a model directory: %w", *mdl, model.PresetNames(), err)
+		}
+	}
+	params, ok := sched.Workloads[*wl]
+	if !ok {
+		return fmt.Errorf("--workload %q: want chat or long", *wl)
+	}
+	reqs, err := params.Generate(*seed)
+	if err != nil {
+		return err
+	}
+	res, err := pl.Simulate(c, *mdl, reqs)
+	if err != nil {
+		return err
+	}
+	res.Workload, res.Seed = params, *seed
+	if *asJSON {
+		return printJSON(stdout, res)
+	}
+	fmt.Fprintf(stdout, "%s (%s) %s, %s workload seed %d: %d restores, mean context %.0f tokens\n", res.Profile, res.Tier, res.Model, *wl, *seed, res.Restores, res.MeanCtx)
+	fmt.Fprintf(stdout, "%-10s %12s %12s %14s\n", "method", "ttft_mean", "ttft_p99", "bytes/token")
+	for _, r := range res.Rows {
+		extra := ""
+		if r.Split != nil {
+			extra = " (" + r.Split.String() + ")"
+		}
+		fmt.Fprintf(stdout, "%-10s %10.2fms %10.2fms %14.0f%s\n", r.Method, r.TTFTMean, r.TTFTP99, r.StorageBytesPerToken, extra)
+	}
+	return nil
+}

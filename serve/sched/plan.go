@@ -1,0 +1,42 @@
+// Package sched is the bubble-free scheduler of HCache: given a platform
+// profile, a model and the expected context length, it chooses per layer what
+// a context stores (nothing: recomputed from the tokens; the hidden state; or
+// plain KV) so that on restore the I/O stream and the compute stream finish
+// together. It also holds the plan helpers (DefaultPlan, PlanOf) that build
+// chunk.LayerPlan values for a model; they live here, on the serving side, so
+// that model and gpu do not link the storage engine.
+package sched
+
+import (
+	"github.com/hcache/hcache/chunk"
+	"github.com/hcache/hcache/model"
+)
+
+// DefaultPlan stores, per layer, whichever of hidden state and KV is smaller:
+// hidden for MHA models (half the bytes), KV for GQA models.
+func DefaultPlan(c *model.Config) []chunk.LayerPlan {
+	if c.HiddenRowBytes() <= c.KVRowBytes() {
+		return PlanOf(c, chunk.LayerHidden)
+	}
+	return PlanOf(c, chunk.LayerKV)
+}
+
+// PlanOf builds a plan of one kind for every layer.
+func PlanOf(c *model.Config, kind chunk.LayerKind) []chunk.LayerPlan {
+	p := make([]chunk.LayerPlan, c.Layers)
+	for l := range p {
+		p[l] = LayerPlanOf(c, kind)
+	}
+	return p
+}
+
+// LayerPlanOf is one layer's plan entry of a kind (row bytes from the model).
+func LayerPlanOf(c *model.Config, kind chunk.LayerKind) chunk.LayerPlan {
+	switch kind {
+	case chunk.LayerHidden:
+		return chunk.LayerPlan{Kind: kind, RowBytes: uint32(c.HiddenRowBytes())}
+	case chunk.LayerKV:
+		return chunk.LayerPlan{Kind: kind, RowBytes: uint32(c.KVRowBytes())}
+	}
+	return chunk.LayerPlan{Kind: chunk.LayerNone}
+}
