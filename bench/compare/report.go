@@ -50,7 +50,7 @@ func Markdown(r *Result, cmdline string) string {
 	f("- date: %s\n- commit: %s\n- machine: %s\n- command: `%s`\n- elapsed: %.0f s\n", r.Date, r.Commit, r.Machine, cmdline, r.ElapsedS)
 	f("- load average (1 min) at start / end: %.1f / %.1f (the machine is shared; above its core count every system slows, unevenly)\n", r.LoadAvg[0], r.LoadAvg[1])
 	f("- **scaled down**: %s. Contexts stored: %d tokens in all.\n", r.Scale, r.TokensStored)
-	f("- hcache's plan: %s per layer (`model.DefaultPlan`)\n", r.Plan)
+	f("- hcache's plan: %s per layer (`sched.DefaultPlan`)\n", r.Plan)
 	if s := r.FioSweep; s != nil {
 		f("- disk limit (fio sweep, same run, %s per point, %d MiB file): %s\n", s.Runtime, s.SizeBytes>>20, s)
 	}

@@ -266,7 +266,7 @@ func Run(o Options) (*Result, error) {
 				}
 				sys, err = peer.NewHcache(spec, peer.HcacheOptions{Name: name, Model: shape, Plan: plan, CacheBytes: cache, StagingBytes: staging})
 				if name == "hcache" {
-					note = "plan: " + res.Plan + " (model.DefaultPlan), O_DIRECT, DRAM tier off"
+					note = "plan: " + res.Plan + " (sched.DefaultPlan), O_DIRECT, DRAM tier off"
 				}
 			case "hcache-kv":
 				spec.RowBytes = cfg.KVRowBytes()
