@@ -5,7 +5,7 @@ import (
 	"io"
 	"os"
 
-	"github.com/hcache/hcache/internal/benchpipe"
+	"github.com/hcache/hcache/bench/benchpipe"
 	"github.com/hcache/hcache/serve/sched"
 )
 

@@ -14,9 +14,9 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/hcache/hcache/bench/benchdaemon"
 	"github.com/hcache/hcache/chunk"
 	hc "github.com/hcache/hcache/clients/hcacheclient"
-	"github.com/hcache/hcache/internal/benchdaemon"
 	hcachev1 "github.com/hcache/hcache/proto/hcache/v1"
 )
 

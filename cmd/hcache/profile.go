@@ -7,7 +7,7 @@ import (
 	"strconv"
 	"strings"
 
-	"github.com/hcache/hcache/internal/profiler"
+	"github.com/hcache/hcache/bench/profiler"
 )
 
 func init() {

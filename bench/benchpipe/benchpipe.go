@@ -18,9 +18,9 @@ import (
 	"sort"
 	"time"
 
+	"github.com/hcache/hcache/bench/profiler"
 	"github.com/hcache/hcache/chunk"
 	"github.com/hcache/hcache/gpu"
-	"github.com/hcache/hcache/internal/profiler"
 	"github.com/hcache/hcache/model"
 	"github.com/hcache/hcache/serve"
 	"github.com/hcache/hcache/serve/sched"
