@@ -18,6 +18,8 @@ import (
 	"sort"
 	"strconv"
 	"strings"
+
+	"github.com/hcache/hcache/internal/units"
 )
 
 type command struct {
@@ -149,30 +151,7 @@ func (s *sizeFlag) Set(v string) error {
 	return nil
 }
 
-func parseSize(v string) (int64, error) {
-	mult := int64(1)
-	t := strings.ToUpper(strings.TrimSuffix(strings.TrimSuffix(v, "B"), "i"))
-	if t != "" {
-		switch t[len(t)-1] {
-		case 'K':
-			mult = 1 << 10
-		case 'M':
-			mult = 1 << 20
-		case 'G':
-			mult = 1 << 30
-		case 'T':
-			mult = 1 << 40
-		}
-		if mult > 1 {
-			t = t[:len(t)-1]
-		}
-	}
-	n, err := strconv.ParseInt(t, 10, 64)
-	if err != nil || n < 0 {
-		return 0, fmt.Errorf("bad size %q (want a number with an optional K, M, G or T suffix)", v)
-	}
-	return n * mult, nil
-}
+func parseSize(v string) (int64, error) { return units.ParseSize(v) }
 
 func printJSON(w io.Writer, v any) error {
 	enc := json.NewEncoder(w)

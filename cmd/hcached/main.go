@@ -19,6 +19,7 @@ import (
 
 	"github.com/hcache/hcache/chunk"
 	"github.com/hcache/hcache/daemon"
+	"github.com/hcache/hcache/internal/units"
 )
 
 type listFlag []string
@@ -184,27 +185,4 @@ func run(args []string) int {
 	return code
 }
 
-func parseSize(v string) (int64, error) {
-	mult := int64(1)
-	t := strings.ToUpper(strings.TrimSuffix(strings.TrimSuffix(v, "B"), "i"))
-	if t != "" {
-		switch t[len(t)-1] {
-		case 'K':
-			mult = 1 << 10
-		case 'M':
-			mult = 1 << 20
-		case 'G':
-			mult = 1 << 30
-		case 'T':
-			mult = 1 << 40
-		}
-		if mult > 1 {
-			t = t[:len(t)-1]
-		}
-	}
-	n, err := strconv.ParseInt(t, 10, 64)
-	if err != nil {
-		return 0, fmt.Errorf("bad size %q (want a number with an optional K, M, G or T suffix)", v)
-	}
-	return n * mult, nil
-}
+func parseSize(v string) (int64, error) { return units.ParseSize(v) }
