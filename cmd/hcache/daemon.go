@@ -94,6 +94,30 @@ func (t *target) open(stderr io.Writer) (*chunk.Store, error) {
 	return chunk.Open(chunk.Options{Dir: t.dir, GCInterval: -1, Logf: func(f string, a ...any) { fmt.Fprintf(stderr, f+"\n", a...) }})
 }
 
+// do runs remote against the daemon at --addr, or local against the store
+// in --dir, which it closes afterwards (Close commits, so its error counts).
+func (t *target) do(stderr io.Writer, remote func(context.Context, *hc.Client) error, local func(*chunk.Store) error) error {
+	if t.addr != "" {
+		c, err := t.dial()
+		if err != nil {
+			return err
+		}
+		defer c.Close()
+		ctx, cancel := rpcCtx()
+		defer cancel()
+		return remote(ctx, c)
+	}
+	st, err := t.open(stderr)
+	if err != nil {
+		return err
+	}
+	err = local(st)
+	if cerr := st.Close(); err == nil {
+		err = cerr
+	}
+	return err
+}
+
 func rpcCtx() (context.Context, context.CancelFunc) {
 	return context.WithTimeout(context.Background(), 10*time.Minute)
 }
@@ -122,34 +146,24 @@ func ls(args []string, stdout, stderr io.Writer) error {
 		return err
 	}
 	var rows []ctxRow
-	if t.addr != "" {
-		c, err := t.dial()
-		if err != nil {
-			return err
-		}
-		defer c.Close()
-		ctx, cancel := rpcCtx()
-		defer cancel()
+	err := t.do(stderr, func(ctx context.Context, c *hc.Client) error {
 		list, err := c.List(ctx, *ns)
-		if err != nil {
-			return err
-		}
 		for _, ci := range list {
 			rows = append(rows, ctxRow{ci.GetNamespace(), ci.GetId(), ci.GetTokens(), ci.GetLiveBytes(), ci.GetPinned(), ci.GetDamaged(), ci.GetWriterOpen(),
 				time.Unix(0, ci.GetLastUseUnixNanos()).UTC().Format(time.RFC3339)})
 		}
-	} else {
-		st, err := t.open(stderr)
-		if err != nil {
-			return err
-		}
-		defer st.Close()
+		return err
+	}, func(st *chunk.Store) error {
 		for _, ci := range st.Contexts() {
 			if *ns != "" && ci.Namespace != *ns {
 				continue
 			}
 			rows = append(rows, ctxRow{ci.Namespace, ci.ID, ci.Tokens, ci.LiveBytes, ci.Pinned, ci.Damaged, false, ci.LastUse.UTC().Format(time.RFC3339)})
 		}
+		return nil
+	})
+	if err != nil {
+		return err
 	}
 	if t.asJSON {
 		if rows == nil {
@@ -201,29 +215,11 @@ func rm(args []string, stdout, stderr io.Writer) error {
 	if err := needNSID(fs, *ns, *id); err != nil {
 		return err
 	}
-	if t.addr != "" {
-		c, err := t.dial()
-		if err != nil {
-			return err
-		}
-		defer c.Close()
-		ctx, cancel := rpcCtx()
-		defer cancel()
-		if err := c.Delete(ctx, *ns, *id); err != nil {
-			return err
-		}
-	} else {
-		st, err := t.open(stderr)
-		if err != nil {
-			return err
-		}
-		err = st.Delete(*ns, *id)
-		if cerr := st.Close(); err == nil {
-			err = cerr
-		}
-		if err != nil {
-			return err
-		}
+	err := t.do(stderr,
+		func(ctx context.Context, c *hc.Client) error { return c.Delete(ctx, *ns, *id) },
+		func(st *chunk.Store) error { return st.Delete(*ns, *id) })
+	if err != nil {
+		return err
 	}
 	return report(stdout, t.asJSON, map[string]any{"deleted": *ns + "/" + *id}, "deleted %s/%s\n", *ns, *id)
 }
@@ -251,29 +247,11 @@ func pin(args []string, stdout, stderr io.Writer) error {
 	if err := needNSID(fs, *ns, *id); err != nil {
 		return err
 	}
-	if t.addr != "" {
-		c, err := t.dial()
-		if err != nil {
-			return err
-		}
-		defer c.Close()
-		ctx, cancel := rpcCtx()
-		defer cancel()
-		if err := c.Pin(ctx, *ns, *id, !*unpin); err != nil {
-			return err
-		}
-	} else {
-		st, err := t.open(stderr)
-		if err != nil {
-			return err
-		}
-		err = st.Pin(*ns, *id, !*unpin)
-		if cerr := st.Close(); err == nil { // Close commits the pin
-			err = cerr
-		}
-		if err != nil {
-			return err
-		}
+	err := t.do(stderr,
+		func(ctx context.Context, c *hc.Client) error { return c.Pin(ctx, *ns, *id, !*unpin) },
+		func(st *chunk.Store) error { return st.Pin(*ns, *id, !*unpin) }) // do's Close commits the pin
+	if err != nil {
+		return err
 	}
 	return report(stdout, t.asJSON, map[string]any{"context": *ns + "/" + *id, "pinned": !*unpin}, "%s/%s pinned: %v\n", *ns, *id, !*unpin)
 }
@@ -293,32 +271,17 @@ func gcCmd(args []string, stdout, stderr io.Writer) error {
 		MovedRecords int64  `json:"moved_records"`
 		MovedBytes   uint64 `json:"moved_bytes"`
 	}
-	if t.addr != "" {
-		c, err := t.dial()
-		if err != nil {
-			return err
-		}
-		defer c.Close()
-		ctx, cancel := rpcCtx()
-		defer cancel()
+	err := t.do(stderr, func(ctx context.Context, c *hc.Client) error {
 		r, err := c.API.Gc(ctx, &hcachev1.GcRequest{})
-		if err != nil {
-			return err
-		}
 		out.Segments, out.MovedRecords, out.MovedBytes = r.GetSegments(), r.GetMovedRecords(), r.GetMovedBytes()
-	} else {
-		st, err := t.open(stderr)
-		if err != nil {
-			return err
-		}
+		return err
+	}, func(st *chunk.Store) error {
 		r := st.GC()
-		if cerr := st.Close(); r.Err == nil {
-			r.Err = cerr
-		}
-		if r.Err != nil {
-			return r.Err
-		}
 		out.Segments, out.MovedRecords, out.MovedBytes = int64(r.Segments), int64(r.MovedRecords), r.MovedBytes
+		return r.Err
+	})
+	if err != nil {
+		return err
 	}
 	return report(stdout, t.asJSON, out, "gc: %d segments compacted, %d records (%d bytes) moved\n", out.Segments, out.MovedRecords, out.MovedBytes)
 }
