@@ -23,19 +23,9 @@ func runPlan(args []string, stdout, stderr io.Writer) error {
 	if err := parseFlags(fs, args); err != nil {
 		return err
 	}
-	p, err := profiles.Load(*prof)
+	pl, c, err := platformModel(*prof, *tier, *mdl)
 	if err != nil {
 		return err
-	}
-	pl, err := sched.NewPlatform(p, *tier)
-	if err != nil {
-		return err
-	}
-	c, err := model.Preset(*mdl)
-	if err != nil {
-		if c, err = model.LoadConfig(*mdl); err != nil {
-			return fmt.Errorf("--model %q is neither a preset (%v) nor a model directory: %w", *mdl, model.PresetNames(), err)
-		}
 	}
 	d, err := pl.Choose(c, *tokens)
 	if err != nil {
@@ -46,14 +36,33 @@ func runPlan(args []string, stdout, stderr io.Writer) error {
 		"hidden": sched.Predict(d.Costs, sched.Split{Hidden: c.Layers}),
 	}
 	if *asJSON {
-		return printJSON(stdout, map[string]any{"profile": p.Name, "tier": pl.Tier.Name, "model": *mdl, "tokens": *tokens,
+		return printJSON(stdout, map[string]any{"profile": pl.Profile.Name, "tier": pl.Tier.Name, "model": *mdl, "tokens": *tokens,
 			"split": d.Split, "predicted_ms": d.PredictedMS, "costs_per_layer": d.Costs, "all_kv_ms": single["kv"], "all_hidden_ms": single["hidden"],
 			"hidden_allowed": sched.HiddenAllowed(c)})
 	}
-	fmt.Fprintf(stdout, "%s (%s), %s, %d tokens: %v\n", p.Name, pl.Tier.Name, *mdl, *tokens, d.Split)
+	fmt.Fprintf(stdout, "%s (%s), %s, %d tokens: %v\n", pl.Profile.Name, pl.Tier.Name, *mdl, *tokens, d.Split)
 	fmt.Fprintf(stdout, "predicted restore %.2f ms (all KV %.2f ms, all hidden %.2f ms)\n", d.PredictedMS, single["kv"], single["hidden"])
 	cs := d.Costs
 	fmt.Fprintf(stdout, "per layer: recompute %.3f ms, projection %.3f ms, kv load %.3f ms, hidden read %.3f ms, kv read %.3f ms\n",
 		cs.RecomputeMS, cs.ProjectMS, cs.KVLoadMS, cs.HiddenIOMS, cs.KVIOMS)
 	return nil
+}
+
+// platformModel loads a profile (a shipped name or a path) at a tier and a
+// model's config (resolveConfig: a preset, a config.json or a model
+// directory), as plan and simulate take them.
+func platformModel(prof, tier, mdl string) (*sched.Platform, *model.Config, error) {
+	p, err := profiles.Load(prof)
+	if err != nil {
+		return nil, nil, err
+	}
+	pl, err := sched.NewPlatform(p, tier)
+	if err != nil {
+		return nil, nil, err
+	}
+	c, err := resolveConfig(mdl)
+	if err != nil {
+		return nil, nil, fmt.Errorf("--model: %w", err)
+	}
+	return pl, c, nil
 }

@@ -4,8 +4,6 @@ import (
 	"fmt"
 	"io"
 
-	"github.com/hcache/hcache/model"
-	"github.com/hcache/hcache/profiles"
 	"github.com/hcache/hcache/serve/sched"
 )
 
@@ -24,19 +22,9 @@ func runSimulate(args []string, stdout, stderr io.Writer) error {
 	if err := parseFlags(fs, args); err != nil {
 		return err
 	}
-	p, err := profiles.Load(*prof)
+	pl, c, err := platformModel(*prof, *tier, *mdl)
 	if err != nil {
 		return err
-	}
-	pl, err := sched.NewPlatform(p, *tier)
-	if err != nil {
-		return err
-	}
-	c, err := model.Preset(*mdl)
-	if err != nil {
-		if c, err = model.LoadConfig(*mdl); err != nil {
-			return fmt.Errorf("--model %q is neither a preset (%v) nor a model directory: %w", *mdl, model.PresetNames(), err)
-		}
 	}
 	params, ok := sched.Workloads[*wl]
 	if !ok {
