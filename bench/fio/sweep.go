@@ -121,6 +121,15 @@ func memFor(hugeDir string, bs, qd int) (mem string, align int) {
 	return "mmap", hugePage
 }
 
+// RunSweepIn runs the sweep o in dir when o names no directory: the
+// benchmarks measure the disk they ran on.
+func RunSweepIn(o SweepOptions, dir string) (*SweepResult, error) {
+	if o.Dir == "" {
+		o.Dir = dir
+	}
+	return RunSweep(o)
+}
+
 // RunSweep runs the sweep. A point whose huge-page run fails is retried with
 // aligned anonymous memory, and the settings used are recorded per point.
 func RunSweep(o SweepOptions) (*SweepResult, error) {

@@ -167,11 +167,7 @@ func Run(o Options) (*Result, error) {
 	res.WriteRatio = res.WriteGBps / res.FioWriteGBps
 	res.ReadRatio = res.ReadGBps / res.FioReadGBps
 	if o.Sweep != nil {
-		so := *o.Sweep
-		if so.Dir == "" {
-			so.Dir = o.Dir
-		}
-		sw, err := fio.RunSweep(so)
+		sw, err := fio.RunSweepIn(*o.Sweep, o.Dir)
 		if err != nil {
 			return nil, err
 		}

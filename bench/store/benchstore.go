@@ -291,11 +291,7 @@ func Run(o Options) (*Result, error) {
 		res.RestoreRatio = res.RestoreGBps / res.FioReadGBps
 	}
 	if o.Sweep != nil {
-		so := *o.Sweep
-		if so.Dir == "" {
-			so.Dir = o.Dir
-		}
-		sw, err := fio.RunSweep(so)
+		sw, err := fio.RunSweepIn(*o.Sweep, o.Dir)
 		if err != nil {
 			return nil, err
 		}
