@@ -182,3 +182,59 @@ func TestRestoreOwnedHoldsUntilNext(t *testing.T) {
 		}
 	}
 }
+
+// TestRestoreOwnedReadsDeep: once the first layer is in, the reads of every
+// layer the read-ahead allows are submitted before that layer is handed
+// over, so they run while the consumer computes and the store's goroutine,
+// which may then wait long for a CPU, is not on their path. The first layer
+// is read alone when more than two buffers are allowed.
+func TestRestoreOwnedReadsDeep(t *testing.T) {
+	e := newEnv(t, "disk", nil)
+	s := e.open()
+	defer s.Close()
+	ident := &Identity{Model: []byte("deep"), Plan: []LayerPlan{
+		{LayerHidden, 128}, {LayerKV, 256}, {LayerHidden, 128}, {LayerHidden, 128},
+		{LayerKV, 256}, {LayerHidden, 128}, {LayerHidden, 128}, {LayerKV, 256},
+	}}
+	w, err := s.Create("ns", "c", ident, CreateOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	appendPrefill(t, w, ident, "c", 0, 70)
+	if err := w.Close(); err != nil {
+		t.Fatal(err)
+	}
+	// Requests per layer: every layer has the same groups.
+	before := s.EngineStats().Submitted
+	if _, err := s.Restore("ns", "c", ident, func(int, []byte) error { return nil }); err != nil {
+		t.Fatal(err)
+	}
+	total := s.EngineStats().Submitted - before
+	if total == 0 || total%uint64(len(ident.Plan)) != 0 {
+		t.Fatalf("a restore submitted %d requests for %d layers", total, len(ident.Plan))
+	}
+	perLayer := total / uint64(len(ident.Plan))
+	for _, c := range []struct{ ahead, wantLayers int }{
+		{2, 2}, // the second beside the first, as before
+		{3, 3},
+		{5, 5},
+		{8, 8},
+		{20, 8}, // no more than the context has
+	} {
+		before := s.EngineStats().Submitted
+		var atFirst uint64
+		_, err := s.RestoreOwned("ns", "c", ident, c.ahead, func(layer int, rows []byte, release func()) error {
+			if layer == 0 {
+				atFirst = s.EngineStats().Submitted - before
+			}
+			release()
+			return nil
+		})
+		if err != nil {
+			t.Fatalf("ahead %d: %v", c.ahead, err)
+		}
+		if want := uint64(c.wantLayers) * perLayer; atFirst != want {
+			t.Errorf("ahead %d: %d requests submitted when the first layer was handed over, want %d (%d layers of %d)", c.ahead, atFirst, want, c.wantLayers, perLayer)
+		}
+	}
+}

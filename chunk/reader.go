@@ -413,27 +413,63 @@ func (s *Store) RestoreOwned(ns, id string, ident *Identity, ahead int, fn func(
 	stop := make(chan struct{})
 	go func() {
 		defer close(out)
-		// Keep the reads of the next layer in flight while this one is
-		// verified and consumed.
-		if !take(stop) {
-			return
+		// Every layer a free buffer allows has its reads in flight at
+		// once, so the disk works through a deep queue while the consumer
+		// computes, and this goroutine (which needs a CPU only to verify
+		// and hand over) is not on the critical path of the next read.
+		// With more than two buffers the first layer is read alone: the
+		// consumer waits for it, so it does not share the disk with the
+		// rest of the context, which goes out together once it is in. (With
+		// two, the second is read beside it, as only two are ever in
+		// flight.) The reads after the first start before it is handed
+		// over, since once the consumer computes this goroutine may wait
+		// long for a CPU.
+		var started []*layerRead // in layer order, not yet handed over
+		next := 0                // the next layer (index into c.stored) to start
+		depth := 1               // layers in flight; ahead once the first is in
+		if ahead <= 2 {
+			depth = ahead
 		}
-		next := s.startLayer(sn, 0)
-		for si, l := range c.stored {
-			cur := next
-			next = nil
-			more := si+1 < len(c.stored) && cur.err == nil
-			// Start the next layer's reads before this one is verified
-			// when a buffer is free; otherwise only once this layer has
-			// been handed over, since a consumer may keep its previous
-			// buffer until it receives this one.
-			if more && tryTake() {
-				next = s.startLayer(sn, si+1)
+		startMore := func() {
+			for next < len(c.stored) && len(started) < depth && started[len(started)-1].err == nil && tryTake() {
+				started = append(started, s.startLayer(sn, next))
+				next++
 			}
+		}
+		defer func() {
+			// Stopped or failed: wait for what is in flight, then free it.
+			for _, lr := range started {
+				if b, _, err := lr.finish(); err == nil {
+					giveBack(b)()
+				} else {
+					<-held
+					outstanding.Done()
+				}
+			}
+		}()
+		for _, l := range c.stored {
+			if len(started) == 0 {
+				// Every started layer has been handed over, so the
+				// consumer can give one back: wait for it. (Never wait
+				// with a layer still to hand over: a consumer may keep
+				// its previous buffer until it receives the next one.)
+				if !take(stop) {
+					return
+				}
+				started = append(started, s.startLayer(sn, next))
+				next++
+			}
+			startMore()
+			cur := started[0]
 			buf, rows, err := cur.finish()
 			if err != nil { // finish freed the buffer
+				started = started[1:]
 				<-held
 				outstanding.Done()
+			} else {
+				depth = ahead
+				startMore() // needs started non-empty: cur leaves it below
+				started = started[1:]
 			}
 			select {
 			case out <- layerOut{l, buf, rows, err}:
@@ -443,18 +479,7 @@ func (s *Store) RestoreOwned(ns, id string, ident *Identity, ahead int, fn func(
 				}
 				err = errStopped
 			}
-			if err == nil && more && next == nil && take(stop) {
-				next = s.startLayer(sn, si+1)
-			}
-			if err != nil || next == nil {
-				if next != nil {
-					if b, _, ferr := next.finish(); ferr == nil {
-						giveBack(b)()
-					} else {
-						<-held
-						outstanding.Done()
-					}
-				}
+			if err != nil {
 				return
 			}
 		}

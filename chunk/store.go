@@ -944,6 +944,9 @@ func (s *Store) Recovery() Recovery { return s.recovery }
 // EngineName names the I/O engine in use.
 func (s *Store) EngineName() string { return s.eng.Name() }
 
+// EngineStats returns the I/O engine's counters.
+func (s *Store) EngineStats() iouring.Stats { return s.eng.Stats() }
+
 // Close stops the flusher and closes files and the index. It flushes
 // nothing: rows of writers still open are dropped (flush or close writers
 // first), and those writers fail with ErrClosed afterwards. It must not run

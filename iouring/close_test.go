@@ -2,6 +2,8 @@ package iouring
 
 import (
 	"errors"
+	"runtime"
+	"strings"
 	"testing"
 	"time"
 
@@ -77,5 +79,63 @@ func TestCloseWhileSubmitWaitsForSlot(t *testing.T) {
 	}
 	if err := r.Submit([]*Request{read()}, func(*Request) {}); !errors.Is(err, ErrClosed) {
 		t.Fatalf("Submit after Close: %v, want ErrClosed", err)
+	}
+}
+
+// TestRingWaitsInNetpoller: while requests are in flight and nothing has
+// completed, the ring goroutine waits parked in the netpoller ("IO wait"),
+// not in a system call ("syscall"): a goroutine blocked in io_uring_enter
+// keeps its P until sysmon takes it back, up to 10 ms later, which stalled
+// CPU-bound goroutines (a projection) beside every restore. The read then
+// completes when its data arrives.
+func TestRingWaitsInNetpoller(t *testing.T) {
+	r, err := NewRing(8)
+	if err != nil {
+		t.Fatalf("io_uring: %v", err)
+	}
+	defer r.Close()
+	var p [2]int
+	if err := unix.Pipe(p[:]); err != nil {
+		t.Fatal(err)
+	}
+	defer unix.Close(p[0])
+	defer unix.Close(p[1])
+	q := &Request{Op: OpRead, Fd: p[0], Buf: make([]byte, 3)}
+	done := make(chan struct{})
+	if err := r.Submit([]*Request{q}, func(*Request) { close(done) }); err != nil {
+		t.Fatal(err)
+	}
+	// The ring goroutine's state, from a dump of every goroutine.
+	state := func() string {
+		buf := make([]byte, 1<<20)
+		for _, g := range strings.Split(string(buf[:runtime.Stack(buf, true)]), "\n\n") {
+			if strings.Contains(g, "iouring.(*Ring).loop") {
+				head := g[:strings.Index(g, "\n")]
+				return head[strings.Index(head, "[")+1 : strings.Index(head, "]")]
+			}
+		}
+		return "gone"
+	}
+	deadline := time.Now().Add(20 * time.Second) // a hang, not a speed limit
+	var st string
+	for st = state(); !strings.HasPrefix(st, "IO wait") && time.Now().Before(deadline); st = state() {
+		if strings.HasPrefix(st, "syscall") {
+			t.Fatalf("the ring goroutine waits in a system call (%q), holding its P", st)
+		}
+		time.Sleep(time.Millisecond)
+	}
+	if !strings.HasPrefix(st, "IO wait") {
+		t.Fatalf("the ring goroutine is %q with a read in flight, want parked in the netpoller (IO wait)", st)
+	}
+	if _, err := unix.Write(p[1], []byte("abc")); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-done:
+	case <-time.After(20 * time.Second):
+		t.Fatal("the read never completed after its data arrived")
+	}
+	if q.Err != nil || string(q.Buf[:q.N]) != "abc" {
+		t.Fatalf("read %q, %v; want \"abc\"", q.Buf[:q.N], q.Err)
 	}
 }

@@ -1,7 +1,9 @@
 package iouring
 
 import (
+	"errors"
 	"fmt"
+	"os"
 	"runtime"
 	"sync"
 	"sync/atomic"
@@ -41,11 +43,10 @@ const (
 	unregisterBuffers = 1
 	registerFiles     = 2
 	unregisterFiles   = 3
+	registerEventfd   = 4
 	registerProbe     = 8
 
 	probeOpSupported = 1
-
-	wakeTag = ^uint64(0)
 )
 
 type sqringOffsets struct {
@@ -126,16 +127,25 @@ type Ring struct {
 	// Submitters hand requests to the ring goroutine through pend; that
 	// goroutine, locked to one OS thread, is the only one that touches the
 	// SQ and CQ. Completions of block I/O run as task work of the task that
-	// submitted them, so with one submitting thread they are posted while
-	// that thread waits in io_uring_enter, with no other thread to wake.
+	// submitted them, so they always run on that one thread.
+	//
+	// The ring goroutine never blocks in io_uring_enter: it submits without
+	// waiting and sleeps in the Go netpoller on an eventfd that the kernel
+	// signals for every completion (IORING_REGISTER_EVENTFD) and that
+	// submitters write to wake it. A goroutine blocked in a system call
+	// keeps its P until sysmon takes it back, which can take up to 10 ms
+	// once sysmon has backed off; while CPU-bound goroutines (a projection)
+	// keep every other P busy, that stalled one of them for as long after
+	// each completion. A goroutine parked in the netpoller gives its P up
+	// at once.
 	acquireMu sync.Mutex // one submitter acquires slots at a time (no partial-batch deadlock)
 	free      chan uint32
 	slots     []*Request // ring goroutine only
 	pendMu    sync.Mutex
 	pend      []*Request
-	sleeping  atomic.Bool // the ring goroutine waits in io_uring_enter
-	efd       int         // eventfd that wakes it
-	efdBuf    [8]byte     // target of the armed eventfd read
+	sleeping  atomic.Bool // the ring goroutine waits for the eventfd
+	efd       int         // eventfd that wakes it: completions and submitters
+	efdFile   *os.File    // efd in the netpoller
 	inflight  int         // ring goroutine only
 	unsent    uint32      // SQEs placed, not yet entered; ring goroutine only
 
@@ -201,15 +211,23 @@ func NewRing(entries int) (*Ring, error) {
 		unix.Close(fd)
 		return nil, err
 	}
-	efd, err := unix.Eventfd(0, unix.EFD_CLOEXEC)
+	efd, err := unix.Eventfd(0, unix.EFD_CLOEXEC|unix.EFD_NONBLOCK)
 	if err != nil {
 		r.unmap()
 		unix.Close(fd)
 		return nil, fmt.Errorf("iouring: eventfd: %w", err)
 	}
+	if err := register(fd, registerEventfd, unsafe.Pointer(&efd), 1); err != nil {
+		unix.Close(efd)
+		r.unmap()
+		unix.Close(fd)
+		return nil, fmt.Errorf("iouring: IORING_REGISTER_EVENTFD: %w", err)
+	}
 	r.efd = efd
-	// In-flight requests stay below the SQ size (one entry is kept for the
-	// wake-up read); the CQ (2x by default) can therefore never overflow.
+	// A non-blocking descriptor: os.NewFile puts it in the netpoller.
+	r.efdFile = os.NewFile(uintptr(efd), "iouring-eventfd")
+	// In-flight requests stay below the SQ size (one entry spare); the CQ
+	// (2x by default) can therefore never overflow.
 	n := min(p.sqEntries, p.cqEntries) - 1
 	if n == 0 {
 		n = 1
@@ -442,7 +460,7 @@ func (r *Ring) Submit(reqs []*Request, done func(*Request)) error {
 	return nil
 }
 
-// wake rouses the ring goroutine if it sleeps in io_uring_enter.
+// wake rouses the ring goroutine if it sleeps on the eventfd.
 func (r *Ring) wake() {
 	if r.sleeping.Load() && r.sleeping.CompareAndSwap(true, false) {
 		var one [8]byte
@@ -461,10 +479,10 @@ func (r *Ring) wake() {
 func (r *Ring) loop() {
 	runtime.LockOSThread()
 	defer close(r.loopDone)
-	r.armWake()
+	var buf [8]byte
 	for {
 		r.takePending()
-		r.enter(0)
+		r.enter()
 		if r.reapAvailable() > 0 {
 			continue
 		}
@@ -475,13 +493,23 @@ func (r *Ring) loop() {
 			return
 		}
 		r.sleeping.Store(true)
-		if !r.pendEmpty() || done() {
+		// A completion posted after the reap above, or a submitter that
+		// saw sleeping false, is seen here; later ones write the eventfd.
+		if !r.pendEmpty() || r.cqReady() || done() {
 			r.sleeping.Store(false)
 			continue
 		}
-		r.enter(1)
+		if _, err := r.efdFile.Read(buf[:]); err != nil && !errors.Is(err, syscall.EINTR) {
+			// Assertion: the eventfd is closed only after this loop ends.
+			panic(fmt.Sprintf("iouring: read of the ring's eventfd: %v", err))
+		}
 		r.sleeping.Store(false)
 	}
+}
+
+// cqReady reports whether a completion waits in the CQ.
+func (r *Ring) cqReady() bool {
+	return atomic.LoadUint32(r.cqTail) != atomic.LoadUint32(r.cqHead)
 }
 
 func (r *Ring) pendEmpty() bool {
@@ -520,33 +548,13 @@ func (r *Ring) place(q *Request) {
 	}
 }
 
-// armWake places the read of the eventfd that wakes the ring goroutine.
-func (r *Ring) armWake() {
-	tail := *r.sqTail
-	idx := tail & *r.sqMask
-	r.sqes[idx] = sqe{opcode: opRead, fd: int32(r.efd), addr: uint64(uintptr(unsafe.Pointer(&r.efdBuf[0]))), len: 8, userData: wakeTag}
-	r.sqArray[idx] = idx
-	atomic.StoreUint32(r.sqTail, tail+1)
-	r.unsent++
-}
-
-// enter submits the placed SQEs and, with minComplete 1, waits for a
-// completion.
-func (r *Ring) enter(minComplete uint32) {
-	for r.unsent > 0 || minComplete > 0 {
-		flags := uint32(0)
-		if minComplete > 0 {
-			flags = enterGetEvents
-		}
-		n, err := enter(r.fd, r.unsent, minComplete, flags)
-		if r.unsent > 0 {
-			r.stats.enters.Add(1)
-		}
+// enter submits the placed SQEs without waiting for completions.
+func (r *Ring) enter() {
+	for r.unsent > 0 {
+		n, err := enter(r.fd, r.unsent, 0, 0)
+		r.stats.enters.Add(1)
 		if err != nil {
 			if err == syscall.EINTR || err == syscall.EAGAIN || err == syscall.EBUSY {
-				if minComplete > 0 && r.unsent == 0 {
-					return
-				}
 				runtime.Gosched()
 				continue
 			}
@@ -555,9 +563,6 @@ func (r *Ring) enter(minComplete uint32) {
 			panic(fmt.Sprintf("iouring: io_uring_enter: %v", err))
 		}
 		r.unsent -= uint32(n)
-		if minComplete > 0 {
-			return
-		}
 	}
 }
 
@@ -570,10 +575,6 @@ func (r *Ring) reapAvailable() int {
 	for ; head != tail; head++ {
 		c := r.cqes[head&mask]
 		n++
-		if c.userData == wakeTag {
-			r.armWake()
-			continue
-		}
 		r.complete(r.slots[c.userData], c.res)
 	}
 	atomic.StoreUint32(r.cqHead, head) // release the entries to the kernel
@@ -656,7 +657,7 @@ func (r *Ring) Close() error {
 	r.wake()
 	<-r.loopDone
 	r.unmap()
-	unix.Close(r.efd)
+	r.efdFile.Close()
 	return unix.Close(r.fd)
 }
 

@@ -9,6 +9,7 @@ import (
 	"math"
 	"runtime"
 	"sync"
+	"sync/atomic"
 )
 
 // Dot returns sum(a[i]*b[i]) with eight float32 partial sums in a fixed order.
@@ -125,7 +126,12 @@ func dot4(a, b, c, e, w []float32) (float32, float32, float32, float32) {
 		((e0 + e1) + (e2 + e3)) + ((e4 + e5) + (e6 + e7))
 }
 
-// parallel splits [0, n) across GOMAXPROCS goroutines when the work is big.
+// parallel runs fn over [0, n) on up to GOMAXPROCS goroutines when the work
+// is big. Workers claim blocks of rows from a shared counter (eight blocks
+// per worker), so a worker that loses its CPU for a while (to the I/O
+// goroutines of a restore running beside a projection) delays the whole
+// only by its share of that time, not by all of it as a fixed split would.
+// The caller's goroutine is one of the workers.
 func parallel(n, flops int, fn func(r0, r1 int)) {
 	p := runtime.GOMAXPROCS(0)
 	if p == 1 || n < 2 || flops < 1<<16 {
@@ -133,15 +139,27 @@ func parallel(n, flops int, fn func(r0, r1 int)) {
 		return
 	}
 	p = min(p, n)
-	var wg sync.WaitGroup
-	step := (n + p - 1) / p
-	for r := 0; r < n; r += step {
-		wg.Add(1)
-		go func(r0, r1 int) {
-			defer wg.Done()
-			fn(r0, r1)
-		}(r, min(n, r+step))
+	block := max(1, (n+8*p-1)/(8*p))
+	block = (block + 3) &^ 3 // whole register blocks of MatMulT
+	var next atomic.Int64
+	work := func() {
+		for {
+			r0 := int(next.Add(int64(block))) - block
+			if r0 >= n {
+				return
+			}
+			fn(r0, min(n, r0+block))
+		}
 	}
+	var wg sync.WaitGroup
+	for w := 1; w < p; w++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			work()
+		}()
+	}
+	work()
 	wg.Wait()
 }
 

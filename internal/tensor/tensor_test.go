@@ -3,6 +3,8 @@ package tensor
 import (
 	"math"
 	"math/rand"
+	"runtime"
+	"sync/atomic"
 	"testing"
 	"time"
 )
@@ -83,4 +85,51 @@ func BenchmarkMatMulT(b *testing.B) {
 		MatMulT(out, x, n, d, w, o, nil)
 	}
 	b.ReportMetric(2*float64(n*d*o)*float64(b.N)/time.Since(start).Seconds()/1e9, "GFLOP/s")
+}
+
+// TestParallelCoversEveryRowOnce: whatever the row count and the number of
+// procs, the blocks workers claim cover [0, n) exactly once, and MatMulT
+// gives the same bits with one proc as with several.
+func TestParallelCoversEveryRowOnce(t *testing.T) {
+	defer runtime.GOMAXPROCS(runtime.GOMAXPROCS(0))
+	for _, procs := range []int{1, 2, 3, 7} {
+		runtime.GOMAXPROCS(procs)
+		for _, n := range []int{1, 2, 3, 5, 31, 64, 65, 513, 4096} {
+			hits := make([]atomic.Int32, n)
+			parallel(n, 1<<20, func(r0, r1 int) {
+				if r0 < 0 || r1 > n || r0 >= r1 {
+					t.Errorf("procs %d, n %d: block [%d, %d)", procs, n, r0, r1)
+					return
+				}
+				for i := r0; i < r1; i++ {
+					hits[i].Add(1)
+				}
+			})
+			for i := range hits {
+				if h := hits[i].Load(); h != 1 {
+					t.Fatalf("procs %d, n %d: row %d run %d times", procs, n, i, h)
+				}
+			}
+		}
+	}
+	seed := time.Now().UnixNano()
+	t.Logf("seed %d", seed)
+	rng := rand.New(rand.NewSource(seed))
+	n, d, o := 97, 64, 48
+	x, w := randVec(rng, n*d), randVec(rng, o*d)
+	var ref []float32
+	for _, procs := range []int{1, 2, 5} {
+		runtime.GOMAXPROCS(procs)
+		out := make([]float32, n*o)
+		MatMulT(out, x, n, d, w, o, nil)
+		if ref == nil {
+			ref = out
+			continue
+		}
+		for i := range out {
+			if math.Float32bits(out[i]) != math.Float32bits(ref[i]) {
+				t.Fatalf("procs %d: element %d differs in bits from one proc's", procs, i)
+			}
+		}
+	}
 }
