@@ -9,6 +9,8 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/hcache/hcache/iouring"
 )
 
 // TestRestoreOwned: a consumer that keeps buffers after fn returns (as a GPU
@@ -236,5 +238,198 @@ func TestRestoreOwnedReadsDeep(t *testing.T) {
 		if want := uint64(c.wantLayers) * perLayer; atFirst != want {
 			t.Errorf("ahead %d: %d requests submitted when the first layer was handed over, want %d (%d layers of %d)", c.ahead, atFirst, want, c.wantLayers, perLayer)
 		}
+	}
+}
+
+// gatedEngine holds the completions of each Submit of reads (one per layer
+// of a restore) until the test opens that batch's gate: a seam that makes
+// the order of a restore's reads observable.
+type gatedEngine struct {
+	iouring.Engine
+	mu      sync.Mutex
+	gating  bool
+	batches []*gate
+	added   chan struct{}
+}
+
+type gate struct {
+	open bool
+	held []func()
+}
+
+func (g *gatedEngine) Submit(reqs []*iouring.Request, done func(*iouring.Request)) error {
+	g.mu.Lock()
+	if !g.gating || reqs[0].Op != iouring.OpRead {
+		g.mu.Unlock()
+		return g.Engine.Submit(reqs, done)
+	}
+	b := &gate{}
+	g.batches = append(g.batches, b)
+	g.mu.Unlock()
+	select {
+	case g.added <- struct{}{}:
+	default:
+	}
+	return g.Engine.Submit(reqs, func(r *iouring.Request) {
+		g.mu.Lock()
+		if !b.open {
+			b.held = append(b.held, func() { done(r) })
+			g.mu.Unlock()
+			return
+		}
+		g.mu.Unlock()
+		done(r)
+	})
+}
+
+// openGate lets batch i complete.
+func (g *gatedEngine) openGate(i int) {
+	g.mu.Lock()
+	b := g.batches[i]
+	b.open = true
+	held := b.held
+	b.held = nil
+	g.mu.Unlock()
+	for _, f := range held {
+		f()
+	}
+}
+
+// waitBatches waits until n batches were submitted or the restore returned.
+func (g *gatedEngine) waitBatches(t *testing.T, n int, restored <-chan error) bool {
+	t.Helper()
+	deadline := time.After(20 * time.Second) // a hang, not a speed limit
+	for {
+		g.mu.Lock()
+		got := len(g.batches)
+		g.mu.Unlock()
+		if got >= n {
+			return true
+		}
+		select {
+		case <-g.added:
+		case err := <-restored:
+			t.Errorf("the restore returned (%v) with %d read batches submitted, want %d first", err, got, n)
+			return false
+		case <-deadline:
+			t.Errorf("%d read batches submitted after 20 s, want %d", got, n)
+			return false
+		}
+	}
+}
+
+// TestRestoreStartsReadsWhileWaiting: with two buffers and a consumer that
+// gives each back at once, the third layer's reads start as soon as the
+// first layer's buffer is back, while the second layer's reads are still in
+// flight; they used to start only after the second layer had been read and
+// verified, which left the disk idle during every checksum.
+func TestRestoreStartsReadsWhileWaiting(t *testing.T) {
+	real, err := iouring.New(iouring.Config{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	g := &gatedEngine{Engine: real, added: make(chan struct{}, 1)}
+	e := newEnv(t, "disk", func(o *Options) { o.Engine = g })
+	s := e.open()
+	defer func() {
+		s.Close()
+		real.Close()
+	}()
+	ident := testIdentity("gated")
+	w, err := s.Create("ns", "c", ident, CreateOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	appendPrefill(t, w, ident, "c", 0, 40)
+	if err := w.Close(); err != nil {
+		t.Fatal(err)
+	}
+	g.mu.Lock()
+	g.gating = true
+	g.mu.Unlock()
+	restored := make(chan error, 1)
+	var layers []int
+	go func() {
+		_, err := s.RestoreOwned("ns", "c", ident, 2, func(layer int, rows []byte, release func()) error {
+			layers = append(layers, layer)
+			release()
+			return nil
+		})
+		restored <- err
+	}()
+	if g.waitBatches(t, 2, restored) { // the first two layers, read together
+		g.openGate(0)
+		// Layer 0 is handed over and given back; layer 1 is still in flight.
+		if g.waitBatches(t, 3, restored) {
+			g.mu.Lock()
+			open := g.batches[1].open
+			g.mu.Unlock()
+			if open {
+				t.Error("layer 1's reads completed before layer 3's started")
+			}
+		}
+	}
+	// Let the restore finish: no more gating, every gate open.
+	g.mu.Lock()
+	g.gating = false
+	n := len(g.batches)
+	g.mu.Unlock()
+	for i := 0; i < n; i++ {
+		g.openGate(i)
+	}
+	if err := <-restored; err != nil {
+		t.Fatal(err)
+	}
+	if want := []int{0, 1, 3}; fmt.Sprint(layers) != fmt.Sprint(want) {
+		t.Fatalf("layers handed over %v, want %v", layers, want)
+	}
+}
+
+// TestRestoreAheadBytes: Restore keeps max(2, RestoreAheadBytes / layer
+// bytes) layers read or in flight, at most the context's.
+func TestRestoreAheadBytes(t *testing.T) {
+	ident := &Identity{Model: []byte("budget"), Plan: []LayerPlan{
+		{LayerHidden, 128}, {LayerKV, 256}, {LayerHidden, 128}, {LayerHidden, 128},
+		{LayerKV, 256}, {LayerHidden, 128}, {LayerHidden, 128}, {LayerKV, 256},
+	}}
+	const tokens = 70
+	layer := int64(tokens * 256) // the largest layer
+	for _, c := range []struct {
+		budget     int64
+		wantLayers int
+	}{
+		{-1, 2},
+		{layer, 2},
+		{3*layer + layer/2, 3},
+		{6 * layer, 6},
+		{0, 8}, // the default (32 MiB) holds the whole context
+	} {
+		t.Run(fmt.Sprint(c.budget), func(t *testing.T) {
+			e := newEnv(t, "disk", func(o *Options) { o.RestoreAheadBytes = c.budget })
+			s := e.open()
+			defer s.Close()
+			w, err := s.Create("ns", "c", ident, CreateOptions{})
+			if err != nil {
+				t.Fatal(err)
+			}
+			appendPrefill(t, w, ident, "c", 0, tokens)
+			if err := w.Close(); err != nil {
+				t.Fatal(err)
+			}
+			before := s.EngineStats().Submitted
+			var atFirst uint64
+			if _, err := s.Restore("ns", "c", ident, func(l int, _ []byte) error {
+				if l == 0 {
+					atFirst = s.EngineStats().Submitted - before
+				}
+				return nil
+			}); err != nil {
+				t.Fatal(err)
+			}
+			total := s.EngineStats().Submitted - before
+			if want := uint64(c.wantLayers) * total / uint64(len(ident.Plan)); atFirst != want {
+				t.Fatalf("%d of %d requests submitted when the first layer was handed over, want %d (%d layers)", atFirst, total, want, c.wantLayers)
+			}
+		})
 	}
 }

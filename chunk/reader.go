@@ -299,8 +299,9 @@ func (s *Store) Restore(ns, id string, ident *Identity, fn func(layer int, rows 
 	})
 }
 
-// DefaultRestoreAhead is the number of layers RestoreOwned keeps read or
-// reading beyond the ones its caller still holds, when the caller passes 0.
+// DefaultRestoreAhead is the fewest buffers a restore holds: the one handed
+// over and the one being read. With ahead 0, RestoreOwned takes
+// max(DefaultRestoreAhead, Options.RestoreAheadBytes / layer bytes).
 const DefaultRestoreAhead = 2
 
 // RestoreOwned is Restore for consumers that finish with a layer after fn
@@ -311,7 +312,8 @@ const DefaultRestoreAhead = 2
 // it receives the next one; if fn panics, the buffer is taken to be dropped
 // (released) and the restore fails. The store never reuses a buffer
 // before its release, and keeps reading the following layers meanwhile:
-// at most ahead buffers (DefaultRestoreAhead when 0, at least 2) are held at once,
+// at most ahead buffers (at least 2; when 0, as many as
+// Options.RestoreAheadBytes holds of this context's layers, at least 2) are held at once,
 // counting those given to fn and not yet released. RestoreOwned returns only
 // after every buffer it handed out has been released, so release must not
 // wait for RestoreOwned to return.
@@ -322,7 +324,8 @@ func (s *Store) RestoreOwned(ns, id string, ident *Identity, ahead int, fn func(
 	if fn == nil {
 		return 0, errors.New("chunk: RestoreOwned needs a callback")
 	}
-	if ahead <= 0 {
+	auto := ahead <= 0
+	if auto {
 		ahead = DefaultRestoreAhead
 	}
 	if ahead < 2 {
@@ -359,6 +362,15 @@ func (s *Store) RestoreOwned(ns, id string, ident *Identity, ahead int, fn func(
 		}
 		return 0, fmt.Errorf("chunk: restore %s/%s: %w", ns, id, err)
 	}
+	if auto {
+		maxRow := 0
+		for _, l := range c.stored {
+			maxRow = max(maxRow, int(c.ident.Plan[l].RowBytes))
+		}
+		if layer := int64(sn.tokens) * int64(maxRow); layer > 0 {
+			ahead = int(max(DefaultRestoreAhead, min(int64(len(c.stored)), s.opts.RestoreAheadBytes/layer)))
+		}
+	}
 	s.mu.Lock()
 	c.lastUse = time.Now().UnixNano()
 	c.useDirty = true // persisted with the next index commit
@@ -373,6 +385,7 @@ func (s *Store) RestoreOwned(ns, id string, ident *Identity, ahead int, fn func(
 	// held counts the buffers taken and not yet given back: one slot per
 	// buffer, so the producer blocks once ahead buffers are out.
 	held := make(chan struct{}, ahead)
+	freed := make(chan struct{}, 1) // a buffer was given back
 	var outstanding sync.WaitGroup
 	giveBack := func(buf *iouring.AlignedBuffer) func() {
 		var once sync.Once
@@ -381,6 +394,10 @@ func (s *Store) RestoreOwned(ns, id string, ident *Identity, ahead int, fn func(
 				s.readBufs.put(buf)
 				<-held
 				outstanding.Done()
+				select {
+				case freed <- struct{}{}:
+				default:
+				}
 			})
 		}
 	}
@@ -403,11 +420,12 @@ func (s *Store) RestoreOwned(ns, id string, ident *Identity, ahead int, fn func(
 		}
 	}
 
+	// layerOut is a layer whose reads have completed. This goroutine
+	// verifies it (finish) before fn sees it, so checksums never hold up
+	// the reads of the layers after it.
 	type layerOut struct {
 		layer int
-		buf   *iouring.AlignedBuffer
-		rows  []byte
-		err   error
+		lr    *layerRead
 	}
 	out := make(chan layerOut, 1)
 	stop := make(chan struct{})
@@ -415,8 +433,10 @@ func (s *Store) RestoreOwned(ns, id string, ident *Identity, ahead int, fn func(
 		defer close(out)
 		// Every layer a free buffer allows has its reads in flight at
 		// once, so the disk works through a deep queue while the consumer
-		// computes, and this goroutine (which needs a CPU only to verify
-		// and hand over) is not on the critical path of the next read.
+		// computes. This goroutine only starts reads and hands layers
+		// over; whenever it waits (for a layer's reads, or for the
+		// consumer to take one), a buffer given back starts the next
+		// layer's reads at once.
 		// With more than two buffers the first layer is read alone: the
 		// consumer waits for it, so it does not share the disk with the
 		// rest of the context, which goes out together once it is in. (With
@@ -425,19 +445,24 @@ func (s *Store) RestoreOwned(ns, id string, ident *Identity, ahead int, fn func(
 		// over, since once the consumer computes this goroutine may wait
 		// long for a CPU.
 		var started []*layerRead // in layer order, not yet handed over
+		var last *layerRead      // the last layer started
 		next := 0                // the next layer (index into c.stored) to start
 		depth := 1               // layers in flight; ahead once the first is in
 		if ahead <= 2 {
 			depth = ahead
 		}
+		start := func() {
+			last = s.startLayer(sn, next)
+			started = append(started, last)
+			next++
+		}
 		startMore := func() {
-			for next < len(c.stored) && len(started) < depth && started[len(started)-1].err == nil && tryTake() {
-				started = append(started, s.startLayer(sn, next))
-				next++
+			for next < len(c.stored) && len(started) < depth && last.err == nil && tryTake() {
+				start()
 			}
 		}
 		defer func() {
-			// Stopped or failed: wait for what is in flight, then free it.
+			// Stopped: wait for what is in flight, then free it.
 			for _, lr := range started {
 				if b, _, err := lr.finish(); err == nil {
 					giveBack(b)()
@@ -456,47 +481,55 @@ func (s *Store) RestoreOwned(ns, id string, ident *Identity, ahead int, fn func(
 				if !take(stop) {
 					return
 				}
-				started = append(started, s.startLayer(sn, next))
-				next++
+				start()
 			}
 			startMore()
 			cur := started[0]
-			buf, rows, err := cur.finish()
-			if err != nil { // finish freed the buffer
-				started = started[1:]
-				<-held
-				outstanding.Done()
-			} else {
-				depth = ahead
-				startMore() // needs started non-empty: cur leaves it below
-				started = started[1:]
-			}
-			select {
-			case out <- layerOut{l, buf, rows, err}:
-			case <-stop:
-				if buf != nil {
-					giveBack(buf)()
+		wait:
+			for {
+				select {
+				case <-cur.ready():
+					break wait
+				case <-freed:
+					startMore()
 				}
-				err = errStopped
 			}
-			if err != nil {
+			depth = ahead
+			startMore()
+			started = started[1:]
+		send:
+			for {
+				select {
+				case out <- layerOut{l, cur}:
+					break send
+				case <-freed:
+					startMore()
+				case <-stop:
+					started = append(started, cur) // freed by the deferred drain
+					return
+				}
+			}
+			if cur.err != nil { // nothing was started after it
 				return
 			}
 		}
 	}()
 	var firstErr error
 	for lo := range out {
-		if lo.buf == nil {
+		buf, rows, err := lo.lr.finish()
+		if err != nil { // finish freed the buffer
+			<-held
+			outstanding.Done()
 			if firstErr == nil {
-				firstErr = lo.err
-				if errorsIsCorrupt(lo.err) {
+				firstErr = err
+				if errorsIsCorrupt(err) {
 					s.markDamaged(c)
 				}
 				close(stop)
 			}
 			continue
 		}
-		release := giveBack(lo.buf)
+		release := giveBack(buf)
 		if firstErr != nil {
 			release()
 			continue
@@ -508,7 +541,7 @@ func (s *Store) RestoreOwned(ns, id string, ident *Identity, ahead int, fn func(
 			close(stop)
 			continue
 		}
-		if err := callOwned(fn, lo.layer, lo.rows, release); err != nil {
+		if err := callOwned(fn, lo.layer, rows, release); err != nil {
 			firstErr = err
 			close(stop)
 		}
@@ -569,6 +602,18 @@ func (s *Store) startLayer(sn *snapshot, si int) *layerRead {
 		return &layerRead{err: err}
 	}
 	return &layerRead{s: s, buf: buf, rows: mem[:total], fetch: f}
+}
+
+// closedChan is a channel that is always ready.
+var closedChan = func() chan struct{} { c := make(chan struct{}); close(c); return c }()
+
+// ready is closed once the layer's reads have completed (finish then only
+// verifies).
+func (lr *layerRead) ready() <-chan struct{} {
+	if lr.err != nil || lr.fetch.reads == nil {
+		return closedChan
+	}
+	return lr.fetch.reads.ready()
 }
 
 // finish waits for the layer and verifies it; on error the buffer is freed.

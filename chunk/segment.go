@@ -5,6 +5,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 
 	"github.com/cockroachdb/pebble/v2/vfs"
 	"golang.org/x/sys/unix"
@@ -123,16 +124,22 @@ type readReq struct {
 // readBatch is a set of reads in flight.
 type readBatch struct {
 	wg      sync.WaitGroup
+	left    atomic.Int64
+	done    chan struct{} // closed when every read has completed (or none was sent)
+	once    sync.Once
 	direct  []*iouring.Request
 	syncErr error
 	submitE error
 }
 
+// ready is closed once every read of the batch has completed.
+func (rb *readBatch) ready() <-chan struct{} { return rb.done }
+
 // startReads issues every read at once (the engine bounds the queue depth):
 // reads of direct segments go to the engine asynchronously, reads through
 // the vfs.File happen before it returns.
 func startReads(eng iouring.Engine, reqs []readReq) *readBatch {
-	rb := &readBatch{}
+	rb := &readBatch{done: make(chan struct{})}
 	for _, r := range reqs {
 		if r.seg.fd >= 0 {
 			rb.direct = append(rb.direct, &iouring.Request{Op: iouring.OpRead, Fd: r.seg.fd, Buf: r.buf, Off: r.off})
@@ -144,10 +151,19 @@ func startReads(eng iouring.Engine, reqs []readReq) *readBatch {
 	}
 	if len(rb.direct) > 0 {
 		rb.wg.Add(len(rb.direct))
-		if err := eng.Submit(rb.direct, func(*iouring.Request) { rb.wg.Done() }); err != nil {
+		rb.left.Store(int64(len(rb.direct)))
+		if err := eng.Submit(rb.direct, func(*iouring.Request) {
+			if rb.left.Add(-1) == 0 {
+				rb.once.Do(func() { close(rb.done) })
+			}
+			rb.wg.Done()
+		}); err != nil {
 			rb.submitE = err
 			rb.wg.Add(-len(rb.direct))
+			rb.once.Do(func() { close(rb.done) })
 		}
+	} else {
+		close(rb.done)
 	}
 	return rb
 }

@@ -64,6 +64,8 @@ const (
 	DefaultReserveBytes = 64 << 20
 	// DefaultIdleReadBufferBytes bounds idle restore buffers.
 	DefaultIdleReadBufferBytes = 256 << 20
+	// DefaultRestoreAheadBytes bounds the layers one restore reads ahead.
+	DefaultRestoreAheadBytes = 16 << 20
 )
 
 // Options configure a Store. Zero values take the defaults above.
@@ -119,6 +121,12 @@ type Options struct {
 	// IdleReadBufferBytes bounds the restore buffers kept mapped for reuse
 	// while no restore uses them (DefaultIdleReadBufferBytes; -1: keep none).
 	IdleReadBufferBytes int64
+	// RestoreAheadBytes bounds the layers a Restore (and a RestoreOwned
+	// called with ahead 0) keeps read or in flight: max(2, RestoreAheadBytes
+	// / the context's layer bytes) buffers, so short contexts still keep
+	// the disk's queue deep and long ones do not hold many large buffers
+	// (DefaultRestoreAheadBytes; -1: two layers).
+	RestoreAheadBytes int64
 	// Logf reports notable events; default log.Printf.
 	Logf func(string, ...any)
 	// OnEvict is called (from the flusher) for each context evicted for space.
@@ -180,6 +188,12 @@ func (o *Options) fill() error {
 	}
 	if o.ReserveBytes < 0 {
 		o.ReserveBytes = 0
+	}
+	if o.RestoreAheadBytes == 0 {
+		o.RestoreAheadBytes = DefaultRestoreAheadBytes
+	}
+	if o.RestoreAheadBytes < 0 {
+		o.RestoreAheadBytes = 0
 	}
 	if o.IdleReadBufferBytes == 0 {
 		o.IdleReadBufferBytes = DefaultIdleReadBufferBytes

@@ -60,7 +60,8 @@ type Settings struct {
 	// copy, and the store reads at most max(2, BufferBytes / layer bytes)
 	// layers ahead (two layers always, so a layer larger than the budget
 	// still restores; a request without token ids, whose layer size is
-	// not known in advance, gets two). Default DefaultBufferBytes.
+	// not known in advance, gets the store's own bound,
+	// chunk.Options.RestoreAheadBytes). Default DefaultBufferBytes.
 	BufferBytes int64
 }
 
@@ -214,7 +215,7 @@ func (r *Restorer) Restore(req Request) (RestoreStats, error) {
 	// it recomputes the prefix, or projects a hidden layer while KV layers
 	// arrive), so when the token count is known the budget decides how many
 	// layers may be read ahead; otherwise the store's default.
-	ahead := chunk.DefaultRestoreAhead
+	ahead := 0 // the store's bound (chunk.Options.RestoreAheadBytes)
 	stored := len(plan) - nr
 	if len(req.Tokens) > 0 {
 		maxRow := 0
