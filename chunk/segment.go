@@ -238,30 +238,40 @@ type alignedScratch struct {
 	logf    func(string, ...any)
 }
 
-// sizeClass rounds n up to a multiple of a quarter of the power of two
-// below it (at least a block).
+// sizeClass rounds n up to a power of two (at least a block): contexts
+// grow turn by turn, and a class that doubles keeps serving a context
+// through many turns, where finer classes made nearly every restore of a
+// grown context map new buffers.
 func sizeClass(n int) int {
 	n = roundUp(n)
 	p := BlockBytes
-	for p*2 <= n {
+	for p < n {
 		p *= 2
 	}
-	step := max(p/4, BlockBytes)
-	return (n + step - 1) / step * step
+	return p
 }
 
 func (a *alignedScratch) get(n int) (*iouring.AlignedBuffer, error) {
 	n = roundUp(n)
 	a.mu.Lock()
 	if a.bounded {
+		need := n
 		n = sizeClass(n)
+		// The smallest idle buffer that holds the request, up to twice
+		// its class: mapping (and faulting in) a new buffer can cost more
+		// than the read it serves.
+		best := -1
 		for i, b := range a.idle {
-			if len(b.Bytes()) == n {
-				a.idle = append(a.idle[:i], a.idle[i+1:]...)
-				a.idleB -= int64(n)
-				a.mu.Unlock()
-				return b, nil
+			if l := len(b.Bytes()); l >= need && l <= 2*n && (best < 0 || l < len(a.idle[best].Bytes())) {
+				best = i
 			}
+		}
+		if best >= 0 {
+			b := a.idle[best]
+			a.idle = append(a.idle[:best], a.idle[best+1:]...)
+			a.idleB -= int64(len(b.Bytes()))
+			a.mu.Unlock()
+			return b, nil
 		}
 	} else if l := a.free[n]; len(l) > 0 {
 		b := l[len(l)-1]

@@ -261,3 +261,73 @@ func TestFullFileSystemRecoversInPlace(t *testing.T) {
 		t.Fatalf("write after the second recovery: %v", err)
 	}
 }
+
+// TestGrowingContextReusesBuffers: a context that grows turn by turn is
+// restored from the buffers of its earlier restores (classes are powers of
+// two, and an idle buffer up to twice the class serves), so later turns map
+// nothing new until it outgrows them; a small context does not take a
+// buffer more than twice its class.
+func TestGrowingContextReusesBuffers(t *testing.T) {
+	ident := bigIdentity()
+	var maps atomic.Int64
+	var largest atomic.Int64
+	e := newEnv(t, "disk", func(o *Options) {
+		o.RestoreAheadBytes = -1 // two buffers per restore
+		o.ReadBuffers = BufferHooks{
+			Register: func(mem []byte) error {
+				maps.Add(1)
+				if int64(len(mem)) > largest.Load() {
+					largest.Store(int64(len(mem)))
+				}
+				return nil
+			},
+			Unregister: func([]byte) {},
+		}
+	})
+	s := e.open()
+	defer s.Close()
+	w, err := s.Create("ns", "grow", ident, CreateOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	appendPrefill(t, w, ident, "grow", 0, 300)
+	if err := w.Close(); err != nil {
+		t.Fatal(err)
+	}
+	verify(t, s, "ns", "grow", ident, 300)
+	first := maps.Load()
+	if first == 0 {
+		t.Fatal("the first restore mapped no buffer")
+	}
+	big := largest.Load()
+	tokens := 300
+	for _, add := range []int{20, 30, 40} { // 390 tokens: the layers stay within 300 tokens' power-of-two classes
+		w, err := s.Append("ns", "grow", ident)
+		if err != nil {
+			t.Fatal(err)
+		}
+		appendPrefill(t, w, ident, "grow", tokens, tokens+add)
+		if err := w.Close(); err != nil {
+			t.Fatal(err)
+		}
+		tokens += add
+		verify(t, s, "ns", "grow", ident, tokens)
+		if n := maps.Load(); n != first {
+			t.Fatalf("restoring %d tokens mapped %d new buffers; the idle ones of %d bytes hold it", tokens, n-first, big)
+		}
+	}
+	// A much smaller context maps its own buffers rather than taking ones
+	// more than twice its class.
+	w, err = s.Create("ns", "small", ident, CreateOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	appendPrefill(t, w, ident, "small", 0, 10)
+	if err := w.Close(); err != nil {
+		t.Fatal(err)
+	}
+	verify(t, s, "ns", "small", ident, 10)
+	if maps.Load() == first {
+		t.Fatalf("a 10-token context was restored into buffers of %d bytes", big)
+	}
+}
