@@ -457,6 +457,11 @@ func (s *Store) RestoreOwned(ns, id string, ident *Identity, ahead int, fn func(
 			next++
 		}
 		startMore := func() {
+			select {
+			case <-stop:
+				return
+			default:
+			}
 			for next < len(c.stored) && len(started) < depth && last.err == nil && tryTake() {
 				start()
 			}
@@ -492,6 +497,8 @@ func (s *Store) RestoreOwned(ns, id string, ident *Identity, ahead int, fn func(
 					break wait
 				case <-freed:
 					startMore()
+				case <-stop:
+					return // cur is still in started: drained
 				}
 			}
 			depth = ahead
@@ -520,11 +527,11 @@ func (s *Store) RestoreOwned(ns, id string, ident *Identity, ahead int, fn func(
 		if err != nil { // finish freed the buffer
 			<-held
 			outstanding.Done()
+			if errorsIsCorrupt(err) { // damaged whatever stopped the restore first
+				s.markDamaged(c)
+			}
 			if firstErr == nil {
 				firstErr = err
-				if errorsIsCorrupt(err) {
-					s.markDamaged(c)
-				}
 				close(stop)
 			}
 			continue

@@ -65,7 +65,7 @@ const (
 	// DefaultIdleReadBufferBytes bounds idle restore buffers.
 	DefaultIdleReadBufferBytes = 256 << 20
 	// DefaultRestoreAheadBytes bounds the layers one restore reads ahead.
-	DefaultRestoreAheadBytes = 16 << 20
+	DefaultRestoreAheadBytes = 32 << 20
 )
 
 // Options configure a Store. Zero values take the defaults above.

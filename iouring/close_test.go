@@ -139,3 +139,29 @@ func TestRingWaitsInNetpoller(t *testing.T) {
 		t.Fatalf("read %q, %v; want \"abc\"", q.Buf[:q.N], q.Err)
 	}
 }
+
+// TestSubmitAfterCloseTouchesNoFile: a Submit after Close wakes nothing:
+// the ring's eventfd is closed and its number may already belong to another
+// file, which a stray wake-up write would corrupt.
+func TestSubmitAfterCloseTouchesNoFile(t *testing.T) {
+	r, err := NewRing(8)
+	if err != nil {
+		t.Fatalf("io_uring: %v", err)
+	}
+	if err := r.Close(); err != nil {
+		t.Fatal(err)
+	}
+	var p [2]int // takes the lowest free numbers: the eventfd's among them
+	if err := unix.Pipe2(p[:], unix.O_NONBLOCK); err != nil {
+		t.Fatal(err)
+	}
+	defer unix.Close(p[0])
+	defer unix.Close(p[1])
+	if err := r.Submit([]*Request{{Op: OpNop}}, func(*Request) {}); !errors.Is(err, ErrClosed) {
+		t.Fatalf("Submit after Close: %v, want ErrClosed", err)
+	}
+	buf := make([]byte, 64)
+	if n, _ := unix.Read(p[0], buf); n > 0 {
+		t.Fatalf("Submit after Close wrote %d bytes into an unrelated descriptor", n)
+	}
+}

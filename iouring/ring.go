@@ -8,6 +8,7 @@ import (
 	"sync"
 	"sync/atomic"
 	"syscall"
+	"time"
 	"unsafe"
 
 	"golang.org/x/sys/unix"
@@ -143,11 +144,13 @@ type Ring struct {
 	slots     []*Request // ring goroutine only
 	pendMu    sync.Mutex
 	pend      []*Request
-	sleeping  atomic.Bool // the ring goroutine waits for the eventfd
-	efd       int         // eventfd that wakes it: completions and submitters
-	efdFile   *os.File    // efd in the netpoller
-	inflight  int         // ring goroutine only
-	unsent    uint32      // SQEs placed, not yet entered; ring goroutine only
+	sleeping  atomic.Bool  // the ring goroutine waits for the eventfd
+	efd       int          // eventfd that wakes it: completions and submitters
+	efdFile   *os.File     // efd in the netpoller
+	efdMu     sync.RWMutex // wake holds it shared; Close closes efd under it
+	efdGone   bool
+	inflight  int    // ring goroutine only
+	unsent    uint32 // SQEs placed, not yet entered; ring goroutine only
 
 	regMu   sync.RWMutex
 	regions []region
@@ -224,8 +227,15 @@ func NewRing(entries int) (*Ring, error) {
 		return nil, fmt.Errorf("iouring: IORING_REGISTER_EVENTFD: %w", err)
 	}
 	r.efd = efd
-	// A non-blocking descriptor: os.NewFile puts it in the netpoller.
+	// A non-blocking descriptor: os.NewFile puts it in the netpoller (a
+	// file outside it has no deadlines; its reads would fail with EAGAIN).
 	r.efdFile = os.NewFile(uintptr(efd), "iouring-eventfd")
+	if err := r.efdFile.SetReadDeadline(time.Time{}); err != nil {
+		r.efdFile.Close()
+		r.unmap()
+		unix.Close(fd)
+		return nil, fmt.Errorf("iouring: the ring's eventfd is not in the Go netpoller: %w", err)
+	}
 	// In-flight requests stay below the SQ size (one entry spare); the CQ
 	// (2x by default) can therefore never overflow.
 	n := min(p.sqEntries, p.cqEntries) - 1
@@ -463,6 +473,11 @@ func (r *Ring) Submit(reqs []*Request, done func(*Request)) error {
 // wake rouses the ring goroutine if it sleeps on the eventfd.
 func (r *Ring) wake() {
 	if r.sleeping.Load() && r.sleeping.CompareAndSwap(true, false) {
+		r.efdMu.RLock()
+		defer r.efdMu.RUnlock()
+		if r.efdGone {
+			return
+		}
 		var one [8]byte
 		one[0] = 1
 		for {
@@ -657,7 +672,10 @@ func (r *Ring) Close() error {
 	r.wake()
 	<-r.loopDone
 	r.unmap()
+	r.efdMu.Lock()
+	r.efdGone = true
 	r.efdFile.Close()
+	r.efdMu.Unlock()
 	return unix.Close(r.fd)
 }
 
