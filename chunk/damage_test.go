@@ -72,14 +72,7 @@ func fillStore(t *testing.T, s *Store, n int) map[string]int {
 	for i := 0; i < n; i++ {
 		id := "ctx" + string(rune('a'+i))
 		tokens := 5 + i*13 // ChunkTokens is 16: full and partial groups
-		w, err := s.Create("ns", id, ident, CreateOptions{})
-		if err != nil {
-			t.Fatal(err)
-		}
-		appendPrefill(t, w, ident, id, 0, tokens)
-		if err := w.Close(); err != nil {
-			t.Fatal(err)
-		}
+		createFilled(t, s, ident, id, tokens)
 		want[id] = tokens
 	}
 	// A context extended in a second turn: its partial tail group is

@@ -30,14 +30,7 @@ func TestRestoreOwned(t *testing.T) {
 		{LayerKV, 256}, {LayerHidden, 128}, {LayerNone, 0}, {LayerHidden, 128}, {LayerKV, 256},
 	}}
 	const tokens = 70
-	w, err := s.Create("ns", "c", ident, CreateOptions{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	appendPrefill(t, w, ident, "c", 0, tokens)
-	if err := w.Close(); err != nil {
-		t.Fatal(err)
-	}
+	createFilled(t, s, ident, "c", tokens)
 	for _, ahead := range []int{2, 3, 5} {
 		t.Run(fmt.Sprintf("ahead=%d", ahead), func(t *testing.T) {
 			type held struct {
@@ -198,14 +191,7 @@ func TestRestoreOwnedReadsDeep(t *testing.T) {
 		{LayerHidden, 128}, {LayerKV, 256}, {LayerHidden, 128}, {LayerHidden, 128},
 		{LayerKV, 256}, {LayerHidden, 128}, {LayerHidden, 128}, {LayerKV, 256},
 	}}
-	w, err := s.Create("ns", "c", ident, CreateOptions{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	appendPrefill(t, w, ident, "c", 0, 70)
-	if err := w.Close(); err != nil {
-		t.Fatal(err)
-	}
+	createFilled(t, s, ident, "c", 70)
 	// Requests per layer: every layer has the same groups.
 	before := s.EngineStats().Submitted
 	if _, err := s.Restore("ns", "c", ident, func(int, []byte) error { return nil }); err != nil {
@@ -282,6 +268,37 @@ func (g *gatedEngine) Submit(reqs []*iouring.Request, done func(*iouring.Request
 	})
 }
 
+// newGated opens a store on a gated engine over a real one; both close at
+// the end of the test.
+func newGated(t *testing.T) (*gatedEngine, *Store) {
+	t.Helper()
+	real, err := iouring.New(iouring.Config{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	g := &gatedEngine{Engine: real, added: make(chan struct{}, 1)}
+	s := newEnv(t, "disk", func(o *Options) { o.Engine = g }).open()
+	t.Cleanup(func() {
+		s.Close()
+		real.Close()
+	})
+	return g, s
+}
+
+// setGating turns gating of later read batches on or off; off also opens
+// every gate, so whatever waits completes.
+func (g *gatedEngine) setGating(on bool) {
+	g.mu.Lock()
+	g.gating = on
+	n := len(g.batches)
+	g.mu.Unlock()
+	if !on {
+		for i := 0; i < n; i++ {
+			g.openGate(i)
+		}
+	}
+}
+
 // openGate lets batch i complete.
 func (g *gatedEngine) openGate(i int) {
 	g.mu.Lock()
@@ -324,29 +341,10 @@ func (g *gatedEngine) waitBatches(t *testing.T, n int, restored <-chan error) bo
 // flight; they used to start only after the second layer had been read and
 // verified, which left the disk idle during every checksum.
 func TestRestoreStartsReadsWhileWaiting(t *testing.T) {
-	real, err := iouring.New(iouring.Config{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	g := &gatedEngine{Engine: real, added: make(chan struct{}, 1)}
-	e := newEnv(t, "disk", func(o *Options) { o.Engine = g })
-	s := e.open()
-	defer func() {
-		s.Close()
-		real.Close()
-	}()
+	g, s := newGated(t)
 	ident := testIdentity("gated")
-	w, err := s.Create("ns", "c", ident, CreateOptions{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	appendPrefill(t, w, ident, "c", 0, 40)
-	if err := w.Close(); err != nil {
-		t.Fatal(err)
-	}
-	g.mu.Lock()
-	g.gating = true
-	g.mu.Unlock()
+	createFilled(t, s, ident, "c", 40)
+	g.setGating(true)
 	restored := make(chan error, 1)
 	var layers []int
 	go func() {
@@ -364,14 +362,7 @@ func TestRestoreStartsReadsWhileWaiting(t *testing.T) {
 		g.openGate(0)
 		g.waitBatches(t, 3, restored)
 	}
-	// Let the restore finish: no more gating, every gate open.
-	g.mu.Lock()
-	g.gating = false
-	n := len(g.batches)
-	g.mu.Unlock()
-	for i := 0; i < n; i++ {
-		g.openGate(i)
-	}
+	g.setGating(false) // let the restore finish
 	if err := <-restored; err != nil {
 		t.Fatal(err)
 	}
@@ -403,14 +394,7 @@ func TestRestoreAheadBytes(t *testing.T) {
 			e := newEnv(t, "disk", func(o *Options) { o.RestoreAheadBytes = c.budget })
 			s := e.open()
 			defer s.Close()
-			w, err := s.Create("ns", "c", ident, CreateOptions{})
-			if err != nil {
-				t.Fatal(err)
-			}
-			appendPrefill(t, w, ident, "c", 0, tokens)
-			if err := w.Close(); err != nil {
-				t.Fatal(err)
-			}
+			createFilled(t, s, ident, "c", tokens)
 			before := s.EngineStats().Submitted
 			var atFirst uint64
 			if _, err := s.Restore("ns", "c", ident, func(l int, _ []byte) error {
@@ -434,31 +418,12 @@ func TestRestoreAheadBytes(t *testing.T) {
 // consumer waits for that layer, so it gets the whole disk); then the
 // layers the buffers allow go out together.
 func TestRestoreReadsFirstLayerAlone(t *testing.T) {
-	real, err := iouring.New(iouring.Config{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	g := &gatedEngine{Engine: real, added: make(chan struct{}, 1)}
-	e := newEnv(t, "disk", func(o *Options) { o.Engine = g })
-	s := e.open()
-	defer func() {
-		s.Close()
-		real.Close()
-	}()
+	g, s := newGated(t)
 	ident := &Identity{Model: []byte("alone"), Plan: []LayerPlan{
 		{LayerHidden, 128}, {LayerKV, 256}, {LayerHidden, 128}, {LayerHidden, 128}, {LayerKV, 256},
 	}}
-	w, err := s.Create("ns", "c", ident, CreateOptions{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	appendPrefill(t, w, ident, "c", 0, 40)
-	if err := w.Close(); err != nil {
-		t.Fatal(err)
-	}
-	g.mu.Lock()
-	g.gating = true
-	g.mu.Unlock()
+	createFilled(t, s, ident, "c", 40)
+	g.setGating(true)
 	restored := make(chan error, 1)
 	go func() {
 		_, err := s.RestoreOwned("ns", "c", ident, 4, func(layer int, rows []byte, release func()) error {
@@ -481,13 +446,7 @@ func TestRestoreReadsFirstLayerAlone(t *testing.T) {
 		g.openGate(0)
 		g.waitBatches(t, 4, restored) // layers 0-3: four buffers
 	}
-	g.mu.Lock()
-	g.gating = false
-	n := len(g.batches)
-	g.mu.Unlock()
-	for i := 0; i < n; i++ {
-		g.openGate(i)
-	}
+	g.setGating(false)
 	if err := <-restored; err != nil {
 		t.Fatal(err)
 	}
@@ -505,14 +464,7 @@ func TestRestoreStopsReadingOnError(t *testing.T) {
 		plan[i] = LayerPlan{LayerHidden, 128}
 	}
 	ident := &Identity{Model: []byte("stop"), Plan: plan}
-	w, err := s.Create("ns", "c", ident, CreateOptions{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	appendPrefill(t, w, ident, "c", 0, 40)
-	if err := w.Close(); err != nil {
-		t.Fatal(err)
-	}
+	createFilled(t, s, ident, "c", 40)
 	before := s.EngineStats().Submitted
 	if _, err := s.Restore("ns", "c", ident, func(int, []byte) error { return nil }); err != nil {
 		t.Fatal(err)
@@ -535,5 +487,19 @@ func TestRestoreStopsReadingOnError(t *testing.T) {
 		if worst > uint64(ahead+1) {
 			t.Errorf("ahead %d: up to %d layers read after the consumer failed on the first, want at most %d", ahead, worst, ahead+1)
 		}
+	}
+}
+
+// createFilled creates context id in namespace "ns" holding tokens tokens of
+// its rows for every stored layer, durable on return.
+func createFilled(t *testing.T, s *Store, ident *Identity, id string, tokens int) {
+	t.Helper()
+	w, err := s.Create("ns", id, ident, CreateOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	appendPrefill(t, w, ident, id, 0, tokens)
+	if err := w.Close(); err != nil {
+		t.Fatal(err)
 	}
 }

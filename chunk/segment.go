@@ -238,17 +238,19 @@ type alignedScratch struct {
 	logf    func(string, ...any)
 }
 
-// sizeClass rounds n up to a power of two (at least a block): contexts
-// grow turn by turn, and a class that doubles keeps serving a context
-// through many turns, where finer classes made nearly every restore of a
-// grown context map new buffers.
+// sizeClass rounds n up to a power of two plus one block (at least two
+// blocks): contexts grow turn by turn, and a class that doubles keeps
+// serving a context through many turns, where finer classes made nearly
+// every restore of a grown context map new buffers. The extra block is the
+// slack a layer's buffer carries beyond its rows (the last slice's read is
+// rounded up to a block), so the usual power-of-two layer does not double.
 func sizeClass(n int) int {
 	n = roundUp(n)
 	p := BlockBytes
-	for p < n {
+	for p+BlockBytes < n {
 		p *= 2
 	}
-	return p
+	return p + BlockBytes
 }
 
 func (a *alignedScratch) get(n int) (*iouring.AlignedBuffer, error) {

@@ -286,14 +286,7 @@ func TestGrowingContextReusesBuffers(t *testing.T) {
 	})
 	s := e.open()
 	defer s.Close()
-	w, err := s.Create("ns", "grow", ident, CreateOptions{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	appendPrefill(t, w, ident, "grow", 0, 300)
-	if err := w.Close(); err != nil {
-		t.Fatal(err)
-	}
+	createFilled(t, s, ident, "grow", 300)
 	verify(t, s, "ns", "grow", ident, 300)
 	first := maps.Load()
 	if first == 0 {
@@ -318,16 +311,26 @@ func TestGrowingContextReusesBuffers(t *testing.T) {
 	}
 	// A much smaller context maps its own buffers rather than taking ones
 	// more than twice its class.
-	w, err = s.Create("ns", "small", ident, CreateOptions{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	appendPrefill(t, w, ident, "small", 0, 10)
-	if err := w.Close(); err != nil {
-		t.Fatal(err)
-	}
+	createFilled(t, s, ident, "small", 10)
 	verify(t, s, "ns", "small", ident, 10)
 	if maps.Load() == first {
 		t.Fatalf("a 10-token context was restored into buffers of %d bytes", big)
+	}
+}
+
+func TestSizeClass(t *testing.T) {
+	for _, c := range []struct{ n, want int }{
+		{1, 2 * BlockBytes},
+		{BlockBytes, 2 * BlockBytes},
+		{2 * BlockBytes, 2 * BlockBytes},
+		{2*BlockBytes + 1, 3 * BlockBytes},
+		{3 * BlockBytes, 3 * BlockBytes},
+		{3*BlockBytes + 1, 5 * BlockBytes},
+		{128<<20 + BlockBytes, 128<<20 + BlockBytes}, // a power-of-two layer and its slack block
+		{128<<20 + BlockBytes + 1, 256<<20 + BlockBytes},
+	} {
+		if got := sizeClass(c.n); got != c.want {
+			t.Errorf("sizeClass(%d) = %d, want %d", c.n, got, c.want)
+		}
 	}
 }
