@@ -59,6 +59,8 @@ func run(args []string) int {
 	cacheBytes := fs.String("cache", strconv.FormatInt(chunk.DefaultCacheBytes, 10), "DRAM tier of recently used slices (0: off)")
 	staging := fs.String("staging", strconv.FormatInt(chunk.DefaultStagingBytes, 10), "DRAM staging bound of unwritten rows")
 	chunkTokens := fs.Int("chunk-tokens", 0, "tokens per chunk group of a new store (default 64)")
+	restoreAhead := fs.String("restore-ahead", strconv.FormatInt(chunk.DefaultRestoreAheadBytes, 10), "layer bytes one restore keeps read or in flight (at least two layers; 0: two layers)")
+	idleReadBufs := fs.String("idle-read-buffers", strconv.FormatInt(chunk.DefaultIdleReadBufferBytes, 10), "restore buffers kept mapped for reuse while idle (0: none)")
 	logLevel := fs.String("log-level", "info", "debug, info, warn or error")
 	if err := fs.Parse(args); err != nil {
 		return 2
@@ -139,6 +141,7 @@ func run(args []string) int {
 	var srv atomic.Pointer[daemon.Server]
 	st, err := chunk.Open(chunk.Options{Dir: *dir, ChunkTokens: *chunkTokens, CapacityBytes: size("capacity", *capacity),
 		CacheBytes: size("cache", *cacheBytes), StagingBytes: size("staging", *staging),
+		RestoreAheadBytes: orNone(size("restore-ahead", *restoreAhead)), IdleReadBufferBytes: orNone(size("idle-read-buffers", *idleReadBufs)),
 		GCInterval: -1, // the daemon runs GC itself, so that fsck can exclude it
 		Logf:       func(f string, a ...any) { log.Info(fmt.Sprintf(f, a...), "component", "chunk") },
 		OnEvict: func(ns, id string) {
@@ -186,3 +189,11 @@ func run(args []string) int {
 }
 
 func parseSize(v string) (int64, error) { return units.ParseSize(v) }
+
+// orNone maps a flag's 0 ("none") to the store's -1 (0 there is the default).
+func orNone(n int64) int64 {
+	if n == 0 {
+		return -1
+	}
+	return n
+}
