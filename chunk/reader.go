@@ -585,8 +585,6 @@ type layerRead struct {
 	err   error
 }
 
-var errStopped = errors.New("chunk: restore stopped")
-
 // startLayer issues the reads of one layer of every group into one buffer.
 func (s *Store) startLayer(sn *snapshot, si int) *layerRead {
 	layer := sn.c.stored[si]

@@ -220,7 +220,8 @@ func NewRing(entries int) (*Ring, error) {
 		unix.Close(fd)
 		return nil, fmt.Errorf("iouring: eventfd: %w", err)
 	}
-	if err := register(fd, registerEventfd, unsafe.Pointer(&efd), 1); err != nil {
+	efd32 := int32(efd) // the kernel reads an __s32
+	if err := register(fd, registerEventfd, unsafe.Pointer(&efd32), 1); err != nil {
 		unix.Close(efd)
 		r.unmap()
 		unix.Close(fd)
