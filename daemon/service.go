@@ -18,9 +18,6 @@ import (
 	hcachev1 "github.com/hcache/hcache/proto/hcache/v1"
 )
 
-// restoreAhead is how many restored layers may be out at once: one being
-// sent, the others read or being read.
-const restoreAhead = 3
 
 // openWriter is a context's writer, owned by the connection that opened it.
 type openWriter struct {
@@ -479,8 +476,9 @@ func (s *Server) Restore(req *hcachev1.RestoreRequest, stream grpc.ServerStreami
 	}
 	placed := 0
 	// send hands one layer to the client; it runs on its own goroutine so
-	// that the store keeps reading the next layers (RestoreOwned keeps
-	// restoreAhead buffers out) while this one is copied and sent.
+	// that the store keeps reading the next layers while this one is copied
+	// and sent. The store decides how many layers are out at once (its
+	// --restore-ahead bytes of this context's layers, at least two).
 	send := func(layer int, rows []byte) error {
 		if err := ctx.Err(); err != nil {
 			return err
@@ -525,7 +523,7 @@ func (s *Server) Restore(req *hcachev1.RestoreRequest, stream grpc.ServerStreami
 		rows    []byte
 		release func()
 	}
-	queue := make(chan owned, restoreAhead)
+	queue := make(chan owned, len(ident.Plan)+1) // more than the store ever has out
 	var sendErr atomic.Pointer[error]
 	sent := make(chan struct{})
 	go func() {
@@ -557,7 +555,7 @@ func (s *Server) Restore(req *hcachev1.RestoreRequest, stream grpc.ServerStreami
 	go func() {
 		defer s.restoring.Done()
 		defer releaseRegion()
-		tokens, err := s.store.RestoreOwned(ns, id, ident, restoreAhead, func(layer int, rows []byte, release func()) error {
+		tokens, err := s.store.RestoreOwned(ns, id, ident, 0, func(layer int, rows []byte, release func()) error {
 			now := time.Now()
 			if first {
 				s.metrics.restoreStage.WithLabelValues("first_layer").Observe(now.Sub(start).Seconds())
@@ -570,7 +568,7 @@ func (s *Server) Restore(req *hcachev1.RestoreRequest, stream grpc.ServerStreami
 				release()
 				return *e
 			}
-			queue <- owned{layer, rows, release} // never full: at most restoreAhead buffers are out
+			queue <- owned{layer, rows, release} // never full: at most one buffer per layer is out
 			return nil
 		})
 		close(queue)
