@@ -18,7 +18,6 @@ import (
 	hcachev1 "github.com/hcache/hcache/proto/hcache/v1"
 )
 
-
 // openWriter is a context's writer, owned by the connection that opened it.
 type openWriter struct {
 	mu       sync.Mutex
