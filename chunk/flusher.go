@@ -767,20 +767,7 @@ func (s *Store) deleteNow(c *ctxState) ([]uint32, error) {
 // the tombstone of a delete not yet acknowledged. Explicit deletes only;
 // evicted contexts (a cache's choice) may come back with a repair.
 func (s *Store) writeTombstone(c *ctxState, segs []uint32) error {
-	h := RecordHeader{Version: formatVersion, Flags: RecordTombstone, ChunkTokens: uint16(s.ct), Gen: c.rec.Gen, Namespace: c.ns, ContextID: c.id}
-	hb := headerBytesFor(0, h.descBytes())
-	seg, off, err := s.reserve(uint64(hb), true)
-	if err != nil {
-		return err
-	}
-	h.HeaderBytes, h.RecordBytes, h.Segment = uint32(hb), uint64(hb), seg.id
-	buf, err := s.scratch.get(hb)
-	if err != nil {
-		return err
-	}
-	h.Encode(buf.Bytes()[:hb])
-	err = seg.write([][]byte{buf.Bytes()[:hb]}, int64(off))
-	s.scratch.put(buf)
+	seg, off, err := s.appendTombstoneRecord(c.rec.Gen, c.ns, c.id)
 	if err == nil {
 		err = seg.datasync()
 	}
@@ -794,6 +781,26 @@ func (s *Store) writeTombstone(c *ctxState, segs []uint32) error {
 	b.Set(lsm.SegmentKey(seg.id), s.segRecs[seg.id].Encode())
 	s.mu.Unlock()
 	return b.Commit(true)
+}
+
+// appendTombstoneRecord writes a tombstone record of generation gen of
+// ns/id to the log (not synced) and returns where it went.
+func (s *Store) appendTombstoneRecord(gen uint64, ns, id string) (*segFile, uint64, error) {
+	h := RecordHeader{Version: formatVersion, Flags: RecordTombstone, ChunkTokens: uint16(s.ct), Gen: gen, Namespace: ns, ContextID: id}
+	hb := headerBytesFor(0, h.descBytes())
+	seg, off, err := s.reserve(uint64(hb), true)
+	if err != nil {
+		return nil, 0, err
+	}
+	h.HeaderBytes, h.RecordBytes, h.Segment = uint32(hb), uint64(hb), seg.id
+	buf, err := s.scratch.get(hb)
+	if err != nil {
+		return nil, 0, err
+	}
+	h.Encode(buf.Bytes()[:hb])
+	err = seg.write([][]byte{buf.Bytes()[:hb]}, int64(off))
+	s.scratch.put(buf)
+	return seg, off, err
 }
 
 // Delete removes a context durably. An open writer of it fails its next

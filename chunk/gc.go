@@ -293,20 +293,7 @@ func (s *Store) carryTombstones(id uint32, b *lsm.Batch, touched map[*segFile]bo
 		if !keep {
 			continue
 		}
-		h := RecordHeader{Version: formatVersion, Flags: RecordTombstone, ChunkTokens: uint16(s.ct), Gen: tb.t.Gen, Namespace: tb.t.Namespace, ContextID: tb.t.ID}
-		hb := headerBytesFor(0, h.descBytes())
-		seg, off, err := s.reserve(uint64(hb), true)
-		if err != nil {
-			return err
-		}
-		h.HeaderBytes, h.RecordBytes, h.Segment = uint32(hb), uint64(hb), seg.id
-		buf, err := s.scratch.get(hb)
-		if err != nil {
-			return err
-		}
-		h.Encode(buf.Bytes()[:hb])
-		err = seg.write([][]byte{buf.Bytes()[:hb]}, int64(off))
-		s.scratch.put(buf)
+		seg, off, err := s.appendTombstoneRecord(tb.t.Gen, tb.t.Namespace, tb.t.ID)
 		if err != nil {
 			return err
 		}
