@@ -123,7 +123,6 @@ type readReq struct {
 
 // readBatch is a set of reads in flight.
 type readBatch struct {
-	wg      sync.WaitGroup
 	left    atomic.Int64
 	done    chan struct{} // closed when every read has completed (or none was sent)
 	once    sync.Once
@@ -150,16 +149,13 @@ func startReads(eng iouring.Engine, reqs []readReq) *readBatch {
 		}
 	}
 	if len(rb.direct) > 0 {
-		rb.wg.Add(len(rb.direct))
 		rb.left.Store(int64(len(rb.direct)))
 		if err := eng.Submit(rb.direct, func(*iouring.Request) {
 			if rb.left.Add(-1) == 0 {
 				rb.once.Do(func() { close(rb.done) })
 			}
-			rb.wg.Done()
 		}); err != nil {
 			rb.submitE = err
-			rb.wg.Add(-len(rb.direct))
 			rb.once.Do(func() { close(rb.done) })
 		}
 	} else {
@@ -170,7 +166,7 @@ func startReads(eng iouring.Engine, reqs []readReq) *readBatch {
 
 // wait waits for the reads and returns the first error.
 func (rb *readBatch) wait() error {
-	rb.wg.Wait()
+	<-rb.done
 	if rb.syncErr != nil {
 		return rb.syncErr
 	}
