@@ -451,19 +451,28 @@ func (s *Store) RestoreOwned(ns, id string, ident *Identity, ahead int, fn func(
 		if ahead <= 2 {
 			depth = ahead
 		}
-		start := func() {
+		// start starts the next layer in a buffer slot just taken, unless
+		// the restore has stopped: then it gives the slot back. Every slot
+		// freed after the stop is freed after stop was closed, so once
+		// stopped no layer starts.
+		start := func() bool {
+			select {
+			case <-stop:
+				<-held
+				outstanding.Done()
+				return false
+			default:
+			}
 			last = s.startLayer(sn, next)
 			started = append(started, last)
 			next++
+			return true
 		}
 		startMore := func() {
-			select {
-			case <-stop:
-				return
-			default:
-			}
 			for next < len(c.stored) && len(started) < depth && last.err == nil && tryTake() {
-				start()
+				if !start() {
+					return
+				}
 			}
 		}
 		defer func() {
@@ -483,10 +492,9 @@ func (s *Store) RestoreOwned(ns, id string, ident *Identity, ahead int, fn func(
 				// consumer can give one back: wait for it. (Never wait
 				// with a layer still to hand over: a consumer may keep
 				// its previous buffer until it receives the next one.)
-				if !take(stop) {
+				if !take(stop) || !start() {
 					return
 				}
-				start()
 			}
 			startMore()
 			cur := started[0]
