@@ -285,3 +285,26 @@ func TestIndexReadErrorIsNotCorruption(t *testing.T) {
 		})
 	}
 }
+
+// TestDeleteDuringRestoreScan: a context deleted after a restore looked it
+// up but before it scanned its chunk keys is gone (ErrNotFound), not
+// corrupt, and nothing is marked damaged. (Eviction racing restores hit
+// this as "index holds 0 tokens".)
+func TestDeleteDuringRestoreScan(t *testing.T) {
+	e := newEnv(t, "disk", nil)
+	s := e.open()
+	defer s.Close()
+	ident := testIdentity("m")
+	createFilled(t, s, ident, "c", 20)
+	s.snapFault = func() error {
+		s.snapFault = nil
+		return s.Delete("ns", "c")
+	}
+	_, err := s.Restore("ns", "c", ident, func(int, []byte) error { return nil })
+	if !errors.Is(err, ErrNotFound) {
+		t.Fatalf("restore of a context deleted before its scan: %v, want ErrNotFound", err)
+	}
+	if d := s.Stats().Damaged; d != 0 {
+		t.Fatalf("%d contexts marked damaged", d)
+	}
+}

@@ -40,6 +40,15 @@ func (s *Store) snap(c *ctxState) (*snapshot, error) {
 		s.mu.Unlock()
 		sn, err := s.scanChunks(c, want)
 		if err != nil {
+			// A context deleted or evicted during the scan lost its
+			// chunk keys to that: it is gone, not corrupt (deleted is set
+			// before the keys go).
+			s.mu.Lock()
+			gone := c.deleted
+			s.mu.Unlock()
+			if gone {
+				return nil, fmt.Errorf("%w: %s/%s", ErrNotFound, c.ns, c.id)
+			}
 			return nil, err
 		}
 		s.mu.Lock()
