@@ -47,6 +47,12 @@ type Options struct {
 	Slots int
 	// Threads per block of the scatter kernels (default 256).
 	Threads int
+	// RecomputeMemory is the most device memory, in bytes, that
+	// LoadRecompute may put on the device for the recomputed prefix (the
+	// embeddings and the first layers' attention, MLP and norm weights;
+	// the K/V weights are the backend's own). Default: half the device's
+	// memory.
+	RecomputeMemory int64
 }
 
 // Defaults.
@@ -108,6 +114,11 @@ type Backend struct {
 	closed  bool
 	caches  map[*Cache]bool // live caches, freed by Close
 	memory  int64           // the device's total memory
+
+	fwdFns [numFwdKernels]uintptr // the forward-pass kernels
+	fwd    *fwdWeights            // LoadRecompute's weights (under busy)
+	fwdScr fwdScratch             // the recompute buffers (under busy)
+	toks   devBuf                 // device int32 token ids of a recompute
 }
 
 type devBuf struct {
@@ -192,6 +203,15 @@ func (b *Backend) init(w *model.Weights) error {
 	}{{"hc_project_scatter", &b.fProj}, {"hc_kv_scatter", &b.fKV}} {
 		cname := append([]byte(k.name), 0)
 		err := d.check("cuModuleGetFunction "+k.name, d.call("cuModuleGetFunction", ptr(k.dst), b.mod, bptr(cname)))
+		runtime.KeepAlive(cname)
+		if err != nil {
+			return err
+		}
+	}
+	for k := range b.fwdFns {
+		name := "hc_" + fwdKernelNames[k]
+		cname := append([]byte(name), 0)
+		err := d.check("cuModuleGetFunction "+name, d.call("cuModuleGetFunction", ptr(&b.fwdFns[k]), b.mod, bptr(cname)))
 		runtime.KeepAlive(cname)
 		if err != nil {
 			return err
@@ -396,6 +416,11 @@ func (b *Backend) Close() error {
 		for _, p := range b.biases {
 			b.free(p)
 		}
+		if b.fwd != nil {
+			b.fwd.release(b)
+		}
+		b.fwdScr.release(b)
+		b.free(b.toks.ptr)
 		b.free(b.rope)
 		b.free(b.staging.ptr)
 		b.free(b.gemm.ptr)

@@ -29,6 +29,14 @@ import (
 type hostKernels struct {
 	project, kv uintptr
 	f16, bf16   func(float32) uint16
+
+	// The forward-pass kernels (forward_host_test.go).
+	launch   [numFwdKernels]uintptr // hc_host_launch_<name>
+	layout   map[string]uintptr     // hc_host_layout_<name>
+	silu     func(float32) float32
+	geluTanh func(float32) float32
+	exp      func(float64) float64
+	widen    func(uint16, int32) uint32
 }
 
 var (
@@ -62,7 +70,7 @@ func loadHostKernels(t *testing.T) *hostKernels {
 			return
 		}
 		lib := filepath.Join(dir, "libhckernels.so")
-		out, err := exec.Command(clang, "-x", "c++", "-DHCACHE_HOST", "-O2", "-ffp-contract=off", "-shared", "-fPIC",
+		out, err := exec.Command(clang, "-x", "c++", "-DHCACHE_HOST", "-O2", "-ffp-contract=off", "-fno-math-errno", "-shared", "-fPIC",
 			"-o", lib, "kernels/hcache.cu").CombinedOutput()
 		if err != nil {
 			hostErr = fmt.Errorf("building the host kernels: %v\n%s", err, out)
@@ -84,6 +92,23 @@ func loadHostKernels(t *testing.T) *hostKernels {
 		}
 		purego.RegisterLibFunc(&k.f16, h, "hc_host_f16")
 		purego.RegisterLibFunc(&k.bf16, h, "hc_host_bf16")
+		for i, name := range fwdKernelNames {
+			if k.launch[i], err = purego.Dlsym(h, "hc_host_launch_"+name); err != nil {
+				hostErr = err
+				return
+			}
+		}
+		k.layout = map[string]uintptr{}
+		for _, name := range fwdKernelNames[:kProject] {
+			if k.layout[name], err = purego.Dlsym(h, "hc_host_layout_"+name); err != nil {
+				hostErr = err
+				return
+			}
+		}
+		purego.RegisterLibFunc(&k.silu, h, "hc_host_silu")
+		purego.RegisterLibFunc(&k.geluTanh, h, "hc_host_gelu_tanh")
+		purego.RegisterLibFunc(&k.exp, h, "hc_host_exp")
+		purego.RegisterLibFunc(&k.widen, h, "hc_host_widen")
 		hostLib = k
 	})
 	if hostErr != nil {

@@ -29,6 +29,7 @@ type Restore struct {
 	t0       time.Time
 	layerMap func(int) int
 	ended    bool
+	fromZero bool // positions are 0..n-1 (Recompute needs it)
 }
 
 type relItem struct {
@@ -56,7 +57,9 @@ func (b *Backend) Begin(c *Cache, positions []int) (*Restore, error) {
 		return nil, errors.New("cuda: Begin with no positions")
 	}
 	maxPos := 0
+	fromZero := true
 	for i, p := range positions {
+		fromZero = fromZero && p == i
 		if p < 0 || p/c.BlockTokens >= len(c.hostTable) {
 			return nil, fmt.Errorf("cuda: position %d (token %d) outside the block table (%d blocks of %d tokens)", p, i, len(c.hostTable), c.BlockTokens)
 		}
@@ -66,7 +69,7 @@ func (b *Backend) Begin(c *Cache, positions []int) (*Restore, error) {
 		maxPos = max(maxPos, p)
 	}
 	b.busy.Lock()
-	r := &Restore{b: b, c: c, n: len(positions), maxPos: maxPos, t0: time.Now(), layerMap: func(l int) int { return l }}
+	r := &Restore{b: b, c: c, n: len(positions), maxPos: maxPos, t0: time.Now(), layerMap: func(l int) int { return l }, fromZero: fromZero}
 	err := b.with(func() error {
 		b.mu.Lock()
 		defer b.mu.Unlock()
@@ -312,13 +315,19 @@ func (r *Restore) launchProject(layer, li int) error {
 	if cfg.RotaryInterleaved {
 		a.il = 1
 	}
-	params := []unsafe.Pointer{
+	return r.launch(b.fProj, "hc_project_scatter", a.params(), a)
+}
+
+// params are hc_project_scatter's parameters, one pointer each, in the
+// kernel's order (the host build's hc_host_launch_project_scatter reads
+// them back the same way).
+func (a *projectArgs) params() []unsafe.Pointer {
+	return []unsafe.Pointer{
 		unsafe.Pointer(&a.gemm), unsafe.Pointer(&a.bias), unsafe.Pointer(&a.rope), unsafe.Pointer(&a.pos),
 		unsafe.Pointer(&a.table), unsafe.Pointer(&a.n), unsafe.Pointer(&a.nblocks), unsafe.Pointer(&a.bt),
 		unsafe.Pointer(&a.kvh), unsafe.Pointer(&a.hd), unsafe.Pointer(&a.il), unsafe.Pointer(&a.dtyp),
 		unsafe.Pointer(&a.k), unsafe.Pointer(&a.v),
 	}
-	return r.launch(b.fProj, "hc_project_scatter", params, a)
 }
 
 type kvArgs struct {
