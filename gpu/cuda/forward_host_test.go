@@ -378,9 +378,15 @@ func TestFwdArgLayout(t *testing.T) {
 		r, _, _ := purego.SyscallN(k.layout[name], uintptr(unsafe.Pointer(&out[0])))
 		cnt := int(int32(r))
 		var goLayout []int64
+		var goNames string
 		for i := 0; i < typ.NumField(); i++ {
 			f := typ.Field(i)
 			goLayout = append(goLayout, int64(f.Offset), int64(f.Type.Size()))
+			goNames += strings.ToLower(f.Name) + ","
+		}
+		fp, _, _ := purego.SyscallN(k.fields[name])
+		if cNames := strings.ReplaceAll(cString(fp), "_", ""); cNames != goNames {
+			t.Errorf("%s: C fields %s, Go %s %s (names compared without case or underscores)", name, cNames, typ.Name(), goNames)
 		}
 		goLayout = append(goLayout, int64(typ.Size()))
 		if !reflect.DeepEqual(out[:cnt], goLayout) {
@@ -906,5 +912,51 @@ func TestUploadFwdWeightsRefusals(t *testing.T) {
 	p.cfg = &c48
 	if err := p.run(4, 1, 1, 1, 1, tgt); err == nil || !strings.Contains(err.Error(), "head_dim 48") {
 		t.Fatalf("head_dim 48: %v", err)
+	}
+}
+
+// TestRecomputeRefusals: Restore.Recompute checks its arguments before
+// touching the device: tokens one per position, positions 0..n-1, ids inside
+// the vocabulary, layers loaded; the first error sticks to the restore.
+func TestRecomputeRefusals(t *testing.T) {
+	c := variant(t, "tiny-llama", nil)
+	b := &Backend{cfg: c}
+	if l, by := b.RecomputeLayers(); l != 0 || by != 0 {
+		t.Fatalf("nothing loaded: %d layers, %d bytes", l, by)
+	}
+	if err := b.LoadRecompute(nil, 1); err == nil {
+		t.Fatal("LoadRecompute(nil): accepted")
+	}
+	for _, tc := range []struct {
+		name     string
+		r        *Restore
+		tokens   []int
+		layers   int
+		contains string
+	}{
+		{"token count", &Restore{b: b, n: 4, fromZero: true}, []int{1, 2, 3}, 1, "3 tokens in a restore of 4"},
+		{"positions", &Restore{b: b, n: 3}, []int{1, 2, 3}, 1, "0..n-1"},
+		{"vocabulary", &Restore{b: b, n: 3, fromZero: true}, []int{1, c.Vocab, 3}, 1, "token 256 (at 1) is outside"},
+		{"negative id", &Restore{b: b, n: 2, fromZero: true}, []int{-1, 0}, 1, "token -1 (at 0)"},
+		{"not loaded", &Restore{b: b, n: 2, fromZero: true}, []int{0, 1}, 2, "LoadRecompute put 0"},
+		{"ended", &Restore{b: b, n: 2, fromZero: true, ended: true}, []int{0, 1}, 1, errEnded.Error()},
+	} {
+		err := tc.r.Recompute(tc.tokens, tc.layers)
+		if err == nil || !strings.Contains(err.Error(), tc.contains) {
+			t.Errorf("%s: %v, want an error containing %q", tc.name, err, tc.contains)
+			continue
+		}
+		if !tc.r.ended {
+			if err2 := tc.r.Recompute([]int{0, 1}, 1); err2 != err {
+				t.Errorf("%s: the next call got %v, not the restore's first error", tc.name, err2)
+			}
+		}
+	}
+	b.fwd = &fwdWeights{layers: make([]fwdLayer, 3), bytes: 123}
+	if l, by := b.RecomputeLayers(); l != 3 || by != 123 {
+		t.Fatalf("RecomputeLayers: %d, %d", l, by)
+	}
+	if err := (&Restore{b: b, n: 2, fromZero: true}).Recompute([]int{0, 1}, 4); err == nil || !strings.Contains(err.Error(), "LoadRecompute put 3") {
+		t.Fatalf("4 layers with 3 loaded: %v", err)
 	}
 }

@@ -33,6 +33,7 @@ type hostKernels struct {
 	// The forward-pass kernels (forward_host_test.go).
 	launch   [numFwdKernels]uintptr // hc_host_launch_<name>
 	layout   map[string]uintptr     // hc_host_layout_<name>
+	fields   map[string]uintptr     // hc_host_fields_<name>
 	silu     func(float32) float32
 	geluTanh func(float32) float32
 	exp      func(float64) float64
@@ -98,9 +99,13 @@ func loadHostKernels(t *testing.T) *hostKernels {
 				return
 			}
 		}
-		k.layout = map[string]uintptr{}
+		k.layout, k.fields = map[string]uintptr{}, map[string]uintptr{}
 		for _, name := range fwdKernelNames[:kProject] {
 			if k.layout[name], err = purego.Dlsym(h, "hc_host_layout_"+name); err != nil {
+				hostErr = err
+				return
+			}
+			if k.fields[name], err = purego.Dlsym(h, "hc_host_fields_"+name); err != nil {
 				hostErr = err
 				return
 			}

@@ -767,6 +767,9 @@ static int hc_host_grid(int blocks, int threads, long smem_bytes, int sync, F f)
 		return hc_host_grid(grid, threads, smem, SYNC, [&] { name##_body(a); }); \
 	}
 
+#define HC_NAME(T, name) #name ","
+
+// hc_host_fields_<name>() lists the field names, each followed by a comma.
 #define HC_DEFINE_LAYOUT(name, S_, FIELDS) \
 	extern "C" int hc_host_layout_##name(long long *out) { \
 		typedef struct S_ S; \
@@ -774,7 +777,8 @@ static int hc_host_grid(int blocks, int threads, long smem_bytes, int sync, F f)
 		FIELDS(HC_LAYOUT) \
 		out[i++] = (long long)sizeof(S); \
 		return i; \
-	}
+	} \
+	extern "C" const char *hc_host_fields_##name() { return FIELDS(HC_NAME); }
 HC_DEFINE_LAYOUT(embed, hc_embed_args, HC_EMBED_FIELDS)
 HC_DEFINE_LAYOUT(norm, hc_norm_args, HC_NORM_FIELDS)
 HC_DEFINE_LAYOUT(qrope, hc_qrope_args, HC_QROPE_FIELDS)
