@@ -544,6 +544,7 @@ HC_DEVICE void attention_hd(const struct hc_attn_args &a) {
 		maxpos = a.positions[i] > maxpos ? a.positions[i] : maxpos;
 	}
 	float qv[HD], acc[HD];
+#pragma unroll
 	for (int d = 0; d < HD; d++) {
 		qv[d] = live ? a.q[((u64)qi * a.heads + head) * HD + d] : 0;
 		acc[d] = 0;
@@ -568,24 +569,32 @@ HC_DEVICE void attention_hd(const struct hc_attn_args &a) {
 		}
 		hc_sync();
 		if (live && t0 <= qpos) {
+			// Unrolled over the head dim (not the tile), so q and the
+			// accumulator stay in registers.
 			int jn = qpos - t0 + 1 < BK ? qpos - t0 + 1 : BK;
 			float s[BK];
 			float tmax = neg_inf;
-			for (int j = 0; j < jn; j++) {
-				s[j] = hc_dot(qv, ks + j * HD, HD) * a.scale;
+#pragma unroll 1
+			for (int j = 0; j < BK; j++) {
+				s[j] = j < jn ? hc_dot(qv, ks + j * HD, HD) * a.scale : neg_inf;
 				tmax = s[j] > tmax ? s[j] : tmax;
 			}
 			float mnew = tmax > m ? tmax : m;
 			float corr = (float)hc_exp((double)(m - mnew));
 			l = l * corr;
+#pragma unroll
 			for (int d = 0; d < HD; d++) {
 				acc[d] = acc[d] * corr;
 			}
-			for (int j = 0; j < jn; j++) {
-				float p = (float)hc_exp((double)(s[j] - mnew));
-				l = l + p;
-				for (int d = 0; d < HD; d++) {
-					acc[d] = acc[d] + p * vs[j * HD + d];
+#pragma unroll 1
+			for (int j = 0; j < BK; j++) {
+				if (j < jn) {
+					float p = (float)hc_exp((double)(s[j] - mnew));
+					l = l + p;
+#pragma unroll
+					for (int d = 0; d < HD; d++) {
+						acc[d] = acc[d] + p * vs[j * HD + d];
+					}
 				}
 			}
 			m = mnew;
@@ -593,6 +602,7 @@ HC_DEVICE void attention_hd(const struct hc_attn_args &a) {
 		hc_sync();
 	}
 	if (live) {
+#pragma unroll
 		for (int d = 0; d < HD; d++) {
 			store_elem(a.out, ((u64)qi * a.heads + head) * HD + d, acc[d] / l, a.dtype);
 		}
