@@ -184,14 +184,6 @@ func variant(t *testing.T, preset string, edit func(c *model.Config)) *model.Con
 	return &cc
 }
 
-// Tolerances of the recomputed K/V and hidden states against the CPU
-// forward pass, relative to the largest magnitude of the layer's reference
-// values. The GPU path rounds what feeds each GEMM (the attention output,
-// the MLP activation) to the model dtype where the CPU keeps float32, and
-// sums norms and softmax in another order; the error is that rounding,
-// carried through the layers.
-var recomputeTol = map[string]float64{"float32": 2e-5, "float16": 1.5e-2, "bfloat16": 6e-2}
-
 // TestRecomputeMatchesPrefill: for every family the CPU forward pass runs
 // (Llama MHA and GQA, Qwen2's q/k/v biases, OPT's LayerNorm, ReLU, biases and
 // learned positions; fp16, bf16, fp32; neox and interleaved RoPE; llama3 and
@@ -245,7 +237,6 @@ func TestRecomputeMatchesPrefill(t *testing.T) {
 				tokens[j] = rng.Intn(c.Vocab)
 				positions[j] = j
 			}
-			kvd := c.KVDim()
 			wantH := make([][]float32, tc.layers)
 			wantK := make([][]float32, tc.layers)
 			wantV := make([][]float32, tc.layers)
@@ -284,7 +275,7 @@ func TestRecomputeMatchesPrefill(t *testing.T) {
 			if err := p.scr.ensure(mem, c, n); err != nil {
 				t.Fatal(err)
 			}
-			tol := recomputeTol[c.DType]
+			tol := RecomputeTolerance(c.DType)
 			p.trace = func(l int, hp uintptr) error {
 				got := make([]float32, n*c.HiddenSize)
 				c.DecodeRow(got, mem.bytes(t, hp, n*c.HiddenRowBytes()))
@@ -303,25 +294,12 @@ func TestRecomputeMatchesPrefill(t *testing.T) {
 				copy(caches[l].K, mem.bytes(t, tgt.k[l], len(caches[l].K)))
 				copy(caches[l].V, mem.bytes(t, tgt.v[l], len(caches[l].V)))
 				noStrayWrites(t, fmt.Sprintf("layer %d", l), caches[l], positions)
-				gotK, gotV := make([]float32, n*kvd), make([]float32, n*kvd)
-				for j, pos := range positions {
-					kb, vb, err := caches[l].Token(pos)
-					if err != nil {
-						t.Fatal(err)
-					}
-					c.DecodeRow(gotK[j*kvd:(j+1)*kvd], kb)
-					c.DecodeRow(gotV[j*kvd:(j+1)*kvd], vb)
-				}
-				ek, ev := relErr(gotK, wantK[l]), relErr(gotV, wantV[l])
-				t.Logf("layer %d: K error %.2g, V error %.2g of the largest value (tolerance %.2g)", l, ek, ev, tol)
-				if ek > tol || ev > tol {
-					t.Fatalf("layer %d: K error %.3g, V error %.3g, over the tolerance %.3g", l, ek, ev, tol)
-				}
-				if l == 0 && c.DType == "float32" && (ek != 0 || ev != 0) {
-					// Layer 0 of a float32 model: embedding, norm (sums in
-					// another order) and the K/V projection.
-					t.Logf("layer 0 of a float32 model differs by %.2g/%.2g (norm order)", ek, ev)
-				}
+			}
+			res := &RecomputeCheck{}
+			err = compareRecompute(c, caches, positions, wantK, wantV, res)
+			t.Logf("K errors %.2g, V errors %.2g of the largest value (tolerance %.2g)", res.KErr, res.VErr, res.Tolerance)
+			if err != nil {
+				t.Fatal(err)
 			}
 			// Every kernel of the pass ran (the last layer stops after K/V).
 			want := map[fwdKernel]int{kEmbed: 1, kNorm: 2*tc.layers - 1, kProject: tc.layers, kAttention: tc.layers - 1,
@@ -340,22 +318,6 @@ func TestRecomputeMatchesPrefill(t *testing.T) {
 			p.scr.release(mem)
 		})
 	}
-}
-
-// relErr is max |got - want| over max |want|; a NaN anywhere is +Inf.
-func relErr(got, want []float32) float64 {
-	var d, m float64
-	for i := range want {
-		if math.IsNaN(float64(got[i])) || math.IsInf(float64(got[i]), 0) {
-			return math.Inf(1)
-		}
-		d = max(d, math.Abs(float64(got[i])-float64(want[i])))
-		m = max(m, math.Abs(float64(want[i])))
-	}
-	if m == 0 {
-		return d
-	}
-	return d / m
 }
 
 // TestFwdArgLayout: each Go argument struct has the C struct's fields at
@@ -958,5 +920,22 @@ func TestRecomputeRefusals(t *testing.T) {
 	}
 	if err := (&Restore{b: b, n: 2, fromZero: true}).Recompute([]int{0, 1}, 4); err == nil || !strings.Contains(err.Error(), "LoadRecompute put 3") {
 		t.Fatalf("4 layers with 3 loaded: %v", err)
+	}
+}
+
+// TestCheckRecomputeWithoutDevice: the device check refuses bad arguments
+// and, on a machine without CUDA, says so with ErrNoDevice.
+func TestCheckRecomputeWithoutDevice(t *testing.T) {
+	c := variant(t, "tiny-llama", nil)
+	for _, a := range [][3]int{{0, 1, 16}, {8, 0, 16}, {8, c.Layers + 1, 16}, {8, 1, 0}} {
+		if _, err := CheckRecompute(c, 1, a[0], a[1], a[2], Options{}); err == nil || errors.Is(err, ErrNoDevice) {
+			t.Errorf("CheckRecompute(tokens %d, layers %d, block %d): %v, want an argument error", a[0], a[1], a[2], err)
+		}
+	}
+	if _, _, err := Probe(""); err == nil {
+		t.Skip("a CUDA device is present: the GPU check runs CheckRecompute")
+	}
+	if _, err := CheckRecompute(c, 1, 8, 2, 16, Options{}); !errors.Is(err, ErrNoDevice) {
+		t.Fatalf("without a device: %v, want ErrNoDevice", err)
 	}
 }
