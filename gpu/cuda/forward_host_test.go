@@ -119,6 +119,7 @@ type hostOps struct {
 	cfg      *model.Config
 	launches map[fwdKernel]int
 	gemms    int
+	weights  map[uintptr][]float32 // decoded weight matrices (they do not change)
 }
 
 func (o *hostOps) launch(l fwdLaunch) error {
@@ -154,8 +155,15 @@ func (o *hostOps) gemm(g fwdGemm) error {
 	}
 	x := make([]float32, g.n*g.k)
 	o.cfg.DecodeRow(x, xb)
-	w := make([]float32, g.m*g.k)
-	o.cfg.DecodeRow(w, wb)
+	w := o.weights[g.w]
+	if len(w) != g.m*g.k {
+		w = make([]float32, g.m*g.k)
+		o.cfg.DecodeRow(w, wb)
+		if o.weights == nil {
+			o.weights = map[uintptr][]float32{}
+		}
+		o.weights[g.w] = w
+	}
 	out := make([]float32, g.n*g.m)
 	tensor.MatMulT(out, x, g.n, g.k, w, g.m, nil)
 	copy(ob, f32bytes(out))
@@ -355,21 +363,84 @@ func TestFwdArgLayout(t *testing.T) {
 			t.Errorf("%s: C layout (offset, size per field; struct size) %v, Go %s %v", name, out[:cnt], typ.Name(), goLayout)
 		}
 	}
-	// hc_project_scatter takes one parameter per field: params() points at
-	// each field, in the kernel's order.
-	a := &projectArgs{}
-	ps := a.params()
-	typ := reflect.TypeOf(*a)
-	fields := 0
-	for i := 0; i < typ.NumField(); i++ {
-		fields++
-		f := typ.Field(i)
-		if want := unsafe.Add(unsafe.Pointer(a), f.Offset); i >= len(ps) || ps[i] != want {
-			t.Fatalf("projectArgs.params()[%d] does not point at field %s", i, f.Name)
+	// hc_project_scatter and hc_kv_scatter take one parameter per field:
+	// params() points at each field, in order (TestPTXParams checks the
+	// sizes against the kernels').
+	pa, ka := &projectArgs{}, &kvArgs{}
+	for _, tc := range []struct {
+		base   unsafe.Pointer
+		typ    reflect.Type
+		params []unsafe.Pointer
+	}{{unsafe.Pointer(pa), reflect.TypeOf(*pa), pa.params()}, {unsafe.Pointer(ka), reflect.TypeOf(*ka), ka.params()}} {
+		if len(tc.params) != tc.typ.NumField() {
+			t.Fatalf("%s.params() has %d pointers for %d fields", tc.typ.Name(), len(tc.params), tc.typ.NumField())
+		}
+		for i := 0; i < tc.typ.NumField(); i++ {
+			f := tc.typ.Field(i)
+			if tc.params[i] != unsafe.Add(tc.base, f.Offset) {
+				t.Fatalf("%s.params()[%d] does not point at field %s", tc.typ.Name(), i, f.Name)
+			}
 		}
 	}
-	if len(ps) != fields || len(ps) != 14 {
-		t.Fatalf("projectArgs.params() has %d pointers, the struct %d fields, the kernel 14 parameters", len(ps), fields)
+}
+
+// TestPTXParams: the committed PTX (what the device loads) declares, for each
+// forward-pass kernel, one parameter of the Go argument struct's size, and
+// for hc_project_scatter and hc_kv_scatter parameters of the sizes of the Go
+// fields the launches point at, in order. Needs no clang.
+func TestPTXParams(t *testing.T) {
+	ptx := string(kernelPTX)
+	entry := func(name string) []int {
+		t.Helper()
+		i := strings.Index(ptx, ".entry "+name+"(")
+		if i < 0 {
+			t.Fatalf("the PTX has no kernel %s", name)
+		}
+		body := ptx[i:]
+		body = body[:strings.Index(body, ")")]
+		var sizes []int
+		for _, line := range strings.Split(body, "\n")[1:] {
+			line = strings.TrimSpace(strings.TrimSuffix(strings.TrimSpace(line), ","))
+			var size int
+			switch {
+			case line == "":
+				continue
+			case strings.HasPrefix(line, ".param .u64 "):
+				size = 8
+			case strings.HasPrefix(line, ".param .u32 "):
+				size = 4
+			case strings.HasPrefix(line, ".param .align "):
+				lb, rb := strings.LastIndex(line, "["), strings.LastIndex(line, "]")
+				if _, err := fmt.Sscanf(line[lb+1:rb], "%d", &size); err != nil {
+					t.Fatalf("%s: %q: %v", name, line, err)
+				}
+			default:
+				t.Fatalf("%s: unexpected parameter %q", name, line)
+			}
+			sizes = append(sizes, size)
+		}
+		return sizes
+	}
+	structs := map[string]any{"embed": embedArgs{}, "norm": normArgs{}, "qrope": qropeArgs{}, "attention": attnArgs{},
+		"residual": residualArgs{}, "swiglu": swigluArgs{}, "bias_act": biasActArgs{}}
+	for _, name := range fwdKernelNames[:kProject] {
+		got := entry("hc_" + name)
+		if want := int(reflect.TypeOf(structs[name]).Size()); len(got) != 1 || got[0] != want {
+			t.Errorf("hc_%s takes parameters of %v bytes; the launch passes one %d-byte struct", name, got, want)
+		}
+	}
+	fieldSizes := func(v any) []int {
+		typ := reflect.TypeOf(v)
+		var out []int
+		for i := 0; i < typ.NumField(); i++ {
+			out = append(out, int(typ.Field(i).Type.Size()))
+		}
+		return out
+	}
+	for name, v := range map[string]any{"hc_project_scatter": projectArgs{}, "hc_kv_scatter": kvArgs{}} {
+		if got, want := entry(name), fieldSizes(v); !reflect.DeepEqual(got, want) {
+			t.Errorf("%s takes parameters of %v bytes; the launch passes %v", name, got, want)
+		}
 	}
 }
 

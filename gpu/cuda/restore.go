@@ -344,12 +344,16 @@ func (r *Restore) launchKV(li int, rows uintptr) error {
 		rwords: int32(cfg.KVDim() * cfg.ElemBytes() / 4),
 		k:      uint64(r.c.K[li]), v: uint64(r.c.V[li]),
 	}
-	params := []unsafe.Pointer{
+	return r.launch(b.fKV, "hc_kv_scatter", a.params(), a)
+}
+
+// params are hc_kv_scatter's parameters, one pointer each, in order.
+func (a *kvArgs) params() []unsafe.Pointer {
+	return []unsafe.Pointer{
 		unsafe.Pointer(&a.rows), unsafe.Pointer(&a.pos), unsafe.Pointer(&a.table), unsafe.Pointer(&a.n),
 		unsafe.Pointer(&a.nblocks), unsafe.Pointer(&a.bt), unsafe.Pointer(&a.rwords),
 		unsafe.Pointer(&a.k), unsafe.Pointer(&a.v),
 	}
-	return r.launch(b.fKV, "hc_kv_scatter", params, a)
 }
 
 // launch runs a kernel with one block per token on the compute stream.
