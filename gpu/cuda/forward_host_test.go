@@ -822,26 +822,29 @@ func TestFwdAttentionKernel(t *testing.T) {
 		n, blockTokens     int
 		dtype              string
 		qscale             float64
+		start              int // first query position; the cache holds 0..start+n-1
 	}{
-		{64, 4, 4, 70, 16, "float16", 1},
-		{128, 4, 1, 45, 8, "bfloat16", 1},
-		{128, 2, 2, 130, 16, "float32", 3},
-		{64, 8, 2, 33, 4, "float32", 1},
-		{32, 6, 3, 64, 16, "float16", 4},
-		{16, 2, 1, 9, 16, "bfloat16", 1},
+		{64, 4, 4, 70, 16, "float16", 1, 0},
+		{128, 4, 1, 45, 8, "bfloat16", 1, 0},
+		{128, 2, 2, 130, 16, "float32", 3, 0},
+		{64, 8, 2, 33, 4, "float32", 1, 0},
+		{32, 6, 3, 64, 16, "float16", 4, 0},
+		{16, 2, 1, 9, 16, "bfloat16", 1, 0},
+		{64, 2, 1, 300, 16, "float16", 6, 0}, // ten key tiles: the running max moves
+		{32, 4, 2, 20, 8, "float32", 1, 77},  // queries after a cached prefix
 	} {
-		t.Run(fmt.Sprintf("hd%d h%d/%d n%d %s", tc.hd, tc.heads, tc.kvHeads, tc.n, tc.dtype), func(t *testing.T) {
+		t.Run(fmt.Sprintf("hd%d h%d/%d n%d from %d %s", tc.hd, tc.heads, tc.kvHeads, tc.n, tc.start, tc.dtype), func(t *testing.T) {
 			rng := rand.New(rand.NewSource(seed + int64(ci)))
 			mem := newHostMem()
 			c := &model.Config{DType: tc.dtype, KVHeads: tc.kvHeads, HeadDim: tc.hd}
 			ops := &hostOps{k: k, mem: mem, cfg: c}
 			n, kvd, qd := tc.n, tc.kvHeads*tc.hd, tc.heads*tc.hd
-			blocks := (n + tc.blockTokens - 1) / tc.blockTokens
+			blocks := (tc.start + n + tc.blockTokens - 1) / tc.blockTokens
 			table := rng.Perm(3 * blocks)[:blocks]
 			cache, _ := gpu.NewPagedKV(c, tc.blockTokens, 3*blocks)
 			cache.BlockTable = table
 			kv := map[int][2][]float32{}
-			for p := 0; p < n; p++ {
+			for p := 0; p < tc.start+n; p++ {
 				kb, vb, err := cache.Token(p)
 				if err != nil {
 					t.Fatal(err)
@@ -854,7 +857,7 @@ func TestFwdAttentionKernel(t *testing.T) {
 			q := randF32(rng, n*qd, tc.qscale)
 			pos := make([]int, n)
 			for i := range pos {
-				pos[i] = i
+				pos[i] = tc.start + i
 			}
 			out, _ := mem.alloc(n * qd * c.ElemBytes())
 			a := &attnArgs{q: uint64(mem.put(t, f32bytes(q))), kcache: uint64(mem.put(t, cache.K)), vcache: uint64(mem.put(t, cache.V)),
