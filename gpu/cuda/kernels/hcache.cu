@@ -187,6 +187,19 @@ HC_KERNEL_BODY void project_token(int tok, int tid, int nthreads, const float *g
 	}
 }
 
+// project_scatter_grid is hc_project_scatter's grid mapping: one block per
+// token (grid x*y >= n), threads over the token's elements.
+HC_KERNEL_BODY void project_scatter_grid(const float *gemm, const float *bias, const float *rope,
+	const int *positions, const int *block_table, int n, int nblocks, int block_tokens, int kv_heads, int head_dim,
+	int interleaved, int dtype, void *kcache, void *vcache) {
+	int tok = hc_block();
+	if (tok >= n) {
+		return;
+	}
+	project_token(tok, hc_tid(), hc_ntid(), gemm, bias, rope, positions, block_table, nblocks, block_tokens,
+		kv_heads, head_dim, interleaved, dtype, kcache, vcache);
+}
+
 // kv_token: one token of a layer saved as KV. rows holds the token's K then V
 // in the cache dtype, row_words 32-bit words each; they are copied to the
 // token's slot.
@@ -673,16 +686,11 @@ HC_KERNEL_BODY void bias_act_body(struct hc_bias_act_args a) {
 
 #ifndef HCACHE_HOST
 
-// One block per token (grid x*y >= n), threads over the token's elements.
 HC_KERNEL void hc_project_scatter(const float *gemm, const float *bias, const float *rope, const int *positions,
 	const int *block_table, int n, int nblocks, int block_tokens, int kv_heads, int head_dim, int interleaved,
 	int dtype, void *kcache, void *vcache) {
-	int tok = hc_block();
-	if (tok >= n) {
-		return;
-	}
-	project_token(tok, hc_tid(), hc_ntid(), gemm, bias, rope, positions, block_table, nblocks, block_tokens,
-		kv_heads, head_dim, interleaved, dtype, kcache, vcache);
+	project_scatter_grid(gemm, bias, rope, positions, block_table, n, nblocks, block_tokens, kv_heads, head_dim,
+		interleaved, dtype, kcache, vcache);
 }
 
 HC_KERNEL void hc_kv_scatter(const u32 *rows, const int *positions, const int *block_table, int n, int nblocks,
@@ -811,11 +819,8 @@ extern "C" int hc_host_launch_project_scatter(void **params, int grid, int threa
 	void *kcache = *(void **)params[12];
 	void *vcache = *(void **)params[13];
 	return hc_host_grid(grid, threads, smem, 0, [&] {
-		int tok = hc_block();
-		if (tok < n) {
-			project_token(tok, hc_tid(), hc_ntid(), gemm, bias, rope, positions, block_table, nblocks, block_tokens,
-				kv_heads, head_dim, interleaved, dtype, kcache, vcache);
-		}
+		project_scatter_grid(gemm, bias, rope, positions, block_table, n, nblocks, block_tokens, kv_heads, head_dim,
+			interleaved, dtype, kcache, vcache);
 	});
 }
 
