@@ -189,6 +189,16 @@ func fwdWeightBytes(c *model.Config, layers int) int64 {
 // Options.RecomputeMemory.
 var ErrRecomputeMemory = errors.New("cuda: recompute weights exceed Options.RecomputeMemory")
 
+// wspec is one tensor uploadFwdWeights puts on the device: n values, in
+// the model dtype when enc, else float32; absent is fine when opt.
+type wspec struct {
+	dst      *uintptr
+	what     string
+	v        []float32
+	n        int
+	enc, opt bool
+}
+
 // uploadFwdWeights puts the embeddings and layers [0, layers) on the device,
 // refusing (before allocating anything) when they need more than limit
 // bytes. kvW and kvB are the layers' K||V weights and biases already on the
@@ -256,13 +266,7 @@ func uploadFwdWeights(mem devMem, c *model.Config, w *model.Weights, layers int,
 		lw, fl := &w.Layers[l], &fw.layers[l]
 		p := fmt.Sprintf("layer %d ", l)
 		ln := c.Norm == "layernorm"
-		steps := []struct {
-			dst      *uintptr
-			what     string
-			v        []float32
-			n        int
-			enc, opt bool
-		}{
+		steps := []wspec{
 			{&fl.attnNormW, "attention norm", lw.AttnNormW, d, false, false},
 			{&fl.attnNormB, "attention norm bias", lw.AttnNormB, d, false, !ln},
 			{&fl.wq, "q_proj", lw.Wq, qd * d, true, false},
@@ -273,13 +277,7 @@ func uploadFwdWeights(mem devMem, c *model.Config, w *model.Weights, layers int,
 			{&fl.mlpNormB, "MLP norm bias", lw.MLPNormB, d, false, !ln},
 		}
 		if c.Arch == model.ArchOPT {
-			steps = append(steps, []struct {
-				dst      *uintptr
-				what     string
-				v        []float32
-				n        int
-				enc, opt bool
-			}{
+			steps = append(steps, []wspec{
 				{&fl.w1, "fc1", lw.Fc1, im * d, true, false},
 				{&fl.b1, "fc1 bias", lw.Fc1B, im, false, true},
 				{&fl.w2, "fc2", lw.Fc2, d * im, true, false},
@@ -289,13 +287,7 @@ func uploadFwdWeights(mem devMem, c *model.Config, w *model.Weights, layers int,
 			if len(lw.Wgate) != im*d || len(lw.Wup) != im*d {
 				return nil, fmt.Errorf("cuda: recompute weights: %sgate/up projections missing or misshapen (load them with model.WeightsAll)", p)
 			}
-			steps = append(steps, []struct {
-				dst      *uintptr
-				what     string
-				v        []float32
-				n        int
-				enc, opt bool
-			}{
+			steps = append(steps, []wspec{
 				{&fl.w1, "gate||up", cat(lw.Wgate, lw.Wup), 2 * im * d, true, false},
 				{&fl.w2, "down_proj", lw.Wdown, d * im, true, false},
 			}...)
@@ -307,13 +299,7 @@ func uploadFwdWeights(mem devMem, c *model.Config, w *model.Weights, layers int,
 				copy(kvb, lw.Bk)
 				copy(kvb[kvd:], lw.Bv)
 			}
-			steps = append(steps, []struct {
-				dst      *uintptr
-				what     string
-				v        []float32
-				n        int
-				enc, opt bool
-			}{
+			steps = append(steps, []wspec{
 				{&fl.wkv, "k||v_proj", cat(lw.Wk, lw.Wv), 2 * kvd * d, true, false},
 				{&fl.bkv, "k||v bias", kvb, 2 * kvd, false, true},
 			}...)
