@@ -537,8 +537,6 @@ func (f *flusher) commit(jobs []*writeJob, waiters []waiter) {
 	newTokens := map[*ctxState]uint64{}
 	for _, j := range jobs {
 		c := j.c
-		c.pending--
-		s.invariant(c.pending >= 0, "%s/%s: %d groups pending with the flusher after one was committed", c.ns, c.id, c.pending)
 		if j.err == nil && syncErr == nil && j.seg.syncFailed {
 			// Written before an fdatasync of its segment failed, even if
 			// a later one succeeded: the kernel may have dropped it
@@ -663,14 +661,20 @@ func (f *flusher) commit(jobs []*writeJob, waiters []waiter) {
 		s.opts.Logf("chunk: index commit failed: %v; the store refuses further writes", err)
 	}
 	s.stats.commits.Add(1)
+	s.mu.Lock()
 	if err == nil {
-		s.mu.Lock()
 		for c, t := range newTokens {
 			s.invariant(t >= c.rec.Tokens, "%s/%s: a commit would shrink the token count from %d to %d", c.ns, c.id, c.rec.Tokens, t)
 			c.rec.Tokens = max(c.rec.Tokens, t)
 		}
-		s.mu.Unlock()
 	}
+	// The jobs are dealt with only now that the token counts show them:
+	// an Append that sees none pending reads the count a restore sees.
+	for _, j := range jobs {
+		j.c.pending--
+		s.invariant(j.c.pending >= 0, "%s/%s: %d groups pending with the flusher after one was committed", j.c.ns, j.c.id, j.c.pending)
+	}
+	s.mu.Unlock()
 	// Staging slabs go back before anyone is answered, so a writer that
 	// flushed finds them free.
 	for _, j := range jobs {
