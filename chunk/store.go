@@ -972,8 +972,9 @@ func (s *Store) EngineName() string { return s.eng.Name() }
 func (s *Store) EngineStats() iouring.Stats { return s.eng.Stats() }
 
 // Close stops the flusher and closes files and the index. It flushes
-// nothing: rows of writers still open are dropped (flush or close writers
-// first), and those writers fail with ErrClosed afterwards. It must not run
+// nothing: writers still open are abandoned (Writer.Abandon: the whole
+// groups they handed to the flusher are committed, the rest is dropped;
+// flush or close writers first), and fail with ErrClosed afterwards. It must not run
 // concurrently with calls on those writers.
 func (s *Store) Close() error {
 	s.mu.Lock()

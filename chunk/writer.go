@@ -534,7 +534,8 @@ func (w *Writer) Close() error {
 	return err
 }
 
-// abandon releases the writer without flushing; later calls fail with err.
+// abandon releases the writer without flushing (see Abandon for what
+// becomes durable); later calls fail with err.
 func (w *Writer) abandon(err error) {
 	w.mu.Lock()
 	defer w.mu.Unlock()
