@@ -402,7 +402,21 @@ func runAbandonRandom(t *testing.T, backend string, seed uint64, nops int) {
 			x.lo, x.hi = x.tokens, x.tokens
 			x.w, x.tokens = nil, 0
 		case k < 95:
-			log = append(log, fmt.Sprintf("abandon %s at %d tokens", id, x.tokens))
+			if rng.IntN(2) == 0 {
+				// A prefill cut short: the first stored layer gets
+				// rows past the complete tokens, the others do not.
+				n := 1 + rng.IntN(2*ct)
+				log = append(log, fmt.Sprintf("abandon %s at %d tokens, layer 0 at %d", id, x.tokens, x.tokens+n))
+				var b []byte
+				for tok := x.tokens; tok < x.tokens+n; tok++ {
+					b = append(b, row(abandonRowsName(id, x.wNo), 0, tok, int(ident.Plan[0].RowBytes))...)
+				}
+				if err := x.w.AppendLayer(0, b); err != nil {
+					fail("AppendLayer %s: %v", id, err)
+				}
+			} else {
+				log = append(log, fmt.Sprintf("abandon %s at %d tokens", id, x.tokens))
+			}
 			x.w.Abandon()
 			abandoned(x)
 		default:
