@@ -9,10 +9,22 @@ import (
 // This file holds the small store API the daemon (package daemon) needs
 // beyond what the library's own callers use.
 
-// Abandon releases the writer without flushing: rows not yet flushed are
-// dropped (whole groups already handed to the flusher may still become
-// durable, always as a prefix of the context). The daemon calls it for the
-// writers of a client whose connection ended.
+// Abandon releases the writer without flushing. Precisely:
+//
+//   - every whole chunk group (ChunkTokens tokens complete in every stored
+//     layer) is handed to the flusher as it fills, and a handed group is
+//     not taken back: it still becomes durable (unless its write fails),
+//     after the groups before it, so the context grows by a prefix;
+//   - what was never handed is dropped: the partial last group, and tokens
+//     not yet complete in every layer (a prefill cut short);
+//   - what was flushed stays, of course.
+//
+// So after an Abandon the context holds max(flushed, whole groups) tokens
+// once the flusher is done. Append of the context waits for that and
+// reports the count (see Store.Append); a Restore meanwhile sees a count
+// between the two. Later calls on the writer fail. The daemon calls it for
+// CloseContext{abandon: true} and for the writers of a client whose
+// connection ended.
 func (w *Writer) Abandon() { w.abandon(ErrClosed) }
 
 // NumContexts counts the live contexts.

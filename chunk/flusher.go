@@ -32,7 +32,8 @@ type op struct {
 	slab       []byte
 	groupBytes int
 	layerOff   []int
-	owned      bool // the slab returns to staging after the write
+	owned      bool   // the slab returns to staging after the write
+	wseq       uint64 // opWrite: the writer's number (ctxState.writerSeq)
 	done       chan error
 	gcDone     chan GCResult
 }
@@ -137,6 +138,7 @@ func (s *Store) flushLoop() {
 		select {
 		case j := <-f.compl:
 			f.inflight--
+			s.invariant(f.inflight >= 0, "flusher: %d writes in flight after one completed", f.inflight)
 			j.done = true
 		case <-f.commitDone:
 			f.committing = false
@@ -557,23 +559,36 @@ func (f *flusher) commit(jobs []*writeJob, waiters []waiter) {
 		if c.deleted || c.writeErr != nil {
 			continue
 		}
-		key := lsm.ChunkKey(c.ns, c.id, j.group)
-		// The group may already be stored (a partial tail flushed
-		// earlier): its old record becomes dead.
 		if _, ok := newTokens[c]; !ok {
 			newTokens[c] = c.rec.Tokens
 		}
+		// What is indexed stays a prefix of whole groups and at most
+		// one partial last group, written by the context's current
+		// writer. A job that breaks this is a bug: it is not indexed,
+		// and its writer's Flush fails with ErrInvariant.
+		cur, start, end := newTokens[c], uint64(j.group)*uint64(s.ct), uint64(j.group)*uint64(s.ct)+uint64(j.tokens)
+		if !s.invariant(j.wseq == c.writerSeq, "group %d of %s/%s committed for writer %d, which is gone: writer %d has opened the context since", j.group, c.ns, c.id, j.wseq, c.writerSeq) ||
+			!s.invariant(start <= cur, "group %d of %s/%s (tokens %d-%d) would leave a gap after the %d tokens indexed", j.group, c.ns, c.id, start, end, cur) ||
+			!s.invariant(j.tokens == s.ct || end >= cur, "group %d of %s/%s holds %d of %d tokens but would not be the last (%d tokens indexed)", j.group, c.ns, c.id, j.tokens, s.ct, cur) {
+			c.writeErr = s.brokenErr()
+			continue
+		}
+		key := lsm.ChunkKey(c.ns, c.id, j.group)
+		// The group may already be stored (a partial tail flushed
+		// earlier): its old record becomes dead.
 		old := superseded[string(key)]
 		if old == nil && uint64(j.group)*uint64(s.ct) < c.rec.Tokens {
 			old = stored[string(key)]
 		}
 		if old != nil {
 			if rec := s.segRecs[old.Segment]; rec != nil {
+				s.invariant(rec.Live >= uint64(old.Length), "segment %d: %d live bytes, less than the %d-byte record of group %d of %s/%s that a rewrite supersedes", old.Segment, rec.Live, old.Length, j.group, c.ns, c.id)
 				rec.Live -= min(rec.Live, uint64(old.Length))
 				segTouched[old.Segment] = true
 			}
 			c.live -= int64(old.Length)
 			s.live -= int64(old.Length)
+			s.invariant(c.live >= 0 && s.live >= 0, "live bytes below zero (%s/%s: %d, store: %d) after group %d's old record was superseded", c.ns, c.id, c.live, s.live, j.group)
 		}
 		ch := j.chunk
 		superseded[string(key)] = &ch
@@ -646,13 +661,20 @@ func (f *flusher) commit(jobs []*writeJob, waiters []waiter) {
 		s.opts.Logf("chunk: index commit failed: %v; the store refuses further writes", err)
 	}
 	s.stats.commits.Add(1)
+	s.mu.Lock()
 	if err == nil {
-		s.mu.Lock()
 		for c, t := range newTokens {
+			s.invariant(t >= c.rec.Tokens, "%s/%s: a commit would shrink the token count from %d to %d", c.ns, c.id, c.rec.Tokens, t)
 			c.rec.Tokens = max(c.rec.Tokens, t)
 		}
-		s.mu.Unlock()
 	}
+	// The jobs are dealt with only now that the token counts show them:
+	// an Append that sees none pending reads the count a restore sees.
+	for _, j := range jobs {
+		j.c.pending--
+		s.invariant(j.c.pending >= 0, "%s/%s: %d groups pending with the flusher after one was committed", j.c.ns, j.c.id, j.c.pending)
+	}
+	s.mu.Unlock()
 	// Staging slabs go back before anyone is answered, so a writer that
 	// flushed finds them free.
 	for _, j := range jobs {

@@ -126,6 +126,9 @@ func (s *Store) scanChunks(c *ctxState, want uint64) (*snapshot, error) {
 func (s *Store) unref(segs []*segFile) {
 	for _, sg := range segs {
 		sg.refs--
+		if !s.invariant(sg.refs >= 0, "segment %d: %d restores reading it after one finished", sg.id, sg.refs) {
+			sg.refs = 0
+		}
 		if sg.refs == 0 && sg.doomed {
 			s.removeSegment(sg)
 		}

@@ -10,7 +10,7 @@ type storeStats struct {
 	cacheHits, evictions, damaged              atomic.Uint64
 	identityMismatch, gcRuns, gcMoved          atomic.Uint64
 	rawBytes, storedBytes, lz4Bytes            atomic.Uint64
-	diskFull                                   atomic.Uint64
+	diskFull, invariants                       atomic.Uint64
 }
 
 // Stats are the store's counters (exported as metrics by the daemon).
@@ -33,6 +33,11 @@ type Stats struct {
 	DiskFullEvents   uint64 // times writes were refused for a full disk
 	DiskFull         bool   // writes are refused now (until GC frees space)
 	IdleReadBuffers  int64  // bytes of idle restore buffers (bounded by IdleReadBufferBytes)
+	// InvariantViolations counts the store's own invariants found
+	// violated (bugs); Broken names the first one. While Broken is set,
+	// writes fail with ErrInvariant and restores go on.
+	InvariantViolations uint64
+	Broken              string
 }
 
 // Stats returns the counters.
@@ -46,6 +51,10 @@ func (s *Store) Stats() Stats {
 	}
 	st.DiskFullEvents = s.stats.diskFull.Load()
 	st.IdleReadBuffers = s.readBufs.idleBytes()
+	st.InvariantViolations = s.stats.invariants.Load()
+	if m := s.broken.Load(); m != nil {
+		st.Broken = *m
+	}
 	s.mu.Lock()
 	st.LiveBytes = s.live
 	st.DiskFull = s.diskFull

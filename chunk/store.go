@@ -240,6 +240,14 @@ type ctxState struct {
 	lastUse  int64
 	useDirty bool // lastUse changed since it was last written
 	writer   *Writer
+	// writerSeq numbers the writers that opened the context (Create: 1,
+	// each Append: one more); every group a writer hands to the flusher
+	// carries its number.
+	writerSeq uint64
+	// pending counts the groups handed to the flusher and not yet through
+	// a commit (indexed, skipped or failed). A writer abandoned with
+	// groups pending leaves them to the flusher; Append waits for them.
+	pending  int
 	deleted  bool
 	dirty    bool // rec must be written at the next commit
 	writeErr error
@@ -274,9 +282,10 @@ type Store struct {
 	nextGen    uint64
 	closed     bool
 	readOnly   bool
-	diskFull   bool        // an allocation met ENOSPC: writes refused until GC frees space
-	closedFlag atomic.Bool // closed, readable without s.mu (writers check it)
-	failed     error       // a fatal index error: the store refuses writes
+	diskFull   bool                   // an allocation met ENOSPC: writes refused until GC frees space
+	closedFlag atomic.Bool            // closed, readable without s.mu (writers check it)
+	failed     error                  // a fatal index error: the store refuses writes
+	broken     atomic.Pointer[string] // the first invariant found violated: writes refused (see invariant)
 
 	dirtyCtxs map[*ctxState]struct{} // contexts to write at the next commit (under mu)
 	live      int64                  // sum of the contexts' live bytes (under mu)
@@ -470,6 +479,7 @@ func Open(opts Options) (*Store, error) {
 	}
 	s.readBufs.hooks, s.readBufs.logf, s.readBufs.bounded, s.readBufs.limit = opts.ReadBuffers, opts.Logf, true, opts.IdleReadBufferBytes
 	s.staging.init(opts.StagingBytes)
+	s.staging.invariant = s.invariant
 	s.cache = newSliceCache(opts.CacheBytes)
 	s.recovery.Duration = time.Since(start)
 	s.gcStop = make(chan struct{})
@@ -962,8 +972,9 @@ func (s *Store) EngineName() string { return s.eng.Name() }
 func (s *Store) EngineStats() iouring.Stats { return s.eng.Stats() }
 
 // Close stops the flusher and closes files and the index. It flushes
-// nothing: rows of writers still open are dropped (flush or close writers
-// first), and those writers fail with ErrClosed afterwards. It must not run
+// nothing: writers still open are abandoned (Writer.Abandon: the whole
+// groups they handed to the flusher are committed, the rest is dropped;
+// flush or close writers first), and fail with ErrClosed afterwards. It must not run
 // concurrently with calls on those writers.
 func (s *Store) Close() error {
 	s.mu.Lock()

@@ -20,6 +20,8 @@ type staging struct {
 	inFlusher int // slabs handed to the flusher (they come back)
 	free      map[int][]*iouring.AlignedBuffer
 	all       map[*byte]*iouring.AlignedBuffer
+	// invariant is the store's (Store.invariant); called with mu held.
+	invariant func(ok bool, format string, args ...any) bool
 }
 
 func (st *staging) init(limit int64) {
@@ -57,6 +59,7 @@ func (st *staging) get(n int) ([]byte, error) {
 				st.free[sz] = l[:len(l)-1]
 				delete(st.all, &b.Bytes()[0])
 				st.used -= int64(sz)
+				st.check(st.used >= 0, "staging: %d bytes in use after freeing an idle %d-byte slab", st.used, sz)
 				b.Free()
 				break
 			}
@@ -75,8 +78,8 @@ func (st *staging) put(b []byte) {
 	st.mu.Lock()
 	defer st.mu.Unlock()
 	ab := st.all[&b[0]]
-	if ab == nil {
-		panic("chunk: staging.put of a foreign slab")
+	if !st.check(ab != nil, "staging: a slab the staging pool did not hand out was given back") {
+		return
 	}
 	st.free[len(ab.Bytes())] = append(st.free[len(ab.Bytes())], ab)
 	st.cond.Broadcast()
@@ -85,8 +88,20 @@ func (st *staging) put(b []byte) {
 func (st *staging) handOff(delta int) {
 	st.mu.Lock()
 	st.inFlusher += delta
+	if !st.check(st.inFlusher >= 0, "staging: %d slabs with the flusher after one came back", st.inFlusher) {
+		st.inFlusher = 0
+	}
 	st.mu.Unlock()
 	st.cond.Broadcast()
+}
+
+// check reports a violated staging invariant to the store. Call with mu
+// held.
+func (st *staging) check(ok bool, format string, args ...any) bool {
+	if ok || st.invariant == nil {
+		return ok
+	}
+	return st.invariant(false, format, args...)
 }
 
 func (st *staging) release() {
@@ -115,9 +130,10 @@ type Writer struct {
 	groups     map[uint32][]byte // staged groups not yet handed over
 	cur        []byte            // slab of the group AppendToken fills
 	curGroup   uint32
-	layerTok   []int // tokens appended per stored layer (index: slice index)
-	tokens     int   // min over layerTok: complete tokens
-	handed     int   // tokens in full groups handed to the flusher
+	layerTok   []int  // tokens appended per stored layer (index: slice index)
+	tokens     int    // min over layerTok: complete tokens
+	handed     int    // tokens in full groups handed to the flusher
+	seq        uint64 // its number among the context's writers (ctxState.writerSeq)
 	closed     bool
 	closeErr   error // what Close returned; later calls return it again
 }
@@ -151,7 +167,7 @@ func (s *Store) Create(ns, id string, ident *Identity, opts CreateOptions) (*Wri
 	if c := s.ctxs[ctxMapKey(ns, id)]; c != nil && !c.deleted {
 		return nil, fmt.Errorf("%w: %s/%s", ErrExists, ns, id)
 	}
-	c := &ctxState{ns: ns, id: id, lastUse: time.Now().UnixNano()}
+	c := &ctxState{ns: ns, id: id, lastUse: time.Now().UnixNano(), useDirty: true, writerSeq: 1}
 	c.rec = lsm.Context{Identity: ident.Encode(), Gen: s.nextGen}
 	s.nextGen++
 	if opts.Pinned {
@@ -161,6 +177,7 @@ func (s *Store) Create(ns, id string, ident *Identity, opts CreateOptions) (*Wri
 	s.markDirty(c)
 	s.ctxs[ctxMapKey(ns, id)] = c
 	w := s.newWriter(c)
+	w.seq = c.writerSeq
 	c.writer = w
 	return w, nil
 }
@@ -168,6 +185,12 @@ func (s *Store) Create(ns, id string, ident *Identity, opts CreateOptions) (*Wri
 // Append opens a writer that continues an existing context (the next turn of
 // a conversation). ident must match the stored identity. A partial tail group
 // is read back into staging so that new rows complete it.
+//
+// If the context's previous writer was abandoned (Writer.Abandon, or a store
+// error) while whole groups it had handed to the flusher were not yet
+// committed, Append first waits for the flusher to commit them (or fail
+// them): the new writer then starts from, and Tokens reports, exactly the
+// count a restore sees. It never writes over groups still in flight.
 func (s *Store) Append(ns, id string, ident *Identity) (*Writer, error) {
 	if ident == nil {
 		return nil, fmt.Errorf("%w: Append %s/%s with a nil identity", ErrIdentity, ns, id)
@@ -195,12 +218,37 @@ func (s *Store) Append(ns, id string, ident *Identity) (*Writer, error) {
 		return nil, fmt.Errorf("%w: %s/%s", ErrBusy, ns, id)
 	}
 	w := s.newWriter(c)
-	c.writer = w
-	c.writeErr = nil // a failed writer's unflushed rows are gone; start again from what is durable
-	tokens := int(c.rec.Tokens)
-	s.restores.Add(1) // Close waits for the tail read below
+	c.writer = w // no other writer opens the context from here on
+	wait := c.pending > 0
+	s.restores.Add(1) // Close waits for the wait and the tail read below
 	s.mu.Unlock()
 	defer s.restores.Done()
+	if wait {
+		// The error of an abandoned writer's own group write is not
+		// this writer's: it starts from what was committed.
+		_ = s.barrier(c)
+	}
+	s.mu.Lock()
+	err = s.writable()
+	if err == nil && c.deleted {
+		err = fmt.Errorf("%w: %s/%s was deleted", ErrNotFound, ns, id)
+	}
+	if err == nil && !s.invariant(c.pending == 0, "Append of %s/%s found %d groups of an earlier writer uncommitted after waiting for them", ns, id, c.pending) {
+		err = s.brokenErr()
+	}
+	if err != nil {
+		s.mu.Unlock()
+		w.abandon(err)
+		return nil, err
+	}
+	c.writerSeq++
+	w.seq = c.writerSeq
+	c.writeErr = nil // a failed writer's unflushed rows are gone; start again from what is durable
+	tokens := int(c.rec.Tokens)
+	c.lastUse = time.Now().UnixNano()
+	c.useDirty = true // persisted with the next index commit
+	s.dirtyCtxs[c] = struct{}{}
+	s.mu.Unlock()
 
 	w.tokens, w.handed = tokens, tokens-tokens%w.ct
 	for i := range w.layerTok {
@@ -235,7 +283,7 @@ func (s *Store) writable() error {
 	if s.failed != nil {
 		return fmt.Errorf("chunk: store failed earlier and refuses writes: %w", s.failed)
 	}
-	return nil
+	return s.brokenErr()
 }
 
 func (s *Store) newWriter(c *ctxState) *Writer {
@@ -281,7 +329,7 @@ func (w *Writer) check() error {
 	if w.closed {
 		return errors.New("chunk: writer is closed")
 	}
-	return nil
+	return w.s.brokenErr()
 }
 
 // AppendLayer appends rows (whole rows of the layer's RowBytes) for the next
@@ -407,12 +455,29 @@ func (w *Writer) handFull() error {
 			w.cur, w.curGroup = nil, math32
 		}
 		w.s.staging.handOff(1)
-		if err := w.s.submit(op{kind: opWrite, c: w.c, group: g, tokens: w.ct, slab: slab, groupBytes: w.groupBytes, layerOff: w.layerOff, owned: true}); err != nil {
+		if err := w.submitGroup(op{group: g, tokens: w.ct, slab: slab, groupBytes: w.groupBytes, layerOff: w.layerOff, owned: true}); err != nil {
 			w.s.staging.handOff(-1)
 			w.s.staging.put(slab)
 			return err
 		}
 		w.handed += w.ct
+	}
+	return nil
+}
+
+// submitGroup hands one group write to the flusher, counted as pending on
+// the context until a commit has dealt with it.
+func (w *Writer) submitGroup(o op) error {
+	s := w.s
+	o.kind, o.c, o.wseq = opWrite, w.c, w.seq
+	s.mu.Lock()
+	w.c.pending++
+	s.mu.Unlock()
+	if err := s.submit(o); err != nil {
+		s.mu.Lock()
+		w.c.pending--
+		s.mu.Unlock()
+		return err
 	}
 	return nil
 }
@@ -434,7 +499,7 @@ func (w *Writer) flushLocked() error {
 	}
 	if tail := w.tokens - w.handed; tail > 0 {
 		g := uint32(w.handed / w.ct)
-		if err := w.s.submit(op{kind: opWrite, c: w.c, group: g, tokens: tail, slab: w.groups[g], groupBytes: w.groupBytes, layerOff: w.layerOff}); err != nil {
+		if err := w.submitGroup(op{group: g, tokens: tail, slab: w.groups[g], groupBytes: w.groupBytes, layerOff: w.layerOff}); err != nil {
 			return err
 		}
 	}
@@ -469,7 +534,8 @@ func (w *Writer) Close() error {
 	return err
 }
 
-// abandon releases the writer without flushing; later calls fail with err.
+// abandon releases the writer without flushing (see Abandon for what
+// becomes durable); later calls fail with err.
 func (w *Writer) abandon(err error) {
 	w.mu.Lock()
 	defer w.mu.Unlock()

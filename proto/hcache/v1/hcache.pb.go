@@ -1025,9 +1025,15 @@ func (x *FlushReply) GetTokens() uint64 {
 }
 
 type CloseContextRequest struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Ctx           *ContextRef            `protobuf:"bytes,1,opt,name=ctx,proto3" json:"ctx,omitempty"`
-	Abandon       bool                   `protobuf:"varint,2,opt,name=abandon,proto3" json:"abandon,omitempty"` // drop unflushed rows instead of flushing them
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Ctx   *ContextRef            `protobuf:"bytes,1,opt,name=ctx,proto3" json:"ctx,omitempty"`
+	// abandon releases the writer without flushing. What it had handed to the
+	// store's flusher stays: every whole chunk group (ChunkTokens tokens of
+	// every stored layer) still becomes durable, as a prefix of the context.
+	// The rest is dropped: the partial last group and tokens not yet complete in
+	// every layer. A later APPEND of the context waits for those groups and
+	// reports the token count a restore then sees.
+	Abandon       bool `protobuf:"varint,2,opt,name=abandon,proto3" json:"abandon,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
