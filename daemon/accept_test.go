@@ -2,6 +2,7 @@ package daemon
 
 import (
 	"bufio"
+	"errors"
 	"fmt"
 	"io"
 	"log/slog"
@@ -11,6 +12,7 @@ import (
 	"strings"
 	"syscall"
 	"testing"
+	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 	dto "github.com/prometheus/client_model/go"
@@ -143,5 +145,36 @@ func TestDiskFullIsResourceExhausted(t *testing.T) {
 	}
 	if n := counterValue(t, s.metrics.ioErrors); n != 1 {
 		t.Errorf("hcache_io_errors_total = %v, want 1 (the EIO alone)", n)
+	}
+}
+
+// TestSteadyListenerEndsOnlyWhenClosed: an Accept that keeps failing
+// (ENOBUFS) is retried, never returned; closing the listener ends the wait
+// with net.ErrClosed.
+func TestSteadyListenerEndsOnlyWhenClosed(t *testing.T) {
+	fl := &faultyListener{errs: make(chan error, 64), conns: make(chan net.Conn), done: make(chan struct{})}
+	for i := 0; i < cap(fl.errs); i++ {
+		fl.errs <- os.NewSyscallError("accept4", unix.ENOBUFS)
+	}
+	failures := make(chan error, cap(fl.errs))
+	ln := newSteady(fl, func(err error, _ time.Duration) { failures <- err })
+	done := make(chan error, 1)
+	go func() {
+		_, err := ln.Accept()
+		done <- err
+	}()
+	for i := 0; i < 3; i++ {
+		if err := <-failures; !errors.Is(err, unix.ENOBUFS) {
+			t.Fatalf("failure %d: %v, want ENOBUFS", i, err)
+		}
+	}
+	select {
+	case err := <-done:
+		t.Fatalf("Accept returned %v on a transient error", err)
+	default:
+	}
+	ln.Close()
+	if err := <-done; !errors.Is(err, net.ErrClosed) {
+		t.Fatalf("Accept after Close: %v, want net.ErrClosed", err)
 	}
 }

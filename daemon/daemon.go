@@ -186,6 +186,7 @@ type Server struct {
 	// Contexts per namespace and in all (empty ones included), kept by
 	// creates, deletes and evictions; creating counts creates under way.
 	nsCtx         map[string]int
+	ctxGen        map[string]uint64 // bumped by each count change of a namespace
 	ctxTotal      int
 	creating      map[string]int
 	creatingTotal int
@@ -213,7 +214,7 @@ func New(cfg Config) (*Server, error) {
 	}
 	s := &Server{cfg: cfg, store: cfg.Store, grants: cfg.Grants, log: cfg.Logger,
 		writers: map[string]*openWriter{}, conns: map[uint64]*connState{}, connsByUID: map[uint32]int{}, usage: map[string]int64{},
-		nsCtx: map[string]int{}, creating: map[string]int{}, sidePending: map[uint32]int{},
+		nsCtx: map[string]int{}, ctxGen: map[string]uint64{}, creating: map[string]int{}, sidePending: map[uint32]int{},
 		shmOpen: map[*net.UnixConn]bool{}, gcStop: make(chan struct{}), gcDone: make(chan struct{}),
 		serveErr: make(chan error, 4)}
 	s.regions.init()
@@ -549,8 +550,14 @@ func rowSum(id *chunk.Identity) int64 {
 
 // recount recomputes a namespace's usage: stored tokens' rows for contexts
 // without a writer, appended rows for those with one.
+//
+// It also resets the namespace's context count from the store, unless a
+// create, delete or eviction in the namespace was counted during the scan
+// (the count it read may then be stale); so the count does not drift from
+// the store's, whatever the store did on its own.
 func (s *Server) recount(ns string) {
 	var total int64
+	n := 0
 	open := map[string]*openWriter{}
 	s.mu.Lock()
 	for _, w := range s.writers {
@@ -558,11 +565,14 @@ func (s *Server) recount(ns string) {
 			open[w.id] = w
 		}
 	}
+	gen := s.ctxGen[ns]
+	busy := s.creating[ns] > 0
 	s.mu.Unlock()
 	for _, c := range s.store.Contexts() {
 		if c.Namespace != ns {
 			continue
 		}
+		n++
 		if w := open[c.ID]; w != nil {
 			total += w.appended.Load()
 		} else {
@@ -571,6 +581,12 @@ func (s *Server) recount(ns string) {
 	}
 	s.mu.Lock()
 	s.usage[ns] = total
+	if !busy && s.creating[ns] == 0 && s.ctxGen[ns] == gen && s.nsCtx[ns] != n {
+		s.ctxTotal += n - s.nsCtx[ns]
+		if s.nsCtx[ns] = n; n == 0 {
+			delete(s.nsCtx, ns)
+		}
+	}
 	s.mu.Unlock()
 }
 

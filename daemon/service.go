@@ -781,6 +781,7 @@ func (s *Server) takeContextSlot(ns string) (func(created bool), error) {
 		if created {
 			s.nsCtx[ns]++
 			s.ctxTotal++
+			s.ctxGen[ns]++
 		}
 	}, nil
 }
@@ -789,6 +790,7 @@ func (s *Server) takeContextSlot(ns string) (func(created bool), error) {
 func (s *Server) contextGone(ns string) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	s.ctxGen[ns]++
 	if s.nsCtx[ns] > 0 {
 		s.nsCtx[ns]--
 		s.ctxTotal--
