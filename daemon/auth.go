@@ -137,6 +137,25 @@ type Grants struct {
 	Tokens map[string][]string
 }
 
+// named returns the distinct namespaces the grants name ("*" not counted).
+func (g *Grants) named() []string {
+	var out []string
+	add := func(list []string) {
+		for _, n := range list {
+			if n != All && !slices.Contains(out, n) {
+				out = append(out, n)
+			}
+		}
+	}
+	for _, l := range g.UIDs {
+		add(l)
+	}
+	for _, l := range g.Tokens {
+		add(l)
+	}
+	return out
+}
+
 // ParseGrant parses "UID=ns1,ns2" (a --grant flag).
 func ParseGrant(s string) (uint32, []string, error) {
 	u, list, ok := strings.Cut(s, "=")
@@ -162,7 +181,7 @@ func parseNSList(list string) ([]string, error) {
 			continue
 		}
 		if n != All {
-			if err := validName("namespace", n); err != nil {
+			if err := ValidNamespace(n); err != nil {
 				return nil, err
 			}
 		}

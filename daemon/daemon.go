@@ -45,6 +45,11 @@ const (
 	DefaultGCInterval          = 30 * time.Second
 	DefaultStopTimeout         = 30 * time.Second
 	DefaultRestoreTimeout      = 10 * time.Minute
+	// Side connections that have not registered a region yet: per user and
+	// in all, and how long one may take to register.
+	DefaultMaxSidePendingPerUID = 8
+	DefaultMaxSidePending       = 64
+	DefaultSideRegisterTimeout  = 2 * time.Second
 )
 
 // Config configures a Server. Zero limits take the defaults above.
@@ -68,7 +73,23 @@ type Config struct {
 	Quotas       map[string]int64
 	DefaultQuota int64
 
-	MaxContexts         int
+	MaxContexts int
+	// MaxContextsPerNamespace bounds the contexts (empty ones included) of
+	// one namespace. 0: a fair share, MaxContexts divided by the number of
+	// namespaces named in Grants (UIDs and Tokens; "*" not counted), at
+	// least 1.
+	MaxContextsPerNamespace int
+	// MaxSidePendingPerUID and MaxSidePending bound the side connections
+	// that have not registered a region yet, per peer user and in all; past
+	// them a new side connection is answered ERR and closed at once.
+	// SideRegisterTimeout is how long one may take to register.
+	MaxSidePendingPerUID int
+	MaxSidePending       int
+	SideRegisterTimeout  time.Duration
+	// MetricsNamespaces exports per-namespace series (names, row bytes,
+	// quotas) on /metrics. Off by default: /metrics has no authentication,
+	// and any local user can read it.
+	MetricsNamespaces   bool
 	MaxTokensPerContext uint64
 	MaxInflight         int   // concurrent RPCs per client connection
 	MaxConnsPerUID      int   // unix connections per user
@@ -102,6 +123,14 @@ func (c *Config) fill() error {
 	def(&c.MaxMessageBytes, DefaultMaxMessageBytes)
 	def(&c.MaxRegionsPerUID, DefaultMaxRegionsPerUID)
 	def(&c.RestorePieceBytes, DefaultRestorePieceBytes)
+	def(&c.MaxSidePendingPerUID, DefaultMaxSidePendingPerUID)
+	def(&c.MaxSidePending, DefaultMaxSidePending)
+	if c.SideRegisterTimeout == 0 {
+		c.SideRegisterTimeout = DefaultSideRegisterTimeout
+	}
+	if c.MaxContextsPerNamespace == 0 {
+		c.MaxContextsPerNamespace = max(1, c.MaxContexts/max(1, len(c.Grants.named())))
+	}
 	if c.MaxTokensPerContext == 0 {
 		c.MaxTokensPerContext = DefaultMaxTokensPerContext
 	}
@@ -135,7 +164,7 @@ type Server struct {
 	log     *slog.Logger
 	grpc    *grpc.Server
 	lns     []net.Listener
-	shmLn   *net.UnixListener
+	shmLn   net.Listener
 	httpSrv *http.Server
 	metrics *metrics
 	regions regions
@@ -154,6 +183,16 @@ type Server struct {
 	connsByUID map[uint32]int
 	usage      map[string]int64 // stored + appended row bytes per namespace
 	stopping   bool
+	// Contexts per namespace and in all (empty ones included), kept by
+	// creates, deletes and evictions; creating counts creates under way.
+	nsCtx         map[string]int
+	ctxGen        map[string]uint64 // bumped by each count change of a namespace
+	ctxTotal      int
+	creating      map[string]int
+	creatingTotal int
+	// Side connections not registered yet, per peer user and in all.
+	sidePending      map[uint32]int
+	sidePendingTotal int
 
 	restoring sync.WaitGroup // restore goroutines, which may outlive their RPC (--restore-timeout)
 	nextConn  atomic.Uint64
@@ -175,11 +214,14 @@ func New(cfg Config) (*Server, error) {
 	}
 	s := &Server{cfg: cfg, store: cfg.Store, grants: cfg.Grants, log: cfg.Logger,
 		writers: map[string]*openWriter{}, conns: map[uint64]*connState{}, connsByUID: map[uint32]int{}, usage: map[string]int64{},
+		nsCtx: map[string]int{}, ctxGen: map[string]uint64{}, creating: map[string]int{}, sidePending: map[uint32]int{},
 		shmOpen: map[*net.UnixConn]bool{}, gcStop: make(chan struct{}), gcDone: make(chan struct{}),
 		serveErr: make(chan error, 4)}
 	s.regions.init()
 	for _, c := range s.store.Contexts() {
 		s.usage[c.Namespace] += int64(c.Tokens) * rowSum(c.Identity)
+		s.nsCtx[c.Namespace]++
+		s.ctxTotal++
 	}
 	s.metrics = newMetrics(s)
 	creds := peerCreds{s: s}
@@ -222,22 +264,22 @@ func New(cfg Config) (*Server, error) {
 		if err != nil {
 			return nil, err
 		}
-		s.lns = append(s.lns, ln)
+		s.lns = append(s.lns, s.steady(ln, "api"))
 	}
 	if cfg.TCP != "" {
 		ln, err := net.Listen("tcp", cfg.TCP)
 		if err != nil {
 			return nil, err
 		}
-		s.lns = append(s.lns, ln)
+		s.lns = append(s.lns, s.steady(ln, "tcp"))
 	}
 	if cfg.Shm != "" {
 		ln, err := listenUnix(cfg.Shm)
 		if err != nil {
 			return nil, err
 		}
-		s.shmLn = ln
-		go s.serveShm(ln)
+		s.shmLn = s.steady(ln, "shm")
+		go s.serveShm(s.shmLn)
 	}
 	if cfg.Metrics != "" {
 		ln, err := net.Listen("tcp", cfg.Metrics)
@@ -508,8 +550,14 @@ func rowSum(id *chunk.Identity) int64 {
 
 // recount recomputes a namespace's usage: stored tokens' rows for contexts
 // without a writer, appended rows for those with one.
+//
+// It also resets the namespace's context count from the store, unless a
+// create, delete or eviction in the namespace was counted during the scan
+// (the count it read may then be stale); so the count does not drift from
+// the store's, whatever the store did on its own.
 func (s *Server) recount(ns string) {
 	var total int64
+	n := 0
 	open := map[string]*openWriter{}
 	s.mu.Lock()
 	for _, w := range s.writers {
@@ -517,11 +565,14 @@ func (s *Server) recount(ns string) {
 			open[w.id] = w
 		}
 	}
+	gen := s.ctxGen[ns]
+	busy := s.creating[ns] > 0
 	s.mu.Unlock()
 	for _, c := range s.store.Contexts() {
 		if c.Namespace != ns {
 			continue
 		}
+		n++
 		if w := open[c.ID]; w != nil {
 			total += w.appended.Load()
 		} else {
@@ -530,6 +581,12 @@ func (s *Server) recount(ns string) {
 	}
 	s.mu.Lock()
 	s.usage[ns] = total
+	if !busy && s.creating[ns] == 0 && s.ctxGen[ns] == gen && s.nsCtx[ns] != n {
+		s.ctxTotal += n - s.nsCtx[ns]
+		if s.nsCtx[ns] = n; n == 0 {
+			delete(s.nsCtx, ns)
+		}
+	}
 	s.mu.Unlock()
 }
 

@@ -816,7 +816,7 @@ func TestEvictionFreesQuota(t *testing.T) {
 	}
 	defer st.Close()
 	sock := filepath.Join(sd, "s")
-	s, err := daemon.New(daemon.Config{Store: st, Listen: sock, Metrics: addr, GCInterval: -1, Quotas: map[string]int64{"q": 250 * 96},
+	s, err := daemon.New(daemon.Config{Store: st, Listen: sock, Metrics: addr, MetricsNamespaces: true, GCInterval: -1, Quotas: map[string]int64{"q": 250 * 96},
 		Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
 	if err != nil {
 		t.Fatal(err)

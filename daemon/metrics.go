@@ -26,6 +26,8 @@ type metrics struct {
 	quotaRefused     prometheus.Counter
 	abandoned        prometheus.Counter
 	conns            prometheus.Gauge
+	acceptErrors     *prometheus.CounterVec
+	sideRefused      prometheus.Counter
 	s                *Server
 }
 
@@ -48,7 +50,11 @@ func newMetrics(s *Server) *metrics {
 	m.quotaRefused = prometheus.NewCounter(prometheus.CounterOpts{Name: "hcache_quota_refused_total", Help: "Appends refused by a namespace quota."})
 	m.abandoned = prometheus.NewCounter(prometheus.CounterOpts{Name: "hcache_writers_abandoned_total", Help: "Writers dropped because their client's connection ended."})
 	m.conns = prometheus.NewGauge(prometheus.GaugeOpts{Name: "hcache_connections", Help: "Open client connections."})
-	for _, c := range []prometheus.Collector{m.restores, m.restoreStage, m.restoreTokens, m.flushSeconds, m.appendBytes, m.rpcs,
+	m.acceptErrors = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "hcache_accept_errors_total",
+		Help: "Failed accepts by listener (api, tcp, shm) and errno (EMFILE, ENFILE, ECONNABORTED, ...): each is retried after a backoff."}, []string{"listener", "errno"})
+	m.sideRefused = prometheus.NewCounter(prometheus.CounterOpts{Name: "hcache_side_refused_total",
+		Help: "Side connections refused at accept: past --max-side-pending-per-uid or --max-side-pending."})
+	for _, c := range []prometheus.Collector{m.acceptErrors, m.sideRefused, m.restores, m.restoreStage, m.restoreTokens, m.flushSeconds, m.appendBytes, m.rpcs,
 		m.checksumFailures, m.identityMismatch, m.ioErrors, m.quotaRefused, m.abandoned, m.conns} {
 		f(c)
 	}
@@ -83,12 +89,15 @@ func newMetrics(s *Server) *metrics {
 		defer s.mu.Unlock()
 		return float64(len(s.writers))
 	})
-	f(usageCollector{s})
+	if s.cfg.MetricsNamespaces {
+		f(usageCollector{s})
+	}
 	return m
 }
 
 // usageCollector exports each namespace's row bytes (what quotas count) and
-// its quota.
+// its quota; only with Config.MetricsNamespaces (--metrics-namespaces),
+// since /metrics answers anyone who can reach it.
 type usageCollector struct{ s *Server }
 
 var (

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 	"unicode/utf8"
 
@@ -63,6 +64,15 @@ func validName(what, s string) error {
 	return nil
 }
 
+// ValidNamespace checks a namespace name: validName's rules, and not "*",
+// which grants, quotas and token files read as "every namespace".
+func ValidNamespace(ns string) error {
+	if ns == All {
+		return fmt.Errorf("namespace %q is reserved: grants, quotas and token files read it as every namespace", ns)
+	}
+	return validName("namespace", ns)
+}
+
 // target authenticates the caller, validates the context reference and
 // checks the caller's grant on its namespace.
 func (s *Server) target(ctx context.Context, ref *hcachev1.ContextRef) (*caller, string, string, error) {
@@ -73,7 +83,7 @@ func (s *Server) target(ctx context.Context, ref *hcachev1.ContextRef) (*caller,
 	if ref == nil {
 		return nil, "", "", status.Error(codes.InvalidArgument, "ctx (namespace and id) is required")
 	}
-	if err := validName("namespace", ref.GetNamespace()); err != nil {
+	if err := ValidNamespace(ref.GetNamespace()); err != nil {
 		return nil, "", "", status.Error(codes.InvalidArgument, err.Error())
 	}
 	if err := validName("context id", ref.GetId()); err != nil {
@@ -131,7 +141,9 @@ func (s *Server) storeErr(err error) error {
 		s.metrics.checksumFailures.Inc()
 	case errors.Is(err, chunk.ErrBusy):
 		code = codes.Aborted
-	case errors.Is(err, chunk.ErrStagingFull):
+	case errors.Is(err, chunk.ErrStagingFull), errors.Is(err, chunk.ErrDiskFull), errors.Is(err, syscall.ENOSPC):
+		// A full disk is the store's capacity running out, not a fault of
+		// the daemon's: the client may retry once contexts are deleted.
 		code = codes.ResourceExhausted
 	case errors.Is(err, chunk.ErrRowSize), errors.Is(err, chunk.ErrIdentity):
 		code = codes.InvalidArgument
@@ -186,10 +198,12 @@ func (s *Server) OpenContext(ctx context.Context, req *hcachev1.OpenContextReque
 	var w *chunk.Writer
 	switch req.GetMode() {
 	case hcachev1.OpenMode_CREATE:
-		if n := s.store.NumContexts(); n >= s.cfg.MaxContexts {
-			return nil, status.Errorf(codes.ResourceExhausted, "the store holds %d contexts (--max-contexts %d)", n, s.cfg.MaxContexts)
+		done, serr := s.takeContextSlot(ns)
+		if serr != nil {
+			return nil, serr
 		}
 		w, err = s.store.Create(ns, id, ident, chunk.CreateOptions{Pinned: req.GetPinned()})
+		done(err == nil)
 	case hcachev1.OpenMode_APPEND:
 		w, err = s.store.Append(ns, id, ident)
 	default:
@@ -634,7 +648,7 @@ func (s *Server) List(ctx context.Context, req *hcachev1.ListRequest) (*hcachev1
 		return nil, err
 	}
 	if ns := req.GetNamespace(); ns != "" {
-		if err := validName("namespace", ns); err != nil {
+		if err := ValidNamespace(ns); err != nil {
 			return nil, status.Error(codes.InvalidArgument, err.Error())
 		}
 		if err := c.check(ns); err != nil {
@@ -668,6 +682,7 @@ func (s *Server) Delete(ctx context.Context, req *hcachev1.DeleteRequest) (*hcac
 	if err := s.store.Delete(ns, id); err != nil {
 		return nil, s.storeErr(err)
 	}
+	s.contextGone(ns)
 	s.recount(ns)
 	return &hcachev1.DeleteReply{}, nil
 }
@@ -733,5 +748,54 @@ func (s *Server) Gc(ctx context.Context, _ *hcachev1.GcRequest) (*hcachev1.GcRep
 // OnEvict is to be set as the store's Options.OnEvict: it recounts the
 // namespace's usage.
 func (s *Server) OnEvict(ns, id string) {
-	go s.recount(ns)
+	go func() {
+		s.contextGone(ns)
+		s.recount(ns)
+	}()
+}
+
+// takeContextSlot reserves room for one more context in ns (empty contexts
+// count: each holds an index entry and a slot of --max-contexts), or refuses
+// with RESOURCE_EXHAUSTED naming the limit. The message tells nothing about
+// other namespaces. done(true) turns the reservation into a context,
+// done(false) gives it back.
+func (s *Server) takeContextSlot(ns string) (func(created bool), error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.ctxTotal+s.creatingTotal >= s.cfg.MaxContexts {
+		return nil, status.Errorf(codes.ResourceExhausted, "the store is full: it holds --max-contexts %d contexts (empty ones included)", s.cfg.MaxContexts)
+	}
+	if n := s.nsCtx[ns] + s.creating[ns]; n >= s.cfg.MaxContextsPerNamespace {
+		return nil, status.Errorf(codes.ResourceExhausted, "namespace %q holds %d contexts (empty ones included): --max-contexts-per-namespace %d", ns, n, s.cfg.MaxContextsPerNamespace)
+	}
+	s.creating[ns]++
+	s.creatingTotal++
+	return func(created bool) {
+		s.mu.Lock()
+		defer s.mu.Unlock()
+		s.creating[ns]--
+		s.creatingTotal--
+		if s.creating[ns] == 0 {
+			delete(s.creating, ns)
+		}
+		if created {
+			s.nsCtx[ns]++
+			s.ctxTotal++
+			s.ctxGen[ns]++
+		}
+	}, nil
+}
+
+// contextGone counts a context deleted or evicted.
+func (s *Server) contextGone(ns string) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.ctxGen[ns]++
+	if s.nsCtx[ns] > 0 {
+		s.nsCtx[ns]--
+		s.ctxTotal--
+	}
+	if s.nsCtx[ns] == 0 {
+		delete(s.nsCtx, ns)
+	}
 }

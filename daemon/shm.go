@@ -101,26 +101,84 @@ func (r *regions) size() int64 {
 	return r.bytes
 }
 
-// serveShm accepts region registrations until the listener closes.
-func (s *Server) serveShm(ln *net.UnixListener) {
+// serveShm accepts region registrations until the listener closes (ln is a
+// steadyListener: transient accept errors are retried there). A connection
+// from a user granted nothing is answered ERR and closed at once; so is one
+// past the limits of side connections not registered yet (per user, and in
+// all), so that no user can hold the daemon's file descriptors with silent
+// connections. A pending connection has SideRegisterTimeout to register.
+func (s *Server) serveShm(ln net.Listener) {
 	for {
-		c, err := ln.AcceptUnix()
+		c, err := ln.Accept()
 		if err != nil {
 			return
+		}
+		uc, ok := c.(*net.UnixConn)
+		if !ok {
+			c.Close()
+			continue
+		}
+		cred, err := ucred(uc)
+		if err != nil {
+			s.refuseSide(uc, fmt.Errorf("SO_PEERCRED: %v", err))
+			continue
+		}
+		if len(s.uidGrant(cred.Uid)) == 0 {
+			s.refuseSide(uc, fmt.Errorf("uid %d is granted no namespace", cred.Uid))
+			continue
+		}
+		release, err := s.takeSidePending(cred.Uid)
+		if err != nil {
+			s.metrics.sideRefused.Inc()
+			s.refuseSide(uc, err)
+			continue
 		}
 		s.shmConns.Add(1)
 		go func() {
 			defer s.shmConns.Done()
-			s.handleShm(c)
+			s.handleShm(uc, cred, release)
 		}()
 	}
 }
 
-// shmRegisterTimeout bounds the wait for a registration message.
-const shmRegisterTimeout = 10 * time.Second
+// refuseSide answers a side connection ERR and closes it, without waiting on
+// the peer.
+func (s *Server) refuseSide(c *net.UnixConn, err error) {
+	s.log.Warn("side connection refused", "err", err)
+	c.SetWriteDeadline(time.Now().Add(100 * time.Millisecond))
+	fmt.Fprintf(c, "ERR %s\n", oneLine(err.Error()))
+	c.Close()
+}
 
-func (s *Server) handleShm(c *net.UnixConn) {
+// takeSidePending takes a slot of the side connections not registered yet,
+// or refuses; the returned func gives it back (once).
+func (s *Server) takeSidePending(uid uint32) (func(), error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if n := s.sidePending[uid]; n >= s.cfg.MaxSidePendingPerUID {
+		return nil, fmt.Errorf("uid %d already has %d side connections waiting to register (--max-side-pending-per-uid)", uid, n)
+	}
+	if s.sidePendingTotal >= s.cfg.MaxSidePending {
+		return nil, fmt.Errorf("%d side connections are waiting to register (--max-side-pending)", s.sidePendingTotal)
+	}
+	s.sidePending[uid]++
+	s.sidePendingTotal++
+	var once sync.Once
+	return func() {
+		once.Do(func() {
+			s.mu.Lock()
+			if s.sidePending[uid]--; s.sidePending[uid] == 0 {
+				delete(s.sidePending, uid)
+			}
+			s.sidePendingTotal--
+			s.mu.Unlock()
+		})
+	}, nil
+}
+
+func (s *Server) handleShm(c *net.UnixConn, cred *unix.Ucred, release func()) {
 	defer c.Close()
+	defer release()
 	// Stop closes every side connection, registered or not.
 	s.shmMu.Lock()
 	s.shmOpen[c] = true
@@ -130,11 +188,11 @@ func (s *Server) handleShm(c *net.UnixConn) {
 		delete(s.shmOpen, c)
 		s.shmMu.Unlock()
 	}()
-	c.SetReadDeadline(time.Now().Add(shmRegisterTimeout))
-	g, err := s.registerRegion(c)
-	c.SetReadDeadline(time.Time{})
+	c.SetDeadline(time.Now().Add(s.cfg.SideRegisterTimeout))
+	g, err := s.registerRegion(c, cred)
 	if err != nil {
 		s.log.Warn("shared region refused", "err", err)
+		c.SetWriteDeadline(time.Now().Add(100 * time.Millisecond))
 		fmt.Fprintf(c, "ERR %s\n", oneLine(err.Error()))
 		return
 	}
@@ -143,6 +201,9 @@ func (s *Server) handleShm(c *net.UnixConn) {
 		s.regions.drop(g)
 		return
 	}
+	c.SetDeadline(time.Time{})
+	// Registered: the connection now counts against --max-regions instead.
+	release()
 	// The region lives as long as the connection.
 	io.Copy(io.Discard, c)
 	s.regions.drop(g)
@@ -151,11 +212,7 @@ func (s *Server) handleShm(c *net.UnixConn) {
 
 func oneLine(s string) string { return string(bytes.ReplaceAll([]byte(s), []byte("\n"), []byte(" "))) }
 
-func (s *Server) registerRegion(c *net.UnixConn) (*region, error) {
-	cred, err := ucred(c)
-	if err != nil {
-		return nil, err
-	}
+func (s *Server) registerRegion(c *net.UnixConn, cred *unix.Ucred) (*region, error) {
 	if len(s.uidGrant(cred.Uid)) == 0 {
 		return nil, fmt.Errorf("uid %d is granted no namespace", cred.Uid)
 	}

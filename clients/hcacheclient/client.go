@@ -17,6 +17,7 @@ import (
 	"net"
 	"strconv"
 	"strings"
+	"time"
 
 	"golang.org/x/sys/unix"
 	"google.golang.org/grpc"
@@ -344,7 +345,7 @@ func (c *Client) NewRegion(ctx context.Context, size int) (*Region, error) {
 	if err != nil {
 		return nil, err
 	}
-	g, err := register(info.GetShmSocket(), fd, mem)
+	g, err := register(ctx, info.GetShmSocket(), fd, mem)
 	if err != nil {
 		unix.Munmap(mem)
 		return nil, err
@@ -352,11 +353,28 @@ func (c *Client) NewRegion(ctx context.Context, size int) (*Region, error) {
 	return g, nil
 }
 
-func register(path string, fd int, mem []byte) (*Region, error) {
-	conn, err := net.DialUnix("unix", nil, &net.UnixAddr{Name: path, Net: "unix"})
-	if err != nil {
-		return nil, err
+// RegisterTimeout bounds a region registration when the context passed to
+// NewRegion has no earlier deadline (a daemon that never answers would
+// otherwise hold the caller forever).
+const RegisterTimeout = 10 * time.Second
+
+func register(ctx context.Context, path string, fd int, mem []byte) (*Region, error) {
+	deadline := time.Now().Add(RegisterTimeout)
+	if d, ok := ctx.Deadline(); ok && d.Before(deadline) {
+		deadline = d
 	}
+	ctx, cancel := context.WithDeadline(ctx, deadline)
+	defer cancel()
+	var d net.Dialer
+	nc, err := d.DialContext(ctx, "unix", path)
+	if err != nil {
+		return nil, fmt.Errorf("hcacheclient: region registration: %w", err)
+	}
+	conn := nc.(*net.UnixConn)
+	// The deadline covers the exchange; cancelling ctx cuts it short too.
+	conn.SetDeadline(deadline)
+	stop := context.AfterFunc(ctx, func() { conn.SetDeadline(time.Unix(1, 0)) })
+	defer stop()
 	if _, _, err := conn.WriteMsgUnix([]byte("HCSHM001"), unix.UnixRights(fd), nil); err != nil {
 		conn.Close()
 		return nil, err
@@ -375,6 +393,11 @@ func register(path string, fd int, mem []byte) (*Region, error) {
 		conn.Close()
 		return nil, fmt.Errorf("hcacheclient: region registered with size %s, want %d", f[2], len(mem))
 	}
+	if !stop() {
+		conn.Close()
+		return nil, fmt.Errorf("hcacheclient: region registration: %w", ctx.Err())
+	}
+	conn.SetDeadline(time.Time{})
 	return &Region{ID: f[1], Mem: mem, side: conn}, nil
 }
 

@@ -105,6 +105,30 @@ class ClientTest(unittest.TestCase):
         self.assertEqual(rows[0], layer_rows(0, 0, 10, 64, 3).tobytes())
 
 
+class RegisterDeadlineTest(unittest.TestCase):
+    def test_silent_side_socket(self):
+        """A side socket that never answers fails the registration with
+        DEADLINE_EXCEEDED instead of holding the caller forever."""
+        import socket
+        import tempfile
+
+        d = tempfile.mkdtemp()
+        path = os.path.join(d, "silent.shm")
+        ln = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        ln.bind(path)
+        ln.listen(8)  # never accepts: the connect lands in the backlog
+        g = hc.Region(4096)
+        try:
+            with self.assertRaises(hc.Error) as cm:
+                g.register(path, timeout=0.5)
+            self.assertEqual(cm.exception.code, grpc.StatusCode.DEADLINE_EXCEEDED)
+        finally:
+            g.close()
+            ln.close()
+            os.unlink(path)
+            os.rmdir(d)
+
+
 class TCPTest(unittest.TestCase):
     def setUp(self):
         if TCP is None:

@@ -493,6 +493,9 @@ func TestBadFlags(t *testing.T) {
 		{"bad grant namespace", []string{"--dir", dir, "--listen", sock, "--grant", "1000=a\x01b"}, 1, "control character"},
 		{"bad quota", []string{"--dir", dir, "--listen", sock, "--quota", "ns=lots"}, 2, "bad size"},
 		{"quota without namespace", []string{"--dir", dir, "--listen", sock, "--quota", "5G"}, 1, "want NS=BYTES"},
+		{"quota on namespace *", []string{"--dir", dir, "--listen", sock, "--quota", "*=5G"}, 1, "reserved"},
+		{"grant of a namespace with control characters", []string{"--dir", dir, "--listen", sock, "--grant", "1000=a,\x7f"}, 1, "control character"},
+		{"bad capacity", []string{"--dir", dir, "--listen", sock, "--capacity", "-2"}, 2, "bad size"},
 		{"token file readable by others", []string{"--dir", dir, "--listen", sock, "--tokens", open}, 1, "chmod 600"},
 		{"short token", []string{"--dir", dir, "--listen", sock, "--tokens", short}, 1, "shorter than 16"},
 		{"tcp without tokens", []string{"--dir", dir, "--listen", sock, "--tcp", "127.0.0.1:0", "--metrics", ""}, 1, "needs a token file"},
@@ -503,7 +506,10 @@ func TestBadFlags(t *testing.T) {
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
-			out, err := exec.Command(bin, tc.args...).CombinedOutput()
+			// A bad flag that is accepted would serve forever: bound it.
+			ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+			defer cancel()
+			out, err := exec.CommandContext(ctx, bin, tc.args...).CombinedOutput()
 			code := 0
 			if ee, ok := err.(*exec.ExitError); ok {
 				code = ee.ExitCode()

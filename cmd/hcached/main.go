@@ -7,6 +7,7 @@
 package main
 
 import (
+	"errors"
 	"flag"
 	"fmt"
 	"log/slog"
@@ -45,7 +46,12 @@ func run(args []string) int {
 	fs.Var(&grants, "grant", "UID=NS[,NS...]: namespaces a unix user may use, \"*\" = all (repeatable; default: this daemon's user gets *)")
 	fs.Var(&quotas, "quota", "NS=BYTES: stored row bytes allowed in a namespace (repeatable)")
 	defQuota := fs.String("default-quota", "0", "row bytes allowed in a namespace without --quota (0: unlimited)")
-	maxContexts := fs.Int("max-contexts", daemon.DefaultMaxContexts, "contexts the store may hold")
+	maxContexts := fs.Int("max-contexts", daemon.DefaultMaxContexts, "contexts the store may hold (empty ones included)")
+	maxContextsNS := fs.Int("max-contexts-per-namespace", 0, "contexts one namespace may hold, empty ones included (0: a fair share, --max-contexts divided by the number of namespaces --grant and --tokens name)")
+	maxSidePendingUID := fs.Int("max-side-pending-per-uid", daemon.DefaultMaxSidePendingPerUID, "side (shared-memory) connections of one user that have not registered a region yet")
+	maxSidePending := fs.Int("max-side-pending", daemon.DefaultMaxSidePending, "side connections of all users that have not registered a region yet")
+	sideRegisterTimeout := fs.Duration("side-register-timeout", daemon.DefaultSideRegisterTimeout, "how long a side connection may take to register its region")
+	metricsNS := fs.Bool("metrics-namespaces", false, "export per-namespace series (namespace names, row bytes, quotas) on /metrics, which any local user can read")
 	maxTokens := fs.Uint64("max-tokens", daemon.DefaultMaxTokensPerContext, "tokens per context")
 	maxInflight := fs.Int("max-inflight", daemon.DefaultMaxInflight, "concurrent requests per client connection")
 	maxConns := fs.Int("max-conns", daemon.DefaultMaxConnsPerUID, "unix socket connections per user")
@@ -63,6 +69,9 @@ func run(args []string) int {
 	idleReadBufs := fs.String("idle-read-buffers", strconv.FormatInt(chunk.DefaultIdleReadBufferBytes, 10), "restore buffers kept mapped for reuse while idle (0: none)")
 	logLevel := fs.String("log-level", "info", "debug, info, warn or error")
 	if err := fs.Parse(args); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			return 0
+		}
 		return 2
 	}
 	var lvl slog.Level
@@ -91,7 +100,9 @@ func run(args []string) int {
 	cfg := daemon.Config{
 		Listen: strings.TrimPrefix(strings.TrimPrefix(*listen, "unix://"), "unix:"), TCP: *tcp, TLSCertFile: *tlsCert, TLSKeyFile: *tlsKey, Metrics: *metricsAddr,
 		Quotas: map[string]int64{}, DefaultQuota: size("default-quota", *defQuota),
-		MaxContexts: *maxContexts, MaxTokensPerContext: *maxTokens, MaxInflight: *maxInflight, MaxConnsPerUID: *maxConns,
+		MaxContexts: *maxContexts, MaxContextsPerNamespace: *maxContextsNS,
+		MaxSidePendingPerUID: *maxSidePendingUID, MaxSidePending: *maxSidePending, SideRegisterTimeout: *sideRegisterTimeout, MetricsNamespaces: *metricsNS,
+		MaxTokensPerContext: *maxTokens, MaxInflight: *maxInflight, MaxConnsPerUID: *maxConns,
 		MaxMessageBytes: int(size("max-message", *maxMsg)), MaxRegionBytes: size("max-region", *maxRegion), MaxRegionsPerUID: *maxRegions,
 		GCInterval: *gcInterval, StopTimeout: *stopTimeout, RestoreTimeout: *restoreTimeout, Logger: log,
 	}
@@ -117,6 +128,9 @@ func run(args []string) int {
 		if !ok {
 			return fail("--quota %q: want NS=BYTES", q)
 		}
+		if err := daemon.ValidNamespace(ns); err != nil {
+			return fail("--quota %q: %v (--default-quota bounds every namespace without a --quota)", q, err)
+		}
 		cfg.Quotas[ns] = size("quota", v)
 	}
 	if *tokens != "" {
@@ -139,7 +153,11 @@ func run(args []string) int {
 		cfg.Models = append(cfg.Models, lm)
 	}
 	var srv atomic.Pointer[daemon.Server]
-	st, err := chunk.Open(chunk.Options{Dir: *dir, ChunkTokens: *chunkTokens, CapacityBytes: size("capacity", *capacity),
+	capBytes := int64(-1) // "-1": no bound
+	if strings.TrimSpace(*capacity) != "-1" {
+		capBytes = size("capacity", *capacity)
+	}
+	st, err := chunk.Open(chunk.Options{Dir: *dir, ChunkTokens: *chunkTokens, CapacityBytes: capBytes,
 		CacheBytes: size("cache", *cacheBytes), StagingBytes: size("staging", *staging),
 		RestoreAheadBytes: orNone(size("restore-ahead", *restoreAhead)), IdleReadBufferBytes: orNone(size("idle-read-buffers", *idleReadBufs)),
 		GCInterval: -1, // the daemon runs GC itself, so that fsck can exclude it

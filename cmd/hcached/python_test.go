@@ -155,7 +155,7 @@ func TestPythonClient(t *testing.T) {
 	if err != nil {
 		t.Fatalf("test_client.py: %v\n%s", err, out)
 	}
-	if !bytes.Contains(out, []byte("Ran 4 tests")) || !bytes.Contains(out, []byte("\nOK")) || bytes.Contains(out, []byte("skipped")) {
-		t.Fatalf("test_client.py did not run its 4 tests:\n%s", out)
+	if !bytes.Contains(out, []byte("Ran 5 tests")) || !bytes.Contains(out, []byte("\nOK")) || bytes.Contains(out, []byte("skipped")) {
+		t.Fatalf("test_client.py did not run its 5 tests:\n%s", out)
 	}
 }

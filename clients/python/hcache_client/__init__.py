@@ -29,6 +29,7 @@ from . import hcache_pb2 as pb
 
 NONE, HIDDEN, KV = pb.LAYER_NONE, pb.LAYER_HIDDEN, pb.LAYER_KV
 SHM_MAGIC = b"HCSHM001"
+REGISTER_TIMEOUT = 10.0  # seconds a region registration may take
 
 _METHODS = {
     # name: (request type, reply type, server streaming)
@@ -83,16 +84,27 @@ class Region:
         self.id = None
         self._side = None
 
-    def register(self, path):
+    def register(self, path, timeout=REGISTER_TIMEOUT):
+        """Registers the region on the daemon's side socket; a daemon that
+        does not answer within timeout seconds fails it (DEADLINE_EXCEEDED)."""
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        s.connect(path)
-        socket.send_fds(s, [SHM_MAGIC], [self.fd])
+        s.settimeout(timeout)
         line = b""
-        while not line.endswith(b"\n"):
-            b = s.recv(256)
-            if not b:
-                break
-            line += b
+        try:
+            s.connect(path)
+            socket.send_fds(s, [SHM_MAGIC], [self.fd])
+            while not line.endswith(b"\n"):
+                b = s.recv(256)
+                if not b:
+                    break
+                line += b
+        except socket.timeout:
+            s.close()
+            raise Error(grpc.StatusCode.DEADLINE_EXCEEDED, f"region registration: no answer from {path} within {timeout} s")
+        except OSError:
+            s.close()
+            raise
+        s.settimeout(None)
         f = line.decode().split()
         if len(f) != 3 or f[0] != "OK":
             s.close()
