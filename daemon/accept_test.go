@@ -137,6 +137,7 @@ func TestDiskFullIsResourceExhausted(t *testing.T) {
 		{"segment grow meets ENOSPC", fmt.Errorf("chunk: grow 000001.seg: %w", os.NewSyscallError("fallocate", syscall.ENOSPC)), codes.ResourceExhausted},
 		{"staging full", chunk.ErrStagingFull, codes.ResourceExhausted},
 		{"other I/O error", os.NewSyscallError("pwrite", syscall.EIO), codes.Internal},
+		{"store broken by a violated invariant", fmt.Errorf("append ns/x: %w", chunk.ErrInvariant), codes.FailedPrecondition},
 	}
 	for _, tc := range cases {
 		if got := status.Code(s.storeErr(tc.err)); got != tc.code {

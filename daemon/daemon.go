@@ -419,8 +419,9 @@ func (s *Server) gcLoop() {
 }
 
 // Connection tracking: each connection gets an id (in its RPCs' contexts);
-// when it ends, the writers it opened are abandoned (unflushed rows dropped,
-// durable ones kept) so the context can be reopened.
+// when it ends, the writers it opened are abandoned (whole groups already with
+// the flusher become durable, the partial last group is dropped) so the
+// context can be reopened.
 
 type connKey struct{}
 
@@ -474,7 +475,7 @@ func (s *Server) connEnded(id uint64) {
 		w.closed = true
 		w.w.Abandon()
 		w.mu.Unlock()
-		s.log.Warn("client gone: writer abandoned, unflushed rows dropped", "ns", w.ns, "id", w.id)
+		s.log.Warn("client gone: writer abandoned, its partial last group dropped", "ns", w.ns, "id", w.id)
 		s.metrics.abandoned.Inc()
 		s.recount(w.ns)
 	}

@@ -70,6 +70,7 @@ func newMetrics(s *Server) *metrics {
 	counter("hcache_commits_total", "Index group commits.", func(x chunk.Stats) float64 { return float64(x.Commits) })
 	counter("hcache_dram_slice_hits_total", "Slices served from the DRAM tier instead of the disk.", func(x chunk.Stats) float64 { return float64(x.CacheHits) })
 	counter("hcache_evictions_total", "Contexts evicted for space.", func(x chunk.Stats) float64 { return float64(x.Evictions) })
+	counter("hcache_invariant_violations_total", "The store's own invariants found violated (bugs); while any is, the store refuses writes and serves reads (chunk.ErrInvariant).", func(x chunk.Stats) float64 { return float64(x.InvariantViolations) })
 	counter("hcache_damaged_contexts_total", "Contexts marked damaged by a checksum failure or missing data.", func(x chunk.Stats) float64 { return float64(x.Damaged) })
 	counter("hcache_gc_segments_total", "Segments compacted by GC.", func(x chunk.Stats) float64 { return float64(x.GCRuns) })
 	counter("hcache_gc_moved_bytes_total", "Bytes rewritten by GC.", func(x chunk.Stats) float64 { return float64(x.GCMovedBytes) })

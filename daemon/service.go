@@ -149,6 +149,11 @@ func (s *Server) storeErr(err error) error {
 		code = codes.InvalidArgument
 	case errors.Is(err, chunk.ErrClosed):
 		code = codes.Unavailable
+	case errors.Is(err, chunk.ErrInvariant):
+		// The store found a bug of its own and refuses writes until it is
+		// reopened; reads go on. Not the client's fault, and retrying
+		// will not help until an operator restarts the daemon.
+		code = codes.FailedPrecondition
 	case errors.Is(err, context.Canceled):
 		code = codes.Canceled
 	default:
