@@ -13,6 +13,8 @@ import (
 	"time"
 
 	"github.com/cockroachdb/pebble/v2/vfs"
+
+	"github.com/hcache/hcache/internal/testseed"
 )
 
 // bigIdentity has realistic row sizes: four hidden layers of 2 KiB rows
@@ -27,8 +29,7 @@ func bigIdentity() *Identity {
 // lengths one after another keeps the idle restore buffers (mapped memory
 // outside the Go heap) within IdleReadBufferBytes.
 func TestIdleRestoreBuffersBounded(t *testing.T) {
-	seed := time.Now().UnixNano()
-	t.Logf("seed %d", seed)
+	seed := testseed.Seed(t)
 	rng := rand.New(rand.NewSource(seed))
 	ident := bigIdentity()
 	const limit = 1 << 20
