@@ -468,12 +468,18 @@ func TestBackendTurnsAlternate(t *testing.T) {
 		done: [2]chan struct{}{make(chan struct{}), make(chan struct{})}}
 	rest := NewRestorer(st, tb, nil, Settings{MaxConcurrent: 2})
 	tb.rest = rest
-	var wg sync.WaitGroup
+	// Every cache's owner is known before either restore starts (the
+	// backend reads the map from the restores' goroutines).
+	dsts := make([][]*gpu.PagedKV, len(ctxs))
 	for i, sv := range ctxs {
-		dst := pagedFor(t, c, sv.ref.Tokens)
-		for _, p := range dst {
+		dsts[i] = pagedFor(t, c, sv.ref.Tokens)
+		for _, p := range dsts[i] {
 			tb.owner[p] = i
 		}
+	}
+	var wg sync.WaitGroup
+	for i, sv := range ctxs {
+		dst := dsts[i]
 		wg.Add(1)
 		go func(i int, sv *saved) {
 			defer wg.Done()
