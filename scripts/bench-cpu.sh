@@ -2,7 +2,8 @@
 # The CPU benchmarks whose figures README.md and DESIGN.md quote, run one after
 # the other (never two at once), each command's JSON (stdout) and log (stderr)
 # kept under OUT with the date, commit, machine and load average of the run.
-#   bash scripts/bench-cpu.sh [OUT] [BIN] [DIR]
+#   BIN_COMMIT=$(git rev-parse --short HEAD) bash scripts/bench-cpu.sh [OUT] [BIN] [DIR]
+# (build BIN first: go build -o bin/hcache ./cmd/hcache; commit nothing while it runs)
 set -euo pipefail
 OUT=${1:-bench/results/cpu-$(date -u +%F)}
 BIN=${2:-bin/hcache}
@@ -12,7 +13,8 @@ run() { # name, args...
 	local name=$1; shift
 	{
 		echo "date: $(date -u +%FT%TZ)"
-		echo "commit: $(git rev-parse --short HEAD)$(git diff --quiet HEAD -- . ':!bench/results' || echo ' (+ uncommitted changes)')"
+		echo "commit: $(git rev-parse --short HEAD)$(git diff --quiet HEAD -- . ':!bench/results' || echo ' (+ uncommitted changes)') (the checkout's HEAD now)"
+		echo "binary: $BIN, sha256 $(sha256sum "$BIN" | cut -c1-16), built from ${BIN_COMMIT:-an unrecorded commit (set BIN_COMMIT)}"
 		echo "machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), $(uname -r)"
 		echo "load average before: $(cut -d' ' -f1-3 /proc/loadavg)"
 		echo "command: hcache $*"
