@@ -11,6 +11,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/hcache/hcache/internal/testseed"
 	"github.com/hcache/hcache/lsm"
 )
 
@@ -31,8 +32,7 @@ func within(t *testing.T, what string, d time.Duration, fn func()) {
 // TestEvictionRacesRestore: eviction ranks contexts by last use while
 // restores update it (the race detector flagged the unlocked read).
 func TestEvictionRacesRestore(t *testing.T) {
-	seed := time.Now().UnixNano()
-	t.Logf("seed %d", seed)
+	seed := testseed.Seed(t)
 	rng := rand.New(rand.NewSource(seed))
 	ident := testIdentity("m")
 	e := newEnv(t, "mem", func(o *Options) { o.CapacityBytes = 6 * 2 * (4096 + 3*16*256) })

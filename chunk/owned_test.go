@@ -11,6 +11,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/hcache/hcache/internal/testseed"
 	"github.com/hcache/hcache/iouring"
 )
 
@@ -19,8 +20,7 @@ import (
 // before its release; at most ahead buffers are out at once; RestoreOwned
 // returns only after the last release.
 func TestRestoreOwned(t *testing.T) {
-	seed := time.Now().UnixNano()
-	t.Logf("seed %d", seed)
+	seed := testseed.Seed(t)
 	rng := rand.New(rand.NewSource(seed))
 	e := newEnv(t, "disk", nil)
 	s := e.open()

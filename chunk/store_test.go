@@ -14,6 +14,7 @@ import (
 	"github.com/cockroachdb/pebble/v2/vfs"
 
 	"github.com/hcache/hcache/internal/rows"
+	"github.com/hcache/hcache/internal/testseed"
 )
 
 // backends runs each test on the crashable in-memory FS and on real files
@@ -506,8 +507,7 @@ func TestGCUnderConcurrentReads(t *testing.T) {
 }
 
 func TestCrashKeepsAcknowledged(t *testing.T) {
-	seed := time.Now().UnixNano()
-	t.Logf("seed %d", seed)
+	seed := testseed.Seed(t)
 	rng := rand.New(rand.NewSource(seed))
 	crashRNG := randv2.New(randv2.NewPCG(uint64(seed), 1))
 	fs := vfs.NewCrashableMem()
@@ -585,8 +585,7 @@ func TestCrashKeepsAcknowledged(t *testing.T) {
 func TestConcurrentWritersAndReaders(t *testing.T) {
 	for _, backend := range backends {
 		t.Run(backend, func(t *testing.T) {
-			seed := time.Now().UnixNano()
-			t.Logf("seed %d", seed)
+			seed := testseed.Seed(t)
 			e := newEnv(t, backend, func(o *Options) { o.SegmentBytes = 1 << 20; o.CacheBytes = 1 << 20 })
 			s := e.open()
 			ident := testIdentity("m")

@@ -36,6 +36,7 @@ import (
 	hc "github.com/hcache/hcache/clients/hcacheclient"
 	"github.com/hcache/hcache/daemon"
 	"github.com/hcache/hcache/gpu/cuda"
+	"github.com/hcache/hcache/internal/testseed"
 	"github.com/hcache/hcache/model"
 	hcachev1 "github.com/hcache/hcache/proto/hcache/v1"
 	"github.com/hcache/hcache/serve"
@@ -530,8 +531,7 @@ func TestTCPNeedsToken(t *testing.T) {
 }
 
 func TestSharedRegionRoundTrip(t *testing.T) {
-	seed := time.Now().UnixNano()
-	t.Logf("seed %d", seed)
+	seed := testseed.Seed(t)
 	rng := rand.New(rand.NewSource(seed))
 	e := start(t, nil)
 	c := e.dial()

@@ -4,8 +4,8 @@ import (
 	"bytes"
 	"math/rand"
 	"testing"
-	"time"
 
+	"github.com/hcache/hcache/internal/testseed"
 	"github.com/hcache/hcache/model"
 )
 
@@ -55,8 +55,7 @@ func TestProjectionIsLossless(t *testing.T) {
 		{"tiny-opt", "OPT with biases, learned positions, no rope"},
 		{"tiny-linear-rope", "linear rope scaling, interleaved rotary, fp32"},
 	}
-	seed := time.Now().UnixNano()
-	t.Logf("seed %d", seed)
+	seed := testseed.Seed(t)
 	for _, cs := range cases {
 		t.Run(cs.preset, func(t *testing.T) {
 			rng := rand.New(rand.NewSource(seed))

@@ -10,9 +10,10 @@ import (
 	"sync"
 	"syscall"
 	"testing"
-	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/hcache/hcache/internal/testseed"
 )
 
 // engines lists both engines; every test runs against each.
@@ -35,8 +36,7 @@ func newEngine(t *testing.T, kind string, entries int) Engine {
 }
 
 func seed(t *testing.T) *rand.Rand {
-	s := time.Now().UnixNano()
-	t.Logf("seed %d", s)
+	s := testseed.Seed(t)
 	return rand.New(rand.NewSource(s))
 }
 

@@ -5,15 +5,15 @@ import (
 	"math"
 	"math/rand"
 	"testing"
-	"time"
+
+	"github.com/hcache/hcache/internal/testseed"
 )
 
 // TestPrefillMatchesForward: the K and V of the first r layers computed by
 // Prefill equal, bit for bit, those of a full forward pass, for every r and
 // every model family.
 func TestPrefillMatchesForward(t *testing.T) {
-	seed := time.Now().UnixNano()
-	t.Logf("seed %d", seed)
+	seed := testseed.Seed(t)
 	rng := rand.New(rand.NewSource(seed))
 	for _, name := range []string{"tiny-llama", "tiny-gqa", "tiny-qwen2", "tiny-opt", "tiny-linear-rope"} {
 		c, _ := Preset(name)

@@ -10,7 +10,8 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
-	"time"
+
+	"github.com/hcache/hcache/internal/testseed"
 )
 
 // torchPython finds a python3 with PyTorch (Debian's python3-torch, which
@@ -65,8 +66,7 @@ func maxRelErr(a, b []float32, floor float64) float64 {
 // four ulps of the dtype at that scale (fp16 2^-11, bf16 2^-8 per ulp).
 func TestForwardMatchesTorch(t *testing.T) {
 	py := torchPython(t)
-	seed := time.Now().UnixNano()
-	t.Logf("seed %d", seed)
+	seed := testseed.Seed(t)
 	for _, preset := range []string{"tiny-llama", "tiny-gqa", "tiny-qwen2", "tiny-opt", "tiny-linear-rope"} {
 		t.Run(preset, func(t *testing.T) {
 			c, _ := Preset(preset)

@@ -38,8 +38,8 @@ step() { # name, command...
 	[ $r -eq 0 ] || rc=1
 }
 step check timeout 90 "$BIN" gpu check --tokens 200 --json
-step llama2-7b timeout 150 "$BIN" bench gpu --model llama2-7b --tokens "$TOKENS" --reps 5 --json
-step llama3-8b timeout 150 "$BIN" bench gpu --model llama3-8b --tokens "$TOKENS" --reps 5 --json
+step llama2-7b timeout 150 "$BIN" bench gpu --model llama2-7b --tokens "$TOKENS" --reps 9 --json
+step llama3-8b timeout 150 "$BIN" bench gpu --model llama3-8b --tokens "$TOKENS" --reps 9 --json
 # The disk's read bandwidth with hcache's io_uring engine (fio is not
 # installed on the GPU machines; it is used where it is).
 step disk timeout 60 "$BIN" bench io --dir "${STORE_DIR:-/tmp}" --size 2G --bs 1M --qd 32 --rounds 1 $(command -v fio >/dev/null || echo --no-fio) --json
@@ -47,8 +47,8 @@ step from-store timeout 120 "$BIN" bench gpu --model llama2-7b --tokens 4096 --r
 python3 - "$OUT" <<'PY' | tee "$OUT/table.md"
 import json, sys, os
 out = sys.argv[1]
-print("| model | tokens | h2d GB/s | copy-only ms | hidden ms | kv ms | hidden/copy | hidden/kv | max_rel_err | unwritten | kv exact | store hidden ms | store kv ms | store read GB/s | fio read GB/s |")
-print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+print("| model | tokens | rounds | h2d GB/s | copy-only ms | hidden ms | kv ms | hidden/copy median [min-max] | hidden/kv median [min-max] | max_rel_err | unwritten | kv exact | store hidden ms | store kv ms | store read GB/s | fio read GB/s |")
+print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 for name in ("llama2-7b", "llama3-8b", "from-store"):
     p = os.path.join(out, name + ".json")
     try:
@@ -58,7 +58,8 @@ for name in ("llama2-7b", "llama3-8b", "from-store"):
     for r in rows:
         g = lambda k: r.get(k, "")
         f = lambda k: ("%.2f" % r[k]) if k in r else ""
-        print(f"| {g('model')} | {g('tokens')} | {g('h2d_gbps'):.1f} | {g('copy_only_ms'):.2f} | {g('hidden_ms'):.2f} | {g('kv_ms'):.2f} | {g('hidden_over_copy'):.3f} | {g('hidden_over_kv'):.3f} | {g('max_rel_err'):.1e} | {g('unwritten')} | {g('kv_exact')} | {f('store_hidden_ms')} | {f('store_kv_ms')} | {f('store_read_gbps')} | {f('fio_read_gbps')} |")
+        sp = lambda k: "%.3f [%.3f-%.3f]" % (r[k]["median"], r[k]["min"], r[k]["max"]) if k in r else ""
+        print(f"| {g('model')} | {g('tokens')} | {g('rounds')} | {g('h2d_gbps'):.1f} | {g('copy_only_ms'):.2f} | {g('hidden_ms'):.2f} | {g('kv_ms'):.2f} | {sp('hidden_over_copy_spread')} | {sp('hidden_over_kv_spread')} | {g('max_rel_err'):.1e} | {g('unwritten')} | {g('kv_exact')} | {f('store_hidden_ms')} | {f('store_kv_ms')} | {f('store_read_gbps')} | {f('fio_read_gbps')} |")
 try:
     d = json.load(open(os.path.join(out, "disk.json")))
     print(f"\ndisk (bench io, {d.get('engine')}, bs {d.get('bs')}, qd {d.get('qd')}): read {d.get('read_gbps', 0):.2f} GB/s, write {d.get('write_gbps', 0):.2f} GB/s")

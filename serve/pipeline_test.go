@@ -12,6 +12,7 @@ import (
 
 	"github.com/hcache/hcache/chunk"
 	"github.com/hcache/hcache/gpu"
+	"github.com/hcache/hcache/internal/testseed"
 	"github.com/hcache/hcache/model"
 	"github.com/hcache/hcache/serve/sched"
 )
@@ -100,8 +101,7 @@ func sameKV(t *testing.T, what string, c *model.Config, want *model.KVCache, pag
 // hidden layers projected, KV layers loaded, overlapped) equals the cache
 // that was never evicted bit for bit, and generation continues identically.
 func TestRestoreEveryScheduledPlan(t *testing.T) {
-	seed := time.Now().UnixNano()
-	t.Logf("seed %d", seed)
+	seed := testseed.Seed(t)
 	st, err := chunk.Open(chunk.Options{Dir: t.TempDir(), ChunkTokens: 16, SegmentBytes: 8 << 20, Logf: t.Logf})
 	if err != nil {
 		t.Fatal(err)
@@ -262,8 +262,7 @@ func TestRestoreBackendFailureStopsReads(t *testing.T) {
 // two layers); and with one admission slot, restores are served strictly in
 // arrival order, so a steady stream of later arrivals cannot starve one.
 func TestConcurrentRestoresShareFairly(t *testing.T) {
-	seed := time.Now().UnixNano()
-	t.Logf("seed %d", seed)
+	seed := testseed.Seed(t)
 	rng := rand.New(rand.NewSource(seed))
 	st, err := chunk.Open(chunk.Options{Dir: t.TempDir(), ChunkTokens: 16, SegmentBytes: 8 << 20, Logf: t.Logf})
 	if err != nil {
@@ -402,11 +401,15 @@ func TestFIFOSemHandsOff(t *testing.T) {
 
 // turnBackend records which restore each backend call serves; before each
 // call it waits until the other restore, while it has layers left, is
-// queued for the backend, so that the order seen is the turn's choice.
+// queued for the backend, so that the order seen is the turn's choice. It
+// waits on those states alone, however long a loaded machine takes to reach
+// them (no wall-clock window); a restore that ended (done, closed by the
+// test) ends the wait too, so a failing restore cannot hang its partner.
 type turnBackend struct {
 	gpu.Backend
 	rest  *Restorer
 	owner map[*gpu.PagedKV]int
+	done  [2]chan struct{}
 	left  [2]int
 	mu    sync.Mutex
 	seq   []int
@@ -414,15 +417,19 @@ type turnBackend struct {
 
 func (b *turnBackend) call(dst *gpu.PagedKV) {
 	me := b.owner[dst]
-	deadline := time.Now().Add(10 * time.Second)
 	for {
 		b.mu.Lock()
 		otherLeft := b.left[1-me]
 		b.mu.Unlock()
-		if otherLeft == 0 || b.rest.turn.waiting() > 0 || time.Now().After(deadline) {
+		if otherLeft == 0 || b.rest.turn.waiting() > 0 {
 			break
 		}
-		time.Sleep(100 * time.Microsecond)
+		select {
+		case <-b.done[1-me]:
+		case <-time.After(100 * time.Microsecond): // poll the turn's queue again
+			continue
+		}
+		break
 	}
 	b.mu.Lock()
 	b.seq = append(b.seq, me)
@@ -457,23 +464,32 @@ func TestBackendTurnsAlternate(t *testing.T) {
 	for i := 0; i < 2; i++ {
 		ctxs = append(ctxs, saveContext(t, st, m, w, sched.PlanOf(c, chunk.LayerKV), fmt.Sprint("t", i), []int{1 + i, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20}, 2))
 	}
-	tb := &turnBackend{Backend: backend, owner: map[*gpu.PagedKV]int{}, left: [2]int{c.Layers, c.Layers}}
+	tb := &turnBackend{Backend: backend, owner: map[*gpu.PagedKV]int{}, left: [2]int{c.Layers, c.Layers},
+		done: [2]chan struct{}{make(chan struct{}), make(chan struct{})}}
 	rest := NewRestorer(st, tb, nil, Settings{MaxConcurrent: 2})
 	tb.rest = rest
-	var wg sync.WaitGroup
+	// Every cache's owner is known before either restore starts (the
+	// backend reads the map from the restores' goroutines).
+	dsts := make([][]*gpu.PagedKV, len(ctxs))
 	for i, sv := range ctxs {
-		dst := pagedFor(t, c, sv.ref.Tokens)
-		for _, p := range dst {
+		dsts[i] = pagedFor(t, c, sv.ref.Tokens)
+		for _, p := range dsts[i] {
 			tb.owner[p] = i
 		}
+	}
+	var wg sync.WaitGroup
+	for i, sv := range ctxs {
+		dst := dsts[i]
 		wg.Add(1)
-		go func(sv *saved) {
+		go func(i int, sv *saved) {
 			defer wg.Done()
+			defer close(tb.done[i])
 			if _, err := rest.Restore(Request{NS: "test", ID: sv.id, Ident: sv.ident, Tokens: sv.tokens, Dst: dst}); err != nil {
 				t.Error(err)
+				return
 			}
 			sameKV(t, sv.id, c, sv.ref, dst)
-		}(sv)
+		}(i, sv)
 	}
 	wg.Wait()
 	// Once both are under way, calls alternate until one has no layers

@@ -6,10 +6,10 @@ import (
 	"math"
 	"math/rand"
 	"testing"
-	"time"
 
 	"github.com/hcache/hcache/chunk"
 	"github.com/hcache/hcache/gpu"
+	"github.com/hcache/hcache/internal/testseed"
 	"github.com/hcache/hcache/model"
 	"github.com/hcache/hcache/serve/sched"
 )
@@ -20,8 +20,7 @@ import (
 // tokens must equal those of a run that never evicted, and the restored cache
 // must equal the evicted one bit for bit.
 func TestLosslessGenerationAfterRestore(t *testing.T) {
-	seed := time.Now().UnixNano()
-	t.Logf("seed %d", seed)
+	seed := testseed.Seed(t)
 	cases := []struct {
 		preset string
 		plan   string // hidden, kv, mixed

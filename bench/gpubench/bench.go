@@ -6,6 +6,7 @@ import (
 	"math/rand"
 	"os"
 	"path/filepath"
+	"sort"
 	"time"
 
 	"github.com/hcache/hcache/bench/fio"
@@ -20,7 +21,7 @@ import (
 type Options struct {
 	Model     string // preset
 	Tokens    []int
-	Reps      int    // timed repetitions (median reported), after one warm-up
+	Reps      int    // timed rounds (median and range reported), after one warm-up round
 	FromStore string // when set: also restore from a store created in this directory
 	Seed      int64
 	CUDA      cuda.Options
@@ -36,16 +37,25 @@ type Result struct {
 	HiddenBytes  int64   `json:"hidden_bytes"`
 	KVBytes      int64   `json:"kv_bytes"`
 	H2DGBps      float64 `json:"h2d_gbps"`
-	CopyOnlyMs   float64 `json:"copy_only_ms"`
+	CopyOnlyMs   float64 `json:"copy_only_ms"` // medians of the rounds
 	HiddenMs     float64 `json:"hidden_ms"`
 	KVMs         float64 `json:"kv_ms"`
 	HiddenGPUMs  float64 `json:"hidden_gpu_ms"`
-	HiddenVsCopy float64 `json:"hidden_over_copy"`
+	HiddenVsCopy float64 `json:"hidden_over_copy"` // median of the rounds' ratios (each round times all three back to back)
 	HiddenVsKV   float64 `json:"hidden_over_kv"`
-	MaxRelErr    float64 `json:"max_rel_err"`
-	MaxAbsErr    float64 `json:"max_abs_err"`
-	Unwritten    int     `json:"unwritten"`
-	KVExact      bool    `json:"kv_exact"`
+	// Rounds: copy-only, hidden and KV timed once each per round, in an
+	// order rotated every round (interleaved, never in separate batches);
+	// the spreads are over the rounds, the ratios per round.
+	Rounds         int     `json:"rounds"`
+	CopyOnlySpread Spread  `json:"copy_only_ms_spread"`
+	HiddenSpread   Spread  `json:"hidden_ms_spread"`
+	KVSpread       Spread  `json:"kv_ms_spread"`
+	HiddenVsCopyS  Spread  `json:"hidden_over_copy_spread"`
+	HiddenVsKVS    Spread  `json:"hidden_over_kv_spread"`
+	MaxRelErr      float64 `json:"max_rel_err"`
+	MaxAbsErr      float64 `json:"max_abs_err"`
+	Unwritten      int     `json:"unwritten"`
+	KVExact        bool    `json:"kv_exact"`
 	// From a store on disk (FromStore set): the same restores read through
 	// the store's pinned restore buffers.
 	StoreHiddenMs  float64 `json:"store_hidden_ms,omitempty"`
@@ -59,7 +69,7 @@ type Result struct {
 // Run benchmarks opts.Model at each token count.
 func Run(o Options) ([]Result, error) {
 	if o.Reps <= 0 {
-		o.Reps = 3
+		o.Reps = 7
 	}
 	if len(o.Tokens) == 0 {
 		return nil, fmt.Errorf("gpubench: no token counts")
@@ -164,40 +174,18 @@ func Run(o Options) ([]Result, error) {
 			}
 			return t, err
 		}
-		timed := func(kind string) (time.Duration, time.Duration, error) {
-			var walls, gpus []time.Duration
-			for i := 0; i <= o.Reps; i++ {
-				t, err := run(kind)
-				if err != nil {
-					return 0, 0, fmt.Errorf("%s restore of %d tokens: %w", kind, T, err)
-				}
-				if i > 0 { // the first run warms up
-					walls, gpus = append(walls, t.Wall), append(gpus, t.GPU)
-				}
+		rounds, err := interleave([]string{"copy", "hidden", "kv"}, 1, o.Reps, func(kind string) (sample, error) {
+			t, err := run(kind)
+			if err != nil {
+				return sample{}, fmt.Errorf("%s restore of %d tokens: %w", kind, T, err)
 			}
-			return median(walls), median(gpus), nil
-		}
-		copyWall, copyGPU, err := timed("copy")
+			return sample{wall: t.Wall, gpu: t.GPU}, nil
+		})
 		if err != nil {
 			cache.Free()
 			return out, err
 		}
-		res.CopyOnlyMs = ms(copyWall)
-		res.H2DGBps = float64(res.HiddenBytes) / copyGPU.Seconds() / 1e9
-		hWall, hGPU, err := timed("hidden")
-		if err != nil {
-			cache.Free()
-			return out, err
-		}
-		res.HiddenMs, res.HiddenGPUMs = ms(hWall), ms(hGPU)
-		kWall, _, err := timed("kv")
-		if err != nil {
-			cache.Free()
-			return out, err
-		}
-		res.KVMs = ms(kWall)
-		res.HiddenVsCopy = res.HiddenMs / res.CopyOnlyMs
-		res.HiddenVsKV = res.HiddenMs / res.KVMs
+		summarize(&res, rounds)
 
 		// Correctness: poison, restore hidden, check every layer for
 		// unwritten elements and sampled positions of three layers
@@ -262,8 +250,9 @@ func Run(o Options) ([]Result, error) {
 			}
 		}
 		cache.Free()
-		logf("%s %6d tokens: h2d %.1f GB/s copy-only %.2f ms hidden %.2f ms (%.2fx copy, %.2fx kv) kv %.2f ms max_rel_err %.1e unwritten %d kv_exact %v",
-			o.Model, T, res.H2DGBps, res.CopyOnlyMs, res.HiddenMs, res.HiddenVsCopy, res.HiddenVsKV, res.KVMs, res.MaxRelErr, res.Unwritten, res.KVExact)
+		logf("%s %6d tokens, %d rounds: h2d %.1f GB/s copy-only %.2f ms hidden %.2f ms (%.3fx copy [%.3f-%.3f], %.3fx kv [%.3f-%.3f]) kv %.2f ms max_rel_err %.1e unwritten %d kv_exact %v",
+			o.Model, T, res.Rounds, res.H2DGBps, res.CopyOnlyMs, res.HiddenMs, res.HiddenVsCopy, res.HiddenVsCopyS.Min, res.HiddenVsCopyS.Max,
+			res.HiddenVsKV, res.HiddenVsKVS.Min, res.HiddenVsKVS.Max, res.KVMs, res.MaxRelErr, res.Unwritten, res.KVExact)
 		out = append(out, res)
 	}
 	return out, nil
@@ -373,4 +362,85 @@ func fromStore(res *Result, o Options, c *model.Config, b *cuda.Backend, cpu *gp
 		res.FioNote = err.Error()
 	}
 	return nil
+}
+
+// sample is one timed restore: wall clock, and the GPU's own time.
+type sample struct{ wall, gpu time.Duration }
+
+// interleave times every kind once per round, warm rounds first (not kept),
+// then reps rounds, the order rotated by one each round (copy, hidden, kv;
+// hidden, kv, copy; ...) so that no kind always runs first or always after
+// another, and a drift of the machine (clocks, another tenant) falls on all
+// kinds alike. It returns the kept rounds, each a sample per kind.
+func interleave(kinds []string, warm, reps int, run func(kind string) (sample, error)) ([]map[string]sample, error) {
+	if len(kinds) == 0 || reps <= 0 || warm < 0 {
+		return nil, fmt.Errorf("gpubench: interleave %d kinds, %d warm-up and %d timed rounds", len(kinds), warm, reps)
+	}
+	var out []map[string]sample
+	for r := 0; r < warm+reps; r++ {
+		got := make(map[string]sample, len(kinds))
+		for i := range kinds {
+			k := kinds[(r+i)%len(kinds)]
+			s, err := run(k)
+			if err != nil {
+				return nil, err
+			}
+			got[k] = s
+		}
+		if r >= warm {
+			out = append(out, got)
+		}
+	}
+	return out, nil
+}
+
+// Spread is the median and range of values over rounds.
+type Spread struct {
+	Median float64 `json:"median"`
+	Min    float64 `json:"min"`
+	Max    float64 `json:"max"`
+	N      int     `json:"n"`
+}
+
+// spreadOf summarizes v (the median of an even count is the mean of the two
+// middle values).
+func spreadOf(v []float64) Spread {
+	if len(v) == 0 {
+		return Spread{}
+	}
+	s := append([]float64(nil), v...)
+	sort.Float64s(s)
+	n := len(s)
+	med := s[n/2]
+	if n%2 == 0 {
+		med = (s[n/2-1] + s[n/2]) / 2
+	}
+	return Spread{Median: med, Min: s[0], Max: s[n-1], N: n}
+}
+
+// summarize fills res's timings from rounds of "copy", "hidden" and "kv":
+// the median and range of each kind, and of the ratios taken within each
+// round (hidden against the copy and the KV restore timed beside it).
+func summarize(res *Result, rounds []map[string]sample) {
+	var cw, hw, kw, cg, hg, hc, hk []float64
+	for _, r := range rounds {
+		c, h, k := r["copy"], r["hidden"], r["kv"]
+		cw, hw, kw = append(cw, ms(c.wall)), append(hw, ms(h.wall)), append(kw, ms(k.wall))
+		cg, hg = append(cg, c.gpu.Seconds()), append(hg, ms(h.gpu))
+		if c.wall > 0 {
+			hc = append(hc, float64(h.wall)/float64(c.wall))
+		}
+		if k.wall > 0 {
+			hk = append(hk, float64(h.wall)/float64(k.wall))
+		}
+	}
+	res.Rounds = len(rounds)
+	res.CopyOnlySpread, res.HiddenSpread, res.KVSpread = spreadOf(cw), spreadOf(hw), spreadOf(kw)
+	res.HiddenVsCopyS, res.HiddenVsKVS = spreadOf(hc), spreadOf(hk)
+	res.CopyOnlyMs, res.HiddenMs, res.KVMs = res.CopyOnlySpread.Median, res.HiddenSpread.Median, res.KVSpread.Median
+	res.HiddenGPUMs = spreadOf(hg).Median
+	res.HiddenVsCopy, res.HiddenVsKV = res.HiddenVsCopyS.Median, res.HiddenVsKVS.Median
+	if g := spreadOf(cg).Median; g > 0 {
+		res.H2DGBps = float64(res.HiddenBytes) / g / 1e9
+	}
 }

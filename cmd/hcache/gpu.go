@@ -79,7 +79,7 @@ func benchGPU(args []string, stdout, stderr io.Writer) error {
 	opts := cudaFlags(fs)
 	modelName := fs.String("model", "llama2-7b", "preset")
 	tokens := fs.String("tokens", "1024,4096,16384", "comma-separated token counts")
-	reps := fs.Int("reps", 3, "timed repetitions after one warm-up (median reported)")
+	reps := fs.Int("reps", 7, "timed rounds after one warm-up round, each timing copy-only, hidden and KV once (order rotated); median and range reported")
 	fromStore := fs.String("from-store", "", "also restore from a store created under this directory (on the disk to measure)")
 	seed := fs.Int64("seed", 1, "random seed")
 	asJSON := fs.Bool("json", false, "print JSON (one object per token count)")
@@ -107,8 +107,8 @@ func benchGPU(args []string, stdout, stderr io.Writer) error {
 		return printJSON(stdout, res)
 	}
 	for _, r := range res {
-		fmt.Fprintf(stdout, "%s %d tokens on %s: copy-only %.2f ms, hidden %.2f ms (%.2fx), kv %.2f ms, max_rel_err %.1e\n",
-			r.Model, r.Tokens, r.Device, r.CopyOnlyMs, r.HiddenMs, r.HiddenVsCopy, r.KVMs, r.MaxRelErr)
+		fmt.Fprintf(stdout, "%s %d tokens on %s, medians of %d interleaved rounds: copy-only %.2f ms, hidden %.2f ms (%.3fx copy, range %.3f-%.3f), kv %.2f ms, max_rel_err %.1e\n",
+			r.Model, r.Tokens, r.Device, r.Rounds, r.CopyOnlyMs, r.HiddenMs, r.HiddenVsCopy, r.HiddenVsCopyS.Min, r.HiddenVsCopyS.Max, r.KVMs, r.MaxRelErr)
 	}
 	return nil
 }

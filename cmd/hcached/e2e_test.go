@@ -21,6 +21,7 @@ import (
 	"google.golang.org/grpc/status"
 
 	hc "github.com/hcache/hcache/clients/hcacheclient"
+	"github.com/hcache/hcache/internal/testseed"
 	"github.com/hcache/hcache/model"
 )
 
@@ -190,8 +191,7 @@ func verify(ctx context.Context, c *hc.Client, seed int64, ns, id string, n int)
 }
 
 func TestDaemonEndToEnd(t *testing.T) {
-	seed := time.Now().UnixNano()
-	t.Logf("seed %d", seed)
+	seed := testseed.Seed(t)
 	rng := rand.New(rand.NewSource(seed))
 	bin := hcachedBinary(t)
 	sd, err := os.MkdirTemp("", "hcd")

@@ -10,7 +10,6 @@ import (
 	"path/filepath"
 	"sync"
 	"testing"
-	"time"
 	"unsafe"
 
 	"github.com/ebitengine/purego"
@@ -18,6 +17,7 @@ import (
 	"github.com/hcache/hcache/gpu"
 	"github.com/hcache/hcache/internal/half"
 	"github.com/hcache/hcache/internal/tensor"
+	"github.com/hcache/hcache/internal/testseed"
 	"github.com/hcache/hcache/model"
 )
 
@@ -138,8 +138,7 @@ func pi32(v []int32) uintptr { return uintptr(unsafe.Pointer(&v[0])) }
 // reference on edge cases and random bit patterns.
 func TestHostConversions(t *testing.T) {
 	k := loadHostKernels(t)
-	seed := time.Now().UnixNano()
-	t.Logf("seed %d", seed)
+	seed := testseed.Seed(t)
 	rng := rand.New(rand.NewSource(seed))
 	vals := []float32{0, float32(math.Copysign(0, -1)), 1, -1, 65504, 65520, 65519.99, 1e-8, 5.96e-8, 2.98e-8, 6.1e-5,
 		float32(math.Inf(1)), float32(math.Inf(-1)), float32(math.NaN()), 3.14159, -2.5e-6, 1e30, -1e-30}
@@ -162,8 +161,7 @@ func TestHostConversions(t *testing.T) {
 // bytes; KV rows scattered by the kernel equal the CPU backend's LoadKV.
 func TestHostKernelsMatchCPU(t *testing.T) {
 	k := loadHostKernels(t)
-	seed := time.Now().UnixNano()
-	t.Logf("seed %d", seed)
+	seed := testseed.Seed(t)
 	cases := []struct {
 		preset      string
 		what        string

@@ -7,11 +7,12 @@ import (
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/hcache/hcache/internal/testseed"
 )
 
 func TestMatMulTAgainstNaive(t *testing.T) {
-	seed := time.Now().UnixNano()
-	t.Logf("seed %d", seed)
+	seed := testseed.Seed(t)
 	rng := rand.New(rand.NewSource(seed))
 	cases := []struct{ n, d, o int }{{1, 1, 1}, {3, 7, 5}, {17, 64, 33}, {64, 256, 128}}
 	for _, c := range cases {
@@ -112,8 +113,7 @@ func TestParallelCoversEveryRowOnce(t *testing.T) {
 			}
 		}
 	}
-	seed := time.Now().UnixNano()
-	t.Logf("seed %d", seed)
+	seed := testseed.Seed(t)
 	rng := rand.New(rand.NewSource(seed))
 	n, d, o := 97, 64, 48
 	x, w := randVec(rng, n*d), randVec(rng, o*d)

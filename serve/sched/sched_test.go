@@ -4,9 +4,9 @@ import (
 	"math"
 	"math/rand"
 	"testing"
-	"time"
 
 	"github.com/hcache/hcache/chunk"
+	"github.com/hcache/hcache/internal/testseed"
 	"github.com/hcache/hcache/model"
 	"github.com/hcache/hcache/profiles"
 )
@@ -133,8 +133,7 @@ func TestOptimiserMatchesBruteForce(t *testing.T) {
 // TestOptimiserRandomCosts: random per-layer costs (seeded) and weighted
 // mixtures of lengths, against brute force.
 func TestOptimiserRandomCosts(t *testing.T) {
-	seed := time.Now().UnixNano()
-	t.Logf("seed %d", seed)
+	seed := testseed.Seed(t)
 	rng := rand.New(rand.NewSource(seed))
 	f := func() float64 { return math.Exp(rng.Float64()*6 - 3) }
 	for i := 0; i < 300; i++ {
