@@ -5,7 +5,7 @@ import (
 	"io"
 	"os"
 
-	benchio "github.com/hcache/hcache/bench/io"
+	"github.com/hcache/hcache/bench/benchio"
 )
 
 func init() {

@@ -6,7 +6,7 @@ import (
 	"os"
 	"os/exec"
 
-	benchstore "github.com/hcache/hcache/bench/store"
+	"github.com/hcache/hcache/bench/benchstore"
 	"github.com/hcache/hcache/chunk"
 	"github.com/hcache/hcache/internal/progress"
 )

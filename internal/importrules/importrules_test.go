@@ -34,7 +34,7 @@ var layers = [][]string{
 	// 4: serving: restore pipelines over the engine and a backend.
 	{"serve"},
 	// 5: the daemon, the crash harness, benchmarks of one part.
-	{"daemon", "fuzz/crash", "bench/peer", "bench/io", "bench/store", "bench/profiler"},
+	{"daemon", "fuzz/crash", "bench/peer", "bench/benchio", "bench/benchstore", "bench/profiler"},
 	// 6: benchmarks that combine parts, and the demo.
 	{"bench/compare", "bench/gpubench", "bench/benchpipe", "bench/benchdaemon", "cmd/hcache/demo"},
 	// 7: the commands and the fuzz targets.
@@ -62,11 +62,12 @@ var mayLinkCUDA = []string{
 // parts; outside it only these packages import them by name.
 var directImporters = map[string][]string{
 	"lsm":     {"chunk"},
-	"iouring": {"chunk", "bench/io"},
+	"iouring": {"chunk", "bench/benchio"},
 }
 
 type pkg struct {
 	ImportPath string
+	Name       string
 	Imports    []string
 	Deps       []string
 }
@@ -81,7 +82,7 @@ func listModule(t *testing.T) []pkg {
 	if err != nil || len(bytes.TrimSpace(gomod)) == 0 {
 		t.Fatalf("go env GOMOD: %v (%q)", err, gomod)
 	}
-	cmd := exec.Command(goBin, "list", "-json=ImportPath,Imports,Deps", "./...")
+	cmd := exec.Command(goBin, "list", "-json=ImportPath,Name,Imports,Deps", "./...")
 	cmd.Dir = filepath.Dir(string(bytes.TrimSpace(gomod)))
 	var stderr bytes.Buffer
 	cmd.Stderr = &stderr
@@ -135,6 +136,13 @@ func layerOf(rel string) int {
 	return -1
 }
 
+// isVersionDir reports whether a package's folder is an API version
+// (proto/hcache/v1 is package hcachev1, as protobuf Go packages are).
+func isVersionDir(rel string) bool {
+	base := rel[strings.LastIndex(rel, "/")+1:]
+	return len(base) > 1 && base[0] == 'v' && strings.Trim(base[1:], "0123456789") == ""
+}
+
 // violations applies every rule to a listing and returns one line per broken
 // rule, naming the package and what it may not do.
 func violations(pkgs []pkg) []string {
@@ -143,6 +151,9 @@ func violations(pkgs []pkg) []string {
 		r, ok := rel(p.ImportPath)
 		if !ok {
 			continue
+		}
+		if base := r[strings.LastIndex(r, "/")+1:]; p.Name != "" && p.Name != base && p.Name != "main" && !isVersionDir(r) {
+			bad = append(bad, fmt.Sprintf("%s is package %s: a package's name matches its folder", r, p.Name))
 		}
 		li := layerOf(r)
 		if li < 0 {
@@ -228,6 +239,7 @@ func TestRulesCatchViolations(t *testing.T) {
 		{"import beside", pkg{ImportPath: m("chunk"), Imports: []string{m("gpu")}}, "chunk (layer 2) imports gpu (layer 2)"},
 		{"index imported outside the engine", pkg{ImportPath: m("daemon"), Imports: []string{m("lsm")}, Deps: []string{m("lsm")}}, "daemon imports lsm: only [chunk] import it"},
 		{"unplaced package", pkg{ImportPath: m("newthing")}, "newthing is in no layer"},
+		{"package name differs from its folder", pkg{ImportPath: m("bench/io"), Name: "benchio"}, "bench/io is package benchio"},
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
