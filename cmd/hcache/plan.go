@@ -18,11 +18,7 @@ func runPlan(args []string, stdout, stderr io.Writer) error {
 	fs := newFlags("plan", stderr)
 	pf := platformFlagsOf(fs)
 	tokens := fs.Int("tokens", 4096, "expected context length")
-	asJSON := fs.Bool("json", false, "print one JSON object")
-	if err := parseFlags(fs, args); err != nil {
-		return err
-	}
-	pl, c, err := pf.load()
+	pl, c, err := pf.parse(args)
 	if err != nil {
 		return err
 	}
@@ -34,7 +30,7 @@ func runPlan(args []string, stdout, stderr io.Writer) error {
 		"kv":     sched.Predict(d.Costs, sched.Split{KV: c.Layers}),
 		"hidden": sched.Predict(d.Costs, sched.Split{Hidden: c.Layers}),
 	}
-	if *asJSON {
+	if pf.asJSON {
 		return printJSON(stdout, map[string]any{"profile": pl.Profile.Name, "tier": pl.Tier.Name, "model": pf.model, "tokens": *tokens,
 			"split": d.Split, "predicted_ms": d.PredictedMS, "costs_per_layer": d.Costs, "all_kv_ms": single["kv"], "all_hidden_ms": single["hidden"],
 			"hidden_allowed": sched.HiddenAllowed(c)})
@@ -48,17 +44,29 @@ func runPlan(args []string, stdout, stderr io.Writer) error {
 }
 
 // platformFlags are the flags plan and simulate share: a profile (a shipped
-// name or a path), its storage tier, and a model whose config is read.
+// name or a path), its storage tier, a model whose config is read, and --json.
 type platformFlags struct {
+	fs                   *flag.FlagSet
 	profile, tier, model string
+	asJSON               bool
 }
 
 func platformFlagsOf(fs *flag.FlagSet) *platformFlags {
-	var p platformFlags
+	p := platformFlags{fs: fs}
 	fs.StringVar(&p.profile, "profile", "a100-pm9a3x4", "shipped profile name or path to a profile JSON")
 	fs.StringVar(&p.tier, "tier", "", "storage tier of the profile (default: its first)")
 	fs.StringVar(&p.model, "model", "llama2-7b", "preset name or model directory (only its config is read)")
+	fs.BoolVar(&p.asJSON, "json", false, "print one JSON object")
 	return &p
+}
+
+// parse parses args (the command's own flags too) and loads the platform
+// and the model.
+func (f *platformFlags) parse(args []string) (*sched.Platform, *model.Config, error) {
+	if err := parseFlags(f.fs, args); err != nil {
+		return nil, nil, err
+	}
+	return f.load()
 }
 
 // load loads the profile at the tier and the model's config (resolveConfig:

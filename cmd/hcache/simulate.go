@@ -16,11 +16,7 @@ func runSimulate(args []string, stdout, stderr io.Writer) error {
 	pf := platformFlagsOf(fs)
 	wl := fs.String("workload", "chat", "workload: chat (ShareGPT-like) or long (L-Eval-like)")
 	seed := fs.Int64("seed", 1, "seed of the workload")
-	asJSON := fs.Bool("json", false, "print one JSON object")
-	if err := parseFlags(fs, args); err != nil {
-		return err
-	}
-	pl, c, err := pf.load()
+	pl, c, err := pf.parse(args)
 	if err != nil {
 		return err
 	}
@@ -37,7 +33,7 @@ func runSimulate(args []string, stdout, stderr io.Writer) error {
 		return err
 	}
 	res.Workload, res.Seed = params, *seed
-	if *asJSON {
+	if pf.asJSON {
 		return printJSON(stdout, res)
 	}
 	fmt.Fprintf(stdout, "%s (%s) %s, %s workload seed %d: %d restores, mean context %.0f tokens\n", res.Profile, res.Tier, res.Model, *wl, *seed, res.Restores, res.MeanCtx)
