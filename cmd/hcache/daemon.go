@@ -21,8 +21,8 @@ import (
 )
 
 // Commands that work against a running hcached (--addr) or, when none runs,
-// on a store directory (--dir): ls, rm, pin, gc; stat and fsck (store.go)
-// take --addr too.
+// on a store directory (--dir): ls, rm, pin, gc here, stat and fsck in
+// store.go; they share one flag set (targetFlags).
 
 func init() {
 	register("ls", "list contexts (--addr: through hcached; --dir: on a store directory)", ls)
@@ -72,16 +72,14 @@ func (f *targetFlags) forContext() *targetFlags {
 	return f
 }
 
-// parse parses args and checks them: exactly one of --addr and --dir (only
-// --addr when daemonOnly), and --ns and --id for a command on one context.
-func (f *targetFlags) parse(args []string, daemonOnly bool) (*target, error) {
+// parse parses args and checks them: exactly one of --addr and --dir, and
+// --ns and --id for a command on one context.
+func (f *targetFlags) parse(args []string) (*target, error) {
 	if err := parseFlags(f.FlagSet, args); err != nil {
 		return nil, err
 	}
 	switch {
-	case daemonOnly && f.t.addr == "":
-		return nil, f.usage("give --addr")
-	case !daemonOnly && (f.t.addr == "") == (f.t.dir == ""):
+	case (f.t.addr == "") == (f.t.dir == ""):
 		return nil, f.usage("give exactly one of --addr and --dir")
 	case f.oneContext && (f.t.ns == "" || f.t.id == ""):
 		return nil, f.usage("--ns and --id are required")
@@ -122,11 +120,13 @@ func (t *target) dial() (*hc.Client, error) {
 	return hc.Dial(t.addr, opts...)
 }
 
-func (t *target) open(stderr io.Writer) (*chunk.Store, error) {
+// open opens the store in --dir; readOnly for the checkers, which never
+// write (no lock file, no recovery applied).
+func (t *target) open(stderr io.Writer, readOnly bool) (*chunk.Store, error) {
 	if _, err := os.Stat(t.dir); err != nil {
 		return nil, fmt.Errorf("store directory: %w", err)
 	}
-	return chunk.Open(chunk.Options{Dir: t.dir, GCInterval: -1, Logf: func(f string, a ...any) { fmt.Fprintf(stderr, f+"\n", a...) }})
+	return chunk.Open(chunk.Options{Dir: t.dir, ReadOnly: readOnly, GCInterval: -1, Logf: func(f string, a ...any) { fmt.Fprintf(stderr, f+"\n", a...) }})
 }
 
 // do runs remote against the daemon at --addr, or local against the store
@@ -135,7 +135,7 @@ func (t *target) do(stderr io.Writer, remote func(context.Context, *hc.Client) e
 	if t.addr != "" {
 		return t.call(remote)
 	}
-	st, err := t.open(stderr)
+	st, err := t.open(stderr, false)
 	if err != nil {
 		return err
 	}
@@ -177,7 +177,7 @@ type ctxRow struct {
 func ls(args []string, stdout, stderr io.Writer) error {
 	fs := newTargetFlags("ls", stderr)
 	ns := fs.String("ns", "", "only this namespace")
-	t, err := fs.parse(args, false)
+	t, err := fs.parse(args)
 	if err != nil {
 		return err
 	}
@@ -225,7 +225,7 @@ func ls(args []string, stdout, stderr io.Writer) error {
 }
 
 func rm(args []string, stdout, stderr io.Writer) error {
-	t, err := newTargetFlags("rm", stderr).forContext().parse(args, false)
+	t, err := newTargetFlags("rm", stderr).forContext().parse(args)
 	if err != nil {
 		return err
 	}
@@ -249,7 +249,7 @@ func report(w io.Writer, asJSON bool, v any, format string, a ...any) error {
 func pin(args []string, stdout, stderr io.Writer) error {
 	fs := newTargetFlags("pin", stderr).forContext()
 	unpin := fs.Bool("unpin", false, "lift the pin")
-	t, err := fs.parse(args, false)
+	t, err := fs.parse(args)
 	if err != nil {
 		return err
 	}
@@ -263,7 +263,7 @@ func pin(args []string, stdout, stderr io.Writer) error {
 }
 
 func gcCmd(args []string, stdout, stderr io.Writer) error {
-	t, err := newTargetFlags("gc", stderr).parse(args, false)
+	t, err := newTargetFlags("gc", stderr).parse(args)
 	if err != nil {
 		return err
 	}
@@ -287,28 +287,10 @@ func gcCmd(args []string, stdout, stderr io.Writer) error {
 	return report(stdout, t.asJSON, out, "gc: %d segments compacted, %d records (%d bytes) moved\n", out.Segments, out.MovedRecords, out.MovedBytes)
 }
 
-// addrOf returns the value of an --addr flag in args, if any.
-func addrOf(args []string) string {
-	for i, a := range args {
-		a = strings.TrimPrefix(strings.TrimPrefix(a, "-"), "-")
-		if v, ok := strings.CutPrefix(a, "addr="); ok {
-			return v
-		}
-		if a == "addr" && i+1 < len(args) {
-			return args[i+1]
-		}
-	}
-	return ""
-}
-
 // fsckDaemon runs fsck through hcached.
-func fsckDaemon(args []string, stdout, stderr io.Writer) error {
-	t, err := newTargetFlags("fsck", stderr).parse(args, true)
-	if err != nil {
-		return err
-	}
+func fsckDaemon(t *target, stdout io.Writer) error {
 	var r *hcachev1.FsckReply
-	err = t.call(func(ctx context.Context, c *hc.Client) (err error) {
+	err := t.call(func(ctx context.Context, c *hc.Client) (err error) {
 		r, err = c.API.Fsck(ctx, &hcachev1.FsckRequest{})
 		return err
 	})
@@ -321,14 +303,10 @@ func fsckDaemon(args []string, stdout, stderr io.Writer) error {
 }
 
 // statDaemon prints what a daemon shows the caller: its namespaces and contexts.
-func statDaemon(args []string, stdout, stderr io.Writer) error {
-	t, err := newTargetFlags("stat", stderr).parse(args, true)
-	if err != nil {
-		return err
-	}
+func statDaemon(t *target, stdout io.Writer) error {
 	var info *hcachev1.InfoReply
 	var list []*hcachev1.ContextInfo
-	err = t.call(func(ctx context.Context, c *hc.Client) (err error) {
+	err := t.call(func(ctx context.Context, c *hc.Client) (err error) {
 		if info, err = c.Info(ctx); err != nil {
 			return err
 		}

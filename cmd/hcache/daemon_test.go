@@ -216,6 +216,8 @@ func TestTargetFlagsUsage(t *testing.T) {
 		{[]string{"pin", "--dir", dir, "--id", "x", "--unpin"}, "--ns and --id are required"},
 		{[]string{"rm", "--dir", dir}, "--ns and --id are required"},
 		{[]string{"ls", "--dir", dir, "--id", "x"}, "flag provided but not defined: -id"},
+		{[]string{"stat"}, "give exactly one of --addr and --dir"},
+		{[]string{"fsck", "--addr", "unix:///nonexistent", "--dir", dir}, "give exactly one of --addr and --dir"},
 	}
 	for _, c := range cases {
 		code, _, errs := runCLI(c.args...)
