@@ -25,10 +25,7 @@ func benchIO(args []string, stdout, stderr io.Writer) error {
 	noFio := fs.Bool("no-fio", false, "skip the fio baseline")
 	rounds := fs.Int("rounds", 3, "alternate ours and fio this many times; report medians")
 	sweep := addSweepFlags(fs)
-	if err := parseFlags(fs, args); err != nil {
-		return err
-	}
-	so, err := sweep.options(*dir)
+	so, err := sweep.parse(fs, args, dir)
 	if err != nil {
 		return err
 	}

@@ -28,10 +28,7 @@ func benchStore(args []string, stdout, stderr io.Writer) error {
 	asJSON := fs.Bool("json", false, "print one JSON object")
 	noFio := fs.Bool("no-fio", false, "skip the fio baseline")
 	sweep := addSweepFlags(fs)
-	if err := parseFlags(fs, args); err != nil {
-		return err
-	}
-	so, err := sweep.options(*dir)
+	so, err := sweep.parse(fs, args, dir)
 	if err != nil {
 		return err
 	}
