@@ -12,7 +12,7 @@ import (
 func BenchmarkAppendToken(b *testing.B) {
 	plan := make([]LayerPlan, 32)
 	for i := range plan {
-		plan[i] = LayerPlan{LayerHidden, 8192}
+		plan[i] = LayerPlan{Kind: LayerHidden, RowBytes: 8192}
 	}
 	s, err := Open(Options{Dir: b.TempDir(), CacheBytes: 0, CapacityBytes: -1, Logf: b.Logf})
 	if err != nil {

@@ -27,8 +27,8 @@ func TestRestoreOwned(t *testing.T) {
 	defer s.Close()
 	// Eight stored layers, so the producer has to wait for releases.
 	ident := &Identity{Model: []byte("owned"), Plan: []LayerPlan{
-		{LayerHidden, 128}, {LayerKV, 256}, {LayerHidden, 128}, {LayerHidden, 128},
-		{LayerKV, 256}, {LayerHidden, 128}, {LayerNone, 0}, {LayerHidden, 128}, {LayerKV, 256},
+		{Kind: LayerHidden, RowBytes: 128}, {Kind: LayerKV, RowBytes: 256}, {Kind: LayerHidden, RowBytes: 128}, {Kind: LayerHidden, RowBytes: 128},
+		{Kind: LayerKV, RowBytes: 256}, {Kind: LayerHidden, RowBytes: 128}, {Kind: LayerNone, RowBytes: 0}, {Kind: LayerHidden, RowBytes: 128}, {Kind: LayerKV, RowBytes: 256},
 	}}
 	const tokens = 70
 	createFilled(t, s, ident, "c", tokens)
@@ -189,8 +189,8 @@ func TestRestoreOwnedReadsDeep(t *testing.T) {
 	s := e.open()
 	defer s.Close()
 	ident := &Identity{Model: []byte("deep"), Plan: []LayerPlan{
-		{LayerHidden, 128}, {LayerKV, 256}, {LayerHidden, 128}, {LayerHidden, 128},
-		{LayerKV, 256}, {LayerHidden, 128}, {LayerHidden, 128}, {LayerKV, 256},
+		{Kind: LayerHidden, RowBytes: 128}, {Kind: LayerKV, RowBytes: 256}, {Kind: LayerHidden, RowBytes: 128}, {Kind: LayerHidden, RowBytes: 128},
+		{Kind: LayerKV, RowBytes: 256}, {Kind: LayerHidden, RowBytes: 128}, {Kind: LayerHidden, RowBytes: 128}, {Kind: LayerKV, RowBytes: 256},
 	}}
 	createFilled(t, s, ident, "c", 70)
 	// Requests per layer: every layer has the same groups.
@@ -380,8 +380,8 @@ func TestRestoreStartsReadsWhileWaiting(t *testing.T) {
 // bytes) layers read or in flight, at most the context's.
 func TestRestoreAheadBytes(t *testing.T) {
 	ident := &Identity{Model: []byte("budget"), Plan: []LayerPlan{
-		{LayerHidden, 128}, {LayerKV, 256}, {LayerHidden, 128}, {LayerHidden, 128},
-		{LayerKV, 256}, {LayerHidden, 128}, {LayerHidden, 128}, {LayerKV, 256},
+		{Kind: LayerHidden, RowBytes: 128}, {Kind: LayerKV, RowBytes: 256}, {Kind: LayerHidden, RowBytes: 128}, {Kind: LayerHidden, RowBytes: 128},
+		{Kind: LayerKV, RowBytes: 256}, {Kind: LayerHidden, RowBytes: 128}, {Kind: LayerHidden, RowBytes: 128}, {Kind: LayerKV, RowBytes: 256},
 	}}
 	const tokens = 70
 	layer := int64(tokens * 256) // the largest layer
@@ -425,7 +425,7 @@ func TestRestoreAheadBytes(t *testing.T) {
 func TestRestoreReadsFirstLayerAlone(t *testing.T) {
 	g, s := newGated(t)
 	ident := &Identity{Model: []byte("alone"), Plan: []LayerPlan{
-		{LayerHidden, 128}, {LayerKV, 256}, {LayerHidden, 128}, {LayerHidden, 128}, {LayerKV, 256},
+		{Kind: LayerHidden, RowBytes: 128}, {Kind: LayerKV, RowBytes: 256}, {Kind: LayerHidden, RowBytes: 128}, {Kind: LayerHidden, RowBytes: 128}, {Kind: LayerKV, RowBytes: 256},
 	}}
 	createFilled(t, s, ident, "c", 40)
 	g.setGating(true)
@@ -466,7 +466,7 @@ func TestRestoreStopsReadingOnError(t *testing.T) {
 	g, s := newGated(t)
 	plan := make([]LayerPlan, 32)
 	for i := range plan {
-		plan[i] = LayerPlan{LayerHidden, 128}
+		plan[i] = LayerPlan{Kind: LayerHidden, RowBytes: 128}
 	}
 	ident := &Identity{Model: []byte("stop"), Plan: plan}
 	createFilled(t, s, ident, "c", 40)

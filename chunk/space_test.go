@@ -21,7 +21,7 @@ import (
 // (1024 fp16 values) and a KV layer of 4 KiB rows.
 func bigIdentity() *Identity {
 	return &Identity{Model: []byte("big"), Plan: []LayerPlan{
-		{LayerHidden, 2048}, {LayerHidden, 2048}, {LayerKV, 4096}, {LayerNone, 0}, {LayerHidden, 2048}, {LayerHidden, 2048},
+		{Kind: LayerHidden, RowBytes: 2048}, {Kind: LayerHidden, RowBytes: 2048}, {Kind: LayerKV, RowBytes: 4096}, {Kind: LayerNone, RowBytes: 0}, {Kind: LayerHidden, RowBytes: 2048}, {Kind: LayerHidden, RowBytes: 2048},
 	}}
 }
 

@@ -56,7 +56,7 @@ func (e *env) open() *Store {
 // layer 2 stores nothing.
 func testIdentity(model string) *Identity {
 	return &Identity{Model: []byte(model), Plan: []LayerPlan{
-		{LayerHidden, 128}, {LayerKV, 256}, {LayerNone, 0}, {LayerHidden, 128},
+		{Kind: LayerHidden, RowBytes: 128}, {Kind: LayerKV, RowBytes: 256}, {Kind: LayerNone, RowBytes: 0}, {Kind: LayerHidden, RowBytes: 128},
 	}}
 }
 
@@ -289,7 +289,7 @@ func TestBadInputErrors(t *testing.T) {
 			t.Fatalf("Create(%q, %q) accepted", bad.ns, bad.id)
 		}
 	}
-	if _, err := s.Create("ns", "d", &Identity{Model: []byte("m"), Plan: []LayerPlan{{LayerHidden, 3}}}, CreateOptions{}); !errors.Is(err, ErrIdentity) {
+	if _, err := s.Create("ns", "d", &Identity{Model: []byte("m"), Plan: []LayerPlan{{Kind: LayerHidden, RowBytes: 3}}}, CreateOptions{}); !errors.Is(err, ErrIdentity) {
 		t.Fatalf("odd row bytes: %v", err)
 	}
 	w.Close()

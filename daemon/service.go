@@ -15,8 +15,8 @@ import (
 	"google.golang.org/grpc/status"
 
 	"github.com/hcache/hcache/chunk"
-	"github.com/hcache/hcache/lsm"
 	hcachev1 "github.com/hcache/hcache/proto/hcache/v1"
+	"github.com/hcache/hcache/state"
 )
 
 // openWriter is a context's writer, owned by the connection that opened it.
@@ -50,7 +50,7 @@ func key(ns, id string) string { return ns + "\x00" + id }
 // bytes, no NUL) plus valid UTF-8 without control characters, so that ids
 // are safe in logs and terminals.
 func validName(what, s string) error {
-	if err := lsm.ValidateName(what, s); err != nil {
+	if err := state.ValidateName(what, s); err != nil {
 		return err
 	}
 	if !utf8.ValidString(s) {

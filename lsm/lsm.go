@@ -30,7 +30,8 @@ import (
 	"errors"
 	"fmt"
 	"hash/crc32"
-	"strings"
+
+	"github.com/hcache/hcache/state"
 )
 
 // FormatVersion is the version of every value this package writes.
@@ -52,19 +53,12 @@ var ErrCorrupt = errors.New("lsm: corrupt index record")
 
 var castagnoli = crc32.MakeTable(crc32.Castagnoli)
 
-// MaxNameBytes bounds namespace and context id lengths.
-const MaxNameBytes = 255
+// MaxNameBytes bounds namespace and context id lengths (state.MaxNameBytes).
+const MaxNameBytes = state.MaxNameBytes
 
-// ValidateName checks a namespace or context id.
-func ValidateName(what, s string) error {
-	if len(s) == 0 || len(s) > MaxNameBytes {
-		return fmt.Errorf("%s %q: length %d not in [1, %d]", what, s, len(s), MaxNameBytes)
-	}
-	if strings.IndexByte(s, 0) >= 0 {
-		return fmt.Errorf("%s %q: contains a NUL byte", what, s)
-	}
-	return nil
-}
+// ValidateName checks a namespace or context id (state.ValidateName, where
+// the rule lives so that callers need not link the index).
+func ValidateName(what, s string) error { return state.ValidateName(what, s) }
 
 // Key builders.
 

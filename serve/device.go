@@ -6,6 +6,7 @@ import (
 
 	"github.com/hcache/hcache/chunk"
 	"github.com/hcache/hcache/gpu/cuda"
+	"github.com/hcache/hcache/state"
 )
 
 // DefaultDeviceAhead is how many restore buffers a device restore lets the
@@ -25,7 +26,7 @@ const DefaultDeviceAhead = 4
 // ensure: the store checks the identity against the stored one, the backend
 // holds weights, and only the caller knows both.) ahead <= 0 takes
 // DefaultDeviceAhead.
-func RestoreToDevice(st *chunk.Store, ns, id string, ident *chunk.Identity, b *cuda.Backend, cache *cuda.Cache, start, ahead int) (int, cuda.Timing, error) {
+func RestoreToDevice(st *chunk.Store, ns, id string, ident *state.Identity, b *cuda.Backend, cache *cuda.Cache, start, ahead int) (int, cuda.Timing, error) {
 	var t cuda.Timing
 	if st == nil || b == nil || cache == nil || ident == nil {
 		return 0, t, errors.New("serve: RestoreToDevice needs a store, identity, backend and cache")
@@ -34,7 +35,7 @@ func RestoreToDevice(st *chunk.Store, ns, id string, ident *chunk.Identity, b *c
 		return 0, t, fmt.Errorf("serve: start position %d", start)
 	}
 	for l, p := range ident.Plan {
-		if p.Kind == chunk.LayerNone {
+		if p.Kind == state.LayerNone {
 			return 0, t, fmt.Errorf("serve: layer %d is planned for recomputation, which a device restore does not run", l)
 		}
 	}
@@ -47,7 +48,7 @@ func RestoreToDevice(st *chunk.Store, ns, id string, ident *chunk.Identity, b *c
 	}
 	for l, p := range ident.Plan {
 		want := c.HiddenRowBytes()
-		if p.Kind == chunk.LayerKV {
+		if p.Kind == state.LayerKV {
 			want = c.KVRowBytes()
 		}
 		if int(p.RowBytes) != want {
@@ -71,7 +72,7 @@ func RestoreToDevice(st *chunk.Store, ns, id string, ident *chunk.Identity, b *c
 				return err
 			}
 		}
-		if ident.Plan[layer].Kind == chunk.LayerHidden {
+		if ident.Plan[layer].Kind == state.LayerHidden {
 			return r.Hidden(layer, rows, release)
 		}
 		return r.KV(layer, rows, release)

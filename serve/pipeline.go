@@ -9,6 +9,7 @@ import (
 	"github.com/hcache/hcache/chunk"
 	"github.com/hcache/hcache/gpu"
 	"github.com/hcache/hcache/model"
+	"github.com/hcache/hcache/state"
 )
 
 // Recomputer computes the K and V of the first layers of a context from its
@@ -105,7 +106,7 @@ func (r *Restorer) Settings() Settings { return r.settings }
 // Request names a context to restore and where to.
 type Request struct {
 	NS, ID string
-	Ident  *chunk.Identity
+	Ident  *state.Identity
 	// Tokens are the context's token ids, needed when the plan recomputes
 	// layers (LayerNone); their count must equal the stored token count.
 	// Otherwise optional: when given, their count sizes the read-ahead
@@ -157,13 +158,13 @@ var ErrTokens = errors.New("serve: token ids do not match the restore")
 
 // recomputedPrefix returns r, the number of leading LayerNone layers, or an
 // error when a LayerNone layer follows a stored one.
-func recomputedPrefix(plan []chunk.LayerPlan) (int, error) {
+func recomputedPrefix(plan []state.LayerPlan) (int, error) {
 	r := 0
-	for r < len(plan) && plan[r].Kind == chunk.LayerNone {
+	for r < len(plan) && plan[r].Kind == state.LayerNone {
 		r++
 	}
 	for l := r; l < len(plan); l++ {
-		if plan[l].Kind == chunk.LayerNone {
+		if plan[l].Kind == state.LayerNone {
 			return 0, fmt.Errorf("serve: layer %d is recomputed after stored layer %d; only a recomputed prefix of layers can be restored", l, r)
 		}
 	}
@@ -316,7 +317,7 @@ func (r *Restorer) Restore(req Request) (RestoreStats, error) {
 		t0 := since()
 		rs.BackendWait += t0 - w0
 		var err error
-		if lp.Kind == chunk.LayerHidden {
+		if lp.Kind == state.LayerHidden {
 			err = r.backend.Project(m.layer, m.rows, positions, req.Dst[m.layer])
 		} else {
 			err = r.backend.LoadKV(m.layer, m.rows, positions, req.Dst[m.layer])

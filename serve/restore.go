@@ -11,6 +11,7 @@ import (
 	"github.com/hcache/hcache/chunk"
 	"github.com/hcache/hcache/gpu"
 	"github.com/hcache/hcache/model"
+	"github.com/hcache/hcache/state"
 )
 
 // RowLayout names how Saver lays rows out; it is part of every identity, so
@@ -20,11 +21,11 @@ const RowLayout = "hcache rows v1: hidden = layer input after the pre-attention 
 // Identity is the store identity of a model's states under a plan: the model
 // fingerprint (architecture, dtype, rope and K/V weights) bound to the row
 // layout, and the plan.
-func Identity(c *model.Config, w *model.Weights, plan []chunk.LayerPlan) *chunk.Identity {
+func Identity(c *model.Config, w *model.Weights, plan []state.LayerPlan) *state.Identity {
 	h := sha256.New()
 	h.Write(model.Fingerprint(c, w))
 	h.Write([]byte(RowLayout))
-	return &chunk.Identity{Model: h.Sum(nil), Plan: plan}
+	return &state.Identity{Model: h.Sum(nil), Plan: plan}
 }
 
 // Saver turns forward-pass traces into store appends: a prefill (many
@@ -32,14 +33,14 @@ func Identity(c *model.Config, w *model.Weights, plan []chunk.LayerPlan) *chunk.
 // layer and appends them as one token.
 type Saver struct {
 	cfg     *model.Config
-	plan    []chunk.LayerPlan
+	plan    []state.LayerPlan
 	w       *chunk.Writer
 	pending [][]byte // decode step rows by layer
 	err     error
 }
 
 // NewSaver wraps a writer of a context stored under plan.
-func NewSaver(c *model.Config, plan []chunk.LayerPlan, w *chunk.Writer) *Saver {
+func NewSaver(c *model.Config, plan []state.LayerPlan, w *chunk.Writer) *Saver {
 	return &Saver{cfg: c, plan: plan, w: w, pending: make([][]byte, len(plan))}
 }
 
@@ -52,10 +53,10 @@ func (s *Saver) Trace(layer int, hidden, k, v []float32) {
 	n := len(hidden) / c.HiddenSize
 	var rows []byte
 	switch s.plan[layer].Kind {
-	case chunk.LayerHidden:
+	case state.LayerHidden:
 		rows = make([]byte, n*c.HiddenRowBytes())
 		c.EncodeRow(rows, hidden)
-	case chunk.LayerKV:
+	case state.LayerKV:
 		rows = make([]byte, n*c.KVRowBytes())
 		kvd, half := c.KVDim(), c.KVRowBytes()/2
 		for i := 0; i < n; i++ {
@@ -85,7 +86,7 @@ func (s *Saver) Err() error { return s.err }
 // overlapping the reads of later layers. It is a Restorer of its own with
 // default settings; plans that recompute a prefix, and restores that must
 // share a store and backend fairly, use a Restorer.
-func Restore(st *chunk.Store, ns, id string, ident *chunk.Identity, b gpu.Backend, dst []*gpu.PagedKV) (RestoreStats, error) {
+func Restore(st *chunk.Store, ns, id string, ident *state.Identity, b gpu.Backend, dst []*gpu.PagedKV) (RestoreStats, error) {
 	return NewRestorer(st, b, nil, Settings{}).Restore(Request{NS: ns, ID: id, Ident: ident, Dst: dst})
 }
 

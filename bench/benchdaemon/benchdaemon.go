@@ -68,14 +68,10 @@ func Run(o Options) (*Result, error) {
 		return nil, fmt.Errorf("bench daemon: --tokens, --contexts and --rounds must be positive")
 	}
 	plan := sched.DefaultPlan(c)
+	// The store and the client share state's Identity.
 	cident := &chunk.Identity{Model: model.ShapeFingerprint(c), Plan: plan}
-	ident := hc.Identity{Model: cident.Model}
-	var perToken int64
-	for _, p := range plan {
-		ident.Plan = append(ident.Plan, hc.LayerPlan{Kind: hc.LayerKind(p.Kind), RowBytes: p.RowBytes})
-		perToken += int64(p.RowBytes)
-	}
-	ctxBytes := perToken * int64(o.Tokens)
+	ident := *cident
+	ctxBytes := int64(cident.TokenBytes()) * int64(o.Tokens)
 	base, err := os.MkdirTemp(o.Dir, "hcache-bench-daemon")
 	if err != nil {
 		return nil, err

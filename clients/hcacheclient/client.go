@@ -26,46 +26,36 @@ import (
 	"google.golang.org/grpc/metadata"
 
 	hcachev1 "github.com/hcache/hcache/proto/hcache/v1"
+	"github.com/hcache/hcache/state"
 )
 
-// LayerKind says what a layer stores.
-type LayerKind uint8
+// What a stored state is (layer kinds, plans, the identity) is package
+// state's, shared with the daemon and the store; the client uses those types
+// as they are, without linking the store.
+type (
+	// LayerKind says what a layer stores.
+	LayerKind = state.LayerKind
+	// LayerPlan is one layer's kind and row size in bytes.
+	LayerPlan = state.LayerPlan
+	// Identity is the model fingerprint and per-layer plan a stored state
+	// must match before it is served; Identity.TokenBytes is the bytes of one
+	// token over the stored layers.
+	Identity = state.Identity
+)
 
-// Layer kinds (the values of chunk.LayerKind).
+// Layer kinds.
 const (
-	LayerNone   LayerKind = 0
-	LayerHidden LayerKind = 1
-	LayerKV     LayerKind = 2
+	LayerNone   = state.LayerNone
+	LayerHidden = state.LayerHidden
+	LayerKV     = state.LayerKV
 )
 
-// LayerPlan is one layer's kind and row size in bytes.
-type LayerPlan struct {
-	Kind     LayerKind
-	RowBytes uint32
-}
-
-// Identity is the model fingerprint and per-layer plan a stored state must
-// match before it is served.
-type Identity struct {
-	Model []byte
-	Plan  []LayerPlan
-}
-
-func (id Identity) proto() *hcachev1.Identity {
+func identityProto(id Identity) *hcachev1.Identity {
 	p := &hcachev1.Identity{Model: id.Model}
 	for _, l := range id.Plan {
 		p.Plan = append(p.Plan, &hcachev1.LayerPlan{Kind: hcachev1.LayerKind(l.Kind), RowBytes: l.RowBytes})
 	}
 	return p
-}
-
-// TokenBytes is the bytes of one token over the stored layers.
-func (id Identity) TokenBytes() int {
-	n := 0
-	for _, l := range id.Plan {
-		n += int(l.RowBytes)
-	}
-	return n
 }
 
 // Client is a connection to hcached. Its methods are safe for concurrent
@@ -154,7 +144,7 @@ func (c *Client) Append(ctx context.Context, ns, id string, ident Identity) (*Wr
 }
 
 func (c *Client) open(ctx context.Context, ns, id string, ident Identity, mode hcachev1.OpenMode, pinned bool) (*Writer, error) {
-	r, err := c.API.OpenContext(ctx, &hcachev1.OpenContextRequest{Ctx: ref(ns, id), Identity: ident.proto(), Mode: mode, Pinned: pinned})
+	r, err := c.API.OpenContext(ctx, &hcachev1.OpenContextRequest{Ctx: ref(ns, id), Identity: identityProto(ident), Mode: mode, Pinned: pinned})
 	if err != nil {
 		return nil, err
 	}
@@ -207,7 +197,7 @@ func (w *Writer) Close(ctx context.Context) error {
 // Restore streams a context's stored layers inline to fn (rows valid during
 // the call) and returns the token count.
 func (c *Client) Restore(ctx context.Context, ns, id string, ident Identity, fn func(layer int, rows []byte) error) (uint64, error) {
-	return c.restore(ctx, &hcachev1.RestoreRequest{Ctx: ref(ns, id), Identity: ident.proto()}, fn)
+	return c.restore(ctx, &hcachev1.RestoreRequest{Ctx: ref(ns, id), Identity: identityProto(ident)}, fn)
 }
 
 // RestoreProjected is Restore with the hidden-state layers projected on the
@@ -216,7 +206,7 @@ func (c *Client) Restore(ctx context.Context, ns, id string, ident Identity, fn 
 // model must be one the daemon loaded (Info lists them with their
 // fingerprints).
 func (c *Client) RestoreProjected(ctx context.Context, ns, id string, ident Identity, fn func(layer int, rows []byte) error) (uint64, error) {
-	return c.restore(ctx, &hcachev1.RestoreRequest{Ctx: ref(ns, id), Identity: ident.proto(), Project: true}, fn)
+	return c.restore(ctx, &hcachev1.RestoreRequest{Ctx: ref(ns, id), Identity: identityProto(ident), Project: true}, fn)
 }
 
 func (c *Client) restore(ctx context.Context, req *hcachev1.RestoreRequest, fn func(layer int, rows []byte) error) (uint64, error) {
@@ -261,7 +251,7 @@ func (c *Client) restore(ctx context.Context, req *hcachev1.RestoreRequest, fn f
 func (c *Client) RestoreInto(ctx context.Context, ns, id string, ident Identity, g *Region, off, n uint64, fn func(layer int, rows []byte) error) (uint64, error) {
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
-	st, err := c.API.Restore(ctx, &hcachev1.RestoreRequest{Ctx: ref(ns, id), Identity: ident.proto(), Region: g.slice(off, n).GetRegion()})
+	st, err := c.API.Restore(ctx, &hcachev1.RestoreRequest{Ctx: ref(ns, id), Identity: identityProto(ident), Region: g.slice(off, n).GetRegion()})
 	if err != nil {
 		return 0, err
 	}

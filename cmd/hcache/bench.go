@@ -5,7 +5,7 @@ import (
 	"io"
 	"os"
 
-	benchio "github.com/hcache/hcache/bench/io"
+	"github.com/hcache/hcache/bench/benchio"
 )
 
 func init() {
@@ -25,10 +25,7 @@ func benchIO(args []string, stdout, stderr io.Writer) error {
 	noFio := fs.Bool("no-fio", false, "skip the fio baseline")
 	rounds := fs.Int("rounds", 3, "alternate ours and fio this many times; report medians")
 	sweep := addSweepFlags(fs)
-	if err := parseFlags(fs, args); err != nil {
-		return err
-	}
-	so, err := sweep.options(*dir)
+	so, err := sweep.parse(fs, args, dir)
 	if err != nil {
 		return err
 	}

@@ -38,10 +38,7 @@ func benchCompare(args []string, stdout, stderr io.Writer) error {
 	warm := sizeFlag(4 << 30)
 	fs.Var(&warm, "warm", "memory touched before each system (VM first-touch costs would otherwise fall mostly on the first)")
 	sweep := addSweepFlags(fs)
-	if err := parseFlags(fs, args); err != nil {
-		return err
-	}
-	so, err := sweep.options(*dir)
+	so, err := sweep.parse(fs, args, dir)
 	if err != nil {
 		return err
 	}

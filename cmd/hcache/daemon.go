@@ -21,8 +21,8 @@ import (
 )
 
 // Commands that work against a running hcached (--addr) or, when none runs,
-// on a store directory (--dir): ls, rm, pin, gc; stat and fsck (store.go)
-// take --addr too.
+// on a store directory (--dir): ls, rm, pin, gc here, stat and fsck in
+// store.go; they share one flag set (targetFlags).
 
 func init() {
 	register("ls", "list contexts (--addr: through hcached; --dir: on a store directory)", ls)
@@ -41,23 +41,56 @@ func init() {
 type target struct {
 	addr, dir, tokenFile, tlsCA string
 	asJSON                      bool
+	ns, id                      string // for commands on one context
 }
 
-func (t *target) flags(fs *flag.FlagSet) {
-	fs.StringVar(&t.addr, "addr", "", "hcached address: unix:///path/hcache.sock or host:port")
-	fs.StringVar(&t.dir, "dir", "", "store directory (when no daemon runs on it)")
-	fs.StringVar(&t.tokenFile, "token-file", "", "file holding a bearer token (default: $HCACHE_TOKEN)")
-	fs.StringVar(&t.tlsCA, "tls-ca", "", "PEM certificates that verify a TCP daemon's TLS certificate (then TLS is used)")
-	fs.BoolVar(&t.asJSON, "json", false, "print JSON")
+// targetFlags is the flag set of a command that works on a target: --addr,
+// --dir, --token-file, --tls-ca and --json, then the command's own flags, and
+// --ns and --id for a command on one context (forContext). The daemon
+// subcommands share it, so each flag is defined and checked once.
+type targetFlags struct {
+	*flag.FlagSet
+	t          target
+	oneContext bool
 }
 
-func (t *target) check(fs *flag.FlagSet) error {
-	if (t.addr == "") == (t.dir == "") {
-		fmt.Fprintln(fs.Output(), "give exactly one of --addr and --dir")
-		fs.Usage()
-		return errUsage
+func newTargetFlags(name string, stderr io.Writer) *targetFlags {
+	f := &targetFlags{FlagSet: newFlags(name, stderr)}
+	f.StringVar(&f.t.addr, "addr", "", "hcached address: unix:///path/hcache.sock or host:port")
+	f.StringVar(&f.t.dir, "dir", "", "store directory (when no daemon runs on it)")
+	f.StringVar(&f.t.tokenFile, "token-file", "", "file holding a bearer token (default: $HCACHE_TOKEN)")
+	f.StringVar(&f.t.tlsCA, "tls-ca", "", "PEM certificates that verify a TCP daemon's TLS certificate (then TLS is used)")
+	f.BoolVar(&f.t.asJSON, "json", false, "print JSON")
+	return f
+}
+
+// forContext adds the required --ns and --id.
+func (f *targetFlags) forContext() *targetFlags {
+	f.StringVar(&f.t.ns, "ns", "", "namespace (required)")
+	f.StringVar(&f.t.id, "id", "", "context id (required)")
+	f.oneContext = true
+	return f
+}
+
+// parse parses args and checks them: exactly one of --addr and --dir, and
+// --ns and --id for a command on one context.
+func (f *targetFlags) parse(args []string) (*target, error) {
+	if err := parseFlags(f.FlagSet, args); err != nil {
+		return nil, err
 	}
-	return nil
+	switch {
+	case (f.t.addr == "") == (f.t.dir == ""):
+		return nil, f.usage("give exactly one of --addr and --dir")
+	case f.oneContext && (f.t.ns == "" || f.t.id == ""):
+		return nil, f.usage("--ns and --id are required")
+	}
+	return &f.t, nil
+}
+
+func (f *targetFlags) usage(msg string) error {
+	fmt.Fprintln(f.Output(), msg)
+	f.Usage()
+	return errUsage
 }
 
 func (t *target) dial() (*hc.Client, error) {
@@ -87,27 +120,22 @@ func (t *target) dial() (*hc.Client, error) {
 	return hc.Dial(t.addr, opts...)
 }
 
-func (t *target) open(stderr io.Writer) (*chunk.Store, error) {
+// open opens the store in --dir; readOnly for the checkers, which never
+// write (no lock file, no recovery applied).
+func (t *target) open(stderr io.Writer, readOnly bool) (*chunk.Store, error) {
 	if _, err := os.Stat(t.dir); err != nil {
 		return nil, fmt.Errorf("store directory: %w", err)
 	}
-	return chunk.Open(chunk.Options{Dir: t.dir, GCInterval: -1, Logf: func(f string, a ...any) { fmt.Fprintf(stderr, f+"\n", a...) }})
+	return chunk.Open(chunk.Options{Dir: t.dir, ReadOnly: readOnly, GCInterval: -1, Logf: func(f string, a ...any) { fmt.Fprintf(stderr, f+"\n", a...) }})
 }
 
 // do runs remote against the daemon at --addr, or local against the store
 // in --dir, which it closes afterwards (Close commits, so its error counts).
 func (t *target) do(stderr io.Writer, remote func(context.Context, *hc.Client) error, local func(*chunk.Store) error) error {
 	if t.addr != "" {
-		c, err := t.dial()
-		if err != nil {
-			return err
-		}
-		defer c.Close()
-		ctx, cancel := rpcCtx()
-		defer cancel()
-		return remote(ctx, c)
+		return t.call(remote)
 	}
-	st, err := t.open(stderr)
+	st, err := t.open(stderr, false)
 	if err != nil {
 		return err
 	}
@@ -116,6 +144,18 @@ func (t *target) do(stderr io.Writer, remote func(context.Context, *hc.Client) e
 		err = cerr
 	}
 	return err
+}
+
+// call dials the daemon at --addr and runs fn with a deadline.
+func (t *target) call(fn func(context.Context, *hc.Client) error) error {
+	c, err := t.dial()
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	ctx, cancel := rpcCtx()
+	defer cancel()
+	return fn(ctx, c)
 }
 
 func rpcCtx() (context.Context, context.CancelFunc) {
@@ -135,18 +175,14 @@ type ctxRow struct {
 }
 
 func ls(args []string, stdout, stderr io.Writer) error {
-	fs := newFlags("ls", stderr)
-	var t target
-	t.flags(fs)
+	fs := newTargetFlags("ls", stderr)
 	ns := fs.String("ns", "", "only this namespace")
-	if err := parseFlags(fs, args); err != nil {
-		return err
-	}
-	if err := t.check(fs); err != nil {
+	t, err := fs.parse(args)
+	if err != nil {
 		return err
 	}
 	var rows []ctxRow
-	err := t.do(stderr, func(ctx context.Context, c *hc.Client) error {
+	err = t.do(stderr, func(ctx context.Context, c *hc.Client) error {
 		list, err := c.List(ctx, *ns)
 		for _, ci := range list {
 			rows = append(rows, ctxRow{ci.GetNamespace(), ci.GetId(), ci.GetTokens(), ci.GetLiveBytes(), ci.GetPinned(), ci.GetDamaged(), ci.GetWriterOpen(),
@@ -188,40 +224,18 @@ func ls(args []string, stdout, stderr io.Writer) error {
 	return nil
 }
 
-func nsID(fs *flag.FlagSet) (*string, *string) {
-	return fs.String("ns", "", "namespace (required)"), fs.String("id", "", "context id (required)")
-}
-
-func needNSID(fs *flag.FlagSet, ns, id string) error {
-	if ns == "" || id == "" {
-		fmt.Fprintln(fs.Output(), "--ns and --id are required")
-		fs.Usage()
-		return errUsage
-	}
-	return nil
-}
-
 func rm(args []string, stdout, stderr io.Writer) error {
-	fs := newFlags("rm", stderr)
-	var t target
-	t.flags(fs)
-	ns, id := nsID(fs)
-	if err := parseFlags(fs, args); err != nil {
-		return err
-	}
-	if err := t.check(fs); err != nil {
-		return err
-	}
-	if err := needNSID(fs, *ns, *id); err != nil {
-		return err
-	}
-	err := t.do(stderr,
-		func(ctx context.Context, c *hc.Client) error { return c.Delete(ctx, *ns, *id) },
-		func(st *chunk.Store) error { return st.Delete(*ns, *id) })
+	t, err := newTargetFlags("rm", stderr).forContext().parse(args)
 	if err != nil {
 		return err
 	}
-	return report(stdout, t.asJSON, map[string]any{"deleted": *ns + "/" + *id}, "deleted %s/%s\n", *ns, *id)
+	err = t.do(stderr,
+		func(ctx context.Context, c *hc.Client) error { return c.Delete(ctx, t.ns, t.id) },
+		func(st *chunk.Store) error { return st.Delete(t.ns, t.id) })
+	if err != nil {
+		return err
+	}
+	return report(stdout, t.asJSON, map[string]any{"deleted": t.ns + "/" + t.id}, "deleted %s/%s\n", t.ns, t.id)
 }
 
 func report(w io.Writer, asJSON bool, v any, format string, a ...any) error {
@@ -233,37 +247,24 @@ func report(w io.Writer, asJSON bool, v any, format string, a ...any) error {
 }
 
 func pin(args []string, stdout, stderr io.Writer) error {
-	fs := newFlags("pin", stderr)
-	var t target
-	t.flags(fs)
-	ns, id := nsID(fs)
+	fs := newTargetFlags("pin", stderr).forContext()
 	unpin := fs.Bool("unpin", false, "lift the pin")
-	if err := parseFlags(fs, args); err != nil {
-		return err
-	}
-	if err := t.check(fs); err != nil {
-		return err
-	}
-	if err := needNSID(fs, *ns, *id); err != nil {
-		return err
-	}
-	err := t.do(stderr,
-		func(ctx context.Context, c *hc.Client) error { return c.Pin(ctx, *ns, *id, !*unpin) },
-		func(st *chunk.Store) error { return st.Pin(*ns, *id, !*unpin) }) // do's Close commits the pin
+	t, err := fs.parse(args)
 	if err != nil {
 		return err
 	}
-	return report(stdout, t.asJSON, map[string]any{"context": *ns + "/" + *id, "pinned": !*unpin}, "%s/%s pinned: %v\n", *ns, *id, !*unpin)
+	err = t.do(stderr,
+		func(ctx context.Context, c *hc.Client) error { return c.Pin(ctx, t.ns, t.id, !*unpin) },
+		func(st *chunk.Store) error { return st.Pin(t.ns, t.id, !*unpin) }) // do's Close commits the pin
+	if err != nil {
+		return err
+	}
+	return report(stdout, t.asJSON, map[string]any{"context": t.ns + "/" + t.id, "pinned": !*unpin}, "%s/%s pinned: %v\n", t.ns, t.id, !*unpin)
 }
 
 func gcCmd(args []string, stdout, stderr io.Writer) error {
-	fs := newFlags("gc", stderr)
-	var t target
-	t.flags(fs)
-	if err := parseFlags(fs, args); err != nil {
-		return err
-	}
-	if err := t.check(fs); err != nil {
+	t, err := newTargetFlags("gc", stderr).parse(args)
+	if err != nil {
 		return err
 	}
 	var out struct {
@@ -271,7 +272,7 @@ func gcCmd(args []string, stdout, stderr io.Writer) error {
 		MovedRecords int64  `json:"moved_records"`
 		MovedBytes   uint64 `json:"moved_bytes"`
 	}
-	err := t.do(stderr, func(ctx context.Context, c *hc.Client) error {
+	err = t.do(stderr, func(ctx context.Context, c *hc.Client) error {
 		r, err := c.API.Gc(ctx, &hcachev1.GcRequest{})
 		out.Segments, out.MovedRecords, out.MovedBytes = r.GetSegments(), r.GetMovedRecords(), r.GetMovedBytes()
 		return err
@@ -286,36 +287,13 @@ func gcCmd(args []string, stdout, stderr io.Writer) error {
 	return report(stdout, t.asJSON, out, "gc: %d segments compacted, %d records (%d bytes) moved\n", out.Segments, out.MovedRecords, out.MovedBytes)
 }
 
-// addrOf returns the value of an --addr flag in args, if any.
-func addrOf(args []string) string {
-	for i, a := range args {
-		a = strings.TrimPrefix(strings.TrimPrefix(a, "-"), "-")
-		if v, ok := strings.CutPrefix(a, "addr="); ok {
-			return v
-		}
-		if a == "addr" && i+1 < len(args) {
-			return args[i+1]
-		}
-	}
-	return ""
-}
-
 // fsckDaemon runs fsck through hcached.
-func fsckDaemon(args []string, stdout, stderr io.Writer) error {
-	fs := newFlags("fsck", stderr)
-	var t target
-	t.flags(fs)
-	if err := parseFlags(fs, args); err != nil {
+func fsckDaemon(t *target, stdout io.Writer) error {
+	var r *hcachev1.FsckReply
+	err := t.call(func(ctx context.Context, c *hc.Client) (err error) {
+		r, err = c.API.Fsck(ctx, &hcachev1.FsckRequest{})
 		return err
-	}
-	c, err := t.dial()
-	if err != nil {
-		return err
-	}
-	defer c.Close()
-	ctx, cancel := rpcCtx()
-	defer cancel()
-	r, err := c.API.Fsck(ctx, &hcachev1.FsckRequest{})
+	})
 	if err != nil {
 		return err
 	}
@@ -325,25 +303,16 @@ func fsckDaemon(args []string, stdout, stderr io.Writer) error {
 }
 
 // statDaemon prints what a daemon shows the caller: its namespaces and contexts.
-func statDaemon(args []string, stdout, stderr io.Writer) error {
-	fs := newFlags("stat", stderr)
-	var t target
-	t.flags(fs)
-	if err := parseFlags(fs, args); err != nil {
+func statDaemon(t *target, stdout io.Writer) error {
+	var info *hcachev1.InfoReply
+	var list []*hcachev1.ContextInfo
+	err := t.call(func(ctx context.Context, c *hc.Client) (err error) {
+		if info, err = c.Info(ctx); err != nil {
+			return err
+		}
+		list, err = c.List(ctx, "")
 		return err
-	}
-	c, err := t.dial()
-	if err != nil {
-		return err
-	}
-	defer c.Close()
-	ctx, cancel := rpcCtx()
-	defer cancel()
-	info, err := c.Info(ctx)
-	if err != nil {
-		return err
-	}
-	list, err := c.List(ctx, "")
+	})
 	if err != nil {
 		return err
 	}

@@ -200,3 +200,29 @@ func TestDaemonCommandsOverTLS(t *testing.T) {
 		t.Fatalf("ls in plaintext against a TLS daemon: exit %d, want 1", code)
 	}
 }
+
+// TestTargetFlagsUsage: the daemon subcommands share one flag set; each
+// misuse is refused with exit 2 and says what is missing, before anything is
+// dialled or opened.
+func TestTargetFlagsUsage(t *testing.T) {
+	dir := t.TempDir()
+	cases := []struct {
+		args []string
+		want string
+	}{
+		{[]string{"ls"}, "give exactly one of --addr and --dir"},
+		{[]string{"gc", "--addr", "unix:///nonexistent", "--dir", dir}, "give exactly one of --addr and --dir"},
+		{[]string{"rm", "--dir", dir, "--ns", "ns"}, "--ns and --id are required"},
+		{[]string{"pin", "--dir", dir, "--id", "x", "--unpin"}, "--ns and --id are required"},
+		{[]string{"rm", "--dir", dir}, "--ns and --id are required"},
+		{[]string{"ls", "--dir", dir, "--id", "x"}, "flag provided but not defined: -id"},
+		{[]string{"stat"}, "give exactly one of --addr and --dir"},
+		{[]string{"fsck", "--addr", "unix:///nonexistent", "--dir", dir}, "give exactly one of --addr and --dir"},
+	}
+	for _, c := range cases {
+		code, _, errs := runCLI(c.args...)
+		if code != 2 || !strings.Contains(errs, c.want) {
+			t.Errorf("%v: exit %d, stderr %q; want exit 2 and %q", c.args, code, errs, c.want)
+		}
+	}
+}

@@ -3,7 +3,7 @@ package main
 import (
 	"io"
 
-	"github.com/hcache/hcache/internal/demo"
+	"github.com/hcache/hcache/cmd/hcache/demo"
 )
 
 func init() {

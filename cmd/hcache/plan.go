@@ -1,6 +1,7 @@
 package main
 
 import (
+	"flag"
 	"fmt"
 	"io"
 
@@ -15,15 +16,9 @@ func init() {
 
 func runPlan(args []string, stdout, stderr io.Writer) error {
 	fs := newFlags("plan", stderr)
-	prof := fs.String("profile", "a100-pm9a3x4", "shipped profile name or path to a profile JSON")
-	tier := fs.String("tier", "", "storage tier of the profile (default: its first)")
-	mdl := fs.String("model", "llama2-7b", "preset name or model directory (only its config is read)")
+	pf := platformFlagsOf(fs)
 	tokens := fs.Int("tokens", 4096, "expected context length")
-	asJSON := fs.Bool("json", false, "print one JSON object")
-	if err := parseFlags(fs, args); err != nil {
-		return err
-	}
-	pl, c, err := platformModel(*prof, *tier, *mdl)
+	pl, c, err := pf.parse(args)
 	if err != nil {
 		return err
 	}
@@ -35,12 +30,12 @@ func runPlan(args []string, stdout, stderr io.Writer) error {
 		"kv":     sched.Predict(d.Costs, sched.Split{KV: c.Layers}),
 		"hidden": sched.Predict(d.Costs, sched.Split{Hidden: c.Layers}),
 	}
-	if *asJSON {
-		return printJSON(stdout, map[string]any{"profile": pl.Profile.Name, "tier": pl.Tier.Name, "model": *mdl, "tokens": *tokens,
+	if pf.asJSON {
+		return printJSON(stdout, map[string]any{"profile": pl.Profile.Name, "tier": pl.Tier.Name, "model": pf.model, "tokens": *tokens,
 			"split": d.Split, "predicted_ms": d.PredictedMS, "costs_per_layer": d.Costs, "all_kv_ms": single["kv"], "all_hidden_ms": single["hidden"],
 			"hidden_allowed": sched.HiddenAllowed(c)})
 	}
-	fmt.Fprintf(stdout, "%s (%s), %s, %d tokens: %v\n", pl.Profile.Name, pl.Tier.Name, *mdl, *tokens, d.Split)
+	fmt.Fprintf(stdout, "%s (%s), %s, %d tokens: %v\n", pl.Profile.Name, pl.Tier.Name, pf.model, *tokens, d.Split)
 	fmt.Fprintf(stdout, "predicted restore %.2f ms (all KV %.2f ms, all hidden %.2f ms)\n", d.PredictedMS, single["kv"], single["hidden"])
 	cs := d.Costs
 	fmt.Fprintf(stdout, "per layer: recompute %.3f ms, projection %.3f ms, kv load %.3f ms, hidden read %.3f ms, kv read %.3f ms\n",
@@ -48,19 +43,44 @@ func runPlan(args []string, stdout, stderr io.Writer) error {
 	return nil
 }
 
-// platformModel loads a profile (a shipped name or a path) at a tier and a
-// model's config (resolveConfig: a preset, a config.json or a model
-// directory), as plan and simulate take them.
-func platformModel(prof, tier, mdl string) (*sched.Platform, *model.Config, error) {
-	p, err := profiles.Load(prof)
+// platformFlags are the flags plan and simulate share: a profile (a shipped
+// name or a path), its storage tier, a model whose config is read, and --json.
+type platformFlags struct {
+	fs                   *flag.FlagSet
+	profile, tier, model string
+	asJSON               bool
+}
+
+func platformFlagsOf(fs *flag.FlagSet) *platformFlags {
+	p := platformFlags{fs: fs}
+	fs.StringVar(&p.profile, "profile", "a100-pm9a3x4", "shipped profile name or path to a profile JSON")
+	fs.StringVar(&p.tier, "tier", "", "storage tier of the profile (default: its first)")
+	fs.StringVar(&p.model, "model", "llama2-7b", "preset name or model directory (only its config is read)")
+	fs.BoolVar(&p.asJSON, "json", false, "print one JSON object")
+	return &p
+}
+
+// parse parses args (the command's own flags too) and loads the platform
+// and the model.
+func (f *platformFlags) parse(args []string) (*sched.Platform, *model.Config, error) {
+	if err := parseFlags(f.fs, args); err != nil {
+		return nil, nil, err
+	}
+	return f.load()
+}
+
+// load loads the profile at the tier and the model's config (resolveConfig:
+// a preset, a config.json or a model directory).
+func (f *platformFlags) load() (*sched.Platform, *model.Config, error) {
+	p, err := profiles.Load(f.profile)
 	if err != nil {
 		return nil, nil, err
 	}
-	pl, err := sched.NewPlatform(p, tier)
+	pl, err := sched.NewPlatform(p, f.tier)
 	if err != nil {
 		return nil, nil, err
 	}
-	c, err := resolveConfig(mdl)
+	c, err := resolveConfig(f.model)
 	if err != nil {
 		return nil, nil, fmt.Errorf("--model: %w", err)
 	}

@@ -13,16 +13,10 @@ func init() {
 
 func runSimulate(args []string, stdout, stderr io.Writer) error {
 	fs := newFlags("simulate", stderr)
-	prof := fs.String("profile", "a100-pm9a3x4", "shipped profile name or path to a profile JSON")
-	tier := fs.String("tier", "", "storage tier of the profile (default: its first)")
-	mdl := fs.String("model", "llama2-7b", "preset name or model directory (only its config is read)")
+	pf := platformFlagsOf(fs)
 	wl := fs.String("workload", "chat", "workload: chat (ShareGPT-like) or long (L-Eval-like)")
 	seed := fs.Int64("seed", 1, "seed of the workload")
-	asJSON := fs.Bool("json", false, "print one JSON object")
-	if err := parseFlags(fs, args); err != nil {
-		return err
-	}
-	pl, c, err := platformModel(*prof, *tier, *mdl)
+	pl, c, err := pf.parse(args)
 	if err != nil {
 		return err
 	}
@@ -34,12 +28,12 @@ func runSimulate(args []string, stdout, stderr io.Writer) error {
 	if err != nil {
 		return err
 	}
-	res, err := pl.Simulate(c, *mdl, reqs)
+	res, err := pl.Simulate(c, pf.model, reqs)
 	if err != nil {
 		return err
 	}
 	res.Workload, res.Seed = params, *seed
-	if *asJSON {
+	if pf.asJSON {
 		return printJSON(stdout, res)
 	}
 	fmt.Fprintf(stdout, "%s (%s) %s, %s workload seed %d: %d restores, mean context %.0f tokens\n", res.Profile, res.Tier, res.Model, *wl, *seed, res.Restores, res.MeanCtx)

@@ -6,7 +6,7 @@ import (
 	"os"
 	"os/exec"
 
-	benchstore "github.com/hcache/hcache/bench/store"
+	"github.com/hcache/hcache/bench/benchstore"
 	"github.com/hcache/hcache/chunk"
 	"github.com/hcache/hcache/internal/progress"
 )
@@ -28,10 +28,7 @@ func benchStore(args []string, stdout, stderr io.Writer) error {
 	asJSON := fs.Bool("json", false, "print one JSON object")
 	noFio := fs.Bool("no-fio", false, "skip the fio baseline")
 	sweep := addSweepFlags(fs)
-	if err := parseFlags(fs, args); err != nil {
-		return err
-	}
-	so, err := sweep.options(*dir)
+	so, err := sweep.parse(fs, args, dir)
 	if err != nil {
 		return err
 	}
@@ -71,34 +68,19 @@ type exitError struct {
 func (e *exitError) Error() string { return e.msg }
 func (e *exitError) ExitCode() int { return e.code }
 
-func openStoreFlags(name string, args []string, stderr io.Writer) (*chunk.Store, bool, error) {
-	fs := newFlags(name, stderr)
-	dir := fs.String("dir", "", "store directory (required unless --addr)")
-	fs.String("addr", "", "hcached address (unix:///path or host:port): ask the daemon instead of opening --dir")
-	asJSON := fs.Bool("json", false, "print JSON")
-	if err := parseFlags(fs, args); err != nil {
-		return nil, false, err
-	}
-	if *dir == "" {
-		fs.Usage()
-		return nil, false, errUsage
-	}
-	if _, err := os.Stat(*dir); err != nil {
-		return nil, false, fmt.Errorf("store directory: %w", err)
-	}
-	// Checkers never write: read-only, no lock file, no recovery applied.
-	st, err := chunk.Open(chunk.Options{Dir: *dir, ReadOnly: true, GCInterval: -1, Logf: func(f string, a ...any) { fmt.Fprintf(stderr, f+"\n", a...) }})
-	return st, *asJSON, err
-}
-
 func fsck(args []string, stdout, stderr io.Writer) error {
-	if addrOf(args) != "" {
-		return fsckDaemon(args, stdout, stderr)
-	}
-	st, asJSON, err := openStoreFlags("fsck", args, stderr)
+	t, err := newTargetFlags("fsck", stderr).parse(args)
 	if err != nil {
 		return err
 	}
+	if t.addr != "" {
+		return fsckDaemon(t, stdout)
+	}
+	st, err := t.open(stderr, true)
+	if err != nil {
+		return err
+	}
+	asJSON := t.asJSON
 	defer st.Close()
 	var bar *progress.Bar
 	rep := st.Check(func(done, total int) {
@@ -140,13 +122,18 @@ func printCheck(stdout io.Writer, rep *chunk.CheckReport, asJSON bool) error {
 }
 
 func stat(args []string, stdout, stderr io.Writer) error {
-	if addrOf(args) != "" {
-		return statDaemon(args, stdout, stderr)
-	}
-	st, asJSON, err := openStoreFlags("stat", args, stderr)
+	t, err := newTargetFlags("stat", stderr).parse(args)
 	if err != nil {
 		return err
 	}
+	if t.addr != "" {
+		return statDaemon(t, stdout)
+	}
+	st, err := t.open(stderr, true)
+	if err != nil {
+		return err
+	}
+	asJSON := t.asJSON
 	defer st.Close()
 	out := struct {
 		Namespaces []string

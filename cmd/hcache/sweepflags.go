@@ -31,6 +31,15 @@ func addSweepFlags(fs *flag.FlagSet) *sweepFlags {
 	return s
 }
 
+// parse parses a benchmark's flags (args into fs, which holds the sweep's)
+// and returns the sweep's options in *dir, or nil when the sweep is off.
+func (s *sweepFlags) parse(fs *flag.FlagSet, args []string, dir *string) (*fio.SweepOptions, error) {
+	if err := parseFlags(fs, args); err != nil {
+		return nil, err
+	}
+	return s.options(*dir)
+}
+
 // options returns the sweep's options, or nil when the sweep is off.
 func (s *sweepFlags) options(dir string) (*fio.SweepOptions, error) {
 	if !*s.on {

@@ -3,27 +3,27 @@
 // a context stores (nothing: recomputed from the tokens; the hidden state; or
 // plain KV) so that on restore the I/O stream and the compute stream finish
 // together. It also holds the plan helpers (DefaultPlan, PlanOf) that build
-// chunk.LayerPlan values for a model; they live here, on the serving side, so
+// state.LayerPlan values for a model; they live here, on the serving side, so
 // that model and gpu do not link the storage engine.
 package sched
 
 import (
-	"github.com/hcache/hcache/chunk"
 	"github.com/hcache/hcache/model"
+	"github.com/hcache/hcache/state"
 )
 
 // DefaultPlan stores, per layer, whichever of hidden state and KV is smaller:
 // hidden for MHA models (half the bytes), KV for GQA models.
-func DefaultPlan(c *model.Config) []chunk.LayerPlan {
+func DefaultPlan(c *model.Config) []state.LayerPlan {
 	if c.HiddenRowBytes() <= c.KVRowBytes() {
-		return PlanOf(c, chunk.LayerHidden)
+		return PlanOf(c, state.LayerHidden)
 	}
-	return PlanOf(c, chunk.LayerKV)
+	return PlanOf(c, state.LayerKV)
 }
 
 // PlanOf builds a plan of one kind for every layer.
-func PlanOf(c *model.Config, kind chunk.LayerKind) []chunk.LayerPlan {
-	p := make([]chunk.LayerPlan, c.Layers)
+func PlanOf(c *model.Config, kind state.LayerKind) []state.LayerPlan {
+	p := make([]state.LayerPlan, c.Layers)
 	for l := range p {
 		p[l] = LayerPlanOf(c, kind)
 	}
@@ -31,12 +31,12 @@ func PlanOf(c *model.Config, kind chunk.LayerKind) []chunk.LayerPlan {
 }
 
 // LayerPlanOf is one layer's plan entry of a kind (row bytes from the model).
-func LayerPlanOf(c *model.Config, kind chunk.LayerKind) chunk.LayerPlan {
+func LayerPlanOf(c *model.Config, kind state.LayerKind) state.LayerPlan {
 	switch kind {
-	case chunk.LayerHidden:
-		return chunk.LayerPlan{Kind: kind, RowBytes: uint32(c.HiddenRowBytes())}
-	case chunk.LayerKV:
-		return chunk.LayerPlan{Kind: kind, RowBytes: uint32(c.KVRowBytes())}
+	case state.LayerHidden:
+		return state.LayerPlan{Kind: kind, RowBytes: uint32(c.HiddenRowBytes())}
+	case state.LayerKV:
+		return state.LayerPlan{Kind: kind, RowBytes: uint32(c.KVRowBytes())}
 	}
-	return chunk.LayerPlan{Kind: chunk.LayerNone}
+	return state.LayerPlan{Kind: state.LayerNone}
 }

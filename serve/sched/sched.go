@@ -4,8 +4,8 @@ import (
 	"fmt"
 	"math"
 
-	"github.com/hcache/hcache/chunk"
 	"github.com/hcache/hcache/model"
+	"github.com/hcache/hcache/state"
 )
 
 // Split is a plan in the scheduler's form: layers [0, Recompute) store
@@ -28,16 +28,16 @@ func (s Split) String() string {
 }
 
 // Plan builds the per-layer store plan of a split for model c.
-func (s Split) Plan(c *model.Config) []chunk.LayerPlan {
-	p := make([]chunk.LayerPlan, c.Layers)
+func (s Split) Plan(c *model.Config) []state.LayerPlan {
+	p := make([]state.LayerPlan, c.Layers)
 	for l := range p {
 		switch {
 		case l < s.Recompute:
-			p[l] = chunk.LayerPlan{Kind: chunk.LayerNone}
+			p[l] = state.LayerPlan{Kind: state.LayerNone}
 		case l < s.Recompute+s.Hidden:
-			p[l] = LayerPlanOf(c, chunk.LayerHidden)
+			p[l] = LayerPlanOf(c, state.LayerHidden)
 		default:
-			p[l] = LayerPlanOf(c, chunk.LayerKV)
+			p[l] = LayerPlanOf(c, state.LayerKV)
 		}
 	}
 	return p
@@ -45,22 +45,22 @@ func (s Split) Plan(c *model.Config) []chunk.LayerPlan {
 
 // SplitOf reads a plan back into a split; ok is false when the plan is not
 // of the form none* hidden* kv*.
-func SplitOf(plan []chunk.LayerPlan) (s Split, ok bool) {
+func SplitOf(plan []state.LayerPlan) (s Split, ok bool) {
 	phase := 0
 	for _, p := range plan {
 		switch p.Kind {
-		case chunk.LayerNone:
+		case state.LayerNone:
 			if phase > 0 {
 				return s, false
 			}
 			s.Recompute++
-		case chunk.LayerHidden:
+		case state.LayerHidden:
 			if phase > 1 {
 				return s, false
 			}
 			phase = 1
 			s.Hidden++
-		case chunk.LayerKV:
+		case state.LayerKV:
 			phase = 2
 			s.KV++
 		default:
@@ -76,10 +76,10 @@ func SplitOf(plan []chunk.LayerPlan) (s Split, ok bool) {
 // the stored layers back to back from time zero (restore buffers the reads
 // that arrive while compute is busy). order lists the stored layers' kinds
 // in restore order. It returns the time the last layer is ready, in ms.
-func Simulate(cs Costs, r int, order []chunk.LayerKind) float64 {
+func Simulate(cs Costs, r int, order []state.LayerKind) float64 {
 	io, comp := 0.0, float64(r)*cs.RecomputeMS
 	for _, k := range order {
-		if k == chunk.LayerHidden {
+		if k == state.LayerHidden {
 			io += cs.HiddenIOMS
 			comp = max(comp, io) + cs.ProjectMS
 		} else {
@@ -95,13 +95,13 @@ func Predict(cs Costs, s Split) float64 {
 	return Simulate(cs, s.Recompute, s.order())
 }
 
-func (s Split) order() []chunk.LayerKind {
-	o := make([]chunk.LayerKind, 0, s.Hidden+s.KV)
+func (s Split) order() []state.LayerKind {
+	o := make([]state.LayerKind, 0, s.Hidden+s.KV)
 	for i := 0; i < s.Hidden; i++ {
-		o = append(o, chunk.LayerHidden)
+		o = append(o, state.LayerHidden)
 	}
 	for i := 0; i < s.KV; i++ {
-		o = append(o, chunk.LayerKV)
+		o = append(o, state.LayerKV)
 	}
 	return o
 }

@@ -5,10 +5,10 @@ import (
 	"math/rand"
 	"testing"
 
-	"github.com/hcache/hcache/chunk"
 	"github.com/hcache/hcache/internal/testseed"
 	"github.com/hcache/hcache/model"
 	"github.com/hcache/hcache/profiles"
+	"github.com/hcache/hcache/state"
 )
 
 // bruteForce searches every split (every recomputed prefix r and every
@@ -24,11 +24,11 @@ func bruteForce(pr Problem, allowHidden bool) float64 {
 				continue
 			}
 			for _, kvFirst := range []bool{false, true} {
-				var order []chunk.LayerKind
+				var order []state.LayerKind
 				for i := 0; i < h+k; i++ {
-					kind := chunk.LayerHidden
+					kind := state.LayerHidden
 					if (kvFirst && i < k) || (!kvFirst && i >= h) {
-						kind = chunk.LayerKV
+						kind = state.LayerKV
 					}
 					order = append(order, kind)
 				}
@@ -204,12 +204,12 @@ func TestSplitPlanRoundTrip(t *testing.T) {
 		if !ok || got != s {
 			t.Errorf("split %v -> plan -> %v (%v)", s, got, ok)
 		}
-		id := chunk.Identity{Model: []byte{1}, Plan: p}
+		id := state.Identity{Model: []byte{1}, Plan: p}
 		if err := id.Validate(); err != nil {
 			t.Errorf("split %v: plan refused by the store: %v", s, err)
 		}
 	}
-	bad := []chunk.LayerPlan{LayerPlanOf(c, chunk.LayerKV), LayerPlanOf(c, chunk.LayerHidden)}
+	bad := []state.LayerPlan{LayerPlanOf(c, state.LayerKV), LayerPlanOf(c, state.LayerHidden)}
 	if _, ok := SplitOf(bad); ok {
 		t.Error("kv before hidden read as a split")
 	}

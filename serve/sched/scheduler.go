@@ -3,8 +3,8 @@ package sched
 import (
 	"fmt"
 
-	"github.com/hcache/hcache/chunk"
 	"github.com/hcache/hcache/model"
+	"github.com/hcache/hcache/state"
 )
 
 // Decision is the scheduler's answer for one model and context length.
@@ -12,7 +12,7 @@ type Decision struct {
 	Split       Split             `json:"split"`
 	PredictedMS float64           `json:"predicted_ms"`
 	Costs       Costs             `json:"costs"`
-	Plan        []chunk.LayerPlan `json:"-"`
+	Plan        []state.LayerPlan `json:"-"`
 }
 
 // Choose plans a context of model c expected to reach tokens tokens. The

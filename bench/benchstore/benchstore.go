@@ -285,20 +285,16 @@ func Run(o Options) (*Result, error) {
 	res.RecoveryMS = float64(time.Since(start).Microseconds()) / 1000
 	st.Close()
 
+	var fioRead, fioWrite float64
 	if !o.SkipFio {
-		res.FioWriteGBps, res.FioReadGBps = stat.Mean(fioW), stat.Mean(fioR)
-		res.SaveRatio = res.SaveGBps / res.FioWriteGBps
-		res.RestoreRatio = res.RestoreGBps / res.FioReadGBps
+		fioRead, fioWrite = stat.Mean(fioR), stat.Mean(fioW)
 	}
-	if o.Sweep != nil {
-		sw, err := fio.RunSweepIn(*o.Sweep, o.Dir)
-		if err != nil {
-			return nil, err
-		}
-		res.FioSweep = sw
-		res.FioBestReadGBps, res.FioBestWriteGBps = sw.BestRead.GBps, sw.BestWrite.GBps
-		res.SaveVsBest, res.RestoreVsBest = res.SaveGBps/sw.BestWrite.GBps, res.RestoreGBps/sw.BestRead.GBps
+	vs, err := fio.Compare(res.RestoreGBps, res.SaveGBps, fioRead, fioWrite, o.Sweep, o.Dir)
+	if err != nil {
+		return nil, err
 	}
+	res.FioReadGBps, res.FioWriteGBps, res.RestoreRatio, res.SaveRatio = vs.FioReadGBps, vs.FioWriteGBps, vs.ReadRatio, vs.WriteRatio
+	res.FioSweep, res.FioBestReadGBps, res.FioBestWriteGBps, res.RestoreVsBest, res.SaveVsBest = vs.Sweep, vs.BestReadGBps, vs.BestWriteGBps, vs.ReadVsBest, vs.WriteVsBest
 	return res, nil
 }
 

@@ -163,18 +163,12 @@ func Run(o Options) (*Result, error) {
 	if o.SkipFio {
 		return res, nil
 	}
-	res.FioWriteGBps, res.FioReadGBps = stat.Median(fws), stat.Median(frs)
-	res.WriteRatio = res.WriteGBps / res.FioWriteGBps
-	res.ReadRatio = res.ReadGBps / res.FioReadGBps
-	if o.Sweep != nil {
-		sw, err := fio.RunSweepIn(*o.Sweep, o.Dir)
-		if err != nil {
-			return nil, err
-		}
-		res.FioSweep = sw
-		res.FioBestReadGBps, res.FioBestWriteGBps = sw.BestRead.GBps, sw.BestWrite.GBps
-		res.ReadVsBest, res.WriteVsBest = res.ReadGBps/sw.BestRead.GBps, res.WriteGBps/sw.BestWrite.GBps
+	vs, err := fio.Compare(res.ReadGBps, res.WriteGBps, stat.Median(frs), stat.Median(fws), o.Sweep, o.Dir)
+	if err != nil {
+		return nil, err
 	}
+	res.FioReadGBps, res.FioWriteGBps, res.ReadRatio, res.WriteRatio = vs.FioReadGBps, vs.FioWriteGBps, vs.ReadRatio, vs.WriteRatio
+	res.FioSweep, res.FioBestReadGBps, res.FioBestWriteGBps, res.ReadVsBest, res.WriteVsBest = vs.Sweep, vs.BestReadGBps, vs.BestWriteGBps, vs.ReadVsBest, vs.WriteVsBest
 	return res, nil
 }
 
