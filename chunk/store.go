@@ -264,6 +264,7 @@ type Store struct {
 	cache    *sliceCache
 	recovery Recovery
 
+	allocMu    sync.Mutex // serializes reserve (the flusher; evictions on the committer)
 	mu         sync.Mutex
 	ctxs       map[string]*ctxState
 	segs       map[uint32]*segFile
@@ -301,7 +302,10 @@ type Recovery struct {
 	MissingSegments  int      // indexed segments without a file
 	UnindexedRecords int      // records past the append point (discarded)
 	LiveRecounted    int      // segments whose stored live count disagreed with the chunk keys (recounted)
-	Duration         time.Duration
+	// TombstonesRolledForward counts deletes whose tombstone was durable but
+	// whose index commit a crash lost: completed on open.
+	TombstonesRolledForward int
+	Duration                time.Duration
 }
 
 // ErrIndexDamaged is wrapped by Open's error when the index disagrees with
@@ -456,6 +460,9 @@ func Open(opts Options) (*Store, error) {
 		if errors.Is(err, lsm.ErrCorrupt) || errors.Is(err, lsm.ErrFatal) {
 			return nil, indexDamaged(s.dir, "%v", err)
 		}
+		return nil, err
+	}
+	if err := s.rollForwardTombstones(); err != nil {
 		return nil, err
 	}
 	if !s.readOnly && !s.diskFull && s.opts.ReserveBytes > 0 {
