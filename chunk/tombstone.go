@@ -133,18 +133,20 @@ func (s *Store) deleteCtxs(cs []*ctxState) error {
 // writes.
 func (s *Store) writeTombstones(plans []*tombPlan) error {
 	var err error
+	mayBeOnDisk := false
 	for attempt := 0; attempt < 2; attempt++ {
 		var written bool
 		written, err = s.writeTombstonesOnce(plans)
 		if err == nil {
 			return nil
 		}
-		if !written {
+		mayBeOnDisk = mayBeOnDisk || written
+		if !mayBeOnDisk {
 			return fmt.Errorf("chunk: delete: the tombstone could not be written (%w); nothing was deleted", err)
 		}
 		s.opts.Logf("chunk: writing a tombstone failed (%v); its segment is sealed and the tombstones are written again", err)
 	}
-	err = fmt.Errorf("chunk: delete: tombstones could not be made durable twice (%w); the store refuses further writes", err)
+	err = fmt.Errorf("chunk: delete: a tombstone may be on disk but could not be made durable (%w); nothing was deleted, and the store refuses further writes", err)
 	s.mu.Lock()
 	if s.failed == nil {
 		s.failed = err
