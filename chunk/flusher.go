@@ -286,6 +286,9 @@ func (f *flusher) startWrite(o op) {
 		fail(err)
 		return
 	}
+	s.mu.Lock()
+	c.noteWrite(seg.id)
+	s.mu.Unlock()
 	j.seg, j.off, j.length = seg, off, uint32(length)
 	j.chunk.Segment, j.chunk.Offset, j.chunk.Length = seg.id, off, uint32(length)
 	if j.header, err = s.scratch.get(hb); err != nil {

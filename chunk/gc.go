@@ -219,6 +219,7 @@ func (s *Store) compact(id uint32) (int, uint64, error) {
 		b.Set(m.key, nch.Encode())
 		s.mu.Lock()
 		s.segRecs[seg.id].Live += uint64(m.ch.Length)
+		m.c.noteWrite(seg.id)
 		s.mu.Unlock()
 		moved++
 		movedBytes += uint64(m.ch.Length)

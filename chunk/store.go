@@ -243,6 +243,10 @@ type ctxState struct {
 	deleted  bool
 	dirty    bool // rec must be written at the next commit
 	writeErr error
+	// wroteSegs: segments this process wrote records of the context to
+	// (indexed or not: superseded partial groups, failed writes), so its
+	// tombstone lists them (see deleteCtxs).
+	wroteSegs map[uint32]bool
 }
 
 func ctxMapKey(ns, id string) string { return ns + "\x00" + id }

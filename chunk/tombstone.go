@@ -37,7 +37,7 @@ type tombPlan struct {
 	c      *ctxState
 	gen    uint64
 	chunks []*lsm.Chunk
-	segs   []uint32 // segments holding its indexed records
+	segs   []uint32 // segments holding its records (indexed, or written by this process)
 	seg    *segFile // where its tombstone went
 	off    uint64
 }
@@ -74,6 +74,17 @@ func (s *Store) deleteCtxs(cs []*ctxState) error {
 				p.segs = append(p.segs, ch.Segment)
 			}
 		}
+		// Records the index does not list (a partial group's earlier
+		// versions, writes that failed) lie in segments this process
+		// wrote the context to.
+		s.mu.Lock()
+		for id := range c.wroteSegs {
+			if !seen[id] && s.segs[id] != nil {
+				seen[id] = true
+				p.segs = append(p.segs, id)
+			}
+		}
+		s.mu.Unlock()
 		sort.Slice(p.segs, func(i, j int) bool { return p.segs[i] < p.segs[j] })
 		plans = append(plans, p)
 	}
@@ -224,6 +235,15 @@ func (s *Store) appendTombstoneRecord(gen uint64, ns, id string) (*segFile, uint
 		return seg, 0, true, err
 	}
 	return seg, off, true, nil
+}
+
+// noteWrite records that a record of c went to segment id. Call with s.mu
+// held.
+func (c *ctxState) noteWrite(id uint32) {
+	if c.wroteSegs == nil {
+		c.wroteSegs = map[uint32]bool{}
+	}
+	c.wroteSegs[id] = true
 }
 
 // scannedTomb is a tombstone record found by scanTombstones.

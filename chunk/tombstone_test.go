@@ -10,6 +10,7 @@ import (
 	"github.com/cockroachdb/pebble/v2/vfs"
 
 	"github.com/hcache/hcache/fuzz/faultfs"
+	"github.com/hcache/hcache/lsm"
 )
 
 // crashRecorder takes a crash image of the file system at every sync while
@@ -398,5 +399,93 @@ func TestTombstoneGenerationsNotReused(t *testing.T) {
 	loseIndexAndRepair(t, o)
 	if got := tokensIn(t, o, ident, "x"); got != 20 {
 		t.Fatalf("x, created again after its delete and a restart: %d tokens after repair, want 20", got)
+	}
+}
+
+// TestTombstoneOutlivesSupersededRecords: a context's partial first group
+// flushed into segment 1 and later rewritten whole into segment 2; the
+// context is deleted and GC compacts segment 2 (its tombstone's). Segment 1
+// still holds the superseded partial group, a valid record of the deleted
+// generation, so the tombstone must be carried, or a repair brings the
+// context back with that group's tokens.
+func TestTombstoneOutlivesSupersededRecords(t *testing.T) {
+	ident := testIdentity("m")
+	o := Options{FS: vfs.NewCrashableMem(), Dir: "/s", ChunkTokens: 16, SegmentBytes: MinSegmentBytes, GCInterval: -1, GCLiveRatio: 0.5, Logf: t.Logf}
+	s, err := Open(o)
+	if err != nil {
+		t.Fatal(err)
+	}
+	mk := func(id string, n int) {
+		w, err := s.Create("ns", id, ident, CreateOptions{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		appendPrefill(t, w, ident, id, 0, n)
+		if err := w.Close(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	del := func(id string) {
+		if err := s.Delete("ns", id); err != nil {
+			t.Fatal(err)
+		}
+	}
+	mk("big", 800) // keeps segment 1 mostly live
+	x, err := s.Create("ns", "x", ident, CreateOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	appendPrefill(t, x, ident, "x", 0, 4)
+	if err := x.Flush(); err != nil { // group 0, 4 tokens, in segment 1
+		t.Fatal(err)
+	}
+	xSegs := func() map[uint32]bool {
+		out := map[uint32]bool{}
+		s.db.Scan(lsm.ChunkPrefix("ns", "x"), lsm.ChunkPrefixEnd("ns", "x"), func(k, v []byte) error {
+			if ch, err := lsm.DecodeChunk(v); err == nil {
+				out[ch.Segment] = true
+			}
+			return nil
+		})
+		return out
+	}
+	if got := xSegs(); !got[1] || len(got) != 1 {
+		t.Fatalf("x's partial group is in segments %v, want segment 1 (the test's layout changed)", got)
+	}
+	var fill []string
+	for i := 0; len(s.Segments()) < 2; i++ {
+		fill = append(fill, fmt.Sprint("fill", i))
+		mk(fill[i], 64)
+	}
+	appendPrefill(t, x, ident, "x", 4, 64)
+	if err := x.Close(); err != nil { // groups 0-3 whole, in segment 2
+		t.Fatal(err)
+	}
+	if got := xSegs(); got[1] || !got[2] {
+		t.Fatalf("x's groups are in segments %v, want segment 2 only (the test's layout changed)", got)
+	}
+	del("x")
+	for _, id := range fill {
+		del(id)
+	}
+	for i := 0; len(s.Segments()) < 3; i++ {
+		id := fmt.Sprint("tmp", i)
+		mk(id, 64)
+		del(id)
+	}
+	if res := s.GC(); res.Err != nil {
+		t.Fatal(res.Err)
+	}
+	segs := s.Segments()
+	if len(segs) == 0 || segs[0].ID != 1 || (len(segs) > 1 && segs[1].ID == 2) {
+		t.Fatalf("GC should have compacted segment 2 and kept segment 1: %+v", segs)
+	}
+	s.Close()
+	loseIndexAndRepair(t, o)
+	if got := tokensIn(t, o, ident, "x"); got >= 0 {
+		t.Fatalf("repair brought back the deleted x from its superseded first group: %d tokens", got)
+	}
+	if got := tokensIn(t, o, ident, "big"); got != 800 {
+		t.Fatalf("big: %d tokens after repair, want 800", got)
 	}
 }
