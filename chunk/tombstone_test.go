@@ -4,7 +4,7 @@ import (
 	"errors"
 	"fmt"
 	randv2 "math/rand/v2"
-	"strings"
+	"syscall"
 	"testing"
 
 	"github.com/cockroachdb/pebble/v2/vfs"
@@ -129,6 +129,21 @@ func TestDeletesSurviveCrashesAndRepair(t *testing.T) {
 			},
 		},
 		{
+			// The full disk seals the active segment: the tombstone goes to
+			// a new segment file, which the index lists only from the
+			// delete's commit on.
+			name: "delete on a full disk",
+			setup: func(t *testing.T, s *Store) {
+				mk(t, s, "victim", victimTokens)
+				fillToENOSPC(t, s, ident)
+			},
+			act: func(t *testing.T, s *Store) {
+				if err := s.Delete("ns", "victim"); err != nil {
+					t.Fatal(err)
+				}
+			},
+		},
+		{
 			name: "eviction",
 			// victim (about 33 KB live) is evicted when "next" is flushed.
 			mod:   func(o *Options) { o.CapacityBytes = 48 << 10 },
@@ -198,6 +213,7 @@ func TestDeletesSurviveCrashesAndRepair(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
+			testFFS = rec.ffs
 			tc.setup(t, s)
 			rec.armed = true
 			tc.act(t, s)
@@ -260,6 +276,35 @@ func TestDeletesSurviveCrashesAndRepair(t *testing.T) {
 			t.Logf("%d crash images checked", len(rec.images))
 		})
 	}
+}
+
+// testFFS is the fault-injecting file system of the running case.
+var testFFS *faultfs.FS
+
+// fillToENOSPC writes until a segment write meets ENOSPC (injected on
+// testFFS): the store is then in the disk-full state, its active segment
+// sealed.
+func fillToENOSPC(t *testing.T, s *Store, ident *Identity) {
+	t.Helper()
+	w, err := s.Create("ns", "fill", ident, CreateOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	testFFS.SetRules(faultfs.Rule{Fault: faultfs.ENOSPC, Match: "segments/", Nth: 1})
+	defer testFFS.SetRules()
+	for i := 0; ; i++ {
+		appendPrefill(t, w, ident, "fill", i*64, (i+1)*64)
+		if err := w.Flush(); err != nil {
+			if !errors.Is(err, syscall.ENOSPC) {
+				t.Fatalf("flush: %v, want a full disk", err)
+			}
+			break
+		}
+		if i > 100 {
+			t.Fatal("the disk never filled")
+		}
+	}
+	w.Abandon()
 }
 
 // TestDeleteFailsWhenTombstoneCannotBeWritten: when the tombstone's write
@@ -335,22 +380,8 @@ func TestDeleteOnFullDisk(t *testing.T) {
 	if err := w.Close(); err != nil {
 		t.Fatal(err)
 	}
-	// Fill the active segment until a write needs a new one, which fails.
-	w, _ = s.Create("ns", "fill", ident, CreateOptions{})
-	ffs.SetRules(faultfs.Rule{Fault: faultfs.ENOSPC, Match: "segments/", Nth: 1})
-	for i := 0; ; i++ {
-		appendPrefill(t, w, ident, "fill", i*64, (i+1)*64)
-		if err := w.Flush(); err != nil {
-			if !errors.Is(err, ErrDiskFull) && !strings.Contains(err.Error(), "no space") {
-				t.Fatalf("flush: %v, want a full disk", err)
-			}
-			break
-		}
-		if i > 100 {
-			t.Fatal("the disk never filled")
-		}
-	}
-	w.Abandon()
+	testFFS = ffs
+	fillToENOSPC(t, s, ident)
 	if err := s.Delete("ns", "c"); err != nil {
 		t.Fatalf("delete on a full disk: %v", err)
 	}
