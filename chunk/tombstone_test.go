@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	randv2 "math/rand/v2"
+	"strings"
 	"syscall"
 	"testing"
 
@@ -518,5 +519,80 @@ func TestTombstoneOutlivesSupersededRecords(t *testing.T) {
 	}
 	if got := tokensIn(t, o, ident, "big"); got != 800 {
 		t.Fatalf("big: %d tokens after repair, want 800", got)
+	}
+}
+
+// TestEvictionTombstonesBatched: one eviction pass that removes many
+// contexts writes their tombstones with one segment fdatasync and one index
+// commit, not one of each per context; a repair keeps them all gone.
+func TestEvictionTombstonesBatched(t *testing.T) {
+	ident := testIdentity("m")
+	mem := vfs.NewCrashableMem()
+	ffs := faultfs.New(mem, 5)
+	segSyncs, indexSyncs := 0, 0
+	counting := false
+	ffs.OnSync = func(name string) {
+		if !counting {
+			return
+		}
+		switch {
+		case strings.Contains(name, "/segments/"):
+			segSyncs++
+		case strings.Contains(name, "/index/") && strings.HasSuffix(name, ".log"):
+			indexSyncs++
+		}
+	}
+	const victims = 8
+	// Each 16-token context holds about 16 KB; the next one's flush
+	// pushes the store over and evicts all eight.
+	o := Options{FS: ffs, Dir: "/s", ChunkTokens: 16, SegmentBytes: MinSegmentBytes, GCInterval: -1, CapacityBytes: victims*16<<10 + 8<<10, Logf: t.Logf}
+	s, err := Open(o)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := 0; i < victims; i++ {
+		id := fmt.Sprint("v", i)
+		w, err := s.Create("ns", id, ident, CreateOptions{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		appendPrefill(t, w, ident, id, 0, 16)
+		if err := w.Close(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if n := s.Stats().Evictions; n != 0 {
+		t.Fatalf("%d evictions before the big write", n)
+	}
+	w, err := s.Create("ns", "big", ident, CreateOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	appendPrefill(t, w, ident, "big", 0, victims*16)
+	counting = true
+	err = w.Flush()
+	counting = false
+	if err != nil {
+		t.Fatal(err)
+	}
+	if n := s.Stats().Evictions; n != victims {
+		t.Fatalf("%d evictions, want %d", n, victims)
+	}
+	// One fdatasync and one index commit for the data, one of each for
+	// the eight tombstones.
+	if segSyncs != 2 || indexSyncs != 2 {
+		t.Fatalf("the flush and its eviction of %d contexts took %d segment syncs and %d index syncs, want 2 and 2", victims, segSyncs, indexSyncs)
+	}
+	if err := w.Close(); err != nil {
+		t.Fatal(err)
+	}
+	s.Close()
+	co := o
+	co.FS = mem.CrashClone(vfs.CrashCloneCfg{})
+	loseIndexAndRepair(t, co)
+	for i := 0; i < victims; i++ {
+		if got := tokensIn(t, co, ident, fmt.Sprint("v", i)); got >= 0 {
+			t.Fatalf("repair brought back evicted v%d (%d tokens)", i, got)
+		}
 	}
 }
