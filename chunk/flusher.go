@@ -288,6 +288,9 @@ func (f *flusher) startWrite(o op) {
 		fail(err)
 		return
 	}
+	s.mu.Lock()
+	c.noteWrite(seg.id)
+	s.mu.Unlock()
 	j.seg, j.off, j.length = seg, off, uint32(length)
 	j.chunk.Segment, j.chunk.Offset, j.chunk.Length = seg.id, off, uint32(length)
 	if j.header, err = s.scratch.get(hb); err != nil {
@@ -316,9 +319,11 @@ var (
 // segment when the active one is full. Writes are refused while the disk is
 // full (ErrDiskFull); GC (gc true) may still allocate, with the room the
 // released emergency reserve left. It runs only on the flusher (the one
-// allocator), and holds no store-wide lock across fallocate, fdatasync or
-// file creation.
+// allocator; evictions' tombstones on the committer take allocMu too), and
+// holds no store-wide lock across fallocate, fdatasync or file creation.
 func (s *Store) reserve(length uint64, gc bool) (*segFile, uint64, error) {
+	s.allocMu.Lock()
+	defer s.allocMu.Unlock()
 	if length+segHeaderBytes > uint64(s.opts.SegmentBytes) {
 		return nil, 0, fmt.Errorf("chunk: a %d-byte record does not fit a %d-byte segment; raise SegmentBytes", length, s.opts.SegmentBytes)
 	}
@@ -715,11 +720,12 @@ func (f *flusher) control(o op) {
 	s := f.s
 	switch o.kind {
 	case opDelete:
-		segs, err := s.deleteNow(o.c)
-		if err == nil && len(segs) > 0 {
-			if terr := s.writeTombstone(o.c, segs); terr != nil {
-				s.opts.Logf("chunk: the delete of %s/%s is durable, but its tombstone could not be written (%v): a repair may bring the context back", o.c.ns, o.c.id, terr)
-			}
+		s.mu.Lock()
+		gone := o.c.deleted
+		s.mu.Unlock()
+		var err error
+		if !gone { // evicted (or deleted) while the op waited: done already
+			err = s.deleteCtxs([]*ctxState{o.c})
 		}
 		o.done <- err
 	case opDamage:
@@ -736,97 +742,11 @@ func (f *flusher) control(o op) {
 	}
 }
 
-// deleteNow removes a context's keys in one batch and its bytes from the
-// segments' live counts. Runs on the flusher.
-func (s *Store) deleteNow(c *ctxState) ([]uint32, error) {
-	var chunks []*lsm.Chunk
-	err := s.db.Scan(lsm.ChunkPrefix(c.ns, c.id), lsm.ChunkPrefixEnd(c.ns, c.id), func(k, v []byte) error {
-		if ch, err := lsm.DecodeChunk(v); err == nil {
-			chunks = append(chunks, ch)
-		}
-		return nil
-	})
-	if err != nil {
-		return nil, err
-	}
-	b := s.db.NewBatch()
-	b.DeleteRange(lsm.ChunkPrefix(c.ns, c.id), lsm.ChunkPrefixEnd(c.ns, c.id))
-	b.Delete(lsm.ContextKey(c.ns, c.id))
-	b.Delete(lsm.LastUseKey(c.ns, c.id))
-	s.mu.Lock()
-	touched := map[uint32]bool{}
-	for _, ch := range chunks {
-		if rec := s.segRecs[ch.Segment]; rec != nil {
-			rec.Live -= min(rec.Live, uint64(ch.Length))
-			touched[ch.Segment] = true
-		}
-	}
-	var segs []uint32
-	for id := range touched {
-		b.Set(lsm.SegmentKey(id), s.segRecs[id].Encode())
-		segs = append(segs, id)
-	}
-	sort.Slice(segs, func(i, j int) bool { return segs[i] < segs[j] })
-	c.deleted = true
-	s.live -= c.live
-	c.live = 0
-	if s.ctxs[ctxMapKey(c.ns, c.id)] == c {
-		delete(s.ctxs, ctxMapKey(c.ns, c.id))
-	}
-	s.mu.Unlock()
-	if s.cache != nil {
-		s.cache.dropGen(c.rec.Gen)
-	}
-	return segs, b.Commit(true)
-}
-
-// writeTombstone logs a committed delete in the segments, so that a repair
-// (which sees only segments) does not bring the context back: a deletion
-// record naming the context and its generation, made durable, then indexed
-// under a "t" key with the segments that held the context's records (GC
-// carries the tombstone along while any of them exists). Runs on the
-// flusher after the delete's index commit: a crash in between loses only
-// the tombstone of a delete not yet acknowledged. Explicit deletes only;
-// evicted contexts (a cache's choice) may come back with a repair.
-func (s *Store) writeTombstone(c *ctxState, segs []uint32) error {
-	seg, off, err := s.appendTombstoneRecord(c.rec.Gen, c.ns, c.id)
-	if err == nil {
-		err = seg.datasync()
-	}
-	if err != nil {
-		return err
-	}
-	t := lsm.Tombstone{Namespace: c.ns, ID: c.id, Gen: c.rec.Gen, Segments: segs}
-	b := s.db.NewBatch()
-	b.Set(lsm.TombstoneKey(seg.id, off), t.Encode())
-	s.mu.Lock()
-	b.Set(lsm.SegmentKey(seg.id), s.segRecs[seg.id].Encode())
-	s.mu.Unlock()
-	return b.Commit(true)
-}
-
-// appendTombstoneRecord writes a tombstone record of generation gen of
-// ns/id to the log (not synced) and returns where it went.
-func (s *Store) appendTombstoneRecord(gen uint64, ns, id string) (*segFile, uint64, error) {
-	h := RecordHeader{Version: formatVersion, Flags: RecordTombstone, ChunkTokens: uint16(s.ct), Gen: gen, Namespace: ns, ContextID: id}
-	hb := headerBytesFor(0, h.descBytes())
-	seg, off, err := s.reserve(uint64(hb), true)
-	if err != nil {
-		return nil, 0, err
-	}
-	h.HeaderBytes, h.RecordBytes, h.Segment = uint32(hb), uint64(hb), seg.id
-	buf, err := s.scratch.get(hb)
-	if err != nil {
-		return nil, 0, err
-	}
-	h.Encode(buf.Bytes()[:hb])
-	err = seg.write([][]byte{buf.Bytes()[:hb]}, int64(off))
-	s.scratch.put(buf)
-	return seg, off, err
-}
-
-// Delete removes a context durably. An open writer of it fails its next
-// Flush.
+// Delete removes a context durably: it returns once the context's tombstone
+// is durable in the segment log and the index no longer lists it (see
+// deleteCtxs); no crash and no repair brings it back. When that cannot be
+// done it returns the error and the context is unchanged. An open writer of
+// it fails its next Flush.
 func (s *Store) Delete(ns, id string) error {
 	s.mu.Lock()
 	c, err := s.lookup(ns, id)
@@ -884,25 +804,32 @@ func (f *flusher) evict() {
 		}
 		return cands[i].gen < cands[j].gen
 	})
+	// The victims, least recently used first, until the live bytes fit;
+	// their tombstones go out together (one append each, one fdatasync,
+	// one index batch), not one fsync per context.
+	s.mu.Lock()
+	over := s.live - s.opts.CapacityBytes
+	var victims []*ctxState
 	for _, cd := range cands {
-		s.mu.Lock()
-		over := s.live > s.opts.CapacityBytes
-		skip := cd.c.deleted || cd.c.writer != nil || cd.c.rec.Flags&lsm.FlagPinned != 0
-		s.mu.Unlock()
-		if !over {
-			return
+		if over <= 0 {
+			break
 		}
-		if skip {
+		c := cd.c
+		if c.deleted || c.writer != nil || c.rec.Flags&lsm.FlagPinned != 0 {
 			continue
 		}
-		victim := cd.c
-		if _, err := s.deleteNow(victim); err != nil {
-			s.opts.Logf("chunk: evicting %s/%s: %v", victim.ns, victim.id, err)
-			return
-		}
+		victims = append(victims, c)
+		over -= c.live
+	}
+	s.mu.Unlock()
+	if err := s.deleteCtxs(victims); err != nil {
+		s.opts.Logf("chunk: evicting %d contexts: %v", len(victims), err)
+		return
+	}
+	for _, v := range victims {
 		s.stats.evictions.Add(1)
 		if s.opts.OnEvict != nil {
-			s.opts.OnEvict(victim.ns, victim.id)
+			s.opts.OnEvict(v.ns, v.id)
 		}
 	}
 }

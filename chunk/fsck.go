@@ -42,6 +42,9 @@ func (s *Store) Check(progress func(done, total int)) *CheckReport {
 	if rec.UnindexedRecords > 0 {
 		r.Orphans = append(r.Orphans, fmt.Sprintf("%d unindexed records past the append point (discarded)", rec.UnindexedRecords))
 	}
+	if rec.TombstonesRolledForward > 0 {
+		r.Orphans = append(r.Orphans, fmt.Sprintf("%d deletes whose tombstone was durable but not indexed (a crash); completed on open", rec.TombstonesRolledForward))
+	}
 	if rec.LiveRecounted > 0 {
 		r.Orphans = append(r.Orphans, fmt.Sprintf("%d segment live counts disagreed with the chunk keys on open (recounted)", rec.LiveRecounted))
 	}

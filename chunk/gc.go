@@ -219,6 +219,7 @@ func (s *Store) compact(id uint32) (int, uint64, error) {
 		b.Set(m.key, nch.Encode())
 		s.mu.Lock()
 		s.segRecs[seg.id].Live += uint64(m.ch.Length)
+		m.c.noteWrite(seg.id)
 		s.mu.Unlock()
 		moved++
 		movedBytes += uint64(m.ch.Length)
@@ -253,9 +254,11 @@ func (s *Store) compact(id uint32) (int, uint64, error) {
 }
 
 // carryTombstones handles the deletion records in segment id, which GC is
-// about to drop: one that still matters (a segment that held the deleted
-// context's records still exists) is rewritten at the append point and
-// re-keyed in b; the others are dropped from the index.
+// about to drop: one that still matters (a segment file that held the
+// deleted context's records still exists) is rewritten at the append point
+// and re-keyed in b; compact makes the copy durable before the index batch
+// and removes segment id only after it. The others are dropped from the
+// index, once the removal of their segments is durable.
 func (s *Store) carryTombstones(id uint32, b *lsm.Batch, touched map[*segFile]bool) error {
 	type tomb struct {
 		key []byte
@@ -280,25 +283,38 @@ func (s *Store) carryTombstones(id uint32, b *lsm.Batch, touched map[*segFile]bo
 	if err != nil {
 		return err
 	}
+	dropped := false
 	for _, tb := range tombs {
 		b.Delete(tb.key)
 		keep := false
 		s.mu.Lock()
 		for _, sid := range tb.t.Segments {
-			if sg := s.segs[sid]; sid != id && sg != nil && !sg.doomed {
+			// A segment removed from the index whose file a restore still
+			// holds open (doomed, refs > 0) exists on disk: keep.
+			if sg := s.segs[sid]; sid != id && sg != nil {
 				keep = true
 			}
 		}
 		s.mu.Unlock()
 		if !keep {
+			dropped = true
 			continue
 		}
-		seg, off, err := s.appendTombstoneRecord(tb.t.Gen, tb.t.Namespace, tb.t.ID)
+		seg, off, _, err := s.appendTombstoneRecord(tb.t.Gen, tb.t.Namespace, tb.t.ID)
 		if err != nil {
 			return err
 		}
 		touched[seg] = true
 		b.Set(lsm.TombstoneKey(seg.id, off), tb.raw)
+	}
+	if dropped {
+		// A tombstone is dropped (with segment id) only once the segments
+		// holding its context's records are gone for good: their removal
+		// (an unlink) is made durable first, so a crash cannot bring back
+		// a deleted segment file without its tombstone.
+		if err := syncDir(s.fs, s.segDir); err != nil {
+			return err
+		}
 	}
 	return nil
 }

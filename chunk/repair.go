@@ -80,9 +80,10 @@ type repairCand struct {
 // tokens) of each group, and the longest contiguous prefix of groups. The
 // previous index directory, if any, is moved aside (index.damaged-TIME), never
 // deleted; segment files are only read. Everything not adopted is listed in
-// the report with the reason. Pins and last-use times lived only in the index
-// and are lost; a context deleted since its segment was last compacted comes
-// back (its records were still on disk).
+// the report with the reason. Every record of a generation a tombstone
+// covers (or an older one) is set aside: deleted and evicted contexts stay
+// gone (see tombstone.go). Pins and last-use times lived only in the index
+// and are lost.
 func Repair(o RepairOptions) (*RepairReport, error) {
 	if o.FS == nil {
 		o.FS = vfs.Default

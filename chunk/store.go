@@ -251,6 +251,10 @@ type ctxState struct {
 	deleted  bool
 	dirty    bool // rec must be written at the next commit
 	writeErr error
+	// wroteSegs: segments this process wrote records of the context to
+	// (indexed or not: superseded partial groups, failed writes), so its
+	// tombstone lists them (see deleteCtxs).
+	wroteSegs map[uint32]bool
 }
 
 func ctxMapKey(ns, id string) string { return ns + "\x00" + id }
@@ -272,6 +276,7 @@ type Store struct {
 	cache    *sliceCache
 	recovery Recovery
 
+	allocMu    sync.Mutex // serializes reserve (the flusher; evictions on the committer)
 	mu         sync.Mutex
 	ctxs       map[string]*ctxState
 	segs       map[uint32]*segFile
@@ -310,7 +315,10 @@ type Recovery struct {
 	MissingSegments  int      // indexed segments without a file
 	UnindexedRecords int      // records past the append point (discarded)
 	LiveRecounted    int      // segments whose stored live count disagreed with the chunk keys (recounted)
-	Duration         time.Duration
+	// TombstonesRolledForward counts deletes whose tombstone was durable but
+	// whose index commit a crash lost: completed on open.
+	TombstonesRolledForward int
+	Duration                time.Duration
 }
 
 // ErrIndexDamaged is wrapped by Open's error when the index disagrees with
@@ -465,6 +473,9 @@ func Open(opts Options) (*Store, error) {
 		if errors.Is(err, lsm.ErrCorrupt) || errors.Is(err, lsm.ErrFatal) {
 			return nil, indexDamaged(s.dir, "%v", err)
 		}
+		return nil, err
+	}
+	if err := s.rollForwardTombstones(); err != nil {
 		return nil, err
 	}
 	if !s.readOnly && !s.diskFull && s.opts.ReserveBytes > 0 {
