@@ -101,6 +101,7 @@ func (s *Store) deleteCtxs(cs []*ctxState) error {
 		b.Delete(lsm.LastUseKey(c.ns, c.id))
 		for _, ch := range p.chunks {
 			if rec := s.segRecs[ch.Segment]; rec != nil {
+				s.invariant(rec.Live >= uint64(ch.Length), "segment %d: %d live bytes, less than the %d-byte record of %s/%s being deleted", ch.Segment, rec.Live, ch.Length, c.ns, c.id)
 				rec.Live -= min(rec.Live, uint64(ch.Length))
 				segTouched[ch.Segment] = true
 			}
@@ -372,6 +373,7 @@ func (s *Store) rollForwardTombstones() error {
 		b.Delete(lsm.LastUseKey(c.ns, c.id))
 		for _, ch := range chunks {
 			if rec := s.segRecs[ch.Segment]; rec != nil {
+				s.invariant(rec.Live >= uint64(ch.Length), "segment %d: %d live bytes, less than the %d-byte record of %s/%s whose delete is rolled forward", ch.Segment, rec.Live, ch.Length, c.ns, c.id)
 				rec.Live -= min(rec.Live, uint64(ch.Length))
 				segTouched[ch.Segment] = true
 			}
