@@ -151,7 +151,11 @@ type fetchItem struct {
 	dst   []byte
 	// internal
 	bounce *iouring.AlignedBuffer
-	hit    bool
+	// hit is the DRAM tier's verified copy of the slice, copied into dst
+	// only once every read of the fetch has landed: a direct read is
+	// rounded up to whole blocks and may write past its own item into the
+	// next items' place in the same buffer.
+	hit []byte
 }
 
 func aligned(b []byte) bool {
@@ -194,8 +198,7 @@ func (s *Store) fetchStart(c *ctxState, items []fetchItem, useCache bool) (*fetc
 			return nil, fmt.Errorf("%w: %s/%s layer %d group %d: slice holds %d bytes, want %d", ErrCorrupt, c.ns, c.id, it.sl.Layer, it.group, it.sl.Raw, len(it.dst))
 		}
 		if v, ok := s.cache.get(sliceKey{f.gen, it.group, it.sl.Layer, it.ch.Tokens}); useCache && ok && len(v) == len(it.dst) {
-			copy(it.dst, v)
-			it.hit = true
+			it.hit = v // cache entries are never written after add
 			s.stats.cacheHits.Add(1)
 			continue
 		}
@@ -261,7 +264,8 @@ func (f *fetchOp) finish() error {
 	var tmp []byte
 	for i := range f.items {
 		it := &f.items[i]
-		if it.hit {
+		if it.hit != nil {
+			copy(it.dst, it.hit)
 			continue
 		}
 		if it.bounce != nil {
