@@ -18,7 +18,6 @@ import (
 	"github.com/hcache/hcache/bench/benchdaemon"
 	"github.com/hcache/hcache/chunk"
 	hc "github.com/hcache/hcache/clients/hcacheclient"
-	"github.com/hcache/hcache/lsm"
 	hcachev1 "github.com/hcache/hcache/proto/hcache/v1"
 )
 
@@ -136,7 +135,7 @@ func (t *target) open(stderr io.Writer, readOnly bool) (*chunk.Store, error) {
 	switch {
 	case errors.Is(err, chunk.ErrNotStore):
 		return nil, fmt.Errorf("%w (hcached --dir, hcache demo --dir or the library create a store; this command only opens one)", err)
-	case errors.Is(err, lsm.ErrLocked) || err != nil && strings.Contains(err.Error(), "in use by another process"):
+	case err != nil && strings.Contains(err.Error(), "in use by another process"): // chunk's words for a held lock
 		return nil, fmt.Errorf("%w; if hcached serves this store, ask it instead: --addr unix:///run/hcache/hcache.sock (its --listen)", err)
 	}
 	return st, err
