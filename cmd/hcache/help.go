@@ -22,7 +22,7 @@ func init() {
 		"simulate":       "hcache simulate --profile a100-pm9a3x4 --model llama2-7b --workload chat --json",
 		"bench daemon":   "hcache bench daemon --json",
 		"bench pipeline": "hcache bench pipeline --json",
-		"bench compare":  "hcache bench compare --dir /mnt/nvme/tmp --model llama2-7b --workload chat --json",
+		"bench compare":  "hcache bench compare --dir /mnt/nvme/tmp --model llama2-7b --workload chat --out bench/results",
 	} {
 		if examples[name] == "" {
 			examples[name] = ex
