@@ -344,8 +344,8 @@ func warm(n int64) {
 	}
 }
 
-// gpuRecompute quotes the GPU profile (../shared/notes/gpu.md).
-const gpuRecompute = "the GPU profile (shared/notes/gpu.md, H200, eager PyTorch) has a full Llama2-7B prefill at 48.7 / 127.1 / 615.7 ms for 1K / 4K / 16K tokens, against 9.9 / 40.7 / 158.8 ms to copy the KV in from host memory"
+// gpuRecompute quotes the H200 measurements (docs/gpu-measurements.md).
+const gpuRecompute = "the H200 measurements (docs/gpu-measurements.md, eager PyTorch) has a full Llama2-7B prefill at 48.7 / 127.1 / 615.7 ms for 1K / 4K / 16K tokens, against 9.9 / 40.7 / 158.8 ms to copy the KV in from host memory"
 
 // runSystem runs the workload on one system at concurrency c.
 func runSystem(sys peer.System, w *Workload, c int, o Options, limited bool) (*Row, []Point, error) {
