@@ -19,7 +19,6 @@ import (
 	"runtime/pprof"
 	"slices"
 	"sort"
-	"strconv"
 	"strings"
 
 	"github.com/hcache/hcache/internal/buildinfo"
@@ -192,7 +191,7 @@ func parseFlags(fs *flag.FlagSet, args []string) error {
 // sizeFlag parses byte sizes such as 4096, 64K, 1M, 4G.
 type sizeFlag int64
 
-func (s *sizeFlag) String() string { return strconv.FormatInt(int64(*s), 10) }
+func (s *sizeFlag) String() string { return units.FormatSize(int64(*s)) } // -h shows 1G, not 1073741824
 
 func (s *sizeFlag) Set(v string) error {
 	n, err := parseSize(v)

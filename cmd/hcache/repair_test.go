@@ -167,6 +167,10 @@ func TestHelp(t *testing.T) {
 			}
 		}
 	}
+	// Sizes in human units.
+	if code, out, _ := runCLI("bench", "io", "-h"); code != 0 || !strings.Contains(out, `(default 1G)`) {
+		t.Errorf("hcache bench io -h: exit %d, sizes not in human units:\n%s", code, out)
+	}
 	if code, out, _ := runCLI("help", "bench", "io"); code != 0 || !strings.Contains(out, "hcache bench io --dir") {
 		t.Errorf("hcache help bench io: exit %d\n%s", code, out)
 	}
