@@ -95,7 +95,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 		usage(stderr)
 		return 2
 	}
-	if slices.ContainsFunc(rest, isHelp) {
+	if slices.ContainsFunc(rest, isHelpFlag) {
 		stderr = stdout // asked-for help goes to stdout (hcache ls -h | less)
 	}
 	if err := c.run(rest, stdout, stderr); err != nil {
@@ -115,9 +115,10 @@ func run(args []string, stdout, stderr io.Writer) int {
 	return 0
 }
 
-func isHelp(a string) bool {
-	return a == "-h" || a == "--help" || a == "-help" || a == "help"
-}
+// isHelpFlag reports the flags the flag package answers with the usage.
+func isHelpFlag(a string) bool { return a == "-h" || a == "--help" || a == "-help" }
+
+func isHelp(a string) bool { return isHelpFlag(a) || a == "help" }
 
 // groupOf lists the two-word commands whose first word is word, sorted.
 func groupOf(word string) []string {

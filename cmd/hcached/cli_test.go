@@ -65,6 +65,9 @@ func TestSecondDaemonCreatesNothing(t *testing.T) {
 	defer os.RemoveAll(sd)
 	sock := filepath.Join(sd, "s")
 	metrics := freePort(t)
+	if err := os.WriteFile(filepath.Join(sd, "plain"), []byte("not a socket"), 0o644); err != nil {
+		t.Fatal(err)
+	}
 	first := &daemonProc{t: t, bin: bin, sock: sock, args: []string{"--dir", t.TempDir(), "--listen", sock, "--metrics", metrics, "--socket-mode", "0660"}}
 	first.start()
 	defer first.signal(syscall.SIGTERM)
@@ -83,6 +86,7 @@ func TestSecondDaemonCreatesNothing(t *testing.T) {
 		{"same socket as unix://", []string{"--listen", "unix://" + sock, "--metrics", ""}, "another daemon answers"},
 		{"same metrics address", []string{"--listen", filepath.Join(sd, "other"), "--metrics", metrics}, "--metrics " + metrics},
 		{"bad socket mode", []string{"--listen", filepath.Join(sd, "other"), "--socket-mode", "rw"}, "--socket-mode"},
+		{"a file where the socket goes", []string{"--listen", filepath.Join(sd, "plain"), "--metrics", ""}, "is not a socket"},
 	}
 	for _, c := range cases {
 		store := filepath.Join(t.TempDir(), "store")

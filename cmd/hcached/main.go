@@ -285,15 +285,18 @@ func checkSocketFree(path string) error {
 		return nil
 	}
 	fi, err := os.Lstat(path)
-	if err != nil || fi.Mode()&os.ModeSocket == 0 {
-		return nil // missing, or not a socket: the daemon's listen says what is wrong
+	switch {
+	case err != nil:
+		return nil // missing: the daemon creates it
+	case fi.Mode()&os.ModeSocket == 0:
+		return fmt.Errorf("%s exists and is not a socket (give another --listen or --shm); nothing was created", path)
 	}
 	c, err := net.DialTimeout("unix", path, time.Second)
 	if err != nil {
-		return nil
+		return nil // a stale socket nobody answers on: the daemon replaces it
 	}
 	c.Close()
-	return fmt.Errorf("%s: another daemon answers on it (stop it, or give this one another --listen); nothing was created", path)
+	return fmt.Errorf("%s: another daemon answers on it (stop it, or give this one another --listen and --shm); nothing was created", path)
 }
 
 // checkAddrFree fails when the TCP address cannot be listened on now.
