@@ -1,6 +1,11 @@
 # hcache: a state store for LLM serving. `make help` lists the targets.
 GO        ?= go
 BIN       := bin/hcache
+DAEMON    := bin/hcached
+# The commit --version prints, also where the Go toolchain's VCS stamp is off
+# (GOFLAGS=-buildvcs=false, a worktree, a source tarball).
+COMMIT    ?= $(shell git rev-parse HEAD 2>/dev/null)$(shell git diff --quiet HEAD 2>/dev/null || echo -modified)
+LDFLAGS   := -X github.com/hcache/hcache/internal/buildinfo.Commit=$(COMMIT)
 BENCH_DIR ?= $(CURDIR)/tmp
 FUZZTIME  ?= 4s
 FUZZ_LONG ?= 60s
@@ -18,12 +23,13 @@ help:
 	@echo "make crash       >= 1000 simulated power cuts and 50 SIGKILLed writers"
 	@echo "make fuzz        every fuzz target for FUZZ_LONG=$(FUZZ_LONG)"
 	@echo "make bench-compare  hcache against its peers, llama2-7b chat and long, llama3-8b chat; reports in bench/results"
-	@echo "make build       bin/hcache"
+	@echo "make build       bin/hcache and bin/hcached"
 	@echo "make ptx         regenerate the CUDA kernels' PTX with $(CLANG) (committed; ptx-check runs in lint)"
 	@echo "make gpu-bundle  bin/hcache with CGO_ENABLED=0, to carry to a GPU machine with scripts/gpu-check.sh"
 
 build:
-	$(GO) build -o $(BIN) ./cmd/hcache
+	$(GO) build -ldflags "$(LDFLAGS)" -o $(BIN) ./cmd/hcache
+	$(GO) build -ldflags "$(LDFLAGS)" -o $(DAEMON) ./cmd/hcached
 
 demo: build
 	./$(BIN) demo
@@ -77,9 +83,9 @@ bench: build
 
 bench-compare: build
 	mkdir -p $(BENCH_DIR)
-	./$(BIN) bench compare --model llama2-7b --workload chat --dir $(BENCH_DIR) --json
-	./$(BIN) bench compare --model llama2-7b --workload long --dir $(BENCH_DIR) --json
-	./$(BIN) bench compare --model llama3-8b --workload chat --dir $(BENCH_DIR) --json
+	./$(BIN) bench compare --model llama2-7b --workload chat --dir $(BENCH_DIR) --out bench/results
+	./$(BIN) bench compare --model llama2-7b --workload long --dir $(BENCH_DIR) --out bench/results
+	./$(BIN) bench compare --model llama3-8b --workload chat --dir $(BENCH_DIR) --out bench/results
 
 lint: ptx-check
 	@out=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
@@ -101,7 +107,7 @@ ptx-check:
 # gpu-bundle builds what scripts/gpu-check.sh runs on a GPU machine (which
 # has no Go toolchain): carry bin/ there.
 gpu-bundle:
-	CGO_ENABLED=0 $(GO) build -o $(BIN) ./cmd/hcache
+	CGO_ENABLED=0 $(GO) build -ldflags "$(LDFLAGS)" -o $(BIN) ./cmd/hcache
 	@echo "carry bin/ and run: bash scripts/gpu-check.sh"
 
 clean:

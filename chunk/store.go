@@ -110,6 +110,10 @@ type Options struct {
 	// Restore hands layers over in, so a GPU backend can pin each once
 	// (cuMemHostRegister) and copy straight from it.
 	ReadBuffers BufferHooks
+	// MustExist opens only an existing store: a path without a store's
+	// creation marker is ErrNotStore and nothing is created there (the
+	// CLI's commands on --dir; only an explicit create makes a store).
+	MustExist bool
 	// ReadOnly opens an existing store without writing anything: no lock
 	// file, no index created or recovered to disk, no orphan removed, no
 	// flusher or GC. Writes fail with ErrReadOnly. fsck and stat use it.
@@ -359,7 +363,7 @@ func Open(opts Options) (*Store, error) {
 	switch {
 	case statErr == nil && !st.IsDir():
 		return nil, fmt.Errorf("%w: %s is a file, not a store directory", ErrNotStore, s.dir)
-	case statErr != nil && s.readOnly:
+	case statErr != nil && (s.readOnly || opts.MustExist):
 		return nil, fmt.Errorf("%w: %s: %v", ErrNotStore, s.dir, statErr)
 	}
 	markerPath := s.fs.PathJoin(s.dir, createdMarker)
@@ -379,7 +383,7 @@ func Open(opts Options) (*Store, error) {
 				return nil, err
 			}
 		}
-		if s.readOnly {
+		if s.readOnly || s.opts.MustExist {
 			return nil, fmt.Errorf("%w: %s has no %s", ErrNotStore, s.dir, createdMarker)
 		}
 	}

@@ -520,8 +520,14 @@ func (w *Writer) deletedErr() error {
 	return nil
 }
 
-// Close flushes and releases the writer's staging memory. Calling it again
-// returns the first call's result.
+// ErrIncompleteTokens is wrapped by Close's error when tokens were appended
+// in only some layers: the complete ones are stored, those are not.
+var ErrIncompleteTokens = errors.New("chunk: tokens appended in only some layers are not stored")
+
+// Close flushes and releases the writer's staging memory. Tokens appended
+// in only some of the stored layers are dropped, and Close says so
+// (ErrIncompleteTokens, naming them) after storing the complete ones.
+// Calling it again returns the first call's result.
 func (w *Writer) Close() error {
 	w.mu.Lock()
 	defer w.mu.Unlock()
@@ -529,9 +535,27 @@ func (w *Writer) Close() error {
 		return w.closeErr
 	}
 	err := w.flushLocked()
+	if err == nil {
+		err = w.incompleteErr()
+	}
 	w.abandonLocked()
 	w.closeErr = err
 	return err
+}
+
+// incompleteErr names the tokens appended in only some stored layers.
+func (w *Writer) incompleteErr() error {
+	most, layer := w.tokens, -1
+	for si, lt := range w.layerTok {
+		if lt > most {
+			most, layer = lt, w.c.stored[si]
+		}
+	}
+	if layer < 0 {
+		return nil
+	}
+	return fmt.Errorf("%w: %s/%s: tokens [%d, %d) (layer %d has %d tokens, the context %d complete ones) were lost; append every stored layer of a token before Close",
+		ErrIncompleteTokens, w.c.ns, w.c.id, w.tokens, most, layer, most, w.tokens)
 }
 
 // abandon releases the writer without flushing (see Abandon for what

@@ -145,7 +145,7 @@ func (s *Server) storeErr(err error) error {
 		// A full disk is the store's capacity running out, not a fault of
 		// the daemon's: the client may retry once contexts are deleted.
 		code = codes.ResourceExhausted
-	case errors.Is(err, chunk.ErrRowSize), errors.Is(err, chunk.ErrIdentity):
+	case errors.Is(err, chunk.ErrRowSize), errors.Is(err, chunk.ErrIdentity), errors.Is(err, chunk.ErrIncompleteTokens):
 		code = codes.InvalidArgument
 	case errors.Is(err, chunk.ErrClosed):
 		code = codes.Unavailable

@@ -8,6 +8,7 @@ package compare
 import (
 	"fmt"
 	"io"
+	"math/rand/v2"
 	"os"
 	"path/filepath"
 	"sort"
@@ -76,7 +77,7 @@ type Row struct {
 	Note            string  `json:"note,omitempty"`
 }
 
-// Target is one of the issue's targets with what was measured.
+// Target is one of hcache's design targets with what was measured.
 type Target struct {
 	Name string  `json:"name"`
 	Want string  `json:"want"`
@@ -109,9 +110,13 @@ type Result struct {
 	Date        string             `json:"date"`
 	Commit      string             `json:"commit"`
 	Machine     string             `json:"machine"`
-	Plots       []string           `json:"plots,omitempty"`
-	Report      string             `json:"report,omitempty"`
-	ElapsedS    float64            `json:"elapsed_s"`
+	// RunID tells this run's files from every other's (the start time and
+	// a random suffix).
+	RunID    string   `json:"run_id"`
+	Plots    []string `json:"plots,omitempty"`
+	Report   string   `json:"report,omitempty"`
+	Raw      string   `json:"raw,omitempty"` // the JSON file with every timed request`
+	ElapsedS float64  `json:"elapsed_s"`
 	// LoadAvg is /proc/loadavg's 1-minute figure at the start and the end:
 	// the machine is shared, and a load above its cores slows every system.
 	LoadAvg      [2]float64 `json:"loadavg_start_end"`
@@ -194,7 +199,7 @@ func Run(o Options) (*Result, error) {
 		return nil, err
 	}
 	res := &Result{Model: o.Model, Workload: o.Workload, ModelLayers: cfg.Layers, Ratios: map[string]float64{},
-		Date: time.Now().UTC().Format("2006-01-02"), Machine: Machine(o.Dir)}
+		Date: start.UTC().Format("2006-01-02"), RunID: fmt.Sprintf("%s-%04x", start.UTC().Format("150405"), rand.Uint32()&0xffff), Machine: Machine(o.Dir)}
 	if o.Layers > 0 && o.Layers < cfg.Layers {
 		cfg.Layers = o.Layers
 	}
@@ -339,8 +344,8 @@ func warm(n int64) {
 	}
 }
 
-// gpuRecompute quotes the GPU profile (../shared/notes/gpu.md).
-const gpuRecompute = "the GPU profile (shared/notes/gpu.md, H200, eager PyTorch) has a full Llama2-7B prefill at 48.7 / 127.1 / 615.7 ms for 1K / 4K / 16K tokens, against 9.9 / 40.7 / 158.8 ms to copy the KV in from host memory"
+// gpuRecompute quotes the H200 measurements (docs/gpu-measurements.md).
+const gpuRecompute = "the H200 measurements (docs/gpu-measurements.md, eager PyTorch) has a full Llama2-7B prefill at 48.7 / 127.1 / 615.7 ms for 1K / 4K / 16K tokens, against 9.9 / 40.7 / 158.8 ms to copy the KV in from host memory"
 
 // runSystem runs the workload on one system at concurrency c.
 func runSystem(sys peer.System, w *Workload, c int, o Options, limited bool) (*Row, []Point, error) {

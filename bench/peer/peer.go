@@ -5,11 +5,13 @@
 package peer
 
 import (
+	"errors"
 	"fmt"
 	"io/fs"
 	"os"
 	"path/filepath"
 	"sort"
+	"syscall"
 )
 
 // Rows returns the rows of tokens [from, to) of one layer, prepared by the
@@ -67,21 +69,46 @@ func (s Spec) check() error {
 // DefaultChunkTokens is LMCache's chunk size.
 const DefaultChunkTokens = 256
 
-// dirBytes sums the allocated bytes of the regular files under dir.
+// lstat is os.Lstat; a test seam to remove a file between the directory
+// read and the stat, as a compaction does.
+var lstat = os.Lstat
+
+// dirBytes sums the allocated bytes (st_blocks * 512, so a sparse or
+// preallocated file counts what it takes on the disk) of the regular files
+// under dir. Files and directories that vanish during the walk (Pebble's
+// compactions delete tables while a benchmark measures) are skipped: they
+// take no space any more.
 func dirBytes(dir string) (int64, error) {
 	var n int64
 	err := filepath.WalkDir(dir, func(p string, d fs.DirEntry, err error) error {
-		if err != nil || !d.Type().IsRegular() {
+		if err != nil {
+			if errors.Is(err, fs.ErrNotExist) {
+				return nil // vanished; for a directory, WalkDir skips it
+			}
 			return err
 		}
-		fi, err := d.Info()
+		if !d.Type().IsRegular() {
+			return nil
+		}
+		fi, err := lstat(p)
+		if errors.Is(err, fs.ErrNotExist) {
+			return nil
+		}
 		if err != nil {
 			return err
 		}
-		n += fi.Size()
+		n += allocated(fi)
 		return nil
 	})
 	return n, err
+}
+
+// allocated is the bytes fi's file takes on the disk.
+func allocated(fi fs.FileInfo) int64 {
+	if st, ok := fi.Sys().(*syscall.Stat_t); ok {
+		return st.Blocks * 512
+	}
+	return fi.Size()
 }
 
 // filesUnder lists the regular files under dir, sorted.

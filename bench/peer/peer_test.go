@@ -3,6 +3,7 @@ package peer
 import (
 	"bytes"
 	"fmt"
+	"os"
 	"os/exec"
 	"path/filepath"
 	"testing"
@@ -180,5 +181,67 @@ func TestRecompute(t *testing.T) {
 	}
 	if err := r.Restore("c", 41, func(int, int, []byte) error { return nil }); err == nil {
 		t.Fatal("restore beyond the saved tokens succeeded")
+	}
+}
+
+// TestDirBytes checks that dirBytes sums allocated bytes (a sparse file
+// counts what it takes, not its length) and skips files and directories that
+// vanish between the directory read and the stat, as Pebble's compactions
+// delete tables while a benchmark measures (it failed with "lstat ...: no
+// such file or directory").
+func TestDirBytes(t *testing.T) {
+	cases := []struct {
+		name             string
+		trigger, removed string // removed as dirBytes stats trigger
+	}{
+		{"steady", "", ""},
+		{"file vanishes", "gone.sst", "gone.sst"},
+		{"directory vanishes", "data", "sub"}, // before WalkDir reads it
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			dir := t.TempDir()
+			// 64 KiB written, and a 1 GiB sparse file that takes (next to) nothing.
+			if err := os.WriteFile(filepath.Join(dir, "data"), bytes.Repeat([]byte{1}, 64<<10), 0o644); err != nil {
+				t.Fatal(err)
+			}
+			f, err := os.Create(filepath.Join(dir, "sparse"))
+			if err != nil {
+				t.Fatal(err)
+			}
+			if err := f.Truncate(1 << 30); err != nil {
+				t.Fatal(err)
+			}
+			f.Close()
+			if err := os.MkdirAll(filepath.Join(dir, "sub"), 0o755); err != nil {
+				t.Fatal(err)
+			}
+			for _, n := range []string{"gone.sst", "sub/inner.sst"} {
+				if err := os.WriteFile(filepath.Join(dir, n), []byte("x"), 0o644); err != nil {
+					t.Fatal(err)
+				}
+			}
+			if c.trigger != "" {
+				lstat = func(p string) (os.FileInfo, error) {
+					if p == filepath.Join(dir, c.trigger) {
+						if err := os.RemoveAll(filepath.Join(dir, c.removed)); err != nil {
+							t.Fatal(err)
+						}
+					}
+					return os.Lstat(p)
+				}
+				t.Cleanup(func() { lstat = os.Lstat })
+			}
+			n, err := dirBytes(dir)
+			if err != nil {
+				t.Fatalf("dirBytes: %v", err)
+			}
+			// The written file takes at least its 64 KiB; the sparse one
+			// must not add its 1 GiB length; the two 1-byte files one block
+			// each at most.
+			if n < 64<<10 || n >= 1<<20 {
+				t.Fatalf("dirBytes = %d; want the allocated bytes, 64 KiB to 1 MiB (not the sparse file's 1 GiB length)", n)
+			}
+		})
 	}
 }

@@ -15,6 +15,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"time"
@@ -79,8 +80,17 @@ func WithTLS(cfg *tls.Config) Option { return func(c *Client) { c.tls = cfg } }
 // it narrows the user's grant to the token's namespaces).
 func WithToken(tok string) Option { return func(c *Client) { c.token = tok } }
 
-// Dial connects to a daemon: "unix:///path/hcache.sock" or "host:port".
+// Dial connects to a daemon: "unix:///path/hcache.sock", a bare socket path
+// ("/path/hcache.sock" or "./hcache.sock", as hcached --listen takes it) or
+// "host:port".
 func Dial(addr string, opts ...Option) (*Client, error) {
+	if strings.HasPrefix(addr, "/") || strings.HasPrefix(addr, "./") || strings.HasPrefix(addr, "../") {
+		abs, err := filepath.Abs(addr)
+		if err != nil {
+			return nil, err
+		}
+		addr = "unix://" + abs
+	}
 	c := &Client{addr: addr}
 	for _, o := range opts {
 		o(c)

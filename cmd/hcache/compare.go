@@ -21,7 +21,7 @@ func benchCompare(args []string, stdout, stderr io.Writer) error {
 	wl := fs.String("workload", "chat", "chat (ShareGPT-shaped) or long (L-Eval-shaped)")
 	asJSON := fs.Bool("json", false, "print one JSON object")
 	dir := fs.String("dir", os.TempDir(), "scratch directory on the device to measure")
-	out := fs.String("out", "bench/results", "where the Markdown report and PNG plots go ('' for none)")
+	out := fs.String("out", "", "directory for the report, plots and raw JSON, each named <date>-<model>-<workload>-<run id> (default: a new temporary directory, named when done; \"none\": no files)")
 	layers := fs.Int("layers", 0, "layers kept of the model, rows at full width (0: 16 for chat, 2 for long, so a run fits 24 GiB and a few minutes)")
 	conc := fs.String("concurrency", "1,16", "concurrency levels")
 	systems := fs.String("systems", strings.Join(compare.AllSystems, ","), "systems to run")
@@ -45,6 +45,12 @@ func benchCompare(args []string, stdout, stderr io.Writer) error {
 	o := compare.Options{Model: *mdl, Workload: *wl, Layers: *layers, Dir: *dir, Seed: *seed,
 		Conversations: *convs, MaxContext: *maxCtx, Docs: *docs, Questions: *questions, MinDoc: *minDoc, MaxDoc: *maxDoc,
 		RecomputeModel: *recModel, RecomputeMax: *recMax, RecomputeMaxTokens: *recTok, Sweep: so, Progress: stderr, WarmBytes: int64(warm)}
+	if *out != "" && *out != "none" {
+		// Refuse an unwritable --out before minutes of measuring.
+		if err := os.MkdirAll(*out, 0o755); err != nil {
+			return fmt.Errorf("--out: %w", err)
+		}
+	}
 	if o.Layers == 0 {
 		o.Layers = 16
 		if *wl == "long" {
@@ -68,16 +74,22 @@ func benchCompare(args []string, stdout, stderr io.Writer) error {
 		return err
 	}
 	res.Commit = gitCommit()
-	if *out != "" {
-		if err := compare.Write(res, *out, "hcache bench compare "+strings.Join(args, " ")); err != nil {
+	if *out != "none" {
+		dir := *out
+		if dir == "" {
+			if dir, err = os.MkdirTemp("", "hcache-compare-"); err != nil {
+				return err
+			}
+		}
+		if err := compare.Write(res, dir, "hcache bench compare "+strings.Join(args, " ")); err != nil {
 			return err
 		}
-		fmt.Fprintf(stderr, "report %s\n", res.Report)
+		fmt.Fprintf(stderr, "report %s, plots and raw JSON beside it\n", res.Report)
 	}
 	if *asJSON {
 		return printJSON(stdout, res)
 	}
-	fmt.Fprint(stdout, compare.Markdown(res, "hcache bench compare "+strings.Join(args, " ")))
+	fmt.Fprint(stdout, compare.Summary(res))
 	return nil
 }
 

@@ -51,6 +51,7 @@ func TestBenchCompareTiny(t *testing.T) {
 				} `json:"targets"`
 				Plots  []string `json:"plots"`
 				Report string   `json:"report"`
+				RunID  string   `json:"run_id"`
 			}
 			if err := json.Unmarshal([]byte(stdout), &res); err != nil {
 				t.Fatalf("output is not JSON: %v\n%s", err, stdout)
@@ -90,8 +91,12 @@ func TestBenchCompareTiny(t *testing.T) {
 					t.Errorf("system %s has %d rows, want %d", s, seen[s], n)
 				}
 			}
-			// hidden rows are half the K||V rows for this MHA shape.
-			if got, ok := res.Ratios["bytes_on_disk_hcache_over_hcache_kv"]; !ok || got != float64(disk["hcache"])/float64(disk["hcache-kv"]) || got >= 0.75 {
+			// hidden rows are half the K||V rows for this MHA shape; bytes
+			// on disk are allocated bytes, and each store's index holds a
+			// preallocated Pebble WAL (about 4 MiB) that dwarfs this tiny
+			// run's rows, so only the direction is checked here (full runs
+			// report about 0.5).
+			if got, ok := res.Ratios["bytes_on_disk_hcache_over_hcache_kv"]; !ok || got != float64(disk["hcache"])/float64(disk["hcache-kv"]) || got >= 0.95 {
 				t.Errorf("bytes ratio %v (present %v), disk hcache %d, hcache-kv %d", got, ok, disk["hcache"], disk["hcache-kv"])
 			}
 			if len(res.Targets) != 5 {
@@ -110,13 +115,21 @@ func TestBenchCompareTiny(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			for _, s := range []string{"| hcache | 1 |", "| redis | 2 |", "machine:", "commit:", "scaled down", "Targets:"} {
+			for _, s := range []string{"## Verdict", "fastest is", "| hcache | 1 |", "| redis | 2 |", "machine:", "commit:", "scaled down", "## Design targets"} {
 				if !bytes.Contains(md, []byte(s)) {
 					t.Errorf("report lacks %q", s)
 				}
 			}
-			if filepath.Dir(res.Report) != out || !strings.HasSuffix(res.Report, "-tiny-llama-"+wl+".md") {
-				t.Errorf("report at %s", res.Report)
+			// Every file is named with the run id, so that no run
+			// overwrites another.
+			if res.RunID == "" || filepath.Dir(res.Report) != out || !strings.HasSuffix(res.Report, "-tiny-llama-"+wl+"-"+res.RunID+".md") {
+				t.Errorf("report at %s (run id %q)", res.Report, res.RunID)
+			}
+			files, _ := os.ReadDir(out)
+			for _, f := range files {
+				if !strings.Contains(f.Name(), res.RunID) {
+					t.Errorf("%s lacks the run id %s", f.Name(), res.RunID)
+				}
 			}
 		})
 	}

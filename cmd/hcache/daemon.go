@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/tls"
 	"crypto/x509"
+	"errors"
 	"flag"
 	"fmt"
 	"io"
@@ -56,8 +57,8 @@ type targetFlags struct {
 
 func newTargetFlags(name string, stderr io.Writer) *targetFlags {
 	f := &targetFlags{FlagSet: newFlags(name, stderr)}
-	f.StringVar(&f.t.addr, "addr", "", "hcached address: unix:///path/hcache.sock or host:port")
-	f.StringVar(&f.t.dir, "dir", "", "store directory (when no daemon runs on it)")
+	f.StringVar(&f.t.addr, "addr", "", "hcached address: unix:///path/hcache.sock, /path/hcache.sock or host:port")
+	f.StringVar(&f.t.dir, "dir", "", "existing store directory (when no daemon runs on it; never creates a store)")
 	f.StringVar(&f.t.tokenFile, "token-file", "", "file holding a bearer token (default: $HCACHE_TOKEN)")
 	f.StringVar(&f.t.tlsCA, "tls-ca", "", "PEM certificates that verify a TCP daemon's TLS certificate (then TLS is used)")
 	f.BoolVar(&f.t.asJSON, "json", false, "print JSON")
@@ -79,8 +80,10 @@ func (f *targetFlags) parse(args []string) (*target, error) {
 		return nil, err
 	}
 	switch {
-	case (f.t.addr == "") == (f.t.dir == ""):
-		return nil, f.usage("give exactly one of --addr and --dir")
+	case f.t.addr == "" && f.t.dir == "":
+		return nil, f.usage("missing --dir DIR (a store directory) or --addr ADDR (a running hcached)")
+	case f.t.addr != "" && f.t.dir != "":
+		return nil, f.usage("give only one of --addr and --dir")
 	case f.oneContext && (f.t.ns == "" || f.t.id == ""):
 		return nil, f.usage("--ns and --id are required")
 	}
@@ -120,22 +123,31 @@ func (t *target) dial() (*hc.Client, error) {
 	return hc.Dial(t.addr, opts...)
 }
 
-// open opens the store in --dir; readOnly for the checkers, which never
-// write (no lock file, no recovery applied).
+// open opens the existing store in --dir (a directory that is not a store
+// is refused and left as it is: only hcached, demo and stress create one);
+// readOnly for the commands that only read (no lock file, no recovery
+// applied).
 func (t *target) open(stderr io.Writer, readOnly bool) (*chunk.Store, error) {
 	if _, err := os.Stat(t.dir); err != nil {
 		return nil, fmt.Errorf("store directory: %w", err)
 	}
-	return chunk.Open(chunk.Options{Dir: t.dir, ReadOnly: readOnly, GCInterval: -1, Logf: func(f string, a ...any) { fmt.Fprintf(stderr, f+"\n", a...) }})
+	st, err := chunk.Open(chunk.Options{Dir: t.dir, ReadOnly: readOnly, MustExist: true, GCInterval: -1, Logf: func(f string, a ...any) { fmt.Fprintf(stderr, f+"\n", a...) }})
+	switch {
+	case errors.Is(err, chunk.ErrNotStore):
+		return nil, fmt.Errorf("%w (hcached --dir, hcache demo --dir or the library create a store; this command only opens one)", err)
+	case err != nil && strings.Contains(err.Error(), "in use by another process"): // chunk's words for a held lock
+		return nil, fmt.Errorf("%w; if hcached serves this store, ask it instead: --addr unix:///run/hcache/hcache.sock (its --listen)", err)
+	}
+	return st, err
 }
 
 // do runs remote against the daemon at --addr, or local against the store
 // in --dir, which it closes afterwards (Close commits, so its error counts).
-func (t *target) do(stderr io.Writer, remote func(context.Context, *hc.Client) error, local func(*chunk.Store) error) error {
+func (t *target) do(stderr io.Writer, readOnly bool, remote func(context.Context, *hc.Client) error, local func(*chunk.Store) error) error {
 	if t.addr != "" {
 		return t.call(remote)
 	}
-	st, err := t.open(stderr, false)
+	st, err := t.open(stderr, readOnly)
 	if err != nil {
 		return err
 	}
@@ -182,7 +194,7 @@ func ls(args []string, stdout, stderr io.Writer) error {
 		return err
 	}
 	var rows []ctxRow
-	err = t.do(stderr, func(ctx context.Context, c *hc.Client) error {
+	err = t.do(stderr, true, func(ctx context.Context, c *hc.Client) error {
 		list, err := c.List(ctx, *ns)
 		for _, ci := range list {
 			rows = append(rows, ctxRow{ci.GetNamespace(), ci.GetId(), ci.GetTokens(), ci.GetLiveBytes(), ci.GetPinned(), ci.GetDamaged(), ci.GetWriterOpen(),
@@ -224,14 +236,41 @@ func ls(args []string, stdout, stderr io.Writer) error {
 	return nil
 }
 
+// errPinned refuses to delete a pinned context without --force.
+func errPinned(ns, id string) error {
+	return fmt.Errorf("%s/%s is pinned: unpin it first (hcache pin --unpin) or pass --force", ns, id)
+}
+
 func rm(args []string, stdout, stderr io.Writer) error {
-	t, err := newTargetFlags("rm", stderr).forContext().parse(args)
+	fs := newTargetFlags("rm", stderr).forContext()
+	force := fs.Bool("force", false, "delete the context even when it is pinned")
+	t, err := fs.parse(args)
 	if err != nil {
 		return err
 	}
-	err = t.do(stderr,
-		func(ctx context.Context, c *hc.Client) error { return c.Delete(ctx, t.ns, t.id) },
-		func(st *chunk.Store) error { return st.Delete(t.ns, t.id) })
+	err = t.do(stderr, false,
+		func(ctx context.Context, c *hc.Client) error {
+			if !*force {
+				ci, err := c.Stat(ctx, t.ns, t.id)
+				if err != nil {
+					return err
+				}
+				if ci.GetPinned() {
+					return errPinned(t.ns, t.id)
+				}
+			}
+			return c.Delete(ctx, t.ns, t.id)
+		},
+		func(st *chunk.Store) error {
+			if !*force {
+				for _, ci := range st.Contexts() {
+					if ci.Namespace == t.ns && ci.ID == t.id && ci.Pinned {
+						return errPinned(t.ns, t.id)
+					}
+				}
+			}
+			return st.Delete(t.ns, t.id)
+		})
 	if err != nil {
 		return err
 	}
@@ -253,7 +292,7 @@ func pin(args []string, stdout, stderr io.Writer) error {
 	if err != nil {
 		return err
 	}
-	err = t.do(stderr,
+	err = t.do(stderr, false,
 		func(ctx context.Context, c *hc.Client) error { return c.Pin(ctx, t.ns, t.id, !*unpin) },
 		func(st *chunk.Store) error { return st.Pin(t.ns, t.id, !*unpin) }) // do's Close commits the pin
 	if err != nil {
@@ -272,7 +311,7 @@ func gcCmd(args []string, stdout, stderr io.Writer) error {
 		MovedRecords int64  `json:"moved_records"`
 		MovedBytes   uint64 `json:"moved_bytes"`
 	}
-	err = t.do(stderr, func(ctx context.Context, c *hc.Client) error {
+	err = t.do(stderr, false, func(ctx context.Context, c *hc.Client) error {
 		r, err := c.API.Gc(ctx, &hcachev1.GcRequest{})
 		out.Segments, out.MovedRecords, out.MovedBytes = r.GetSegments(), r.GetMovedRecords(), r.GetMovedBytes()
 		return err

@@ -9,6 +9,7 @@ import (
 	"crypto/x509/pkix"
 	"encoding/json"
 	"encoding/pem"
+	"fmt"
 	"io"
 	"log/slog"
 	"math/big"
@@ -79,7 +80,7 @@ func TestDaemonCommands(t *testing.T) {
 		t.Fatalf("ls --addr: %+v", rows)
 	}
 	for _, args := range [][]string{
-		{"pin", "--addr", addr, "--ns", "ns", "--id", "one"},
+		{"pin", "--addr", sock, "--ns", "ns", "--id", "one"}, // a bare socket path, as hcached --listen takes it
 		{"rm", "--addr", addr, "--ns", "ns", "--id", "two"},
 		{"gc", "--addr", addr, "--json"},
 	} {
@@ -103,6 +104,16 @@ func TestDaemonCommands(t *testing.T) {
 	if code, _, _ := runCLI("ls", "--addr", addr, "--dir", dir); code != 2 {
 		t.Fatalf("ls with both --addr and --dir: exit %d, want 2", code)
 	}
+	// A pinned context is deleted only with --force.
+	if code, _, errs := runCLI("rm", "--addr", addr, "--ns", "ns", "--id", "one"); code != 1 || !strings.Contains(errs, "pinned") || !strings.Contains(errs, "--force") {
+		t.Fatalf("rm --addr of a pinned context: exit %d, %s; want 1 and a word about the pin and --force", code, errs)
+	}
+	// The store the daemon holds: --dir says to ask the daemon.
+	for _, cmd := range []string{"stat", "gc"} {
+		if code, _, errs := runCLI(cmd, "--dir", dir); code != 1 || !strings.Contains(errs, "--addr") {
+			t.Fatalf("%s --dir on the daemon's store: exit %d, %s; want 1 and a hint to use --addr", cmd, code, errs)
+		}
+	}
 	srv.Stop()
 	if err := st.Close(); err != nil {
 		t.Fatal(err)
@@ -124,8 +135,17 @@ func TestDaemonCommands(t *testing.T) {
 	if rows = lsJSON("--dir", dir); len(rows) != 1 || rows[0].Pinned {
 		t.Fatalf("after --unpin on the directory: %+v", rows)
 	}
-	if code, out, errs := runCLI("rm", "--dir", dir, "--ns", "ns", "--id", "one"); code != 0 {
-		t.Fatalf("rm --dir: exit %d\n%s\n%s", code, out, errs)
+	if code, out, errs := runCLI("pin", "--dir", dir, "--ns", "ns", "--id", "one"); code != 0 {
+		t.Fatalf("pin --dir: exit %d\n%s\n%s", code, out, errs)
+	}
+	if code, _, errs := runCLI("rm", "--dir", dir, "--ns", "ns", "--id", "one"); code != 1 || !strings.Contains(errs, "pinned") {
+		t.Fatalf("rm --dir of a pinned context: exit %d, %s; want 1 and a word about the pin", code, errs)
+	}
+	if rows = lsJSON("--dir", dir); len(rows) != 1 {
+		t.Fatalf("a refused rm deleted: %+v", rows)
+	}
+	if code, out, errs := runCLI("rm", "--dir", dir, "--ns", "ns", "--id", "one", "--force"); code != 0 {
+		t.Fatalf("rm --dir --force: exit %d\n%s\n%s", code, out, errs)
 	}
 	if rows = lsJSON("--dir", dir); len(rows) != 0 {
 		t.Fatalf("after rm --dir: %+v", rows)
@@ -210,14 +230,15 @@ func TestTargetFlagsUsage(t *testing.T) {
 		args []string
 		want string
 	}{
-		{[]string{"ls"}, "give exactly one of --addr and --dir"},
-		{[]string{"gc", "--addr", "unix:///nonexistent", "--dir", dir}, "give exactly one of --addr and --dir"},
+		{[]string{"ls"}, "missing --dir DIR (a store directory) or --addr ADDR"},
+		{[]string{"gc", "--addr", "unix:///nonexistent", "--dir", dir}, "give only one of --addr and --dir"},
 		{[]string{"rm", "--dir", dir, "--ns", "ns"}, "--ns and --id are required"},
 		{[]string{"pin", "--dir", dir, "--id", "x", "--unpin"}, "--ns and --id are required"},
 		{[]string{"rm", "--dir", dir}, "--ns and --id are required"},
 		{[]string{"ls", "--dir", dir, "--id", "x"}, "flag provided but not defined: -id"},
-		{[]string{"stat"}, "give exactly one of --addr and --dir"},
-		{[]string{"fsck", "--addr", "unix:///nonexistent", "--dir", dir}, "give exactly one of --addr and --dir"},
+		{[]string{"stat"}, "missing --dir DIR (a store directory) or --addr ADDR"},
+		{[]string{"fsck"}, "missing --dir DIR (a store directory) or --addr ADDR"},
+		{[]string{"fsck", "--addr", "unix:///nonexistent", "--dir", dir}, "give only one of --addr and --dir"},
 	}
 	for _, c := range cases {
 		code, _, errs := runCLI(c.args...)
@@ -225,4 +246,54 @@ func TestTargetFlagsUsage(t *testing.T) {
 			t.Errorf("%v: exit %d, stderr %q; want exit 2 and %q", c.args, code, errs, c.want)
 		}
 	}
+}
+
+// TestDirCommandsRefuseNonStore: the commands on --dir open an existing
+// store and never make one: on an empty directory, a directory of other
+// files and a missing path each fails, naming what is wrong, and leaves the
+// path as it was ("hcache ls --dir EMPTYDIR" used to create a store there,
+// with a 64 MiB reserve file).
+func TestDirCommandsRefuseNonStore(t *testing.T) {
+	cmds := [][]string{
+		{"ls"}, {"stat"}, {"fsck"}, {"gc"},
+		{"rm", "--ns", "ns", "--id", "x"}, {"pin", "--ns", "ns", "--id", "x"},
+	}
+	setups := []struct {
+		name  string
+		setup func(dir string) // dir does not exist yet
+		want  string
+	}{
+		{"empty directory", func(d string) { os.Mkdir(d, 0o755) }, "not an hcache store"},
+		{"directory of other files", func(d string) { os.Mkdir(d, 0o755); os.WriteFile(filepath.Join(d, "notes.txt"), []byte("mine"), 0o644) }, "not an hcache store"},
+		{"missing path", func(string) {}, "no such file"},
+	}
+	for _, s := range setups {
+		for _, c := range cmds {
+			t.Run(s.name+"/"+c[0], func(t *testing.T) {
+				dir := filepath.Join(t.TempDir(), "d")
+				s.setup(dir)
+				before := listTree(t, dir)
+				code, out, errs := runCLI(append(c, "--dir", dir)...)
+				if code != 1 || !strings.Contains(errs, s.want) {
+					t.Fatalf("%s --dir %s: exit %d, stderr %q, stdout %q; want exit 1 and %q", c[0], s.name, code, errs, out, s.want)
+				}
+				if after := listTree(t, dir); after != before {
+					t.Fatalf("%s --dir changed %s:\nbefore %s\nafter  %s", c[0], s.name, before, after)
+				}
+			})
+		}
+	}
+}
+
+// listTree names every path under dir with its size ("" when dir is missing).
+func listTree(t *testing.T, dir string) string {
+	t.Helper()
+	var b strings.Builder
+	filepath.Walk(dir, func(p string, fi os.FileInfo, err error) error {
+		if err == nil {
+			fmt.Fprintf(&b, "%s:%d ", strings.TrimPrefix(p, dir), fi.Size())
+		}
+		return nil
+	})
+	return b.String()
 }

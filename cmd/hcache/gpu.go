@@ -34,7 +34,7 @@ func gpuCheck(args []string, stdout, stderr io.Writer) error {
 		fmt.Fprintln(stderr, "hcache gpu check: project random hidden rows of every preset's shape (two layers each) on the GPU\n"+
 			"and on the CPU reference, through the pipelined device path and the host-cache path; KV layers must\n"+
 			"scatter bit-exact and every element of the cache must be written. Exits 1 on any disagreement.\n\n"+
-			"example: hcache gpu check --tokens 200 --json\n\nflags:")
+			"Example:\n  hcache gpu check --tokens 200 --json\n\nflags:")
 		fs.PrintDefaults()
 	}
 	opts := cudaFlags(fs)
@@ -73,7 +73,7 @@ func benchGPU(args []string, stdout, stderr io.Writer) error {
 		fmt.Fprintln(stderr, "hcache bench gpu: restore a context into a paged KV cache in GPU memory, three ways, same run:\n"+
 			"copy-only (the hidden bytes copied, nothing computed), pipelined hidden restore (copy, GEMM, fused\n"+
 			"RoPE+scatter), and KV offload (K and V copied and scattered); checks the result against the CPU backend.\n\n"+
-			"example: hcache bench gpu --model llama2-7b --tokens 1024,4096,16384 --json\n\nflags:")
+			"Example:\n  hcache bench gpu --model llama2-7b --tokens 1024,4096,16384 --json\n\nflags:")
 		fs.PrintDefaults()
 	}
 	opts := cudaFlags(fs)

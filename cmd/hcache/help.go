@@ -10,6 +10,8 @@ func init() {
 		"stress":         "hcache stress --dir /tmp/crashstore --seed 1   # run by crashtest; prints each acknowledgement",
 		"demo":           "hcache demo --model tiny-llama --turns 3",
 		"model synth":    "hcache model synth --config tiny-llama --seed 1 --out /tmp/tiny",
+		"gpu check":      "hcache gpu check --tokens 200 --json",
+		"bench gpu":      "hcache bench gpu --model llama2-7b --tokens 1024,4096,16384 --json",
 		"gpu ipc-child":  "hcache gpu ipc-child --handle HEX --koff K0,K1 --voff V0,V1 --blocks N   # started by gpu check",
 		"ls":             "hcache ls --addr unix:///run/hcache/hcache.sock --ns chat   # or --dir D when no daemon runs",
 		"rm":             "hcache rm --addr unix:///run/hcache/hcache.sock --ns chat --id conv-42",
@@ -20,7 +22,7 @@ func init() {
 		"simulate":       "hcache simulate --profile a100-pm9a3x4 --model llama2-7b --workload chat --json",
 		"bench daemon":   "hcache bench daemon --json",
 		"bench pipeline": "hcache bench pipeline --json",
-		"bench compare":  "hcache bench compare --dir /mnt/nvme/tmp --model llama2-7b --workload chat --json",
+		"bench compare":  "hcache bench compare --dir /mnt/nvme/tmp --model llama2-7b --workload chat --out bench/results",
 	} {
 		if examples[name] == "" {
 			examples[name] = ex

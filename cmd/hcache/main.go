@@ -4,7 +4,9 @@
 //
 // The subcommands use the standard library's flag package: each has a
 // handful of flags, and a dispatch table keeps the binary free of a CLI
-// framework's dependency tree.
+// framework's dependency tree. The table is one tree: a two-word command
+// ("bench io") sits in the group of its first word, and every level answers
+// -h, --help and help with its usage and an example (exit 0).
 package main
 
 import (
@@ -15,10 +17,11 @@ import (
 	"io"
 	"os"
 	"runtime/pprof"
+	"slices"
 	"sort"
-	"strconv"
 	"strings"
 
+	"github.com/hcache/hcache/internal/buildinfo"
 	"github.com/hcache/hcache/internal/units"
 )
 
@@ -55,8 +58,15 @@ func run(args []string, stdout, stderr io.Writer) int {
 		usage(stderr)
 		return 2
 	}
-	if args[0] == "-h" || args[0] == "--help" || args[0] == "help" {
+	switch args[0] {
+	case "-h", "--help", "-help", "help":
+		if len(args) > 1 && args[0] == "help" { // "help bench io" is "bench io -h"
+			return run(append(args[1:], "-h"), stdout, stderr)
+		}
 		usage(stdout)
+		return 0
+	case "--version", "-version", "version":
+		fmt.Fprintln(stdout, buildinfo.String("hcache"))
 		return 0
 	}
 	// Two-word commands ("bench io") first, then one-word ones.
@@ -69,9 +79,24 @@ func run(args []string, stdout, stderr io.Writer) int {
 	}
 	c, ok := commands[name]
 	if !ok {
+		if group := groupOf(args[0]); group != nil {
+			// "hcache bench" alone or with -h: the group's commands.
+			if len(args) > 1 && isHelp(args[1]) {
+				groupUsage(stdout, args[0], group)
+				return 0
+			}
+			if len(args) > 1 {
+				fmt.Fprintf(stderr, "hcache: unknown command %q\n\n", args[0]+" "+args[1])
+			}
+			groupUsage(stderr, args[0], group)
+			return 2
+		}
 		fmt.Fprintf(stderr, "hcache: unknown command %q\n\n", strings.Join(args[:min(2, len(args))], " "))
 		usage(stderr)
 		return 2
+	}
+	if slices.ContainsFunc(rest, isHelpFlag) {
+		stderr = stdout // asked-for help goes to stdout (hcache ls -h | less)
 	}
 	if err := c.run(rest, stdout, stderr); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
@@ -90,6 +115,31 @@ func run(args []string, stdout, stderr io.Writer) int {
 	return 0
 }
 
+// isHelpFlag reports the flags the flag package answers with the usage.
+func isHelpFlag(a string) bool { return a == "-h" || a == "--help" || a == "-help" }
+
+func isHelp(a string) bool { return isHelpFlag(a) || a == "help" }
+
+// groupOf lists the two-word commands whose first word is word, sorted.
+func groupOf(word string) []string {
+	var names []string
+	for n := range commands {
+		if first, _, ok := strings.Cut(n, " "); ok && first == word {
+			names = append(names, n)
+		}
+	}
+	sort.Strings(names)
+	return names
+}
+
+func groupUsage(w io.Writer, word string, names []string) {
+	fmt.Fprintf(w, "usage: hcache %s COMMAND [flags]\n\ncommands:\n", word)
+	for _, n := range names {
+		fmt.Fprintf(w, "  %-16s %s\n", n, commands[n].summary)
+	}
+	fmt.Fprintf(w, "\nExample:\n  %s\n\nRun 'hcache %s COMMAND -h' for the flags and an example of one command.\n", examples[names[0]], word)
+}
+
 func usage(w io.Writer) {
 	fmt.Fprintln(w, "usage: hcache COMMAND [flags]\n\ncommands:")
 	names := make([]string, 0, len(commands))
@@ -98,9 +148,11 @@ func usage(w io.Writer) {
 	}
 	sort.Strings(names)
 	for _, n := range names {
-		fmt.Fprintf(w, "  %-14s %s\n", n, commands[n].summary)
+		fmt.Fprintf(w, "  %-16s %s\n", n, commands[n].summary)
 	}
-	fmt.Fprintln(w, "\nRun 'hcache COMMAND -h' for the flags of one command.")
+	fmt.Fprintln(w, "\nExample:\n  hcache demo                     # a conversation saved, evicted and restored; checks losslessness\n"+
+		"  hcache ls --addr /run/hcache/hcache.sock\n\n"+
+		"Run 'hcache COMMAND -h' for the flags and an example of one command, 'hcache --version' for the build.")
 }
 
 // examples holds one example invocation per command, shown by its -h.
@@ -113,7 +165,7 @@ func newFlags(name string, stderr io.Writer) *flag.FlagSet {
 		w := fs.Output()
 		fmt.Fprintf(w, "usage: hcache %s [flags]\n\n%s\n", name, commands[name].summary)
 		if ex := examples[name]; ex != "" {
-			fmt.Fprintf(w, "\nexample:\n  %s\n", ex)
+			fmt.Fprintf(w, "\nExample:\n  %s\n", ex)
 		}
 		fmt.Fprintln(w, "\nflags:")
 		fs.PrintDefaults()
@@ -140,7 +192,7 @@ func parseFlags(fs *flag.FlagSet, args []string) error {
 // sizeFlag parses byte sizes such as 4096, 64K, 1M, 4G.
 type sizeFlag int64
 
-func (s *sizeFlag) String() string { return strconv.FormatInt(int64(*s), 10) }
+func (s *sizeFlag) String() string { return units.FormatSize(int64(*s)) } // -h shows 1G, not 1073741824
 
 func (s *sizeFlag) Set(v string) error {
 	n, err := parseSize(v)

@@ -48,11 +48,18 @@ func TestUsageErrors(t *testing.T) {
 		{[]string{"model", "synth", "--config", "llama2-7b", "--out", "/tmp/x"}, 1, "parameters"},
 		{[]string{"demo", "--model", "llama2-7b"}, 1, "CPU reference"},
 		{[]string{"demo", "--turns", "2", "extra"}, 2, "unexpected argument"},
+		{[]string{"demo", "--model", "nosuch"}, 1, "neither a preset (demo-llama, "},
+		{[]string{"demo", "--compression", "zstd"}, 1, `--compression "zstd": want none or lz4`},
+		{[]string{"demo", "--profile", "nosuch"}, 1, "nosuch"},
 	}
 	for _, c := range cases {
 		code, out, errs := runCLI(c.args...)
 		if code != c.code || !strings.Contains(out+errs, c.msg) {
 			t.Errorf("%v: exit %d (want %d), output %q lacks %q", c.args, code, c.code, out+errs, c.msg)
+		}
+		// A refused demo fails before it writes the synthetic model.
+		if len(c.args) > 0 && c.args[0] == "demo" && strings.Contains(out, "written to") {
+			t.Errorf("%v: wrote before failing:\n%s", c.args, out)
 		}
 	}
 }

@@ -140,20 +140,52 @@ func ctxLines(out string) map[string]string {
 	return m
 }
 
-// TestHelp: -h exits 0 and each command's help says what it does and shows
-// an example.
+// TestHelp: at every level of the command tree (hcache, each group such as
+// "bench", each command), -h, --help and "help" exit 0 and print, on stdout,
+// what the level does and an example ("hcache bench -h" printed unknown
+// command and exited 2).
 func TestHelp(t *testing.T) {
-	if code, out, _ := runCLI("-h"); code != 0 || !strings.Contains(out, "repair") {
+	if code, out, _ := runCLI("-h"); code != 0 || !strings.Contains(out, "repair") || !strings.Contains(out, "Example:") {
 		t.Fatalf("hcache -h: exit %d\n%s", code, out)
 	}
+	levels := map[string]bool{}
 	for name := range commands {
-		code, out, errs := runCLI(append(strings.Fields(name), "-h")...)
-		text := out + errs
-		i := strings.Index(text, "example:")
-		// What it does (a description before the example), then an
-		// example invocation of this command.
-		if code != 0 || i < 40 || !strings.Contains(text[i:], "hcache "+name) {
-			t.Errorf("hcache %s -h: exit %d, want 0 with a description and an example:\n%s", name, code, text)
+		levels[name] = true
+		if group, _, ok := strings.Cut(name, " "); ok {
+			levels[group] = true
+		}
+	}
+	for name := range levels {
+		for _, h := range []string{"-h", "--help"} {
+			args := append(strings.Fields(name), h)
+			code, out, errs := runCLI(args...)
+			i := strings.Index(out, "Example:")
+			// What it does (a description before the example), then an
+			// example invocation of this command or group.
+			if code != 0 || i < 40 || !strings.Contains(out[i:], "hcache "+name) {
+				t.Errorf("hcache %s: exit %d, want 0 with a description and an example on stdout:\n%s\nstderr:\n%s", strings.Join(args, " "), code, out, errs)
+			}
+		}
+	}
+	// Sizes in human units.
+	if code, out, _ := runCLI("bench", "io", "-h"); code != 0 || !strings.Contains(out, `(default 1G)`) {
+		t.Errorf("hcache bench io -h: exit %d, sizes not in human units:\n%s", code, out)
+	}
+	if code, out, _ := runCLI("help", "bench", "io"); code != 0 || !strings.Contains(out, "hcache bench io --dir") {
+		t.Errorf("hcache help bench io: exit %d\n%s", code, out)
+	}
+	// A group without a command is a usage error that lists the group.
+	if code, _, errs := runCLI("bench"); code != 2 || !strings.Contains(errs, "bench io") {
+		t.Errorf("hcache bench: exit %d, want 2 and the group's commands:\n%s", code, errs)
+	}
+}
+
+// TestVersion: --version (and "version") print the build's commit.
+func TestVersion(t *testing.T) {
+	for _, a := range []string{"--version", "version"} {
+		code, out, _ := runCLI(a)
+		if code != 0 || !strings.HasPrefix(out, "hcache ") || !strings.Contains(out, "commit ") {
+			t.Errorf("hcache %s: exit %d, %q", a, code, out)
 		}
 	}
 }

@@ -4,6 +4,10 @@
 // Prometheus metrics. See DESIGN.md, "The daemon".
 //
 //	hcached --dir DIR --listen unix:///run/hcache/hcache.sock
+//
+// It creates the store in --dir when none is there (the one command besides
+// hcache demo and stress that does), after checking that nothing else
+// answers on its sockets and metrics address.
 package main
 
 import (
@@ -11,15 +15,18 @@ import (
 	"flag"
 	"fmt"
 	"log/slog"
+	"net"
 	"os"
 	"os/signal"
 	"strconv"
 	"strings"
 	"sync/atomic"
 	"syscall"
+	"time"
 
 	"github.com/hcache/hcache/chunk"
 	"github.com/hcache/hcache/daemon"
+	"github.com/hcache/hcache/internal/buildinfo"
 	"github.com/hcache/hcache/internal/units"
 )
 
@@ -30,13 +37,47 @@ func (l *listFlag) Set(v string) error { *l = append(*l, v); return nil }
 
 func main() { os.Exit(run(os.Args[1:])) }
 
+const usageHead = `usage: hcached --dir DIR [--listen /run/hcache/hcache.sock] [flags]
+
+The hcache state-store daemon: one store shared by the serving engines of a
+machine over gRPC on a unix socket (TCP optional, with --tokens and TLS),
+shared-memory transfers on a side socket, and Prometheus metrics. It creates
+the store in --dir when none is there. Sizes take K, M, G and T (binary).
+Who may connect: the sockets are created with --socket-mode (0666: any local
+user may connect); what a peer may do is decided by its credentials
+(SO_PEERCRED uid, --grant; this daemon's own user gets every namespace).
+
+Example:
+  hcached --dir /var/lib/hcache --listen /run/hcache/hcache.sock --capacity 200G --cache 8G
+  hcached --dir /tmp/store2 --listen /tmp/hcache2.sock --metrics 127.0.0.1:9465   # a second daemon on the machine
+
+flags:
+`
+
 func run(args []string) int {
+	for _, a := range args {
+		if a == "--version" || a == "-version" {
+			fmt.Println(buildinfo.String("hcached"))
+			return 0
+		}
+	}
 	fs := flag.NewFlagSet("hcached", flag.ContinueOnError)
+	for _, a := range args {
+		if a == "-h" || a == "--help" || a == "-help" {
+			fs.SetOutput(os.Stdout) // asked-for help goes to stdout
+		}
+	}
+	fs.Usage = func() {
+		fmt.Fprint(fs.Output(), usageHead)
+		fs.PrintDefaults()
+	}
+	socketMode := fs.String("socket-mode", "0666", "permission bits of the API and shared-memory sockets (octal), e.g. 0660 to let only this user and group connect")
+	fs.Bool("version", false, "print the build (module version and commit) and exit")
 	dir := fs.String("dir", "", "store directory (required)")
-	listen := fs.String("listen", "unix:///run/hcache/hcache.sock", "unix socket of the API (unix:///path)")
+	listen := fs.String("listen", "unix:///run/hcache/hcache.sock", "unix socket of the API: /path/hcache.sock or unix:///path/hcache.sock")
 	tcp := fs.String("tcp", "", "also serve the API on this TCP address (off by default; needs --tokens)")
 	shm := fs.String("shm", "", "shared-memory side socket (default: the --listen path + \".shm\"; \"off\" disables)")
-	metricsAddr := fs.String("metrics", "127.0.0.1:9464", "HTTP address of /metrics and /healthz (\"\" disables)")
+	metricsAddr := fs.String("metrics", "127.0.0.1:9464", "HTTP address of /metrics and /healthz (\"\" disables; a second daemon on the machine needs its own, or \"\")")
 	tokens := fs.String("tokens", "", "bearer token file: lines \"TOKEN NS[,NS...]\" (mode 600)")
 	tlsCert := fs.String("tls-cert", "", "TLS certificate (PEM) of the --tcp listener")
 	tlsKey := fs.String("tls-key", "", "TLS private key (PEM) of the --tcp listener")
@@ -55,18 +96,18 @@ func run(args []string) int {
 	maxTokens := fs.Uint64("max-tokens", daemon.DefaultMaxTokensPerContext, "tokens per context")
 	maxInflight := fs.Int("max-inflight", daemon.DefaultMaxInflight, "concurrent requests per client connection")
 	maxConns := fs.Int("max-conns", daemon.DefaultMaxConnsPerUID, "unix socket connections per user")
-	maxMsg := fs.String("max-message", strconv.Itoa(daemon.DefaultMaxMessageBytes), "largest gRPC message, both ways")
-	maxRegion := fs.String("max-region", strconv.Itoa(daemon.DefaultMaxRegionBytes), "largest shared region")
+	maxMsg := fs.String("max-message", units.FormatSize(int64(daemon.DefaultMaxMessageBytes)), "largest gRPC message, both ways")
+	maxRegion := fs.String("max-region", units.FormatSize(int64(daemon.DefaultMaxRegionBytes)), "largest shared region")
 	maxRegions := fs.Int("max-regions", daemon.DefaultMaxRegionsPerUID, "shared regions per user")
 	gcInterval := fs.Duration("gc-interval", daemon.DefaultGCInterval, "how often GC looks for segments to compact (negative: only on request)")
 	stopTimeout := fs.Duration("stop-timeout", daemon.DefaultStopTimeout, "on SIGTERM/SIGINT, how long running requests may take before they are cancelled")
 	restoreTimeout := fs.Duration("restore-timeout", daemon.DefaultRestoreTimeout, "longest a restore may take (a client that stops reading is cut off)")
-	capacity := fs.String("capacity", strconv.FormatInt(chunk.DefaultCapacityBytes, 10), "live bytes on disk before least recently used contexts are evicted (-1: none)")
-	cacheBytes := fs.String("cache", strconv.FormatInt(chunk.DefaultCacheBytes, 10), "DRAM tier of recently used slices (0: off)")
-	staging := fs.String("staging", strconv.FormatInt(chunk.DefaultStagingBytes, 10), "DRAM staging bound of unwritten rows")
+	capacity := fs.String("capacity", units.FormatSize(chunk.DefaultCapacityBytes), "live bytes on disk before least recently used contexts are evicted (-1: none)")
+	cacheBytes := fs.String("cache", units.FormatSize(chunk.DefaultCacheBytes), "DRAM tier of recently used slices (0: off)")
+	staging := fs.String("staging", units.FormatSize(chunk.DefaultStagingBytes), "DRAM staging bound of unwritten rows")
 	chunkTokens := fs.Int("chunk-tokens", 0, "tokens per chunk group of a new store (default 64)")
-	restoreAhead := fs.String("restore-ahead", strconv.FormatInt(chunk.DefaultRestoreAheadBytes, 10), "layer bytes one restore keeps read or in flight (at least two layers; 0: two layers)")
-	idleReadBufs := fs.String("idle-read-buffers", strconv.FormatInt(chunk.DefaultIdleReadBufferBytes, 10), "restore buffers kept mapped for reuse while idle (0: none)")
+	restoreAhead := fs.String("restore-ahead", units.FormatSize(chunk.DefaultRestoreAheadBytes), "layer bytes one restore keeps read or in flight (at least two layers; 0: two layers)")
+	idleReadBufs := fs.String("idle-read-buffers", units.FormatSize(chunk.DefaultIdleReadBufferBytes), "restore buffers kept mapped for reuse while idle (0: none)")
 	logLevel := fs.String("log-level", "info", "debug, info, warn or error")
 	if err := fs.Parse(args); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
@@ -85,8 +126,17 @@ func run(args []string) int {
 		return 1
 	}
 	if *dir == "" || fs.NArg() > 0 {
-		fmt.Fprintln(os.Stderr, "usage: hcached --dir DIR [--listen unix:///path/hcache.sock] [flags]")
-		fs.PrintDefaults()
+		if *dir == "" {
+			fmt.Fprintln(os.Stderr, "hcached: missing --dir DIR (the store directory)")
+		} else {
+			fmt.Fprintf(os.Stderr, "hcached: unexpected argument %q\n", fs.Arg(0))
+		}
+		fmt.Fprintln(os.Stderr, "usage: hcached --dir DIR [--listen /run/hcache/hcache.sock] [flags]; hcached -h for the flags and an example")
+		return 2
+	}
+	sockMode, err := strconv.ParseUint(*socketMode, 8, 32)
+	if err != nil || sockMode > 0o777 {
+		fmt.Fprintf(os.Stderr, "hcached: --socket-mode %q: want octal permission bits such as 0660\n", *socketMode)
 		return 2
 	}
 	size := func(name, v string) int64 {
@@ -152,6 +202,17 @@ func run(args []string) int {
 		log.Info("model loaded", "name", name, "dir", dir, "layers", lm.Config.Layers, "backend", lm.Note)
 		cfg.Models = append(cfg.Models, lm)
 	}
+	// Refuse what would fail after the store is opened (and, in a fresh
+	// directory, created): a socket another daemon answers on, a metrics
+	// address another process holds.
+	for _, p := range []string{cfg.Listen, cfg.Shm} {
+		if err := checkSocketFree(p); err != nil {
+			return fail("%v", err)
+		}
+	}
+	if err := checkAddrFree(cfg.Metrics); err != nil {
+		return fail("--metrics %s: %v (another hcached? give each daemon its own --metrics ADDR, or --metrics \"\" to turn metrics off)", cfg.Metrics, err)
+	}
 	var srv atomic.Pointer[daemon.Server]
 	capBytes := int64(-1) // "-1": no bound
 	if strings.TrimSpace(*capacity) != "-1" {
@@ -181,6 +242,15 @@ func run(args []string) int {
 		return fail("%v", err)
 	}
 	srv.Store(s)
+	for _, p := range []string{cfg.Listen, cfg.Shm} {
+		if p != "" {
+			if err := os.Chmod(p, os.FileMode(sockMode)); err != nil {
+				s.Stop()
+				st.Close()
+				return fail("--socket-mode: %v", err)
+			}
+		}
+	}
 	log.Info("ready", "listen", cfg.Listen, "shm", cfg.Shm, "tcp", cfg.TCP)
 	sig := make(chan os.Signal, 1)
 	signal.Notify(sig, syscall.SIGTERM, syscall.SIGINT)
@@ -207,6 +277,39 @@ func run(args []string) int {
 }
 
 func parseSize(v string) (int64, error) { return units.ParseSize(v) }
+
+// checkSocketFree fails when a process answers on the unix socket path (a
+// stale socket file nobody answers on is replaced by the daemon).
+func checkSocketFree(path string) error {
+	if path == "" {
+		return nil
+	}
+	fi, err := os.Lstat(path)
+	switch {
+	case err != nil:
+		return nil // missing: the daemon creates it
+	case fi.Mode()&os.ModeSocket == 0:
+		return fmt.Errorf("%s exists and is not a socket (give another --listen or --shm); nothing was created", path)
+	}
+	c, err := net.DialTimeout("unix", path, time.Second)
+	if err != nil {
+		return nil // a stale socket nobody answers on: the daemon replaces it
+	}
+	c.Close()
+	return fmt.Errorf("%s: another daemon answers on it (stop it, or give this one another --listen and --shm); nothing was created", path)
+}
+
+// checkAddrFree fails when the TCP address cannot be listened on now.
+func checkAddrFree(addr string) error {
+	if addr == "" {
+		return nil
+	}
+	ln, err := net.Listen("tcp", addr)
+	if err != nil {
+		return err
+	}
+	return ln.Close()
+}
 
 // orNone maps a flag's 0 ("none") to the store's -1 (0 there is the default).
 func orNone(n int64) int64 {

@@ -44,6 +44,7 @@ var (
 	hostOnce sync.Once
 	hostLib  *hostKernels
 	hostErr  error
+	hostDir  string // the temporary directory of the built library; TestMain removes it
 )
 
 // clangPath finds clang-19 (CI installs it; the GPU kernels are built with
@@ -70,6 +71,7 @@ func loadHostKernels(t *testing.T) *hostKernels {
 			hostErr = err
 			return
 		}
+		hostDir = dir
 		lib := filepath.Join(dir, "libhckernels.so")
 		out, err := exec.Command(clang, "-x", "c++", "-DHCACHE_HOST", "-O2", "-ffp-contract=off", "-fno-math-errno", "-shared", "-fPIC",
 			"-o", lib, "kernels/hcache.cu").CombinedOutput()

@@ -37,3 +37,20 @@ func ParseSize(v string) (int64, error) {
 	}
 	return n * mult, nil
 }
+
+// FormatSize writes n in the largest binary unit that divides it exactly
+// (64M, 4G, 1536K), so that ParseSize reads back the same count.
+func FormatSize(n int64) string {
+	if n == 0 {
+		return "0"
+	}
+	for _, u := range []struct {
+		suffix string
+		mult   int64
+	}{{"T", 1 << 40}, {"G", 1 << 30}, {"M", 1 << 20}, {"K", 1 << 10}} {
+		if n%u.mult == 0 {
+			return strconv.FormatInt(n/u.mult, 10) + u.suffix
+		}
+	}
+	return strconv.FormatInt(n, 10)
+}

@@ -30,3 +30,21 @@ func TestParseSize(t *testing.T) {
 		}
 	}
 }
+
+func TestFormatSize(t *testing.T) {
+	cases := []struct {
+		in   int64
+		want string
+	}{{0, "0"}, {4096, "4K"}, {64 << 20, "64M"}, {4 << 30, "4G"}, {1536 << 10, "1536K"}, {1000, "1000"}, {-1, "-1"}, {3 << 40, "3T"}}
+	for _, c := range cases {
+		got := FormatSize(c.in)
+		if got != c.want {
+			t.Errorf("FormatSize(%d) = %q; want %q", c.in, got, c.want)
+		}
+		if c.in >= 0 {
+			if back, err := ParseSize(got); err != nil || back != c.in {
+				t.Errorf("ParseSize(FormatSize(%d)) = %d, %v", c.in, back, err)
+			}
+		}
+	}
+}

@@ -17,6 +17,7 @@ import (
 	"math/rand"
 	"os"
 	"path/filepath"
+	"strings"
 	"time"
 
 	"github.com/hcache/hcache/chunk"
@@ -70,6 +71,23 @@ func Run(o Options) ([]Turn, error) {
 	}
 	if o.MaxParams == 0 {
 		o.MaxParams = 50_000_000
+	}
+	// Check what can be checked before anything is written.
+	switch o.Compression {
+	case "", "none", "lz4":
+	default:
+		return nil, fmt.Errorf("demo: --compression %q: want none or lz4", o.Compression)
+	}
+	if _, err := model.Preset(o.Model); err != nil {
+		if fi, serr := os.Stat(o.Model); serr != nil || !fi.IsDir() {
+			return nil, fmt.Errorf("demo: --model %q is neither a preset (%s) nor a model directory (config.json + safetensors)", o.Model, strings.Join(model.PresetNames(), ", "))
+		}
+	}
+	if o.Profile == "" {
+		o.Profile = "a100-pm9a3x4"
+	}
+	if _, err := profiles.Load(o.Profile); err != nil {
+		return nil, err
 	}
 	tmp, err := os.MkdirTemp("", "hcache-demo-")
 	if err != nil {
