@@ -4,7 +4,6 @@ import (
 	"errors"
 	"fmt"
 	"sync"
-	"time"
 
 	"github.com/hcache/hcache/iouring"
 	"github.com/hcache/hcache/lsm"
@@ -151,7 +150,7 @@ func (s *Store) Create(ns, id string, ident *Identity, opts CreateOptions) (*Wri
 	if c := s.ctxs[ctxMapKey(ns, id)]; c != nil && !c.deleted {
 		return nil, fmt.Errorf("%w: %s/%s", ErrExists, ns, id)
 	}
-	c := &ctxState{ns: ns, id: id, lastUse: time.Now().UnixNano()}
+	c := &ctxState{ns: ns, id: id, lastUse: s.opts.Now()}
 	c.rec = lsm.Context{Identity: ident.Encode(), Gen: s.nextGen}
 	s.nextGen++
 	if opts.Pinned {
