@@ -122,6 +122,9 @@ type Report struct {
 	FsckErrors    int   `json:"fsck_errors"`
 	LiveRecounted int   `json:"live_recounted"` // stored segment live counts corrected on open (not data loss)
 	RepairChecks  int   `json:"repair_checks"`  // crash points also checked after deleting the index and repairing
+	// Mismatches counts cycles whose configurations ended with different
+	// restored states (Metamorphic).
+	Mismatches int `json:"metamorphic_mismatches,omitempty"`
 	// Trace is a digest of the simulated run: every crash point (where,
 	// operation, share of unsynced data kept) and what it found. The same
 	// seed and options give the same trace.
@@ -132,7 +135,9 @@ type Report struct {
 }
 
 // OK reports whether nothing was lost, torn or inconsistent.
-func (r *Report) OK() bool { return r.LostAcked == 0 && r.TornServed == 0 && r.FsckErrors == 0 }
+func (r *Report) OK() bool {
+	return r.LostAcked == 0 && r.TornServed == 0 && r.FsckErrors == 0 && r.Mismatches == 0
+}
 
 const maxFailuresKept = 20
 
