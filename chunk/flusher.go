@@ -512,7 +512,7 @@ func (f *flusher) commit(jobs []*writeJob, waiters []waiter) {
 		}
 	}
 	var syncErr error
-	for sg := range touched {
+	for _, sg := range segsByID(touched) {
 		if err := sg.datasync(); err != nil {
 			syncErr = err
 			s.opts.Logf("chunk: fdatasync of segment %d failed (%v); its unindexed writes are dropped and the segment is sealed", sg.id, err)

@@ -4,7 +4,6 @@ import (
 	"crypto/sha256"
 	"encoding/hex"
 	"fmt"
-	"hash"
 	"io"
 	"math/rand"
 	"os"
@@ -30,6 +29,9 @@ type SimOptions struct {
 	// Config is the store configuration the workload runs on (zero: the
 	// default one); see Metamorphic.
 	Config Config
+	// Trace, when set, receives the run's trace (one line per crash point
+	// and what it found), whose digest is Report.Trace.
+	Trace io.Writer
 	// NoFaults leaves out the injected torn writes (whose place in the
 	// operation sequence depends on the configuration): Metamorphic sets it.
 	NoFaults bool
@@ -143,18 +145,22 @@ func Simulate(o SimOptions) *Report {
 	}
 	rep := &Report{Seed: o.Seed}
 	bar := progress.New(o.Progress, "crashtest simulated", int64(o.Cycles), "cycles")
-	trace := sha256.New()
+	digest := sha256.New()
+	var trace io.Writer = digest
+	if o.Trace != nil {
+		trace = io.MultiWriter(digest, o.Trace)
+	}
 	for c := 0; c < o.Cycles; c++ {
 		runCycle(rep, o, c, trace)
 		rep.Cycles++
 		bar.Add(1)
 	}
 	bar.Finish()
-	rep.Trace = hex.EncodeToString(trace.Sum(nil))[:16]
+	rep.Trace = hex.EncodeToString(digest.Sum(nil))[:16]
 	return rep
 }
 
-func runCycle(rep *Report, o SimOptions, cycle int, trace hash.Hash) {
+func runCycle(rep *Report, o SimOptions, cycle int, trace io.Writer) {
 	seed := o.Seed*1000003 + int64(cycle)
 	s := &sim{rep: rep, cycle: cycle, seed: seed, cfg: o.Config, ident: Identity(),
 		ctxs: map[string]*ctxModel{}, slots: make([][]string, o.Contexts), hookRNG: rand.New(rand.NewSource(seed ^ 0x5eed)), now: simEpoch}
