@@ -95,7 +95,7 @@ func (m ctxModel) expect(afterRepair bool) Expect {
 // evictedExpect is how eviction changes what a context may look like: one
 // that an eviction under way may pick need not exist; one evicted must not
 // come back after a crash. After index loss and repair, an evicted context
-// may come back today: evictions write no tombstone (DESIGN, "Eviction").
+// may come back today: evictions write no tombstone (DESIGN, "Repair": "Limits").
 func evictedExpect(m ctxModel, e Expect, afterRepair bool) Expect {
 	if m.evictPending || m.evicted {
 		e.MustExist = false
@@ -181,9 +181,14 @@ func runCycle(rep *Report, o SimOptions, cycle int, trace io.Writer) {
 	if o.Config.LZ4 {
 		compression = "lz4"
 	}
+	// Synchronous, the store commits written groups only for a Flush,
+	// Close, delete, GC or eviction, or past CommitBytes: a third of the
+	// cycles commit after every write (as an idle flusher does), a third
+	// every 16 KiB, a third only when asked.
+	commitBytes := []int64{1, 16 << 10, 0}[cycle%3]
 	s.opts = chunk.Options{Dir: "/db", ChunkTokens: ct, SegmentBytes: chunk.MinSegmentBytes, CapacityBytes: -1,
 		CacheBytes: cache, Compression: compression, GCLiveRatio: ratio, GCInterval: -1, Synchronous: true,
-		Now: s.clock, Logf: func(string, ...any) {}, OnEvict: s.onEvict}
+		CommitBytes: commitBytes, Now: s.clock, Logf: func(string, ...any) {}, OnEvict: s.onEvict}
 	if o.Config.RealDir != "" {
 		s.opts.Dir = filepath.Join(o.Config.RealDir, fmt.Sprintf("cycle-%d", cycle))
 		if err := os.RemoveAll(s.opts.Dir); err != nil {
