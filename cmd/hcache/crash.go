@@ -21,6 +21,7 @@ func crashtest(args []string, stdout, stderr io.Writer) error {
 	ops := fs.Int("ops", 200, "operations per simulated workload")
 	seed := fs.Int64("seed", time.Now().UnixNano()%1000000, "seed (printed; replays the simulated run exactly, not the timing of SIGKILL cycles)")
 	writeProb := fs.Float64("write-crash-prob", 0.05, "chance of an extra crash point at a write between syncs")
+	syncProb := fs.Float64("sync-prob", 0, "chance that a sync is a crash point (0: every sync)")
 	kill := fs.Int("kill", 0, "SIGKILL cycles against a real writer process")
 	dir := fs.String("dir", "", "directory of the SIGKILL loop's store (default: a temporary one)")
 	asJSON := fs.Bool("json", false, "print the report as JSON")
@@ -30,7 +31,7 @@ func crashtest(args []string, stdout, stderr io.Writer) error {
 		return err
 	}
 	fmt.Fprintf(stderr, "crashtest seed %d\n", *seed)
-	so := crash.SimOptions{Seed: *seed, Cycles: *cycles, Ops: *ops, WriteProb: *writeProb, Progress: stderr}
+	so := crash.SimOptions{Seed: *seed, Cycles: *cycles, Ops: *ops, WriteProb: *writeProb, SyncProb: *syncProb, Progress: stderr}
 	if *traceFile != "" {
 		f, err := os.Create(*traceFile)
 		if err != nil {

@@ -13,9 +13,10 @@ import (
 
 func TestSimulatedCrashesKeepAcknowledged(t *testing.T) {
 	seed := testSeed(t)
-	t.Logf("(or: hcache crashtest --seed %d --cycles 4 --ops 120)", seed)
-	rep := Simulate(SimOptions{Seed: seed, Cycles: 4, Ops: 120, WriteProb: 0.05})
-	t.Logf("%+v", *rep)
+	t.Logf("(or: hcache crashtest --seed %d --cycles 4 --ops 120 --sync-prob 0.5)", seed)
+	rep := Simulate(SimOptions{Seed: seed, Cycles: 4, Ops: 120, WriteProb: 0.05, SyncProb: 0.5})
+	b, _ := json.Marshal(rep)
+	t.Logf("%s", b)
 	if !rep.OK() {
 		t.Fatalf("lost %d, torn %d, fsck %d:\n%v", rep.LostAcked, rep.TornServed, rep.FsckErrors, rep.Failures)
 	}
@@ -72,7 +73,7 @@ func TestSimulatedReplays(t *testing.T) {
 	var first []byte
 	for run := range 2 {
 		var trace strings.Builder
-		rep := Simulate(SimOptions{Seed: seed, Cycles: 4, Ops: 100, WriteProb: 0.05, Trace: &trace})
+		rep := Simulate(SimOptions{Seed: seed, Cycles: 3, Ops: 60, WriteProb: 0.05, SyncProb: 0.5, Trace: &trace})
 		// Pebble flushes and compacts on its own goroutines: a crash point
 		// at one of its tables would make the run timing-dependent. At
 		// this size the index never flushes.
@@ -102,9 +103,9 @@ func TestSimulatedReplays(t *testing.T) {
 func TestSimulatedMetamorphic(t *testing.T) {
 	seed := testSeed(t)
 	configs := append(MemConfigs(), RealConfigs(t.TempDir())...)
-	for i := range 2 {
+	for i := range 3 {
 		s := seed + int64(i)
-		rep := Metamorphic(SimOptions{Seed: s, Cycles: 2, Ops: 100, WriteProb: 0.02}, configs)
+		rep := Metamorphic(SimOptions{Seed: s, Cycles: 1, Ops: 100, SyncProb: 0.1}, configs)
 		t.Logf("seed %d: %d cycles, %d crash points, %d acknowledged contexts", s, rep.Cycles, rep.CrashPoints, rep.AckedContexts)
 		if rep.Mismatches > 0 || rep.LostAcked > 0 || rep.FsckErrors > 0 {
 			t.Fatalf("seed %d: mismatches %d, lost %d, torn %d, fsck %d:\n%v", s, rep.Mismatches, rep.LostAcked, rep.TornServed, rep.FsckErrors, rep.Failures)

@@ -25,7 +25,10 @@ type SimOptions struct {
 	Ops       int     // operations per workload
 	Contexts  int     // context slots
 	WriteProb float64 // chance of a crash point at a write between syncs
-	Progress  io.Writer
+	// SyncProb is the chance that a sync is a crash point (0: every sync
+	// is one).
+	SyncProb float64
+	Progress io.Writer
 	// Config is the store configuration the workload runs on (zero: the
 	// default one); see Metamorphic.
 	Config Config
@@ -205,7 +208,17 @@ func runCycle(rep *Report, o SimOptions, cycle int, trace io.Writer) {
 			rules = append(rules, faultfs.Rule{Fault: faultfs.TornWrite, Match: "segments/", Nth: 5 + rng.Intn(80)})
 		}
 		ffs := faultfs.New(s.mem, seed, rules...)
-		ffs.OnSync = func(name string) { s.crashPoint("sync "+name, trace) }
+		ffs.OnSync = func(name string) {
+			if o.SyncProb > 0 {
+				s.mu.Lock()
+				hit := s.hookRNG.Float64() < o.SyncProb
+				s.mu.Unlock()
+				if !hit {
+					return
+				}
+			}
+			s.crashPoint("sync "+name, trace)
+		}
 		ffs.OnTorn = func(name string) { s.crashPoint("torn write "+name, trace) }
 		ffs.OnWrite = func(name string) {
 			s.mu.Lock()
