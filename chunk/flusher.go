@@ -5,7 +5,6 @@ import (
 	"fmt"
 	"sort"
 	"syscall"
-	"time"
 
 	"github.com/cockroachdb/pebble/v2/vfs"
 
@@ -21,6 +20,7 @@ const (
 	opDelete                // delete a context
 	opGC                    // compact segments
 	opDamage                // mark a context damaged
+	opEvict                 // evict one context (EvictOne)
 	opClose                 // stop
 )
 
@@ -36,6 +36,7 @@ type op struct {
 	wseq       uint64 // opWrite: the writer's number (ctxState.writerSeq)
 	done       chan error
 	gcDone     chan GCResult
+	settled    chan struct{} // Options.Synchronous: closed once the flusher is done with the op
 }
 
 // writeJob is a group write in flight or awaiting its commit.
@@ -65,7 +66,13 @@ func (s *Store) submit(o op) error {
 	if err != nil {
 		return err
 	}
+	if s.opts.Synchronous {
+		o.settled = make(chan struct{})
+	}
 	s.ops <- o
+	if o.settled != nil {
+		<-o.settled
+	}
 	return nil
 }
 
@@ -129,8 +136,15 @@ func (s *Store) flushLoop() {
 		}
 	}()
 	defer close(f.commitQ)
+	var settle []chan struct{} // Options.Synchronous: submitters waiting for a still flusher
 	for {
 		f.maybeCommit()
+		if len(settle) > 0 && f.inflight == 0 && !f.committing {
+			for _, ch := range settle {
+				close(ch)
+			}
+			settle = nil
+		}
 		ops := s.ops
 		if f.inflight >= s.opts.QueueDepth {
 			ops = nil
@@ -143,6 +157,9 @@ func (s *Store) flushLoop() {
 		case <-f.commitDone:
 			f.committing = false
 		case o := <-ops:
+			if o.settled != nil {
+				settle = append(settle, o.settled)
+			}
 			switch o.kind {
 			case opWrite:
 				f.startWrite(o)
@@ -192,7 +209,7 @@ func (f *flusher) maybeCommit() {
 			rest = append(rest, w)
 		}
 	}
-	idle := f.inflight == 0 && len(f.s.ops) == 0
+	idle := f.inflight == 0 && len(f.s.ops) == 0 && !f.s.opts.Synchronous
 	if len(ready) == 0 && !(n > 0 && (bytes >= f.s.opts.CommitBytes || idle)) {
 		return
 	}
@@ -460,7 +477,7 @@ func (s *Store) newSegment() (*segFile, error) {
 	if err != nil {
 		return fail(err)
 	}
-	(&SegmentHeader{ID: id, CreatedNanos: time.Now().UnixNano()}).Encode(hdr.Bytes())
+	(&SegmentHeader{ID: id, CreatedNanos: s.opts.Now()}).Encode(hdr.Bytes())
 	err = sg.write([][]byte{hdr.Bytes()[:segHeaderBytes]}, 0)
 	s.scratch.put(hdr)
 	if err == nil {
@@ -502,7 +519,7 @@ func (f *flusher) commit(jobs []*writeJob, waiters []waiter) {
 		}
 	}
 	var syncErr error
-	for sg := range touched {
+	for _, sg := range segsByID(touched) {
 		if err := sg.datasync(); err != nil {
 			syncErr = err
 			s.opts.Logf("chunk: fdatasync of segment %d failed (%v); its unindexed writes are dropped and the segment is sealed", sg.id, err)
@@ -627,7 +644,7 @@ func (f *flusher) commit(jobs []*writeJob, waiters []waiter) {
 		}
 		if !s.namespaces[c.ns] {
 			s.namespaces[c.ns] = true
-			b.Set(lsm.NamespaceKey(c.ns), lsm.EncodeNanos(lsm.KindNamespace, time.Now().UnixNano()))
+			b.Set(lsm.NamespaceKey(c.ns), lsm.EncodeNanos(lsm.KindNamespace, s.opts.Now()))
 		}
 		rec := c.rec
 		if t, ok := newTokens[c]; ok {
@@ -739,6 +756,9 @@ func (f *flusher) control(o op) {
 		}
 	case opGC:
 		o.gcDone <- s.gcNow()
+	case opEvict:
+		f.evictOne()
+		o.done <- nil
 	}
 }
 

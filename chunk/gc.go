@@ -228,7 +228,7 @@ func (s *Store) compact(id uint32) (int, uint64, error) {
 		b.Discard()
 		return moved, movedBytes, err
 	}
-	for sg := range touched {
+	for _, sg := range segsByID(touched) {
 		if err := sg.datasync(); err != nil {
 			b.Discard()
 			return moved, movedBytes, err

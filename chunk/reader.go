@@ -6,7 +6,6 @@ import (
 	"hash/crc32"
 	"io"
 	"sync"
-	"time"
 	"unsafe"
 
 	"github.com/hcache/hcache/iouring"
@@ -388,7 +387,7 @@ func (s *Store) RestoreOwned(ns, id string, ident *Identity, ahead int, fn func(
 		}
 	}
 	s.mu.Lock()
-	c.lastUse = time.Now().UnixNano()
+	c.lastUse = s.opts.Now()
 	c.useDirty = true // persisted with the next index commit
 	s.dirtyCtxs[c] = struct{}{}
 	s.mu.Unlock()

@@ -5,7 +5,6 @@ import (
 	"fmt"
 	"hash/crc32"
 	"sort"
-	"time"
 
 	"github.com/cockroachdb/pebble/v2/vfs"
 
@@ -23,6 +22,9 @@ type RepairOptions struct {
 	// ChunkTokens is used only when neither a record nor the old index
 	// says what the store's chunk size is (an empty store).
 	ChunkTokens int
+	// Now is the clock of the new index's records (Unix nanoseconds);
+	// default the wall clock.
+	Now func() int64
 }
 
 // oldChunkTokens reads the chunk size from a (possibly damaged) index's
@@ -243,7 +245,10 @@ func Repair(o RepairOptions) (*RepairReport, error) {
 		return nil, fmt.Errorf("chunk: repair: create index: %w", err)
 	}
 	b := db.NewBatch()
-	now := time.Now().UnixNano()
+	now := wallNanos()
+	if o.Now != nil {
+		now = o.Now()
+	}
 	m := lsm.Meta{StoreVersion: StoreVersion, ChunkTokens: uint32(ct), CreatedNanos: now}
 	b.Set(lsm.MetaKey(), m.Encode())
 	live := map[uint32]uint64{}

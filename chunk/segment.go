@@ -2,6 +2,7 @@ package chunk
 
 import (
 	"fmt"
+	"sort"
 	"strconv"
 	"strings"
 	"sync"
@@ -187,6 +188,17 @@ func readAll(eng iouring.Engine, reqs []readReq) error { return startReads(eng, 
 // readAt reads len(buf) bytes at off (buf aligned when the segment is direct).
 func (s *segFile) readAt(buf []byte, off int64) error {
 	return readAll(s.eng, []readReq{{s, buf, off}})
+}
+
+// segsByID lists a set of segments in id order, so that they are synced in
+// the same order every run (a simulation replays its crash points).
+func segsByID(set map[*segFile]bool) []*segFile {
+	out := make([]*segFile, 0, len(set))
+	for sg := range set {
+		out = append(out, sg)
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].id < out[j].id })
+	return out
 }
 
 // datasync makes the segment's written data durable.

@@ -135,7 +135,20 @@ type Options struct {
 	Logf func(string, ...any)
 	// OnEvict is called (from the flusher) for each context evicted for space.
 	OnEvict func(ns, id string)
+	// Now is the clock (Unix nanoseconds) of last-use times, segment headers
+	// and index records; default the wall clock. A simulation passes its
+	// own so that a seed replays the same eviction order and bytes.
+	Now func() int64
+	// Synchronous is a test seam for deterministic simulation: each call
+	// that hands work to the flusher returns only once the flusher has
+	// finished with it (its write and any commit), and the flusher never
+	// commits merely because it is idle (only for a Flush, Close, delete,
+	// GC or CommitBytes). A caller doing one thing at a time then gets the
+	// same file-system operations in the same order every run. Slower.
+	Synchronous bool
 }
+
+func wallNanos() int64 { return time.Now().UnixNano() }
 
 func (o *Options) fill() error {
 	if o.Dir == "" {
@@ -207,6 +220,9 @@ func (o *Options) fill() error {
 	}
 	if o.Logf == nil {
 		o.Logf = log.Printf
+	}
+	if o.Now == nil {
+		o.Now = wallNanos
 	}
 	return nil
 }
@@ -738,7 +754,7 @@ func (s *Store) loadMeta(hasMarker bool) error {
 		if ct < 1 || ct > MaxChunkTokens {
 			return fmt.Errorf("chunk: ChunkTokens %d not in [1, %d]", ct, MaxChunkTokens)
 		}
-		m := lsm.Meta{StoreVersion: StoreVersion, ChunkTokens: uint32(ct), CreatedNanos: time.Now().UnixNano()}
+		m := lsm.Meta{StoreVersion: StoreVersion, ChunkTokens: uint32(ct), CreatedNanos: s.opts.Now()}
 		b := s.db.NewBatch()
 		b.Set(lsm.MetaKey(), m.Encode())
 		if err := b.Commit(true); err != nil {

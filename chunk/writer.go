@@ -4,7 +4,6 @@ import (
 	"errors"
 	"fmt"
 	"sync"
-	"time"
 
 	"github.com/hcache/hcache/iouring"
 	"github.com/hcache/hcache/lsm"
@@ -167,7 +166,7 @@ func (s *Store) Create(ns, id string, ident *Identity, opts CreateOptions) (*Wri
 	if c := s.ctxs[ctxMapKey(ns, id)]; c != nil && !c.deleted {
 		return nil, fmt.Errorf("%w: %s/%s", ErrExists, ns, id)
 	}
-	c := &ctxState{ns: ns, id: id, lastUse: time.Now().UnixNano(), useDirty: true, writerSeq: 1}
+	c := &ctxState{ns: ns, id: id, lastUse: s.opts.Now(), useDirty: true, writerSeq: 1}
 	c.rec = lsm.Context{Identity: ident.Encode(), Gen: s.nextGen}
 	s.nextGen++
 	if opts.Pinned {
@@ -245,7 +244,7 @@ func (s *Store) Append(ns, id string, ident *Identity) (*Writer, error) {
 	w.seq = c.writerSeq
 	c.writeErr = nil // a failed writer's unflushed rows are gone; start again from what is durable
 	tokens := int(c.rec.Tokens)
-	c.lastUse = time.Now().UnixNano()
+	c.lastUse = s.opts.Now()
 	c.useDirty = true // persisted with the next index commit
 	s.dirtyCtxs[c] = struct{}{}
 	s.mu.Unlock()

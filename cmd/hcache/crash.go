@@ -19,16 +19,38 @@ func crashtest(args []string, stdout, stderr io.Writer) error {
 	fs := newFlags("crashtest", stderr)
 	cycles := fs.Int("cycles", 10, "simulated workloads (each crashed at every sync point)")
 	ops := fs.Int("ops", 200, "operations per simulated workload")
-	seed := fs.Int64("seed", time.Now().UnixNano()%1000000, "seed (printed; replays the run)")
+	seed := fs.Int64("seed", time.Now().UnixNano()%1000000, "seed (printed; replays the simulated run exactly, not the timing of SIGKILL cycles)")
 	writeProb := fs.Float64("write-crash-prob", 0.05, "chance of an extra crash point at a write between syncs")
+	syncProb := fs.Float64("sync-prob", 0, "chance that a sync is a crash point (0: every sync)")
 	kill := fs.Int("kill", 0, "SIGKILL cycles against a real writer process")
 	dir := fs.String("dir", "", "directory of the SIGKILL loop's store (default: a temporary one)")
 	asJSON := fs.Bool("json", false, "print the report as JSON")
+	metamorphic := fs.Bool("metamorphic", false, "run the simulated workloads on several store configurations (chunk tokens, lz4, DRAM cache, GC eagerness; real files with io_uring/fallback, O_DIRECT/buffered) and require the same final restored state from all")
+	traceFile := fs.String("trace", "", "write the simulated run's trace (every crash point and what it found) to this file")
 	if err := parseFlags(fs, args); err != nil {
 		return err
 	}
 	fmt.Fprintf(stderr, "crashtest seed %d\n", *seed)
-	rep := crash.Simulate(crash.SimOptions{Seed: *seed, Cycles: *cycles, Ops: *ops, WriteProb: *writeProb, Progress: stderr})
+	so := crash.SimOptions{Seed: *seed, Cycles: *cycles, Ops: *ops, WriteProb: *writeProb, SyncProb: *syncProb, Progress: stderr}
+	if *traceFile != "" {
+		f, err := os.Create(*traceFile)
+		if err != nil {
+			return err
+		}
+		defer f.Close()
+		so.Trace = f
+	}
+	var rep *crash.Report
+	if *metamorphic {
+		tmp, err := os.MkdirTemp("", "hcache-metamorphic-")
+		if err != nil {
+			return err
+		}
+		defer os.RemoveAll(tmp)
+		rep = crash.Metamorphic(so, append(crash.MemConfigs(), crash.RealConfigs(tmp)...))
+	} else {
+		rep = crash.Simulate(so)
+	}
 	if *kill > 0 {
 		d := *dir
 		if d == "" {
@@ -56,8 +78,8 @@ func crashtest(args []string, stdout, stderr io.Writer) error {
 			return err
 		}
 	} else {
-		fmt.Fprintf(stdout, "seed %d: %d cycles, %d crash points, %d SIGKILL cycles, %d acknowledged contexts: lost %d, torn %d, fsck errors %d\n",
-			rep.Seed, rep.Cycles, rep.CrashPoints, rep.KillCycles, rep.AckedContexts, rep.LostAcked, rep.TornServed, rep.FsckErrors)
+		fmt.Fprintf(stdout, "seed %d: %d cycles, %d crash points, %d SIGKILL cycles, %d acknowledged contexts: lost %d, torn %d, fsck errors %d, metamorphic mismatches %d (trace %s)\n",
+			rep.Seed, rep.Cycles, rep.CrashPoints, rep.KillCycles, rep.AckedContexts, rep.LostAcked, rep.TornServed, rep.FsckErrors, rep.Mismatches, rep.Trace)
 	}
 	if !rep.OK() {
 		for _, f := range rep.Failures {

@@ -15,7 +15,7 @@ func TestSimulatedLong(t *testing.T) {
 	}
 	seed, _ := strconv.ParseInt(os.Getenv("HCACHE_CRASH_SEED"), 10, 64)
 	rep := Simulate(SimOptions{Seed: seed, Cycles: n, Ops: 200, WriteProb: 0.05})
-	t.Logf("%+v", *rep)
+	t.Logf("seed %d: %d crash points, lost %d, torn %d, fsck %d, trace %s", seed, rep.CrashPoints, rep.LostAcked, rep.TornServed, rep.FsckErrors, rep.Trace)
 	if !rep.OK() {
 		t.Fatal(rep.Failures)
 	}

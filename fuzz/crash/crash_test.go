@@ -1,8 +1,10 @@
 package crash
 
 import (
+	"encoding/json"
+	"os"
+	"strings"
 	"testing"
-	"time"
 
 	"github.com/cockroachdb/pebble/v2/vfs"
 
@@ -10,10 +12,11 @@ import (
 )
 
 func TestSimulatedCrashesKeepAcknowledged(t *testing.T) {
-	seed := time.Now().UnixNano()
-	t.Logf("seed %d (rerun: hcache crashtest --seed %d --cycles 4)", seed, seed)
-	rep := Simulate(SimOptions{Seed: seed, Cycles: 4, Ops: 120, WriteProb: 0.05})
-	t.Logf("%+v", *rep)
+	seed := testSeed(t)
+	t.Logf("(or: hcache crashtest --seed %d --cycles 4 --ops 120 --sync-prob 0.5)", seed)
+	rep := Simulate(SimOptions{Seed: seed, Cycles: 4, Ops: 120, WriteProb: 0.05, SyncProb: 0.5})
+	b, _ := json.Marshal(rep)
+	t.Logf("%s", b)
 	if !rep.OK() {
 		t.Fatalf("lost %d, torn %d, fsck %d:\n%v", rep.LostAcked, rep.TornServed, rep.FsckErrors, rep.Failures)
 	}
@@ -58,6 +61,98 @@ func TestCheckContextVerdicts(t *testing.T) {
 	for _, c := range cases {
 		if v, msg := CheckContext(st, "crash", c.id, ident, c.e); v != c.want {
 			t.Errorf("%s %+v: verdict %d (%s), want %d", c.id, c.e, v, msg, c.want)
+		}
+	}
+}
+
+// TestSimulatedReplays runs one seed twice: the reports (with the digest of
+// every crash point and what it found) must be byte-identical, so a failing
+// seed replays.
+func TestSimulatedReplays(t *testing.T) {
+	seed := testSeed(t)
+	var first []byte
+	for run := range 2 {
+		var trace strings.Builder
+		rep := Simulate(SimOptions{Seed: seed, Cycles: 3, Ops: 60, WriteProb: 0.05, SyncProb: 0.5, Trace: &trace})
+		// Pebble flushes and compacts on its own goroutines: a crash point
+		// at one of its tables would make the run timing-dependent. At
+		// this size the index never flushes.
+		if strings.Contains(trace.String(), ".sst") {
+			t.Fatalf("run %d: Pebble wrote a table during the workload:\n%s", run, trace.String())
+		}
+		b, err := json.Marshal(rep)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if rep.Trace == "" || rep.CrashPoints == 0 {
+			t.Fatalf("run %d: no trace: %s", run, b)
+		}
+		if run == 0 {
+			first = b
+		} else if string(b) != string(first) {
+			t.Fatalf("seed %d gave two reports:\n%s\n%s", seed, first, b)
+		}
+	}
+}
+
+// TestSimulatedMetamorphic runs the same seeded operations on every
+// configuration (chunk sizes, lz4, DRAM cache, GC eagerness; real files with
+// io_uring or the fallback engine, O_DIRECT or buffered): each must keep
+// what it acknowledged and all must end with the same contexts holding the
+// same bytes.
+func TestSimulatedMetamorphic(t *testing.T) {
+	seed := testSeed(t)
+	configs := append(MemConfigs(), RealConfigs(t.TempDir())...)
+	for i := range 3 {
+		s := seed + int64(i)
+		rep := Metamorphic(SimOptions{Seed: s, Cycles: 1, Ops: 100, SyncProb: 0.1}, configs)
+		t.Logf("seed %d: %d cycles, %d crash points, %d acknowledged contexts", s, rep.Cycles, rep.CrashPoints, rep.AckedContexts)
+		if rep.Mismatches > 0 || rep.LostAcked > 0 || rep.FsckErrors > 0 {
+			t.Fatalf("seed %d: mismatches %d, lost %d, torn %d, fsck %d:\n%v", s, rep.Mismatches, rep.LostAcked, rep.TornServed, rep.FsckErrors, rep.Failures)
+		}
+		if !rep.OK() {
+			t.Fatalf("seed %d: lost %d, torn %d, fsck %d:\n%v", s, rep.LostAcked, rep.TornServed, rep.FsckErrors, rep.Failures)
+		}
+		if rep.AckedContexts == 0 {
+			t.Fatalf("seed %d: nothing acknowledged", s)
+		}
+	}
+}
+
+// TestMetamorphicCatchesDifferentStates shows the comparison fails when two
+// configurations restore different states.
+func TestMetamorphicCatchesDifferentStates(t *testing.T) {
+	cases := []struct {
+		a, b []string
+		same bool
+	}{
+		{[]string{"crash/x 3 tokens ab"}, []string{"crash/x 3 tokens ab"}, true},
+		{[]string{"crash/x 3 tokens ab"}, []string{"crash/x 3 tokens ac"}, false},
+		{[]string{"crash/x 3 tokens ab"}, nil, false},
+		{nil, []string{"crash/y 0 tokens 00"}, false},
+	}
+	for _, c := range cases {
+		if d := diffLines(c.a, c.b); (d == "") != c.same {
+			t.Errorf("%v vs %v: diff %q, want same=%v", c.a, c.b, d, c.same)
+		}
+	}
+}
+
+// TestSimulatedDirectCache is a known failure the metamorphic run found:
+// with O_DIRECT and the DRAM cache both on (io_uring or the fallback
+// engine), seed 457033's restores on the running store (cycle 0, ops 80 and
+// 82) serve rows that are not what was appended; the same operations pass
+// on buffered files, in memory, and with O_DIRECT without the cache.
+// Skipped unless HCACHE_KNOWN_BUGS is set, until the store is fixed.
+func TestSimulatedDirectCache(t *testing.T) {
+	if os.Getenv("HCACHE_KNOWN_BUGS") == "" {
+		t.Skip("known failure (O_DIRECT + DRAM cache restore serves wrong rows); set HCACHE_KNOWN_BUGS=1 to run")
+	}
+	for _, engine := range []string{"fallback", "auto"} {
+		rep := Simulate(SimOptions{Seed: 457033, Cycles: 1, Ops: 100, NoFaults: true,
+			Config: Config{ChunkTokens: 16, RealDir: t.TempDir(), Engine: engine}})
+		if !rep.OK() {
+			t.Errorf("%s: lost %d, torn %d, fsck %d: %v", engine, rep.LostAcked, rep.TornServed, rep.FsckErrors, rep.Failures)
 		}
 	}
 }

@@ -157,24 +157,35 @@ type ackModel struct {
 
 // KillOptions configure KillLoop.
 type KillOptions struct {
-	Dir      string
-	Cycles   int
-	Seed     int64
-	Command  func(seed int64) *exec.Cmd // starts a Stress writer on Dir
-	MinRun   time.Duration              // the child runs a random time in [MinRun, MaxRun)
-	MaxRun   time.Duration
+	Dir     string
+	Cycles  int
+	Seed    int64
+	Command func(seed int64) *exec.Cmd // starts a Stress writer on Dir
+	// The child is killed right after it has printed a seeded number of
+	// acknowledgements (ACK lines) in [MinAcks, MaxAcks): no wall-clock
+	// window, so a slow (loaded, -race) child is killed as far into its
+	// work as a fast one. Defaults 1 and 64.
+	MinAcks, MaxAcks int
+	// Timeout bounds how long a child may take to open the store and
+	// print its acknowledgements (default 2 minutes): a stuck child is an
+	// error, never a shorter run.
+	Timeout  time.Duration
 	Progress io.Writer
 }
 
-// KillLoop runs writer processes under load and kills them with SIGKILL at
-// random times; after each kill it opens the store and checks every
-// acknowledged context against the child's acknowledgements, and runs fsck.
+// KillLoop runs writer processes under load and kills them with SIGKILL
+// after a seeded number of acknowledgements; after each kill it opens the
+// store and checks every acknowledged context against the child's
+// acknowledgements, and runs fsck.
 func KillLoop(o KillOptions, rep *Report) error {
-	if o.MinRun == 0 {
-		o.MinRun = 30 * time.Millisecond
+	if o.MinAcks <= 0 {
+		o.MinAcks = 1
 	}
-	if o.MaxRun <= o.MinRun {
-		o.MaxRun = o.MinRun + 400*time.Millisecond
+	if o.MaxAcks <= o.MinAcks {
+		o.MaxAcks = o.MinAcks + 63
+	}
+	if o.Timeout <= 0 {
+		o.Timeout = 2 * time.Minute
 	}
 	rng := rand.New(rand.NewSource(o.Seed))
 	model := map[string]*ackModel{}
@@ -182,6 +193,7 @@ func KillLoop(o KillOptions, rep *Report) error {
 	bar := progress.New(o.Progress, "crashtest SIGKILL", int64(o.Cycles), "cycles")
 	for c := 0; c < o.Cycles; c++ {
 		childSeed := o.Seed*7919 + int64(c)
+		acks := o.MinAcks + rng.Intn(o.MaxAcks-o.MinAcks)
 		cmd := o.Command(childSeed)
 		stdout, err := cmd.StdoutPipe()
 		if err != nil {
@@ -195,46 +207,43 @@ func KillLoop(o KillOptions, rep *Report) error {
 		var lines []string
 		var mu sync.Mutex
 		done := make(chan struct{})
-		ready := make(chan struct{})
+		reached := make(chan struct{})
 		go func() {
 			defer close(done)
 			sc := bufio.NewScanner(stdout)
+			n := 0
 			for sc.Scan() {
 				if sc.Text() == "READY" {
-					close(ready)
 					continue
 				}
 				mu.Lock()
 				lines = append(lines, sc.Text())
 				mu.Unlock()
+				if strings.HasPrefix(sc.Text(), "ACK ") {
+					if n++; n == acks {
+						close(reached)
+					}
+				}
 			}
 		}()
-		// The random run starts once the writer has opened the store, so
-		// a slow start (a loaded machine, -race) does not eat it.
-		run := o.MinRun + time.Duration(rng.Int63n(int64(o.MaxRun-o.MinRun)))
 		exited := make(chan error, 1)
 		go func() { <-done; exited <- cmd.Wait() }()
-		timer := time.After(readyTimeout)
+		timeout := time.NewTimer(o.Timeout)
 		select {
-		case <-ready:
-			timer = time.After(run)
-		case err := <-exited:
-			return fmt.Errorf("crash: writer (seed %d) exited before opening the store: %v: %s", childSeed, err, stderr.String())
-		case <-timer:
+		case <-reached:
 			cmd.Process.Signal(syscall.SIGKILL)
 			<-exited
-			return fmt.Errorf("crash: writer (seed %d) did not open the store within %v", childSeed, readyTimeout)
-		}
-		select {
 		case err := <-exited:
-			// The writer stopped by itself: only a failure is news.
-			if err != nil {
-				return fmt.Errorf("crash: writer (seed %d) failed: %v: %s", childSeed, err, stderr.String())
-			}
-		case <-timer:
+			// The writer stopped by itself (it runs until killed).
+			timeout.Stop()
+			return fmt.Errorf("crash: writer (seed %d) exited before %d acknowledgements: %v: %s", childSeed, acks, err, stderr.String())
+		case <-timeout.C:
 			cmd.Process.Signal(syscall.SIGKILL)
 			<-exited
+			return fmt.Errorf("crash: writer (seed %d) printed fewer than %d acknowledgements in %v: %s", childSeed, acks, o.Timeout, stderr.String())
 		}
+		timeout.Stop()
+		// The reader has finished (exited follows done): lines is still.
 		for _, line := range lines {
 			f := strings.Fields(line)
 			if len(f) < 2 {
@@ -256,7 +265,7 @@ func KillLoop(o KillOptions, rep *Report) error {
 				m.deleteAcked = true
 			}
 		}
-		where := fmt.Sprintf("kill cycle %d (seed %d, killed after %v, %d lines)", c, childSeed, run, len(lines))
+		where := fmt.Sprintf("kill cycle %d (seed %d, killed after %d acknowledgements, %d lines)", c, childSeed, acks, len(lines))
 		if err := checkStore(o.Dir, ident, model, rep, where); err != nil {
 			return err
 		}
@@ -273,9 +282,6 @@ func KillLoop(o KillOptions, rep *Report) error {
 	}
 	return nil
 }
-
-// readyTimeout bounds how long a writer may take to open the store.
-const readyTimeout = 60 * time.Second
 
 // checkStore opens the store after a kill and checks it against the model.
 func checkStore(dir string, ident *chunk.Identity, model map[string]*ackModel, rep *Report, where string) error {

@@ -112,21 +112,32 @@ var errTorn = errors.New("torn")
 // Report sums a harness run; the JSON field names are those of
 // `hcache crashtest --json`.
 type Report struct {
-	Seed          int64    `json:"seed"`
-	Cycles        int      `json:"cycles"`
-	CrashPoints   int      `json:"crash_points"`
-	KillCycles    int      `json:"kill_cycles"`
-	AckedContexts int      `json:"acked_contexts"`
-	LostAcked     int      `json:"lost_acked"`
-	TornServed    int      `json:"torn_served"`
-	FsckErrors    int      `json:"fsck_errors"`
-	LiveRecounted int      `json:"live_recounted"` // stored segment live counts corrected on open (not data loss)
-	RepairChecks  int      `json:"repair_checks"`  // crash points also checked after deleting the index and repairing
-	Failures      []string `json:"failures,omitempty"`
+	Seed          int64 `json:"seed"`
+	Cycles        int   `json:"cycles"`
+	CrashPoints   int   `json:"crash_points"`
+	KillCycles    int   `json:"kill_cycles"`
+	AckedContexts int   `json:"acked_contexts"`
+	LostAcked     int   `json:"lost_acked"`
+	TornServed    int   `json:"torn_served"`
+	FsckErrors    int   `json:"fsck_errors"`
+	LiveRecounted int   `json:"live_recounted"` // stored segment live counts corrected on open (not data loss)
+	RepairChecks  int   `json:"repair_checks"`  // crash points also checked after deleting the index and repairing
+	// Mismatches counts cycles whose configurations ended with different
+	// restored states (Metamorphic).
+	Mismatches int `json:"metamorphic_mismatches,omitempty"`
+	// Trace is a digest of the simulated run: every crash point (where,
+	// operation, share of unsynced data kept) and what it found. The same
+	// seed and options give the same trace.
+	Trace    string   `json:"trace,omitempty"`
+	Failures []string `json:"failures,omitempty"`
+
+	finals [][]string // per simulated cycle: what the closed store restores (finalState)
 }
 
 // OK reports whether nothing was lost, torn or inconsistent.
-func (r *Report) OK() bool { return r.LostAcked == 0 && r.TornServed == 0 && r.FsckErrors == 0 }
+func (r *Report) OK() bool {
+	return r.LostAcked == 0 && r.TornServed == 0 && r.FsckErrors == 0 && r.Mismatches == 0
+}
 
 const maxFailuresKept = 20
 

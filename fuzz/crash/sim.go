@@ -1,13 +1,15 @@
 package crash
 
 import (
+	"crypto/sha256"
+	"encoding/hex"
 	"fmt"
 	"io"
 	"math/rand"
-	randv2 "math/rand/v2"
+	"os"
+	"path/filepath"
 	"sort"
 	"sync"
-	"time"
 
 	"github.com/cockroachdb/pebble/v2/vfs"
 
@@ -23,7 +25,44 @@ type SimOptions struct {
 	Ops       int     // operations per workload
 	Contexts  int     // context slots
 	WriteProb float64 // chance of a crash point at a write between syncs
-	Progress  io.Writer
+	// SyncProb is the chance that a sync is a crash point (0: every sync
+	// is one).
+	SyncProb float64
+	Progress io.Writer
+	// Config is the store configuration the workload runs on (zero: the
+	// default one); see Metamorphic.
+	Config Config
+	// Trace, when set, receives the run's trace (one line per crash point
+	// and what it found), whose digest is Report.Trace.
+	Trace io.Writer
+	// NoFaults leaves out the injected torn writes (whose place in the
+	// operation sequence depends on the configuration): Metamorphic sets it.
+	NoFaults bool
+}
+
+// Config is one store configuration of the simulation. Every
+// configuration must end each workload with the same contexts holding the
+// same bytes.
+type Config struct {
+	Name        string
+	ChunkTokens int     // default 8
+	LZ4         bool    // Compression "lz4"
+	NoCache     bool    // CacheBytes 0 (no DRAM tier)
+	GCLiveRatio float64 // default 0.6; high: eager GC, low: lazy
+	// RealDir runs the workload on real files under this directory (no
+	// crash points: those need the in-memory file system), with the I/O
+	// engine Engine ("io_uring", "fallback", "auto") and O_DIRECT unless
+	// NoDirect.
+	RealDir  string
+	Engine   string
+	NoDirect bool
+}
+
+func (c Config) label() string {
+	if c.Name != "" {
+		return c.Name
+	}
+	return fmt.Sprintf("%+v", c)
 }
 
 // ctxModel is what the workload did to one context id.
@@ -34,16 +73,40 @@ type ctxModel struct {
 	ackedExists   bool // a Flush returned and no delete started since
 	deleteStarted bool
 	deleteAcked   bool
+	evictPending  bool // an EvictOne is under way and may pick it
+	evicted       bool // the store evicted it (OnEvict)
 	writer        *chunk.Writer
 }
 
-func (m *ctxModel) expect() Expect {
-	return Expect{
+// expect is what the context may look like after a crash (afterRepair:
+// and after the index was lost and rebuilt from the segments).
+func (m ctxModel) expect(afterRepair bool) Expect {
+	e := Expect{
 		MustExist: m.ackedExists && !m.deleteStarted,
 		MayExist:  !m.deleteAcked,
 		MinTokens: m.acked,
 		MaxTokens: m.appended,
 	}
+	if afterRepair {
+		// A context acknowledged with no token has no record to
+		// rebuild it from.
+		e.MustExist = e.MustExist && e.MinTokens > 0
+	}
+	return evictedExpect(m, e, afterRepair)
+}
+
+// evictedExpect is how eviction changes what a context may look like: one
+// that an eviction under way may pick need not exist; one evicted must not
+// come back after a crash. After index loss and repair, an evicted context
+// may come back today: evictions write no tombstone (DESIGN, "Repair": "Limits").
+func evictedExpect(m ctxModel, e Expect, afterRepair bool) Expect {
+	if m.evictPending || m.evicted {
+		e.MustExist = false
+	}
+	if m.evicted && !afterRepair {
+		e.MayExist = false
+	}
+	return e
 }
 
 // sim is one workload cycle.
@@ -51,18 +114,28 @@ type sim struct {
 	rep     *Report
 	cycle   int
 	seed    int64
-	mem     *vfs.MemFS
+	cfg     Config
+	mem     *vfs.MemFS // nil on real files
 	ident   *chunk.Identity
 	opts    chunk.Options
-	mu      sync.Mutex // guards ctxs, op, hookRNG, points
+	mu      sync.Mutex // guards ctxs, op, now, hookRNG, points
 	ctxs    map[string]*ctxModel
+	slots   [][]string // context ids per slot, in creation order
 	op      int
+	now     int64 // the store's clock: one microsecond per operation
 	hookRNG *rand.Rand
 	points  int
 	verify  sync.Mutex // one crash verification at a time
 }
 
-// Simulate runs the simulated crash harness.
+// simEpoch is the simulated clock's start (2026-01-01T00:00:00Z).
+const simEpoch = int64(1767225600) * 1e9
+
+// Simulate runs the simulated crash harness. The same options give the
+// same operations, crash points and report (byte for byte as JSON): GC and
+// eviction are operations of the seeded workload, the store's clock is the
+// workload's, and the store runs Synchronous, so no timer or goroutine
+// schedule decides anything.
 func Simulate(o SimOptions) *Report {
 	if o.Cycles <= 0 {
 		o.Cycles = 1
@@ -75,38 +148,88 @@ func Simulate(o SimOptions) *Report {
 	}
 	rep := &Report{Seed: o.Seed}
 	bar := progress.New(o.Progress, "crashtest simulated", int64(o.Cycles), "cycles")
+	digest := sha256.New()
+	var trace io.Writer = digest
+	if o.Trace != nil {
+		trace = io.MultiWriter(digest, o.Trace)
+	}
 	for c := 0; c < o.Cycles; c++ {
-		runCycle(rep, o, c)
+		runCycle(rep, o, c, trace)
 		rep.Cycles++
 		bar.Add(1)
 	}
 	bar.Finish()
+	rep.Trace = hex.EncodeToString(digest.Sum(nil))[:16]
 	return rep
 }
 
-func runCycle(rep *Report, o SimOptions, cycle int) {
+func runCycle(rep *Report, o SimOptions, cycle int, trace io.Writer) {
 	seed := o.Seed*1000003 + int64(cycle)
-	s := &sim{rep: rep, cycle: cycle, seed: seed, mem: vfs.NewCrashableMem(), ident: Identity(),
-		ctxs: map[string]*ctxModel{}, hookRNG: rand.New(rand.NewSource(seed ^ 0x5eed))}
+	s := &sim{rep: rep, cycle: cycle, seed: seed, cfg: o.Config, ident: Identity(),
+		ctxs: map[string]*ctxModel{}, slots: make([][]string, o.Contexts), hookRNG: rand.New(rand.NewSource(seed ^ 0x5eed)), now: simEpoch}
 	rng := rand.New(rand.NewSource(seed))
-	var rules []faultfs.Rule
-	if cycle%4 == 3 {
-		// A torn write of a segment at a random point of this cycle.
-		rules = append(rules, faultfs.Rule{Fault: faultfs.TornWrite, Match: "segments/", Nth: 5 + rng.Intn(80)})
+	ct := o.Config.ChunkTokens
+	if ct == 0 {
+		ct = 8
 	}
-	ffs := faultfs.New(s.mem, seed, rules...)
-	ffs.OnSync = func(name string) { s.crashPoint("sync " + name) }
-	ffs.OnTorn = func(name string) { s.crashPoint("torn write " + name) }
-	ffs.OnWrite = func(name string) {
-		s.mu.Lock()
-		hit := s.hookRNG.Float64() < o.WriteProb
-		s.mu.Unlock()
-		if hit {
-			s.crashPoint("write " + name)
+	ratio := o.Config.GCLiveRatio
+	if ratio == 0 {
+		ratio = 0.6
+	}
+	cache := int64(1 << 16)
+	if o.Config.NoCache {
+		cache = 0
+	}
+	compression := "none"
+	if o.Config.LZ4 {
+		compression = "lz4"
+	}
+	// Synchronous, the store commits written groups only for a Flush,
+	// Close, delete, GC or eviction, or past CommitBytes: a third of the
+	// cycles commit after every write (as an idle flusher does), a third
+	// every 16 KiB, a third only when asked.
+	commitBytes := []int64{1, 16 << 10, 0}[cycle%3]
+	s.opts = chunk.Options{Dir: "/db", ChunkTokens: ct, SegmentBytes: chunk.MinSegmentBytes, CapacityBytes: -1,
+		CacheBytes: cache, Compression: compression, GCLiveRatio: ratio, GCInterval: -1, Synchronous: true,
+		CommitBytes: commitBytes, Now: s.clock, Logf: func(string, ...any) {}, OnEvict: s.onEvict}
+	if o.Config.RealDir != "" {
+		s.opts.Dir = filepath.Join(o.Config.RealDir, fmt.Sprintf("cycle-%d", cycle))
+		if err := os.RemoveAll(s.opts.Dir); err != nil {
+			rep.FsckErrors++
+			rep.fail("seed %d cycle %d: %v", seed, cycle, err)
+			return
 		}
+		s.opts.FS, s.opts.EngineKind, s.opts.DisableDirect = vfs.Default, o.Config.Engine, o.Config.NoDirect
+	} else {
+		s.mem = vfs.NewCrashableMem()
+		var rules []faultfs.Rule
+		if cycle%4 == 3 && !o.NoFaults {
+			// A torn write of a segment at a random point of this cycle.
+			rules = append(rules, faultfs.Rule{Fault: faultfs.TornWrite, Match: "segments/", Nth: 5 + rng.Intn(80)})
+		}
+		ffs := faultfs.New(s.mem, seed, rules...)
+		ffs.OnSync = func(name string) {
+			if o.SyncProb > 0 {
+				s.mu.Lock()
+				hit := s.hookRNG.Float64() < o.SyncProb
+				s.mu.Unlock()
+				if !hit {
+					return
+				}
+			}
+			s.crashPoint("sync "+name, trace)
+		}
+		ffs.OnTorn = func(name string) { s.crashPoint("torn write "+name, trace) }
+		ffs.OnWrite = func(name string) {
+			s.mu.Lock()
+			hit := s.hookRNG.Float64() < o.WriteProb
+			s.mu.Unlock()
+			if hit {
+				s.crashPoint("write "+name, trace)
+			}
+		}
+		s.opts.FS = ffs
 	}
-	s.opts = chunk.Options{FS: ffs, Dir: "/db", ChunkTokens: 8, SegmentBytes: chunk.MinSegmentBytes, CapacityBytes: -1,
-		CacheBytes: 1 << 16, GCLiveRatio: 0.6, GCInterval: 3 * time.Millisecond, Logf: func(string, ...any) {}}
 	st, err := chunk.Open(s.opts)
 	if err != nil {
 		rep.FsckErrors++
@@ -116,40 +239,75 @@ func runCycle(rep *Report, o SimOptions, cycle int) {
 	for op := 0; op < o.Ops; op++ {
 		s.mu.Lock()
 		s.op = op
+		s.now = simEpoch + int64(op+1)*1000
 		s.mu.Unlock()
 		if err := s.step(st, rng, o.Contexts); err != nil {
 			// A fault stopped the store's writes: that is the crash.
+			fmt.Fprintf(trace, "cycle %d stopped at op %d: %v\n", cycle, op, err)
 			break
 		}
 	}
-	for _, m := range s.ctxs {
+	for _, id := range s.ids() {
+		m := s.ctxs[id]
 		if m.writer != nil {
 			if m.writer.Close() == nil {
 				s.mu.Lock()
 				m.acked, m.ackedExists = m.appended, !m.deleteStarted
 				s.mu.Unlock()
 			}
+			m.writer = nil
 		}
 	}
-	s.crashPoint("end of cycle")
+	if s.mem != nil {
+		s.crashPoint("end of cycle", trace)
+	}
 	st.Close()
 	s.mu.Lock()
 	for _, m := range s.ctxs {
-		if m.ackedExists {
+		if m.ackedExists && !m.evicted {
 			rep.AckedContexts++
 		}
 	}
 	s.mu.Unlock()
+	rep.finals = append(rep.finals, s.finalState())
+}
+
+// clock is the store's Options.Now.
+func (s *sim) clock() int64 {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.now
+}
+
+// onEvict is the store's Options.OnEvict.
+func (s *sim) onEvict(ns, id string) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if m := s.ctxs[id]; m != nil {
+		m.evicted = true
+	}
+}
+
+// ids returns the context ids in order.
+func (s *sim) ids() []string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	ids := make([]string, 0, len(s.ctxs))
+	for id := range s.ctxs {
+		ids = append(ids, id)
+	}
+	sort.Strings(ids)
+	return ids
 }
 
 // step runs one random operation.
 func (s *sim) step(st *chunk.Store, rng *rand.Rand, slots int) error {
 	slot := rng.Intn(slots)
-	// The live (not deleted) context of the slot, if any.
+	// The live (not deleted or evicted) context of the slot, if any.
 	var m *ctxModel
 	s.mu.Lock()
-	for _, c := range s.ctxs {
-		if c.id[:len(fmt.Sprint("s", slot, "i"))] == fmt.Sprint("s", slot, "i") && !c.deleteStarted {
+	if ids := s.slots[slot]; len(ids) > 0 {
+		if c := s.ctxs[ids[len(ids)-1]]; !c.deleteStarted && !c.evicted {
 			m = c
 		}
 	}
@@ -160,6 +318,7 @@ func (s *sim) step(st *chunk.Store, rng *rand.Rand, slots int) error {
 		s.mu.Lock()
 		m = &ctxModel{id: fmt.Sprintf("s%di%d", slot, len(s.ctxs))}
 		s.ctxs[m.id] = m
+		s.slots[slot] = append(s.slots[slot], m.id)
 		s.mu.Unlock()
 		w, err := st.Create("crash", m.id, s.ident, chunk.CreateOptions{})
 		if err != nil {
@@ -234,38 +393,75 @@ func (s *sim) step(st *chunk.Store, rng *rand.Rand, slots int) error {
 		s.mu.Lock()
 		m.deleteAcked = true
 		s.mu.Unlock()
-	default:
+	case r < 94:
 		if res := st.GC(); res.Err != nil {
 			return res.Err
 		}
+	case r < 97:
+		return s.evict(st)
+	default:
+		// A restore on the running store: it must hold what was
+		// acknowledged (and it moves the context's last use).
+		s.mu.Lock()
+		e := m.expect(false)
+		s.mu.Unlock()
+		v, msg := CheckContext(st, "crash", m.id, s.ident, e)
+		s.rep.tally(v, msg, fmt.Sprintf("seed %d cycle %d op %d (running store)", s.seed, s.cycle, s.op))
 	}
 	return nil
+}
+
+// evict runs one EvictOne: every context it may pick (no open writer) need
+// not exist at a crash point until it returns; OnEvict marks the ones it
+// took.
+func (s *sim) evict(st *chunk.Store) error {
+	s.mu.Lock()
+	for _, m := range s.ctxs {
+		m.evictPending = m.writer == nil && !m.deleteStarted && !m.evicted
+	}
+	s.mu.Unlock()
+	_, err := st.EvictOne()
+	s.mu.Lock()
+	for _, m := range s.ctxs {
+		m.evictPending = false
+	}
+	s.mu.Unlock()
+	return err
 }
 
 // crashPoint simulates a power cut now: clone the file system keeping a
 // random share of unsynced data, reopen the clone and check it against the
 // acknowledged model.
-func (s *sim) crashPoint(where string) {
+func (s *sim) crashPoint(where string, trace io.Writer) {
 	s.verify.Lock()
 	defer s.verify.Unlock()
 	s.mu.Lock()
-	expects := map[string]Expect{}
+	models := map[string]ctxModel{}
 	for id, m := range s.ctxs {
-		expects[id] = m.expect()
+		models[id] = *m
 	}
 	op := s.op
 	s.points++
 	point := s.points
 	pct := s.hookRNG.Intn(101)
-	cloneSeed := s.hookRNG.Uint64()
+	cloneSeed := s.hookRNG.Int63()
 	s.mu.Unlock()
-	clone := s.mem.CrashClone(vfs.CrashCloneCfg{UnsyncedDataPercent: pct, RNG: randv2.New(randv2.NewPCG(cloneSeed, 7))})
+	clone, err := crashClone(s.mem, pct, cloneSeed)
 	s.rep.CrashPoints++
 	tag := fmt.Sprintf("seed %d cycle %d crash point %d (%s, op %d, %d%% unsynced kept)", s.seed, s.cycle, point, where, op, pct)
+	fails := len(s.rep.Failures) + s.rep.LostAcked + s.rep.TornServed + s.rep.FsckErrors
+	defer func() {
+		fmt.Fprintf(trace, "%s: %d\n", tag, len(s.rep.Failures)+s.rep.LostAcked+s.rep.TornServed+s.rep.FsckErrors-fails)
+	}()
+	if err != nil {
+		s.rep.FsckErrors++
+		s.rep.fail("%s: clone: %v", tag, err)
+		return
+	}
 	o := s.opts
 	o.FS = clone
 	o.OnEvict = nil
-	o.GCInterval = -1 // Check needs a still store
+	o.Synchronous = false
 	var logged []string
 	o.Logf = func(format string, args ...any) { logged = append(logged, fmt.Sprintf(format, args...)) }
 	st, err := chunk.Open(o)
@@ -277,20 +473,15 @@ func (s *sim) crashPoint(where string) {
 	if point%3 == 0 {
 		// Every third crash point: then lose the index and repair it from
 		// the segments alone; the same acknowledgements must hold.
-		defer s.checkRepair(clone, o, tag, expects)
+		defer s.checkRepair(clone, o, tag, models)
 	}
 	defer st.Close()
 	if n := st.Recovery().LiveRecounted; n > 0 {
 		s.rep.LiveRecounted += n
 		s.rep.fail("%s: note: %v", tag, logged)
 	}
-	ids := make([]string, 0, len(expects))
-	for id := range expects {
-		ids = append(ids, id)
-	}
-	sort.Strings(ids)
-	for _, id := range ids {
-		v, msg := CheckContext(st, "crash", id, s.ident, expects[id])
+	for _, id := range sortedIDs(models) {
+		v, msg := CheckContext(st, "crash", id, s.ident, models[id].expect(false))
 		s.rep.tally(v, msg, tag)
 	}
 	r := st.Check(nil)
@@ -304,17 +495,25 @@ func (s *sim) crashPoint(where string) {
 	}
 }
 
+func sortedIDs(models map[string]ctxModel) []string {
+	ids := make([]string, 0, len(models))
+	for id := range models {
+		ids = append(ids, id)
+	}
+	sort.Strings(ids)
+	return ids
+}
+
 // checkRepair deletes the crashed store's index, rebuilds it with
-// chunk.Repair and checks the contexts against the same acknowledgements
-// (a context acknowledged with no token has no record to rebuild it from).
-func (s *sim) checkRepair(fs vfs.FS, o chunk.Options, tag string, expects map[string]Expect) {
+// chunk.Repair and checks the contexts against the same acknowledgements.
+func (s *sim) checkRepair(fs vfs.FS, o chunk.Options, tag string, models map[string]ctxModel) {
 	tag += " after index loss and repair"
 	if err := fs.RemoveAll(fs.PathJoin(o.Dir, "index")); err != nil {
 		s.rep.FsckErrors++
 		s.rep.fail("%s: remove index: %v", tag, err)
 		return
 	}
-	if _, err := chunk.Repair(chunk.RepairOptions{FS: fs, Dir: o.Dir, ChunkTokens: o.ChunkTokens}); err != nil {
+	if _, err := chunk.Repair(chunk.RepairOptions{FS: fs, Dir: o.Dir, ChunkTokens: o.ChunkTokens, Now: o.Now}); err != nil {
 		s.rep.FsckErrors++
 		s.rep.fail("%s: %v", tag, err)
 		return
@@ -327,15 +526,8 @@ func (s *sim) checkRepair(fs vfs.FS, o chunk.Options, tag string, expects map[st
 	}
 	defer st.Close()
 	s.rep.RepairChecks++
-	ids := make([]string, 0, len(expects))
-	for id := range expects {
-		ids = append(ids, id)
-	}
-	sort.Strings(ids)
-	for _, id := range ids {
-		e := expects[id]
-		e.MustExist = e.MustExist && e.MinTokens > 0
-		v, msg := CheckContext(st, "crash", id, s.ident, e)
+	for _, id := range sortedIDs(models) {
+		v, msg := CheckContext(st, "crash", id, s.ident, models[id].expect(true))
 		s.rep.tally(v, msg, tag)
 	}
 	r := st.Check(nil)
@@ -343,4 +535,40 @@ func (s *sim) checkRepair(fs vfs.FS, o chunk.Options, tag string, expects map[st
 		s.rep.FsckErrors++
 		s.rep.fail("%s: fsck: %s", tag, e)
 	}
+}
+
+// finalState reopens the closed store and describes what it restores:
+// one line per context, its tokens and a digest of its bytes. Every
+// configuration of one seed must give the same lines.
+func (s *sim) finalState() []string {
+	o := s.opts
+	if s.mem != nil {
+		o.FS = s.mem // no hooks, no crash points
+	}
+	o.OnEvict = nil
+	o.Synchronous = false
+	o.Logf = func(string, ...any) {}
+	st, err := chunk.Open(o)
+	if err != nil {
+		s.rep.FsckErrors++
+		s.rep.fail("seed %d cycle %d: final open: %v", s.seed, s.cycle, err)
+		return []string{"open: " + err.Error()}
+	}
+	defer st.Close()
+	var out []string
+	for _, c := range st.Contexts() {
+		h := sha256.New()
+		n, err := st.Restore(c.Namespace, c.ID, s.ident, func(layer int, rows []byte) error {
+			fmt.Fprintf(h, "%d:%d:", layer, len(rows))
+			h.Write(rows)
+			return nil
+		})
+		line := fmt.Sprintf("%s/%s %d tokens %x", c.Namespace, c.ID, n, h.Sum(nil)[:8])
+		if err != nil {
+			line = fmt.Sprintf("%s/%s: %v", c.Namespace, c.ID, err)
+		}
+		out = append(out, line)
+	}
+	sort.Strings(out)
+	return out
 }

@@ -1,0 +1,217 @@
+package crash
+
+import (
+	"io"
+	"math/rand"
+	randv2 "math/rand/v2"
+	"sort"
+
+	"github.com/cockroachdb/pebble/v2/vfs"
+)
+
+// cloneBlock is the unit in which unsynced data survives a crash (as in
+// Pebble's MemFS.CrashClone).
+const cloneBlock = 4096
+
+// crashClone returns the state of mem after a power cut that kept pct
+// percent of the unsynced data (directory entries and 4 KiB blocks), drawn
+// with seed. Pebble's CrashClone draws in map order, so one seed gives
+// another state each run; this one draws in sorted path order from two
+// deterministic clones (0%: what was synced; 100%: everything), so a seed
+// replays. The states it makes are ones CrashClone can make: a kept
+// unsynced entry keeps all its data, and a file whose entry was synced keeps
+// its synced bytes and each unsynced block independently.
+func crashClone(mem *vfs.MemFS, pct int, seed int64) (*vfs.MemFS, error) {
+	fixed := func(p int) *vfs.MemFS {
+		return mem.CrashClone(vfs.CrashCloneCfg{UnsyncedDataPercent: p, RNG: randv2.New(randv2.NewPCG(1, 2))})
+	}
+	if pct <= 0 {
+		return fixed(0), nil
+	}
+	if pct >= 100 {
+		return fixed(100), nil
+	}
+	synced, all := fixed(0), fixed(100)
+	out := vfs.NewCrashableMem()
+	c := &cloner{synced: synced, all: all, out: out, pct: pct, rng: rand.New(rand.NewSource(seed))}
+	if err := c.dir("/", true); err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+type cloner struct {
+	synced, all, out *vfs.MemFS
+	pct              int
+	rng              *rand.Rand
+}
+
+func (c *cloner) keep() bool { return c.rng.Intn(100) < c.pct }
+
+// dir clones directory path; inSynced says the path is reachable through
+// synced entries (so the synced clone has it).
+func (c *cloner) dir(path string, inSynced bool) error {
+	names := map[string]bool{}
+	var syncedNames []string
+	if inSynced {
+		var err error
+		if syncedNames, err = c.synced.List(path); err != nil {
+			return err
+		}
+		for _, n := range syncedNames {
+			names[n] = true
+		}
+	}
+	allNames, err := c.all.List(path)
+	if err != nil && !inSynced {
+		return err
+	}
+	inAll := map[string]bool{}
+	for _, n := range allNames {
+		inAll[n] = true
+		names[n] = true
+	}
+	inSyncedSet := map[string]bool{}
+	for _, n := range syncedNames {
+		inSyncedSet[n] = true
+	}
+	sorted := make([]string, 0, len(names))
+	for n := range names {
+		sorted = append(sorted, n)
+	}
+	sort.Strings(sorted)
+	for _, n := range sorted {
+		p := c.out.PathJoin(path, n)
+		switch {
+		case inSyncedSet[n] && inAll[n]:
+			sdir, aDir := isDir(c.synced, p), isDir(c.all, p)
+			switch {
+			case sdir && aDir:
+				if err := c.out.MkdirAll(p, 0o755); err != nil {
+					return err
+				}
+				if err := c.dir(p, true); err != nil {
+					return err
+				}
+			case !sdir && !aDir:
+				if err := c.file(p); err != nil {
+					return err
+				}
+			default: // replaced by another kind: keep the synced one
+				if err := copyTree(c.synced, c.out, p); err != nil {
+					return err
+				}
+			}
+		case inSyncedSet[n]: // removed or renamed away, not synced
+			if err := copyTree(c.synced, c.out, p); err != nil {
+				return err
+			}
+		default: // an unsynced entry: kept whole, or not at all
+			if c.keep() {
+				if err := copyTree(c.all, c.out, p); err != nil {
+					return err
+				}
+			}
+		}
+	}
+	return syncDir(c.out, path)
+}
+
+// file clones a file whose entry was synced: its synced bytes, then each
+// unsynced block kept with probability pct.
+func (c *cloner) file(p string) error {
+	data, err := readFile(c.synced, p)
+	if err != nil {
+		return err
+	}
+	cur, err := readFile(c.all, p)
+	if err != nil {
+		return err
+	}
+	if len(cur) >= len(data) {
+		for i := 0; i < len(cur); i += cloneBlock {
+			if !c.keep() {
+				continue
+			}
+			block := cur[i:min(i+cloneBlock, len(cur))]
+			if grow := i + len(block) - len(data); grow > 0 {
+				data = append(data, make([]byte, grow)...)
+			}
+			copy(data[i:], block)
+		}
+	}
+	return writeFile(c.out, p, data)
+}
+
+func isDir(fs vfs.FS, p string) bool {
+	fi, err := fs.Stat(p)
+	return err == nil && fi.IsDir()
+}
+
+func readFile(fs vfs.FS, p string) ([]byte, error) {
+	f, err := fs.Open(p)
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	fi, err := f.Stat()
+	if err != nil {
+		return nil, err
+	}
+	buf := make([]byte, fi.Size())
+	if _, err := io.ReadFull(f, buf); err != nil {
+		return nil, err
+	}
+	return buf, nil
+}
+
+func writeFile(fs vfs.FS, p string, data []byte) error {
+	f, err := fs.Create(p, vfs.WriteCategoryUnspecified)
+	if err != nil {
+		return err
+	}
+	if _, err := f.Write(data); err != nil {
+		f.Close()
+		return err
+	}
+	if err := f.Sync(); err != nil {
+		f.Close()
+		return err
+	}
+	return f.Close()
+}
+
+func syncDir(fs vfs.FS, p string) error {
+	d, err := fs.OpenDir(p)
+	if err != nil {
+		return err
+	}
+	defer d.Close()
+	return d.Sync()
+}
+
+// copyTree copies file or directory p from one file system to another, in
+// sorted order, synced.
+func copyTree(from, to vfs.FS, p string) error {
+	if !isDir(from, p) {
+		data, err := readFile(from, p)
+		if err != nil {
+			return err
+		}
+		return writeFile(to, p, data)
+	}
+	if err := to.MkdirAll(p, 0o755); err != nil {
+		return err
+	}
+	names, err := from.List(p)
+	if err != nil {
+		return err
+	}
+	sort.Strings(names)
+	for _, n := range names {
+		if err := copyTree(from, to, from.PathJoin(p, n)); err != nil {
+			return err
+		}
+	}
+	return syncDir(to, p)
+}
