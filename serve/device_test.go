@@ -39,8 +39,19 @@ func (d *asyncDevice) note(s string) {
 	d.mu.Unlock()
 }
 
+// deviceCache is asyncDevice's "device memory": what it restores into, and
+// not a gpu.HostCache (a pipeline that treated device caches otherwise than
+// host ones would show here).
+type deviceCache struct{ mem gpu.HostCache }
+
+func (c deviceCache) CacheLayers() int { return len(c.mem) }
+
 func (d *asyncDevice) BeginRestore(dst gpu.Cache, positions []int) (gpu.Restore, error) {
-	inner, err := d.CPU.BeginRestore(dst, positions)
+	dc, ok := dst.(deviceCache)
+	if !ok {
+		return nil, fmt.Errorf("asyncDevice restores into its deviceCache, not a %T", dst)
+	}
+	inner, err := d.CPU.BeginRestore(dc.mem, positions)
 	if err != nil {
 		return nil, err
 	}
@@ -194,7 +205,7 @@ func TestDevicePipelineRunsEveryScheduledPlan(t *testing.T) {
 		}
 		allKV := saveContext(t, st, m, w, sched.PlanOf(c, chunk.LayerKV), preset+"-kv", prompt, 3)
 		kvPaged := pagedFor(t, c, allKV.ref.Tokens)
-		if _, err := rest.Restore(Request{NS: "test", ID: allKV.id, Ident: allKV.ident, Dst: kvPaged}); err != nil {
+		if _, err := rest.Restore(Request{NS: "test", ID: allKV.id, Ident: allKV.ident, Dst: deviceCache{kvPaged}}); err != nil {
 			t.Fatal(err)
 		}
 		kvCache := sameKV(t, "all-KV", c, allKV.ref, kvPaged)
@@ -205,7 +216,7 @@ func TestDevicePipelineRunsEveryScheduledPlan(t *testing.T) {
 			dev.mu.Lock()
 			dev.log, dev.overlaps, dev.waits = nil, 0, 0
 			dev.mu.Unlock()
-			rs, err := rest.Restore(Request{NS: "test", ID: id, Ident: sv.ident, Tokens: sv.tokens, Dst: paged})
+			rs, err := rest.Restore(Request{NS: "test", ID: id, Ident: sv.ident, Tokens: sv.tokens, Dst: deviceCache{paged}})
 			if err != nil {
 				t.Fatalf("%s: %v", id, err)
 			}
@@ -255,7 +266,7 @@ func TestDevicePipelineFailureDrains(t *testing.T) {
 	for _, fail := range []string{"hidden 1", "hidden 2", "kv 3"} {
 		dev := &asyncDevice{CPU: cpuFor(t, m), fail: fail}
 		paged := pagedFor(t, c, sv.ref.Tokens)
-		_, err := NewRestorer(st, dev, Settings{BufferBytes: 1}).Restore(Request{NS: "test", ID: "ctx", Ident: sv.ident, Tokens: sv.tokens, Dst: paged})
+		_, err := NewRestorer(st, dev, Settings{BufferBytes: 1}).Restore(Request{NS: "test", ID: "ctx", Ident: sv.ident, Tokens: sv.tokens, Dst: deviceCache{paged}})
 		if err == nil || !strings.Contains(err.Error(), "injected device failure at "+fail) {
 			t.Fatalf("%s: %v", fail, err)
 		}
@@ -264,7 +275,7 @@ func TestDevicePipelineFailureDrains(t *testing.T) {
 		}
 	}
 	paged := pagedFor(t, c, sv.ref.Tokens)
-	if _, err := NewRestorer(st, &asyncDevice{CPU: cpuFor(t, m)}, Settings{}).Restore(Request{NS: "test", ID: "ctx", Ident: sv.ident, Tokens: sv.tokens, Dst: paged}); err != nil {
+	if _, err := NewRestorer(st, &asyncDevice{CPU: cpuFor(t, m)}, Settings{}).Restore(Request{NS: "test", ID: "ctx", Ident: sv.ident, Tokens: sv.tokens, Dst: deviceCache{paged}}); err != nil {
 		t.Fatal(err)
 	}
 	sameKV(t, "after failures", c, sv.ref, paged)
