@@ -509,6 +509,9 @@ func (r *Restorer) Stream(req StreamRequest, sink func(StreamLayer) error) (Rest
 		l := StreamLayer{Layer: m.layer, Kind: lp.Kind, Rows: m.rows, RowBytes: int(lp.RowBytes), ReadDone: m.at}
 		l.Tokens = len(m.rows) / l.RowBytes
 		rs.ReadBytes += int64(len(m.rows))
+		if req.Project && lp.Kind == state.LayerHidden && l.Tokens == 0 {
+			l.Kind, l.RowBytes = state.LayerKV, c.KVRowBytes() // nothing to project
+		}
 		if req.Project && lp.Kind == state.LayerHidden && l.Tokens > 0 {
 			t0 := since()
 			if dev == nil {
