@@ -27,6 +27,7 @@ import (
 
 	"github.com/hcache/hcache/chunk"
 	hcachev1 "github.com/hcache/hcache/proto/hcache/v1"
+	"github.com/hcache/hcache/serve"
 )
 
 // Version is reported by Info.
@@ -194,12 +195,14 @@ type Server struct {
 	sidePending      map[uint32]int
 	sidePendingTotal int
 
-	restoring sync.WaitGroup // restore goroutines, which may outlive their RPC (--restore-timeout)
-	nextConn  atomic.Uint64
-	stopOnce  sync.Once
-	gcStop    chan struct{}
-	gcDone    chan struct{}
-	serveErr  chan error
+	restoring  sync.WaitGroup             // restore goroutines, which may outlive their RPC (--restore-timeout)
+	plain      *serve.Restorer            // plain restores (serve's pipeline)
+	projectors map[*Model]*serve.Restorer // restores projected by each model
+	nextConn   atomic.Uint64
+	stopOnce   sync.Once
+	gcStop     chan struct{}
+	gcDone     chan struct{}
+	serveErr   chan error
 }
 
 type connState struct {
@@ -218,6 +221,7 @@ func New(cfg Config) (*Server, error) {
 		shmOpen: map[*net.UnixConn]bool{}, gcStop: make(chan struct{}), gcDone: make(chan struct{}),
 		serveErr: make(chan error, 4)}
 	s.regions.init()
+	s.newRestorers()
 	for _, c := range s.store.Contexts() {
 		s.usage[c.Namespace] += int64(c.Tokens) * rowSum(c.Identity)
 		s.nsCtx[c.Namespace]++

@@ -16,6 +16,7 @@ import (
 
 	"github.com/hcache/hcache/chunk"
 	hcachev1 "github.com/hcache/hcache/proto/hcache/v1"
+	"github.com/hcache/hcache/serve"
 	"github.com/hcache/hcache/state"
 )
 
@@ -460,7 +461,10 @@ func (s *Server) CloseContext(ctx context.Context, req *hcachev1.CloseContextReq
 	return &hcachev1.FlushReply{Tokens: uint64(tokens)}, nil
 }
 
-// Restore streams a context's stored layers.
+// Restore streams a context's stored layers (projected to K|V rows on the
+// daemon when project is set) through serve's restore pipeline: the store
+// reads the next layers (its --restore-ahead bound) while the pipeline
+// projects one and this handler sends it, inline or into a shared region.
 func (s *Server) Restore(req *hcachev1.RestoreRequest, stream grpc.ServerStreamingServer[hcachev1.RestoreChunk]) error {
 	ctx := stream.Context()
 	c, ns, id, err := s.target(ctx, req.GetCtx())
@@ -471,11 +475,9 @@ func (s *Server) Restore(req *hcachev1.RestoreRequest, stream grpc.ServerStreami
 	if err != nil {
 		return err
 	}
-	var proj *projector
-	if req.GetProject() {
-		if proj, err = s.newProjector(ident); err != nil {
-			return err
-		}
+	rest, err := s.restorerFor(ident, req.GetProject())
+	if err != nil {
+		return err
 	}
 	var dst []byte
 	var dstOff uint64
@@ -493,26 +495,13 @@ func (s *Server) Restore(req *hcachev1.RestoreRequest, stream grpc.ServerStreami
 		piece = s.cfg.RestorePieceBytes
 	}
 	placed := 0
-	// send hands one layer to the client; it runs on its own goroutine so
-	// that the store keeps reading the next layers while this one is copied
-	// and sent. The store decides how many layers are out at once (its
-	// --restore-ahead bytes of this context's layers, at least two).
-	send := func(layer int, rows []byte) error {
+	// send hands one layer to the client.
+	send := func(l serve.StreamLayer) error {
 		if err := ctx.Err(); err != nil {
 			return err
 		}
-		rb := ident.Plan[layer].RowBytes
-		tok := uint64(len(rows)) / uint64(rb)
-		kind := hcachev1.LayerKind(ident.Plan[layer].Kind)
-		if proj != nil {
-			t0 := time.Now()
-			var err error
-			if rows, err = proj.layer(layer, rows); err != nil {
-				return err
-			}
-			s.metrics.restoreStage.WithLabelValues("project").Observe(time.Since(t0).Seconds())
-			kind, rb = hcachev1.LayerKind_LAYER_KV, uint32(proj.m.Config.KVRowBytes())
-		}
+		rows, layer, tok, rb := l.Rows, l.Layer, uint64(l.Tokens), uint32(l.RowBytes)
+		kind := hcachev1.LayerKind(l.Kind)
 		if dst != nil {
 			if len(rows) > len(dst)-placed {
 				return status.Errorf(codes.OutOfRange, "shared region slice of %d bytes too small: layer %d needs bytes [%d, %d)", len(dst), layer, placed, placed+len(rows))
@@ -536,29 +525,8 @@ func (s *Server) Restore(req *hcachev1.RestoreRequest, stream grpc.ServerStreami
 		}
 		return nil
 	}
-	type owned struct {
-		layer   int
-		rows    []byte
-		release func()
-	}
-	queue := make(chan owned, len(ident.Plan)+1) // more than the store ever has out
-	var sendErr atomic.Pointer[error]
-	sent := make(chan struct{})
-	go func() {
-		defer close(sent)
-		for o := range queue {
-			if sendErr.Load() == nil {
-				t0 := time.Now()
-				if err := send(o.layer, o.rows); err != nil {
-					sendErr.Store(&err)
-				}
-				s.metrics.restoreStage.WithLabelValues("layer_send").Observe(time.Since(t0).Seconds())
-			}
-			o.release()
-		}
-	}()
 	start := time.Now()
-	last := start
+	var lastRead time.Duration
 	first := true
 	// The restore runs on its own goroutine so that a client that stops
 	// reading is cut off after --restore-timeout: returning ends the stream,
@@ -573,28 +541,23 @@ func (s *Server) Restore(req *hcachev1.RestoreRequest, stream grpc.ServerStreami
 	go func() {
 		defer s.restoring.Done()
 		defer releaseRegion()
-		tokens, err := s.store.RestoreOwned(ns, id, ident, 0, func(layer int, rows []byte, release func()) error {
-			now := time.Now()
+		rs, err := rest.Stream(serve.StreamRequest{NS: ns, ID: id, Ident: ident, Project: req.GetProject()}, func(l serve.StreamLayer) error {
 			if first {
-				s.metrics.restoreStage.WithLabelValues("first_layer").Observe(now.Sub(start).Seconds())
+				s.metrics.restoreStage.WithLabelValues("first_layer").Observe(l.ReadDone.Seconds())
 				first = false
 			} else {
-				s.metrics.restoreStage.WithLabelValues("layer_wait").Observe(now.Sub(last).Seconds())
+				s.metrics.restoreStage.WithLabelValues("layer_wait").Observe(max(0, l.ReadDone-lastRead).Seconds())
 			}
-			last = now
-			if e := sendErr.Load(); e != nil {
-				release()
-				return *e
+			lastRead = l.ReadDone
+			if l.Compute > 0 {
+				s.metrics.restoreStage.WithLabelValues("project").Observe(l.Compute.Seconds())
 			}
-			queue <- owned{layer, rows, release} // never full: at most one buffer per layer is out
-			return nil
+			t0 := time.Now()
+			err := send(l)
+			s.metrics.restoreStage.WithLabelValues("layer_send").Observe(time.Since(t0).Seconds())
+			return err
 		})
-		close(queue)
-		<-sent
-		if e := sendErr.Load(); e != nil && err == nil {
-			err = *e
-		}
-		done <- result{tokens, err}
+		done <- result{rs.Tokens, restoreErr(err)}
 	}()
 	var res result
 	timeout := time.NewTimer(s.cfg.RestoreTimeout)

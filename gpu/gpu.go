@@ -1,12 +1,28 @@
-// Package gpu holds the projection backends that rebuild a layer's K and V
-// from its saved hidden states during restore, writing them into a paged KV
-// cache laid out as vLLM lays it out. The CPU backend here is the reference;
-// a CUDA backend (cuBLAS GEMM plus a RoPE kernel, loaded at run time through
-// purego) implements the same interface and is checked against it.
+// Package gpu is the restore backend interface: what rebuilds a layer's K
+// and V into a paged KV cache (laid out as vLLM lays it out) from what the
+// store saved for it, and what recomputes a plan's prefix from token ids.
+//
+// Backend is an asynchronous device interface: BeginRestore opens one
+// context's restore into a Cache, and its Restore queues work (Recompute of
+// the prefix, Hidden and KV layers as their reads complete), handing each
+// host buffer back through its release function once the device has read
+// it; Wait ends the restore. The CPU backend here is the reference and runs
+// each call to completion before it returns; the CUDA backend (gpu/cuda:
+// cuBLAS GEMMs and CUDA kernels, loaded at run time through purego) queues
+// on streams and is checked against it. serve drives every restore through
+// this interface and links no backend itself.
+//
+// Select builds a backend by name from a registry: the CPU backend is always
+// there, and a device backend registers itself when its package is linked
+// (gpu/cuda does in its init), so that the binaries choose what they link
+// and gpu imports no backend (gpu/cuda imports gpu; a Select in gpu/cuda
+// would tie every caller of Select to CUDA, and a Select here that imported
+// gpu/cuda would be an import cycle).
 package gpu
 
 import (
 	"fmt"
+	"sync"
 
 	"github.com/hcache/hcache/model"
 )
@@ -66,24 +82,14 @@ func (p *PagedKV) Token(pos int) (k, v []byte, err error) {
 	return p.K[off : off+n], p.V[off : off+n], nil
 }
 
-// Backend rebuilds KV from hidden states.
-type Backend interface {
-	Name() string
-	// Project computes the K and V of one layer for tokens at positions
-	// from their hidden rows ([len(positions) x hidden] in the model
-	// dtype) and writes them into dst.
-	Project(layer int, hidden []byte, positions []int, dst *PagedKV) error
-	// LoadKV writes stored K||V rows ([len(positions) x 2 x kv_dim] in the
-	// model dtype: a layer saved as KV) into dst.
-	LoadKV(layer int, rows []byte, positions []int, dst *PagedKV) error
-	Close() error
-}
-
 // CPU is the reference backend: the forward pass's own arithmetic.
 type CPU struct {
 	cfg     *model.Config
 	invFreq []float32
 	layers  []model.LayerWeights
+
+	mu sync.Mutex
+	m  *model.Model // LoadRecompute's forward pass
 }
 
 // NewCPU builds the CPU backend; w needs only the WeightsKV set.
@@ -101,6 +107,9 @@ func NewCPU(c *model.Config, w *model.Weights) (*CPU, error) {
 
 // Name implements Backend.
 func (b *CPU) Name() string { return "cpu" }
+
+// Config implements Backend.
+func (b *CPU) Config() *model.Config { return b.cfg }
 
 // Close implements Backend.
 func (b *CPU) Close() error { return nil }

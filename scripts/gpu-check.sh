@@ -8,6 +8,10 @@
 #   3. `hcache bench gpu` for llama2-7b (MHA) and llama3-8b (GQA)
 #   4. one --from-store run (a store on this machine's disk, read through the
 #      store's pinned restore buffers)
+#   5. `hcache gpu mixed`: the device recompute against the CPU forward pass,
+#      and mixed plans (recomputed prefix, hidden, KV) restored from a store
+#      through serve's pipeline against the all-KV restore (never run on a
+#      GPU before this script's first run: see its log)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu-results}
@@ -44,6 +48,7 @@ step llama3-8b timeout 150 "$BIN" bench gpu --model llama3-8b --tokens "$TOKENS"
 # installed on the GPU machines; it is used where it is).
 step disk timeout 60 "$BIN" bench io --dir "${STORE_DIR:-/tmp}" --size 2G --bs 1M --qd 32 --rounds 1 $(command -v fio >/dev/null || echo --no-fio) --json
 step from-store timeout 120 "$BIN" bench gpu --model llama2-7b --tokens 4096 --reps 2 --from-store "${STORE_DIR:-/tmp}" --json
+step mixed timeout 120 "$BIN" gpu mixed --tokens 200 --dir "${STORE_DIR:-/tmp}" --json
 python3 - "$OUT" <<'PY' | tee "$OUT/table.md"
 import json, sys, os
 out = sys.argv[1]
@@ -72,5 +77,13 @@ try:
         print(f"  {r['preset']:18s} {r['dtype']:9s} max_rel_err {r['max_rel_err']:.2e} max_abs_err {r['max_abs_err']:.2e} unwritten {r['unwritten']} kv_exact {r['kv_exact']} ok {r['ok']}")
 except Exception as e:
     print(f"gpu check: failed: {e}")
+try:
+    c = json.load(open(os.path.join(out, "mixed.json")))
+    print(f"\ngpu mixed: {len(c['checks'])} presets, {c['failed']} failed")
+    for r in c["checks"]:
+        errs = " ".join("%.1e/%.0e" % (e, t) for e, t in zip(r.get("layer_rel_err") or [], r.get("tolerance") or []))
+        print(f"  {r['preset']:18s} {r['dtype']:9s} plan {r['plan']} recompute {r['recompute_max_rel_err']:.2e} layers(err/tol) {errs} kv_exact {r['kv_exact']} same_next {r['same_next']} ok {r['ok']} {r.get('error', '')}")
+except Exception as e:
+    print(f"gpu mixed: failed: {e}")
 PY
 exit $rc

@@ -6,49 +6,18 @@ import (
 	"sync"
 	"time"
 
-	"github.com/hcache/hcache/chunk"
 	"github.com/hcache/hcache/gpu"
 	"github.com/hcache/hcache/model"
 	"github.com/hcache/hcache/state"
 )
 
-// Recomputer computes the K and V of the first layers of a context from its
-// token ids: the restore path of layers a plan stores nothing for. The CPU
-// forward pass implements it here; a GPU forward can later.
-type Recomputer interface {
-	// Recompute runs layers [0, layers) over tokens at positions
-	// 0..len(tokens)-1, writes each layer's K and V into dst[layer], and
-	// calls done(layer) as each layer is complete. Once stop is closed
-	// (nil: never) it may return early with an error.
-	Recompute(tokens []int, layers int, dst []*gpu.PagedKV, done func(layer int), stop <-chan struct{}) error
-}
-
-// CPURecompute is the Recomputer of the reference forward pass: its K and V
-// are bit for bit those the forward pass computed when the context was
-// first prefilled.
-type CPURecompute struct{ M *model.Model }
-
-// Recompute implements Recomputer.
-func (r CPURecompute) Recompute(tokens []int, layers int, dst []*gpu.PagedKV, done func(layer int), stop <-chan struct{}) error {
-	c := r.M.Cfg
-	kvd, tb := c.KVDim(), c.KVDim()*c.ElemBytes()
-	var werr error
-	err := r.M.PrefillStop(tokens, layers, func(l int, _, k, v []float32) {
-		if werr != nil {
-			return
-		}
-		for i := range tokens {
-			kb, vb, err := dst[l].Token(i)
-			if err != nil {
-				werr = err
-				return
-			}
-			c.EncodeRow(kb[:tb], k[i*kvd:(i+1)*kvd])
-			c.EncodeRow(vb[:tb], v[i*kvd:(i+1)*kvd])
-		}
-		done(l)
-	}, stop)
-	return errors.Join(err, werr)
+// Source is what a restore reads: a context's stored layers, handed over
+// without a copy as their reads complete (*chunk.Store implements it; see
+// chunk.Store.RestoreOwned for the contract: fn owns rows until it calls
+// release, at most ahead buffers are out at once, 0 takes the store's own
+// bound, and the token count is returned once every buffer is released).
+type Source interface {
+	RestoreOwned(ns, id string, ident *state.Identity, ahead int, fn func(layer int, rows []byte, release func()) error) (int, error)
 }
 
 // Settings of a Restorer. Zero values take the defaults.
@@ -72,36 +41,41 @@ const (
 	DefaultBufferBytes   = 256 << 20
 )
 
-// Restorer runs restores of any plan against one store, one projection
-// backend and (for plans that recompute a prefix) one Recomputer, shared
-// fairly by concurrent restores: admission is FIFO (MaxConcurrent at once),
-// each restore has its own read-ahead bound (BufferBytes), and the backend
-// is taken one layer at a time in FIFO order, so concurrent restores
-// alternate layer by layer on it and none waits behind another's whole
-// context. Their reads share the store's io_uring queue, each restore
-// keeping at most two layers of reads in flight.
+// Restorer runs restores of any plan the scheduler emits, from one source
+// through one backend, for every caller: the library and the CLI (host
+// caches), the GPU path (the backend's device caches) and the daemon
+// (Stream: stored or projected rows handed onward). Admission is FIFO
+// (Settings.MaxConcurrent at once) and each restore has its own read-ahead
+// bound (Settings.BufferBytes). Admitted restores share the backend side by
+// side, each with its own gpu.Restore, up to the backend's Concurrency;
+// past that BeginRestore waits while the restore's reads already run ahead
+// (within its bound). Their reads share the source (the store's io_uring
+// queue).
 type Restorer struct {
-	st       *chunk.Store
+	src      Source
 	backend  gpu.Backend
-	rc       Recomputer
 	settings Settings
 	admit    *fifoSem
-	turn     *fifoSem // the backend, one layer at a time
 }
 
-// NewRestorer builds a restorer; rc may be nil when no plan recomputes.
-func NewRestorer(st *chunk.Store, b gpu.Backend, rc Recomputer, s Settings) *Restorer {
+// NewRestorer builds a restorer; b may be nil for a restorer that only
+// streams stored rows (Stream without Project). A plan that recomputes a
+// prefix needs b.LoadRecompute to have loaded those layers.
+func NewRestorer(src Source, b gpu.Backend, s Settings) *Restorer {
 	if s.MaxConcurrent <= 0 {
 		s.MaxConcurrent = DefaultMaxConcurrent
 	}
 	if s.BufferBytes <= 0 {
 		s.BufferBytes = DefaultBufferBytes
 	}
-	return &Restorer{st: st, backend: b, rc: rc, settings: s, admit: newFIFOSem(s.MaxConcurrent), turn: newFIFOSem(1)}
+	return &Restorer{src: src, backend: b, settings: s, admit: newFIFOSem(s.MaxConcurrent)}
 }
 
 // Settings returns the settings in force (defaults filled in).
 func (r *Restorer) Settings() Settings { return r.settings }
+
+// Backend is the restorer's backend (nil for one that only streams).
+func (r *Restorer) Backend() gpu.Backend { return r.backend }
 
 // Request names a context to restore and where to.
 type Request struct {
@@ -113,15 +87,21 @@ type Request struct {
 	// (Settings.BufferBytes); without them the store reads two layers
 	// ahead.
 	Tokens []int
-	// Dst is one paged cache per layer; positions 0..tokens-1 are written.
-	Dst []*gpu.PagedKV
+	// Dst is the cache written: a gpu.HostCache (one paged cache per
+	// layer) or a cache of the backend's device memory.
+	Dst gpu.Cache
+	// Start is the position of the first token (tokens land at Start,
+	// Start+1, ...). A plan that recomputes layers needs 0.
+	Start int
 }
 
 // LayerTiming is one layer of a restore, as offsets from the restore's
 // start (after admission): when its rows had been read (zero for a
 // recomputed layer) and when the compute stream started and finished it.
 // A gap between one layer's End and the next one's Start, with ReadDone
-// after that End, is a bubble: compute waited for I/O.
+// after that End, is a bubble: compute waited for I/O. On a device backend
+// Start and End bound the queueing of the layer's work, not its run (the
+// device's own time is RestoreStats.Device.GPU).
 type LayerTiming struct {
 	Layer    int           `json:"layer"`
 	Kind     string        `json:"kind"`
@@ -136,25 +116,55 @@ type RestoreStats struct {
 	ReadBytes  int64         `json:"read_bytes"`
 	Elapsed    time.Duration `json:"elapsed_ns"`    // admission to the last layer written
 	QueueWait  time.Duration `json:"queue_wait_ns"` // waiting for admission
-	ProjectDur time.Duration `json:"backend_ns"`    // time in the backend (projection and KV loads)
-	// RecomputeDur is the recomputation of the unstored prefix.
+	ProjectDur time.Duration `json:"backend_ns"`    // time in the backend's calls (projection and KV loads)
+	// RecomputeDur is the recomputation of the unstored prefix (its
+	// queueing, on a device).
 	RecomputeDur time.Duration `json:"recompute_ns"`
 	// IODur is from the start until the last stored layer was handed to
 	// the compute stream (read, verified and within the read-ahead bound).
 	IODur time.Duration `json:"io_ns"`
 	// ComputeIdle is the time the compute stream waited for reads after
-	// its recomputation (bubbles), and BackendWait the time it waited for
-	// its turn on a backend shared with other restores.
+	// its recomputation (bubbles), and BackendWait the time BeginRestore
+	// waited for the backend (a backend running as many restores as its
+	// Concurrency).
 	ComputeIdle time.Duration `json:"compute_idle_ns"`
 	BackendWait time.Duration `json:"backend_wait_ns"`
 	// PeakBufferedBytes is the most read-ahead bytes held at once.
 	PeakBufferedBytes int64         `json:"peak_buffered_bytes"`
 	Layers            []LayerTiming `json:"layers"`
+	// Device is the backend's account of the restore (gpu.Timing).
+	Device gpu.Timing `json:"device"`
 }
 
 // ErrTokens is wrapped when a plan needs token ids that were not given or
 // do not match the context.
 var ErrTokens = errors.New("serve: token ids do not match the restore")
+
+// ErrPlan is wrapped when a plan cannot be restored by the backend's model:
+// another layer count, rows of another size, or a recomputed layer after a
+// stored one.
+var ErrPlan = errors.New("serve: the plan does not fit")
+
+// CheckPlan checks that a plan's rows are c's: as many layers, hidden rows of
+// c.HiddenRowBytes, KV rows of c.KVRowBytes, none for recomputed layers.
+func CheckPlan(c *model.Config, plan []state.LayerPlan) error {
+	if len(plan) != c.Layers {
+		return fmt.Errorf("%w: a %d-layer plan for a %d-layer model", ErrPlan, len(plan), c.Layers)
+	}
+	for l, p := range plan {
+		want := 0
+		switch p.Kind {
+		case state.LayerHidden:
+			want = c.HiddenRowBytes()
+		case state.LayerKV:
+			want = c.KVRowBytes()
+		}
+		if int(p.RowBytes) != want {
+			return fmt.Errorf("%w: layer %d (%s) stores %d-byte rows; the model has %d", ErrPlan, l, p.Kind, p.RowBytes, want)
+		}
+	}
+	return nil
+}
 
 // recomputedPrefix returns r, the number of leading LayerNone layers, or an
 // error when a LayerNone layer follows a stored one.
@@ -165,7 +175,7 @@ func recomputedPrefix(plan []state.LayerPlan) (int, error) {
 	}
 	for l := r; l < len(plan); l++ {
 		if plan[l].Kind == state.LayerNone {
-			return 0, fmt.Errorf("serve: layer %d is recomputed after stored layer %d; only a recomputed prefix of layers can be restored", l, r)
+			return 0, fmt.Errorf("%w: layer %d is recomputed after stored layer %d; only a recomputed prefix of layers can be restored", ErrPlan, l, r)
 		}
 	}
 	return r, nil
@@ -178,29 +188,101 @@ type layerMsg struct {
 	release func() // gives the store its buffer back
 }
 
-// Restore restores one context: the plan's recomputed prefix is computed
-// from req.Tokens while the stored layers after it stream from the store
-// (read ahead within this restore's bound) and are projected or loaded as
-// their reads complete.
+type ioResult struct {
+	tokens int
+	err    error
+}
+
+// reads is one restore's reads from the source, on their own goroutine:
+// layers arrive on msgs (each owned until released) while the source reads
+// the next ones, at most ahead buffers out.
+type reads struct {
+	msgs     chan layerMsg
+	done     chan ioResult
+	failed   chan struct{} // closed when the reads fail
+	stopped  chan struct{}
+	stopOnce sync.Once
+	held     heldBytes
+}
+
+var errStop = errors.New("serve: restore stopped")
+
+func (r *Restorer) startReads(ns, id string, ident *state.Identity, ahead int, since func() time.Duration) *reads {
+	rd := &reads{msgs: make(chan layerMsg, len(ident.Plan)), done: make(chan ioResult, 1), failed: make(chan struct{}), stopped: make(chan struct{})}
+	go func() {
+		n, err := r.src.RestoreOwned(ns, id, ident, ahead, func(layer int, rows []byte, release func()) error {
+			select {
+			case <-rd.stopped:
+				release()
+				return errStop
+			default:
+			}
+			rd.held.add(int64(len(rows)))
+			rd.msgs <- layerMsg{layer, rows, since(), release}
+			return nil
+		})
+		if err != nil {
+			close(rd.failed)
+		}
+		close(rd.msgs)
+		rd.done <- ioResult{n, err}
+	}()
+	return rd
+}
+
+// release hands a layer's buffer back.
+func (rd *reads) release(m layerMsg) {
+	rd.held.add(-int64(len(m.rows)))
+	m.release()
+}
+
+// drain stops the reads, hands back every layer not consumed and returns
+// the reads' outcome.
+func (rd *reads) drain() ioResult {
+	rd.stopOnce.Do(func() { close(rd.stopped) })
+	for m := range rd.msgs {
+		rd.release(m)
+	}
+	return <-rd.done
+}
+
+// Restore restores one context into req.Dst: the plan's recomputed prefix is
+// queued on the backend (gpu.Restore.Recompute) from req.Tokens while the
+// stored layers after it stream from the source (read ahead within this
+// restore's bound) and are queued as their reads complete (hidden layers
+// projected, KV layers loaded), each buffer handed back once the backend
+// has read it.
 func (r *Restorer) Restore(req Request) (RestoreStats, error) {
 	var rs RestoreStats
 	if req.Ident == nil {
 		return rs, fmt.Errorf("serve: restore of %s/%s without an identity", req.NS, req.ID)
 	}
 	plan := req.Ident.Plan
-	if len(req.Dst) != len(plan) {
-		return rs, fmt.Errorf("serve: %d paged caches for a %d-layer plan", len(req.Dst), len(plan))
+	if req.Dst == nil {
+		return rs, fmt.Errorf("serve: restore of %s/%s without a destination cache", req.NS, req.ID)
+	}
+	if req.Dst.CacheLayers() != len(plan) {
+		return rs, fmt.Errorf("serve: %d paged caches for a %d-layer plan", req.Dst.CacheLayers(), len(plan))
+	}
+	if r.backend == nil {
+		return rs, fmt.Errorf("serve: restore of %s/%s into a cache needs a backend", req.NS, req.ID)
+	}
+	if req.Start < 0 {
+		return rs, fmt.Errorf("serve: start position %d", req.Start)
 	}
 	nr, err := recomputedPrefix(plan)
 	if err != nil {
 		return rs, err
 	}
+	if err := CheckPlan(r.backend.Config(), plan); err != nil {
+		return rs, err
+	}
 	if nr > 0 {
-		if r.rc == nil {
-			return rs, fmt.Errorf("serve: the plan of %s/%s recomputes layers 0..%d but this restorer has no Recomputer", req.NS, req.ID, nr-1)
-		}
 		if len(req.Tokens) == 0 {
 			return rs, fmt.Errorf("%w: the plan of %s/%s recomputes layers 0..%d; the request must carry the context's token ids", ErrTokens, req.NS, req.ID, nr-1)
+		}
+		if req.Start != 0 {
+			return rs, fmt.Errorf("serve: the plan of %s/%s recomputes layers 0..%d, which needs the whole context at positions from 0, not from %d", req.NS, req.ID, nr-1, req.Start)
 		}
 	}
 	q0 := time.Now()
@@ -210,63 +292,57 @@ func (r *Restorer) Restore(req Request) (RestoreStats, error) {
 	rs.QueueWait = start.Sub(q0)
 	since := func() time.Duration { return time.Since(start) }
 
-	// Read-ahead: the store keeps reading while the compute stream holds
-	// layers (RestoreOwned hands its buffers over without a copy), up to
-	// `ahead` buffers. The compute stream may hold layers for long (while
-	// it recomputes the prefix, or projects a hidden layer while KV layers
-	// arrive), so when the token count is known the budget decides how many
-	// layers may be read ahead; otherwise the store's default.
+	// Read-ahead: the source keeps reading while the backend holds layers
+	// (buffers are handed over without a copy), up to `ahead` buffers. The
+	// backend may hold layers for long (while it recomputes the prefix, or
+	// projects a hidden layer while KV layers arrive), so when the token
+	// count is known the budget decides how many layers may be read ahead;
+	// otherwise the store's default.
 	ahead := 0 // the store's bound (chunk.Options.RestoreAheadBytes)
-	stored := len(plan) - nr
 	if len(req.Tokens) > 0 {
 		maxRow := 0
 		for _, p := range plan {
 			maxRow = max(maxRow, int(p.RowBytes))
 		}
 		layer := int64(len(req.Tokens)) * int64(maxRow)
-		ahead = int(min(int64(stored+1), max(2, r.settings.BufferBytes/max(1, layer))))
+		ahead = int(min(int64(len(plan)-nr+1), max(2, r.settings.BufferBytes/max(1, layer))))
 	}
-	var held heldBytes
-	msgs := make(chan layerMsg, len(plan))
-	var stopOnce sync.Once
-	stopped := make(chan struct{})
-	stop := func() { stopOnce.Do(func() { close(stopped) }) }
-	errStop := errors.New("serve: restore stopped")
+	rd := r.startReads(req.NS, req.ID, req.Ident, ahead, since)
+	finished := make(chan struct{})
+	defer close(finished)
 
-	type ioResult struct {
-		tokens int
-		err    error
-	}
-	ioDone := make(chan ioResult, 1)
-	ioFailed := make(chan struct{}) // closed when the reads fail: stop recomputing
-	go func() {
-		n, err := r.st.RestoreOwned(req.NS, req.ID, req.Ident, ahead, func(layer int, rows []byte, release func()) error {
-			select {
-			case <-stopped:
-				release()
-				return errStop
-			default:
-			}
-			held.add(int64(len(rows)))
-			msgs <- layerMsg{layer, rows, since(), release}
-			return nil
-		})
+	// The backend's restore begins once the token count is known: at once
+	// for a plan that recomputes (the token ids), else at the first layer.
+	var dev gpu.Restore
+	begin := func(n int) error {
+		positions := make([]int, n)
+		for i := range positions {
+			positions[i] = req.Start + i
+		}
+		w0 := since()
+		d, err := r.backend.BeginRestore(req.Dst, positions)
+		rs.BackendWait += since() - w0
 		if err != nil {
-			close(ioFailed)
+			return fmt.Errorf("serve: restore of %s/%s on the %s backend: %w", req.NS, req.ID, r.backend.Name(), err)
 		}
-		close(msgs)
-		ioDone <- ioResult{n, err}
-	}()
-
-	// fail stops the reads and returns err, or the store's error when err
-	// is nil.
+		dev = d
+		go func() { // failed reads stop the backend's work early
+			select {
+			case <-rd.failed:
+				d.Abort()
+			case <-finished:
+			}
+		}()
+		return nil
+	}
+	// fail ends the backend's restore and the reads and returns err, or the
+	// reads' error when err is nil.
 	fail := func(err error) (RestoreStats, error) {
-		stop()
-		for m := range msgs {
-			held.add(-int64(len(m.rows)))
-			m.release()
+		if dev != nil {
+			dev.Abort()
+			dev.Wait() // every queued release called; err explains the restore
 		}
-		res := <-ioDone
+		res := rd.drain()
 		if err == nil {
 			err = res.err
 		}
@@ -275,16 +351,19 @@ func (r *Restorer) Restore(req Request) (RestoreStats, error) {
 
 	// Compute stream: the recomputed prefix first, overlapping the reads.
 	if nr > 0 {
+		if err := begin(len(req.Tokens)); err != nil {
+			return fail(err)
+		}
 		t0 := since()
 		last := t0
-		err := r.rc.Recompute(req.Tokens, nr, req.Dst, func(l int) {
+		err := dev.Recompute(req.Tokens, nr, func(l int) {
 			now := since()
 			rs.Layers = append(rs.Layers, LayerTiming{Layer: l, Kind: "recompute", Start: last, End: now})
 			last = now
-		}, ioFailed)
+		})
 		rs.RecomputeDur = since() - t0
 		select {
-		case <-ioFailed: // the store's error explains the restore
+		case <-rd.failed: // the reads' error explains the restore
 			return fail(nil)
 		default:
 		}
@@ -292,41 +371,38 @@ func (r *Restorer) Restore(req Request) (RestoreStats, error) {
 			return fail(fmt.Errorf("serve: recompute layers 0..%d of %s/%s: %w", nr-1, req.NS, req.ID, err))
 		}
 	}
-	var positions []int
 	prevEnd := since()
-	for m := range msgs {
+	for m := range rd.msgs {
 		lp := plan[m.layer]
 		n := len(m.rows) / int(lp.RowBytes)
-		if positions == nil {
-			positions = make([]int, n)
-			for i := range positions {
-				positions[i] = i
-			}
-		}
 		if nr > 0 && n != len(req.Tokens) {
-			held.add(-int64(len(m.rows)))
-			m.release()
+			rd.release(m)
 			return fail(fmt.Errorf("%w: %d token ids given, %s/%s stores %d tokens", ErrTokens, len(req.Tokens), req.NS, req.ID, n))
 		}
 		rs.ReadBytes += int64(len(m.rows))
+		if n == 0 { // nothing stored yet: nothing to write
+			rd.release(m)
+			continue
+		}
+		if dev == nil {
+			if err := begin(n); err != nil {
+				rd.release(m)
+				return fail(err)
+			}
+		}
 		if m.at > prevEnd {
 			rs.ComputeIdle += m.at - prevEnd
 		}
-		w0 := since()
-		r.turn.acquire()
 		t0 := since()
-		rs.BackendWait += t0 - w0
+		release := func() { rd.release(m) }
 		var err error
 		if lp.Kind == state.LayerHidden {
-			err = r.backend.Project(m.layer, m.rows, positions, req.Dst[m.layer])
+			err = dev.Hidden(m.layer, m.rows, release)
 		} else {
-			err = r.backend.LoadKV(m.layer, m.rows, positions, req.Dst[m.layer])
+			err = dev.KV(m.layer, m.rows, release)
 		}
-		r.turn.release()
 		t1 := since()
 		rs.ProjectDur += t1 - t0
-		held.add(-int64(len(m.rows)))
-		m.release()
 		rs.Layers = append(rs.Layers, LayerTiming{Layer: m.layer, Kind: lp.Kind.String(), ReadDone: m.at, Start: t0, End: t1})
 		prevEnd = t1
 		rs.IODur = m.at
@@ -334,16 +410,168 @@ func (r *Restorer) Restore(req Request) (RestoreStats, error) {
 			return fail(fmt.Errorf("serve: layer %d of %s/%s: %w", m.layer, req.NS, req.ID, err))
 		}
 	}
-	res := <-ioDone
+	var werr error
+	if dev != nil {
+		rs.Device, werr = dev.Wait()
+	}
+	res := <-rd.done
 	if res.err != nil {
 		return rs, res.err
+	}
+	if werr != nil {
+		return rs, fmt.Errorf("serve: restore of %s/%s on the %s backend: %w", req.NS, req.ID, r.backend.Name(), werr)
 	}
 	if nr > 0 && res.tokens != len(req.Tokens) {
 		return rs, fmt.Errorf("%w: %d token ids given, %s/%s holds %d tokens", ErrTokens, len(req.Tokens), req.NS, req.ID, res.tokens)
 	}
 	rs.Tokens = res.tokens
 	rs.Elapsed = since()
-	rs.PeakBufferedBytes = held.peakBytes()
+	rs.PeakBufferedBytes = rd.held.peakBytes()
+	return rs, nil
+}
+
+// StreamRequest names a context whose stored layers Stream hands onward.
+type StreamRequest struct {
+	NS, ID string
+	Ident  *state.Identity
+	// Project turns hidden layers into K|V rows through the backend
+	// before they are handed on; KV layers go as stored.
+	Project bool
+}
+
+// StreamLayer is one layer handed to a Stream sink.
+type StreamLayer struct {
+	Layer int
+	// Kind is the kind of Rows: as stored, or LayerKV once projected.
+	Kind     state.LayerKind
+	Rows     []byte // valid until the sink returns
+	RowBytes int
+	Tokens   int
+	// ReadDone is when the layer's read completed, and Compute the time
+	// its projection took (0 when handed on as stored).
+	ReadDone time.Duration
+	Compute  time.Duration
+}
+
+// Stream restores a context's stored layers to sink, in the store's order,
+// as their reads complete (a recomputed prefix stores nothing and is the
+// receiver's to recompute): the daemon's restore, which sends each layer to
+// its client inline or through a shared region. With req.Project, hidden
+// layers are projected to K|V rows ([tokens x 2 x kv_dim]: K then V) by the
+// backend into a host cache first. The source keeps reading the next layers
+// (its own read-ahead bound) while the sink sends one. A sink error ends the
+// stream with it.
+func (r *Restorer) Stream(req StreamRequest, sink func(StreamLayer) error) (RestoreStats, error) {
+	var rs RestoreStats
+	if req.Ident == nil {
+		return rs, fmt.Errorf("serve: stream of %s/%s without an identity", req.NS, req.ID)
+	}
+	plan := req.Ident.Plan
+	var c *model.Config
+	if req.Project {
+		if r.backend == nil {
+			return rs, fmt.Errorf("serve: projected stream of %s/%s without a backend", req.NS, req.ID)
+		}
+		c = r.backend.Config()
+		if err := CheckPlan(c, plan); err != nil {
+			return rs, err
+		}
+	}
+	q0 := time.Now()
+	r.admit.acquire()
+	defer r.admit.release()
+	start := time.Now()
+	rs.QueueWait = start.Sub(q0)
+	since := func() time.Duration { return time.Since(start) }
+	rd := r.startReads(req.NS, req.ID, req.Ident, 0, since)
+
+	// The projection's scratch: one block of the context's tokens, shared
+	// by every layer's slot of the host cache (each layer is read out
+	// before the next is written).
+	var (
+		dev     gpu.Restore
+		scratch *gpu.PagedKV
+		out     []byte
+	)
+	fail := func(err error) (RestoreStats, error) {
+		if dev != nil {
+			dev.Abort()
+			dev.Wait()
+		}
+		res := rd.drain()
+		if err == nil {
+			err = res.err
+		}
+		return rs, err
+	}
+	for m := range rd.msgs {
+		lp := plan[m.layer]
+		l := StreamLayer{Layer: m.layer, Kind: lp.Kind, Rows: m.rows, RowBytes: int(lp.RowBytes), ReadDone: m.at}
+		l.Tokens = len(m.rows) / l.RowBytes
+		rs.ReadBytes += int64(len(m.rows))
+		if req.Project && lp.Kind == state.LayerHidden && l.Tokens == 0 {
+			l.Kind, l.RowBytes = state.LayerKV, c.KVRowBytes() // nothing to project
+		}
+		if req.Project && lp.Kind == state.LayerHidden && l.Tokens > 0 {
+			t0 := since()
+			if dev == nil {
+				var err error
+				if scratch, err = gpu.NewPagedKV(c, l.Tokens, 1); err == nil {
+					positions := make([]int, l.Tokens)
+					for i := range positions {
+						positions[i] = i
+					}
+					host := make(gpu.HostCache, len(plan))
+					for i := range host {
+						host[i] = scratch
+					}
+					dev, err = r.backend.BeginRestore(host, positions)
+					out = make([]byte, l.Tokens*c.KVRowBytes())
+				}
+				if err != nil {
+					rd.release(m)
+					return fail(fmt.Errorf("serve: project %s/%s on the %s backend: %w", req.NS, req.ID, r.backend.Name(), err))
+				}
+			}
+			if len(out) != l.Tokens*c.KVRowBytes() {
+				rd.release(m)
+				return fail(fmt.Errorf("serve: layer %d of %s/%s holds %d tokens, earlier layers %d", m.layer, req.NS, req.ID, l.Tokens, len(out)/c.KVRowBytes()))
+			}
+			// A host cache's layer is written when Hidden returns.
+			if err := dev.Hidden(m.layer, m.rows, func() { rd.release(m) }); err != nil {
+				return fail(fmt.Errorf("serve: project layer %d of %s/%s: %w", m.layer, req.NS, req.ID, err))
+			}
+			half := c.KVRowBytes() / 2
+			for i := 0; i < l.Tokens; i++ {
+				copy(out[i*2*half:], scratch.K[i*half:(i+1)*half])
+				copy(out[i*2*half+half:], scratch.V[i*half:(i+1)*half])
+			}
+			l.Kind, l.Rows, l.RowBytes, l.Compute = state.LayerKV, out, c.KVRowBytes(), since()-t0
+			if err := sink(l); err != nil {
+				return fail(err)
+			}
+			continue
+		}
+		err := sink(l)
+		rd.release(m)
+		if err != nil {
+			return fail(err)
+		}
+	}
+	var werr error
+	if dev != nil {
+		rs.Device, werr = dev.Wait()
+	}
+	res := <-rd.done
+	if res.err != nil {
+		return rs, res.err
+	}
+	if werr != nil {
+		return rs, fmt.Errorf("serve: project %s/%s on the %s backend: %w", req.NS, req.ID, r.backend.Name(), werr)
+	}
+	rs.Tokens = res.tokens
+	rs.Elapsed = since()
+	rs.PeakBufferedBytes = rd.held.peakBytes()
 	return rs, nil
 }
 

@@ -68,7 +68,20 @@ func saveContext(t *testing.T, st *chunk.Store, m *model.Model, w *model.Weights
 	return &saved{id: id, ident: ident, ref: live, tokens: tokens, next: got[len(got)-1]}
 }
 
-func pagedFor(t *testing.T, c *model.Config, tokens int) []*gpu.PagedKV {
+// cpuFor is the CPU backend of m, able to recompute every layer.
+func cpuFor(t *testing.T, m *model.Model) *gpu.CPU {
+	t.Helper()
+	b, err := gpu.NewCPU(m.Cfg, m.W)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := b.LoadRecompute(m.W, m.Cfg.Layers); err != nil {
+		t.Fatal(err)
+	}
+	return b
+}
+
+func pagedFor(t *testing.T, c *model.Config, tokens int) gpu.HostCache {
 	paged := make([]*gpu.PagedKV, c.Layers)
 	for l := range paged {
 		var err error
@@ -115,11 +128,8 @@ func TestRestoreEveryScheduledPlan(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		backend, err := gpu.NewCPU(c, &model.Weights{Layers: w.Layers})
-		if err != nil {
-			t.Fatal(err)
-		}
-		rest := NewRestorer(st, backend, CPURecompute{m}, Settings{})
+		backend := cpuFor(t, m)
+		rest := NewRestorer(st, backend, Settings{})
 		splits := everySplit(c)
 		if sched.HiddenAllowed(c) != (c.KVHeads == c.Heads) {
 			t.Fatalf("%s: hidden allowed %v with %d/%d heads", preset, sched.HiddenAllowed(c), c.Heads, c.KVHeads)
@@ -172,11 +182,13 @@ func TestRestoreRefusesBadRequests(t *testing.T) {
 	c, _ := model.Preset("tiny-llama")
 	w := model.Synthesize(c, 3)
 	m, _ := model.New(c, w)
-	backend, _ := gpu.NewCPU(c, w)
+	backend := cpuFor(t, m)
+	noRecompute, _ := gpu.NewCPU(c, w)
 	prompt := []int{1, 2, 3, 4, 5, 6, 7, 8, 9, 10}
 	sv := saveContext(t, st, m, w, sched.Split{Recompute: 2, Hidden: 1, KV: 1}.Plan(c), "ctx", prompt, 3)
 	paged := pagedFor(t, c, sv.ref.Tokens)
-	rest := NewRestorer(st, backend, CPURecompute{m}, Settings{})
+	rest := NewRestorer(st, backend, Settings{})
+	gqa, _ := model.Preset("tiny-gqa")
 	cases := []struct {
 		name string
 		r    *Restorer
@@ -185,9 +197,14 @@ func TestRestoreRefusesBadRequests(t *testing.T) {
 	}{
 		{"no token ids", rest, Request{NS: "test", ID: "ctx", Ident: sv.ident, Dst: paged}, "token ids"},
 		{"too few token ids", rest, Request{NS: "test", ID: "ctx", Ident: sv.ident, Tokens: sv.tokens[1:], Dst: paged}, "token ids given"},
-		{"no recomputer", NewRestorer(st, backend, nil, Settings{}), Request{NS: "test", ID: "ctx", Ident: sv.ident, Tokens: sv.tokens, Dst: paged}, "no Recomputer"},
+		{"recompute not loaded", NewRestorer(st, noRecompute, Settings{}), Request{NS: "test", ID: "ctx", Ident: sv.ident, Tokens: sv.tokens, Dst: paged}, "LoadRecompute"},
 		{"wrong layer count", rest, Request{NS: "test", ID: "ctx", Ident: sv.ident, Tokens: sv.tokens, Dst: paged[1:]}, "paged caches"},
 		{"nil identity", rest, Request{NS: "test", ID: "ctx", Tokens: sv.tokens, Dst: paged}, "without an identity"},
+		{"nil destination", rest, Request{NS: "test", ID: "ctx", Ident: sv.ident, Tokens: sv.tokens}, "without a destination"},
+		{"no backend", NewRestorer(st, nil, Settings{}), Request{NS: "test", ID: "ctx", Ident: sv.ident, Tokens: sv.tokens, Dst: paged}, "needs a backend"},
+		{"negative start", rest, Request{NS: "test", ID: "ctx", Ident: sv.ident, Tokens: sv.tokens, Dst: paged, Start: -1}, "start position -1"},
+		{"recompute from a later start", rest, Request{NS: "test", ID: "ctx", Ident: sv.ident, Tokens: sv.tokens, Dst: paged, Start: 4}, "positions from 0"},
+		{"plan of another model", rest, Request{NS: "test", ID: "ctx", Ident: Identity(gqa, model.Synthesize(gqa, 1), sched.PlanOf(gqa, chunk.LayerKV)), Dst: pagedFor(t, gqa, 4)}, "stores 128-byte rows; the model has 512"},
 	}
 	for _, cs := range cases {
 		_, err := cs.r.Restore(cs.req)
@@ -207,9 +224,9 @@ func TestRestoreRefusesBadRequests(t *testing.T) {
 	if _, err := rest.Restore(Request{NS: "test", ID: "ctx", Ident: other, Tokens: sv.tokens, Dst: paged}); !errors.Is(err, chunk.ErrIdentityMismatch) {
 		t.Errorf("other weights: %v, want ErrIdentityMismatch", err)
 	}
-	// The old entry point refuses a recomputing plan clearly.
-	if _, err := Restore(st, "test", "ctx", sv.ident, backend, paged); err == nil || !strings.Contains(err.Error(), "Recomputer") {
-		t.Errorf("Restore of a recomputing plan without a recomputer: %v", err)
+	// The entry point without token ids refuses a recomputing plan clearly.
+	if _, err := Restore(st, "test", "ctx", sv.ident, backend, paged); !errors.Is(err, ErrTokens) {
+		t.Errorf("Restore of a recomputing plan without token ids: %v", err)
 	}
 	// And the context is intact afterwards.
 	if _, err := rest.Restore(Request{NS: "test", ID: "ctx", Ident: sv.ident, Tokens: sv.tokens, Dst: paged}); err != nil {
@@ -224,11 +241,22 @@ type failingBackend struct {
 	layer int
 }
 
-func (f failingBackend) Project(layer int, hidden []byte, positions []int, dst *gpu.PagedKV) error {
+func (f failingBackend) BeginRestore(dst gpu.Cache, positions []int) (gpu.Restore, error) {
+	r, err := f.Backend.BeginRestore(dst, positions)
+	return failingRestore{r, f.layer}, err
+}
+
+type failingRestore struct {
+	gpu.Restore
+	layer int
+}
+
+func (f failingRestore) Hidden(layer int, rows []byte, release func()) error {
 	if layer == f.layer {
+		release()
 		return errors.New("injected projection failure")
 	}
-	return f.Backend.Project(layer, hidden, positions, dst)
+	return f.Restore.Hidden(layer, rows, release)
 }
 
 // TestRestoreBackendFailureStopsReads: a failing layer ends the restore
@@ -243,14 +271,14 @@ func TestRestoreBackendFailureStopsReads(t *testing.T) {
 	c, _ := model.Preset("tiny-llama")
 	w := model.Synthesize(c, 4)
 	m, _ := model.New(c, w)
-	backend, _ := gpu.NewCPU(c, w)
+	backend := cpuFor(t, m)
 	sv := saveContext(t, st, m, w, sched.Split{Recompute: 1, Hidden: 2, KV: 1}.Plan(c), "ctx", []int{5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21}, 2)
 	paged := pagedFor(t, c, sv.ref.Tokens)
-	_, err = NewRestorer(st, failingBackend{backend, 1}, CPURecompute{m}, Settings{BufferBytes: 1}).Restore(Request{NS: "test", ID: "ctx", Ident: sv.ident, Tokens: sv.tokens, Dst: paged})
+	_, err = NewRestorer(st, failingBackend{backend, 1}, Settings{BufferBytes: 1}).Restore(Request{NS: "test", ID: "ctx", Ident: sv.ident, Tokens: sv.tokens, Dst: paged})
 	if err == nil || !strings.Contains(err.Error(), "injected") {
 		t.Fatalf("restore with a failing backend: %v", err)
 	}
-	if _, err := NewRestorer(st, backend, CPURecompute{m}, Settings{}).Restore(Request{NS: "test", ID: "ctx", Ident: sv.ident, Tokens: sv.tokens, Dst: paged}); err != nil {
+	if _, err := NewRestorer(st, backend, Settings{}).Restore(Request{NS: "test", ID: "ctx", Ident: sv.ident, Tokens: sv.tokens, Dst: paged}); err != nil {
 		t.Fatal(err)
 	}
 	sameKV(t, "after a failed restore", c, sv.ref, paged)
@@ -272,7 +300,7 @@ func TestConcurrentRestoresShareFairly(t *testing.T) {
 	c, _ := model.Preset("tiny-llama")
 	w := model.Synthesize(c, seed)
 	m, _ := model.New(c, w)
-	backend, _ := gpu.NewCPU(c, w)
+	backend := cpuFor(t, m)
 	splits := everySplit(c)
 	var ctxs []*saved
 	for i := 0; i < 8; i++ {
@@ -283,11 +311,11 @@ func TestConcurrentRestoresShareFairly(t *testing.T) {
 		ctxs = append(ctxs, saveContext(t, st, m, w, splits[rng.Intn(len(splits))].Plan(c), fmt.Sprint("c", i), prompt, 2))
 	}
 	const budget = 2048 // bytes: less than one layer of the longer contexts
-	rest := NewRestorer(st, backend, CPURecompute{m}, Settings{MaxConcurrent: 3, BufferBytes: budget})
+	rest := NewRestorer(st, backend, Settings{MaxConcurrent: 3, BufferBytes: budget})
 	var wg sync.WaitGroup
 	stats := make([]RestoreStats, len(ctxs))
 	errs := make([]error, len(ctxs))
-	paged := make([][]*gpu.PagedKV, len(ctxs))
+	paged := make([]gpu.HostCache, len(ctxs))
 	for i, sv := range ctxs {
 		paged[i] = pagedFor(t, c, sv.ref.Tokens)
 		wg.Add(1)
@@ -311,7 +339,7 @@ func TestConcurrentRestoresShareFairly(t *testing.T) {
 	// One slot: arrival order is service order. The backend records which
 	// restore each call serves (by its paged caches), while the slot is held.
 	rec := &recordingBackend{Backend: backend, owner: map[*gpu.PagedKV]int{}}
-	serial := NewRestorer(st, rec, CPURecompute{m}, Settings{MaxConcurrent: 1})
+	serial := NewRestorer(st, rec, Settings{MaxConcurrent: 1})
 	serial.admit.acquire() // hold the slot while the queue forms
 	for i, sv := range ctxs {
 		dst := pagedFor(t, c, sv.ref.Tokens)
@@ -345,26 +373,22 @@ type recordingBackend struct {
 	order []int
 }
 
-func (r *recordingBackend) note(dst *gpu.PagedKV) {
+func (r *recordingBackend) note(dst gpu.Cache) {
+	first := dst.(gpu.HostCache)[0]
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	if r.seen == nil {
 		r.seen = map[int]bool{}
 	}
-	if i := r.owner[dst]; !r.seen[i] {
+	if i := r.owner[first]; !r.seen[i] {
 		r.seen[i] = true
 		r.order = append(r.order, i)
 	}
 }
 
-func (r *recordingBackend) Project(layer int, hidden []byte, positions []int, dst *gpu.PagedKV) error {
+func (r *recordingBackend) BeginRestore(dst gpu.Cache, positions []int) (gpu.Restore, error) {
 	r.note(dst)
-	return r.Backend.Project(layer, hidden, positions, dst)
-}
-
-func (r *recordingBackend) LoadKV(layer int, rows []byte, positions []int, dst *gpu.PagedKV) error {
-	r.note(dst)
-	return r.Backend.LoadKV(layer, rows, positions, dst)
+	return r.Backend.BeginRestore(dst, positions)
 }
 
 // TestFIFOSemHandsOff: a holder that releases and acquires again queues
@@ -397,121 +421,4 @@ func TestFIFOSemHandsOff(t *testing.T) {
 	if fmt.Sprint(seq) != "[0 1 2 99]" {
 		t.Fatalf("order %v, want [0 1 2 99]", seq)
 	}
-}
-
-// turnBackend records which restore each backend call serves; before each
-// call it waits until the other restore, while it has layers left, is
-// queued for the backend, so that the order seen is the turn's choice. It
-// waits on those states alone, however long a loaded machine takes to reach
-// them (no wall-clock window); a restore that ended (done, closed by the
-// test) ends the wait too, so a failing restore cannot hang its partner.
-type turnBackend struct {
-	gpu.Backend
-	rest  *Restorer
-	owner map[*gpu.PagedKV]int
-	done  [2]chan struct{}
-	left  [2]int
-	mu    sync.Mutex
-	seq   []int
-}
-
-func (b *turnBackend) call(dst *gpu.PagedKV) {
-	me := b.owner[dst]
-	for {
-		b.mu.Lock()
-		otherLeft := b.left[1-me]
-		b.mu.Unlock()
-		if otherLeft == 0 || b.rest.turn.waiting() > 0 {
-			break
-		}
-		select {
-		case <-b.done[1-me]:
-		case <-time.After(100 * time.Microsecond): // poll the turn's queue again
-			continue
-		}
-		break
-	}
-	b.mu.Lock()
-	b.seq = append(b.seq, me)
-	b.left[me]--
-	b.mu.Unlock()
-}
-
-func (b *turnBackend) LoadKV(layer int, rows []byte, positions []int, dst *gpu.PagedKV) error {
-	b.call(dst)
-	return b.Backend.LoadKV(layer, rows, positions, dst)
-}
-
-func (b *turnBackend) Project(layer int, hidden []byte, positions []int, dst *gpu.PagedKV) error {
-	b.call(dst)
-	return b.Backend.Project(layer, hidden, positions, dst)
-}
-
-// TestBackendTurnsAlternate: two restores that both have layers ready take
-// the backend in turns, layer by layer: neither runs its whole context
-// while the other waits.
-func TestBackendTurnsAlternate(t *testing.T) {
-	st, err := chunk.Open(chunk.Options{Dir: t.TempDir(), ChunkTokens: 16, SegmentBytes: 8 << 20, Logf: t.Logf})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer st.Close()
-	c, _ := model.Preset("tiny-llama")
-	w := model.Synthesize(c, 5)
-	m, _ := model.New(c, w)
-	backend, _ := gpu.NewCPU(c, w)
-	var ctxs []*saved
-	for i := 0; i < 2; i++ {
-		ctxs = append(ctxs, saveContext(t, st, m, w, sched.PlanOf(c, chunk.LayerKV), fmt.Sprint("t", i), []int{1 + i, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20}, 2))
-	}
-	tb := &turnBackend{Backend: backend, owner: map[*gpu.PagedKV]int{}, left: [2]int{c.Layers, c.Layers},
-		done: [2]chan struct{}{make(chan struct{}), make(chan struct{})}}
-	rest := NewRestorer(st, tb, nil, Settings{MaxConcurrent: 2})
-	tb.rest = rest
-	// Every cache's owner is known before either restore starts (the
-	// backend reads the map from the restores' goroutines).
-	dsts := make([][]*gpu.PagedKV, len(ctxs))
-	for i, sv := range ctxs {
-		dsts[i] = pagedFor(t, c, sv.ref.Tokens)
-		for _, p := range dsts[i] {
-			tb.owner[p] = i
-		}
-	}
-	var wg sync.WaitGroup
-	for i, sv := range ctxs {
-		dst := dsts[i]
-		wg.Add(1)
-		go func(i int, sv *saved) {
-			defer wg.Done()
-			defer close(tb.done[i])
-			if _, err := rest.Restore(Request{NS: "test", ID: sv.id, Ident: sv.ident, Tokens: sv.tokens, Dst: dst}); err != nil {
-				t.Error(err)
-				return
-			}
-			sameKV(t, sv.id, c, sv.ref, dst)
-		}(i, sv)
-	}
-	wg.Wait()
-	// Once both are under way, calls alternate until one has no layers
-	// left; the first restore may have run alone before the second was
-	// queued.
-	seq := tb.seq
-	i := 0
-	for i+1 < len(seq) && seq[i+1] == seq[0] {
-		i++
-	}
-	for ; i+1 < len(seq); i++ {
-		if seq[i] == seq[i+1] {
-			others := 0
-			for _, s := range seq[i+1:] {
-				if s != seq[i] {
-					others++
-				}
-			}
-			if others > 0 {
-				t.Fatalf("backend calls %v: restore %d ran twice in a row while the other had layers waiting", seq, seq[i])
-			}
-		}
-	}
-	t.Logf("backend turns %v", seq)
 }

@@ -1,14 +1,20 @@
-// Package serve is the thin serving layer between a model runtime and the
-// chunk store: it saves the per-layer states a forward pass emits according
-// to the context's plan, and restores them into a paged KV cache by streaming
-// layers from the store into a projection backend, so that the projection of
-// layer l overlaps the reads of layer l+1.
+// Package serve is the serving layer between a model runtime and the chunk
+// store: it saves the per-layer states a forward pass emits according to
+// the context's plan (Saver), and it is the one restore pipeline (Restorer)
+// for every caller: the library and the CLI restore into host caches, the
+// GPU path into a device cache, and the daemon streams stored or projected
+// rows to its clients (Restorer.Stream). A restore streams layers from a
+// Source (the store) into a gpu.Backend, the asynchronous device interface
+// with the CPU and CUDA backends behind it: the plan's recomputed prefix is
+// queued first and runs while the stored layers are read, and each stored
+// layer is projected or loaded as its read completes, so that the backend's
+// work on layer l overlaps the reads of layer l+1. serve links no backend
+// and not the storage engine's types: it takes the interfaces.
 package serve
 
 import (
 	"crypto/sha256"
 
-	"github.com/hcache/hcache/chunk"
 	"github.com/hcache/hcache/gpu"
 	"github.com/hcache/hcache/model"
 	"github.com/hcache/hcache/state"
@@ -28,19 +34,28 @@ func Identity(c *model.Config, w *model.Weights, plan []state.LayerPlan) *state.
 	return &state.Identity{Model: h.Sum(nil), Plan: plan}
 }
 
+// Appender is where a Saver appends: a context's writer (*chunk.Writer).
+type Appender interface {
+	// AppendLayer appends one layer's rows of the next tokens.
+	AppendLayer(layer int, rows []byte) error
+	// AppendToken appends one token's rows of every layer (nil for a
+	// layer that stores nothing).
+	AppendToken(rows [][]byte) error
+}
+
 // Saver turns forward-pass traces into store appends: a prefill (many
 // tokens) appends layer by layer; a decode step (one token) gathers every
 // layer and appends them as one token.
 type Saver struct {
 	cfg     *model.Config
 	plan    []state.LayerPlan
-	w       *chunk.Writer
+	w       Appender
 	pending [][]byte // decode step rows by layer
 	err     error
 }
 
 // NewSaver wraps a writer of a context stored under plan.
-func NewSaver(c *model.Config, plan []state.LayerPlan, w *chunk.Writer) *Saver {
+func NewSaver(c *model.Config, plan []state.LayerPlan, w Appender) *Saver {
 	return &Saver{cfg: c, plan: plan, w: w, pending: make([][]byte, len(plan))}
 }
 
@@ -80,14 +95,14 @@ func (s *Saver) Trace(layer int, hidden, k, v []float32) {
 // Err returns the first append error.
 func (s *Saver) Err() error { return s.err }
 
-// Restore streams a context whose plan stores every layer from the store
-// into dst (one paged cache per layer, positions 0..tokens-1) through the
-// backend: hidden layers are projected, KV layers copied, each projection
+// Restore streams a context whose plan stores every layer from src into dst
+// (one paged cache per layer, positions 0..tokens-1) through the backend:
+// hidden layers are projected, KV layers copied, each projection
 // overlapping the reads of later layers. It is a Restorer of its own with
-// default settings; plans that recompute a prefix, and restores that must
-// share a store and backend fairly, use a Restorer.
-func Restore(st *chunk.Store, ns, id string, ident *state.Identity, b gpu.Backend, dst []*gpu.PagedKV) (RestoreStats, error) {
-	return NewRestorer(st, b, nil, Settings{}).Restore(Request{NS: ns, ID: id, Ident: ident, Dst: dst})
+// default settings; plans that recompute a prefix (they need token ids),
+// and restores that share a store and backend, use a Restorer.
+func Restore(src Source, ns, id string, ident *state.Identity, b gpu.Backend, dst []*gpu.PagedKV) (RestoreStats, error) {
+	return NewRestorer(src, b, Settings{}).Restore(Request{NS: ns, ID: id, Ident: ident, Dst: gpu.HostCache(dst)})
 }
 
 // PagedToCache copies tokens positions of per-layer paged caches into a

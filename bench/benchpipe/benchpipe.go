@@ -121,6 +121,9 @@ func Run(o Options) (*Result, error) {
 	if err != nil {
 		return nil, err
 	}
+	if err := backend.LoadRecompute(m.W, c.Layers); err != nil {
+		return nil, err
+	}
 	res := &Result{Model: o.Model, Tokens: o.Tokens, Rounds: o.Rounds}
 	sdir := filepath.Join(o.Dir, "hcache-bench-pipeline")
 	os.RemoveAll(sdir)
@@ -206,8 +209,7 @@ func Run(o Options) (*Result, error) {
 	for i := range positions {
 		positions[i] = i
 	}
-	rc := serve.CPURecompute{M: m}
-	rest := serve.NewRestorer(st, backend, rc, serve.Settings{})
+	rest := serve.NewRestorer(st, backend, serve.Settings{})
 	var ioT, compT, pipeT, backT []float64
 	pagedPipe, err := newPaged()
 	if err != nil {
@@ -225,21 +227,25 @@ func Run(o Options) (*Result, error) {
 	}
 	runCompute := func() error {
 		t0 := time.Now()
+		r, err := backend.BeginRestore(gpu.HostCache(paged), positions)
+		if err != nil {
+			return err
+		}
 		if res.Split.Recompute > 0 {
-			if err := rc.Recompute(tokens, res.Split.Recompute, paged, func(int) {}, nil); err != nil {
-				return err
+			err = r.Recompute(tokens, res.Split.Recompute, nil)
+		}
+		for l := res.Split.Recompute; l < c.Layers && err == nil; l++ {
+			if plan[l].Kind == chunk.LayerHidden {
+				err = r.Hidden(l, held[l], nil)
+			} else {
+				err = r.KV(l, held[l], nil)
 			}
 		}
-		for l := res.Split.Recompute; l < c.Layers; l++ {
-			var err error
-			if plan[l].Kind == chunk.LayerHidden {
-				err = backend.Project(l, held[l], positions, paged[l])
-			} else {
-				err = backend.LoadKV(l, held[l], positions, paged[l])
-			}
-			if err != nil {
-				return err
-			}
+		if _, werr := r.Wait(); err == nil {
+			err = werr
+		}
+		if err != nil {
+			return err
 		}
 		compT = append(compT, ms(time.Since(t0)))
 		return nil
@@ -251,7 +257,7 @@ func Run(o Options) (*Result, error) {
 			clear(p.V)
 		}
 		t0 := time.Now()
-		rs, err := rest.Restore(serve.Request{NS: "bench", ID: "ctx", Ident: ident, Tokens: tokens, Dst: pagedPipe})
+		rs, err := rest.Restore(serve.Request{NS: "bench", ID: "ctx", Ident: ident, Tokens: tokens, Dst: gpu.HostCache(pagedPipe)})
 		if err != nil {
 			return err
 		}

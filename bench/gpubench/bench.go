@@ -316,9 +316,11 @@ func fromStore(res *Result, o Options, c *model.Config, b *cuda.Backend, cpu *gp
 		reads = append(reads, time.Since(t0))
 	}
 	res.StoreReadGBps = float64(res.HiddenBytes) / median(reads).Seconds() / 1e9
+	// The one restore pipeline, as the daemon and the library run it.
+	rest := serve.NewRestorer(st, b, serve.Settings{MaxConcurrent: 1})
 	restore := func(id string, ident *chunk.Identity, hidden bool) (time.Duration, error) {
 		t0 := time.Now()
-		_, _, err := serve.RestoreToDevice(st, "bench", id, ident, b, cache, 0, 4)
+		_, err := rest.Restore(serve.Request{NS: "bench", ID: id, Ident: ident, Dst: cache})
 		return time.Since(t0), err
 	}
 	var hs, ks []time.Duration

@@ -69,6 +69,9 @@ func TestNoDeviceFailsFast(t *testing.T) {
 	if _, err := Check(cuda.Options{}, 8, 1, nil); !errors.Is(err, cuda.ErrNoDevice) {
 		t.Fatalf("Check: %v, want ErrNoDevice", err)
 	}
+	if _, err := CheckMixed(cuda.Options{}, t.TempDir(), 8, 1, nil); !errors.Is(err, cuda.ErrNoDevice) {
+		t.Fatalf("CheckMixed: %v, want ErrNoDevice", err)
+	}
 	if _, err := Run(Options{Model: "no-such-model", Tokens: []int{16}}); err == nil {
 		t.Fatal("unknown model: no error")
 	}

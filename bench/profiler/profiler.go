@@ -262,9 +262,9 @@ func Measure(o Options) (*profiles.Profile, error) {
 		return nil, err
 	}
 	if o.Backend == "" {
-		o.Backend = cuda.SelectAuto
+		o.Backend = gpu.SelectAuto
 	}
-	b, note, err := cuda.Select(o.Backend, c, w, cuda.Options{})
+	b, note, err := gpu.Select(o.Backend, c, w, cuda.Options{})
 	if err != nil {
 		return nil, err
 	}

@@ -15,6 +15,7 @@ import (
 func init() {
 	register("gpu check", "CUDA backend against the CPU reference on every preset shape (needs a GPU)", gpuCheck)
 	register("gpu ipc-child", "(used by gpu check) restore into another process's cache opened by its CUDA IPC handle", gpuIPCChild)
+	register("gpu mixed", "mixed plans on the GPU: device recompute vs the CPU, scheduled-plan restore vs all-KV (needs a GPU)", gpuMixed)
 	register("bench gpu", "restore into GPU memory: pipelined hidden vs copy-only vs KV offload (needs a GPU)", benchGPU)
 }
 
@@ -63,6 +64,47 @@ func gpuCheck(args []string, stdout, stderr io.Writer) error {
 	}
 	if bad > 0 {
 		return fmt.Errorf("%d preset shapes disagree with the CPU reference", bad)
+	}
+	return nil
+}
+
+func gpuMixed(args []string, stdout, stderr io.Writer) error {
+	fs := newFlags("gpu mixed", stderr)
+	fs.Usage = func() {
+		fmt.Fprintln(stderr, "hcache gpu mixed: for every model family's tiny preset, the device's recompute of every layer against\n"+
+			"the CPU forward pass, then a context saved to a store under a scheduled plan (recomputed prefix, hidden\n"+
+			"and KV layers) restored into GPU memory through serve's pipeline against its all-KV restore. Exits 1\n"+
+			"on any disagreement beyond the dtype's rounding.\n\n"+
+			"example: hcache gpu mixed --tokens 200 --dir /tmp --json\n\nflags:")
+		fs.PrintDefaults()
+	}
+	opts := cudaFlags(fs)
+	tokens := fs.Int("tokens", 100, "tokens per context")
+	dir := fs.String("dir", "", "directory of the temporary store (default: the system's temporary directory)")
+	seed := fs.Int64("seed", 1, "random seed")
+	asJSON := fs.Bool("json", false, "print JSON")
+	if err := parseFlags(fs, args); err != nil {
+		return err
+	}
+	res, err := gpubench.CheckMixed(opts(), *dir, *tokens, *seed, stderr)
+	if err != nil {
+		return err
+	}
+	bad := 0
+	for _, r := range res {
+		if !r.OK {
+			bad++
+		}
+	}
+	if *asJSON {
+		if err := printJSON(stdout, map[string]any{"checks": res, "failed": bad}); err != nil {
+			return err
+		}
+	} else {
+		fmt.Fprintf(stdout, "%d presets checked, %d failed\n", len(res), bad)
+	}
+	if bad > 0 {
+		return fmt.Errorf("%d presets' mixed-plan restores disagree", bad)
 	}
 	return nil
 }

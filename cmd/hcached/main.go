@@ -26,6 +26,7 @@ import (
 
 	"github.com/hcache/hcache/chunk"
 	"github.com/hcache/hcache/daemon"
+	_ "github.com/hcache/hcache/gpu/cuda" // registers --backend cuda with gpu.Select
 	"github.com/hcache/hcache/internal/buildinfo"
 	"github.com/hcache/hcache/internal/units"
 )

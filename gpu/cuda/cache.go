@@ -23,6 +23,9 @@ type Cache struct {
 	ipcBase     uintptr // the mapping OpenIPCCache opened; 0 otherwise
 }
 
+// CacheLayers implements gpu.Cache.
+func (c *Cache) CacheLayers() int { return c.Layers }
+
 // LayerBytes is the size of one layer's K (or V) in bytes.
 func (c *Cache) LayerBytes() int {
 	return c.Blocks * c.BlockTokens * c.b.cfg.KVDim() * c.b.cfg.ElemBytes()

@@ -1,7 +1,6 @@
 package cuda
 
 import (
-	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -12,12 +11,14 @@ import (
 	"unsafe"
 
 	"github.com/ebitengine/purego"
+
+	"github.com/hcache/hcache/gpu"
 )
 
 // ErrNoDevice wraps every reason the CUDA backend cannot run here: no
 // driver library, no device, no cuBLAS. Callers fall back to the CPU
-// backend.
-var ErrNoDevice = errors.New("no CUDA device")
+// backend. It is gpu.ErrNoDevice, which gpu.Select tests for.
+var ErrNoDevice = gpu.ErrNoDevice
 
 // EnvCublas names an explicit libcublas path; it is tried before the search
 // list.

@@ -133,7 +133,7 @@ func CheckRecompute(c *model.Config, seed int64, tokens, layers, blockTokens int
 	if err != nil {
 		return nil, err
 	}
-	rerr := r.Recompute(ids, layers)
+	rerr := r.Recompute(ids, layers, nil)
 	if _, werr := r.Wait(); rerr == nil {
 		rerr = werr
 	}

@@ -65,8 +65,9 @@ func (b *Backend) RecomputeLayers() (layers int, bytes int64) {
 // the device). The restore's positions must be 0..n-1 (the whole context)
 // and tokens its token ids, one per position. Layers loaded by
 // LoadRecompute only. Layers submitted after it (Hidden, KV) queue behind
-// it on the compute stream; their copies overlap it.
-func (r *Restore) Recompute(tokens []int, layers int) (err error) {
+// it on the compute stream; their copies overlap it. done (may be nil) is
+// called for each layer once all of them are queued.
+func (r *Restore) Recompute(tokens []int, layers int, done func(layer int)) (err error) {
 	defer func() {
 		if err != nil && r.err == nil {
 			r.err = err
@@ -120,7 +121,14 @@ func (r *Restore) Recompute(tokens []int, layers int) (err error) {
 		runtime.KeepAlive(src)
 		p := &fwdPass{cfg: c, dtype: b.dtype, threads: b.opts.Threads, w: b.fwd, scr: &b.fwdScr, ops: &deviceOps{b: b, stream: b.compS}}
 		t := fwdTarget{k: r.c.K, v: r.c.V, table: r.c.table, nblocks: len(r.c.hostTable), blockTokens: r.c.BlockTokens, layerMap: r.layerMap}
-		return p.run(r.n, b.toks.ptr, b.pos, b.rope, layers, t)
+		if err := p.run(r.n, b.toks.ptr, b.pos, b.rope, layers, t); err != nil {
+			return err
+		}
+		r.recomputed += layers
+		for l := 0; done != nil && l < layers; l++ {
+			done(l)
+		}
+		return nil
 	})
 }
 

@@ -980,13 +980,13 @@ func TestRecomputeRefusals(t *testing.T) {
 		{"not loaded", &Restore{b: b, n: 2, fromZero: true}, []int{0, 1}, 2, "LoadRecompute put 0"},
 		{"ended", &Restore{b: b, n: 2, fromZero: true, ended: true}, []int{0, 1}, 1, errEnded.Error()},
 	} {
-		err := tc.r.Recompute(tc.tokens, tc.layers)
+		err := tc.r.Recompute(tc.tokens, tc.layers, nil)
 		if err == nil || !strings.Contains(err.Error(), tc.contains) {
 			t.Errorf("%s: %v, want an error containing %q", tc.name, err, tc.contains)
 			continue
 		}
 		if !tc.r.ended {
-			if err2 := tc.r.Recompute([]int{0, 1}, 1); err2 != err {
+			if err2 := tc.r.Recompute([]int{0, 1}, 1, nil); err2 != err {
 				t.Errorf("%s: the next call got %v, not the restore's first error", tc.name, err2)
 			}
 		}
@@ -995,7 +995,7 @@ func TestRecomputeRefusals(t *testing.T) {
 	if l, by := b.RecomputeLayers(); l != 3 || by != 123 {
 		t.Fatalf("RecomputeLayers: %d, %d", l, by)
 	}
-	if err := (&Restore{b: b, n: 2, fromZero: true}).Recompute([]int{0, 1}, 4); err == nil || !strings.Contains(err.Error(), "LoadRecompute put 3") {
+	if err := (&Restore{b: b, n: 2, fromZero: true}).Recompute([]int{0, 1}, 4, nil); err == nil || !strings.Contains(err.Error(), "LoadRecompute put 3") {
 		t.Fatalf("4 layers with 3 loaded: %v", err)
 	}
 }

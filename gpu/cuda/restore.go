@@ -6,30 +6,33 @@ import (
 	"runtime"
 	"time"
 	"unsafe"
+
+	"github.com/hcache/hcache/gpu"
 )
 
 // Restore is one context's restore into a device cache in progress: layers
 // are submitted in any order with Hidden or KV (each returns once its work
 // is queued), and Wait ends it. Only one Restore runs on a Backend at a time.
 type Restore struct {
-	b        *Backend
-	c        *Cache
-	n        int
-	maxPos   int
-	slot     int // bytes per staging slot
-	k        int // layers submitted
-	copied   []uintptr
-	done     []uintptr
-	start    uintptr
-	end      uintptr
-	rel      chan relItem
-	relDone  chan struct{}
-	err      error
-	bytes    int64
-	t0       time.Time
-	layerMap func(int) int
-	ended    bool
-	fromZero bool // positions are 0..n-1 (Recompute needs it)
+	b          *Backend
+	c          *Cache
+	n          int
+	maxPos     int
+	slot       int // bytes per staging slot
+	k          int // layers submitted through the staging slots
+	recomputed int // layers Recompute queued
+	copied     []uintptr
+	done       []uintptr
+	start      uintptr
+	end        uintptr
+	rel        chan relItem
+	relDone    chan struct{}
+	err        error
+	bytes      int64
+	t0         time.Time
+	layerMap   func(int) int
+	ended      bool
+	fromZero   bool // positions are 0..n-1 (Recompute needs it)
 }
 
 type relItem struct {
@@ -37,15 +40,88 @@ type relItem struct {
 	release func()
 }
 
-// Timing of a finished restore.
-type Timing struct {
-	Layers int
-	Bytes  int64         // host bytes copied to the device
-	GPU    time.Duration // first copy queued to last kernel done, by device events
-	Wall   time.Duration // Begin to the end of Wait
-}
+// Timing of a finished restore (GPU: first copy queued to last kernel
+// done, by device events).
+type Timing = gpu.Timing
 
 var errEnded = errors.New("cuda: restore already waited for")
+
+// Concurrency implements gpu.Backend: one restore runs on a Backend at a
+// time (its two streams and staging slots are the backend's); BeginRestore
+// and Begin wait for the one in progress to end.
+func (b *Backend) Concurrency() int { return 1 }
+
+// BeginRestore implements gpu.Backend: a *Cache (device memory) restores
+// through Begin, with layers streaming through the copy and compute
+// streams; a gpu.HostCache takes the checked host path (Project and LoadKV,
+// one synchronous round trip per layer; no recompute).
+func (b *Backend) BeginRestore(dst gpu.Cache, positions []int) (gpu.Restore, error) {
+	switch c := dst.(type) {
+	case *Cache:
+		return b.Begin(c, positions)
+	case gpu.HostCache:
+		if len(c) != b.cfg.Layers {
+			return nil, fmt.Errorf("cuda: a %d-layer cache for a %d-layer model", len(c), b.cfg.Layers)
+		}
+		return &hostRestore{b: b, dst: c, positions: positions, t0: time.Now()}, nil
+	}
+	return nil, fmt.Errorf("cuda: cannot restore into a %T", dst)
+}
+
+// hostRestore is a restore into host memory: each layer a round trip.
+type hostRestore struct {
+	b         *Backend
+	dst       gpu.HostCache
+	positions []int
+	t0        time.Time
+	t         Timing
+	err       error
+}
+
+func (r *hostRestore) Recompute([]int, int, func(int)) error {
+	if r.err == nil {
+		r.err = errors.New("cuda: recompute into a host cache is not supported: restore into a device cache (NewCache, WrapCache)")
+	}
+	return r.err
+}
+
+func (r *hostRestore) Hidden(layer int, rows []byte, release func()) error {
+	return r.layer(layer, rows, release, true)
+}
+
+func (r *hostRestore) KV(layer int, rows []byte, release func()) error {
+	return r.layer(layer, rows, release, false)
+}
+
+func (r *hostRestore) layer(layer int, rows []byte, release func(), hidden bool) error {
+	if release != nil {
+		defer release()
+	}
+	if r.err != nil {
+		return r.err
+	}
+	if layer < 0 || layer >= len(r.dst) {
+		r.err = fmt.Errorf("cuda: layer %d out of range [0, %d)", layer, len(r.dst))
+		return r.err
+	}
+	r.err = r.b.hostRoundTrip(layer, rows, r.positions, r.dst[layer], hidden)
+	if r.err == nil {
+		r.t.Layers++
+		r.t.Bytes += int64(len(rows))
+	}
+	return r.err
+}
+
+func (r *hostRestore) Abort() {}
+
+func (r *hostRestore) Wait() (Timing, error) {
+	r.t.Wall = time.Since(r.t0)
+	return r.t, r.err
+}
+
+// Abort implements gpu.Restore: work already queued on the device runs to
+// its end (Wait waits for it); nothing else is needed to stop.
+func (r *Restore) Abort() {}
 
 // Begin starts a restore of the tokens at positions into c. It waits for a
 // restore already running on the backend to end.
@@ -377,7 +453,7 @@ func (r *Restore) Wait() (Timing, error) {
 	}
 	r.ended = true
 	b := r.b
-	t := Timing{Layers: r.k, Bytes: r.bytes}
+	t := Timing{Layers: r.k + r.recomputed, Bytes: r.bytes}
 	err := b.with(func() error {
 		d := b.d
 		// The end event follows everything on both streams.

@@ -1,39 +1,33 @@
 package cuda
 
 import (
-	"errors"
 	"fmt"
 
 	"github.com/hcache/hcache/gpu"
 	"github.com/hcache/hcache/model"
 )
 
-// Backend names Select accepts.
-const (
-	SelectAuto = "auto" // CUDA when a device can be used, else the CPU backend
-	SelectCPU  = "cpu"
-	SelectCUDA = "cuda"
-)
+// Linking this package registers the CUDA backend with gpu.Select under
+// gpu.SelectCUDA ("cuda"; "auto" tries it first). Its options are an
+// Options value (nil: the defaults).
+func init() { gpu.Register(gpu.SelectCUDA, open) }
 
-// Select builds the projection backend named: "cpu", "cuda" (an error
-// wrapping ErrNoDevice when CUDA cannot run here) or "auto" (CUDA, falling
-// back to the CPU backend). note says what was chosen and, on a fallback,
-// why ("no CUDA device: <reason>").
-func Select(name string, c *model.Config, w *model.Weights, o Options) (b gpu.Backend, note string, err error) {
-	switch name {
-	case SelectCPU:
-		b, err := gpu.NewCPU(c, w)
-		return b, "cpu backend (chosen)", err
-	case SelectCUDA, SelectAuto:
-		cb, err := Open(c, w, o)
-		if err == nil {
-			return cb, fmt.Sprintf("cuda backend on %s (cuBLAS %s)", cb.Device(), cb.CublasPath()), nil
+func open(c *model.Config, w *model.Weights, opts any) (gpu.Backend, string, error) {
+	var o Options
+	switch v := opts.(type) {
+	case nil:
+	case Options:
+		o = v
+	case *Options:
+		if v != nil {
+			o = *v
 		}
-		if name == SelectCUDA || !errors.Is(err, ErrNoDevice) {
-			return nil, "", err
-		}
-		b, cerr := gpu.NewCPU(c, w)
-		return b, fmt.Sprintf("cpu backend (%v)", err), cerr
+	default:
+		return nil, "", fmt.Errorf("cuda: backend options of type %T, want cuda.Options", opts)
 	}
-	return nil, "", fmt.Errorf("cuda: unknown backend %q (want %s, %s or %s)", name, SelectAuto, SelectCPU, SelectCUDA)
+	b, err := Open(c, w, o)
+	if err != nil {
+		return nil, "", err
+	}
+	return b, fmt.Sprintf("cuda backend on %s (cuBLAS %s)", b.Device(), b.CublasPath()), nil
 }

@@ -5,12 +5,14 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/hcache/hcache/gpu"
 	"github.com/hcache/hcache/model"
 )
 
 // On a machine without a GPU (CI, the development machines) every way into
 // the backend fails with ErrNoDevice and a reason, and "auto" falls back to
-// the CPU backend. Where a GPU is present, scripts/gpu-check.sh is the test.
+// the CPU backend; linking this package registered "cuda" with gpu.Select
+// (the reason is the driver's, not "not linked"). Where a GPU is present, scripts/gpu-check.sh is the test.
 func TestSelectWithoutDevice(t *testing.T) {
 	if n, lib, err := Probe(""); err == nil {
 		t.Skipf("%d CUDA device(s) and %s present: covered by scripts/gpu-check.sh", n, lib)
@@ -23,14 +25,14 @@ func TestSelectWithoutDevice(t *testing.T) {
 		wantNote string
 		wantName string
 	}{
-		{SelectCPU, "", "cpu backend", "cpu"},
-		{SelectAuto, "", "no CUDA device", "cpu"},
-		{SelectCUDA, "no CUDA device", "", ""},
+		{gpu.SelectCPU, "", "cpu backend", "cpu"},
+		{gpu.SelectAuto, "", "no CUDA device: ", "cpu"},
+		{gpu.SelectCUDA, "no CUDA device: ", "", ""},
 		{"tpu", "unknown backend", "", ""},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
-			b, note, err := Select(tc.name, c, w, Options{})
+			b, note, err := gpu.Select(tc.name, c, w, Options{})
 			if tc.wantErr != "" {
 				if err == nil || !strings.Contains(err.Error(), tc.wantErr) {
 					t.Fatalf("err = %v, want one containing %q", err, tc.wantErr)
@@ -44,6 +46,12 @@ func TestSelectWithoutDevice(t *testing.T) {
 				t.Fatalf("backend %s (%s), want %s with a note containing %q", b.Name(), note, tc.wantName, tc.wantNote)
 			}
 		})
+	}
+	if _, _, err := gpu.Select(gpu.SelectCUDA, c, w, nil); err == nil || strings.Contains(err.Error(), "not linked") {
+		t.Fatalf("Select(cuda) with this package linked: %v, want the driver's reason", err)
+	}
+	if _, _, err := gpu.Select(gpu.SelectCUDA, c, w, 42); err == nil || !strings.Contains(err.Error(), "options of type int") {
+		t.Fatalf("Select(cuda) with options of another backend: %v", err)
 	}
 	_, err := Open(c, w, Options{})
 	if !errors.Is(err, ErrNoDevice) || !strings.HasPrefix(err.Error(), "no CUDA device: ") {

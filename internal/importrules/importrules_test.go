@@ -53,9 +53,12 @@ var mayLinkEngine = []string{
 	"serve", "daemon", "cmd/...", "bench/...", "fuzz/...",
 }
 
-// mayLinkCUDA lists the packages allowed to depend on the CUDA backend.
+// mayLinkCUDA lists the packages allowed to depend on the CUDA backend:
+// the binaries, which link it to register it with gpu.Select, and the
+// benchmarks that drive it directly. serve and the daemon restore through
+// the gpu package's interface and do not link it.
 var mayLinkCUDA = []string{
-	"gpu/cuda", "serve", "daemon", "cmd/...", "bench/gpubench", "bench/profiler", "bench/benchpipe", "bench/benchdaemon",
+	"gpu/cuda", "cmd/...", "bench/gpubench", "bench/profiler", "bench/benchpipe", "bench/benchdaemon",
 }
 
 // directImporters: the index and the io_uring engine are the engine's
@@ -234,6 +237,8 @@ func TestRulesCatchViolations(t *testing.T) {
 		{"planning links the engine", pkg{ImportPath: m("serve/sched"), Imports: []string{m("state")}, Deps: []string{m("chunk"), m("lsm")}}, "serve/sched links the storage engine (" + m("chunk") + ")"},
 		{"model links Pebble", pkg{ImportPath: m("model"), Deps: []string{"github.com/cockroachdb/pebble/v2"}}, "model links the storage engine (github.com/cockroachdb/pebble/v2)"},
 		{"client links CUDA", pkg{ImportPath: m("clients/hcacheclient"), Deps: []string{m("gpu/cuda")}}, "clients/hcacheclient links the CUDA backend"},
+		{"serve links CUDA", pkg{ImportPath: m("serve"), Deps: []string{m("gpu"), m("gpu/cuda")}}, "serve links the CUDA backend"},
+		{"daemon links CUDA", pkg{ImportPath: m("daemon"), Deps: []string{m("serve"), m("gpu/cuda")}}, "daemon links the CUDA backend"},
 		{"internal imports up", pkg{ImportPath: m("internal/demo"), Imports: []string{m("serve")}}, "internal/demo imports serve: internal/ imports nothing of this module outside internal/"},
 		{"import of a higher layer", pkg{ImportPath: m("chunk"), Imports: []string{m("serve")}}, "chunk (layer 2) imports serve (layer 4)"},
 		{"import beside", pkg{ImportPath: m("chunk"), Imports: []string{m("gpu")}}, "chunk (layer 2) imports gpu (layer 2)"},

@@ -126,6 +126,9 @@ func Run(o Options) ([]Turn, error) {
 	if err != nil {
 		return nil, err
 	}
+	if err := backend.LoadRecompute(w, c.Layers); err != nil {
+		return nil, err
+	}
 	sdir := o.Dir
 	if sdir == "" {
 		sdir = filepath.Join(tmp, "store")
@@ -159,7 +162,7 @@ func Run(o Options) ([]Turn, error) {
 	}
 	planS := decision.Plan
 	identS := serve.Identity(c, w, planS)
-	restorer := serve.NewRestorer(st, backend, serve.CPURecompute{M: m}, serve.Settings{})
+	restorer := serve.NewRestorer(st, backend, serve.Settings{})
 	fmt.Fprintf(o.Out, "scheduler plan on %s (%s) for %d tokens: %v (predicted restore %.3f ms there)\n",
 		prof.Name, platform.Tier.Name, o.Turns*(o.Prompt+o.Gen), decision.Split, decision.PredictedMS)
 	const ns = "demo"
@@ -276,7 +279,7 @@ func restoreWith(r *serve.Restorer, ns, id string, ident *chunk.Identity, c *mod
 		return nil, 0, err
 	}
 	start := time.Now()
-	rs, err := r.Restore(serve.Request{NS: ns, ID: id, Ident: ident, Tokens: history, Dst: paged})
+	rs, err := r.Restore(serve.Request{NS: ns, ID: id, Ident: ident, Tokens: history, Dst: gpu.HostCache(paged)})
 	ms := float64(time.Since(start).Microseconds()) / 1000
 	if err != nil {
 		return nil, 0, err
