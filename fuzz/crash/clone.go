@@ -1,10 +1,13 @@
 package crash
 
 import (
+	"fmt"
+	"hash/crc32"
 	"io"
 	"math/rand"
 	randv2 "math/rand/v2"
 	"sort"
+	"strings"
 
 	"github.com/cockroachdb/pebble/v2/vfs"
 )
@@ -214,4 +217,44 @@ func copyTree(from, to vfs.FS, p string) error {
 		}
 	}
 	return syncDir(to, p)
+}
+
+// stateDigest is a CRC-32C of every path and file's bytes under p, in sorted
+// order: two crash clones with one digest are (almost surely) one state.
+// Pebble's WAL files count by length only: the store builds each index
+// batch from maps, so one batch holds the same keys in another order each
+// run (same length, same index once replayed).
+func stateDigest(fs vfs.FS, p string) (uint32, error) {
+	h := crc32.New(crc32.MakeTable(crc32.Castagnoli))
+	var walk func(p string) error
+	walk = func(p string) error {
+		io.WriteString(h, p)
+		if !isDir(fs, p) {
+			data, err := readFile(fs, p)
+			if err != nil {
+				return err
+			}
+			h.Write([]byte{0})
+			if strings.HasSuffix(p, ".log") {
+				fmt.Fprint(h, len(data))
+			} else {
+				h.Write(data)
+			}
+			return nil
+		}
+		h.Write([]byte{1})
+		names, err := fs.List(p)
+		if err != nil {
+			return err
+		}
+		sort.Strings(names)
+		for _, n := range names {
+			if err := walk(fs.PathJoin(p, n)); err != nil {
+				return err
+			}
+		}
+		return nil
+	}
+	err := walk(p)
+	return h.Sum32(), err
 }

@@ -450,8 +450,12 @@ func (s *sim) crashPoint(where string, trace io.Writer) {
 	s.rep.CrashPoints++
 	tag := fmt.Sprintf("seed %d cycle %d crash point %d (%s, op %d, %d%% unsynced kept)", s.seed, s.cycle, point, where, op, pct)
 	fails := len(s.rep.Failures) + s.rep.LostAcked + s.rep.TornServed + s.rep.FsckErrors
+	var state uint32
+	if err == nil {
+		state, err = stateDigest(clone, "/")
+	}
 	defer func() {
-		fmt.Fprintf(trace, "%s: %d\n", tag, len(s.rep.Failures)+s.rep.LostAcked+s.rep.TornServed+s.rep.FsckErrors-fails)
+		fmt.Fprintf(trace, "%s: state %08x: %d\n", tag, state, len(s.rep.Failures)+s.rep.LostAcked+s.rep.TornServed+s.rep.FsckErrors-fails)
 	}()
 	if err != nil {
 		s.rep.FsckErrors++
