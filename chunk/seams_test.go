@@ -86,6 +86,16 @@ func TestEvictOneAndClock(t *testing.T) {
 					}
 				}
 			}
+			// No candidate holds bytes (pinned and open do): every
+			// empty candidate goes, whatever the others hold.
+			mk("e1", 0, false, true)
+			mk("e2", 0, false, true)
+			mu.Lock()
+			evicted = nil
+			mu.Unlock()
+			if n, err := s.EvictOne(); err != nil || n != 2 || len(evicted) != 2 || evicted[0] != "e1" || evicted[1] != "e2" {
+				t.Fatalf("only empty candidates: evicted %d %v (%v), want [e1 e2]", n, evicted, err)
+			}
 			if _, err := s.Restore("ns", "b", ident, func(int, []byte) error { return nil }); err == nil {
 				t.Fatal("an evicted context restores")
 			}
@@ -140,4 +150,39 @@ func TestSynchronousSettles(t *testing.T) {
 	if n := tokensIn(); n != 8 {
 		t.Fatalf("%d tokens after Flush, want 8", n)
 	}
+}
+
+// TestEvictOneWithNothingLive: with no byte live anywhere (a writer's rows
+// still staged), EvictOne still takes the empty candidates, as it does when
+// another configuration's writer has committed a group: which contexts go
+// does not depend on chunk size (the metamorphic crash test found that).
+func TestEvictOneWithNothingLive(t *testing.T) {
+	s, err := Open(Options{FS: vfs.NewMem(), Dir: "/s", ChunkTokens: 16, GCInterval: -1, Logf: t.Logf})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	ident := testIdentity("m")
+	w, err := s.Create("ns", "w", ident, CreateOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	appendTokens(t, w, ident, "w", 0, 5) // staged, not a full group
+	e, err := s.Create("ns", "e", ident, CreateOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := e.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if n, err := s.EvictOne(); err != nil || n != 1 {
+		t.Fatalf("evicted %d (%v), want the empty context", n, err)
+	}
+	if _, err := s.Context("ns", "e"); err == nil {
+		t.Fatal("the empty context is still there")
+	}
+	if err := w.Close(); err != nil {
+		t.Fatal(err)
+	}
+	verify(t, s, "ns", "w", ident, 5)
 }

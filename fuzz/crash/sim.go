@@ -126,6 +126,7 @@ type sim struct {
 	hookRNG *rand.Rand
 	points  int
 	verify  sync.Mutex // one crash verification at a time
+	trace   io.Writer
 }
 
 // simEpoch is the simulated clock's start (2026-01-01T00:00:00Z).
@@ -167,6 +168,7 @@ func runCycle(rep *Report, o SimOptions, cycle int, trace io.Writer) {
 	seed := o.Seed*1000003 + int64(cycle)
 	s := &sim{rep: rep, cycle: cycle, seed: seed, cfg: o.Config, ident: Identity(),
 		ctxs: map[string]*ctxModel{}, slots: make([][]string, o.Contexts), hookRNG: rand.New(rand.NewSource(seed ^ 0x5eed)), now: simEpoch}
+	s.trace = trace
 	rng := rand.New(rand.NewSource(seed))
 	ct := o.Config.ChunkTokens
 	if ct == 0 {
@@ -286,6 +288,7 @@ func (s *sim) onEvict(ns, id string) {
 	if m := s.ctxs[id]; m != nil {
 		m.evicted = true
 	}
+	fmt.Fprintf(s.trace, "cycle %d op %d: evicted %s\n", s.cycle, s.op, id)
 }
 
 // ids returns the context ids in order.
