@@ -3,9 +3,9 @@ package crash
 import (
 	"fmt"
 	"hash/crc32"
+	"hash/crc64"
 	"io"
-	"math/rand"
-	randv2 "math/rand/v2"
+	"math/rand/v2"
 	"sort"
 	"strings"
 
@@ -19,14 +19,14 @@ const cloneBlock = 4096
 // crashClone returns the state of mem after a power cut that kept pct
 // percent of the unsynced data (directory entries and 4 KiB blocks), drawn
 // with seed. Pebble's CrashClone draws in map order, so one seed gives
-// another state each run; this one draws in sorted path order from two
+// another state each run; this one draws per path (see draws) from two
 // deterministic clones (0%: what was synced; 100%: everything), so a seed
 // replays. The states it makes are ones CrashClone can make: a kept
 // unsynced entry keeps all its data, and a file whose entry was synced keeps
 // its synced bytes and each unsynced block independently.
 func crashClone(mem *vfs.MemFS, pct int, seed int64) (*vfs.MemFS, error) {
 	fixed := func(p int) *vfs.MemFS {
-		return mem.CrashClone(vfs.CrashCloneCfg{UnsyncedDataPercent: p, RNG: randv2.New(randv2.NewPCG(1, 2))})
+		return mem.CrashClone(vfs.CrashCloneCfg{UnsyncedDataPercent: p, RNG: rand.New(rand.NewPCG(1, 2))})
 	}
 	if pct <= 0 {
 		return fixed(0), nil
@@ -36,7 +36,7 @@ func crashClone(mem *vfs.MemFS, pct int, seed int64) (*vfs.MemFS, error) {
 	}
 	synced, all := fixed(0), fixed(100)
 	out := vfs.NewCrashableMem()
-	c := &cloner{synced: synced, all: all, out: out, pct: pct, rng: rand.New(rand.NewSource(seed))}
+	c := &cloner{synced: synced, all: all, out: out, pct: pct, seed: uint64(seed)}
 	if err := c.dir("/", true); err != nil {
 		return nil, err
 	}
@@ -46,10 +46,17 @@ func crashClone(mem *vfs.MemFS, pct int, seed int64) (*vfs.MemFS, error) {
 type cloner struct {
 	synced, all, out *vfs.MemFS
 	pct              int
-	rng              *rand.Rand
+	seed             uint64
 }
 
-func (c *cloner) keep() bool { return c.rng.Intn(100) < c.pct }
+// draws returns the random draws of one path: each path has its own, so
+// that files another goroutine creates or removes at its own pace (Pebble
+// deletes obsolete files after it opens) do not shift the draws of others.
+func (c *cloner) draws(path, what string) func() bool {
+	h := crc64.Checksum([]byte(what+"\x00"+path), crc64.MakeTable(crc64.ECMA))
+	r := rand.New(rand.NewPCG(c.seed, h))
+	return func() bool { return r.IntN(100) < c.pct }
+}
 
 // dir clones directory path; inSynced says the path is reachable through
 // synced entries (so the synced clone has it).
@@ -110,7 +117,7 @@ func (c *cloner) dir(path string, inSynced bool) error {
 				return err
 			}
 		default: // an unsynced entry: kept whole, or not at all
-			if c.keep() {
+			if c.draws(p, "entry")() {
 				if err := copyTree(c.all, c.out, p); err != nil {
 					return err
 				}
@@ -132,8 +139,9 @@ func (c *cloner) file(p string) error {
 		return err
 	}
 	if len(cur) >= len(data) {
+		keep := c.draws(p, "blocks")
 		for i := 0; i < len(cur); i += cloneBlock {
-			if !c.keep() {
+			if !keep() {
 				continue
 			}
 			block := cur[i:min(i+cloneBlock, len(cur))]
