@@ -71,6 +71,7 @@ func TestCheckContextVerdicts(t *testing.T) {
 func TestSimulatedReplays(t *testing.T) {
 	seed := testSeed(t)
 	var first []byte
+	var firstTrace string
 	for run := range 2 {
 		var trace strings.Builder
 		rep := Simulate(SimOptions{Seed: seed, Cycles: 3, Ops: 60, WriteProb: 0.05, SyncProb: 0.5, Trace: &trace})
@@ -88,8 +89,17 @@ func TestSimulatedReplays(t *testing.T) {
 			t.Fatalf("run %d: no trace: %s", run, b)
 		}
 		if run == 0 {
-			first = b
-		} else if string(b) != string(first) {
+			first, firstTrace = b, trace.String()
+			continue
+		}
+		if string(b) != string(first) {
+			a, b2 := strings.Split(firstTrace, "\n"), strings.Split(trace.String(), "\n")
+			for i := range min(len(a), len(b2)) {
+				if a[i] != b2[i] {
+					t.Errorf("first difference, trace line %d:\n%s\n%s", i+1, a[i], b2[i])
+					break
+				}
+			}
 			t.Fatalf("seed %d gave two reports:\n%s\n%s", seed, first, b)
 		}
 	}

@@ -126,6 +126,7 @@ type sim struct {
 	hookRNG *rand.Rand
 	points  int
 	verify  sync.Mutex // one crash verification at a time
+	trace   io.Writer
 }
 
 // simEpoch is the simulated clock's start (2026-01-01T00:00:00Z).
@@ -167,6 +168,7 @@ func runCycle(rep *Report, o SimOptions, cycle int, trace io.Writer) {
 	seed := o.Seed*1000003 + int64(cycle)
 	s := &sim{rep: rep, cycle: cycle, seed: seed, cfg: o.Config, ident: Identity(),
 		ctxs: map[string]*ctxModel{}, slots: make([][]string, o.Contexts), hookRNG: rand.New(rand.NewSource(seed ^ 0x5eed)), now: simEpoch}
+	s.trace = trace
 	rng := rand.New(rand.NewSource(seed))
 	ct := o.Config.ChunkTokens
 	if ct == 0 {
@@ -286,6 +288,7 @@ func (s *sim) onEvict(ns, id string) {
 	if m := s.ctxs[id]; m != nil {
 		m.evicted = true
 	}
+	fmt.Fprintf(s.trace, "cycle %d op %d: evicted %s\n", s.cycle, s.op, id)
 }
 
 // ids returns the context ids in order.
@@ -450,8 +453,12 @@ func (s *sim) crashPoint(where string, trace io.Writer) {
 	s.rep.CrashPoints++
 	tag := fmt.Sprintf("seed %d cycle %d crash point %d (%s, op %d, %d%% unsynced kept)", s.seed, s.cycle, point, where, op, pct)
 	fails := len(s.rep.Failures) + s.rep.LostAcked + s.rep.TornServed + s.rep.FsckErrors
+	var state uint32
+	if err == nil {
+		state, err = stateDigest(clone, "/")
+	}
 	defer func() {
-		fmt.Fprintf(trace, "%s: %d\n", tag, len(s.rep.Failures)+s.rep.LostAcked+s.rep.TornServed+s.rep.FsckErrors-fails)
+		fmt.Fprintf(trace, "%s: state %08x: %d\n", tag, state, len(s.rep.Failures)+s.rep.LostAcked+s.rep.TornServed+s.rep.FsckErrors-fails)
 	}()
 	if err != nil {
 		s.rep.FsckErrors++
