@@ -2,7 +2,6 @@ package crash
 
 import (
 	"encoding/json"
-	"os"
 	"strings"
 	"testing"
 
@@ -148,16 +147,12 @@ func TestMetamorphicCatchesDifferentStates(t *testing.T) {
 	}
 }
 
-// TestSimulatedDirectCache is a known failure the metamorphic run found:
-// with O_DIRECT and the DRAM cache both on (io_uring or the fallback
-// engine), seed 457033's restores on the running store (cycle 0, ops 80 and
-// 82) serve rows that are not what was appended; the same operations pass
-// on buffered files, in memory, and with O_DIRECT without the cache.
-// Skipped unless HCACHE_KNOWN_BUGS is set, until the store is fixed.
+// TestSimulatedDirectCache: the metamorphic run found that with O_DIRECT
+// and the DRAM cache both on (io_uring or the fallback engine), seed
+// 457033's restores on the running store (cycle 0, ops 80 and 82) served
+// rows that were not what was appended: a direct read rounded up to whole
+// blocks overwrote DRAM-tier hits already copied into the layer's buffer.
 func TestSimulatedDirectCache(t *testing.T) {
-	if os.Getenv("HCACHE_KNOWN_BUGS") == "" {
-		t.Skip("known failure (O_DIRECT + DRAM cache restore serves wrong rows); set HCACHE_KNOWN_BUGS=1 to run")
-	}
 	for _, engine := range []string{"fallback", "auto"} {
 		rep := Simulate(SimOptions{Seed: 457033, Cycles: 1, Ops: 100, NoFaults: true,
 			Config: Config{ChunkTokens: 16, RealDir: t.TempDir(), Engine: engine}})

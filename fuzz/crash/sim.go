@@ -97,13 +97,14 @@ func (m ctxModel) expect(afterRepair bool) Expect {
 
 // evictedExpect is how eviction changes what a context may look like: one
 // that an eviction under way may pick need not exist; one evicted must not
-// come back after a crash. After index loss and repair, an evicted context
-// may come back today: evictions write no tombstone (DESIGN, "Repair": "Limits").
+// come back after a crash, whether the index survived it or was lost and
+// repaired from the segments (an eviction's tombstone is durable before it
+// takes effect).
 func evictedExpect(m ctxModel, e Expect, afterRepair bool) Expect {
 	if m.evictPending || m.evicted {
 		e.MustExist = false
 	}
-	if m.evicted && !afterRepair {
+	if m.evicted {
 		e.MayExist = false
 	}
 	return e
