@@ -449,8 +449,11 @@ func (s *sim) crashPoint(where string, trace io.Writer) {
 	point := s.points
 	pct := s.hookRNG.Intn(101)
 	cloneSeed := s.hookRNG.Int63()
-	s.mu.Unlock()
+	// The clone is taken in the same critical section as the models: steps
+	// update a model under s.mu before they call the store, so the image
+	// never holds more than the models say was appended.
 	clone, err := crashClone(s.mem, pct, cloneSeed)
+	s.mu.Unlock()
 	s.rep.CrashPoints++
 	tag := fmt.Sprintf("seed %d cycle %d crash point %d (%s, op %d, %d%% unsynced kept)", s.seed, s.cycle, point, where, op, pct)
 	fails := len(s.rep.Failures) + s.rep.LostAcked + s.rep.TornServed + s.rep.FsckErrors
