@@ -408,3 +408,36 @@ func (s *Store) rollForwardTombstones() error {
 	}
 	return b.Commit(true)
 }
+
+// Delete removes a context durably: it returns once the context's tombstone
+// is durable in the segment log and the index no longer lists it (see
+// deleteCtxs); no crash and no repair brings it back. When that cannot be
+// done it returns the error and the context is unchanged. An open writer of
+// it fails its next Flush.
+func (s *Store) Delete(ns, id string) error {
+	s.mu.Lock()
+	c, err := s.lookup(ns, id)
+	s.mu.Unlock()
+	if err != nil {
+		return err
+	}
+	done := make(chan error, 1)
+	if err := s.submit(op{kind: opDelete, c: c, done: done}); err != nil {
+		return err
+	}
+	return <-done
+}
+
+// markDamaged records that a context's data failed a check.
+func (s *Store) markDamaged(c *ctxState) {
+	s.mu.Lock()
+	already := c.rec.Flags&lsm.FlagDamaged != 0
+	c.rec.Flags |= lsm.FlagDamaged
+	s.mu.Unlock()
+	if already {
+		return
+	}
+	s.stats.damaged.Add(1)
+	// Persist it without waiting; best effort if the store is closing.
+	_ = s.submit(op{kind: opDamage, c: c})
+}

@@ -1,0 +1,234 @@
+package chunk
+
+import (
+	"errors"
+	"syscall"
+
+	"github.com/hcache/hcache/lsm"
+)
+
+// commit makes the completed writes durable (fdatasync of each touched
+// segment), indexes them in one Pebble batch (synced when someone waits), and
+// answers the waiters.
+func (f *flusher) commit(jobs []*writeJob, waiters []waiter) {
+	s := f.s
+	// 1. Durability of the data.
+	touched := map[*segFile]bool{}
+	for _, j := range jobs {
+		if j.err == nil {
+			touched[j.seg] = true
+		}
+	}
+	var syncErr error
+	for _, sg := range segsByID(touched) {
+		if err := sg.datasync(); err != nil {
+			syncErr = err
+			s.opts.Logf("chunk: fdatasync of segment %d failed (%v); its unindexed writes are dropped and the segment is sealed", sg.id, err)
+			s.mu.Lock()
+			sg.syncFailed = true
+			if rec := s.segRecs[sg.id]; rec != nil {
+				rec.Sealed = true
+			}
+			if s.active == sg {
+				s.active = nil
+			}
+			s.mu.Unlock()
+		}
+	}
+	// 2. The index batch. The records a job supersedes (a partial group
+	// written before) are read from the index first, without the store
+	// lock. Token counts change only here, on this goroutine.
+	stored := map[string]*lsm.Chunk{}
+	for _, j := range jobs {
+		if j.err == nil && uint64(j.group)*uint64(s.ct) < j.c.rec.Tokens {
+			key := lsm.ChunkKey(j.c.ns, j.c.id, j.group)
+			if v, err := s.db.Get(key); err == nil {
+				stored[string(key)], _ = lsm.DecodeChunk(v)
+			}
+		}
+	}
+	b := s.db.NewBatch()
+	s.mu.Lock()
+	segTouched := map[uint32]bool{}
+	ctxTouched := map[*ctxState]bool{}
+	for sg := range touched {
+		segTouched[sg.id] = true
+	}
+	superseded := map[string]*lsm.Chunk{}
+	// Token counts advance in memory only after the index commit, so a
+	// restore never expects chunks the index does not have yet.
+	newTokens := map[*ctxState]uint64{}
+	for _, j := range jobs {
+		c := j.c
+		if j.err == nil && syncErr == nil && j.seg.syncFailed {
+			// Written before an fdatasync of its segment failed, even if
+			// a later one succeeded: the kernel may have dropped it
+			// (fsyncgate). Never index it.
+			j.err = errSyncFailed
+		}
+		if errors.Is(j.err, syscall.ENOSPC) && !errors.Is(j.err, ErrDiskFull) {
+			s.enterDiskFullLocked(j.err)
+		}
+		if j.err != nil || syncErr != nil {
+			if j.err != errSkipped && c.writeErr == nil {
+				if j.err == nil {
+					c.writeErr = syncErr
+				} else {
+					c.writeErr = j.err
+				}
+			}
+			continue
+		}
+		if c.deleted || c.writeErr != nil {
+			continue
+		}
+		if _, ok := newTokens[c]; !ok {
+			newTokens[c] = c.rec.Tokens
+		}
+		// What is indexed stays a prefix of whole groups and at most
+		// one partial last group, written by the context's current
+		// writer. A job that breaks this is a bug: it is not indexed,
+		// and its writer's Flush fails with ErrInvariant.
+		cur, start, end := newTokens[c], uint64(j.group)*uint64(s.ct), uint64(j.group)*uint64(s.ct)+uint64(j.tokens)
+		if !s.invariant(j.wseq == c.writerSeq, "group %d of %s/%s committed for writer %d, which is gone: writer %d has opened the context since", j.group, c.ns, c.id, j.wseq, c.writerSeq) ||
+			!s.invariant(start <= cur, "group %d of %s/%s (tokens %d-%d) would leave a gap after the %d tokens indexed", j.group, c.ns, c.id, start, end, cur) ||
+			!s.invariant(j.tokens == s.ct || end >= cur, "group %d of %s/%s holds %d of %d tokens but would not be the last (%d tokens indexed)", j.group, c.ns, c.id, j.tokens, s.ct, cur) {
+			c.writeErr = s.brokenErr()
+			continue
+		}
+		key := lsm.ChunkKey(c.ns, c.id, j.group)
+		// The group may already be stored (a partial tail flushed
+		// earlier): its old record becomes dead.
+		old := superseded[string(key)]
+		if old == nil && uint64(j.group)*uint64(s.ct) < c.rec.Tokens {
+			old = stored[string(key)]
+		}
+		if old != nil {
+			if rec := s.segRecs[old.Segment]; rec != nil {
+				s.invariant(rec.Live >= uint64(old.Length), "segment %d: %d live bytes, less than the %d-byte record of group %d of %s/%s that a rewrite supersedes", old.Segment, rec.Live, old.Length, j.group, c.ns, c.id)
+				rec.Live -= min(rec.Live, uint64(old.Length))
+				segTouched[old.Segment] = true
+			}
+			c.live -= int64(old.Length)
+			s.live -= int64(old.Length)
+			s.invariant(c.live >= 0 && s.live >= 0, "live bytes below zero (%s/%s: %d, store: %d) after group %d's old record was superseded", c.ns, c.id, c.live, s.live, j.group)
+		}
+		ch := j.chunk
+		superseded[string(key)] = &ch
+		b.Set(key, ch.Encode())
+		s.segRecs[j.seg.id].Live += uint64(j.length)
+		c.live += int64(j.length)
+		s.live += int64(j.length)
+		if t := uint64(j.group)*uint64(s.ct) + uint64(j.tokens); t > newTokens[c] {
+			newTokens[c] = t
+		}
+		ctxTouched[c] = true
+		if s.cache != nil && s.cache.limit > 0 {
+			s.cacheGroup(c, j)
+		}
+	}
+	// Only contexts marked dirty since the last commit: the work of a
+	// commit does not grow with the number of contexts.
+	for c := range s.dirtyCtxs {
+		if c.dirty {
+			ctxTouched[c] = true
+		}
+		if c.useDirty && !c.deleted {
+			b.Set(lsm.LastUseKey(c.ns, c.id), lsm.EncodeNanos(lsm.KindLastUse, c.lastUse))
+			c.useDirty = false
+		}
+	}
+	clear(s.dirtyCtxs)
+	for c := range ctxTouched {
+		if c.deleted {
+			continue
+		}
+		if !s.namespaces[c.ns] {
+			s.namespaces[c.ns] = true
+			b.Set(lsm.NamespaceKey(c.ns), lsm.EncodeNanos(lsm.KindNamespace, s.opts.Now()))
+		}
+		rec := c.rec
+		if t, ok := newTokens[c]; ok {
+			rec.Tokens = t
+		}
+		b.Set(lsm.ContextKey(c.ns, c.id), rec.Encode())
+		c.dirty = false
+	}
+	for id := range segTouched {
+		if rec := s.segRecs[id]; rec != nil {
+			b.Set(lsm.SegmentKey(id), rec.Encode())
+		}
+	}
+	if s.active != nil {
+		b.Set(lsm.SegmentKey(s.active.id), s.segRecs[s.active.id].Encode())
+	}
+	s.mu.Unlock()
+	// Every index batch is synced, waiters or not, and the store writes
+	// nothing else to the index: unsynced writes can reach the disk out of
+	// order, and Pebble, finding a lost WAL record followed by later ones,
+	// reports corruption rather than replaying a prefix. With each batch
+	// synced before the next is built, at most the last one is ever
+	// unsynced. (A sync costs ~0.2 ms here; batches without waiters are
+	// rare: idle or CommitBytes.) Last-use times ride along with the next
+	// commit.
+	var err error
+	if b.Empty() {
+		b.Discard()
+	} else {
+		err = b.Commit(true)
+	}
+	if err != nil {
+		s.mu.Lock()
+		s.failed = err
+		s.mu.Unlock()
+		s.opts.Logf("chunk: index commit failed: %v; the store refuses further writes", err)
+	}
+	s.stats.commits.Add(1)
+	s.mu.Lock()
+	if err == nil {
+		for c, t := range newTokens {
+			s.invariant(t >= c.rec.Tokens, "%s/%s: a commit would shrink the token count from %d to %d", c.ns, c.id, c.rec.Tokens, t)
+			c.rec.Tokens = max(c.rec.Tokens, t)
+		}
+	}
+	// The jobs are dealt with only now that the token counts show them:
+	// an Append that sees none pending reads the count a restore sees.
+	for _, j := range jobs {
+		j.c.pending--
+		s.invariant(j.c.pending >= 0, "%s/%s: %d groups pending with the flusher after one was committed", j.c.ns, j.c.id, j.c.pending)
+	}
+	s.mu.Unlock()
+	// Staging slabs go back before anyone is answered, so a writer that
+	// flushed finds them free.
+	for _, j := range jobs {
+		f.release(j)
+	}
+	// Evict before answering: when a Flush returns, the capacity bound
+	// holds again.
+	if err == nil {
+		f.evict()
+	}
+	for _, w := range waiters {
+		s.mu.Lock()
+		werr := err
+		if werr == nil && w.c != nil {
+			werr = w.c.writeErr
+		}
+		s.mu.Unlock()
+		w.done <- werr
+	}
+}
+
+// release frees a job's buffers once it is committed (or failed).
+func (f *flusher) release(j *writeJob) {
+	if j.header != nil {
+		f.s.scratch.put(j.header)
+	}
+	if j.packed != nil {
+		f.s.scratch.put(j.packed)
+	}
+	if j.owned {
+		f.s.staging.put(j.slab)
+		f.s.staging.handOff(-1)
+	}
+}
