@@ -14,13 +14,13 @@ var (
 	errSyncFailed = errors.New("chunk: an fdatasync of the segment failed earlier")
 )
 
-// reserve allocates length bytes at the append point, rotating to a new
+// allocate allocates length bytes at the append point, rotating to a new
 // segment when the active one is full. Writes are refused while the disk is
 // full (ErrDiskFull); GC (gc true) may still allocate, with the room the
-// released emergency reserve left. It runs only on the flusher (the one
+// released ballast left. It runs only on the flusher (the one
 // allocator; evictions' tombstones on the committer take allocMu too), and
 // holds no store-wide lock across fallocate, fdatasync or file creation.
-func (s *Store) reserve(length uint64, gc bool) (*segFile, uint64, error) {
+func (s *Store) allocate(length uint64, gc bool) (*segFile, uint64, error) {
 	s.allocMu.Lock()
 	defer s.allocMu.Unlock()
 	if length+segHeaderBytes > uint64(s.opts.SegmentBytes) {
@@ -91,14 +91,14 @@ var ErrDiskFull = errors.New("chunk: the disk is full: writes are refused until 
 func errDiskFull() error { return fmt.Errorf("%w (%w)", ErrDiskFull, syscall.ENOSPC) }
 
 // spaceFreedLocked leaves the disk-full state when the file system reports
-// room for the reserve and two new segments again (space freed from
-// outside); it takes the reserve back first. Call with s.mu held.
+// room for the ballast and two new segments again (space freed from
+// outside); it takes the ballast back first. Call with s.mu held.
 func (s *Store) spaceFreedLocked() bool {
 	du, err := s.fs.GetDiskUsage(s.dir)
-	if err != nil || int64(du.AvailBytes) < s.opts.ReserveBytes+2*initialSegmentBytes {
+	if err != nil || int64(du.AvailBytes) < s.opts.BallastBytes+2*initialSegmentBytes {
 		return false
 	}
-	if err := s.takeReserve(); err != nil {
+	if err := s.takeBallast(); err != nil {
 		return false
 	}
 	s.diskFull = false
@@ -107,7 +107,7 @@ func (s *Store) spaceFreedLocked() bool {
 }
 
 // enterDiskFullLocked switches to refusing writes after an ENOSPC: the
-// emergency reserve file is released, so that the index (deletes) and GC
+// ballast file is released, so that the index (deletes) and GC
 // have room, and the active segment is sealed so GC may compact it. Call
 // with s.mu held.
 func (s *Store) enterDiskFullLocked(cause error) {
@@ -122,8 +122,8 @@ func (s *Store) enterDiskFullLocked(cause error) {
 		}
 		s.active = nil
 	}
-	released := s.releaseReserve()
-	s.opts.Logf("chunk: %s: disk full (%v): writes refused until deletes and GC free space; emergency reserve released: %v", s.dir, cause, released)
+	released := s.releaseBallast()
+	s.opts.Logf("chunk: %s: disk full (%v): writes refused until deletes and GC free space; ballast released: %v", s.dir, cause, released)
 }
 
 // newSegment creates, preallocates and syncs a segment file (and its

@@ -293,7 +293,7 @@ func (f *flusher) startWrite(o op) {
 	for _, p := range payload {
 		length += len(p)
 	}
-	seg, off, err := s.reserve(uint64(length), false)
+	seg, off, err := s.allocate(uint64(length), false)
 	if err != nil {
 		fail(err)
 		return

@@ -48,8 +48,8 @@ func (s *Store) gcVictims() []uint32 {
 
 // gcLoop runs GC every interval when a segment is worth compacting.
 // maybeLeaveDiskFull ends the disk-full state after a GC: when the file
-// system reports enough free space for the emergency reserve and a segment
-// (or, where it reports nothing, when the GC removed a segment), the reserve
+// system reports enough free space for the ballast and a segment
+// (or, where it reports nothing, when the GC removed a segment), the ballast
 // is taken again and writes resume.
 func (s *Store) maybeLeaveDiskFull(res *GCResult) {
 	s.mu.Lock()
@@ -58,18 +58,18 @@ func (s *Store) maybeLeaveDiskFull(res *GCResult) {
 		return
 	}
 	if du, err := s.fs.GetDiskUsage(s.dir); err == nil {
-		if int64(du.AvailBytes) < s.opts.ReserveBytes+2*initialSegmentBytes {
+		if int64(du.AvailBytes) < s.opts.BallastBytes+2*initialSegmentBytes {
 			return
 		}
 	} else if res.Err != nil {
 		return // no usage reported: a GC that completed is the best sign
 	}
-	if err := s.takeReserve(); err != nil {
-		s.opts.Logf("chunk: %s: GC freed space but the emergency reserve could not be taken again (%v); writes stay refused", s.dir, err)
+	if err := s.takeBallast(); err != nil {
+		s.opts.Logf("chunk: %s: GC freed space but the ballast could not be taken again (%v); writes stay refused", s.dir, err)
 		return
 	}
 	s.diskFull = false
-	s.opts.Logf("chunk: %s: GC freed space; emergency reserve taken again; writes resume", s.dir)
+	s.opts.Logf("chunk: %s: GC freed space; ballast taken again; writes resume", s.dir)
 }
 
 func (s *Store) gcLoop(interval time.Duration) {
@@ -199,7 +199,7 @@ func (s *Store) compact(id uint32) (int, uint64, error) {
 			s.mu.Unlock()
 			continue
 		}
-		seg, off, err := s.reserve(uint64(m.ch.Length), true)
+		seg, off, err := s.allocate(uint64(m.ch.Length), true)
 		if err != nil {
 			s.scratch.put(buf)
 			b.Discard()

@@ -11,35 +11,38 @@ import (
 	"github.com/cockroachdb/pebble/v2/vfs"
 )
 
-// reserveFile is the emergency reserve (Options.ReserveBytes).
-const reserveFile = "hcache.reserve"
+// ballastFile is the ballast (Options.BallastBytes): a preallocated file
+// released when the disk is full, so that deletes, their tombstones and GC
+// have room. Its name on disk predates the word ballast and stays, so that
+// existing stores open unchanged.
+const ballastFile = "hcache.reserve"
 
-// takeReserve makes sure the reserve file holds ReserveBytes of allocated
+// takeBallast makes sure the ballast file holds BallastBytes of allocated
 // space (fallocate; on file systems without it, nothing is held).
-func (s *Store) takeReserve() error {
-	if s.opts.ReserveBytes <= 0 {
+func (s *Store) takeBallast() error {
+	if s.opts.BallastBytes <= 0 {
 		return nil
 	}
-	path := s.fs.PathJoin(s.dir, reserveFile)
+	path := s.fs.PathJoin(s.dir, ballastFile)
 	f, err := s.fs.OpenReadWrite(path, vfs.WriteCategoryUnspecified)
 	if err != nil {
 		return err
 	}
 	defer f.Close()
-	if err := f.Preallocate(0, s.opts.ReserveBytes); err != nil {
+	if err := f.Preallocate(0, s.opts.BallastBytes); err != nil {
 		return err
 	}
 	return f.Sync()
 }
 
-// releaseReserve removes the reserve file and reports whether it existed.
-func (s *Store) releaseReserve() bool {
-	path := s.fs.PathJoin(s.dir, reserveFile)
+// releaseBallast removes the ballast file and reports whether it existed.
+func (s *Store) releaseBallast() bool {
+	path := s.fs.PathJoin(s.dir, ballastFile)
 	if _, err := s.fs.Stat(path); err != nil {
 		return false
 	}
 	if err := s.fs.Remove(path); err != nil {
-		s.opts.Logf("chunk: release the emergency reserve %s: %v", path, err)
+		s.opts.Logf("chunk: release the ballast %s: %v", path, err)
 		return false
 	}
 	return true

@@ -14,7 +14,7 @@ import (
 )
 
 // storeEntries are the names a store directory may hold.
-var storeEntries = map[string]bool{"hcache.lock": true, createdMarker: true, createdMarker + ".tmp": true, "index": true, "segments": true, reserveFile: true}
+var storeEntries = map[string]bool{"hcache.lock": true, createdMarker: true, createdMarker + ".tmp": true, "index": true, "segments": true, ballastFile: true}
 
 // Open opens or creates a store (with Options.ReadOnly: opens an existing
 // one and writes nothing).
@@ -76,14 +76,14 @@ func Open(opts Options) (*Store, error) {
 	}()
 	indexDir := s.fs.PathJoin(s.dir, "index")
 	var err error
-	if !s.readOnly && s.opts.ReserveBytes > 0 {
-		// On a (nearly) full disk, release the emergency reserve before
+	if !s.readOnly && s.opts.BallastBytes > 0 {
+		// On a (nearly) full disk, release the ballast before
 		// Pebble's recovery needs room for a new WAL and manifest; the
 		// store then opens refusing writes until GC frees space.
-		if du, err := s.fs.GetDiskUsage(s.dir); err == nil && int64(du.AvailBytes) < s.opts.ReserveBytes/2 {
+		if du, err := s.fs.GetDiskUsage(s.dir); err == nil && int64(du.AvailBytes) < s.opts.BallastBytes/2 {
 			s.diskFull = true
-			released := s.releaseReserve()
-			opts.Logf("chunk: %s: only %d bytes free: emergency reserve released (%v); writes refused until GC frees space", s.dir, du.AvailBytes, released)
+			released := s.releaseBallast()
+			opts.Logf("chunk: %s: only %d bytes free: ballast released (%v); writes refused until GC frees space", s.dir, du.AvailBytes, released)
 		}
 	}
 	if hasMarker && !s.readOnly {
@@ -153,10 +153,10 @@ func Open(opts Options) (*Store, error) {
 	if err := s.rollForwardTombstones(); err != nil {
 		return nil, err
 	}
-	if !s.readOnly && !s.diskFull && s.opts.ReserveBytes > 0 {
-		if err := s.takeReserve(); err != nil {
+	if !s.readOnly && !s.diskFull && s.opts.BallastBytes > 0 {
+		if err := s.takeBallast(); err != nil {
 			if !errors.Is(err, syscall.ENOSPC) {
-				return nil, fmt.Errorf("chunk: emergency reserve: %w", err)
+				return nil, fmt.Errorf("chunk: ballast: %w", err)
 			}
 			s.mu.Lock()
 			s.enterDiskFullLocked(err)

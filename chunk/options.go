@@ -27,8 +27,8 @@ const (
 	DefaultCommitBytes   = 256 << 20
 	DefaultGCLiveRatio   = 0.5
 	DefaultGCInterval    = 30 * time.Second
-	// DefaultReserveBytes is the emergency reserve kept for a full disk.
-	DefaultReserveBytes = 64 << 20
+	// DefaultBallastBytes is the ballast kept for a full disk.
+	DefaultBallastBytes = 64 << 20
 	// DefaultIdleReadBufferBytes bounds idle restore buffers.
 	DefaultIdleReadBufferBytes = 256 << 20
 	// DefaultRestoreAheadBytes bounds the layers one restore reads ahead.
@@ -81,10 +81,10 @@ type Options struct {
 	// file, no index created or recovered to disk, no orphan removed, no
 	// flusher or GC. Writes fail with ErrReadOnly. fsck and stat use it.
 	ReadOnly bool
-	// ReserveBytes is the emergency reserve: a preallocated file of this
+	// BallastBytes is the ballast: a preallocated file of this
 	// size that the store releases when the disk fills, so that deletes
 	// (index commits), GC and a reopen always have room. -1: none.
-	ReserveBytes int64
+	BallastBytes int64
 	// IdleReadBufferBytes bounds the restore buffers kept mapped for reuse
 	// while no restore uses them (DefaultIdleReadBufferBytes; -1: keep none).
 	IdleReadBufferBytes int64
@@ -163,11 +163,11 @@ func (o *Options) fill() error {
 	if o.GCLiveRatio < 0 || o.GCLiveRatio > 1 {
 		return fmt.Errorf("chunk: GCLiveRatio %v not in [0, 1]", o.GCLiveRatio)
 	}
-	if o.ReserveBytes == 0 {
-		o.ReserveBytes = DefaultReserveBytes
+	if o.BallastBytes == 0 {
+		o.BallastBytes = DefaultBallastBytes
 	}
-	if o.ReserveBytes < 0 {
-		o.ReserveBytes = 0
+	if o.BallastBytes < 0 {
+		o.BallastBytes = 0
 	}
 	if o.RestoreAheadBytes == 0 {
 		o.RestoreAheadBytes = DefaultRestoreAheadBytes

@@ -78,7 +78,7 @@ func openSegMode(fs vfs.FS, dir string, id uint32, eng iouring.Engine, direct, r
 	return s, nil
 }
 
-// preallocate reserves size bytes for the segment.
+// preallocate allocates size bytes for the segment.
 func (s *segFile) preallocate(size int64) error {
 	if s.fd >= 0 {
 		if err := unix.Fallocate(s.fd, 0, 0, size); err == nil {

@@ -61,7 +61,7 @@ type Store struct {
 	cache    *sliceCache
 	recovery Recovery
 
-	allocMu    sync.Mutex // serializes reserve (the flusher; evictions on the committer)
+	allocMu    sync.Mutex // serializes allocate (the flusher; evictions on the committer)
 	mu         sync.Mutex
 	ctxs       map[string]*ctxState
 	segs       map[uint32]*segFile

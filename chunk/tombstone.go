@@ -46,7 +46,7 @@ type tombPlan struct {
 // write each) and made durable (one fdatasync per touched segment), then one
 // synced index batch removes their keys and indexes the tombstones. It runs
 // on the flusher, or on the committer while the flusher keeps writing
-// (evictions: reserve serializes allocation). On an error before the index
+// (evictions: allocate serializes allocation). On an error before the index
 // commit nothing changed.
 func (s *Store) deleteCtxs(cs []*ctxState) error {
 	if len(cs) == 0 {
@@ -138,8 +138,8 @@ func (s *Store) deleteCtxs(cs []*ctxState) error {
 }
 
 // writeTombstones appends the plans' tombstone records and makes them
-// durable. An allocation that fails (a full disk even with the emergency
-// reserve released) changes nothing. A write or fdatasync that fails may
+// durable. An allocation that fails (a full disk even with the
+// ballast released) changes nothing. A write or fdatasync that fails may
 // have left a tombstone on disk: the segment is sealed and every tombstone is
 // written again on a fresh one; if that fails too the store refuses further
 // writes.
@@ -210,16 +210,16 @@ func (s *Store) sealFailed(sg *segFile) {
 // appendTombstoneRecord writes a tombstone record of generation gen of ns/id
 // to the log (not synced) and returns where it went, and whether a write was
 // attempted. Tombstones may use the room of a full disk (GC's allocation):
-// when the allocation meets ENOSPC, the emergency reserve is released and it
+// when the allocation meets ENOSPC, the ballast is released and it
 // is tried once more, so a delete does not fail because the disk is full.
 func (s *Store) appendTombstoneRecord(gen uint64, ns, id string) (*segFile, uint64, bool, error) {
 	h := RecordHeader{Version: formatVersion, Flags: RecordTombstone, ChunkTokens: uint16(s.ct), Gen: gen, Namespace: ns, ContextID: id}
 	hb := headerBytesFor(0, h.descBytes())
-	seg, off, err := s.reserve(uint64(hb), true)
+	seg, off, err := s.allocate(uint64(hb), true)
 	if err != nil && errors.Is(err, syscall.ENOSPC) {
-		// reserve entered the disk-full state, which released the
-		// emergency reserve: there is room now.
-		seg, off, err = s.reserve(uint64(hb), true)
+		// allocate entered the disk-full state, which released the
+		// ballast: there is room now.
+		seg, off, err = s.allocate(uint64(hb), true)
 	}
 	if err != nil {
 		return nil, 0, false, err

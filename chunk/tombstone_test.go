@@ -366,12 +366,12 @@ func TestDeleteFailsWhenTombstoneCannotBeWritten(t *testing.T) {
 
 // TestDeleteOnFullDisk: with the disk full (a segment allocation met
 // ENOSPC), a delete still writes its tombstone (in the room the released
-// emergency reserve left) and succeeds, and a repair keeps it deleted.
+// ballast left) and succeeds, and a repair keeps it deleted.
 func TestDeleteOnFullDisk(t *testing.T) {
 	ident := testIdentity("m")
 	mem := vfs.NewCrashableMem()
 	ffs := faultfs.New(mem, 3)
-	o := Options{FS: ffs, Dir: "/s", ChunkTokens: 16, SegmentBytes: MinSegmentBytes, GCInterval: -1, ReserveBytes: 1 << 20, Logf: t.Logf}
+	o := Options{FS: ffs, Dir: "/s", ChunkTokens: 16, SegmentBytes: MinSegmentBytes, GCInterval: -1, BallastBytes: 1 << 20, Logf: t.Logf}
 	s, err := Open(o)
 	if err != nil {
 		t.Fatal(err)
