@@ -23,50 +23,13 @@ func Open(opts Options) (*Store, error) {
 	if err := opts.fill(); err != nil {
 		return nil, err
 	}
-	s := &Store{
-		opts: opts, fs: opts.FS, dir: opts.Dir, readOnly: opts.ReadOnly,
-		ctxs: map[string]*ctxState{}, segs: map[uint32]*segFile{}, segRecs: map[uint32]*lsm.Segment{},
-		namespaces: map[string]bool{}, nextSeg: 1, nextGen: 1,
-		ops: make(chan op, 1024), dirtyCtxs: map[*ctxState]struct{}{},
+	s := newStore(opts)
+	hasMarker, err := s.checkCreated()
+	if err != nil {
+		return nil, err
 	}
-	s.segDir = s.fs.PathJoin(s.dir, "segments")
-	st, statErr := s.fs.Stat(s.dir)
-	switch {
-	case statErr == nil && !st.IsDir():
-		return nil, fmt.Errorf("%w: %s is a file, not a store directory", ErrNotStore, s.dir)
-	case statErr != nil && s.readOnly:
-		return nil, fmt.Errorf("%w: %s: %v", ErrNotStore, s.dir, statErr)
-	}
-	markerPath := s.fs.PathJoin(s.dir, createdMarker)
-	hasMarker, markerErr := readMarker(s.fs, markerPath)
-	if markerErr != nil {
-		// A marker that does not check: damage, unless nothing was ever
-		// stored (a marker from before the atomic write, torn by a crash
-		// while the store was being created).
-		if statErr != nil || s.segmentsHoldRecords() {
-			return nil, indexDamaged(s.dir, "creation marker %s: %v", markerPath, markerErr)
-		}
-		hasMarker = false
-	}
-	if !hasMarker {
-		if statErr == nil {
-			if err := s.checkUnfinished(); err != nil {
-				return nil, err
-			}
-		}
-		if s.readOnly {
-			return nil, fmt.Errorf("%w: %s has no %s", ErrNotStore, s.dir, createdMarker)
-		}
-	}
-	if !s.readOnly {
-		if err := s.fs.MkdirAll(s.segDir, 0o755); err != nil {
-			return nil, fmt.Errorf("chunk: create %s: %w", s.segDir, err)
-		}
-		lock, err := s.fs.Lock(s.fs.PathJoin(s.dir, "hcache.lock"))
-		if err != nil {
-			return nil, fmt.Errorf("chunk: %s is in use by another process: %w", s.dir, err)
-		}
-		s.lock = lock
+	if err := s.lockDir(); err != nil {
+		return nil, err
 	}
 	ok := false
 	defer func() {
@@ -74,73 +37,21 @@ func Open(opts Options) (*Store, error) {
 			s.releaseOnFailedOpen()
 		}
 	}()
-	indexDir := s.fs.PathJoin(s.dir, "index")
-	var err error
-	if !s.readOnly && s.opts.BallastBytes > 0 {
-		// On a (nearly) full disk, release the ballast before
-		// Pebble's recovery needs room for a new WAL and manifest; the
-		// store then opens refusing writes until GC frees space.
-		if du, err := s.fs.GetDiskUsage(s.dir); err == nil && int64(du.AvailBytes) < s.opts.BallastBytes/2 {
-			s.diskFull = true
-			released := s.releaseBallast()
-			opts.Logf("chunk: %s: only %d bytes free: ballast released (%v); writes refused until GC frees space", s.dir, du.AvailBytes, released)
-		}
+	s.releaseBallastIfFull()
+	if err := s.openIndex(hasMarker); err != nil {
+		return nil, err
 	}
-	if hasMarker && !s.readOnly {
-		// Read the whole index read-only first: a damaged index is
-		// refused before Pebble's own recovery rewrites anything.
-		if err := validateIndex(s.fs, indexDir); err != nil {
-			return nil, indexDamaged(s.dir, "%v", err)
-		}
+	if err := s.openEngine(); err != nil {
+		return nil, err
 	}
-	if hasMarker {
-		if s.readOnly {
-			if err := lsm.CheckWAL(s.fs, indexDir); err != nil {
-				return nil, indexDamaged(s.dir, "%v", err)
-			}
-		}
-		if s.db, err = lsm.Open(s.fs, indexDir, lsm.Options{ReadOnly: s.readOnly, MustExist: true}); err != nil {
-			if errors.Is(err, lsm.ErrLocked) {
-				return nil, fmt.Errorf("chunk: %s is in use by another process: %w", s.dir, err)
-			}
-			return nil, indexDamaged(s.dir, "%v", err)
-		}
-	} else if s.db, err = lsm.Open(s.fs, indexDir, lsm.Options{}); err != nil {
-		// The store's creation was cut short (no marker, no segment
-		// data): it never acknowledged anything, so start it again.
-		opts.Logf("chunk: %s: unfinished store creation (%v); creating it again", s.dir, err)
-		if err := s.fs.RemoveAll(indexDir); err != nil {
-			return nil, err
-		}
-		if s.db, err = lsm.Open(s.fs, indexDir, lsm.Options{}); err != nil {
-			return nil, err
-		}
-	}
-	if opts.Engine != nil {
-		s.eng = opts.Engine
-	} else {
-		if s.eng, err = iouring.New(iouring.Config{Kind: opts.EngineKind, Entries: nextPow2(max(opts.QueueDepth*4, iouring.DefaultEntries)), Logf: opts.Logf}); err != nil {
-			return nil, err
-		}
-		s.ownEng = true
-	}
-	if !s.readOnly {
-		// Make the directory entries of the store itself durable
-		// (segments/, index/ and the store directory in its parent).
-		for _, d := range []string{s.fs.PathDir(s.dir), s.dir} {
-			if err := syncDir(s.fs, d); err != nil {
-				return nil, fmt.Errorf("chunk: sync directory %s: %w", d, err)
-			}
-		}
+	if err := s.syncStoreDirs(); err != nil {
+		return nil, err
 	}
 	if err := s.loadMeta(hasMarker); err != nil {
 		return nil, err
 	}
 	if !hasMarker {
-		if err := writeMarker(s.fs, markerPath); err != nil {
-			return nil, fmt.Errorf("chunk: write %s: %w", markerPath, err)
-		}
-		if err := syncDir(s.fs, s.dir); err != nil {
+		if err := s.markCreated(); err != nil {
 			return nil, err
 		}
 	}
@@ -153,32 +64,205 @@ func Open(opts Options) (*Store, error) {
 	if err := s.rollForwardTombstones(); err != nil {
 		return nil, err
 	}
-	if !s.readOnly && !s.diskFull && s.opts.BallastBytes > 0 {
-		if err := s.takeBallast(); err != nil {
-			if !errors.Is(err, syscall.ENOSPC) {
-				return nil, fmt.Errorf("chunk: ballast: %w", err)
-			}
-			s.mu.Lock()
-			s.enterDiskFullLocked(err)
-			s.mu.Unlock()
-		}
+	if err := s.takeBallastAtOpen(); err != nil {
+		return nil, err
 	}
 	s.readBufs.hooks, s.readBufs.logf, s.readBufs.bounded, s.readBufs.limit = opts.ReadBuffers, opts.Logf, true, opts.IdleReadBufferBytes
 	s.staging.init(opts.StagingBytes)
 	s.staging.invariant = s.invariant
 	s.cache = newSliceCache(opts.CacheBytes)
 	s.recovery.Duration = time.Since(start)
-	s.gcStop = make(chan struct{})
-	if !s.readOnly {
-		s.flusherWG.Add(1)
-		go s.flushLoop()
-		if opts.GCInterval > 0 {
-			s.gcWG.Add(1)
-			go s.gcLoop(opts.GCInterval)
-		}
-	}
+	s.startBackground()
 	ok = true
 	return s, nil
+}
+
+// newStore returns a store of filled options with nothing opened yet.
+func newStore(opts Options) *Store {
+	s := &Store{
+		opts: opts, fs: opts.FS, dir: opts.Dir, readOnly: opts.ReadOnly,
+		ctxs: map[string]*ctxState{}, segs: map[uint32]*segFile{}, segRecs: map[uint32]*lsm.Segment{},
+		namespaces: map[string]bool{}, nextSeg: 1, nextGen: 1,
+		ops: make(chan op, 1024), dirtyCtxs: map[*ctxState]struct{}{},
+	}
+	s.segDir = s.fs.PathJoin(s.dir, "segments")
+	return s
+}
+
+// checkCreated reports whether the directory holds a finished store (its
+// creation marker). It refuses a path that is not a store, a damaged marker
+// of a store that holds data, and (read-only) a store never finished.
+func (s *Store) checkCreated() (bool, error) {
+	st, statErr := s.fs.Stat(s.dir)
+	switch {
+	case statErr == nil && !st.IsDir():
+		return false, fmt.Errorf("%w: %s is a file, not a store directory", ErrNotStore, s.dir)
+	case statErr != nil && s.readOnly:
+		return false, fmt.Errorf("%w: %s: %v", ErrNotStore, s.dir, statErr)
+	}
+	markerPath := s.fs.PathJoin(s.dir, createdMarker)
+	hasMarker, markerErr := readMarker(s.fs, markerPath)
+	if markerErr != nil {
+		// A marker that does not check: damage, unless nothing was ever
+		// stored (a marker from before the atomic write, torn by a crash
+		// while the store was being created).
+		if statErr != nil || s.segmentsHoldRecords() {
+			return false, indexDamaged(s.dir, "creation marker %s: %v", markerPath, markerErr)
+		}
+		hasMarker = false
+	}
+	if !hasMarker {
+		if statErr == nil {
+			if err := s.checkUnfinished(); err != nil {
+				return false, err
+			}
+		}
+		if s.readOnly {
+			return false, fmt.Errorf("%w: %s has no %s", ErrNotStore, s.dir, createdMarker)
+		}
+	}
+	return hasMarker, nil
+}
+
+// lockDir creates the segment directory and takes the store's lock (not
+// read-only).
+func (s *Store) lockDir() error {
+	if s.readOnly {
+		return nil
+	}
+	if err := s.fs.MkdirAll(s.segDir, 0o755); err != nil {
+		return fmt.Errorf("chunk: create %s: %w", s.segDir, err)
+	}
+	lock, err := s.fs.Lock(s.fs.PathJoin(s.dir, "hcache.lock"))
+	if err != nil {
+		return fmt.Errorf("chunk: %s is in use by another process: %w", s.dir, err)
+	}
+	s.lock = lock
+	return nil
+}
+
+// releaseBallastIfFull releases the ballast on a (nearly) full disk before
+// Pebble's recovery needs room for a new WAL and manifest; the store then
+// opens refusing writes until GC frees space.
+func (s *Store) releaseBallastIfFull() {
+	if s.readOnly || s.opts.BallastBytes <= 0 {
+		return
+	}
+	if du, err := s.fs.GetDiskUsage(s.dir); err == nil && int64(du.AvailBytes) < s.opts.BallastBytes/2 {
+		s.diskFull = true
+		released := s.releaseBallast()
+		s.opts.Logf("chunk: %s: only %d bytes free: ballast released (%v); writes refused until GC frees space", s.dir, du.AvailBytes, released)
+	}
+}
+
+// openIndex opens the Pebble index: a finished store's index must exist and
+// read whole (checked read-only before Pebble's recovery rewrites
+// anything); an unfinished creation's index is created again.
+func (s *Store) openIndex(hasMarker bool) error {
+	indexDir := s.fs.PathJoin(s.dir, "index")
+	var err error
+	if hasMarker && !s.readOnly {
+		// Read the whole index read-only first: a damaged index is
+		// refused before Pebble's own recovery rewrites anything.
+		if err := validateIndex(s.fs, indexDir); err != nil {
+			return indexDamaged(s.dir, "%v", err)
+		}
+	}
+	if hasMarker {
+		if s.readOnly {
+			if err := lsm.CheckWAL(s.fs, indexDir); err != nil {
+				return indexDamaged(s.dir, "%v", err)
+			}
+		}
+		if s.db, err = lsm.Open(s.fs, indexDir, lsm.Options{ReadOnly: s.readOnly, MustExist: true}); err != nil {
+			if errors.Is(err, lsm.ErrLocked) {
+				return fmt.Errorf("chunk: %s is in use by another process: %w", s.dir, err)
+			}
+			return indexDamaged(s.dir, "%v", err)
+		}
+		return nil
+	}
+	if s.db, err = lsm.Open(s.fs, indexDir, lsm.Options{}); err != nil {
+		// The store's creation was cut short (no marker, no segment
+		// data): it never acknowledged anything, so start it again.
+		s.opts.Logf("chunk: %s: unfinished store creation (%v); creating it again", s.dir, err)
+		if err := s.fs.RemoveAll(indexDir); err != nil {
+			return err
+		}
+		if s.db, err = lsm.Open(s.fs, indexDir, lsm.Options{}); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// openEngine takes Options.Engine or creates an engine of EngineKind.
+func (s *Store) openEngine() error {
+	if s.opts.Engine != nil {
+		s.eng = s.opts.Engine
+		return nil
+	}
+	var err error
+	if s.eng, err = iouring.New(iouring.Config{Kind: s.opts.EngineKind, Entries: nextPow2(max(s.opts.QueueDepth*4, iouring.DefaultEntries)), Logf: s.opts.Logf}); err != nil {
+		return err
+	}
+	s.ownEng = true
+	return nil
+}
+
+// syncStoreDirs makes the directory entries of the store itself durable
+// (segments/, index/ and the store directory in its parent).
+func (s *Store) syncStoreDirs() error {
+	if s.readOnly {
+		return nil
+	}
+	for _, d := range []string{s.fs.PathDir(s.dir), s.dir} {
+		if err := syncDir(s.fs, d); err != nil {
+			return fmt.Errorf("chunk: sync directory %s: %w", d, err)
+		}
+	}
+	return nil
+}
+
+// markCreated writes the creation marker once the new index holds its meta
+// record, and makes its directory entry durable.
+func (s *Store) markCreated() error {
+	markerPath := s.fs.PathJoin(s.dir, createdMarker)
+	if err := writeMarker(s.fs, markerPath); err != nil {
+		return fmt.Errorf("chunk: write %s: %w", markerPath, err)
+	}
+	return syncDir(s.fs, s.dir)
+}
+
+// takeBallastAtOpen takes the ballast (unless the disk is full); a disk too
+// full for it opens in the disk-full state.
+func (s *Store) takeBallastAtOpen() error {
+	if s.readOnly || s.diskFull || s.opts.BallastBytes <= 0 {
+		return nil
+	}
+	if err := s.takeBallast(); err != nil {
+		if !errors.Is(err, syscall.ENOSPC) {
+			return fmt.Errorf("chunk: ballast: %w", err)
+		}
+		s.mu.Lock()
+		s.enterDiskFullLocked(err)
+		s.mu.Unlock()
+	}
+	return nil
+}
+
+// startBackground starts the flusher and the GC loop (not read-only).
+func (s *Store) startBackground() {
+	s.gcStop = make(chan struct{})
+	if s.readOnly {
+		return
+	}
+	s.flusherWG.Add(1)
+	go s.flushLoop()
+	if s.opts.GCInterval > 0 {
+		s.gcWG.Add(1)
+		go s.gcLoop(s.opts.GCInterval)
+	}
 }
 
 // validateIndex opens the index read-only and reads every key: Pebble

@@ -26,7 +26,33 @@ type Recovery struct {
 // recover loads the index into memory, reconciles it with the segment files
 // and positions the append point.
 func (s *Store) recover() error {
-	// Segments.
+	if err := s.loadSegments(); err != nil {
+		return err
+	}
+	onDisk, err := s.listSegmentFiles()
+	if err != nil {
+		return err
+	}
+	ids := make([]uint32, 0, len(s.segRecs))
+	for id := range s.segRecs {
+		ids = append(ids, id)
+	}
+	sort.Slice(ids, func(i, j int) bool { return ids[i] < ids[j] })
+	if err := s.openSegments(ids, onDisk); err != nil {
+		return err
+	}
+	s.findActive(ids)
+	if err := s.loadContexts(); err != nil {
+		return err
+	}
+	if err := s.loadLastUse(); err != nil {
+		return err
+	}
+	return s.countLive()
+}
+
+// loadSegments loads the index's segment records.
+func (s *Store) loadSegments() error {
 	err := s.db.Scan([]byte{'s'}, []byte{'t'}, func(k, v []byte) error {
 		id, err := lsm.ParseSegmentKey(k)
 		if err != nil {
@@ -43,9 +69,15 @@ func (s *Store) recover() error {
 	if err != nil {
 		return fmt.Errorf("chunk: load segments: %w", err)
 	}
+	return nil
+}
+
+// listSegmentFiles returns the segment files on disk. A file the index does
+// not list is removed if it holds no record and kept (unopened) otherwise.
+func (s *Store) listSegmentFiles() (map[uint32]bool, error) {
 	names, err := s.fs.List(s.segDir)
 	if err != nil {
-		return fmt.Errorf("chunk: list %s: %w", s.segDir, err)
+		return nil, fmt.Errorf("chunk: list %s: %w", s.segDir, err)
 	}
 	onDisk := map[uint32]bool{}
 	for _, n := range names {
@@ -65,7 +97,7 @@ func (s *Store) recover() error {
 			if err == nil && recs == 0 {
 				if !s.readOnly {
 					if err := s.fs.Remove(path); err != nil {
-						return fmt.Errorf("chunk: remove empty orphan segment %s: %w", n, err)
+						return nil, fmt.Errorf("chunk: remove empty orphan segment %s: %w", n, err)
 					}
 				}
 				s.recovery.OrphanSegments++
@@ -75,11 +107,12 @@ func (s *Store) recover() error {
 			s.opts.Logf("chunk: segment file %s is not in the index but holds records; kept (hcache repair adopts what verifies)", n)
 		}
 	}
-	ids := make([]uint32, 0, len(s.segRecs))
-	for id := range s.segRecs {
-		ids = append(ids, id)
-	}
-	sort.Slice(ids, func(i, j int) bool { return ids[i] < ids[j] })
+	return onDisk, nil
+}
+
+// openSegments opens the indexed segments (ids ascending) whose file exists
+// and counts those that are missing.
+func (s *Store) openSegments(ids []uint32, onDisk map[uint32]bool) error {
 	for _, id := range ids {
 		if !onDisk[id] {
 			s.recovery.MissingSegments++
@@ -96,8 +129,13 @@ func (s *Store) recover() error {
 		s.segs[id] = sg
 		s.recovery.Segments++
 	}
-	// The newest unsealed segment is the active one; records past its
-	// append point were never indexed: count and discard them.
+	return nil
+}
+
+// findActive makes the newest unsealed segment the active one (records
+// past its append point were never indexed: they are counted and
+// discarded) and seals every other.
+func (s *Store) findActive(ids []uint32) {
 	for i := len(ids) - 1; i >= 0; i-- {
 		rec := s.segRecs[ids[i]]
 		sg := s.segs[ids[i]]
@@ -115,8 +153,12 @@ func (s *Store) recover() error {
 			rec.Sealed = true
 		}
 	}
-	// Contexts.
-	err = s.db.Scan([]byte{'c'}, []byte{'d'}, func(k, v []byte) error {
+}
+
+// loadContexts loads the context records; one that fails to decode is
+// marked damaged.
+func (s *Store) loadContexts() error {
+	err := s.db.Scan([]byte{'c'}, []byte{'d'}, func(k, v []byte) error {
 		ns, id, err := lsm.ParseContextKey(k)
 		if err != nil {
 			return err
@@ -143,7 +185,12 @@ func (s *Store) recover() error {
 	if err != nil {
 		return fmt.Errorf("chunk: load contexts: %w", err)
 	}
-	err = s.db.Scan([]byte{'u'}, []byte{'v'}, func(k, v []byte) error {
+	return nil
+}
+
+// loadLastUse loads the contexts' last-use times.
+func (s *Store) loadLastUse() error {
+	return s.db.Scan([]byte{'u'}, []byte{'v'}, func(k, v []byte) error {
 		ns, id, err := lsm.ParseContextKey(k)
 		if err != nil {
 			return nil
@@ -155,15 +202,15 @@ func (s *Store) recover() error {
 		}
 		return nil
 	})
-	if err != nil {
-		return err
-	}
-	// Per-context live bytes, for eviction; chunks of a missing segment
-	// damage their context. Segment live counts are derived from the same
-	// scan: the chunk keys are the truth, the stored count a summary that
-	// the next commit of the segment rewrites.
+}
+
+// countLive sums per-context live bytes, for eviction; chunks of a missing
+// segment damage their context. Segment live counts are derived from the
+// same scan: the chunk keys are the truth, the stored count a summary that
+// the next commit of the segment rewrites.
+func (s *Store) countLive() error {
 	liveBySeg := map[uint32]uint64{}
-	err = s.db.Scan([]byte{'k'}, []byte{'l'}, func(k, v []byte) error {
+	err := s.db.Scan([]byte{'k'}, []byte{'l'}, func(k, v []byte) error {
 		ns, id, _, err := lsm.ParseChunkKey(k)
 		if err != nil {
 			return err
