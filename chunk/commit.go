@@ -13,6 +13,47 @@ import (
 func (f *flusher) commit(jobs []*writeJob, waiters []waiter) {
 	s := f.s
 	// 1. Durability of the data.
+	touched, syncErr := s.syncTouched(jobs)
+	// 2. The index batch.
+	stored := s.supersededRecords(jobs)
+	b := s.db.NewBatch()
+	s.mu.Lock()
+	segTouched := map[uint32]bool{}
+	for sg := range touched {
+		segTouched[sg.id] = true
+	}
+	ctxTouched, newTokens := s.indexJobs(b, jobs, syncErr, stored, segTouched)
+	s.indexTouchedLocked(b, ctxTouched, newTokens, segTouched)
+	s.mu.Unlock()
+	// 3. The commit, then the jobs' ends in memory.
+	err := s.commitIndex(b)
+	s.stats.commits.Add(1)
+	s.settleJobs(jobs, newTokens, err)
+	// Staging slabs go back before anyone is answered, so a writer that
+	// flushed finds them free.
+	for _, j := range jobs {
+		f.release(j)
+	}
+	// Evict before answering: when a Flush returns, the capacity bound
+	// holds again.
+	if err == nil {
+		f.evict()
+	}
+	for _, w := range waiters {
+		s.mu.Lock()
+		werr := err
+		if werr == nil && w.c != nil {
+			werr = w.c.writeErr
+		}
+		s.mu.Unlock()
+		w.done <- werr
+	}
+}
+
+// syncTouched fdatasyncs each segment the successful jobs wrote. A segment
+// whose fdatasync fails is sealed and marked syncFailed: its unindexed
+// writes are never indexed.
+func (s *Store) syncTouched(jobs []*writeJob) (map[*segFile]bool, error) {
 	touched := map[*segFile]bool{}
 	for _, j := range jobs {
 		if j.err == nil {
@@ -35,9 +76,13 @@ func (f *flusher) commit(jobs []*writeJob, waiters []waiter) {
 			s.mu.Unlock()
 		}
 	}
-	// 2. The index batch. The records a job supersedes (a partial group
-	// written before) are read from the index first, without the store
-	// lock. Token counts change only here, on this goroutine.
+	return touched, syncErr
+}
+
+// supersededRecords reads from the index the records that jobs supersede (a
+// partial group written before), without the store lock. Token counts
+// change only on the flusher, so they cannot move meanwhile.
+func (s *Store) supersededRecords(jobs []*writeJob) map[string]*lsm.Chunk {
 	stored := map[string]*lsm.Chunk{}
 	for _, j := range jobs {
 		if j.err == nil && uint64(j.group)*uint64(s.ct) < j.c.rec.Tokens {
@@ -47,13 +92,15 @@ func (f *flusher) commit(jobs []*writeJob, waiters []waiter) {
 			}
 		}
 	}
-	b := s.db.NewBatch()
-	s.mu.Lock()
-	segTouched := map[uint32]bool{}
+	return stored
+}
+
+// indexJobs adds the chunk records of the jobs that may be indexed to b,
+// moves live bytes from the records they supersede, and records each
+// failed job's error on its context. It returns the contexts touched and
+// their token counts after the commit. Call with s.mu held.
+func (s *Store) indexJobs(b *lsm.Batch, jobs []*writeJob, syncErr error, stored map[string]*lsm.Chunk, segTouched map[uint32]bool) (map[*ctxState]bool, map[*ctxState]uint64) {
 	ctxTouched := map[*ctxState]bool{}
-	for sg := range touched {
-		segTouched[sg.id] = true
-	}
 	superseded := map[string]*lsm.Chunk{}
 	// Token counts advance in memory only after the index commit, so a
 	// restore never expects chunks the index does not have yet.
@@ -127,6 +174,14 @@ func (f *flusher) commit(jobs []*writeJob, waiters []waiter) {
 			s.cacheGroup(c, j)
 		}
 	}
+	return ctxTouched, newTokens
+}
+
+// indexTouchedLocked adds to b the last-use times of the contexts marked
+// dirty since the last commit, the records of the contexts touched (and of
+// namespaces new to the index), and the records of the segments touched and
+// of the active one. Call with s.mu held.
+func (s *Store) indexTouchedLocked(b *lsm.Batch, ctxTouched map[*ctxState]bool, newTokens map[*ctxState]uint64, segTouched map[uint32]bool) {
 	// Only contexts marked dirty since the last commit: the work of a
 	// commit does not grow with the number of contexts.
 	for c := range s.dirtyCtxs {
@@ -162,15 +217,20 @@ func (f *flusher) commit(jobs []*writeJob, waiters []waiter) {
 	if s.active != nil {
 		b.Set(lsm.SegmentKey(s.active.id), s.segRecs[s.active.id].Encode())
 	}
-	s.mu.Unlock()
-	// Every index batch is synced, waiters or not, and the store writes
-	// nothing else to the index: unsynced writes can reach the disk out of
-	// order, and Pebble, finding a lost WAL record followed by later ones,
-	// reports corruption rather than replaying a prefix. With each batch
-	// synced before the next is built, at most the last one is ever
-	// unsynced. (A sync costs ~0.2 ms here; batches without waiters are
-	// rare: idle or CommitBytes.) Last-use times ride along with the next
-	// commit.
+}
+
+// commitIndex commits b, synced. A failed commit makes the store refuse
+// further writes.
+//
+// Every index batch is synced, waiters or not, and the store writes
+// nothing else to the index: unsynced writes can reach the disk out of
+// order, and Pebble, finding a lost WAL record followed by later ones,
+// reports corruption rather than replaying a prefix. With each batch
+// synced before the next is built, at most the last one is ever
+// unsynced. (A sync costs ~0.2 ms here; batches without waiters are
+// rare: idle or CommitBytes.) Last-use times ride along with the next
+// commit.
+func (s *Store) commitIndex(b *lsm.Batch) error {
 	var err error
 	if b.Empty() {
 		b.Discard()
@@ -183,7 +243,12 @@ func (f *flusher) commit(jobs []*writeJob, waiters []waiter) {
 		s.mu.Unlock()
 		s.opts.Logf("chunk: index commit failed: %v; the store refuses further writes", err)
 	}
-	s.stats.commits.Add(1)
+	return err
+}
+
+// settleJobs advances the token counts of a successful commit and counts
+// the jobs as no longer pending.
+func (s *Store) settleJobs(jobs []*writeJob, newTokens map[*ctxState]uint64, err error) {
 	s.mu.Lock()
 	if err == nil {
 		for c, t := range newTokens {
@@ -198,25 +263,6 @@ func (f *flusher) commit(jobs []*writeJob, waiters []waiter) {
 		s.invariant(j.c.pending >= 0, "%s/%s: %d groups pending with the flusher after one was committed", j.c.ns, j.c.id, j.c.pending)
 	}
 	s.mu.Unlock()
-	// Staging slabs go back before anyone is answered, so a writer that
-	// flushed finds them free.
-	for _, j := range jobs {
-		f.release(j)
-	}
-	// Evict before answering: when a Flush returns, the capacity bound
-	// holds again.
-	if err == nil {
-		f.evict()
-	}
-	for _, w := range waiters {
-		s.mu.Lock()
-		werr := err
-		if werr == nil && w.c != nil {
-			werr = w.c.writeErr
-		}
-		s.mu.Unlock()
-		w.done <- werr
-	}
 }
 
 // release frees a job's buffers once it is committed (or failed).

@@ -57,28 +57,11 @@ func (s *Store) RestoreOwned(ns, id string, ident *Identity, ahead int, fn func(
 	if ahead < 2 {
 		return 0, fmt.Errorf("chunk: RestoreOwned ahead %d: at least 2 buffers (the one handed over and the one being read)", ahead)
 	}
-	s.mu.Lock()
-	if s.closed {
-		s.mu.Unlock()
-		return 0, ErrClosed
-	}
-	s.restores.Add(1)
-	defer s.restores.Done()
-	c, err := s.lookup(ns, id)
+	c, err := s.beginRestore(ns, id, ident)
 	if err != nil {
-		s.mu.Unlock()
 		return 0, err
 	}
-	if c.rec.Flags&lsm.FlagDamaged != 0 || c.ident == nil {
-		s.mu.Unlock()
-		return 0, fmt.Errorf("%w: %s/%s", ErrDamaged, ns, id)
-	}
-	if !c.ident.Equal(ident) {
-		s.mu.Unlock()
-		s.stats.identityMismatch.Add(1)
-		return 0, fmt.Errorf("%w: %s/%s", ErrIdentityMismatch, ns, id)
-	}
-	s.mu.Unlock()
+	defer s.restores.Done()
 	sn, err := s.snap(c)
 	if err != nil {
 		// Only bytes that fail their checks damage a context; an index
@@ -89,13 +72,7 @@ func (s *Store) RestoreOwned(ns, id string, ident *Identity, ahead int, fn func(
 		return 0, fmt.Errorf("chunk: restore %s/%s: %w", ns, id, err)
 	}
 	if auto {
-		maxRow := 0
-		for _, l := range c.stored {
-			maxRow = max(maxRow, int(c.ident.Plan[l].RowBytes))
-		}
-		if layer := int64(sn.tokens) * int64(maxRow); layer > 0 {
-			ahead = int(max(DefaultRestoreAhead, min(int64(len(c.stored)), s.opts.RestoreAheadBytes/layer)))
-		}
+		ahead = s.autoAhead(c, sn)
 	}
 	s.mu.Lock()
 	c.lastUse = s.opts.Now()
@@ -108,159 +85,230 @@ func (s *Store) RestoreOwned(ns, id string, ident *Identity, ahead int, fn func(
 		s.mu.Unlock()
 	}()
 
-	// held counts the buffers taken and not yet given back: one slot per
-	// buffer, so the producer blocks once ahead buffers are out.
-	held := make(chan struct{}, ahead)
-	freed := make(chan struct{}, 1) // a buffer was given back
-	var outstanding sync.WaitGroup
-	giveBack := func(buf *iouring.AlignedBuffer) func() {
-		var once sync.Once
-		return func() {
-			once.Do(func() {
-				s.readBufs.put(buf)
-				<-held
-				outstanding.Done()
-				select {
-				case freed <- struct{}{}:
-				default:
-				}
-			})
-		}
-	}
-	tryTake := func() bool {
-		select {
-		case held <- struct{}{}:
-			outstanding.Add(1)
-			return true
-		default:
-			return false
-		}
-	}
-	take := func(stop <-chan struct{}) bool {
-		select {
-		case held <- struct{}{}:
-			outstanding.Add(1)
-			return true
-		case <-stop:
-			return false
-		}
-	}
-
-	// layerOut is a layer whose reads have completed. This goroutine
-	// verifies it (finish) before fn sees it, so checksums never hold up
-	// the reads of the layers after it.
-	type layerOut struct {
-		layer int
-		lr    *layerRead
-	}
+	sl := newBufSlots(s, ahead)
 	out := make(chan layerOut, 1)
 	stop := make(chan struct{})
-	go func() {
-		defer close(out)
-		// Every layer a free buffer allows has its reads in flight at
-		// once, so the disk works through a deep queue while the consumer
-		// computes. This goroutine only starts reads and hands layers
-		// over; whenever it waits (for a layer's reads, or for the
-		// consumer to take one), a buffer given back starts the next
-		// layer's reads at once.
-		// With more than two buffers the first layer is read alone: the
-		// consumer waits for it, so it does not share the disk with the
-		// rest of the context, which goes out together once it is in. (With
-		// two, the second is read beside it, as only two are ever in
-		// flight.) The reads after the first start before it is handed
-		// over, since once the consumer computes this goroutine may wait
-		// long for a CPU.
-		var started []*layerRead // in layer order, not yet handed over
-		var last *layerRead      // the last layer started
-		next := 0                // the next layer (index into c.stored) to start
-		depth := 1               // layers in flight; ahead once the first is in
-		if ahead <= 2 {
-			depth = ahead
-		}
-		// start starts the next layer in a buffer slot just taken, unless
-		// the restore has stopped: then it gives the slot back. Every slot
-		// freed after the stop is freed after stop was closed, so once
-		// stopped no layer starts.
-		start := func() bool {
+	go s.readLayers(c, sn, sl, out, stop)
+	firstErr := s.handLayers(c, sl, out, stop, fn)
+	sl.outstanding.Wait()
+	if firstErr != nil {
+		return 0, firstErr
+	}
+	s.stats.restores.Add(1)
+	return sn.tokens, nil
+}
+
+// beginRestore looks up a context that may be restored with ident and
+// counts the restore (Close waits for it; the caller calls
+// s.restores.Done once it has returned).
+func (s *Store) beginRestore(ns, id string, ident *Identity) (*ctxState, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.closed {
+		return nil, ErrClosed
+	}
+	c, err := s.lookup(ns, id)
+	if err != nil {
+		return nil, err
+	}
+	if c.rec.Flags&lsm.FlagDamaged != 0 || c.ident == nil {
+		return nil, fmt.Errorf("%w: %s/%s", ErrDamaged, ns, id)
+	}
+	if !c.ident.Equal(ident) {
+		s.stats.identityMismatch.Add(1)
+		return nil, fmt.Errorf("%w: %s/%s", ErrIdentityMismatch, ns, id)
+	}
+	s.restores.Add(1)
+	return c, nil
+}
+
+// autoAhead is the buffers a restore of ahead 0 holds: as many of this
+// context's layers as Options.RestoreAheadBytes holds, at least
+// DefaultRestoreAhead.
+func (s *Store) autoAhead(c *ctxState, sn *snapshot) int {
+	maxRow := 0
+	for _, l := range c.stored {
+		maxRow = max(maxRow, int(c.ident.Plan[l].RowBytes))
+	}
+	if layer := int64(sn.tokens) * int64(maxRow); layer > 0 {
+		return int(max(DefaultRestoreAhead, min(int64(len(c.stored)), s.opts.RestoreAheadBytes/layer)))
+	}
+	return DefaultRestoreAhead
+}
+
+// bufSlots counts a restore's buffers taken and not yet given back: one
+// slot per buffer, so the reader blocks once ahead buffers are out.
+type bufSlots struct {
+	s           *Store
+	held        chan struct{}
+	freed       chan struct{} // a buffer was given back
+	outstanding sync.WaitGroup
+}
+
+func newBufSlots(s *Store, ahead int) *bufSlots {
+	return &bufSlots{s: s, held: make(chan struct{}, ahead), freed: make(chan struct{}, 1)}
+}
+
+// giveBack returns the release of buf: it puts buf back and frees its
+// slot, once.
+func (sl *bufSlots) giveBack(buf *iouring.AlignedBuffer) func() {
+	var once sync.Once
+	return func() {
+		once.Do(func() {
+			sl.s.readBufs.put(buf)
+			<-sl.held
+			sl.outstanding.Done()
 			select {
-			case <-stop:
-				<-held
-				outstanding.Done()
-				return false
+			case sl.freed <- struct{}{}:
 			default:
 			}
-			last = s.startLayer(sn, next)
-			started = append(started, last)
-			next++
-			return true
+		})
+	}
+}
+
+// drop frees a slot whose buffer is already gone.
+func (sl *bufSlots) drop() {
+	<-sl.held
+	sl.outstanding.Done()
+}
+
+func (sl *bufSlots) tryTake() bool {
+	select {
+	case sl.held <- struct{}{}:
+		sl.outstanding.Add(1)
+		return true
+	default:
+		return false
+	}
+}
+
+func (sl *bufSlots) take(stop <-chan struct{}) bool {
+	select {
+	case sl.held <- struct{}{}:
+		sl.outstanding.Add(1)
+		return true
+	case <-stop:
+		return false
+	}
+}
+
+// layerOut is a layer whose reads have completed. The consumer's goroutine
+// verifies it (finish) before fn sees it, so checksums never hold up the
+// reads of the layers after it.
+type layerOut struct {
+	layer int
+	lr    *layerRead
+}
+
+// readLayers starts the layers' reads and hands them over on out, in
+// layer order, until stop; it closes out.
+//
+// Every layer a free buffer allows has its reads in flight at once, so the
+// disk works through a deep queue while the consumer computes. This
+// goroutine only starts reads and hands layers over; whenever it waits (for
+// a layer's reads, or for the consumer to take one), a buffer given back
+// starts the next layer's reads at once. With more than two buffers the
+// first layer is read alone: the consumer waits for it, so it does not
+// share the disk with the rest of the context, which goes out together once
+// it is in. (With two, the second is read beside it, as only two are ever
+// in flight.) The reads after the first start before it is handed over,
+// since once the consumer computes this goroutine may wait long for a CPU.
+func (s *Store) readLayers(c *ctxState, sn *snapshot, sl *bufSlots, out chan<- layerOut, stop chan struct{}) {
+	defer close(out)
+	ahead := cap(sl.held)
+	var started []*layerRead // in layer order, not yet handed over
+	var last *layerRead      // the last layer started
+	next := 0                // the next layer (index into c.stored) to start
+	depth := 1               // layers in flight; ahead once the first is in
+	if ahead <= 2 {
+		depth = ahead
+	}
+	// start starts the next layer in a buffer slot just taken, unless
+	// the restore has stopped: then it gives the slot back. Every slot
+	// freed after the stop is freed after stop was closed, so once
+	// stopped no layer starts.
+	start := func() bool {
+		select {
+		case <-stop:
+			sl.drop()
+			return false
+		default:
 		}
-		startMore := func() {
-			for next < len(c.stored) && len(started) < depth && last.err == nil && tryTake() {
-				if !start() {
-					return
-				}
-			}
-		}
-		defer func() {
-			// Stopped: wait for what is in flight, then free it.
-			for _, lr := range started {
-				if b, _, err := lr.finish(); err == nil {
-					giveBack(b)()
-				} else {
-					<-held
-					outstanding.Done()
-				}
-			}
-		}()
-		for _, l := range c.stored {
-			if len(started) == 0 {
-				// Every started layer has been handed over, so the
-				// consumer can give one back: wait for it. (Never wait
-				// with a layer still to hand over: a consumer may keep
-				// its previous buffer until it receives the next one.)
-				if !take(stop) || !start() {
-					return
-				}
-			}
-			startMore()
-			cur := started[0]
-		wait:
-			for {
-				select {
-				case <-cur.ready():
-					break wait
-				case <-freed:
-					startMore()
-				case <-stop:
-					return // cur is still in started: drained
-				}
-			}
-			depth = ahead
-			startMore()
-			started = started[1:]
-		send:
-			for {
-				select {
-				case out <- layerOut{l, cur}:
-					break send
-				case <-freed:
-					startMore()
-				case <-stop:
-					started = append(started, cur) // freed by the deferred drain
-					return
-				}
-			}
-			if cur.err != nil { // nothing was started after it
+		last = s.startLayer(sn, next)
+		started = append(started, last)
+		next++
+		return true
+	}
+	startMore := func() {
+		for next < len(c.stored) && len(started) < depth && last.err == nil && sl.tryTake() {
+			if !start() {
 				return
 			}
 		}
+	}
+	defer func() {
+		// Stopped: wait for what is in flight, then free it.
+		for _, lr := range started {
+			if b, _, err := lr.finish(); err == nil {
+				sl.giveBack(b)()
+			} else {
+				sl.drop()
+			}
+		}
 	}()
+	for _, l := range c.stored {
+		if len(started) == 0 {
+			// Every started layer has been handed over, so the
+			// consumer can give one back: wait for it. (Never wait
+			// with a layer still to hand over: a consumer may keep
+			// its previous buffer until it receives the next one.)
+			if !sl.take(stop) || !start() {
+				return
+			}
+		}
+		startMore()
+		cur := started[0]
+	wait:
+		for {
+			select {
+			case <-cur.ready():
+				break wait
+			case <-sl.freed:
+				startMore()
+			case <-stop:
+				return // cur is still in started: drained
+			}
+		}
+		depth = ahead
+		startMore()
+		started = started[1:]
+	send:
+		for {
+			select {
+			case out <- layerOut{l, cur}:
+				break send
+			case <-sl.freed:
+				startMore()
+			case <-stop:
+				started = append(started, cur) // freed by the deferred drain
+				return
+			}
+		}
+		if cur.err != nil { // nothing was started after it
+			return
+		}
+	}
+}
+
+// handLayers verifies each layer read and hands it to fn, until out is
+// closed. It returns the first error (closing stop): a failed check (the
+// context is marked damaged), a store closing, or fn's error.
+func (s *Store) handLayers(c *ctxState, sl *bufSlots, out <-chan layerOut, stop chan struct{}, fn func(layer int, rows []byte, release func()) error) error {
 	var firstErr error
 	for lo := range out {
 		buf, rows, err := lo.lr.finish()
 		if err != nil { // finish freed the buffer
-			<-held
-			outstanding.Done()
+			sl.drop()
 			if errorsIsCorrupt(err) { // damaged whatever stopped the restore first
 				s.markDamaged(c)
 			}
@@ -270,7 +318,7 @@ func (s *Store) RestoreOwned(ns, id string, ident *Identity, ahead int, fn func(
 			}
 			continue
 		}
-		release := giveBack(buf)
+		release := sl.giveBack(buf)
 		if firstErr != nil {
 			release()
 			continue
@@ -287,12 +335,7 @@ func (s *Store) RestoreOwned(ns, id string, ident *Identity, ahead int, fn func(
 			close(stop)
 		}
 	}
-	outstanding.Wait()
-	if firstErr != nil {
-		return 0, firstErr
-	}
-	s.stats.restores.Add(1)
-	return sn.tokens, nil
+	return firstErr
 }
 
 // ErrCallbackPanic is wrapped by Restore's error when its callback panicked.
