@@ -6,6 +6,7 @@ import (
 	"syscall"
 
 	"github.com/cockroachdb/pebble/v2/vfs"
+	"github.com/hcache/hcache/chunk/format"
 	"github.com/hcache/hcache/lsm"
 )
 
@@ -23,7 +24,7 @@ var (
 func (s *Store) allocate(length uint64, gc bool) (*segFile, uint64, error) {
 	s.allocMu.Lock()
 	defer s.allocMu.Unlock()
-	if length+segHeaderBytes > uint64(s.opts.SegmentBytes) {
+	if length+format.SegmentHeaderBytes > uint64(s.opts.SegmentBytes) {
 		return nil, 0, fmt.Errorf("chunk: a %d-byte record does not fit a %d-byte segment; raise SegmentBytes", length, s.opts.SegmentBytes)
 	}
 	s.mu.Lock()
@@ -46,7 +47,7 @@ func (s *Store) allocate(length uint64, gc bool) (*segFile, uint64, error) {
 		if sg, err = s.newSegment(); err != nil {
 			return nil, 0, err
 		}
-		end = segHeaderBytes + length
+		end = format.SegmentHeaderBytes + length
 	}
 	if err := s.grow(sg, end); err != nil {
 		return nil, 0, err
@@ -70,7 +71,7 @@ func (s *Store) grow(sg *segFile, need uint64) error {
 	if int64(need) <= sg.allocated {
 		return nil
 	}
-	size := min(s.opts.SegmentBytes, max(2*sg.allocated, int64(roundUp(int(need)))))
+	size := min(s.opts.SegmentBytes, max(2*sg.allocated, int64(format.RoundUp(int(need)))))
 	if err := sg.preallocate(size); err != nil {
 		if errors.Is(err, syscall.ENOSPC) {
 			s.mu.Lock()
@@ -155,12 +156,12 @@ func (s *Store) newSegment() (*segFile, error) {
 		return fail(fmt.Errorf("chunk: preallocate %s: %w", sg.name, err))
 	}
 	sg.allocated = size
-	hdr, err := s.scratch.get(segHeaderBytes)
+	hdr, err := s.scratch.get(format.SegmentHeaderBytes)
 	if err != nil {
 		return fail(err)
 	}
 	(&SegmentHeader{ID: id, CreatedNanos: s.opts.Now()}).Encode(hdr.Bytes())
-	err = sg.write([][]byte{hdr.Bytes()[:segHeaderBytes]}, 0)
+	err = sg.write([][]byte{hdr.Bytes()[:format.SegmentHeaderBytes]}, 0)
 	s.scratch.put(hdr)
 	if err == nil {
 		err = sg.datasync()
@@ -173,7 +174,7 @@ func (s *Store) newSegment() (*segFile, error) {
 	}
 	s.mu.Lock()
 	s.segs[id] = sg
-	s.segRecs[id] = &lsm.Segment{Written: segHeaderBytes}
+	s.segRecs[id] = &lsm.Segment{Written: format.SegmentHeaderBytes}
 	s.active = sg
 	s.mu.Unlock()
 	return sg, nil

@@ -7,6 +7,7 @@ import (
 	"io"
 	"unsafe"
 
+	"github.com/hcache/hcache/chunk/format"
 	"github.com/hcache/hcache/iouring"
 	"github.com/hcache/hcache/lsm"
 )
@@ -213,7 +214,7 @@ func (s *Store) fetchStart(c *ctxState, items []fetchItem, useCache bool) (*fetc
 			reqs = append(reqs, readReq{sg, it.dst, off})
 			continue
 		}
-		n := roundUp(int(it.sl.Stored))
+		n := format.RoundUp(int(it.sl.Stored))
 		if !compressed && aligned(it.dst) && cap(it.dst) >= n {
 			reqs = append(reqs, readReq{sg, it.dst[:n], off})
 			continue
@@ -279,7 +280,7 @@ func (f *fetchOp) finish() error {
 				copy(it.dst, stored)
 			}
 		}
-		if got := crc32.Update(sliceSeed(&f.binding, it.group, it.sl.Layer), castagnoli, it.dst); got != it.sl.CRC {
+		if got := crc32.Update(format.SliceSeed(f.binding, it.group, it.sl.Layer), format.Castagnoli, it.dst); got != it.sl.CRC {
 			return fmt.Errorf("%w: %s/%s layer %d group %d: checksum %08x, index says %08x", ErrCorrupt, c.ns, c.id, it.sl.Layer, it.group, got, it.sl.CRC)
 		}
 		if f.useCache {

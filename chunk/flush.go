@@ -1,6 +1,7 @@
 package chunk
 
 import (
+	"github.com/hcache/hcache/chunk/format"
 	"github.com/hcache/hcache/iouring"
 	"github.com/hcache/hcache/lsm"
 )
@@ -256,8 +257,8 @@ func (f *flusher) startWrite(o op) {
 		return
 	}
 	h := RecordHeader{ChunkTokens: uint16(s.ct), Tokens: uint16(o.tokens), Group: o.group, Gen: gen, Binding: binding,
-		Version: formatVersion, Namespace: c.ns, ContextID: c.id, Identity: encIdent}
-	hb := headerBytesFor(len(stored), h.descBytes())
+		Version: format.Version, Namespace: c.ns, ContextID: c.id, Identity: encIdent}
+	hb := format.HeaderBytesFor(len(stored), h.DescBytes())
 	j.chunk = lsm.Chunk{Tokens: uint16(o.tokens), Slices: make([]lsm.Slice, len(stored))}
 	payload := [][]byte{}
 	var err error
@@ -273,7 +274,7 @@ func (f *flusher) startWrite(o op) {
 			raw := o.tokens * int(plan[l].RowBytes)
 			rows := o.slab[o.layerOff[l] : o.layerOff[l]+raw]
 			j.chunk.Slices[i] = lsm.Slice{Layer: uint16(l), Off: uint32(hb + o.layerOff[l]), Stored: uint32(raw), Raw: uint32(raw),
-				CRC: sliceCRC(&binding, o.group, uint16(l), rows)}
+				CRC: format.SliceCRC(binding, o.group, uint16(l), rows)}
 		}
 		payload = [][]byte{o.slab[:o.groupBytes]}
 	} else {
@@ -284,9 +285,9 @@ func (f *flusher) startWrite(o op) {
 			raw := o.tokens * int(plan[l].RowBytes)
 			rows := o.slab[o.layerOff[l] : o.layerOff[l]+raw]
 			j.chunk.Slices[i] = lsm.Slice{Layer: uint16(l), Off: uint32(hb + pos), Stored: uint32(raw), Raw: uint32(raw),
-				CRC: sliceCRC(&binding, o.group, uint16(l), rows)}
-			payload = append(payload, o.slab[o.layerOff[l]:o.layerOff[l]+roundUp(raw)])
-			pos += roundUp(raw)
+				CRC: format.SliceCRC(binding, o.group, uint16(l), rows)}
+			payload = append(payload, o.slab[o.layerOff[l]:o.layerOff[l]+format.RoundUp(raw)])
+			pos += format.RoundUp(raw)
 		}
 	}
 	length := hb

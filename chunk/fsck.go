@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"sort"
 
+	"github.com/hcache/hcache/chunk/format"
 	"github.com/hcache/hcache/lsm"
 )
 
@@ -208,9 +209,9 @@ func (s *Store) checkSegments(r *CheckReport, segRecs map[uint32]lsm.Segment, cs
 		if cs.endBySeg[id] > sr.Written {
 			r.errorf("segment %d: a record ends at %d, past the append point %d", id, cs.endBySeg[id], sr.Written)
 		}
-		hdr, err := s.scratch.get(segHeaderBytes)
+		hdr, err := s.scratch.get(format.SegmentHeaderBytes)
 		if err == nil {
-			if err := sg.readAt(hdr.Bytes()[:segHeaderBytes], 0); err != nil {
+			if err := sg.readAt(hdr.Bytes()[:format.SegmentHeaderBytes], 0); err != nil {
 				r.errorf("segment %d: read header: %v", id, err)
 			} else if h, err := DecodeSegmentHeader(hdr.Bytes()); err != nil {
 				r.errorf("segment %d: %v", id, err)
@@ -245,7 +246,7 @@ func (s *Store) checkChunk(c *ctxState, g uint32, ch *lsm.Chunk) error {
 			hb = min(hb, int(sl.Off))
 		}
 	}
-	if hb <= 0 || hb > maxHeaderBytes || hb%BlockBytes != 0 {
+	if hb <= 0 || hb > format.MaxHeaderBytes || hb%BlockBytes != 0 {
 		return fmt.Errorf("index places the first slice at %d", hb)
 	}
 	buf, err := s.scratch.get(hb)
@@ -270,7 +271,7 @@ func (s *Store) checkChunk(c *ctxState, g uint32, ch *lsm.Chunk) error {
 		return fmt.Errorf("record header holds %d tokens in %d bytes, index says %d in %d", h.Tokens, h.RecordBytes, ch.Tokens, ch.Length)
 	case !bytes.Equal(h.Binding[:], binding[:]):
 		return fmt.Errorf("record is bound to another context")
-	case h.Version != formatVersionV1 && (h.Namespace != c.ns || h.ContextID != c.id || !bytes.Equal(h.Identity, c.rec.Identity)):
+	case h.Version != format.VersionV1 && (h.Namespace != c.ns || h.ContextID != c.id || !bytes.Equal(h.Identity, c.rec.Identity)):
 		return fmt.Errorf("record describes context %s/%s", h.Namespace, h.ContextID)
 	case len(h.Slices) != len(ch.Slices):
 		return fmt.Errorf("record has %d slices, index %d", len(h.Slices), len(ch.Slices))

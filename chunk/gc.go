@@ -8,6 +8,7 @@ import (
 	"sort"
 	"time"
 
+	"github.com/hcache/hcache/chunk/format"
 	"github.com/hcache/hcache/lsm"
 )
 
@@ -38,7 +39,7 @@ func (s *Store) gcVictims() []uint32 {
 		if (s.active != nil && s.active.id == id) || s.segs[id] == nil {
 			continue
 		}
-		used := rec.Written - min(rec.Written, segHeaderBytes)
+		used := rec.Written - min(rec.Written, format.SegmentHeaderBytes)
 		if used == 0 || float64(rec.Live) < s.opts.GCLiveRatio*float64(used) {
 			victims = append(victims, id)
 		}
@@ -336,9 +337,9 @@ func (s *Store) headerFromIndex(m gcMove, rec []byte) (*RecordHeader, error) {
 	if err != nil {
 		return nil, err
 	}
-	h := &RecordHeader{Version: formatVersion, RecordBytes: uint64(m.ch.Length), ChunkTokens: uint16(s.ct), Tokens: m.ch.Tokens,
+	h := &RecordHeader{Version: format.Version, RecordBytes: uint64(m.ch.Length), ChunkTokens: uint16(s.ct), Tokens: m.ch.Tokens,
 		Group: g, Gen: gen, Binding: binding, Slices: m.ch.Slices, Namespace: c.ns, ContextID: c.id, Identity: enc}
-	hb := headerBytesFor(len(m.ch.Slices), h.descBytes())
+	hb := format.HeaderBytesFor(len(m.ch.Slices), h.DescBytes())
 	h.HeaderBytes = uint32(hb)
 	var tmp []byte
 	for _, sl := range m.ch.Slices {
@@ -356,7 +357,7 @@ func (s *Store) headerFromIndex(m gcMove, rec []byte) (*RecordHeader, error) {
 				return nil, err
 			}
 		}
-		if got := crc32.Update(sliceSeed(&binding, g, sl.Layer), castagnoli, raw); got != sl.CRC {
+		if got := crc32.Update(format.SliceSeed(binding, g, sl.Layer), format.Castagnoli, raw); got != sl.CRC {
 			return nil, fmt.Errorf("%w: layer %d checksum %08x, index says %08x", ErrCorrupt, sl.Layer, got, sl.CRC)
 		}
 	}

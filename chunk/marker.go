@@ -9,6 +9,7 @@ import (
 	"strings"
 
 	"github.com/cockroachdb/pebble/v2/vfs"
+	"github.com/hcache/hcache/chunk/format"
 )
 
 // ballastFile is the ballast (Options.BallastBytes): a preallocated file
@@ -61,7 +62,7 @@ func writeMarker(fs vfs.FS, path string) error {
 		return err
 	}
 	body := fmt.Sprintf("hcache store\nversion %d\n", StoreVersion)
-	if _, err := f.Write([]byte(fmt.Sprintf("%scrc32c %08x\n", body, crc32.Checksum([]byte(body), castagnoli)))); err != nil {
+	if _, err := f.Write([]byte(fmt.Sprintf("%scrc32c %08x\n", body, crc32.Checksum([]byte(body), format.Castagnoli)))); err != nil {
 		f.Close()
 		return err
 	}
@@ -96,7 +97,7 @@ func readMarker(fs vfs.FS, path string) (bool, error) {
 		return true, errors.New("not an hcache creation marker")
 	}
 	var sum uint32
-	if _, err := fmt.Sscanf(text[i:], "crc32c %08x\n", &sum); err != nil || crc32.Checksum([]byte(text[:i]), castagnoli) != sum {
+	if _, err := fmt.Sscanf(text[i:], "crc32c %08x\n", &sum); err != nil || crc32.Checksum([]byte(text[:i]), format.Castagnoli) != sum {
 		return true, errors.New("creation marker checksum mismatch")
 	}
 	var v int

@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/cockroachdb/pebble/v2/vfs"
+	"github.com/hcache/hcache/chunk/format"
 	"github.com/hcache/hcache/iouring"
 	"github.com/hcache/hcache/lsm"
 )
@@ -339,14 +340,14 @@ func scanSegmentFile(fs vfs.FS, path string, limit int) (int, error) {
 	}
 	n := 0
 	hdr := make([]byte, BlockBytes)
-	for off := int64(segHeaderBytes); off+BlockBytes <= st.Size() && n < limit; {
+	for off := int64(format.SegmentHeaderBytes); off+BlockBytes <= st.Size() && n < limit; {
 		if _, err := f.ReadAt(hdr, off); err != nil {
 			return n, err
 		}
 		h, err := DecodeRecordHeader(hdr)
 		if err != nil {
 			// A header longer than a block, or none.
-			if want := int(binary.LittleEndian.Uint32(hdr[12:])); err != nil && len(hdr) < want && want <= maxHeaderBytes && want%BlockBytes == 0 {
+			if want := int(binary.LittleEndian.Uint32(hdr[12:])); err != nil && len(hdr) < want && want <= format.MaxHeaderBytes && want%BlockBytes == 0 {
 				big := make([]byte, want)
 				if _, err := f.ReadAt(big, off); err == nil {
 					h, err = DecodeRecordHeader(big)

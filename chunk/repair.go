@@ -9,6 +9,7 @@ import (
 
 	"github.com/cockroachdb/pebble/v2/vfs"
 
+	"github.com/hcache/hcache/chunk/format"
 	"github.com/hcache/hcache/lsm"
 )
 
@@ -363,7 +364,7 @@ func repairWriteIndex(fs vfs.FS, newDir string, ct int, now int64, sc *repairSca
 	for _, id := range sc.ids {
 		// Every segment is sealed: new writes go to a new one, so nothing
 		// set aside is overwritten. GC reclaims what is not live.
-		sr := lsm.Segment{Written: max(sc.segWritten[id], segHeaderBytes), Live: live[id], Sealed: true}
+		sr := lsm.Segment{Written: max(sc.segWritten[id], format.SegmentHeaderBytes), Live: live[id], Sealed: true}
 		b.Set(lsm.SegmentKey(id), sr.Encode())
 	}
 	if err := b.Commit(true); err != nil {
@@ -422,17 +423,17 @@ func repairScanSegment(fs vfs.FS, path string, id uint32, rep *RepairReport) ([]
 		rep.SetAside = append(rep.SetAside, fmt.Sprintf("segment %d: header names segment %d (its records are still checked one by one)", id, h.ID))
 	}
 	var out []*repairCand
-	end := uint64(segHeaderBytes)
+	end := uint64(format.SegmentHeaderBytes)
 	skipped := 0
 	var rec []byte
 	var tmp []byte
-	for off := int64(segHeaderBytes); off+BlockBytes <= size; {
+	for off := int64(format.SegmentHeaderBytes); off+BlockBytes <= size; {
 		if _, err := f.ReadAt(block, off); err != nil {
 			return nil, 0, 0, err
 		}
 		hb := int(BlockBytes)
-		if bytes.Equal(block[:8], recordMagic) {
-			if want := int(leU32(block[12:])); want > BlockBytes && want <= maxHeaderBytes && want%BlockBytes == 0 && off+int64(want) <= size {
+		if format.IsRecordMagic(block) {
+			if want := int(leU32(block[12:])); want > BlockBytes && want <= format.MaxHeaderBytes && want%BlockBytes == 0 && off+int64(want) <= size {
 				hb = want
 			}
 		}
@@ -462,7 +463,7 @@ func repairScanSegment(fs vfs.FS, path string, id uint32, rep *RepairReport) ([]
 			off = next
 			continue
 		}
-		if h.Version == formatVersionV1 {
+		if h.Version == format.VersionV1 {
 			rep.SetAside = append(rep.SetAside, where+": format version 1 record (no context descriptor; written before repair was possible)")
 			off = next
 			continue
@@ -542,7 +543,7 @@ func verifyRecord(h *RecordHeader, ident *Identity, binding *Binding, rec []byte
 		} else if sl.Stored != sl.Raw {
 			return fmt.Errorf("%w: slice of layer %d stores %d bytes of %d", ErrCorrupt, sl.Layer, sl.Stored, sl.Raw)
 		}
-		if got := crc32.Update(sliceSeed(binding, h.Group, sl.Layer), castagnoli, raw); got != sl.CRC {
+		if got := crc32.Update(format.SliceSeed(*binding, h.Group, sl.Layer), format.Castagnoli, raw); got != sl.CRC {
 			return fmt.Errorf("%w: layer %d checksum %08x, record says %08x", ErrCorrupt, sl.Layer, got, sl.CRC)
 		}
 	}

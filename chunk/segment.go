@@ -11,6 +11,7 @@ import (
 	"github.com/cockroachdb/pebble/v2/vfs"
 	"golang.org/x/sys/unix"
 
+	"github.com/hcache/hcache/chunk/format"
 	"github.com/hcache/hcache/iouring"
 )
 
@@ -253,7 +254,7 @@ type alignedScratch struct {
 // slack a layer's buffer carries beyond its rows (the last slice's read is
 // rounded up to a block), so the usual power-of-two layer does not double.
 func sizeClass(n int) int {
-	n = roundUp(n)
+	n = format.RoundUp(n)
 	p := BlockBytes
 	for p+BlockBytes < n {
 		p *= 2
@@ -262,7 +263,7 @@ func sizeClass(n int) int {
 }
 
 func (a *alignedScratch) get(n int) (*iouring.AlignedBuffer, error) {
-	n = roundUp(n)
+	n = format.RoundUp(n)
 	a.mu.Lock()
 	if a.bounded {
 		need := n

@@ -6,6 +6,7 @@ import (
 	"sort"
 	"syscall"
 
+	"github.com/hcache/hcache/chunk/format"
 	"github.com/hcache/hcache/lsm"
 )
 
@@ -213,8 +214,8 @@ func (s *Store) sealFailed(sg *segFile) {
 // when the allocation meets ENOSPC, the ballast is released and it
 // is tried once more, so a delete does not fail because the disk is full.
 func (s *Store) appendTombstoneRecord(gen uint64, ns, id string) (*segFile, uint64, bool, error) {
-	h := RecordHeader{Version: formatVersion, Flags: RecordTombstone, ChunkTokens: uint16(s.ct), Gen: gen, Namespace: ns, ContextID: id}
-	hb := headerBytesFor(0, h.descBytes())
+	h := RecordHeader{Version: format.Version, Flags: RecordTombstone, ChunkTokens: uint16(s.ct), Gen: gen, Namespace: ns, ContextID: id}
+	hb := format.HeaderBytesFor(0, h.DescBytes())
 	seg, off, err := s.allocate(uint64(hb), true)
 	if err != nil && errors.Is(err, syscall.ENOSPC) {
 		// allocate entered the disk-full state, which released the
@@ -269,13 +270,13 @@ func (s *Store) scanTombstones(path string, id uint32, from uint64) ([]scannedTo
 	size := st.Size()
 	var out []scannedTomb
 	block := make([]byte, BlockBytes)
-	for off := int64(max(from, segHeaderBytes)); off+BlockBytes <= size; {
+	for off := int64(max(from, format.SegmentHeaderBytes)); off+BlockBytes <= size; {
 		if _, err := f.ReadAt(block, off); err != nil {
 			return nil, err
 		}
 		hdr := block
 		if leU32(block[12:]) > BlockBytes {
-			if want := int(leU32(block[12:])); want <= maxHeaderBytes && want%BlockBytes == 0 && off+int64(want) <= size {
+			if want := int(leU32(block[12:])); want <= format.MaxHeaderBytes && want%BlockBytes == 0 && off+int64(want) <= size {
 				hdr = make([]byte, want)
 				if _, err := f.ReadAt(hdr, off); err != nil {
 					return nil, err

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"sync"
 
+	"github.com/hcache/hcache/chunk/format"
 	"github.com/hcache/hcache/lsm"
 )
 
@@ -187,7 +188,7 @@ func (s *Store) newWriter(c *ctxState) *Writer {
 	for l, p := range c.ident.Plan {
 		w.rowBytes[l] = int(p.RowBytes)
 		w.layerOff[l] = off
-		off += roundUp(s.ct * int(p.RowBytes))
+		off += format.RoundUp(s.ct * int(p.RowBytes))
 	}
 	w.groupBytes = off
 	w.layerTok = make([]int, len(c.stored))

@@ -31,6 +31,7 @@ import (
 	"fmt"
 	"hash/crc32"
 
+	"github.com/hcache/hcache/chunk/format"
 	"github.com/hcache/hcache/state"
 )
 
@@ -256,19 +257,13 @@ func DecodeContext(v []byte) (*Context, error) {
 	return c, r.done(KindContext)
 }
 
-// Slice locates one layer's rows inside a chunk group record.
-type Slice struct {
-	Layer  uint16
-	Flags  uint16 // SliceLZ4 ...
-	Off    uint32 // from the start of the record
-	Stored uint32 // bytes on disk (before padding)
-	Raw    uint32 // bytes of rows
-	CRC    uint32 // crc32c of the raw rows, seeded with the context binding
-}
+// Slice locates one layer's rows inside a chunk group record: the entry of
+// the record header's slice table (format.Slice), held by chunk records too.
+type Slice = format.Slice
 
-// Slice flags.
+// Slice flags (format.SliceLZ4).
 const (
-	SliceLZ4 = 1 << 0 // stored bytes are lz4 of the byte-plane shuffled rows
+	SliceLZ4 = format.SliceLZ4 // stored bytes are lz4 of the byte-plane shuffled rows
 )
 
 // Chunk locates a chunk group record in a segment.
