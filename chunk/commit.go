@@ -2,6 +2,7 @@ package chunk
 
 import (
 	"errors"
+	"fmt"
 	"syscall"
 
 	"github.com/hcache/hcache/lsm"
@@ -79,16 +80,27 @@ func (s *Store) syncTouched(jobs []*writeJob) (map[*segFile]bool, error) {
 	return touched, syncErr
 }
 
+// groupKey names a chunk group of a context in memory.
+type groupKey struct {
+	c *ctxState
+	g uint32
+}
+
 // supersededRecords reads from the index the records that jobs supersede (a
 // partial group written before), without the store lock. Token counts
-// change only on the flusher, so they cannot move meanwhile.
-func (s *Store) supersededRecords(jobs []*writeJob) map[string]*lsm.Chunk {
-	stored := map[string]*lsm.Chunk{}
+// change only on the flusher, so they cannot move meanwhile. A job whose
+// superseded record cannot be read (an index error, a value that does not
+// decode) fails with that error: it is not indexed.
+func (s *Store) supersededRecords(jobs []*writeJob) map[groupKey]*lsm.Chunk {
+	stored := map[groupKey]*lsm.Chunk{}
 	for _, j := range jobs {
 		if j.err == nil && uint64(j.group)*uint64(s.ct) < j.c.rec.Tokens {
-			key := lsm.ChunkKey(j.c.ns, j.c.id, j.group)
-			if v, err := s.db.Get(key); err == nil {
-				stored[string(key)], _ = lsm.DecodeChunk(v)
+			ch, err := s.db.GetChunk(j.c.ns, j.c.id, j.group)
+			switch {
+			case err == nil:
+				stored[groupKey{j.c, j.group}] = ch
+			case !errors.Is(err, lsm.ErrNotFound):
+				j.err = fmt.Errorf("chunk: read the record group %d of %s/%s supersedes: %w", j.group, j.c.ns, j.c.id, err)
 			}
 		}
 	}
@@ -99,9 +111,9 @@ func (s *Store) supersededRecords(jobs []*writeJob) map[string]*lsm.Chunk {
 // moves live bytes from the records they supersede, and records each
 // failed job's error on its context. It returns the contexts touched and
 // their token counts after the commit. Call with s.mu held.
-func (s *Store) indexJobs(b *lsm.Batch, jobs []*writeJob, syncErr error, stored map[string]*lsm.Chunk, segTouched map[uint32]bool) (map[*ctxState]bool, map[*ctxState]uint64) {
+func (s *Store) indexJobs(b *lsm.Batch, jobs []*writeJob, syncErr error, stored map[groupKey]*lsm.Chunk, segTouched map[uint32]bool) (map[*ctxState]bool, map[*ctxState]uint64) {
 	ctxTouched := map[*ctxState]bool{}
-	superseded := map[string]*lsm.Chunk{}
+	superseded := map[groupKey]*lsm.Chunk{}
 	// Token counts advance in memory only after the index commit, so a
 	// restore never expects chunks the index does not have yet.
 	newTokens := map[*ctxState]uint64{}
@@ -143,12 +155,12 @@ func (s *Store) indexJobs(b *lsm.Batch, jobs []*writeJob, syncErr error, stored 
 			c.writeErr = s.brokenErr()
 			continue
 		}
-		key := lsm.ChunkKey(c.ns, c.id, j.group)
+		key := groupKey{c, j.group}
 		// The group may already be stored (a partial tail flushed
 		// earlier): its old record becomes dead.
-		old := superseded[string(key)]
+		old := superseded[key]
 		if old == nil && uint64(j.group)*uint64(s.ct) < c.rec.Tokens {
-			old = stored[string(key)]
+			old = stored[key]
 		}
 		if old != nil {
 			if rec := s.segRecs[old.Segment]; rec != nil {
@@ -161,8 +173,8 @@ func (s *Store) indexJobs(b *lsm.Batch, jobs []*writeJob, syncErr error, stored 
 			s.invariant(c.live >= 0 && s.live >= 0, "live bytes below zero (%s/%s: %d, store: %d) after group %d's old record was superseded", c.ns, c.id, c.live, s.live, j.group)
 		}
 		ch := j.chunk
-		superseded[string(key)] = &ch
-		b.Set(key, ch.Encode())
+		superseded[key] = &ch
+		b.PutChunk(c.ns, c.id, j.group, &ch)
 		s.segRecs[j.seg.id].Live += uint64(j.length)
 		c.live += int64(j.length)
 		s.live += int64(j.length)
@@ -189,7 +201,7 @@ func (s *Store) indexTouchedLocked(b *lsm.Batch, ctxTouched map[*ctxState]bool, 
 			ctxTouched[c] = true
 		}
 		if c.useDirty && !c.deleted {
-			b.Set(lsm.LastUseKey(c.ns, c.id), lsm.EncodeNanos(lsm.KindLastUse, c.lastUse))
+			b.PutLastUse(c.ns, c.id, c.lastUse)
 			c.useDirty = false
 		}
 	}
@@ -200,22 +212,22 @@ func (s *Store) indexTouchedLocked(b *lsm.Batch, ctxTouched map[*ctxState]bool, 
 		}
 		if !s.namespaces[c.ns] {
 			s.namespaces[c.ns] = true
-			b.Set(lsm.NamespaceKey(c.ns), lsm.EncodeNanos(lsm.KindNamespace, s.opts.Now()))
+			b.PutNamespace(c.ns, s.opts.Now())
 		}
 		rec := c.rec
 		if t, ok := newTokens[c]; ok {
 			rec.Tokens = t
 		}
-		b.Set(lsm.ContextKey(c.ns, c.id), rec.Encode())
+		b.PutContext(c.ns, c.id, &rec)
 		c.dirty = false
 	}
 	for id := range segTouched {
 		if rec := s.segRecs[id]; rec != nil {
-			b.Set(lsm.SegmentKey(id), rec.Encode())
+			b.PutSegment(id, rec)
 		}
 	}
 	if s.active != nil {
-		b.Set(lsm.SegmentKey(s.active.id), s.segRecs[s.active.id].Encode())
+		b.PutSegment(s.active.id, s.segRecs[s.active.id])
 	}
 }
 

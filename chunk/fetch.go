@@ -87,15 +87,7 @@ func (s *Store) snap(c *ctxState) (*snapshot, error) {
 // a contiguous prefix covering at least want tokens.
 func (s *Store) scanChunks(c *ctxState, want uint64) (*snapshot, error) {
 	sn := &snapshot{c: c}
-	err := s.db.Scan(lsm.ChunkPrefix(c.ns, c.id), lsm.ChunkPrefixEnd(c.ns, c.id), func(k, v []byte) error {
-		_, _, g, err := lsm.ParseChunkKey(k)
-		if err != nil {
-			return err
-		}
-		ch, err := lsm.DecodeChunk(v)
-		if err != nil {
-			return fmt.Errorf("group %d: %w", g, err)
-		}
+	err := s.db.ScanChunks(c.ns, c.id, func(g uint32, ch *lsm.Chunk) error {
 		if int(g) != len(sn.chunks) {
 			return fmt.Errorf("%w: group %d missing", ErrCorrupt, len(sn.chunks))
 		}

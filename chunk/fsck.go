@@ -105,27 +105,33 @@ type checkedChunks struct {
 // (checkChunk). The error is the index scan's.
 func (s *Store) checkChunkKeys(r *CheckReport, progress func(done, total int)) (*checkedChunks, error) {
 	cs := &checkedChunks{byCtx: map[string]*ctxChunks{}, liveBySeg: map[uint32]uint64{}, endBySeg: map[uint32]uint64{}}
-	var keys [][]byte
-	var vals [][]byte
-	if err := s.db.Scan([]byte{'k'}, []byte{'l'}, func(k, v []byte) error {
-		keys, vals = append(keys, k), append(vals, v)
+	// The keys are read first, then checked: no index iterator stays open
+	// across the segment reads.
+	type entry struct {
+		ns, id string
+		g      uint32
+		ch     *lsm.Chunk
+		err    error
+	}
+	var entries []entry
+	if err := s.db.ScanAllChunks(func(ns, id string, g uint32, ch *lsm.Chunk, err error) error {
+		entries = append(entries, entry{ns, id, g, ch, err})
 		return nil
 	}); err != nil {
 		return nil, err
 	}
-	for i, k := range keys {
+	for i, e := range entries {
 		if progress != nil {
-			progress(i, len(keys))
+			progress(i, len(entries))
 		}
-		ns, id, g, err := lsm.ParseChunkKey(k)
-		if err != nil {
-			r.errorf("%v", err)
+		ns, id, g, ch := e.ns, e.id, e.g, e.ch
+		if e.err != nil && ns == "" {
+			r.errorf("%v", e.err) // a key that does not parse
 			continue
 		}
 		r.Chunks++
-		ch, err := lsm.DecodeChunk(vals[i])
-		if err != nil {
-			r.errorf("%s/%s group %d: %v", ns, id, g, err)
+		if e.err != nil {
+			r.errorf("%v", e.err)
 			continue
 		}
 		cs.liveBySeg[ch.Segment] += uint64(ch.Length)

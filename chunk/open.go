@@ -278,13 +278,13 @@ func validateIndex(fs vfs.FS, dir string) error {
 		return err
 	}
 	defer db.Close()
-	if _, err := db.Get(lsm.MetaKey()); err != nil {
+	if _, err := db.GetMeta(); err != nil {
 		if errors.Is(err, lsm.ErrNotFound) {
 			return fmt.Errorf("the index holds no store record though %s says the store was created", createdMarker)
 		}
 		return err
 	}
-	if err := db.Scan(nil, nil, func(k, v []byte) error { return nil }); err != nil {
+	if err := db.ReadAll(); err != nil {
 		return err
 	}
 	return db.Err()
@@ -390,7 +390,7 @@ func (s *Store) releaseOnFailedOpen() {
 }
 
 func (s *Store) loadMeta(hasMarker bool) error {
-	v, err := s.db.Get(lsm.MetaKey())
+	m, err := s.db.GetMeta()
 	if errors.Is(err, lsm.ErrNotFound) && hasMarker {
 		return indexDamaged(s.dir, "the index holds no store record though %s says the store was created", createdMarker)
 	}
@@ -404,7 +404,7 @@ func (s *Store) loadMeta(hasMarker bool) error {
 		}
 		m := lsm.Meta{StoreVersion: StoreVersion, ChunkTokens: uint32(ct), CreatedNanos: s.opts.Now()}
 		b := s.db.NewBatch()
-		b.Set(lsm.MetaKey(), m.Encode())
+		b.PutMeta(&m)
 		if err := b.Commit(true); err != nil {
 			return err
 		}
@@ -413,10 +413,6 @@ func (s *Store) loadMeta(hasMarker bool) error {
 	}
 	if err != nil {
 		return indexDamaged(s.dir, "reading the store record: %v", err)
-	}
-	m, err := lsm.DecodeMeta(v)
-	if err != nil {
-		return indexDamaged(s.dir, "store record: %v", err)
 	}
 	if m.StoreVersion != StoreVersion {
 		return fmt.Errorf("chunk: store version %d, this build reads %d", m.StoreVersion, StoreVersion)

@@ -53,15 +53,7 @@ func (s *Store) recover() error {
 
 // loadSegments loads the index's segment records.
 func (s *Store) loadSegments() error {
-	err := s.db.Scan([]byte{'s'}, []byte{'t'}, func(k, v []byte) error {
-		id, err := lsm.ParseSegmentKey(k)
-		if err != nil {
-			return err
-		}
-		rec, err := lsm.DecodeSegment(v)
-		if err != nil {
-			return fmt.Errorf("segment %d: %w", id, err)
-		}
+	err := s.db.ScanSegments(func(id uint32, rec *lsm.Segment) error {
 		s.segRecs[id] = rec
 		s.nextSeg = max(s.nextSeg, id+1)
 		return nil
@@ -158,13 +150,8 @@ func (s *Store) findActive(ids []uint32) {
 // loadContexts loads the context records; one that fails to decode is
 // marked damaged.
 func (s *Store) loadContexts() error {
-	err := s.db.Scan([]byte{'c'}, []byte{'d'}, func(k, v []byte) error {
-		ns, id, err := lsm.ParseContextKey(k)
-		if err != nil {
-			return err
-		}
+	err := s.db.ScanContexts(func(ns, id string, rec *lsm.Context, err error) error {
 		c := &ctxState{ns: ns, id: id}
-		rec, err := lsm.DecodeContext(v)
 		if err == nil {
 			c.rec = *rec
 			c.ident, err = DecodeIdentity(rec.Identity)
@@ -188,17 +175,16 @@ func (s *Store) loadContexts() error {
 	return nil
 }
 
-// loadLastUse loads the contexts' last-use times.
+// loadLastUse loads the contexts' last-use times. One that does not decode
+// is logged and taken as never used (it orders eviction, nothing more).
 func (s *Store) loadLastUse() error {
-	return s.db.Scan([]byte{'u'}, []byte{'v'}, func(k, v []byte) error {
-		ns, id, err := lsm.ParseContextKey(k)
+	return s.db.ScanLastUse(func(ns, id string, t int64, err error) error {
 		if err != nil {
+			s.opts.Logf("chunk: %v; taken as never used", err)
 			return nil
 		}
 		if c := s.ctxs[ctxMapKey(ns, id)]; c != nil {
-			if t, err := lsm.DecodeNanos(lsm.KindLastUse, v); err == nil {
-				c.lastUse = t
-			}
+			c.lastUse = t
 		}
 		return nil
 	})
@@ -210,20 +196,24 @@ func (s *Store) loadLastUse() error {
 // the next commit of the segment rewrites.
 func (s *Store) countLive() error {
 	liveBySeg := map[uint32]uint64{}
-	err := s.db.Scan([]byte{'k'}, []byte{'l'}, func(k, v []byte) error {
-		ns, id, _, err := lsm.ParseChunkKey(k)
-		if err != nil {
-			return err
-		}
-		ch, derr := lsm.DecodeChunk(v)
-		if derr == nil {
-			liveBySeg[ch.Segment] += uint64(ch.Length)
+	err := s.db.ScanAllChunks(func(ns, id string, _ uint32, ch *lsm.Chunk, derr error) error {
+		if derr != nil && ns == "" {
+			return derr // a key that does not parse
 		}
 		c := s.ctxs[ctxMapKey(ns, id)]
+		if derr != nil {
+			// Its bytes cannot be located: the context is damaged.
+			s.opts.Logf("chunk: %v; the context is marked damaged", derr)
+			if c != nil {
+				c.rec.Flags |= lsm.FlagDamaged
+			}
+			return nil
+		}
+		liveBySeg[ch.Segment] += uint64(ch.Length)
 		if c == nil {
 			return nil
 		}
-		if derr != nil || s.segs[ch.Segment] == nil {
+		if s.segs[ch.Segment] == nil {
 			c.rec.Flags |= lsm.FlagDamaged
 			return nil
 		}

@@ -37,11 +37,7 @@ func oldChunkTokens(fs vfs.FS, dir string) int {
 		return 0
 	}
 	defer db.Close()
-	v, err := db.Get(lsm.MetaKey())
-	if err != nil {
-		return 0
-	}
-	m, err := lsm.DecodeMeta(v)
+	m, err := db.GetMeta()
 	if err != nil {
 		return 0
 	}
@@ -309,7 +305,7 @@ func repairWriteIndex(fs vfs.FS, newDir string, ct int, now int64, sc *repairSca
 	}
 	b := db.NewBatch()
 	m := lsm.Meta{StoreVersion: StoreVersion, ChunkTokens: uint32(ct), CreatedNanos: now}
-	b.Set(lsm.MetaKey(), m.Encode())
+	b.PutMeta(&m)
 	live := map[uint32]uint64{}
 	nss := map[string]bool{}
 	for _, k := range keys {
@@ -325,7 +321,7 @@ func repairWriteIndex(fs vfs.FS, newDir string, ct int, now int64, sc *repairSca
 				break
 			}
 			ch := lsm.Chunk{Segment: c.seg, Offset: c.off, Length: uint32(c.h.RecordBytes), Tokens: c.h.Tokens, Slices: c.h.Slices}
-			b.Set(lsm.ChunkKey(p.ns, p.id, g), ch.Encode())
+			b.PutChunk(p.ns, p.id, g, &ch)
 			live[c.seg] += c.h.RecordBytes
 			tokens += uint64(c.h.Tokens)
 			n++
@@ -340,10 +336,10 @@ func repairWriteIndex(fs vfs.FS, newDir string, ct int, now int64, sc *repairSca
 			continue
 		}
 		rec := lsm.Context{Identity: p.ident, Tokens: tokens, Gen: p.gen}
-		b.Set(lsm.ContextKey(p.ns, p.id), rec.Encode())
+		b.PutContext(p.ns, p.id, &rec)
 		if !nss[p.ns] {
 			nss[p.ns] = true
-			b.Set(lsm.NamespaceKey(p.ns), lsm.EncodeNanos(lsm.KindNamespace, now))
+			b.PutNamespace(p.ns, now)
 		}
 		rep.Contexts++
 		rep.Groups += n
@@ -359,13 +355,13 @@ func repairWriteIndex(fs vfs.FS, newDir string, ct int, now int64, sc *repairSca
 		}
 		sort.Slice(segs, func(i, j int) bool { return segs[i] < segs[j] })
 		t := lsm.Tombstone{Namespace: tb.h.Namespace, ID: tb.h.ContextID, Gen: tb.h.Gen, Segments: segs}
-		b.Set(lsm.TombstoneKey(tb.seg, tb.off), t.Encode())
+		b.PutTombstone(tb.seg, tb.off, &t)
 	}
 	for _, id := range sc.ids {
 		// Every segment is sealed: new writes go to a new one, so nothing
 		// set aside is overwritten. GC reclaims what is not live.
 		sr := lsm.Segment{Written: max(sc.segWritten[id], format.SegmentHeaderBytes), Live: live[id], Sealed: true}
-		b.Set(lsm.SegmentKey(id), sr.Encode())
+		b.PutSegment(id, &sr)
 	}
 	if err := b.Commit(true); err != nil {
 		db.Close()

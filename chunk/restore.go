@@ -413,13 +413,9 @@ func (lr *layerRead) finish() (*iouring.AlignedBuffer, []byte, error) {
 // restoreGroupInto reads the first tokens rows of every stored layer of one
 // group (Append uses it to reload a partial tail).
 func (s *Store) restoreGroupInto(c *ctxState, g uint32, tokens int, fn func(layer int, rows []byte)) (int, error) {
-	v, err := s.db.Get(lsm.ChunkKey(c.ns, c.id, g))
+	ch, err := s.db.GetChunk(c.ns, c.id, g)
 	if err != nil {
 		return 0, fmt.Errorf("chunk: %s/%s group %d: %w", c.ns, c.id, g, err)
-	}
-	ch, err := lsm.DecodeChunk(v)
-	if err != nil {
-		return 0, err
 	}
 	if int(ch.Tokens) < tokens {
 		return 0, fmt.Errorf("%w: %s/%s group %d holds %d tokens, want %d", ErrCorrupt, c.ns, c.id, g, ch.Tokens, tokens)

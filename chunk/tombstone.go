@@ -59,10 +59,10 @@ func (s *Store) deleteCtxs(cs []*ctxState) error {
 		s.mu.Lock()
 		p.gen = c.rec.Gen
 		s.mu.Unlock()
-		err := s.db.Scan(lsm.ChunkPrefix(c.ns, c.id), lsm.ChunkPrefixEnd(c.ns, c.id), func(k, v []byte) error {
-			if ch, err := lsm.DecodeChunk(v); err == nil {
-				p.chunks = append(p.chunks, ch)
-			}
+		// A chunk value that does not decode fails the delete: its
+		// segment's live count could not be kept right.
+		err := s.db.ScanChunks(c.ns, c.id, func(_ uint32, ch *lsm.Chunk) error {
+			p.chunks = append(p.chunks, ch)
 			return nil
 		})
 		if err != nil {
@@ -97,9 +97,7 @@ func (s *Store) deleteCtxs(cs []*ctxState) error {
 	segTouched := map[uint32]bool{}
 	for _, p := range plans {
 		c := p.c
-		b.DeleteRange(lsm.ChunkPrefix(c.ns, c.id), lsm.ChunkPrefixEnd(c.ns, c.id))
-		b.Delete(lsm.ContextKey(c.ns, c.id))
-		b.Delete(lsm.LastUseKey(c.ns, c.id))
+		b.DeleteContext(c.ns, c.id)
 		for _, ch := range p.chunks {
 			if rec := s.segRecs[ch.Segment]; rec != nil {
 				s.invariant(rec.Live >= uint64(ch.Length), "segment %d: %d live bytes, less than the %d-byte record of %s/%s being deleted", ch.Segment, rec.Live, ch.Length, c.ns, c.id)
@@ -108,7 +106,7 @@ func (s *Store) deleteCtxs(cs []*ctxState) error {
 			}
 		}
 		t := lsm.Tombstone{Namespace: c.ns, ID: c.id, Gen: p.gen, Segments: p.segs}
-		b.Set(lsm.TombstoneKey(p.seg.id, p.off), t.Encode())
+		b.PutTombstone(p.seg.id, p.off, &t)
 		segTouched[p.seg.id] = true
 		c.deleted = true
 		s.live -= c.live
@@ -119,7 +117,7 @@ func (s *Store) deleteCtxs(cs []*ctxState) error {
 	}
 	for id := range segTouched {
 		if rec := s.segRecs[id]; rec != nil {
-			b.Set(lsm.SegmentKey(id), rec.Encode())
+			b.PutSegment(id, rec)
 		}
 	}
 	s.mu.Unlock()
@@ -307,10 +305,8 @@ func (s *Store) scanTombstones(path string, id uint32, from uint64) ([]scannedTo
 // same deletes in memory and writes nothing.
 func (s *Store) rollForwardTombstones() error {
 	// Tombstones indexed already: their generations are used.
-	err := s.db.Scan([]byte{'t'}, []byte{'u'}, func(k, v []byte) error {
-		if t, err := lsm.DecodeTombstone(v); err == nil {
-			s.nextGen = max(s.nextGen, t.Gen+1)
-		}
+	err := s.db.ScanTombstones(func(_ uint32, _ uint64, t *lsm.Tombstone) error {
+		s.nextGen = max(s.nextGen, t.Gen+1)
 		return nil
 	})
 	if err != nil {
@@ -358,20 +354,16 @@ func (s *Store) rollForwardTombstones() error {
 		rolled++
 		var chunks []*lsm.Chunk
 		segSet := map[uint32]bool{}
-		err := s.db.Scan(lsm.ChunkPrefix(c.ns, c.id), lsm.ChunkPrefixEnd(c.ns, c.id), func(k, v []byte) error {
-			if ch, err := lsm.DecodeChunk(v); err == nil {
-				chunks = append(chunks, ch)
-				segSet[ch.Segment] = true
-			}
+		err := s.db.ScanChunks(c.ns, c.id, func(_ uint32, ch *lsm.Chunk) error {
+			chunks = append(chunks, ch)
+			segSet[ch.Segment] = true
 			return nil
 		})
 		if err != nil {
 			return err
 		}
 		s.opts.Logf("chunk: %s/%s generation %d: its tombstone (segment %d offset %d) is durable but the delete was not indexed (a crash); the delete is completed", c.ns, c.id, c.rec.Gen, f.seg, f.t.off)
-		b.DeleteRange(lsm.ChunkPrefix(c.ns, c.id), lsm.ChunkPrefixEnd(c.ns, c.id))
-		b.Delete(lsm.ContextKey(c.ns, c.id))
-		b.Delete(lsm.LastUseKey(c.ns, c.id))
+		b.DeleteContext(c.ns, c.id)
 		for _, ch := range chunks {
 			if rec := s.segRecs[ch.Segment]; rec != nil {
 				s.invariant(rec.Live >= uint64(ch.Length), "segment %d: %d live bytes, less than the %d-byte record of %s/%s whose delete is rolled forward", ch.Segment, rec.Live, ch.Length, c.ns, c.id)
@@ -386,7 +378,7 @@ func (s *Store) rollForwardTombstones() error {
 			}
 			sort.Slice(segs, func(i, j int) bool { return segs[i] < segs[j] })
 			t := lsm.Tombstone{Namespace: c.ns, ID: c.id, Gen: h.Gen, Segments: segs}
-			b.Set(lsm.TombstoneKey(f.seg, f.t.off), t.Encode())
+			b.PutTombstone(f.seg, f.t.off, &t)
 			rec := s.segRecs[f.seg]
 			rec.Written = max(rec.Written, f.t.off+h.RecordBytes)
 			segTouched[f.seg] = true
@@ -404,7 +396,7 @@ func (s *Store) rollForwardTombstones() error {
 	}
 	for id := range segTouched {
 		if rec := s.segRecs[id]; rec != nil {
-			b.Set(lsm.SegmentKey(id), rec.Encode())
+			b.PutSegment(id, rec)
 		}
 	}
 	return b.Commit(true)

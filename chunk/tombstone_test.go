@@ -474,12 +474,12 @@ func TestTombstoneOutlivesSupersededRecords(t *testing.T) {
 	}
 	xSegs := func() map[uint32]bool {
 		out := map[uint32]bool{}
-		s.db.Scan(lsm.ChunkPrefix("ns", "x"), lsm.ChunkPrefixEnd("ns", "x"), func(k, v []byte) error {
-			if ch, err := lsm.DecodeChunk(v); err == nil {
-				out[ch.Segment] = true
-			}
+		if err := s.db.ScanChunks("ns", "x", func(_ uint32, ch *lsm.Chunk) error {
+			out[ch.Segment] = true
 			return nil
-		})
+		}); err != nil {
+			t.Fatal(err)
+		}
 		return out
 	}
 	if got := xSegs(); !got[1] || len(got) != 1 {

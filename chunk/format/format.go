@@ -133,6 +133,20 @@ func IsRecordMagic(block []byte) bool {
 	return len(block) >= len(recordMagic) && bytes.Equal(block[:len(recordMagic)], recordMagic)
 }
 
+// RecordHeaderBytes returns the header size that a block starting a record
+// declares, so that a reader knows how much to read before decoding it
+// (false: the block does not start like a record header).
+func RecordHeaderBytes(block []byte) (int, bool) {
+	if len(block) < 16 || !IsRecordMagic(block) {
+		return 0, false
+	}
+	n := int(binary.LittleEndian.Uint32(block[12:]))
+	if n < BlockBytes || n > MaxHeaderBytes || n%BlockBytes != 0 {
+		return 0, false
+	}
+	return n, true
+}
+
 // Slice locates one layer's rows inside a chunk group record (an entry of
 // the record header's slice table; the index's chunk records hold the same).
 type Slice struct {
