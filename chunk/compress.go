@@ -5,6 +5,7 @@ import (
 
 	"github.com/pierrec/lz4/v4"
 
+	"github.com/hcache/hcache/chunk/format"
 	"github.com/hcache/hcache/lsm"
 )
 
@@ -71,7 +72,7 @@ func (f *flusher) packCompressed(j *writeJob, binding Binding, stored []int, pla
 	maxRaw := 0
 	for _, l := range stored {
 		raw := o.tokens * int(plan[l].RowBytes)
-		total += roundUp(lz4.CompressBlockBound(raw))
+		total += format.RoundUp(lz4.CompressBlockBound(raw))
 		maxRaw = max(maxRaw, raw)
 	}
 	buf, err := f.s.scratch.get(total)
@@ -92,10 +93,10 @@ func (f *flusher) packCompressed(j *writeJob, binding Binding, stored []int, pla
 			flags = lsm.SliceLZ4
 		}
 		j.chunk.Slices[i] = lsm.Slice{Layer: uint16(l), Flags: flags, Off: uint32(hb + pos), Stored: uint32(n), Raw: uint32(len(raw)),
-			CRC: sliceCRC(&binding, o.group, uint16(l), raw)}
+			CRC: format.SliceCRC(binding, o.group, uint16(l), raw)}
 		f.s.stats.rawBytes.Add(uint64(len(raw)))
 		f.s.stats.storedBytes.Add(uint64(n))
-		end := roundUp(pos + n)
+		end := format.RoundUp(pos + n)
 		clear(out[pos+n : end])
 		pos = end
 	}

@@ -19,11 +19,7 @@ import (
 // chunkOf returns the location of one group of a context.
 func chunkOf(t *testing.T, s *Store, id string, g uint32) *lsm.Chunk {
 	t.Helper()
-	v, err := s.db.Get(lsm.ChunkKey("ns", id, g))
-	if err != nil {
-		t.Fatal(err)
-	}
-	ch, err := lsm.DecodeChunk(v)
+	ch, err := s.db.GetChunk("ns", id, g)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -351,7 +347,7 @@ func TestLiveCountRecountedOnOpen(t *testing.T) {
 		t.Fatal(err)
 	}
 	b := db.NewBatch()
-	b.Set(lsm.SegmentKey(seg.ID), (&lsm.Segment{Written: seg.Written, Live: seg.Live + 4096}).Encode())
+	b.PutSegment(seg.ID, &lsm.Segment{Written: seg.Written, Live: seg.Live + 4096})
 	if err := b.Commit(true); err != nil {
 		t.Fatal(err)
 	}

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"sort"
 
+	"github.com/hcache/hcache/chunk/format"
 	"github.com/hcache/hcache/lsm"
 )
 
@@ -31,8 +32,40 @@ func (r *CheckReport) OK() bool { return len(r.Errors) == 0 }
 // and changes nothing.
 func (s *Store) Check(progress func(done, total int)) *CheckReport {
 	r := &CheckReport{}
-	errf := func(format string, args ...any) { r.Errors = append(r.Errors, fmt.Sprintf(format, args...)) }
-	rec := s.Recovery()
+	r.addRecovery(s.Recovery())
+	chunks, err := s.checkChunkKeys(r, progress)
+	if err != nil {
+		r.errorf("scan chunk keys: %v", err)
+		return r
+	}
+	s.mu.Lock()
+	ctxs := make([]*ctxState, 0, len(s.ctxs))
+	for _, c := range s.ctxs {
+		ctxs = append(ctxs, c)
+	}
+	segRecs := map[uint32]lsm.Segment{}
+	for id, sr := range s.segRecs {
+		segRecs[id] = *sr
+	}
+	s.mu.Unlock()
+	sort.Slice(ctxs, func(i, j int) bool { return ctxMapKey(ctxs[i].ns, ctxs[i].id) < ctxMapKey(ctxs[j].ns, ctxs[j].id) })
+	s.checkCoverage(r, ctxs, chunks.byCtx)
+	s.checkSegments(r, segRecs, chunks)
+	for id := range chunks.liveBySeg {
+		if _, ok := segRecs[id]; !ok {
+			r.errorf("chunk keys reference segment %d, which is not indexed", id)
+		}
+	}
+	sort.Strings(r.Errors)
+	return r
+}
+
+func (r *CheckReport) errorf(format string, args ...any) {
+	r.Errors = append(r.Errors, fmt.Sprintf(format, args...))
+}
+
+// addRecovery reports what Open found and did.
+func (r *CheckReport) addRecovery(rec Recovery) {
 	if rec.OrphanSegments > 0 {
 		r.Orphans = append(r.Orphans, fmt.Sprintf("%d unindexed segment files holding no record (a read-write open removes them)", rec.OrphanSegments))
 	}
@@ -49,53 +82,71 @@ func (s *Store) Check(progress func(done, total int)) *CheckReport {
 		r.Orphans = append(r.Orphans, fmt.Sprintf("%d segment live counts disagreed with the chunk keys on open (recounted)", rec.LiveRecounted))
 	}
 	if rec.MissingSegments > 0 {
-		errf("%d indexed segments have no file", rec.MissingSegments)
+		r.errorf("%d indexed segments have no file", rec.MissingSegments)
 	}
-	type ctxChunks struct {
-		c      *ctxState
-		groups []uint32
-		tokens []uint16
+}
+
+// ctxChunks are a context's chunk keys, in group order.
+type ctxChunks struct {
+	c      *ctxState
+	groups []uint32
+	tokens []uint16
+}
+
+// checkedChunks is what checkChunkKeys found: the chunk keys by context,
+// and per segment the bytes they reference and where the last ends.
+type checkedChunks struct {
+	byCtx     map[string]*ctxChunks
+	liveBySeg map[uint32]uint64
+	endBySeg  map[uint32]uint64
+}
+
+// checkChunkKeys checks every chunk key against its context and its record
+// (checkChunk). The error is the index scan's.
+func (s *Store) checkChunkKeys(r *CheckReport, progress func(done, total int)) (*checkedChunks, error) {
+	cs := &checkedChunks{byCtx: map[string]*ctxChunks{}, liveBySeg: map[uint32]uint64{}, endBySeg: map[uint32]uint64{}}
+	// The keys are read first, then checked: no index iterator stays open
+	// across the segment reads.
+	type entry struct {
+		ns, id string
+		g      uint32
+		ch     *lsm.Chunk
+		err    error
 	}
-	all := map[string]*ctxChunks{}
-	liveBySeg := map[uint32]uint64{}
-	endBySeg := map[uint32]uint64{}
-	var keys [][]byte
-	var vals [][]byte
-	if err := s.db.Scan([]byte{'k'}, []byte{'l'}, func(k, v []byte) error {
-		keys, vals = append(keys, k), append(vals, v)
+	var entries []entry
+	if err := s.db.ScanAllChunks(func(ns, id string, g uint32, ch *lsm.Chunk, err error) error {
+		entries = append(entries, entry{ns, id, g, ch, err})
 		return nil
 	}); err != nil {
-		errf("scan chunk keys: %v", err)
-		return r
+		return nil, err
 	}
-	for i, k := range keys {
+	for i, e := range entries {
 		if progress != nil {
-			progress(i, len(keys))
+			progress(i, len(entries))
 		}
-		ns, id, g, err := lsm.ParseChunkKey(k)
-		if err != nil {
-			errf("%v", err)
+		ns, id, g, ch := e.ns, e.id, e.g, e.ch
+		if e.err != nil && ns == "" {
+			r.errorf("%v", e.err) // a key that does not parse
 			continue
 		}
 		r.Chunks++
-		ch, err := lsm.DecodeChunk(vals[i])
-		if err != nil {
-			errf("%s/%s group %d: %v", ns, id, g, err)
+		if e.err != nil {
+			r.errorf("%v", e.err)
 			continue
 		}
-		liveBySeg[ch.Segment] += uint64(ch.Length)
-		endBySeg[ch.Segment] = max(endBySeg[ch.Segment], ch.Offset+uint64(ch.Length))
+		cs.liveBySeg[ch.Segment] += uint64(ch.Length)
+		cs.endBySeg[ch.Segment] = max(cs.endBySeg[ch.Segment], ch.Offset+uint64(ch.Length))
 		s.mu.Lock()
 		c := s.ctxs[ctxMapKey(ns, id)]
 		s.mu.Unlock()
 		if c == nil {
-			errf("%s/%s group %d: chunk key without a context", ns, id, g)
+			r.errorf("%s/%s group %d: chunk key without a context", ns, id, g)
 			continue
 		}
-		cc := all[ctxMapKey(ns, id)]
+		cc := cs.byCtx[ctxMapKey(ns, id)]
 		if cc == nil {
 			cc = &ctxChunks{c: c}
-			all[ctxMapKey(ns, id)] = cc
+			cs.byCtx[ctxMapKey(ns, id)] = cc
 		}
 		cc.groups = append(cc.groups, g)
 		cc.tokens = append(cc.tokens, ch.Tokens)
@@ -103,22 +154,17 @@ func (s *Store) Check(progress func(done, total int)) *CheckReport {
 			continue
 		}
 		if err := s.checkChunk(c, g, ch); err != nil {
-			errf("%s/%s group %d: %v", ns, id, g, err)
+			r.errorf("%s/%s group %d: %v", ns, id, g, err)
 			continue
 		}
 		r.Slices += len(ch.Slices)
 	}
-	s.mu.Lock()
-	ctxs := make([]*ctxState, 0, len(s.ctxs))
-	for _, c := range s.ctxs {
-		ctxs = append(ctxs, c)
-	}
-	segRecs := map[uint32]lsm.Segment{}
-	for id, sr := range s.segRecs {
-		segRecs[id] = *sr
-	}
-	s.mu.Unlock()
-	sort.Slice(ctxs, func(i, j int) bool { return ctxMapKey(ctxs[i].ns, ctxs[i].id) < ctxMapKey(ctxs[j].ns, ctxs[j].id) })
+	return cs, nil
+}
+
+// checkCoverage checks that each context's groups are contiguous, that
+// only the last is partial, and that they cover its tokens.
+func (s *Store) checkCoverage(r *CheckReport, ctxs []*ctxState, all map[string]*ctxChunks) {
 	for _, c := range ctxs {
 		r.Contexts++
 		name := c.ns + "/" + c.id
@@ -130,23 +176,29 @@ func (s *Store) Check(progress func(done, total int)) *CheckReport {
 		if cc := all[ctxMapKey(c.ns, c.id)]; cc != nil {
 			for i, g := range cc.groups {
 				if int(g) != i {
-					errf("%s: group %d missing", name, i)
+					r.errorf("%s: group %d missing", name, i)
 					break
 				}
 				if int(cc.tokens[i]) != s.ct && i != len(cc.groups)-1 {
-					errf("%s: group %d holds %d tokens but is not the last", name, i, cc.tokens[i])
+					r.errorf("%s: group %d holds %d tokens but is not the last", name, i, cc.tokens[i])
 				}
 				tokens += uint64(cc.tokens[i])
 			}
 		}
 		if tokens < c.rec.Tokens {
-			errf("%s: chunks cover %d tokens, the context records %d", name, tokens, c.rec.Tokens)
+			r.errorf("%s: chunks cover %d tokens, the context records %d", name, tokens, c.rec.Tokens)
 		}
 	}
+}
+
+// checkSegments checks each indexed segment's live count against its chunk
+// keys, its file size and append point against its last record, and its
+// header.
+func (s *Store) checkSegments(r *CheckReport, segRecs map[uint32]lsm.Segment, cs *checkedChunks) {
 	for id, sr := range segRecs {
 		r.Segments++
-		if liveBySeg[id] != sr.Live {
-			errf("segment %d: live bytes %d, chunk keys reference %d", id, sr.Live, liveBySeg[id])
+		if cs.liveBySeg[id] != sr.Live {
+			r.errorf("segment %d: live bytes %d, chunk keys reference %d", id, sr.Live, cs.liveBySeg[id])
 		}
 		s.mu.Lock()
 		sg := s.segs[id]
@@ -156,32 +208,25 @@ func (s *Store) Check(progress func(done, total int)) *CheckReport {
 		}
 		size, err := sg.size()
 		if err != nil {
-			errf("segment %d: stat: %v", id, err)
-		} else if uint64(size) < endBySeg[id] {
-			errf("segment %d: file holds %d bytes, its last indexed record ends at %d", id, size, endBySeg[id])
+			r.errorf("segment %d: stat: %v", id, err)
+		} else if uint64(size) < cs.endBySeg[id] {
+			r.errorf("segment %d: file holds %d bytes, its last indexed record ends at %d", id, size, cs.endBySeg[id])
 		}
-		if endBySeg[id] > sr.Written {
-			errf("segment %d: a record ends at %d, past the append point %d", id, endBySeg[id], sr.Written)
+		if cs.endBySeg[id] > sr.Written {
+			r.errorf("segment %d: a record ends at %d, past the append point %d", id, cs.endBySeg[id], sr.Written)
 		}
-		hdr, err := s.scratch.get(segHeaderBytes)
+		hdr, err := s.scratch.get(format.SegmentHeaderBytes)
 		if err == nil {
-			if err := sg.readAt(hdr.Bytes()[:segHeaderBytes], 0); err != nil {
-				errf("segment %d: read header: %v", id, err)
+			if err := sg.readAt(hdr.Bytes()[:format.SegmentHeaderBytes], 0); err != nil {
+				r.errorf("segment %d: read header: %v", id, err)
 			} else if h, err := DecodeSegmentHeader(hdr.Bytes()); err != nil {
-				errf("segment %d: %v", id, err)
+				r.errorf("segment %d: %v", id, err)
 			} else if h.ID != id {
-				errf("segment %d: header names segment %d", id, h.ID)
+				r.errorf("segment %d: header names segment %d", id, h.ID)
 			}
 			s.scratch.put(hdr)
 		}
 	}
-	for id := range liveBySeg {
-		if _, ok := segRecs[id]; !ok {
-			errf("chunk keys reference segment %d, which is not indexed", id)
-		}
-	}
-	sort.Strings(r.Errors)
-	return r
 }
 
 // checkChunk reads one record's header and slices and checks them against the
@@ -207,7 +252,7 @@ func (s *Store) checkChunk(c *ctxState, g uint32, ch *lsm.Chunk) error {
 			hb = min(hb, int(sl.Off))
 		}
 	}
-	if hb <= 0 || hb > maxHeaderBytes || hb%BlockBytes != 0 {
+	if hb <= 0 || hb > format.MaxHeaderBytes || hb%BlockBytes != 0 {
 		return fmt.Errorf("index places the first slice at %d", hb)
 	}
 	buf, err := s.scratch.get(hb)
@@ -232,7 +277,7 @@ func (s *Store) checkChunk(c *ctxState, g uint32, ch *lsm.Chunk) error {
 		return fmt.Errorf("record header holds %d tokens in %d bytes, index says %d in %d", h.Tokens, h.RecordBytes, ch.Tokens, ch.Length)
 	case !bytes.Equal(h.Binding[:], binding[:]):
 		return fmt.Errorf("record is bound to another context")
-	case h.Version != formatVersionV1 && (h.Namespace != c.ns || h.ContextID != c.id || !bytes.Equal(h.Identity, c.rec.Identity)):
+	case h.Version != format.VersionV1 && (h.Namespace != c.ns || h.ContextID != c.id || !bytes.Equal(h.Identity, c.rec.Identity)):
 		return fmt.Errorf("record describes context %s/%s", h.Namespace, h.ContextID)
 	case len(h.Slices) != len(ch.Slices):
 		return fmt.Errorf("record has %d slices, index %d", len(h.Slices), len(ch.Slices))

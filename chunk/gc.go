@@ -4,10 +4,10 @@ import (
 	"errors"
 	"fmt"
 	"hash/crc32"
-	"math"
 	"sort"
 	"time"
 
+	"github.com/hcache/hcache/chunk/format"
 	"github.com/hcache/hcache/lsm"
 )
 
@@ -38,7 +38,7 @@ func (s *Store) gcVictims() []uint32 {
 		if (s.active != nil && s.active.id == id) || s.segs[id] == nil {
 			continue
 		}
-		used := rec.Written - min(rec.Written, segHeaderBytes)
+		used := rec.Written - min(rec.Written, format.SegmentHeaderBytes)
 		if used == 0 || float64(rec.Live) < s.opts.GCLiveRatio*float64(used) {
 			victims = append(victims, id)
 		}
@@ -48,8 +48,8 @@ func (s *Store) gcVictims() []uint32 {
 
 // gcLoop runs GC every interval when a segment is worth compacting.
 // maybeLeaveDiskFull ends the disk-full state after a GC: when the file
-// system reports enough free space for the emergency reserve and a segment
-// (or, where it reports nothing, when the GC removed a segment), the reserve
+// system reports enough free space for the ballast and a segment
+// (or, where it reports nothing, when the GC removed a segment), the ballast
 // is taken again and writes resume.
 func (s *Store) maybeLeaveDiskFull(res *GCResult) {
 	s.mu.Lock()
@@ -58,18 +58,18 @@ func (s *Store) maybeLeaveDiskFull(res *GCResult) {
 		return
 	}
 	if du, err := s.fs.GetDiskUsage(s.dir); err == nil {
-		if int64(du.AvailBytes) < s.opts.ReserveBytes+2*initialSegmentBytes {
+		if int64(du.AvailBytes) < s.opts.BallastBytes+2*initialSegmentBytes {
 			return
 		}
 	} else if res.Err != nil {
 		return // no usage reported: a GC that completed is the best sign
 	}
-	if err := s.takeReserve(); err != nil {
-		s.opts.Logf("chunk: %s: GC freed space but the emergency reserve could not be taken again (%v); writes stay refused", s.dir, err)
+	if err := s.takeBallast(); err != nil {
+		s.opts.Logf("chunk: %s: GC freed space but the ballast could not be taken again (%v); writes stay refused", s.dir, err)
 		return
 	}
 	s.diskFull = false
-	s.opts.Logf("chunk: %s: GC freed space; emergency reserve taken again; writes resume", s.dir)
+	s.opts.Logf("chunk: %s: GC freed space; ballast taken again; writes resume", s.dir)
 }
 
 func (s *Store) gcLoop(interval time.Duration) {
@@ -124,37 +124,16 @@ func (s *Store) gcNow() GCResult {
 }
 
 type gcMove struct {
-	key []byte
-	ch  *lsm.Chunk
-	c   *ctxState
+	g  uint32
+	ch *lsm.Chunk
+	c  *ctxState
 }
 
 // compact moves the live records out of segment id and drops it. A segment
 // with no live record moves nothing and is dropped without allocating
-// anything (so GC frees space on a full disk); the chunk keys are still
-// scanned to confirm it holds nothing live.
+// anything (so GC frees space on a full disk).
 func (s *Store) compact(id uint32) (int, uint64, error) {
-	var moves []gcMove
-	err := error(nil)
-	{
-		err = s.db.Scan([]byte{'k'}, []byte{'l'}, func(k, v []byte) error {
-			ch, err := lsm.DecodeChunk(v)
-			if err != nil || ch.Segment != id {
-				return nil
-			}
-			ns, cid, _, err := lsm.ParseChunkKey(k)
-			if err != nil {
-				return nil
-			}
-			s.mu.Lock()
-			c := s.ctxs[ctxMapKey(ns, cid)]
-			s.mu.Unlock()
-			if c != nil {
-				moves = append(moves, gcMove{k, ch, c})
-			}
-			return nil
-		})
-	}
+	moves, err := s.liveRecords(id)
 	if err != nil {
 		return 0, 0, err
 	}
@@ -194,12 +173,13 @@ func (s *Store) compact(id uint32) (int, uint64, error) {
 				s.stats.damaged.Add(1)
 			}
 			if !m.c.deleted {
-				b.Set(lsm.ContextKey(m.c.ns, m.c.id), m.c.rec.Encode())
+				rec := m.c.rec
+				b.PutContext(m.c.ns, m.c.id, &rec)
 			}
 			s.mu.Unlock()
 			continue
 		}
-		seg, off, err := s.reserve(uint64(m.ch.Length), true)
+		seg, off, err := s.allocate(uint64(m.ch.Length), true)
 		if err != nil {
 			s.scratch.put(buf)
 			b.Discard()
@@ -216,7 +196,7 @@ func (s *Store) compact(id uint32) (int, uint64, error) {
 		touched[seg] = true
 		nch := *m.ch
 		nch.Segment, nch.Offset = seg.id, off
-		b.Set(m.key, nch.Encode())
+		b.PutChunk(m.c.ns, m.c.id, m.g, &nch)
 		s.mu.Lock()
 		s.segRecs[seg.id].Live += uint64(m.ch.Length)
 		m.c.noteWrite(seg.id)
@@ -236,9 +216,9 @@ func (s *Store) compact(id uint32) (int, uint64, error) {
 	}
 	s.mu.Lock()
 	for sg := range touched {
-		b.Set(lsm.SegmentKey(sg.id), s.segRecs[sg.id].Encode())
+		b.PutSegment(sg.id, s.segRecs[sg.id])
 	}
-	b.Delete(lsm.SegmentKey(id))
+	b.DeleteSegment(id)
 	s.mu.Unlock()
 	if err := b.Commit(true); err != nil {
 		return moved, movedBytes, err
@@ -261,23 +241,14 @@ func (s *Store) compact(id uint32) (int, uint64, error) {
 // index, once the removal of their segments is durable.
 func (s *Store) carryTombstones(id uint32, b *lsm.Batch, touched map[*segFile]bool) error {
 	type tomb struct {
-		key []byte
 		off uint64
 		t   *lsm.Tombstone
-		raw []byte
 	}
 	var tombs []tomb
-	err := s.db.Scan(lsm.TombstoneKey(id, 0), lsm.TombstoneKey(id, math.MaxUint64), func(k, v []byte) error {
-		_, off, err := lsm.ParseTombstoneKey(k)
-		if err != nil {
-			return nil
-		}
-		t, err := lsm.DecodeTombstone(v)
-		if err != nil {
-			b.Delete(k)
-			return nil
-		}
-		tombs = append(tombs, tomb{k, off, t, v})
+	// A tombstone that does not decode fails the GC: dropping it could
+	// bring a deleted context back at the next repair.
+	err := s.db.ScanSegmentTombstones(id, func(off uint64, t *lsm.Tombstone) error {
+		tombs = append(tombs, tomb{off, t})
 		return nil
 	})
 	if err != nil {
@@ -285,7 +256,7 @@ func (s *Store) carryTombstones(id uint32, b *lsm.Batch, touched map[*segFile]bo
 	}
 	dropped := false
 	for _, tb := range tombs {
-		b.Delete(tb.key)
+		b.DeleteTombstone(id, tb.off)
 		keep := false
 		s.mu.Lock()
 		for _, sid := range tb.t.Segments {
@@ -305,7 +276,7 @@ func (s *Store) carryTombstones(id uint32, b *lsm.Batch, touched map[*segFile]bo
 			return err
 		}
 		touched[seg] = true
-		b.Set(lsm.TombstoneKey(seg.id, off), tb.raw)
+		b.PutTombstone(seg.id, off, tb.t)
 	}
 	if dropped {
 		// A tombstone is dropped (with segment id) only once the segments
@@ -332,13 +303,10 @@ func (s *Store) headerFromIndex(m gcMove, rec []byte) (*RecordHeader, error) {
 	}
 	binding, gen, enc := c.binding, c.rec.Gen, c.rec.Identity
 	s.mu.Unlock()
-	_, _, g, err := lsm.ParseChunkKey(m.key)
-	if err != nil {
-		return nil, err
-	}
-	h := &RecordHeader{Version: formatVersion, RecordBytes: uint64(m.ch.Length), ChunkTokens: uint16(s.ct), Tokens: m.ch.Tokens,
+	g := m.g
+	h := &RecordHeader{Version: format.Version, RecordBytes: uint64(m.ch.Length), ChunkTokens: uint16(s.ct), Tokens: m.ch.Tokens,
 		Group: g, Gen: gen, Binding: binding, Slices: m.ch.Slices, Namespace: c.ns, ContextID: c.id, Identity: enc}
-	hb := headerBytesFor(len(m.ch.Slices), h.descBytes())
+	hb := format.HeaderBytesFor(len(m.ch.Slices), h.DescBytes())
 	h.HeaderBytes = uint32(hb)
 	var tmp []byte
 	for _, sl := range m.ch.Slices {
@@ -356,9 +324,105 @@ func (s *Store) headerFromIndex(m gcMove, rec []byte) (*RecordHeader, error) {
 				return nil, err
 			}
 		}
-		if got := crc32.Update(sliceSeed(&binding, g, sl.Layer), castagnoli, raw); got != sl.CRC {
+		if got := crc32.Update(format.SliceSeed(binding, g, sl.Layer), format.Castagnoli, raw); got != sl.CRC {
 			return nil, fmt.Errorf("%w: layer %d checksum %08x, index says %08x", ErrCorrupt, sl.Layer, got, sl.CRC)
 		}
 	}
 	return h, nil
+}
+
+// liveRecords finds the records of segment id that the index still points
+// at, without decoding the whole key space: it walks the segment's own
+// record headers and looks each one up by its chunk key (live iff the index
+// points at this segment and offset). The index's live count of the segment
+// proves the walk found every live record; when the bytes found fall short
+// (a damaged header ends the walk early, or version 1 records, which name
+// no context), every chunk key is read instead. Runs on the flusher: no
+// commit changes the segment's records meanwhile.
+func (s *Store) liveRecords(id uint32) ([]gcMove, error) {
+	s.mu.Lock()
+	sg := s.segs[id]
+	var live, written uint64
+	if rec := s.segRecs[id]; rec != nil {
+		live, written = rec.Live, rec.Written
+	}
+	s.mu.Unlock()
+	if sg != nil {
+		moves, found, complete, err := s.walkLiveRecords(sg, id, written)
+		if err != nil {
+			return nil, err
+		}
+		if complete && found == live {
+			return moves, nil
+		}
+	}
+	return s.scanLiveRecords(id)
+}
+
+// walkLiveRecords reads the record headers of segment sg up to its append
+// point and returns the records the index points at and their bytes;
+// complete is false when the walk could not attribute every record. A chunk
+// value that does not decode is an error.
+func (s *Store) walkLiveRecords(sg *segFile, id uint32, written uint64) (moves []gcMove, found uint64, complete bool, err error) {
+	buf, err := s.scratch.get(format.MaxHeaderBytes)
+	if err != nil {
+		return nil, 0, false, err
+	}
+	defer s.scratch.put(buf)
+	for off := uint64(format.SegmentHeaderBytes); off < written; {
+		if off+format.BlockBytes > written || sg.readAt(buf.Bytes()[:format.BlockBytes], int64(off)) != nil {
+			return moves, found, false, nil
+		}
+		hb, ok := format.RecordHeaderBytes(buf.Bytes())
+		if !ok || off+uint64(hb) > written {
+			return moves, found, false, nil
+		}
+		if hb > format.BlockBytes && sg.readAt(buf.Bytes()[:hb], int64(off)) != nil {
+			return moves, found, false, nil
+		}
+		h, err := format.DecodeRecordHeader(buf.Bytes()[:hb])
+		if err != nil || h.Version == format.VersionV1 || off+h.RecordBytes > written {
+			return moves, found, false, nil
+		}
+		if h.Flags&format.RecordTombstone == 0 {
+			ch, err := s.db.GetChunk(h.Namespace, h.ContextID, h.Group)
+			switch {
+			case errors.Is(err, lsm.ErrNotFound):
+			case err != nil:
+				return nil, 0, false, err
+			case ch.Segment == id && ch.Offset == off:
+				found += uint64(ch.Length)
+				s.mu.Lock()
+				c := s.ctxs[ctxMapKey(h.Namespace, h.ContextID)]
+				s.mu.Unlock()
+				if c != nil {
+					moves = append(moves, gcMove{h.Group, ch, c})
+				}
+			}
+		}
+		off += h.RecordBytes
+	}
+	return moves, found, true, nil
+}
+
+// scanLiveRecords reads every chunk key for those in segment id. A key or
+// value that does not decode is an error.
+func (s *Store) scanLiveRecords(id uint32) ([]gcMove, error) {
+	var moves []gcMove
+	err := s.db.ScanAllChunks(func(ns, cid string, g uint32, ch *lsm.Chunk, err error) error {
+		if err != nil {
+			return err
+		}
+		if ch.Segment != id {
+			return nil
+		}
+		s.mu.Lock()
+		c := s.ctxs[ctxMapKey(ns, cid)]
+		s.mu.Unlock()
+		if c != nil {
+			moves = append(moves, gcMove{g, ch, c})
+		}
+		return nil
+	})
+	return moves, err
 }

@@ -4,10 +4,12 @@ import (
 	"bytes"
 	"fmt"
 	"hash/crc32"
+	"io"
 	"sort"
 
 	"github.com/cockroachdb/pebble/v2/vfs"
 
+	"github.com/hcache/hcache/chunk/format"
 	"github.com/hcache/hcache/lsm"
 )
 
@@ -35,11 +37,7 @@ func oldChunkTokens(fs vfs.FS, dir string) int {
 		return 0
 	}
 	defer db.Close()
-	v, err := db.Get(lsm.MetaKey())
-	if err != nil {
-		return 0
-	}
-	m, err := lsm.DecodeMeta(v)
+	m, err := db.GetMeta()
 	if err != nil {
 		return 0
 	}
@@ -94,67 +92,18 @@ func Repair(o RepairOptions) (*RepairReport, error) {
 		o.Logf = func(string, ...any) {}
 	}
 	fs, dir := o.FS, o.Dir
-	st, err := fs.Stat(dir)
+	names, lock, err := repairLock(fs, dir)
 	if err != nil {
-		return nil, fmt.Errorf("%w: %s: %v", ErrNotStore, dir, err)
-	}
-	if !st.IsDir() {
-		return nil, fmt.Errorf("%w: %s is a file, not a store directory", ErrNotStore, dir)
-	}
-	segDir := fs.PathJoin(dir, "segments")
-	names, err := fs.List(segDir)
-	if err != nil {
-		return nil, fmt.Errorf("%w: %s has no segments directory: %v", ErrNotStore, dir, err)
-	}
-	lock, err := fs.Lock(fs.PathJoin(dir, "hcache.lock"))
-	if err != nil {
-		return nil, fmt.Errorf("chunk: %s is in use by another process: %w", dir, err)
+		return nil, err
 	}
 	defer lock.Close()
 
 	rep := &RepairReport{}
-	var ids []uint32
-	var total int64
-	for _, n := range names {
-		if id, ok := parseSegName(n); ok {
-			ids = append(ids, id)
-			if st, err := fs.Stat(fs.PathJoin(segDir, n)); err == nil {
-				total += st.Size()
-			}
-		}
+	sc, err := repairScanAll(o, names, rep)
+	if err != nil {
+		return nil, err
 	}
-	sort.Slice(ids, func(i, j int) bool { return ids[i] < ids[j] })
-	segWritten := map[uint32]uint64{}
-	var cands, tombs []*repairCand
-	var done int64
-	ct := 0
-	for _, id := range ids {
-		path := fs.PathJoin(segDir, segName(id))
-		cs, end, size, err := repairScanSegment(fs, path, id, rep)
-		if err != nil {
-			return nil, fmt.Errorf("chunk: repair: scan %s: %w", path, err)
-		}
-		rep.Segments++
-		segWritten[id] = end
-		for _, c := range cs {
-			if c.tomb {
-				tombs = append(tombs, c)
-				continue
-			}
-			if ct == 0 {
-				ct = int(c.h.ChunkTokens)
-			}
-			if int(c.h.ChunkTokens) != ct {
-				rep.SetAside = append(rep.SetAside, fmt.Sprintf("segment %d offset %d: record of %d-token chunks in a store of %d-token chunks", id, c.off, c.h.ChunkTokens, ct))
-				continue
-			}
-			cands = append(cands, c)
-		}
-		done += size
-		if o.Progress != nil {
-			o.Progress(done, total)
-		}
-	}
+	ct := sc.ct
 	if ct == 0 {
 		// No record: the old index's store record (if it still reads), else
 		// the option, else the default.
@@ -166,9 +115,109 @@ func Repair(o RepairOptions) (*RepairReport, error) {
 	if ct == 0 {
 		ct = DefaultChunkTokens
 	}
+	cands, deadSegs := repairSetAsideDeleted(sc.cands, sc.tombs, rep)
+	picks, keys := repairPick(cands, rep)
 
-	// Deleted generations: a context's records up to the newest generation
-	// a tombstone names were deleted and are set aside.
+	// The new index, written beside the old one, then swapped in.
+	newDir := fs.PathJoin(dir, "index.repair")
+	now := wallNanos()
+	if o.Now != nil {
+		now = o.Now()
+	}
+	if err := repairWriteIndex(fs, newDir, ct, now, sc, picks, keys, deadSegs, rep); err != nil {
+		return nil, err
+	}
+	if err := repairInstall(fs, dir, newDir, now, rep); err != nil {
+		return nil, err
+	}
+	sort.Strings(rep.SetAside)
+	return rep, nil
+}
+
+// repairLock checks that dir is a store directory, lists its segments
+// directory and takes the store's lock.
+func repairLock(fs vfs.FS, dir string) ([]string, io.Closer, error) {
+	st, err := fs.Stat(dir)
+	if err != nil {
+		return nil, nil, fmt.Errorf("%w: %s: %v", ErrNotStore, dir, err)
+	}
+	if !st.IsDir() {
+		return nil, nil, fmt.Errorf("%w: %s is a file, not a store directory", ErrNotStore, dir)
+	}
+	segDir := fs.PathJoin(dir, "segments")
+	names, err := fs.List(segDir)
+	if err != nil {
+		return nil, nil, fmt.Errorf("%w: %s has no segments directory: %v", ErrNotStore, dir, err)
+	}
+	lock, err := fs.Lock(fs.PathJoin(dir, "hcache.lock"))
+	if err != nil {
+		return nil, nil, fmt.Errorf("chunk: %s is in use by another process: %w", dir, err)
+	}
+	return names, lock, nil
+}
+
+// repairScan is what the segment files hold: their ids (ascending), where
+// each one's last checked record ends, the records that verified and the
+// tombstones, and the chunk size of the first record (0: none).
+type repairScan struct {
+	ids        []uint32
+	segWritten map[uint32]uint64
+	cands      []*repairCand
+	tombs      []*repairCand
+	ct         int
+}
+
+// repairScanAll scans every segment file in id order. A record of another
+// chunk size than the first is set aside.
+func repairScanAll(o RepairOptions, names []string, rep *RepairReport) (*repairScan, error) {
+	fs := o.FS
+	segDir := fs.PathJoin(o.Dir, "segments")
+	sc := &repairScan{segWritten: map[uint32]uint64{}}
+	var total int64
+	for _, n := range names {
+		if id, ok := parseSegName(n); ok {
+			sc.ids = append(sc.ids, id)
+			if st, err := fs.Stat(fs.PathJoin(segDir, n)); err == nil {
+				total += st.Size()
+			}
+		}
+	}
+	sort.Slice(sc.ids, func(i, j int) bool { return sc.ids[i] < sc.ids[j] })
+	var done int64
+	for _, id := range sc.ids {
+		path := fs.PathJoin(segDir, segName(id))
+		cs, end, size, err := repairScanSegment(fs, path, id, rep)
+		if err != nil {
+			return nil, fmt.Errorf("chunk: repair: scan %s: %w", path, err)
+		}
+		rep.Segments++
+		sc.segWritten[id] = end
+		for _, c := range cs {
+			if c.tomb {
+				sc.tombs = append(sc.tombs, c)
+				continue
+			}
+			if sc.ct == 0 {
+				sc.ct = int(c.h.ChunkTokens)
+			}
+			if int(c.h.ChunkTokens) != sc.ct {
+				rep.SetAside = append(rep.SetAside, fmt.Sprintf("segment %d offset %d: record of %d-token chunks in a store of %d-token chunks", id, c.off, c.h.ChunkTokens, sc.ct))
+				continue
+			}
+			sc.cands = append(sc.cands, c)
+		}
+		done += size
+		if o.Progress != nil {
+			o.Progress(done, total)
+		}
+	}
+	return sc, nil
+}
+
+// repairSetAsideDeleted sets aside a context's records up to the newest
+// generation a tombstone names (they were deleted). It returns the records
+// kept and, per deleted context, the segments holding its deleted records.
+func repairSetAsideDeleted(cands, tombs []*repairCand, rep *RepairReport) ([]*repairCand, map[string]map[uint32]bool) {
 	deleted := map[string]uint64{}
 	for _, tb := range tombs {
 		deleted[tb.ctxKey] = max(deleted[tb.ctxKey], tb.h.Gen)
@@ -186,16 +235,23 @@ func Repair(o RepairOptions) (*RepairReport, error) {
 		}
 		kept = append(kept, c)
 	}
-	cands = kept
+	return kept, deadSegs
+}
 
-	// Newest generation per context, newest version per group.
-	type ctxPick struct {
-		ns, id string
-		gen    uint64
-		ident  []byte
-		groups map[uint32]*repairCand
-		older  int
-	}
+// ctxPick is a context's newest generation and, per group, its newest
+// version.
+type ctxPick struct {
+	ns, id string
+	gen    uint64
+	ident  []byte
+	groups map[uint32]*repairCand
+	older  int
+}
+
+// repairPick picks each context's newest generation and each group's newest
+// version (most tokens, then the latest written). It returns the picks and
+// their keys, sorted.
+func repairPick(cands []*repairCand, rep *RepairReport) (map[string]*ctxPick, []string) {
 	picks := map[string]*ctxPick{}
 	for _, c := range cands {
 		p := picks[c.ctxKey]
@@ -233,24 +289,23 @@ func Repair(o RepairOptions) (*RepairReport, error) {
 		keys = append(keys, k)
 	}
 	sort.Strings(keys)
+	return picks, keys
+}
 
-	// The new index, written beside the old one, then swapped in.
-	indexDir := fs.PathJoin(dir, "index")
-	newDir := fs.PathJoin(dir, "index.repair")
+// repairWriteIndex creates a new index in newDir holding the store record,
+// each picked context's longest contiguous prefix of groups, the
+// tombstones, and every segment, sealed.
+func repairWriteIndex(fs vfs.FS, newDir string, ct int, now int64, sc *repairScan, picks map[string]*ctxPick, keys []string, deadSegs map[string]map[uint32]bool, rep *RepairReport) error {
 	if err := fs.RemoveAll(newDir); err != nil {
-		return nil, err
+		return err
 	}
 	db, err := lsm.Open(fs, newDir, lsm.Options{})
 	if err != nil {
-		return nil, fmt.Errorf("chunk: repair: create index: %w", err)
+		return fmt.Errorf("chunk: repair: create index: %w", err)
 	}
 	b := db.NewBatch()
-	now := wallNanos()
-	if o.Now != nil {
-		now = o.Now()
-	}
 	m := lsm.Meta{StoreVersion: StoreVersion, ChunkTokens: uint32(ct), CreatedNanos: now}
-	b.Set(lsm.MetaKey(), m.Encode())
+	b.PutMeta(&m)
 	live := map[uint32]uint64{}
 	nss := map[string]bool{}
 	for _, k := range keys {
@@ -266,7 +321,7 @@ func Repair(o RepairOptions) (*RepairReport, error) {
 				break
 			}
 			ch := lsm.Chunk{Segment: c.seg, Offset: c.off, Length: uint32(c.h.RecordBytes), Tokens: c.h.Tokens, Slices: c.h.Slices}
-			b.Set(lsm.ChunkKey(p.ns, p.id, g), ch.Encode())
+			b.PutChunk(p.ns, p.id, g, &ch)
 			live[c.seg] += c.h.RecordBytes
 			tokens += uint64(c.h.Tokens)
 			n++
@@ -281,10 +336,10 @@ func Repair(o RepairOptions) (*RepairReport, error) {
 			continue
 		}
 		rec := lsm.Context{Identity: p.ident, Tokens: tokens, Gen: p.gen}
-		b.Set(lsm.ContextKey(p.ns, p.id), rec.Encode())
+		b.PutContext(p.ns, p.id, &rec)
 		if !nss[p.ns] {
 			nss[p.ns] = true
-			b.Set(lsm.NamespaceKey(p.ns), lsm.EncodeNanos(lsm.KindNamespace, now))
+			b.PutNamespace(p.ns, now)
 		}
 		rep.Contexts++
 		rep.Groups += n
@@ -293,47 +348,50 @@ func Repair(o RepairOptions) (*RepairReport, error) {
 	}
 	// Tombstones are indexed again, so GC keeps carrying them while
 	// segments holding the deleted records exist.
-	for _, tb := range tombs {
+	for _, tb := range sc.tombs {
 		var segs []uint32
 		for sid := range deadSegs[tb.ctxKey] {
 			segs = append(segs, sid)
 		}
 		sort.Slice(segs, func(i, j int) bool { return segs[i] < segs[j] })
 		t := lsm.Tombstone{Namespace: tb.h.Namespace, ID: tb.h.ContextID, Gen: tb.h.Gen, Segments: segs}
-		b.Set(lsm.TombstoneKey(tb.seg, tb.off), t.Encode())
+		b.PutTombstone(tb.seg, tb.off, &t)
 	}
-	for _, id := range ids {
+	for _, id := range sc.ids {
 		// Every segment is sealed: new writes go to a new one, so nothing
 		// set aside is overwritten. GC reclaims what is not live.
-		sr := lsm.Segment{Written: max(segWritten[id], segHeaderBytes), Live: live[id], Sealed: true}
-		b.Set(lsm.SegmentKey(id), sr.Encode())
+		sr := lsm.Segment{Written: max(sc.segWritten[id], format.SegmentHeaderBytes), Live: live[id], Sealed: true}
+		b.PutSegment(id, &sr)
 	}
 	if err := b.Commit(true); err != nil {
 		db.Close()
-		return nil, fmt.Errorf("chunk: repair: commit index: %w", err)
+		return fmt.Errorf("chunk: repair: commit index: %w", err)
 	}
 	if err := db.Close(); err != nil {
-		return nil, fmt.Errorf("chunk: repair: close index: %w", err)
+		return fmt.Errorf("chunk: repair: close index: %w", err)
 	}
+	return nil
+}
+
+// repairInstall moves the old index aside (never deleting it), renames the
+// new one into place and writes the creation marker if it is missing.
+func repairInstall(fs vfs.FS, dir, newDir string, now int64, rep *RepairReport) error {
+	indexDir := fs.PathJoin(dir, "index")
 	if _, err := fs.Stat(indexDir); err == nil {
 		rep.OldIndex = fs.PathJoin(dir, fmt.Sprintf("index.damaged-%d", now))
 		if err := fs.Rename(indexDir, rep.OldIndex); err != nil {
-			return nil, fmt.Errorf("chunk: repair: move the old index aside: %w", err)
+			return fmt.Errorf("chunk: repair: move the old index aside: %w", err)
 		}
 	}
 	if err := fs.Rename(newDir, indexDir); err != nil {
-		return nil, fmt.Errorf("chunk: repair: install the new index: %w", err)
+		return fmt.Errorf("chunk: repair: install the new index: %w", err)
 	}
 	if ok, err := readMarker(fs, fs.PathJoin(dir, createdMarker)); !ok || err != nil {
 		if err := writeMarker(fs, fs.PathJoin(dir, createdMarker)); err != nil {
-			return nil, fmt.Errorf("chunk: repair: write %s: %w", createdMarker, err)
+			return fmt.Errorf("chunk: repair: write %s: %w", createdMarker, err)
 		}
 	}
-	if err := syncDir(fs, dir); err != nil {
-		return nil, err
-	}
-	sort.Strings(rep.SetAside)
-	return rep, nil
+	return syncDir(fs, dir)
 }
 
 // repairScanSegment reads every record of a segment file whose header checks
@@ -361,17 +419,17 @@ func repairScanSegment(fs vfs.FS, path string, id uint32, rep *RepairReport) ([]
 		rep.SetAside = append(rep.SetAside, fmt.Sprintf("segment %d: header names segment %d (its records are still checked one by one)", id, h.ID))
 	}
 	var out []*repairCand
-	end := uint64(segHeaderBytes)
+	end := uint64(format.SegmentHeaderBytes)
 	skipped := 0
 	var rec []byte
 	var tmp []byte
-	for off := int64(segHeaderBytes); off+BlockBytes <= size; {
+	for off := int64(format.SegmentHeaderBytes); off+BlockBytes <= size; {
 		if _, err := f.ReadAt(block, off); err != nil {
 			return nil, 0, 0, err
 		}
 		hb := int(BlockBytes)
-		if bytes.Equal(block[:8], recordMagic) {
-			if want := int(leU32(block[12:])); want > BlockBytes && want <= maxHeaderBytes && want%BlockBytes == 0 && off+int64(want) <= size {
+		if format.IsRecordMagic(block) {
+			if want := int(leU32(block[12:])); want > BlockBytes && want <= format.MaxHeaderBytes && want%BlockBytes == 0 && off+int64(want) <= size {
 				hb = want
 			}
 		}
@@ -401,7 +459,7 @@ func repairScanSegment(fs vfs.FS, path string, id uint32, rep *RepairReport) ([]
 			off = next
 			continue
 		}
-		if h.Version == formatVersionV1 {
+		if h.Version == format.VersionV1 {
 			rep.SetAside = append(rep.SetAside, where+": format version 1 record (no context descriptor; written before repair was possible)")
 			off = next
 			continue
@@ -481,7 +539,7 @@ func verifyRecord(h *RecordHeader, ident *Identity, binding *Binding, rec []byte
 		} else if sl.Stored != sl.Raw {
 			return fmt.Errorf("%w: slice of layer %d stores %d bytes of %d", ErrCorrupt, sl.Layer, sl.Stored, sl.Raw)
 		}
-		if got := crc32.Update(sliceSeed(binding, h.Group, sl.Layer), castagnoli, raw); got != sl.CRC {
+		if got := crc32.Update(format.SliceSeed(*binding, h.Group, sl.Layer), format.Castagnoli, raw); got != sl.CRC {
 			return fmt.Errorf("%w: layer %d checksum %08x, record says %08x", ErrCorrupt, sl.Layer, got, sl.CRC)
 		}
 	}

@@ -11,6 +11,7 @@ import (
 	"github.com/cockroachdb/pebble/v2/vfs"
 	"golang.org/x/sys/unix"
 
+	"github.com/hcache/hcache/chunk/format"
 	"github.com/hcache/hcache/iouring"
 )
 
@@ -78,7 +79,7 @@ func openSegMode(fs vfs.FS, dir string, id uint32, eng iouring.Engine, direct, r
 	return s, nil
 }
 
-// preallocate reserves size bytes for the segment.
+// preallocate allocates size bytes for the segment.
 func (s *segFile) preallocate(size int64) error {
 	if s.fd >= 0 {
 		if err := unix.Fallocate(s.fd, 0, 0, size); err == nil {
@@ -253,7 +254,7 @@ type alignedScratch struct {
 // slack a layer's buffer carries beyond its rows (the last slice's read is
 // rounded up to a block), so the usual power-of-two layer does not double.
 func sizeClass(n int) int {
-	n = roundUp(n)
+	n = format.RoundUp(n)
 	p := BlockBytes
 	for p+BlockBytes < n {
 		p *= 2
@@ -262,7 +263,7 @@ func sizeClass(n int) int {
 }
 
 func (a *alignedScratch) get(n int) (*iouring.AlignedBuffer, error) {
-	n = roundUp(n)
+	n = format.RoundUp(n)
 	a.mu.Lock()
 	if a.bounded {
 		need := n

@@ -129,7 +129,7 @@ func TestSpaceOnDisk(t *testing.T) {
 }
 
 // TestReopenOnFullDisk: a store reopened on a file system that reports
-// almost no free space releases its emergency reserve, opens, serves
+// almost no free space releases its ballast, opens, serves
 // restores and refuses writes; once space is back, GC ends the state.
 func TestReopenOnFullDisk(t *testing.T) {
 	ident := testIdentity("m")
@@ -146,8 +146,8 @@ func TestReopenOnFullDisk(t *testing.T) {
 	mem.TestingSetDiskUsage(vfs.DiskUsage{AvailBytes: 1 << 20, TotalBytes: 200 << 20, UsedBytes: 199 << 20})
 	within(t, "reopen on a full disk", 60*time.Second, func() { s = e.open() })
 	defer s.Close()
-	if _, err := mem.Stat(mem.PathJoin(e.dir, reserveFile)); err == nil {
-		t.Fatal("the emergency reserve was kept on a full disk")
+	if _, err := mem.Stat(mem.PathJoin(e.dir, ballastFile)); err == nil {
+		t.Fatal("the ballast was kept on a full disk")
 	}
 	verify(t, s, "ns", "c", ident, 40)
 	w, _ = s.Create("ns", "d", ident, CreateOptions{})

@@ -6,6 +6,7 @@ import (
 	"sort"
 	"syscall"
 
+	"github.com/hcache/hcache/chunk/format"
 	"github.com/hcache/hcache/lsm"
 )
 
@@ -46,7 +47,7 @@ type tombPlan struct {
 // write each) and made durable (one fdatasync per touched segment), then one
 // synced index batch removes their keys and indexes the tombstones. It runs
 // on the flusher, or on the committer while the flusher keeps writing
-// (evictions: reserve serializes allocation). On an error before the index
+// (evictions: allocate serializes allocation). On an error before the index
 // commit nothing changed.
 func (s *Store) deleteCtxs(cs []*ctxState) error {
 	if len(cs) == 0 {
@@ -58,10 +59,10 @@ func (s *Store) deleteCtxs(cs []*ctxState) error {
 		s.mu.Lock()
 		p.gen = c.rec.Gen
 		s.mu.Unlock()
-		err := s.db.Scan(lsm.ChunkPrefix(c.ns, c.id), lsm.ChunkPrefixEnd(c.ns, c.id), func(k, v []byte) error {
-			if ch, err := lsm.DecodeChunk(v); err == nil {
-				p.chunks = append(p.chunks, ch)
-			}
+		// A chunk value that does not decode fails the delete: its
+		// segment's live count could not be kept right.
+		err := s.db.ScanChunks(c.ns, c.id, func(_ uint32, ch *lsm.Chunk) error {
+			p.chunks = append(p.chunks, ch)
 			return nil
 		})
 		if err != nil {
@@ -96,9 +97,7 @@ func (s *Store) deleteCtxs(cs []*ctxState) error {
 	segTouched := map[uint32]bool{}
 	for _, p := range plans {
 		c := p.c
-		b.DeleteRange(lsm.ChunkPrefix(c.ns, c.id), lsm.ChunkPrefixEnd(c.ns, c.id))
-		b.Delete(lsm.ContextKey(c.ns, c.id))
-		b.Delete(lsm.LastUseKey(c.ns, c.id))
+		b.DeleteContext(c.ns, c.id)
 		for _, ch := range p.chunks {
 			if rec := s.segRecs[ch.Segment]; rec != nil {
 				s.invariant(rec.Live >= uint64(ch.Length), "segment %d: %d live bytes, less than the %d-byte record of %s/%s being deleted", ch.Segment, rec.Live, ch.Length, c.ns, c.id)
@@ -107,7 +106,7 @@ func (s *Store) deleteCtxs(cs []*ctxState) error {
 			}
 		}
 		t := lsm.Tombstone{Namespace: c.ns, ID: c.id, Gen: p.gen, Segments: p.segs}
-		b.Set(lsm.TombstoneKey(p.seg.id, p.off), t.Encode())
+		b.PutTombstone(p.seg.id, p.off, &t)
 		segTouched[p.seg.id] = true
 		c.deleted = true
 		s.live -= c.live
@@ -118,7 +117,7 @@ func (s *Store) deleteCtxs(cs []*ctxState) error {
 	}
 	for id := range segTouched {
 		if rec := s.segRecs[id]; rec != nil {
-			b.Set(lsm.SegmentKey(id), rec.Encode())
+			b.PutSegment(id, rec)
 		}
 	}
 	s.mu.Unlock()
@@ -138,8 +137,8 @@ func (s *Store) deleteCtxs(cs []*ctxState) error {
 }
 
 // writeTombstones appends the plans' tombstone records and makes them
-// durable. An allocation that fails (a full disk even with the emergency
-// reserve released) changes nothing. A write or fdatasync that fails may
+// durable. An allocation that fails (a full disk even with the
+// ballast released) changes nothing. A write or fdatasync that fails may
 // have left a tombstone on disk: the segment is sealed and every tombstone is
 // written again on a fresh one; if that fails too the store refuses further
 // writes.
@@ -210,16 +209,16 @@ func (s *Store) sealFailed(sg *segFile) {
 // appendTombstoneRecord writes a tombstone record of generation gen of ns/id
 // to the log (not synced) and returns where it went, and whether a write was
 // attempted. Tombstones may use the room of a full disk (GC's allocation):
-// when the allocation meets ENOSPC, the emergency reserve is released and it
+// when the allocation meets ENOSPC, the ballast is released and it
 // is tried once more, so a delete does not fail because the disk is full.
 func (s *Store) appendTombstoneRecord(gen uint64, ns, id string) (*segFile, uint64, bool, error) {
-	h := RecordHeader{Version: formatVersion, Flags: RecordTombstone, ChunkTokens: uint16(s.ct), Gen: gen, Namespace: ns, ContextID: id}
-	hb := headerBytesFor(0, h.descBytes())
-	seg, off, err := s.reserve(uint64(hb), true)
+	h := RecordHeader{Version: format.Version, Flags: RecordTombstone, ChunkTokens: uint16(s.ct), Gen: gen, Namespace: ns, ContextID: id}
+	hb := format.HeaderBytesFor(0, h.DescBytes())
+	seg, off, err := s.allocate(uint64(hb), true)
 	if err != nil && errors.Is(err, syscall.ENOSPC) {
-		// reserve entered the disk-full state, which released the
-		// emergency reserve: there is room now.
-		seg, off, err = s.reserve(uint64(hb), true)
+		// allocate entered the disk-full state, which released the
+		// ballast: there is room now.
+		seg, off, err = s.allocate(uint64(hb), true)
 	}
 	if err != nil {
 		return nil, 0, false, err
@@ -269,13 +268,13 @@ func (s *Store) scanTombstones(path string, id uint32, from uint64) ([]scannedTo
 	size := st.Size()
 	var out []scannedTomb
 	block := make([]byte, BlockBytes)
-	for off := int64(max(from, segHeaderBytes)); off+BlockBytes <= size; {
+	for off := int64(max(from, format.SegmentHeaderBytes)); off+BlockBytes <= size; {
 		if _, err := f.ReadAt(block, off); err != nil {
 			return nil, err
 		}
 		hdr := block
 		if leU32(block[12:]) > BlockBytes {
-			if want := int(leU32(block[12:])); want <= maxHeaderBytes && want%BlockBytes == 0 && off+int64(want) <= size {
+			if want := int(leU32(block[12:])); want <= format.MaxHeaderBytes && want%BlockBytes == 0 && off+int64(want) <= size {
 				hdr = make([]byte, want)
 				if _, err := f.ReadAt(hdr, off); err != nil {
 					return nil, err
@@ -306,10 +305,8 @@ func (s *Store) scanTombstones(path string, id uint32, from uint64) ([]scannedTo
 // same deletes in memory and writes nothing.
 func (s *Store) rollForwardTombstones() error {
 	// Tombstones indexed already: their generations are used.
-	err := s.db.Scan([]byte{'t'}, []byte{'u'}, func(k, v []byte) error {
-		if t, err := lsm.DecodeTombstone(v); err == nil {
-			s.nextGen = max(s.nextGen, t.Gen+1)
-		}
+	err := s.db.ScanTombstones(func(_ uint32, _ uint64, t *lsm.Tombstone) error {
+		s.nextGen = max(s.nextGen, t.Gen+1)
 		return nil
 	})
 	if err != nil {
@@ -357,20 +354,16 @@ func (s *Store) rollForwardTombstones() error {
 		rolled++
 		var chunks []*lsm.Chunk
 		segSet := map[uint32]bool{}
-		err := s.db.Scan(lsm.ChunkPrefix(c.ns, c.id), lsm.ChunkPrefixEnd(c.ns, c.id), func(k, v []byte) error {
-			if ch, err := lsm.DecodeChunk(v); err == nil {
-				chunks = append(chunks, ch)
-				segSet[ch.Segment] = true
-			}
+		err := s.db.ScanChunks(c.ns, c.id, func(_ uint32, ch *lsm.Chunk) error {
+			chunks = append(chunks, ch)
+			segSet[ch.Segment] = true
 			return nil
 		})
 		if err != nil {
 			return err
 		}
 		s.opts.Logf("chunk: %s/%s generation %d: its tombstone (segment %d offset %d) is durable but the delete was not indexed (a crash); the delete is completed", c.ns, c.id, c.rec.Gen, f.seg, f.t.off)
-		b.DeleteRange(lsm.ChunkPrefix(c.ns, c.id), lsm.ChunkPrefixEnd(c.ns, c.id))
-		b.Delete(lsm.ContextKey(c.ns, c.id))
-		b.Delete(lsm.LastUseKey(c.ns, c.id))
+		b.DeleteContext(c.ns, c.id)
 		for _, ch := range chunks {
 			if rec := s.segRecs[ch.Segment]; rec != nil {
 				s.invariant(rec.Live >= uint64(ch.Length), "segment %d: %d live bytes, less than the %d-byte record of %s/%s whose delete is rolled forward", ch.Segment, rec.Live, ch.Length, c.ns, c.id)
@@ -385,7 +378,7 @@ func (s *Store) rollForwardTombstones() error {
 			}
 			sort.Slice(segs, func(i, j int) bool { return segs[i] < segs[j] })
 			t := lsm.Tombstone{Namespace: c.ns, ID: c.id, Gen: h.Gen, Segments: segs}
-			b.Set(lsm.TombstoneKey(f.seg, f.t.off), t.Encode())
+			b.PutTombstone(f.seg, f.t.off, &t)
 			rec := s.segRecs[f.seg]
 			rec.Written = max(rec.Written, f.t.off+h.RecordBytes)
 			segTouched[f.seg] = true
@@ -403,8 +396,41 @@ func (s *Store) rollForwardTombstones() error {
 	}
 	for id := range segTouched {
 		if rec := s.segRecs[id]; rec != nil {
-			b.Set(lsm.SegmentKey(id), rec.Encode())
+			b.PutSegment(id, rec)
 		}
 	}
 	return b.Commit(true)
+}
+
+// Delete removes a context durably: it returns once the context's tombstone
+// is durable in the segment log and the index no longer lists it (see
+// deleteCtxs); no crash and no repair brings it back. When that cannot be
+// done it returns the error and the context is unchanged. An open writer of
+// it fails its next Flush.
+func (s *Store) Delete(ns, id string) error {
+	s.mu.Lock()
+	c, err := s.lookup(ns, id)
+	s.mu.Unlock()
+	if err != nil {
+		return err
+	}
+	done := make(chan error, 1)
+	if err := s.submit(op{kind: opDelete, c: c, done: done}); err != nil {
+		return err
+	}
+	return <-done
+}
+
+// markDamaged records that a context's data failed a check.
+func (s *Store) markDamaged(c *ctxState) {
+	s.mu.Lock()
+	already := c.rec.Flags&lsm.FlagDamaged != 0
+	c.rec.Flags |= lsm.FlagDamaged
+	s.mu.Unlock()
+	if already {
+		return
+	}
+	s.stats.damaged.Add(1)
+	// Persist it without waiting; best effort if the store is closing.
+	_ = s.submit(op{kind: opDamage, c: c})
 }

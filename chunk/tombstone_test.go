@@ -5,6 +5,7 @@ import (
 	"fmt"
 	randv2 "math/rand/v2"
 	"strings"
+	"sync/atomic"
 	"syscall"
 	"testing"
 
@@ -366,12 +367,12 @@ func TestDeleteFailsWhenTombstoneCannotBeWritten(t *testing.T) {
 
 // TestDeleteOnFullDisk: with the disk full (a segment allocation met
 // ENOSPC), a delete still writes its tombstone (in the room the released
-// emergency reserve left) and succeeds, and a repair keeps it deleted.
+// ballast left) and succeeds, and a repair keeps it deleted.
 func TestDeleteOnFullDisk(t *testing.T) {
 	ident := testIdentity("m")
 	mem := vfs.NewCrashableMem()
 	ffs := faultfs.New(mem, 3)
-	o := Options{FS: ffs, Dir: "/s", ChunkTokens: 16, SegmentBytes: MinSegmentBytes, GCInterval: -1, ReserveBytes: 1 << 20, Logf: t.Logf}
+	o := Options{FS: ffs, Dir: "/s", ChunkTokens: 16, SegmentBytes: MinSegmentBytes, GCInterval: -1, BallastBytes: 1 << 20, Logf: t.Logf}
 	s, err := Open(o)
 	if err != nil {
 		t.Fatal(err)
@@ -473,12 +474,12 @@ func TestTombstoneOutlivesSupersededRecords(t *testing.T) {
 	}
 	xSegs := func() map[uint32]bool {
 		out := map[uint32]bool{}
-		s.db.Scan(lsm.ChunkPrefix("ns", "x"), lsm.ChunkPrefixEnd("ns", "x"), func(k, v []byte) error {
-			if ch, err := lsm.DecodeChunk(v); err == nil {
-				out[ch.Segment] = true
-			}
+		if err := s.db.ScanChunks("ns", "x", func(_ uint32, ch *lsm.Chunk) error {
+			out[ch.Segment] = true
 			return nil
-		})
+		}); err != nil {
+			t.Fatal(err)
+		}
 		return out
 	}
 	if got := xSegs(); !got[1] || len(got) != 1 {
@@ -529,17 +530,19 @@ func TestEvictionTombstonesBatched(t *testing.T) {
 	ident := testIdentity("m")
 	mem := vfs.NewCrashableMem()
 	ffs := faultfs.New(mem, 5)
-	segSyncs, indexSyncs := 0, 0
-	counting := false
+	// OnSync runs on the syncing goroutine (Pebble's WAL flusher among
+	// them): the switch and the counts are atomic.
+	var segSyncs, indexSyncs atomic.Int64
+	var counting atomic.Bool
 	ffs.OnSync = func(name string) {
-		if !counting {
+		if !counting.Load() {
 			return
 		}
 		switch {
 		case strings.Contains(name, "/segments/"):
-			segSyncs++
+			segSyncs.Add(1)
 		case strings.Contains(name, "/index/") && strings.HasSuffix(name, ".log"):
-			indexSyncs++
+			indexSyncs.Add(1)
 		}
 	}
 	const victims = 8
@@ -569,9 +572,9 @@ func TestEvictionTombstonesBatched(t *testing.T) {
 		t.Fatal(err)
 	}
 	appendPrefill(t, w, ident, "big", 0, victims*16)
-	counting = true
+	counting.Store(true)
 	err = w.Flush()
-	counting = false
+	counting.Store(false)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -580,8 +583,8 @@ func TestEvictionTombstonesBatched(t *testing.T) {
 	}
 	// One fdatasync and one index commit for the data, one of each for
 	// the eight tombstones.
-	if segSyncs != 2 || indexSyncs != 2 {
-		t.Fatalf("the flush and its eviction of %d contexts took %d segment syncs and %d index syncs, want 2 and 2", victims, segSyncs, indexSyncs)
+	if segSyncs.Load() != 2 || indexSyncs.Load() != 2 {
+		t.Fatalf("the flush and its eviction of %d contexts took %d segment syncs and %d index syncs, want 2 and 2", victims, segSyncs.Load(), indexSyncs.Load())
 	}
 	if err := w.Close(); err != nil {
 		t.Fatal(err)

@@ -35,7 +35,7 @@ func TestFullDiskThroughDaemon(t *testing.T) {
 		t.Skipf("cannot mount a 48 MB tmpfs here (%v: %s)", err, out)
 	}
 	t.Cleanup(func() { exec.Command("umount", mnt).Run() })
-	st, err := chunk.Open(chunk.Options{Dir: filepath.Join(mnt, "store"), CapacityBytes: -1, ReserveBytes: 4 << 20, GCInterval: -1, SegmentBytes: 8 << 20, CacheBytes: 0, Logf: t.Logf})
+	st, err := chunk.Open(chunk.Options{Dir: filepath.Join(mnt, "store"), CapacityBytes: -1, BallastBytes: 4 << 20, GCInterval: -1, SegmentBytes: 8 << 20, CacheBytes: 0, Logf: t.Logf})
 	if err != nil {
 		t.Fatal(err)
 	}

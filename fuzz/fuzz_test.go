@@ -1,7 +1,7 @@
 // Package fuzz holds hcache's fuzz targets: every decoder of bytes that come
-// from disk or from a user (record and segment headers, a segment tail as
-// scanned on open, index records, the identity/plan encoding, Hugging Face
-// configs, safetensors headers). Each must reject bad input with an error and
+// from disk or from a user (record and segment headers of package
+// chunk/format, a segment tail as scanned on open, index records, the
+// identity/plan encoding, Hugging Face configs, safetensors headers). Each must reject bad input with an error and
 // never panic, and what it accepts must re-encode to the same meaning.
 // Seed corpora live in testdata/fuzz/<Target>/; `make fuzz-smoke` runs each
 // target briefly, `make fuzz` longer. A crash found becomes a file there.
@@ -13,18 +13,19 @@ import (
 	"testing"
 
 	"github.com/hcache/hcache/chunk"
+	"github.com/hcache/hcache/chunk/format"
 	"github.com/hcache/hcache/fuzz/crash"
 	"github.com/hcache/hcache/lsm"
 	"github.com/hcache/hcache/model"
 	"github.com/hcache/hcache/serve/sched"
 )
 
-func sampleHeader() *chunk.RecordHeader {
-	return &chunk.RecordHeader{HeaderBytes: 4096, RecordBytes: 4096 * 3, Segment: 7, ChunkTokens: 64, Tokens: 10, Group: 3, Gen: 9,
-		Slices: []lsm.Slice{{Layer: 0, Off: 4096, Stored: 640, Raw: 640, CRC: 1}, {Layer: 2, Flags: lsm.SliceLZ4, Off: 8192, Stored: 300, Raw: 1280, CRC: 2}}}
+func sampleHeader() *format.RecordHeader {
+	return &format.RecordHeader{HeaderBytes: 4096, RecordBytes: 4096 * 3, Segment: 7, ChunkTokens: 64, Tokens: 10, Group: 3, Gen: 9,
+		Slices: []format.Slice{{Layer: 0, Off: 4096, Stored: 640, Raw: 640, CRC: 1}, {Layer: 2, Flags: format.SliceLZ4, Off: 8192, Stored: 300, Raw: 1280, CRC: 2}}}
 }
 
-func encodeHeader(h *chunk.RecordHeader) []byte {
+func encodeHeader(h *format.RecordHeader) []byte {
 	b := make([]byte, h.HeaderBytes)
 	h.Encode(b)
 	return b
@@ -34,11 +35,11 @@ func FuzzRecordHeader(f *testing.F) {
 	f.Add(encodeHeader(sampleHeader()))
 	f.Add([]byte("HCCHUNK1"))
 	f.Fuzz(func(t *testing.T, data []byte) {
-		h, err := chunk.DecodeRecordHeader(data)
+		h, err := format.DecodeRecordHeader(data)
 		if err != nil {
 			return
 		}
-		again, err := chunk.DecodeRecordHeader(encodeHeader(h))
+		again, err := format.DecodeRecordHeader(encodeHeader(h))
 		if err != nil || !reflect.DeepEqual(h, again) {
 			t.Fatalf("accepted header does not round-trip: %v", err)
 		}
@@ -52,7 +53,7 @@ func FuzzSegmentScan(f *testing.F) {
 	f.Fuzz(func(t *testing.T, data []byte, base uint64) {
 		base &= 1<<40 - 1
 		prev := base
-		for _, r := range chunk.ScanRecords(data, base) {
+		for _, r := range format.ScanRecords(data, base) {
 			if r.Offset != prev {
 				t.Fatalf("record at %d, want it at %d (back to back)", r.Offset, prev)
 			}
@@ -65,17 +66,17 @@ func FuzzSegmentScan(f *testing.F) {
 }
 
 func FuzzSegmentHeader(f *testing.F) {
-	b := make([]byte, chunk.BlockBytes)
-	(&chunk.SegmentHeader{ID: 3, CreatedNanos: 42}).Encode(b)
+	b := make([]byte, format.BlockBytes)
+	(&format.SegmentHeader{ID: 3, CreatedNanos: 42}).Encode(b)
 	f.Add(b)
 	f.Fuzz(func(t *testing.T, data []byte) {
-		h, err := chunk.DecodeSegmentHeader(data)
+		h, err := format.DecodeSegmentHeader(data)
 		if err != nil {
 			return
 		}
-		out := make([]byte, chunk.BlockBytes)
+		out := make([]byte, format.BlockBytes)
 		h.Encode(out)
-		if h2, err := chunk.DecodeSegmentHeader(out); err != nil || *h2 != *h {
+		if h2, err := format.DecodeSegmentHeader(out); err != nil || *h2 != *h {
 			t.Fatal("segment header does not round-trip")
 		}
 	})
@@ -103,10 +104,10 @@ func FuzzIndexRecords(f *testing.F) {
 		if n, err := lsm.DecodeNanos(lsm.KindLastUse, v); err == nil && !bytes.Equal(lsm.EncodeNanos(lsm.KindLastUse, n), v) {
 			t.Fatal("timestamp does not round-trip")
 		}
-		// Keys too.
-		lsm.ParseChunkKey(v)
-		lsm.ParseContextKey(v)
-		lsm.ParseSegmentKey(v)
+		// Keys too: what a key decoder accepts encodes back to itself.
+		if err := lsm.CheckKeyDecoding(v); err != nil {
+			t.Fatal(err)
+		}
 	})
 }
 

@@ -224,8 +224,8 @@ func (d *DB) Flush() (err error) {
 	return d.wrap(d.db.Flush())
 }
 
-// Get returns a copy of the value of key, or ErrNotFound.
-func (d *DB) Get(key []byte) (out []byte, err error) {
+// get returns a copy of the value of key, or ErrNotFound.
+func (d *DB) get(key []byte) (out []byte, err error) {
 	if ferr := d.log.failed(); ferr != nil {
 		return nil, ferr
 	}
@@ -242,8 +242,8 @@ func (d *DB) Get(key []byte) (out []byte, err error) {
 	return out, nil
 }
 
-// Scan calls fn for every key in [lo, hi) in order; fn gets copies.
-func (d *DB) Scan(lo, hi []byte, fn func(k, v []byte) error) (err error) {
+// scan calls fn for every key in [lo, hi) in order; fn gets copies.
+func (d *DB) scan(lo, hi []byte, fn func(k, v []byte) error) (err error) {
 	if ferr := d.log.failed(); ferr != nil {
 		return ferr
 	}
@@ -278,14 +278,14 @@ type Batch struct {
 // NewBatch starts a batch.
 func (d *DB) NewBatch() *Batch { return &Batch{d: d, b: d.db.NewBatch()} }
 
-// Set records key = value.
-func (b *Batch) Set(key, value []byte) { _ = b.b.Set(key, value, nil) }
+// set records key = value.
+func (b *Batch) set(key, value []byte) { _ = b.b.Set(key, value, nil) }
 
-// Delete removes key.
-func (b *Batch) Delete(key []byte) { _ = b.b.Delete(key, nil) }
+// del removes key.
+func (b *Batch) del(key []byte) { _ = b.b.Delete(key, nil) }
 
-// DeleteRange removes [lo, hi).
-func (b *Batch) DeleteRange(lo, hi []byte) { _ = b.b.DeleteRange(lo, hi, nil) }
+// deleteRange removes [lo, hi).
+func (b *Batch) deleteRange(lo, hi []byte) { _ = b.b.DeleteRange(lo, hi, nil) }
 
 // Empty reports whether the batch holds no mutation.
 func (b *Batch) Empty() bool { return b.b.Empty() }

@@ -39,22 +39,22 @@ func TestFatalfNeverEndsTheProcess(t *testing.T) {
 				t.Fatal(err)
 			}
 			b := db.NewBatch()
-			b.Set([]byte("a"), []byte("1"))
+			b.set([]byte("a"), []byte("1"))
 			if err := b.Commit(true); err != nil {
 				t.Fatal(err)
 			}
 			if err := c.hit(db); err != nil && !errors.Is(err, ErrFatal) {
 				t.Fatalf("the operation that hit Fatalf: %v, want ErrFatal", err)
 			}
-			if _, err := db.Get([]byte("a")); !errors.Is(err, ErrFatal) || !strings.Contains(err.Error(), "MANIFEST sync failed: EIO") {
+			if _, err := db.get([]byte("a")); !errors.Is(err, ErrFatal) || !strings.Contains(err.Error(), "MANIFEST sync failed: EIO") {
 				t.Fatalf("Get after Fatalf: %v, want ErrFatal with Pebble's message", err)
 			}
 			b = db.NewBatch()
-			b.Set([]byte("b"), []byte("2"))
+			b.set([]byte("b"), []byte("2"))
 			if err := b.Commit(true); !errors.Is(err, ErrFatal) {
 				t.Fatalf("Commit after Fatalf: %v", err)
 			}
-			if err := db.Scan(nil, nil, func(k, v []byte) error { return nil }); !errors.Is(err, ErrFatal) {
+			if err := db.scan(nil, nil, func(k, v []byte) error { return nil }); !errors.Is(err, ErrFatal) {
 				t.Fatalf("Scan after Fatalf: %v", err)
 			}
 			if err := db.Close(); err != nil {
@@ -69,7 +69,7 @@ func TestFatalfNeverEndsTheProcess(t *testing.T) {
 	}
 	defer db.Close()
 	b := db.NewBatch()
-	b.Set([]byte("x"), []byte("y"))
+	b.set([]byte("x"), []byte("y"))
 	if err := b.Commit(true); err != nil {
 		t.Fatalf("another index after the failures: %v", err)
 	}

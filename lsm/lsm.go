@@ -2,6 +2,12 @@
 // chunk-group locations and segment liveness. The chunk store (package chunk)
 // is its only writer.
 //
+// The package owns the index schema: callers use typed operations per kind
+// of record (Batch.PutChunk, DB.GetChunk, DB.ScanChunks, Batch.DeleteContext,
+// Batch.PutSegment, DB.ScanTombstones, ...; schema.go) and never see key
+// bytes or prefixes. A value that fails to decode reaches the caller as an
+// error wrapping ErrCorrupt that names the record; no scan skips it.
+//
 // # Keys
 //
 //	"m" "meta"                              -> Meta      (format version, chunk tokens)
@@ -31,6 +37,7 @@ import (
 	"fmt"
 	"hash/crc32"
 
+	"github.com/hcache/hcache/chunk/format"
 	"github.com/hcache/hcache/state"
 )
 
@@ -62,17 +69,17 @@ func ValidateName(what, s string) error { return state.ValidateName(what, s) }
 
 // Key builders.
 
-// MetaKey is the key of the store's Meta record.
-func MetaKey() []byte { return []byte("mmeta") }
+// metaKey is the key of the store's Meta record.
+func metaKey() []byte { return []byte("mmeta") }
 
-// NamespaceKey is the key of a namespace.
-func NamespaceKey(ns string) []byte { return append([]byte{'n'}, ns...) }
+// namespaceKey is the key of a namespace.
+func namespaceKey(ns string) []byte { return append([]byte{'n'}, ns...) }
 
-// ContextKey is the key of a context record.
-func ContextKey(ns, id string) []byte { return ctxKey('c', ns, id) }
+// contextKey is the key of a context record.
+func contextKey(ns, id string) []byte { return ctxKey('c', ns, id) }
 
-// LastUseKey is the key of a context's last-use time.
-func LastUseKey(ns, id string) []byte { return ctxKey('u', ns, id) }
+// lastUseKey is the key of a context's last-use time.
+func lastUseKey(ns, id string) []byte { return ctxKey('u', ns, id) }
 
 func ctxKey(p byte, ns, id string) []byte {
 	k := make([]byte, 0, 2+len(ns)+len(id))
@@ -82,20 +89,20 @@ func ctxKey(p byte, ns, id string) []byte {
 	return append(k, id...)
 }
 
-// ChunkPrefix is the prefix of all chunk keys of one context; ChunkPrefixEnd
+// chunkPrefix is the prefix of all chunk keys of one context; chunkPrefixEnd
 // is its exclusive upper bound.
-func ChunkPrefix(ns, id string) []byte { return append(ctxKey('k', ns, id), 0) }
+func chunkPrefix(ns, id string) []byte { return append(ctxKey('k', ns, id), 0) }
 
-// ChunkPrefixEnd is the exclusive upper bound of ChunkPrefix.
-func ChunkPrefixEnd(ns, id string) []byte { return append(ctxKey('k', ns, id), 1) }
+// chunkPrefixEnd is the exclusive upper bound of chunkPrefix.
+func chunkPrefixEnd(ns, id string) []byte { return append(ctxKey('k', ns, id), 1) }
 
-// ChunkKey is the key of chunk group g of a context.
-func ChunkKey(ns, id string, g uint32) []byte {
-	return binary.BigEndian.AppendUint32(ChunkPrefix(ns, id), g)
+// chunkKey is the key of chunk group g of a context.
+func chunkKey(ns, id string, g uint32) []byte {
+	return binary.BigEndian.AppendUint32(chunkPrefix(ns, id), g)
 }
 
-// ParseChunkKey returns the group of a chunk key.
-func ParseChunkKey(k []byte) (ns, id string, g uint32, err error) {
+// parseChunkKey returns the group of a chunk key.
+func parseChunkKey(k []byte) (ns, id string, g uint32, err error) {
 	if len(k) < 1+1+1+1+4 || k[0] != 'k' {
 		return "", "", 0, fmt.Errorf("%w: bad chunk key %q", ErrCorrupt, k)
 	}
@@ -110,8 +117,8 @@ func ParseChunkKey(k []byte) (ns, id string, g uint32, err error) {
 	return string(body[:i]), string(body[i+1:]), binary.BigEndian.Uint32(k[len(k)-4:]), nil
 }
 
-// ParseContextKey splits a context (or last-use) key.
-func ParseContextKey(k []byte) (ns, id string, err error) {
+// parseContextKey splits a context (or last-use) key.
+func parseContextKey(k []byte) (ns, id string, err error) {
 	if len(k) < 4 || (k[0] != 'c' && k[0] != 'u') {
 		return "", "", fmt.Errorf("%w: bad context key %q", ErrCorrupt, k)
 	}
@@ -122,11 +129,11 @@ func ParseContextKey(k []byte) (ns, id string, err error) {
 	return string(k[1 : 1+i]), string(k[2+i:]), nil
 }
 
-// SegmentKey is the key of a segment record.
-func SegmentKey(id uint32) []byte { return binary.BigEndian.AppendUint32([]byte{'s'}, id) }
+// segmentKey is the key of a segment record.
+func segmentKey(id uint32) []byte { return binary.BigEndian.AppendUint32([]byte{'s'}, id) }
 
-// ParseSegmentKey returns the id in a segment key.
-func ParseSegmentKey(k []byte) (uint32, error) {
+// parseSegmentKey returns the id in a segment key.
+func parseSegmentKey(k []byte) (uint32, error) {
 	if len(k) != 5 || k[0] != 's' {
 		return 0, fmt.Errorf("%w: bad segment key %q", ErrCorrupt, k)
 	}
@@ -256,19 +263,13 @@ func DecodeContext(v []byte) (*Context, error) {
 	return c, r.done(KindContext)
 }
 
-// Slice locates one layer's rows inside a chunk group record.
-type Slice struct {
-	Layer  uint16
-	Flags  uint16 // SliceLZ4 ...
-	Off    uint32 // from the start of the record
-	Stored uint32 // bytes on disk (before padding)
-	Raw    uint32 // bytes of rows
-	CRC    uint32 // crc32c of the raw rows, seeded with the context binding
-}
+// Slice locates one layer's rows inside a chunk group record: the entry of
+// the record header's slice table (format.Slice), held by chunk records too.
+type Slice = format.Slice
 
-// Slice flags.
+// Slice flags (format.SliceLZ4).
 const (
-	SliceLZ4 = 1 << 0 // stored bytes are lz4 of the byte-plane shuffled rows
+	SliceLZ4 = format.SliceLZ4 // stored bytes are lz4 of the byte-plane shuffled rows
 )
 
 // Chunk locates a chunk group record in a segment.
@@ -382,13 +383,13 @@ func DecodeNanos(kind byte, v []byte) (int64, error) {
 	return t, r.done(kind)
 }
 
-// TombstoneKey is the key of the deletion record at (segment, offset).
-func TombstoneKey(seg uint32, off uint64) []byte {
+// tombstoneKey is the key of the deletion record at (segment, offset).
+func tombstoneKey(seg uint32, off uint64) []byte {
 	return binary.BigEndian.AppendUint64(binary.BigEndian.AppendUint32([]byte{'t'}, seg), off)
 }
 
-// ParseTombstoneKey returns the location in a tombstone key.
-func ParseTombstoneKey(k []byte) (uint32, uint64, error) {
+// parseTombstoneKey returns the location in a tombstone key.
+func parseTombstoneKey(k []byte) (uint32, uint64, error) {
 	if len(k) != 13 || k[0] != 't' {
 		return 0, 0, fmt.Errorf("%w: bad tombstone key %q", ErrCorrupt, k)
 	}

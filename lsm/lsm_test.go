@@ -10,30 +10,30 @@ import (
 
 func TestKeysRoundTripAndOrder(t *testing.T) {
 	ns, id := "tenant", "conversation-1"
-	k := ChunkKey(ns, id, 7)
-	gns, gid, g, err := ParseChunkKey(k)
+	k := chunkKey(ns, id, 7)
+	gns, gid, g, err := parseChunkKey(k)
 	if err != nil || gns != ns || gid != id || g != 7 {
-		t.Fatalf("ParseChunkKey: %q %q %d %v", gns, gid, g, err)
+		t.Fatalf("parseChunkKey: %q %q %d %v", gns, gid, g, err)
 	}
-	if !bytes.HasPrefix(k, ChunkPrefix(ns, id)) || bytes.Compare(k, ChunkPrefixEnd(ns, id)) >= 0 {
+	if !bytes.HasPrefix(k, chunkPrefix(ns, id)) || bytes.Compare(k, chunkPrefixEnd(ns, id)) >= 0 {
 		t.Fatal("chunk key outside its context's range")
 	}
 	// A context whose id extends another's does not fall in its range.
-	if k2 := ChunkKey(ns, id+"0", 0); bytes.Compare(k2, ChunkPrefix(ns, id)) >= 0 && bytes.Compare(k2, ChunkPrefixEnd(ns, id)) < 0 {
+	if k2 := chunkKey(ns, id+"0", 0); bytes.Compare(k2, chunkPrefix(ns, id)) >= 0 && bytes.Compare(k2, chunkPrefixEnd(ns, id)) < 0 {
 		t.Fatal("chunk key of another context inside the range")
 	}
-	if bytes.Compare(ChunkKey(ns, id, 1), ChunkKey(ns, id, 256)) >= 0 {
+	if bytes.Compare(chunkKey(ns, id, 1), chunkKey(ns, id, 256)) >= 0 {
 		t.Fatal("groups do not sort numerically")
 	}
-	if gns, gid, err := ParseContextKey(ContextKey(ns, id)); err != nil || gns != ns || gid != id {
-		t.Fatal("ParseContextKey")
+	if gns, gid, err := parseContextKey(contextKey(ns, id)); err != nil || gns != ns || gid != id {
+		t.Fatal("parseContextKey")
 	}
-	if sid, err := ParseSegmentKey(SegmentKey(42)); err != nil || sid != 42 {
-		t.Fatal("ParseSegmentKey")
+	if sid, err := parseSegmentKey(segmentKey(42)); err != nil || sid != 42 {
+		t.Fatal("parseSegmentKey")
 	}
 	for _, bad := range [][]byte{nil, []byte("k"), []byte("kabc"), []byte("cx"), []byte("s12")} {
-		if _, _, _, err := ParseChunkKey(bad); err == nil && bad != nil && bad[0] == 'k' {
-			t.Errorf("ParseChunkKey(%q) accepted", bad)
+		if _, _, _, err := parseChunkKey(bad); err == nil && bad != nil && bad[0] == 'k' {
+			t.Errorf("parseChunkKey(%q) accepted", bad)
 		}
 	}
 	for _, n := range []string{"", "a\x00b", string(make([]byte, 256))} {
@@ -86,24 +86,24 @@ func TestDBBatchAndScan(t *testing.T) {
 	defer db.Close()
 	b := db.NewBatch()
 	for g := uint32(0); g < 5; g++ {
-		b.Set(ChunkKey("n", "c", g), []byte{byte(g)})
+		b.set(chunkKey("n", "c", g), []byte{byte(g)})
 	}
-	b.Set(ChunkKey("n", "d", 0), []byte{9})
+	b.set(chunkKey("n", "d", 0), []byte{9})
 	if err := b.Commit(true); err != nil {
 		t.Fatal(err)
 	}
 	var got []byte
-	db.Scan(ChunkPrefix("n", "c"), ChunkPrefixEnd("n", "c"), func(k, v []byte) error { got = append(got, v...); return nil })
+	db.scan(chunkPrefix("n", "c"), chunkPrefixEnd("n", "c"), func(k, v []byte) error { got = append(got, v...); return nil })
 	if !bytes.Equal(got, []byte{0, 1, 2, 3, 4}) {
 		t.Fatalf("scan of one context: %v", got)
 	}
 	b = db.NewBatch()
-	b.DeleteRange(ChunkPrefix("n", "c"), ChunkPrefixEnd("n", "c"))
+	b.deleteRange(chunkPrefix("n", "c"), chunkPrefixEnd("n", "c"))
 	b.Commit(false)
-	if _, err := db.Get(ChunkKey("n", "c", 2)); !errors.Is(err, ErrNotFound) {
+	if _, err := db.get(chunkKey("n", "c", 2)); !errors.Is(err, ErrNotFound) {
 		t.Fatalf("after DeleteRange: %v", err)
 	}
-	if v, err := db.Get(ChunkKey("n", "d", 0)); err != nil || v[0] != 9 {
+	if v, err := db.get(chunkKey("n", "d", 0)); err != nil || v[0] != 9 {
 		t.Fatal("DeleteRange removed a neighbour")
 	}
 }

@@ -23,8 +23,8 @@ var layers = [][]string{
 	// 0: leaves. What a state is (state), the wire API, platform profiles,
 	// the io_uring engine, the fault-injecting vfs, the fio runner, and
 	// internal/'s plumbing (fp16/bf16, float32 kernels, progress, medians,
-	// test rows, byte sizes).
-	{"internal/...", "state", "proto/hcache/v1", "profiles", "iouring", "fuzz/faultfs", "bench/fio"},
+	// test rows, byte sizes), and the store's on-disk encodings (chunk/format).
+	{"internal/...", "state", "proto/hcache/v1", "profiles", "iouring", "fuzz/faultfs", "bench/fio", "chunk/format"},
 	// 1: the model (configs, weights, reference forward pass) and the index.
 	{"model", "lsm"},
 	// 2: the storage engine, and the projection backends' interface.

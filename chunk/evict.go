@@ -1,0 +1,100 @@
+package chunk
+
+import (
+	"sort"
+
+	"github.com/hcache/hcache/lsm"
+)
+
+// evict deletes least recently used, unpinned contexts without an open
+// writer while the live bytes exceed CapacityBytes.
+func (f *flusher) evict() {
+	s := f.s
+	s.mu.Lock()
+	if s.live <= s.opts.CapacityBytes {
+		s.mu.Unlock()
+		return // the common case: O(1) per commit
+	}
+	// Over capacity: rank the candidates once, with their last-use times
+	// read under the lock (Restore writes them).
+	type cand struct {
+		c       *ctxState
+		lastUse int64
+		gen     uint64
+	}
+	var cands []cand
+	for _, c := range s.ctxs {
+		if !c.deleted && c.writer == nil && c.rec.Flags&lsm.FlagPinned == 0 {
+			cands = append(cands, cand{c, c.lastUse, c.rec.Gen})
+		}
+	}
+	s.mu.Unlock()
+	sort.Slice(cands, func(i, j int) bool {
+		if cands[i].lastUse != cands[j].lastUse {
+			return cands[i].lastUse < cands[j].lastUse
+		}
+		return cands[i].gen < cands[j].gen
+	})
+	// The victims, least recently used first, until the live bytes fit;
+	// their tombstones go out together (one append each, one fdatasync,
+	// one index batch), not one fsync per context.
+	s.mu.Lock()
+	over := s.live - s.opts.CapacityBytes
+	var victims []*ctxState
+	for _, cd := range cands {
+		if over <= 0 {
+			break
+		}
+		c := cd.c
+		if c.deleted || c.writer != nil || c.rec.Flags&lsm.FlagPinned != 0 {
+			continue
+		}
+		victims = append(victims, c)
+		over -= c.live
+	}
+	s.mu.Unlock()
+	if err := s.deleteCtxs(victims); err != nil {
+		s.opts.Logf("chunk: evicting %d contexts: %v", len(victims), err)
+		return
+	}
+	for _, v := range victims {
+		s.stats.evictions.Add(1)
+		if s.opts.OnEvict != nil {
+			s.opts.OnEvict(v.ns, v.id)
+		}
+	}
+}
+
+// EvictOne evicts as the capacity bound does, least recently used first
+// (pinned contexts and those with an open writer never), until one context
+// holding bytes has gone; empty contexts ranked before it go too (all of
+// them if no candidate holds bytes). It returns how many contexts it
+// evicted. It lets a harness (or an operator) drive eviction itself,
+// independent of how many bytes each configuration stores; OnEvict is
+// called for each as usual.
+func (s *Store) EvictOne() (int, error) {
+	before := s.stats.evictions.Load()
+	done := make(chan error, 1)
+	if err := s.submit(op{kind: opEvict, done: done}); err != nil {
+		return 0, err
+	}
+	err := <-done
+	return int(s.stats.evictions.Load() - before), err
+}
+
+// evictOne runs on the flusher: it lowers the capacity bound to just below
+// the live bytes for one pass of evict.
+func (f *flusher) evictOne() {
+	s := f.s
+	s.mu.Lock()
+	limit := s.opts.CapacityBytes
+	// Below the live bytes even when none is live: then every candidate
+	// is empty, and all go (a rule that does not depend on how many bytes
+	// the contexts that are not candidates hold).
+	s.opts.CapacityBytes = s.live - 1
+	s.mu.Unlock()
+	f.evict()
+	s.mu.Lock()
+	s.opts.CapacityBytes = limit
+	s.mu.Unlock()
+}
