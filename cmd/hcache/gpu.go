@@ -75,7 +75,7 @@ func gpuMixed(args []string, stdout, stderr io.Writer) error {
 			"the CPU forward pass, then a context saved to a store under a scheduled plan (recomputed prefix, hidden\n"+
 			"and KV layers) restored into GPU memory through serve's pipeline against its all-KV restore. Exits 1\n"+
 			"on any disagreement beyond the dtype's rounding.\n\n"+
-			"example: hcache gpu mixed --tokens 200 --dir /tmp --json\n\nflags:")
+			"Example:\n  hcache gpu mixed --tokens 200 --dir /tmp --json\n\nflags:")
 		fs.PrintDefaults()
 	}
 	opts := cudaFlags(fs)
