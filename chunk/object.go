@@ -58,5 +58,5 @@ func (s *Store) openObjectSeg(id uint32, loc string) (*segFile, error) {
 	if err != nil {
 		return nil, fmt.Errorf("chunk: open segment %d in %s: %w", id, loc, err)
 	}
-	return &segFile{id: id, name: loc + ":" + segName(id), fd: -1, obj: r, loc: loc}, nil
+	return &segFile{id: id, name: loc + ":" + segName(id), fd: -1, obj: r}, nil
 }

@@ -25,9 +25,8 @@ type segFile struct {
 	fd   int // O_DIRECT descriptor, or -1
 	eng  iouring.Engine
 	// obj is the object of a sealed segment that another provider holds
-	// (location loc); f is nil then.
+	// (see object.go); f is nil then.
 	obj ObjectReader
-	loc string
 
 	allocated int64 // bytes preallocated (the flusher, the only allocator, owns it)
 
@@ -166,35 +165,45 @@ func startReads(eng iouring.Engine, reqs []readReq) *readBatch {
 			rb.syncErr = fmt.Errorf("chunk: read %s at %d len %d: %w", r.seg.name, r.off, len(r.buf), err)
 		}
 	}
-	if len(rb.direct)+len(objs) == 0 {
-		close(rb.done)
-		return rb
-	}
-	rb.left.Store(int64(len(rb.direct) + len(objs)))
-	finished := func() {
-		if rb.left.Add(-1) == 0 {
-			rb.once.Do(func() { close(rb.done) })
-		}
-	}
-	// Reads of objects another provider holds run concurrently, each on
-	// its own goroutine (a remote read waits on the network, not a CPU).
-	rb.objErrs = make([]error, len(objs))
-	for i, r := range objs {
-		go func() {
-			if _, err := r.seg.obj.ReadAt(r.buf, r.off); err != nil {
-				rb.objErrs[i] = fmt.Errorf("chunk: read %s at %d len %d: %w", r.seg.name, r.off, len(r.buf), err)
-			}
-			finished()
-		}()
+	// The direct reads close directDone once complete (or not sent); with
+	// no object reads that is done itself.
+	directDone := rb.done
+	if len(objs) > 0 {
+		directDone = make(chan struct{})
 	}
 	if len(rb.direct) > 0 {
-		if err := eng.Submit(rb.direct, func(*iouring.Request) { finished() }); err != nil {
-			rb.submitE = err
-			// The direct reads never complete: count them out.
-			for range rb.direct {
-				finished()
+		rb.left.Store(int64(len(rb.direct)))
+		if err := eng.Submit(rb.direct, func(*iouring.Request) {
+			if rb.left.Add(-1) == 0 {
+				rb.once.Do(func() { close(directDone) })
 			}
+		}); err != nil {
+			rb.submitE = err
+			rb.once.Do(func() { close(directDone) })
 		}
+	} else {
+		close(directDone)
+	}
+	if len(objs) > 0 {
+		// Reads of objects another provider holds run concurrently, each
+		// on its own goroutine (a remote read waits on the network, not a
+		// CPU); done closes once they and the direct reads are complete.
+		rb.objErrs = make([]error, len(objs))
+		var wg sync.WaitGroup
+		wg.Add(len(objs))
+		for i, r := range objs {
+			go func() {
+				defer wg.Done()
+				if _, err := r.seg.obj.ReadAt(r.buf, r.off); err != nil {
+					rb.objErrs[i] = fmt.Errorf("chunk: read %s at %d len %d: %w", r.seg.name, r.off, len(r.buf), err)
+				}
+			}()
+		}
+		go func() {
+			wg.Wait()
+			<-directDone
+			close(rb.done)
+		}()
 	}
 	return rb
 }
