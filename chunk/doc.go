@@ -35,6 +35,7 @@
 //	commit.go    group commit: fdatasync, then one index batch
 //	alloc.go     segment allocation, the append point, disk-full handling
 //	segment.go   segment files and their reads and writes
+//	object.go    the object seam: sealed segments other providers hold
 //	format.go    aliases of package chunk/format, the on-disk encodings
 //	tombstone.go Delete: tombstone records, roll-forward
 //	evict.go     eviction under CapacityBytes

@@ -35,7 +35,9 @@ func (s *Store) GC() GCResult {
 func (s *Store) gcVictims() []uint32 {
 	var victims []uint32
 	for id, rec := range s.segRecs {
-		if (s.active != nil && s.active.id == id) || s.segs[id] == nil {
+		if (s.active != nil && s.active.id == id) || s.segs[id] == nil || rec.Location != "" {
+			// GC compacts local segments; one another provider holds is
+			// that tier's to compact.
 			continue
 		}
 		used := rec.Written - min(rec.Written, format.SegmentHeaderBytes)

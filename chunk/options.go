@@ -92,6 +92,11 @@ type Options struct {
 	// IdleReadBufferBytes bounds the restore buffers kept mapped for reuse
 	// while no restore uses them (DefaultIdleReadBufferBytes; -1: keep none).
 	IdleReadBufferBytes int64
+	// Providers serve the sealed segments the index records as held
+	// elsewhere than the store's own files (lsm.Segment.Location; see
+	// ObjectProvider). Open refuses a store whose index names a location
+	// none of them serves.
+	Providers []ObjectProvider
 	// RestoreAheadBytes bounds the layers a Restore (and a RestoreOwned
 	// called with ahead 0) keeps read or in flight: max(2, RestoreAheadBytes
 	// / the context's layer bytes) buffers, so short contexts still keep

@@ -102,10 +102,21 @@ func (s *Store) listSegmentFiles() (map[uint32]bool, error) {
 	return onDisk, nil
 }
 
-// openSegments opens the indexed segments (ids ascending) whose file exists
-// and counts those that are missing.
+// openSegments opens the indexed segments (ids ascending): those another
+// provider holds through it, the others from their files, counting those
+// whose file is missing.
 func (s *Store) openSegments(ids []uint32, onDisk map[uint32]bool) error {
 	for _, id := range ids {
+		if loc := s.segRecs[id].Location; loc != "" {
+			sg, err := s.openObjectSeg(id, loc)
+			if err != nil {
+				return err
+			}
+			sg.allocated = sg.obj.Size()
+			s.segs[id] = sg
+			s.recovery.Segments++
+			continue
+		}
 		if !onDisk[id] {
 			s.recovery.MissingSegments++
 			s.opts.Logf("chunk: segment %d is indexed but its file is missing; its contexts are damaged", id)
@@ -131,7 +142,7 @@ func (s *Store) findActive(ids []uint32) {
 	for i := len(ids) - 1; i >= 0; i-- {
 		rec := s.segRecs[ids[i]]
 		sg := s.segs[ids[i]]
-		if rec.Sealed || sg == nil {
+		if rec.Sealed || sg == nil || sg.obj != nil {
 			continue
 		}
 		s.active = sg

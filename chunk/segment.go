@@ -24,6 +24,9 @@ type segFile struct {
 	f    vfs.File
 	fd   int // O_DIRECT descriptor, or -1
 	eng  iouring.Engine
+	// obj is the object of a sealed segment that another provider holds
+	// (see object.go); f is nil then.
+	obj ObjectReader
 
 	allocated int64 // bytes preallocated (the flusher, the only allocator, owns it)
 
@@ -81,6 +84,9 @@ func openSegMode(fs vfs.FS, dir string, id uint32, eng iouring.Engine, direct, r
 
 // preallocate allocates size bytes for the segment.
 func (s *segFile) preallocate(size int64) error {
+	if s.obj != nil {
+		return errNotLocal
+	}
 	if s.fd >= 0 {
 		if err := unix.Fallocate(s.fd, 0, 0, size); err == nil {
 			return nil
@@ -91,6 +97,9 @@ func (s *segFile) preallocate(size int64) error {
 
 // write writes bufs back to back at off and waits.
 func (s *segFile) write(bufs [][]byte, off int64) error {
+	if s.obj != nil {
+		return errNotLocal
+	}
 	if s.fd >= 0 {
 		return s.eng.Do(&iouring.Request{Op: iouring.OpWritev, Fd: s.fd, Iovecs: bufs, Off: off})
 	}
@@ -129,6 +138,7 @@ type readBatch struct {
 	done    chan struct{} // closed when every read has completed (or none was sent)
 	once    sync.Once
 	direct  []*iouring.Request
+	objErrs []error // of the reads through an ObjectReader
 	syncErr error
 	submitE error
 }
@@ -141,7 +151,12 @@ func (rb *readBatch) ready() <-chan struct{} { return rb.done }
 // the vfs.File happen before it returns.
 func startReads(eng iouring.Engine, reqs []readReq) *readBatch {
 	rb := &readBatch{done: make(chan struct{})}
+	var objs []readReq
 	for _, r := range reqs {
+		if r.seg.obj != nil {
+			objs = append(objs, r)
+			continue
+		}
 		if r.seg.fd >= 0 {
 			rb.direct = append(rb.direct, &iouring.Request{Op: iouring.OpRead, Fd: r.seg.fd, Buf: r.buf, Off: r.off})
 			continue
@@ -150,18 +165,45 @@ func startReads(eng iouring.Engine, reqs []readReq) *readBatch {
 			rb.syncErr = fmt.Errorf("chunk: read %s at %d len %d: %w", r.seg.name, r.off, len(r.buf), err)
 		}
 	}
+	// The direct reads close directDone once complete (or not sent); with
+	// no object reads that is done itself.
+	directDone := rb.done
+	if len(objs) > 0 {
+		directDone = make(chan struct{})
+	}
 	if len(rb.direct) > 0 {
 		rb.left.Store(int64(len(rb.direct)))
 		if err := eng.Submit(rb.direct, func(*iouring.Request) {
 			if rb.left.Add(-1) == 0 {
-				rb.once.Do(func() { close(rb.done) })
+				rb.once.Do(func() { close(directDone) })
 			}
 		}); err != nil {
 			rb.submitE = err
-			rb.once.Do(func() { close(rb.done) })
+			rb.once.Do(func() { close(directDone) })
 		}
 	} else {
-		close(rb.done)
+		close(directDone)
+	}
+	if len(objs) > 0 {
+		// Reads of objects another provider holds run concurrently, each
+		// on its own goroutine (a remote read waits on the network, not a
+		// CPU); done closes once they and the direct reads are complete.
+		rb.objErrs = make([]error, len(objs))
+		var wg sync.WaitGroup
+		wg.Add(len(objs))
+		for i, r := range objs {
+			go func() {
+				defer wg.Done()
+				if _, err := r.seg.obj.ReadAt(r.buf, r.off); err != nil {
+					rb.objErrs[i] = fmt.Errorf("chunk: read %s at %d len %d: %w", r.seg.name, r.off, len(r.buf), err)
+				}
+			}()
+		}
+		go func() {
+			wg.Wait()
+			<-directDone
+			close(rb.done)
+		}()
 	}
 	return rb
 }
@@ -178,6 +220,11 @@ func (rb *readBatch) wait() error {
 	for _, r := range rb.direct {
 		if r.Err != nil {
 			return r.Err
+		}
+	}
+	for _, err := range rb.objErrs {
+		if err != nil {
+			return err
 		}
 	}
 	return nil
@@ -204,6 +251,9 @@ func segsByID(set map[*segFile]bool) []*segFile {
 
 // datasync makes the segment's written data durable.
 func (s *segFile) datasync() error {
+	if s.obj != nil {
+		return errNotLocal
+	}
 	if s.fd >= 0 {
 		return s.eng.Do(&iouring.Request{Op: iouring.OpFdatasync, Fd: s.fd})
 	}
@@ -214,6 +264,9 @@ func (s *segFile) datasync() error {
 }
 
 func (s *segFile) close() error {
+	if s.obj != nil {
+		return s.obj.Close()
+	}
 	if s.fd >= 0 {
 		unix.Close(s.fd)
 		s.fd = -1
@@ -223,6 +276,9 @@ func (s *segFile) close() error {
 
 // size returns the file's current size.
 func (s *segFile) size() (int64, error) {
+	if s.obj != nil {
+		return s.obj.Size(), nil
+	}
 	st, err := s.f.Stat()
 	if err != nil {
 		return 0, err

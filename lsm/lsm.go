@@ -15,7 +15,7 @@
 //	"c" ns 0x00 id                          -> Context   (identity, tokens, generation, flags)
 //	"u" ns 0x00 id                          -> last use  (unix nanoseconds)
 //	"k" ns 0x00 id 0x00 group(uint32 BE)    -> Chunk     (segment, offset, per-layer slices)
-//	"s" segment(uint32 BE)                  -> Segment   (written bytes, live bytes, sealed)
+//	"s" segment(uint32 BE)                  -> Segment   (written bytes, live bytes, sealed[, location])
 //	"t" segment(uint32 BE) offset(uint64 BE) -> Tombstone (a deletion record in a segment)
 //
 // Namespaces and context ids are 1..255 bytes without NUL, so the 0x00
@@ -323,12 +323,20 @@ func DecodeChunk(v []byte) (*Chunk, error) {
 	return c, r.done(KindChunk)
 }
 
-// Segment is a segment file's accounting.
+// Segment is a segment file's accounting, and where it lives.
 type Segment struct {
 	Written uint64 // bytes of the file in use (header and records), the append point
 	Live    uint64 // bytes of records still referenced by chunk keys
 	Sealed  bool   // no more appends
+	// Location names the object provider that holds the sealed segment
+	// (chunk.ObjectProvider); "" is the store's own segment file. It is
+	// encoded only when set, so a local segment's value is the same bytes
+	// as before the field existed and old stores open unchanged.
+	Location string
 }
+
+// MaxLocationBytes bounds Segment.Location.
+const MaxLocationBytes = 255
 
 // Encode frames s.
 func (s *Segment) Encode() []byte {
@@ -340,6 +348,10 @@ func (s *Segment) Encode() []byte {
 		sealed = 1
 	}
 	p = append(p, sealed)
+	if s.Location != "" {
+		p = binary.LittleEndian.AppendUint16(p, uint16(len(s.Location)))
+		p = append(p, s.Location...)
+	}
 	return frame(KindSegment, p)
 }
 
@@ -357,6 +369,14 @@ func DecodeSegment(v []byte) (*Segment, error) {
 		s.Sealed = true
 	default:
 		return nil, fmt.Errorf("%w: segment sealed flag is not 0 or 1", ErrCorrupt)
+	}
+	if len(r.b) > 0 && !r.err {
+		// A location (absent from values written before it existed).
+		n := int(r.u16())
+		if n == 0 || n > MaxLocationBytes {
+			return nil, fmt.Errorf("%w: segment location of %d bytes", ErrCorrupt, n)
+		}
+		s.Location = string(r.take(n))
 	}
 	if err := r.done(KindSegment); err != nil {
 		return nil, err
