@@ -54,7 +54,7 @@
 // reads themselves were reaped late: on the 2-core development machine a
 // projection beside its restore's reads took markedly longer than alone, and
 // after the change nearly as long (development timings, not kept; `hcache
-// bench pipeline` below measures the overlap, with committed output). A
+// bench pipeline` (package bench/benchpipe) measures the overlap, with committed output). A
 // goroutine parked in the netpoller gives its P up at once
 // (`TestRingWaitsInNetpoller` checks that the ring goroutine waits in "IO
 // wait", not "syscall", with a read in flight). The task work still runs on

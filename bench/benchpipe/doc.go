@@ -15,7 +15,7 @@
 // order; `ratio` is the median of the rounds' pipelined / max(I/O, compute);
 // `pipelined_backend_ms` is the pipelined restore's time in the backend, to
 // set against `compute_alone_ms`). The plan is the scheduler's best mixed plan
-// on a profile measured in the same run: hidden 1, kv 5 in every run below (a
+// on a profile measured in the same run: hidden 1, kv 5 in every run of bench/results/cpu-2026-12-03/README.md (a
 // layer's projection costs 49-153 ms on this loaded CPU against 0.18-1.4 ms to
 // read its hidden rows, `plan_source` in each JSON, so every plan with hidden
 // or recomputed layers is compute-bound).
@@ -28,7 +28,7 @@
 // causes, fixed in turn: (1) the ring goroutine blocked in `io_uring_enter`
 // kept its P for up to sysmon's 10 ms after each completion while the GEMM
 // workers held the other, so a GEMM worker waited for a P and the reads were
-// reaped late (the ring now sleeps in the netpoller, see the I/O engine); (2)
+// reaped late (the ring now sleeps in the netpoller, see package iouring); (2)
 // the store read one layer ahead and verified on its reading goroutine, which
 // then waited for a CPU behind the GEMM to start the next reads (reads now go
 // deep, are submitted before the layer in front is handed over, and are

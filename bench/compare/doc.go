@@ -28,7 +28,7 @@
 // a restore ends when the last layer is in host
 // memory, verified where the system verifies (ready for the copy to a GPU);
 // hcache's K/V projection is not in it, since on a GPU it overlaps the next
-// layer's read (the H100 runs above: the hidden restore within a few percent
+// layer's read (the H100 runs, bench/results/gpu-2026-11-27-h100.md: the hidden restore within a few percent
 // of its copy alone, `bench/results/gpu-2026-11-27-h100*/llama2-7b.json`), and the CPU projection would
 // measure a scalar Go GEMM rather than the store. Peers that read through the
 // page cache have it dropped for the context (`fdatasync` + `posix_fadvise

@@ -13,5 +13,5 @@
 // (`hidden_over_copy_spread`). A drift of the machine during the run (clocks,
 // another tenant) then falls on all three alike instead of on whichever batch
 // ran last (`TestInterleaveCancelsDrift`: a steady drift that separate batches
-// report as 1.6x comes out within 5% of 1.0). The H100 runs above predate this.
+// report as 1.6x comes out within 5% of 1.0). The H100 runs (bench/results/gpu-2026-11-27-h100.md) predate this.
 package gpubench

@@ -82,13 +82,10 @@
 //
 //  1. copy stream: wait until the slot's previous layer has been consumed,
 //     `cuMemcpyHtoDAsync` the rows into the slot, record copied;
-//
 //  2. compute stream: wait copied; `cublasGemmEx` (fp16/bf16 in, fp32
 //     accumulate and out, `CUBLAS_COMPUTE_32F`) of the rows `[n, hidden]` by the
-//
 //     weights; the fused kernel; record done;
-//
-// 3. a releaser goroutine waits on copied and calls the layer's `release`.
+//  3. a releaser goroutine waits on copied and calls the layer's `release`.
 //
 // So layer l+1 copies while layer l computes, and the host buffer goes back as
 // soon as its copy has read it. `Wait` joins both streams, waits for every

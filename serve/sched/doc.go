@@ -61,8 +61,8 @@
 // # Simulation
 //
 // Simulation (`hcache simulate --profile P --model M --workload chat|long
-// --json`; the output of every row below, and of the `h200-nvme` figures
-// after the table, in `bench/results/simulate-2026-12-03/simulate.log`). Seeded workloads (`sched.Workloads`, seed 1 below):
+// --json`; the output of every figure of bench/results/simulate-2026-12-03/README.md,
+// the `h200-nvme` ones included, is in `bench/results/simulate-2026-12-03/simulate.log`). Seeded workloads (`sched.Workloads`, seed 1 there):
 //
 //   - `chat`, ShareGPT-like: 400 conversations, turns geometric with mean 4 (at
 //     most 20; assumption), prompt and answer lengths log-normal with means 161
