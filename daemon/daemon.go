@@ -1,7 +1,3 @@
-// Package daemon is hcached's service: the chunk store behind a gRPC API
-// (proto/hcache/v1) on a unix socket (and optionally TCP), with per-namespace
-// tenancy, quotas and limits, shared-memory bulk transfer for local clients,
-// and Prometheus metrics. cmd/hcached is its command.
 package daemon
 
 import (

@@ -1,27 +1,3 @@
-// Package iouring is hcache's block I/O layer: an io_uring engine written on
-// raw golang.org/x/sys/unix syscalls (io_uring_setup, io_uring_enter,
-// io_uring_register), an aligned buffer pool whose memory can be registered
-// with the ring (and later pinned for a GPU), and a fallback engine with the
-// same interface that runs pread/pwrite on a bounded worker pool.
-//
-// # Model
-//
-// Callers build Requests and hand a batch to Engine.Submit with a completion
-// callback, or to Engine.Do, which blocks until every request of the batch has
-// completed. Many goroutines may submit to one engine at once: they queue
-// their requests for the ring goroutine (one per ring, locked to its OS
-// thread), which alone fills the SQ, enters the kernel, reaps completions and
-// runs the callbacks; it is woken through an eventfd read armed in the ring.
-// There is no goroutine per I/O.
-//
-// The number of requests in flight is bounded by the ring size (Config.Entries),
-// so the completion queue can never overflow: a submitter waits for a free slot.
-//
-// Short reads and writes are resumed from where they stopped; EINTR and EAGAIN
-// are retried; every other error (ECANCELED, EIO, EBADF, EINVAL ...) completes
-// the request with an *IOError naming the operation, descriptor and offset.
-// A read that reaches end of file before its buffer is full fails with
-// io.ErrUnexpectedEOF.
 package iouring
 
 import (

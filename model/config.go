@@ -1,8 +1,3 @@
-// Package model describes decoder-only LLMs (Llama, Mistral, Qwen2, OPT):
-// their Hugging Face config.json, presets, safetensors weights, a model
-// fingerprint used as the store's identity, and a
-// plain float32 reference forward pass that emits the hidden state entering
-// each layer's K/V projection and the K/V it computed.
 package model
 
 import (

@@ -1,12 +1,3 @@
-// Package profiles holds platform profiles for the scheduler: the storage
-// read bandwidth of each tier, host-to-device bandwidth, GEMM throughput,
-// device memory bandwidth, and measured cost curves (recomputation,
-// projection, KV load) as functions of the token count. Every figure carries
-// its source. The shipped profiles are embedded so the CLI can name them
-// (`--profile h200-nvme`); a path to a JSON file works as well.
-//
-// The package is a leaf: it knows nothing of models or the store; the
-// scheduler (serve/sched) turns a profile and a model into per-layer costs.
 package profiles
 
 import (

@@ -1,15 +1,3 @@
-// Package serve is the serving layer between a model runtime and the chunk
-// store: it saves the per-layer states a forward pass emits according to
-// the context's plan (Saver), and it is the one restore pipeline (Restorer)
-// for every caller: the library and the CLI restore into host caches, the
-// GPU path into a device cache, and the daemon streams stored or projected
-// rows to its clients (Restorer.Stream). A restore streams layers from a
-// Source (the store) into a gpu.Backend, the asynchronous device interface
-// with the CPU and CUDA backends behind it: the plan's recomputed prefix is
-// queued first and runs while the stored layers are read, and each stored
-// layer is projected or loaded as its read completes, so that the backend's
-// work on layer l overlaps the reads of layer l+1. serve links no backend
-// and not the storage engine's types: it takes the interfaces.
 package serve
 
 import (

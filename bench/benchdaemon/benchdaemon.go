@@ -1,5 +1,3 @@
-// Package benchdaemon measures restores through hcached against the embedded
-// library, in the same run on the same data (`hcache bench daemon`).
 package benchdaemon
 
 import (

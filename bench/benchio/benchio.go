@@ -1,6 +1,3 @@
-// Package benchio measures sequential O_DIRECT bandwidth through an iouring
-// engine and, in the same run, through fio with the same size, block size
-// and queue depth.
 package benchio
 
 import (

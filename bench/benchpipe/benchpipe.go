@@ -1,12 +1,3 @@
-// Package benchpipe measures how well a restore pipelines: one context of a
-// small model saved under a mixed plan is restored (a) with reads only, (b)
-// with compute only (recomputation of the prefix, projection and KV loads
-// from rows already in memory), and (c) through serve.Restorer, which
-// overlaps them; the ratio (c) / max((a), (b)) is 1.0 for a perfect
-// pipeline. The three run back to back in each round (in an order rotated
-// every round); the reported ratio is the median over rounds of each
-// round's ratio. Every pipelined restore is checked against the forward
-// pass's cache bit for bit.
 package benchpipe
 
 import (

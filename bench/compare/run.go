@@ -1,8 +1,3 @@
-// Package compare runs `hcache bench compare`: hcache against the systems a
-// user would pick instead (package bench/peer), on seeded chat and
-// long-document workloads, in the same run, against the disk's and memory's
-// limits measured in that run; it prints JSON, draws plots and writes a
-// Markdown report.
 package compare
 
 import (

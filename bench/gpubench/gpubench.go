@@ -1,7 +1,3 @@
-// Package gpubench measures the CUDA backend on a GPU and checks it against
-// the CPU reference: `hcache gpu check` (every preset shape) and
-// `hcache bench gpu` (pipelined hidden restore against a copy-only baseline
-// and KV offload, from pinned host memory or from a store on disk).
 package gpubench
 
 import (

@@ -1,5 +1,5 @@
 // Package hcacheclient is the Go client of hcached, the hcache state-store
-// daemon (see proto/hcache/v1 and DESIGN.md, "The daemon").
+// daemon (see proto/hcache/v1 and the daemon package doc, go doc ./daemon).
 //
 // A client saves a context's per-layer rows through a Writer (AppendLayer for
 // prefill, AppendTokens for decode, Flush to make them durable) and gets them

@@ -1,7 +1,7 @@
 // Command hcached is the hcache state-store daemon: one chunk store shared by
 // the serving engines of a machine over a gRPC API on a unix socket (TCP
 // optional), with per-namespace tenancy, limits, shared-memory transfers and
-// Prometheus metrics. See DESIGN.md, "The daemon".
+// Prometheus metrics. See the daemon package doc (go doc ./daemon).
 //
 //	hcached --dir DIR --listen unix:///run/hcache/hcache.sock
 //

@@ -1,13 +1,3 @@
-// Package crash is hcache's crash-consistency harness. It drives the chunk
-// store with a seeded workload (creates, prefill- and decode-style appends,
-// flushes, deletes, GC), simulates a power cut at every sync point (and at
-// random writes in between) by cloning Pebble's crashable MemFS with a random
-// share of unsynced data kept, reopens each clone and checks it against a
-// model of what was acknowledged: every flushed context restores
-// byte-identical (at least as many tokens as acknowledged, never more than
-// appended), nothing restores torn, and fsck is clean. A second mode runs the
-// store in a child process on real files, kills it with SIGKILL at random
-// times and checks the same property against the acknowledgements it printed.
 package crash
 
 import (

@@ -1,19 +1,3 @@
-// Package cuda is hcache's GPU projection backend. It loads the CUDA driver
-// (libcuda.so.1) and cuBLAS (libcublas.so.13, else .12) at run time through
-// purego, so the binary builds with CGO_ENABLED=0 and runs on machines
-// without a GPU (Open then returns an error wrapping ErrNoDevice). Nothing
-// touches CUDA before Open.
-//
-// A restore streams layers through two streams: a copy stream moves a
-// layer's rows from (pinned) host memory into one of a few device staging
-// slots; the compute stream, ordered after the copy by an event, runs one
-// cublasGemmEx of the rows by the layer's K||V weights (fp16/bf16 in, fp32
-// accumulate) and one fused kernel that adds the biases, applies the model's
-// RoPE to K, rounds to the model dtype and scatters K and V into a paged KV
-// cache through a block table ([blocks, block_tokens, kv_heads, head_dim],
-// as vLLM lays it out). Layers saved as KV are copied and scattered. So
-// layer l+1 copies while layer l computes, and the host buffer of a layer is
-// handed back (its release called) as soon as its copy has completed.
 package cuda
 
 import (

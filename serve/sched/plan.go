@@ -1,10 +1,3 @@
-// Package sched is the bubble-free scheduler of HCache: given a platform
-// profile, a model and the expected context length, it chooses per layer what
-// a context stores (nothing: recomputed from the tokens; the hidden state; or
-// plain KV) so that on restore the I/O stream and the compute stream finish
-// together. It also holds the plan helpers (DefaultPlan, PlanOf) that build
-// state.LayerPlan values for a model; they live here, on the serving side, so
-// that model and gpu do not link the storage engine.
 package sched
 
 import (

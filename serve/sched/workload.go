@@ -15,7 +15,7 @@ type Request struct {
 }
 
 // WorkloadParams are the knobs of a synthetic workload, with the source of
-// each default written beside it (DESIGN.md repeats them).
+// each default written beside it (the package doc repeats them).
 type WorkloadParams struct {
 	Name string `json:"name"`
 	// chat (ShareGPT-like multi-turn conversations)

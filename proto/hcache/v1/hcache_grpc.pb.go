@@ -1,5 +1,5 @@
 // The hcached API: a state store for LLM contexts, shared by serving engines
-// on one machine. See DESIGN.md, "The daemon".
+// on one machine. See the daemon package doc (go doc ./daemon).
 //
 // Bulk bytes (rows) travel either inline in the messages (TCP, or a unix
 // client without a shared region) or in a shared memory region the client
