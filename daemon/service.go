@@ -272,27 +272,42 @@ func (s *Server) rows(c *caller, r *hcachev1.Rows) ([]byte, func(), error) {
 	return nil, nil, status.Error(codes.InvalidArgument, "rows are required (inline or a shared region slice)")
 }
 
+// appendPreamble is what both append RPCs do first: authenticate and
+// resolve the target, find the caller's open writer of it, take the rows
+// (inline or from a shared region), then hold the admin lock for reading
+// and the writer's lock. unlock releases them in the reverse order.
+func (s *Server) appendPreamble(ctx context.Context, target *hcachev1.ContextRef, r *hcachev1.Rows) (w *openWriter, ns string, rows []byte, unlock func(), err error) {
+	c, ns, id, err := s.target(ctx, target)
+	if err != nil {
+		return nil, "", nil, nil, err
+	}
+	if w, err = s.writerOf(c, ns, id); err != nil {
+		return nil, "", nil, nil, err
+	}
+	rows, release, err := s.rows(c, r)
+	if err != nil {
+		return nil, "", nil, nil, err
+	}
+	s.admin.RLock()
+	if err := w.lock(); err != nil {
+		s.admin.RUnlock()
+		release()
+		return nil, "", nil, nil, err
+	}
+	return w, ns, rows, func() {
+		w.mu.Unlock()
+		s.admin.RUnlock()
+		release()
+	}, nil
+}
+
 // AppendLayer appends rows of one layer.
 func (s *Server) AppendLayer(ctx context.Context, req *hcachev1.AppendLayerRequest) (*hcachev1.AppendReply, error) {
-	c, ns, id, err := s.target(ctx, req.GetCtx())
+	w, ns, rows, unlock, err := s.appendPreamble(ctx, req.GetCtx(), req.GetRows())
 	if err != nil {
 		return nil, err
 	}
-	w, err := s.writerOf(c, ns, id)
-	if err != nil {
-		return nil, err
-	}
-	rows, release, err := s.rows(c, req.GetRows())
-	if err != nil {
-		return nil, err
-	}
-	defer release()
-	s.admin.RLock()
-	defer s.admin.RUnlock()
-	if err := w.lock(); err != nil {
-		return nil, err
-	}
-	defer w.mu.Unlock()
+	defer unlock()
 	l := int(req.GetLayer())
 	if l >= len(w.ident.Plan) {
 		return nil, status.Errorf(codes.InvalidArgument, "layer %d out of range [0, %d)", l, len(w.ident.Plan))
@@ -323,25 +338,11 @@ func (s *Server) AppendLayer(ctx context.Context, req *hcachev1.AppendLayerReque
 
 // AppendTokens appends whole tokens.
 func (s *Server) AppendTokens(ctx context.Context, req *hcachev1.AppendTokensRequest) (*hcachev1.AppendReply, error) {
-	c, ns, id, err := s.target(ctx, req.GetCtx())
+	w, ns, rows, unlock, err := s.appendPreamble(ctx, req.GetCtx(), req.GetRows())
 	if err != nil {
 		return nil, err
 	}
-	w, err := s.writerOf(c, ns, id)
-	if err != nil {
-		return nil, err
-	}
-	rows, release, err := s.rows(c, req.GetRows())
-	if err != nil {
-		return nil, err
-	}
-	defer release()
-	s.admin.RLock()
-	defer s.admin.RUnlock()
-	if err := w.lock(); err != nil {
-		return nil, err
-	}
-	defer w.mu.Unlock()
+	defer unlock()
 	n := int(req.GetCount())
 	if n < 1 {
 		return nil, status.Error(codes.InvalidArgument, "count must be at least 1")
