@@ -37,7 +37,7 @@ import torch.nn.functional as F
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(HERE, "..", "..", "model", "testdata"))
-from torch_ref import load_safetensors  # noqa: E402
+from torch_ref import apply_rope, load_safetensors, rope_inv_freq  # noqa: E402
 
 import hcache_client as hc  # noqa: E402
 
@@ -62,22 +62,7 @@ class Model:
         self.eps = cfg["rms_norm_eps"]
         self.dtype = DTYPES[cfg.get("torch_dtype", "float16")]
         self.esize = torch.tensor([], dtype=self.dtype).element_size()
-        theta = cfg["rope_theta"]
-        inv = 1.0 / (theta ** (torch.arange(0, self.hd, 2, dtype=torch.int64).float() / self.hd))
-        rs = cfg.get("rope_scaling") or {}
-        typ = rs.get("rope_type", rs.get("type", ""))
-        if typ == "linear":
-            inv = inv / rs["factor"]
-        elif typ == "llama3":
-            factor, lo, hi, old = rs["factor"], rs["low_freq_factor"], rs["high_freq_factor"], rs["original_max_position_embeddings"]
-            low_wl, high_wl = old / lo, old / hi
-            wl = 2 * math.pi / inv
-            new = torch.where(wl > low_wl, inv / factor, inv)
-            smooth = (old / wl - lo) / (hi - lo)
-            smoothed = (1 - smooth) * new / factor + smooth * new
-            mid = ~(wl < high_wl) & ~(wl > low_wl)
-            inv = torch.where(mid, smoothed, new)
-        self.inv = inv
+        self.inv = rope_inv_freq(cfg, self.hd)
         self.interleaved = cfg.get("rotary_interleaved", False)
         h = hashlib.sha256()
         h.update(raw_cfg)
@@ -92,18 +77,7 @@ class Model:
 
     def rope(self, x, pos):
         ang = pos[:, None].float() * self.inv[None, :]
-        cos, sin = ang.cos(), ang.sin()
-        if self.interleaved:
-            x1, x2 = x[..., 0::2], x[..., 1::2]
-            c, s = cos[:, None, :], sin[:, None, :]
-            out = torch.empty_like(x)
-            out[..., 0::2] = x1 * c - x2 * s
-            out[..., 1::2] = x2 * c + x1 * s
-            return out
-        c = torch.cat([cos, cos], -1)[:, None, :]
-        s = torch.cat([sin, sin], -1)[:, None, :]
-        half = self.hd // 2
-        return x * c + torch.cat([-x[..., half:], x[..., :half]], -1) * s
+        return apply_rope(x, ang.cos(), ang.sin(), self.interleaved)
 
     def rms(self, x, w):
         return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * w

@@ -40,6 +40,43 @@ def load_safetensors(path):
         return out
 
 
+
+def rope_inv_freq(cfg, hd):
+    """RoPE's inverse frequencies of a Llama/Qwen2 config, with linear or
+    llama3 scaling (shared with clients/python/torch_engine.py)."""
+    theta = cfg["rope_theta"]
+    inv = 1.0 / (theta ** (torch.arange(0, hd, 2, dtype=torch.int64).float() / hd))
+    rs = cfg.get("rope_scaling") or {}
+    typ = rs.get("rope_type", rs.get("type", ""))
+    if typ == "linear":
+        inv = inv / rs["factor"]
+    elif typ == "llama3":
+        factor, lo, hi, old = rs["factor"], rs["low_freq_factor"], rs["high_freq_factor"], rs["original_max_position_embeddings"]
+        low_wl, high_wl = old / lo, old / hi
+        wl = 2 * math.pi / inv
+        new = torch.where(wl > low_wl, inv / factor, inv)
+        smooth = (old / wl - lo) / (hi - lo)
+        smoothed = (1 - smooth) * new / factor + smooth * new
+        mid = ~(wl < high_wl) & ~(wl > low_wl)
+        inv = torch.where(mid, smoothed, new)
+    return inv
+
+
+def apply_rope(x, cos, sin, interleaved):
+    """RoPE on x [n, heads, hd] with cos/sin [n, hd/2]: interleaved pairs
+    (GPT-J) or halves (NeoX)."""
+    if interleaved:
+        x1, x2 = x[..., 0::2], x[..., 1::2]
+        c, s = cos[:, None, :], sin[:, None, :]
+        out = torch.empty_like(x)
+        out[..., 0::2] = x1 * c - x2 * s
+        out[..., 1::2] = x2 * c + x1 * s
+        return out
+    half = x.shape[-1] // 2
+    c = torch.cat([cos, cos], -1)[:, None, :]
+    s = torch.cat([sin, sin], -1)[:, None, :]
+    return x * c + torch.cat([-x[..., half:], x[..., :half]], -1) * s
+
 def main():
     mdir, toks, odir = sys.argv[1], [int(t) for t in sys.argv[2].split(",")], sys.argv[3]
     cfg = json.load(open(os.path.join(mdir, "config.json")))
@@ -65,37 +102,13 @@ def main():
     ids = torch.tensor(toks)
 
     if not opt:
-        theta = cfg["rope_theta"]
-        inv = 1.0 / (theta ** (torch.arange(0, hd, 2, dtype=torch.int64).float() / hd))
-        rs = cfg.get("rope_scaling") or {}
-        typ = rs.get("rope_type", rs.get("type", ""))
-        if typ == "linear":
-            inv = inv / rs["factor"]
-        elif typ == "llama3":
-            factor, lo, hi, old = rs["factor"], rs["low_freq_factor"], rs["high_freq_factor"], rs["original_max_position_embeddings"]
-            low_wl, high_wl = old / lo, old / hi
-            wl = 2 * math.pi / inv
-            new = torch.where(wl > low_wl, inv / factor, inv)
-            smooth = (old / wl - lo) / (hi - lo)
-            smoothed = (1 - smooth) * new / factor + smooth * new
-            mid = ~(wl < high_wl) & ~(wl > low_wl)
-            inv = torch.where(mid, smoothed, new)
+        inv = rope_inv_freq(cfg, hd)
         ang = pos[:, None].float() * inv[None, :]
         cos, sin = ang.cos(), ang.sin()
         interleaved = cfg.get("rotary_interleaved", False)
 
         def rope(x):  # x: [n, heads, hd]
-            if interleaved:
-                x1, x2 = x[..., 0::2], x[..., 1::2]
-                c, s = cos[:, None, :], sin[:, None, :]
-                out = torch.empty_like(x)
-                out[..., 0::2] = x1 * c - x2 * s
-                out[..., 1::2] = x2 * c + x1 * s
-                return out
-            c = torch.cat([cos, cos], -1)[:, None, :]
-            s = torch.cat([sin, sin], -1)[:, None, :]
-            x1, x2 = x[..., : hd // 2], x[..., hd // 2 :]
-            return x * c + torch.cat([-x2, x1], -1) * s
+            return apply_rope(x, cos, sin, interleaved)
 
     def rms(x, w, eps):
         return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
