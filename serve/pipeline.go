@@ -236,6 +236,24 @@ func (rd *reads) release(m layerMsg) {
 	m.release()
 }
 
+// settle waits for the backend's queued work (dev may be nil) and then for
+// the reads, and returns the reads' outcome: a failed read is the error
+// that names the store's failure, so it wins over the device's.
+func (r *Restorer) settle(dev gpu.Restore, rd *reads, rs *RestoreStats, what, ns, id string) (ioResult, error) {
+	var werr error
+	if dev != nil {
+		rs.Device, werr = dev.Wait()
+	}
+	res := <-rd.done
+	if res.err != nil {
+		return res, res.err
+	}
+	if werr != nil {
+		return res, fmt.Errorf("serve: %s %s/%s on the %s backend: %w", what, ns, id, r.backend.Name(), werr)
+	}
+	return res, nil
+}
+
 // drain stops the reads, hands back every layer not consumed and returns
 // the reads' outcome.
 func (rd *reads) drain() ioResult {
@@ -410,16 +428,9 @@ func (r *Restorer) Restore(req Request) (RestoreStats, error) {
 			return fail(fmt.Errorf("serve: layer %d of %s/%s: %w", m.layer, req.NS, req.ID, err))
 		}
 	}
-	var werr error
-	if dev != nil {
-		rs.Device, werr = dev.Wait()
-	}
-	res := <-rd.done
-	if res.err != nil {
-		return rs, res.err
-	}
-	if werr != nil {
-		return rs, fmt.Errorf("serve: restore of %s/%s on the %s backend: %w", req.NS, req.ID, r.backend.Name(), werr)
+	res, err := r.settle(dev, rd, &rs, "restore of", req.NS, req.ID)
+	if err != nil {
+		return rs, err
 	}
 	if nr > 0 && res.tokens != len(req.Tokens) {
 		return rs, fmt.Errorf("%w: %d token ids given, %s/%s holds %d tokens", ErrTokens, len(req.Tokens), req.NS, req.ID, res.tokens)
@@ -558,16 +569,9 @@ func (r *Restorer) Stream(req StreamRequest, sink func(StreamLayer) error) (Rest
 			return fail(err)
 		}
 	}
-	var werr error
-	if dev != nil {
-		rs.Device, werr = dev.Wait()
-	}
-	res := <-rd.done
-	if res.err != nil {
-		return rs, res.err
-	}
-	if werr != nil {
-		return rs, fmt.Errorf("serve: project %s/%s on the %s backend: %w", req.NS, req.ID, r.backend.Name(), werr)
+	res, err := r.settle(dev, rd, &rs, "project", req.NS, req.ID)
+	if err != nil {
+		return rs, err
 	}
 	rs.Tokens = res.tokens
 	rs.Elapsed = since()
