@@ -49,18 +49,9 @@ func gpuCheck(args []string, stdout, stderr io.Writer) error {
 	if err != nil {
 		return err
 	}
-	bad := 0
-	for _, r := range res {
-		if !r.OK {
-			bad++
-		}
-	}
-	if *asJSON {
-		if err := printJSON(stdout, map[string]any{"checks": res, "failed": bad}); err != nil {
-			return err
-		}
-	} else {
-		fmt.Fprintf(stdout, "%d presets checked, %d failed (tolerance %.0e)\n", len(res), bad, gpubench.CheckTolerance)
+	bad, err := reportChecks(stdout, *asJSON, res, func(r gpubench.CheckResult) bool { return r.OK }, fmt.Sprintf(" (tolerance %.0e)", gpubench.CheckTolerance))
+	if err != nil {
+		return err
 	}
 	if bad > 0 {
 		return fmt.Errorf("%d preset shapes disagree with the CPU reference", bad)
@@ -90,23 +81,30 @@ func gpuMixed(args []string, stdout, stderr io.Writer) error {
 	if err != nil {
 		return err
 	}
-	bad := 0
-	for _, r := range res {
-		if !r.OK {
-			bad++
-		}
-	}
-	if *asJSON {
-		if err := printJSON(stdout, map[string]any{"checks": res, "failed": bad}); err != nil {
-			return err
-		}
-	} else {
-		fmt.Fprintf(stdout, "%d presets checked, %d failed\n", len(res), bad)
+	bad, err := reportChecks(stdout, *asJSON, res, func(r gpubench.MixedResult) bool { return r.OK }, "")
+	if err != nil {
+		return err
 	}
 	if bad > 0 {
 		return fmt.Errorf("%d presets' mixed-plan restores disagree", bad)
 	}
 	return nil
+}
+
+// reportChecks counts the checks that did not pass and prints them as JSON
+// ({"checks", "failed"}) or as a line of counts followed by note.
+func reportChecks[T any](stdout io.Writer, asJSON bool, res []T, ok func(T) bool, note string) (int, error) {
+	bad := 0
+	for _, r := range res {
+		if !ok(r) {
+			bad++
+		}
+	}
+	if asJSON {
+		return bad, printJSON(stdout, map[string]any{"checks": res, "failed": bad})
+	}
+	_, err := fmt.Fprintf(stdout, "%d presets checked, %d failed%s\n", len(res), bad, note)
+	return bad, err
 }
 
 func benchGPU(args []string, stdout, stderr io.Writer) error {
