@@ -1,7 +1,8 @@
 // Package state says what a stored state is, with no I/O: the per-layer plan
 // (LayerKind, LayerPlan and each layer's row size), the Identity a state must
 // match before it is served (model fingerprint and plan), its binary encoding,
-// the Binding that ties stored bytes to one context, and the rules for
+// the Binding that ties stored bytes to one context, the chain keys that
+// address state by its tokens (chain.go), and the rules for
 // namespace and context id names.
 //
 // It is the leaf every side shares: the storage engine (chunk, lsm) stores and
