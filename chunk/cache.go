@@ -19,6 +19,7 @@ type sliceCache struct {
 
 type sliceKey struct {
 	gen    uint64
+	gkey   ChainKey // a shared group's slices (gen 0: generations start at 1)
 	group  uint32
 	layer  uint16
 	tokens uint16
@@ -67,6 +68,17 @@ func (c *sliceCache) dropGen(gen uint64) {
 	}
 }
 
+// dropKey removes every slice of a shared group.
+func (c *sliceCache) dropKey(_ string, key ChainKey) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	for _, k := range c.lru.Keys() {
+		if k.gen == 0 && k.gkey == key {
+			c.lru.Remove(k)
+		}
+	}
+}
+
 func (c *sliceCache) size() int64 {
 	c.mu.Lock()
 	defer c.mu.Unlock()
@@ -78,6 +90,6 @@ func (s *Store) cacheGroup(c *ctxState, j *writeJob) {
 	for _, sl := range j.chunk.Slices {
 		l := int(sl.Layer)
 		rows := j.slab[j.layerOff[l] : j.layerOff[l]+int(sl.Raw)]
-		s.cache.add(sliceKey{c.rec.Gen, j.group, sl.Layer, uint16(j.tokens)}, rows)
+		s.cache.add(sliceKey{gen: c.rec.Gen, group: j.group, layer: sl.Layer, tokens: uint16(j.tokens)}, rows)
 	}
 }

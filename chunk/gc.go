@@ -129,6 +129,9 @@ type gcMove struct {
 	g  uint32
 	ch *lsm.Chunk
 	c  *ctxState
+	// grp: a shared group record (c nil), moved with its entry.
+	grp *lsm.Group
+	ge  *groupEnt
 }
 
 // compact moves the live records out of segment id and drops it. A segment
@@ -159,6 +162,22 @@ func (s *Store) compact(id uint32) (int, uint64, error) {
 			return moved, movedBytes, err
 		}
 		h, err := DecodeRecordHeader(rec)
+		if m.grp != nil {
+			// A shared group record: moved whole, its entry re-pointed.
+			// One whose header does not check stops the GC (no context
+			// to mark damaged; its bytes are kept).
+			if err == nil {
+				err = s.moveGroup(m, h, rec, b, touched)
+			}
+			s.scratch.put(buf)
+			if err != nil {
+				b.Discard()
+				return moved, movedBytes, fmt.Errorf("group %v of %s: %w", m.ge.key, m.ge.ns, err)
+			}
+			moved++
+			movedBytes += uint64(m.ch.Length)
+			continue
+		}
 		if err != nil {
 			// The header does not check: rebuild it from the index, if
 			// every slice still verifies against the index's checksums.
@@ -386,7 +405,16 @@ func (s *Store) walkLiveRecords(sg *segFile, id uint32, written uint64) (moves [
 		if err != nil || h.Version == format.VersionV1 || off+h.RecordBytes > written {
 			return moves, found, false, nil
 		}
-		if h.Flags&format.RecordTombstone == 0 {
+		if h.Flags&format.RecordGroup != 0 {
+			m, ok, err := s.liveGroupRecord(h, id, off)
+			if err != nil {
+				return nil, 0, false, err
+			}
+			if ok {
+				found += uint64(m.ch.Length)
+				moves = append(moves, m)
+			}
+		} else if h.Flags&(format.RecordTombstone|format.RecordTip) == 0 {
 			ch, err := s.db.GetChunk(h.Namespace, h.ContextID, h.Group)
 			switch {
 			case errors.Is(err, lsm.ErrNotFound):
@@ -398,7 +426,7 @@ func (s *Store) walkLiveRecords(sg *segFile, id uint32, written uint64) (moves [
 				c := s.ctxs[ctxMapKey(h.Namespace, h.ContextID)]
 				s.mu.Unlock()
 				if c != nil {
-					moves = append(moves, gcMove{h.Group, ch, c})
+					moves = append(moves, gcMove{g: h.Group, ch: ch, c: c})
 				}
 			}
 		}
@@ -422,9 +450,13 @@ func (s *Store) scanLiveRecords(id uint32) ([]gcMove, error) {
 		c := s.ctxs[ctxMapKey(ns, cid)]
 		s.mu.Unlock()
 		if c != nil {
-			moves = append(moves, gcMove{g, ch, c})
+			moves = append(moves, gcMove{g: g, ch: ch, c: c})
 		}
 		return nil
 	})
-	return moves, err
+	if err != nil {
+		return nil, err
+	}
+	gm, err := s.scanLiveGroups(id)
+	return append(moves, gm...), err
 }

@@ -1,0 +1,422 @@
+package chunk
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"hash/fnv"
+	"testing"
+
+	"github.com/hcache/hcache/internal/rows"
+	"github.com/hcache/hcache/state"
+)
+
+// Rows of token-addressed state are a function of the tokens up to and
+// including each position (as a model's are): two prompts that share a
+// prefix have the same rows there.
+
+// prefixRow is the row of token position t of prompt tokens in a layer.
+func prefixRow(tokens []uint32, layer, t, rb int) []byte {
+	h := fnv.New64a()
+	var b [4]byte
+	for _, tok := range tokens[:t+1] {
+		b[0], b[1], b[2], b[3] = byte(tok), byte(tok>>8), byte(tok>>16), byte(tok>>24)
+		h.Write(b[:])
+	}
+	return rows.Row(fmt.Sprintf("p%x", h.Sum64()), layer, t, rb)
+}
+
+// prefixLayer is the rows of tokens [from, to) of a layer.
+func prefixLayer(tokens []uint32, layer, from, to, rb int) []byte {
+	var out []byte
+	for t := from; t < to; t++ {
+		out = append(out, prefixRow(tokens, layer, t, rb)...)
+	}
+	return out
+}
+
+// promptTokens is a prompt: n token ids from a seed (prompts with the same
+// seed and different lengths share a prefix).
+func promptTokens(seed, n int) []uint32 {
+	out := make([]uint32, n)
+	for i := range out {
+		out[i] = uint32(seed*1_000_003+i*7919) % 50_000
+	}
+	return out
+}
+
+// joinTokens concatenates prompts.
+func joinTokens(parts ...[]uint32) []uint32 {
+	var out []uint32
+	for _, p := range parts {
+		out = append(out, p...)
+	}
+	return out
+}
+
+// saveTokens stores tokens as token-addressed context (ns, id) by prefill
+// and returns what CreateTokens reported stored.
+func saveTokens(t *testing.T, s *Store, ns, id string, ident *Identity, salt []byte, tokens []uint32) int {
+	t.Helper()
+	w, stored, err := s.CreateTokens(ns, id, ident, tokens, CreateOptions{Salt: salt})
+	if err != nil {
+		t.Fatalf("CreateTokens %s/%s: %v", ns, id, err)
+	}
+	for l, p := range ident.Plan {
+		if p.Kind == LayerNone || stored == len(tokens) {
+			continue
+		}
+		if err := w.AppendLayer(l, prefixLayer(tokens, l, stored, len(tokens), int(p.RowBytes))); err != nil {
+			t.Fatalf("AppendLayer %s/%s layer %d: %v", ns, id, l, err)
+		}
+	}
+	if err := w.Close(); err != nil {
+		t.Fatalf("Close %s/%s: %v", ns, id, err)
+	}
+	return stored
+}
+
+// checkRestored checks that fn's layers hold the rows of tokens [0, n).
+func checkRows(tokens []uint32, ident *Identity, n int) (func(layer int, rows []byte) error, func() error) {
+	seen := map[int]bool{}
+	fn := func(layer int, got []byte) error {
+		seen[layer] = true
+		rb := int(ident.Plan[layer].RowBytes)
+		if want := prefixLayer(tokens, layer, 0, n, rb); !bytes.Equal(got, want) {
+			return fmt.Errorf("layer %d: %d restored bytes differ from the %d saved", layer, len(got), len(want))
+		}
+		return nil
+	}
+	done := func() error {
+		for l, p := range ident.Plan {
+			if (p.Kind != LayerNone) != seen[l] {
+				return fmt.Errorf("layer %d (%s) delivered = %v", l, p.Kind, seen[l])
+			}
+		}
+		return nil
+	}
+	return fn, done
+}
+
+// verifyName restores (ns, id) by name and checks it holds tokens[:n].
+func verifyName(t *testing.T, s *Store, ns, id string, ident *Identity, tokens []uint32, n int) {
+	t.Helper()
+	fn, done := checkRows(tokens, ident, n)
+	got, err := s.Restore(ns, id, ident, fn)
+	if err == nil {
+		err = done()
+	}
+	if err != nil || got != n {
+		t.Fatalf("Restore %s/%s: %d tokens, %v; want %d", ns, id, got, err, n)
+	}
+}
+
+// verifyTokens restores by tokens and checks that n tokens came back, equal
+// to what was saved.
+func verifyTokens(t *testing.T, s *Store, p Prefix, n int) {
+	t.Helper()
+	if got, err := s.Lookup(p); err != nil || got != n {
+		t.Fatalf("Lookup %s (%d tokens, context %q): %d, %v; want %d", p.Namespace, len(p.Tokens), p.Context, got, err, n)
+	}
+	fn, done := checkRows(p.Tokens, p.Identity, n)
+	calls := 0
+	got, err := s.RestoreTokens(p, func(layer int, rows []byte) error { calls++; return fn(layer, rows) })
+	if err == nil && n > 0 {
+		err = done()
+	}
+	if err != nil || got != n || (n == 0 && calls != 0) {
+		t.Fatalf("RestoreTokens %s: %d tokens (%d calls), %v; want %d", p.Namespace, got, calls, err, n)
+	}
+}
+
+// groupRefs is the table's reference counts, by key (for comparisons).
+func groupRefs(s *Store) map[string]int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	out := map[string]int{}
+	for k, e := range s.groups {
+		if e.committed {
+			out[fmt.Sprintf("%s/%x", k.ns, k.key[:])] = e.refs
+		}
+	}
+	return out
+}
+
+func TestPrefixSaveDedupLookupRestore(t *testing.T) {
+	for _, backend := range backends {
+		t.Run(backend, func(t *testing.T) {
+			e := newEnv(t, backend, nil)
+			s := e.open()
+			defer s.Close()
+			ct := s.ChunkTokens()
+			ident := testIdentity("m1")
+			sys := promptTokens(1, 5*ct)                  // a system prompt: 5 groups
+			a := joinTokens(sys, promptTokens(2, 2*ct+3)) // 7 groups + 3
+			b := joinTokens(sys, promptTokens(3, ct+5))   // 6 groups + 5, shares 5
+			if got := saveTokens(t, s, "ns", "a", ident, nil, a); got != 0 {
+				t.Fatalf("first save: stored %d, want 0", got)
+			}
+			st := s.Stats()
+			if st.GroupsWritten != 7 || st.Groups != 7 {
+				t.Fatalf("after a: %d groups written, %d stored; want 7", st.GroupsWritten, st.Groups)
+			}
+			// Same prompt again: nothing new written.
+			if got := saveTokens(t, s, "ns", "a2", ident, nil, a); got != 7*ct {
+				t.Fatalf("second save of the same prompt: stored %d, want %d", got, 7*ct)
+			}
+			st2 := s.Stats()
+			if st2.GroupBytesWritten != st.GroupBytesWritten || st2.GroupsWritten != 7 || st2.GroupBytes != st.GroupBytes {
+				t.Fatalf("second save wrote group bytes: %d -> %d (%d groups), stored %d -> %d", st.GroupBytesWritten, st2.GroupBytesWritten, st2.GroupsWritten, st.GroupBytes, st2.GroupBytes)
+			}
+			// A prompt sharing the system prompt: only its own groups.
+			if got := saveTokens(t, s, "ns", "b", ident, nil, b); got != 5*ct {
+				t.Fatalf("save of b: stored %d, want %d", got, 5*ct)
+			}
+			if st := s.Stats(); st.GroupsWritten != 8 || st.Groups != 8 {
+				t.Fatalf("after b: %d groups written, %d stored; want 8", st.GroupsWritten, st.Groups)
+			}
+			verifyName(t, s, "ns", "a", ident, a, len(a))
+			verifyName(t, s, "ns", "a2", ident, a, len(a))
+			verifyName(t, s, "ns", "b", ident, b, len(b))
+
+			other := testIdentity("m2")
+			unrelated := promptTokens(9, 4*ct)
+			for _, tc := range []struct {
+				name string
+				p    Prefix
+				want int
+			}{
+				{"nothing stored", Prefix{Namespace: "ns", Identity: ident, Tokens: unrelated}, 0},
+				{"shorter than a group", Prefix{Namespace: "ns", Identity: ident, Tokens: sys[:ct-1]}, 0},
+				{"partial: the system prompt then other tokens", Prefix{Namespace: "ns", Identity: ident, Tokens: joinTokens(sys, unrelated)}, 5 * ct},
+				{"mid-group end", Prefix{Namespace: "ns", Identity: ident, Tokens: a[:6*ct+4]}, 6 * ct},
+				{"full groups of a", Prefix{Namespace: "ns", Identity: ident, Tokens: a}, 7 * ct},
+				{"a's tail with its name", Prefix{Namespace: "ns", Identity: ident, Tokens: a, Context: "a"}, len(a)},
+				{"a's tail partly, with its name", Prefix{Namespace: "ns", Identity: ident, Tokens: joinTokens(a[:7*ct+2], []uint32{77777}), Context: "a"}, 7*ct + 2},
+				{"a's tokens named b", Prefix{Namespace: "ns", Identity: ident, Tokens: a, Context: "b"}, 7 * ct},
+				{"a's tokens, an unknown name", Prefix{Namespace: "ns", Identity: ident, Tokens: a, Context: "zz"}, 7 * ct},
+				{"other namespace", Prefix{Namespace: "ns2", Identity: ident, Tokens: a}, 0},
+				{"other identity", Prefix{Namespace: "ns", Identity: other, Tokens: a}, 0},
+				{"other salt", Prefix{Namespace: "ns", Salt: []byte("tenant"), Identity: ident, Tokens: a}, 0},
+			} {
+				t.Run(tc.name, func(t *testing.T) { verifyTokens(t, s, tc.p, tc.want) })
+			}
+		})
+	}
+}
+
+func TestPrefixAppendExtendsChain(t *testing.T) {
+	e := newEnv(t, "mem", nil)
+	s := e.open()
+	defer s.Close()
+	ct := s.ChunkTokens()
+	ident := testIdentity("m1")
+	turn1 := promptTokens(1, 2*ct+5)
+	saveTokens(t, s, "ns", "c", ident, nil, turn1)
+	// Turn 2: decode tokens with their ids, then a prefill of known ids.
+	all := joinTokens(turn1, promptTokens(2, 3*ct))
+	w, err := s.Append("ns", "c", ident)
+	if err != nil {
+		t.Fatal(err)
+	}
+	rowsOf := func(tok int) [][]byte {
+		r := make([][]byte, len(ident.Plan))
+		for l, p := range ident.Plan {
+			if p.Kind != LayerNone {
+				r[l] = prefixRow(all, l, tok, int(p.RowBytes))
+			}
+		}
+		return r
+	}
+	// Rows without an id are refused.
+	if err := w.AppendToken(rowsOf(len(turn1))); !errors.Is(err, ErrTokens) {
+		t.Fatalf("AppendToken without an id: %v, want ErrTokens", err)
+	}
+	mid := len(turn1) + ct
+	for tok := len(turn1); tok < mid; tok++ {
+		if err := w.AppendTokenID(all[tok], rowsOf(tok)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := w.ExtendTokens(all[mid:]); err != nil {
+		t.Fatal(err)
+	}
+	for l, p := range ident.Plan {
+		if p.Kind != LayerNone {
+			if err := w.AppendLayer(l, prefixLayer(all, l, mid, len(all), int(p.RowBytes))); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	if err := w.Close(); err != nil {
+		t.Fatal(err)
+	}
+	verifyName(t, s, "ns", "c", ident, all, len(all))
+	verifyTokens(t, s, Prefix{Namespace: "ns", Identity: ident, Tokens: all}, len(all)/ct*ct)
+	verifyTokens(t, s, Prefix{Namespace: "ns", Identity: ident, Tokens: all, Context: "c"}, len(all))
+	// The old tail's record was superseded: the chain now covers it.
+	if st := s.Stats(); st.Groups != len(all)/ct {
+		t.Fatalf("%d groups stored, want %d", st.Groups, len(all)/ct)
+	}
+}
+
+func TestPrefixForkAndDeletes(t *testing.T) {
+	for _, tc := range []struct {
+		name     string
+		forkAt   func(ct int) int
+		delFirst string
+	}{
+		{"group-aligned, delete source", func(ct int) int { return 3 * ct }, "src"},
+		{"mid-group, delete source", func(ct int) int { return 2*ct + 7 }, "src"},
+		{"inside the tail, delete fork", func(ct int) int { return 4*ct + 2 }, "dst"},
+		{"everything, delete fork", func(ct int) int { return 4*ct + 5 }, "dst"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			e := newEnv(t, "mem", nil)
+			s := e.open()
+			defer s.Close()
+			ct := s.ChunkTokens()
+			ident := testIdentity("m1")
+			src := promptTokens(4, 4*ct+5)
+			saveTokens(t, s, "ns", "src", ident, nil, src)
+			before := s.Stats()
+			n := tc.forkAt(ct)
+			if err := s.Fork("ns", "src", "dst", n); err != nil {
+				t.Fatal(err)
+			}
+			after := s.Stats()
+			if after.GroupsWritten != before.GroupsWritten {
+				t.Fatalf("fork wrote %d groups", after.GroupsWritten-before.GroupsWritten)
+			}
+			verifyName(t, s, "ns", "dst", ident, src, n)
+			verifyTokens(t, s, Prefix{Namespace: "ns", Identity: ident, Tokens: src[:n], Context: "dst"}, n)
+			other := map[string]string{"src": "dst", "dst": "src"}[tc.delFirst]
+			keep := map[string]int{"src": len(src), "dst": n}[other]
+			if err := s.Delete("ns", tc.delFirst); err != nil {
+				t.Fatal(err)
+			}
+			verifyName(t, s, "ns", other, ident, src, keep)
+			verifyTokens(t, s, Prefix{Namespace: "ns", Identity: ident, Tokens: src[:keep], Context: other}, keep)
+			if err := s.Delete("ns", other); err != nil {
+				t.Fatal(err)
+			}
+			if st := s.Stats(); st.Groups != 0 || st.GroupBytes != 0 || st.LiveBytes != 0 {
+				t.Fatalf("after deleting both: %d groups, %d group bytes, %d live bytes", st.Groups, st.GroupBytes, st.LiveBytes)
+			}
+			verifyTokens(t, s, Prefix{Namespace: "ns", Identity: ident, Tokens: src}, 0)
+		})
+	}
+}
+
+func TestPrefixNamespacesNeverShare(t *testing.T) {
+	e := newEnv(t, "mem", nil)
+	s := e.open()
+	defer s.Close()
+	ct := s.ChunkTokens()
+	ident := testIdentity("m1")
+	tok := promptTokens(5, 3*ct+1)
+	saveTokens(t, s, "t1", "c", ident, nil, tok)
+	if got := saveTokens(t, s, "t2", "c", ident, nil, tok); got != 0 {
+		t.Fatalf("second namespace found %d tokens stored", got)
+	}
+	if st := s.Stats(); st.Groups != 6 || st.GroupsWritten != 6 {
+		t.Fatalf("%d groups stored (%d written), want two copies of 3", st.Groups, st.GroupsWritten)
+	}
+	if err := s.Delete("t1", "c"); err != nil {
+		t.Fatal(err)
+	}
+	verifyTokens(t, s, Prefix{Namespace: "t1", Identity: ident, Tokens: tok}, 0)
+	verifyTokens(t, s, Prefix{Namespace: "t2", Identity: ident, Tokens: tok, Context: "c"}, len(tok))
+	verifyName(t, s, "t2", "c", ident, tok, len(tok))
+}
+
+func TestPrefixReopenKeepsRefcounts(t *testing.T) {
+	for _, backend := range backends {
+		t.Run(backend, func(t *testing.T) {
+			e := newEnv(t, backend, nil)
+			s := e.open()
+			ct := s.ChunkTokens()
+			ident := testIdentity("m1")
+			sys := promptTokens(1, 3*ct)
+			for i := 0; i < 4; i++ {
+				saveTokens(t, s, "ns", fmt.Sprintf("c%d", i), ident, nil, joinTokens(sys, promptTokens(10+i, ct+i)))
+			}
+			if err := s.Fork("ns", "c1", "f", 3*ct+2); err != nil {
+				t.Fatal(err)
+			}
+			if err := s.Delete("ns", "c0"); err != nil {
+				t.Fatal(err)
+			}
+			want := groupRefs(s)
+			wantStats := s.Stats()
+			if err := s.Close(); err != nil {
+				t.Fatal(err)
+			}
+			s = e.open()
+			defer s.Close()
+			if got := groupRefs(s); fmt.Sprint(got) != fmt.Sprint(want) {
+				t.Fatalf("refs after reopen %v, before %v", got, want)
+			}
+			if st := s.Stats(); st.Groups != wantStats.Groups || st.GroupBytes != wantStats.GroupBytes || st.LiveBytes != wantStats.LiveBytes {
+				t.Fatalf("after reopen %d groups / %d bytes / %d live; before %d / %d / %d", st.Groups, st.GroupBytes, st.LiveBytes, wantStats.Groups, wantStats.GroupBytes, wantStats.LiveBytes)
+			}
+			for i := 1; i < 4; i++ {
+				tok := joinTokens(sys, promptTokens(10+i, ct+i))
+				verifyName(t, s, "ns", fmt.Sprintf("c%d", i), ident, tok, len(tok))
+			}
+			verifyName(t, s, "ns", "f", ident, joinTokens(sys, promptTokens(11, ct+1)), 3*ct+2)
+		})
+	}
+}
+
+// TestPrefixForcedCollision: a key function that maps every group after
+// the first to one key makes a later prompt's group collide with a stored
+// one; nothing of the colliding group (or after it) is served or written
+// over, and the stored state stays intact.
+func TestPrefixForcedCollision(t *testing.T) {
+	e := newEnv(t, "mem", nil)
+	s := e.open()
+	defer s.Close()
+	ct := s.ChunkTokens()
+	s.keyFunc = func(ch state.Chain, parent ChainKey, ids []uint32) ChainKey {
+		if parent.IsZero() {
+			return ch.Next(parent, ids[:1]) // group 0's key: its first token only
+		}
+		return ch.Next(parent, ids)
+	}
+	ident := testIdentity("m1")
+	a := promptTokens(6, 2*ct)
+	saveTokens(t, s, "ns", "a", ident, nil, a)
+	b := append([]uint32(nil), a...)
+	b[3]++ // same first token: group 0's key collides
+	if got, err := s.Lookup(Prefix{Namespace: "ns", Identity: ident, Tokens: b}); err != nil || got != 0 {
+		t.Fatalf("Lookup of the colliding prompt: %d, %v; want 0", got, err)
+	}
+	n, err := s.RestoreTokens(Prefix{Namespace: "ns", Identity: ident, Tokens: b}, func(int, []byte) error {
+		t.Fatal("a colliding group was served")
+		return nil
+	})
+	if err != nil || n != 0 {
+		t.Fatalf("RestoreTokens of the colliding prompt: %d, %v", n, err)
+	}
+	// Saving it does not reference (or overwrite) the colliding group.
+	w, stored, err := s.CreateTokens("ns", "b", ident, b, CreateOptions{})
+	if err != nil || stored != 0 {
+		t.Fatalf("CreateTokens of the colliding prompt: stored %d, %v", stored, err)
+	}
+	for l, p := range ident.Plan {
+		if p.Kind != LayerNone {
+			if err := w.AppendLayer(l, prefixLayer(b, l, 0, len(b), int(p.RowBytes))); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	if err := w.Close(); !errors.Is(err, ErrCollision) {
+		t.Fatalf("Close of the colliding writer: %v, want ErrCollision", err)
+	}
+	if s.Stats().Collisions == 0 {
+		t.Fatal("no collision counted")
+	}
+	verifyName(t, s, "ns", "a", ident, a, len(a))
+	verifyTokens(t, s, Prefix{Namespace: "ns", Identity: ident, Tokens: a}, len(a))
+}
