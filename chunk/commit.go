@@ -94,7 +94,10 @@ type groupKey struct {
 func (s *Store) supersededRecords(jobs []*writeJob) map[groupKey]*lsm.Chunk {
 	stored := map[groupKey]*lsm.Chunk{}
 	for _, j := range jobs {
-		if j.err == nil && uint64(j.group)*uint64(s.ct) < j.c.rec.Tokens {
+		at := uint64(j.group) * uint64(s.ct)
+		// A token-addressed context's tip record sits at the chunk key
+		// where its next group starts (its own count of tokens).
+		if j.err == nil && (at < j.c.rec.Tokens || j.chain != nil && at == j.c.rec.Tokens && at > 0) {
 			ch, err := s.db.GetChunk(j.c.ns, j.c.id, j.group)
 			switch {
 			case err == nil:

@@ -257,6 +257,10 @@ func (f *flusher) startWrite(o op) {
 		fail(errSkipped)
 		return
 	}
+	if o.chain != nil && o.chain.tip {
+		f.startTip(j, c, binding, gen, encIdent)
+		return
+	}
 	if o.chain != nil {
 		// A token-addressed context's op (prefix_write.go): a reference
 		// or a group already stored completes here, without a write.

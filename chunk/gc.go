@@ -323,10 +323,24 @@ func (s *Store) headerFromIndex(m gcMove, rec []byte) (*RecordHeader, error) {
 		return nil, fmt.Errorf("%w: context has no usable identity", ErrCorrupt)
 	}
 	binding, gen, enc := c.binding, c.rec.Gen, c.rec.Identity
+	tok, salt, tip, tail := c.tokCtx(), c.rec.Salt, c.rec.Tip, c.rec.TailIDs
 	s.mu.Unlock()
 	g := m.g
 	h := &RecordHeader{Version: format.Version, RecordBytes: uint64(m.ch.Length), ChunkTokens: uint16(s.ct), Tokens: m.ch.Tokens,
 		Group: g, Gen: gen, Binding: binding, Slices: m.ch.Slices, Namespace: c.ns, ContextID: c.id, Identity: enc}
+	if tok {
+		// A token-addressed context's tail or tip record: the chain
+		// section from its context record (the tail's ids are its own).
+		if len(tail) < int(m.ch.Tokens) {
+			return nil, fmt.Errorf("%w: the context record holds %d tail token ids, the record %d tokens", ErrCorrupt, len(tail), m.ch.Tokens)
+		}
+		h.Version, h.Salt = format.VersionV3, salt
+		if m.ch.Tokens == 0 {
+			h.Flags, h.Key = format.RecordTip, tip
+		} else {
+			h.Parent, h.TokenIDs = tip, tail[:m.ch.Tokens]
+		}
+	}
 	hb := format.HeaderBytesFor(len(m.ch.Slices), h.DescBytes())
 	h.HeaderBytes = uint32(hb)
 	var tmp []byte

@@ -65,6 +65,10 @@ type chainOp struct {
 	refs []*groupEnt
 	// ent: a group op's entry, set by the flusher (pinned there).
 	ent *groupEnt
+	// tip: a tip record (no rows) naming key as the context's tip, at
+	// chunk key op.group (where a tail would be): repair finds a context
+	// without a tail through it.
+	tip bool
 	// wrote: the group op writes ent's record (not a reference), whose
 	// checksums start from bind (the group binding).
 	wrote bool

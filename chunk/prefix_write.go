@@ -134,7 +134,7 @@ func (s *Store) indexChainJob(b *lsm.Batch, j *writeJob, syncErr error, stored, 
 	dropOld := func(g uint32, deleteKey bool) {
 		k := groupKey{c, g}
 		old, ok := superseded[k]
-		if !ok && uint64(g)*ct < c.rec.Tokens {
+		if !ok && uint64(g)*ct <= c.rec.Tokens {
 			old = stored[k]
 		}
 		if old == nil {
@@ -191,6 +191,19 @@ func (s *Store) indexChainJob(b *lsm.Batch, j *writeJob, syncErr error, stored, 
 		dropOld(j.group, true)
 		c.ptip, c.ptail = e.key, nil
 		newTokens[c] = start + ct
+	case co.tip:
+		if !s.invariant(start == cur, "%s/%s: a tip record at group %d with %d tokens indexed", c.ns, c.id, j.group, cur) {
+			c.writeErr = s.brokenErr()
+			return
+		}
+		dropOld(j.group, false)
+		ch := j.chunk
+		superseded[key] = &ch
+		b.PutChunk(c.ns, c.id, j.group, &ch)
+		s.segRecs[j.seg.id].Live += uint64(j.length)
+		c.live += int64(j.length)
+		s.live += int64(j.length)
+		c.ptail = nil
 	default:
 		end := start + uint64(j.tokens)
 		if !s.invariant(start <= cur && end >= cur, "tail group %d of %s/%s (tokens %d-%d) with %d tokens indexed", j.group, c.ns, c.id, start, end, cur) {
@@ -299,4 +312,40 @@ func (s *Store) moveGroup(m gcMove, h *RecordHeader, rec []byte, b *lsm.Batch, t
 	m.ge.seg = seg.id
 	s.mu.Unlock()
 	return nil
+}
+
+// startTip writes a tip record: a header naming the context generation,
+// its full group count (op.group) and its tip key, no rows. It is indexed
+// as the context's chunk key at that group (where a tail would be), so GC
+// keeps it and repair finds the context even when it has no tail.
+func (f *flusher) startTip(j *writeJob, c *ctxState, binding Binding, gen uint64, encIdent []byte) {
+	s := f.s
+	fail := func(err error) {
+		j.err = err
+		f.compl <- j
+	}
+	h := RecordHeader{Version: format.VersionV3, Flags: format.RecordTip, ChunkTokens: uint16(s.ct), Group: j.group, Gen: gen,
+		Binding: binding, Namespace: c.ns, ContextID: c.id, Identity: encIdent, Salt: c.rec.Salt, Key: j.chain.key}
+	hb := format.HeaderBytesFor(0, h.DescBytes())
+	seg, off, err := s.allocate(uint64(hb), false)
+	if err != nil {
+		fail(err)
+		return
+	}
+	s.mu.Lock()
+	c.noteWrite(seg.id)
+	s.mu.Unlock()
+	j.seg, j.off, j.length = seg, off, uint32(hb)
+	j.chunk = lsm.Chunk{Segment: seg.id, Offset: off, Length: uint32(hb)}
+	if j.header, err = s.scratch.get(hb); err != nil {
+		fail(err)
+		return
+	}
+	h.HeaderBytes, h.RecordBytes, h.Segment = uint32(hb), uint64(hb), seg.id
+	h.Encode(j.header.Bytes())
+	s.stats.bytesWritten.Add(uint64(hb))
+	seg.writeAsync([][]byte{j.header.Bytes()[:hb]}, int64(off), func(err error) {
+		j.err = err
+		f.compl <- j
+	})
 }

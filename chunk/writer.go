@@ -36,6 +36,9 @@ type Writer struct {
 	idBase int
 	ids    []uint32
 	parent ChainKey
+	// tipRecorded: the tip that the context's last tail or tip record
+	// (indexed or handed over) names.
+	tipRecorded ChainKey
 }
 
 // CreateOptions are per-context settings.
@@ -157,6 +160,7 @@ func (s *Store) Append(ns, id string, ident *Identity) (*Writer, error) {
 	if w.tok {
 		s.mu.Lock()
 		w.idBase, w.ids, w.parent = w.handed, append([]uint32(nil), c.rec.TailIDs...), c.rec.Tip
+		w.tipRecorded = w.parent
 		s.mu.Unlock()
 	}
 	for i := range w.layerTok {
@@ -425,6 +429,15 @@ func (w *Writer) flushLocked() error {
 		if err := w.submitGroup(o); err != nil {
 			return err
 		}
+		w.tipRecorded = w.parent // the tail record names it
+	} else if w.tok && w.handed > 0 && w.parent != w.tipRecorded {
+		// No tail: a tip record names the chain's new tip, so that
+		// repair finds this context (prefix_write.go startTip).
+		o := op{group: uint32(w.handed / w.ct), chain: &chainOp{tip: true, key: w.parent}}
+		if err := w.submitGroup(o); err != nil {
+			return err
+		}
+		w.tipRecorded = w.parent
 	}
 	if err := w.s.barrier(w.c); err != nil {
 		return err
