@@ -420,3 +420,102 @@ func TestPrefixForcedCollision(t *testing.T) {
 	verifyName(t, s, "ns", "a", ident, a, len(a))
 	verifyTokens(t, s, Prefix{Namespace: "ns", Identity: ident, Tokens: a}, len(a))
 }
+
+// prefixWorkload stores a small shared-prefix workload: contexts under one
+// system prompt (some with tails, some group-aligned), an appended turn, a
+// fork, and a deleted sharer. It returns each live context's tokens.
+func prefixWorkload(t *testing.T, s *Store, ident *Identity) map[string][]uint32 {
+	t.Helper()
+	ct := s.ChunkTokens()
+	sys := promptTokens(1, 3*ct)
+	live := map[string][]uint32{}
+	for i, extra := range []int{ct + 3, 2 * ct, 5, 0} {
+		id := fmt.Sprintf("c%d", i)
+		live[id] = joinTokens(sys, promptTokens(20+i, extra))
+		saveTokens(t, s, "ns", id, ident, nil, live[id])
+	}
+	// A second turn on c1 completes a group and leaves a tail.
+	all := joinTokens(live["c1"], promptTokens(30, ct+4))
+	w, err := s.Append("ns", "c1", ident)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := w.ExtendTokens(all[len(live["c1"]):]); err != nil {
+		t.Fatal(err)
+	}
+	for l, p := range ident.Plan {
+		if p.Kind != LayerNone {
+			if err := w.AppendLayer(l, prefixLayer(all, l, len(live["c1"]), len(all), int(p.RowBytes))); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	if err := w.Close(); err != nil {
+		t.Fatal(err)
+	}
+	live["c1"] = all
+	if err := s.Fork("ns", "c0", "f", 3*ct+2); err != nil {
+		t.Fatal(err)
+	}
+	live["f"] = live["c0"][:3*ct+2]
+	if err := s.Delete("ns", "c2"); err != nil {
+		t.Fatal(err)
+	}
+	delete(live, "c2")
+	// Another namespace with the same tokens.
+	saveTokens(t, s, "other", "c0", ident, nil, live["c0"])
+	return live
+}
+
+// checkWorkload checks every live context by name and by tokens.
+func checkWorkload(t *testing.T, s *Store, ident *Identity, live map[string][]uint32) {
+	t.Helper()
+	ct := s.ChunkTokens()
+	for id, tok := range live {
+		verifyName(t, s, "ns", id, ident, tok, len(tok))
+		verifyTokens(t, s, Prefix{Namespace: "ns", Identity: ident, Tokens: tok, Context: id}, len(tok))
+		verifyTokens(t, s, Prefix{Namespace: "ns", Identity: ident, Tokens: tok}, len(tok)/ct*ct)
+	}
+	verifyName(t, s, "other", "c0", ident, live["c0"], len(live["c0"]))
+}
+
+func TestPrefixRepairRebuildsGroupsAndRefs(t *testing.T) {
+	for _, gc := range []bool{false, true} {
+		t.Run(fmt.Sprintf("gc=%v", gc), func(t *testing.T) {
+			e := newEnv(t, "mem", func(o *Options) { o.GCInterval = -1; o.SegmentBytes = 1 << 20 })
+			s := e.open()
+			ident := testIdentity("m1")
+			live := prefixWorkload(t, s, ident)
+			if gc {
+				s.opts.GCLiveRatio = 1 // compact every sealed segment
+				if res := s.GC(); res.Err != nil {
+					t.Fatal(res.Err)
+				}
+			}
+			checkWorkload(t, s, ident, live)
+			if r := s.Check(nil); !r.OK() {
+				t.Fatalf("fsck before repair: %v", r.Errors)
+			}
+			wantRefs, wantStats := groupRefs(s), s.Stats()
+			if err := s.Close(); err != nil {
+				t.Fatal(err)
+			}
+			loseIndexAndRepair(t, e.opts)
+			s = e.open()
+			defer s.Close()
+			if got := groupRefs(s); fmt.Sprint(got) != fmt.Sprint(wantRefs) {
+				t.Fatalf("refs after repair %v, before %v", got, wantRefs)
+			}
+			if st := s.Stats(); st.Groups != wantStats.Groups || st.GroupBytes != wantStats.GroupBytes {
+				t.Fatalf("after repair %d groups / %d bytes; before %d / %d", st.Groups, st.GroupBytes, wantStats.Groups, wantStats.GroupBytes)
+			}
+			if got := len(s.Contexts()); got != len(live)+1 {
+				t.Fatalf("%d contexts after repair, want %d", got, len(live)+1)
+			}
+			checkWorkload(t, s, ident, live)
+			if r := s.Check(nil); !r.OK() {
+				t.Fatalf("fsck after repair: %v", r.Errors)
+			}
+		})
+	}
+}
