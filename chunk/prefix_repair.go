@@ -3,6 +3,7 @@ package chunk
 import (
 	"fmt"
 	"sort"
+	"strings"
 
 	"github.com/hcache/hcache/chunk/format"
 	"github.com/hcache/hcache/lsm"
@@ -30,39 +31,47 @@ func (p *ctxPick) tokenAddressed() bool {
 // within a generation); its chain is walked back from that record's tip
 // through the group records. It returns whether the context was adopted.
 func repairTokenContext(b *lsm.Batch, ct int, p *ctxPick, groups map[gid]*repairCand, adopted map[gid]*repairCand, live map[uint32]uint64, rep *RepairReport) bool {
-	var best *repairCand
 	total := func(c *repairCand) uint64 { return uint64(c.h.Group)*uint64(ct) + uint64(c.h.Tokens) }
+	var cands []*repairCand
 	for _, c := range p.groups {
-		if c.h.Version != format.VersionV3 {
-			continue
+		if c.h.Version == format.VersionV3 {
+			cands = append(cands, c)
 		}
-		if best == nil || total(c) > total(best) || total(c) == total(best) && (c.seg > best.seg || c.seg == best.seg && c.off > best.off) {
+	}
+	// Newest state first (a context only grows within a generation); a
+	// state whose chain the segments do not hold whole (a crash kept its
+	// record but lost a group written with it, never acknowledged) gives
+	// way to the next.
+	sort.Slice(cands, func(i, j int) bool {
+		a, b := cands[i], cands[j]
+		if total(a) != total(b) {
+			return total(a) > total(b)
+		}
+		return a.seg > b.seg || a.seg == b.seg && a.off > b.off
+	})
+	var best *repairCand
+	var chain []*repairCand
+	var tip [32]byte
+	var why []string
+	for _, c := range cands {
+		var err error
+		if chain, tip, err = repairChain(c, p, groups); err == nil {
 			best = c
+			break
 		}
+		why = append(why, err.Error())
 	}
-	if n := len(p.groups) - 1; n > 0 {
-		rep.Superseded += n
-	}
-	tip := best.h.Parent
-	if best.h.Flags&format.RecordTip != 0 {
-		tip = best.h.Key
-	}
-	full := int(best.h.Group)
-	chain := make([]*repairCand, full)
-	k := tip
-	for i := full - 1; i >= 0; i-- {
-		g := groups[gid{p.ns, k}]
-		if g == nil || int(g.h.Group) != i || string(g.h.Identity) != string(p.ident) || string(g.h.Salt) != string(best.h.Salt) {
-			rep.SetAside = append(rep.SetAside, fmt.Sprintf("%s/%s: group %d (key %x) of its chain is not in the segments (or is another chain's); the context is not adopted", p.ns, p.id, i, k[:8]))
-			return false
-		}
-		chain[i] = g
-		k = g.h.Parent
-	}
-	if k != ([32]byte{}) {
-		rep.SetAside = append(rep.SetAside, fmt.Sprintf("%s/%s: its chain's first group has a parent; the context is not adopted", p.ns, p.id))
+	if best == nil {
+		rep.SetAside = append(rep.SetAside, fmt.Sprintf("%s/%s: no state whose chain the segments hold whole (%s); the context is not adopted", p.ns, p.id, strings.Join(why, "; ")))
 		return false
 	}
+	if len(why) > 0 {
+		rep.SetAside = append(rep.SetAside, fmt.Sprintf("%s/%s: %d newer states set aside (%s)", p.ns, p.id, len(why), strings.Join(why, "; ")))
+	}
+	if n := len(p.groups) - 1 - len(why); n > 0 {
+		rep.Superseded += n
+	}
+	full := int(best.h.Group)
 	for _, g := range chain {
 		adopted[gid{g.h.Namespace, g.h.Key}] = g
 	}
@@ -80,6 +89,29 @@ func repairTokenContext(b *lsm.Batch, ct int, p *ctxPick, groups map[gid]*repair
 	rep.Tokens += tokens
 	rep.Adopted = append(rep.Adopted, fmt.Sprintf("%s/%s: %d tokens, %d shared groups and a %d-token tail (generation %d)", p.ns, p.id, tokens, full, best.h.Tokens, p.gen))
 	return true
+}
+
+// repairChain walks the chain a tail or tip record names back through the
+// group records, checking each one's position, identity and salt.
+func repairChain(c *repairCand, p *ctxPick, groups map[gid]*repairCand) ([]*repairCand, [32]byte, error) {
+	tip := c.h.Parent
+	if c.h.Flags&format.RecordTip != 0 {
+		tip = c.h.Key
+	}
+	chain := make([]*repairCand, c.h.Group)
+	k := tip
+	for i := int(c.h.Group) - 1; i >= 0; i-- {
+		g := groups[gid{p.ns, k}]
+		if g == nil || int(g.h.Group) != i || string(g.h.Identity) != string(p.ident) || string(g.h.Salt) != string(c.h.Salt) {
+			return nil, tip, fmt.Errorf("the %d-token state's group %d (key %x) is not in the segments", uint64(c.h.Group)*uint64(c.h.ChunkTokens)+uint64(c.h.Tokens), i, k[:8])
+		}
+		chain[i] = g
+		k = g.h.Parent
+	}
+	if k != ([32]byte{}) {
+		return nil, tip, fmt.Errorf("the chain's first group has a parent")
+	}
+	return chain, tip, nil
 }
 
 // repairPutGroups indexes the adopted group records; the others are set
