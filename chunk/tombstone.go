@@ -390,6 +390,9 @@ func (s *Store) rollForwardTombstones() error {
 			rec.Written = max(rec.Written, f.t.off+h.RecordBytes)
 			segTouched[f.seg] = true
 		}
+		if c.tokCtx() {
+			s.releaseChainLocked(b, c)
+		}
 		s.live -= c.live
 		c.live = 0
 		c.deleted = true
@@ -401,6 +404,10 @@ func (s *Store) rollForwardTombstones() error {
 		b.Discard()
 		return nil
 	}
+	for id := range s.groupSegTouched {
+		segTouched[id] = true
+	}
+	clear(s.groupSegTouched)
 	for id := range segTouched {
 		if rec := s.segRecs[id]; rec != nil {
 			b.PutSegment(id, rec)
