@@ -611,3 +611,48 @@ func (s *Store) loadGroups() error {
 	}
 	return nil
 }
+
+// sharedBonusLocked is the eviction bonus of c (Options.EvictSharedBonus
+// times the share of its bytes that other contexts also reference): 0 for
+// a legacy context or one whose bytes are all its own. Call with s.mu held.
+func (s *Store) sharedBonusLocked(c *ctxState) int64 {
+	if s.opts.EvictSharedBonus <= 0 || !c.tokCtx() {
+		return 0
+	}
+	chain, err := s.chainLocked(c)
+	if err != nil {
+		return 0
+	}
+	total, shared := c.live, int64(0)
+	for _, e := range chain {
+		total += int64(e.length)
+		if e.refs > 1 {
+			shared += int64(e.length)
+		}
+	}
+	if total == 0 {
+		return 0
+	}
+	return int64(float64(s.opts.EvictSharedBonus) * float64(shared) / float64(total))
+}
+
+// freedGroupsLocked is the bytes of shared groups whose last reference c
+// holds, given the references released (by victims chosen before it),
+// which it updates. Call with s.mu held.
+func (s *Store) freedGroupsLocked(c *ctxState, released map[*groupEnt]int) int64 {
+	if !c.tokCtx() {
+		return 0
+	}
+	chain, err := s.chainLocked(c)
+	if err != nil {
+		return 0
+	}
+	var freed int64
+	for _, e := range chain {
+		released[e]++
+		if e.refs-released[e] == 0 && e.pending == 0 {
+			freed += int64(e.length)
+		}
+	}
+	return freed
+}
