@@ -1,9 +1,12 @@
 package chunk
 
 import (
+	"encoding/binary"
 	"errors"
 	"fmt"
+	"hash/crc32"
 
+	"github.com/hcache/hcache/chunk/format"
 	"github.com/hcache/hcache/lsm"
 	"github.com/hcache/hcache/state"
 )
@@ -31,6 +34,9 @@ type groupEnt struct {
 	parent ChainKey
 	index  uint32
 	digest [16]byte
+	// sum is a CRC-32C of its token ids: Lookup's cheap check (restores
+	// and references compare digest).
+	sum    uint32
 	seg    uint32 // committed: where its record is
 	length uint32 // committed: its record's bytes
 	// refs counts the live token-addressed contexts whose committed chain
@@ -112,39 +118,60 @@ func (s *Store) nextKey(ch state.Chain, parent ChainKey, ids []uint32) ChainKey 
 	return ch.Next(parent, ids)
 }
 
-// storedGroupsLocked returns how many leading keys name committed groups of
-// namespace ns whose token digests match the request (binary search: the
-// stored groups of a chain are prefix-closed, since a group lives only
-// while a context's chain reaches it, and a chain reaching a group reaches
-// every group before it). Call with s.mu held.
-func (s *Store) storedGroupsLocked(ns string, keys []ChainKey, inFlight bool) int {
-	ok := func(i int) bool {
-		e := s.groups[gid{ns, keys[i]}]
-		return e != nil && e.ns == ns && !e.failed && (e.committed || inFlight)
-	}
-	lo, hi := 0, len(keys) // ok(i) for i < lo; !ok(i) for i >= hi
-	for lo < hi {
-		m := int(uint(lo+hi) >> 1)
-		if ok(m) {
-			lo = m + 1
+// probe walks the chain of tokens group by group, computing each key only
+// when the groups before it matched (no lock is held while hashing), and
+// returns the leading groups stored in namespace ns (committed; with
+// inFlight, also being written) whose token digests equal the request's:
+// their keys and entries, pinned (pending) when pin is set, for a
+// reference op. The first key not stored ends the walk: the stored groups
+// of a chain are prefix-closed (a group lives only while a context's chain
+// reaches it, and a chain reaching a group reaches every group before it),
+// so no later key can be stored. Keys are chained, so a binary search would
+// have to compute them all anyway; this walk costs a hash and a map probe
+// per matched group, one more for the first miss. A digest that differs
+// (a key collision) ends the walk with ErrCollision.
+func (s *Store) probe(ns string, ch state.Chain, tokens []uint32, inFlight, pin bool) ([]ChainKey, []*groupEnt, error) {
+	// A reference (pin) compares the token digest; a lookup the CRC-32C
+	// (a restore then compares the digest before serving anything).
+	strong := pin
+	var keys []ChainKey
+	var ents []*groupEnt
+	var parent ChainKey
+	var h state.ChainHasher
+	for i := 0; i < len(tokens)/s.ct; i++ {
+		ids := tokens[i*s.ct : (i+1)*s.ct]
+		var k ChainKey
+		if s.keyFunc != nil {
+			k = s.keyFunc(ch, parent, ids)
 		} else {
-			hi = m
+			k = h.Next(ch, parent, ids)
 		}
-	}
-	return lo
-}
-
-// verifyDigestsLocked shortens n (leading groups) to the groups whose stored
-// token digests equal the request's tokens. Call with s.mu held.
-func (s *Store) verifyDigestsLocked(ns string, keys []ChainKey, tokens []uint32, n int) (int, error) {
-	for i := 0; i < n; i++ {
-		e := s.groups[gid{ns, keys[i]}]
-		if e.digest != state.TokensDigest(tokens[i*s.ct:(i+1)*s.ct]) || e.index != uint32(i) {
+		var d [16]byte
+		var sum uint32
+		if strong {
+			d = h.TokensDigest(ids)
+		} else {
+			sum = tokensSum(ids)
+		}
+		s.mu.Lock()
+		e := s.groups[gid{ns, k}]
+		if e == nil || e.failed || !(e.committed || inFlight) {
+			s.mu.Unlock()
+			break
+		}
+		if strong && e.digest != d || !strong && e.sum != sum || e.index != uint32(i) {
+			s.mu.Unlock()
 			s.stats.collisions.Add(1)
-			return i, fmt.Errorf("%w: group %d (key %v) is stored for other tokens", ErrCollision, i, keys[i])
+			return keys, ents, fmt.Errorf("%w: group %d (key %v) is stored for other tokens", ErrCollision, i, k)
 		}
+		if pin {
+			e.pending++
+		}
+		s.mu.Unlock()
+		keys, ents = append(keys, k), append(ents, e)
+		parent = k
 	}
-	return n, nil
+	return keys, ents, nil
 }
 
 // Prefix names token-addressed state: a namespace, an optional salt (nil
@@ -185,18 +212,17 @@ func (s *Store) match(p Prefix) (*prefixMatch, error) {
 	if err != nil {
 		return nil, err
 	}
-	keys := s.chainKeys(ch, p.Tokens)
+	keys, _, err := s.probe(p.Namespace, ch, p.Tokens, false, false)
+	if err != nil {
+		s.opts.Logf("chunk: lookup in %s: %v; the match stops before it", p.Namespace, err)
+	}
+	n := len(keys)
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if s.closed {
 		return nil, ErrClosed
 	}
-	n := s.storedGroupsLocked(p.Namespace, keys, false)
-	n, err = s.verifyDigestsLocked(p.Namespace, keys, p.Tokens, n)
-	if err != nil {
-		s.opts.Logf("chunk: lookup in %s: %v; the match stops before it", p.Namespace, err)
-	}
-	m := &prefixMatch{keys: keys[:n], tokens: n * s.ct}
+	m := &prefixMatch{keys: keys, tokens: n * s.ct}
 	if p.Context == "" {
 		return m, nil
 	}
@@ -249,7 +275,6 @@ func (s *Store) CreateTokens(ns, id string, ident *Identity, tokens []uint32, op
 	if err != nil {
 		return nil, 0, err
 	}
-	keys := s.chainKeys(ch, tokens)
 	w, err := s.Create(ns, id, ident, opts)
 	if err != nil {
 		return nil, 0, err
@@ -260,16 +285,12 @@ func (s *Store) CreateTokens(ns, id string, ident *Identity, tokens []uint32, op
 	c.rec.Salt = append([]byte(nil), opts.Salt...)
 	c.chain = ch
 	c.ptip, c.ptail = ChainKey{}, nil
-	n := s.storedGroupsLocked(ns, keys, true)
-	if n, err = s.verifyDigestsLocked(ns, keys, tokens, n); err != nil {
+	s.mu.Unlock()
+	keys, refs, err := s.probe(ns, ch, tokens, true, true)
+	if err != nil {
 		s.opts.Logf("chunk: create %s/%s: %v; written again from there", ns, id, err)
 	}
-	refs := make([]*groupEnt, n)
-	for i := range refs {
-		refs[i] = s.groups[gid{ns, keys[i]}]
-		refs[i].pending++
-	}
-	s.mu.Unlock()
+	n := len(keys)
 	stored := n * s.ct
 	w.tok = true
 	w.tokens, w.handed = stored, stored
@@ -582,7 +603,7 @@ func (s *Store) loadGroups() error {
 		if err != nil {
 			return err
 		}
-		e := &groupEnt{ns: ns, key: key, parent: g.Parent, index: g.Index, digest: g.Digest, seg: g.Segment, length: g.Length, committed: true}
+		e := &groupEnt{ns: ns, key: key, parent: g.Parent, index: g.Index, digest: g.Digest, sum: tokensSum(g.IDs), seg: g.Segment, length: g.Length, committed: true}
 		s.groups[gid{ns, key}] = e
 		s.groupBytes += int64(g.Length)
 		s.groupCount++
@@ -655,4 +676,19 @@ func (s *Store) freedGroupsLocked(c *ctxState, released map[*groupEnt]int) int64
 		}
 	}
 	return freed
+}
+
+// tokensSum is the CRC-32C of token ids (little-endian u32s).
+func tokensSum(ids []uint32) uint32 {
+	var b [256]byte
+	sum := uint32(0)
+	for len(ids) > 0 {
+		n := min(len(ids), len(b)/4)
+		for i, t := range ids[:n] {
+			binary.LittleEndian.PutUint32(b[4*i:], t)
+		}
+		sum = crc32.Update(sum, format.Castagnoli, b[:4*n])
+		ids = ids[n:]
+	}
+	return sum
 }

@@ -48,7 +48,7 @@ func (f *flusher) startChain(j *writeJob, c *ctxState, binding Binding) (Binding
 	}
 	// New, or a failed write not yet unpinned (which stays out of the
 	// table: it is dropped once its jobs are through).
-	e = &groupEnt{ns: c.ns, key: co.key, parent: co.parent, index: j.group, digest: digest, pending: 1, writer: j}
+	e = &groupEnt{ns: c.ns, key: co.key, parent: co.parent, index: j.group, digest: digest, sum: tokensSum(co.ids), pending: 1, writer: j}
 	s.groups[gid{c.ns, co.key}] = e
 	co.ent, co.wrote = e, true
 	ident := c.ident
