@@ -24,6 +24,14 @@
 //
 // # Values
 //
+// A Context with FlagTokens (a token-addressed context, issue 19) appends a
+// chain section to its value: salt length u16 | salt | tip key [32] | tail
+// token count u16 | tail token ids u32 each. Its full groups are the chain
+// its tip key ends (walked back through the Group entries' parent keys);
+// its only chunk key is at its full group count (its partial tail, or a tip
+// record with no rows). Reference counts of groups are derived from these
+// chains at open, never stored.
+//
 // Every value is framed as kind(1) version(1) payload crc32c(4), the checksum
 // (Castagnoli) covering kind, version and payload. A value whose frame, kind,
 // version or checksum is wrong decodes to an error wrapping ErrCorrupt; the

@@ -52,6 +52,22 @@
 // slices, no tokens, a descriptor naming the context; it deletes the
 // context's generations up to its generation (Repair honours it).
 //
+// Version 3 records are those of token-addressed contexts (issue 19): the
+// version 2 descriptor is followed by a chain section: salt length u16 |
+// salt | key [32] | parent key [32] | token count u16 (= tokens) | token
+// ids u32 each. Flags (version 3): bit 1 (RecordGroup) marks a group
+// record, one full group of a chain shared by every context of the
+// namespace whose chain reaches it: empty context id, generation 0, key
+// its state.Chain key, parent the previous group's (zero for group 0),
+// group its position, and binding the group binding
+// (state.NewGroupBinding: namespace, key, identity; no context id). Bit 2
+// (RecordTip) marks a tip record: no slices, no tokens, the context
+// descriptor, key the context's last full group's key and group its full
+// group count; written at a Flush that leaves no tail, so that repair finds
+// the context. A token-addressed context's tail record has no flag, the
+// context's binding, a zero key and the tail's token ids; its parent is the
+// chain's tip. Readers still read version 1 and 2 records.
+//
 // Version 2 records describe themselves: with the descriptor, a record holds
 // everything the index holds about it (namespace, id, identity, generation,
 // group, token count, slices and their checksums), so the index can be
@@ -77,6 +93,18 @@
 // only to count the records that a crash left unindexed (ScanRecords stops at
 // the first header whose magic, version, bounds or checksum is wrong, which is
 // how a torn tail ends), and the next append overwrites them.
+//
+// A torn or corrupt group record is never served: its slices fail their
+// checksums (seeded from the group binding of the request's namespace,
+// identity and key) and a restore by tokens compares the index entry's
+// token digest with the request's tokens before reading; the restore fails
+// (ErrCorrupt or ErrCollision) and nothing of it reaches the caller. GC
+// moves a group record only if its header checks (otherwise the GC stops
+// and the segment stays). Repair adopts a group record only if its header,
+// group binding and every slice check, and only while a live context's
+// chain (from its newest tail or tip record) reaches it; a context whose
+// newest state's chain is not whole in the segments falls back to its
+// newest state whose chain is.
 package format
 
 import (
