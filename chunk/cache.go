@@ -20,6 +20,7 @@ type sliceCache struct {
 type sliceKey struct {
 	gen    uint64
 	gkey   ChainKey // a shared group's slices (gen 0: generations start at 1)
+	at     uint64   // a shared group's record place (segment << 40 | offset / 4096)
 	group  uint32
 	layer  uint16
 	tokens uint16
@@ -63,17 +64,6 @@ func (c *sliceCache) dropGen(gen uint64) {
 	defer c.mu.Unlock()
 	for _, k := range c.lru.Keys() {
 		if k.gen == gen {
-			c.lru.Remove(k)
-		}
-	}
-}
-
-// dropKey removes every slice of a shared group.
-func (c *sliceCache) dropKey(_ string, key ChainKey) {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	for _, k := range c.lru.Keys() {
-		if k.gen == 0 && k.gkey == key {
 			c.lru.Remove(k)
 		}
 	}

@@ -403,8 +403,9 @@ func (s *Store) Fork(ns, src, dst string, n int) error {
 	var ident *Identity
 	var salt []byte
 	var srcTail []uint32
+	var srcTokens int
 	if err == nil {
-		ident, salt, srcTail = c.ident, c.rec.Salt, c.rec.TailIDs
+		ident, salt, srcTail, srcTokens = c.ident, c.rec.Salt, c.rec.TailIDs, int(c.rec.Tokens)
 		chain, err = s.chainLocked(c)
 	}
 	full := n / s.ct
@@ -429,7 +430,7 @@ func (s *Store) Fork(ns, src, dst string, n int) error {
 	tail := n % s.ct
 	var tailIDs []uint32
 	if tail > 0 {
-		if full*s.ct+tail <= int(c.rec.Tokens) && full == int(c.rec.Tokens)/s.ct {
+		if full == srcTokens/s.ct {
 			tailIDs = srcTail[:tail]
 		} else {
 			s.mu.Lock()
@@ -566,9 +567,8 @@ func (s *Store) maybeDropLocked(b *lsm.Batch, e *groupEnt) {
 	s.live -= int64(e.length)
 	s.groupBytes -= int64(e.length)
 	s.groupCount--
-	if s.cache != nil {
-		s.cache.dropKey(e.ns, e.key)
-	}
+	// Its slices in the DRAM tier are named by its record's place too:
+	// they age out, and a group written again under the key misses them.
 }
 
 // releaseChainLocked drops a deleted (or evicted) token-addressed

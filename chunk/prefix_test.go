@@ -143,9 +143,17 @@ func groupRefs(s *Store) map[string]int {
 }
 
 func TestPrefixSaveDedupLookupRestore(t *testing.T) {
-	for _, backend := range backends {
+	for _, backend := range []string{"mem", "disk", "mem+cache"} {
 		t.Run(backend, func(t *testing.T) {
-			e := newEnv(t, backend, nil)
+			cache := backend == "mem+cache"
+			if cache {
+				backend = "mem"
+			}
+			e := newEnv(t, backend, func(o *Options) {
+				if cache {
+					o.CacheBytes = 8 << 20
+				}
+			})
 			s := e.open()
 			defer s.Close()
 			ct := s.ChunkTokens()
@@ -200,6 +208,9 @@ func TestPrefixSaveDedupLookupRestore(t *testing.T) {
 				{"other salt", Prefix{Namespace: "ns", Salt: []byte("tenant"), Identity: ident, Tokens: a}, 0},
 			} {
 				t.Run(tc.name, func(t *testing.T) { verifyTokens(t, s, tc.p, tc.want) })
+			}
+			if hits := s.Stats().CacheHits; cache != (hits > 0) {
+				t.Fatalf("%d DRAM-tier hits with the cache %v", hits, cache)
 			}
 		})
 	}

@@ -183,7 +183,7 @@ func (s *Store) indexChainJob(b *lsm.Batch, j *writeJob, syncErr error, stored, 
 			if s.cache != nil && s.cache.limit > 0 {
 				for _, sl := range j.chunk.Slices {
 					l := int(sl.Layer)
-					s.cache.add(sliceKey{gkey: e.key, group: j.group, layer: sl.Layer, tokens: uint16(j.tokens)}, j.slab[j.layerOff[l]:j.layerOff[l]+int(sl.Raw)])
+					s.cache.add(sliceKey{gkey: e.key, at: recordAt(j.seg.id, j.off), group: j.group, layer: sl.Layer, tokens: uint16(j.tokens)}, j.slab[j.layerOff[l]:j.layerOff[l]+int(sl.Raw)])
 				}
 			}
 		}
@@ -239,9 +239,15 @@ func (it *fetchItem) cacheKey(gen uint64) sliceKey {
 	k := sliceKey{gen: gen, group: it.group, layer: it.sl.Layer, tokens: it.ch.Tokens}
 	if it.src != nil {
 		k.gen, k.gkey = it.src.gen, it.src.key
+		if it.src.gen == 0 {
+			k.at = recordAt(it.ch.Segment, it.ch.Offset)
+		}
 	}
 	return k
 }
+
+// recordAt names a record's place for the DRAM tier.
+func recordAt(seg uint32, off uint64) uint64 { return uint64(seg)<<40 | off/BlockBytes }
 
 // liveGroupRecord reports whether the group record h at (segment id, off)
 // is the one its entry points at, and its GC move.
