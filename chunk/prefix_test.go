@@ -601,3 +601,54 @@ func TestPrefixGCMovesGroups(t *testing.T) {
 	defer s.Close()
 	check(s)
 }
+
+// TestPrefixDedupAtHandOff: two writers of the same new prompt, both
+// created before either wrote (so neither found it stored), write each
+// group once between them: the second hands over groups whose keys are
+// stored or in flight, and references them.
+func TestPrefixDedupAtHandOff(t *testing.T) {
+	for _, backend := range backends {
+		t.Run(backend, func(t *testing.T) {
+			e := newEnv(t, backend, nil)
+			s := e.open()
+			defer s.Close()
+			ct := s.ChunkTokens()
+			ident := testIdentity("m1")
+			tok := promptTokens(3, 4*ct+2)
+			var ws []*Writer
+			for _, id := range []string{"x", "y"} {
+				w, stored, err := s.CreateTokens("ns", id, ident, tok, CreateOptions{})
+				if err != nil || stored != 0 {
+					t.Fatalf("CreateTokens %s: stored %d, %v", id, stored, err)
+				}
+				ws = append(ws, w)
+			}
+			for l, p := range ident.Plan {
+				for _, w := range ws { // interleaved: x's layer, then y's
+					if p.Kind != LayerNone {
+						if err := w.AppendLayer(l, prefixLayer(tok, l, 0, len(tok), int(p.RowBytes))); err != nil {
+							t.Fatal(err)
+						}
+					}
+				}
+			}
+			for _, w := range ws {
+				if err := w.Close(); err != nil {
+					t.Fatal(err)
+				}
+			}
+			if st := s.Stats(); st.GroupsWritten != 4 || st.GroupsDeduped != 4 || st.Groups != 4 {
+				t.Fatalf("%d groups written, %d deduped, %d stored; want 4, 4, 4", st.GroupsWritten, st.GroupsDeduped, st.Groups)
+			}
+			verifyName(t, s, "ns", "x", ident, tok, len(tok))
+			verifyName(t, s, "ns", "y", ident, tok, len(tok))
+			if err := s.Delete("ns", "x"); err != nil {
+				t.Fatal(err)
+			}
+			verifyName(t, s, "ns", "y", ident, tok, len(tok))
+			if r := s.Check(nil); !r.OK() {
+				t.Fatalf("fsck: %v", r.Errors)
+			}
+		})
+	}
+}
