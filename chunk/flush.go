@@ -15,6 +15,7 @@ const (
 	opGC                    // compact segments
 	opDamage                // mark a context damaged
 	opEvict                 // evict one context (EvictOne)
+	opMove                  // switch a sealed segment to a provider (MoveSegment)
 	opClose                 // stop
 )
 
@@ -28,6 +29,7 @@ type op struct {
 	layerOff   []int
 	owned      bool   // the slab returns to staging after the write
 	wseq       uint64 // opWrite: the writer's number (ctxState.writerSeq)
+	loc        string // opMove: the provider (its segment id in group)
 	done       chan error
 	gcDone     chan GCResult
 	settled    chan struct{} // Options.Synchronous: closed once the flusher is done with the op
@@ -348,5 +350,7 @@ func (f *flusher) control(o op) {
 	case opEvict:
 		f.evictOne()
 		o.done <- nil
+	case opMove:
+		o.done <- s.moveSegment(o.group, o.loc)
 	}
 }
