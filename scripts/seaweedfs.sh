@@ -28,8 +28,8 @@ trap 'chmod -R u+w "$WORK" 2>/dev/null; rm -rf "$WORK"' EXIT
 cp -r "$SRC/." "$WORK/"
 chmod -R u+w "$WORK"
 echo "seaweedfs.sh: building weed from $SRC (5-7 minutes on 2 cores)" >&2
-(cd "$WORK" && go build -o weed ./weed)
+(cd "$WORK" && go build -o "$WORK/weed.bin" ./weed)
 mkdir -p "$(dirname "$BIN")"
-mv "$WORK/weed" "$BIN.tmp"
+mv "$WORK/weed.bin" "$BIN.tmp"
 mv "$BIN.tmp" "$BIN"
 echo "$BIN"
