@@ -209,6 +209,10 @@ func (c *Client) reqCtx(ctx context.Context) (context.Context, context.CancelFun
 // ErrNotFound is wrapped by errors about an object that does not exist.
 var ErrNotFound = errors.New("remote: object not found")
 
+// ErrUnavailable is wrapped by the errors of a request the object store
+// failed: down, erroring, slow past the timeout, a reply cut short.
+var ErrUnavailable = errors.New("remote: object store unavailable")
+
 func wrapErr(op, key string, err error) error {
 	if err == nil {
 		return nil
@@ -217,7 +221,10 @@ func wrapErr(op, key string, err error) error {
 	if errors.As(err, &er) && (er.Code == "NoSuchKey" || er.StatusCode == http.StatusNotFound) {
 		return fmt.Errorf("%w: %s %s", ErrNotFound, op, key)
 	}
-	return fmt.Errorf("remote: %s %s: %w", op, key, err)
+	// Not %w: a transport error can wrap io.ErrUnexpectedEOF, which the
+	// store reads as bytes past a segment's end (damage), and an outage
+	// must never damage a context.
+	return fmt.Errorf("%w: %s %s: %v", ErrUnavailable, op, key, err)
 }
 
 // stat returns an object's size and modification time.
@@ -250,7 +257,10 @@ func (c *Client) getRange(ctx context.Context, key string, p []byte, off int64) 
 	c.stats.getBytes.Add(int64(n))
 	if err != nil {
 		c.stats.getErrs.Add(1)
-		return fmt.Errorf("remote: get %s [%d, %d): %d bytes arrived: %w", key, off, off+int64(len(p)), n, err)
+		// Not %w: a body cut short is a transport failure (retry, fall
+		// back), not bytes that fail their checks (io.ErrUnexpectedEOF
+		// would read as a record past the segment's end: damage).
+		return fmt.Errorf("%w: get %s [%d, %d): %d bytes arrived: %v", ErrUnavailable, key, off, off+int64(len(p)), n, err)
 	}
 	return nil
 }
