@@ -15,12 +15,12 @@ import (
 	"github.com/hcache/hcache/chunk"
 	"github.com/hcache/hcache/chunk/remote"
 	"github.com/hcache/hcache/daemon"
-	"github.com/hcache/hcache/internal/s3test"
+	"github.com/hcache/hcache/internal/objstore"
 )
 
 // startNode runs a daemon whose store has the remote tier of store id node
 // in the server's bucket, publishing synchronously.
-func startNode(t *testing.T, srv *s3test.Server, node string) (*env, string) {
+func startNode(t *testing.T, srv *objstore.TestServer, node string) (*env, string) {
 	t.Helper()
 	c, err := remote.New(remote.Config{Endpoint: srv.Endpoint, Bucket: "fleet", StoreID: node, AccessKey: "k", SecretKey: "s", Timeout: 5 * time.Second})
 	if err != nil {
@@ -65,7 +65,7 @@ func startNode(t *testing.T, srv *s3test.Server, node string) (*env, string) {
 // restores on A, which takes the newer copy over its own older one; the
 // metrics count the remote hits.
 func TestRemoteTwoNodes(t *testing.T) {
-	srv := s3test.Start(t)
+	srv := objstore.Start(t)
 	a, aMetrics := startNode(t, srv, "node-a")
 	b, _ := startNode(t, srv, "node-b")
 	ca, cb := a.dial(), b.dial()

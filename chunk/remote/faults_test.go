@@ -12,7 +12,7 @@ import (
 
 	"github.com/hcache/hcache/chunk"
 	"github.com/hcache/hcache/internal/faultproxy"
-	"github.com/hcache/hcache/internal/s3test"
+	"github.com/hcache/hcache/internal/objstore"
 	"github.com/hcache/hcache/internal/testseed"
 )
 
@@ -23,7 +23,7 @@ import (
 // fail and resume when the store is back; restores of moved segments fail
 // without marking the context damaged and succeed after.
 func TestFaults(t *testing.T) {
-	srv := s3test.Start(t)
+	srv := objstore.Start(t)
 	rng := rand.New(rand.NewSource(testseed.Seed(t)))
 	ident := testIdentity()
 	ctx := context.Background()
@@ -146,7 +146,7 @@ func TestFaults(t *testing.T) {
 // returned (acknowledged) restores bit-exact afterwards, nothing wrong is
 // served during the outage, and node A's local restores never stop.
 func TestStoreRestart(t *testing.T) {
-	srv := s3test.Start(t)
+	srv := objstore.Start(t)
 	seed := testseed.Seed(t)
 	ident := testIdentity()
 	ctx := context.Background()

@@ -9,7 +9,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/hcache/hcache/internal/s3test"
+	"github.com/hcache/hcache/internal/objstore"
 	"github.com/hcache/hcache/internal/testseed"
 )
 
@@ -19,7 +19,7 @@ import (
 // object gc removed gets ErrNotFound (a miss), never other bytes. The
 // read-only check passes on a clean bucket and names a damaged object.
 func TestGCAndCheck(t *testing.T) {
-	srv := s3test.Start(t)
+	srv := objstore.Start(t)
 	rng := rand.New(rand.NewSource(testseed.Seed(t)))
 	ident := testIdentity()
 	ctx := context.Background()

@@ -13,7 +13,7 @@ import (
 
 	"github.com/hcache/hcache/chunk"
 	"github.com/hcache/hcache/chunk/format"
-	"github.com/hcache/hcache/internal/s3test"
+	"github.com/hcache/hcache/internal/objstore"
 	"github.com/hcache/hcache/internal/testseed"
 )
 
@@ -115,7 +115,7 @@ func newClient(t testing.TB, endpoint, store string, mut ...func(*Config)) *Clie
 // tier); a third node restores it through RestoreByName straight from the
 // bucket; a node holding fewer tokens takes the newer copy.
 func TestByName(t *testing.T) {
-	srv := s3test.Start(t)
+	srv := objstore.Start(t)
 	rng := rand.New(rand.NewSource(testseed.Seed(t)))
 	ident := testIdentity()
 	ctx := context.Background()
@@ -184,7 +184,7 @@ func TestByName(t *testing.T) {
 // (ErrCorrupt naming what failed), no layer of a failed import is handed
 // over unverified, and a failed import leaves no local context.
 func TestByNameCorrupt(t *testing.T) {
-	srv := s3test.Start(t)
+	srv := objstore.Start(t)
 	rng := rand.New(rand.NewSource(testseed.Seed(t)))
 	ident := testIdentity()
 	ctx := context.Background()
@@ -273,7 +273,7 @@ func TestByNameCorrupt(t *testing.T) {
 // context restores bit-exact from them, across a reopen, and fsck (with
 // the provider) passes. Two stores in one bucket do not collide.
 func TestTierWriteBack(t *testing.T) {
-	srv := s3test.Start(t)
+	srv := objstore.Start(t)
 	rng := rand.New(rand.NewSource(testseed.Seed(t)))
 	ident := testIdentity()
 	for _, node := range []string{"node-a", "node-b"} {

@@ -1,6 +1,6 @@
 // Package objstore runs a real S3-compatible object store on loopback:
 // SeaweedFS's `weed server` on free ports in a directory of the caller's.
-// Tests (through internal/s3test) and `hcache bench fleet` use it.
+// Tests (Start) and `hcache bench fleet` (Launch) use it.
 //
 // The binary comes from HCACHE_WEED, else `weed` on PATH, else the cache
 // directory scripts/seaweedfs.sh builds into.
