@@ -22,6 +22,10 @@ type Faults struct {
 	// CutAfter closes a connection once this many bytes went from the
 	// server to the client on it (0: never): a reply truncated mid-body.
 	CutAfter int64
+	// CutRequestAfter closes a connection once this many bytes went from
+	// the client to the server on it (0: never): an upload cut mid-body,
+	// as when its node is killed.
+	CutRequestAfter int64
 }
 
 // Proxy forwards connections on a loopback port to a target.
@@ -70,7 +74,7 @@ func (p *Proxy) CutAll() {
 	}
 }
 
-// Cuts counts the connections closed by CutAfter.
+// Cuts counts the connections closed by CutAfter or CutRequestAfter.
 func (p *Proxy) Cuts() int64 {
 	p.mu.Lock()
 	defer p.mu.Unlock()
@@ -145,7 +149,8 @@ func (p *Proxy) serve(c net.Conn) {
 	<-done
 }
 
-// pipe copies src to dst; fromServer counts bytes toward CutAfter.
+// pipe copies src to dst, counting bytes toward CutAfter (fromServer) or
+// CutRequestAfter.
 func (p *Proxy) pipe(dst, src net.Conn, fromServer bool) {
 	buf := make([]byte, 32<<10)
 	var sent int64
@@ -161,8 +166,12 @@ func (p *Proxy) pipe(dst, src net.Conn, fromServer bool) {
 			}
 			chunk := buf[:n]
 			cut := false
-			if fromServer && f.CutAfter > 0 && sent+int64(n) >= f.CutAfter {
-				chunk, cut = buf[:max(f.CutAfter-sent, 0)], true
+			limit := f.CutRequestAfter
+			if fromServer {
+				limit = f.CutAfter
+			}
+			if limit > 0 && sent+int64(n) >= limit {
+				chunk, cut = buf[:max(limit-sent, 0)], true
 			}
 			if _, werr := dst.Write(chunk); werr != nil {
 				return

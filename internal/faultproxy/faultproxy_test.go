@@ -83,6 +83,12 @@ func TestFaults(t *testing.T) {
 			}
 			return ""
 		}},
+		{"cut request", Faults{CutRequestAfter: 1}, func(b []byte, err error) string {
+			if len(b) != 0 {
+				return "want nothing: the request was cut"
+			}
+			return ""
+		}},
 		{"drop", Faults{Drop: true}, func(b []byte, err error) string {
 			if len(b) != 0 {
 				return "want nothing"
@@ -109,7 +115,7 @@ func TestFaults(t *testing.T) {
 			t.Fatalf("%s: got %d bytes, err %v: %s", tc.name, len(b), err, msg)
 		}
 	}
-	if p.Cuts() != 1 {
-		t.Fatalf("cuts %d, want 1", p.Cuts())
+	if p.Cuts() != 2 {
+		t.Fatalf("cuts %d, want 2", p.Cuts())
 	}
 }
