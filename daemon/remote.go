@@ -3,6 +3,7 @@ package daemon
 import (
 	"context"
 	"errors"
+	"sync/atomic"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -34,7 +35,13 @@ type RemoteConfig struct {
 	NoPublish bool
 }
 
+// remoteBackoff is how long after a failed request to the object store
+// the daemon stops asking it on restores and appends (serving what the
+// local store holds at once, rather than waiting on a store that is down).
+const remoteBackoff = 5 * time.Second
+
 type remoteMetrics struct {
+	failedAt atomic.Int64 // unix nanos of the last failed lookup
 	imports  *prometheus.CounterVec
 	publish  *prometheus.CounterVec
 	seconds  *prometheus.HistogramVec
@@ -44,7 +51,7 @@ type remoteMetrics struct {
 func (m *metrics) addRemote(rc *RemoteConfig) *remoteMetrics {
 	r := &remoteMetrics{
 		imports: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "hcache_remote_lookups_total",
-			Help: "Restores and appends that asked the bucket: remote_hit (imported), local_current (the local copy is as new), miss (no manifest), error (the object store failed; local served)."}, []string{"result"}),
+			Help: "Restores and appends that asked the bucket: remote_hit (imported), local_current (the local copy is as new), miss (no manifest), error (the object store failed; local served), skipped (within 5 s of an error: local served without asking)."}, []string{"result"}),
 		publish: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "hcache_remote_publishes_total",
 			Help: "Publishes of closed contexts to the bucket by result (ok, error)."}, []string{"result"}),
 		seconds: prometheus.NewHistogramVec(prometheus.HistogramOpts{Name: "hcache_remote_seconds",
@@ -85,6 +92,10 @@ func (s *Server) remoteRefresh(ctx context.Context, ns, id string) {
 	if open { // this node is writing it: its copy is the newest
 		return
 	}
+	if at := s.remote.failedAt.Load(); at != 0 && time.Since(time.Unix(0, at)) < remoteBackoff {
+		s.remote.imports.WithLabelValues("skipped").Inc()
+		return
+	}
 	t0 := time.Now()
 	_, err := rc.Client.Import(ctx, s.store, ns, id)
 	s.remote.seconds.WithLabelValues("import").Observe(time.Since(t0).Seconds())
@@ -97,6 +108,9 @@ func (s *Server) remoteRefresh(ctx context.Context, ns, id string) {
 	case errors.Is(err, remote.ErrNotFound):
 		s.remote.imports.WithLabelValues("miss").Inc()
 	default:
+		if errors.Is(err, remote.ErrUnavailable) {
+			s.remote.failedAt.Store(time.Now().UnixNano())
+		}
 		s.remote.imports.WithLabelValues("error").Inc()
 		s.log.Warn("remote tier: import failed; serving what the local store holds", "ns", ns, "id", id, "err", err)
 	}

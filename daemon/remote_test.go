@@ -12,6 +12,8 @@ import (
 	"testing"
 	"time"
 
+	"google.golang.org/grpc/codes"
+
 	"github.com/hcache/hcache/chunk"
 	"github.com/hcache/hcache/chunk/remote"
 	"github.com/hcache/hcache/daemon"
@@ -100,6 +102,14 @@ func TestRemoteTwoNodes(t *testing.T) {
 	if !strings.Contains(string(body), `hcache_remote_lookups_total{result="remote_hit"} 1`) {
 		t.Fatalf("metrics lack one remote hit on node A:\n%s", grepLines(string(body), "hcache_remote"))
 	}
+	// The object store down: local service goes on (saves, restores);
+	// what only the bucket held is a miss.
+	srv.Kill()
+	save(t, ca, "chat", "conv-2", 40) // its publish fails, logged; the close succeeds
+	check(t, ca, "chat", "conv-2", 40)
+	check(t, ca, "chat", "conv-1", 150)
+	_, err = cb.Restore(ctx, "chat", "conv-2", ident, func(int, []byte) error { return nil })
+	wantCode(t, "restore on B of a context only A holds, store down", err, codes.NotFound)
 }
 
 func grepLines(s, sub string) string {
