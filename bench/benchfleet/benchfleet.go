@@ -50,7 +50,9 @@ type Options struct {
 	ThroughputTokens int `json:"throughput_tokens"`
 	// Parallel and RangeBytes are the remote client's GETs in flight per
 	// layer and their size.
-	Parallel   int       `json:"parallel"`
+	Parallel int `json:"parallel"`
+	// FetchAhead is the layers a remote read keeps in flight (default 4).
+	FetchAhead int       `json:"fetch_ahead"`
 	RangeBytes int64     `json:"range_bytes"`
 	Hcached    string    `json:"-"`
 	Weed       string    `json:"-"`
@@ -117,6 +119,7 @@ func (o *Options) fill() error {
 	def(&o.Layers, 4)
 	def(&o.RowBytes, 4096)
 	def(&o.Parallel, 8)
+	def(&o.FetchAhead, 4)
 	if o.RangeBytes == 0 {
 		o.RangeBytes = 8 << 20
 	}
@@ -482,7 +485,7 @@ func throughput(o Options, dir, endpoint string) (*Throughput, error) {
 	for _, l := range m.Layers {
 		total += int64(l.Bytes)
 	}
-	const ahead = 4
+	ahead := o.FetchAhead
 	t := &Throughput{Model: "llama2-7b", Tokens: o.ThroughputTokens, ObjectBytes: int64(m.ObjectBytes), LayerBytes: layerBytes,
 		FetchInFlight: ahead * o.Parallel, Runs: 3}
 	for range t.Runs {

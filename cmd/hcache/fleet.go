@@ -28,6 +28,7 @@ func benchFleet(args []string, stdout, stderr io.Writer) error {
 	fs.Int64Var(&o.Seed, "seed", 1, "seed of the conversations and the routing")
 	fs.IntVar(&o.ThroughputTokens, "throughput-tokens", 1024, "tokens of the Llama2-7B-shaped context of the remote read measurement (0: skip)")
 	fs.IntVar(&o.Parallel, "parallel", 8, "ranged GETs in flight per layer")
+	fs.IntVar(&o.FetchAhead, "fetch-ahead", 4, "layers a remote read keeps in flight")
 	fs.Int64Var(&o.RangeBytes, "range-bytes", 8<<20, "bytes per ranged GET")
 	fs.StringVar(&o.Hcached, "hcached", "", "hcached binary (default: next to this hcache)")
 	fs.StringVar(&o.Weed, "weed", "", "SeaweedFS weed binary (default: $HCACHE_WEED, PATH, scripts/seaweedfs.sh's cache)")
