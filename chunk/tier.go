@@ -17,12 +17,6 @@ import (
 // active one), unknown, being removed, or already held by a provider.
 var ErrNotSealed = errors.New("chunk: not a sealed local segment")
 
-// SizedObject is an ObjectReader whose size needs a request to learn: Stat
-// reports a failure that Size (no error) cannot; fsck uses it.
-type SizedObject interface {
-	Stat() (int64, error)
-}
-
 // sealedReader reads a sealed local segment's written bytes through its
 // vfs.File (never the O_DIRECT descriptor: the caller's buffers are
 // unaligned) and holds a reference, so GC does not delete the file under it.
