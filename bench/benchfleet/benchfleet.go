@@ -51,7 +51,8 @@ type Options struct {
 	// Parallel and RangeBytes are the remote client's GETs in flight per
 	// layer and their size.
 	Parallel int `json:"parallel"`
-	// FetchAhead is the layers a remote read keeps in flight (default 4).
+	// FetchAhead: a remote read holds 2 x FetchAhead layers (default 4);
+	// its GETs in flight are 4 x Parallel.
 	FetchAhead int       `json:"fetch_ahead"`
 	RangeBytes int64     `json:"range_bytes"`
 	Hcached    string    `json:"-"`
@@ -487,7 +488,7 @@ func throughput(o Options, dir, endpoint string) (*Throughput, error) {
 	}
 	ahead := o.FetchAhead
 	t := &Throughput{Model: "llama2-7b", Tokens: o.ThroughputTokens, ObjectBytes: int64(m.ObjectBytes), LayerBytes: layerBytes,
-		FetchInFlight: ahead * o.Parallel, Runs: 3}
+		FetchInFlight: 4 * o.Parallel, Runs: 3}
 	for range t.Runs {
 		t0 := time.Now()
 		if err := c.Fetch(ctx, m, ahead, func(int, []byte) error { return nil }); err != nil {
@@ -495,7 +496,7 @@ func throughput(o Options, dir, endpoint string) (*Throughput, error) {
 		}
 		t.FetchGBps = max(t.FetchGBps, float64(total)/time.Since(t0).Seconds()/1e9)
 		// The store's limit: the best of several concurrencies.
-		for _, inFlight := range []int{o.Parallel, ahead * o.Parallel, 4 * ahead * o.Parallel} {
+		for _, inFlight := range []int{o.Parallel, 4 * o.Parallel, 16 * o.Parallel} {
 			g, err := rawGETs(endpoint, m, o.RangeBytes, inFlight)
 			if err != nil {
 				return nil, err

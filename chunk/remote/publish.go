@@ -7,6 +7,8 @@ import (
 	"fmt"
 	"hash/crc32"
 	"io"
+	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/hcache/hcache/chunk"
@@ -131,12 +133,15 @@ func (c *Client) Lookup(ctx context.Context, ns, id string) (*Manifest, error) {
 
 // Fetch reads the layers of m's context object and hands each to fn, in
 // layer order, once its checksum passed (rows valid during the call only).
-// Up to ahead layers are read at once (each split into ranged GETs of
-// Config.RangeBytes, Parallel in flight); 0 means 4. A failure stops it:
-// fn has then seen only verified layers, never the failed one.
+// Up to 2 x ahead layers are held in memory (0: as many as fit in
+// 128 MiB, 1 to 4) and their ranged GETs (Config.RangeBytes each) go out in
+// layer order through one window of 4 x Config.Parallel GETs in flight, so
+// a slow range of one layer does not idle the connections while it
+// finishes. A failure stops it: fn has then seen only verified layers,
+// never the failed one.
 func (c *Client) Fetch(ctx context.Context, m *Manifest, ahead int, fn func(layer int, rows []byte) error) error {
-	if ahead <= 0 {
-		ahead = 4
+	if ahead <= 0 && len(m.Layers) > 0 {
+		ahead = int(min(4, max(1, (64<<20)/max(1, m.Layers[0].Bytes))))
 	}
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
@@ -144,51 +149,97 @@ func (c *Client) Fetch(ctx context.Context, m *Manifest, ahead int, fn func(laye
 		buf []byte
 		err error
 	}
+	type layerRead struct {
+		buf  []byte
+		left atomic.Int64
+		mu   sync.Mutex
+		err  error
+		out  chan res
+	}
+	rb := int(c.cfg.RangeBytes)
+	nr := 0
+	for _, l := range m.Layers {
+		nr += max(1, (int(l.Bytes)+rb-1)/rb)
+	}
+	type job struct {
+		lr  *layerRead
+		li  int
+		p   []byte
+		off int64
+	}
+	jobs := make(chan job, nr)
+	var wg sync.WaitGroup
+	defer func() {
+		close(jobs)
+		cancel()
+		wg.Wait()
+	}()
+	for range 4 * c.cfg.Parallel {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for j := range jobs {
+				err := ctx.Err()
+				if err == nil {
+					err = c.getRange(ctx, m.Object, j.p, j.off)
+				}
+				lr := j.lr
+				if err != nil {
+					lr.mu.Lock()
+					if lr.err == nil {
+						lr.err = err
+					}
+					lr.mu.Unlock()
+				}
+				if lr.left.Add(-1) != 0 {
+					continue
+				}
+				lr.mu.Lock()
+				err = lr.err
+				lr.mu.Unlock()
+				l := m.Layers[j.li]
+				if err == nil {
+					if got := crc32.Update(format.SliceSeed(m.Binding, wholeGroup, l.Layer), format.Castagnoli, lr.buf); got != l.CRC {
+						err = fmt.Errorf("%w: %s/%s layer %d from %s: checksum mismatch", format.ErrCorrupt, m.Namespace, m.ID, l.Layer, m.Object)
+					}
+				}
+				lr.out <- res{lr.buf, err}
+			}
+		}()
+	}
 	slots := make([]chan res, len(m.Layers))
-	free := make(chan []byte, ahead)
+	var free [][]byte
 	start := func(i int) {
 		l := m.Layers[i]
-		slots[i] = make(chan res, 1)
 		var buf []byte
-		select {
-		case buf = <-free:
-		default:
+		if n := len(free); n > 0 {
+			buf, free = free[n-1], free[:n-1]
 		}
 		if uint64(cap(buf)) < l.Bytes {
 			buf = make([]byte, l.Bytes)
 		}
 		buf = buf[:l.Bytes]
-		go func() {
-			err := c.readRanges(ctx, m.Object, buf, int64(l.Off))
-			if err == nil {
-				if got := crc32.Update(format.SliceSeed(m.Binding, wholeGroup, l.Layer), format.Castagnoli, buf); got != l.CRC {
-					err = fmt.Errorf("%w: %s/%s layer %d from %s: checksum mismatch", format.ErrCorrupt, m.Namespace, m.ID, l.Layer, m.Object)
-				}
-			}
-			slots[i] <- res{buf, err}
-		}()
+		lr := &layerRead{buf: buf, out: make(chan res, 1)}
+		slots[i] = lr.out
+		n := max(1, (len(buf)+rb-1)/rb)
+		lr.left.Store(int64(n))
+		for k := range n {
+			jobs <- job{lr: lr, li: i, p: buf[k*rb : min((k+1)*rb, len(buf))], off: int64(l.Off) + int64(k*rb)}
+		}
 	}
 	next := 0
-	for ; next < min(ahead, len(m.Layers)); next++ {
+	for ; next < min(2*ahead, len(m.Layers)); next++ {
 		start(next)
 	}
 	for i := range m.Layers {
 		r := <-slots[i]
 		if r.err != nil {
-			cancel()
-			for j := i + 1; j < next; j++ {
-				<-slots[j]
-			}
 			return r.err
 		}
 		if err := fn(int(m.Layers[i].Layer), r.buf); err != nil {
-			cancel()
-			for j := i + 1; j < next; j++ {
-				<-slots[j]
-			}
 			return err
 		}
-		free <- r.buf
+		free = append(free, r.buf)
 		if next < len(m.Layers) {
 			start(next)
 			next++
