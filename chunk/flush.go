@@ -29,10 +29,10 @@ type op struct {
 	layerOff   []int
 	owned      bool   // the slab returns to staging after the write
 	wseq       uint64 // opWrite: the writer's number (ctxState.writerSeq)
-	loc        string // opMove: the provider (its segment id in group)
 	done       chan error
 	gcDone     chan GCResult
 	settled    chan struct{} // Options.Synchronous: closed once the flusher is done with the op
+	loc        string        // opMove: the provider (its segment id in group)
 }
 
 // writeJob is a group write in flight or awaiting its commit.
