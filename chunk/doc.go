@@ -36,6 +36,7 @@
 //	alloc.go     segment allocation, the append point, disk-full handling
 //	segment.go   segment files and their reads and writes
 //	object.go    the object seam: sealed segments other providers hold
+//	tier.go      the hooks of a tier under the store: OpenSealedSegment, MoveSegment
 //	format.go    aliases of package chunk/format, the on-disk encodings
 //	tombstone.go Delete: tombstone records, roll-forward
 //	evict.go     eviction under CapacityBytes

@@ -142,7 +142,9 @@ func (s *Store) removeSegment(sg *segFile) {
 	if err := s.fs.Remove(sg.name); err != nil {
 		s.opts.Logf("chunk: remove segment %s: %v", sg.name, err)
 	}
-	delete(s.segs, sg.id)
+	if s.segs[sg.id] == sg { // not replaced by its object (MoveSegment)
+		delete(s.segs, sg.id)
+	}
 }
 
 // fetchItem is one slice to bring into dst (len(dst) = raw bytes).

@@ -15,6 +15,7 @@ const (
 	opGC                    // compact segments
 	opDamage                // mark a context damaged
 	opEvict                 // evict one context (EvictOne)
+	opMove                  // switch a sealed segment to a provider (MoveSegment)
 	opClose                 // stop
 )
 
@@ -32,6 +33,7 @@ type op struct {
 	done       chan error
 	gcDone     chan GCResult
 	settled    chan struct{} // Options.Synchronous: closed once the flusher is done with the op
+	loc        string        // opMove: the provider (its segment id in group)
 }
 
 // writeJob is a group write in flight or awaiting its commit.
@@ -364,5 +366,7 @@ func (f *flusher) control(o op) {
 	case opEvict:
 		f.evictOne()
 		o.done <- nil
+	case opMove:
+		o.done <- s.moveSegment(o.group, o.loc)
 	}
 }

@@ -34,6 +34,13 @@ type ObjectReader interface {
 	Close() error
 }
 
+// SizedObject is an ObjectReader whose size takes a request to learn (a
+// remote object): Stat reports the failure that Size cannot; fsck and
+// MoveSegment use it.
+type SizedObject interface {
+	Stat() (int64, error)
+}
+
 // errNotLocal is returned by the operations a segment held by another
 // provider does not support (it is sealed: nothing appends to it).
 var errNotLocal = errors.New("chunk: the segment is held by an object provider, not a local file")

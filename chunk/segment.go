@@ -277,6 +277,9 @@ func (s *segFile) close() error {
 // size returns the file's current size.
 func (s *segFile) size() (int64, error) {
 	if s.obj != nil {
+		if so, ok := s.obj.(SizedObject); ok {
+			return so.Stat()
+		}
 		return s.obj.Size(), nil
 	}
 	st, err := s.f.Stat()

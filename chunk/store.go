@@ -183,6 +183,7 @@ type SegmentInfo struct {
 	Written, Live uint64
 	Sealed        bool
 	Active        bool
+	Location      string // the provider holding it; "" for a local file
 }
 
 // Segments lists the segments by id.
@@ -191,7 +192,7 @@ func (s *Store) Segments() []SegmentInfo {
 	defer s.mu.Unlock()
 	var out []SegmentInfo
 	for id, r := range s.segRecs {
-		out = append(out, SegmentInfo{ID: id, Written: r.Written, Live: r.Live, Sealed: r.Sealed, Active: s.active != nil && s.active.id == id})
+		out = append(out, SegmentInfo{ID: id, Written: r.Written, Live: r.Live, Sealed: r.Sealed, Active: s.active != nil && s.active.id == id, Location: r.Location})
 	}
 	sort.Slice(out, func(i, j int) bool { return out[i].ID < out[j].ID })
 	return out

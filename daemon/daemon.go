@@ -100,6 +100,8 @@ type Config struct {
 	Logger              *slog.Logger
 	// Models are what Restore with project set can project with.
 	Models []*Model
+	// Remote, if set, is the shared tier on object storage (remote.go).
+	Remote *RemoteConfig
 }
 
 func (c *Config) fill() error {
@@ -164,6 +166,7 @@ type Server struct {
 	shmLn   net.Listener
 	httpSrv *http.Server
 	metrics *metrics
+	remote  *remoteMetrics
 	regions regions
 
 	shmMu    sync.Mutex
@@ -224,6 +227,12 @@ func New(cfg Config) (*Server, error) {
 		s.ctxTotal++
 	}
 	s.metrics = newMetrics(s)
+	if c := s.cfg.Remote; c != nil {
+		if c.PublishTimeout <= 0 {
+			c.PublishTimeout = time.Minute
+		}
+		s.remote = s.metrics.addRemote(c)
+	}
 	creds := peerCreds{s: s}
 	if cfg.TLSCertFile != "" || cfg.TLSKeyFile != "" {
 		tc, err := credentials.NewServerTLSFromFile(cfg.TLSCertFile, cfg.TLSKeyFile)

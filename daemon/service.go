@@ -211,6 +211,7 @@ func (s *Server) OpenContext(ctx context.Context, req *hcachev1.OpenContextReque
 		w, err = s.store.Create(ns, id, ident, chunk.CreateOptions{Pinned: req.GetPinned()})
 		done(err == nil)
 	case hcachev1.OpenMode_APPEND:
+		s.remoteRefresh(ctx, ns, id)
 		w, err = s.store.Append(ns, id, ident)
 	default:
 		return nil, status.Errorf(codes.InvalidArgument, "mode %v: want CREATE or APPEND", req.GetMode())
@@ -459,6 +460,7 @@ func (s *Server) CloseContext(ctx context.Context, req *hcachev1.CloseContextReq
 		}
 		return &hcachev1.FlushReply{Tokens: info.Tokens}, nil
 	}
+	s.remotePublish(ns, id)
 	return &hcachev1.FlushReply{Tokens: uint64(tokens)}, nil
 }
 
@@ -480,6 +482,7 @@ func (s *Server) Restore(req *hcachev1.RestoreRequest, stream grpc.ServerStreami
 	if err != nil {
 		return err
 	}
+	s.remoteRefresh(ctx, ns, id)
 	var dst []byte
 	var dstOff uint64
 	releaseRegion := func() {}

@@ -17,6 +17,7 @@ import (
 
 	"github.com/hcache/hcache/bench/benchdaemon"
 	"github.com/hcache/hcache/chunk"
+	"github.com/hcache/hcache/chunk/remote"
 	hc "github.com/hcache/hcache/clients/hcacheclient"
 	hcachev1 "github.com/hcache/hcache/proto/hcache/v1"
 )
@@ -43,6 +44,7 @@ type target struct {
 	addr, dir, tokenFile, tlsCA string
 	asJSON                      bool
 	ns, id                      string // for commands on one context
+	remote                      *remote.Flags
 }
 
 // targetFlags is the flag set of a command that works on a target: --addr,
@@ -62,6 +64,7 @@ func newTargetFlags(name string, stderr io.Writer) *targetFlags {
 	f.StringVar(&f.t.tokenFile, "token-file", "", "file holding a bearer token (default: $HCACHE_TOKEN)")
 	f.StringVar(&f.t.tlsCA, "tls-ca", "", "PEM certificates that verify a TCP daemon's TLS certificate (then TLS is used)")
 	f.BoolVar(&f.t.asJSON, "json", false, "print JSON")
+	f.t.remote = remote.RegisterFlags(f.FlagSet)
 	return f
 }
 
@@ -131,7 +134,23 @@ func (t *target) open(stderr io.Writer, readOnly bool) (*chunk.Store, error) {
 	if _, err := os.Stat(t.dir); err != nil {
 		return nil, fmt.Errorf("store directory: %w", err)
 	}
-	st, err := chunk.Open(chunk.Options{Dir: t.dir, ReadOnly: readOnly, MustExist: true, GCInterval: -1, Logf: func(f string, a ...any) { fmt.Fprintf(stderr, f+"\n", a...) }})
+	// A store whose segments the remote tier holds opens with its provider
+	// (--remote-*); reads through it write nothing to the bucket.
+	var providers []chunk.ObjectProvider
+	if t.remote != nil {
+		rc, err := t.remote.Config()
+		if err != nil {
+			return nil, err
+		}
+		if rc != nil {
+			c, err := remote.New(*rc)
+			if err != nil {
+				return nil, err
+			}
+			providers = []chunk.ObjectProvider{c.Provider()}
+		}
+	}
+	st, err := chunk.Open(chunk.Options{Dir: t.dir, ReadOnly: readOnly, MustExist: true, GCInterval: -1, Providers: providers, Logf: func(f string, a ...any) { fmt.Fprintf(stderr, f+"\n", a...) }})
 	switch {
 	case errors.Is(err, chunk.ErrNotStore):
 		return nil, fmt.Errorf("%w (hcached --dir, hcache demo --dir or the library create a store; this command only opens one)", err)

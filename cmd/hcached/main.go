@@ -11,6 +11,7 @@
 package main
 
 import (
+	"context"
 	"errors"
 	"flag"
 	"fmt"
@@ -25,6 +26,7 @@ import (
 	"time"
 
 	"github.com/hcache/hcache/chunk"
+	"github.com/hcache/hcache/chunk/remote"
 	"github.com/hcache/hcache/daemon"
 	_ "github.com/hcache/hcache/gpu/cuda" // registers --backend cuda with gpu.Select
 	"github.com/hcache/hcache/internal/buildinfo"
@@ -110,6 +112,10 @@ func run(args []string) int {
 	restoreAhead := fs.String("restore-ahead", units.FormatSize(chunk.DefaultRestoreAheadBytes), "layer bytes one restore keeps read or in flight (at least two layers; 0: two layers)")
 	idleReadBufs := fs.String("idle-read-buffers", units.FormatSize(chunk.DefaultIdleReadBufferBytes), "restore buffers kept mapped for reuse while idle (0: none)")
 	logLevel := fs.String("log-level", "info", "debug, info, warn or error")
+	remoteFlags := remote.RegisterFlags(fs)
+	remoteLocal := fs.String("remote-local-bytes", "0", "sealed segment bytes kept local once the remote tier holds them; past it the oldest move there (their files deleted; restores read them remotely). 0: keep every local copy; -1: move each right after its upload")
+	remoteQueue := fs.Int("remote-upload-queue", 16, "sealed segments waiting for upload before the scan waits (backpressure)")
+	remotePublish := fs.String("remote-publish", "sync", "publish a context by name when it is closed: sync (the close answers once the manifest is written, or --remote-timeout passed), async, or off (import only)")
 	if err := fs.Parse(args); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
 			return 0
@@ -219,7 +225,31 @@ func run(args []string) int {
 	if strings.TrimSpace(*capacity) != "-1" {
 		capBytes = size("capacity", *capacity)
 	}
-	st, err := chunk.Open(chunk.Options{Dir: *dir, ChunkTokens: *chunkTokens, CapacityBytes: capBytes,
+	rcfg, err := remoteFlags.Config()
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "hcached: %v\n", err)
+		return 2
+	}
+	if *remotePublish != "sync" && *remotePublish != "async" && *remotePublish != "off" {
+		fmt.Fprintf(os.Stderr, "hcached: --remote-publish %q: want sync, async or off\n", *remotePublish)
+		return 2
+	}
+	var rclient *remote.Client
+	var providers []chunk.ObjectProvider
+	if rcfg != nil {
+		if rclient, err = remote.New(*rcfg); err != nil {
+			return fail("%v", err)
+		}
+		providers = []chunk.ObjectProvider{rclient.Provider()}
+		ctx, cancel := context.WithTimeout(context.Background(), rcfg.Timeout)
+		if err := rclient.EnsureBucket(ctx); err != nil {
+			// Not fatal: local service goes on; uploads and imports
+			// retry as the object store comes back.
+			log.Warn("remote tier: bucket not reachable now", "err", err)
+		}
+		cancel()
+	}
+	st, err := chunk.Open(chunk.Options{Dir: *dir, ChunkTokens: *chunkTokens, CapacityBytes: capBytes, Providers: providers,
 		CacheBytes: size("cache", *cacheBytes), StagingBytes: size("staging", *staging),
 		RestoreAheadBytes: orNone(size("restore-ahead", *restoreAhead)), IdleReadBufferBytes: orNone(size("idle-read-buffers", *idleReadBufs)),
 		GCInterval: -1, // the daemon runs GC itself, so that fsck can exclude it
@@ -237,8 +267,19 @@ func run(args []string) int {
 	log.Info("store open", "dir", *dir, "contexts", rec.Contexts, "segments", rec.Segments,
 		"unindexed_records", rec.UnindexedRecords, "orphan_segments", rec.OrphanSegments, "took", rec.Duration.String(), "engine", st.EngineName())
 	cfg.Store = st
+	var tier *remote.Tier
+	if rclient != nil {
+		tier = remote.StartTier(st, rclient, remote.TierOptions{QueueLen: *remoteQueue, LocalBytes: orNone(size("remote-local-bytes", *remoteLocal)),
+			Logf: func(f string, a ...any) { log.Warn(fmt.Sprintf(f, a...), "component", "remote") }})
+		cfg.Remote = &daemon.RemoteConfig{Client: rclient, Tier: tier, PublishSync: *remotePublish == "sync",
+			NoPublish: *remotePublish == "off", PublishTimeout: rcfg.Timeout}
+		log.Info("remote tier", "endpoint", rcfg.Endpoint, "bucket", rcfg.Bucket, "prefix", rcfg.Prefix, "store_id", rcfg.StoreID, "publish", *remotePublish)
+	}
 	s, err := daemon.New(cfg)
 	if err != nil {
+		if tier != nil {
+			tier.Close()
+		}
 		st.Close()
 		return fail("%v", err)
 	}
@@ -264,6 +305,9 @@ func run(args []string) int {
 		code = 1
 	}
 	s.Stop()
+	if tier != nil {
+		tier.Close()
+	}
 	if err := st.Close(); err != nil {
 		log.Error("close store", "err", err)
 		code = 1

@@ -29,14 +29,14 @@ var layers = [][]string{
 	{"model", "lsm"},
 	// 2: the storage engine, and the projection backends' interface.
 	{"chunk", "gpu"},
-	// 3: the CUDA backend, planning, the Go client.
-	{"gpu/cuda", "serve/sched", "clients/hcacheclient"},
+	// 3: the CUDA backend, planning, the Go client, the remote tier.
+	{"gpu/cuda", "serve/sched", "clients/hcacheclient", "chunk/remote"},
 	// 4: serving: restore pipelines over the engine and a backend.
 	{"serve"},
 	// 5: the daemon, the crash harness, benchmarks of one part.
 	{"daemon", "fuzz/crash", "bench/peer", "bench/benchio", "bench/benchstore", "bench/profiler"},
 	// 6: benchmarks that combine parts, and the demo.
-	{"bench/compare", "bench/gpubench", "bench/benchpipe", "bench/benchdaemon", "cmd/hcache/demo"},
+	{"bench/compare", "bench/gpubench", "bench/benchpipe", "bench/benchdaemon", "bench/benchfleet", "cmd/hcache/demo"},
 	// 7: the commands and the fuzz targets.
 	{"cmd/hcache", "cmd/hcached", "fuzz"},
 }
@@ -50,6 +50,7 @@ var engine = []string{module + "/chunk", module + "/lsm", module + "/iouring", "
 // state is (state) must stay usable without it.
 var mayLinkEngine = []string{
 	"chunk", "lsm", "iouring", // the engine itself
+	"chunk/remote", // the engine's remote tier
 	"serve", "daemon", "cmd/...", "bench/...", "fuzz/...",
 }
 

@@ -1,0 +1,49 @@
+// Package remote is hcache's shared tier on S3-compatible object storage
+// (AWS S3, MinIO, Ceph RGW, SeaweedFS, ...), through minio-go. It imports
+// chunk; chunk does not import it. Three parts:
+//
+// Segment tiering (DRAM -> local -> remote). A store opened with the
+// client's Provider in chunk.Options.Providers serves segments the index
+// records at location "s3://BUCKET/PREFIX" by ranged GETs (large reads
+// split into Config.RangeBytes pieces, Config.Parallel in flight), through
+// the store's own verified read path: every slice is checked against its
+// checksum as for a local read. Tier uploads sealed local segments in the
+// background (bounded queue: the scan waits when it is full; never a
+// writer), checks each object (its size, its header block equal to the
+// local one) and then, past TierOptions.LocalBytes of uploaded local
+// bytes, switches the segment to the remote tier (chunk.Store.MoveSegment,
+// which checks the object's header again, commits the location to the
+// index, and deletes the local file once no restore reads it). What the
+// remote tier holds stays restorable: nothing is deleted locally before
+// the index says where the bytes are. An upload cut short leaves no
+// object (a PUT, or a multipart upload, is visible only once whole) and is
+// retried: a restarted node uploads again what it had not finished.
+//
+// By name. Publish uploads a named context's current generation as one
+// context object (layer-major: one ranged GET, or a few, per layer) with a
+// header and a trailer describing it (names, identity, generation, tokens,
+// binding, layer offsets, per-layer checksums seeded by the binding), checks
+// the upload (size, trailer), and only then writes the manifest
+// name/NS/ID.hcm: the commit point. Another node (Lookup, Fetch, Import,
+// RestoreByName) reads the manifest, checks its checksum and that its
+// binding is the one the names, generation and identity compute, fetches
+// the layers (several at once) and hands over each only once its checksum
+// passed; Import writes them into the local store (a promotion), replacing
+// an older local copy; a failure leaves no local context of that name. A
+// conversation grows turn by turn, so a copy with more tokens is newer.
+// The formats are in manifest.go.
+//
+// Keys, under Config.Prefix: seg/STORE/seg-NNNNNNNN.hcs (segment ids
+// restart at 1 in every store, hence the store id), ctx/STORE/BINDING.hcx,
+// name/NS/ID.hcm.
+//
+// Faults are normal: a request that fails (store down, slow past
+// Config.Timeout, an error reply, a body cut short) is ErrUnavailable,
+// never read as damage (a restore of a remote segment fails and is retried
+// later; the context is not marked damaged); local segments serve on;
+// an object gone is ErrNotFound, a miss. GC removes objects nothing refers
+// to once older than a grace period (GCOptions.Grace), which is how a
+// fleet avoids deleting what another node just wrote; Check verifies the
+// bucket read-only; DownloadSegments brings a store's segment objects back
+// before hcache repair rebuilds its index from segments.
+package remote

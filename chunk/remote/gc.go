@@ -1,0 +1,294 @@
+package remote
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/hcache/hcache/chunk"
+	"github.com/hcache/hcache/chunk/format"
+)
+
+// DefaultGrace is the age below which remote gc never deletes an object.
+const DefaultGrace = time.Hour
+
+// GCOptions configure a remote gc.
+type GCOptions struct {
+	// Grace: objects modified less than this long ago are kept whatever
+	// refers to them (DefaultGrace when 0). This is how a fleet avoids
+	// deleting what another node just wrote: a node uploads a context
+	// object before the manifest that refers to it, and a segment before
+	// its index records it, each within seconds; a reader holding an
+	// older manifest finishes within the grace too. Set it well above the
+	// longest upload and restore (and above clock skew between nodes and
+	// the object store, whose clock dates the objects).
+	Grace time.Duration
+	// Stores are the local stores whose segment objects this gc may
+	// remove (the segments their index no longer lists); the segments of
+	// other stores in the bucket are left alone, as gc cannot see their
+	// indexes.
+	Stores []*chunk.Store
+	// StoreIDs are the store ids of Stores, in the same order.
+	StoreIDs []string
+	// DryRun lists what would be deleted and deletes nothing.
+	DryRun bool
+	// Now is the clock (default time.Now).
+	Now func() time.Time
+}
+
+// GCReport says what a remote gc found and did.
+type GCReport struct {
+	Manifests, ContextObjects, SegmentObjects int
+	Deleted                                   []string
+	KeptYoung                                 int      // unreferenced but within the grace
+	Skipped                                   []string // why something was not examined
+	Errors                                    []string
+}
+
+// GC removes objects nothing refers to: context objects no manifest names
+// and (for the given stores) segment objects their index no longer lists,
+// once older than the grace. It is idempotent (a second run finds nothing
+// more; deleting an object already gone is no error) and safe with
+// concurrent readers: a reader that finds an object gone falls back as on
+// a miss (ErrNotFound), never serves other bytes. An unreadable manifest
+// stops the deletion of context objects (it may name one).
+func (c *Client) GC(ctx context.Context, o GCOptions) (*GCReport, error) {
+	if o.Grace == 0 {
+		o.Grace = DefaultGrace
+	}
+	if o.Now == nil {
+		o.Now = time.Now
+	}
+	if len(o.Stores) != len(o.StoreIDs) {
+		return nil, fmt.Errorf("remote: gc: %d stores, %d store ids", len(o.Stores), len(o.StoreIDs))
+	}
+	rep := &GCReport{}
+	cutoff := o.Now().Add(-o.Grace)
+	del := func(key string) {
+		if !o.DryRun {
+			if err := c.remove(ctx, key); err != nil {
+				rep.Errors = append(rep.Errors, err.Error())
+				return
+			}
+		}
+		rep.Deleted = append(rep.Deleted, key)
+	}
+
+	mans, err := c.list(ctx, "name/")
+	if err != nil {
+		return nil, err
+	}
+	refs := map[string]bool{}
+	manifestsOK := true
+	for _, oi := range mans {
+		rep.Manifests++
+		b, err := c.get(ctx, oi.Key, maxManifest)
+		if err == nil {
+			var m *Manifest
+			if m, err = decodeManifest(b, magicManifest); err == nil {
+				refs[m.Object] = true
+				continue
+			}
+		}
+		if isNotFound(err) {
+			continue // overwritten or deleted since the listing
+		}
+		manifestsOK = false
+		rep.Errors = append(rep.Errors, fmt.Sprintf("manifest %s: %v", oi.Key, err))
+	}
+	objs, err := c.list(ctx, "ctx/")
+	if err != nil {
+		return nil, err
+	}
+	for _, oi := range objs {
+		rep.ContextObjects++
+		if refs[oi.Key] {
+			continue
+		}
+		if oi.Modified.After(cutoff) {
+			rep.KeptYoung++
+			continue
+		}
+		if !manifestsOK {
+			continue
+		}
+		del(oi.Key)
+	}
+	if !manifestsOK {
+		rep.Skipped = append(rep.Skipped, "context objects: a manifest could not be read, so none was deleted")
+	}
+
+	for i, s := range o.Stores {
+		store := o.StoreIDs[i]
+		known := map[uint32]bool{}
+		for _, sg := range s.Segments() {
+			known[sg.ID] = true
+		}
+		segs, err := c.list(ctx, "seg/"+store+"/")
+		if err != nil {
+			return nil, err
+		}
+		for _, oi := range segs {
+			rep.SegmentObjects++
+			id, ok := segIDOfKey(oi.Key)
+			if !ok {
+				rep.Skipped = append(rep.Skipped, "not a segment object: "+oi.Key)
+				continue
+			}
+			if known[id] {
+				continue
+			}
+			if oi.Modified.After(cutoff) {
+				rep.KeptYoung++
+				continue
+			}
+			del(oi.Key)
+		}
+	}
+	return rep, nil
+}
+
+func isNotFound(err error) bool { return errors.Is(err, ErrNotFound) }
+
+func segIDOfKey(key string) (uint32, bool) {
+	base := key[strings.LastIndexByte(key, '/')+1:]
+	if !strings.HasPrefix(base, "seg-") || !strings.HasSuffix(base, ".hcs") {
+		return 0, false
+	}
+	n, err := strconv.ParseUint(strings.TrimSuffix(strings.TrimPrefix(base, "seg-"), ".hcs"), 10, 32)
+	return uint32(n), err == nil
+}
+
+// CheckReport is what a read-only check of the bucket found.
+type CheckReport struct {
+	Manifests, Layers int
+	Errors            []string
+}
+
+// OK reports whether the check found nothing wrong.
+func (r *CheckReport) OK() bool { return len(r.Errors) == 0 }
+
+// Check verifies every manifest in the bucket (checksum, binding, layout),
+// that its context object exists with the right size and that the
+// object's header and trailer describe the same context; deep also reads
+// every layer and checks its checksum. It writes nothing.
+func (c *Client) Check(ctx context.Context, deep bool) (*CheckReport, error) {
+	mans, err := c.list(ctx, "name/")
+	if err != nil {
+		return nil, err
+	}
+	rep := &CheckReport{}
+	for _, oi := range mans {
+		rep.Manifests++
+		b, err := c.get(ctx, oi.Key, maxManifest)
+		if isNotFound(err) {
+			continue
+		}
+		if err != nil {
+			rep.Errors = append(rep.Errors, err.Error())
+			continue
+		}
+		m, err := decodeManifest(b, magicManifest)
+		if err != nil {
+			rep.Errors = append(rep.Errors, fmt.Sprintf("%s: %v", oi.Key, err))
+			continue
+		}
+		if err := c.checkObject(ctx, m); err != nil {
+			rep.Errors = append(rep.Errors, fmt.Sprintf("%s (%s/%s): %v", oi.Key, m.Namespace, m.ID, err))
+			continue
+		}
+		if deep {
+			if err := c.Fetch(ctx, m, 0, func(int, []byte) error { rep.Layers++; return nil }); err != nil {
+				rep.Errors = append(rep.Errors, fmt.Sprintf("%s (%s/%s): %v", oi.Key, m.Namespace, m.ID, err))
+			}
+		}
+	}
+	return rep, nil
+}
+
+func (c *Client) checkObject(ctx context.Context, m *Manifest) error {
+	oi, err := c.stat(ctx, m.Object)
+	if err != nil {
+		return err
+	}
+	if uint64(oi.Size) != m.ObjectBytes {
+		return fmt.Errorf("%w: %s holds %d bytes, the manifest says %d", format.ErrCorrupt, m.Object, oi.Size, m.ObjectBytes)
+	}
+	h := make([]byte, m.HeaderBytes)
+	if err := c.getRange(ctx, m.Object, h, 0); err != nil {
+		return err
+	}
+	hm, err := decodeManifest(h, magicHeader)
+	if err != nil {
+		return fmt.Errorf("%s header: %w", m.Object, err)
+	}
+	tr := make([]byte, m.HeaderBytes)
+	if err := c.getRange(ctx, m.Object, tr, int64(m.ObjectBytes-uint64(m.HeaderBytes))); err != nil {
+		return err
+	}
+	tm, err := decodeManifest(tr, magicTrailer)
+	if err != nil {
+		return fmt.Errorf("%s trailer: %w", m.Object, err)
+	}
+	if hm.Binding != m.Binding || tm.Binding != m.Binding || tm.Tokens != m.Tokens {
+		return fmt.Errorf("%w: %s describes another context than its manifest", format.ErrCorrupt, m.Object)
+	}
+	for i := range m.Layers {
+		if tm.Layers[i].CRC != m.Layers[i].CRC {
+			return fmt.Errorf("%w: %s trailer checksum of layer %d differs from the manifest's", format.ErrCorrupt, m.Object, m.Layers[i].Layer)
+		}
+	}
+	return nil
+}
+
+// DownloadSegments copies this store's segment objects that have no local
+// file into dir/segments (before `hcache repair` rebuilds an index from
+// the segments alone: the remote ones are then found too). Each lands
+// under a temporary name, is checked (size, segment header naming its
+// id), and renamed into place. It writes nothing to the bucket.
+func (c *Client) DownloadSegments(ctx context.Context, dir string) ([]string, error) {
+	segs, err := c.list(ctx, "seg/"+c.cfg.StoreID+"/")
+	if err != nil {
+		return nil, err
+	}
+	var got []string
+	for _, oi := range segs {
+		id, ok := segIDOfKey(oi.Key)
+		if !ok {
+			continue
+		}
+		name := filepath.Join(dir, "segments", fmt.Sprintf("seg-%08d.hcs", id))
+		if _, err := os.Stat(name); err == nil {
+			continue
+		}
+		b := make([]byte, oi.Size)
+		if err := c.readRanges(ctx, oi.Key, b, 0); err != nil {
+			return got, err
+		}
+		if h, err := chunk.DecodeSegmentHeader(b); err != nil || h.ID != id {
+			return got, fmt.Errorf("%w: %s: segment header %v", format.ErrCorrupt, oi.Key, err)
+		}
+		tmp := name + ".download"
+		if err := os.WriteFile(tmp, b, 0o644); err != nil {
+			return got, err
+		}
+		f, err := os.Open(tmp)
+		if err == nil {
+			err = f.Sync()
+			f.Close()
+		}
+		if err == nil {
+			err = os.Rename(tmp, name)
+		}
+		if err != nil {
+			return got, err
+		}
+		got = append(got, name)
+	}
+	return got, nil
+}

@@ -1,0 +1,151 @@
+package daemon
+
+import (
+	"context"
+	"errors"
+	"sync/atomic"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/hcache/hcache/chunk/remote"
+)
+
+// The shared tier on object storage (package chunk/remote), when
+// Config.Remote is set: a context closed here is published by name (its
+// manifest is written last, so another node sees all of it or nothing);
+// a restore or an append of a context this node lacks, or holds with
+// fewer tokens than the bucket's manifest, first imports it from the
+// bucket (promotion into the local store). The object store's faults
+// never stop local service: a lookup or import that fails falls back to
+// what the local store holds (a miss if nothing).
+
+// RemoteConfig is the daemon's side of the remote tier.
+type RemoteConfig struct {
+	Client *remote.Client
+	// Tier is the write-back of sealed segments (for its metrics), if any.
+	Tier *remote.Tier
+	// PublishSync makes CloseContext wait for the publish (at most
+	// PublishTimeout) before it answers, so that a turn acknowledged by
+	// this node is restorable on every node; otherwise publishes run in
+	// the background.
+	PublishSync    bool
+	PublishTimeout time.Duration
+	// NoPublish: import from the bucket, never publish to it.
+	NoPublish bool
+}
+
+// remoteBackoff is how long after a failed request to the object store
+// the daemon stops asking it on restores and appends (serving what the
+// local store holds at once, rather than waiting on a store that is down).
+const remoteBackoff = 5 * time.Second
+
+type remoteMetrics struct {
+	failedAt atomic.Int64 // unix nanos of the last failed lookup
+	imports  *prometheus.CounterVec
+	publish  *prometheus.CounterVec
+	seconds  *prometheus.HistogramVec
+	inflight prometheus.Gauge
+}
+
+func (m *metrics) addRemote(rc *RemoteConfig) *remoteMetrics {
+	r := &remoteMetrics{
+		imports: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "hcache_remote_lookups_total",
+			Help: "Restores and appends that asked the bucket: remote_hit (imported), local_current (the local copy is as new), miss (no manifest), error (the object store failed; local served), skipped (within 5 s of an error: local served without asking)."}, []string{"result"}),
+		publish: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "hcache_remote_publishes_total",
+			Help: "Publishes of closed contexts to the bucket by result (ok, error)."}, []string{"result"}),
+		seconds: prometheus.NewHistogramVec(prometheus.HistogramOpts{Name: "hcache_remote_seconds",
+			Help: "Remote tier latency by operation: lookup, import, publish.", Buckets: prometheus.ExponentialBuckets(250e-6, 2, 18)}, []string{"op"}),
+		inflight: prometheus.NewGauge(prometheus.GaugeOpts{Name: "hcache_remote_publishes_in_flight", Help: "Background publishes not finished."}),
+	}
+	m.reg.MustRegister(r.imports, r.publish, r.seconds, r.inflight)
+	cs := func() remote.ClientStats { return rc.Client.Stats() }
+	cf := func(name, help string, v func() float64) {
+		m.reg.MustRegister(prometheus.NewCounterFunc(prometheus.CounterOpts{Name: name, Help: help}, v))
+	}
+	cf("hcache_remote_get_bytes_total", "Bytes read from the object store.", func() float64 { return float64(cs().GetBytes) })
+	cf("hcache_remote_put_bytes_total", "Bytes written to the object store.", func() float64 { return float64(cs().PutBytes) })
+	cf("hcache_remote_request_errors_total", "Failed GETs and PUTs.", func() float64 { return float64(cs().GetErrors + cs().PutErrors) })
+	if t := rc.Tier; t != nil {
+		gf := func(name, help string, v func(remote.TierStats) float64) {
+			m.reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: name, Help: help}, func() float64 { return v(t.Stats()) }))
+		}
+		gf("hcache_remote_upload_queue", "Sealed segments waiting for their upload.", func(s remote.TierStats) float64 { return float64(s.Queued) })
+		gf("hcache_remote_segments", "Segments the remote tier holds (local files deleted).", func(s remote.TierStats) float64 { return float64(s.RemoteSegments) })
+		gf("hcache_remote_uploads", "Verified segment uploads since start.", func(s remote.TierStats) float64 { return float64(s.Uploads) })
+		gf("hcache_remote_upload_errors", "Failed segment uploads since start (each retried).", func(s remote.TierStats) float64 { return float64(s.UploadErrors) })
+		gf("hcache_remote_upload_backpressure", "Times the upload scan waited for room in the queue.", func(s remote.TierStats) float64 { return float64(s.QueueFullWaits) })
+	}
+	return r
+}
+
+// remoteRefresh imports ns/id from the bucket when this node lacks it or
+// holds fewer tokens than the bucket's manifest.
+func (s *Server) remoteRefresh(ctx context.Context, ns, id string) {
+	rc := s.cfg.Remote
+	if rc == nil {
+		return
+	}
+	s.mu.Lock()
+	open := s.writers[key(ns, id)] != nil
+	s.mu.Unlock()
+	if open { // this node is writing it: its copy is the newest
+		return
+	}
+	if at := s.remote.failedAt.Load(); at != 0 && time.Since(time.Unix(0, at)) < remoteBackoff {
+		s.remote.imports.WithLabelValues("skipped").Inc()
+		return
+	}
+	t0 := time.Now()
+	_, err := rc.Client.Import(ctx, s.store, ns, id)
+	s.remote.seconds.WithLabelValues("import").Observe(time.Since(t0).Seconds())
+	switch {
+	case err == nil:
+		s.remote.imports.WithLabelValues("remote_hit").Inc()
+		s.recount(ns)
+	case errors.Is(err, remote.ErrHaveNewer):
+		s.remote.imports.WithLabelValues("local_current").Inc()
+	case errors.Is(err, remote.ErrNotFound):
+		s.remote.imports.WithLabelValues("miss").Inc()
+	default:
+		if errors.Is(err, remote.ErrUnavailable) {
+			s.remote.failedAt.Store(time.Now().UnixNano())
+		}
+		s.remote.imports.WithLabelValues("error").Inc()
+		s.log.Warn("remote tier: import failed; serving what the local store holds", "ns", ns, "id", id, "err", err)
+	}
+}
+
+// remotePublish publishes a closed context (waiting for it with
+// PublishSync). A failure is logged and counted: the context stays
+// served locally and is published again at its next close.
+func (s *Server) remotePublish(ns, id string) {
+	rc := s.cfg.Remote
+	if rc == nil || rc.NoPublish {
+		return
+	}
+	run := func() {
+		ctx, cancel := context.WithTimeout(context.Background(), rc.PublishTimeout)
+		defer cancel()
+		t0 := time.Now()
+		_, err := rc.Client.Publish(ctx, s.store, ns, id)
+		s.remote.seconds.WithLabelValues("publish").Observe(time.Since(t0).Seconds())
+		if err != nil {
+			s.remote.publish.WithLabelValues("error").Inc()
+			s.log.Warn("remote tier: publish failed; the context is served locally", "ns", ns, "id", id, "err", err)
+			return
+		}
+		s.remote.publish.WithLabelValues("ok").Inc()
+	}
+	if rc.PublishSync {
+		run()
+		return
+	}
+	s.remote.inflight.Inc()
+	s.restoring.Add(1) // Stop waits for it
+	go func() {
+		defer s.restoring.Done()
+		defer s.remote.inflight.Dec()
+		run()
+	}()
+}
