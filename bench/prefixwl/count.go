@@ -30,6 +30,10 @@ type Counts struct {
 	// PerSession is the tokens a store keyed by conversation keeps: each
 	// session's last saved list, once.
 	PerSession int64 `json:"per_session_tokens"`
+	// Tails is the tokens past the last full group of each session's last
+	// saved list: a token store keeps them beside the groups, for the
+	// session that names them.
+	Tails int64 `json:"tail_tokens"`
 	// LogicalGroups is the full groups all requests hand over.
 	LogicalGroups int64 `json:"logical_groups"`
 	// UniqueGroups is the distinct chain keys among them: what a store that
@@ -102,6 +106,7 @@ func (w *Workload) Count(group int) (Counts, []Hit, error) {
 	out.UniqueGroups = int64(len(seen))
 	for _, t := range last {
 		out.PerSession += int64(len(t))
+		out.Tails += int64(len(t) % group)
 	}
 	return out, hits, nil
 }

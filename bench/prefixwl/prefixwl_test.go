@@ -56,20 +56,21 @@ func TestCountHandBuilt(t *testing.T) {
 		unique int64
 		logic  int64
 		hits   []Hit
+		tails  int64
 	}{
-		{"one request", []Request{{0, seq(1, 10), 6}}, 4, 2, 2, []Hit{{0, 0}}},
-		{"same prompt twice, other sessions", []Request{{0, seq(1, 12), 8}, {1, seq(1, 12), 8}}, 4, 3, 6, []Hit{{0, 0}, {8, 0}}},
-		{"hit capped by the prompt's full groups", []Request{{0, seq(1, 16), 16}, {1, seq(1, 16), 7}}, 4, 4, 8, []Hit{{0, 0}, {4, 0}}},
+		{"one request", []Request{{0, seq(1, 10), 6}}, 4, 2, 2, []Hit{{0, 0}}, 2},
+		{"same prompt twice, other sessions", []Request{{0, seq(1, 12), 8}, {1, seq(1, 12), 8}}, 4, 3, 6, []Hit{{0, 0}, {8, 0}}, 0},
+		{"hit capped by the prompt's full groups", []Request{{0, seq(1, 16), 16}, {1, seq(1, 16), 7}}, 4, 4, 8, []Hit{{0, 0}, {4, 0}}, 0},
 		{"shared system prompt, diverging users", []Request{
 			{0, append(slices.Clone(sys), seq(1, 8)...), 12},
 			{1, append(slices.Clone(sys), seq(50, 8)...), 12},
-		}, 4, 2 + 2 + 2, 8, []Hit{{0, 0}, {8, 0}}},
+		}, 4, 2 + 2 + 2, 8, []Hit{{0, 0}, {8, 0}}, 0},
 		{"a conversation's second turn", []Request{
 			{0, seq(1, 10), 5},
 			{0, seq(1, 20), 14},
-		}, 4, 5, 2 + 5, []Hit{{0, 0}, {8, 10}}},
-		{"group of one token", []Request{{0, []uint32{7, 7, 7}, 2}, {1, []uint32{7, 7, 8}, 3}}, 1, 4, 6, []Hit{{0, 0}, {2, 0}}},
-		{"same tokens at another offset do not share", []Request{{0, []uint32{1, 2, 3, 4}, 4}, {1, []uint32{9, 9, 1, 2, 3, 4}, 6}}, 2, 2 + 3, 5, []Hit{{0, 0}, {0, 0}}},
+		}, 4, 5, 2 + 5, []Hit{{0, 0}, {8, 10}}, 0},
+		{"group of one token", []Request{{0, []uint32{7, 7, 7}, 2}, {1, []uint32{7, 7, 8}, 3}}, 1, 4, 6, []Hit{{0, 0}, {2, 0}}, 0},
+		{"same tokens at another offset do not share", []Request{{0, []uint32{1, 2, 3, 4}, 4}, {1, []uint32{9, 9, 1, 2, 3, 4}, 6}}, 2, 2 + 3, 5, []Hit{{0, 0}, {0, 0}}, 0},
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
@@ -84,6 +85,9 @@ func TestCountHandBuilt(t *testing.T) {
 			}
 			if got.UniqueGroups != c.unique || got.LogicalGroups != c.logic {
 				t.Errorf("unique %d logical %d, want %d %d", got.UniqueGroups, got.LogicalGroups, c.unique, c.logic)
+			}
+			if got.Tails != c.tails {
+				t.Errorf("tails %d, want %d", got.Tails, c.tails)
 			}
 			if tc := trieCount(w, c.group); tc != c.unique {
 				t.Errorf("trie counts %d, want %d", tc, c.unique)
