@@ -37,7 +37,7 @@ func checkRestore(t *testing.T, s PrefixSystem, src *Source, spec Spec, tokens [
 	for l := range seen {
 		seen[l] = make([]bool, n)
 	}
-	err := s.RestoreTokens(tokens, n, func(l, first int, rows []byte) error {
+	err := s.RestoreTokens("", tokens, n, func(l, first int, rows []byte) error {
 		k := len(rows) / spec.RowBytes
 		exp := want.Rows(l, first, first+k)
 		if !bytes.Equal(rows, exp) {
@@ -100,17 +100,17 @@ func TestChainFilesDedup(t *testing.T) {
 			src := NewSource(3)
 			total := 0
 			for _, st := range steps {
-				n, err := s.Lookup(st.tokens)
+				n, err := s.Lookup("", st.tokens)
 				if err != nil || n != st.lookup {
 					t.Fatalf("%s: lookup %d (%v), want %d", st.name, n, err, st.lookup)
 				}
-				w, err := s.SaveTokens(st.tokens, src.PrefixRows(st.tokens, spec.RowBytes).Rows)
+				w, err := s.SaveTokens("", st.tokens, src.PrefixRows(st.tokens, spec.RowBytes).Rows)
 				if err != nil || w != st.written {
 					t.Fatalf("%s: wrote %d chunks (%v), want %d", st.name, w, err, st.written)
 				}
 				total += w
 				full := len(st.tokens) / 16 * 16
-				if n, _ := s.Lookup(st.tokens); n != full {
+				if n, _ := s.Lookup("", st.tokens); n != full {
 					t.Fatalf("%s: lookup after the save %d, want %d", st.name, n, full)
 				}
 				checkRestore(t, s, src, spec, st.tokens, full)
@@ -140,13 +140,13 @@ func TestChainFilesNamespaces(t *testing.T) {
 	b, _ := NewChainFiles(spec, testChain(t, "tenant-b"))
 	src := NewSource(1)
 	tk := toks(5, 64)
-	if _, err := a.SaveTokens(tk, src.PrefixRows(tk, spec.RowBytes).Rows); err != nil {
+	if _, err := a.SaveTokens("", tk, src.PrefixRows(tk, spec.RowBytes).Rows); err != nil {
 		t.Fatal(err)
 	}
-	if n, _ := b.Lookup(tk); n != 0 {
+	if n, _ := b.Lookup("", tk); n != 0 {
 		t.Fatalf("tenant b sees %d tokens of tenant a's", n)
 	}
-	if w, _ := b.SaveTokens(tk, src.PrefixRows(tk, spec.RowBytes).Rows); w != 4 {
+	if w, _ := b.SaveTokens("", tk, src.PrefixRows(tk, spec.RowBytes).Rows); w != 4 {
 		t.Fatalf("tenant b wrote %d chunks, want its own 4", w)
 	}
 }
@@ -161,7 +161,7 @@ func TestChainFilesRejects(t *testing.T) {
 	}
 	src := NewSource(1)
 	tk := toks(5, 32)
-	if _, err := s.SaveTokens(tk[:16], src.PrefixRows(tk, spec.RowBytes).Rows); err != nil {
+	if _, err := s.SaveTokens("", tk[:16], src.PrefixRows(tk, spec.RowBytes).Rows); err != nil {
 		t.Fatal(err)
 	}
 	nop := func(int, int, []byte) error { return nil }
@@ -170,11 +170,11 @@ func TestChainFilesRejects(t *testing.T) {
 		err  error
 		want string
 	}{
-		{"past the stored chunks", s.RestoreTokens(tk, 32, nop), "chunk 1"},
-		{"a partial chunk", s.RestoreTokens(tk, 8, nop), "whole chunks of 16"},
-		{"more than the list", s.RestoreTokens(tk[:16], 32, nop), "restore of 32 tokens of 16"},
+		{"past the stored chunks", s.RestoreTokens("", tk, 32, nop), "chunk 1"},
+		{"a partial chunk", s.RestoreTokens("", tk, 8, nop), "whole chunks of 16"},
+		{"more than the list", s.RestoreTokens("", tk[:16], 32, nop), "restore of 32 tokens of 16"},
 	}
-	_, short := s.SaveTokens(toks(99, 16), func(int, int, int) []byte { return make([]byte, 10) })
+	_, short := s.SaveTokens("", toks(99, 16), func(int, int, int) []byte { return make([]byte, 10) })
 	cases = append(cases, struct {
 		name string
 		err  error
@@ -185,8 +185,18 @@ func TestChainFilesRejects(t *testing.T) {
 			t.Errorf("%s: err %v, want one naming %q", c.name, c.err, c.want)
 		}
 	}
-	if n, _ := s.Lookup(toks(99, 16)); n != 0 {
+	if n, _ := s.Lookup("", toks(99, 16)); n != 0 {
 		t.Errorf("a failed save left a chunk that lookups find (%d tokens)", n)
+	}
+	// An index-only chunk is found by lookups and refused by restores.
+	if n, err := s.FillIndex(toks(300, 40)); n != 2 || err != nil {
+		t.Fatalf("FillIndex added %d chunks (%v), want 2", n, err)
+	}
+	if n, _ := s.Lookup("", toks(300, 40)); n != 32 {
+		t.Fatalf("lookup of index-only chunks: %d tokens, want 32", n)
+	}
+	if err := s.RestoreTokens("", toks(300, 40), 32, nop); err == nil || !strings.Contains(err.Error(), "chunk 0") {
+		t.Fatalf("restore of index-only chunks: %v", err)
 	}
 }
 
@@ -215,11 +225,11 @@ func TestChainFilesWorkloads(t *testing.T) {
 			}
 			src := NewSource(seed)
 			for i, r := range w.Requests {
-				n, err := s.Lookup(r.Tokens[:r.Prompt])
+				n, err := s.Lookup("", r.Tokens[:r.Prompt])
 				if err != nil || n != hits[i].Shared {
 					t.Fatalf("request %d: lookup %d (%v), the workload says %d", i, n, err, hits[i].Shared)
 				}
-				if _, err := s.SaveTokens(r.Tokens, src.PrefixRows(r.Tokens, spec.RowBytes).Rows); err != nil {
+				if _, err := s.SaveTokens("", r.Tokens, src.PrefixRows(r.Tokens, spec.RowBytes).Rows); err != nil {
 					t.Fatal(err)
 				}
 			}
