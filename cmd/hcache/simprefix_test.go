@@ -73,3 +73,45 @@ func TestSimulatePrefixJSON(t *testing.T) {
 		}
 	}
 }
+
+// TestBenchPrefixJSON: a small run prints the build, the command and one
+// row per system; bad flags are refused by name.
+func TestBenchPrefixJSON(t *testing.T) {
+	code, out, errs := runCLI("bench", "prefix", "--dir", t.TempDir(), "--workload", "agent", "--scale", "0.05", "--layers", "1", "--row-bytes", "64",
+		"--systems", "file-per-chunk-hash", "--lookup-groups", "1000", "--lookup-tokens", "2048", "--json")
+	if code != 0 {
+		t.Fatalf("exit %d: %s", code, errs)
+	}
+	var res struct {
+		Build   string `json:"build"`
+		Command string `json:"command"`
+		Systems []struct {
+			System         string  `json:"system"`
+			DiskOverUnique float64 `json:"disk_over_unique"`
+			HitRate        float64 `json:"hit_rate"`
+			Lookup         *struct {
+				P99 float64 `json:"p99_us"`
+			} `json:"lookup_at_scale"`
+		} `json:"systems"`
+	}
+	if err := json.Unmarshal([]byte(out), &res); err != nil {
+		t.Fatalf("%v\n%s", err, out)
+	}
+	if !strings.HasPrefix(res.Build, "hcache") || !strings.Contains(res.Command, "--workload agent") || len(res.Systems) != 1 ||
+		res.Systems[0].System != "file-per-chunk-hash" || res.Systems[0].DiskOverUnique != 1 || res.Systems[0].HitRate <= 0 || res.Systems[0].Lookup == nil {
+		t.Fatalf("output %s", out)
+	}
+	for _, c := range []struct {
+		args []string
+		want string
+	}{
+		{[]string{"bench", "prefix", "--workload", "long"}, "want one of [agent chat docqa]"},
+		{[]string{"bench", "prefix", "--systems", "redis"}, "unknown system \"redis\""},
+		{[]string{"bench", "prefix", "--verify-every", "0"}, "--verify-every 0"},
+	} {
+		code, _, errs := runCLI(c.args...)
+		if code == 0 || !strings.Contains(errs, c.want) {
+			t.Errorf("%v: exit %d, stderr %q; want an error naming %q", c.args, code, errs, c.want)
+		}
+	}
+}

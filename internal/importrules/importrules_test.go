@@ -37,7 +37,7 @@ var layers = [][]string{
 	// 5: the daemon, the crash harness, benchmarks of one part.
 	{"daemon", "fuzz/crash", "bench/peer", "bench/benchio", "bench/benchstore", "bench/profiler"},
 	// 6: benchmarks that combine parts, and the demo.
-	{"bench/compare", "bench/gpubench", "bench/benchpipe", "bench/benchdaemon", "cmd/hcache/demo"},
+	{"bench/compare", "bench/gpubench", "bench/benchpipe", "bench/benchdaemon", "bench/benchprefix", "cmd/hcache/demo"},
 	// 7: the commands and the fuzz targets.
 	{"cmd/hcache", "cmd/hcached", "fuzz"},
 }
