@@ -32,8 +32,8 @@ type PrefixRequest struct {
 
 // PrefixStorage is the tokens each way of keying keeps.
 type PrefixStorage struct {
-	SessionTokens int64 // every session's last saved context, once
-	UniqueTokens  int64 // unique groups x group tokens
+	SessionTokens int64 `json:"session_tokens"` // every session's last saved context, once
+	UniqueTokens  int64 `json:"unique_tokens"`  // unique groups x group tokens, plus the sessions' tails
 }
 
 // PrefixRow is one (sharing, method) pair's figures over a workload.
@@ -59,6 +59,9 @@ type PrefixSimResult struct {
 	Requests   int         `json:"requests"`
 	PromptMean float64     `json:"prompt_mean_tokens"`
 	Rows       []PrefixRow `json:"rows"`
+	// Stored is the tokens each keying keeps (a row's storage_bytes is
+	// this times its split's bytes per token).
+	Stored PrefixStorage `json:"stored_tokens"`
 	// PrefixOverSession is the token store's mean TTFT under its scheduled
 	// split over the conversation store's (below 1: sharing is faster).
 	PrefixOverSession float64 `json:"prefix_over_session_ttft_mean"`
@@ -71,7 +74,7 @@ func (pl *Platform) SimulatePrefix(c *model.Config, name string, reqs []PrefixRe
 	if len(reqs) == 0 {
 		return nil, fmt.Errorf("sched: no requests to simulate")
 	}
-	res := &PrefixSimResult{Profile: pl.Profile.Name, Tier: pl.Tier.Name, Model: name, Requests: len(reqs)}
+	res := &PrefixSimResult{Profile: pl.Profile.Name, Tier: pl.Tier.Name, Model: name, Requests: len(reqs), Stored: st}
 	var prompt int64
 	for i, r := range reqs {
 		if r.Prompt <= 0 || r.SessionHit < 0 || r.SharedHit < 0 || r.SessionHit > r.Prompt || r.SharedHit > r.Prompt {
