@@ -81,6 +81,10 @@ type LookupScale struct {
 	P99US        float64 `json:"p99_us"`
 	How          string  `json:"how"`
 	FillSeconds  float64 `json:"fill_seconds"`
+	// KeysP50US is the median time to compute the chain keys of a prompt
+	// of that length at the system's group size (state.Chain.Keys): the
+	// floor under any lookup by chain keys, measured in the same run.
+	KeysP50US float64 `json:"keys_only_p50_us"`
 }
 
 // SystemResult is one system's row.
@@ -276,7 +280,7 @@ func Run(o Options) (*Result, error) {
 		}
 		sr, err := replay(s, w, o, src)
 		if err == nil && o.LookupGroups > 0 && s.fill != nil {
-			sr.LookupAtScale, err = lookupAtScale(s, o)
+			sr.LookupAtScale, err = lookupAtScale(s, o, chain)
 		}
 		if cerr := s.close(); err == nil && cerr != nil {
 			err = cerr
@@ -425,7 +429,7 @@ func verify(s *system, ctx string, prompt []uint32, n int, o Options, src *peer.
 
 // lookupAtScale fills s's index to o.LookupGroups groups and times lookups
 // of a stored o.LookupPromptTokens-token prompt.
-func lookupAtScale(s *system, o Options) (*LookupScale, error) {
+func lookupAtScale(s *system, o Options, chain state.Chain) (*LookupScale, error) {
 	rng := rand.New(rand.NewSource(o.Seed ^ 0x5eed))
 	t0 := time.Now()
 	lookup, how, err := s.fill(o.LookupGroups, o.LookupPromptTokens, rng)
@@ -449,6 +453,16 @@ func lookupAtScale(s *system, o Options) (*LookupScale, error) {
 		ls.HitTokens = n
 	}
 	ls.P50US, ls.P99US = quantile(ts, 0.5), quantile(ts, 0.99)
+	prompt := randomTokens(rng, o.LookupPromptTokens)
+	ts = ts[:0]
+	for i := 0; i < o.LookupRounds; i++ {
+		t0 := time.Now()
+		if _, err := chain.Keys(prompt, s.GroupTokens()); err != nil {
+			return nil, err
+		}
+		ts = append(ts, float64(time.Since(t0).Nanoseconds())/1e3)
+	}
+	ls.KeysP50US = quantile(ts, 0.5)
 	return ls, nil
 }
 
