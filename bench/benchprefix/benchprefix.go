@@ -100,6 +100,7 @@ type SystemResult struct {
 	DiskOverKept   float64 `json:"disk_over_unique_plus_tails"`
 	DedupRatio     float64 `json:"dedup_ratio"` // logical over on disk
 	GroupsWritten  int64   `json:"groups_written"`
+	GroupsStored   int64   `json:"groups_stored"` // after the replay, before any lookup-at-scale fill
 	UniqueGroups   int64   `json:"unique_groups"`
 	// Hits.
 	HitRate         float64 `json:"hit_rate"`
@@ -141,7 +142,9 @@ type system struct {
 	// stored whole, and returns a lookup of that prompt (to time) and how
 	// it filled.
 	fill  func(groups, promptTokens int, rng *rand.Rand) (lookup func() (int, error), how string, err error)
-	close func() error
+	// storedGroups is the groups the store holds now (nil: unknown).
+	storedGroups func() int64
+	close        func() error
 }
 
 // opener builds a system in dir.
@@ -183,7 +186,8 @@ func openChainFiles(dir string, o Options, chain state.Chain) (*system, error) {
 			return func() (int, error) { return cf.Lookup("", prompt) }, fmt.Sprintf("index-only: the chunk keys of %d random %d-token prompts put in the in-memory index (LMCache's dict) "+
 				"without files; a lookup computes the prompt's chain keys and probes the map, as batched_async_contains does", n, promptTokens), nil
 		},
-		close: cf.Close,
+		storedGroups: func() int64 { return int64(cf.Chunks()) },
+		close:        cf.Close,
 	}, nil
 }
 
@@ -372,6 +376,9 @@ func replay(s *system, w *prefixwl.Workload, o Options, src *peer.Source) (*Syst
 		return nil, err
 	}
 	sr.BytesOnDisk = disk
+	if s.storedGroups != nil {
+		sr.GroupsStored = s.storedGroups()
+	}
 	sr.DiskOverUnique = float64(disk) / float64(sr.UniqueBytes)
 	sr.DiskOverKept = float64(disk) / float64(sr.UniqueBytes+sr.TailBytes)
 	sr.DedupRatio = float64(sr.LogicalBytes) / float64(disk)

@@ -31,7 +31,7 @@ func TestRunPeer(t *testing.T) {
 			}
 			s := res.Systems[0]
 			t.Logf("%+v", s)
-			if s.DiskOverUnique != 1 || s.GroupsWritten != s.UniqueGroups || s.BytesOnDisk != s.UniqueBytes {
+			if s.DiskOverUnique != 1 || s.GroupsWritten != s.UniqueGroups || s.GroupsStored != s.UniqueGroups || s.BytesOnDisk != s.UniqueBytes {
 				t.Errorf("on disk %d bytes, %d groups written; unique %d groups, %d bytes", s.BytesOnDisk, s.GroupsWritten, s.UniqueGroups, s.UniqueBytes)
 			}
 			if s.HitRate != s.ExpectedHitRate || s.HitRate <= 0 || s.Restores == 0 || s.Verified != (s.Restores+2)/3 {
