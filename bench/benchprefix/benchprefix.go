@@ -141,7 +141,7 @@ type system struct {
 	// groups groups, one of them chains of a promptTokens-token prompt
 	// stored whole, and returns a lookup of that prompt (to time) and how
 	// it filled.
-	fill  func(groups, promptTokens int, rng *rand.Rand) (lookup func() (int, error), how string, err error)
+	fill func(groups, promptTokens int, rng *rand.Rand) (lookup func() (int, error), how string, err error)
 	// storedGroups is the groups the store holds now (nil: unknown).
 	storedGroups func() int64
 	close        func() error
