@@ -94,6 +94,7 @@ type SystemResult struct {
 	// Bytes.
 	LogicalBytes   int64   `json:"logical_bytes"`
 	BytesOnDisk    int64   `json:"bytes_on_disk"`
+	IndexBytes     int64   `json:"index_bytes_on_disk"` // of BytesOnDisk (the peer's index is in memory only)
 	UniqueBytes    int64   `json:"unique_group_bytes"`
 	TailBytes      int64   `json:"tail_bytes"` // named contexts' partial tails it keeps beside the groups (0 for the peer)
 	DiskOverUnique float64 `json:"disk_over_unique"`
@@ -142,6 +143,8 @@ type system struct {
 	// stored whole, and returns a lookup of that prompt (to time) and how
 	// it filled.
 	fill func(groups, promptTokens int, rng *rand.Rand) (lookup func() (int, error), how string, err error)
+	// indexBytes is what its index takes on the disk (nil: none there).
+	indexBytes func() (int64, error)
 	// storedGroups is the groups the store holds now (nil: unknown).
 	storedGroups func() int64
 	close        func() error
@@ -378,6 +381,11 @@ func replay(s *system, w *prefixwl.Workload, o Options, src *peer.Source) (*Syst
 	sr.BytesOnDisk = disk
 	if s.storedGroups != nil {
 		sr.GroupsStored = s.storedGroups()
+	}
+	if s.indexBytes != nil {
+		if sr.IndexBytes, err = s.indexBytes(); err != nil {
+			return nil, err
+		}
 	}
 	sr.DiskOverUnique = float64(disk) / float64(sr.UniqueBytes)
 	sr.DiskOverKept = float64(disk) / float64(sr.UniqueBytes+sr.TailBytes)
