@@ -28,16 +28,16 @@ func toks(from uint32, n int) []uint32 {
 	return s
 }
 
-// checkRestore restores the first n tokens of tokens and compares every
-// row with the PrefixRows of tokens.
-func checkRestore(t *testing.T, s PrefixSystem, src *Source, spec Spec, tokens []uint32, n int) {
+// checkRestore restores the first n tokens of tokens (of conversation
+// ctx) and compares every row with the PrefixRows of tokens.
+func checkRestore(t *testing.T, s PrefixSystem, ctx string, src *Source, spec Spec, tokens []uint32, n int) {
 	t.Helper()
 	want := src.PrefixRows(tokens, spec.RowBytes)
 	seen := make([][]bool, spec.Layers)
 	for l := range seen {
 		seen[l] = make([]bool, n)
 	}
-	err := s.RestoreTokens("", tokens, n, func(l, first int, rows []byte) error {
+	err := s.RestoreTokens(ctx, tokens, n, func(l, first int, rows []byte) error {
 		k := len(rows) / spec.RowBytes
 		exp := want.Rows(l, first, first+k)
 		if !bytes.Equal(rows, exp) {
@@ -113,7 +113,7 @@ func TestChainFilesDedup(t *testing.T) {
 				if n, _ := s.Lookup("", st.tokens); n != full {
 					t.Fatalf("%s: lookup after the save %d, want %d", st.name, n, full)
 				}
-				checkRestore(t, s, src, spec, st.tokens, full)
+				checkRestore(t, s, "", src, spec, st.tokens, full)
 			}
 			if s.Chunks() != total {
 				t.Errorf("%d chunks indexed, %d written", s.Chunks(), total)
@@ -237,7 +237,7 @@ func TestChainFilesWorkloads(t *testing.T) {
 				t.Fatalf("%d chunks stored, the workload has %d unique groups", s.Chunks(), want.UniqueGroups)
 			}
 			last := w.Requests[len(w.Requests)-1]
-			checkRestore(t, s, src, spec, last.Tokens, len(last.Tokens)/ct*ct)
+			checkRestore(t, s, "", src, spec, last.Tokens, len(last.Tokens)/ct*ct)
 		})
 	}
 }
