@@ -13,7 +13,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16hcache/v1/hcache.proto\x12\thcache.v1\"B\n\tLayerPlan\x12\"\n\x04kind\x18\x01 \x01(\x0e\x32\x14.hcache.v1.LayerKind\x12\x11\n\trow_bytes\x18\x02 \x01(\r\"=\n\x08Identity\x12\r\n\x05model\x18\x01 \x01(\x0c\x12\"\n\x04plan\x18\x02 \x03(\x0b\x32\x14.hcache.v1.LayerPlan\"+\n\nContextRef\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\n\n\x02id\x18\x02 \x01(\t\"=\n\x0bRegionSlice\x12\x0e\n\x06region\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0e\n\x06length\x18\x03 \x01(\x04\"K\n\x04Rows\x12\x10\n\x06inline\x18\x01 \x01(\x0cH\x00\x12(\n\x06region\x18\x02 \x01(\x0b\x32\x16.hcache.v1.RegionSliceH\x00\x42\x07\n\x05where\"\r\n\x0bInfoRequest\"\xd5\x01\n\tInfoReply\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x14\n\x0c\x63hunk_tokens\x18\x02 \x01(\r\x12\x12\n\nshm_socket\x18\x03 \x01(\t\x12\x12\n\nnamespaces\x18\x04 \x03(\t\x12\x19\n\x11max_message_bytes\x18\x05 \x01(\x04\x12\x18\n\x10max_region_bytes\x18\x06 \x01(\x04\x12\x1e\n\x16max_tokens_per_context\x18\x07 \x01(\x04\x12$\n\x06models\x18\x08 \x03(\x0b\x32\x14.hcache.v1.ModelInfo\"\x7f\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x02 \x01(\x0c\x12\x0e\n\x06layers\x18\x03 \x01(\r\x12\x18\n\x10hidden_row_bytes\x18\x04 \x01(\r\x12\x14\n\x0ckv_row_bytes\x18\x05 \x01(\r\x12\x0f\n\x07\x62\x61\x63kend\x18\x06 \x01(\t\"\x92\x01\n\x12OpenContextRequest\x12\"\n\x03\x63tx\x18\x01 \x01(\x0b\x32\x15.hcache.v1.ContextRef\x12%\n\x08identity\x18\x02 \x01(\x0b\x32\x13.hcache.v1.Identity\x12!\n\x04mode\x18\x03 \x01(\x0e\x32\x13.hcache.v1.OpenMode\x12\x0e\n\x06pinned\x18\x04 \x01(\x08\"8\n\x10OpenContextReply\x12\x0e\n\x06tokens\x18\x01 \x01(\x04\x12\x14\n\x0c\x63hunk_tokens\x18\x02 \x01(\r\"f\n\x12\x41ppendLayerRequest\x12\"\n\x03\x63tx\x18\x01 \x01(\x0b\x32\x15.hcache.v1.ContextRef\x12\r\n\x05layer\x18\x02 \x01(\r\x12\x1d\n\x04rows\x18\x03 \x01(\x0b\x32\x0f.hcache.v1.Rows\"g\n\x13\x41ppendTokensRequest\x12\"\n\x03\x63tx\x18\x01 \x01(\x0b\x32\x15.hcache.v1.ContextRef\x12\r\n\x05\x63ount\x18\x02 \x01(\r\x12\x1d\n\x04rows\x18\x03 \x01(\x0b\x32\x0f.hcache.v1.Rows\"\x1d\n\x0b\x41ppendReply\x12\x0e\n\x06tokens\x18\x01 \x01(\x04\"2\n\x0c\x46lushRequest\x12\"\n\x03\x63tx\x18\x01 \x01(\x0b\x32\x15.hcache.v1.ContextRef\"\x1c\n\nFlushReply\x12\x0e\n\x06tokens\x18\x01 \x01(\x04\"J\n\x13\x43loseContextRequest\x12\"\n\x03\x63tx\x18\x01 \x01(\x0b\x32\x15.hcache.v1.ContextRef\x12\x0f\n\x07\x61\x62\x61ndon\x18\x02 \x01(\x08\"\xad\x01\n\x0eRestoreRequest\x12\"\n\x03\x63tx\x18\x01 \x01(\x0b\x32\x15.hcache.v1.ContextRef\x12%\n\x08identity\x18\x02 \x01(\x0b\x32\x13.hcache.v1.Identity\x12&\n\x06region\x18\x03 \x01(\x0b\x32\x16.hcache.v1.RegionSlice\x12\x17\n\x0fmax_piece_bytes\x18\x04 \x01(\r\x12\x0f\n\x07project\x18\x05 \x01(\x08\"\xc0\x01\n\x0cRestoreChunk\x12\r\n\x05layer\x18\x01 \x01(\r\x12\x0e\n\x06tokens\x18\x02 \x01(\x04\x12\x11\n\trow_bytes\x18\x03 \x01(\r\x12\x0e\n\x06offset\x18\x04 \x01(\x04\x12\x0e\n\x06inline\x18\x05 \x01(\x0c\x12&\n\x06region\x18\x06 \x01(\x0b\x32\x16.hcache.v1.RegionSlice\x12\x12\n\nlayer_done\x18\x07 \x01(\x08\x12\"\n\x04kind\x18\x08 \x01(\x0e\x32\x14.hcache.v1.LayerKind\"1\n\x0bStatRequest\x12\"\n\x03\x63tx\x18\x01 \x01(\x0b\x32\x15.hcache.v1.ContextRef\"\xca\x01\n\x0b\x43ontextInfo\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\n\n\x02id\x18\x02 \x01(\t\x12\x0e\n\x06tokens\x18\x03 \x01(\x04\x12\x12\n\nlive_bytes\x18\x04 \x01(\x03\x12\x0e\n\x06pinned\x18\x05 \x01(\x08\x12\x0f\n\x07\x64\x61maged\x18\x06 \x01(\x08\x12\x1b\n\x13last_use_unix_nanos\x18\x07 \x01(\x03\x12%\n\x08identity\x18\x08 \x01(\x0b\x32\x13.hcache.v1.Identity\x12\x13\n\x0bwriter_open\x18\t \x01(\x08\" \n\x0bListRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\"5\n\tListReply\x12(\n\x08\x63ontexts\x18\x01 \x03(\x0b\x32\x16.hcache.v1.ContextInfo\"3\n\rDeleteRequest\x12\"\n\x03\x63tx\x18\x01 \x01(\x0b\x32\x15.hcache.v1.ContextRef\"\r\n\x0b\x44\x65leteReply\"@\n\nPinRequest\x12\"\n\x03\x63tx\x18\x01 \x01(\x0b\x32\x15.hcache.v1.ContextRef\x12\x0e\n\x06pinned\x18\x02 \x01(\x08\"\n\n\x08PinReply\"\r\n\x0b\x46sckRequest\"\x8a\x01\n\tFsckReply\x12\x10\n\x08\x63ontexts\x18\x01 \x01(\x03\x12\x0e\n\x06\x63hunks\x18\x02 \x01(\x03\x12\x0e\n\x06slices\x18\x03 \x01(\x03\x12\x10\n\x08segments\x18\x04 \x01(\x03\x12\x0e\n\x06\x65rrors\x18\x05 \x03(\t\x12\x18\n\x10\x64\x61maged_contexts\x18\x06 \x03(\t\x12\x0f\n\x07orphans\x18\x07 \x03(\t\"\x0b\n\tGcRequest\"G\n\x07GcReply\x12\x10\n\x08segments\x18\x01 \x01(\x03\x12\x15\n\rmoved_records\x18\x02 \x01(\x03\x12\x13\n\x0bmoved_bytes\x18\x03 \x01(\x04*;\n\tLayerKind\x12\x0e\n\nLAYER_NONE\x10\x00\x12\x10\n\x0cLAYER_HIDDEN\x10\x01\x12\x0c\n\x08LAYER_KV\x10\x02*=\n\x08OpenMode\x12\x19\n\x15OPEN_MODE_UNSPECIFIED\x10\x00\x12\n\n\x06\x43REATE\x10\x01\x12\n\n\x06\x41PPEND\x10\x02\x32\x9b\x06\n\x06HCache\x12\x34\n\x04Info\x12\x16.hcache.v1.InfoRequest\x1a\x14.hcache.v1.InfoReply\x12I\n\x0bOpenContext\x12\x1d.hcache.v1.OpenContextRequest\x1a\x1b.hcache.v1.OpenContextReply\x12\x44\n\x0b\x41ppendLayer\x12\x1d.hcache.v1.AppendLayerRequest\x1a\x16.hcache.v1.AppendReply\x12\x46\n\x0c\x41ppendTokens\x12\x1e.hcache.v1.AppendTokensRequest\x1a\x16.hcache.v1.AppendReply\x12\x37\n\x05\x46lush\x12\x17.hcache.v1.FlushRequest\x1a\x15.hcache.v1.FlushReply\x12\x45\n\x0c\x43loseContext\x12\x1e.hcache.v1.CloseContextRequest\x1a\x15.hcache.v1.FlushReply\x12?\n\x07Restore\x12\x19.hcache.v1.RestoreRequest\x1a\x17.hcache.v1.RestoreChunk0\x01\x12\x36\n\x04Stat\x12\x16.hcache.v1.StatRequest\x1a\x16.hcache.v1.ContextInfo\x12\x34\n\x04List\x12\x16.hcache.v1.ListRequest\x1a\x14.hcache.v1.ListReply\x12:\n\x06\x44\x65lete\x12\x18.hcache.v1.DeleteRequest\x1a\x16.hcache.v1.DeleteReply\x12\x31\n\x03Pin\x12\x15.hcache.v1.PinRequest\x1a\x13.hcache.v1.PinReply\x12\x34\n\x04\x46sck\x12\x16.hcache.v1.FsckRequest\x1a\x14.hcache.v1.FsckReply\x12.\n\x02Gc\x12\x14.hcache.v1.GcRequest\x1a\x12.hcache.v1.GcReplyB3Z1github.com/hcache/hcache/proto/hcache/v1;hcachev1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16hcache/v1/hcache.proto\x12\thcache.v1\"B\n\tLayerPlan\x12\"\n\x04kind\x18\x01 \x01(\x0e\x32\x14.hcache.v1.LayerKind\x12\x11\n\trow_bytes\x18\x02 \x01(\r\"=\n\x08Identity\x12\r\n\x05model\x18\x01 \x01(\x0c\x12\"\n\x04plan\x18\x02 \x03(\x0b\x32\x14.hcache.v1.LayerPlan\"+\n\nContextRef\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\n\n\x02id\x18\x02 \x01(\t\"=\n\x0bRegionSlice\x12\x0e\n\x06region\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0e\n\x06length\x18\x03 \x01(\x04\"K\n\x04Rows\x12\x10\n\x06inline\x18\x01 \x01(\x0cH\x00\x12(\n\x06region\x18\x02 \x01(\x0b\x32\x16.hcache.v1.RegionSliceH\x00\x42\x07\n\x05where\"\r\n\x0bInfoRequest\"\xd5\x01\n\tInfoReply\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x14\n\x0c\x63hunk_tokens\x18\x02 \x01(\r\x12\x12\n\nshm_socket\x18\x03 \x01(\t\x12\x12\n\nnamespaces\x18\x04 \x03(\t\x12\x19\n\x11max_message_bytes\x18\x05 \x01(\x04\x12\x18\n\x10max_region_bytes\x18\x06 \x01(\x04\x12\x1e\n\x16max_tokens_per_context\x18\x07 \x01(\x04\x12$\n\x06models\x18\x08 \x03(\x0b\x32\x14.hcache.v1.ModelInfo\"\x7f\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x02 \x01(\x0c\x12\x0e\n\x06layers\x18\x03 \x01(\r\x12\x18\n\x10hidden_row_bytes\x18\x04 \x01(\r\x12\x14\n\x0ckv_row_bytes\x18\x05 \x01(\r\x12\x0f\n\x07\x62\x61\x63kend\x18\x06 \x01(\t\"\xb0\x01\n\x12OpenContextRequest\x12\"\n\x03\x63tx\x18\x01 \x01(\x0b\x32\x15.hcache.v1.ContextRef\x12%\n\x08identity\x18\x02 \x01(\x0b\x32\x13.hcache.v1.Identity\x12!\n\x04mode\x18\x03 \x01(\x0e\x32\x13.hcache.v1.OpenMode\x12\x0e\n\x06pinned\x18\x04 \x01(\x08\x12\x0e\n\x06tokens\x18\x05 \x03(\r\x12\x0c\n\x04salt\x18\x06 \x01(\x0c\"8\n\x10OpenContextReply\x12\x0e\n\x06tokens\x18\x01 \x01(\x04\x12\x14\n\x0c\x63hunk_tokens\x18\x02 \x01(\r\"f\n\x12\x41ppendLayerRequest\x12\"\n\x03\x63tx\x18\x01 \x01(\x0b\x32\x15.hcache.v1.ContextRef\x12\r\n\x05layer\x18\x02 \x01(\r\x12\x1d\n\x04rows\x18\x03 \x01(\x0b\x32\x0f.hcache.v1.Rows\"z\n\x13\x41ppendTokensRequest\x12\"\n\x03\x63tx\x18\x01 \x01(\x0b\x32\x15.hcache.v1.ContextRef\x12\r\n\x05\x63ount\x18\x02 \x01(\r\x12\x1d\n\x04rows\x18\x03 \x01(\x0b\x32\x0f.hcache.v1.Rows\x12\x11\n\ttoken_ids\x18\x04 \x03(\r\"\x1d\n\x0b\x41ppendReply\x12\x0e\n\x06tokens\x18\x01 \x01(\x04\"2\n\x0c\x46lushRequest\x12\"\n\x03\x63tx\x18\x01 \x01(\x0b\x32\x15.hcache.v1.ContextRef\"\x1c\n\nFlushReply\x12\x0e\n\x06tokens\x18\x01 \x01(\x04\"J\n\x13\x43loseContextRequest\x12\"\n\x03\x63tx\x18\x01 \x01(\x0b\x32\x15.hcache.v1.ContextRef\x12\x0f\n\x07\x61\x62\x61ndon\x18\x02 \x01(\x08\"\xcb\x01\n\x0eRestoreRequest\x12\"\n\x03\x63tx\x18\x01 \x01(\x0b\x32\x15.hcache.v1.ContextRef\x12%\n\x08identity\x18\x02 \x01(\x0b\x32\x13.hcache.v1.Identity\x12&\n\x06region\x18\x03 \x01(\x0b\x32\x16.hcache.v1.RegionSlice\x12\x17\n\x0fmax_piece_bytes\x18\x04 \x01(\r\x12\x0f\n\x07project\x18\x05 \x01(\x08\x12\x0e\n\x06tokens\x18\x06 \x03(\r\x12\x0c\n\x04salt\x18\x07 \x01(\x0c\"\xc0\x01\n\x0cRestoreChunk\x12\r\n\x05layer\x18\x01 \x01(\r\x12\x0e\n\x06tokens\x18\x02 \x01(\x04\x12\x11\n\trow_bytes\x18\x03 \x01(\r\x12\x0e\n\x06offset\x18\x04 \x01(\x04\x12\x0e\n\x06inline\x18\x05 \x01(\x0c\x12&\n\x06region\x18\x06 \x01(\x0b\x32\x16.hcache.v1.RegionSlice\x12\x12\n\nlayer_done\x18\x07 \x01(\x08\x12\"\n\x04kind\x18\x08 \x01(\x0e\x32\x14.hcache.v1.LayerKind\"1\n\x0bStatRequest\x12\"\n\x03\x63tx\x18\x01 \x01(\x0b\x32\x15.hcache.v1.ContextRef\"\xca\x01\n\x0b\x43ontextInfo\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\n\n\x02id\x18\x02 \x01(\t\x12\x0e\n\x06tokens\x18\x03 \x01(\x04\x12\x12\n\nlive_bytes\x18\x04 \x01(\x03\x12\x0e\n\x06pinned\x18\x05 \x01(\x08\x12\x0f\n\x07\x64\x61maged\x18\x06 \x01(\x08\x12\x1b\n\x13last_use_unix_nanos\x18\x07 \x01(\x03\x12%\n\x08identity\x18\x08 \x01(\x0b\x32\x13.hcache.v1.Identity\x12\x13\n\x0bwriter_open\x18\t \x01(\x08\" \n\x0bListRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\"5\n\tListReply\x12(\n\x08\x63ontexts\x18\x01 \x03(\x0b\x32\x16.hcache.v1.ContextInfo\"3\n\rDeleteRequest\x12\"\n\x03\x63tx\x18\x01 \x01(\x0b\x32\x15.hcache.v1.ContextRef\"\r\n\x0b\x44\x65leteReply\"@\n\nPinRequest\x12\"\n\x03\x63tx\x18\x01 \x01(\x0b\x32\x15.hcache.v1.ContextRef\x12\x0e\n\x06pinned\x18\x02 \x01(\x08\"\n\n\x08PinReply\"\r\n\x0b\x46sckRequest\"\x8a\x01\n\tFsckReply\x12\x10\n\x08\x63ontexts\x18\x01 \x01(\x03\x12\x0e\n\x06\x63hunks\x18\x02 \x01(\x03\x12\x0e\n\x06slices\x18\x03 \x01(\x03\x12\x10\n\x08segments\x18\x04 \x01(\x03\x12\x0e\n\x06\x65rrors\x18\x05 \x03(\t\x12\x18\n\x10\x64\x61maged_contexts\x18\x06 \x03(\t\x12\x0f\n\x07orphans\x18\x07 \x03(\t\"s\n\rLookupRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12%\n\x08identity\x18\x02 \x01(\x0b\x32\x13.hcache.v1.Identity\x12\x0e\n\x06tokens\x18\x03 \x03(\r\x12\x0c\n\x04salt\x18\x04 \x01(\x0c\x12\n\n\x02id\x18\x05 \x01(\t\"3\n\x0bLookupReply\x12\x0e\n\x06tokens\x18\x01 \x01(\x04\x12\x14\n\x0c\x63hunk_tokens\x18\x02 \x01(\r\"Q\n\x0b\x46orkRequest\x12\"\n\x03src\x18\x01 \x01(\x0b\x32\x15.hcache.v1.ContextRef\x12\x0e\n\x06\x64st_id\x18\x02 \x01(\t\x12\x0e\n\x06tokens\x18\x03 \x01(\x04\"\x1b\n\tForkReply\x12\x0e\n\x06tokens\x18\x01 \x01(\x04\"\x0b\n\tGcRequest\"G\n\x07GcReply\x12\x10\n\x08segments\x18\x01 \x01(\x03\x12\x15\n\rmoved_records\x18\x02 \x01(\x03\x12\x13\n\x0bmoved_bytes\x18\x03 \x01(\x04*;\n\tLayerKind\x12\x0e\n\nLAYER_NONE\x10\x00\x12\x10\n\x0cLAYER_HIDDEN\x10\x01\x12\x0c\n\x08LAYER_KV\x10\x02*=\n\x08OpenMode\x12\x19\n\x15OPEN_MODE_UNSPECIFIED\x10\x00\x12\n\n\x06\x43REATE\x10\x01\x12\n\n\x06\x41PPEND\x10\x02\x32\x8d\x07\n\x06HCache\x12\x34\n\x04Info\x12\x16.hcache.v1.InfoRequest\x1a\x14.hcache.v1.InfoReply\x12I\n\x0bOpenContext\x12\x1d.hcache.v1.OpenContextRequest\x1a\x1b.hcache.v1.OpenContextReply\x12\x44\n\x0b\x41ppendLayer\x12\x1d.hcache.v1.AppendLayerRequest\x1a\x16.hcache.v1.AppendReply\x12\x46\n\x0c\x41ppendTokens\x12\x1e.hcache.v1.AppendTokensRequest\x1a\x16.hcache.v1.AppendReply\x12\x37\n\x05\x46lush\x12\x17.hcache.v1.FlushRequest\x1a\x15.hcache.v1.FlushReply\x12\x45\n\x0c\x43loseContext\x12\x1e.hcache.v1.CloseContextRequest\x1a\x15.hcache.v1.FlushReply\x12?\n\x07Restore\x12\x19.hcache.v1.RestoreRequest\x1a\x17.hcache.v1.RestoreChunk0\x01\x12\x36\n\x04Stat\x12\x16.hcache.v1.StatRequest\x1a\x16.hcache.v1.ContextInfo\x12\x34\n\x04List\x12\x16.hcache.v1.ListRequest\x1a\x14.hcache.v1.ListReply\x12:\n\x06\x44\x65lete\x12\x18.hcache.v1.DeleteRequest\x1a\x16.hcache.v1.DeleteReply\x12\x31\n\x03Pin\x12\x15.hcache.v1.PinRequest\x1a\x13.hcache.v1.PinReply\x12\x34\n\x04\x46sck\x12\x16.hcache.v1.FsckRequest\x1a\x14.hcache.v1.FsckReply\x12.\n\x02Gc\x12\x14.hcache.v1.GcRequest\x1a\x12.hcache.v1.GcReply\x12:\n\x06Lookup\x12\x18.hcache.v1.LookupRequest\x1a\x16.hcache.v1.LookupReply\x12\x34\n\x04\x46ork\x12\x16.hcache.v1.ForkRequest\x1a\x14.hcache.v1.ForkReplyB3Z1github.com/hcache/hcache/proto/hcache/v1;hcachev1b\x06proto3')
 
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, globals())
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'hcache.v1.hcache_pb2', globals())
@@ -21,10 +21,10 @@ if _descriptor._USE_C_DESCRIPTORS == False:
 
   DESCRIPTOR._options = None
   DESCRIPTOR._serialized_options = b'Z1github.com/hcache/hcache/proto/hcache/v1;hcachev1'
-  _LAYERKIND._serialized_start=2422
-  _LAYERKIND._serialized_end=2481
-  _OPENMODE._serialized_start=2483
-  _OPENMODE._serialized_end=2544
+  _LAYERKIND._serialized_start=2783
+  _LAYERKIND._serialized_end=2842
+  _OPENMODE._serialized_start=2844
+  _OPENMODE._serialized_end=2905
   _LAYERPLAN._serialized_start=37
   _LAYERPLAN._serialized_end=103
   _IDENTITY._serialized_start=105
@@ -42,49 +42,57 @@ if _descriptor._USE_C_DESCRIPTORS == False:
   _MODELINFO._serialized_start=584
   _MODELINFO._serialized_end=711
   _OPENCONTEXTREQUEST._serialized_start=714
-  _OPENCONTEXTREQUEST._serialized_end=860
-  _OPENCONTEXTREPLY._serialized_start=862
-  _OPENCONTEXTREPLY._serialized_end=918
-  _APPENDLAYERREQUEST._serialized_start=920
-  _APPENDLAYERREQUEST._serialized_end=1022
-  _APPENDTOKENSREQUEST._serialized_start=1024
-  _APPENDTOKENSREQUEST._serialized_end=1127
-  _APPENDREPLY._serialized_start=1129
-  _APPENDREPLY._serialized_end=1158
-  _FLUSHREQUEST._serialized_start=1160
-  _FLUSHREQUEST._serialized_end=1210
-  _FLUSHREPLY._serialized_start=1212
-  _FLUSHREPLY._serialized_end=1240
-  _CLOSECONTEXTREQUEST._serialized_start=1242
-  _CLOSECONTEXTREQUEST._serialized_end=1316
-  _RESTOREREQUEST._serialized_start=1319
-  _RESTOREREQUEST._serialized_end=1492
-  _RESTORECHUNK._serialized_start=1495
-  _RESTORECHUNK._serialized_end=1687
-  _STATREQUEST._serialized_start=1689
-  _STATREQUEST._serialized_end=1738
-  _CONTEXTINFO._serialized_start=1741
-  _CONTEXTINFO._serialized_end=1943
-  _LISTREQUEST._serialized_start=1945
-  _LISTREQUEST._serialized_end=1977
-  _LISTREPLY._serialized_start=1979
-  _LISTREPLY._serialized_end=2032
-  _DELETEREQUEST._serialized_start=2034
-  _DELETEREQUEST._serialized_end=2085
-  _DELETEREPLY._serialized_start=2087
-  _DELETEREPLY._serialized_end=2100
-  _PINREQUEST._serialized_start=2102
-  _PINREQUEST._serialized_end=2166
-  _PINREPLY._serialized_start=2168
-  _PINREPLY._serialized_end=2178
-  _FSCKREQUEST._serialized_start=2180
-  _FSCKREQUEST._serialized_end=2193
-  _FSCKREPLY._serialized_start=2196
-  _FSCKREPLY._serialized_end=2334
-  _GCREQUEST._serialized_start=2336
-  _GCREQUEST._serialized_end=2347
-  _GCREPLY._serialized_start=2349
-  _GCREPLY._serialized_end=2420
-  _HCACHE._serialized_start=2547
-  _HCACHE._serialized_end=3342
+  _OPENCONTEXTREQUEST._serialized_end=890
+  _OPENCONTEXTREPLY._serialized_start=892
+  _OPENCONTEXTREPLY._serialized_end=948
+  _APPENDLAYERREQUEST._serialized_start=950
+  _APPENDLAYERREQUEST._serialized_end=1052
+  _APPENDTOKENSREQUEST._serialized_start=1054
+  _APPENDTOKENSREQUEST._serialized_end=1176
+  _APPENDREPLY._serialized_start=1178
+  _APPENDREPLY._serialized_end=1207
+  _FLUSHREQUEST._serialized_start=1209
+  _FLUSHREQUEST._serialized_end=1259
+  _FLUSHREPLY._serialized_start=1261
+  _FLUSHREPLY._serialized_end=1289
+  _CLOSECONTEXTREQUEST._serialized_start=1291
+  _CLOSECONTEXTREQUEST._serialized_end=1365
+  _RESTOREREQUEST._serialized_start=1368
+  _RESTOREREQUEST._serialized_end=1571
+  _RESTORECHUNK._serialized_start=1574
+  _RESTORECHUNK._serialized_end=1766
+  _STATREQUEST._serialized_start=1768
+  _STATREQUEST._serialized_end=1817
+  _CONTEXTINFO._serialized_start=1820
+  _CONTEXTINFO._serialized_end=2022
+  _LISTREQUEST._serialized_start=2024
+  _LISTREQUEST._serialized_end=2056
+  _LISTREPLY._serialized_start=2058
+  _LISTREPLY._serialized_end=2111
+  _DELETEREQUEST._serialized_start=2113
+  _DELETEREQUEST._serialized_end=2164
+  _DELETEREPLY._serialized_start=2166
+  _DELETEREPLY._serialized_end=2179
+  _PINREQUEST._serialized_start=2181
+  _PINREQUEST._serialized_end=2245
+  _PINREPLY._serialized_start=2247
+  _PINREPLY._serialized_end=2257
+  _FSCKREQUEST._serialized_start=2259
+  _FSCKREQUEST._serialized_end=2272
+  _FSCKREPLY._serialized_start=2275
+  _FSCKREPLY._serialized_end=2413
+  _LOOKUPREQUEST._serialized_start=2415
+  _LOOKUPREQUEST._serialized_end=2530
+  _LOOKUPREPLY._serialized_start=2532
+  _LOOKUPREPLY._serialized_end=2583
+  _FORKREQUEST._serialized_start=2585
+  _FORKREQUEST._serialized_end=2666
+  _FORKREPLY._serialized_start=2668
+  _FORKREPLY._serialized_end=2695
+  _GCREQUEST._serialized_start=2697
+  _GCREQUEST._serialized_end=2708
+  _GCREPLY._serialized_start=2710
+  _GCREPLY._serialized_end=2781
+  _HCACHE._serialized_start=2908
+  _HCACHE._serialized_end=3817
 # @@protoc_insertion_point(module_scope)

@@ -653,11 +653,21 @@ func (x *ModelInfo) GetBackend() string {
 }
 
 type OpenContextRequest struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Ctx           *ContextRef            `protobuf:"bytes,1,opt,name=ctx,proto3" json:"ctx,omitempty"`
-	Identity      *Identity              `protobuf:"bytes,2,opt,name=identity,proto3" json:"identity,omitempty"`
-	Mode          OpenMode               `protobuf:"varint,3,opt,name=mode,proto3,enum=hcache.v1.OpenMode" json:"mode,omitempty"`
-	Pinned        bool                   `protobuf:"varint,4,opt,name=pinned,proto3" json:"pinned,omitempty"` // CREATE only: never evicted
+	state    protoimpl.MessageState `protogen:"open.v1"`
+	Ctx      *ContextRef            `protobuf:"bytes,1,opt,name=ctx,proto3" json:"ctx,omitempty"`
+	Identity *Identity              `protobuf:"bytes,2,opt,name=identity,proto3" json:"identity,omitempty"`
+	Mode     OpenMode               `protobuf:"varint,3,opt,name=mode,proto3,enum=hcache.v1.OpenMode" json:"mode,omitempty"`
+	Pinned   bool                   `protobuf:"varint,4,opt,name=pinned,proto3" json:"pinned,omitempty"` // CREATE only: never evicted
+	// tokens makes the context token-addressed: the token ids of the whole
+	// context after this writer's appends (CREATE: the prompt; APPEND: the
+	// stored tokens followed by this turn's). Full chunk groups whose state
+	// is already stored in the namespace are shared, not written again; the
+	// reply's tokens say where the writer continues (rows before it are
+	// skipped by the caller). Empty: a context addressed by its id only.
+	Tokens []uint32 `protobuf:"varint,5,rep,packed,name=tokens,proto3" json:"tokens,omitempty"`
+	// salt joins the chain keys of a token-addressed context (vLLM's
+	// cache_salt): sharing needs the same namespace, identity and salt.
+	Salt          []byte `protobuf:"bytes,6,opt,name=salt,proto3" json:"salt,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -720,9 +730,23 @@ func (x *OpenContextRequest) GetPinned() bool {
 	return false
 }
 
+func (x *OpenContextRequest) GetTokens() []uint32 {
+	if x != nil {
+		return x.Tokens
+	}
+	return nil
+}
+
+func (x *OpenContextRequest) GetSalt() []byte {
+	if x != nil {
+		return x.Salt
+	}
+	return nil
+}
+
 type OpenContextReply struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
-	Tokens        uint64                 `protobuf:"varint,1,opt,name=tokens,proto3" json:"tokens,omitempty"` // durable tokens the writer continues from
+	Tokens        uint64                 `protobuf:"varint,1,opt,name=tokens,proto3" json:"tokens,omitempty"` // durable (or shared) tokens the writer continues from
 	ChunkTokens   uint32                 `protobuf:"varint,2,opt,name=chunk_tokens,json=chunkTokens,proto3" json:"chunk_tokens,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -833,10 +857,13 @@ func (x *AppendLayerRequest) GetRows() *Rows {
 }
 
 type AppendTokensRequest struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Ctx           *ContextRef            `protobuf:"bytes,1,opt,name=ctx,proto3" json:"ctx,omitempty"`
-	Count         uint32                 `protobuf:"varint,2,opt,name=count,proto3" json:"count,omitempty"` // tokens in rows
-	Rows          *Rows                  `protobuf:"bytes,3,opt,name=rows,proto3" json:"rows,omitempty"`    // count x (sum of the stored layers' row bytes), token-major
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Ctx   *ContextRef            `protobuf:"bytes,1,opt,name=ctx,proto3" json:"ctx,omitempty"`
+	Count uint32                 `protobuf:"varint,2,opt,name=count,proto3" json:"count,omitempty"` // tokens in rows
+	Rows  *Rows                  `protobuf:"bytes,3,opt,name=rows,proto3" json:"rows,omitempty"`    // count x (sum of the stored layers' row bytes), token-major
+	// token_ids: the ids of these tokens, for a token-addressed context
+	// (count of them); empty for a context addressed by its id only.
+	TokenIds      []uint32 `protobuf:"varint,4,rep,packed,name=token_ids,json=tokenIds,proto3" json:"token_ids,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -888,6 +915,13 @@ func (x *AppendTokensRequest) GetCount() uint32 {
 func (x *AppendTokensRequest) GetRows() *Rows {
 	if x != nil {
 		return x.Rows
+	}
+	return nil
+}
+
+func (x *AppendTokensRequest) GetTokenIds() []uint32 {
+	if x != nil {
+		return x.TokenIds
 	}
 	return nil
 }
@@ -1093,7 +1127,13 @@ type RestoreRequest struct {
 	MaxPieceBytes uint32       `protobuf:"varint,4,opt,name=max_piece_bytes,json=maxPieceBytes,proto3" json:"max_piece_bytes,omitempty"` // inline pieces: at most this many bytes (0: daemon default)
 	// project: hidden-state layers come back as K|V rows computed on the
 	// daemon's backend (the identity's model must be one the daemon loaded).
-	Project       bool `protobuf:"varint,5,opt,name=project,proto3" json:"project,omitempty"`
+	Project bool `protobuf:"varint,5,opt,name=project,proto3" json:"project,omitempty"`
+	// tokens: restore by tokens. With ctx.id empty, the longest stored prefix
+	// of tokens in ctx.namespace (whole chunk groups); with ctx.id set, that
+	// context's state, refused unless its token ids start with tokens' stored
+	// prefix. Every group's token ids are checked before its rows are sent.
+	Tokens        []uint32 `protobuf:"varint,6,rep,packed,name=tokens,proto3" json:"tokens,omitempty"`
+	Salt          []byte   `protobuf:"bytes,7,opt,name=salt,proto3" json:"salt,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1161,6 +1201,20 @@ func (x *RestoreRequest) GetProject() bool {
 		return x.Project
 	}
 	return false
+}
+
+func (x *RestoreRequest) GetTokens() []uint32 {
+	if x != nil {
+		return x.Tokens
+	}
+	return nil
+}
+
+func (x *RestoreRequest) GetSalt() []byte {
+	if x != nil {
+		return x.Salt
+	}
+	return nil
 }
 
 type RestoreChunk struct {
@@ -1799,6 +1853,238 @@ func (x *FsckReply) GetOrphans() []string {
 	return nil
 }
 
+type LookupRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Namespace     string                 `protobuf:"bytes,1,opt,name=namespace,proto3" json:"namespace,omitempty"`
+	Identity      *Identity              `protobuf:"bytes,2,opt,name=identity,proto3" json:"identity,omitempty"`
+	Tokens        []uint32               `protobuf:"varint,3,rep,packed,name=tokens,proto3" json:"tokens,omitempty"`
+	Salt          []byte                 `protobuf:"bytes,4,opt,name=salt,proto3" json:"salt,omitempty"`
+	Id            string                 `protobuf:"bytes,5,opt,name=id,proto3" json:"id,omitempty"` // optional: a context whose own partial tail counts too
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *LookupRequest) Reset() {
+	*x = LookupRequest{}
+	mi := &file_hcache_v1_hcache_proto_msgTypes[28]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *LookupRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*LookupRequest) ProtoMessage() {}
+
+func (x *LookupRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_hcache_v1_hcache_proto_msgTypes[28]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use LookupRequest.ProtoReflect.Descriptor instead.
+func (*LookupRequest) Descriptor() ([]byte, []int) {
+	return file_hcache_v1_hcache_proto_rawDescGZIP(), []int{28}
+}
+
+func (x *LookupRequest) GetNamespace() string {
+	if x != nil {
+		return x.Namespace
+	}
+	return ""
+}
+
+func (x *LookupRequest) GetIdentity() *Identity {
+	if x != nil {
+		return x.Identity
+	}
+	return nil
+}
+
+func (x *LookupRequest) GetTokens() []uint32 {
+	if x != nil {
+		return x.Tokens
+	}
+	return nil
+}
+
+func (x *LookupRequest) GetSalt() []byte {
+	if x != nil {
+		return x.Salt
+	}
+	return nil
+}
+
+func (x *LookupRequest) GetId() string {
+	if x != nil {
+		return x.Id
+	}
+	return ""
+}
+
+type LookupReply struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Tokens        uint64                 `protobuf:"varint,1,opt,name=tokens,proto3" json:"tokens,omitempty"` // leading tokens with stored state
+	ChunkTokens   uint32                 `protobuf:"varint,2,opt,name=chunk_tokens,json=chunkTokens,proto3" json:"chunk_tokens,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *LookupReply) Reset() {
+	*x = LookupReply{}
+	mi := &file_hcache_v1_hcache_proto_msgTypes[29]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *LookupReply) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*LookupReply) ProtoMessage() {}
+
+func (x *LookupReply) ProtoReflect() protoreflect.Message {
+	mi := &file_hcache_v1_hcache_proto_msgTypes[29]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use LookupReply.ProtoReflect.Descriptor instead.
+func (*LookupReply) Descriptor() ([]byte, []int) {
+	return file_hcache_v1_hcache_proto_rawDescGZIP(), []int{29}
+}
+
+func (x *LookupReply) GetTokens() uint64 {
+	if x != nil {
+		return x.Tokens
+	}
+	return 0
+}
+
+func (x *LookupReply) GetChunkTokens() uint32 {
+	if x != nil {
+		return x.ChunkTokens
+	}
+	return 0
+}
+
+type ForkRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Src           *ContextRef            `protobuf:"bytes,1,opt,name=src,proto3" json:"src,omitempty"`
+	DstId         string                 `protobuf:"bytes,2,opt,name=dst_id,json=dstId,proto3" json:"dst_id,omitempty"` // in src's namespace; ALREADY_EXISTS if it exists
+	Tokens        uint64                 `protobuf:"varint,3,opt,name=tokens,proto3" json:"tokens,omitempty"`           // the first tokens of src (at most its token count)
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ForkRequest) Reset() {
+	*x = ForkRequest{}
+	mi := &file_hcache_v1_hcache_proto_msgTypes[30]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ForkRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ForkRequest) ProtoMessage() {}
+
+func (x *ForkRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_hcache_v1_hcache_proto_msgTypes[30]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ForkRequest.ProtoReflect.Descriptor instead.
+func (*ForkRequest) Descriptor() ([]byte, []int) {
+	return file_hcache_v1_hcache_proto_rawDescGZIP(), []int{30}
+}
+
+func (x *ForkRequest) GetSrc() *ContextRef {
+	if x != nil {
+		return x.Src
+	}
+	return nil
+}
+
+func (x *ForkRequest) GetDstId() string {
+	if x != nil {
+		return x.DstId
+	}
+	return ""
+}
+
+func (x *ForkRequest) GetTokens() uint64 {
+	if x != nil {
+		return x.Tokens
+	}
+	return 0
+}
+
+type ForkReply struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Tokens        uint64                 `protobuf:"varint,1,opt,name=tokens,proto3" json:"tokens,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ForkReply) Reset() {
+	*x = ForkReply{}
+	mi := &file_hcache_v1_hcache_proto_msgTypes[31]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ForkReply) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ForkReply) ProtoMessage() {}
+
+func (x *ForkReply) ProtoReflect() protoreflect.Message {
+	mi := &file_hcache_v1_hcache_proto_msgTypes[31]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ForkReply.ProtoReflect.Descriptor instead.
+func (*ForkReply) Descriptor() ([]byte, []int) {
+	return file_hcache_v1_hcache_proto_rawDescGZIP(), []int{31}
+}
+
+func (x *ForkReply) GetTokens() uint64 {
+	if x != nil {
+		return x.Tokens
+	}
+	return 0
+}
+
 type GcRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	unknownFields protoimpl.UnknownFields
@@ -1807,7 +2093,7 @@ type GcRequest struct {
 
 func (x *GcRequest) Reset() {
 	*x = GcRequest{}
-	mi := &file_hcache_v1_hcache_proto_msgTypes[28]
+	mi := &file_hcache_v1_hcache_proto_msgTypes[32]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1819,7 +2105,7 @@ func (x *GcRequest) String() string {
 func (*GcRequest) ProtoMessage() {}
 
 func (x *GcRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_hcache_v1_hcache_proto_msgTypes[28]
+	mi := &file_hcache_v1_hcache_proto_msgTypes[32]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1832,7 +2118,7 @@ func (x *GcRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GcRequest.ProtoReflect.Descriptor instead.
 func (*GcRequest) Descriptor() ([]byte, []int) {
-	return file_hcache_v1_hcache_proto_rawDescGZIP(), []int{28}
+	return file_hcache_v1_hcache_proto_rawDescGZIP(), []int{32}
 }
 
 type GcReply struct {
@@ -1846,7 +2132,7 @@ type GcReply struct {
 
 func (x *GcReply) Reset() {
 	*x = GcReply{}
-	mi := &file_hcache_v1_hcache_proto_msgTypes[29]
+	mi := &file_hcache_v1_hcache_proto_msgTypes[33]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1858,7 +2144,7 @@ func (x *GcReply) String() string {
 func (*GcReply) ProtoMessage() {}
 
 func (x *GcReply) ProtoReflect() protoreflect.Message {
-	mi := &file_hcache_v1_hcache_proto_msgTypes[29]
+	mi := &file_hcache_v1_hcache_proto_msgTypes[33]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1871,7 +2157,7 @@ func (x *GcReply) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GcReply.ProtoReflect.Descriptor instead.
 func (*GcReply) Descriptor() ([]byte, []int) {
-	return file_hcache_v1_hcache_proto_rawDescGZIP(), []int{29}
+	return file_hcache_v1_hcache_proto_rawDescGZIP(), []int{33}
 }
 
 func (x *GcReply) GetSegments() int64 {
@@ -1938,23 +2224,26 @@ const file_hcache_v1_hcache_proto_rawDesc = "" +
 	"\x10hidden_row_bytes\x18\x04 \x01(\rR\x0ehiddenRowBytes\x12 \n" +
 	"\fkv_row_bytes\x18\x05 \x01(\rR\n" +
 	"kvRowBytes\x12\x18\n" +
-	"\abackend\x18\x06 \x01(\tR\abackend\"\xaf\x01\n" +
+	"\abackend\x18\x06 \x01(\tR\abackend\"\xdb\x01\n" +
 	"\x12OpenContextRequest\x12'\n" +
 	"\x03ctx\x18\x01 \x01(\v2\x15.hcache.v1.ContextRefR\x03ctx\x12/\n" +
 	"\bidentity\x18\x02 \x01(\v2\x13.hcache.v1.IdentityR\bidentity\x12'\n" +
 	"\x04mode\x18\x03 \x01(\x0e2\x13.hcache.v1.OpenModeR\x04mode\x12\x16\n" +
-	"\x06pinned\x18\x04 \x01(\bR\x06pinned\"M\n" +
+	"\x06pinned\x18\x04 \x01(\bR\x06pinned\x12\x16\n" +
+	"\x06tokens\x18\x05 \x03(\rR\x06tokens\x12\x12\n" +
+	"\x04salt\x18\x06 \x01(\fR\x04salt\"M\n" +
 	"\x10OpenContextReply\x12\x16\n" +
 	"\x06tokens\x18\x01 \x01(\x04R\x06tokens\x12!\n" +
 	"\fchunk_tokens\x18\x02 \x01(\rR\vchunkTokens\"x\n" +
 	"\x12AppendLayerRequest\x12'\n" +
 	"\x03ctx\x18\x01 \x01(\v2\x15.hcache.v1.ContextRefR\x03ctx\x12\x14\n" +
 	"\x05layer\x18\x02 \x01(\rR\x05layer\x12#\n" +
-	"\x04rows\x18\x03 \x01(\v2\x0f.hcache.v1.RowsR\x04rows\"y\n" +
+	"\x04rows\x18\x03 \x01(\v2\x0f.hcache.v1.RowsR\x04rows\"\x96\x01\n" +
 	"\x13AppendTokensRequest\x12'\n" +
 	"\x03ctx\x18\x01 \x01(\v2\x15.hcache.v1.ContextRefR\x03ctx\x12\x14\n" +
 	"\x05count\x18\x02 \x01(\rR\x05count\x12#\n" +
-	"\x04rows\x18\x03 \x01(\v2\x0f.hcache.v1.RowsR\x04rows\"%\n" +
+	"\x04rows\x18\x03 \x01(\v2\x0f.hcache.v1.RowsR\x04rows\x12\x1b\n" +
+	"\ttoken_ids\x18\x04 \x03(\rR\btokenIds\"%\n" +
 	"\vAppendReply\x12\x16\n" +
 	"\x06tokens\x18\x01 \x01(\x04R\x06tokens\"7\n" +
 	"\fFlushRequest\x12'\n" +
@@ -1964,13 +2253,15 @@ const file_hcache_v1_hcache_proto_rawDesc = "" +
 	"\x06tokens\x18\x01 \x01(\x04R\x06tokens\"X\n" +
 	"\x13CloseContextRequest\x12'\n" +
 	"\x03ctx\x18\x01 \x01(\v2\x15.hcache.v1.ContextRefR\x03ctx\x12\x18\n" +
-	"\aabandon\x18\x02 \x01(\bR\aabandon\"\xdc\x01\n" +
+	"\aabandon\x18\x02 \x01(\bR\aabandon\"\x88\x02\n" +
 	"\x0eRestoreRequest\x12'\n" +
 	"\x03ctx\x18\x01 \x01(\v2\x15.hcache.v1.ContextRefR\x03ctx\x12/\n" +
 	"\bidentity\x18\x02 \x01(\v2\x13.hcache.v1.IdentityR\bidentity\x12.\n" +
 	"\x06region\x18\x03 \x01(\v2\x16.hcache.v1.RegionSliceR\x06region\x12&\n" +
 	"\x0fmax_piece_bytes\x18\x04 \x01(\rR\rmaxPieceBytes\x12\x18\n" +
-	"\aproject\x18\x05 \x01(\bR\aproject\"\x82\x02\n" +
+	"\aproject\x18\x05 \x01(\bR\aproject\x12\x16\n" +
+	"\x06tokens\x18\x06 \x03(\rR\x06tokens\x12\x12\n" +
+	"\x04salt\x18\a \x01(\fR\x04salt\"\x82\x02\n" +
 	"\fRestoreChunk\x12\x14\n" +
 	"\x05layer\x18\x01 \x01(\rR\x05layer\x12\x16\n" +
 	"\x06tokens\x18\x02 \x01(\x04R\x06tokens\x12\x1b\n" +
@@ -2016,7 +2307,22 @@ const file_hcache_v1_hcache_proto_rawDesc = "" +
 	"\bsegments\x18\x04 \x01(\x03R\bsegments\x12\x16\n" +
 	"\x06errors\x18\x05 \x03(\tR\x06errors\x12)\n" +
 	"\x10damaged_contexts\x18\x06 \x03(\tR\x0fdamagedContexts\x12\x18\n" +
-	"\aorphans\x18\a \x03(\tR\aorphans\"\v\n" +
+	"\aorphans\x18\a \x03(\tR\aorphans\"\x9a\x01\n" +
+	"\rLookupRequest\x12\x1c\n" +
+	"\tnamespace\x18\x01 \x01(\tR\tnamespace\x12/\n" +
+	"\bidentity\x18\x02 \x01(\v2\x13.hcache.v1.IdentityR\bidentity\x12\x16\n" +
+	"\x06tokens\x18\x03 \x03(\rR\x06tokens\x12\x12\n" +
+	"\x04salt\x18\x04 \x01(\fR\x04salt\x12\x0e\n" +
+	"\x02id\x18\x05 \x01(\tR\x02id\"H\n" +
+	"\vLookupReply\x12\x16\n" +
+	"\x06tokens\x18\x01 \x01(\x04R\x06tokens\x12!\n" +
+	"\fchunk_tokens\x18\x02 \x01(\rR\vchunkTokens\"e\n" +
+	"\vForkRequest\x12'\n" +
+	"\x03src\x18\x01 \x01(\v2\x15.hcache.v1.ContextRefR\x03src\x12\x15\n" +
+	"\x06dst_id\x18\x02 \x01(\tR\x05dstId\x12\x16\n" +
+	"\x06tokens\x18\x03 \x01(\x04R\x06tokens\"#\n" +
+	"\tForkReply\x12\x16\n" +
+	"\x06tokens\x18\x01 \x01(\x04R\x06tokens\"\v\n" +
 	"\tGcRequest\"k\n" +
 	"\aGcReply\x12\x1a\n" +
 	"\bsegments\x18\x01 \x01(\x03R\bsegments\x12#\n" +
@@ -2033,7 +2339,7 @@ const file_hcache_v1_hcache_proto_rawDesc = "" +
 	"\n" +
 	"\x06CREATE\x10\x01\x12\n" +
 	"\n" +
-	"\x06APPEND\x10\x022\x9b\x06\n" +
+	"\x06APPEND\x10\x022\x8d\a\n" +
 	"\x06HCache\x124\n" +
 	"\x04Info\x12\x16.hcache.v1.InfoRequest\x1a\x14.hcache.v1.InfoReply\x12I\n" +
 	"\vOpenContext\x12\x1d.hcache.v1.OpenContextRequest\x1a\x1b.hcache.v1.OpenContextReply\x12D\n" +
@@ -2047,7 +2353,9 @@ const file_hcache_v1_hcache_proto_rawDesc = "" +
 	"\x06Delete\x12\x18.hcache.v1.DeleteRequest\x1a\x16.hcache.v1.DeleteReply\x121\n" +
 	"\x03Pin\x12\x15.hcache.v1.PinRequest\x1a\x13.hcache.v1.PinReply\x124\n" +
 	"\x04Fsck\x12\x16.hcache.v1.FsckRequest\x1a\x14.hcache.v1.FsckReply\x12.\n" +
-	"\x02Gc\x12\x14.hcache.v1.GcRequest\x1a\x12.hcache.v1.GcReplyB3Z1github.com/hcache/hcache/proto/hcache/v1;hcachev1b\x06proto3"
+	"\x02Gc\x12\x14.hcache.v1.GcRequest\x1a\x12.hcache.v1.GcReply\x12:\n" +
+	"\x06Lookup\x12\x18.hcache.v1.LookupRequest\x1a\x16.hcache.v1.LookupReply\x124\n" +
+	"\x04Fork\x12\x16.hcache.v1.ForkRequest\x1a\x14.hcache.v1.ForkReplyB3Z1github.com/hcache/hcache/proto/hcache/v1;hcachev1b\x06proto3"
 
 var (
 	file_hcache_v1_hcache_proto_rawDescOnce sync.Once
@@ -2062,7 +2370,7 @@ func file_hcache_v1_hcache_proto_rawDescGZIP() []byte {
 }
 
 var file_hcache_v1_hcache_proto_enumTypes = make([]protoimpl.EnumInfo, 2)
-var file_hcache_v1_hcache_proto_msgTypes = make([]protoimpl.MessageInfo, 30)
+var file_hcache_v1_hcache_proto_msgTypes = make([]protoimpl.MessageInfo, 34)
 var file_hcache_v1_hcache_proto_goTypes = []any{
 	(LayerKind)(0),              // 0: hcache.v1.LayerKind
 	(OpenMode)(0),               // 1: hcache.v1.OpenMode
@@ -2094,8 +2402,12 @@ var file_hcache_v1_hcache_proto_goTypes = []any{
 	(*PinReply)(nil),            // 27: hcache.v1.PinReply
 	(*FsckRequest)(nil),         // 28: hcache.v1.FsckRequest
 	(*FsckReply)(nil),           // 29: hcache.v1.FsckReply
-	(*GcRequest)(nil),           // 30: hcache.v1.GcRequest
-	(*GcReply)(nil),             // 31: hcache.v1.GcReply
+	(*LookupRequest)(nil),       // 30: hcache.v1.LookupRequest
+	(*LookupReply)(nil),         // 31: hcache.v1.LookupReply
+	(*ForkRequest)(nil),         // 32: hcache.v1.ForkRequest
+	(*ForkReply)(nil),           // 33: hcache.v1.ForkReply
+	(*GcRequest)(nil),           // 34: hcache.v1.GcRequest
+	(*GcReply)(nil),             // 35: hcache.v1.GcReply
 }
 var file_hcache_v1_hcache_proto_depIdxs = []int32{
 	0,  // 0: hcache.v1.LayerPlan.kind:type_name -> hcache.v1.LayerKind
@@ -2121,37 +2433,43 @@ var file_hcache_v1_hcache_proto_depIdxs = []int32{
 	21, // 20: hcache.v1.ListReply.contexts:type_name -> hcache.v1.ContextInfo
 	4,  // 21: hcache.v1.DeleteRequest.ctx:type_name -> hcache.v1.ContextRef
 	4,  // 22: hcache.v1.PinRequest.ctx:type_name -> hcache.v1.ContextRef
-	7,  // 23: hcache.v1.HCache.Info:input_type -> hcache.v1.InfoRequest
-	10, // 24: hcache.v1.HCache.OpenContext:input_type -> hcache.v1.OpenContextRequest
-	12, // 25: hcache.v1.HCache.AppendLayer:input_type -> hcache.v1.AppendLayerRequest
-	13, // 26: hcache.v1.HCache.AppendTokens:input_type -> hcache.v1.AppendTokensRequest
-	15, // 27: hcache.v1.HCache.Flush:input_type -> hcache.v1.FlushRequest
-	17, // 28: hcache.v1.HCache.CloseContext:input_type -> hcache.v1.CloseContextRequest
-	18, // 29: hcache.v1.HCache.Restore:input_type -> hcache.v1.RestoreRequest
-	20, // 30: hcache.v1.HCache.Stat:input_type -> hcache.v1.StatRequest
-	22, // 31: hcache.v1.HCache.List:input_type -> hcache.v1.ListRequest
-	24, // 32: hcache.v1.HCache.Delete:input_type -> hcache.v1.DeleteRequest
-	26, // 33: hcache.v1.HCache.Pin:input_type -> hcache.v1.PinRequest
-	28, // 34: hcache.v1.HCache.Fsck:input_type -> hcache.v1.FsckRequest
-	30, // 35: hcache.v1.HCache.Gc:input_type -> hcache.v1.GcRequest
-	8,  // 36: hcache.v1.HCache.Info:output_type -> hcache.v1.InfoReply
-	11, // 37: hcache.v1.HCache.OpenContext:output_type -> hcache.v1.OpenContextReply
-	14, // 38: hcache.v1.HCache.AppendLayer:output_type -> hcache.v1.AppendReply
-	14, // 39: hcache.v1.HCache.AppendTokens:output_type -> hcache.v1.AppendReply
-	16, // 40: hcache.v1.HCache.Flush:output_type -> hcache.v1.FlushReply
-	16, // 41: hcache.v1.HCache.CloseContext:output_type -> hcache.v1.FlushReply
-	19, // 42: hcache.v1.HCache.Restore:output_type -> hcache.v1.RestoreChunk
-	21, // 43: hcache.v1.HCache.Stat:output_type -> hcache.v1.ContextInfo
-	23, // 44: hcache.v1.HCache.List:output_type -> hcache.v1.ListReply
-	25, // 45: hcache.v1.HCache.Delete:output_type -> hcache.v1.DeleteReply
-	27, // 46: hcache.v1.HCache.Pin:output_type -> hcache.v1.PinReply
-	29, // 47: hcache.v1.HCache.Fsck:output_type -> hcache.v1.FsckReply
-	31, // 48: hcache.v1.HCache.Gc:output_type -> hcache.v1.GcReply
-	36, // [36:49] is the sub-list for method output_type
-	23, // [23:36] is the sub-list for method input_type
-	23, // [23:23] is the sub-list for extension type_name
-	23, // [23:23] is the sub-list for extension extendee
-	0,  // [0:23] is the sub-list for field type_name
+	3,  // 23: hcache.v1.LookupRequest.identity:type_name -> hcache.v1.Identity
+	4,  // 24: hcache.v1.ForkRequest.src:type_name -> hcache.v1.ContextRef
+	7,  // 25: hcache.v1.HCache.Info:input_type -> hcache.v1.InfoRequest
+	10, // 26: hcache.v1.HCache.OpenContext:input_type -> hcache.v1.OpenContextRequest
+	12, // 27: hcache.v1.HCache.AppendLayer:input_type -> hcache.v1.AppendLayerRequest
+	13, // 28: hcache.v1.HCache.AppendTokens:input_type -> hcache.v1.AppendTokensRequest
+	15, // 29: hcache.v1.HCache.Flush:input_type -> hcache.v1.FlushRequest
+	17, // 30: hcache.v1.HCache.CloseContext:input_type -> hcache.v1.CloseContextRequest
+	18, // 31: hcache.v1.HCache.Restore:input_type -> hcache.v1.RestoreRequest
+	20, // 32: hcache.v1.HCache.Stat:input_type -> hcache.v1.StatRequest
+	22, // 33: hcache.v1.HCache.List:input_type -> hcache.v1.ListRequest
+	24, // 34: hcache.v1.HCache.Delete:input_type -> hcache.v1.DeleteRequest
+	26, // 35: hcache.v1.HCache.Pin:input_type -> hcache.v1.PinRequest
+	28, // 36: hcache.v1.HCache.Fsck:input_type -> hcache.v1.FsckRequest
+	34, // 37: hcache.v1.HCache.Gc:input_type -> hcache.v1.GcRequest
+	30, // 38: hcache.v1.HCache.Lookup:input_type -> hcache.v1.LookupRequest
+	32, // 39: hcache.v1.HCache.Fork:input_type -> hcache.v1.ForkRequest
+	8,  // 40: hcache.v1.HCache.Info:output_type -> hcache.v1.InfoReply
+	11, // 41: hcache.v1.HCache.OpenContext:output_type -> hcache.v1.OpenContextReply
+	14, // 42: hcache.v1.HCache.AppendLayer:output_type -> hcache.v1.AppendReply
+	14, // 43: hcache.v1.HCache.AppendTokens:output_type -> hcache.v1.AppendReply
+	16, // 44: hcache.v1.HCache.Flush:output_type -> hcache.v1.FlushReply
+	16, // 45: hcache.v1.HCache.CloseContext:output_type -> hcache.v1.FlushReply
+	19, // 46: hcache.v1.HCache.Restore:output_type -> hcache.v1.RestoreChunk
+	21, // 47: hcache.v1.HCache.Stat:output_type -> hcache.v1.ContextInfo
+	23, // 48: hcache.v1.HCache.List:output_type -> hcache.v1.ListReply
+	25, // 49: hcache.v1.HCache.Delete:output_type -> hcache.v1.DeleteReply
+	27, // 50: hcache.v1.HCache.Pin:output_type -> hcache.v1.PinReply
+	29, // 51: hcache.v1.HCache.Fsck:output_type -> hcache.v1.FsckReply
+	35, // 52: hcache.v1.HCache.Gc:output_type -> hcache.v1.GcReply
+	31, // 53: hcache.v1.HCache.Lookup:output_type -> hcache.v1.LookupReply
+	33, // 54: hcache.v1.HCache.Fork:output_type -> hcache.v1.ForkReply
+	40, // [40:55] is the sub-list for method output_type
+	25, // [25:40] is the sub-list for method input_type
+	25, // [25:25] is the sub-list for extension type_name
+	25, // [25:25] is the sub-list for extension extendee
+	0,  // [0:25] is the sub-list for field type_name
 }
 
 func init() { file_hcache_v1_hcache_proto_init() }
@@ -2169,7 +2487,7 @@ func file_hcache_v1_hcache_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_hcache_v1_hcache_proto_rawDesc), len(file_hcache_v1_hcache_proto_rawDesc)),
 			NumEnums:      2,
-			NumMessages:   30,
+			NumMessages:   34,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

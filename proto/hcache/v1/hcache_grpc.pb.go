@@ -40,6 +40,8 @@ const (
 	HCache_Pin_FullMethodName          = "/hcache.v1.HCache/Pin"
 	HCache_Fsck_FullMethodName         = "/hcache.v1.HCache/Fsck"
 	HCache_Gc_FullMethodName           = "/hcache.v1.HCache/Gc"
+	HCache_Lookup_FullMethodName       = "/hcache.v1.HCache/Lookup"
+	HCache_Fork_FullMethodName         = "/hcache.v1.HCache/Fork"
 )
 
 // HCacheClient is the client API for HCache service.
@@ -74,6 +76,14 @@ type HCacheClient interface {
 	Fsck(ctx context.Context, in *FsckRequest, opts ...grpc.CallOption) (*FsckReply, error)
 	// Gc compacts segments below the live ratio (admin only).
 	Gc(ctx context.Context, in *GcRequest, opts ...grpc.CallOption) (*GcReply, error)
+	// Lookup answers how many leading tokens of a prompt have stored state in
+	// a namespace under an identity (whole chunk groups, plus a named
+	// context's partial tail when id is set and its tokens match). It reads
+	// nothing but the index.
+	Lookup(ctx context.Context, in *LookupRequest, opts ...grpc.CallOption) (*LookupReply, error)
+	// Fork starts context dst from the first tokens of src: full chunk groups
+	// are shared, only a partial tail is copied.
+	Fork(ctx context.Context, in *ForkRequest, opts ...grpc.CallOption) (*ForkReply, error)
 }
 
 type hCacheClient struct {
@@ -223,6 +233,26 @@ func (c *hCacheClient) Gc(ctx context.Context, in *GcRequest, opts ...grpc.CallO
 	return out, nil
 }
 
+func (c *hCacheClient) Lookup(ctx context.Context, in *LookupRequest, opts ...grpc.CallOption) (*LookupReply, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(LookupReply)
+	err := c.cc.Invoke(ctx, HCache_Lookup_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *hCacheClient) Fork(ctx context.Context, in *ForkRequest, opts ...grpc.CallOption) (*ForkReply, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(ForkReply)
+	err := c.cc.Invoke(ctx, HCache_Fork_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // HCacheServer is the server API for HCache service.
 // All implementations must embed UnimplementedHCacheServer
 // for forward compatibility.
@@ -255,6 +285,14 @@ type HCacheServer interface {
 	Fsck(context.Context, *FsckRequest) (*FsckReply, error)
 	// Gc compacts segments below the live ratio (admin only).
 	Gc(context.Context, *GcRequest) (*GcReply, error)
+	// Lookup answers how many leading tokens of a prompt have stored state in
+	// a namespace under an identity (whole chunk groups, plus a named
+	// context's partial tail when id is set and its tokens match). It reads
+	// nothing but the index.
+	Lookup(context.Context, *LookupRequest) (*LookupReply, error)
+	// Fork starts context dst from the first tokens of src: full chunk groups
+	// are shared, only a partial tail is copied.
+	Fork(context.Context, *ForkRequest) (*ForkReply, error)
 	mustEmbedUnimplementedHCacheServer()
 }
 
@@ -303,6 +341,12 @@ func (UnimplementedHCacheServer) Fsck(context.Context, *FsckRequest) (*FsckReply
 }
 func (UnimplementedHCacheServer) Gc(context.Context, *GcRequest) (*GcReply, error) {
 	return nil, status.Errorf(codes.Unimplemented, "method Gc not implemented")
+}
+func (UnimplementedHCacheServer) Lookup(context.Context, *LookupRequest) (*LookupReply, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method Lookup not implemented")
+}
+func (UnimplementedHCacheServer) Fork(context.Context, *ForkRequest) (*ForkReply, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method Fork not implemented")
 }
 func (UnimplementedHCacheServer) mustEmbedUnimplementedHCacheServer() {}
 func (UnimplementedHCacheServer) testEmbeddedByValue()                {}
@@ -552,6 +596,42 @@ func _HCache_Gc_Handler(srv interface{}, ctx context.Context, dec func(interface
 	return interceptor(ctx, in, info, handler)
 }
 
+func _HCache_Lookup_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(LookupRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(HCacheServer).Lookup(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: HCache_Lookup_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(HCacheServer).Lookup(ctx, req.(*LookupRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _HCache_Fork_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ForkRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(HCacheServer).Fork(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: HCache_Fork_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(HCacheServer).Fork(ctx, req.(*ForkRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // HCache_ServiceDesc is the grpc.ServiceDesc for HCache service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -606,6 +686,14 @@ var HCache_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "Gc",
 			Handler:    _HCache_Gc_Handler,
+		},
+		{
+			MethodName: "Lookup",
+			Handler:    _HCache_Lookup_Handler,
+		},
+		{
+			MethodName: "Fork",
+			Handler:    _HCache_Fork_Handler,
 		},
 	},
 	Streams: []grpc.StreamDesc{
