@@ -2,7 +2,7 @@
 // streams that a serving engine's prefix cache sees, as token ids, with
 // their own exact count of unique prefix groups and the hits an ideal
 // token-addressed store gives each request. `hcache bench prefix` drives a
-// store and the file-per-chunk peer with them; `hcache simulate --prefix`
+// store and the file-per-chunk-hash peer with them; `hcache simulate prefix`
 // prices their hits on a profile.
 //
 // # Requests
