@@ -59,6 +59,7 @@ type ChainFiles struct {
 	bs    int // file system block size
 
 	mu     sync.Mutex
+	hasher state.ChainHasher        // lookups' keys (under mu)
 	index  map[state.ChainKey]int64 // key -> file bytes
 	puts   map[state.ChainKey]bool  // keys being written (LMCache's put_tasks)
 	direct bool                     // O_DIRECT still works here (EINVAL turns it off)
@@ -229,7 +230,7 @@ func (f *ChainFiles) Lookup(_ string, tokens []uint32) (int, error) {
 	defer f.mu.Unlock()
 	n := 0
 	for (n+1)*ct <= len(tokens) {
-		parent = f.chain.Next(parent, tokens[n*ct:(n+1)*ct])
+		parent = f.hasher.Next(f.chain, parent, tokens[n*ct:(n+1)*ct])
 		if _, ok := f.index[parent]; !ok {
 			break
 		}
