@@ -25,8 +25,9 @@ var layers = [][]string{
 	// internal/'s plumbing (fp16/bf16, float32 kernels, progress, medians,
 	// test rows, byte sizes), and the store's on-disk encodings (chunk/format).
 	{"internal/...", "state", "proto/hcache/v1", "profiles", "iouring", "fuzz/faultfs", "bench/fio", "chunk/format"},
-	// 1: the model (configs, weights, reference forward pass) and the index.
-	{"model", "lsm"},
+	// 1: the model (configs, weights, reference forward pass), the index, and
+	// the shared-prefix workloads (token ids and their chain keys).
+	{"model", "lsm", "bench/prefixwl"},
 	// 2: the storage engine, and the projection backends' interface.
 	{"chunk", "gpu"},
 	// 3: the CUDA backend, planning, the Go client, the remote tier.
@@ -36,7 +37,7 @@ var layers = [][]string{
 	// 5: the daemon, the crash harness, benchmarks of one part.
 	{"daemon", "fuzz/crash", "bench/peer", "bench/benchio", "bench/benchstore", "bench/profiler"},
 	// 6: benchmarks that combine parts, and the demo.
-	{"bench/compare", "bench/gpubench", "bench/benchpipe", "bench/benchdaemon", "bench/benchfleet", "cmd/hcache/demo"},
+	{"bench/compare", "bench/gpubench", "bench/benchpipe", "bench/benchdaemon", "bench/benchfleet", "bench/benchprefix", "cmd/hcache/demo"},
 	// 7: the commands and the fuzz targets.
 	{"cmd/hcache", "cmd/hcached", "fuzz"},
 }

@@ -83,6 +83,15 @@
 //
 // The figures of `hcache simulate` (every model and workload on `a100-pm9a3x4`, and `h200-nvme`), against the paper's, are in bench/results/simulate-2026-12-03/README.md.
 //
+// # Shared prefixes
+//
+// `hcache simulate prefix --workload chat|docqa|agent` (SimulatePrefix, in
+// prefix.go) prices the requests of a shared-prefix workload
+// (bench/prefixwl) with two hits each: what a restore by conversation id
+// covers and what a lookup by tokens covers (group-aligned, or the named
+// context's own tail). TTFT = restore of the hit + prefill of the rest; the
+// figures are in bench/results/prefix-2026-12-03/README.md.
+//
 // # Limits
 //
 // Limits: the cost model ignores contention between concurrent restores and
