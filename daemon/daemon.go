@@ -88,6 +88,10 @@ type Config struct {
 	// and any local user can read it.
 	MetricsNamespaces   bool
 	MaxTokensPerContext uint64
+	// MaxRequestTokens bounds the token ids of one request (Lookup,
+	// OpenContext's tokens, Restore by tokens, AppendTokens' token_ids).
+	// Default DefaultMaxRequestTokens.
+	MaxRequestTokens uint64
 	MaxInflight         int   // concurrent RPCs per client connection
 	MaxConnsPerUID      int   // unix connections per user
 	MaxMessageBytes     int   // gRPC message size, both ways
@@ -130,6 +134,9 @@ func (c *Config) fill() error {
 	}
 	if c.MaxTokensPerContext == 0 {
 		c.MaxTokensPerContext = DefaultMaxTokensPerContext
+	}
+	if c.MaxRequestTokens == 0 {
+		c.MaxRequestTokens = DefaultMaxRequestTokens
 	}
 	if c.MaxRegionBytes == 0 {
 		c.MaxRegionBytes = DefaultMaxRegionBytes
