@@ -5,6 +5,8 @@ import (
 	"context"
 	"fmt"
 	"math/rand"
+	"net"
+	"strings"
 	"testing"
 
 	"google.golang.org/grpc/codes"
@@ -354,4 +356,57 @@ func TestPrefixBadInput(t *testing.T) {
 		t.Fatal(err)
 	}
 	checkTokens(t, c, "tok after the refusals", hc.Prefix{Namespace: "ns", Identity: ident, Tokens: prompt, ID: "tok"}, prompt, len(prompt))
+}
+
+// TestPrefixSharedMemoryAndMetrics: a restore by tokens into a shared
+// region places the stored prefix's layers as the inline one sends them;
+// /metrics counts lookups, their hit tokens and the shared groups' bytes.
+func TestPrefixSharedMemoryAndMetrics(t *testing.T) {
+	ln, _ := net.Listen("tcp", "127.0.0.1:0")
+	addr := ln.Addr().String()
+	ln.Close()
+	e := start(t, func(c *daemon.Config) { c.Metrics = addr })
+	ctx := context.Background()
+	c := e.dial()
+	info, _ := c.Info(ctx)
+	ct := int(info.GetChunkTokens())
+	prompt := randTokens(rand.New(rand.NewSource(3)), 2*ct+7)
+	saveTokens(t, c, "ns", "p", prompt, nil, nil)
+	g, err := c.NewRegion(ctx, 1<<20)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer g.Close()
+	p := hc.Prefix{Namespace: "ns", Identity: ident, Tokens: append(append([]uint32(nil), prompt...), 1, 2, 3)}
+	n, err := c.RestoreTokensInto(ctx, p, g, 0, uint64(len(g.Mem)), func(layer int, rows []byte) error {
+		if !bytes.Equal(rows, tokRows(prompt, layer, 0, 2*ct, int(ident.Plan[layer].RowBytes))) {
+			return fmt.Errorf("layer %d differs in the region", layer)
+		}
+		return nil
+	})
+	if err != nil || n != uint64(2*ct) {
+		t.Fatalf("restore by tokens into a region: %d, %v; want %d", n, err, 2*ct)
+	}
+	for _, q := range [][]uint32{prompt, {prompt[0] + 1}} {
+		if _, _, err := c.Lookup(ctx, hc.Prefix{Namespace: "ns", Identity: ident, Tokens: q}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	body := httpGet(t, "http://"+addr+"/metrics")
+	for _, want := range []string{
+		`hcache_lookups_total{result="hit"} 1`,
+		`hcache_lookups_total{result="miss"} 1`,
+		fmt.Sprintf("hcache_lookup_hit_tokens_total %d", 2*ct),
+		"hcache_shared_groups 2",
+		"hcache_shared_bytes ",
+		"hcache_groups_written_total 2",
+		"hcache_chain_collisions_total 0",
+	} {
+		if !strings.Contains(body, want) {
+			t.Errorf("metrics lack %q", want)
+		}
+	}
+	if strings.Contains(body, "hcache_shared_bytes 0\n") {
+		t.Error("hcache_shared_bytes is 0 with two groups stored")
+	}
 }
