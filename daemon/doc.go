@@ -103,9 +103,15 @@
 // fork in a namespace not granted is `PERMISSION_DENIED`, checked before the
 // store is asked anything, so it is never a count (a prefix lookup is a
 // timing oracle of other tenants' prompts). A salt separates callers inside
-// a namespace. Quotas count contexts' own rows (their tails): a shared group
-// is paid once, by the store (`hcache_shared_bytes`), not by a namespace.
-// Token lists are bounded by `--max-request-tokens`.
+// a namespace. Quotas count logical rows, as for any context: a context's
+// tokens x its row bytes, shared groups included, so each sharer pays for
+// the prefix it can restore and a namespace's usage does not depend on
+// which of its contexts wrote a group first or is deleted first; the disk
+// holds a shared group once (`hcache_shared_bytes`; the store's
+// `--capacity` and eviction count it once). Charging a namespace once per
+// group would need the store to report group bytes per namespace (it
+// reports them for the store as a whole). Token lists are bounded by
+// `--max-request-tokens`.
 //
 // # Bulk bytes
 //

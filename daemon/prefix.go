@@ -134,8 +134,16 @@ func (s *Server) Fork(ctx context.Context, req *hcachev1.ForkRequest) (*hcachev1
 	if serr != nil {
 		return nil, serr
 	}
+	// The fork's tokens count toward the quota like any context's
+	// (shared groups included; daemon doc, Tenancy).
+	held := int64(req.GetTokens()) * rowSum(info.Identity)
+	if err := s.reserve(ns, held); err != nil {
+		done(false)
+		return nil, err
+	}
 	err = s.store.Fork(ns, src, dst, int(req.GetTokens()))
 	done(err == nil)
+	s.unreserve(ns, held) // recount counts the fork from the store
 	if err != nil {
 		return nil, s.prefixErr(err)
 	}
@@ -176,4 +184,19 @@ func (s *Server) continueTokens(w *chunk.Writer, ns, id string, ident *chunk.Ide
 		return s.prefixErr(err)
 	}
 	return nil
+}
+
+// reserveShared reserves, against the namespace's quota, the rows of the
+// leading tokens a create by tokens will share (what a lookup finds now)
+// and returns the bytes held.
+func (s *Server) reserveShared(ns string, ident *chunk.Identity, tokens []uint32, salt []byte) (int64, error) {
+	n, err := s.store.Lookup(chunk.Prefix{Namespace: ns, Salt: salt, Identity: ident, Tokens: tokens})
+	if err != nil {
+		return 0, s.prefixErr(err)
+	}
+	held := int64(n) * rowSum(ident)
+	if err := s.reserve(ns, held); err != nil {
+		return 0, err
+	}
+	return held, nil
 }

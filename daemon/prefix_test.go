@@ -410,3 +410,45 @@ func TestPrefixSharedMemoryAndMetrics(t *testing.T) {
 		t.Error("hcache_shared_bytes is 0 with two groups stored")
 	}
 }
+
+// TestPrefixQuotaCountsSharedTokens: a namespace's quota counts the tokens
+// a context shares as its own (logical rows, daemon doc "State addressed by
+// its tokens"): a create by tokens whose shared prefix would pass the quota
+// is refused before anything is created, as is a fork; one that fits is
+// charged for its shared tokens, so its tail then passes the quota.
+func TestPrefixQuotaCountsSharedTokens(t *testing.T) {
+	const ct = 64 // the store's default chunk tokens
+	row := int64(ident.TokenBytes())
+	promptA := randTokens(rand.New(rand.NewSource(5)), 2*ct+8)
+	promptB := append(append([]uint32(nil), promptA[:2*ct]...), randTokens(rand.New(rand.NewSource(6)), 8)...)
+	for _, cs := range []struct {
+		name  string
+		quota int64
+	}{
+		{"shared prefix over the quota", row * int64(len(promptA)+2*ct-1)},
+		{"tail over the quota", row * int64(len(promptA)+2*ct+4)},
+	} {
+		t.Run(cs.name, func(t *testing.T) {
+			e := start(t, func(c *daemon.Config) { c.Quotas = map[string]int64{"q": cs.quota} })
+			ctx := context.Background()
+			c := e.dial()
+			if info, _ := c.Info(ctx); info.GetChunkTokens() != ct {
+				t.Fatalf("chunk tokens %d, the test assumes %d", info.GetChunkTokens(), ct)
+			}
+			saveTokens(t, c, "q", "A", promptA, nil, nil)
+			w, err := c.CreateTokens(ctx, "q", "B", ident, promptB, nil, false)
+			if cs.quota < row*int64(len(promptA)+2*ct) {
+				wantCode(t, "create sharing past the quota", err, codes.ResourceExhausted)
+				_, err := c.Stat(ctx, "q", "B")
+				wantCode(t, "the refused context", err, codes.NotFound)
+				wantCode(t, "fork past the quota", c.Fork(ctx, "q", "A", "A2", uint64(2*ct)), codes.ResourceExhausted)
+				return
+			}
+			if err != nil || w.Tokens != 2*ct {
+				t.Fatalf("create B: %v, %v", w, err)
+			}
+			wantCode(t, "B's tail past the quota", w.AppendLayer(ctx, 0, tokRows(promptB, 0, 2*ct, 8, 64)), codes.ResourceExhausted)
+			w.Close(ctx)
+		})
+	}
+}

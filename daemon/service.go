@@ -226,7 +226,20 @@ func (s *Server) OpenContext(ctx context.Context, req *hcachev1.OpenContextReque
 			return nil, serr
 		}
 		if len(tokens) > 0 {
-			w, _, err = s.store.CreateTokens(ns, id, ident, tokens, chunk.CreateOptions{Pinned: req.GetPinned(), Salt: salt})
+			// The shared groups count toward the quota as the context's
+			// own tokens (daemon doc, Tenancy): reserve them first.
+			var held int64
+			if held, err = s.reserveShared(ns, ident, tokens, salt); err != nil {
+				done(false)
+				return nil, err
+			}
+			var stored int
+			w, stored, err = s.store.CreateTokens(ns, id, ident, tokens, chunk.CreateOptions{Pinned: req.GetPinned(), Salt: salt})
+			got := int64(0)
+			if err == nil {
+				got = int64(stored) * rowSum(ident)
+			}
+			s.unreserve(ns, held-got) // what was reserved and not shared (or all, on failure)
 		} else {
 			w, err = s.store.Create(ns, id, ident, chunk.CreateOptions{Pinned: req.GetPinned()})
 		}
