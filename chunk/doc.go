@@ -124,7 +124,16 @@
 // and dropped in the same batch as the delete (or eviction) of its last
 // referencing context (after that delete's tombstone is durable, as for
 // any delete). GC moves group records like any record and re-points their
-// entries. Quotas: a shared group is paid for once, by the store as a
+// entries. Eviction evicts whole contexts, least recently used first,
+// counting what a victim frees (its tail, and the groups it holds the last
+// reference to); a token-addressed context ranks as if used up to
+// Options.EvictSharedBonus later, scaled by the share of its bytes other
+// contexts also reference (TestEvictionPrefersUnshared measures it). A
+// reference taken to a group still being written fails the referencing
+// writer's Flush if that write fails. Repair rebuilds group entries and
+// token-addressed contexts from their version 3 records (a group is
+// adopted iff a live context's chain reaches it); fsck checks group
+// records, reference counts and chains read-only. Quotas: a shared group is paid for once, by the store as a
 // whole (Stats.GroupBytes; LiveBytes counts it once); a context's
 // ContextInfo.LiveBytes counts only its own records (its tail), so the
 // daemon's per-namespace limits, which count contexts, are unaffected by

@@ -148,6 +148,9 @@ type ContextInfo struct {
 	Damaged       bool
 	LastUse       time.Time
 	Identity      *Identity
+	// TokenAddressed: created by CreateTokens or Fork (its full groups are
+	// shared group records; LiveBytes counts only its own tail).
+	TokenAddressed bool
 }
 
 // Contexts lists the contexts, sorted by namespace and id.
@@ -162,7 +165,7 @@ func (s *Store) Contexts() []ContextInfo {
 		out = append(out, ContextInfo{
 			Namespace: c.ns, ID: c.id, Tokens: c.rec.Tokens, Gen: c.rec.Gen, LiveBytes: c.live,
 			Pinned: c.rec.Flags&lsm.FlagPinned != 0, Damaged: c.rec.Flags&lsm.FlagDamaged != 0,
-			LastUse: time.Unix(0, c.lastUse), Identity: c.ident,
+			LastUse: time.Unix(0, c.lastUse), Identity: c.ident, TokenAddressed: c.tokCtx(),
 		})
 	}
 	sort.Slice(out, func(i, j int) bool {
