@@ -151,8 +151,11 @@ func (s *Server) Fork(ctx context.Context, req *hcachev1.ForkRequest) (*hcachev1
 	return &hcachev1.ForkReply{Tokens: req.GetTokens()}, nil
 }
 
-// tokenContext checks that a context named by a request by tokens exists
-// (NOT_FOUND otherwise).
+// tokenContext checks that a context named by a restore by tokens exists
+// (NOT_FOUND otherwise). A context not created with tokens contributes no
+// tail (the store's match ignores it): refusing it needs
+// chunk.Store.Context to report ContextInfo.TokenAddressed, which only
+// Store.Contexts fills so far.
 func (s *Server) tokenContext(ns, id string) error {
 	if _, err := s.store.Context(ns, id); err != nil {
 		return s.storeErr(err)
