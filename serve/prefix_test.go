@@ -150,6 +150,25 @@ func TestRestoreByTokens(t *testing.T) {
 			if err != nil || rs.Tokens != 32 || layers != c.Layers-sp.Recompute {
 				t.Fatalf("%s: stream by tokens: %d tokens, %d layers, %v", name, rs.Tokens, layers, err)
 			}
+			// Projected (the daemon's Restore with project): the K|V rows
+			// of the shared prefix are those of the context's first 32.
+			if sp.Recompute == 0 {
+				byName := map[int][]byte{}
+				if _, err := rest.Stream(StreamRequest{NS: "test", ID: name, Ident: ident, Project: true}, func(l StreamLayer) error {
+					byName[l.Layer] = append([]byte(nil), l.Rows[:32*l.RowBytes]...)
+					return nil
+				}); err != nil {
+					t.Fatal(err)
+				}
+				if _, err := rest.Stream(StreamRequest{NS: "test", Ident: ident, Project: true, ByTokens: true, Tokens: other}, func(l StreamLayer) error {
+					if l.Kind != chunk.LayerKV || l.Tokens != 32 || string(l.Rows) != string(byName[l.Layer]) {
+						return fmt.Errorf("projected layer %d (%s, %d tokens) differs from the context's first 32 tokens", l.Layer, l.Kind, l.Tokens)
+					}
+					return nil
+				}); err != nil {
+					t.Fatalf("%s: projected stream by tokens: %v", name, err)
+				}
+			}
 		}
 	}
 	// Bad requests by tokens.
