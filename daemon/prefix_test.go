@@ -4,13 +4,18 @@ import (
 	"bytes"
 	"context"
 	"fmt"
+	"io"
+	"log/slog"
 	"math/rand"
 	"net"
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 
 	"google.golang.org/grpc/codes"
 
+	"github.com/hcache/hcache/chunk"
 	hc "github.com/hcache/hcache/clients/hcacheclient"
 	"github.com/hcache/hcache/daemon"
 	"github.com/hcache/hcache/internal/testseed"
@@ -450,5 +455,55 @@ func TestPrefixQuotaCountsSharedTokens(t *testing.T) {
 			wantCode(t, "B's tail past the quota", w.AppendLayer(ctx, 0, tokRows(promptB, 0, 2*ct, 8, 64)), codes.ResourceExhausted)
 			w.Close(ctx)
 		})
+	}
+}
+
+// BenchmarkPrefixLookup128K: a Lookup RPC of a 128K-token prompt whose
+// state is stored (2048 groups of 64), over the unix socket: the message of
+// 512 KiB of ids, the chain walk and the reply.
+func BenchmarkPrefixLookup128K(b *testing.B) {
+	sd, err := os.MkdirTemp("", "hcd")
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer os.RemoveAll(sd)
+	st, err := chunk.Open(chunk.Options{Dir: b.TempDir(), GCInterval: -1, SegmentBytes: 64 << 20, Logf: func(string, ...any) {}})
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer st.Close()
+	srv, err := daemon.New(daemon.Config{Store: st, Listen: filepath.Join(sd, "s"), GCInterval: -1, Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer srv.Stop()
+	c, err := hc.Dial("unix://" + filepath.Join(sd, "s"))
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer c.Close()
+	ctx := context.Background()
+	prompt := randTokens(rand.New(rand.NewSource(1)), 128<<10)
+	w, err := c.CreateTokens(ctx, "ns", "long", ident, prompt, nil, false)
+	if err != nil {
+		b.Fatal(err)
+	}
+	for l, p := range ident.Plan {
+		if p.RowBytes > 0 {
+			if err := w.AppendLayer(ctx, l, make([]byte, len(prompt)*int(p.RowBytes))); err != nil {
+				b.Fatal(err)
+			}
+		}
+	}
+	if err := w.Close(ctx); err != nil {
+		b.Fatal(err)
+	}
+	p := hc.Prefix{Namespace: "ns", Identity: ident, Tokens: prompt}
+	b.ResetTimer()
+	for i := 0; i < b.N; i++ {
+		n, _, err := c.Lookup(ctx, p)
+		if err != nil || n != uint64(len(prompt)) {
+			b.Fatalf("lookup: %d, %v", n, err)
+		}
 	}
 }
