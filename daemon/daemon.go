@@ -88,22 +88,23 @@ type Config struct {
 	// and any local user can read it.
 	MetricsNamespaces   bool
 	MaxTokensPerContext uint64
+	MaxInflight         int   // concurrent RPCs per client connection
+	MaxConnsPerUID      int   // unix connections per user
+	MaxMessageBytes     int   // gRPC message size, both ways
+	MaxRegionBytes      int64 // one shared region
+	MaxRegionsPerUID    int
+	RestorePieceBytes   int // inline restore pieces
+	GCInterval          time.Duration
+	StopTimeout         time.Duration
+	RestoreTimeout      time.Duration // longest restore (a client that stops reading is cut off)
+	Logger              *slog.Logger
+	// Models are what Restore with project set can project with.
+	Models []*Model
+
 	// MaxRequestTokens bounds the token ids of one request (Lookup,
 	// OpenContext's tokens, Restore by tokens, AppendTokens' token_ids).
 	// Default DefaultMaxRequestTokens.
-	MaxRequestTokens  uint64
-	MaxInflight       int   // concurrent RPCs per client connection
-	MaxConnsPerUID    int   // unix connections per user
-	MaxMessageBytes   int   // gRPC message size, both ways
-	MaxRegionBytes    int64 // one shared region
-	MaxRegionsPerUID  int
-	RestorePieceBytes int // inline restore pieces
-	GCInterval        time.Duration
-	StopTimeout       time.Duration
-	RestoreTimeout    time.Duration // longest restore (a client that stops reading is cut off)
-	Logger            *slog.Logger
-	// Models are what Restore with project set can project with.
-	Models []*Model
+	MaxRequestTokens uint64
 }
 
 func (c *Config) fill() error {
