@@ -6,7 +6,6 @@ import (
 	"sync"
 	"time"
 
-	"github.com/hcache/hcache/chunk"
 	"github.com/hcache/hcache/gpu"
 	"github.com/hcache/hcache/model"
 	"github.com/hcache/hcache/state"
@@ -21,46 +20,60 @@ type Source interface {
 	RestoreOwned(ns, id string, ident *state.Identity, ahead int, fn func(layer int, rows []byte, release func()) error) (int, error)
 }
 
-// PrefixSource is a Source that also restores by tokens (*chunk.Store
-// implements it; see chunk.Store.Lookup and RestoreTokensOwned): a request
-// with ByTokens set needs one.
+// Prefix names state by its tokens for a PrefixSource: a namespace, a salt
+// (nil for none), an identity, token ids, and optionally a context whose own
+// partial tail may extend the shared groups (Prefix's fields).
+type Prefix struct {
+	Namespace string
+	Salt      []byte
+	Identity  *state.Identity
+	Tokens    []uint32
+	Context   string
+}
+
+// PrefixSource is a Source that also restores by tokens: a request with
+// ByTokens set needs one. serve/chunksrc adapts a *chunk.Store (see
+// chunk.Store.Lookup and RestoreTokensOwned for the contract: LookupPrefix
+// reads memory only; RestorePrefixOwned hands over the stored layers of
+// what LookupPrefix reports, as RestoreOwned, and returns its token count,
+// 0 with fn never called when nothing is stored).
 type PrefixSource interface {
 	Source
-	Lookup(p chunk.Prefix) (int, error)
-	RestoreTokensOwned(p chunk.Prefix, ahead int, fn func(layer int, rows []byte, release func()) error) (int, error)
+	LookupPrefix(p Prefix) (int, error)
+	RestorePrefixOwned(p Prefix, ahead int, fn func(layer int, rows []byte, release func()) error) (int, error)
 }
 
 // ErrNoPrefixSource is returned for a restore by tokens from a Source that
 // cannot restore by tokens.
-var ErrNoPrefixSource = errors.New("serve: the source cannot restore by tokens")
+var ErrNoPrefixSource = errors.New("serve: the source cannot restore by tokens (serve/chunksrc adapts a *chunk.Store)")
 
-// prefixOf builds the store's Prefix of a restore by tokens.
-func prefixOf(ns, id string, ident *state.Identity, tokens []int, salt []byte) (chunk.Prefix, error) {
+// prefixOf builds the source's Prefix of a restore by tokens.
+func prefixOf(ns, id string, ident *state.Identity, tokens []int, salt []byte) (Prefix, error) {
 	ids := make([]uint32, len(tokens))
 	for i, t := range tokens {
 		if t < 0 || int64(t) > int64(^uint32(0)) {
-			return chunk.Prefix{}, fmt.Errorf("%w: token %d is id %d, outside [0, 2^32)", ErrTokens, i, t)
+			return Prefix{}, fmt.Errorf("%w: token %d is id %d, outside [0, 2^32)", ErrTokens, i, t)
 		}
 		ids[i] = uint32(t)
 	}
-	return chunk.Prefix{Namespace: ns, Salt: salt, Identity: ident, Tokens: ids, Context: id}, nil
+	return Prefix{Namespace: ns, Salt: salt, Identity: ident, Tokens: ids, Context: id}, nil
 }
 
 // byTokens resolves a restore by tokens: the store's prefix of the request
 // and the leading tokens with stored state (what the restore reads).
-func (r *Restorer) byTokens(ns, id string, ident *state.Identity, tokens []int, salt []byte) (PrefixSource, chunk.Prefix, int, error) {
+func (r *Restorer) byTokens(ns, id string, ident *state.Identity, tokens []int, salt []byte) (PrefixSource, Prefix, int, error) {
 	ps, ok := r.src.(PrefixSource)
 	if !ok {
-		return nil, chunk.Prefix{}, 0, fmt.Errorf("%w (%T)", ErrNoPrefixSource, r.src)
+		return nil, Prefix{}, 0, fmt.Errorf("%w (%T)", ErrNoPrefixSource, r.src)
 	}
 	if len(tokens) == 0 {
-		return nil, chunk.Prefix{}, 0, fmt.Errorf("%w: a restore by tokens in %s without token ids", ErrTokens, ns)
+		return nil, Prefix{}, 0, fmt.Errorf("%w: a restore by tokens in %s without token ids", ErrTokens, ns)
 	}
 	p, err := prefixOf(ns, id, ident, tokens, salt)
 	if err != nil {
 		return nil, p, 0, err
 	}
-	n, err := ps.Lookup(p)
+	n, err := ps.LookupPrefix(p)
 	if err != nil {
 		return nil, p, 0, err
 	}
@@ -269,10 +282,10 @@ var errStop = errors.New("serve: restore stopped")
 type readFn func(ahead int, fn func(layer int, rows []byte, release func()) error) (int, error)
 
 // reader is the read of a context by name, or of p by tokens when ps is set.
-func (r *Restorer) reader(ns, id string, ident *state.Identity, ps PrefixSource, p chunk.Prefix) readFn {
+func (r *Restorer) reader(ns, id string, ident *state.Identity, ps PrefixSource, p Prefix) readFn {
 	if ps != nil {
 		return func(ahead int, fn func(layer int, rows []byte, release func()) error) (int, error) {
-			return ps.RestoreTokensOwned(p, ahead, fn)
+			return ps.RestorePrefixOwned(p, ahead, fn)
 		}
 	}
 	return func(ahead int, fn func(layer int, rows []byte, release func()) error) (int, error) {
@@ -370,7 +383,7 @@ func (r *Restorer) Restore(req Request) (RestoreStats, error) {
 	}
 	var (
 		ps PrefixSource
-		p  chunk.Prefix
+		p  Prefix
 	)
 	if req.ByTokens {
 		var n int
@@ -586,7 +599,7 @@ func (r *Restorer) Stream(req StreamRequest, sink func(StreamLayer) error) (Rest
 	}
 	var (
 		ps PrefixSource
-		p  chunk.Prefix
+		p  Prefix
 	)
 	if req.ByTokens {
 		var n int

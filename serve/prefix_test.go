@@ -87,7 +87,7 @@ func TestRestoreByTokens(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		rest := NewRestorer(st, cpuFor(t, m), Settings{})
+		rest := NewRestorer(tokenStore{st}, cpuFor(t, m), Settings{})
 		for _, sp := range everySplit(c) {
 			// A sample of the plans: all hidden, all KV, and a recomputed
 			// prefix before mixed (or KV) layers.
@@ -182,8 +182,8 @@ func TestRestoreByTokens(t *testing.T) {
 		req  Request
 		want error
 	}{
-		{"no token ids", NewRestorer(st, cpuFor(t, m), Settings{}), Request{NS: "test", Ident: ident, ByTokens: true, Dst: pagedFor(t, c, 4)}, ErrTokens},
-		{"negative id", NewRestorer(st, cpuFor(t, m), Settings{}), Request{NS: "test", Ident: ident, ByTokens: true, Tokens: []int{1, -2}, Dst: pagedFor(t, c, 4)}, ErrTokens},
+		{"no token ids", NewRestorer(tokenStore{st}, cpuFor(t, m), Settings{}), Request{NS: "test", Ident: ident, ByTokens: true, Dst: pagedFor(t, c, 4)}, ErrTokens},
+		{"negative id", NewRestorer(tokenStore{st}, cpuFor(t, m), Settings{}), Request{NS: "test", Ident: ident, ByTokens: true, Tokens: []int{1, -2}, Dst: pagedFor(t, c, 4)}, ErrTokens},
 		{"source without tokens", NewRestorer(nameOnly{st}, cpuFor(t, m), Settings{}), Request{NS: "test", Ident: ident, ByTokens: true, Tokens: []int{1}, Dst: pagedFor(t, c, 4)}, ErrNoPrefixSource},
 	}
 	for _, cs := range cases {
@@ -191,6 +191,20 @@ func TestRestoreByTokens(t *testing.T) {
 			t.Errorf("%s: %v, want %v", cs.name, err, cs.want)
 		}
 	}
+}
+
+// tokenStore is the test's PrefixSource over a store (what serve/chunksrc
+// is; that package imports serve, so this package's tests cannot).
+type tokenStore struct{ *chunk.Store }
+
+func tcp(p Prefix) chunk.Prefix {
+	return chunk.Prefix{Namespace: p.Namespace, Salt: p.Salt, Identity: p.Identity, Tokens: p.Tokens, Context: p.Context}
+}
+
+func (s tokenStore) LookupPrefix(p Prefix) (int, error) { return s.Store.Lookup(tcp(p)) }
+
+func (s tokenStore) RestorePrefixOwned(p Prefix, ahead int, fn func(layer int, rows []byte, release func()) error) (int, error) {
+	return s.Store.RestoreTokensOwned(tcp(p), ahead, fn)
 }
 
 // nameOnly is a Source that restores by name only.
