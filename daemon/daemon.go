@@ -102,6 +102,11 @@ type Config struct {
 	Models []*Model
 	// Remote, if set, is the shared tier on object storage (remote.go).
 	Remote *RemoteConfig
+
+	// MaxRequestTokens bounds the token ids of one request (Lookup,
+	// OpenContext's tokens, Restore by tokens, AppendTokens' token_ids).
+	// Default DefaultMaxRequestTokens.
+	MaxRequestTokens uint64
 }
 
 func (c *Config) fill() error {
@@ -132,6 +137,9 @@ func (c *Config) fill() error {
 	}
 	if c.MaxTokensPerContext == 0 {
 		c.MaxTokensPerContext = DefaultMaxTokensPerContext
+	}
+	if c.MaxRequestTokens == 0 {
+		c.MaxRequestTokens = DefaultMaxRequestTokens
 	}
 	if c.MaxRegionBytes == 0 {
 		c.MaxRegionBytes = DefaultMaxRegionBytes
