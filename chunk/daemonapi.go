@@ -51,7 +51,7 @@ func (s *Store) Context(ns, id string) (ContextInfo, error) {
 	return ContextInfo{
 		Namespace: c.ns, ID: c.id, Tokens: c.rec.Tokens, Gen: c.rec.Gen, LiveBytes: c.live,
 		Pinned: c.rec.Flags&lsm.FlagPinned != 0, Damaged: c.rec.Flags&lsm.FlagDamaged != 0,
-		LastUse: unixNanos(c.lastUse), Identity: c.ident,
+		LastUse: unixNanos(c.lastUse), Identity: c.ident, TokenAddressed: c.tokCtx(),
 	}, nil
 }
 

@@ -86,6 +86,7 @@ func newStore(opts Options) *Store {
 		namespaces: map[string]bool{}, nextSeg: 1, nextGen: 1,
 		ops: make(chan op, 1024), dirtyCtxs: map[*ctxState]struct{}{},
 		groups: map[gid]*groupEnt{}, groupSegTouched: map[uint32]bool{},
+		keyFunc: opts.ChainKeyFunc,
 	}
 	s.segDir = s.fs.PathJoin(s.dir, "segments")
 	return s

@@ -3,6 +3,7 @@ package chunk
 import (
 	"errors"
 	"fmt"
+	"github.com/hcache/hcache/state"
 	"log"
 	"math"
 	"time"
@@ -127,6 +128,11 @@ type Options struct {
 	// GC or CommitBytes). A caller doing one thing at a time then gets the
 	// same file-system operations in the same order every run. Slower.
 	Synchronous bool
+	// ChainKeyFunc is a test seam: it replaces state.Chain.Next in every
+	// chain key the store computes, so a test can force two token groups
+	// onto one key and show that a collision serves nothing (nil: the
+	// spec's keys; never set it in production).
+	ChainKeyFunc func(ch state.Chain, parent state.ChainKey, ids []uint32) state.ChainKey
 }
 
 func wallNanos() int64 { return time.Now().UnixNano() }

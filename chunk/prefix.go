@@ -299,6 +299,7 @@ func (s *Store) CreateTokens(ns, id string, ident *Identity, tokens []uint32, op
 	}
 	w.idBase, w.ids = stored, append([]uint32(nil), tokens[stored:]...)
 	if n > 0 {
+		s.stats.groupsDeduped.Add(uint64(n))
 		w.parent = keys[n-1]
 		if err := w.submitGroup(op{group: 0, tokens: stored, chain: &chainOp{refs: refs}}); err != nil {
 			s.mu.Lock()

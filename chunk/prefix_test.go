@@ -173,6 +173,12 @@ func TestPrefixSaveDedupLookupRestore(t *testing.T) {
 				t.Fatalf("second save of the same prompt: stored %d, want %d", got, 7*ct)
 			}
 			st2 := s.Stats()
+			if st2.GroupsDeduped != st.GroupsDeduped+7 {
+				t.Fatalf("second save of the same prompt: %d groups deduped, want %d", st2.GroupsDeduped, st.GroupsDeduped+7)
+			}
+			if info, err := s.Context("ns", "a2"); err != nil || !info.TokenAddressed {
+				t.Fatalf("Context(a2): token-addressed %v, %v; want true", info.TokenAddressed, err)
+			}
 			if st2.GroupBytesWritten != st.GroupBytesWritten || st2.GroupsWritten != 7 || st2.GroupBytes != st.GroupBytes {
 				t.Fatalf("second save wrote group bytes: %d -> %d (%d groups), stored %d -> %d", st.GroupBytesWritten, st2.GroupBytesWritten, st2.GroupsWritten, st.GroupBytes, st2.GroupBytes)
 			}

@@ -43,7 +43,7 @@ type Stats struct {
 	// Shared groups of token-addressed contexts (prefix.go).
 	GroupsWritten     uint64 // group records written
 	GroupBytesWritten uint64 // their bytes
-	GroupsDeduped     uint64 // full groups handed over whose key was stored: referenced, not written
+	GroupsDeduped     uint64 // full groups whose key was stored (at CreateTokens or at hand-off): referenced, not written
 	Collisions        uint64 // groups whose key was stored for other tokens (nothing served or written over)
 	Groups            int    // shared groups stored
 	GroupBytes        int64  // their bytes (counted once, however many contexts reference them)

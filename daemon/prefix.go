@@ -152,13 +152,15 @@ func (s *Server) Fork(ctx context.Context, req *hcachev1.ForkRequest) (*hcachev1
 }
 
 // tokenContext checks that a context named by a restore by tokens exists
-// (NOT_FOUND otherwise). A context not created with tokens contributes no
-// tail (the store's match ignores it): refusing it needs
-// chunk.Store.Context to report ContextInfo.TokenAddressed, which only
-// Store.Contexts fills so far.
+// (NOT_FOUND otherwise) and is token-addressed (FAILED_PRECONDITION
+// otherwise: its rows carry no token ids to check against the request).
 func (s *Server) tokenContext(ns, id string) error {
-	if _, err := s.store.Context(ns, id); err != nil {
+	info, err := s.store.Context(ns, id)
+	if err != nil {
 		return s.storeErr(err)
+	}
+	if !info.TokenAddressed {
+		return status.Errorf(codes.FailedPrecondition, "context %s/%s was not created with tokens: restore it by its id, without tokens", ns, id)
 	}
 	return nil
 }

@@ -336,6 +336,10 @@ func TestPrefixBadInput(t *testing.T) {
 			_, err := c.AppendWithTokens(ctx, "ns", "tok", ident, prompt[:2], nil)
 			return err
 		}, codes.InvalidArgument},
+		{"restore by tokens naming a legacy context", func() error {
+			_, err := c.RestoreTokens(ctx, hc.Prefix{Namespace: "ns", Identity: ident, ID: "legacy", Tokens: prompt}, func(int, []byte) error { return nil })
+			return err
+		}, codes.FailedPrecondition},
 		{"fork of a missing context", func() error { return c.Fork(ctx, "ns", "nope", "f", 1) }, codes.NotFound},
 		{"fork of more tokens than stored", func() error { return c.Fork(ctx, "ns", "tok", "f", uint64(len(prompt)+1)) }, codes.InvalidArgument},
 		{"fork of a legacy context", func() error { return c.Fork(ctx, "ns", "legacy", "f", 1) }, codes.FailedPrecondition},
