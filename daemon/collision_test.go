@@ -12,8 +12,8 @@ import (
 	"path/filepath"
 	"testing"
 
-	hc "github.com/hcache/hcache/clients/hcacheclient"
 	"github.com/hcache/hcache/chunk"
+	hc "github.com/hcache/hcache/clients/hcacheclient"
 	"github.com/hcache/hcache/daemon"
 	"github.com/hcache/hcache/internal/testseed"
 	"github.com/hcache/hcache/state"
