@@ -25,8 +25,9 @@ var layers = [][]string{
 	// internal/'s plumbing (fp16/bf16, float32 kernels, progress, medians,
 	// test rows, byte sizes), and the store's on-disk encodings (chunk/format).
 	{"internal/...", "state", "proto/hcache/v1", "profiles", "iouring", "fuzz/faultfs", "bench/fio", "chunk/format"},
-	// 1: the model (configs, weights, reference forward pass) and the index.
-	{"model", "lsm"},
+	// 1: the model (configs, weights, reference forward pass), the index,
+	// and the row codecs (state/codec: pure encode/decode of rows).
+	{"model", "lsm", "state/codec"},
 	// 2: the storage engine, and the projection backends' interface.
 	{"chunk", "gpu"},
 	// 3: the CUDA backend, planning, the Go client.
