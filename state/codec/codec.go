@@ -219,14 +219,34 @@ func Transcode(c state.Codec, dtype string, dst []byte, src []byte, n int) error
 		}
 		lo, hi := b*per, min(n, (b+1)*per)
 		for i := lo; i < hi; i++ {
-			q := src[i]
-			if q&0x7f == 0x7f {
-				return fmt.Errorf("%w: value %d is an fp8 NaN code (0x%02x)", ErrCodec, i, q)
+			if src[i]&0x7f == 0x7f {
+				return fmt.Errorf("%w: value %d is an fp8 NaN code (0x%02x)", ErrCodec, i, src[i])
 			}
-			f := e4m3Table[q] * scale
+		}
+		if eb == 2 && hi-lo >= 1024 {
+			// Long segments: the 256 possible outputs of this scale,
+			// then one lookup per value.
+			var tab [256]uint16
+			conv := half.FromFloat32
+			if dtype == "bfloat16" {
+				conv = half.BF16FromFloat32
+			}
+			for q := range tab {
+				tab[q] = conv(e4m3Table[q] * scale)
+			}
+			out := dst[2*lo : 2*hi]
+			for j, q := range src[lo:hi] {
+				h := tab[q]
+				out[2*j] = byte(h)
+				out[2*j+1] = byte(h >> 8)
+			}
+			continue
+		}
+		for i := lo; i < hi; i++ {
+			f := e4m3Table[src[i]] * scale
 			switch dtype {
 			case "float16":
-				binary.LittleEndian.PutUint16(dst[2*i:], half.FromFloat32(f))
+				binary.LittleEndian.PutUint16(dst[2*i:], toF16(f))
 			case "bfloat16":
 				binary.LittleEndian.PutUint16(dst[2*i:], half.BF16FromFloat32(f))
 			default:
@@ -235,6 +255,18 @@ func Transcode(c state.Codec, dtype string, dst []byte, src []byte, n int) error
 		}
 	}
 	return nil
+}
+
+// toF16 is half.FromFloat32 with a fast path for values that round to a
+// finite normal fp16 (the same rounding: to nearest even).
+func toF16(f float32) uint16 {
+	b := math.Float32bits(f)
+	a := b & 0x7fffffff
+	if a >= 0x38800000 && a < 0x477ff000 { // [2^-14, 65520): normal, no overflow
+		a += 0xfff + (a>>13)&1
+		return uint16((b>>16)&0x8000 | (a-0x38000000)>>13)
+	}
+	return half.FromFloat32(f)
 }
 
 // TranscodeRows decodes rows of segs segments of n values each (a hidden

@@ -262,3 +262,24 @@ func TestTranscodeRows(t *testing.T) {
 		}
 	}
 }
+
+// TestToF16MatchesHalf: the fast fp16 conversion rounds as half.FromFloat32
+// for every float32 exponent, both signs, and the edges of its fast path.
+func TestToF16MatchesHalf(t *testing.T) {
+	seed := testseed.Seed(t)
+	rng := rand.New(rand.NewSource(seed))
+	xs := []float32{0, 6.1035156e-05, 6.1035152e-05, 65504, 65519.996, 65520, 1e-8, 3.4e38}
+	for e := 0; e < 255; e++ {
+		for range 200 {
+			xs = append(xs, math.Float32frombits(uint32(e)<<23|uint32(rng.Intn(1<<23))))
+		}
+		xs = append(xs, math.Float32frombits(uint32(e)<<23|0x1000), math.Float32frombits(uint32(e)<<23|0x3000)) // ties
+	}
+	for _, x := range xs {
+		for _, s := range []float32{1, -1} {
+			if got, want := toF16(s*x), half.FromFloat32(s*x); got != want {
+				t.Fatalf("toF16(%v) = 0x%04x, half.FromFloat32 0x%04x (seed %d)", s*x, got, want, seed)
+			}
+		}
+	}
+}
