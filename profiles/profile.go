@@ -78,6 +78,13 @@ type Profile struct {
 	ComputeEfficiency *Figure `json:"compute_efficiency,omitempty"`
 	// LayerOverheadUS is a fixed cost per layer and operation (launches).
 	LayerOverheadUS Figure `json:"layer_overhead_us"`
+	// DecodeGBps is the backend's decode of rows stored under an fp8 codec
+	// into the model dtype, in GB/s of model-dtype output (on a GPU the
+	// dequantize kernel after the copy; on the CPU backend the host
+	// decode). Optional: without it the scheduler prices the decode as
+	// memory-bound (each value read as 1 byte and written in the dtype at
+	// mem_gbps).
+	DecodeGBps *Figure `json:"decode_gbps,omitempty"`
 	// Measured curves; each optional (figures above stand in for a missing one).
 	Recompute *Curve `json:"recompute,omitempty"`
 	Project   *Curve `json:"project,omitempty"`
@@ -162,6 +169,11 @@ func (p *Profile) Validate() error {
 		}
 	} else if p.Recompute == nil {
 		return bad("recompute", "is missing and so is compute_efficiency: one of them must say what recomputation costs")
+	}
+	if p.DecodeGBps != nil {
+		if err := fig("decode_gbps", *p.DecodeGBps, true); err != nil {
+			return err
+		}
 	}
 	for _, c := range []struct {
 		field string

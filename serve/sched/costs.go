@@ -5,6 +5,8 @@ import (
 
 	"github.com/hcache/hcache/model"
 	"github.com/hcache/hcache/profiles"
+	"github.com/hcache/hcache/state"
+	"github.com/hcache/hcache/state/codec"
 )
 
 // Costs are the per-layer times, in milliseconds, of restoring one layer of
@@ -16,6 +18,12 @@ type Costs struct {
 	KVLoadMS    float64 `json:"kv_load_ms"`   // scatter of loaded K/V rows into the paged cache
 	HiddenIOMS  float64 `json:"hidden_io_ms"` // T_hio: read + host-to-device copy of the hidden rows
 	KVIOMS      float64 `json:"kv_io_ms"`     // T_kvio: read + copy of the K/V rows
+	// Codec is the encoding of the stored rows the I/O figures price
+	// (CostsCodec); under an fp8 codec ProjectMS and KVLoadMS include
+	// the decode into the model dtype (DecodeHiddenMS, DecodeKVMS).
+	Codec          string  `json:"codec,omitempty"`
+	DecodeHiddenMS float64 `json:"decode_hidden_ms,omitempty"`
+	DecodeKVMS     float64 `json:"decode_kv_ms,omitempty"`
 }
 
 // Platform is a profile with a storage tier chosen: it prices layers.
@@ -127,5 +135,41 @@ func (pl *Platform) Costs(c *model.Config, n int) (Costs, error) {
 	}
 	cs.HiddenIOMS = nf * float64(c.HiddenRowBytes()) / io * 1e3
 	cs.KVIOMS = nf * float64(c.KVRowBytes()) / io * 1e3
+	return cs, nil
+}
+
+// DecodeGBps is the rate the backend decodes fp8 rows into the model dtype,
+// in GB/s of output: the profile's decode_gbps, else memory-bound (a value
+// read as 1 byte and written as ElemBytes at mem_gbps).
+func (pl *Platform) DecodeGBps(c *model.Config) float64 {
+	if d := pl.Profile.DecodeGBps; d != nil {
+		return d.Value
+	}
+	eb := float64(c.ElemBytes())
+	return pl.Profile.MemGBps.Value * eb / (1 + eb)
+}
+
+// CostsCodec prices one layer of model c at n tokens with rows stored under
+// codec cd: the reads and copies move the encoded rows (fewer bytes), and
+// the projection and the KV load first decode them into the model dtype
+// (on a GPU, a dequantize kernel after the copy). Codec none is Costs.
+func (pl *Platform) CostsCodec(c *model.Config, n int, cd state.Codec) (Costs, error) {
+	cs, err := pl.Costs(c, n)
+	if err != nil || cd == state.CodecNone {
+		return cs, err
+	}
+	if !cd.Known() {
+		return cs, fmt.Errorf("sched: unknown codec %d", uint8(cd))
+	}
+	io := pl.IOGBps() * 1e9
+	nf := float64(n)
+	cs.Codec = cd.String()
+	cs.HiddenIOMS = nf * float64(codec.HiddenRowBytes(cd, c.DType, c.HiddenSize)) / io * 1e3
+	cs.KVIOMS = nf * float64(codec.KVRowBytes(cd, c.DType, c.KVDim())) / io * 1e3
+	dec := pl.DecodeGBps(c) * 1e9
+	cs.DecodeHiddenMS = nf * float64(c.HiddenRowBytes()) / dec * 1e3
+	cs.DecodeKVMS = nf * float64(c.KVRowBytes()) / dec * 1e3
+	cs.ProjectMS += cs.DecodeHiddenMS
+	cs.KVLoadMS += cs.DecodeKVMS
 	return cs, nil
 }
