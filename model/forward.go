@@ -26,6 +26,9 @@ func New(c *Config, w *Weights) (*Model, error) {
 	if err := c.Validate(); err != nil {
 		return nil, err
 	}
+	if c.MLA != nil {
+		return nil, fmt.Errorf("model: %s (multi-head latent attention) is described and planned, but has no forward pass yet", c.Arch)
+	}
 	if len(w.Embed) != c.Vocab*c.HiddenSize || len(w.LMHead) != c.Vocab*c.HiddenSize || len(w.Layers) != c.Layers {
 		return nil, fmt.Errorf("model: weights do not match the config (load them with WeightsAll)")
 	}

@@ -39,6 +39,14 @@ type Shape struct {
 	Intermediate int    `json:"intermediate"`
 	MLPMatrices  int    `json:"mlp_matrices"` // 3 (gated SiLU) or 2 (OPT)
 	ElemBytes    int    `json:"elem_bytes"`
+	// Multi-head latent attention (DeepSeek-V3), all 0 otherwise: the
+	// query's low rank, the latent and rotary key stored per token, and
+	// the per-head q/k (without rope) and v widths.
+	QLoraRank int `json:"q_lora_rank,omitempty"`
+	KVLatent  int `json:"kv_latent,omitempty"`
+	RopeDim   int `json:"rope_dim,omitempty"`
+	NopeDim   int `json:"nope_dim,omitempty"`
+	VHeadDim  int `json:"v_head_dim,omitempty"`
 	Name         string `json:"name,omitempty"`
 }
 

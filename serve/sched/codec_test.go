@@ -89,3 +89,38 @@ func TestChooseCodec(t *testing.T) {
 		}
 	}
 }
+
+// TestPlanMLA: DeepSeek-V3 stores the latent (its KV rows: 512 + 64 values,
+// two fp8 segments under a codec), never the 12x larger hidden state.
+func TestPlanMLA(t *testing.T) {
+	c, err := model.Preset("deepseek-v3")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if HiddenAllowed(c) {
+		t.Fatal("hidden layers allowed for MLA")
+	}
+	for _, name := range profiles.Names() {
+		p, _ := profiles.Load(name)
+		for _, tier := range p.Tiers {
+			pl, _ := NewPlatform(p, tier.Name)
+			for _, n := range []int{1024, 4096, 16384} {
+				_, all, err := pl.ChooseCodec(c, n, allCodecs)
+				if err != nil {
+					t.Fatal(err)
+				}
+				for _, d := range all {
+					if d.Split.Hidden != 0 || d.Split.KV == 0 {
+						t.Fatalf("%s/%s/%d/%s: %v, want the latent stored", name, tier.Name, n, d.CodecName, d.Split)
+					}
+					want := map[state.Codec]uint32{state.CodecNone: 1152, state.CodecFP8Token: 512 + 4 + 64 + 4, state.CodecFP8Block: 512 + 16 + 64 + 4}[d.Codec]
+					for _, lp := range d.Plan {
+						if lp.Kind == state.LayerKV && lp.RowBytes != want {
+							t.Fatalf("%s: latent rows of %d bytes, want %d", d.CodecName, lp.RowBytes, want)
+						}
+					}
+				}
+			}
+		}
+	}
+}

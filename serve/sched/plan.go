@@ -51,7 +51,16 @@ func LayerPlanOfCodec(c *model.Config, kind state.LayerKind, cd state.Codec) sta
 	case state.LayerHidden:
 		return state.LayerPlan{Kind: kind, RowBytes: uint32(codec.HiddenRowBytes(cd, c.DType, c.HiddenSize))}
 	case state.LayerKV:
-		return state.LayerPlan{Kind: kind, RowBytes: uint32(codec.KVRowBytes(cd, c.DType, c.KVDim()))}
+		return state.LayerPlan{Kind: kind, RowBytes: uint32(kvRowBytesCodec(c, cd))}
 	}
 	return state.LayerPlan{Kind: state.LayerNone}
+}
+
+// kvRowBytesCodec is a stored KV row under cd: K and V segments of kv_dim
+// values, or for MLA the latent and the rotary key as two segments.
+func kvRowBytesCodec(c *model.Config, cd state.Codec) int {
+	if m := c.MLA; m != nil {
+		return codec.SegmentBytes(cd, c.DType, m.KVLoraRank) + codec.SegmentBytes(cd, c.DType, m.QKRopeDim)
+	}
+	return codec.KVRowBytes(cd, c.DType, c.KVDim())
 }
