@@ -3,6 +3,7 @@ package serve
 import (
 	"fmt"
 	"math"
+	"math/rand"
 
 	"github.com/hcache/hcache/gpu"
 	"github.com/hcache/hcache/model"
@@ -44,6 +45,15 @@ type CodecReport struct {
 	Steps int `json:"steps"`
 	Agree int `json:"agree"`
 	Same  int `json:"same"`
+	// ControlAgree is the same agreement for a control: the exact cache
+	// with every K and V value moved by 2^-8 of itself (random sign,
+	// seeded, then rounded to the dtype), 16x less than fp8's bound. A
+	// control that also diverges early says the model's greedy choices
+	// are nearly tied (random synthetic weights), not that the codec is
+	// poor. LogitRel is the first decode step's logits error after the
+	// restore, ||l'-l|| / ||l||.
+	ControlAgree int     `json:"control_agree"`
+	LogitRel     float64 `json:"logit_rel"`
 	// FP8Bound is E4M3's rounding bound, 2^-4 of a value (half an ulp of
 	// 3 mantissa bits): the reference for KV errors "as expected".
 	FP8Bound float64 `json:"fp8_bound"`
@@ -171,6 +181,16 @@ func MeasureCodec(c *model.Config, w *model.Weights, cd state.Codec, kind state.
 	}
 	if steps > 0 {
 		next := model.Argmax(logits, c.Vocab)
+		ctl := perturbed(c, ref, n)
+		lw, err := m.Forward([]int{next}, cloneCache(ref), nil)
+		if err != nil {
+			return nil, err
+		}
+		lg, err := m.Forward([]int{next}, cloneCache(got), nil)
+		if err != nil {
+			return nil, err
+		}
+		_, rep.LogitRel = relErr(lg, lw)
 		want, err := m.Generate(ref, []int{next}, steps, nil)
 		if err != nil {
 			return nil, err
@@ -179,16 +199,61 @@ func MeasureCodec(c *model.Config, w *model.Weights, cd state.Codec, kind state.
 		if err != nil {
 			return nil, err
 		}
-		rep.Agree = steps
-		for i := range want {
-			if want[i] == have[i] {
-				rep.Same++
-			} else if rep.Agree == steps {
-				rep.Agree = i
+		control, err := m.Generate(ctl, []int{next}, steps, nil)
+		if err != nil {
+			return nil, err
+		}
+		rep.Agree, rep.Same = agreement(want, have)
+		rep.ControlAgree, _ = agreement(want, control)
+	}
+	return rep, nil
+}
+
+// agreement is the steps equal before the first difference, and the steps
+// equal at their position.
+func agreement(want, have []int) (prefix, same int) {
+	prefix = len(want)
+	for i := range want {
+		if want[i] == have[i] {
+			same++
+		} else if prefix == len(want) {
+			prefix = i
+		}
+	}
+	return prefix, same
+}
+
+func cloneCache(kc *model.KVCache) *model.KVCache {
+	out := &model.KVCache{K: make([][]float32, len(kc.K)), V: make([][]float32, len(kc.V)), Tokens: kc.Tokens}
+	for l := range kc.K {
+		out.K[l] = append([]float32(nil), kc.K[l]...)
+		out.V[l] = append([]float32(nil), kc.V[l]...)
+	}
+	return out
+}
+
+// perturbed is the control cache: every value of the first n tokens moved
+// by 2^-8 of itself with a seeded random sign, rounded to the dtype.
+func perturbed(c *model.Config, kc *model.KVCache, n int) *model.KVCache {
+	out := cloneCache(kc)
+	rng := rand.New(rand.NewSource(1))
+	buf := make([]byte, 4)
+	one := make([]float32, 1)
+	for l := range out.K {
+		for _, x := range [][]float32{out.K[l], out.V[l]} {
+			for i := range x[:n*c.KVDim()] {
+				s := float32(1.0 / 256)
+				if rng.Intn(2) == 0 {
+					s = -s
+				}
+				one[0] = x[i] * (1 + s)
+				c.EncodeRow(buf, one)
+				c.DecodeRow(one, buf)
+				x[i] = one[0]
 			}
 		}
 	}
-	return rep, nil
+	return out
 }
 
 // relErr is max|a-b| / max|b| and ||a-b|| / ||b|| (0 when b is all zeros

@@ -90,12 +90,12 @@ func modelCodecError(args []string, stdout, stderr io.Writer) error {
 			"note": "synthetic models (seeded random weights), not trained ones: the errors show the codecs' arithmetic on these states, not accuracy on a real model"})
 	}
 	tw := tabwriter.NewWriter(stdout, 0, 0, 2, ' ', tabwriter.AlignRight)
-	fmt.Fprintln(tw, "model\tcodec\tkind\tB/token\tvs dtype\tK max\tK rms\tV max\tV rms\tattn max\tattn rms\tagree\t")
+	fmt.Fprintln(tw, "model\tcodec\tkind\tB/token\tvs dtype\tK max\tK rms\tV max\tV rms\tattn max\tattn rms\tlogits rms\tagree\tcontrol\t")
 	for _, r := range reps {
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%d\t%.3fx\t%.4f\t%.4f\t%.4f\t%.4f\t%.4f\t%.4f\t%d/%d\t\n", r.Model, r.Codec, r.Kind, r.BytesPerToken,
-			float64(r.BytesPerToken)/float64(r.ModelBytesPerToken), r.KMaxRel, r.KRMSRel, r.VMaxRel, r.VRMSRel, r.AttnMaxRel, r.AttnRMSRel, r.Agree, r.Steps)
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%d\t%.3fx\t%.4f\t%.4f\t%.4f\t%.4f\t%.4f\t%.4f\t%.4f\t%d/%d\t%d/%d\t\n", r.Model, r.Codec, r.Kind, r.BytesPerToken,
+			float64(r.BytesPerToken)/float64(r.ModelBytesPerToken), r.KMaxRel, r.KRMSRel, r.VMaxRel, r.VRMSRel, r.AttnMaxRel, r.AttnRMSRel, r.LogitRel, r.Agree, r.Steps, r.ControlAgree, r.Steps)
 	}
 	tw.Flush()
-	fmt.Fprintln(stdout, "relative errors: max|x'-x|/max|x| and ||x'-x||/||x|| per layer, worst layer shown; fp8 E4M3 rounding bound 0.0625; synthetic weights, not a trained model")
+	fmt.Fprintln(stdout, "relative errors: max|x'-x|/max|x| and ||x'-x||/||x|| per layer, worst layer shown; fp8 E4M3 rounding bound 0.0625; control: greedy agreement with every K/V value moved by 2^-8 of itself; synthetic weights, not a trained model")
 	return nil
 }
