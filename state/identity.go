@@ -73,7 +73,7 @@ func ParseCodec(s string) (Codec, error) {
 			return Codec(c), nil
 		}
 	}
-	return 0, fmt.Errorf("%w: unknown codec %q (have none, fp8, fp8-block)", ErrIdentity, s)
+	return 0, fmt.Errorf("state: unknown codec %q (have none, fp8, fp8-block)", s)
 }
 
 // Identity is everything a stored state must match before it is served: the
