@@ -38,7 +38,12 @@ type CodecReport struct {
 	ModelBytesPerToken int          `json:"model_bytes_per_token"`
 	Layers             []LayerError `json:"layers"`
 	// Worst over the layers.
-	KMaxRel, KRMSRel, VMaxRel, VRMSRel, AttnMaxRel, AttnRMSRel float64
+	KMaxRel    float64 `json:"k_max_rel"`
+	KRMSRel    float64 `json:"k_rms_rel"`
+	VMaxRel    float64 `json:"v_max_rel"`
+	VRMSRel    float64 `json:"v_rms_rel"`
+	AttnMaxRel float64 `json:"attn_max_rel"`
+	AttnRMSRel float64 `json:"attn_rms_rel"`
 	// Greedy continuation after the restore against the exact cache's:
 	// Agree is the steps equal before the first difference (Steps when
 	// none), Same the steps equal at their position.
