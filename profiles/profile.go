@@ -31,23 +31,23 @@ type Point struct {
 // Shape is the model shape a curve was measured on (the scheduler scales a
 // curve to other shapes by their FLOP or byte ratio).
 type Shape struct {
-	HiddenSize   int    `json:"hidden_size"`
-	Layers       int    `json:"layers"`
-	Heads        int    `json:"heads"`
-	KVHeads      int    `json:"kv_heads"`
-	HeadDim      int    `json:"head_dim"`
-	Intermediate int    `json:"intermediate"`
-	MLPMatrices  int    `json:"mlp_matrices"` // 3 (gated SiLU) or 2 (OPT)
-	ElemBytes    int    `json:"elem_bytes"`
+	HiddenSize   int `json:"hidden_size"`
+	Layers       int `json:"layers"`
+	Heads        int `json:"heads"`
+	KVHeads      int `json:"kv_heads"`
+	HeadDim      int `json:"head_dim"`
+	Intermediate int `json:"intermediate"`
+	MLPMatrices  int `json:"mlp_matrices"` // 3 (gated SiLU) or 2 (OPT)
+	ElemBytes    int `json:"elem_bytes"`
 	// Multi-head latent attention (DeepSeek-V3), all 0 otherwise: the
 	// query's low rank, the latent and rotary key stored per token, and
 	// the per-head q/k (without rope) and v widths.
-	QLoraRank int `json:"q_lora_rank,omitempty"`
-	KVLatent  int `json:"kv_latent,omitempty"`
-	RopeDim   int `json:"rope_dim,omitempty"`
-	NopeDim   int `json:"nope_dim,omitempty"`
-	VHeadDim  int `json:"v_head_dim,omitempty"`
-	Name         string `json:"name,omitempty"`
+	QLoraRank int    `json:"q_lora_rank,omitempty"`
+	KVLatent  int    `json:"kv_latent,omitempty"`
+	RopeDim   int    `json:"rope_dim,omitempty"`
+	NopeDim   int    `json:"nope_dim,omitempty"`
+	VHeadDim  int    `json:"v_head_dim,omitempty"`
+	Name      string `json:"name,omitempty"`
 }
 
 // Curve is a measured cost in milliseconds for all layers of a model at
