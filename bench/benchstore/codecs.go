@@ -189,7 +189,7 @@ func RunCodecs(o CodecOptions) (*CodecResult, error) {
 			comp = "lz4"
 		}
 		st, err := chunk.Open(chunk.Options{Dir: filepath.Join(dir, comp), CapacityBytes: -1, Compression: comp, GCInterval: -1,
-			StagingBytes: 2 * int64(o.Tokens+64) * int64(maxPerToken), Logf: func(string, ...any) {}})
+			StagingBytes: int64(o.Contexts+2) * int64(o.Tokens+64) * int64(maxPerToken), Logf: func(string, ...any) {}})
 		if err != nil {
 			return nil, err
 		}
