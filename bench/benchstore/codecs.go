@@ -65,17 +65,17 @@ type CodecRow struct {
 
 // CodecResult is what `hcache bench store --codecs ... --json` prints.
 type CodecResult struct {
-	Model    string     `json:"model"`
-	Engine   string     `json:"engine"`
-	Tokens   int        `json:"tokens"`
-	Contexts int        `json:"contexts"`
-	Rounds   int        `json:"rounds"`
-	Seed     int64      `json:"seed"`
-	States   string     `json:"states"`
+	Model    string `json:"model"`
+	Engine   string `json:"engine"`
+	Tokens   int    `json:"tokens"`
+	Contexts int    `json:"contexts"`
+	Rounds   int    `json:"rounds"`
+	Seed     int64  `json:"seed"`
+	States   string `json:"states"`
 	// LoadAvg is /proc/loadavg's 1-minute figure at the start and the end:
 	// the machine may be shared.
 	LoadAvg [2]float64 `json:"loadavg_start_end"`
-	Rows     []CodecRow `json:"rows"`
+	Rows    []CodecRow `json:"rows"`
 }
 
 type codecVariant struct {
