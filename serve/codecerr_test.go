@@ -7,6 +7,7 @@ import (
 	"github.com/hcache/hcache/internal/testseed"
 	"github.com/hcache/hcache/model"
 	"github.com/hcache/hcache/state"
+	"github.com/hcache/hcache/state/codec"
 )
 
 // TestMeasureCodec: the lossless path measures no error and full greedy
@@ -37,8 +38,12 @@ func TestMeasureCodec(t *testing.T) {
 					}
 					continue
 				}
-				if r.KMaxRel == 0 || r.VMaxRel == 0 || r.BytesPerToken >= r.ModelBytesPerToken {
-					t.Fatalf("%s/%s/%s: no error or no saving measured: %+v", preset, cd, kind, r)
+				row := codec.HiddenRowBytes(cd, c.DType, c.HiddenSize)
+				if kind == state.LayerKV {
+					row = codec.KVRowBytes(cd, c.DType, c.KVDim())
+				}
+				if r.KMaxRel == 0 || r.VMaxRel == 0 || r.BytesPerToken != c.Layers*row {
+					t.Fatalf("%s/%s/%s: no error measured, or %d bytes per token for %d-byte rows: %+v", preset, cd, kind, r.BytesPerToken, row, r)
 				}
 				// bf16 rounds the decoded value once more (2^-9 relative).
 				if kind == state.LayerKV && (r.KMaxRel > r.FP8Bound+1.0/256 || r.VMaxRel > r.FP8Bound+1.0/256) {

@@ -2,7 +2,6 @@ package serve
 
 import (
 	"crypto/sha256"
-	"errors"
 	"fmt"
 
 	"github.com/hcache/hcache/gpu"
@@ -81,15 +80,14 @@ func (s *Saver) Trace(layer int, hidden, k, v []float32) {
 		rb := codec.HiddenRowBytes(s.codec, c.DType, c.HiddenSize)
 		rows = make([]byte, n*rb)
 		for i := 0; i < n && s.err == nil; i++ {
-			s.err = codec.Encode(s.codec, c.DType, rows[i*rb:(i+1)*rb], hidden[i*c.HiddenSize:(i+1)*c.HiddenSize])
+			s.err = codec.EncodeRow(s.codec, c.DType, rows[i*rb:(i+1)*rb], hidden[i*c.HiddenSize:(i+1)*c.HiddenSize])
 		}
 	case state.LayerKV:
 		kvd := c.KVDim()
-		half := codec.SegmentBytes(s.codec, c.DType, kvd)
-		rows = make([]byte, n*2*half)
+		rb := codec.KVRowBytes(s.codec, c.DType, kvd)
+		rows = make([]byte, n*rb)
 		for i := 0; i < n && s.err == nil; i++ {
-			s.err = errors.Join(codec.Encode(s.codec, c.DType, rows[i*2*half:(2*i+1)*half], k[i*kvd:(i+1)*kvd]),
-				codec.Encode(s.codec, c.DType, rows[(2*i+1)*half:(2*i+2)*half], v[i*kvd:(i+1)*kvd]))
+			s.err = codec.EncodeRow(s.codec, c.DType, rows[i*rb:(i+1)*rb], k[i*kvd:(i+1)*kvd], v[i*kvd:(i+1)*kvd])
 		}
 	}
 	if s.err != nil {

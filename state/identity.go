@@ -83,7 +83,7 @@ func ParseCodec(s string) (Codec, error) {
 // and the context id it forms the binding that seeds every slice checksum.
 //
 // Under a codec other than CodecNone a row's size is its encoded size (an fp8
-// hidden row of 4096 values is 4096 + 4 bytes, not 8192): RowBytes is always
+// hidden row of 4096 values is 4160 bytes, not 8192): RowBytes is always
 // what one token of the layer takes in the store.
 type Identity struct {
 	Model []byte

@@ -167,19 +167,25 @@ func RunCodecs(o CodecOptions) (*CodecResult, error) {
 			return nil, err
 		}
 		// Encode one layer, timed (what the Saver does per layer).
-		vals, n := hidden, c.HiddenSize
+		vals, n, segs := hidden, c.HiddenSize, 1
 		if v.kind == state.LayerKV {
-			vals, n = kv, c.KVDim()
+			vals, n, segs = kv, c.KVDim(), 2
 		}
-		sb := codec.SegmentBytes(v.codec, c.DType, n)
-		v.rows = make([]byte, len(vals)/n*sb)
+		rb := codec.RowBytes(v.codec, c.DType, segs, n)
+		v.rows = make([]byte, o.Tokens*rb)
 		// Three passes, the first touching the memory; the median of the
 		// other two is kept.
 		var secs []float64
 		for pass := 0; pass < 3; pass++ {
 			t0 := time.Now()
-			for s := 0; s < len(vals)/n; s++ {
-				if err := codec.Encode(v.codec, c.DType, v.rows[s*sb:(s+1)*sb], vals[s*n:(s+1)*n]); err != nil {
+			for t := 0; t < o.Tokens; t++ {
+				var err error
+				if segs == 1 {
+					err = codec.EncodeRow(v.codec, c.DType, v.rows[t*rb:(t+1)*rb], vals[t*n:(t+1)*n])
+				} else {
+					err = codec.EncodeRow(v.codec, c.DType, v.rows[t*rb:(t+1)*rb], vals[2*t*n:(2*t+1)*n], vals[(2*t+1)*n:(2*t+2)*n])
+				}
+				if err != nil {
 					return nil, err
 				}
 			}
@@ -261,7 +267,7 @@ func RunCodecs(o CodecOptions) (*CodecResult, error) {
 					if v.codec == state.CodecNone {
 						return nil // already the model dtype
 					}
-					return codec.TranscodeRows(v.codec, c.DType, dec[:len(rows)/(segs*codec.SegmentBytes(v.codec, c.DType, n))*out], rows, segs, n)
+					return codec.TranscodeRows(v.codec, c.DType, dec[:len(rows)/codec.RowBytes(v.codec, c.DType, segs, n)*out], rows, segs, n)
 				})
 				if err != nil {
 					return nil, err

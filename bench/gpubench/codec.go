@@ -57,8 +57,8 @@ func RunCodec(o Options, cd state.Codec) ([]CodecResult, error) {
 		if err != nil {
 			return nil, err
 		}
-		sb := codec.SegmentBytes(cd, c.DType, c.HiddenSize)
-		enc, err := allocPinned(b, n*sb)
+		rb := codec.HiddenRowBytes(cd, c.DType, c.HiddenSize)
+		enc, err := allocPinned(b, n*rb)
 		if err != nil {
 			raw.free()
 			return nil, err
@@ -70,7 +70,7 @@ func RunCodec(o Options, cd state.Codec) ([]CodecResult, error) {
 				x[i] = float32(rng.NormFloat64())
 			}
 			c.EncodeRow(raw.mem[t*c.HiddenRowBytes():(t+1)*c.HiddenRowBytes()], x)
-			if err := codec.Encode(cd, c.DType, enc.mem[t*sb:(t+1)*sb], x); err != nil {
+			if err := codec.EncodeRow(cd, c.DType, enc.mem[t*rb:(t+1)*rb], x); err != nil {
 				return nil, err
 			}
 		}

@@ -104,13 +104,13 @@ func DecodeGBps(c *model.Config, rounds int) (float64, error) {
 	const n = 256
 	rng := rand.New(rand.NewSource(1))
 	x := make([]float32, c.HiddenSize)
-	sb := codec.SegmentBytes(state.CodecFP8Token, c.DType, c.HiddenSize)
-	enc := make([]byte, n*sb)
+	rb := codec.HiddenRowBytes(state.CodecFP8Token, c.DType, c.HiddenSize)
+	enc := make([]byte, n*rb)
 	for t := 0; t < n; t++ {
 		for i := range x {
 			x[i] = float32(rng.NormFloat64())
 		}
-		if err := codec.Encode(state.CodecFP8Token, c.DType, enc[t*sb:(t+1)*sb], x); err != nil {
+		if err := codec.EncodeRow(state.CodecFP8Token, c.DType, enc[t*rb:(t+1)*rb], x); err != nil {
 			return 0, err
 		}
 	}

@@ -54,10 +54,11 @@ func (b *Backend) CodecCopy(cd state.Codec, segs, vals int, raw, enc []byte, rep
 		return nil, fmt.Errorf("cuda: no device decode for codec %s", cd)
 	}
 	sb := codec.SegmentBytes(cd, c.DType, vals)
-	if segs <= 0 || vals <= 0 || len(enc) == 0 || len(enc)%(segs*sb) != 0 {
+	rb := codec.RowBytes(cd, c.DType, segs, vals)
+	if segs <= 0 || vals <= 0 || len(enc) == 0 || len(enc)%rb != 0 {
 		return nil, fmt.Errorf("cuda: %d encoded bytes are not whole rows of %d segments of %d values", len(enc), segs, vals)
 	}
-	nseg := len(enc) / sb
+	nseg := len(enc) / rb * segs
 	if len(raw) != nseg*vals*c.ElemBytes() {
 		return nil, fmt.Errorf("cuda: %d raw bytes for %d segments of %d values", len(raw), nseg, vals)
 	}
@@ -69,7 +70,7 @@ func (b *Backend) CodecCopy(cd state.Codec, segs, vals int, raw, enc []byte, rep
 	if cd == state.CodecFP8Block {
 		block = codec.BlockSize
 	}
-	res := &CodecCopyResult{Codec: cd.String(), Tokens: nseg / segs, RawBytes: len(raw), StoredBytes: len(enc)}
+	res := &CodecCopyResult{Codec: cd.String(), Tokens: len(enc) / rb, RawBytes: len(raw), StoredBytes: len(enc)}
 	b.busy.Lock() // no restore runs meanwhile
 	defer b.busy.Unlock()
 	err := b.with(func() error {
@@ -126,12 +127,13 @@ func (b *Backend) CodecCopy(cd state.Codec, segs, vals int, raw, enc []byte, rep
 			defer d.call("cuEventDestroy_v2", ev[i])
 		}
 		a := struct {
-			src, dst                          uint64
-			nseg, vals, block, segBytes, dtyp int32
-			bad                               uint64
-		}{uint64(dSrc), uint64(dDst), int32(nseg), int32(vals), int32(block), int32(sb), int32(b.dtype), uint64(dBad)}
-		params := []unsafe.Pointer{unsafe.Pointer(&a.src), unsafe.Pointer(&a.dst), unsafe.Pointer(&a.nseg), unsafe.Pointer(&a.vals),
-			unsafe.Pointer(&a.block), unsafe.Pointer(&a.segBytes), unsafe.Pointer(&a.dtyp), unsafe.Pointer(&a.bad)}
+			src, dst                                          uint64
+			nseg, segs, vals, block, segBytes, rowBytes, dtyp int32
+			bad                                               uint64
+		}{uint64(dSrc), uint64(dDst), int32(nseg), int32(segs), int32(vals), int32(block), int32(sb), int32(rb), int32(b.dtype), uint64(dBad)}
+		params := []unsafe.Pointer{unsafe.Pointer(&a.src), unsafe.Pointer(&a.dst), unsafe.Pointer(&a.nseg), unsafe.Pointer(&a.segs),
+			unsafe.Pointer(&a.vals), unsafe.Pointer(&a.block), unsafe.Pointer(&a.segBytes), unsafe.Pointer(&a.rowBytes),
+			unsafe.Pointer(&a.dtyp), unsafe.Pointer(&a.bad)}
 		elapsed := func(e0, e1 uintptr) (float64, error) {
 			if err := d.check("cuEventSynchronize", d.call("cuEventSynchronize", e1)); err != nil {
 				return 0, err

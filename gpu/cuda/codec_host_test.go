@@ -21,13 +21,13 @@ import (
 
 var (
 	codecOnce sync.Once
-	codecFn   func(src, dst unsafe.Pointer, nseg, vals, block, segBytes, dtype int32, bad unsafe.Pointer, nthreads int32)
+	codecFn   func(src, dst unsafe.Pointer, nseg, segs, vals, block, segBytes, rowBytes, dtype int32, bad unsafe.Pointer, nthreads int32)
 	codecErr  error
 )
 
 // loadCodecKernel builds kernels/codec.cu for the host (HCACHE_HOST) and
 // returns its dequantize entry point.
-func loadCodecKernel(t *testing.T) func(src, dst unsafe.Pointer, nseg, vals, block, segBytes, dtype int32, bad unsafe.Pointer, nthreads int32) {
+func loadCodecKernel(t *testing.T) func(src, dst unsafe.Pointer, nseg, segs, vals, block, segBytes, rowBytes, dtype int32, bad unsafe.Pointer, nthreads int32) {
 	t.Helper()
 	codecOnce.Do(func() {
 		clang, err := clangPath()
@@ -75,17 +75,22 @@ func TestCodecKernelMatchesTranscode(t *testing.T) {
 				for _, threads := range []int32{1, 33, 256} {
 					n := shape.rows * shape.segs
 					sb := codec.SegmentBytes(cd, dt, shape.vals)
-					src := make([]byte, n*sb)
-					x := make([]float32, shape.vals)
-					for s := 0; s < n; s++ {
-						amp := math.Exp(rng.NormFloat64() * 3)
-						for i := range x {
-							x[i] = float32(rng.NormFloat64() * amp)
+					rb := codec.RowBytes(cd, dt, shape.segs, shape.vals)
+					src := make([]byte, shape.rows*rb)
+					for r := 0; r < shape.rows; r++ {
+						segs := make([][]float32, shape.segs)
+						for j := range segs {
+							x := make([]float32, shape.vals)
+							amp := math.Exp(rng.NormFloat64() * 3)
+							for i := range x {
+								x[i] = float32(rng.NormFloat64() * amp)
+							}
+							if r == 1 && j == 0 {
+								clear(x) // a zero segment: scale 0
+							}
+							segs[j] = x
 						}
-						if s == 1 {
-							clear(x) // a zero segment: scale 0
-						}
-						if err := codec.Encode(cd, dt, src[s*sb:(s+1)*sb], x); err != nil {
+						if err := codec.EncodeRow(cd, dt, src[r*rb:(r+1)*rb], segs...); err != nil {
 							t.Fatal(err)
 						}
 					}
@@ -100,7 +105,7 @@ func TestCodecKernelMatchesTranscode(t *testing.T) {
 						block = codec.BlockSize
 					}
 					var bad int32
-					fn(unsafe.Pointer(&src[0]), unsafe.Pointer(&got[0]), int32(n), int32(shape.vals), int32(block), int32(sb), code, unsafe.Pointer(&bad), threads)
+					fn(unsafe.Pointer(&src[0]), unsafe.Pointer(&got[0]), int32(n), int32(shape.segs), int32(shape.vals), int32(block), int32(sb), int32(rb), code, unsafe.Pointer(&bad), threads)
 					if bad != 0 {
 						t.Fatalf("%s/%s/%+v: the kernel flagged valid rows", cd, dt, shape)
 					}
@@ -133,7 +138,7 @@ func TestCodecKernelMatchesTranscode(t *testing.T) {
 		c.patch(src)
 		out := make([]byte, 16)
 		var bad int32
-		fn(unsafe.Pointer(&src[0]), unsafe.Pointer(&out[0]), 1, 8, 8, int32(sb), hcF16, unsafe.Pointer(&bad), 4)
+		fn(unsafe.Pointer(&src[0]), unsafe.Pointer(&out[0]), 1, 1, 8, 8, int32(sb), int32(sb), hcF16, unsafe.Pointer(&bad), 4)
 		if bad == 0 {
 			t.Errorf("%s: not flagged", c.name)
 		}

@@ -60,7 +60,7 @@ func LayerPlanOfCodec(c *model.Config, kind state.LayerKind, cd state.Codec) sta
 // values, or for MLA the latent and the rotary key as two segments.
 func kvRowBytesCodec(c *model.Config, cd state.Codec) int {
 	if m := c.MLA; m != nil {
-		return codec.SegmentBytes(cd, c.DType, m.KVLoraRank) + codec.SegmentBytes(cd, c.DType, m.QKRopeDim)
+		return codec.AlignRow(cd, codec.SegmentBytes(cd, c.DType, m.KVLoraRank)+codec.SegmentBytes(cd, c.DType, m.QKRopeDim))
 	}
 	return codec.KVRowBytes(cd, c.DType, c.KVDim())
 }

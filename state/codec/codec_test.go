@@ -1,6 +1,7 @@
 package codec
 
 import (
+	"bytes"
 	"encoding/binary"
 	"errors"
 	"math"
@@ -185,6 +186,25 @@ func TestSizes(t *testing.T) {
 			t.Errorf("SegmentBytes(%s, %s, %d) = %d, want %d", c.c, c.dtype, c.n, got, c.want)
 		}
 	}
+	rows := []struct {
+		c       state.Codec
+		dtype   string
+		segs, n int
+		want    int
+	}{
+		{state.CodecNone, "float16", 2, 4096, 16384},
+		{state.CodecNone, "bfloat16", 1, 30, 60},
+		{state.CodecFP8Token, "float16", 1, 4096, 4160},
+		{state.CodecFP8Token, "float16", 2, 4096, 8256},
+		{state.CodecFP8Block, "float16", 1, 4096, 4224},
+		{state.CodecFP8Token, "float16", 2, 32, 128},
+	}
+	for _, r := range rows {
+		got := RowBytes(r.c, r.dtype, r.segs, r.n)
+		if got != r.want || (r.c != state.CodecNone && got*64%4096 != 0) {
+			t.Errorf("RowBytes(%s, %s, %d, %d) = %d, want %d (64 rows whole 4 KiB blocks)", r.c, r.dtype, r.segs, r.n, got, r.want)
+		}
+	}
 	// The target: an fp8 hidden row of Llama2-7B is at most 0.26x
 	// its fp16 KV row.
 	if r := float64(HiddenRowBytes(state.CodecFP8Token, "float16", 4096)) / float64(KVRowBytes(state.CodecNone, "float16", 4096)); r > 0.26 {
@@ -220,7 +240,9 @@ func TestBadInput(t *testing.T) {
 		{"negative scale", Decode(state.CodecFP8Token, "float16", make([]float32, 4), withScale(-1)), "scale 0 is -1"},
 		{"NaN scale", Transcode(state.CodecFP8Token, "float16", make([]byte, 8), withScale(float32(math.NaN())), 4), "scale 0 is NaN"},
 		{"short segment", Decode(state.CodecFP8Token, "float16", make([]float32, 4), good[:6]), "is 8 bytes, got 6"},
-		{"rows not whole", TranscodeRows(state.CodecFP8Token, "float16", make([]byte, 8), good[:7], 1, 4), "not whole 8-byte fp8 rows"},
+		{"rows not whole", TranscodeRows(state.CodecFP8Token, "float16", make([]byte, 8), good[:7], 1, 4), "not whole 64-byte fp8 rows"},
+		{"row too short", EncodeRow(state.CodecFP8Token, "float16", make([]byte, 8), []float32{1, 2, 3, 4}), "needs 64 bytes, got 8"},
+		{"ragged row", EncodeRow(state.CodecFP8Token, "float16", make([]byte, 64), []float32{1, 2, 3, 4}, []float32{1}), "segment 1 has 1 values"},
 	}
 	for _, c := range cases {
 		if !errors.Is(c.err, ErrCodec) || !strings.Contains(c.err.Error(), c.want) {
@@ -235,15 +257,15 @@ func TestTranscodeRows(t *testing.T) {
 	k := []float32{1, -2, 4, 8}
 	v := []float32{1000, 0.5, -3, 7}
 	for _, c := range []state.Codec{state.CodecNone, state.CodecFP8Token, state.CodecFP8Block} {
-		sb := SegmentBytes(c, "float16", 4)
-		rows := make([]byte, 4*sb)
+		rb := RowBytes(c, "float16", 2, 4)
+		rows := bytes.Repeat([]byte{0xee}, 2*rb) // the padding is overwritten
 		for r := range 2 {
-			if err := Encode(c, "float16", rows[(2*r)*sb:(2*r+1)*sb], k); err != nil {
+			if err := EncodeRow(c, "float16", rows[r*rb:(r+1)*rb], k, v); err != nil {
 				t.Fatal(err)
 			}
-			if err := Encode(c, "float16", rows[(2*r+1)*sb:(2*r+2)*sb], v); err != nil {
-				t.Fatal(err)
-			}
+		}
+		if c != state.CodecNone && rows[rb-1] != 0 {
+			t.Errorf("%s: row padding not zeroed", c)
 		}
 		dst := make([]byte, 2*2*4*2)
 		if err := TranscodeRows(c, "float16", dst, rows, 2, 4); err != nil {

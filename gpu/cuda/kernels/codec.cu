@@ -4,9 +4,11 @@
 // gpu/cuda), and for the host (HCACHE_HOST) as a shared library the tests
 // check against state/codec.Transcode to the bit. -ffp-contract=off in both.
 //
-// A stored row is segs segments; a segment of vals values is vals E4M3 codes,
-// then ceil(vals / block) little-endian float32 scales (block = vals for the
-// per-token codec, 128 for the per-block one). A value decodes as
+// A stored row is segs segments, then zeros up to row_bytes (a multiple of
+// 64); a segment of vals values is vals E4M3 codes, then ceil(vals / block)
+// little-endian float32 scales (block = vals for the per-token codec, 128 for
+// the per-block one). Segment g (row g / segs, segment g % segs) decodes to
+// elements g*vals .. g*vals+vals-1 of dst. A value decodes as
 // e4m3(code) * scale (one float32 multiply), rounded to the dtype. A NaN
 // code (0x7f, 0xff) or a scale that is negative or not finite is not an
 // encoding: the kernel sets *bad and writes 0, and the host refuses the
@@ -89,9 +91,9 @@ HC_DEVICE float e4m3(u8 q) {
 }
 
 // fp8_value decodes value i of segment seg into dst (element seg*vals + i).
-HC_DEVICE void fp8_value(const u8 *src, void *dst, int seg, int i, int vals, int block, int seg_bytes, int dtype,
-	int *bad) {
-	const u8 *s = src + (u64)seg * (u64)seg_bytes;
+HC_DEVICE void fp8_value(const u8 *src, void *dst, int seg, int i, int segs, int vals, int block, int seg_bytes,
+	int row_bytes, int dtype, int *bad) {
+	const u8 *s = src + (u64)(seg / segs) * (u64)row_bytes + (u64)(seg % segs) * (u64)seg_bytes;
 	const u8 *sp = s + vals + 4 * (i / block);
 	u32 sb = (u32)sp[0] | ((u32)sp[1] << 8) | ((u32)sp[2] << 16) | ((u32)sp[3] << 24);
 	float scale = cu2f(sb);
@@ -114,24 +116,24 @@ HC_DEVICE void fp8_value(const u8 *src, void *dst, int seg, int i, int vals, int
 
 #ifndef HCACHE_HOST
 // One block per segment, its threads striding over the values.
-HC_KERNEL void hc_fp8_dequant(const u8 *src, void *dst, int nseg, int vals, int block, int seg_bytes, int dtype,
-	int *bad) {
+HC_KERNEL void hc_fp8_dequant(const u8 *src, void *dst, int nseg, int segs, int vals, int block, int seg_bytes,
+	int row_bytes, int dtype, int *bad) {
 	int seg = __nvvm_read_ptx_sreg_ctaid_x() + __nvvm_read_ptx_sreg_ctaid_y() * __nvvm_read_ptx_sreg_nctaid_x();
 	if (seg >= nseg) {
 		return;
 	}
 	for (int i = __nvvm_read_ptx_sreg_tid_x(); i < vals; i += __nvvm_read_ptx_sreg_ntid_x()) {
-		fp8_value(src, dst, seg, i, vals, block, seg_bytes, dtype, bad);
+		fp8_value(src, dst, seg, i, segs, vals, block, seg_bytes, row_bytes, dtype, bad);
 	}
 }
 #else
 // The same body over the grid, threads in turn.
-extern "C" void hc_host_fp8_dequant(const u8 *src, void *dst, int nseg, int vals, int block, int seg_bytes,
-	int dtype, int *bad, int nthreads) {
+extern "C" void hc_host_fp8_dequant(const u8 *src, void *dst, int nseg, int segs, int vals, int block,
+	int seg_bytes, int row_bytes, int dtype, int *bad, int nthreads) {
 	for (int seg = 0; seg < nseg; seg++) {
 		for (int tid = 0; tid < nthreads; tid++) {
 			for (int i = tid; i < vals; i += nthreads) {
-				fp8_value(src, dst, seg, i, vals, block, seg_bytes, dtype, bad);
+				fp8_value(src, dst, seg, i, segs, vals, block, seg_bytes, row_bytes, dtype, bad);
 			}
 		}
 	}
