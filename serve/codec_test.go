@@ -203,3 +203,67 @@ func TestCodecIdentityRefused(t *testing.T) {
 		t.Fatalf("fp8 identity with fp16 row sizes: %v, want ErrPlan", err)
 	}
 }
+
+// TestCodecSurvivesReopen: the codec is in the identity the store persists
+// (version 2 encoding in the index and the records): after a close and a
+// reopen, and after a repair that rebuilds the index from the segments alone,
+// the context restores under its codec and is refused under another.
+func TestCodecSurvivesReopen(t *testing.T) {
+	dir := t.TempDir()
+	opts := chunk.Options{Dir: dir, ChunkTokens: 16, SegmentBytes: 8 << 20, Logf: t.Logf}
+	st, err := chunk.Open(opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c, _ := model.Preset("tiny-gqa")
+	w := model.Synthesize(c, 3)
+	plan := sched.PlanOfCodec(c, state.LayerHidden, state.CodecFP8Block)
+	ident := IdentityCodec(c, w, plan, state.CodecFP8Block)
+	wr, err := st.Create("ns", "ctx", ident, chunk.CreateOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for l := range plan {
+		if err := wr.AppendLayer(l, bytes.Repeat([]byte{byte(l + 1)}, 20*int(plan[l].RowBytes))); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := wr.Close(); err != nil {
+		t.Fatal(err)
+	}
+	check := func(when string) {
+		t.Helper()
+		n, err := st.Restore("ns", "ctx", ident, func(l int, rows []byte) error {
+			if !bytes.Equal(rows, bytes.Repeat([]byte{byte(l + 1)}, len(rows))) {
+				t.Fatalf("%s: layer %d rows changed", when, l)
+			}
+			return nil
+		})
+		if err != nil || n != 20 {
+			t.Fatalf("%s: restore under its codec: %d tokens, %v", when, n, err)
+		}
+		other := IdentityCodec(c, w, plan, state.CodecFP8Token)
+		if _, err := st.Restore("ns", "ctx", other, func(int, []byte) error { t.Fatalf("%s: a row was served under another codec", when); return nil }); !errors.Is(err, chunk.ErrIdentityMismatch) {
+			t.Fatalf("%s: another codec: %v, want ErrIdentityMismatch", when, err)
+		}
+	}
+	check("before close")
+	if err := st.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if st, err = chunk.Open(opts); err != nil {
+		t.Fatal(err)
+	}
+	check("after reopen")
+	if err := st.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := chunk.Repair(chunk.RepairOptions{Dir: dir, Logf: t.Logf}); err != nil {
+		t.Fatal(err)
+	}
+	if st, err = chunk.Open(opts); err != nil {
+		t.Fatal(err)
+	}
+	defer st.Close()
+	check("after repair")
+}
