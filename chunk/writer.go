@@ -64,7 +64,7 @@ func (s *Store) Create(ns, id string, ident *Identity, opts CreateOptions) (*Wri
 	if err := ident.Validate(); err != nil {
 		return nil, err
 	}
-	ident = &Identity{Model: append([]byte(nil), ident.Model...), Plan: append([]LayerPlan(nil), ident.Plan...)}
+	ident = &Identity{Model: append([]byte(nil), ident.Model...), Plan: append([]LayerPlan(nil), ident.Plan...), Codec: ident.Codec}
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if err := s.writable(); err != nil {

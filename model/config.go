@@ -24,7 +24,24 @@ const (
 	ArchQwen2   Arch = "qwen2"   // Qwen2ForCausalLM (q/k/v biases)
 	ArchOPT     Arch = "opt"     // OPTForCausalLM (biases, learned positions, LayerNorm, ReLU)
 	ArchMistral Arch = "mistral" // as llama
+	// ArchDeepSeekV3 is multi-head latent attention (DeepSeek-V3): its
+	// states are described and planned (store the latent), but there is no
+	// forward pass for it yet: New refuses it.
+	ArchDeepSeekV3 Arch = "deepseek_v3"
 )
+
+// MLA is the shape of multi-head latent attention: per token and layer the
+// cache holds a compressed latent of KVLoraRank values and one rotary key of
+// QKRopeDim values shared by every head; K (nope part) and V are rebuilt
+// from the latent by the kv_b projection (or absorbed into the query and
+// output projections, as vLLM does).
+type MLA struct {
+	QLoraRank  int // the query's low-rank dimension
+	KVLoraRank int // the latent stored per token (512 for DeepSeek-V3)
+	QKNopeDim  int // per head, the part of q/k without rope
+	QKRopeDim  int // per token, the rotary key shared by the heads (64)
+	VHeadDim   int // per head
+}
 
 // RopeScaling is the rope_scaling block of config.json.
 type RopeScaling struct {
@@ -56,6 +73,9 @@ type Config struct {
 	NormEps           float64
 	DType             string // "float16", "bfloat16" or "float32"
 	TieEmbeddings     bool
+	// MLA is set for multi-head latent attention (ArchDeepSeekV3) only:
+	// a "KV" row is then the latent and the rotary key.
+	MLA *MLA
 }
 
 // hfConfig mirrors the fields of a Hugging Face config.json that matter.
@@ -236,6 +256,12 @@ func (c *Config) Validate() error {
 	default:
 		return bad("torch_dtype %q (want float16, bfloat16 or float32)", c.DType)
 	}
+	if (c.Arch == ArchDeepSeekV3) != (c.MLA != nil) {
+		return bad("architecture %q with MLA dimensions %v: multi-head latent attention is deepseek_v3's, and deepseek_v3 needs them", c.Arch, c.MLA != nil)
+	}
+	if m := c.MLA; m != nil && (m.QLoraRank <= 0 || m.KVLoraRank <= 0 || m.QKNopeDim <= 0 || m.QKRopeDim <= 0 || m.QKRopeDim%2 != 0 || m.VHeadDim <= 0) {
+		return bad("MLA dimensions %+v must be positive (rope even)", *m)
+	}
 	if c.Arch != ArchOPT {
 		if c.RopeTheta <= 0 || math.IsInf(c.RopeTheta, 0) || math.IsNaN(c.RopeTheta) {
 			return bad("rope_theta %v must be positive", c.RopeTheta)
@@ -269,8 +295,14 @@ func (c *Config) ElemBytes() int {
 // HiddenRowBytes is one token's hidden state in one layer.
 func (c *Config) HiddenRowBytes() int { return c.HiddenSize * c.ElemBytes() }
 
-// KVRowBytes is one token's K and V in one layer.
-func (c *Config) KVRowBytes() int { return 2 * c.KVHeads * c.HeadDim * c.ElemBytes() }
+// KVRowBytes is one token's K and V in one layer (for MLA, its latent and
+// rotary key: what the cache holds).
+func (c *Config) KVRowBytes() int {
+	if c.MLA != nil {
+		return (c.MLA.KVLoraRank + c.MLA.QKRopeDim) * c.ElemBytes()
+	}
+	return 2 * c.KVHeads * c.HeadDim * c.ElemBytes()
+}
 
 // KVDim is kv_heads x head_dim.
 func (c *Config) KVDim() int { return c.KVHeads * c.HeadDim }
@@ -285,6 +317,9 @@ func (c *Config) ArchFingerprint() [32]byte {
 		c.Arch, c.HiddenSize, c.Layers, c.Heads, c.KVHeads, c.HeadDim, c.Intermediate, c.Vocab, c.DType, c.Norm, c.NormEps,
 		c.RopeTheta, c.RopeScaling.Type, c.RopeScaling.Factor, c.RopeScaling.LowFreqFactor, c.RopeScaling.HighFreqFactor,
 		c.RopeScaling.OriginalMaxPositions, c.RotaryInterleaved, c.QKVBias, c.OBias, c.MLPBias, c.TieEmbeddings)
+	if m := c.MLA; m != nil {
+		s += fmt.Sprintf("|mla%d:%d:%d:%d:%d", m.QLoraRank, m.KVLoraRank, m.QKNopeDim, m.QKRopeDim, m.VHeadDim)
+	}
 	return sha256.Sum256([]byte(s))
 }
 
@@ -340,8 +375,39 @@ var presets = map[string]Config{
 	"tiny-linear-rope": {Arch: ArchMistral, HiddenSize: 64, Layers: 2, Heads: 4, KVHeads: 4, HeadDim: 16, Intermediate: 128, Vocab: 128, MaxPositions: 1024, RopeTheta: 10000, Norm: "rms", NormEps: 1e-5, DType: "float32", RopeScaling: RopeScaling{Type: "linear", Factor: 4}, RotaryInterleaved: true},
 }
 
-// Preset returns a built-in configuration by name.
+// planOnly are shapes the scheduler plans for but the forward pass cannot
+// run (no weights can be synthesized or checked for them): not in
+// PresetNames, which the device checks and tests run, but found by Preset.
+var planOnly = map[string]Config{
+	// DeepSeek-V3 (config.json of deepseek-ai/DeepSeek-V3): 61 layers,
+	// hidden 7168, 128 heads, MLA with a 512-value latent and a 64-value
+	// rotary key per token and layer. The MoE MLP is described by its
+	// active width (8 routed + 1 shared experts of 2048 = 18432, the dense
+	// layers' width too); yarn rope scaling is left out (not supported).
+	"deepseek-v3": {Arch: ArchDeepSeekV3, HiddenSize: 7168, Layers: 61, Heads: 128, KVHeads: 128, HeadDim: 128, Intermediate: 18432, Vocab: 129280,
+		MaxPositions: 163840, RopeTheta: 10000, Norm: "rms", NormEps: 1e-6, DType: "bfloat16",
+		MLA: &MLA{QLoraRank: 1536, KVLoraRank: 512, QKNopeDim: 128, QKRopeDim: 64, VHeadDim: 128}},
+}
+
+// PlanOnlyNames lists the shapes Preset knows that have no forward pass
+// (deepseek-v3): for planning.
+func PlanOnlyNames() []string {
+	var n []string
+	for k := range planOnly {
+		n = append(n, k)
+	}
+	sort.Strings(n)
+	return n
+}
+
+// Preset returns a built-in configuration by name (PresetNames, or a
+// plan-only shape of PlanOnlyNames).
 func Preset(name string) (*Config, error) {
+	if c, ok := planOnly[name]; ok {
+		m := *c.MLA
+		c.MLA = &m
+		return &c, nil
+	}
 	c, ok := presets[name]
 	if !ok {
 		return nil, fmt.Errorf("model: unknown preset %q (have %s)", name, strings.Join(PresetNames(), ", "))

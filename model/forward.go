@@ -26,6 +26,9 @@ func New(c *Config, w *Weights) (*Model, error) {
 	if err := c.Validate(); err != nil {
 		return nil, err
 	}
+	if c.MLA != nil {
+		return nil, fmt.Errorf("model: %s (multi-head latent attention) is described and planned, but has no forward pass yet", c.Arch)
+	}
 	if len(w.Embed) != c.Vocab*c.HiddenSize || len(w.LMHead) != c.Vocab*c.HiddenSize || len(w.Layers) != c.Layers {
 		return nil, fmt.Errorf("model: weights do not match the config (load them with WeightsAll)")
 	}
@@ -285,6 +288,48 @@ func (m *Model) Generate(cache *KVCache, prompt []int, steps int, trace Trace) (
 		}
 		if logits, err = m.Forward([]int{t}, cache, trace); err != nil {
 			return nil, err
+		}
+	}
+	return out, nil
+}
+
+// AttentionAt is layer's attention output (before o_proj: [heads x
+// head_dim]) of one query at position pos, whose normed hidden state is h,
+// over positions 0..pos of cache (which must hold them): the arithmetic of
+// the forward pass for that query. Codec error measurements compare it
+// between an exact cache and a restored one.
+func (m *Model) AttentionAt(cache *KVCache, layer int, h []float32, pos int) ([]float32, error) {
+	c := m.Cfg
+	d, kvd, qd := c.HiddenSize, c.KVDim(), c.Heads*c.HeadDim
+	if layer < 0 || layer >= c.Layers || len(h) != d || pos < 0 || len(cache.K[layer]) < (pos+1)*kvd || len(cache.V[layer]) < (pos+1)*kvd {
+		return nil, fmt.Errorf("model: attention of layer %d at position %d: bad arguments (%d hidden values, %d cached K values)", layer, pos, len(h), len(cache.K[layer]))
+	}
+	lw := &m.W.Layers[layer]
+	q := make([]float32, qd)
+	tensor.MatMulT(q, h, 1, d, lw.Wq, qd, lw.Bq)
+	if c.UsesRope() {
+		for hh := 0; hh < c.Heads; hh++ {
+			tensor.Rope(q[hh*c.HeadDim:(hh+1)*c.HeadDim], pos, m.InvFreq, c.RotaryInterleaved)
+		}
+	}
+	scale := float32(1 / math.Sqrt(float64(c.HeadDim)))
+	group := c.Heads / c.KVHeads
+	K, V := cache.K[layer], cache.V[layer]
+	scores := make([]float32, pos+1)
+	out := make([]float32, qd)
+	for hh := 0; hh < c.Heads; hh++ {
+		qv := q[hh*c.HeadDim : (hh+1)*c.HeadDim]
+		kh := (hh / group) * c.HeadDim
+		for j := range scores {
+			scores[j] = tensor.Dot(qv, K[j*kvd+kh:j*kvd+kh+c.HeadDim]) * scale
+		}
+		tensor.Softmax(scores)
+		o := out[hh*c.HeadDim : (hh+1)*c.HeadDim]
+		for j, p := range scores {
+			vj := V[j*kvd+kh : j*kvd+kh+c.HeadDim]
+			for e := range o {
+				o[e] += p * vj[e]
+			}
 		}
 	}
 	return out, nil

@@ -228,3 +228,46 @@ func equalF32(a, b []float32) bool {
 	}
 	return true
 }
+
+// TestMLAPlanOnly: DeepSeek-V3's shape is found by Preset but is not a
+// runnable preset; its cache row is the 512-value latent and the 64-value
+// rotary key, 12.4x smaller than its hidden row; the forward pass refuses
+// it; an MLA shape without the architecture (or the reverse) is refused.
+func TestMLAPlanOnly(t *testing.T) {
+	c, err := Preset("deepseek-v3")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, n := range PresetNames() {
+		if n == "deepseek-v3" {
+			t.Fatal("deepseek-v3 is listed among the runnable presets")
+		}
+	}
+	if err := c.Validate(); err != nil {
+		t.Fatal(err)
+	}
+	if got := c.KVRowBytes(); got != (512+64)*2 {
+		t.Fatalf("MLA cache row %d bytes, want %d", got, (512+64)*2)
+	}
+	if r := float64(c.HiddenRowBytes()) / float64(c.KVRowBytes()); r < 12 || r > 12.5 {
+		t.Errorf("hidden/latent = %.2f, want about 12.4", r)
+	}
+	if _, err := New(c, &Weights{}); err == nil || !strings.Contains(err.Error(), "no forward pass") {
+		t.Errorf("New(deepseek-v3) = %v, want a refusal naming the missing forward pass", err)
+	}
+	l, _ := Preset("llama2-7b")
+	l.MLA = c.MLA
+	if err := l.Validate(); err == nil {
+		t.Error("a llama config with MLA dimensions validates")
+	}
+	d := *c
+	d.MLA = nil
+	if err := d.Validate(); err == nil {
+		t.Error("deepseek_v3 without MLA dimensions validates")
+	}
+	a, _ := Preset("deepseek-v3")
+	a.MLA.KVLoraRank = 256
+	if b, _ := Preset("deepseek-v3"); b.MLA.KVLoraRank != 512 || a.ArchFingerprint() == b.ArchFingerprint() {
+		t.Error("Preset shares its MLA dimensions between callers, or the fingerprint ignores them")
+	}
+}

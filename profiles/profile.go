@@ -31,15 +31,23 @@ type Point struct {
 // Shape is the model shape a curve was measured on (the scheduler scales a
 // curve to other shapes by their FLOP or byte ratio).
 type Shape struct {
-	HiddenSize   int    `json:"hidden_size"`
-	Layers       int    `json:"layers"`
-	Heads        int    `json:"heads"`
-	KVHeads      int    `json:"kv_heads"`
-	HeadDim      int    `json:"head_dim"`
-	Intermediate int    `json:"intermediate"`
-	MLPMatrices  int    `json:"mlp_matrices"` // 3 (gated SiLU) or 2 (OPT)
-	ElemBytes    int    `json:"elem_bytes"`
-	Name         string `json:"name,omitempty"`
+	HiddenSize   int `json:"hidden_size"`
+	Layers       int `json:"layers"`
+	Heads        int `json:"heads"`
+	KVHeads      int `json:"kv_heads"`
+	HeadDim      int `json:"head_dim"`
+	Intermediate int `json:"intermediate"`
+	MLPMatrices  int `json:"mlp_matrices"` // 3 (gated SiLU) or 2 (OPT)
+	ElemBytes    int `json:"elem_bytes"`
+	// Multi-head latent attention (DeepSeek-V3), all 0 otherwise: the
+	// query's low rank, the latent and rotary key stored per token, and
+	// the per-head q/k (without rope) and v widths.
+	QLoraRank int    `json:"q_lora_rank,omitempty"`
+	KVLatent  int    `json:"kv_latent,omitempty"`
+	RopeDim   int    `json:"rope_dim,omitempty"`
+	NopeDim   int    `json:"nope_dim,omitempty"`
+	VHeadDim  int    `json:"v_head_dim,omitempty"`
+	Name      string `json:"name,omitempty"`
 }
 
 // Curve is a measured cost in milliseconds for all layers of a model at
@@ -78,6 +86,13 @@ type Profile struct {
 	ComputeEfficiency *Figure `json:"compute_efficiency,omitempty"`
 	// LayerOverheadUS is a fixed cost per layer and operation (launches).
 	LayerOverheadUS Figure `json:"layer_overhead_us"`
+	// DecodeGBps is the backend's decode of rows stored under an fp8 codec
+	// into the model dtype, in GB/s of model-dtype output (on a GPU the
+	// dequantize kernel after the copy; on the CPU backend the host
+	// decode). Optional: without it the scheduler prices the decode as
+	// memory-bound (each value read as 1 byte and written in the dtype at
+	// mem_gbps).
+	DecodeGBps *Figure `json:"decode_gbps,omitempty"`
 	// Measured curves; each optional (figures above stand in for a missing one).
 	Recompute *Curve `json:"recompute,omitempty"`
 	Project   *Curve `json:"project,omitempty"`
@@ -162,6 +177,11 @@ func (p *Profile) Validate() error {
 		}
 	} else if p.Recompute == nil {
 		return bad("recompute", "is missing and so is compute_efficiency: one of them must say what recomputation costs")
+	}
+	if p.DecodeGBps != nil {
+		if err := fig("decode_gbps", *p.DecodeGBps, true); err != nil {
+			return err
+		}
 	}
 	for _, c := range []struct {
 		field string

@@ -58,6 +58,8 @@ func TestValidationNamesTheBadField(t *testing.T) {
 		{"negative tier", `"value": 1.9`, `"value": -1`, "storage_tiers[0].read_gbps.value"},
 		{"no source", `"source": "NVIDIA H200 data sheet: HBM3e 4.8 TB/s"`, `"source": ""`, "mem_gbps.source"},
 		{"points out of order", `{"tokens": 4096, "ms": 127.1}`, `{"tokens": 512, "ms": 127.1}`, "recompute.points[1].tokens"},
+		{"negative decode", `"layer_overhead_us":`, `"decode_gbps": {"value": -3, "source": "x"}, "layer_overhead_us":`, "decode_gbps.value"},
+		{"decode without source", `"layer_overhead_us":`, `"decode_gbps": {"value": 3, "source": " "}, "layer_overhead_us":`, "decode_gbps.source"},
 		{"bad ms", `"ms": 615.7`, `"ms": 0`, "recompute.points[2].ms"},
 		{"bad backend", `"backend": "cuda"`, `"backend": "tpu"`, "backend"},
 		{"unknown field", `"backend": "cuda",`, `"backend": "cuda", "h2d": 3,`, `unknown field "h2d"`},

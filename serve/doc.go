@@ -13,6 +13,24 @@
 //
 // # Executing a plan
 //
+// # Codecs
+//
+// A context saved under a codec (the identity's `Codec`: fp8 E4M3 per token or
+// per 128-value block, `state/codec`) is encoded by the Saver (`NewCodecSaver`:
+// a hidden row is one segment, a KV row K then V) and decoded by the Restorer
+// into the model dtype on the host before the backend's `Hidden`/`KV` call
+// (`RestoreStats.DecodeDur`); a projected `Stream` decodes both kinds, an
+// unprojected one hands rows on as stored. `CheckPlanCodec` checks the row
+// sizes against the codec's. `MeasureCodec` (`hcache model codec-error`)
+// saves and restores through both and reports, against the never-evicted
+// cache, K/V and last-position attention error per layer, the next logits'
+// error and greedy agreement (with a 2^-8 control); `TestCodecMatchesTorch`
+// checks the restored K/V and attention against the torch reference's own
+// fp8 quantizer, and `TestCodecRestore` every kind of layer bit for bit
+// against state/codec's round trip.
+//
+// # Executing a plan
+//
 // Executing a plan (`serve.Restorer`: the one restore pipeline; the
 // library, the CLI, the GPU path and the daemon all restore through it).
 // It reads from a `serve.Source` (`RestoreOwned`; `*chunk.Store`) and drives a

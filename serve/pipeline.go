@@ -9,6 +9,7 @@ import (
 	"github.com/hcache/hcache/gpu"
 	"github.com/hcache/hcache/model"
 	"github.com/hcache/hcache/state"
+	"github.com/hcache/hcache/state/codec"
 )
 
 // Source is what a restore reads: a context's stored layers, handed over
@@ -187,7 +188,10 @@ type RestoreStats struct {
 	ReadBytes  int64         `json:"read_bytes"`
 	Elapsed    time.Duration `json:"elapsed_ns"`    // admission to the last layer written
 	QueueWait  time.Duration `json:"queue_wait_ns"` // waiting for admission
-	ProjectDur time.Duration `json:"backend_ns"`    // time in the backend's calls (projection and KV loads)
+	ProjectDur time.Duration `json:"backend_ns"`    // time in the backend's calls (projection and KV loads), decode included
+	// DecodeDur is the time spent decoding rows stored under a codec into
+	// the model dtype on the host (part of ProjectDur).
+	DecodeDur time.Duration `json:"decode_ns"`
 	// RecomputeDur is the recomputation of the unstored prefix (its
 	// queueing, on a device).
 	RecomputeDur time.Duration `json:"recompute_ns"`
@@ -219,6 +223,15 @@ var ErrPlan = errors.New("serve: the plan does not fit")
 // CheckPlan checks that a plan's rows are c's: as many layers, hidden rows of
 // c.HiddenRowBytes, KV rows of c.KVRowBytes, none for recomputed layers.
 func CheckPlan(c *model.Config, plan []state.LayerPlan) error {
+	return CheckPlanCodec(c, plan, state.CodecNone)
+}
+
+// CheckPlanCodec is CheckPlan for rows encoded by cd: hidden rows of
+// codec.HiddenRowBytes, KV rows of codec.KVRowBytes.
+func CheckPlanCodec(c *model.Config, plan []state.LayerPlan, cd state.Codec) error {
+	if !cd.Known() {
+		return fmt.Errorf("%w: unknown codec %d", ErrPlan, uint8(cd))
+	}
 	if len(plan) != c.Layers {
 		return fmt.Errorf("%w: a %d-layer plan for a %d-layer model", ErrPlan, len(plan), c.Layers)
 	}
@@ -226,11 +239,14 @@ func CheckPlan(c *model.Config, plan []state.LayerPlan) error {
 		want := 0
 		switch p.Kind {
 		case state.LayerHidden:
-			want = c.HiddenRowBytes()
+			want = codec.HiddenRowBytes(cd, c.DType, c.HiddenSize)
 		case state.LayerKV:
-			want = c.KVRowBytes()
+			want = codec.KVRowBytes(cd, c.DType, c.KVDim())
 		}
 		if int(p.RowBytes) != want {
+			if cd != state.CodecNone {
+				return fmt.Errorf("%w: layer %d (%s) stores %d-byte rows; the model has %d under codec %s", ErrPlan, l, p.Kind, p.RowBytes, want, cd)
+			}
 			return fmt.Errorf("%w: layer %d (%s) stores %d-byte rows; the model has %d", ErrPlan, l, p.Kind, p.RowBytes, want)
 		}
 	}
@@ -378,7 +394,7 @@ func (r *Restorer) Restore(req Request) (RestoreStats, error) {
 	if err != nil {
 		return rs, err
 	}
-	if err := CheckPlan(r.backend.Config(), plan); err != nil {
+	if err := CheckPlanCodec(r.backend.Config(), plan, req.Ident.Codec); err != nil {
 		return rs, err
 	}
 	var (
@@ -397,6 +413,7 @@ func (r *Restorer) Restore(req Request) (RestoreStats, error) {
 		// stored prefix only; the reads check that they cover exactly it.
 		req.Tokens = req.Tokens[:n]
 	}
+	cd := req.Ident.Codec
 	if nr > 0 {
 		if len(req.Tokens) == 0 {
 			return rs, fmt.Errorf("%w: the plan of %s/%s recomputes layers 0..%d; the request must carry the context's token ids", ErrTokens, req.NS, req.ID, nr-1)
@@ -514,12 +531,23 @@ func (r *Restorer) Restore(req Request) (RestoreStats, error) {
 			rs.ComputeIdle += m.at - prevEnd
 		}
 		t0 := since()
-		release := func() { rd.release(m) }
+		rows, release := m.rows, func() { rd.release(m) }
+		if cd != state.CodecNone {
+			// Decode on the host into the consumer's dtype and give the
+			// store its buffer back at once.
+			dec, err := decodeRows(r.backend.Config(), cd, lp.Kind, m.rows, n)
+			rd.release(m)
+			rs.DecodeDur += since() - t0
+			if err != nil {
+				return fail(fmt.Errorf("serve: layer %d of %s/%s: %w", m.layer, req.NS, req.ID, err))
+			}
+			rows, release = dec, nil
+		}
 		var err error
 		if lp.Kind == state.LayerHidden {
-			err = dev.Hidden(m.layer, m.rows, release)
+			err = dev.Hidden(m.layer, rows, release)
 		} else {
-			err = dev.KV(m.layer, m.rows, release)
+			err = dev.KV(m.layer, rows, release)
 		}
 		t1 := since()
 		rs.ProjectDur += t1 - t0
@@ -587,13 +615,14 @@ func (r *Restorer) Stream(req StreamRequest, sink func(StreamLayer) error) (Rest
 		return rs, fmt.Errorf("serve: stream of %s/%s without an identity", req.NS, req.ID)
 	}
 	plan := req.Ident.Plan
+	cd := req.Ident.Codec
 	var c *model.Config
 	if req.Project {
 		if r.backend == nil {
 			return rs, fmt.Errorf("serve: projected stream of %s/%s without a backend", req.NS, req.ID)
 		}
 		c = r.backend.Config()
-		if err := CheckPlan(c, plan); err != nil {
+		if err := CheckPlanCodec(c, plan, cd); err != nil {
 			return rs, err
 		}
 	}
@@ -645,6 +674,23 @@ func (r *Restorer) Stream(req StreamRequest, sink func(StreamLayer) error) (Rest
 		rs.ReadBytes += int64(len(m.rows))
 		if req.Project && lp.Kind == state.LayerHidden && l.Tokens == 0 {
 			l.Kind, l.RowBytes = state.LayerKV, c.KVRowBytes() // nothing to project
+		}
+		if req.Project && cd != state.CodecNone && l.Tokens > 0 {
+			// A projected stream hands on rows in the model dtype: decode
+			// both kinds (hidden before projecting, KV as they go).
+			t0 := since()
+			dec, err := decodeRows(c, cd, lp.Kind, m.rows, l.Tokens)
+			rd.release(m)
+			rs.DecodeDur += since() - t0
+			if err != nil {
+				return fail(fmt.Errorf("serve: layer %d of %s/%s: %w", m.layer, req.NS, req.ID, err))
+			}
+			m = layerMsg{layer: m.layer, rows: dec, at: m.at, release: func() {}}
+			rd.held.add(int64(len(dec))) // released (subtracted) like a stored buffer
+			l.Rows = dec
+			if lp.Kind == state.LayerKV {
+				l.RowBytes = c.KVRowBytes()
+			}
 		}
 		if req.Project && lp.Kind == state.LayerHidden && l.Tokens > 0 {
 			t0 := since()
@@ -700,6 +746,21 @@ func (r *Restorer) Stream(req StreamRequest, sink func(StreamLayer) error) (Rest
 	rs.Elapsed = since()
 	rs.PeakBufferedBytes = rd.held.peakBytes()
 	return rs, nil
+}
+
+// decodeRows decodes n rows of a layer stored under codec cd into the model
+// dtype: a hidden row is one segment of hidden_size values, a KV row K then V
+// segments of kv_dim values.
+func decodeRows(c *model.Config, cd state.Codec, kind state.LayerKind, rows []byte, n int) ([]byte, error) {
+	segs, vals, out := 1, c.HiddenSize, c.HiddenRowBytes()
+	if kind == state.LayerKV {
+		segs, vals, out = 2, c.KVDim(), c.KVRowBytes()
+	}
+	dst := make([]byte, n*out)
+	if err := codec.TranscodeRows(cd, c.DType, dst, rows, segs, vals); err != nil {
+		return nil, err
+	}
+	return dst, nil
 }
 
 // heldBytes counts the bytes of layers handed over and not yet released.

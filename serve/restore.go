@@ -2,10 +2,12 @@ package serve
 
 import (
 	"crypto/sha256"
+	"fmt"
 
 	"github.com/hcache/hcache/gpu"
 	"github.com/hcache/hcache/model"
 	"github.com/hcache/hcache/state"
+	"github.com/hcache/hcache/state/codec"
 )
 
 // RowLayout names how Saver lays rows out; it is part of every identity, so
@@ -20,6 +22,15 @@ func Identity(c *model.Config, w *model.Weights, plan []state.LayerPlan) *state.
 	h.Write(model.Fingerprint(c, w))
 	h.Write([]byte(RowLayout))
 	return &state.Identity{Model: h.Sum(nil), Plan: plan}
+}
+
+// IdentityCodec is Identity for states whose rows are encoded by a codec:
+// the plan's row sizes must be the codec's (sched.PlanOfCodec). Codec none
+// gives Identity's value, byte for byte.
+func IdentityCodec(c *model.Config, w *model.Weights, plan []state.LayerPlan, cd state.Codec) *state.Identity {
+	id := Identity(c, w, plan)
+	id.Codec = cd
+	return id
 }
 
 // Appender is where a Saver appends: a context's writer (*chunk.Writer).
@@ -37,14 +48,23 @@ type Appender interface {
 type Saver struct {
 	cfg     *model.Config
 	plan    []state.LayerPlan
+	codec   state.Codec
 	w       Appender
 	pending [][]byte // decode step rows by layer
 	err     error
 }
 
-// NewSaver wraps a writer of a context stored under plan.
+// NewSaver wraps a writer of a context stored under plan, rows in the model
+// dtype (codec none).
 func NewSaver(c *model.Config, plan []state.LayerPlan, w Appender) *Saver {
-	return &Saver{cfg: c, plan: plan, w: w, pending: make([][]byte, len(plan))}
+	return NewCodecSaver(c, plan, state.CodecNone, w)
+}
+
+// NewCodecSaver wraps a writer of a context stored under plan with rows
+// encoded by cd (the identity's codec): hidden rows as one segment, KV rows
+// as K then V segments (state/codec).
+func NewCodecSaver(c *model.Config, plan []state.LayerPlan, cd state.Codec, w Appender) *Saver {
+	return &Saver{cfg: c, plan: plan, codec: cd, w: w, pending: make([][]byte, len(plan))}
 }
 
 // Trace is the model.Trace to pass to Forward/Generate.
@@ -57,15 +77,22 @@ func (s *Saver) Trace(layer int, hidden, k, v []float32) {
 	var rows []byte
 	switch s.plan[layer].Kind {
 	case state.LayerHidden:
-		rows = make([]byte, n*c.HiddenRowBytes())
-		c.EncodeRow(rows, hidden)
-	case state.LayerKV:
-		rows = make([]byte, n*c.KVRowBytes())
-		kvd, half := c.KVDim(), c.KVRowBytes()/2
-		for i := 0; i < n; i++ {
-			c.EncodeRow(rows[i*2*half:], k[i*kvd:(i+1)*kvd])
-			c.EncodeRow(rows[i*2*half+half:], v[i*kvd:(i+1)*kvd])
+		rb := codec.HiddenRowBytes(s.codec, c.DType, c.HiddenSize)
+		rows = make([]byte, n*rb)
+		for i := 0; i < n && s.err == nil; i++ {
+			s.err = codec.EncodeRow(s.codec, c.DType, rows[i*rb:(i+1)*rb], hidden[i*c.HiddenSize:(i+1)*c.HiddenSize])
 		}
+	case state.LayerKV:
+		kvd := c.KVDim()
+		rb := codec.KVRowBytes(s.codec, c.DType, kvd)
+		rows = make([]byte, n*rb)
+		for i := 0; i < n && s.err == nil; i++ {
+			s.err = codec.EncodeRow(s.codec, c.DType, rows[i*rb:(i+1)*rb], k[i*kvd:(i+1)*kvd], v[i*kvd:(i+1)*kvd])
+		}
+	}
+	if s.err != nil {
+		s.err = fmt.Errorf("serve: save layer %d under codec %s: %w", layer, s.codec, s.err)
+		return
 	}
 	if n == 1 {
 		s.pending[layer] = rows

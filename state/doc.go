@@ -1,6 +1,7 @@
 // Package state says what a stored state is, with no I/O: the per-layer plan
 // (LayerKind, LayerPlan and each layer's row size), the Identity a state must
-// match before it is served (model fingerprint and plan), its binary encoding,
+// match before it is served (model fingerprint, plan and the rows' codec:
+// version 1 encodings have no codec, version 2 carries one), its binary encoding,
 // the Binding that ties stored bytes to one context, the chain keys that
 // address state by its tokens (chain.go), and the rules for
 // namespace and context id names.

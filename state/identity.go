@@ -37,14 +37,58 @@ type LayerPlan struct {
 	RowBytes uint32 // 0 for LayerNone
 }
 
+// Codec is how a state's rows are encoded (state/codec implements them).
+// It is part of the identity: a state is never served to a consumer that
+// expects another encoding, and a plan's RowBytes are the encoded (stored)
+// row sizes.
+type Codec uint8
+
+// Codecs. CodecNone stores rows in the model dtype, as every identity did
+// before codecs existed; the others are lossy fp8 encodings (a lossless
+// compression of rows is the store's own, chunk.Options.Compression, and
+// not part of the identity: it restores the same bytes).
+const (
+	CodecNone     Codec = 0 // model dtype (fp16, bf16 or f32)
+	CodecFP8Token Codec = 1 // fp8 E4M3, one float32 scale per token per segment
+	CodecFP8Block Codec = 2 // fp8 E4M3, one float32 scale per block of 128 values
+	maxCodec            = CodecFP8Block
+)
+
+var codecNames = [...]string{CodecNone: "none", CodecFP8Token: "fp8", CodecFP8Block: "fp8-block"}
+
+func (c Codec) String() string {
+	if c <= maxCodec {
+		return codecNames[c]
+	}
+	return fmt.Sprintf("codec(%d)", uint8(c))
+}
+
+// Known reports whether this build knows the codec.
+func (c Codec) Known() bool { return c <= maxCodec }
+
+// ParseCodec parses a codec name (Codec.String's form).
+func ParseCodec(s string) (Codec, error) {
+	for c, n := range codecNames {
+		if s == n {
+			return Codec(c), nil
+		}
+	}
+	return 0, fmt.Errorf("state: unknown codec %q (have none, fp8, fp8-block)", s)
+}
+
 // Identity is everything a stored state must match before it is served: the
 // model fingerprint (architecture, dimensions, dtype, layout, rope settings
-// and weights revision, computed by the caller; opaque bytes to the store)
-// and the per-layer plan. Together with the namespace and the context id it
-// forms the binding that seeds every slice checksum.
+// and weights revision, computed by the caller; opaque bytes to the store),
+// the per-layer plan and the codec of its rows. Together with the namespace
+// and the context id it forms the binding that seeds every slice checksum.
+//
+// Under a codec other than CodecNone a row's size is its encoded size (an fp8
+// hidden row of 4096 values is 4160 bytes, not 8192): RowBytes is always
+// what one token of the layer takes in the store.
 type Identity struct {
 	Model []byte
 	Plan  []LayerPlan
+	Codec Codec
 }
 
 // Limits on identities.
@@ -56,7 +100,14 @@ const (
 
 var identityMagic = []byte("HCID")
 
-const identityVersion = 1
+// Identity encodings: version 1 has no codec field and is the only form of
+// a CodecNone identity (so identities from before codecs, and the chain keys
+// and bindings computed from them, are unchanged); version 2 adds the codec
+// byte and is used exactly when the codec is not CodecNone.
+const (
+	identityVersion   = 1
+	identityVersionV2 = 2
+)
 
 var castagnoli = crc32.MakeTable(crc32.Castagnoli)
 
@@ -71,6 +122,9 @@ func (id *Identity) Validate() error {
 	if len(id.Plan) == 0 || len(id.Plan) > MaxLayers {
 		return fmt.Errorf("%w: plan of %d layers (want 1..%d)", ErrIdentity, len(id.Plan), MaxLayers)
 	}
+	if !id.Codec.Known() {
+		return fmt.Errorf("%w: unknown codec %d", ErrIdentity, uint8(id.Codec))
+	}
 	stored := 0
 	for l, p := range id.Plan {
 		switch p.Kind {
@@ -79,8 +133,11 @@ func (id *Identity) Validate() error {
 				return fmt.Errorf("%w: layer %d stores nothing but has row bytes %d", ErrIdentity, l, p.RowBytes)
 			}
 		case LayerHidden, LayerKV:
-			if p.RowBytes == 0 || p.RowBytes > MaxRowBytes || p.RowBytes%2 != 0 {
+			if id.Codec == CodecNone && (p.RowBytes == 0 || p.RowBytes > MaxRowBytes || p.RowBytes%2 != 0) {
 				return fmt.Errorf("%w: layer %d (%s) row bytes %d (want an even number in 2..%d)", ErrIdentity, l, p.Kind, p.RowBytes, MaxRowBytes)
+			}
+			if id.Codec != CodecNone && (p.RowBytes == 0 || p.RowBytes > MaxRowBytes) {
+				return fmt.Errorf("%w: layer %d (%s) row bytes %d under codec %s (want 1..%d)", ErrIdentity, l, p.Kind, p.RowBytes, id.Codec, MaxRowBytes)
 			}
 			stored++
 		default:
@@ -93,17 +150,26 @@ func (id *Identity) Validate() error {
 	return nil
 }
 
-// Encode returns the identity's binary form:
-// "HCID" version(u16) modelLen(u16) model layers(u16) {kind(u8) rowBytes(u32)}* crc32c(u32).
+// Encode returns the identity's binary form. Without a codec (version 1):
+// "HCID" version(u16)=1 modelLen(u16) model layers(u16) {kind(u8) rowBytes(u32)}* crc32c(u32);
+// with one (version 2), the codec byte follows the plan:
+// "HCID" version(u16)=2 modelLen(u16) model layers(u16) {kind(u8) rowBytes(u32)}* codec(u8) crc32c(u32).
 func (id *Identity) Encode() []byte {
 	b := append([]byte(nil), identityMagic...)
-	b = binary.LittleEndian.AppendUint16(b, identityVersion)
+	if id.Codec != CodecNone {
+		b = binary.LittleEndian.AppendUint16(b, identityVersionV2)
+	} else {
+		b = binary.LittleEndian.AppendUint16(b, identityVersion)
+	}
 	b = binary.LittleEndian.AppendUint16(b, uint16(len(id.Model)))
 	b = append(b, id.Model...)
 	b = binary.LittleEndian.AppendUint16(b, uint16(len(id.Plan)))
 	for _, p := range id.Plan {
 		b = append(b, byte(p.Kind))
 		b = binary.LittleEndian.AppendUint32(b, p.RowBytes)
+	}
+	if id.Codec != CodecNone {
+		b = append(b, byte(id.Codec))
 	}
 	return binary.LittleEndian.AppendUint32(b, crc32.Checksum(b, castagnoli))
 }
@@ -117,16 +183,28 @@ func DecodeIdentity(b []byte) (*Identity, error) {
 	if crc32.Checksum(body, castagnoli) != sum {
 		return nil, fmt.Errorf("%w: checksum mismatch", ErrIdentity)
 	}
-	if v := binary.LittleEndian.Uint16(b[4:]); v != identityVersion {
-		return nil, fmt.Errorf("%w: version %d, this build reads %d", ErrIdentity, v, identityVersion)
+	v := binary.LittleEndian.Uint16(b[4:])
+	if v != identityVersion && v != identityVersionV2 {
+		return nil, fmt.Errorf("%w: version %d, this build reads %d and %d", ErrIdentity, v, identityVersion, identityVersionV2)
 	}
 	p := body[6:]
+	codec := CodecNone
+	if v == identityVersionV2 {
+		if len(p) < 2+2+1 {
+			return nil, fmt.Errorf("%w: truncated version 2 identity", ErrIdentity)
+		}
+		codec = Codec(p[len(p)-1])
+		p = p[:len(p)-1]
+		if codec == CodecNone {
+			return nil, fmt.Errorf("%w: version 2 identity with codec none (a codec-less identity is version 1)", ErrIdentity)
+		}
+	}
 	ml := int(binary.LittleEndian.Uint16(p))
 	p = p[2:]
 	if len(p) < ml+2 {
 		return nil, fmt.Errorf("%w: truncated model fingerprint", ErrIdentity)
 	}
-	id := &Identity{Model: append([]byte(nil), p[:ml]...)}
+	id := &Identity{Model: append([]byte(nil), p[:ml]...), Codec: codec}
 	p = p[ml:]
 	n := int(binary.LittleEndian.Uint16(p))
 	p = p[2:]
@@ -146,7 +224,7 @@ func DecodeIdentity(b []byte) (*Identity, error) {
 
 // Equal reports whether two identities are the same.
 func (id *Identity) Equal(o *Identity) bool {
-	if !bytes.Equal(id.Model, o.Model) || len(id.Plan) != len(o.Plan) {
+	if !bytes.Equal(id.Model, o.Model) || len(id.Plan) != len(o.Plan) || id.Codec != o.Codec {
 		return false
 	}
 	for i := range id.Plan {

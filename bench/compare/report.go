@@ -199,11 +199,15 @@ func Markdown(r *Result, cmdline string) string {
 	}
 	f("\n## Results\n\n")
 	f("Restore times are per request, from the call to the last layer handed over in host memory (state ready to copy to a GPU; hcache's K/V projection from hidden states is not included: on a GPU it overlaps the next layer's read, see DESIGN.md). Cold reads: hcache uses O_DIRECT; peers that read through the page cache have it dropped for the context before each restore (untimed). `burst` restores every context once, c at a time. `save_gbps` is each system's own bytes (hidden states for hcache) over the time in save calls. Bytes on disk are allocated bytes (st_blocks), index included.\n\n")
-	f("| system | c | restores | restore ms median | p99 | restore GB/s | burst tokens/s | save ms median | save GB/s | bytes on disk | bytes in memory | bytes/token |\n")
-	f("|---|---|---|---|---|---|---|---|---|---|---|---|\n")
+	f("| system | c | restores | restore ms median | p99 | restore GB/s | burst tokens/s | save ms median | save GB/s | bytes on disk | bytes in memory | bytes/token | codec |\n")
+	f("|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
 	for _, row := range r.Rows {
-		f("| %s | %d | %d | %.2f | %.2f | %.2f | %.0f | %.2f | %.2f | %d | %d | %.0f |\n", row.System, row.Concurrency, row.Restores,
-			row.RestoreMSMedian, row.RestoreMSP99, row.RestoreGBps, row.BurstTokPerS, row.SaveMSMedian, row.SaveGBps, row.BytesOnDisk, row.BytesInMemory, row.BytesPerToken)
+		codec := row.Codec
+		if codec == "" {
+			codec = "-"
+		}
+		f("| %s | %d | %d | %.2f | %.2f | %.2f | %.0f | %.2f | %.2f | %d | %d | %.0f | %s |\n", row.System, row.Concurrency, row.Restores,
+			row.RestoreMSMedian, row.RestoreMSP99, row.RestoreGBps, row.BurstTokPerS, row.SaveMSMedian, row.SaveGBps, row.BytesOnDisk, row.BytesInMemory, row.BytesPerToken, codec)
 	}
 	f("\nNotes per system:\n\n")
 	seen := map[string]bool{}

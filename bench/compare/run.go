@@ -18,11 +18,12 @@ import (
 	"github.com/hcache/hcache/internal/progress"
 	"github.com/hcache/hcache/model"
 	"github.com/hcache/hcache/serve/sched"
+	"github.com/hcache/hcache/state"
 	"golang.org/x/sys/unix"
 )
 
 // AllSystems are the systems compare knows, in report order.
-var AllSystems = []string{"hcache", "hcache-kv", "hcache-dram", "file-per-chunk", "pebble-blob", "redis", "recompute", "limit"}
+var AllSystems = []string{"hcache", "hcache-kv", "hcache-fp8", "hcache-dram", "file-per-chunk", "pebble-blob", "redis", "recompute", "limit"}
 
 // Options of one comparison.
 type Options struct {
@@ -69,6 +70,7 @@ type Row struct {
 	BytesOnDisk     int64   `json:"bytes_on_disk"`
 	BytesInMemory   int64   `json:"bytes_in_memory,omitempty"`
 	BytesPerToken   float64 `json:"bytes_per_token"` // on disk, or in memory for memory-only systems
+	Codec           string  `json:"codec,omitempty"` // hcache's rows: none (the model dtype) or fp8
 	Note            string  `json:"note,omitempty"`
 }
 
@@ -268,6 +270,11 @@ func Run(o Options) (*Result, error) {
 				if name == "hcache" {
 					note = "plan: " + res.Plan + " (sched.DefaultPlan), O_DIRECT, DRAM tier off"
 				}
+			case "hcache-fp8":
+				fp8 := sched.PlanOfCodec(cfg, plan[0].Kind, state.CodecFP8Token)
+				spec.RowBytes = int(fp8[0].RowBytes)
+				sys, err = peer.NewHcache(spec, peer.HcacheOptions{Name: name, Model: shape, Plan: fp8, Codec: state.CodecFP8Token, StagingBytes: staging})
+				note = "the hcache plan's rows under the fp8 codec (E4M3, a scale per token; encode and decode not timed), O_DIRECT, DRAM tier off"
 			case "hcache-kv":
 				spec.RowBytes = cfg.KVRowBytes()
 				sys, err = peer.NewHcache(spec, peer.HcacheOptions{Name: name, Model: shape, Plan: sched.PlanOf(cfg, chunk.LayerKV), StagingBytes: staging})
@@ -307,6 +314,12 @@ func Run(o Options) (*Result, error) {
 				return nil, fmt.Errorf("%s: close: %w", name, closeErr)
 			}
 			row.Note = note
+			switch name {
+			case "hcache", "hcache-kv", "hcache-dram":
+				row.Codec = state.CodecNone.String()
+			case "hcache-fp8":
+				row.Codec = state.CodecFP8Token.String()
+			}
 			if row.Restores == 0 {
 				res.Params = append(res.Params, fmt.Sprintf("%s: no row, no restore of this workload is within its limits (%s)", name, note))
 				continue

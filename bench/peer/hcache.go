@@ -5,6 +5,7 @@ import (
 	"path/filepath"
 
 	"github.com/hcache/hcache/chunk"
+	"github.com/hcache/hcache/state"
 )
 
 // Hcache is hcache's own store: the product, measured as a peer of the
@@ -22,6 +23,7 @@ type HcacheOptions struct {
 	Name       string
 	Model      []byte // model fingerprint
 	Plan       []chunk.LayerPlan
+	Codec      state.Codec // the rows' codec (its row sizes are in Plan)
 	CacheBytes int64
 	// StagingBytes bounds the DRAM staging (0: the store's default). A
 	// prefill stages a whole context until its last layer arrives, so
@@ -47,7 +49,7 @@ func NewHcache(spec Spec, o HcacheOptions) (*Hcache, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &Hcache{name: o.Name, spec: spec, st: st, ident: &chunk.Identity{Model: o.Model, Plan: o.Plan}}, nil
+	return &Hcache{name: o.Name, spec: spec, st: st, ident: &chunk.Identity{Model: o.Model, Plan: o.Plan, Codec: o.Codec}}, nil
 }
 
 // Name implements System.

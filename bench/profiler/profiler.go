@@ -22,6 +22,8 @@ import (
 	"github.com/hcache/hcache/model"
 	"github.com/hcache/hcache/profiles"
 	"github.com/hcache/hcache/serve/sched"
+	"github.com/hcache/hcache/state"
+	"github.com/hcache/hcache/state/codec"
 )
 
 // LoadModel returns a preset with seeded synthetic weights, or a model
@@ -93,6 +95,33 @@ func RandomRows(c *model.Config, rng *rand.Rand, n, width int) []byte {
 	b := make([]byte, n*width*c.ElemBytes())
 	c.EncodeRow(b, f)
 	return b
+}
+
+// DecodeGBps times the host decode of 256 fp8 (per-token scale) hidden rows
+// into the model dtype, in GB/s of output: what serve does for every stored
+// layer of a state saved under the fp8 codec.
+func DecodeGBps(c *model.Config, rounds int) (float64, error) {
+	const n = 256
+	rng := rand.New(rand.NewSource(1))
+	x := make([]float32, c.HiddenSize)
+	rb := codec.HiddenRowBytes(state.CodecFP8Token, c.DType, c.HiddenSize)
+	enc := make([]byte, n*rb)
+	for t := 0; t < n; t++ {
+		for i := range x {
+			x[i] = float32(rng.NormFloat64())
+		}
+		if err := codec.EncodeRow(state.CodecFP8Token, c.DType, enc[t*rb:(t+1)*rb], x); err != nil {
+			return 0, err
+		}
+	}
+	out := make([]byte, n*c.HiddenRowBytes())
+	d, err := timeIt(rounds, func() error {
+		return codec.TranscodeRows(state.CodecFP8Token, c.DType, out, enc, 1, c.HiddenSize)
+	})
+	if err != nil {
+		return 0, err
+	}
+	return float64(len(out)) / d.Seconds() / 1e9, nil
 }
 
 // StoreReadGBps writes one context of about bytes bytes (hidden rows of
@@ -287,6 +316,11 @@ func Measure(o Options) (*profiles.Profile, error) {
 	copyGBps := CopyGBps(o.Rounds)
 	gemm := GemmTFLOPs(c.HiddenSize, 256, o.Rounds)
 	say(fmt.Sprintf("memory copy %.2f GB/s, float32 GEMM %.4f TFLOP/s", copyGBps, gemm))
+	decGBps, err := DecodeGBps(c, o.Rounds)
+	if err != nil {
+		return nil, err
+	}
+	say(fmt.Sprintf("fp8 decode into %s on the host %.2f GB/s", c.DType, decGBps))
 	cv, err := MeasureCurves(m, b, o.Tokens, o.Rounds, say)
 	if err != nil {
 		return nil, err
@@ -310,6 +344,7 @@ func Measure(o Options) (*profiles.Profile, error) {
 		GemmTFLOPs:      profiles.Figure{Value: gemm, Source: src(fmt.Sprintf("float32 GEMM [256 x %d] x [%d x %d] of the CPU reference", c.HiddenSize, c.HiddenSize, c.HiddenSize))},
 		MemGBps:         profiles.Figure{Value: copyGBps, Source: src("64 MiB memory copy")},
 		LayerOverheadUS: profiles.Figure{Value: 0, Source: "measured curves include per-layer overheads"},
+		DecodeGBps:      &profiles.Figure{Value: decGBps, Source: src(fmt.Sprintf("host decode (state/codec, one core) of 256 fp8 hidden rows into %s, GB/s of output; with the cuda backend serve still decodes on the host", c.DType))},
 		Recompute:       curve(cv.Recompute, "forward pass over all layers"),
 		Project:         curve(cv.Project, backendName+" backend projection of every layer through gpu.Backend"),
 		KVLoad:          curve(cv.KVLoad, backendName+" backend KV load of every layer through gpu.Backend"),

@@ -10,6 +10,7 @@ import (
 
 	"github.com/hcache/hcache/bench/gpubench"
 	"github.com/hcache/hcache/gpu/cuda"
+	"github.com/hcache/hcache/state"
 )
 
 func init() {
@@ -123,8 +124,13 @@ func benchGPU(args []string, stdout, stderr io.Writer) error {
 	fromStore := fs.String("from-store", "", "also restore from a store created under this directory (on the disk to measure)")
 	seed := fs.Int64("seed", 1, "random seed")
 	asJSON := fs.Bool("json", false, "print JSON (one object per token count)")
+	codecName := fs.String("codec", "none", "with fp8 or fp8-block: time one hidden layer's rows copied in the model dtype against the same rows copied under the codec and decoded on the device (checked against state/codec), instead of the restores")
 	if err := parseFlags(fs, args); err != nil {
 		return err
+	}
+	cd, err := state.ParseCodec(*codecName)
+	if err != nil {
+		return fmt.Errorf("--codec: %w", err)
 	}
 	var ts []int
 	for _, f := range strings.Split(*tokens, ",") {
@@ -135,6 +141,23 @@ func benchGPU(args []string, stdout, stderr io.Writer) error {
 		ts = append(ts, n)
 	}
 	t0 := time.Now()
+	if cd != state.CodecNone {
+		res, err := gpubench.RunCodec(gpubench.Options{Model: *modelName, Tokens: ts, Reps: *reps, Seed: *seed, CUDA: opts(), Progress: stderr}, cd)
+		if err != nil {
+			if errors.Is(err, cuda.ErrNoDevice) {
+				return fmt.Errorf("%w (this command needs a GPU)", err)
+			}
+			return err
+		}
+		if *asJSON {
+			return printJSON(stdout, res)
+		}
+		for _, r := range res {
+			fmt.Fprintf(stdout, "%s %d tokens on %s, one hidden layer, medians of %d rounds: copy %.3f ms, %s copy+decode %.3f ms (copy alone %.3f), %.3fx (target <= %.2f); %d layers: %.1f vs %.1f ms; output checked %v\n",
+				r.Model, r.Tokens, r.Device, *reps, r.CopyMS, r.Codec, r.CodecMS, r.CodecCopyMS, r.Ratio, r.Target, r.Layers, r.AllLayersCopyMS, r.AllLayersCodecMS, r.Checked)
+		}
+		return nil
+	}
 	res, err := gpubench.Run(gpubench.Options{Model: *modelName, Tokens: ts, Reps: *reps, FromStore: *fromStore, Seed: *seed, CUDA: opts(), Progress: stderr})
 	if err != nil {
 		if errors.Is(err, cuda.ErrNoDevice) {

@@ -4,10 +4,12 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"strings"
 
 	"github.com/hcache/hcache/model"
 	"github.com/hcache/hcache/profiles"
 	"github.com/hcache/hcache/serve/sched"
+	"github.com/hcache/hcache/state"
 )
 
 func init() {
@@ -18,11 +20,20 @@ func runPlan(args []string, stdout, stderr io.Writer) error {
 	fs := newFlags("plan", stderr)
 	pf := platformFlagsOf(fs)
 	tokens := fs.Int("tokens", 4096, "expected context length")
+	codecList := fs.String("codec", "none", "comma-separated codecs the plan may use (none, fp8, fp8-block): a lossy codec is opted into; the fastest predicted wins")
 	pl, c, err := pf.parse(args)
 	if err != nil {
 		return err
 	}
-	d, err := pl.Choose(c, *tokens)
+	var codecs []state.Codec
+	for _, s := range strings.Split(*codecList, ",") {
+		cd, err := state.ParseCodec(s)
+		if err != nil {
+			return fmt.Errorf("--codec: %w", err)
+		}
+		codecs = append(codecs, cd)
+	}
+	d, all, err := pl.ChooseCodec(c, *tokens, codecs)
 	if err != nil {
 		return err
 	}
@@ -33,9 +44,14 @@ func runPlan(args []string, stdout, stderr io.Writer) error {
 	if pf.asJSON {
 		return printJSON(stdout, map[string]any{"profile": pl.Profile.Name, "tier": pl.Tier.Name, "model": pf.model, "tokens": *tokens,
 			"split": d.Split, "predicted_ms": d.PredictedMS, "costs_per_layer": d.Costs, "all_kv_ms": single["kv"], "all_hidden_ms": single["hidden"],
-			"hidden_allowed": sched.HiddenAllowed(c)})
+			"hidden_allowed": sched.HiddenAllowed(c), "codec": d.CodecName, "bytes_per_token": d.BytesPerToken, "codecs": all})
 	}
-	fmt.Fprintf(stdout, "%s (%s), %s, %d tokens: %v\n", pl.Profile.Name, pl.Tier.Name, pf.model, *tokens, d.Split)
+	fmt.Fprintf(stdout, "%s (%s), %s, %d tokens: %v, codec %s, %d bytes/token\n", pl.Profile.Name, pl.Tier.Name, pf.model, *tokens, d.Split, d.CodecName, d.BytesPerToken)
+	if len(all) > 1 {
+		for _, o := range all {
+			fmt.Fprintf(stdout, "  codec %-9s %v: predicted %.2f ms, %d bytes/token\n", o.CodecName, o.Split, o.PredictedMS, o.BytesPerToken)
+		}
+	}
 	fmt.Fprintf(stdout, "predicted restore %.2f ms (all KV %.2f ms, all hidden %.2f ms)\n", d.PredictedMS, single["kv"], single["hidden"])
 	cs := d.Costs
 	fmt.Fprintf(stdout, "per layer: recompute %.3f ms, projection %.3f ms, kv load %.3f ms, hidden read %.3f ms, kv read %.3f ms\n",

@@ -5,6 +5,8 @@ import (
 	"io"
 	"os"
 	"os/exec"
+	"strings"
+	"text/tabwriter"
 
 	"github.com/hcache/hcache/bench/benchstore"
 	"github.com/hcache/hcache/chunk"
@@ -27,6 +29,9 @@ func benchStore(args []string, stdout, stderr io.Writer) error {
 	comp := fs.String("compression", "none", "none or lz4")
 	asJSON := fs.Bool("json", false, "print one JSON object")
 	noFio := fs.Bool("no-fio", false, "skip the fio baseline")
+	codecs := fs.String("codecs", "", "compare codecs instead, in one run: \"default\" or a comma-separated list of CODEC-KIND[+lz4] (none-kv, none-hidden, fp8-hidden, fp8-block-hidden, fp8-kv, none-hidden+lz4, ...)")
+	rounds := fs.Int("rounds", 3, "with --codecs: rounds over the variants (interleaved); restore figures are medians")
+	seed := fs.Int64("seed", 1, "with --codecs: seed of the synthetic states")
 	sweep := addSweepFlags(fs)
 	so, err := sweep.parse(fs, args, dir)
 	if err != nil {
@@ -34,6 +39,10 @@ func benchStore(args []string, stdout, stderr io.Writer) error {
 	}
 	if *noFio {
 		so = nil
+	}
+	if *codecs != "" {
+		return benchCodecs(benchstore.CodecOptions{Dir: *dir, Model: *mdl, Tokens: *tokens, Contexts: *contexts, Rounds: *rounds, Seed: *seed,
+			Variants: codecVariants(*codecs), Progress: stderr}, *asJSON, stdout)
 	}
 	self, err := os.Executable()
 	if err != nil {
@@ -56,6 +65,32 @@ func benchStore(args []string, stdout, stderr io.Writer) error {
 	if res.FioSweep != nil {
 		fmt.Fprintf(stdout, "%s; ours: save %.2f x, restore %.2f x the best\n", res.FioSweep, res.SaveVsBest, res.RestoreVsBest)
 	}
+	return nil
+}
+
+func codecVariants(s string) []string {
+	if s == "default" {
+		return benchstore.DefaultCodecVariants
+	}
+	return strings.Split(s, ",")
+}
+
+func benchCodecs(o benchstore.CodecOptions, asJSON bool, stdout io.Writer) error {
+	res, err := benchstore.RunCodecs(o)
+	if err != nil {
+		return err
+	}
+	if asJSON {
+		return printJSON(stdout, res)
+	}
+	tw := tabwriter.NewWriter(stdout, 0, 0, 2, ' ', tabwriter.AlignRight)
+	fmt.Fprintln(tw, "variant\tB/token rows\tB/token disk\tvs dtype KV\tencode GB/s\tsave GB/s\tsave dtype GB/s\trestore ms\tvs none-hidden\trestore+decode ms\tvs none-hidden\t")
+	for _, r := range res.Rows {
+		fmt.Fprintf(tw, "%s\t%d\t%.0f\t%.3f\t%.2f\t%.2f\t%.2f\t%.1f\t%.3f\t%.1f\t%.3f\t\n", r.Variant, r.RowBytesPerToken, r.BytesOnDiskPerToken, r.DiskVsFP16KV,
+			r.EncodeGBps, r.SaveGBps, r.SaveModelGBps, r.RestoreMS, r.RestoreVsHidden, r.RestoreDecodeMS, r.RestoreDecodeVs)
+	}
+	tw.Flush()
+	fmt.Fprintf(stdout, "%s, %d tokens x %d contexts x %d rounds, %s engine; states: %s\n", res.Model, res.Tokens, res.Contexts, res.Rounds, res.Engine, res.States)
 	return nil
 }
 

@@ -56,6 +56,17 @@
 // computes its factors (float32 angle, float64 cos/sin rounded to float32) and
 // uploaded once per backend, grown to the largest position seen.
 //
+// `kernels/codec.cu` (its own module, `codec.ptx`) is the fp8 decode:
+// `hc_fp8_dequant`, one block per segment, E4M3 code times its float32 scale,
+// rounded to the dtype, and a flag for bytes that are not an encoding. Its
+// host build equals `state/codec.TranscodeRows` to the bit
+// (`TestCodecKernelMatchesTranscode`, a mutated exponent bias fails it).
+// `Backend.CodecCopy` times copy plus decode against the model-dtype copy on a
+// device and checks the output (`hcache bench gpu --codec fp8`; it has not run
+// on a GPU yet). The restore pipeline does not call it yet: serve decodes on
+// the host, so a CUDA restore of an fp8 state is correct but copies
+// model-dtype bytes.
+//
 // # Tested without a GPU
 //
 // The same file is built for the host (`-x c++

@@ -25,20 +25,24 @@ var layers = [][]string{
 	// internal/'s plumbing (fp16/bf16, float32 kernels, progress, medians,
 	// test rows, byte sizes), and the store's on-disk encodings (chunk/format).
 	{"internal/...", "state", "proto/hcache/v1", "profiles", "iouring", "fuzz/faultfs", "bench/fio", "chunk/format"},
-	// 1: the model (configs, weights, reference forward pass), the index, and
-	// the shared-prefix workloads (token ids and their chain keys).
-	{"model", "lsm", "bench/prefixwl"},
+	// 1: the model (configs, weights, reference forward pass), the index, the
+	// shared-prefix workloads (token ids and their chain keys), and the row
+	// codecs (state/codec: pure encode/decode of rows).
+	{"model", "lsm", "bench/prefixwl", "state/codec"},
 	// 2: the storage engine, and the projection backends' interface.
 	{"chunk", "gpu"},
 	// 3: the CUDA backend, planning, the Go client, the remote tier.
 	{"gpu/cuda", "serve/sched", "clients/hcacheclient", "chunk/remote"},
 	// 4: serving: restore pipelines over the engine and a backend.
 	{"serve"},
-	// 5: the daemon, the crash harness, benchmarks of one part.
+	// 5: the store as a serve source (serve/chunksrc: chunk.Store behind
+	// serve's interfaces).
+	{"serve/chunksrc"},
+	// 6: the daemon, the crash harness, benchmarks of one part.
 	{"daemon", "fuzz/crash", "bench/peer", "bench/benchio", "bench/benchstore", "bench/profiler"},
-	// 6: benchmarks that combine parts, and the demo.
+	// 7: benchmarks that combine parts, and the demo.
 	{"bench/compare", "bench/gpubench", "bench/benchpipe", "bench/benchdaemon", "bench/benchfleet", "bench/benchprefix", "cmd/hcache/demo"},
-	// 7: the commands and the fuzz targets.
+	// 8: the commands and the fuzz targets.
 	{"cmd/hcache", "cmd/hcached", "fuzz"},
 }
 
@@ -52,7 +56,7 @@ var engine = []string{module + "/chunk", module + "/lsm", module + "/iouring", "
 var mayLinkEngine = []string{
 	"chunk", "lsm", "iouring", // the engine itself
 	"chunk/remote", // the engine's remote tier
-	"serve", "daemon", "cmd/...", "bench/...", "fuzz/...",
+	"serve", "serve/chunksrc", "daemon", "cmd/...", "bench/...", "fuzz/...",
 }
 
 // mayLinkCUDA lists the packages allowed to depend on the CUDA backend:

@@ -1,11 +1,21 @@
 """Independent reference for hcache's Go forward pass, written with PyTorch.
 
-Usage: torch_ref.py MODEL_DIR TOKENS OUT_DIR
+Usage: torch_ref.py MODEL_DIR TOKENS OUT_DIR [CODEC]
 Reads config.json and model.safetensors (parsed here with numpy, not with
 hcache's reader), runs the prompt through the model in float32 with the same
 rounding points as the Go reference (normed hidden state and K/V rounded to
 the model dtype), and writes logits.bin and k{l}.bin / v{l}.bin as raw
 little-endian float32.
+
+With CODEC (fp8 or fp8-block), it also quantizes with its own fp8 E4M3
+quantizer (written here from the format's definition, not from hcache's
+state/codec): per token and segment (or block of 128 values) scale =
+amax / 448, values rounded to the nearest E4M3 value, ties to the even code,
+decoded and rounded to the model dtype. It writes, per layer, kq/vq (K and V
+stored under the codec), kh/vh (K and V projected from the hidden state
+stored under the codec) and the attention output (before o_proj) of the last
+position with the exact, the kq/vq and the kh/vh caches: attn, attnkv,
+attnh.
 """
 import json
 import math
@@ -77,8 +87,45 @@ def apply_rope(x, cos, sin, interleaved):
     s = torch.cat([sin, sin], -1)[:, None, :]
     return x * c + torch.cat([-x[..., half:], x[..., :half]], -1) * s
 
+def e4m3_values():
+    """The 127 non-negative finite E4M3 values, by code 0..126."""
+    out = []
+    for q in range(127):
+        e, m = q >> 3, q & 7
+        out.append(m / 512.0 if e == 0 else (1 + m / 8.0) * 2.0 ** (e - 7))
+    return torch.tensor(out, dtype=torch.float64)
+
+
+E4M3 = e4m3_values()
+
+
+def fp8_roundtrip(x, block):
+    """Quantizes rows x [n, d] (float32) per segment of `block` values
+    (block=d: one scale per row) and returns the decoded values (float32)."""
+    n, d = x.shape
+    out = torch.empty_like(x)
+    for lo in range(0, d, block):
+        seg = x[:, lo:lo + block]
+        amax = seg.abs().amax(-1, keepdim=True)
+        scale = amax / 448.0  # float32, as the format specifies
+        safe = torch.where(scale == 0, torch.ones_like(scale), scale)
+        y = (seg.abs() / safe).double().clamp(max=448.0)
+        idx = torch.searchsorted(E4M3, y).clamp(1, 126)
+        lo_v, hi_v = E4M3[idx - 1], E4M3[idx]
+        dlo, dhi = y - lo_v, hi_v - y
+        pick_hi = (dhi < dlo) | ((dhi == dlo) & (idx % 2 == 0))
+        code = torch.where(pick_hi, idx, idx - 1)
+        code = torch.where(y <= 0, torch.zeros_like(code), code)
+        val = E4M3[code].float() * seg.sign()
+        out[:, lo:lo + block] = torch.where(scale == 0, torch.zeros_like(seg), val * scale)
+    return out
+
+
 def main():
     mdir, toks, odir = sys.argv[1], [int(t) for t in sys.argv[2].split(",")], sys.argv[3]
+    codec = sys.argv[4] if len(sys.argv) > 4 else ""
+    if codec not in ("", "fp8", "fp8-block"):
+        raise SystemExit(f"unknown codec {codec!r}")
     cfg = json.load(open(os.path.join(mdir, "config.json")))
     W = load_safetensors(os.path.join(mdir, "model.safetensors"))
     arch = cfg["architectures"][0]
@@ -137,6 +184,30 @@ def main():
         k.reshape(n, -1).numpy().astype("<f4").tofile(os.path.join(odir, f"k{l}.bin"))
         v.reshape(n, -1).numpy().astype("<f4").tofile(os.path.join(odir, f"v{l}.bin"))
         rep = H // KV
+        if codec:
+            def save(t, name):
+                t.reshape(n, -1).numpy().astype("<f4").tofile(os.path.join(odir, f"{name}{l}.bin"))
+
+            def last_attn(kk_, vv_):
+                kk_ = kk_.repeat_interleave(rep, dim=1)
+                vv_ = vv_.repeat_interleave(rep, dim=1)
+                sc = torch.einsum("hd,khd->hk", q[-1], kk_) / math.sqrt(hd)
+                return torch.einsum("hk,khd->hd", sc.softmax(-1), vv_).reshape(1, H * hd)
+
+            kvd = KV * hd
+            blk = 128 if codec == "fp8-block" else kvd
+            kq = rnd(fp8_roundtrip(k.reshape(n, kvd), blk)).view(n, KV, hd)
+            vq = rnd(fp8_roundtrip(v.reshape(n, kvd), blk)).view(n, KV, hd)
+            hq = rnd(fp8_roundtrip(h, 128 if codec == "fp8-block" else d))
+            kh = F.linear(hq, W[lp + "self_attn.k_proj.weight"], bias("self_attn.k_proj.bias")).view(n, KV, hd)
+            vh = F.linear(hq, W[lp + "self_attn.v_proj.weight"], bias("self_attn.v_proj.bias")).view(n, KV, hd)
+            if not opt:
+                kh = rope(kh)
+            kh, vh = rnd(kh), rnd(vh)
+            for t, name in ((kq, "kq"), (vq, "vq"), (kh, "kh"), (vh, "vh")):
+                save(t, name)
+            for (kk_, vv_), name in (((k, v), "attn"), ((kq, vq), "attnkv"), ((kh, vh), "attnh")):
+                last_attn(kk_, vv_).numpy().astype("<f4").tofile(os.path.join(odir, f"{name}{l}.bin"))
         kk = k.repeat_interleave(rep, dim=1)
         vv = v.repeat_interleave(rep, dim=1)
         sc = torch.einsum("qhd,khd->hqk", q, kk) / math.sqrt(hd) + mask

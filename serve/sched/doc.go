@@ -58,6 +58,18 @@
 // shapes (624 cases), and 300 seeded random cost sets with mixed lengths: all
 // within 2% (in practice equal).
 //
+// # Codecs
+//
+// `Platform.CostsCodec` prices a layer whose rows are stored under a codec:
+// the reads and copies move the encoded bytes, and the projection and the KV
+// load first decode them (the profile's `decode_gbps`, else memory-bound: one
+// byte read and the dtype written per value at `mem_gbps`). `ChooseCodec`
+// runs the optimiser for every codec the caller allows and keeps the fastest
+// (ties: fewer bytes); `PlanOfCodec` and `Split.PlanCodec` give the encoded row
+// sizes. GQA presets choose KV in every codec (a test); MLA (`deepseek-v3`)
+// stores its latent and rotary key (`kvRowBytes`; two segments under a codec),
+// and its costs count the low-rank projections (the forward pass is not built).
+//
 // # Simulation
 //
 // Simulation (`hcache simulate --profile P --model M --workload chat|long

@@ -3,6 +3,7 @@ package sched
 import (
 	"github.com/hcache/hcache/model"
 	"github.com/hcache/hcache/state"
+	"github.com/hcache/hcache/state/codec"
 )
 
 // DefaultPlan stores, per layer, whichever of hidden state and KV is smaller:
@@ -32,4 +33,34 @@ func LayerPlanOf(c *model.Config, kind state.LayerKind) state.LayerPlan {
 		return state.LayerPlan{Kind: kind, RowBytes: uint32(c.KVRowBytes())}
 	}
 	return state.LayerPlan{Kind: state.LayerNone}
+}
+
+// PlanOfCodec builds a plan of one kind for every layer, rows encoded by cd
+// (row bytes are the encoded sizes; codec none gives PlanOf's plan).
+func PlanOfCodec(c *model.Config, kind state.LayerKind, cd state.Codec) []state.LayerPlan {
+	p := make([]state.LayerPlan, c.Layers)
+	for l := range p {
+		p[l] = LayerPlanOfCodec(c, kind, cd)
+	}
+	return p
+}
+
+// LayerPlanOfCodec is one layer's plan entry of a kind, rows encoded by cd.
+func LayerPlanOfCodec(c *model.Config, kind state.LayerKind, cd state.Codec) state.LayerPlan {
+	switch kind {
+	case state.LayerHidden:
+		return state.LayerPlan{Kind: kind, RowBytes: uint32(codec.HiddenRowBytes(cd, c.DType, c.HiddenSize))}
+	case state.LayerKV:
+		return state.LayerPlan{Kind: kind, RowBytes: uint32(kvRowBytesCodec(c, cd))}
+	}
+	return state.LayerPlan{Kind: state.LayerNone}
+}
+
+// kvRowBytesCodec is a stored KV row under cd: K and V segments of kv_dim
+// values, or for MLA the latent and the rotary key as two segments.
+func kvRowBytesCodec(c *model.Config, cd state.Codec) int {
+	if m := c.MLA; m != nil {
+		return codec.AlignRow(cd, codec.SegmentBytes(cd, c.DType, m.KVLoraRank)+codec.SegmentBytes(cd, c.DType, m.QKRopeDim))
+	}
+	return codec.KVRowBytes(cd, c.DType, c.KVDim())
 }

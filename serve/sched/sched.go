@@ -29,15 +29,21 @@ func (s Split) String() string {
 
 // Plan builds the per-layer store plan of a split for model c.
 func (s Split) Plan(c *model.Config) []state.LayerPlan {
+	return s.PlanCodec(c, state.CodecNone)
+}
+
+// PlanCodec builds the per-layer store plan of a split for model c with rows
+// encoded by cd.
+func (s Split) PlanCodec(c *model.Config, cd state.Codec) []state.LayerPlan {
 	p := make([]state.LayerPlan, c.Layers)
 	for l := range p {
 		switch {
 		case l < s.Recompute:
 			p[l] = state.LayerPlan{Kind: state.LayerNone}
 		case l < s.Recompute+s.Hidden:
-			p[l] = LayerPlanOf(c, state.LayerHidden)
+			p[l] = LayerPlanOfCodec(c, state.LayerHidden, cd)
 		default:
-			p[l] = LayerPlanOf(c, state.LayerKV)
+			p[l] = LayerPlanOfCodec(c, state.LayerKV, cd)
 		}
 	}
 	return p

@@ -13,6 +13,11 @@ type Decision struct {
 	PredictedMS float64           `json:"predicted_ms"`
 	Costs       Costs             `json:"costs"`
 	Plan        []state.LayerPlan `json:"-"`
+	// Codec is the rows' encoding (the identity's codec) and
+	// BytesPerToken the stored bytes of one token over every layer.
+	Codec         state.Codec `json:"-"`
+	CodecName     string      `json:"codec"`
+	BytesPerToken int         `json:"bytes_per_token"`
 }
 
 // Choose plans a context of model c expected to reach tokens tokens. The
@@ -26,7 +31,40 @@ func (pl *Platform) Choose(c *model.Config, tokens int) (Decision, error) {
 		return Decision{}, err
 	}
 	s, t := Optimise(Problem{Layers: c.Layers, Costs: []Costs{cs}, Hidden: HiddenAllowed(c), MaxRecompute: c.Layers - 1})
-	return Decision{Split: s, PredictedMS: t, Costs: cs, Plan: s.Plan(c)}, nil
+	d := Decision{Split: s, PredictedMS: t, Costs: cs, Plan: s.Plan(c), CodecName: state.CodecNone.String()}
+	d.BytesPerToken = (&state.Identity{Plan: d.Plan}).TokenBytes()
+	return d, nil
+}
+
+// ChooseCodec plans a context of model c among the codecs the caller allows
+// (a lossy codec is opted into, never assumed): for each codec the best
+// split of recompute, hidden and KV layers by the pipeline model, with the
+// codec's stored bytes and decode cost; then the fastest, ties going to the
+// fewer bytes. It returns the choice and every codec's best, in codecs'
+// order.
+func (pl *Platform) ChooseCodec(c *model.Config, tokens int, codecs []state.Codec) (Decision, []Decision, error) {
+	if tokens <= 0 {
+		return Decision{}, nil, fmt.Errorf("sched: expected context length %d must be positive", tokens)
+	}
+	if len(codecs) == 0 {
+		codecs = []state.Codec{state.CodecNone}
+	}
+	var all []Decision
+	best := -1
+	for _, cd := range codecs {
+		cs, err := pl.CostsCodec(c, tokens, cd)
+		if err != nil {
+			return Decision{}, nil, err
+		}
+		s, t := Optimise(Problem{Layers: c.Layers, Costs: []Costs{cs}, Hidden: HiddenAllowed(c), MaxRecompute: c.Layers - 1})
+		d := Decision{Split: s, PredictedMS: t, Costs: cs, Plan: s.PlanCodec(c, cd), Codec: cd, CodecName: cd.String()}
+		d.BytesPerToken = (&state.Identity{Plan: d.Plan}).TokenBytes()
+		all = append(all, d)
+		if best < 0 || t < all[best].PredictedMS || (t == all[best].PredictedMS && d.BytesPerToken < all[best].BytesPerToken) {
+			best = len(all) - 1
+		}
+	}
+	return all[best], all, nil
 }
 
 // ChooseFor plans for a distribution of context lengths: it minimises the
