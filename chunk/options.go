@@ -33,6 +33,9 @@ const (
 	DefaultIdleReadBufferBytes = 256 << 20
 	// DefaultRestoreAheadBytes bounds the layers one restore reads ahead.
 	DefaultRestoreAheadBytes = 32 << 20
+	// DefaultRestoreQueueBytes bounds the buffers of the restores being
+	// read at once (priority.go).
+	DefaultRestoreQueueBytes = 512 << 20
 )
 
 // Options configure a Store. Zero values take the defaults above.
@@ -103,6 +106,12 @@ type Options struct {
 	// the disk's queue deep and long ones do not hold many large buffers
 	// (DefaultRestoreAheadBytes; -1: two layers).
 	RestoreAheadBytes int64
+	// RestoreQueueBytes bounds the buffers that the restores being read at
+	// once reserve (ahead x layer buffer each): later restores wait in
+	// arrival order, and one that does not fit alone is read alone
+	// (DefaultRestoreQueueBytes; -1: no bound, every restore is read at
+	// once). See priority.go.
+	RestoreQueueBytes int64
 	// Logf reports notable events; default log.Printf.
 	Logf func(string, ...any)
 	// OnEvict is called (from the flusher) for each context evicted for space.
@@ -183,6 +192,12 @@ func (o *Options) fill() error {
 	}
 	if o.RestoreAheadBytes < 0 {
 		o.RestoreAheadBytes = 0
+	}
+	if o.RestoreQueueBytes == 0 {
+		o.RestoreQueueBytes = DefaultRestoreQueueBytes
+	}
+	if o.RestoreQueueBytes < 0 {
+		o.RestoreQueueBytes = 0
 	}
 	if o.IdleReadBufferBytes == 0 {
 		o.IdleReadBufferBytes = DefaultIdleReadBufferBytes

@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"sync"
+	"time"
 
 	"github.com/hcache/hcache/iouring"
 	"github.com/hcache/hcache/lsm"
@@ -62,6 +63,11 @@ func (s *Store) RestoreOwned(ns, id string, ident *Identity, ahead int, fn func(
 		return 0, err
 	}
 	defer s.restores.Done()
+	t0 := time.Now()
+	defer func() {
+		s.stages.restores.Add(1)
+		s.stages.wall.Add(since(t0))
+	}()
 	sn, err := s.snap(c)
 	if err != nil {
 		// Only bytes that fail their checks damage a context; an index
@@ -85,10 +91,12 @@ func (s *Store) RestoreOwned(ns, id string, ident *Identity, ahead int, fn func(
 		s.mu.Unlock()
 	}()
 
+	leave := s.admitRestore(c, sn, ahead)
+	defer leave()
 	sl := newBufSlots(s, ahead)
 	out := make(chan layerOut, 1)
 	stop := make(chan struct{})
-	go s.readLayers(c, sn, sl, out, stop)
+	go s.readLayers(c, sn, sl, out, stop, leave)
 	firstErr := s.handLayers(c, sl, out, stop, fn)
 	sl.outstanding.Wait()
 	if firstErr != nil {
@@ -213,7 +221,10 @@ type layerOut struct {
 // it is in. (With two, the second is read beside it, as only two are ever
 // in flight.) The reads after the first start before it is handed over,
 // since once the consumer computes this goroutine may wait long for a CPU.
-func (s *Store) readLayers(c *ctxState, sn *snapshot, sl *bufSlots, out chan<- layerOut, stop chan struct{}) {
+//
+// leave is called once the reads of the last layer have landed (or the
+// restore stopped): the restore then leaves admission (priority.go).
+func (s *Store) readLayers(c *ctxState, sn *snapshot, sl *bufSlots, out chan<- layerOut, stop chan struct{}, leave func()) {
 	defer close(out)
 	ahead := cap(sl.held)
 	var started []*layerRead // in layer order, not yet handed over
@@ -255,6 +266,7 @@ func (s *Store) readLayers(c *ctxState, sn *snapshot, sl *bufSlots, out chan<- l
 				sl.drop()
 			}
 		}
+		leave()
 	}()
 	for _, l := range c.stored {
 		if len(started) == 0 {
@@ -282,6 +294,9 @@ func (s *Store) readLayers(c *ctxState, sn *snapshot, sl *bufSlots, out chan<- l
 		depth = ahead
 		startMore()
 		started = started[1:]
+		if next == len(c.stored) && len(started) == 0 {
+			leave() // every read has landed
+		}
 	send:
 		for {
 			select {
@@ -367,7 +382,10 @@ func (s *Store) startLayer(sn *snapshot, si int) *layerRead {
 	layer := sn.c.stored[si]
 	rb := int(sn.c.ident.Plan[layer].RowBytes)
 	total := sn.tokens * rb
+	t0 := time.Now()
 	buf, err := s.readBufs.get(total + BlockBytes)
+	s.stages.bufferNanos.Add(since(t0))
+	s.stages.layers.Add(1)
 	if err != nil {
 		return &layerRead{err: err}
 	}

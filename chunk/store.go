@@ -89,6 +89,8 @@ type Store struct {
 	gcStop    chan struct{}
 	gcWG      sync.WaitGroup
 	stats     storeStats
+	stages    restoreStages // where restores spend their time (stages.go)
+	gate      readGate      // restore admission (priority.go)
 }
 
 func (c *ctxState) setIdentity(id *Identity) {

@@ -70,6 +70,39 @@ type Row struct {
 	BytesInMemory   int64   `json:"bytes_in_memory,omitempty"`
 	BytesPerToken   float64 `json:"bytes_per_token"` // on disk, or in memory for memory-only systems
 	Note            string  `json:"note,omitempty"`
+	// Stages is where hcache's timed restores spent their time, in ms per
+	// restore (chunk.Store.RestoreStages over the timed phases; hcache only).
+	Stages *Stages `json:"restore_stages_ms,omitempty"`
+}
+
+// Stages is chunk.RestoreStages per restore, in milliseconds.
+type Stages struct {
+	Buffer float64 `json:"buffer"` // getting (mapping) restore buffers
+	Submit float64 `json:"submit"` // handing reads to the engine
+	Queued float64 `json:"queued"` // reads queued behind other restores' reads
+	Read   float64 `json:"read"`   // per layer: reads submitted to the last completion, summed
+	Verify float64 `json:"verify"` // checksums
+	Wall   float64 `json:"wall"`   // the restore as a whole
+}
+
+// storeOf is implemented by the hcache peers.
+type storeOf interface{ Store() *chunk.Store }
+
+func stagesOf(sys peer.System) (chunk.RestoreStages, bool) {
+	if h, ok := sys.(storeOf); ok {
+		return h.Store().RestoreStages(), true
+	}
+	return chunk.RestoreStages{}, false
+}
+
+func perRestore(a, b chunk.RestoreStages) *Stages {
+	n := float64(b.Restores - a.Restores)
+	if n == 0 {
+		return nil
+	}
+	ms := func(x, y time.Duration) float64 { return float64(y-x) / 1e6 / n }
+	return &Stages{Buffer: ms(a.Buffer, b.Buffer), Submit: ms(a.Submit, b.Submit), Queued: ms(a.Queued, b.Queued),
+		Read: ms(a.Read, b.Read), Verify: ms(a.Verify, b.Verify), Wall: ms(a.Wall, b.Wall)}
 }
 
 // Target is one of hcache's design targets with what was measured.
@@ -317,6 +350,10 @@ func Run(o Options) (*Result, error) {
 			if o.Progress != nil {
 				fmt.Fprintf(o.Progress, "%-15s c=%-3d restore median %8.2f ms p99 %8.2f ms, save %.2f GB/s, %.0f B/token\n",
 					name, c, row.RestoreMSMedian, row.RestoreMSP99, row.SaveGBps, row.BytesPerToken)
+				if st := row.Stages; st != nil {
+					fmt.Fprintf(o.Progress, "%-15s c=%-3d per restore: buffer %.2f ms, submit %.2f ms, queued %.2f ms, read %.2f ms, verify %.2f ms, wall %.2f ms\n",
+						name, c, st.Buffer, st.Submit, st.Queued, st.Read, st.Verify, st.Wall)
+				}
 			}
 		}
 	}
@@ -414,12 +451,17 @@ func runSystem(sys peer.System, w *Workload, c int, o Options, limited bool) (*R
 		bar.Add(1)
 		return nil
 	}
+	st0, hasStages := stagesOf(sys)
 	for _, ph := range w.Phases {
 		if err := runPhase(ph, c, do); err != nil {
 			return nil, nil, err
 		}
 	}
 	bar.Finish()
+	if hasStages {
+		st1, _ := stagesOf(sys)
+		row.Stages = perRestore(st0, st1)
+	}
 	// The burst: every context restored once, c at a time, from cold.
 	ctxs := w.Contexts()
 	ids := make([]string, 0, len(ctxs))

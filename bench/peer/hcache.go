@@ -104,5 +104,8 @@ func (h *Hcache) BytesOnDisk() (int64, error) {
 // BytesInMemory implements MemoryUser: the DRAM tier.
 func (h *Hcache) BytesInMemory() (int64, error) { return h.st.Stats().CacheBytes, nil }
 
+// Store is the store under the peer (for its counters).
+func (h *Hcache) Store() *chunk.Store { return h.st }
+
 // Close implements System.
 func (h *Hcache) Close() error { return h.st.Close() }
