@@ -30,12 +30,12 @@ const (
 	// DefaultBallastBytes is the ballast kept for a full disk.
 	DefaultBallastBytes = 64 << 20
 	// DefaultIdleReadBufferBytes bounds idle restore buffers.
-	DefaultIdleReadBufferBytes = 256 << 20
+	DefaultIdleReadBufferBytes = 512 << 20
 	// DefaultRestoreAheadBytes bounds the layers one restore reads ahead.
 	DefaultRestoreAheadBytes = 32 << 20
 	// DefaultRestoreQueueBytes bounds the buffers of the restores being
 	// read at once (priority.go).
-	DefaultRestoreQueueBytes = 512 << 20
+	DefaultRestoreQueueBytes = 256 << 20
 )
 
 // Options configure a Store. Zero values take the defaults above.

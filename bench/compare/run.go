@@ -73,6 +73,31 @@ type Row struct {
 	// Stages is where hcache's timed restores spent their time, in ms per
 	// restore (chunk.Store.RestoreStages over the timed phases; hcache only).
 	Stages *Stages `json:"restore_stages_ms,omitempty"`
+	// Phases has the restores of each phase of the workload apart: the
+	// long workload's questions alone and with saves in the mix.
+	Phases []PhaseRow `json:"phases,omitempty"`
+}
+
+// PhaseRow is the restores and saves of one phase.
+type PhaseRow struct {
+	Name            string  `json:"name"`
+	Restores        int     `json:"restores"`
+	RestoreMSMedian float64 `json:"restore_ms_median"`
+	RestoreMSP99    float64 `json:"restore_ms_p99"`
+	Saves           int     `json:"saves"`
+	SaveMSMedian    float64 `json:"save_ms_median"`
+	// Stages as in Row, for this phase (hcache only).
+	Stages *Stages `json:"restore_stages_ms,omitempty"`
+}
+
+// Phase returns the row's phase of that name, or nil.
+func (r *Row) Phase(name string) *PhaseRow {
+	for i := range r.Phases {
+		if r.Phases[i].Name == name {
+			return &r.Phases[i]
+		}
+	}
+	return nil
 }
 
 // Stages is chunk.RestoreStages per restore, in milliseconds.
@@ -167,7 +192,7 @@ func (o *Options) defaults() error {
 		o.Seed = 1
 	}
 	if len(o.Concurrency) == 0 {
-		o.Concurrency = []int{1, 16}
+		o.Concurrency = []int{1, 4, 16, 64}
 	}
 	if len(o.Systems) == 0 {
 		o.Systems = AllSystems
@@ -350,6 +375,12 @@ func Run(o Options) (*Result, error) {
 			if o.Progress != nil {
 				fmt.Fprintf(o.Progress, "%-15s c=%-3d restore median %8.2f ms p99 %8.2f ms, save %.2f GB/s, %.0f B/token\n",
 					name, c, row.RestoreMSMedian, row.RestoreMSP99, row.SaveGBps, row.BytesPerToken)
+				for _, p := range row.Phases {
+					if p.Restores > 0 {
+						fmt.Fprintf(o.Progress, "%-15s c=%-3d   phase %-22q %3d restores median %8.2f ms p99 %8.2f ms, %d saves\n",
+							name, c, p.Name, p.Restores, p.RestoreMSMedian, p.RestoreMSP99, p.Saves)
+					}
+				}
 				if st := row.Stages; st != nil {
 					fmt.Fprintf(o.Progress, "%-15s c=%-3d per restore: buffer %.2f ms, submit %.2f ms, queued %.2f ms, read %.2f ms, verify %.2f ms, wall %.2f ms\n",
 						name, c, st.Buffer, st.Submit, st.Queued, st.Read, st.Verify, st.Wall)
@@ -453,9 +484,22 @@ func runSystem(sys peer.System, w *Workload, c int, o Options, limited bool) (*R
 	}
 	st0, hasStages := stagesOf(sys)
 	for _, ph := range w.Phases {
+		mu.Lock()
+		r0, s0 := len(restoreMS), len(saveMS)
+		mu.Unlock()
+		p0, _ := stagesOf(sys)
 		if err := runPhase(ph, c, do); err != nil {
 			return nil, nil, err
 		}
+		mu.Lock()
+		pr := PhaseRow{Name: ph.Name, Restores: len(restoreMS) - r0, RestoreMSMedian: quantile(restoreMS[r0:], 0.5), RestoreMSP99: quantile(restoreMS[r0:], 0.99),
+			Saves: len(saveMS) - s0, SaveMSMedian: quantile(saveMS[s0:], 0.5)}
+		mu.Unlock()
+		if hasStages {
+			p1, _ := stagesOf(sys)
+			pr.Stages = perRestore(p0, p1)
+		}
+		row.Phases = append(row.Phases, pr)
 	}
 	bar.Finish()
 	if hasStages {
