@@ -140,7 +140,7 @@ func (s *Store) flushLoop() {
 			settle = nil
 		}
 		ops := s.ops
-		if f.inflight >= s.opts.QueueDepth {
+		if f.inflight >= s.writeDepth() { // fewer while restores read (priority.go)
 			ops = nil
 		}
 		select {

@@ -33,6 +33,9 @@ const (
 	DefaultIdleReadBufferBytes = 512 << 20
 	// DefaultRestoreAheadBytes bounds the layers one restore reads ahead.
 	DefaultRestoreAheadBytes = 32 << 20
+	// DefaultWriteDepthUnderRestores bounds the flusher's writes in
+	// flight while restores are being read (priority.go).
+	DefaultWriteDepthUnderRestores = 4
 	// DefaultRestoreQueueBytes bounds the buffers of the restores being
 	// read at once (priority.go).
 	DefaultRestoreQueueBytes = 256 << 20
@@ -106,6 +109,11 @@ type Options struct {
 	// the disk's queue deep and long ones do not hold many large buffers
 	// (DefaultRestoreAheadBytes; -1: two layers).
 	RestoreAheadBytes int64
+	// WriteDepthUnderRestores bounds the flusher's writes in flight while
+	// any restore is being read, so restore reads do not queue behind
+	// QueueDepth group writes (DefaultWriteDepthUnderRestores; at least 1;
+	// QueueDepth or more: no yielding). See priority.go.
+	WriteDepthUnderRestores int
 	// RestoreQueueBytes bounds the buffers that the restores being read at
 	// once reserve (ahead x layer buffer each): later restores wait in
 	// arrival order, and one that does not fit alone is read alone
@@ -192,6 +200,12 @@ func (o *Options) fill() error {
 	}
 	if o.RestoreAheadBytes < 0 {
 		o.RestoreAheadBytes = 0
+	}
+	if o.WriteDepthUnderRestores == 0 {
+		o.WriteDepthUnderRestores = DefaultWriteDepthUnderRestores
+	}
+	if o.WriteDepthUnderRestores < 1 || o.WriteDepthUnderRestores > iouring.MaxEntries {
+		return fmt.Errorf("chunk: WriteDepthUnderRestores %d not in [1, %d]", o.WriteDepthUnderRestores, iouring.MaxEntries)
 	}
 	if o.RestoreQueueBytes == 0 {
 		o.RestoreQueueBytes = DefaultRestoreQueueBytes

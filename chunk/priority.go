@@ -2,6 +2,7 @@ package chunk
 
 import (
 	"sync"
+	"sync/atomic"
 	"time"
 )
 
@@ -30,11 +31,12 @@ import (
 // same store can deadlock when the two do not fit the bound together; no
 // caller in this repository does that.
 type readGate struct {
-	mu     sync.Mutex
-	limit  int64 // <= 0: no bound
-	used   int64
-	active int
-	queue  []*gateWaiter
+	reading atomic.Int32 // restores admitted and still reading (the flusher polls it)
+	mu      sync.Mutex
+	limit   int64 // <= 0: no bound
+	used    int64
+	active  int
+	queue   []*gateWaiter
 }
 
 type gateWaiter struct {
@@ -49,6 +51,7 @@ func (g *readGate) acquire(need int64) time.Duration {
 	if g.limit <= 0 || (len(g.queue) == 0 && g.fits(need)) {
 		g.used += need
 		g.active++
+		g.reading.Add(1)
 		g.mu.Unlock()
 		return 0
 	}
@@ -72,11 +75,13 @@ func (g *readGate) release(need int64) {
 	defer g.mu.Unlock()
 	g.used -= need
 	g.active--
+	g.reading.Add(-1)
 	for len(g.queue) > 0 && g.fits(g.queue[0].need) {
 		w := g.queue[0]
 		g.queue = g.queue[1:]
 		g.used += w.need
 		g.active++
+		g.reading.Add(1)
 		close(w.ready)
 	}
 }
@@ -101,4 +106,27 @@ func (s *Store) admitRestore(c *ctxState, sn *snapshot, ahead int) func() {
 	s.stages.queuedNanos.Add(int64(waited))
 	var once sync.Once
 	return func() { once.Do(func() { s.gate.release(need) }) }
+}
+
+// Writes yield to restores.
+//
+// The flusher keeps up to Options.QueueDepth group writes in flight; each is
+// a whole group (a megabyte or more), and the disk serves what it is given
+// roughly in order, so a restore's reads queued behind 32 of them waited
+// for all of them. While any restore is being read (admitted and not yet
+// past its last read), the flusher keeps at most
+// Options.WriteDepthUnderRestores writes in flight instead. Saves still
+// progress (never fewer than that many writes in flight), staging keeps
+// its backpressure (appends wait for slabs as before), and nothing about
+// durability moves: a Flush is still answered only after the fdatasync of
+// every segment it wrote and the index commit after it; only how many
+// writes are in flight at once changes, never their order or what a
+// commit covers.
+
+// writeDepth is the number of writes the flusher may have in flight now.
+func (s *Store) writeDepth() int {
+	if s.gate.reading.Load() > 0 {
+		return min(s.opts.QueueDepth, s.opts.WriteDepthUnderRestores)
+	}
+	return s.opts.QueueDepth
 }
