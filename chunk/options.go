@@ -33,9 +33,11 @@ const (
 	DefaultIdleReadBufferBytes = 512 << 20
 	// DefaultRestoreAheadBytes bounds the layers one restore reads ahead.
 	DefaultRestoreAheadBytes = 32 << 20
-	// DefaultWriteDepthUnderRestores bounds the flusher's writes in
-	// flight while restores are being read (priority.go).
-	DefaultWriteDepthUnderRestores = 4
+	// DefaultWriteBytes bounds the bytes of the flusher's writes in
+	// flight, DefaultWriteBytesUnderRestores while restores are being read
+	// (priority.go).
+	DefaultWriteBytes              = 64 << 20
+	DefaultWriteBytesUnderRestores = 8 << 20
 	// DefaultRestoreQueueBytes bounds the buffers of the restores being
 	// read at once (priority.go).
 	DefaultRestoreQueueBytes = 256 << 20
@@ -109,11 +111,15 @@ type Options struct {
 	// the disk's queue deep and long ones do not hold many large buffers
 	// (DefaultRestoreAheadBytes; -1: two layers).
 	RestoreAheadBytes int64
-	// WriteDepthUnderRestores bounds the flusher's writes in flight while
-	// any restore is being read, so restore reads do not queue behind
-	// QueueDepth group writes (DefaultWriteDepthUnderRestores; at least 1;
-	// QueueDepth or more: no yielding). See priority.go.
-	WriteDepthUnderRestores int
+	// WriteBytes bounds the bytes of the flusher's writes in flight
+	// (besides QueueDepth; one write always goes), so an fdatasync does not
+	// wait behind half a gigabyte of queued writes (DefaultWriteBytes).
+	// WriteBytesUnderRestores is the bound while any restore is being
+	// read, so restore reads do not queue behind the writes
+	// (DefaultWriteBytesUnderRestores; WriteBytes or more: no yielding).
+	// See priority.go.
+	WriteBytes              int64
+	WriteBytesUnderRestores int64
 	// RestoreQueueBytes bounds the buffers that the restores being read at
 	// once reserve (ahead x layer buffer each): later restores wait in
 	// arrival order, and one that does not fit alone is read alone
@@ -201,11 +207,14 @@ func (o *Options) fill() error {
 	if o.RestoreAheadBytes < 0 {
 		o.RestoreAheadBytes = 0
 	}
-	if o.WriteDepthUnderRestores == 0 {
-		o.WriteDepthUnderRestores = DefaultWriteDepthUnderRestores
+	if o.WriteBytes == 0 {
+		o.WriteBytes = DefaultWriteBytes
 	}
-	if o.WriteDepthUnderRestores < 1 || o.WriteDepthUnderRestores > iouring.MaxEntries {
-		return fmt.Errorf("chunk: WriteDepthUnderRestores %d not in [1, %d]", o.WriteDepthUnderRestores, iouring.MaxEntries)
+	if o.WriteBytesUnderRestores == 0 {
+		o.WriteBytesUnderRestores = DefaultWriteBytesUnderRestores
+	}
+	if o.WriteBytes < 0 || o.WriteBytesUnderRestores < 0 {
+		return fmt.Errorf("chunk: WriteBytes %d, WriteBytesUnderRestores %d: negative", o.WriteBytes, o.WriteBytesUnderRestores)
 	}
 	if o.RestoreQueueBytes == 0 {
 		o.RestoreQueueBytes = DefaultRestoreQueueBytes

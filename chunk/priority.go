@@ -108,25 +108,33 @@ func (s *Store) admitRestore(c *ctxState, sn *snapshot, ahead int) func() {
 	return func() { once.Do(func() { s.gate.release(need) }) }
 }
 
-// Writes yield to restores.
+// Writes in flight, and writes yielding to restores.
 //
-// The flusher keeps up to Options.QueueDepth group writes in flight; each is
-// a whole group (a megabyte or more), and the disk serves what it is given
-// roughly in order, so a restore's reads queued behind 32 of them waited
-// for all of them. While any restore is being read (admitted and not yet
-// past its last read), the flusher keeps at most
-// Options.WriteDepthUnderRestores writes in flight instead. Saves still
-// progress (never fewer than that many writes in flight), staging keeps
-// its backpressure (appends wait for slabs as before), and nothing about
-// durability moves: a Flush is still answered only after the fdatasync of
-// every segment it wrote and the index commit after it; only how many
-// writes are in flight at once changes, never their order or what a
-// commit covers.
+// The flusher keeps group writes in flight up to Options.QueueDepth and
+// Options.WriteBytes (whichever comes first; one write always goes). A
+// group of a real model is large (Llama2-7B: 64 tokens x 32 layers x 8 KiB
+// = 16 MiB), and 32 of them, half a gigabyte, sat in the disk's queue in
+// front of everything else: an fdatasync (the device's cache flush) and
+// the index's own WAL sync waited behind them, so with four writers each
+// Flush took ~10x as long in syncs as with one and the save ran well below
+// fio (`bench store`'s save_sync_ms_total). A bound in bytes keeps the disk
+// as busy as fio's best write (which needs a few tens of MiB in flight)
+// without that queue.
+//
+// While any restore is being read (admitted and not yet past its last
+// read), the bound is Options.WriteBytesUnderRestores instead, so a
+// restore's reads queue behind a few megabytes of writes, not a
+// QueueDepth of groups. Saves still progress (at least one write is always
+// in flight), staging keeps its backpressure (appends wait for slabs as
+// before), and nothing about durability moves: a Flush is still answered
+// only after the fdatasync of every segment it wrote and the index commit
+// after it; only how many writes are in flight at once changes, never
+// their order or what a commit covers.
 
-// writeDepth is the number of writes the flusher may have in flight now.
-func (s *Store) writeDepth() int {
+// writeBytes is the bytes of writes the flusher may have in flight now.
+func (s *Store) writeBytes() int64 {
 	if s.gate.reading.Load() > 0 {
-		return min(s.opts.QueueDepth, s.opts.WriteDepthUnderRestores)
+		return min(s.opts.WriteBytes, s.opts.WriteBytesUnderRestores)
 	}
-	return s.opts.QueueDepth
+	return s.opts.WriteBytes
 }

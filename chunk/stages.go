@@ -16,6 +16,35 @@ type restoreStages struct {
 	queuedNanos                                            atomic.Int64
 }
 
+// saveStages sums where the flusher's time went.
+type saveStages struct {
+	writes, syncs, commits            atomic.Uint64
+	writeNanos, syncNanos, indexNanos atomic.Int64
+	writeBytes                        atomic.Uint64
+	yieldedNanos                      atomic.Int64
+}
+
+// SaveStages is where saves spent their time since Open, summed
+// (nanoseconds): the flusher's group writes from submission to completion
+// (several are in flight at once, so Write can exceed the wall time), the
+// fdatasyncs and index commits of group commits (one at a time).
+type SaveStages struct {
+	Writes     uint64 // group writes completed
+	WriteBytes uint64
+	Syncs      uint64 // fdatasyncs
+	Commits    uint64 // index commits
+	Write      time.Duration
+	Sync       time.Duration
+	Index      time.Duration
+}
+
+// SaveStages returns the sums of where saves spent their time.
+func (s *Store) SaveStages() SaveStages {
+	st := &s.saveStages
+	return SaveStages{Writes: st.writes.Load(), WriteBytes: st.writeBytes.Load(), Syncs: st.syncs.Load(), Commits: st.commits.Load(),
+		Write: time.Duration(st.writeNanos.Load()), Sync: time.Duration(st.syncNanos.Load()), Index: time.Duration(st.indexNanos.Load())}
+}
+
 // RestoreStages is where restores spent their time, summed over every
 // restore since Open (nanoseconds), so that a benchmark can tell a restore
 // waiting for the disk from one waiting for memory or for a CPU.

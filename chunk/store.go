@@ -83,14 +83,15 @@ type Store struct {
 
 	snapFault func() error // test seam: an index read failure in snap
 
-	opsMu     sync.RWMutex // submit's check-and-send vs Close (see submit)
-	ops       chan op
-	flusherWG sync.WaitGroup
-	gcStop    chan struct{}
-	gcWG      sync.WaitGroup
-	stats     storeStats
-	stages    restoreStages // where restores spend their time (stages.go)
-	gate      readGate      // restore admission (priority.go)
+	opsMu      sync.RWMutex // submit's check-and-send vs Close (see submit)
+	ops        chan op
+	flusherWG  sync.WaitGroup
+	gcStop     chan struct{}
+	gcWG       sync.WaitGroup
+	stats      storeStats
+	stages     restoreStages // where restores spend their time (stages.go)
+	gate       readGate      // restore admission (priority.go)
+	saveStages saveStages    // where the flusher spends its time (stages.go)
 }
 
 func (c *ctxState) setIdentity(id *Identity) {
