@@ -342,7 +342,7 @@ func (a *alignedScratch) get(n int) (*iouring.AlignedBuffer, error) {
 		// than the read it serves.
 		best := -1
 		for i, b := range a.idle {
-			if l := len(b.Bytes()); l >= need && (best < 0 || l < len(a.idle[best].Bytes())) {
+			if l := len(b.Bytes()); l >= need && l <= 2*n && (best < 0 || l < len(a.idle[best].Bytes())) {
 				best = i
 			}
 		}

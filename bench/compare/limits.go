@@ -130,6 +130,9 @@ func (r *Result) ratios() {
 	for c := range conc {
 		put(fmt.Sprintf("restore_median_with_saves_over_alone_hcache_c%d", c), phaseMed("hcache", c, PhaseMixed), phaseMed("hcache", c, PhaseQuestions))
 		put(fmt.Sprintf("restore_median_with_saves_hcache_over_file_per_chunk_c%d", c), phaseMed("hcache", c, PhaseMixed), phaseMed("file-per-chunk", c, PhaseMixed))
+		put(fmt.Sprintf("restore_median_with_saves_over_alone_hcache_noprio_c%d", c), phaseMed("hcache-noprio", c, PhaseMixed), phaseMed("hcache-noprio", c, PhaseQuestions))
+		put(fmt.Sprintf("restore_median_alone_hcache_over_hcache_noprio_c%d", c), phaseMed("hcache", c, PhaseQuestions), phaseMed("hcache-noprio", c, PhaseQuestions))
+		put(fmt.Sprintf("restore_median_with_saves_hcache_over_hcache_noprio_c%d", c), phaseMed("hcache", c, PhaseMixed), phaseMed("hcache-noprio", c, PhaseMixed))
 	}
 	if conc[16] {
 		r.target("hcache restore median with saves in the mix <= 1.3 x its own restores alone (c=16)", "<= 1.3", "restore_median_with_saves_over_alone_hcache_c16", func(v float64) bool { return v <= 1.3 })

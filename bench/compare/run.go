@@ -24,6 +24,12 @@ import (
 // AllSystems are the systems compare knows, in report order.
 var AllSystems = []string{"hcache", "hcache-kv", "hcache-dram", "file-per-chunk", "pebble-blob", "redis", "recompute", "limit"}
 
+// ExtraSystems run only when named: hcache-noprio is hcache with the
+// restore admission and write yielding of issue 20 turned off (and the
+// earlier write queue and idle buffer sizes), to show their effect in the
+// same run.
+var ExtraSystems = []string{"hcache-noprio"}
+
 // Options of one comparison.
 type Options struct {
 	Model       string // preset
@@ -198,7 +204,7 @@ func (o *Options) defaults() error {
 		o.Systems = AllSystems
 	}
 	for _, s := range o.Systems {
-		if !contains(AllSystems, s) {
+		if !contains(AllSystems, s) && !contains(ExtraSystems, s) {
 			return fmt.Errorf("bench compare: unknown system %q (have %s)", s, strings.Join(AllSystems, ", "))
 		}
 	}
@@ -312,6 +318,10 @@ func Run(o Options) (*Result, error) {
 			var sys peer.System
 			note := ""
 			switch name {
+			case "hcache-noprio":
+				spec.RowBytes = int(plan[0].RowBytes)
+				sys, err = peer.NewHcache(spec, peer.HcacheOptions{Name: name, Model: shape, Plan: plan, StagingBytes: staging, NoPriority: true})
+				note = "hcache without restore admission and write yielding (RestoreQueueBytes -1, WriteBytes unbounded, idle restore buffers 256 MiB): the store's policies before issue 20"
 			case "hcache", "hcache-dram":
 				spec.RowBytes = int(plan[0].RowBytes)
 				cache := int64(0)
