@@ -131,8 +131,12 @@ func Long(seed int64, docs, questions, minTok, maxTok int) *Workload {
 		mixed.Streams = append(mixed.Streams, []Request{{Ctx: fmt.Sprintf("new-%04d", d), From: 0, To: n}})
 		mixed.Streams = append(mixed.Streams, qs[d*questions:(d+1)*questions]...)
 	}
-	w.Params = append(w.Params, fmt.Sprintf("then the same %d questions again while %d new documents are saved, one save among every %d questions (restores with saves in the mix)", docs*questions, docs, questions))
-	w.Phases = []Phase{ingest, ask, mixed}
+	// And once more alone, with the restore buffers as warm as in the
+	// mixed phase, so that the two differ only in the saves.
+	again := Phase{Name: PhaseAgain, Streams: append([][]Request(nil), ask.Streams...)}
+	rng.Shuffle(len(again.Streams), func(i, j int) { again.Streams[i], again.Streams[j] = again.Streams[j], again.Streams[i] })
+	w.Params = append(w.Params, fmt.Sprintf("then the same %d questions again while %d new documents are saved, one save among every %d questions (restores with saves in the mix), then the questions once more alone (restores alone, buffers as warm as with saves)", docs*questions, docs, questions))
+	w.Phases = []Phase{ingest, ask, mixed, again}
 	return w
 }
 
@@ -140,6 +144,7 @@ func Long(seed int64, docs, questions, minTok, maxTok int) *Workload {
 const (
 	PhaseQuestions = "questions"
 	PhaseMixed     = "questions with saves"
+	PhaseAgain     = "questions again"
 )
 
 // Contexts returns each context's final token count.
