@@ -24,7 +24,7 @@ func benchCompare(args []string, stdout, stderr io.Writer) error {
 	out := fs.String("out", "", "directory for the report, plots and raw JSON, each named <date>-<model>-<workload>-<run id> (default: a new temporary directory, named when done; \"none\": no files)")
 	layers := fs.Int("layers", 0, "layers kept of the model, rows at full width (0: 16 for chat, 2 for long, so a run fits 24 GiB and a few minutes)")
 	conc := fs.String("concurrency", "1,4,16,64", "concurrency levels")
-	systems := fs.String("systems", strings.Join(compare.AllSystems, ","), "systems to run")
+	systems := fs.String("systems", strings.Join(compare.AllSystems, ","), "systems to run (also, only when named: "+strings.Join(compare.ExtraSystems, ",")+")")
 	seed := fs.Int64("seed", 1, "workload seed")
 	convs := fs.Int("conversations", 16, "chat: conversations")
 	maxCtx := fs.Int("max-context", 0, "chat: context limit in tokens (0: the model's, at most 8192)")
