@@ -33,14 +33,6 @@ const (
 	DefaultIdleReadBufferBytes = 512 << 20
 	// DefaultRestoreAheadBytes bounds the layers one restore reads ahead.
 	DefaultRestoreAheadBytes = 32 << 20
-	// DefaultWriteBytes bounds the bytes of the flusher's writes in
-	// flight, DefaultWriteBytesUnderRestores while restores are being read
-	// (priority.go).
-	DefaultWriteBytes              = 64 << 20
-	DefaultWriteBytesUnderRestores = 8 << 20
-	// DefaultRestoreQueueBytes bounds the buffers of the restores being
-	// read at once (priority.go).
-	DefaultRestoreQueueBytes = 256 << 20
 )
 
 // Options configure a Store. Zero values take the defaults above.
@@ -70,6 +62,21 @@ type Options struct {
 	EngineKind string
 	// QueueDepth bounds the flusher's writes in flight.
 	QueueDepth int
+	// WriteBytes bounds the bytes of the flusher's writes in flight
+	// (besides QueueDepth; one write always goes), so an fdatasync does not
+	// wait behind half a gigabyte of queued writes (DefaultWriteBytes).
+	// WriteBytesUnderRestores is the bound while any restore is being
+	// read, so restore reads do not queue behind the writes
+	// (DefaultWriteBytesUnderRestores; WriteBytes or more: no yielding).
+	// See priority.go.
+	WriteBytes              int64
+	WriteBytesUnderRestores int64
+	// RestoreQueueBytes bounds the buffers that the restores being read at
+	// once reserve (ahead x layer buffer each): later restores wait in
+	// arrival order, and one that does not fit alone is read alone
+	// (DefaultRestoreQueueBytes; -1: no bound, every restore is read at
+	// once). See priority.go.
+	RestoreQueueBytes int64
 	// CommitBytes: the flusher indexes written groups once this many bytes
 	// await a commit even when nobody is waiting (bounds replay loss).
 	CommitBytes int64
@@ -111,21 +118,6 @@ type Options struct {
 	// the disk's queue deep and long ones do not hold many large buffers
 	// (DefaultRestoreAheadBytes; -1: two layers).
 	RestoreAheadBytes int64
-	// WriteBytes bounds the bytes of the flusher's writes in flight
-	// (besides QueueDepth; one write always goes), so an fdatasync does not
-	// wait behind half a gigabyte of queued writes (DefaultWriteBytes).
-	// WriteBytesUnderRestores is the bound while any restore is being
-	// read, so restore reads do not queue behind the writes
-	// (DefaultWriteBytesUnderRestores; WriteBytes or more: no yielding).
-	// See priority.go.
-	WriteBytes              int64
-	WriteBytesUnderRestores int64
-	// RestoreQueueBytes bounds the buffers that the restores being read at
-	// once reserve (ahead x layer buffer each): later restores wait in
-	// arrival order, and one that does not fit alone is read alone
-	// (DefaultRestoreQueueBytes; -1: no bound, every restore is read at
-	// once). See priority.go.
-	RestoreQueueBytes int64
 	// Logf reports notable events; default log.Printf.
 	Logf func(string, ...any)
 	// OnEvict is called (from the flusher) for each context evicted for space.
@@ -183,6 +175,9 @@ func (o *Options) fill() error {
 	if o.QueueDepth < 1 || o.QueueDepth > iouring.MaxEntries {
 		return fmt.Errorf("chunk: QueueDepth %d not in [1, %d]", o.QueueDepth, iouring.MaxEntries)
 	}
+	if err := o.fillPriority(); err != nil { // priority.go
+		return err
+	}
 	if o.CommitBytes == 0 {
 		o.CommitBytes = DefaultCommitBytes
 	}
@@ -206,21 +201,6 @@ func (o *Options) fill() error {
 	}
 	if o.RestoreAheadBytes < 0 {
 		o.RestoreAheadBytes = 0
-	}
-	if o.WriteBytes == 0 {
-		o.WriteBytes = DefaultWriteBytes
-	}
-	if o.WriteBytesUnderRestores == 0 {
-		o.WriteBytesUnderRestores = DefaultWriteBytesUnderRestores
-	}
-	if o.WriteBytes < 0 || o.WriteBytesUnderRestores < 0 {
-		return fmt.Errorf("chunk: WriteBytes %d, WriteBytesUnderRestores %d: negative", o.WriteBytes, o.WriteBytesUnderRestores)
-	}
-	if o.RestoreQueueBytes == 0 {
-		o.RestoreQueueBytes = DefaultRestoreQueueBytes
-	}
-	if o.RestoreQueueBytes < 0 {
-		o.RestoreQueueBytes = 0
 	}
 	if o.IdleReadBufferBytes == 0 {
 		o.IdleReadBufferBytes = DefaultIdleReadBufferBytes

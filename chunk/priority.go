@@ -1,6 +1,7 @@
 package chunk
 
 import (
+	"fmt"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -30,6 +31,37 @@ import (
 // Limit: a restore callback that itself waits for another restore of the
 // same store can deadlock when the two do not fit the bound together; no
 // caller in this repository does that.
+// Defaults of the settings in this file.
+const (
+	// DefaultRestoreQueueBytes bounds the buffers of the restores being
+	// read at once.
+	DefaultRestoreQueueBytes = 256 << 20
+	// DefaultWriteBytes bounds the bytes of the flusher's writes in
+	// flight, DefaultWriteBytesUnderRestores while restores are being read.
+	DefaultWriteBytes              = 64 << 20
+	DefaultWriteBytesUnderRestores = 8 << 20
+)
+
+// fillPriority fills and checks the settings of this file.
+func (o *Options) fillPriority() error {
+	if o.WriteBytes == 0 {
+		o.WriteBytes = DefaultWriteBytes
+	}
+	if o.WriteBytesUnderRestores == 0 {
+		o.WriteBytesUnderRestores = DefaultWriteBytesUnderRestores
+	}
+	if o.WriteBytes < 0 || o.WriteBytesUnderRestores < 0 {
+		return fmt.Errorf("chunk: WriteBytes %d, WriteBytesUnderRestores %d: negative", o.WriteBytes, o.WriteBytesUnderRestores)
+	}
+	if o.RestoreQueueBytes == 0 {
+		o.RestoreQueueBytes = DefaultRestoreQueueBytes
+	}
+	if o.RestoreQueueBytes < 0 {
+		o.RestoreQueueBytes = 0
+	}
+	return nil
+}
+
 type readGate struct {
 	reading atomic.Int32 // restores admitted and still reading (the flusher polls it)
 	mu      sync.Mutex

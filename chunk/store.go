@@ -83,15 +83,17 @@ type Store struct {
 
 	snapFault func() error // test seam: an index read failure in snap
 
-	opsMu      sync.RWMutex // submit's check-and-send vs Close (see submit)
-	ops        chan op
-	flusherWG  sync.WaitGroup
-	gcStop     chan struct{}
-	gcWG       sync.WaitGroup
-	stats      storeStats
-	stages     restoreStages // where restores spend their time (stages.go)
-	gate       readGate      // restore admission (priority.go)
-	saveStages saveStages    // where the flusher spends its time (stages.go)
+	// Restores first (priority.go) and where time goes (stages.go).
+	gate       readGate
+	stages     restoreStages
+	saveStages saveStages
+
+	opsMu     sync.RWMutex // submit's check-and-send vs Close (see submit)
+	ops       chan op
+	flusherWG sync.WaitGroup
+	gcStop    chan struct{}
+	gcWG      sync.WaitGroup
+	stats     storeStats
 }
 
 func (c *ctxState) setIdentity(id *Identity) {
