@@ -91,12 +91,10 @@ func (s *Store) RestoreOwned(ns, id string, ident *Identity, ahead int, fn func(
 		s.mu.Unlock()
 	}()
 
-	leave := s.admitRestore(c, sn, ahead)
-	defer leave()
 	sl := newBufSlots(s, ahead)
 	out := make(chan layerOut, 1)
 	stop := make(chan struct{})
-	go s.readLayers(c, sn, sl, out, stop, leave)
+	go s.readLayers(c, sn, sl, out, stop)
 	firstErr := s.handLayers(c, sl, out, stop, fn)
 	sl.outstanding.Wait()
 	if firstErr != nil {
@@ -222,10 +220,11 @@ type layerOut struct {
 // in flight.) The reads after the first start before it is handed over,
 // since once the consumer computes this goroutine may wait long for a CPU.
 //
-// leave is called once the reads of the last layer have landed (or the
-// restore stopped): the restore then leaves admission (priority.go).
-func (s *Store) readLayers(c *ctxState, sn *snapshot, sl *bufSlots, out chan<- layerOut, stop chan struct{}, leave func()) {
+// It first waits for admission (priority.go) and leaves it once the reads
+// of the last layer have landed, or the restore stopped.
+func (s *Store) readLayers(c *ctxState, sn *snapshot, sl *bufSlots, out chan<- layerOut, stop chan struct{}) {
 	defer close(out)
+	leave := s.admitRestore(c, sn, cap(sl.held))
 	ahead := cap(sl.held)
 	var started []*layerRead // in layer order, not yet handed over
 	var last *layerRead      // the last layer started
