@@ -47,6 +47,9 @@ type writeJob struct {
 	err    error
 	seq    uint64 // submission order
 	done   bool   // the write completed (successfully or not)
+	// inflight is the bytes this job counts in flusher.inflightBytes
+	// until it completes (0 if it wrote nothing).
+	inflight int64
 }
 
 // submit hands an op to the flusher. The check that the store is open and
@@ -151,7 +154,7 @@ func (s *Store) flushLoop() {
 		select {
 		case j := <-f.compl:
 			f.inflight--
-			f.inflightBytes -= int64(j.length)
+			f.inflightBytes -= j.inflight
 			s.invariant(f.inflight >= 0 && f.inflightBytes >= 0, "flusher: %d writes (%d bytes) in flight after one completed", f.inflight, f.inflightBytes)
 			j.done = true
 		case <-f.commitDone:
@@ -230,7 +233,7 @@ func (f *flusher) drain() {
 	for f.inflight > 0 {
 		j := <-f.compl
 		f.inflight--
-		f.inflightBytes -= int64(j.length)
+		f.inflightBytes -= j.inflight
 		j.done = true
 	}
 	jobs, ws := f.queue, f.waiters
@@ -310,7 +313,8 @@ func (f *flusher) startWrite(o op) {
 	c.noteWrite(seg.id)
 	s.mu.Unlock()
 	j.seg, j.off, j.length = seg, off, uint32(length)
-	f.inflightBytes += int64(length)
+	j.inflight = int64(length)
+	f.inflightBytes += j.inflight
 	j.chunk.Segment, j.chunk.Offset, j.chunk.Length = seg.id, off, uint32(length)
 	if j.header, err = s.scratch.get(hb); err != nil {
 		fail(err)
