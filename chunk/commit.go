@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"syscall"
+	"time"
 
 	"github.com/hcache/hcache/lsm"
 )
@@ -27,7 +28,10 @@ func (f *flusher) commit(jobs []*writeJob, waiters []waiter) {
 	s.indexTouchedLocked(b, ctxTouched, newTokens, segTouched)
 	s.mu.Unlock()
 	// 3. The commit, then the jobs' ends in memory.
+	t0 := time.Now()
 	err := s.commitIndex(b)
+	s.saveStages.commits.Add(1)
+	s.saveStages.indexNanos.Add(since(t0))
 	s.stats.commits.Add(1)
 	s.settleJobs(jobs, newTokens, err)
 	// Staging slabs go back before anyone is answered, so a writer that
@@ -63,7 +67,11 @@ func (s *Store) syncTouched(jobs []*writeJob) (map[*segFile]bool, error) {
 	}
 	var syncErr error
 	for _, sg := range segsByID(touched) {
-		if err := sg.datasync(); err != nil {
+		t0 := time.Now()
+		err := sg.datasync()
+		s.saveStages.syncs.Add(1)
+		s.saveStages.syncNanos.Add(since(t0))
+		if err != nil {
 			syncErr = err
 			s.opts.Logf("chunk: fdatasync of segment %d failed (%v); its unindexed writes are dropped and the segment is sealed", sg.id, err)
 			s.mu.Lock()

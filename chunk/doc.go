@@ -43,6 +43,8 @@
 //	gc.go        compaction of segments
 //	fetch.go     snapshots of a context and verified slice reads
 //	restore.go   Restore and RestoreOwned: layer-pipelined restores
+//	priority.go  restore admission (arrival order, bounded) and writes yielding to restores
+//	stages.go    where restores and saves spend their time (RestoreStages, SaveStages)
 //	cache.go     the DRAM tier of recent slices
 //	fsck.go      Check: read-only consistency check
 //	repair.go    Repair: rebuilding the index from segments

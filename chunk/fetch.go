@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"hash/crc32"
 	"io"
+	"time"
 	"unsafe"
 
 	"github.com/hcache/hcache/chunk/format"
@@ -241,7 +242,9 @@ func (s *Store) fetchStart(c *ctxState, items []fetchItem, useCache bool) (*fetc
 	}
 	f.bytes = sumLen(reqs)
 	if len(reqs) > 0 {
+		t0 := time.Now()
 		f.reads = startReads(s.eng, reqs)
+		s.stages.submitNanos.Add(since(t0))
 	}
 	return f, nil
 }
@@ -268,7 +271,9 @@ func (f *fetchOp) finish() error {
 			return fmt.Errorf("chunk: %s/%s: %w", c.ns, c.id, err)
 		}
 		s.stats.bytesRead.Add(uint64(f.bytes))
+		s.stages.readNanos.Add(f.reads.elapsed())
 	}
+	defer func(t0 time.Time) { s.stages.verifyNanos.Add(since(t0)) }(time.Now())
 	var tmp []byte
 	for i := range f.items {
 		it := &f.items[i]

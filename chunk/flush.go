@@ -1,6 +1,8 @@
 package chunk
 
 import (
+	"time"
+
 	"github.com/hcache/hcache/chunk/format"
 	"github.com/hcache/hcache/iouring"
 	"github.com/hcache/hcache/lsm"
@@ -48,6 +50,9 @@ type writeJob struct {
 	err    error
 	seq    uint64 // submission order
 	done   bool   // the write completed (successfully or not)
+	// inflight is the bytes this job counts in flusher.inflightBytes
+	// until it completes (0 if it wrote nothing).
+	inflight int64
 }
 
 // submit hands an op to the flusher. The check that the store is open and
@@ -98,13 +103,16 @@ func (s *Store) barrier(c *ctxState) error {
 // job submitted before it, not for the pipeline to empty: writes submitted
 // after it stay in flight while it commits.
 type flusher struct {
-	s         *Store
-	inflight  int
-	compl     chan *writeJob
-	queue     []*writeJob // submitted, in order, not yet committed
-	seq       uint64      // jobs submitted so far
-	committed uint64      // every job up to this seq is committed
-	waiters   []waiter
+	s        *Store
+	inflight int
+	// inflightBytes is the bytes of the writes in flight: the flusher
+	// takes no new op while they reach writeBytes() (priority.go).
+	inflightBytes int64
+	compl         chan *writeJob
+	queue         []*writeJob // submitted, in order, not yet committed
+	seq           uint64      // jobs submitted so far
+	committed     uint64      // every job up to this seq is committed
+	waiters       []waiter
 	// Commits run on the committer goroutine, one at a time, so the
 	// flusher keeps the disk busy with new writes while an fdatasync and
 	// an index commit are under way.
@@ -143,13 +151,14 @@ func (s *Store) flushLoop() {
 			settle = nil
 		}
 		ops := s.ops
-		if f.inflight >= s.opts.QueueDepth {
+		if f.inflight >= s.opts.QueueDepth || f.inflightBytes >= s.writeBytes() { // less while restores read (priority.go)
 			ops = nil
 		}
 		select {
 		case j := <-f.compl:
 			f.inflight--
-			s.invariant(f.inflight >= 0, "flusher: %d writes in flight after one completed", f.inflight)
+			f.inflightBytes -= j.inflight
+			s.invariant(f.inflight >= 0 && f.inflightBytes >= 0, "flusher: %d writes (%d bytes) in flight after one completed", f.inflight, f.inflightBytes)
 			j.done = true
 		case <-f.commitDone:
 			f.committing = false
@@ -227,6 +236,7 @@ func (f *flusher) drain() {
 	for f.inflight > 0 {
 		j := <-f.compl
 		f.inflight--
+		f.inflightBytes -= j.inflight
 		j.done = true
 	}
 	jobs, ws := f.queue, f.waiters
@@ -321,6 +331,8 @@ func (f *flusher) startWrite(o op) {
 	c.noteWrite(seg.id)
 	s.mu.Unlock()
 	j.seg, j.off, j.length = seg, off, uint32(length)
+	j.inflight = int64(length)
+	f.inflightBytes += j.inflight
 	j.chunk.Segment, j.chunk.Offset, j.chunk.Length = seg.id, off, uint32(length)
 	if j.header, err = s.scratch.get(hb); err != nil {
 		fail(err)
@@ -330,7 +342,11 @@ func (f *flusher) startWrite(o op) {
 	h.Encode(j.header.Bytes())
 	bufs := append([][]byte{j.header.Bytes()[:hb]}, payload...)
 	s.stats.bytesWritten.Add(uint64(length))
+	t0 := time.Now()
 	seg.writeAsync(bufs, int64(off), func(err error) {
+		s.saveStages.writes.Add(1)
+		s.saveStages.writeBytes.Add(uint64(length))
+		s.saveStages.writeNanos.Add(since(t0))
 		j.err = err
 		f.compl <- j
 	})

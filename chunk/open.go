@@ -69,6 +69,7 @@ func Open(opts Options) (*Store, error) {
 		return nil, err
 	}
 	s.readBufs.hooks, s.readBufs.logf, s.readBufs.bounded, s.readBufs.limit = opts.ReadBuffers, opts.Logf, true, opts.IdleReadBufferBytes
+	s.gate.limit = opts.RestoreQueueBytes
 	s.staging.init(opts.StagingBytes)
 	s.staging.invariant = s.invariant
 	s.cache = newSliceCache(opts.CacheBytes)

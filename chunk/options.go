@@ -31,7 +31,7 @@ const (
 	// DefaultBallastBytes is the ballast kept for a full disk.
 	DefaultBallastBytes = 64 << 20
 	// DefaultIdleReadBufferBytes bounds idle restore buffers.
-	DefaultIdleReadBufferBytes = 256 << 20
+	DefaultIdleReadBufferBytes = 512 << 20
 	// DefaultEvictSharedBonus is Options.EvictSharedBonus's default.
 	DefaultEvictSharedBonus = 10 * time.Minute
 	// DefaultRestoreAheadBytes bounds the layers one restore reads ahead.
@@ -65,6 +65,21 @@ type Options struct {
 	EngineKind string
 	// QueueDepth bounds the flusher's writes in flight.
 	QueueDepth int
+	// WriteBytes bounds the bytes of the flusher's writes in flight
+	// (besides QueueDepth; one write always goes), so an fdatasync does not
+	// wait behind half a gigabyte of queued writes (DefaultWriteBytes).
+	// WriteBytesUnderRestores is the bound while any restore is being
+	// read, so restore reads do not queue behind the writes
+	// (DefaultWriteBytesUnderRestores; WriteBytes or more: no yielding).
+	// See priority.go.
+	WriteBytes              int64
+	WriteBytesUnderRestores int64
+	// RestoreQueueBytes bounds the buffers that the restores being read at
+	// once reserve (ahead x layer buffer each): later restores wait in
+	// arrival order, and one that does not fit alone is read alone
+	// (DefaultRestoreQueueBytes; -1: no bound, every restore is read at
+	// once). See priority.go.
+	RestoreQueueBytes int64
 	// CommitBytes: the flusher indexes written groups once this many bytes
 	// await a commit even when nobody is waiting (bounds replay loss).
 	CommitBytes int64
@@ -174,6 +189,9 @@ func (o *Options) fill() error {
 	}
 	if o.QueueDepth < 1 || o.QueueDepth > iouring.MaxEntries {
 		return fmt.Errorf("chunk: QueueDepth %d not in [1, %d]", o.QueueDepth, iouring.MaxEntries)
+	}
+	if err := o.fillPriority(); err != nil { // priority.go
+		return err
 	}
 	if o.CommitBytes == 0 {
 		o.CommitBytes = DefaultCommitBytes

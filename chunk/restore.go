@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"sync"
+	"time"
 
 	"github.com/hcache/hcache/iouring"
 	"github.com/hcache/hcache/lsm"
@@ -62,6 +63,11 @@ func (s *Store) RestoreOwned(ns, id string, ident *Identity, ahead int, fn func(
 		return 0, err
 	}
 	defer s.restores.Done()
+	t0 := time.Now()
+	defer func() {
+		s.stages.restores.Add(1)
+		s.stages.wall.Add(since(t0))
+	}()
 	sn, err := s.snap(c)
 	if err != nil {
 		// Only bytes that fail their checks damage a context; an index
@@ -213,8 +219,12 @@ type layerOut struct {
 // it is in. (With two, the second is read beside it, as only two are ever
 // in flight.) The reads after the first start before it is handed over,
 // since once the consumer computes this goroutine may wait long for a CPU.
+//
+// It first waits for admission (priority.go) and leaves it once the reads
+// of the last layer have landed, or the restore stopped.
 func (s *Store) readLayers(c *ctxState, sn *snapshot, sl *bufSlots, out chan<- layerOut, stop chan struct{}) {
 	defer close(out)
+	leave := s.admitRestore(c, sn, cap(sl.held))
 	ahead := cap(sl.held)
 	var started []*layerRead // in layer order, not yet handed over
 	var last *layerRead      // the last layer started
@@ -255,6 +265,7 @@ func (s *Store) readLayers(c *ctxState, sn *snapshot, sl *bufSlots, out chan<- l
 				sl.drop()
 			}
 		}
+		leave()
 	}()
 	for _, l := range c.stored {
 		if len(started) == 0 {
@@ -282,6 +293,9 @@ func (s *Store) readLayers(c *ctxState, sn *snapshot, sl *bufSlots, out chan<- l
 		depth = ahead
 		startMore()
 		started = started[1:]
+		if next == len(c.stored) && len(started) == 0 {
+			leave() // every read has landed
+		}
 	send:
 		for {
 			select {
@@ -367,7 +381,10 @@ func (s *Store) startLayer(sn *snapshot, si int) *layerRead {
 	layer := sn.c.stored[si]
 	rb := int(sn.c.ident.Plan[layer].RowBytes)
 	total := sn.tokens * rb
+	t0 := time.Now()
 	buf, err := s.readBufs.get(total + BlockBytes)
+	s.stages.bufferNanos.Add(since(t0))
+	s.stages.layers.Add(1)
 	if err != nil {
 		return &layerRead{err: err}
 	}

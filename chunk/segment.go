@@ -7,6 +7,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"time"
 
 	"github.com/cockroachdb/pebble/v2/vfs"
 	"golang.org/x/sys/unix"
@@ -141,6 +142,17 @@ type readBatch struct {
 	objErrs []error // of the reads through an ObjectReader
 	syncErr error
 	submitE error
+	start   time.Time // when the reads were started
+	doneAt  atomic.Int64
+}
+
+// elapsed is the time from the start of the reads to the completion of
+// the last one (nanoseconds); call after wait.
+func (rb *readBatch) elapsed() int64 {
+	if d := rb.doneAt.Load(); d != 0 {
+		return d - rb.start.UnixNano()
+	}
+	return since(rb.start)
 }
 
 // ready is closed once every read of the batch has completed.
@@ -150,7 +162,7 @@ func (rb *readBatch) ready() <-chan struct{} { return rb.done }
 // reads of direct segments go to the engine asynchronously, reads through
 // the vfs.File happen before it returns.
 func startReads(eng iouring.Engine, reqs []readReq) *readBatch {
-	rb := &readBatch{done: make(chan struct{})}
+	rb := &readBatch{done: make(chan struct{}), start: time.Now()}
 	var objs []readReq
 	for _, r := range reqs {
 		if r.seg.obj != nil {
@@ -175,6 +187,7 @@ func startReads(eng iouring.Engine, reqs []readReq) *readBatch {
 		rb.left.Store(int64(len(rb.direct)))
 		if err := eng.Submit(rb.direct, func(*iouring.Request) {
 			if rb.left.Add(-1) == 0 {
+				rb.doneAt.Store(time.Now().UnixNano())
 				rb.once.Do(func() { close(directDone) })
 			}
 		}); err != nil {

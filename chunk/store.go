@@ -95,6 +95,11 @@ type Store struct {
 
 	snapFault func() error // test seam: an index read failure in snap
 
+	// Restores first (priority.go) and where time goes (stages.go).
+	gate       readGate
+	stages     restoreStages
+	saveStages saveStages
+
 	opsMu     sync.RWMutex // submit's check-and-send vs Close (see submit)
 	ops       chan op
 	flusherWG sync.WaitGroup

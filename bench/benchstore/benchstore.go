@@ -73,6 +73,17 @@ type Result struct {
 	SaveVsBest       float64          `json:"save_vs_best,omitempty"`
 	RestoreVsBest    float64          `json:"restore_vs_best,omitempty"`
 	FioSweep         *fio.SweepResult `json:"fio_sweep,omitempty"`
+	// Where the timed save's time went (chunk.Store.SaveStages): group
+	// writes (count, mean ms from submission to completion, bytes each),
+	// fdatasyncs and index commits (count, ms in all).
+	SaveWrites     uint64  `json:"save_writes"`
+	SaveWriteMS    float64 `json:"save_write_ms_mean"`
+	SaveWriteBytes uint64  `json:"save_write_bytes_mean"`
+	SaveSyncs      uint64  `json:"save_syncs"`
+	SaveSyncMS     float64 `json:"save_sync_ms_total"`
+	SaveCommits    uint64  `json:"save_commits"`
+	SaveIndexMS    float64 `json:"save_index_ms_total"`
+	SaveWallMS     float64 `json:"save_wall_ms"`
 }
 
 // Run runs the benchmark.
@@ -178,6 +189,7 @@ func Run(o Options) (*Result, error) {
 
 	// Save: prefill-style appends, Writers contexts at a time.
 	bar := progress.New(o.Progress, "bench store save", int64(o.Contexts), "contexts")
+	ss0 := st.SaveStages()
 	start := time.Now()
 	var wg sync.WaitGroup
 	errs := make(chan error, o.Contexts)
@@ -218,6 +230,14 @@ func Run(o Options) (*Result, error) {
 	}
 	saveSec := time.Since(start).Seconds()
 	bar.Finish()
+	ss1 := st.SaveStages()
+	res.SaveWallMS = saveSec * 1000
+	if res.SaveWrites = ss1.Writes - ss0.Writes; res.SaveWrites > 0 {
+		res.SaveWriteMS = float64(ss1.Write-ss0.Write) / 1e6 / float64(res.SaveWrites)
+		res.SaveWriteBytes = (ss1.WriteBytes - ss0.WriteBytes) / res.SaveWrites
+	}
+	res.SaveSyncs, res.SaveSyncMS = ss1.Syncs-ss0.Syncs, float64(ss1.Sync-ss0.Sync)/1e6
+	res.SaveCommits, res.SaveIndexMS = ss1.Commits-ss0.Commits, float64(ss1.Index-ss0.Index)/1e6
 	res.SaveGBps = float64(total) / saveSec / 1e9
 	var onDisk uint64
 	for _, s := range st.Segments() {

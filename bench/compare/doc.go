@@ -49,7 +49,13 @@
 // SOSP 2023, §6.1), sigma 1.0 (ours), every turn restoring the whole context
 // so far and saving the new tokens; long is L-Eval-shaped: documents of
 // uniform 4K–16K tokens saved once, about 4 questions each (L-Eval: 508
-// documents, >2,000 questions), each restoring the whole document. To fit
+// documents, >2,000 questions), each restoring the whole document; the
+// questions are then asked again while new documents are saved among them
+// (one save per 4 questions), and once more alone, so that every row has
+// restores alone and with saves in the mix at the same concurrency (each
+// row's `phases`, with hcache's per-stage restore times; the system
+// `hcache-noprio`, run only when named, is hcache with the restore
+// admission and write bounds of issue 20 turned off). To fit
 // this 2-core, 24 GiB machine in a few minutes the models keep 16 (chat) or 2
 // (long) of their layers at full row width (`--layers`); every report says
 // so. Output: `--out DIR` (default a new temporary directory, named when the

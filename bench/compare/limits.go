@@ -116,6 +116,29 @@ func (r *Result) ratios() {
 			put("restore_time_hcache_over_fio_best_c1", l.RestoreGBps, h.RestoreGBps)
 		}
 	}
+	// Restores with saves in the mix against restores alone (the long
+	// workload's two question phases), and against file-per-chunk's with
+	// saves in the mix (issue 20).
+	phaseMed := func(sys string, c int, phase string) float64 {
+		if row := r.Row(sys, c); row != nil {
+			if p := row.Phase(phase); p != nil && p.Restores > 0 {
+				return p.RestoreMSMedian
+			}
+		}
+		return 0
+	}
+	for c := range conc {
+		put(fmt.Sprintf("restore_median_with_saves_over_alone_hcache_c%d", c), phaseMed("hcache", c, PhaseMixed), phaseMed("hcache", c, PhaseAgain))
+		put(fmt.Sprintf("restore_median_with_saves_hcache_over_file_per_chunk_c%d", c), phaseMed("hcache", c, PhaseMixed), phaseMed("file-per-chunk", c, PhaseMixed))
+		put(fmt.Sprintf("restore_median_with_saves_over_alone_hcache_noprio_c%d", c), phaseMed("hcache-noprio", c, PhaseMixed), phaseMed("hcache-noprio", c, PhaseAgain))
+		put(fmt.Sprintf("restore_median_alone_hcache_over_hcache_noprio_c%d", c), phaseMed("hcache", c, PhaseQuestions), phaseMed("hcache-noprio", c, PhaseQuestions))
+		put(fmt.Sprintf("restore_median_alone_hcache_over_file_per_chunk_c%d", c), phaseMed("hcache", c, PhaseQuestions), phaseMed("file-per-chunk", c, PhaseQuestions))
+		put(fmt.Sprintf("restore_median_with_saves_hcache_over_hcache_noprio_c%d", c), phaseMed("hcache", c, PhaseMixed), phaseMed("hcache-noprio", c, PhaseMixed))
+	}
+	if conc[16] {
+		r.target("hcache restore median with saves in the mix <= 1.3 x its own restores alone, buffers equally warm (c=16)", "<= 1.3", "restore_median_with_saves_over_alone_hcache_c16", func(v float64) bool { return v <= 1.3 })
+		r.target("hcache restore median with saves in the mix <= 0.8 x file-per-chunk's (c=16)", "<= 0.8", "restore_median_with_saves_hcache_over_file_per_chunk_c16", func(v float64) bool { return v <= 0.8 })
+	}
 	if r.Plan == "hidden" {
 		r.target("hcache restore median <= 0.55 x hcache-kv (c=1)", "<= 0.55", "restore_median_hcache_over_hcache_kv_c1", func(v float64) bool { return v <= 0.55 })
 		r.target("hcache restore median <= 0.5 x file-per-chunk (c=1)", "<= 0.5", "restore_median_hcache_over_file_per_chunk_c1", func(v float64) bool { return v <= 0.5 })

@@ -209,6 +209,27 @@ func Markdown(r *Result, cmdline string) string {
 		f("| %s | %d | %d | %.2f | %.2f | %.2f | %.0f | %.2f | %.2f | %d | %d | %.0f | %s |\n", row.System, row.Concurrency, row.Restores,
 			row.RestoreMSMedian, row.RestoreMSP99, row.RestoreGBps, row.BurstTokPerS, row.SaveMSMedian, row.SaveGBps, row.BytesOnDisk, row.BytesInMemory, row.BytesPerToken, codec)
 	}
+	phased := false
+	for _, row := range r.Rows {
+		phased = phased || len(row.Phases) > 1
+	}
+	if phased {
+		f("\nRestores by phase (restores alone, and with saves in the mix); for hcache, where a restore's time went, in ms per restore (admission queue, buffers, submission, reads summed over layers, checksums; chunk.Store.RestoreStages):\n\n")
+		f("| system | c | phase | restores | restore ms median | p99 | saves | save ms median | queued | buffer | submit | read | verify |\n")
+		f("|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
+		for _, row := range r.Rows {
+			for _, p := range row.Phases {
+				if p.Restores == 0 {
+					continue
+				}
+				st := "| | | | | "
+				if g := p.Stages; g != nil {
+					st = fmt.Sprintf("| %.1f | %.1f | %.1f | %.1f | %.1f ", g.Queued, g.Buffer, g.Submit, g.Read, g.Verify)
+				}
+				f("| %s | %d | %s | %d | %.2f | %.2f | %d | %.2f %s|\n", row.System, row.Concurrency, p.Name, p.Restores, p.RestoreMSMedian, p.RestoreMSP99, p.Saves, p.SaveMSMedian, st)
+			}
+		}
+	}
 	f("\nNotes per system:\n\n")
 	seen := map[string]bool{}
 	for _, row := range r.Rows {

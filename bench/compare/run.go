@@ -25,6 +25,12 @@ import (
 // AllSystems are the systems compare knows, in report order.
 var AllSystems = []string{"hcache", "hcache-kv", "hcache-fp8", "hcache-dram", "file-per-chunk", "pebble-blob", "redis", "recompute", "limit"}
 
+// ExtraSystems run only when named: hcache-noprio is hcache with the
+// restore admission and write yielding of issue 20 turned off (and the
+// earlier write queue and idle buffer sizes), to show their effect in the
+// same run.
+var ExtraSystems = []string{"hcache-noprio"}
+
 // Options of one comparison.
 type Options struct {
 	Model       string // preset
@@ -72,6 +78,64 @@ type Row struct {
 	BytesPerToken   float64 `json:"bytes_per_token"` // on disk, or in memory for memory-only systems
 	Codec           string  `json:"codec,omitempty"` // hcache's rows: none (the model dtype) or fp8
 	Note            string  `json:"note,omitempty"`
+	// Stages is where hcache's timed restores spent their time, in ms per
+	// restore (chunk.Store.RestoreStages over the timed phases; hcache only).
+	Stages *Stages `json:"restore_stages_ms,omitempty"`
+	// Phases has the restores of each phase of the workload apart: the
+	// long workload's questions alone and with saves in the mix.
+	Phases []PhaseRow `json:"phases,omitempty"`
+}
+
+// PhaseRow is the restores and saves of one phase.
+type PhaseRow struct {
+	Name            string  `json:"name"`
+	Restores        int     `json:"restores"`
+	RestoreMSMedian float64 `json:"restore_ms_median"`
+	RestoreMSP99    float64 `json:"restore_ms_p99"`
+	Saves           int     `json:"saves"`
+	SaveMSMedian    float64 `json:"save_ms_median"`
+	// Stages as in Row, for this phase (hcache only).
+	Stages *Stages `json:"restore_stages_ms,omitempty"`
+}
+
+// Phase returns the row's phase of that name, or nil.
+func (r *Row) Phase(name string) *PhaseRow {
+	for i := range r.Phases {
+		if r.Phases[i].Name == name {
+			return &r.Phases[i]
+		}
+	}
+	return nil
+}
+
+// Stages is chunk.RestoreStages per restore, in milliseconds.
+type Stages struct {
+	Buffer float64 `json:"buffer"` // getting (mapping) restore buffers
+	Submit float64 `json:"submit"` // handing reads to the engine
+	Queued float64 `json:"queued"` // reads queued behind other restores' reads
+	Read   float64 `json:"read"`   // per layer: reads submitted to the last completion, summed
+	Verify float64 `json:"verify"` // checksums
+	Wall   float64 `json:"wall"`   // the restore as a whole
+}
+
+// storeOf is implemented by the hcache peers.
+type storeOf interface{ Store() *chunk.Store }
+
+func stagesOf(sys peer.System) (chunk.RestoreStages, bool) {
+	if h, ok := sys.(storeOf); ok {
+		return h.Store().RestoreStages(), true
+	}
+	return chunk.RestoreStages{}, false
+}
+
+func perRestore(a, b chunk.RestoreStages) *Stages {
+	n := float64(b.Restores - a.Restores)
+	if n == 0 {
+		return nil
+	}
+	ms := func(x, y time.Duration) float64 { return float64(y-x) / 1e6 / n }
+	return &Stages{Buffer: ms(a.Buffer, b.Buffer), Submit: ms(a.Submit, b.Submit), Queued: ms(a.Queued, b.Queued),
+		Read: ms(a.Read, b.Read), Verify: ms(a.Verify, b.Verify), Wall: ms(a.Wall, b.Wall)}
 }
 
 // Target is one of hcache's design targets with what was measured.
@@ -136,13 +200,13 @@ func (o *Options) defaults() error {
 		o.Seed = 1
 	}
 	if len(o.Concurrency) == 0 {
-		o.Concurrency = []int{1, 16}
+		o.Concurrency = []int{1, 4, 16, 64}
 	}
 	if len(o.Systems) == 0 {
 		o.Systems = AllSystems
 	}
 	for _, s := range o.Systems {
-		if !contains(AllSystems, s) {
+		if !contains(AllSystems, s) && !contains(ExtraSystems, s) {
 			return fmt.Errorf("bench compare: unknown system %q (have %s)", s, strings.Join(AllSystems, ", "))
 		}
 	}
@@ -256,6 +320,10 @@ func Run(o Options) (*Result, error) {
 			var sys peer.System
 			note := ""
 			switch name {
+			case "hcache-noprio":
+				spec.RowBytes = int(plan[0].RowBytes)
+				sys, err = peer.NewHcache(spec, peer.HcacheOptions{Name: name, Model: shape, Plan: plan, StagingBytes: staging, NoPriority: true})
+				note = "hcache without restore admission and write yielding (RestoreQueueBytes -1, WriteBytes unbounded, idle restore buffers 256 MiB): the store's policies before issue 20"
 			case "hcache", "hcache-dram":
 				spec.RowBytes = int(plan[0].RowBytes)
 				cache := int64(0)
@@ -330,6 +398,16 @@ func Run(o Options) (*Result, error) {
 			if o.Progress != nil {
 				fmt.Fprintf(o.Progress, "%-15s c=%-3d restore median %8.2f ms p99 %8.2f ms, save %.2f GB/s, %.0f B/token\n",
 					name, c, row.RestoreMSMedian, row.RestoreMSP99, row.SaveGBps, row.BytesPerToken)
+				for _, p := range row.Phases {
+					if p.Restores > 0 {
+						fmt.Fprintf(o.Progress, "%-15s c=%-3d   phase %-22q %3d restores median %8.2f ms p99 %8.2f ms, %d saves\n",
+							name, c, p.Name, p.Restores, p.RestoreMSMedian, p.RestoreMSP99, p.Saves)
+					}
+				}
+				if st := row.Stages; st != nil {
+					fmt.Fprintf(o.Progress, "%-15s c=%-3d per restore: buffer %.2f ms, submit %.2f ms, queued %.2f ms, read %.2f ms, verify %.2f ms, wall %.2f ms\n",
+						name, c, st.Buffer, st.Submit, st.Queued, st.Read, st.Verify, st.Wall)
+				}
 			}
 		}
 	}
@@ -427,12 +505,30 @@ func runSystem(sys peer.System, w *Workload, c int, o Options, limited bool) (*R
 		bar.Add(1)
 		return nil
 	}
+	st0, hasStages := stagesOf(sys)
 	for _, ph := range w.Phases {
+		mu.Lock()
+		r0, s0 := len(restoreMS), len(saveMS)
+		mu.Unlock()
+		p0, _ := stagesOf(sys)
 		if err := runPhase(ph, c, do); err != nil {
 			return nil, nil, err
 		}
+		mu.Lock()
+		pr := PhaseRow{Name: ph.Name, Restores: len(restoreMS) - r0, RestoreMSMedian: quantile(restoreMS[r0:], 0.5), RestoreMSP99: quantile(restoreMS[r0:], 0.99),
+			Saves: len(saveMS) - s0, SaveMSMedian: quantile(saveMS[s0:], 0.5)}
+		mu.Unlock()
+		if hasStages {
+			p1, _ := stagesOf(sys)
+			pr.Stages = perRestore(p0, p1)
+		}
+		row.Phases = append(row.Phases, pr)
 	}
 	bar.Finish()
+	if hasStages {
+		st1, _ := stagesOf(sys)
+		row.Stages = perRestore(st0, st1)
+	}
 	// The burst: every context restored once, c at a time, from cold.
 	ctxs := w.Contexts()
 	ids := make([]string, 0, len(ctxs))

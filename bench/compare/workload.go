@@ -109,7 +109,7 @@ func Long(seed int64, docs, questions, minTok, maxTok int) *Workload {
 		"each document is saved once; every question restores the whole document",
 	}}
 	ingest := Phase{Name: "ingest"}
-	ask := Phase{Name: "questions"}
+	ask := Phase{Name: PhaseQuestions}
 	for d := 0; d < docs; d++ {
 		n := minTok + rng.Intn(maxTok-minTok+1)
 		id := fmt.Sprintf("doc-%04d", d)
@@ -120,9 +120,32 @@ func Long(seed int64, docs, questions, minTok, maxTok int) *Workload {
 	}
 	// Questions arrive interleaved across documents.
 	rng.Shuffle(len(ask.Streams), func(i, j int) { ask.Streams[i], ask.Streams[j] = ask.Streams[j], ask.Streams[i] })
-	w.Phases = []Phase{ingest, ask}
+	// The same questions again while as many new documents are saved
+	// (one save among every `questions` questions): restores with saves in
+	// the mix, against the phase before, where they ran alone.
+	mixed := Phase{Name: PhaseMixed}
+	qs := append([][]Request(nil), ask.Streams...)
+	rng.Shuffle(len(qs), func(i, j int) { qs[i], qs[j] = qs[j], qs[i] })
+	for d := 0; d < docs; d++ {
+		n := minTok + rng.Intn(maxTok-minTok+1)
+		mixed.Streams = append(mixed.Streams, []Request{{Ctx: fmt.Sprintf("new-%04d", d), From: 0, To: n}})
+		mixed.Streams = append(mixed.Streams, qs[d*questions:(d+1)*questions]...)
+	}
+	// And once more alone, with the restore buffers as warm as in the
+	// mixed phase, so that the two differ only in the saves.
+	again := Phase{Name: PhaseAgain, Streams: append([][]Request(nil), ask.Streams...)}
+	rng.Shuffle(len(again.Streams), func(i, j int) { again.Streams[i], again.Streams[j] = again.Streams[j], again.Streams[i] })
+	w.Params = append(w.Params, fmt.Sprintf("then the same %d questions again while %d new documents are saved, one save among every %d questions (restores with saves in the mix), then the questions once more alone (restores alone, buffers as warm as with saves)", docs*questions, docs, questions))
+	w.Phases = []Phase{ingest, ask, mixed, again}
 	return w
 }
+
+// Phase names the report keeps apart: restores alone and with saves.
+const (
+	PhaseQuestions = "questions"
+	PhaseMixed     = "questions with saves"
+	PhaseAgain     = "questions again"
+)
 
 // Contexts returns each context's final token count.
 func (w *Workload) Contexts() map[string]int {

@@ -50,8 +50,8 @@ func TestChatShape(t *testing.T) {
 
 func TestLongShape(t *testing.T) {
 	w := Long(3, 20, 4, 4096, 16384)
-	if len(w.Phases) != 2 || len(w.Phases[0].Streams) != 20 || len(w.Phases[1].Streams) != 80 {
-		t.Fatalf("phases %d, ingest %d, questions %d", len(w.Phases), len(w.Phases[0].Streams), len(w.Phases[1].Streams))
+	if len(w.Phases) != 4 || len(w.Phases[0].Streams) != 20 || len(w.Phases[1].Streams) != 80 || len(w.Phases[2].Streams) != 100 || len(w.Phases[3].Streams) != 80 {
+		t.Fatalf("phases %d, ingest %d, questions %d, mixed %d, again %d", len(w.Phases), len(w.Phases[0].Streams), len(w.Phases[1].Streams), len(w.Phases[2].Streams), len(w.Phases[3].Streams))
 	}
 	size := map[string]int{}
 	for _, s := range w.Phases[0].Streams {
@@ -73,6 +73,36 @@ func TestLongShape(t *testing.T) {
 		if n != 4 {
 			t.Errorf("%s asked %d questions", id, n)
 		}
+	}
+	// The mixed phase asks the same questions again, one new document
+	// saved among every 4 of them.
+	again, saves := map[string]int{}, 0
+	for i, st := range w.Phases[2].Streams {
+		r := st[0]
+		if r.Restore == 0 {
+			if r.From != 0 || r.To < 4096 || r.To > 16384 || size[r.Ctx] != 0 || i%5 != 0 {
+				t.Fatalf("mixed stream %d: save %+v", i, r)
+			}
+			saves++
+			continue
+		}
+		if r.Restore != size[r.Ctx] {
+			t.Fatalf("mixed question %+v on a document of %d tokens", r, size[r.Ctx])
+		}
+		again[r.Ctx]++
+	}
+	if saves != 20 || !reflect.DeepEqual(again, asked) {
+		t.Errorf("mixed phase: %d saves, questions %v, want 20 and %v", saves, again, asked)
+	}
+	last := map[string]int{}
+	for _, st := range w.Phases[3].Streams {
+		if r := st[0]; r.Restore != size[r.Ctx] || r.To != r.From {
+			t.Fatalf("last question %+v on a document of %d tokens", r, size[r.Ctx])
+		}
+		last[st[0].Ctx]++
+	}
+	if !reflect.DeepEqual(last, asked) {
+		t.Errorf("last phase asks %v, want %v", last, asked)
 	}
 }
 

@@ -29,6 +29,11 @@ type HcacheOptions struct {
 	// prefill stages a whole context until its last layer arrives, so
 	// concurrent long prefills need room for all of them.
 	StagingBytes int64
+	// NoPriority turns off the store's restore admission and write
+	// yielding (issue 20) and keeps the write queue and idle restore
+	// buffers at their earlier sizes, to measure what they do in the same
+	// run (system "hcache-noprio").
+	NoPriority bool
 }
 
 // NewHcache opens a fresh store in spec.Dir.
@@ -44,8 +49,13 @@ func NewHcache(spec Spec, o HcacheOptions) (*Hcache, error) {
 			return nil, fmt.Errorf("peer %s: plan row %d bytes, spec %d", o.Name, p.RowBytes, spec.RowBytes)
 		}
 	}
-	st, err := chunk.Open(chunk.Options{Dir: filepath.Join(spec.Dir, "store"), CacheBytes: o.CacheBytes, StagingBytes: o.StagingBytes, CapacityBytes: -1,
-		GCInterval: -1, Logf: func(string, ...any) {}})
+	opts := chunk.Options{Dir: filepath.Join(spec.Dir, "store"), CacheBytes: o.CacheBytes, StagingBytes: o.StagingBytes, CapacityBytes: -1,
+		GCInterval: -1, Logf: func(string, ...any) {}}
+	if o.NoPriority {
+		opts.RestoreQueueBytes, opts.IdleReadBufferBytes = -1, 256<<20
+		opts.WriteBytes, opts.WriteBytesUnderRestores = 1<<40, 1<<40
+	}
+	st, err := chunk.Open(opts)
 	if err != nil {
 		return nil, err
 	}
@@ -105,6 +115,9 @@ func (h *Hcache) BytesOnDisk() (int64, error) {
 
 // BytesInMemory implements MemoryUser: the DRAM tier.
 func (h *Hcache) BytesInMemory() (int64, error) { return h.st.Stats().CacheBytes, nil }
+
+// Store is the store under the peer (for its counters).
+func (h *Hcache) Store() *chunk.Store { return h.st }
 
 // Close implements System.
 func (h *Hcache) Close() error { return h.st.Close() }
