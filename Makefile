@@ -88,6 +88,7 @@ bench-compare: build
 	./$(BIN) bench compare --model llama3-8b --workload chat --dir $(BENCH_DIR) --out bench/results
 
 lint: ptx-check
+	@out=$$(git grep -n -e '^<<<<<<< ' -e '^>>>>>>> ' -- . ':!*.pb.go' ':!*_pb2.py' || true); if [ -n "$$out" ]; then echo "merge conflict markers:"; echo "$$out"; exit 1; fi
 	@out=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
 	@$(GO) mod tidy -diff >/dev/null || { echo "go.mod/go.sum are not tidy: run 'go mod tidy'"; exit 1; }
 	$(GO) vet ./...
