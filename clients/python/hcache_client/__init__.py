@@ -11,7 +11,14 @@ grpc's generic channel API (python3-grpc-tools is not needed).
     w.append_layer(0, rows)          # prefill: all tokens of layer 0, then layer 1, ...
     w.append_tokens(1, token_rows)   # decode: one token of every stored layer
     w.flush()                        # returns once durable
-    for layer, rows in c.restore("engine-a", "conv-1", ident): ...
+    for layer, tokens, rows in c.restore("engine-a", "conv-1", ident): ...
+
+State can also be addressed by its tokens (chain keys, state/chain.go):
+c.lookup(ns, ident, tokens) answers how many leading tokens are stored,
+c.create(ns, cid, ident, tokens=prompt) shares the stored groups and says where
+the writer continues (w.tokens), w.append_tokens(n, rows, token_ids=...) adds
+decoded tokens, c.restore(ns, None, ident, tokens=prompt) restores the longest
+stored prefix, c.fork(ns, src, dst, n) starts dst from src's first n tokens.
 
 On the unix socket, bulk bytes can go through a shared memory Region (a sealed
 memfd handed to the daemon over its side socket): write rows into
@@ -26,6 +33,7 @@ import grpc
 import numpy as np
 
 from . import hcache_pb2 as pb
+from ._version import __version__  # noqa: F401
 
 NONE, HIDDEN, KV = pb.LAYER_NONE, pb.LAYER_HIDDEN, pb.LAYER_KV
 SHM_MAGIC = b"HCSHM001"
@@ -46,6 +54,8 @@ _METHODS = {
     "Pin": (pb.PinRequest, pb.PinReply, False),
     "Fsck": (pb.FsckRequest, pb.FsckReply, False),
     "Gc": (pb.GcRequest, pb.GcReply, False),
+    "Lookup": (pb.LookupRequest, pb.LookupReply, False),
+    "Fork": (pb.ForkRequest, pb.ForkReply, False),
 }
 
 
@@ -153,8 +163,50 @@ def _rows(rows):
     return pb.Rows(inline=bytes(rows))
 
 
+def _token_ids(tokens):
+    """Token ids as a list of ints in [0, 2^32): a list, tuple, numpy array or
+    torch tensor of integers. Anything else, or an id out of range, raises
+    ValueError naming it (before anything is sent)."""
+    if tokens is None:
+        return []
+    if hasattr(tokens, "numpy") and hasattr(tokens, "cpu"):  # torch.Tensor
+        tokens = tokens.cpu().numpy()
+    if isinstance(tokens, (list, tuple)):
+        for i, t in enumerate(tokens):
+            if isinstance(t, bool):
+                raise ValueError(f"token ids: element {i} is {t!r}, want an int")
+    try:
+        a = np.asarray(tokens)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"token ids: {e}") from None
+    if a.ndim != 1 and a.size:
+        raise ValueError(f"token ids: shape {a.shape}, want one dimension")
+    if a.size and a.dtype.kind not in "iu":
+        bad = next((i for i, t in enumerate(a.tolist()) if isinstance(t, bool) or not isinstance(t, int)), 0)
+        raise ValueError(f"token ids: element {bad} is {a.tolist()[bad]!r} ({a.dtype}), want integers")
+    a = a.astype(np.int64, copy=False).reshape(-1) if a.dtype != np.uint64 else a
+    if a.size and (int(a.min()) < 0 or int(a.max()) >= 1 << 32):
+        i = int(np.argmax((a < 0) | (a >= 1 << 32)))
+        raise ValueError(f"token ids: element {i} is {int(a[i])}, outside [0, 2^32)")
+    return a.tolist()
+
+
+def _salt(salt):
+    """A chain salt as bytes: None (no salt), bytes, or a str (UTF-8, as
+    vLLM's cache_salt)."""
+    if salt is None:
+        return b""
+    if isinstance(salt, str):
+        return salt.encode()
+    if isinstance(salt, (bytes, bytearray, memoryview)):
+        return bytes(salt)
+    raise ValueError(f"salt: {type(salt).__name__}, want bytes or str")
+
+
 class Writer:
-    """Appends to one context (not safe for concurrent use)."""
+    """Appends to one context (not safe for concurrent use). tokens: where
+    it continues; for a token-addressed context opened with tokens, the rows
+    of tokens before it are stored (or shared) already and must not be sent."""
 
     def __init__(self, client, ref, ident, tokens):
         self.c, self.ref, self.ident, self.tokens = client, ref, ident, tokens
@@ -164,8 +216,14 @@ class Writer:
         self.tokens = r.tokens
         return r.tokens
 
-    def append_tokens(self, count, rows):
-        r = self.c._call("AppendTokens", pb.AppendTokensRequest(ctx=self.ref, count=count, rows=_rows(rows)))
+    def append_tokens(self, count, rows, token_ids=None):
+        """Appends count whole tokens (rows token-major: every stored layer's
+        row of token 0, then of token 1, ...). token_ids: their ids, required
+        by a token-addressed context (count of them)."""
+        ids = _token_ids(token_ids) if token_ids is not None else []
+        if token_ids is not None and len(ids) != count:
+            raise ValueError(f"append_tokens: {len(ids)} token ids for {count} tokens")
+        r = self.c._call("AppendTokens", pb.AppendTokensRequest(ctx=self.ref, count=count, rows=_rows(rows), token_ids=ids))
         self.tokens = r.tokens
         return r.tokens
 
@@ -210,19 +268,55 @@ class Client:
     def info(self):
         return self._call("Info", pb.InfoRequest())
 
-    def create(self, ns, cid, ident, pinned=False):
-        r = self._call("OpenContext", pb.OpenContextRequest(ctx=self._ref(ns, cid), identity=ident.proto(), mode=pb.CREATE, pinned=pinned))
+    def create(self, ns, cid, ident, pinned=False, tokens=None, salt=None):
+        """Opens a new context and returns its Writer. With tokens (the
+        prompt's ids) the context is token-addressed: whole chunk groups
+        already stored in ns under ident (and salt) are shared, and
+        writer.tokens says how many leading tokens are stored already: send
+        only the rows from there on."""
+        req = pb.OpenContextRequest(ctx=self._ref(ns, cid), identity=ident.proto(), mode=pb.CREATE, pinned=pinned,
+                                    tokens=_token_ids(tokens), salt=_salt(salt))
+        r = self._call("OpenContext", req)
         return Writer(self, self._ref(ns, cid), ident, r.tokens)
 
-    def append(self, ns, cid, ident):
-        r = self._call("OpenContext", pb.OpenContextRequest(ctx=self._ref(ns, cid), identity=ident.proto(), mode=pb.APPEND))
+    def append(self, ns, cid, ident, tokens=None, salt=None):
+        """Reopens a context for its next turn. A token-addressed context
+        takes tokens: its stored token ids followed by this turn's."""
+        req = pb.OpenContextRequest(ctx=self._ref(ns, cid), identity=ident.proto(), mode=pb.APPEND,
+                                    tokens=_token_ids(tokens), salt=_salt(salt))
+        r = self._call("OpenContext", req)
         return Writer(self, self._ref(ns, cid), ident, r.tokens)
 
-    def restore(self, ns, cid, ident, project=False):
+    def lookup(self, ns, ident, tokens, salt=None, id=None):
+        """How many leading tokens of tokens have state stored in ns under
+        ident (and salt): whole chunk groups, plus context id's own partial
+        tail when id is given and its tokens match. Reads only the index."""
+        req = pb.LookupRequest(namespace=ns, identity=ident.proto(), tokens=_token_ids(tokens), salt=_salt(salt), id=id or "")
+        return self._call("Lookup", req).tokens
+
+    def fork(self, ns, src, dst, tokens):
+        """Starts context dst (in ns) from the first tokens of src: whole
+        chunk groups are shared, only a partial tail is copied. Returns dst's
+        token count."""
+        if tokens < 0:
+            raise ValueError(f"fork: {tokens} tokens")
+        return self._call("Fork", pb.ForkRequest(src=self._ref(ns, src), dst_id=dst, tokens=tokens)).tokens
+
+    def _restore_req(self, ns, cid, ident, project, tokens, salt, **kw):
+        if cid is None and tokens is None:
+            raise ValueError("restore: give a context id, tokens, or both")
+        return pb.RestoreRequest(ctx=self._ref(ns, cid or ""), identity=ident.proto(), project=project,
+                                 tokens=_token_ids(tokens), salt=_salt(salt), **kw)
+
+    def restore(self, ns, cid, ident, project=False, tokens=None, salt=None):
         """Yields (layer, tokens, rows bytes) as each layer arrives. With
         project, hidden-state layers come back as K|V rows projected on the
-        daemon's backend (the identity's model must be one in info().models)."""
-        req = pb.RestoreRequest(ctx=self._ref(ns, cid), identity=ident.proto(), project=project)
+        daemon's backend (the identity's model must be one in info().models).
+        With tokens (and cid None), the longest stored prefix of tokens in ns
+        (whole chunk groups; 0 tokens restore as no layers or empty ones); with
+        both, context cid, refused unless its tokens start with tokens' stored
+        prefix. The daemon checks every group's token ids before sending it."""
+        req = self._restore_req(ns, cid, ident, project, tokens, salt)
         buf = bytearray()
         try:
             for m in self._stubs["Restore"](req, metadata=self.md):
@@ -234,12 +328,13 @@ class Client:
         except grpc.RpcError as e:
             raise Error(e.code(), e.details()) from None
 
-    def restore_into(self, ns, cid, ident, region, offset=0, length=None, project=False):
+    def restore_into(self, ns, cid, ident, region, offset=0, length=None, project=False, tokens=None, salt=None):
         """Restores into a shared region; yields (layer, tokens, offset, nbytes)
-        as each layer is placed (read it with region.array / region.tensor)."""
+        as each layer is placed (read it with region.array / region.tensor).
+        tokens and salt as for restore."""
         if length is None:
             length = region.size - offset
-        req = pb.RestoreRequest(ctx=self._ref(ns, cid), identity=ident.proto(), region=region.slice(offset, length), project=project)
+        req = self._restore_req(ns, cid, ident, project, tokens, salt, region=region.slice(offset, length))
         try:
             for m in self._stubs["Restore"](req, metadata=self.md):
                 yield m.layer, m.tokens, m.region.offset, m.region.length
