@@ -1,0 +1,415 @@
+"""Tests of the vLLM-shaped connector and the SGLang-shaped storage.
+
+Usage: test_connectors.py [--addr unix:///path/hcache.sock] [--model MODEL_DIR] [--seed N]
+
+Without --addr the connector runs against FakeDaemon, an in-memory test seam
+with hcached's token-addressed semantics (whole chunk groups keyed by the
+namespace, salt, identity and every token before them); with --addr the same
+cases run against the real daemon, and the SGLang storage cases too. With
+--model (a synthesized model directory) the paged torch engine runs as well.
+Seeded randomness prints its seed; --seed replays it.
+"""
+import argparse
+import os
+import random
+import sys
+import unittest
+
+import grpc
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import hcache_client as hc  # noqa: E402
+import vllm_shapes as vs  # noqa: E402
+from hcache_client.sglang_storage import HCacheHiCacheStorage  # noqa: E402
+from hcache_client.vllm_connector import HCacheConnector, KVConnectorRole  # noqa: E402
+
+ADDR, MODEL, SEED = None, None, None
+CHUNK = 16  # the fake daemon's chunk tokens; a real daemon says its own
+
+
+class FakeDaemon:
+    """hcached's token-addressed semantics in memory (a test seam, not a
+    client): Lookup, CREATE with tokens, AppendLayer, AppendTokens with ids,
+    CloseContext, Restore by tokens, Delete. Groups are shared by key and
+    kept while a context refers to them."""
+
+    def __init__(self, chunk=CHUNK):
+        self.chunk = chunk
+        self.groups = {}  # key -> (rows per layer, referrers)
+        self.ctx = {}  # (ns, id) -> dict
+
+    def info(self):
+        return type("Info", (), {"chunk_tokens": self.chunk, "models": [], "shm_socket": ""})()
+
+    def _key(self, ns, ident, salt, tokens, g):
+        return (ns, bytes(hc._salt(salt)), ident.model, tuple(ident.plan), tuple(tokens[:(g + 1) * self.chunk]))
+
+    def lookup(self, ns, ident, tokens, salt=None, id=None):
+        tokens = hc._token_ids(tokens)
+        g = 0
+        while (g + 1) * self.chunk <= len(tokens) and self._key(ns, ident, salt, tokens, g) in self.groups:
+            g += 1
+        return g * self.chunk
+
+    def create(self, ns, cid, ident, pinned=False, tokens=None, salt=None):
+        if (ns, cid) in self.ctx:
+            raise hc.Error(grpc.StatusCode.ALREADY_EXISTS, f"{ns}/{cid} exists")
+        tokens = hc._token_ids(tokens)
+        shared = self.lookup(ns, ident, tokens, salt)
+        rows = [bytearray() for _ in ident.plan]
+        for g in range(shared // self.chunk):
+            grows, refs = self.groups[self._key(ns, ident, salt, tokens, g)]
+            refs.add((ns, cid))
+            for l, r in enumerate(grows):
+                rows[l] += r
+        c = self.ctx[(ns, cid)] = {"ident": ident, "salt": salt, "tokens": list(tokens), "rows": rows, "groups": shared // self.chunk}
+        return FakeWriter(self, ns, cid, c, shared)
+
+    def restore(self, ns, cid, ident, project=False, tokens=None, salt=None):
+        if cid is not None:
+            raise NotImplementedError("the fake restores by tokens only")
+        tokens = hc._token_ids(tokens)
+        n = self.lookup(ns, ident, tokens, salt)
+        rows = [bytearray() for _ in ident.plan]
+        for g in range(n // self.chunk):
+            for l, r in enumerate(self.groups[self._key(ns, ident, salt, tokens, g)][0]):
+                rows[l] += r
+        for l in range(len(ident.plan)):
+            yield l, n, bytes(rows[l])
+
+    def delete(self, ns, cid):
+        self.ctx.pop((ns, cid))
+        for k in [k for k, (_, refs) in self.groups.items() if (ns, cid) in refs]:
+            self.groups[k][1].discard((ns, cid))
+            if not self.groups[k][1]:
+                del self.groups[k]
+
+    def close(self):
+        pass
+
+
+class FakeWriter:
+    def __init__(self, d, ns, cid, c, tokens):
+        self.d, self.ns, self.cid, self.c, self.tokens = d, ns, cid, c, tokens
+
+    def append_layer(self, layer, rows):
+        rb = self.c["ident"].plan[layer][1]
+        b = bytes(np.ascontiguousarray(rows).view(np.uint8).reshape(-1))
+        if len(b) % rb:
+            raise hc.Error(grpc.StatusCode.INVALID_ARGUMENT, f"layer {layer}: {len(b)} bytes")
+        self.c["rows"][layer] += b
+        return self._complete()
+
+    def append_tokens(self, count, rows, token_ids=None):
+        plan = self.c["ident"].plan
+        b = bytes(np.ascontiguousarray(rows).view(np.uint8).reshape(-1))
+        tb = sum(rb for _, rb in plan)
+        if len(b) != count * tb or token_ids is None or len(token_ids) != count:
+            raise hc.Error(grpc.StatusCode.INVALID_ARGUMENT, f"{len(b)} bytes for {count} tokens")
+        for i in range(count):
+            off = i * tb
+            for l, (_, rb) in enumerate(plan):
+                self.c["rows"][l] += b[off:off + rb]
+                off += rb
+        self.c["tokens"] += hc._token_ids(token_ids)
+        return self._complete()
+
+    def _complete(self):
+        plan = self.c["ident"].plan
+        self.tokens = min(len(r) // rb for r, (_, rb) in zip(self.c["rows"], plan))
+        return self.tokens
+
+    def flush(self):
+        return self._complete()
+
+    def close(self, abandon=False):
+        n = min(self._complete(), len(self.c["tokens"]))
+        d, c, ch = self.d, self.c, self.d.chunk
+        for g in range(c["groups"], n // ch):
+            k = d._key(self.ns, c["ident"], c["salt"], c["tokens"], g)
+            if k not in d.groups:
+                rows = [bytes(r[g * ch * rb:(g + 1) * ch * rb]) for r, (_, rb) in zip(c["rows"], c["ident"].plan)]
+                d.groups[k] = (rows, set())
+            d.groups[k][1].add((self.ns, self.cid))
+        c["groups"] = max(c["groups"], n // ch)
+        return n
+
+
+def make_client():
+    return hc.Client(ADDR) if ADDR else FakeDaemon()
+
+
+L, KVH, HD, DT = 3, 2, 8, torch.float16
+
+
+class Side:
+    """One engine: a scheduler-side and a worker-side connector over a paged
+    cache of random K/V, driven in vLLM's call order."""
+
+    def __init__(self, client, ns, bs, blocks=64, fingerprint="ab" * 16):
+        self.bs = bs
+        cfg = vs.VllmConfig(vs.ModelConfig(L, KVH, HD, DT), vs.CacheConfig(bs),
+                            vs.KVTransferConfig(kv_connector_extra_config={"hcache_namespace": ns, "hcache_fingerprint": fingerprint}))
+        self.sched = HCacheConnector(cfg, KVConnectorRole.SCHEDULER, None, client=client)
+        self.worker = HCacheConnector(cfg, KVConnectorRole.WORKER, None, client=client)
+        self.names = [f"model.layers.{i}.self_attn.attn" for i in range(L)]
+        self.kv = {n: torch.zeros(2, blocks, bs, KVH, HD, dtype=DT) for n in self.names}
+        self.worker.register_kv_caches(self.kv)
+        self.next_block = 0
+
+    def kv_of(self, tokens, pos):
+        """Deterministic K/V of a token at a position (a stand-in for the model)."""
+        g = torch.Generator().manual_seed(int(tokens[pos]) * 1000003 + pos)
+        return torch.randn(L, 2, KVH, HD, generator=g).to(DT)
+
+    def step(self, so, write):
+        meta = self.sched.build_connector_meta(so)
+        self.worker.bind_connector_metadata(meta)
+        self.worker.start_load_kv(vs.ForwardContext())
+        for li, n in enumerate(self.names):
+            self.worker.wait_for_layer_load(n)
+            for b, o, kv in write:
+                self.kv[n][:, b, o] = kv[li]
+            self.worker.save_kv_layer(n, self.kv[n], None)
+        self.worker.wait_for_save()
+        self.worker.clear_connector_metadata()
+
+    def serve(self, rid, prompt, gen=0, salt=None, between=None):
+        """Prefill (loading what hcache holds), gen decode steps, finish.
+        Returns (external tokens, block table, request)."""
+        req = vs.Request(rid, prompt, cache_salt=salt)
+        ext, asyn = self.sched.get_num_new_matched_tokens(req, 0)
+        assert asyn is False
+        need = (len(prompt) + gen + self.bs - 1) // self.bs
+        table = list(range(self.next_block, self.next_block + need))
+        self.next_block += need
+        self.sched.update_state_after_alloc(req, vs.KVCacheBlocks(table), ext)
+        if between:
+            between()
+        so = vs.SchedulerOutput(scheduled_new_reqs=[vs.NewRequestData(rid, prompt, (table,), ext)],
+                                num_scheduled_tokens={rid: len(prompt) - ext})
+        self.step(so, [(table[p // self.bs], p % self.bs, self.kv_of(prompt, p)) for p in range(ext, len(prompt))])
+        pos = len(prompt)
+        for i in range(gen):
+            tok = (7 * pos + 3) % 1000
+            req.append_output_token_ids(tok)
+            so = vs.SchedulerOutput(scheduled_cached_reqs=vs.CachedRequestData([rid], set(), [], [None], [pos]),
+                                    num_scheduled_tokens={rid: 1})
+            self.step(so, [(table[pos // self.bs], pos % self.bs, self.kv_of(req.all_token_ids, pos))])
+            pos += 1
+        self.sched.request_finished(req, table)
+        self.sched.build_connector_meta(vs.SchedulerOutput(finished_req_ids={rid}))
+        self.worker.get_finished({rid})
+        return ext, table, req
+
+    def check_rows(self, tc, table, tokens, start, end):
+        for p in range(start, end):
+            want = self.kv_of(tokens, p)
+            for li, n in enumerate(self.names):
+                tc.assertTrue(torch.equal(self.kv[n][:, table[p // self.bs], p % self.bs], want[li]), f"position {p} layer {li}")
+
+
+class ConnectorTest(unittest.TestCase):
+    def setUp(self):
+        self.c = make_client()
+        self.bs = self.c.info().chunk_tokens
+        self.rng = random.Random(SEED)
+        self.ns = f"vc{self.rng.randrange(1 << 30)}"
+
+    def tearDown(self):
+        self.c.close()
+
+    def toks(self, n):
+        return [self.rng.randrange(1, 50000) for _ in range(n)]
+
+    def test_shared_prefix_loads_and_saves_once(self):
+        bs = self.bs
+        sysp = self.toks(2 * bs + 3)
+        a, b = sysp + self.toks(bs), sysp + self.toks(bs + 5)
+        s = Side(self.c, self.ns, bs)
+        ext, _, _ = s.serve("a", a)
+        self.assertEqual(ext, 0)
+        self.assertEqual(s.worker.stats["shared_tokens"], 0)
+        ext, table, _ = s.serve("b", b)
+        self.assertEqual(ext, 2 * bs, "b loads the whole groups of the shared system prompt")
+        self.assertEqual(s.worker.stats["loaded_tokens"], 2 * bs)
+        self.assertEqual(s.worker.stats["shared_tokens"], 2 * bs, "b's context shares them rather than writing them")
+        s.check_rows(self, table, b, 0, 2 * bs)
+
+    def test_lookup_leaves_the_last_token(self):
+        p = self.toks(2 * self.bs)
+        s = Side(self.c, self.ns, self.bs)
+        s.serve("a", p)
+        self.assertEqual(self.c.lookup(self.ns, s.sched.ident, p), 2 * self.bs)
+        ext, table, _ = s.serve("b", p)
+        self.assertEqual(ext, 2 * self.bs - 1, "the last prompt token is always computed")
+        s.check_rows(self, table, p, 0, 2 * self.bs - 1)
+
+    def test_isolation(self):
+        """No hit across a salt, a namespace or a model fingerprint."""
+        p = self.toks(3 * self.bs)
+        s = Side(self.c, self.ns, self.bs)
+        s.serve("a", p)
+        cases = [
+            ("salt", Side(self.c, self.ns, self.bs), "tenant-b"),
+            ("namespace", Side(self.c, self.ns + "x", self.bs), None),
+            ("model", Side(self.c, self.ns, self.bs, fingerprint="cd" * 16), None),
+        ]
+        for name, side, salt in cases:
+            with self.subTest(name):
+                ext, _, _ = side.serve("b-" + name, p, salt=salt)
+                self.assertEqual(ext, 0)
+        ext, _, _ = Side(self.c, self.ns, self.bs).serve("same", p)
+        self.assertEqual(ext, 3 * self.bs - 1)
+
+    def test_decoded_tokens_are_saved_with_their_ids(self):
+        p = self.toks(self.bs + 4)
+        s = Side(self.c, self.ns, self.bs)
+        _, _, req = s.serve("a", p, gen=self.bs + 2)
+        hist = list(req.all_token_ids)
+        # gen tokens decoded, the last one never computed: bs+4+bs+1 stored.
+        self.assertEqual(self.c.lookup(self.ns, s.sched.ident, hist), 2 * self.bs)
+        ext, table, _ = s.serve("b", hist + self.toks(3))
+        self.assertEqual(ext, 2 * self.bs)
+        s.check_rows(self, table, hist, 0, 2 * self.bs)
+
+    def test_load_error_reports_blocks(self):
+        """State gone between the lookup and the load: the blocks are
+        reported (vLLM recomputes them), nothing wrong is placed."""
+        p = self.toks(2 * self.bs + 1)
+        s = Side(self.c, self.ns, self.bs)
+        s.serve("a", p)
+        s2 = Side(self.c, self.ns, self.bs, blocks=64)
+        req = vs.Request("b", p)
+        ext, _ = s2.sched.get_num_new_matched_tokens(req, 0)
+        self.assertEqual(ext, 2 * self.bs)
+        self.c.delete(self.ns, "a")
+        table = [5, 6, 7]
+        s2.sched.update_state_after_alloc(req, vs.KVCacheBlocks(table), ext)
+        so = vs.SchedulerOutput(scheduled_new_reqs=[vs.NewRequestData("b", p, (table,), ext)], num_scheduled_tokens={"b": 1})
+        meta = s2.sched.build_connector_meta(so)
+        s2.worker.bind_connector_metadata(meta)
+        s2.worker.start_load_kv(vs.ForwardContext())
+        for n in s2.names:
+            s2.worker.wait_for_layer_load(n)
+        self.assertEqual(s2.worker.get_block_ids_with_load_errors(), {5, 6})
+        for n in s2.names:
+            self.assertEqual(int(s2.kv[n].abs().sum()), 0, "nothing placed")
+
+    def test_bad_config(self):
+        base = {"hcache_namespace": "x", "hcache_fingerprint": "ab"}
+        cases = [
+            ("no fingerprint", {"hcache_namespace": "x"}, "hcache_fingerprint"),
+            ("not hex", dict(base, hcache_fingerprint="zz"), "not hex"),
+            ("no address", base, "hcache_addr"),
+        ]
+        for name, extra, want in cases:
+            with self.subTest(name):
+                cfg = vs.VllmConfig(vs.ModelConfig(L, KVH, HD, DT), vs.CacheConfig(16), vs.KVTransferConfig(kv_connector_extra_config=extra))
+                with self.assertRaisesRegex(ValueError, want):
+                    HCacheConnector(cfg, KVConnectorRole.WORKER, None)
+        cfg = vs.VllmConfig(vs.ModelConfig(L, KVH, HD, DT), vs.CacheConfig(16), vs.KVTransferConfig(kv_connector_extra_config=base))
+        w = HCacheConnector(cfg, KVConnectorRole.WORKER, None, client=FakeDaemon())
+        with self.assertRaisesRegex(ValueError, "K\\|V rows"):
+            w.register_kv_caches({f"l{i}": torch.zeros(2, 4, 16, KVH, HD + 1, dtype=DT) for i in range(L)})
+
+
+class TokenIdsTest(unittest.TestCase):
+    def test_token_ids(self):
+        good = [([1, 2, 3], [1, 2, 3]), (np.array([7], dtype=np.uint32), [7]), (torch.tensor([0, 4294967295]), [0, 4294967295]), ([], [])]
+        for given, want in good:
+            self.assertEqual(hc._token_ids(given), want)
+        bad = [([1, -1], "element 1 is -1"), ([1.5], "want integers"), ([1, True], "element 1 is True"),
+               ([1 << 32], "outside"), ([[1, 2]], "one dimension"), (["a"], "want integers")]
+        for given, want in bad:
+            with self.subTest(repr(given)):
+                with self.assertRaisesRegex(ValueError, want):
+                    hc._token_ids(given)
+        with self.assertRaisesRegex(ValueError, "2 token ids for 3 tokens"):
+            hc.Writer(None, None, None, 0).append_tokens(3, b"", token_ids=[1, 2])
+        with self.assertRaisesRegex(ValueError, "give a context id, tokens"):
+            list(hc.Client.restore(hc.Client.__new__(hc.Client), "ns", None, hc.Identity(b"m", [(hc.KV, 4)])))
+
+
+class Storage:
+    def __init__(self, page_size, page_bytes, ns, model="m"):
+        self.tp_rank, self.tp_size, self.is_mla_model, self.model_name = 0, 1, False, model
+        self.extra_config = {"hcache_addr": ADDR, "hcache_namespace": ns, "page_size": page_size, "page_bytes": page_bytes}
+
+
+class SGLangStorageTest(unittest.TestCase):
+    """HiCacheStorage's calls against the real daemon (pages as named contexts)."""
+
+    def setUp(self):
+        if not ADDR:
+            self.skipTest("no daemon address (--addr)")
+        self.rng = random.Random(SEED)
+        self.ns = f"sg{self.rng.randrange(1 << 30)}"
+
+    def test_pages(self):
+        ps, pb = 8, 8 * 64
+        st = HCacheHiCacheStorage(Storage(ps, pb, self.ns))
+        keys = [f"{self.rng.getrandbits(256):064x}" for _ in range(5)]
+        vals = [torch.randint(0, 255, (pb,), dtype=torch.uint8) for _ in keys]
+        self.assertEqual(st.batch_exists(keys), 0)
+        self.assertTrue(st.batch_set(keys[:3], vals[:3]))
+        self.assertEqual(st.batch_exists(keys), 3)
+        self.assertTrue(st.batch_set(keys[:3], vals[:3]), "setting a stored page is a no-op")
+        targets = [torch.zeros(pb, dtype=torch.uint8) for _ in keys]
+        got = st.batch_get(keys, targets)
+        for i in range(3):
+            self.assertTrue(torch.equal(got[i], vals[i]))
+        self.assertEqual(got[3:], [None, None])
+        other = HCacheHiCacheStorage(Storage(ps, pb, self.ns, model="another-model"))
+        self.assertEqual(other.batch_exists(keys), 0, "another model's pages under the same hashes are not ours")
+        self.assertIsNone(other.get(keys[0]))
+        with self.assertRaisesRegex(ValueError, "page of 10 bytes"):
+            st.batch_set(keys[3:4], [torch.zeros(10, dtype=torch.uint8)])
+        self.assertEqual(st.batch_exists(keys), 3, "the bad page stored nothing")
+        st.clear()
+        self.assertEqual(st.batch_exists(keys), 0)
+
+
+class PagedEngineTest(unittest.TestCase):
+    """torch_engine's paged engine against the fake daemon (the Go test runs
+    it against hcached): tokens equal to an uninterrupted run, prefixes
+    loaded through the connector."""
+
+    def test_paged_engine(self):
+        if not MODEL:
+            self.skipTest("no model directory (--model)")
+        import torch_engine as te
+
+        m = te.Model(MODEL)
+        a = argparse.Namespace(block_size=0, seed=SEED, systems=1, system_len=40, conversations=3, salted=1, turns=2,
+                               prompt=12, gen=6, namespace="pe", keep_local=False)
+        import contextlib
+        import io
+        import json
+
+        buf = io.StringIO()
+        with contextlib.redirect_stdout(buf), torch.no_grad():
+            te.paged_main(a, m, FakeDaemon())
+        res = json.loads(buf.getvalue())
+        self.assertTrue(res["tokens_equal"])
+        self.assertEqual(res["max_loaded_row_diff"], 0.0)
+        hits = {(r["conversation"], r["turn"]): r["external_hit"] for r in res["requests"]}
+        self.assertEqual(hits[("c0", 0)], 0)
+        self.assertEqual(hits[("c1", 0)], 32, "c1 shares c0's system prompt: two whole 16-token groups")
+        self.assertEqual(hits[("c2", 0)], 0, "c2 is salted")
+        for c in ("c0", "c1", "c2"):
+            self.assertGreater(hits[(c, 1)], 40, f"{c}'s second turn loads its history")
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--addr")
+    ap.add_argument("--model")
+    ap.add_argument("--seed", type=int, default=None)
+    a, rest = ap.parse_known_args()
+    ADDR, MODEL = a.addr, a.model
+    SEED = a.seed if a.seed is not None else random.SystemRandom().randrange(1 << 31)
+    print(f"test_connectors: seed {SEED} (replay with --seed {SEED})", file=sys.stderr)
+    unittest.main(argv=[sys.argv[0]] + rest, verbosity=2)
