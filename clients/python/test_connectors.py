@@ -26,6 +26,7 @@ from hcache_client.sglang_storage import HCacheHiCacheStorage  # noqa: E402
 from hcache_client.vllm_connector import HCacheConnector, KVConnectorRole  # noqa: E402
 
 ADDR, MODEL, SEED = None, None, None
+NO_LOOKUP = None  # why the daemon at ADDR cannot run the connector cases, if it cannot
 CHUNK = 16  # the fake daemon's chunk tokens; a real daemon says its own
 
 
@@ -213,6 +214,8 @@ class Side:
 
 class ConnectorTest(unittest.TestCase):
     def setUp(self):
+        if NO_LOOKUP:
+            self.skipTest(NO_LOOKUP)
         self.c = make_client()
         self.bs = self.c.info().chunk_tokens
         self.rng = random.Random(SEED)
@@ -298,6 +301,7 @@ class ConnectorTest(unittest.TestCase):
         for n in s2.names:
             self.assertEqual(int(s2.kv[n].abs().sum()), 0, "nothing placed")
 
+class ConfigTest(unittest.TestCase):
     def test_bad_config(self):
         base = {"hcache_namespace": "x", "hcache_fingerprint": "ab"}
         cases = [
@@ -331,6 +335,103 @@ class TokenIdsTest(unittest.TestCase):
             hc.Writer(None, None, None, 0).append_tokens(3, b"", token_ids=[1, 2])
         with self.assertRaisesRegex(ValueError, "give a context id, tokens"):
             list(hc.Client.restore(hc.Client.__new__(hc.Client), "ns", None, hc.Identity(b"m", [(hc.KV, 4)])))
+
+
+class ClientTokensTest(unittest.TestCase):
+    """The client's token-addressed calls against the real daemon: create by
+    tokens shares stored groups, lookup, fork, restore by tokens and by id,
+    append_tokens with ids; errors carry their gRPC code and change nothing."""
+
+    IDENT = hc.Identity(b"py-tokens-model", [(hc.KV, 32), (hc.NONE, 0), (hc.HIDDEN, 16)])
+
+    def setUp(self):
+        if not ADDR:
+            self.skipTest("no daemon address (--addr)")
+        if NO_LOOKUP:
+            self.skipTest(NO_LOOKUP)
+        self.c = hc.Client(ADDR)
+        self.g = self.c.info().chunk_tokens
+        self.rng = random.Random(SEED)
+        self.ns = f"ct{self.rng.randrange(1 << 30)}"
+
+    def tearDown(self):
+        self.c.close()
+
+    def rows(self, layer, toks, start, end):
+        rb = self.IDENT.plan[layer][1]
+        out = bytearray()
+        for p in range(start, end):
+            out += bytes(((toks[p] * 31 + p + layer * 7 + i) & 0xFF) for i in range(rb))
+        return bytes(out)
+
+    def save(self, cid, toks, salt=None):
+        w = self.c.create(self.ns, cid, self.IDENT, tokens=toks, salt=salt)
+        shared = w.tokens
+        for layer in (0, 2):
+            w.append_layer(layer, self.rows(layer, toks, shared, len(toks)))
+        self.assertEqual(w.close(), len(toks))
+        return shared
+
+    def restored(self, cid, tokens=None, salt=None):
+        return {l: (n, r) for l, n, r in self.c.restore(self.ns, cid, self.IDENT, tokens=tokens, salt=salt)}
+
+    def test_tokens_api(self):
+        g = self.g
+        toks = [self.rng.randrange(1, 1 << 31) for _ in range(2 * g + g // 2)]
+        self.assertEqual(self.c.lookup(self.ns, self.IDENT, toks), 0)
+        self.assertEqual(self.save("a", toks), 0)
+        self.assertEqual(self.c.lookup(self.ns, self.IDENT, toks), 2 * g)
+        self.assertEqual(self.c.lookup(self.ns, self.IDENT, toks, id="a"), len(toks), "a's own partial tail counts")
+        self.assertEqual(self.c.lookup(self.ns, self.IDENT, toks, salt=b"other"), 0)
+        # b shares a's whole groups and writes only its tail.
+        tb = toks[:2 * g] + [7] * 5
+        self.assertEqual(self.save("b", tb), 2 * g)
+        got = self.restored("b")
+        self.assertEqual(got[0], (len(tb), self.rows(0, tb, 0, len(tb))))
+        self.assertEqual(got[2], (len(tb), self.rows(2, tb, 0, len(tb))))
+        # Restore by tokens: the longest stored prefix, whole groups.
+        got = self.restored(None, tokens=toks + [1, 2, 3])
+        self.assertEqual(got[0], (2 * g, self.rows(0, toks, 0, 2 * g)))
+        # Decode appends carry their ids: a continues past a group boundary.
+        w = self.c.append(self.ns, "a", self.IDENT, tokens=toks + [9] * g)
+        self.assertEqual(w.tokens, len(toks))
+        ext = toks + [9] * g
+        for p in range(len(toks), len(ext)):
+            row = self.rows(0, ext, p, p + 1) + self.rows(2, ext, p, p + 1)
+            w.append_tokens(1, row, token_ids=[9])
+        self.assertEqual(w.close(), len(ext))
+        self.assertEqual(self.c.lookup(self.ns, self.IDENT, ext), (len(ext) // g) * g)
+        # Fork: c starts from a's first g + 3 tokens.
+        self.assertEqual(self.c.fork(self.ns, "a", "c", g + 3), g + 3)
+        got = self.restored("c")
+        self.assertEqual(got[0], (g + 3, self.rows(0, ext, 0, g + 3)))
+        self.assertEqual(self.c.lookup(self.ns, self.IDENT, ext[:g + 3], id="c"), g + 3)
+
+    def test_errors(self):
+        g = self.g
+        toks = [self.rng.randrange(1, 1 << 31) for _ in range(g + 1)]
+        self.save("a", toks)
+        ztoks = [t + 1 for t in toks]
+        self.save("z", ztoks)
+        before = self.restored("a")
+        other = hc.Identity(b"another-model", self.IDENT.plan)
+        cases = [
+            ("fork onto an existing context", grpc.StatusCode.ALREADY_EXISTS, lambda: self.c.fork(self.ns, "a", "a", 1)),
+            ("fork of a missing context", grpc.StatusCode.NOT_FOUND, lambda: self.c.fork(self.ns, "nope", "d", 1)),
+            ("lookup in a bad namespace", grpc.StatusCode.INVALID_ARGUMENT, lambda: self.c.lookup("", self.IDENT, toks)),
+            ("create by tokens that exists", grpc.StatusCode.ALREADY_EXISTS, lambda: self.c.create(self.ns, "a", self.IDENT, tokens=toks)),
+            ("restore by tokens, another identity", grpc.StatusCode.FAILED_PRECONDITION,
+             lambda: list(self.c.restore(self.ns, "a", other, tokens=toks))),
+            # z's tokens have a stored prefix (z's group) that a does not start with.
+            ("restore of a by tokens it does not start with", None, lambda: self.restored("a", tokens=ztoks)),
+        ]
+        for name, want, fn in cases:
+            with self.subTest(name):
+                with self.assertRaises(hc.Error) as cm:
+                    fn()
+                if want is not None:
+                    self.assertEqual(cm.exception.code, want)
+        self.assertEqual(self.restored("a"), before, "the errors changed nothing")
 
 
 class Storage:
@@ -412,4 +513,11 @@ if __name__ == "__main__":
     ADDR, MODEL = a.addr, a.model
     SEED = a.seed if a.seed is not None else random.SystemRandom().randrange(1 << 31)
     print(f"test_connectors: seed {SEED} (replay with --seed {SEED})", file=sys.stderr)
+    if ADDR:
+        try:
+            hc.Client(ADDR).lookup("probe", hc.Identity(b"probe", [(hc.KV, 4)]), [1, 2, 3])
+        except hc.Error as e:
+            if e.code == grpc.StatusCode.UNIMPLEMENTED:
+                NO_LOOKUP = f"the daemon lacks Lookup ({e})"
+                print("test_connectors: " + NO_LOOKUP, file=sys.stderr)
     unittest.main(argv=[sys.argv[0]] + rest, verbosity=2)
