@@ -455,6 +455,12 @@ def paged_main(a, m, client):
     """--mode paged: conversations under shared system prompts, every turn a
     request with the whole history, against an uninterrupted run."""
     bs = client.info().chunk_tokens if a.block_size == 0 else a.block_size
+    if isinstance(client, hc.Client):
+        try:  # the connector takes a failed lookup for a miss: say plainly when there is no Lookup at all
+            client.lookup(a.namespace, hc.Identity(b"probe", [(hc.KV, 4)]), [1])
+        except hc.Error as e:
+            if e.code.name == "UNIMPLEMENTED":
+                raise SystemExit(f"torch_engine: the daemon lacks Lookup ({e})")
     vocab = m.W["model.embed_tokens.weight"].shape[0]
     g = torch.Generator().manual_seed(a.seed)
     systems = [torch.randint(0, vocab, (a.system_len,), generator=g).tolist() for _ in range(a.systems)]

@@ -15,7 +15,7 @@ import (
 func pipPython(t *testing.T) string {
 	t.Helper()
 	py := torchPython(t)
-	out, err := exec.Command(py, "-c", "import pip, setuptools, wheel").CombinedOutput()
+	out, err := exec.Command(py, "-c", "import setuptools, wheel, pip").CombinedOutput()
 	if err == nil {
 		return py
 	}
