@@ -177,8 +177,9 @@ class Side:
         self.worker.wait_for_save()
         self.worker.clear_connector_metadata()
 
-    def serve(self, rid, prompt, gen=0, salt=None, between=None):
-        """Prefill (loading what hcache holds), gen decode steps, finish.
+    def serve(self, rid, prompt, gen=0, salt=None, between=None, chunk=None):
+        """Prefill (loading what hcache holds; chunk: at most that many
+        tokens a step, as vLLM's chunked prefill), gen decode steps, finish.
         Returns (external tokens, block table, request)."""
         req = vs.Request(rid, prompt, cache_salt=salt)
         ext, asyn = self.sched.get_num_new_matched_tokens(req, 0)
@@ -189,10 +190,15 @@ class Side:
         self.sched.update_state_after_alloc(req, vs.KVCacheBlocks(table), ext)
         if between:
             between()
-        so = vs.SchedulerOutput(scheduled_new_reqs=[vs.NewRequestData(rid, prompt, (table,), ext)],
-                                num_scheduled_tokens={rid: len(prompt) - ext})
-        self.step(so, [(table[p // self.bs], p % self.bs, self.kv_of(prompt, p)) for p in range(ext, len(prompt))])
-        pos = len(prompt)
+        pos, first = ext, True
+        while pos < len(prompt):
+            n = min(len(prompt) - pos, chunk or len(prompt))
+            if first:
+                so = vs.SchedulerOutput(scheduled_new_reqs=[vs.NewRequestData(rid, prompt, (table,), pos)], num_scheduled_tokens={rid: n})
+            else:
+                so = vs.SchedulerOutput(scheduled_cached_reqs=vs.CachedRequestData([rid], set(), [], [None], [pos]), num_scheduled_tokens={rid: n})
+            self.step(so, [(table[p // self.bs], p % self.bs, self.kv_of(prompt, p)) for p in range(pos, pos + n)])
+            pos, first = pos + n, False
         for i in range(gen):
             tok = (7 * pos + 3) % 1000
             req.append_output_token_ids(tok)
@@ -277,6 +283,17 @@ class ConnectorTest(unittest.TestCase):
         ext, table, _ = s.serve("b", hist + self.toks(3))
         self.assertEqual(ext, 2 * self.bs)
         s.check_rows(self, table, hist, 0, 2 * self.bs)
+
+    def test_chunked_prefill(self):
+        """A prompt computed over several steps is saved whole, once."""
+        p = self.toks(3 * self.bs + 5)
+        s = Side(self.c, self.ns, self.bs)
+        s.serve("a", p, chunk=self.bs - 3)
+        self.assertEqual(s.worker.stats["saved_tokens"], len(p))
+        self.assertEqual(self.c.lookup(self.ns, s.sched.ident, p), 3 * self.bs)
+        ext, table, _ = s.serve("b", p + self.toks(2), chunk=7)
+        self.assertEqual(ext, 3 * self.bs)
+        s.check_rows(self, table, p, 0, 3 * self.bs)
 
     def test_load_error_reports_blocks(self):
         """State gone between the lookup and the load: the blocks are
