@@ -14,6 +14,7 @@ import os
 import random
 import sys
 import unittest
+import zlib
 
 import grpc
 import numpy as np
@@ -161,8 +162,9 @@ class Side:
         self.next_block = 0
 
     def kv_of(self, tokens, pos):
-        """Deterministic K/V of a token at a position (a stand-in for the model)."""
-        g = torch.Generator().manual_seed(int(tokens[pos]) * 1000003 + pos)
+        """Deterministic K/V of the token at pos given every token before it
+        (a stand-in for the model: a row loaded from another prefix differs)."""
+        g = torch.Generator().manual_seed(zlib.crc32(np.asarray(tokens[:pos + 1], dtype=np.uint32).tobytes()) * 4099 + pos)
         return torch.randn(L, 2, KVH, HD, generator=g).to(DT)
 
     def step(self, so, write):
@@ -177,7 +179,7 @@ class Side:
         self.worker.wait_for_save()
         self.worker.clear_connector_metadata()
 
-    def serve(self, rid, prompt, gen=0, salt=None, between=None, chunk=None):
+    def serve(self, rid, prompt, gen=0, salt=None, chunk=None):
         """Prefill (loading what hcache holds; chunk: at most that many
         tokens a step, as vLLM's chunked prefill), gen decode steps, finish.
         Returns (external tokens, block table, request)."""
@@ -188,8 +190,6 @@ class Side:
         table = list(range(self.next_block, self.next_block + need))
         self.next_block += need
         self.sched.update_state_after_alloc(req, vs.KVCacheBlocks(table), ext)
-        if between:
-            between()
         pos, first = ext, True
         while pos < len(prompt):
             n = min(len(prompt) - pos, chunk or len(prompt))
@@ -294,6 +294,31 @@ class ConnectorTest(unittest.TestCase):
         ext, table, _ = s.serve("b", p + self.toks(2), chunk=7)
         self.assertEqual(ext, 3 * self.bs)
         s.check_rows(self, table, p, 0, 3 * self.bs)
+
+    def test_random_workload(self):
+        """Seeded requests that branch off earlier ones at random points, in
+        random prefill chunks, with random decode lengths: every request
+        loads exactly the whole groups some earlier request computed (a
+        model of the store says which), and every loaded row is its own."""
+        bs, rng = self.bs, self.rng
+        s = Side(self.c, self.ns, bs, blocks=4096)
+        stored = set()  # prefixes (whole groups) some request computed
+        histories = [[]]
+        for i in range(16):
+            base = rng.choice(histories)
+            p = base[:rng.randrange(len(base) + 1)] + self.toks(rng.randrange(1, 2 * bs))
+            k = 0
+            while (k + 1) * bs <= len(p) and tuple(p[:(k + 1) * bs]) in stored:
+                k += 1
+            want = min(k * bs, len(p) - 1)
+            gen = rng.randrange(0, bs)
+            ext, table, req = s.serve(f"r{i}", p, gen=gen, chunk=rng.choice([None, 5, bs + 1]))
+            self.assertEqual(ext, want, f"request {i} (seed {SEED})")
+            s.check_rows(self, table, p, 0, ext)
+            hist = list(req.all_token_ids)
+            for g in range(1, len(hist) // bs + 1):  # Side.serve computes every decoded token
+                stored.add(tuple(hist[:g * bs]))
+            histories.append(hist)
 
     def test_load_error_reports_blocks(self):
         """State gone between the lookup and the load: the blocks are
