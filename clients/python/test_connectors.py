@@ -476,6 +476,47 @@ class ClientTokensTest(unittest.TestCase):
         self.assertEqual(self.restored("a"), before, "the errors changed nothing")
 
 
+class RequestsTest(unittest.TestCase):
+    """What the client puts on the wire for the token calls (no daemon: the
+    stubs are replaced by a recorder)."""
+
+    def test_requests(self):
+        pb = hc.pb
+        c = hc.Client("unix:///nonexistent.sock")
+        sent = []
+
+        def rec(name, reply):
+            def stub(req, metadata=None):
+                sent.append((name, req))
+                return reply
+            return stub
+
+        c._stubs.update({
+            "Lookup": rec("Lookup", pb.LookupReply(tokens=32, chunk_tokens=16)),
+            "OpenContext": rec("OpenContext", pb.OpenContextReply(tokens=16, chunk_tokens=16)),
+            "AppendTokens": rec("AppendTokens", pb.AppendReply(tokens=17)),
+            "Fork": rec("Fork", pb.ForkReply(tokens=5)),
+            "Restore": rec("Restore", iter([pb.RestoreChunk(layer=0, tokens=16, inline=b"ab", layer_done=True)])),
+        })
+        ident = hc.Identity(b"m", [(hc.KV, 2)])
+        self.assertEqual(c.lookup("ns", ident, [1, 2], salt="s", id="x"), 32)
+        w = c.create("ns", "a", ident, tokens=np.array([3, 4], dtype=np.int64), salt=b"\x00s")
+        self.assertEqual(w.tokens, 16)
+        self.assertEqual(w.append_tokens(1, b"zz", token_ids=[9]), 17)
+        self.assertEqual(c.fork("ns", "a", "b", 5), 5)
+        self.assertEqual(list(c.restore("ns", None, ident, tokens=[7])), [(0, 16, b"ab")])
+        want = [
+            ("Lookup", pb.LookupRequest(namespace="ns", identity=ident.proto(), tokens=[1, 2], salt=b"s", id="x")),
+            ("OpenContext", pb.OpenContextRequest(ctx=pb.ContextRef(namespace="ns", id="a"), identity=ident.proto(), mode=pb.CREATE,
+                                                  tokens=[3, 4], salt=b"\x00s")),
+            ("AppendTokens", pb.AppendTokensRequest(ctx=pb.ContextRef(namespace="ns", id="a"), count=1, rows=pb.Rows(inline=b"zz"), token_ids=[9])),
+            ("Fork", pb.ForkRequest(src=pb.ContextRef(namespace="ns", id="a"), dst_id="b", tokens=5)),
+            ("Restore", pb.RestoreRequest(ctx=pb.ContextRef(namespace="ns", id=""), identity=ident.proto(), tokens=[7])),
+        ]
+        self.assertEqual(sent, want)
+        c.close()
+
+
 class Storage:
     def __init__(self, page_size, page_bytes, ns, model="m"):
         self.tp_rank, self.tp_size, self.is_mla_model, self.model_name = 0, 1, False, model
