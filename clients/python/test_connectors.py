@@ -367,8 +367,10 @@ class TokenIdsTest(unittest.TestCase):
         good = [([1, 2, 3], [1, 2, 3]), (np.array([7], dtype=np.uint32), [7]), (torch.tensor([0, 4294967295]), [0, 4294967295]), ([], [])]
         for given, want in good:
             self.assertEqual(hc._token_ids(given), want)
-        bad = [([1, -1], "element 1 is -1"), ([1.5], "want integers"), ([1, True], "element 1 is True"),
-               ([1 << 32], "outside"), ([[1, 2]], "one dimension"), (["a"], "want integers")]
+        bad = [([1, -1], "element 1 is -1"), ([1.5], "element 0 is 1.5 \\(float\\), want an int"), ([1, True], "element 1 is True"),
+               ([1 << 32], "outside"), ([[1, 2]], "element 0 is \\[1, 2\\] \\(list\\)"), (["a"], "element 0 is 'a' \\(str\\)"),
+               (np.array([1.0, 2.5]), "element 0 is 1.0 \\(float64\\), want integers"), (np.zeros((2, 2), np.int32), "one dimension"),
+               (torch.tensor([-3]), "element 0 is -3, outside"), ([np.int64(3), np.uint64(1 << 40)], "element 1 is 1099511627776")]
         for given, want in bad:
             with self.subTest(repr(given)):
                 with self.assertRaisesRegex(ValueError, want):
@@ -476,6 +478,18 @@ class ClientTokensTest(unittest.TestCase):
         self.assertEqual(self.restored("a"), before, "the errors changed nothing")
 
 
+class PackedTest(unittest.TestCase):
+    def test_packed_tokens_parse_as_protobuf_builds_them(self):
+        rng = random.Random(SEED)
+        cases = [[], [0], [127, 128, 16383, 16384], [2 ** 21 - 1, 2 ** 21, 2 ** 28 - 1, 2 ** 28, 2 ** 32 - 1],
+                 [rng.randrange(1 << rng.randrange(1, 33)) for _ in range(5000)]]
+        for toks in cases:
+            for typ in (list, lambda t: np.array(t, dtype=np.uint32), lambda t: torch.tensor(t, dtype=torch.int64)):
+                msg = hc.pb.LookupRequest(namespace="n", salt=b"s", id="i")
+                got = hc.pb.LookupRequest.FromString(hc._with_tokens(msg, typ(toks)))
+                self.assertEqual(got, hc.pb.LookupRequest(namespace="n", salt=b"s", id="i", tokens=toks), f"seed {SEED}")
+
+
 class RequestsTest(unittest.TestCase):
     """What the client puts on the wire for the token calls (no daemon: the
     stubs are replaced by a recorder)."""
@@ -487,6 +501,8 @@ class RequestsTest(unittest.TestCase):
 
         def rec(name, reply):
             def stub(req, metadata=None):
+                if isinstance(req, bytes):
+                    req = hc._METHODS[name][0].FromString(req)
                 sent.append((name, req))
                 return reply
             return stub
