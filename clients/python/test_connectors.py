@@ -150,10 +150,11 @@ class Side:
     """One engine: a scheduler-side and a worker-side connector over a paged
     cache of random K/V, driven in vLLM's call order."""
 
-    def __init__(self, client, ns, bs, blocks=64, fingerprint="ab" * 16):
+    def __init__(self, client, ns, bs, blocks=64, fingerprint="ab" * 16, transport="inline"):
         self.bs = bs
         cfg = vs.VllmConfig(vs.ModelConfig(L, KVH, HD, DT), vs.CacheConfig(bs),
-                            vs.KVTransferConfig(kv_connector_extra_config={"hcache_namespace": ns, "hcache_fingerprint": fingerprint}))
+                            vs.KVTransferConfig(kv_connector_extra_config={"hcache_namespace": ns, "hcache_fingerprint": fingerprint,
+                                                                           "hcache_transport": transport, "hcache_region_bytes": 1 << 20}))
         self.sched = HCacheConnector(cfg, KVConnectorRole.SCHEDULER, None, client=client)
         self.worker = HCacheConnector(cfg, KVConnectorRole.WORKER, None, client=client)
         self.names = [f"model.layers.{i}.self_attn.attn" for i in range(L)]
@@ -235,17 +236,21 @@ class ConnectorTest(unittest.TestCase):
 
     def test_shared_prefix_loads_and_saves_once(self):
         bs = self.bs
-        sysp = self.toks(2 * bs + 3)
-        a, b = sysp + self.toks(bs), sysp + self.toks(bs + 5)
-        s = Side(self.c, self.ns, bs)
-        ext, _, _ = s.serve("a", a)
-        self.assertEqual(ext, 0)
-        self.assertEqual(s.worker.stats["shared_tokens"], 0)
-        ext, table, _ = s.serve("b", b)
-        self.assertEqual(ext, 2 * bs, "b loads the whole groups of the shared system prompt")
-        self.assertEqual(s.worker.stats["loaded_tokens"], 2 * bs)
-        self.assertEqual(s.worker.stats["shared_tokens"], 2 * bs, "b's context shares them rather than writing them")
-        s.check_rows(self, table, b, 0, 2 * bs)
+        for transport in ("inline", "shm") if ADDR else ("inline",):
+            with self.subTest(transport):
+                sysp = self.toks(2 * bs + 3)
+                a, b = sysp + self.toks(bs), sysp + self.toks(bs + 5)
+                s = Side(self.c, self.ns, bs, transport=transport)
+                ext, _, _ = s.serve("a" + transport, a, gen=3)
+                self.assertEqual(ext, 0)
+                self.assertEqual(s.worker.stats["shared_tokens"], 0)
+                ext, table, _ = s.serve("b" + transport, b, gen=3)
+                self.assertEqual(ext, 2 * bs, "b loads the whole groups of the shared system prompt")
+                self.assertEqual(s.worker.stats["loaded_tokens"], 2 * bs)
+                self.assertEqual(s.worker.stats["shared_tokens"], 2 * bs, "b's context shares them rather than writing them")
+                s.check_rows(self, table, b, 0, 2 * bs)
+                if s.worker.region is not None:
+                    s.worker.region.close()
 
     def test_lookup_leaves_the_last_token(self):
         p = self.toks(2 * self.bs)
@@ -583,7 +588,7 @@ class PagedEngineTest(unittest.TestCase):
         import torch_engine as te
 
         m = te.Model(MODEL)
-        a = argparse.Namespace(block_size=0, seed=SEED, systems=1, system_len=40, conversations=3, salted=1, turns=2,
+        a = argparse.Namespace(block_size=0, seed=SEED, transport="inline", systems=1, system_len=40, conversations=3, salted=1, turns=2,
                                prompt=12, gen=6, namespace="pe", keep_local=False)
         import contextlib
         import io

@@ -326,7 +326,7 @@ class PagedEngine:
     save_kv_layer per layer, wait_for_save, clear_connector_metadata (worker);
     request_finished and get_finished when a request ends."""
 
-    def __init__(self, model, client, ns, fingerprint, block_size, num_blocks, keep_local=False):
+    def __init__(self, model, client, ns, fingerprint, block_size, num_blocks, keep_local=False, transport="inline"):
         self.m, self.bs, self.keep_local = model, block_size, keep_local
         self.names = [f"model.layers.{l}.self_attn.attn" for l in range(model.L)]
         self.kv = {n: torch.zeros(2, num_blocks, block_size, model.KV, model.hd, dtype=model.dtype) for n in self.names}
@@ -336,7 +336,8 @@ class PagedEngine:
         self.cached = {}  # block hash -> block id (local prefix cache)
         self.hash_of = {}  # block id -> block hash
         cfg = vs.VllmConfig(vs.ModelConfig(model.L, model.KV, model.hd, model.dtype), vs.CacheConfig(block_size),
-                            vs.KVTransferConfig(kv_connector_extra_config={"hcache_namespace": ns, "hcache_fingerprint": fingerprint.hex()}))
+                            vs.KVTransferConfig(kv_connector_extra_config={"hcache_namespace": ns, "hcache_fingerprint": fingerprint.hex(),
+                                                                   "hcache_transport": transport}))
         self.sched = HCacheConnector(cfg, KVConnectorRole.SCHEDULER, None, client=client)
         self.worker = HCacheConnector(cfg, KVConnectorRole.WORKER, None, client=client)
         self.worker.register_kv_caches(self.kv)
@@ -469,7 +470,7 @@ def paged_main(a, m, client):
     salts = {c: (f"tenant-{c}" if i >= a.conversations - a.salted else None) for i, c in enumerate(convs)}
     users = {c: [torch.randint(0, vocab, (a.prompt + 7 * t,), generator=g).tolist() for t in range(a.turns)] for c in convs}
     per_req = (a.system_len + a.turns * (a.prompt + 7 * a.turns + a.gen)) // bs + 2
-    eng = PagedEngine(m, client, a.namespace, m.fingerprint, bs, per_req * 2 + 8, keep_local=a.keep_local)
+    eng = PagedEngine(m, client, a.namespace, m.fingerprint, bs, per_req * 2 + 8, keep_local=a.keep_local, transport=a.transport)
     ref_cache = {c: [None] * m.L for c in convs}
     history = {c: list(systems[i % a.systems]) for i, c in enumerate(convs)}
     ref_last = {c: [] for c in convs}
@@ -509,11 +510,11 @@ def paged_main(a, m, client):
             reqs.append(st)
             equal = equal and out == ref_out
             history[c] = prompt + out
-    res = {"mode": "paged", "tokens_equal": equal, "block_size": bs, "requests": reqs,
+    res = {"mode": "paged", "tokens_equal": equal, "block_size": bs, "transport": a.transport, "requests": reqs,
            "max_loaded_row_diff": max_row_diff, "connector": eng.sched.stats | {k: v for k, v in eng.worker.stats.items() if v},
            "lookup_errors": eng.sched.lookup_errors}
     print(json.dumps(res))
-    client.close()
+    eng.worker.shutdown()
     if not equal:
         sys.exit(1)
 

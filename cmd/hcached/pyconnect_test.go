@@ -117,11 +117,13 @@ func TestPythonPagedEngine(t *testing.T) {
 	addr, stop := startPrefixDaemon(t)
 	defer stop()
 	engine := pyScript(t, "torch_engine.py")
-	for i, preset := range []string{"tiny-gqa", "tiny-llama"} {
-		t.Run(preset, func(t *testing.T) {
+	cases := []struct{ preset, transport string }{{"tiny-gqa", "shm"}, {"tiny-llama", "inline"}}
+	for i, tc := range cases {
+		preset := tc.preset
+		t.Run(preset+"/"+tc.transport, func(t *testing.T) {
 			const system, prompt = 40, 12
 			cmd := exec.Command(py, engine, "--mode", "paged", "--addr", addr, "--model", filepath.Join(mdir, preset),
-				"--namespace", "paged-"+preset, "--seed", strconv.Itoa(i+1), "--conversations", "3", "--salted", "1",
+				"--namespace", "paged-"+preset, "--transport", tc.transport, "--seed", strconv.Itoa(i+1), "--conversations", "3", "--salted", "1",
 				"--turns", "3", "--system-len", strconv.Itoa(system), "--prompt", strconv.Itoa(prompt), "--gen", "6")
 			var stderr bytes.Buffer
 			cmd.Stderr = &stderr
@@ -135,6 +137,7 @@ func TestPythonPagedEngine(t *testing.T) {
 			var res struct {
 				TokensEqual  bool    `json:"tokens_equal"`
 				BlockSize    int     `json:"block_size"`
+				Transport    string  `json:"transport"`
 				MaxRowDiff   float64 `json:"max_loaded_row_diff"`
 				LookupErrors int     `json:"lookup_errors"`
 				Requests     []struct {
@@ -149,9 +152,9 @@ func TestPythonPagedEngine(t *testing.T) {
 				t.Fatalf("torch_engine output %q: %v", out, err)
 			}
 			t.Logf("%s", bytes.TrimSpace(out))
-			if !res.TokensEqual || res.MaxRowDiff != 0 || res.LookupErrors != 0 || res.BlockSize != 16 || len(res.Requests) != 9 {
-				t.Fatalf("tokens equal %v, loaded rows differ by %g, %d lookup errors, blocks of %d (want 16), %d requests (want 9)",
-					res.TokensEqual, res.MaxRowDiff, res.LookupErrors, res.BlockSize, len(res.Requests))
+			if !res.TokensEqual || res.MaxRowDiff != 0 || res.LookupErrors != 0 || res.BlockSize != 16 || len(res.Requests) != 9 || res.Transport != tc.transport {
+				t.Fatalf("tokens equal %v, loaded rows differ by %g, %d lookup errors, blocks of %d (want 16), %d requests (want 9), transport %q",
+					res.TokensEqual, res.MaxRowDiff, res.LookupErrors, res.BlockSize, len(res.Requests), res.Transport)
 			}
 			for _, r := range res.Requests {
 				// Stored before this request: the history up to the last

@@ -21,6 +21,10 @@ Configuration: kv_transfer_config.kv_connector_extra_config keys
   hcache_namespace    namespace of the contexts (default "vllm")
   hcache_fingerprint  hex of the model fingerprint (weights, dtype, rope, layout)
   hcache_save_decode  also save decoded tokens (default True)
+  hcache_transport    "inline" (default) or "shm": rows through a shared memory
+                      region registered with the daemon (unix socket only)
+  hcache_region_bytes the region's size (default 64 MiB): the first half
+                      stages saves, the second receives restores
 The rows are K then V of one token, [num_kv_heads x head_size] each, in the
 KV cache dtype: the paged cache layout of vLLM's FlashAttention backend,
 [2, num_blocks, block_size, num_kv_heads, head_size] per layer.
@@ -28,6 +32,7 @@ KV cache dtype: the paged cache layout of vLLM's FlashAttention backend,
 import logging
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from . import KV, Client, Error, Identity
@@ -132,6 +137,11 @@ class HCacheConnector(_Base):
         self._block_size = vllm_config.cache_config.block_size
         self.ns = _extra(vllm_config, "hcache_namespace", "vllm")
         self.save_decode = bool(_extra(vllm_config, "hcache_save_decode", True))
+        self.transport = _extra(vllm_config, "hcache_transport", "inline")
+        if self.transport not in ("inline", "shm"):
+            raise ValueError(f"hcache connector: hcache_transport {self.transport!r} (inline or shm)")
+        self.region_bytes = int(_extra(vllm_config, "hcache_region_bytes", 64 << 20))
+        self.region = None
         self.ident = identity_of(vllm_config)
         if client is None:
             addr = _extra(vllm_config, "hcache_addr")
@@ -276,6 +286,8 @@ class HCacheConnector(_Base):
     def register_kv_caches(self, kv_caches):
         """kv_caches: layer name -> paged tensor [2, num_blocks, block_size,
         num_kv_heads, head_size]; their order is the plan's layer order."""
+        if self.transport == "shm" and self.region is None:
+            self.region = self.c.region(self.region_bytes)
         self._layers = list(kv_caches)
         self._layer_index = {n: i for i, n in enumerate(self._layers)}
         self._kv = dict(kv_caches)
@@ -298,8 +310,16 @@ class HCacheConnector(_Base):
         yields layers in order); wait_for_layer_load places them."""
         meta = self._get_connector_metadata()
         self._pending = []
+        at = self.region_bytes // 2  # the restore half of the region
         for ld in meta.loads:
-            it = iter(self.c.restore(self.ns, None, self.ident, tokens=ld.token_ids, salt=ld.salt))
+            need = len(ld.token_ids) * sum(rb for _, rb in self.ident.plan)
+            if self.region is not None and at + need <= self.region_bytes:
+                # Each load gets its own range: the layers land back to back in it.
+                rs = self.c.restore_into(self.ns, None, self.ident, self.region, at, need, tokens=ld.token_ids, salt=ld.salt)
+                it = ((layer, n, self.region.array(np.uint8, off, nb)) for layer, n, off, nb in rs)
+                at += need
+            else:
+                it = iter(self.c.restore(self.ns, None, self.ident, tokens=ld.token_ids, salt=ld.salt))
             self._pending.append([ld, it, 0])
 
     def wait_for_layer_load(self, layer_name):
@@ -331,7 +351,11 @@ class HCacheConnector(_Base):
     def _place(self, layer, ld, rows):
         kv = self._kv[self._layers[layer]]
         _, _, _, heads, head = kv.shape
-        r = torch.frombuffer(bytearray(rows), dtype=torch.uint8).view(kv.dtype).view(-1, 2, heads, head)
+        if isinstance(rows, np.ndarray):  # a view of the region (copied into the cache below)
+            r = torch.from_numpy(rows)
+        else:
+            r = torch.frombuffer(bytearray(rows), dtype=torch.uint8)
+        r = r.view(kv.dtype).view(-1, 2, heads, head)
         r = r[ld.start:ld.end]
         b, o = self._slots(ld.block_ids, ld.start, ld.end)
         kv[0, b, o] = r[:, 0].to(kv.device)
@@ -389,7 +413,7 @@ class HCacheConnector(_Base):
             pend = min(sv.end, len(sv.prompt))
             if start < pend:
                 try:
-                    w.append_layer(li, self._gather(kv_layer, sv, start, pend).numpy())
+                    w.append_layer(li, self._send(self._gather(kv_layer, sv, start, pend)))
                 except Error as e:
                     self._drop(sv.req_id, f"layer {li}: {e}")
                     continue
@@ -411,6 +435,16 @@ class HCacheConnector(_Base):
         n = end - start
         return torch.cat([k.reshape(n, -1), v.reshape(n, -1)], 1).contiguous().cpu().view(torch.uint8).reshape(n, -1)
 
+    def _send(self, rows):
+        """Rows (uint8 tensor) as the client sends them: staged in the
+        region's save half (the daemon has read them when the call returns),
+        or inline."""
+        flat = rows.reshape(-1)
+        if self.region is None or flat.numel() > self.region_bytes // 2:
+            return flat.numpy()
+        self.region.array(np.uint8, 0, flat.numel())[:] = flat.numpy()
+        return (self.region, 0, flat.numel())
+
     def wait_for_save(self):
         """Sends the step's decoded tokens (one AppendTokens per request, with
         their token ids). The rows are with the daemon when it returns;
@@ -426,7 +460,7 @@ class HCacheConnector(_Base):
             rows = torch.cat([per_layer[i] for i in range(len(self._layers))], 1)  # token-major
             n = sv.end - start
             try:
-                w.append_tokens(n, rows.numpy(), token_ids=sv.token_ids[start:sv.end])
+                w.append_tokens(n, self._send(rows), token_ids=sv.token_ids[start:sv.end])
             except Error as e:
                 self._drop(rid, str(e))
                 continue
@@ -448,4 +482,7 @@ class HCacheConnector(_Base):
 
     def shutdown(self):
         self.get_finished(set(self._writers))
+        if self.region is not None:
+            self.region.close()
+            self.region = None
         self.c.close()
