@@ -127,8 +127,9 @@ class HCacheConnector(_Base):
     """KVConnectorBase_V1 over hcached (see the module doc)."""
 
     def __init__(self, vllm_config, role, kv_cache_config=None, client=None):
-        # The base's __init__ only stores these (and warns): do the same
-        # without depending on it.
+        if _Base is not object:  # inside vLLM: the base sets what it keeps
+            super().__init__(vllm_config, role, kv_cache_config)
+        # What the base's __init__ stores, for when it is absent.
         self._connector_metadata = None
         self._vllm_config = vllm_config
         self._kv_transfer_config = vllm_config.kv_transfer_config
