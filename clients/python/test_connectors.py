@@ -367,6 +367,85 @@ class ConfigTest(unittest.TestCase):
             w.register_kv_caches({f"l{i}": torch.zeros(2, 4, 16, KVH, HD + 1, dtype=DT) for i in range(L)})
 
 
+# vLLM's KVConnectorBase_V1 reduced to what decides whether a subclass can be
+# built: an ABC whose abstract methods are base.py's (the scheduler side's
+# get_num_new_matched_tokens, update_state_after_alloc, build_connector_meta;
+# the worker side's start_load_kv, wait_for_layer_load, save_kv_layer,
+# wait_for_save), and an __init__ that needs kv_transfer_config.
+VLLM_BASE_STUB = """
+import enum
+from abc import ABC, abstractmethod
+
+class KVConnectorRole(enum.Enum):
+    SCHEDULER = 0
+    WORKER = 1
+
+class KVConnectorMetadata(ABC):
+    pass
+
+class KVConnectorBase_V1(ABC):
+    def __init__(self, vllm_config, role, kv_cache_config):
+        self._connector_metadata = None
+        self._vllm_config = vllm_config
+        if vllm_config.kv_transfer_config is None:
+            raise ValueError("kv_transfer_config must be set for KVConnectorBase_V1")
+        self._kv_transfer_config = vllm_config.kv_transfer_config
+        self._kv_cache_config = kv_cache_config
+        self._role = role
+        self.use_eagle_prefix_cache_hashing = False
+
+    @abstractmethod
+    def start_load_kv(self, forward_context, **kwargs): ...
+    @abstractmethod
+    def wait_for_layer_load(self, layer_name): ...
+    @abstractmethod
+    def save_kv_layer(self, layer_name, kv_layer, attn_metadata, **kwargs): ...
+    @abstractmethod
+    def wait_for_save(self): ...
+    @abstractmethod
+    def get_num_new_matched_tokens(self, request, num_computed_tokens): ...
+    @abstractmethod
+    def update_state_after_alloc(self, request, blocks, num_external_tokens): ...
+    @abstractmethod
+    def build_connector_meta(self, scheduler_output): ...
+"""
+
+
+class VLLMBaseTest(unittest.TestCase):
+    def test_subclass_of_vllms_base_when_importable(self):
+        """With a vllm package on the path, HCacheConnector derives from its
+        KVConnectorBase_V1 and implements every abstract method (an ABC
+        with one missing cannot be instantiated)."""
+        import subprocess
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as d:
+            pkg = os.path.join(d, "vllm", "distributed", "kv_transfer", "kv_connector", "v1")
+            os.makedirs(pkg)
+            for i in range(5):
+                open(os.path.join(d, *(["vllm", "distributed", "kv_transfer", "kv_connector", "v1"][:i + 1]), "__init__.py"), "w").close()
+            with open(os.path.join(pkg, "base.py"), "w") as f:
+                f.write(VLLM_BASE_STUB)
+            code = (
+                "import sys, torch, vllm_shapes as vs\n"
+                "from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorBase_V1, KVConnectorMetadata\n"
+                "from hcache_client.vllm_connector import HCacheConnector, HCacheConnectorMetadata, KVConnectorRole\n"
+                "import test_connectors as tc\n"
+                "assert issubclass(HCacheConnector, KVConnectorBase_V1)\n"
+                "assert issubclass(HCacheConnectorMetadata, KVConnectorMetadata)\n"
+                "cfg = vs.VllmConfig(vs.ModelConfig(2, 2, 8, torch.float16), vs.CacheConfig(16),"
+                " vs.KVTransferConfig(kv_connector_extra_config={'hcache_fingerprint': 'ab'}))\n"
+                "c = HCacheConnector(cfg, KVConnectorRole.WORKER, None, client=tc.FakeDaemon())\n"
+                "assert c.use_eagle_prefix_cache_hashing is False and c.role is KVConnectorRole.WORKER\n"
+                "print('subclass ok')\n"
+            )
+            here = os.path.dirname(os.path.abspath(__file__))
+            env = dict(os.environ, PYTHONPATH=os.pathsep.join([d, here]))
+            out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=here)
+            self.assertEqual(out.returncode, 0, out.stdout + out.stderr)
+            self.assertIn("subclass ok", out.stdout)
+
+
 class TokenIdsTest(unittest.TestCase):
     def test_token_ids(self):
         good = [([1, 2, 3], [1, 2, 3]), (np.array([7], dtype=np.uint32), [7]), (torch.tensor([0, 4294967295]), [0, 4294967295]), ([], [])]
