@@ -446,6 +446,76 @@ class VLLMBaseTest(unittest.TestCase):
             self.assertIn("subclass ok", out.stdout)
 
 
+SGLANG_BASE_STUB = """
+from abc import ABC, abstractmethod
+
+class HiCacheStorage(ABC):
+    def register_mem_pool_host(self, mem_pool_host):
+        self.mem_pool_host = mem_pool_host
+
+    @abstractmethod
+    def get(self, key, target_location=None, target_sizes=None): ...
+    @abstractmethod
+    def batch_get(self, keys, target_locations=None, target_sizes=None): ...
+    @abstractmethod
+    def set(self, key, value=None, target_location=None, target_sizes=None): ...
+    @abstractmethod
+    def batch_set(self, keys, values=None, target_locations=None, target_sizes=None): ...
+    @abstractmethod
+    def exists(self, key): ...
+"""
+
+
+class SGLangBaseTest(unittest.TestCase):
+    def test_subclass_of_sglangs_base_when_importable(self):
+        """With an sglang package on the path (a stub of hicache_storage.py's
+        ABC), HCacheHiCacheStorage derives from HiCacheStorage and implements
+        its abstract methods."""
+        import subprocess
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as d:
+            parts = ["sglang", "srt", "mem_cache"]
+            os.makedirs(os.path.join(d, *parts))
+            for i in range(3):
+                open(os.path.join(d, *parts[:i + 1], "__init__.py"), "w").close()
+            with open(os.path.join(d, *parts, "hicache_storage.py"), "w") as f:
+                f.write(SGLANG_BASE_STUB)
+            code = (
+                "from sglang.srt.mem_cache.hicache_storage import HiCacheStorage\n"
+                "from hcache_client.sglang_storage import HCacheHiCacheStorage\n"
+                "import test_connectors as tc\n"
+                "assert issubclass(HCacheHiCacheStorage, HiCacheStorage)\n"
+                "st = HCacheHiCacheStorage(tc.Storage(8, 64, 'ns'), client=object())\n"
+                "print('subclass ok')\n"
+            )
+            here = os.path.dirname(os.path.abspath(__file__))
+            env = dict(os.environ, PYTHONPATH=os.pathsep.join([d, here]))
+            out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=here)
+            self.assertEqual(out.returncode, 0, out.stdout + out.stderr)
+            self.assertIn("subclass ok", out.stdout)
+
+
+class SGLangConfigTest(unittest.TestCase):
+    def test_bad_config(self):
+        cases = [
+            ("no page size", dict(page_size=0), "page of 64 bytes and 0 tokens"),
+            ("page bytes not whole rows", dict(page_bytes=65), "page of 65 bytes and 8 tokens"),
+            ("no address", dict(hcache_addr=None), "no hcache_addr"),
+        ]
+        for name, change, want in cases:
+            with self.subTest(name):
+                cfg = Storage(8, 64, "ns")
+                cfg.extra_config.update(change)
+                with self.assertRaisesRegex(ValueError, want):
+                    HCacheHiCacheStorage(cfg)
+        st = HCacheHiCacheStorage(Storage(8, 64, "ns"), client=object())
+        with self.assertRaisesRegex(ValueError, "page key ''"):
+            st.exists("")
+        with self.assertRaisesRegex(ValueError, "2 keys and 1 values"):
+            st.batch_set(["a", "b"], [b"x" * 64])
+
+
 class TokenIdsTest(unittest.TestCase):
     def test_token_ids(self):
         good = [([1, 2, 3], [1, 2, 3]), (np.array([7], dtype=np.uint32), [7]), (torch.tensor([0, 4294967295]), [0, 4294967295]), ([], [])]

@@ -3,8 +3,8 @@
 SGLang is not installed here and this class has never run inside SGLang: it
 implements the calls of python/sglang/srt/mem_cache/hicache_storage.py
 (HiCacheStorage: get, batch_get, set, batch_set, exists, batch_exists) with
-the arguments SGLang passes them, and is tested against hcached with pages
-from torch_engine.py's paged KV cache.
+the arguments SGLang passes them, and derives from SGLang's HiCacheStorage
+when SGLang is importable. It is tested against hcached (test_connectors.py).
 
 How page hashes map onto hcache. SGLang names a page (page_size tokens of
 every layer's K and V, one flat tensor from its host pool) by a chained
@@ -37,12 +37,17 @@ import numpy as np
 
 from . import KV, Client, Error, Identity
 
+try:  # the real base class when SGLang is installed
+    from sglang.srt.mem_cache.hicache_storage import HiCacheStorage as _Base  # type: ignore
+except Exception:  # noqa: BLE001 - SGLang absent (or broken): stand alone
+    _Base = object
+
 log = logging.getLogger("hcache_client.sglang_storage")
 
 PAGE_LAYOUT = b"hcache sglang storage v1: one page of an SGLang host KV pool, flat, opaque"
 
 
-class HCacheHiCacheStorage:
+class HCacheHiCacheStorage(_Base):
     """HiCacheStorage over hcached (see the module doc).
 
     storage_config: SGLang's HiCacheStorageConfig (tp_rank, tp_size,
@@ -95,8 +100,9 @@ class HCacheHiCacheStorage:
     # ---- HiCacheStorage ----
 
     def exists(self, key):
+        cid = self._id(key)
         try:
-            info = self.c.stat(self.ns, self._id(key))
+            info = self.c.stat(self.ns, cid)
         except Error:
             return False
         # Stat does not check the identity: a page of another model (or tp
@@ -140,6 +146,8 @@ class HCacheHiCacheStorage:
         """Stores every page not stored yet; True when all are stored. The
         pages are opened and appended first, then closed (each close waits
         for durability; later ones find their rows durable already)."""
+        for k in keys:
+            self._id(k)
         if values is None or len(values) != len(keys):
             raise ValueError(f"hcache storage: {len(keys)} keys and {0 if values is None else len(values)} values")
         open_ = []
