@@ -72,11 +72,12 @@ class LoadSpec:
 
 @dataclass
 class SaveSpec:
-    """A request's rows to save this step: positions [start, end) of token_ids.
-    prompt: the token ids the context is created with (CREATE)."""
+    """A request's rows to save this step: positions [start, end). prompt:
+    the token ids the context is created with (CREATE); past: the ids of
+    positions [len(prompt), end)."""
     req_id: str
     prompt: list
-    token_ids: list
+    past: list
     start: int
     end: int
     block_ids: list
@@ -262,8 +263,9 @@ class HCacheConnector(_Base):
             end = min(end, len(prompt))
             if end <= start:
                 return
-        toks = list(req.all_token_ids[:end])
-        meta.saves.append(SaveSpec(rid, prompt, toks, start, end, self._blocks[rid], _salt(getattr(req, "cache_salt", None))))
+        # Only the ids past the prompt travel (the decode steps' AppendTokens).
+        past = list(req.all_token_ids[len(prompt):end]) if end > len(prompt) else []
+        meta.saves.append(SaveSpec(rid, prompt, past, start, end, self._blocks[rid], _salt(getattr(req, "cache_salt", None))))
 
     def _forget(self, rid):
         for d in (self._requests, self._hits, self._loads, self._blocks, self._prompts):
@@ -302,9 +304,11 @@ class HCacheConnector(_Base):
                                  f"want [2, blocks, {self._block_size}, heads, head] with {self.ident.plan[i][1]}-byte K|V rows")
 
     def _slots(self, block_ids, start, end):
+        """(block, offset) of positions [start, end) through a block table."""
+        bs = self._block_size
         pos = torch.arange(start, end)
-        b = torch.tensor(block_ids, dtype=torch.long)[pos // self._block_size]
-        return b, pos % self._block_size
+        b = torch.tensor(block_ids[start // bs:(end - 1) // bs + 1], dtype=torch.long)[pos // bs - start // bs]
+        return b, pos % bs
 
     def start_load_kv(self, forward_context, **kwargs):
         """Starts one restore by tokens per request to load (the stream
@@ -461,7 +465,8 @@ class HCacheConnector(_Base):
             rows = torch.cat([per_layer[i] for i in range(len(self._layers))], 1)  # token-major
             n = sv.end - start
             try:
-                w.append_tokens(n, self._send(rows), token_ids=sv.token_ids[start:sv.end])
+                p = len(sv.prompt)
+                w.append_tokens(n, self._send(rows), token_ids=sv.past[start - p:sv.end - p])
             except Error as e:
                 self._drop(rid, str(e))
                 continue
