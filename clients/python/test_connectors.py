@@ -225,7 +225,7 @@ class ConnectorTest(unittest.TestCase):
             self.skipTest(NO_LOOKUP)
         self.c = make_client()
         self.bs = self.c.info().chunk_tokens
-        self.rng = random.Random(SEED)
+        self.rng = random.Random(f"{SEED} {self.id()}")
         self.ns = f"vc{self.rng.randrange(1 << 30)}"
 
     def tearDown(self):
@@ -549,7 +549,7 @@ class ClientTokensTest(unittest.TestCase):
             self.skipTest(NO_LOOKUP)
         self.c = hc.Client(ADDR)
         self.g = self.c.info().chunk_tokens
-        self.rng = random.Random(SEED)
+        self.rng = random.Random(f"{SEED} {self.id()}")
         self.ns = f"ct{self.rng.randrange(1 << 30)}"
 
     def tearDown(self):
@@ -615,27 +615,40 @@ class ClientTokensTest(unittest.TestCase):
         before = self.restored("a")
         other = hc.Identity(b"another-model", self.IDENT.plan)
         cases = [
-            ("fork onto an existing context", grpc.StatusCode.ALREADY_EXISTS, lambda: self.c.fork(self.ns, "a", "a", 1)),
+            ("fork onto an existing context", grpc.StatusCode.ALREADY_EXISTS, lambda: self.c.fork(self.ns, "a", "z", 1)),
+            ("fork onto itself", grpc.StatusCode.INVALID_ARGUMENT, lambda: self.c.fork(self.ns, "a", "a", 1)),
             ("fork of a missing context", grpc.StatusCode.NOT_FOUND, lambda: self.c.fork(self.ns, "nope", "d", 1)),
             ("lookup in a bad namespace", grpc.StatusCode.INVALID_ARGUMENT, lambda: self.c.lookup("", self.IDENT, toks)),
             ("create by tokens that exists", grpc.StatusCode.ALREADY_EXISTS, lambda: self.c.create(self.ns, "a", self.IDENT, tokens=toks)),
-            ("restore by tokens, another identity", grpc.StatusCode.FAILED_PRECONDITION,
-             lambda: list(self.c.restore(self.ns, "a", other, tokens=toks))),
-            # z's tokens have a stored prefix (z's group) that a does not start with.
-            ("restore of a by tokens it does not start with", None, lambda: self.restored("a", tokens=ztoks)),
+            ("restore by name, another identity", grpc.StatusCode.FAILED_PRECONDITION, lambda: list(self.c.restore(self.ns, "a", other))),
         ]
         for name, want, fn in cases:
             with self.subTest(name):
                 with self.assertRaises(hc.Error) as cm:
                     fn()
-                if want is not None:
-                    self.assertEqual(cm.exception.code, want)
+                self.assertEqual(cm.exception.code, want)
+        # Requests by tokens that match nothing stored serve nothing (never
+        # another identity's or another prompt's rows).
+        nothing = [
+            ("a by tokens, another identity", lambda: list(self.c.restore(self.ns, "a", other, tokens=toks))),
+            ("the namespace by tokens under a salt", lambda: list(self.c.restore(self.ns, None, self.IDENT, tokens=toks, salt=b"s"))),
+        ]
+        for name, fn in nothing:
+            with self.subTest(name):
+                self.assertEqual([x for x in fn() if x[1] or x[2]], [])
+        # Naming a by tokens a does not start with serves those tokens' own
+        # stored prefix (z's group: the namespace's groups plus a's tail only
+        # where a's chain ends), never a's rows.
+        got = {l: (n, r) for l, n, r in self.c.restore(self.ns, "a", self.IDENT, tokens=ztoks)}
+        n = self.c.lookup(self.ns, self.IDENT, ztoks, id="a")
+        self.assertEqual(n, g)
+        self.assertEqual(got, {0: (n, self.rows(0, ztoks, 0, n)), 2: (n, self.rows(2, ztoks, 0, n))})
         self.assertEqual(self.restored("a"), before, "the errors changed nothing")
 
 
 class PackedTest(unittest.TestCase):
     def test_packed_tokens_parse_as_protobuf_builds_them(self):
-        rng = random.Random(SEED)
+        rng = random.Random(f"{SEED} {self.id()}")
         cases = [[], [0], [127, 128, 16383, 16384], [2 ** 21 - 1, 2 ** 21, 2 ** 28 - 1, 2 ** 28, 2 ** 32 - 1],
                  [rng.randrange(1 << rng.randrange(1, 33)) for _ in range(5000)]]
         for toks in cases:
@@ -700,7 +713,7 @@ class SGLangStorageTest(unittest.TestCase):
     def setUp(self):
         if not ADDR:
             self.skipTest("no daemon address (--addr)")
-        self.rng = random.Random(SEED)
+        self.rng = random.Random(f"{SEED} {self.id()}")
         self.ns = f"sg{self.rng.randrange(1 << 30)}"
 
     def test_pages(self):
