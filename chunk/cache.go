@@ -19,6 +19,8 @@ type sliceCache struct {
 
 type sliceKey struct {
 	gen    uint64
+	gkey   ChainKey // a shared group's slices (gen 0: generations start at 1)
+	at     uint64   // a shared group's record place (segment << 40 | offset / 4096)
 	group  uint32
 	layer  uint16
 	tokens uint16
@@ -78,6 +80,6 @@ func (s *Store) cacheGroup(c *ctxState, j *writeJob) {
 	for _, sl := range j.chunk.Slices {
 		l := int(sl.Layer)
 		rows := j.slab[j.layerOff[l] : j.layerOff[l]+int(sl.Raw)]
-		s.cache.add(sliceKey{c.rec.Gen, j.group, sl.Layer, uint16(j.tokens)}, rows)
+		s.cache.add(sliceKey{gen: c.rec.Gen, group: j.group, layer: sl.Layer, tokens: uint16(j.tokens)}, rows)
 	}
 }

@@ -57,7 +57,7 @@ func (f *flusher) commit(jobs []*writeJob, waiters []waiter) {
 func (s *Store) syncTouched(jobs []*writeJob) (map[*segFile]bool, error) {
 	touched := map[*segFile]bool{}
 	for _, j := range jobs {
-		if j.err == nil {
+		if j.err == nil && j.seg != nil { // a reference writes nothing
 			touched[j.seg] = true
 		}
 	}
@@ -94,7 +94,10 @@ type groupKey struct {
 func (s *Store) supersededRecords(jobs []*writeJob) map[groupKey]*lsm.Chunk {
 	stored := map[groupKey]*lsm.Chunk{}
 	for _, j := range jobs {
-		if j.err == nil && uint64(j.group)*uint64(s.ct) < j.c.rec.Tokens {
+		at := uint64(j.group) * uint64(s.ct)
+		// A token-addressed context's tip record sits at the chunk key
+		// where its next group starts (its own count of tokens).
+		if j.err == nil && (at < j.c.rec.Tokens || j.chain != nil && at == j.c.rec.Tokens && at > 0) {
 			ch, err := s.db.GetChunk(j.c.ns, j.c.id, j.group)
 			switch {
 			case err == nil:
@@ -119,6 +122,10 @@ func (s *Store) indexJobs(b *lsm.Batch, jobs []*writeJob, syncErr error, stored 
 	newTokens := map[*ctxState]uint64{}
 	for _, j := range jobs {
 		c := j.c
+		if j.chain != nil {
+			s.indexChainJob(b, j, syncErr, stored, superseded, newTokens, segTouched, ctxTouched)
+			continue
+		}
 		if j.err == nil && syncErr == nil && j.seg.syncFailed {
 			// Written before an fdatasync of its segment failed, even if
 			// a later one succeeded: the kernel may have dropped it
@@ -206,6 +213,16 @@ func (s *Store) indexTouchedLocked(b *lsm.Batch, ctxTouched map[*ctxState]bool, 
 		}
 	}
 	clear(s.dirtyCtxs)
+	// Shared groups that lost their last reference outside a commit, and
+	// the segments that group drops changed (prefix.go).
+	for _, e := range s.dropLater {
+		s.maybeDropLocked(b, e)
+	}
+	s.dropLater = nil
+	for id := range s.groupSegTouched {
+		segTouched[id] = true
+	}
+	clear(s.groupSegTouched)
 	for c := range ctxTouched {
 		if c.deleted {
 			continue
@@ -217,6 +234,9 @@ func (s *Store) indexTouchedLocked(b *lsm.Batch, ctxTouched map[*ctxState]bool, 
 		rec := c.rec
 		if t, ok := newTokens[c]; ok {
 			rec.Tokens = t
+		}
+		if c.tokCtx() {
+			rec.Tip, rec.TailIDs = c.ptip, c.ptail
 		}
 		b.PutContext(c.ns, c.id, &rec)
 		c.dirty = false
@@ -266,6 +286,9 @@ func (s *Store) settleJobs(jobs []*writeJob, newTokens map[*ctxState]uint64, err
 		for c, t := range newTokens {
 			s.invariant(t >= c.rec.Tokens, "%s/%s: a commit would shrink the token count from %d to %d", c.ns, c.id, c.rec.Tokens, t)
 			c.rec.Tokens = max(c.rec.Tokens, t)
+			if c.tokCtx() {
+				c.rec.Tip, c.rec.TailIDs = c.ptip, c.ptail
+			}
 		}
 	}
 	// The jobs are dealt with only now that the token counts show them:

@@ -25,7 +25,9 @@ func (f *flusher) evict() {
 	var cands []cand
 	for _, c := range s.ctxs {
 		if !c.deleted && c.writer == nil && c.rec.Flags&lsm.FlagPinned == 0 {
-			cands = append(cands, cand{c, c.lastUse, c.rec.Gen})
+			// A token-addressed context whose bytes are shared ranks as
+			// if used later (Options.EvictSharedBonus; prefix.go).
+			cands = append(cands, cand{c, c.lastUse + s.sharedBonusLocked(c), c.rec.Gen})
 		}
 	}
 	s.mu.Unlock()
@@ -41,6 +43,7 @@ func (f *flusher) evict() {
 	s.mu.Lock()
 	over := s.live - s.opts.CapacityBytes
 	var victims []*ctxState
+	released := map[*groupEnt]int{} // references the victims so far release
 	for _, cd := range cands {
 		if over <= 0 {
 			break
@@ -50,7 +53,9 @@ func (f *flusher) evict() {
 			continue
 		}
 		victims = append(victims, c)
-		over -= c.live
+		// What its delete frees: its own records, and the shared groups
+		// it holds the last reference to (counting the victims before it).
+		over -= c.live + s.freedGroupsLocked(c, released)
 	}
 	s.mu.Unlock()
 	if err := s.deleteCtxs(victims); err != nil {

@@ -18,7 +18,12 @@ type snapshot struct {
 	c      *ctxState
 	chunks []*lsm.Chunk // by group
 	tokens int
-	segs   []*segFile
+	// srcs[g], when srcs is set, is chunk g's binding and cache name
+	// (token-addressed state: shared groups, a tail); serve, when not 0,
+	// is the tokens handed over (a tail matched only in part).
+	srcs  []*itemSrc
+	serve int
+	segs  []*segFile
 }
 
 // snap takes a restore snapshot of c. Call without s.mu: the index scan
@@ -37,7 +42,13 @@ func (s *Store) snap(c *ctxState) (*snapshot, error) {
 		s.mu.Lock()
 		want := c.rec.Tokens
 		s.mu.Unlock()
-		sn, err := s.scanChunks(c, want)
+		var sn *snapshot
+		var err error
+		if s.isTokCtx(c) {
+			sn, err = s.scanChainChunks(c)
+		} else {
+			sn, err = s.scanChunks(c, want)
+		}
 		if err != nil {
 			// A context deleted or evicted during the scan lost its
 			// chunk keys to that: it is gone, not corrupt (deleted is set
@@ -142,6 +153,10 @@ type fetchItem struct {
 	dst   []byte
 	// internal
 	bounce *iouring.AlignedBuffer
+	// src, when set, is the record's own binding and cache name (a
+	// shared group's, or another context's tail in a restore by tokens);
+	// otherwise the fetch's context's.
+	src *itemSrc
 	// hit is the DRAM tier's verified copy of the slice, copied into dst
 	// only once every read of the fetch has landed: a direct read is
 	// rounded up to whole blocks and may write past its own item into the
@@ -188,7 +203,7 @@ func (s *Store) fetchStart(c *ctxState, items []fetchItem, useCache bool) (*fetc
 			f.release()
 			return nil, fmt.Errorf("%w: %s/%s layer %d group %d: slice holds %d bytes, want %d", ErrCorrupt, c.ns, c.id, it.sl.Layer, it.group, it.sl.Raw, len(it.dst))
 		}
-		if v, ok := s.cache.get(sliceKey{f.gen, it.group, it.sl.Layer, it.ch.Tokens}); useCache && ok && len(v) == len(it.dst) {
+		if v, ok := s.cache.get(it.cacheKey(f.gen)); useCache && ok && len(v) == len(it.dst) {
 			it.hit = v // cache entries are never written after add
 			s.stats.cacheHits.Add(1)
 			continue
@@ -272,11 +287,15 @@ func (f *fetchOp) finish() error {
 				copy(it.dst, stored)
 			}
 		}
-		if got := crc32.Update(format.SliceSeed(f.binding, it.group, it.sl.Layer), format.Castagnoli, it.dst); got != it.sl.CRC {
+		binding := f.binding
+		if it.src != nil {
+			binding = it.src.bind
+		}
+		if got := crc32.Update(format.SliceSeed(binding, it.group, it.sl.Layer), format.Castagnoli, it.dst); got != it.sl.CRC {
 			return fmt.Errorf("%w: %s/%s layer %d group %d: checksum %08x, index says %08x", ErrCorrupt, c.ns, c.id, it.sl.Layer, it.group, got, it.sl.CRC)
 		}
 		if f.useCache {
-			s.cache.add(sliceKey{f.gen, it.group, it.sl.Layer, it.ch.Tokens}, it.dst)
+			s.cache.add(it.cacheKey(f.gen), it.dst)
 		}
 	}
 	return nil

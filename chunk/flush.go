@@ -26,8 +26,9 @@ type op struct {
 	slab       []byte
 	groupBytes int
 	layerOff   []int
-	owned      bool   // the slab returns to staging after the write
-	wseq       uint64 // opWrite: the writer's number (ctxState.writerSeq)
+	owned      bool     // the slab returns to staging after the write
+	wseq       uint64   // opWrite: the writer's number (ctxState.writerSeq)
+	chain      *chainOp // opWrite of a token-addressed context (prefix.go)
 	done       chan error
 	gcDone     chan GCResult
 	settled    chan struct{} // Options.Synchronous: closed once the flusher is done with the op
@@ -256,8 +257,23 @@ func (f *flusher) startWrite(o op) {
 		fail(errSkipped)
 		return
 	}
+	if o.chain != nil && o.chain.tip {
+		f.startTip(j, c, binding, gen, encIdent)
+		return
+	}
+	if o.chain != nil {
+		// A token-addressed context's op (prefix_write.go): a reference
+		// or a group already stored completes here, without a write.
+		var done bool
+		if binding, done = f.startChain(j, c, binding); done {
+			return
+		}
+	}
 	h := RecordHeader{ChunkTokens: uint16(s.ct), Tokens: uint16(o.tokens), Group: o.group, Gen: gen, Binding: binding,
 		Version: format.Version, Namespace: c.ns, ContextID: c.id, Identity: encIdent}
+	if o.chain != nil {
+		chainHeader(&h, c, o.chain)
+	}
 	hb := format.HeaderBytesFor(len(stored), h.DescBytes())
 	j.chunk = lsm.Chunk{Tokens: uint16(o.tokens), Slices: make([]lsm.Slice, len(stored))}
 	payload := [][]byte{}

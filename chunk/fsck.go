@@ -49,6 +49,10 @@ func (s *Store) Check(progress func(done, total int)) *CheckReport {
 	}
 	s.mu.Unlock()
 	sort.Slice(ctxs, func(i, j int) bool { return ctxMapKey(ctxs[i].ns, ctxs[i].id) < ctxMapKey(ctxs[j].ns, ctxs[j].id) })
+	if err := s.checkGroups(r, ctxs, chunks); err != nil {
+		r.errorf("scan group entries: %v", err)
+		return r
+	}
 	s.checkCoverage(r, ctxs, chunks.byCtx)
 	s.checkSegments(r, segRecs, chunks)
 	for id := range chunks.liveBySeg {
@@ -173,6 +177,10 @@ func (s *Store) checkCoverage(r *CheckReport, ctxs []*ctxState, all map[string]*
 			continue
 		}
 		tokens := uint64(0)
+		if c.tokCtx() {
+			s.checkTokenCoverage(r, c, all[ctxMapKey(c.ns, c.id)])
+			continue
+		}
 		if cc := all[ctxMapKey(c.ns, c.id)]; cc != nil {
 			for i, g := range cc.groups {
 				if int(g) != i {

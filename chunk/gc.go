@@ -129,6 +129,9 @@ type gcMove struct {
 	g  uint32
 	ch *lsm.Chunk
 	c  *ctxState
+	// grp: a shared group record (c nil), moved with its entry.
+	grp *lsm.Group
+	ge  *groupEnt
 }
 
 // compact moves the live records out of segment id and drops it. A segment
@@ -159,6 +162,22 @@ func (s *Store) compact(id uint32) (int, uint64, error) {
 			return moved, movedBytes, err
 		}
 		h, err := DecodeRecordHeader(rec)
+		if m.grp != nil {
+			// A shared group record: moved whole, its entry re-pointed.
+			// One whose header does not check stops the GC (no context
+			// to mark damaged; its bytes are kept).
+			if err == nil {
+				err = s.moveGroup(m, h, rec, b, touched)
+			}
+			s.scratch.put(buf)
+			if err != nil {
+				b.Discard()
+				return moved, movedBytes, fmt.Errorf("group %v of %s: %w", m.ge.key, m.ge.ns, err)
+			}
+			moved++
+			movedBytes += uint64(m.ch.Length)
+			continue
+		}
 		if err != nil {
 			// The header does not check: rebuild it from the index, if
 			// every slice still verifies against the index's checksums.
@@ -304,10 +323,24 @@ func (s *Store) headerFromIndex(m gcMove, rec []byte) (*RecordHeader, error) {
 		return nil, fmt.Errorf("%w: context has no usable identity", ErrCorrupt)
 	}
 	binding, gen, enc := c.binding, c.rec.Gen, c.rec.Identity
+	tok, salt, tip, tail := c.tokCtx(), c.rec.Salt, c.rec.Tip, c.rec.TailIDs
 	s.mu.Unlock()
 	g := m.g
 	h := &RecordHeader{Version: format.Version, RecordBytes: uint64(m.ch.Length), ChunkTokens: uint16(s.ct), Tokens: m.ch.Tokens,
 		Group: g, Gen: gen, Binding: binding, Slices: m.ch.Slices, Namespace: c.ns, ContextID: c.id, Identity: enc}
+	if tok {
+		// A token-addressed context's tail or tip record: the chain
+		// section from its context record (the tail's ids are its own).
+		if len(tail) < int(m.ch.Tokens) {
+			return nil, fmt.Errorf("%w: the context record holds %d tail token ids, the record %d tokens", ErrCorrupt, len(tail), m.ch.Tokens)
+		}
+		h.Version, h.Salt = format.VersionV3, salt
+		if m.ch.Tokens == 0 {
+			h.Flags, h.Key = format.RecordTip, tip
+		} else {
+			h.Parent, h.TokenIDs = tip, tail[:m.ch.Tokens]
+		}
+	}
 	hb := format.HeaderBytesFor(len(m.ch.Slices), h.DescBytes())
 	h.HeaderBytes = uint32(hb)
 	var tmp []byte
@@ -386,7 +419,16 @@ func (s *Store) walkLiveRecords(sg *segFile, id uint32, written uint64) (moves [
 		if err != nil || h.Version == format.VersionV1 || off+h.RecordBytes > written {
 			return moves, found, false, nil
 		}
-		if h.Flags&format.RecordTombstone == 0 {
+		if h.Flags&format.RecordGroup != 0 {
+			m, ok, err := s.liveGroupRecord(h, id, off)
+			if err != nil {
+				return nil, 0, false, err
+			}
+			if ok {
+				found += uint64(m.ch.Length)
+				moves = append(moves, m)
+			}
+		} else if h.Flags&(format.RecordTombstone|format.RecordTip) == 0 {
 			ch, err := s.db.GetChunk(h.Namespace, h.ContextID, h.Group)
 			switch {
 			case errors.Is(err, lsm.ErrNotFound):
@@ -398,7 +440,7 @@ func (s *Store) walkLiveRecords(sg *segFile, id uint32, written uint64) (moves [
 				c := s.ctxs[ctxMapKey(h.Namespace, h.ContextID)]
 				s.mu.Unlock()
 				if c != nil {
-					moves = append(moves, gcMove{h.Group, ch, c})
+					moves = append(moves, gcMove{g: h.Group, ch: ch, c: c})
 				}
 			}
 		}
@@ -422,9 +464,13 @@ func (s *Store) scanLiveRecords(id uint32) ([]gcMove, error) {
 		c := s.ctxs[ctxMapKey(ns, cid)]
 		s.mu.Unlock()
 		if c != nil {
-			moves = append(moves, gcMove{g, ch, c})
+			moves = append(moves, gcMove{g: g, ch: ch, c: c})
 		}
 		return nil
 	})
-	return moves, err
+	if err != nil {
+		return nil, err
+	}
+	gm, err := s.scanLiveGroups(id)
+	return append(moves, gm...), err
 }

@@ -85,6 +85,7 @@ func newStore(opts Options) *Store {
 		ctxs: map[string]*ctxState{}, segs: map[uint32]*segFile{}, segRecs: map[uint32]*lsm.Segment{},
 		namespaces: map[string]bool{}, nextSeg: 1, nextGen: 1,
 		ops: make(chan op, 1024), dirtyCtxs: map[*ctxState]struct{}{},
+		groups: map[gid]*groupEnt{}, groupSegTouched: map[uint32]bool{},
 	}
 	s.segDir = s.fs.PathJoin(s.dir, "segments")
 	return s

@@ -31,6 +31,8 @@ const (
 	DefaultBallastBytes = 64 << 20
 	// DefaultIdleReadBufferBytes bounds idle restore buffers.
 	DefaultIdleReadBufferBytes = 256 << 20
+	// DefaultEvictSharedBonus is Options.EvictSharedBonus's default.
+	DefaultEvictSharedBonus = 10 * time.Minute
 	// DefaultRestoreAheadBytes bounds the layers one restore reads ahead.
 	DefaultRestoreAheadBytes = 32 << 20
 )
@@ -105,6 +107,13 @@ type Options struct {
 	RestoreAheadBytes int64
 	// Logf reports notable events; default log.Printf.
 	Logf func(string, ...any)
+	// EvictSharedBonus is how much later than its last use a
+	// token-addressed context whose bytes are all shared with other
+	// contexts ranks for eviction (scaled by the share of its bytes that
+	// are shared): evicting it frees little, and its prefix serves the
+	// others' lookups (DefaultEvictSharedBonus; -1: plain LRU). See
+	// TestEvictionPrefersUnshared for what it does to a workload's hits.
+	EvictSharedBonus time.Duration
 	// OnEvict is called (from the flusher) for each context evicted for space.
 	OnEvict func(ns, id string)
 	// Now is the clock (Unix nanoseconds) of last-use times, segment headers
@@ -189,6 +198,9 @@ func (o *Options) fill() error {
 	}
 	if o.IdleReadBufferBytes < 0 {
 		o.IdleReadBufferBytes = 0
+	}
+	if o.EvictSharedBonus == 0 {
+		o.EvictSharedBonus = DefaultEvictSharedBonus
 	}
 	if o.Logf == nil {
 		o.Logf = log.Printf

@@ -6,6 +6,7 @@ import (
 	"time"
 
 	"github.com/hcache/hcache/lsm"
+	"github.com/hcache/hcache/state"
 )
 
 // Recovery describes what Open found.
@@ -43,6 +44,9 @@ func (s *Store) recover() error {
 	}
 	s.findActive(ids)
 	if err := s.loadContexts(); err != nil {
+		return err
+	}
+	if err := s.loadGroups(); err != nil {
 		return err
 	}
 	if err := s.loadLastUse(); err != nil {
@@ -173,6 +177,13 @@ func (s *Store) loadContexts() error {
 			c.ident = nil
 		} else {
 			c.setIdentity(c.ident)
+			c.ptip, c.ptail = c.rec.Tip, c.rec.TailIDs
+			if c.tokCtx() {
+				if c.chain, err = state.NewChain(ns, c.rec.Salt, c.ident); err != nil {
+					s.opts.Logf("chunk: context %s/%s: %v; marked damaged", ns, id, err)
+					c.rec.Flags |= lsm.FlagDamaged
+				}
+			}
 		}
 		s.nextGen = max(s.nextGen, c.rec.Gen+1)
 		s.namespaces[ns] = true
@@ -235,6 +246,10 @@ func (s *Store) countLive() error {
 	if err != nil {
 		return err
 	}
+	for _, e := range s.groups {
+		liveBySeg[e.seg] += uint64(e.length)
+	}
+	s.live += s.groupBytes
 	for id, rec := range s.segRecs {
 		if rec.Live != liveBySeg[id] {
 			s.recovery.LiveRecounted++

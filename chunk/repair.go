@@ -11,6 +11,7 @@ import (
 
 	"github.com/hcache/hcache/chunk/format"
 	"github.com/hcache/hcache/lsm"
+	"github.com/hcache/hcache/state"
 )
 
 // RepairOptions configure Repair.
@@ -58,8 +59,11 @@ type RepairReport struct {
 	Superseded int
 	// Deleted counts valid records of contexts a tombstone says were
 	// deleted (not adopted).
-	Deleted  int
-	OldIndex string // where the previous index was moved ("" if none)
+	Deleted int
+	// SharedGroups counts the shared group records adopted (those a
+	// token-addressed context's chain reaches; prefix_repair.go).
+	SharedGroups int
+	OldIndex     string // where the previous index was moved ("" if none)
 }
 
 // repairCand is one record that verified.
@@ -70,6 +74,7 @@ type repairCand struct {
 	ident  *Identity
 	ctxKey string
 	tomb   bool // a deletion record
+	group  bool // a shared group record (no context)
 }
 
 // Repair rebuilds a store's index from its segment files alone. Every record
@@ -164,7 +169,10 @@ type repairScan struct {
 	segWritten map[uint32]uint64
 	cands      []*repairCand
 	tombs      []*repairCand
-	ct         int
+	// groups: the shared group records, by namespace and key (the
+	// latest written copy of each).
+	groups map[gid]*repairCand
+	ct     int
 }
 
 // repairScanAll scans every segment file in id order. A record of another
@@ -172,7 +180,7 @@ type repairScan struct {
 func repairScanAll(o RepairOptions, names []string, rep *RepairReport) (*repairScan, error) {
 	fs := o.FS
 	segDir := fs.PathJoin(o.Dir, "segments")
-	sc := &repairScan{segWritten: map[uint32]uint64{}}
+	sc := &repairScan{segWritten: map[uint32]uint64{}, groups: map[gid]*repairCand{}}
 	var total int64
 	for _, n := range names {
 		if id, ok := parseSegName(n); ok {
@@ -202,6 +210,14 @@ func repairScanAll(o RepairOptions, names []string, rep *RepairReport) (*repairS
 			}
 			if int(c.h.ChunkTokens) != sc.ct {
 				rep.SetAside = append(rep.SetAside, fmt.Sprintf("segment %d offset %d: record of %d-token chunks in a store of %d-token chunks", id, c.off, c.h.ChunkTokens, sc.ct))
+				continue
+			}
+			if c.group {
+				k := gid{c.h.Namespace, c.h.Key}
+				if old := sc.groups[k]; old != nil {
+					rep.Superseded++ // a GC copy, or a group written again after it was dropped
+				}
+				sc.groups[k] = c // segments in id order: the latest copy wins
 				continue
 			}
 			sc.cands = append(sc.cands, c)
@@ -308,10 +324,18 @@ func repairWriteIndex(fs vfs.FS, newDir string, ct int, now int64, sc *repairSca
 	b.PutMeta(&m)
 	live := map[uint32]uint64{}
 	nss := map[string]bool{}
+	adopted := map[gid]*repairCand{}
 	for _, k := range keys {
 		p := picks[k]
 		if p.older > 0 {
 			rep.SetAside = append(rep.SetAside, fmt.Sprintf("%s/%s: %d records of older generations (deleted or recreated contexts)", p.ns, p.id, p.older))
+		}
+		if p.tokenAddressed() {
+			if repairTokenContext(b, ct, p, sc.groups, adopted, live, rep) && !nss[p.ns] {
+				nss[p.ns] = true
+				b.PutNamespace(p.ns, now)
+			}
+			continue
 		}
 		var tokens uint64
 		n := 0
@@ -346,6 +370,7 @@ func repairWriteIndex(fs vfs.FS, newDir string, ct int, now int64, sc *repairSca
 		rep.Tokens += tokens
 		rep.Adopted = append(rep.Adopted, fmt.Sprintf("%s/%s: %d tokens in %d groups (generation %d)", p.ns, p.id, tokens, n, p.gen))
 	}
+	repairPutGroups(b, sc.groups, adopted, live, rep)
 	// Tombstones are indexed again, so GC keeps carrying them while
 	// segments holding the deleted records exist.
 	for _, tb := range sc.tombs {
@@ -469,11 +494,12 @@ func repairScanSegment(fs vfs.FS, path string, id uint32, rep *RepairReport) ([]
 			off = next
 			continue
 		}
+		group := h.Flags&format.RecordGroup != 0
 		ident, err := DecodeIdentity(h.Identity)
 		if err == nil {
 			if berr := lsm.ValidateName("namespace", h.Namespace); berr != nil {
 				err = berr
-			} else if berr := lsm.ValidateName("context id", h.ContextID); berr != nil {
+			} else if berr := lsm.ValidateName("context id", h.ContextID); berr != nil && !group {
 				err = berr
 			}
 		}
@@ -483,6 +509,9 @@ func repairScanSegment(fs vfs.FS, path string, id uint32, rep *RepairReport) ([]
 			continue
 		}
 		binding := NewBinding(h.Namespace, h.ContextID, h.Gen, ident)
+		if group {
+			binding = state.NewGroupBinding(h.Namespace, ident, h.Key)
+		}
 		if binding != h.Binding {
 			rep.SetAside = append(rep.SetAside, fmt.Sprintf("%s (%s/%s group %d): binding does not match the descriptor", where, h.Namespace, h.ContextID, h.Group))
 			off = next
@@ -495,12 +524,14 @@ func repairScanSegment(fs vfs.FS, path string, id uint32, rep *RepairReport) ([]
 		if _, err := f.ReadAt(rec, off); err != nil {
 			return nil, 0, 0, err
 		}
-		if err := verifyRecord(h, ident, &binding, rec, &tmp); err != nil {
+		if h.Flags&format.RecordTip != 0 {
+			// A tip record: no rows to verify.
+		} else if err := verifyRecord(h, ident, &binding, rec, &tmp); err != nil {
 			rep.SetAside = append(rep.SetAside, fmt.Sprintf("%s (%s/%s group %d): %v", where, h.Namespace, h.ContextID, h.Group, err))
 			off = next
 			continue
 		}
-		out = append(out, &repairCand{h: h, seg: id, off: uint64(off), ident: ident, ctxKey: ctxMapKey(h.Namespace, h.ContextID)})
+		out = append(out, &repairCand{h: h, seg: id, off: uint64(off), ident: ident, ctxKey: ctxMapKey(h.Namespace, h.ContextID), group: group})
 		off = next
 	}
 	if skipped > 0 {

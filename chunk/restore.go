@@ -377,6 +377,12 @@ func (s *Store) startLayer(sn *snapshot, si int) *layerRead {
 		start := g * s.ct * rb
 		n := int(ch.Tokens) * rb
 		items[g] = fetchItem{ch: ch, sl: ch.Slices[si], group: uint32(g), dst: mem[start : start+n]}
+		if sn.srcs != nil {
+			items[g].src = sn.srcs[g]
+		}
+	}
+	if sn.serve > 0 {
+		total = sn.serve * rb
 	}
 	f, err := s.fetchStart(sn.c, items, true)
 	if err != nil {

@@ -11,6 +11,8 @@ type storeStats struct {
 	identityMismatch, gcRuns, gcMoved          atomic.Uint64
 	rawBytes, storedBytes, lz4Bytes            atomic.Uint64
 	diskFull, invariants                       atomic.Uint64
+	groupsWritten, groupsDeduped, collisions   atomic.Uint64
+	groupBytesWritten                          atomic.Uint64
 }
 
 // Stats are the store's counters (exported as metrics by the daemon).
@@ -38,6 +40,13 @@ type Stats struct {
 	// writes fail with ErrInvariant and restores go on.
 	InvariantViolations uint64
 	Broken              string
+	// Shared groups of token-addressed contexts (prefix.go).
+	GroupsWritten     uint64 // group records written
+	GroupBytesWritten uint64 // their bytes
+	GroupsDeduped     uint64 // full groups handed over whose key was stored: referenced, not written
+	Collisions        uint64 // groups whose key was stored for other tokens (nothing served or written over)
+	Groups            int    // shared groups stored
+	GroupBytes        int64  // their bytes (counted once, however many contexts reference them)
 }
 
 // Stats returns the counters.
@@ -57,6 +66,9 @@ func (s *Store) Stats() Stats {
 	}
 	s.mu.Lock()
 	st.LiveBytes = s.live
+	st.GroupsWritten, st.GroupBytesWritten = s.stats.groupsWritten.Load(), s.stats.groupBytesWritten.Load()
+	st.GroupsDeduped, st.Collisions = s.stats.groupsDeduped.Load(), s.stats.collisions.Load()
+	st.Groups, st.GroupBytes = s.groupCount, s.groupBytes
 	st.DiskFull = s.diskFull
 	s.mu.Unlock()
 	return st

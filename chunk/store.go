@@ -10,6 +10,7 @@ import (
 	"github.com/cockroachdb/pebble/v2/vfs"
 	"github.com/hcache/hcache/iouring"
 	"github.com/hcache/hcache/lsm"
+	"github.com/hcache/hcache/state"
 )
 
 // ctxState is a context in memory. Fields are guarded by Store.mu unless
@@ -40,6 +41,17 @@ type ctxState struct {
 	// (indexed or not: superseded partial groups, failed writes), so its
 	// tombstone lists them (see deleteCtxs).
 	wroteSegs map[uint32]bool
+	// Token-addressed contexts (prefix.go): the chain of (ns, salt,
+	// identity), and the tip and tail ids as indexed by the commit under
+	// way (c.rec holds them as committed).
+	chain state.Chain
+	ptip  ChainKey
+	ptail []uint32
+	// probe: a stand-in context of a restore by tokens, never stored.
+	probe bool
+	// noRefs: Open found its chain broken and counted no references
+	// for it (a delete has none to release).
+	noRefs bool
 }
 
 func ctxMapKey(ns, id string) string { return ns + "\x00" + id }
@@ -89,6 +101,15 @@ type Store struct {
 	gcStop    chan struct{}
 	gcWG      sync.WaitGroup
 	stats     storeStats
+
+	// Shared groups of token chains (prefix.go), under mu.
+	groups          map[gid]*groupEnt
+	groupBytes      int64           // bytes of committed group records
+	groupCount      int             // committed group records
+	groupSegTouched map[uint32]bool // segments whose live bytes group drops changed
+	dropLater       []*groupEnt     // groups to drop at the next commit
+	// keyFunc replaces Chain.Next (a test seam that forces collisions).
+	keyFunc func(ch state.Chain, parent ChainKey, ids []uint32) ChainKey
 }
 
 func (c *ctxState) setIdentity(id *Identity) {
@@ -127,6 +148,9 @@ type ContextInfo struct {
 	Damaged       bool
 	LastUse       time.Time
 	Identity      *Identity
+	// TokenAddressed: created by CreateTokens or Fork (its full groups are
+	// shared group records; LiveBytes counts only its own tail).
+	TokenAddressed bool
 }
 
 // Contexts lists the contexts, sorted by namespace and id.
@@ -141,7 +165,7 @@ func (s *Store) Contexts() []ContextInfo {
 		out = append(out, ContextInfo{
 			Namespace: c.ns, ID: c.id, Tokens: c.rec.Tokens, Gen: c.rec.Gen, LiveBytes: c.live,
 			Pinned: c.rec.Flags&lsm.FlagPinned != 0, Damaged: c.rec.Flags&lsm.FlagDamaged != 0,
-			LastUse: time.Unix(0, c.lastUse), Identity: c.ident,
+			LastUse: time.Unix(0, c.lastUse), Identity: c.ident, TokenAddressed: c.tokCtx(),
 		})
 	}
 	sort.Slice(out, func(i, j int) bool {

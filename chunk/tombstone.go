@@ -108,6 +108,9 @@ func (s *Store) deleteCtxs(cs []*ctxState) error {
 		t := lsm.Tombstone{Namespace: c.ns, ID: c.id, Gen: p.gen, Segments: p.segs}
 		b.PutTombstone(p.seg.id, p.off, &t)
 		segTouched[p.seg.id] = true
+		if c.tokCtx() {
+			s.releaseChainLocked(b, c)
+		}
 		c.deleted = true
 		s.live -= c.live
 		c.live = 0
@@ -115,6 +118,10 @@ func (s *Store) deleteCtxs(cs []*ctxState) error {
 			delete(s.ctxs, ctxMapKey(c.ns, c.id))
 		}
 	}
+	for id := range s.groupSegTouched {
+		segTouched[id] = true
+	}
+	clear(s.groupSegTouched)
 	for id := range segTouched {
 		if rec := s.segRecs[id]; rec != nil {
 			b.PutSegment(id, rec)
@@ -383,6 +390,9 @@ func (s *Store) rollForwardTombstones() error {
 			rec.Written = max(rec.Written, f.t.off+h.RecordBytes)
 			segTouched[f.seg] = true
 		}
+		if c.tokCtx() {
+			s.releaseChainLocked(b, c)
+		}
 		s.live -= c.live
 		c.live = 0
 		c.deleted = true
@@ -394,6 +404,10 @@ func (s *Store) rollForwardTombstones() error {
 		b.Discard()
 		return nil
 	}
+	for id := range s.groupSegTouched {
+		segTouched[id] = true
+	}
+	clear(s.groupSegTouched)
 	for id := range segTouched {
 		if rec := s.segRecs[id]; rec != nil {
 			b.PutSegment(id, rec)
@@ -423,6 +437,9 @@ func (s *Store) Delete(ns, id string) error {
 
 // markDamaged records that a context's data failed a check.
 func (s *Store) markDamaged(c *ctxState) {
+	if c.probe { // a restore by tokens' stand-in: nothing to mark
+		return
+	}
 	s.mu.Lock()
 	already := c.rec.Flags&lsm.FlagDamaged != 0
 	c.rec.Flags |= lsm.FlagDamaged

@@ -30,11 +30,23 @@ type Writer struct {
 	seq        uint64 // its number among the context's writers (ctxState.writerSeq)
 	closed     bool
 	closeErr   error // what Close returned; later calls return it again
+	// Token-addressed writers (prefix.go): the ids of tokens [idBase,
+	// idBase+len(ids)) and the key of the last full group handed over.
+	tok    bool
+	idBase int
+	ids    []uint32
+	parent ChainKey
+	// tipRecorded: the tip that the context's last tail or tip record
+	// (indexed or handed over) names.
+	tipRecorded ChainKey
 }
 
 // CreateOptions are per-context settings.
 type CreateOptions struct {
 	Pinned bool // never evicted
+	// Salt (CreateTokens) is mixed into the chain's root: only lookups
+	// with the same salt share the context's groups (nil: none).
+	Salt []byte
 }
 
 // Create creates a context and returns its writer. The context becomes
@@ -145,6 +157,12 @@ func (s *Store) Append(ns, id string, ident *Identity) (*Writer, error) {
 	s.mu.Unlock()
 
 	w.tokens, w.handed = tokens, tokens-tokens%w.ct
+	if w.tok {
+		s.mu.Lock()
+		w.idBase, w.ids, w.parent = w.handed, append([]uint32(nil), c.rec.TailIDs...), c.rec.Tip
+		w.tipRecorded = w.parent
+		s.mu.Unlock()
+	}
 	for i := range w.layerTok {
 		w.layerTok[i] = tokens
 	}
@@ -192,6 +210,7 @@ func (s *Store) newWriter(c *ctxState) *Writer {
 	}
 	w.groupBytes = off
 	w.layerTok = make([]int, len(c.stored))
+	w.tok = c.tokCtx()
 	return w
 }
 
@@ -247,6 +266,9 @@ func (w *Writer) AppendLayer(layer int, rows []byte) error {
 		return fmt.Errorf("%w: layer %d: %d bytes is not a whole number of %d-byte rows", ErrRowSize, layer, len(rows), rb)
 	}
 	t := w.layerTok[si]
+	if end := t + len(rows)/rb; end > w.idLimit() {
+		return w.tooFar(end)
+	}
 	// Take every slab the rows need before copying any, so that a failure
 	// (ErrStagingFull) appends nothing and a retry stores the rows where
 	// they belong.
@@ -291,6 +313,9 @@ func (w *Writer) AppendToken(rows [][]byte) error {
 		return fmt.Errorf("chunk: AppendToken got %d layers, the plan has %d", len(rows), len(w.rowBytes))
 	}
 	t := w.tokens
+	if t+1 > w.idLimit() {
+		return w.tooFar(t + 1)
+	}
 	for _, lt := range w.layerTok {
 		if lt != t {
 			return fmt.Errorf("chunk: AppendToken while a prefill is incomplete (layers at %d and %d tokens)", t, lt)
@@ -349,7 +374,11 @@ func (w *Writer) handFull() error {
 			w.cur, w.curGroup = nil, math32
 		}
 		w.s.staging.handOff(1)
-		if err := w.submitGroup(op{group: g, tokens: w.ct, slab: slab, groupBytes: w.groupBytes, layerOff: w.layerOff, owned: true}); err != nil {
+		o := op{group: g, tokens: w.ct, slab: slab, groupBytes: w.groupBytes, layerOff: w.layerOff, owned: true}
+		if w.tok {
+			o.chain = w.chainGroupOp(g)
+		}
+		if err := w.submitGroup(o); err != nil {
 			w.s.staging.handOff(-1)
 			w.s.staging.put(slab)
 			return err
@@ -393,9 +422,22 @@ func (w *Writer) flushLocked() error {
 	}
 	if tail := w.tokens - w.handed; tail > 0 {
 		g := uint32(w.handed / w.ct)
-		if err := w.submitGroup(op{group: g, tokens: tail, slab: w.groups[g], groupBytes: w.groupBytes, layerOff: w.layerOff}); err != nil {
+		o := op{group: g, tokens: tail, slab: w.groups[g], groupBytes: w.groupBytes, layerOff: w.layerOff}
+		if w.tok {
+			o.chain = &chainOp{parent: w.parent, ids: append([]uint32(nil), w.ids[:tail]...)}
+		}
+		if err := w.submitGroup(o); err != nil {
 			return err
 		}
+		w.tipRecorded = w.parent // the tail record names it
+	} else if w.tok && w.handed > 0 && w.parent != w.tipRecorded {
+		// No tail: a tip record names the chain's new tip, so that
+		// repair finds this context (prefix_write.go startTip).
+		o := op{group: uint32(w.handed / w.ct), chain: &chainOp{tip: true, key: w.parent}}
+		if err := w.submitGroup(o); err != nil {
+			return err
+		}
+		w.tipRecorded = w.parent
 	}
 	if err := w.s.barrier(w.c); err != nil {
 		return err

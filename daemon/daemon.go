@@ -100,6 +100,11 @@ type Config struct {
 	Logger              *slog.Logger
 	// Models are what Restore with project set can project with.
 	Models []*Model
+
+	// MaxRequestTokens bounds the token ids of one request (Lookup,
+	// OpenContext's tokens, Restore by tokens, AppendTokens' token_ids).
+	// Default DefaultMaxRequestTokens.
+	MaxRequestTokens uint64
 }
 
 func (c *Config) fill() error {
@@ -130,6 +135,9 @@ func (c *Config) fill() error {
 	}
 	if c.MaxTokensPerContext == 0 {
 		c.MaxTokensPerContext = DefaultMaxTokensPerContext
+	}
+	if c.MaxRequestTokens == 0 {
+		c.MaxRequestTokens = DefaultMaxRequestTokens
 	}
 	if c.MaxRegionBytes == 0 {
 		c.MaxRegionBytes = DefaultMaxRegionBytes

@@ -66,6 +66,53 @@
 // open writer, and closes the store; a restart serves everything acknowledged.
 // `Pin` is durable at the next index commit (any flush, GC, or the stop).
 //
+// # State addressed by its tokens
+//
+// A context opened with `tokens` (`OpenContext` `CREATE`: the prompt's ids;
+// optional `salt`, vLLM's `cache_salt`) is token-addressed (package chunk,
+// "Prefix-addressed state"): its whole chunk groups (`chunk_tokens` each,
+// from position 0) are stored once per namespace, salt and identity and
+// shared by every context whose tokens start the same way. The reply's
+// `tokens` is where the writer continues: the groups already stored are
+// referenced, and the client sends rows from there on (a second save of a
+// prompt sends only its tail; `TestPrefixThroughDaemon` checks with the
+// store's counters that no group byte is written again). `APPEND` with
+// `tokens` gives the stored ids followed by this turn's: the daemon checks
+// the stored ones (`Lookup` restricted to the context), so a client whose
+// idea of the context differs is refused (`FAILED_PRECONDITION`) before it
+// appends rows computed for other tokens. `AppendTokens` carries
+// `token_ids` for decode (one per token; rows of tokens whose ids the
+// writer does not know are `INVALID_ARGUMENT`).
+//
+// `Lookup` answers how many leading tokens of a prompt have stored state
+// (whole groups, plus the partial tail of a named context whose ids match);
+// it reads the store's in-memory index only. `Restore` with `tokens`
+// restores that prefix through the same `serve.Restorer.Stream` as a
+// restore by name (inline, shared region, `project`); with `ctx.id` empty
+// it is the namespace's shared groups, with `ctx.id` set that context's
+// tail may extend them (`NOT_FOUND` when it does not exist); nothing stored
+// is an empty stream, not an error. Each group's token digest and binding
+// are checked before its rows are read (a collision serves nothing:
+// `ABORTED`, counted in `hcache_chain_collisions_total`). `Fork` makes
+// `dst_id` hold the first `tokens` of `src` (created with tokens, no writer
+// open): groups are referenced, only a partial tail is copied; it takes a
+// context slot like `CREATE`. Deleting one sharer leaves the others whole.
+//
+// Tenancy: the chain keys and the store's group table are per namespace, so
+// namespaces never share or see each other's groups; a lookup, restore or
+// fork in a namespace not granted is `PERMISSION_DENIED`, checked before the
+// store is asked anything, so it is never a count (a prefix lookup is a
+// timing oracle of other tenants' prompts). A salt separates callers inside
+// a namespace. Quotas count logical rows, as for any context: a context's
+// tokens x its row bytes, shared groups included, so each sharer pays for
+// the prefix it can restore and a namespace's usage does not depend on
+// which of its contexts wrote a group first or is deleted first; the disk
+// holds a shared group once (`hcache_shared_bytes`; the store's
+// `--capacity` and eviction count it once). Charging a namespace once per
+// group would need the store to report group bytes per namespace (it
+// reports them for the store as a whole). Token lists are bounded by
+// `--max-request-tokens`.
+//
 // # Bulk bytes
 //
 // Rows travel inline in the messages (TCP, or any client), or,
@@ -129,6 +176,7 @@
 //	| `--max-contexts` | 1 Mi | contexts in the store, empty ones included | index size and memory; empty contexts hold an index entry each |
 //	| `--max-contexts-per-namespace` | a fair share: `--max-contexts` / the number of namespaces `--grant` and `--tokens` name (all of it with none named) | contexts of one namespace, empty ones included | one tenant cannot use up `--max-contexts` for everyone (`TestContextsPerNamespace`) |
 //	| `--max-tokens` | 1 Mi | tokens per context | one context's size |
+//	| `--max-request-tokens` | 1 Mi | token ids in one request (`Lookup`, `OpenContext`, `Restore` by tokens): `INVALID_ARGUMENT` | memory and hashing per request |
 //	| `--quota NS=BYTES`, `--default-quota` | none | row bytes of a namespace | disk share |
 //	| `--max-inflight` | 64 | concurrent requests per connection | goroutines and memory per client |
 //	| `--max-conns` | 256 | unix connections per user; past it the connection is closed at its handshake (`UNAVAILABLE`, `TestConnectionLimit`) | file descriptors per user |
@@ -169,7 +217,12 @@
 // `hcache_checksum_failures_total`, `hcache_io_errors_total`,
 // `hcache_identity_mismatch_total`, `hcache_quota_refused_total`,
 // `hcache_writers_abandoned_total`, `hcache_accept_errors_total{listener,errno}`,
-// `hcache_side_refused_total`, connections, open writers, region bytes.
+// `hcache_side_refused_total`, connections, open writers, region bytes;
+// token-addressed state: `hcache_lookups_total{result=hit|miss}`,
+// `hcache_lookup_hit_tokens_total`, `hcache_shared_groups`,
+// `hcache_shared_bytes` (counted once), `hcache_groups_written_total`,
+// `hcache_group_bytes_written_total`, `hcache_groups_deduped_total`,
+// `hcache_chain_collisions_total`.
 // `/metrics` has no authentication and answers any local user, so by default
 // it carries no tenant: no namespace names, per-namespace bytes or quotas, only
 // the store's aggregates (contexts, bytes) and per-method counts
@@ -212,6 +265,8 @@
 //	| TCP without a token; unknown token | `UNAUTHENTICATED` (`TestTCPNeedsToken`, `TestTenancy`) |
 //	| checksum failure on restore, then the damaged context | `DATA_LOSS`, other contexts served (`TestChecksumFailureIsDataLoss`) |
 //	| I/O or index error (other than a full disk) | `INTERNAL`, counted in `hcache_io_errors_total` (mapping only: not injected at the daemon level) |
+//	| by tokens: empty `tokens` (lookup), more than `--max-request-tokens`, a salt over 256 bytes or without tokens, `token_ids` not one per token, rows of a token whose id is unknown; fork onto itself or of more tokens than stored | `INVALID_ARGUMENT` (`TestPrefixBadInput`) |
+//	| by tokens: `APPEND` with stored ids (or salt) that differ, or to a context not created with tokens; fork of such a context or of one with a writer open | `FAILED_PRECONDITION` (`TestPrefixBadInput`) |
 //	| client dies mid-append | its writers are abandoned: whole groups handed to the flusher become durable, the partial last group is dropped; `APPEND` reopens it at the count a restore sees (`TestClientDiesMidAppend`, `TestAbandonThenReopen`; store: `TestAbandonThenReopenExact`) |
 //
 // # Tests

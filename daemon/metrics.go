@@ -28,6 +28,8 @@ type metrics struct {
 	conns            prometheus.Gauge
 	acceptErrors     *prometheus.CounterVec
 	sideRefused      prometheus.Counter
+	lookups          *prometheus.CounterVec
+	lookupTokens     prometheus.Counter
 	s                *Server
 }
 
@@ -54,7 +56,10 @@ func newMetrics(s *Server) *metrics {
 		Help: "Failed accepts by listener (api, tcp, shm) and errno (EMFILE, ENFILE, ECONNABORTED, ...): each is retried after a backoff."}, []string{"listener", "errno"})
 	m.sideRefused = prometheus.NewCounter(prometheus.CounterOpts{Name: "hcache_side_refused_total",
 		Help: "Side connections refused at accept: past --max-side-pending-per-uid or --max-side-pending."})
-	for _, c := range []prometheus.Collector{m.acceptErrors, m.sideRefused, m.restores, m.restoreStage, m.restoreTokens, m.flushSeconds, m.appendBytes, m.rpcs,
+	m.lookups = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "hcache_lookups_total",
+		Help: "Lookup requests by result: hit (some leading tokens stored), miss (none)."}, []string{"result"})
+	m.lookupTokens = prometheus.NewCounter(prometheus.CounterOpts{Name: "hcache_lookup_hit_tokens_total", Help: "Leading tokens with stored state that lookups reported."})
+	for _, c := range []prometheus.Collector{m.lookups, m.lookupTokens, m.acceptErrors, m.sideRefused, m.restores, m.restoreStage, m.restoreTokens, m.flushSeconds, m.appendBytes, m.rpcs,
 		m.checksumFailures, m.identityMismatch, m.ioErrors, m.quotaRefused, m.abandoned, m.conns} {
 		f(c)
 	}
@@ -74,6 +79,12 @@ func newMetrics(s *Server) *metrics {
 	counter("hcache_damaged_contexts_total", "Contexts marked damaged by a checksum failure or missing data.", func(x chunk.Stats) float64 { return float64(x.Damaged) })
 	counter("hcache_gc_segments_total", "Segments compacted by GC.", func(x chunk.Stats) float64 { return float64(x.GCRuns) })
 	counter("hcache_gc_moved_bytes_total", "Bytes rewritten by GC.", func(x chunk.Stats) float64 { return float64(x.GCMovedBytes) })
+	counter("hcache_groups_written_total", "Shared chunk groups written (token-addressed state).", func(x chunk.Stats) float64 { return float64(x.GroupsWritten) })
+	counter("hcache_group_bytes_written_total", "Bytes of shared chunk groups written.", func(x chunk.Stats) float64 { return float64(x.GroupBytesWritten) })
+	counter("hcache_groups_deduped_total", "Full chunk groups saved whose state was already stored: referenced, not written.", func(x chunk.Stats) float64 { return float64(x.GroupsDeduped) })
+	counter("hcache_chain_collisions_total", "Chunk groups whose chain key was stored for other tokens (nothing served or written over).", func(x chunk.Stats) float64 { return float64(x.Collisions) })
+	gauge("hcache_shared_groups", "Shared chunk groups stored.", func() float64 { return float64(st().Groups) })
+	gauge("hcache_shared_bytes", "Bytes of shared chunk groups stored (counted once, however many contexts reference them).", func() float64 { return float64(st().GroupBytes) })
 	gauge("hcache_dram_bytes", "Bytes in the DRAM tier.", func() float64 { return float64(st().CacheBytes) })
 	gauge("hcache_live_bytes", "Bytes of live records on disk.", func() float64 { return float64(st().LiveBytes) })
 	gauge("hcache_dead_bytes", "Bytes written to segments and no longer referenced (what GC reclaims).", func() float64 {

@@ -13,6 +13,7 @@ import (
 	"github.com/hcache/hcache/model"
 	hcachev1 "github.com/hcache/hcache/proto/hcache/v1"
 	"github.com/hcache/hcache/serve"
+	"github.com/hcache/hcache/serve/chunksrc"
 )
 
 // Model is a model the daemon projects hidden states with (Restore with
@@ -63,10 +64,10 @@ var restoreSettings = serve.Settings{MaxConcurrent: math.MaxInt32}
 
 // newRestorers builds the pipeline of plain restores and one per model.
 func (s *Server) newRestorers() {
-	s.plain = serve.NewRestorer(s.store, nil, restoreSettings)
+	s.plain = serve.NewRestorer(chunksrc.New(s.store), nil, restoreSettings)
 	s.projectors = map[*Model]*serve.Restorer{}
 	for _, m := range s.cfg.Models {
-		s.projectors[m] = serve.NewRestorer(s.store, m.Backend, restoreSettings)
+		s.projectors[m] = serve.NewRestorer(chunksrc.New(s.store), m.Backend, restoreSettings)
 	}
 }
 

@@ -146,7 +146,11 @@ func (s *Server) storeErr(err error) error {
 		// A full disk is the store's capacity running out, not a fault of
 		// the daemon's: the client may retry once contexts are deleted.
 		code = codes.ResourceExhausted
-	case errors.Is(err, chunk.ErrRowSize), errors.Is(err, chunk.ErrIdentity), errors.Is(err, chunk.ErrIncompleteTokens):
+	case errors.Is(err, chunk.ErrCollision):
+		// A chain key stored for other tokens: nothing was served or
+		// written over; the store counts it (hcache_chain_collisions_total).
+		code = codes.Aborted
+	case errors.Is(err, chunk.ErrRowSize), errors.Is(err, chunk.ErrIdentity), errors.Is(err, chunk.ErrIncompleteTokens), errors.Is(err, chunk.ErrTokens):
 		code = codes.InvalidArgument
 	case errors.Is(err, chunk.ErrClosed):
 		code = codes.Unavailable
@@ -189,6 +193,19 @@ func (s *Server) OpenContext(ctx context.Context, req *hcachev1.OpenContextReque
 	if err != nil {
 		return nil, err
 	}
+	tokens, salt := req.GetTokens(), req.GetSalt()
+	if err := s.checkTokens("tokens", tokens); err != nil {
+		return nil, err
+	}
+	if uint64(len(tokens)) > s.cfg.MaxTokensPerContext {
+		return nil, status.Errorf(codes.ResourceExhausted, "tokens: %d token ids, more than a context holds (--max-tokens %d)", len(tokens), s.cfg.MaxTokensPerContext)
+	}
+	if err := checkSalt(salt); err != nil {
+		return nil, err
+	}
+	if len(salt) > 0 && len(tokens) == 0 {
+		return nil, status.Error(codes.InvalidArgument, "salt without tokens: a salt joins the chain keys of a token-addressed context")
+	}
 	s.admin.RLock()
 	defer s.admin.RUnlock()
 	s.mu.Lock()
@@ -208,10 +225,33 @@ func (s *Server) OpenContext(ctx context.Context, req *hcachev1.OpenContextReque
 		if serr != nil {
 			return nil, serr
 		}
-		w, err = s.store.Create(ns, id, ident, chunk.CreateOptions{Pinned: req.GetPinned()})
+		if len(tokens) > 0 {
+			// The shared groups count toward the quota as the context's
+			// own tokens (daemon doc, Tenancy): reserve them first.
+			var held int64
+			if held, err = s.reserveShared(ns, ident, tokens, salt); err != nil {
+				done(false)
+				return nil, err
+			}
+			var stored int
+			w, stored, err = s.store.CreateTokens(ns, id, ident, tokens, chunk.CreateOptions{Pinned: req.GetPinned(), Salt: salt})
+			got := int64(0)
+			if err == nil {
+				got = int64(stored) * rowSum(ident)
+			}
+			s.unreserve(ns, held-got) // what was reserved and not shared (or all, on failure)
+		} else {
+			w, err = s.store.Create(ns, id, ident, chunk.CreateOptions{Pinned: req.GetPinned()})
+		}
 		done(err == nil)
 	case hcachev1.OpenMode_APPEND:
 		w, err = s.store.Append(ns, id, ident)
+		if err == nil && len(tokens) > 0 {
+			if err = s.continueTokens(w, ns, id, ident, tokens, salt); err != nil {
+				w.Abandon()
+				return nil, err
+			}
+		}
 	default:
 		return nil, status.Errorf(codes.InvalidArgument, "mode %v: want CREATE or APPEND", req.GetMode())
 	}
@@ -347,6 +387,10 @@ func (s *Server) AppendTokens(ctx context.Context, req *hcachev1.AppendTokensReq
 	if n < 1 {
 		return nil, status.Error(codes.InvalidArgument, "count must be at least 1")
 	}
+	ids := req.GetTokenIds()
+	if len(ids) != 0 && len(ids) != n {
+		return nil, status.Errorf(codes.InvalidArgument, "token_ids: %d ids for count %d tokens (give one per token, or none)", len(ids), n)
+	}
 	if len(rows) != n*w.tokenRow {
 		return nil, status.Errorf(codes.InvalidArgument, "%d tokens need %d bytes (%d per token over the stored layers), got %d", n, n*w.tokenRow, w.tokenRow, len(rows))
 	}
@@ -374,9 +418,17 @@ func (s *Server) AppendTokens(ctx context.Context, req *hcachev1.AppendTokensReq
 				off += int(p.RowBytes)
 			}
 		}
-		if err := w.w.AppendToken(per); err != nil {
+		if len(ids) > 0 {
+			err = w.w.AppendTokenID(ids[i], per)
+		} else {
+			err = w.w.AppendToken(per)
+		}
+		if err != nil {
 			s.unreserve(ns, int64((n-done)*w.tokenRow))
 			s.advance(w, done)
+			if errors.Is(err, chunk.ErrTokens) {
+				return nil, status.Errorf(codes.InvalidArgument, "token %d of this append: %v", i, err)
+			}
 			return nil, s.storeErr(err)
 		}
 		done++
@@ -468,13 +520,33 @@ func (s *Server) CloseContext(ctx context.Context, req *hcachev1.CloseContextReq
 // projects one and this handler sends it, inline or into a shared region.
 func (s *Server) Restore(req *hcachev1.RestoreRequest, stream grpc.ServerStreamingServer[hcachev1.RestoreChunk]) error {
 	ctx := stream.Context()
-	c, ns, id, err := s.target(ctx, req.GetCtx())
-	if err != nil {
-		return err
-	}
-	ident, err := identityFrom(req.GetIdentity())
-	if err != nil {
-		return err
+	var (
+		c      *caller
+		ns, id string
+		ident  *chunk.Identity
+		err    error
+	)
+	byTokens := len(req.GetTokens()) > 0
+	if byTokens {
+		ns, id = req.GetCtx().GetNamespace(), req.GetCtx().GetId()
+		if c, ident, err = s.targetPrefix(ctx, ns, id, req.GetTokens(), req.GetSalt(), req.GetIdentity()); err != nil {
+			return err
+		}
+		if id != "" {
+			if err := s.tokenContext(ns, id); err != nil {
+				return err
+			}
+		}
+	} else {
+		if len(req.GetSalt()) > 0 {
+			return status.Error(codes.InvalidArgument, "salt without tokens: a salt only joins a restore by tokens")
+		}
+		if c, ns, id, err = s.target(ctx, req.GetCtx()); err != nil {
+			return err
+		}
+		if ident, err = identityFrom(req.GetIdentity()); err != nil {
+			return err
+		}
 	}
 	rest, err := s.restorerFor(ident, req.GetProject())
 	if err != nil {
@@ -542,7 +614,15 @@ func (s *Server) Restore(req *hcachev1.RestoreRequest, stream grpc.ServerStreami
 	go func() {
 		defer s.restoring.Done()
 		defer releaseRegion()
-		rs, err := rest.Stream(serve.StreamRequest{NS: ns, ID: id, Ident: ident, Project: req.GetProject()}, func(l serve.StreamLayer) error {
+		sr := serve.StreamRequest{NS: ns, ID: id, Ident: ident, Project: req.GetProject()}
+		if byTokens {
+			sr.ByTokens, sr.Salt = true, req.GetSalt()
+			sr.Tokens = make([]int, len(req.GetTokens()))
+			for i, t := range req.GetTokens() {
+				sr.Tokens[i] = int(t)
+			}
+		}
+		rs, err := rest.Stream(sr, func(l serve.StreamLayer) error {
 			if first {
 				s.metrics.restoreStage.WithLabelValues("first_layer").Observe(l.ReadDone.Seconds())
 				first = false
@@ -580,7 +660,14 @@ func (s *Server) Restore(req *hcachev1.RestoreRequest, stream grpc.ServerStreami
 		default:
 			s.metrics.restores.WithLabelValues("error").Inc()
 		}
+		if byTokens {
+			return s.prefixErr(err)
+		}
 		return s.storeErr(err)
+	}
+	if byTokens && tokens == 0 { // nothing stored: an empty stream
+		s.metrics.restores.WithLabelValues("miss").Inc()
+		return nil
 	}
 	s.metrics.restores.WithLabelValues("hit").Inc()
 	s.metrics.restoreStage.WithLabelValues("total").Observe(time.Since(start).Seconds())

@@ -17,11 +17,20 @@
 //	"k" ns 0x00 id 0x00 group(uint32 BE)    -> Chunk     (segment, offset, per-layer slices)
 //	"s" segment(uint32 BE)                  -> Segment   (written bytes, live bytes, sealed[, location])
 //	"t" segment(uint32 BE) offset(uint64 BE) -> Tombstone (a deletion record in a segment)
+//	"g" ns 0x00 chain key[32]               -> Group     (a shared group record of a token chain; group.go)
 //
 // Namespaces and context ids are 1..255 bytes without NUL, so the 0x00
 // separators keep one context's keys contiguous and apart from its neighbours.
 //
 // # Values
+//
+// A Context with FlagTokens (a token-addressed context, issue 19) appends a
+// chain section to its value: salt length u16 | salt | tip key [32] | tail
+// token count u16 | tail token ids u32 each. Its full groups are the chain
+// its tip key ends (walked back through the Group entries' parent keys);
+// its only chunk key is at its full group count (its partial tail, or a tip
+// record with no rows). Reference counts of groups are derived from these
+// chains at open, never stored.
 //
 // Every value is framed as kind(1) version(1) payload crc32c(4), the checksum
 // (Castagnoli) covering kind, version and payload. A value whose frame, kind,
@@ -226,6 +235,10 @@ func DecodeMeta(v []byte) (*Meta, error) {
 const (
 	FlagPinned  = 1 << 0 // never evicted
 	FlagDamaged = 1 << 1 // a read found corrupt or missing data; never served
+	// FlagTokens marks a token-addressed context: its record carries the
+	// chain section (Salt, Tip, TailIDs) and its full groups are shared
+	// group entries (group.go).
+	FlagTokens = 1 << 2
 )
 
 // Context is a context's durable record.
@@ -234,6 +247,11 @@ type Context struct {
 	Tokens   uint64 // tokens durable in chunk records
 	Gen      uint64 // generation: unique per creation, binds chunks to it
 	Flags    uint32
+	// The chain section, encoded only with FlagTokens (so a legacy
+	// context's value is the same bytes as before it existed).
+	Salt    []byte
+	Tip     [32]byte // key of the last full group (zero: none)
+	TailIDs []uint32 // token ids of the partial tail (Tokens % ChunkTokens of them)
 }
 
 // Encode frames c.
@@ -244,6 +262,15 @@ func (c *Context) Encode() []byte {
 	p = binary.LittleEndian.AppendUint32(p, c.Flags)
 	p = binary.LittleEndian.AppendUint32(p, uint32(len(c.Identity)))
 	p = append(p, c.Identity...)
+	if c.Flags&FlagTokens != 0 {
+		p = binary.LittleEndian.AppendUint16(p, uint16(len(c.Salt)))
+		p = append(p, c.Salt...)
+		p = append(p, c.Tip[:]...)
+		p = binary.LittleEndian.AppendUint16(p, uint16(len(c.TailIDs)))
+		for _, t := range c.TailIDs {
+			p = binary.LittleEndian.AppendUint32(p, t)
+		}
+	}
 	return frame(KindContext, p)
 }
 
@@ -260,6 +287,21 @@ func DecodeContext(v []byte) (*Context, error) {
 		return nil, fmt.Errorf("%w: identity of %d bytes", ErrCorrupt, n)
 	}
 	c.Identity = append([]byte(nil), r.take(int(n))...)
+	if c.Flags&FlagTokens != 0 {
+		sl := int(r.u16())
+		if sl > 255 {
+			return nil, fmt.Errorf("%w: context salt of %d bytes", ErrCorrupt, sl)
+		}
+		c.Salt = append([]byte(nil), r.take(sl)...)
+		copy(c.Tip[:], r.take(32))
+		nt := int(r.u16())
+		if nt > 0 {
+			c.TailIDs = make([]uint32, nt)
+			for i := range c.TailIDs {
+				c.TailIDs[i] = r.u32()
+			}
+		}
+	}
 	return c, r.done(KindContext)
 }
 

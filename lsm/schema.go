@@ -231,5 +231,8 @@ func CheckKeyDecoding(k []byte) error {
 	if seg, off, err := parseTombstoneKey(k); err == nil && !bytes.Equal(tombstoneKey(seg, off), k) {
 		return fmt.Errorf("tombstone key %q parses to %d %d", k, seg, off)
 	}
+	if ns, key, err := parseGroupKey(k); err == nil && !bytes.Equal(groupKey(ns, key), k) {
+		return fmt.Errorf("group key %q parses to %q %x", k, ns, key)
+	}
 	return nil
 }

@@ -48,7 +48,15 @@
 // layer: read done, compute start and end (on a device: when its work was
 // queued). `Stream` is the daemon's form: each stored layer goes to a sink as
 // rows, as stored or (with `Project`) hidden layers projected to K|V rows
-// through a host cache. Tests
+// through a host cache. Restore by tokens (issue 19): a `Request` or
+// `StreamRequest` with `ByTokens` restores the longest stored prefix of its
+// token ids (whole chunk groups of the namespace, salt and identity, plus
+// the named context's matching tail) from a `serve.PrefixSource`
+// (`serve/chunksrc` adapts a `*chunk.Store`): the same reads, plans and
+// backends, a recomputed prefix recomputed from the prefix's ids; nothing
+// stored is 0 tokens, not an error (`TestRestoreByTokens`, every kind of
+// plan on the CPU backend, generation continuing as an uninterrupted run
+// of the new prompt). Tests
 // restore every plan the scheduler can emit (every r < L, every hidden/KV
 // split) for five model families (Llama, GQA with llama3 rope, Qwen2, OPT,
 // linear rope with interleaved rotary) from prefill-plus-decode saves, bit for

@@ -20,6 +20,67 @@ type Source interface {
 	RestoreOwned(ns, id string, ident *state.Identity, ahead int, fn func(layer int, rows []byte, release func()) error) (int, error)
 }
 
+// Prefix names state by its tokens for a PrefixSource: a namespace, a salt
+// (nil for none), an identity, token ids, and optionally a context whose own
+// partial tail may extend the shared groups (Prefix's fields).
+type Prefix struct {
+	Namespace string
+	Salt      []byte
+	Identity  *state.Identity
+	Tokens    []uint32
+	Context   string
+}
+
+// PrefixSource is a Source that also restores by tokens: a request with
+// ByTokens set needs one. serve/chunksrc adapts a *chunk.Store (see
+// chunk.Store.Lookup and RestoreTokensOwned for the contract: LookupPrefix
+// reads memory only; RestorePrefixOwned hands over the stored layers of
+// what LookupPrefix reports, as RestoreOwned, and returns its token count,
+// 0 with fn never called when nothing is stored).
+type PrefixSource interface {
+	Source
+	LookupPrefix(p Prefix) (int, error)
+	RestorePrefixOwned(p Prefix, ahead int, fn func(layer int, rows []byte, release func()) error) (int, error)
+}
+
+// ErrNoPrefixSource is returned for a restore by tokens from a Source that
+// cannot restore by tokens.
+var ErrNoPrefixSource = errors.New("serve: the source cannot restore by tokens (serve/chunksrc adapts a *chunk.Store)")
+
+// prefixOf builds the source's Prefix of a restore by tokens.
+func prefixOf(ns, id string, ident *state.Identity, tokens []int, salt []byte) (Prefix, error) {
+	ids := make([]uint32, len(tokens))
+	for i, t := range tokens {
+		if t < 0 || int64(t) > int64(^uint32(0)) {
+			return Prefix{}, fmt.Errorf("%w: token %d is id %d, outside [0, 2^32)", ErrTokens, i, t)
+		}
+		ids[i] = uint32(t)
+	}
+	return Prefix{Namespace: ns, Salt: salt, Identity: ident, Tokens: ids, Context: id}, nil
+}
+
+// byTokens resolves a restore by tokens: the store's prefix of the request
+// and the leading tokens with stored state (what the restore reads).
+func (r *Restorer) byTokens(ns, id string, ident *state.Identity, tokens []int, salt []byte) (PrefixSource, Prefix, int, error) {
+	ps, ok := r.src.(PrefixSource)
+	if !ok {
+		return nil, Prefix{}, 0, fmt.Errorf("%w (%T)", ErrNoPrefixSource, r.src)
+	}
+	if len(tokens) == 0 {
+		return nil, Prefix{}, 0, fmt.Errorf("%w: a restore by tokens in %s without token ids", ErrTokens, ns)
+	}
+	p, err := prefixOf(ns, id, ident, tokens, salt)
+	if err != nil {
+		return nil, p, 0, err
+	}
+	n, err := ps.LookupPrefix(p)
+	if err != nil {
+		return nil, p, 0, err
+	}
+	p.Tokens = p.Tokens[:n]
+	return ps, p, n, nil
+}
+
 // Settings of a Restorer. Zero values take the defaults.
 type Settings struct {
 	// MaxConcurrent is how many restores run at once; later ones wait in
@@ -93,6 +154,16 @@ type Request struct {
 	// Start is the position of the first token (tokens land at Start,
 	// Start+1, ...). A plan that recomputes layers needs 0.
 	Start int
+	// ByTokens restores by tokens (the source must be a PrefixSource):
+	// the longest prefix of Tokens whose state is stored in namespace NS
+	// under Salt and Ident (whole chunk groups, plus the partial tail of
+	// context ID when ID names one whose tokens match; ID may be empty).
+	// RestoreStats.Tokens is that prefix's length, and the restore writes
+	// positions Start.. of it (0 tokens: nothing stored, nothing written,
+	// no error). A plan that recomputes layers recomputes them from the
+	// prefix's token ids.
+	ByTokens bool
+	Salt     []byte
 }
 
 // LayerTiming is one layer of a restore, as offsets from the restore's
@@ -207,10 +278,25 @@ type reads struct {
 
 var errStop = errors.New("serve: restore stopped")
 
-func (r *Restorer) startReads(ns, id string, ident *state.Identity, ahead int, since func() time.Duration) *reads {
+// readFn is a source's owned restore: by name or by tokens.
+type readFn func(ahead int, fn func(layer int, rows []byte, release func()) error) (int, error)
+
+// reader is the read of a context by name, or of p by tokens when ps is set.
+func (r *Restorer) reader(ns, id string, ident *state.Identity, ps PrefixSource, p Prefix) readFn {
+	if ps != nil {
+		return func(ahead int, fn func(layer int, rows []byte, release func()) error) (int, error) {
+			return ps.RestorePrefixOwned(p, ahead, fn)
+		}
+	}
+	return func(ahead int, fn func(layer int, rows []byte, release func()) error) (int, error) {
+		return r.src.RestoreOwned(ns, id, ident, ahead, fn)
+	}
+}
+
+func (r *Restorer) startReads(read readFn, ident *state.Identity, ahead int, since func() time.Duration) *reads {
 	rd := &reads{msgs: make(chan layerMsg, len(ident.Plan)), done: make(chan ioResult, 1), failed: make(chan struct{}), stopped: make(chan struct{})}
 	go func() {
-		n, err := r.src.RestoreOwned(ns, id, ident, ahead, func(layer int, rows []byte, release func()) error {
+		n, err := read(ahead, func(layer int, rows []byte, release func()) error {
 			select {
 			case <-rd.stopped:
 				release()
@@ -295,6 +381,22 @@ func (r *Restorer) Restore(req Request) (RestoreStats, error) {
 	if err := CheckPlan(r.backend.Config(), plan); err != nil {
 		return rs, err
 	}
+	var (
+		ps PrefixSource
+		p  Prefix
+	)
+	if req.ByTokens {
+		var n int
+		if ps, p, n, err = r.byTokens(req.NS, req.ID, req.Ident, req.Tokens, req.Salt); err != nil {
+			return rs, err
+		}
+		if n == 0 {
+			return rs, nil // nothing stored: nothing to restore
+		}
+		// The restore reads (and a recomputed prefix recomputes) the
+		// stored prefix only; the reads check that they cover exactly it.
+		req.Tokens = req.Tokens[:n]
+	}
 	if nr > 0 {
 		if len(req.Tokens) == 0 {
 			return rs, fmt.Errorf("%w: the plan of %s/%s recomputes layers 0..%d; the request must carry the context's token ids", ErrTokens, req.NS, req.ID, nr-1)
@@ -325,7 +427,7 @@ func (r *Restorer) Restore(req Request) (RestoreStats, error) {
 		layer := int64(len(req.Tokens)) * int64(maxRow)
 		ahead = int(min(int64(len(plan)-nr+1), max(2, r.settings.BufferBytes/max(1, layer))))
 	}
-	rd := r.startReads(req.NS, req.ID, req.Ident, ahead, since)
+	rd := r.startReads(r.reader(req.NS, req.ID, req.Ident, ps, p), req.Ident, ahead, since)
 	finished := make(chan struct{})
 	defer close(finished)
 
@@ -448,6 +550,13 @@ type StreamRequest struct {
 	// Project turns hidden layers into K|V rows through the backend
 	// before they are handed on; KV layers go as stored.
 	Project bool
+	// ByTokens streams by tokens, as Request.ByTokens: the longest stored
+	// prefix of Tokens in NS under Salt and Ident (plus context ID's
+	// matching tail when ID is set); the sink is never called when
+	// nothing is stored (RestoreStats.Tokens 0, no error).
+	ByTokens bool
+	Tokens   []int
+	Salt     []byte
 }
 
 // StreamLayer is one layer handed to a Stream sink.
@@ -488,13 +597,27 @@ func (r *Restorer) Stream(req StreamRequest, sink func(StreamLayer) error) (Rest
 			return rs, err
 		}
 	}
+	var (
+		ps PrefixSource
+		p  Prefix
+	)
+	if req.ByTokens {
+		var n int
+		var err error
+		if ps, p, n, err = r.byTokens(req.NS, req.ID, req.Ident, req.Tokens, req.Salt); err != nil {
+			return rs, err
+		}
+		if n == 0 {
+			return rs, nil
+		}
+	}
 	q0 := time.Now()
 	r.admit.acquire()
 	defer r.admit.release()
 	start := time.Now()
 	rs.QueueWait = start.Sub(q0)
 	since := func() time.Duration { return time.Since(start) }
-	rd := r.startReads(req.NS, req.ID, req.Ident, 0, since)
+	rd := r.startReads(r.reader(req.NS, req.ID, req.Ident, ps, p), req.Ident, 0, since)
 
 	// The projection's scratch: one block of the context's tokens, shared
 	// by every layer's slot of the host cache (each layer is read out

@@ -52,6 +52,22 @@
 // slices, no tokens, a descriptor naming the context; it deletes the
 // context's generations up to its generation (Repair honours it).
 //
+// Version 3 records are those of token-addressed contexts (issue 19): the
+// version 2 descriptor is followed by a chain section: salt length u16 |
+// salt | key [32] | parent key [32] | token count u16 (= tokens) | token
+// ids u32 each. Flags (version 3): bit 1 (RecordGroup) marks a group
+// record, one full group of a chain shared by every context of the
+// namespace whose chain reaches it: empty context id, generation 0, key
+// its state.Chain key, parent the previous group's (zero for group 0),
+// group its position, and binding the group binding
+// (state.NewGroupBinding: namespace, key, identity; no context id). Bit 2
+// (RecordTip) marks a tip record: no slices, no tokens, the context
+// descriptor, key the context's last full group's key and group its full
+// group count; written at a Flush that leaves no tail, so that repair finds
+// the context. A token-addressed context's tail record has no flag, the
+// context's binding, a zero key and the tail's token ids; its parent is the
+// chain's tip. Readers still read version 1 and 2 records.
+//
 // Version 2 records describe themselves: with the descriptor, a record holds
 // everything the index holds about it (namespace, id, identity, generation,
 // group, token count, slices and their checksums), so the index can be
@@ -77,6 +93,18 @@
 // only to count the records that a crash left unindexed (ScanRecords stops at
 // the first header whose magic, version, bounds or checksum is wrong, which is
 // how a torn tail ends), and the next append overwrites them.
+//
+// A torn or corrupt group record is never served: its slices fail their
+// checksums (seeded from the group binding of the request's namespace,
+// identity and key) and a restore by tokens compares the index entry's
+// token digest with the request's tokens before reading; the restore fails
+// (ErrCorrupt or ErrCollision) and nothing of it reaches the caller. GC
+// moves a group record only if its header checks (otherwise the GC stops
+// and the segment stays). Repair adopts a group record only if its header,
+// group binding and every slice check, and only while a live context's
+// chain (from its newest tail or tip record) reaches it; a context whose
+// newest state's chain is not whole in the segments falls back to its
+// newest state whose chain is.
 package format
 
 import (
@@ -95,6 +123,13 @@ const (
 	Version = 2
 	// VersionV1 records carry no context descriptor: read, never written.
 	VersionV1 = 1
+	// VersionV3 records (of token-addressed contexts) add a chain section
+	// to the version 2 descriptor: salt, chain key, parent key and the
+	// token ids the record's rows were computed from. Segments keep
+	// version Version; a segment holds records of every version.
+	VersionV3 = 3
+	// MaxSaltBytes bounds a chain salt (state.MaxSaltBytes).
+	MaxSaltBytes = 255
 	// SegmentHeaderBytes is the segment header block; records start after it.
 	SegmentHeaderBytes = BlockBytes
 	// MaxHeaderBytes bounds a record header.
@@ -230,15 +265,37 @@ type RecordHeader struct {
 	Namespace string
 	ContextID string
 	Identity  []byte // encoded Identity
+
+	// The chain section (version 3 only). A group record (RecordGroup)
+	// holds one full group of a token chain: ContextID is empty, Key is
+	// its chain key, Parent the previous group's (zero for group 0),
+	// TokenIDs its ChunkTokens token ids, and Binding the group binding
+	// (state.NewGroupBinding). A token-addressed context's tail record
+	// (no flag) has the context descriptor, a zero Key, Parent = the
+	// chain key of the context's last full group (zero if none) and the
+	// tail's token ids. A tip record (RecordTip) has no slices and no
+	// tokens: it says context (namespace, id, generation) holds Group full
+	// groups ending at Key.
+	Salt     []byte
+	Key      [32]byte
+	Parent   [32]byte
+	TokenIDs []uint32
 }
 
-// DescBytes is the size of the context descriptor of a version 2 header.
+// DescBytes is the size of the context descriptor of a version 2 or 3
+// header.
 func (h *RecordHeader) DescBytes() int {
-	if h.Version == VersionV1 {
+	switch h.Version {
+	case VersionV1:
 		return 0
+	case VersionV3:
+		return 8 + len(h.Namespace) + len(h.ContextID) + len(h.Identity) + chainBytes(len(h.Salt), len(h.TokenIDs))
 	}
 	return 8 + len(h.Namespace) + len(h.ContextID) + len(h.Identity)
 }
+
+// chainBytes is the size of a version 3 chain section.
+func chainBytes(salt, tokens int) int { return 2 + salt + 32 + 32 + 2 + 4*tokens }
 
 // HeaderBytesFor is the header size of a record of slices slices and a
 // desc-byte context descriptor.
@@ -285,6 +342,19 @@ func (h *RecordHeader) Encode(block []byte) {
 		end += copy(block[end:], h.ContextID)
 		end += copy(block[end:], h.Identity)
 	}
+	if h.Version == VersionV3 {
+		binary.LittleEndian.PutUint16(block[end:], uint16(len(h.Salt)))
+		end += 2
+		end += copy(block[end:], h.Salt)
+		end += copy(block[end:], h.Key[:])
+		end += copy(block[end:], h.Parent[:])
+		binary.LittleEndian.PutUint16(block[end:], uint16(len(h.TokenIDs)))
+		end += 2
+		for _, t := range h.TokenIDs {
+			binary.LittleEndian.PutUint32(block[end:], t)
+			end += 4
+		}
+	}
 	binary.LittleEndian.PutUint32(block[end:], crc32.Checksum(block[:end], Castagnoli))
 }
 
@@ -295,8 +365,8 @@ func DecodeRecordHeader(b []byte) (*RecordHeader, error) {
 		return nil, fmt.Errorf("%w: record magic missing", ErrCorrupt)
 	}
 	v := binary.LittleEndian.Uint16(b[8:])
-	if v != Version && v != VersionV1 {
-		return nil, fmt.Errorf("%w: record format version %d, this build reads %d and %d", ErrCorrupt, v, VersionV1, Version)
+	if v != Version && v != VersionV1 && v != VersionV3 {
+		return nil, fmt.Errorf("%w: record format version %d, this build reads %d, %d and %d", ErrCorrupt, v, VersionV1, Version, VersionV3)
 	}
 	h := &RecordHeader{
 		Version:     v,
@@ -311,10 +381,17 @@ func DecodeRecordHeader(b []byte) (*RecordHeader, error) {
 	}
 	n := int(binary.LittleEndian.Uint16(b[28:]))
 	tomb := h.Flags&RecordTombstone != 0
-	if h.Flags&^RecordTombstone != 0 || (tomb && (v == VersionV1 || n != 0)) {
-		return nil, fmt.Errorf("%w: record flags %#x with %d slices", ErrCorrupt, h.Flags, n)
+	tip := h.Flags&RecordTip != 0
+	group := h.Flags&RecordGroup != 0
+	switch {
+	case h.Flags&^(RecordTombstone|RecordGroup|RecordTip) != 0,
+		tomb && (v == VersionV1 || n != 0 || group || tip),
+		(group || tip) && v != VersionV3,
+		group && tip,
+		tip && n != 0:
+		return nil, fmt.Errorf("%w: record flags %#x with %d slices (version %d)", ErrCorrupt, h.Flags, n, v)
 	}
-	if (n == 0 && !tomb) || n > maxRecordSlices || len(b) < int(h.HeaderBytes) || h.HeaderBytes > MaxHeaderBytes {
+	if (n == 0 && !tomb && !tip) || n > maxRecordSlices || len(b) < int(h.HeaderBytes) || h.HeaderBytes > MaxHeaderBytes {
 		return nil, fmt.Errorf("%w: record header of %d bytes with %d slices", ErrCorrupt, h.HeaderBytes, n)
 	}
 	end := recordFixedBytes + n*sliceEntryBytes
@@ -328,6 +405,35 @@ func DecodeRecordHeader(b []byte) (*RecordHeader, error) {
 			return nil, fmt.Errorf("%w: record descriptor lengths %d/%d/%d", ErrCorrupt, nl, il, dl)
 		}
 		desc = 8 + nl + il + dl
+		if v == VersionV3 {
+			// The chain section follows the v2 descriptor.
+			c := end + 8 + nl + il + dl
+			if c+2 > int(h.HeaderBytes) {
+				return nil, fmt.Errorf("%w: record header of %d bytes cut in its chain section", ErrCorrupt, h.HeaderBytes)
+			}
+			sl := int(binary.LittleEndian.Uint16(b[c:]))
+			if sl > MaxSaltBytes || c+2+sl+64+2 > int(h.HeaderBytes) {
+				return nil, fmt.Errorf("%w: record chain section with a %d-byte salt", ErrCorrupt, sl)
+			}
+			p := b[c+2:]
+			h.Salt = append([]byte(nil), p[:sl]...)
+			copy(h.Key[:], p[sl:sl+32])
+			copy(h.Parent[:], p[sl+32:sl+64])
+			nt := int(binary.LittleEndian.Uint16(p[sl+64:]))
+			if nt != int(h.Tokens) || c+chainBytes(sl, nt) > int(h.HeaderBytes) {
+				return nil, fmt.Errorf("%w: record chain section lists %d token ids for %d tokens", ErrCorrupt, nt, h.Tokens)
+			}
+			if nt > 0 {
+				h.TokenIDs = make([]uint32, nt)
+				for i := range h.TokenIDs {
+					h.TokenIDs[i] = binary.LittleEndian.Uint32(p[sl+66+4*i:])
+				}
+			}
+			desc += chainBytes(sl, nt)
+			if group && (il != 0 || h.Key == [32]byte{}) || !group && il == 0 || tip && h.Key == [32]byte{} {
+				return nil, fmt.Errorf("%w: record flags %#x with a %d-byte context id and key %x", ErrCorrupt, h.Flags, il, h.Key[:8])
+			}
+		}
 		if int(h.HeaderBytes) != HeaderBytesFor(n, desc) {
 			return nil, fmt.Errorf("%w: record header of %d bytes with %d slices and a %d-byte descriptor", ErrCorrupt, h.HeaderBytes, n, desc)
 		}
@@ -345,11 +451,11 @@ func DecodeRecordHeader(b []byte) (*RecordHeader, error) {
 	if h.RecordBytes%BlockBytes != 0 || h.RecordBytes < uint64(h.HeaderBytes) || h.RecordBytes > maxRecordBytesCap {
 		return nil, fmt.Errorf("%w: record length %d", ErrCorrupt, h.RecordBytes)
 	}
-	if tomb {
+	if tomb || tip {
 		if h.Tokens != 0 || h.RecordBytes != uint64(h.HeaderBytes) {
-			return nil, fmt.Errorf("%w: tombstone with %d tokens in %d bytes", ErrCorrupt, h.Tokens, h.RecordBytes)
+			return nil, fmt.Errorf("%w: tombstone or tip record with %d tokens in %d bytes", ErrCorrupt, h.Tokens, h.RecordBytes)
 		}
-	} else if h.Tokens == 0 || h.Tokens > h.ChunkTokens {
+	} else if h.Tokens == 0 || h.Tokens > h.ChunkTokens || group && h.Tokens != h.ChunkTokens {
 		return nil, fmt.Errorf("%w: record holds %d tokens of a %d-token chunk", ErrCorrupt, h.Tokens, h.ChunkTokens)
 	}
 	copy(h.Binding[:], b[48:80])
@@ -372,8 +478,18 @@ func DecodeRecordHeader(b []byte) (*RecordHeader, error) {
 	return h, nil
 }
 
-// RecordTombstone is the header flag of a deletion record.
-const RecordTombstone = 1
+// Record flags.
+const (
+	// RecordTombstone is the header flag of a deletion record.
+	RecordTombstone = 1
+	// RecordGroup marks a group record (version 3): one full group of a
+	// token chain, shared by every context whose chain reaches its key.
+	RecordGroup = 2
+	// RecordTip marks a tip record (version 3): no slices; it names the
+	// last full group (Key, Group = the full group count) of a
+	// token-addressed context generation, for repair.
+	RecordTip = 4
+)
 
 // ScannedRecord is one record found by ScanRecords.
 type ScannedRecord struct {

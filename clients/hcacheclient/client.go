@@ -259,9 +259,13 @@ func (c *Client) restore(ctx context.Context, req *hcachev1.RestoreRequest, fn f
 // from off (at most n bytes); fn sees each layer's rows in the region as soon
 // as it is placed.
 func (c *Client) RestoreInto(ctx context.Context, ns, id string, ident Identity, g *Region, off, n uint64, fn func(layer int, rows []byte) error) (uint64, error) {
+	return c.restoreInto(ctx, &hcachev1.RestoreRequest{Ctx: ref(ns, id), Identity: identityProto(ident), Region: g.slice(off, n).GetRegion()}, g, fn)
+}
+
+func (c *Client) restoreInto(ctx context.Context, req *hcachev1.RestoreRequest, g *Region, fn func(layer int, rows []byte) error) (uint64, error) {
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
-	st, err := c.API.Restore(ctx, &hcachev1.RestoreRequest{Ctx: ref(ns, id), Identity: identityProto(ident), Region: g.slice(off, n).GetRegion()})
+	st, err := c.API.Restore(ctx, req)
 	if err != nil {
 		return 0, err
 	}

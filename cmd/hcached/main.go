@@ -95,6 +95,7 @@ func run(args []string) int {
 	sideRegisterTimeout := fs.Duration("side-register-timeout", daemon.DefaultSideRegisterTimeout, "how long a side connection may take to register its region")
 	metricsNS := fs.Bool("metrics-namespaces", false, "export per-namespace series (namespace names, row bytes, quotas) on /metrics, which any local user can read")
 	maxTokens := fs.Uint64("max-tokens", daemon.DefaultMaxTokensPerContext, "tokens per context")
+	maxReqTokens := fs.Uint64("max-request-tokens", daemon.DefaultMaxRequestTokens, "token ids in one request (lookup, open, restore by tokens, append)")
 	maxInflight := fs.Int("max-inflight", daemon.DefaultMaxInflight, "concurrent requests per client connection")
 	maxConns := fs.Int("max-conns", daemon.DefaultMaxConnsPerUID, "unix socket connections per user")
 	maxMsg := fs.String("max-message", units.FormatSize(int64(daemon.DefaultMaxMessageBytes)), "largest gRPC message, both ways")
@@ -153,7 +154,7 @@ func run(args []string) int {
 		Quotas: map[string]int64{}, DefaultQuota: size("default-quota", *defQuota),
 		MaxContexts: *maxContexts, MaxContextsPerNamespace: *maxContextsNS,
 		MaxSidePendingPerUID: *maxSidePendingUID, MaxSidePending: *maxSidePending, SideRegisterTimeout: *sideRegisterTimeout, MetricsNamespaces: *metricsNS,
-		MaxTokensPerContext: *maxTokens, MaxInflight: *maxInflight, MaxConnsPerUID: *maxConns,
+		MaxTokensPerContext: *maxTokens, MaxRequestTokens: *maxReqTokens, MaxInflight: *maxInflight, MaxConnsPerUID: *maxConns,
 		MaxMessageBytes: int(size("max-message", *maxMsg)), MaxRegionBytes: size("max-region", *maxRegion), MaxRegionsPerUID: *maxRegions,
 		GCInterval: *gcInterval, StopTimeout: *stopTimeout, RestoreTimeout: *restoreTimeout, Logger: log,
 	}

@@ -161,3 +161,16 @@ func TestSimulatedDirectCache(t *testing.T) {
 		}
 	}
 }
+
+// TestSimulatedPrefixCrashes: token-addressed contexts with shared
+// prefixes, forks and deletes of one sharer keep their acknowledgements at
+// every crash point and after repair, by name and by tokens, and never
+// serve rows of other tokens.
+func TestSimulatedPrefixCrashes(t *testing.T) {
+	seed := testSeed(t)
+	rep := Simulate(SimOptions{Seed: seed, Cycles: 3, Ops: 120, WriteProb: 0.05, SyncProb: 0.5, Prefix: true})
+	t.Logf("%d cycles, %d crash points (%d repaired), %d acknowledged contexts", rep.Cycles, rep.CrashPoints, rep.RepairChecks, rep.AckedContexts)
+	if !rep.OK() {
+		t.Fatalf("seed %d: %d lost, %d torn, %d fsck errors:\n%s", seed, rep.LostAcked, rep.TornServed, rep.FsckErrors, strings.Join(rep.Failures, "\n"))
+	}
+}

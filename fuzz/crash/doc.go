@@ -72,6 +72,23 @@
 // `TestCacheHitsNotOverwrittenByDirectReads`). Hits are now copied once
 // the fetch's reads have landed.
 //
+// # Token-addressed contexts
+//
+// SimOptions.Prefix (TestSimulatedPrefixCrashes) adds contexts of namespace
+// "tok" saved by tokens (chunk.Store.CreateTokens): prompts of three base
+// documents, so their prefixes are shared, extended by prefill or by decode
+// with token ids and sometimes branched; forks (Store.Fork) of
+// acknowledged prefixes; deletes of one sharer. Rows are a function of each
+// position's token prefix (TokLayerRows), so a byte served for other tokens
+// is caught. At every crash point, and after repair, each context restores
+// by name within its acknowledged and appended counts, and by its tokens
+// (naming it) at least its acknowledged count, every row the request's
+// own; fsck checks the shared groups' reference counts against the
+// contexts' chains. Off (the default), a seed replays the operations it
+// always did. Writing it found that a delete rolled forward at open did not
+// release the context's shared groups (fsck: counts off, groups no chain
+// reaches).
+//
 // # SIGKILL
 //
 // The SIGKILL loop kills each writer right after a seeded number of its

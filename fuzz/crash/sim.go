@@ -38,6 +38,10 @@ type SimOptions struct {
 	// NoFaults leaves out the injected torn writes (whose place in the
 	// operation sequence depends on the configuration): Metamorphic sets it.
 	NoFaults bool
+	// Prefix adds token-addressed contexts (prefix.go): saves by tokens
+	// with shared prefixes, forks, deletes of one sharer, restores by
+	// tokens. Off, a seed replays the operations it always did.
+	Prefix bool
 }
 
 // Config is one store configuration of the simulation. Every
@@ -76,6 +80,11 @@ type ctxModel struct {
 	evictPending  bool // an EvictOne is under way and may pick it
 	evicted       bool // the store evicted it (OnEvict)
 	writer        *chunk.Writer
+	// A token-addressed context (prefix.go): its token ids (those with
+	// rows handed over are tokens[:appended]) and its base document.
+	tok    bool
+	tokens []uint32
+	seed   int
 }
 
 // expect is what the context may look like after a crash (afterRepair:
@@ -112,22 +121,24 @@ func evictedExpect(m ctxModel, e Expect, afterRepair bool) Expect {
 
 // sim is one workload cycle.
 type sim struct {
-	rep     *Report
-	cycle   int
-	seed    int64
-	cfg     Config
-	mem     *vfs.MemFS // nil on real files
-	ident   *chunk.Identity
-	opts    chunk.Options
-	mu      sync.Mutex // guards ctxs, op, now, hookRNG, points
-	ctxs    map[string]*ctxModel
-	slots   [][]string // context ids per slot, in creation order
-	op      int
-	now     int64 // the store's clock: one microsecond per operation
-	hookRNG *rand.Rand
-	points  int
-	verify  sync.Mutex // one crash verification at a time
-	trace   io.Writer
+	rep      *Report
+	cycle    int
+	seed     int64
+	cfg      Config
+	mem      *vfs.MemFS // nil on real files
+	ident    *chunk.Identity
+	opts     chunk.Options
+	mu       sync.Mutex // guards ctxs, op, now, hookRNG, points
+	ctxs     map[string]*ctxModel
+	slots    [][]string // context ids per slot, in creation order
+	prefix   bool       // SimOptions.Prefix
+	tokSlots [][]string
+	op       int
+	now      int64 // the store's clock: one microsecond per operation
+	hookRNG  *rand.Rand
+	points   int
+	verify   sync.Mutex // one crash verification at a time
+	trace    io.Writer
 }
 
 // simEpoch is the simulated clock's start (2026-01-01T00:00:00Z).
@@ -170,6 +181,7 @@ func runCycle(rep *Report, o SimOptions, cycle int, trace io.Writer) {
 	s := &sim{rep: rep, cycle: cycle, seed: seed, cfg: o.Config, ident: Identity(),
 		ctxs: map[string]*ctxModel{}, slots: make([][]string, o.Contexts), hookRNG: rand.New(rand.NewSource(seed ^ 0x5eed)), now: simEpoch}
 	s.trace = trace
+	s.prefix, s.tokSlots = o.Prefix, make([][]string, tokSlots)
 	rng := rand.New(rand.NewSource(seed))
 	ct := o.Config.ChunkTokens
 	if ct == 0 {
@@ -296,6 +308,11 @@ func (s *sim) onEvict(ns, id string) {
 func (s *sim) ids() []string {
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	return s.idsLocked()
+}
+
+// idsLocked is ids with s.mu held.
+func (s *sim) idsLocked() []string {
 	ids := make([]string, 0, len(s.ctxs))
 	for id := range s.ctxs {
 		ids = append(ids, id)
@@ -306,6 +323,9 @@ func (s *sim) ids() []string {
 
 // step runs one random operation.
 func (s *sim) step(st *chunk.Store, rng *rand.Rand, slots int) error {
+	if s.prefix && rng.Intn(100) < 45 {
+		return s.stepTok(st, rng)
+	}
 	slot := rng.Intn(slots)
 	// The live (not deleted or evicted) context of the slot, if any.
 	var m *ctxModel
@@ -492,7 +512,7 @@ func (s *sim) crashPoint(where string, trace io.Writer) {
 		s.rep.fail("%s: note: %v", tag, logged)
 	}
 	for _, id := range sortedIDs(models) {
-		v, msg := CheckContext(st, "crash", id, s.ident, models[id].expect(false))
+		v, msg := s.checkModel(st, models[id], models[id].expect(false))
 		s.rep.tally(v, msg, tag)
 	}
 	r := st.Check(nil)
@@ -538,7 +558,7 @@ func (s *sim) checkRepair(fs vfs.FS, o chunk.Options, tag string, models map[str
 	defer st.Close()
 	s.rep.RepairChecks++
 	for _, id := range sortedIDs(models) {
-		v, msg := CheckContext(st, "crash", id, s.ident, models[id].expect(true))
+		v, msg := s.checkModel(st, models[id], models[id].expect(true))
 		s.rep.tally(v, msg, tag)
 	}
 	r := st.Check(nil)

@@ -1128,10 +1128,13 @@ type RestoreRequest struct {
 	// project: hidden-state layers come back as K|V rows computed on the
 	// daemon's backend (the identity's model must be one the daemon loaded).
 	Project bool `protobuf:"varint,5,opt,name=project,proto3" json:"project,omitempty"`
-	// tokens: restore by tokens. With ctx.id empty, the longest stored prefix
-	// of tokens in ctx.namespace (whole chunk groups); with ctx.id set, that
-	// context's state, refused unless its token ids start with tokens' stored
-	// prefix. Every group's token ids are checked before its rows are sent.
+	// tokens: restore by tokens: the longest prefix of tokens whose state is
+	// stored in ctx.namespace under salt and identity (whole chunk groups),
+	// extended, when ctx.id names a context created with tokens, by that
+	// context's partial tail where its ids match (NOT_FOUND when ctx.id does
+	// not exist; ctx.id may be empty). The chunks' tokens field is the count;
+	// nothing stored is an empty stream. Every group's token ids are checked
+	// before its rows are sent.
 	Tokens        []uint32 `protobuf:"varint,6,rep,packed,name=tokens,proto3" json:"tokens,omitempty"`
 	Salt          []byte   `protobuf:"bytes,7,opt,name=salt,proto3" json:"salt,omitempty"`
 	unknownFields protoimpl.UnknownFields
