@@ -14,10 +14,6 @@ import (
 	"github.com/hcache/hcache/model"
 )
 
-// lacksLookup is what the Python side prints when the daemon answers Lookup
-// with UNIMPLEMENTED (a daemon without the token-addressed RPCs).
-const lacksLookup = "the daemon lacks Lookup"
-
 // synthModels writes the named presets under a temporary directory.
 func synthModels(t *testing.T, presets ...string) string {
 	t.Helper()
@@ -66,8 +62,7 @@ func pyScript(t *testing.T, name string) string {
 // vLLM-shaped connector driven through vLLM's stand-in objects, the paged
 // torch engine, the client's token API and the SGLang-shaped storage. First
 // against the in-memory seam of the daemon's token semantics, then against a
-// real hcached (the connector and token cases skip, and so does this subtest,
-// only while the daemon answers Lookup with UNIMPLEMENTED).
+// real hcached, where nothing may skip.
 func TestPythonConnectors(t *testing.T) {
 	py := torchPython(t)
 	mdir := synthModels(t, "tiny-gqa")
@@ -94,9 +89,6 @@ func TestPythonConnectors(t *testing.T) {
 		addr, stop := startPrefixDaemon(t)
 		defer stop()
 		out := run(t, "--addr", addr)
-		if strings.Contains(out, lacksLookup) {
-			t.Skipf("%s: the connector and token cases skipped (the SGLang storage ran)", lacksLookup)
-		}
 		if strings.Contains(out, "skipped") {
 			t.Fatalf("a test skipped against the daemon:\n%s", out)
 		}
@@ -129,9 +121,6 @@ func TestPythonPagedEngine(t *testing.T) {
 			cmd.Stderr = &stderr
 			out, err := cmd.Output()
 			if err != nil {
-				if strings.Contains(stderr.String(), "UNIMPLEMENTED") {
-					t.Skipf("%s: %s", lacksLookup, lastLine(stderr.String()))
-				}
 				t.Fatalf("torch_engine: %v\n%s\n%s", err, out, stderr.String())
 			}
 			var res struct {
@@ -174,10 +163,3 @@ func TestPythonPagedEngine(t *testing.T) {
 	}
 }
 
-func lastLine(s string) string {
-	s = strings.TrimSpace(s)
-	if i := strings.LastIndexByte(s, '\n'); i >= 0 {
-		return s[i+1:]
-	}
-	return s
-}
