@@ -162,4 +162,3 @@ func TestPythonPagedEngine(t *testing.T) {
 		})
 	}
 }
-
