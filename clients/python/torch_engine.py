@@ -2,6 +2,19 @@
 
 Usage: torch_engine.py --addr unix:///path/hcache.sock --model MODEL_DIR [--transport shm|inline]
        [--project NAME] [--conversations 2] [--turns 3] [--prompt 40] [--gen 12] [--seed 1] [--namespace engine]
+       torch_engine.py --mode paged --addr ... --model MODEL_DIR [--systems 1] [--system-len 40]
+       [--salted 0] [--keep-local] [--conversations 3] [--turns 3] [--prompt 20] [--gen 8]
+
+--mode paged (see PagedEngine) is a small paged-attention engine: a block
+table per request, blocks of the daemon's chunk tokens, a local prefix cache
+of blocks by chained block hashes, and hcache behind it through the
+vLLM-shaped connector (hcache_client.vllm_connector), driven in vLLM's call
+order with the stand-ins of vllm_shapes.py. Conversations share system
+prompts; every turn is a new request carrying the whole history, so its
+prefix comes from the local cache or, with the local cache dropped between
+requests (the default), from hcache by tokens.
+
+--mode conversations (the default) keeps each conversation in a named context:
 
 The model is the repository's independent PyTorch reference
 (model/testdata/torch_ref.py: its safetensors reader and the same math,
@@ -40,6 +53,8 @@ sys.path.insert(0, os.path.join(HERE, "..", "..", "model", "testdata"))
 from torch_ref import apply_rope, load_safetensors, rope_inv_freq  # noqa: E402
 
 import hcache_client as hc  # noqa: E402
+import vllm_shapes as vs  # noqa: E402
+from hcache_client.vllm_connector import HCacheConnector, KVConnectorRole  # noqa: E402
 
 ROW_LAYOUT = b"torch_engine rows v1: hidden = layer input after the pre-attention norm, in the model dtype; kv = K (after rope) then V, [kv_heads x head_dim] each"
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -123,6 +138,47 @@ class Model:
         x = self.rms(x[-1:], self.W["model.norm.weight"])
         head = self.W.get("lm_head.weight", self.W["model.embed_tokens.weight"])
         return F.linear(x, head)[0]
+
+
+def forward_paged(m, ids, pos0, kv, table, bs, names, conn=None):
+    """Model.forward over a paged KV cache: kv[l] is [2, blocks, bs, KV, hd]
+    in the model dtype, table the request's block ids; positions [pos0,
+    pos0+n) are written, [0, pos0+n) attended to. conn (a worker-side
+    connector) sees wait_for_layer_load before a layer's attention and
+    save_kv_layer after its K/V are in the cache, as in vLLM. The math is
+    Model.forward's, op for op."""
+    n = len(ids)
+    pos = torch.arange(pos0, pos0 + n)
+    T = pos0 + n
+    allpos = torch.arange(T)
+    tb = torch.tensor(table, dtype=torch.long)
+    bi, bo = tb[allpos // bs], allpos % bs
+    x = m.W["model.embed_tokens.weight"][torch.tensor(ids)]
+    for l in range(m.L):
+        h = m.rnd(m.rms(x, m.w(l, "input_layernorm.weight")))
+        q = F.linear(h, m.w(l, "self_attn.q_proj.weight"), m.w(l, "self_attn.q_proj.bias")).view(n, m.H, m.hd)
+        q = m.rope(q, pos)
+        k, v = m.kv(l, h, pos)
+        if conn is not None:
+            conn.wait_for_layer_load(names[l])
+        kv[l][0, bi[pos0:], bo[pos0:]] = k.to(m.dtype)
+        kv[l][1, bi[pos0:], bo[pos0:]] = v.to(m.dtype)
+        if conn is not None:
+            conn.save_kv_layer(names[l], kv[l], None)
+        k, v = kv[l][0, bi, bo].float(), kv[l][1, bi, bo].float()
+        mask = torch.where(torch.arange(T)[None, :] > pos[:, None], float("-inf"), 0.0)
+        rep = m.H // m.KV
+        kk, vv = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        sc = torch.einsum("qhd,khd->hqk", q, kk) / math.sqrt(m.hd) + mask
+        a = torch.einsum("hqk,khd->qhd", sc.softmax(-1), vv).reshape(n, m.H * m.hd)
+        x = x + F.linear(a, m.w(l, "self_attn.o_proj.weight"), m.w(l, "self_attn.o_proj.bias"))
+        h2 = m.rms(x, m.w(l, "post_attention_layernorm.weight"))
+        g = F.linear(h2, m.w(l, "mlp.gate_proj.weight"))
+        u = F.linear(h2, m.w(l, "mlp.up_proj.weight"))
+        x = x + F.linear(F.silu(g) * u, m.w(l, "mlp.down_proj.weight"))
+    x = m.rms(x[-1:], m.W["model.norm.weight"])
+    head = m.W.get("lm_head.weight", m.W["model.embed_tokens.weight"])
+    return F.linear(x, head)[0]
 
 
 def as_bytes(t, dtype):
@@ -255,6 +311,214 @@ class Engine:
         return cache
 
 
+class PagedEngine:
+    """A paged-attention engine over hcache, vLLM-shaped.
+
+    Blocks of block_size tokens (the daemon's chunk tokens) in a pool per
+    layer, [2, blocks, block_size, KV, hd] in the model dtype (FlashAttention's
+    layout in vLLM); a block table per request; a local prefix cache that maps
+    chained block hashes (vLLM's scheme: parent hash, the block's tokens, the
+    cache salt in the first block) to resident blocks, shared by reference
+    count across requests. Behind it hcache through HCacheConnector, with a
+    scheduler-side and a worker-side instance called in vLLM's order each step:
+    get_num_new_matched_tokens, update_state_after_alloc, build_connector_meta
+    (scheduler); bind_connector_metadata, start_load_kv, wait_for_layer_load /
+    save_kv_layer per layer, wait_for_save, clear_connector_metadata (worker);
+    request_finished and get_finished when a request ends."""
+
+    def __init__(self, model, client, ns, fingerprint, block_size, num_blocks, keep_local=False, transport="inline"):
+        self.m, self.bs, self.keep_local = model, block_size, keep_local
+        self.names = [f"model.layers.{l}.self_attn.attn" for l in range(model.L)]
+        self.kv = {n: torch.zeros(2, num_blocks, block_size, model.KV, model.hd, dtype=model.dtype) for n in self.names}
+        self.kvl = [self.kv[n] for n in self.names]
+        self.free = list(range(num_blocks - 1, -1, -1))
+        self.ref = [0] * num_blocks
+        self.cached = {}  # block hash -> block id (local prefix cache)
+        self.hash_of = {}  # block id -> block hash
+        cfg = vs.VllmConfig(vs.ModelConfig(model.L, model.KV, model.hd, model.dtype), vs.CacheConfig(block_size),
+                            vs.KVTransferConfig(kv_connector_extra_config={"hcache_namespace": ns, "hcache_fingerprint": fingerprint.hex(),
+                                                                   "hcache_transport": transport}))
+        self.sched = HCacheConnector(cfg, KVConnectorRole.SCHEDULER, None, client=client)
+        self.worker = HCacheConnector(cfg, KVConnectorRole.WORKER, None, client=client)
+        self.worker.register_kv_caches(self.kv)
+        self.ident = self.sched.ident
+        self.n = 0
+
+    def block_hashes(self, tokens, salt):
+        out, parent = [], b""
+        for i in range(len(tokens) // self.bs):
+            h = hashlib.sha256(parent)
+            h.update(torch.tensor(tokens[i * self.bs:(i + 1) * self.bs], dtype=torch.int64).numpy().tobytes())
+            if i == 0 and salt:
+                h.update(b"cache_salt" + salt.encode())
+            parent = h.digest()
+            out.append(parent)
+        return out
+
+    def alloc(self):
+        while not self.free:
+            # Evict an unreferenced cached block.
+            victim = next((b for b, h in self.hash_of.items() if self.ref[b] == 0), None)
+            if victim is None:
+                raise SystemExit("torch_engine: out of KV blocks")
+            del self.cached[self.hash_of.pop(victim)]
+            self.free.append(victim)
+        b = self.free.pop()
+        self.ref[b] = 1
+        return b
+
+    def release(self, b):
+        self.ref[b] -= 1
+        if self.ref[b] == 0 and b not in self.hash_of:
+            self.free.append(b)
+
+    def step(self, so, ids, pos0, table, meta_check=None):
+        """One engine step: scheduler metadata to the worker, the forward pass."""
+        meta = self.sched.build_connector_meta(so)
+        self.worker.bind_connector_metadata(meta)
+        self.worker.start_load_kv(vs.ForwardContext())
+        logits = forward_paged(self.m, ids, pos0, self.kvl, table, self.bs, self.names, self.worker)
+        self.worker.wait_for_save()
+        self.worker.clear_connector_metadata()
+        bad = self.worker.get_block_ids_with_load_errors()
+        if bad:
+            raise SystemExit(f"torch_engine: blocks {sorted(bad)} failed to load")
+        return logits
+
+    def run(self, prompt, gen, salt=None, check=None):
+        """Serves one request: returns (generated tokens, stats). check(table,
+        start, end) may inspect the loaded blocks after the prefill."""
+        self.n += 1
+        rid = f"req-{self.n}"
+        req = vs.Request(rid, prompt, cache_salt=salt)
+        hashes = self.block_hashes(prompt, salt)
+        table = []
+        for h in hashes:  # local prefix cache: longest run of resident blocks
+            b = self.cached.get(h)
+            if b is None:
+                break
+            self.ref[b] += 1
+            table.append(b)
+        local = len(table) * self.bs
+        if local >= len(prompt):  # always compute the last prompt token
+            self.release(table.pop())
+            local -= self.bs
+        ext, _ = self.sched.get_num_new_matched_tokens(req, local)
+        need = (len(prompt) + self.bs - 1) // self.bs
+        table += [self.alloc() for _ in range(need - len(table))]
+        self.sched.update_state_after_alloc(req, vs.KVCacheBlocks(table), ext)
+        computed = local + ext
+        so = vs.SchedulerOutput(scheduled_new_reqs=[vs.NewRequestData(rid, list(prompt), (list(table),), computed)],
+                                num_scheduled_tokens={rid: len(prompt) - computed})
+        logits = self.step(so, prompt[computed:], computed, table)
+        if check is not None and ext:
+            check(table, local, computed)
+        req.num_computed_tokens = len(prompt)
+        out, pos = [], len(prompt)
+        for i in range(gen):
+            t = int(logits.argmax())
+            out.append(t)
+            req.append_output_token_ids(t)
+            if i == gen - 1:
+                break
+            new = None
+            if pos // self.bs >= len(table):
+                table.append(self.alloc())
+                new = ([table[-1]],)
+            so = vs.SchedulerOutput(scheduled_cached_reqs=vs.CachedRequestData([rid], set(), [], [new], [pos]),
+                                    num_scheduled_tokens={rid: 1})
+            logits = self.step(so, [t], pos, table)
+            pos += 1
+            req.num_computed_tokens = pos
+        # Finish: the scheduler tells the connector, the worker closes (flushes).
+        self.sched.request_finished(req, list(table))
+        self.sched.build_connector_meta(vs.SchedulerOutput(finished_req_ids={rid}))
+        self.worker.get_finished({rid})
+        # Full blocks join the local prefix cache (unless dropped).
+        full = self.block_hashes(req.all_token_ids[:pos], salt)
+        for i, b in enumerate(table):
+            if self.keep_local and i < len(full) and full[i] not in self.cached and b not in self.hash_of:
+                self.cached[full[i]] = b
+                self.hash_of[b] = full[i]
+            self.release(b)
+        if not self.keep_local:
+            self.drop_local()
+        return out, {"request": rid, "prompt": len(prompt), "local_hit": local, "external_hit": ext}
+
+    def drop_local(self):
+        for b in list(self.hash_of):
+            del self.cached[self.hash_of.pop(b)]
+            if self.ref[b] == 0:
+                self.free.append(b)
+
+
+def paged_main(a, m, client):
+    """--mode paged: conversations under shared system prompts, every turn a
+    request with the whole history, against an uninterrupted run."""
+    bs = client.info().chunk_tokens if a.block_size == 0 else a.block_size
+    if isinstance(client, hc.Client):
+        try:  # the connector takes a failed lookup for a miss: say plainly when there is no Lookup at all
+            client.lookup(a.namespace, hc.Identity(b"probe", [(hc.KV, 4)]), [1])
+        except hc.Error as e:
+            if e.code.name == "UNIMPLEMENTED":
+                raise SystemExit(f"torch_engine: the daemon lacks Lookup ({e})")
+    vocab = m.W["model.embed_tokens.weight"].shape[0]
+    g = torch.Generator().manual_seed(a.seed)
+    systems = [torch.randint(0, vocab, (a.system_len,), generator=g).tolist() for _ in range(a.systems)]
+    convs = [f"c{i}" for i in range(a.conversations)]
+    # The last --salted conversations carry a cache salt of their own tenant.
+    salts = {c: (f"tenant-{c}" if i >= a.conversations - a.salted else None) for i, c in enumerate(convs)}
+    users = {c: [torch.randint(0, vocab, (a.prompt + 7 * t,), generator=g).tolist() for t in range(a.turns)] for c in convs}
+    per_req = (a.system_len + a.turns * (a.prompt + 7 * a.turns + a.gen)) // bs + 2
+    eng = PagedEngine(m, client, a.namespace, m.fingerprint, bs, per_req * 2 + 8, keep_local=a.keep_local, transport=a.transport)
+    ref_cache = {c: [None] * m.L for c in convs}
+    history = {c: list(systems[i % a.systems]) for i, c in enumerate(convs)}
+    ref_last = {c: [] for c in convs}
+    ref_pos = {c: 0 for c in convs}
+    equal, reqs, max_row_diff = True, [], 0.0
+
+    def checker(c):
+        def check(table, start, end):  # loaded rows against this conversation's uninterrupted K/V
+            nonlocal max_row_diff
+            pos = torch.arange(start, end)
+            bi, bo = torch.tensor(table)[pos // bs], pos % bs
+            for l in range(m.L):
+                rk, rv = ref_cache[c][l]
+                k, v = eng.kvl[l][0, bi, bo].float(), eng.kvl[l][1, bi, bo].float()
+                max_row_diff = max(max_row_diff, float((k - rk[start:end]).abs().max()), float((v - rv[start:end]).abs().max()))
+        return check
+
+    for t in range(a.turns):
+        for i, c in enumerate(convs):
+            # Uninterrupted reference: the KV cache stays in memory.
+            ids = (history[c] if t == 0 else ref_last[c]) + users[c][t]
+            logits = m.forward(ids, ref_pos[c], ref_cache[c])
+            pos = ref_pos[c] + len(ids)
+            ref_out = []
+            for j in range(a.gen):
+                tok = int(logits.argmax())
+                ref_out.append(tok)
+                if j == a.gen - 1:
+                    break
+                logits = m.forward([tok], pos, ref_cache[c])
+                pos += 1
+            ref_pos[c], ref_last[c] = pos, [ref_out[-1]]
+            # The paged engine: one request with the whole history.
+            prompt = history[c] + users[c][t]
+            out, st = eng.run(prompt, a.gen, salt=salts[c], check=checker(c))
+            st.update(conversation=c, turn=t, salted=salts[c] is not None)
+            reqs.append(st)
+            equal = equal and out == ref_out
+            history[c] = prompt + out
+    res = {"mode": "paged", "tokens_equal": equal, "block_size": bs, "transport": a.transport, "requests": reqs,
+           "max_loaded_row_diff": max_row_diff, "connector": eng.sched.stats | {k: v for k, v in eng.worker.stats.items() if v},
+           "lookup_errors": eng.sched.lookup_errors}
+    print(json.dumps(res))
+    eng.worker.shutdown()
+    if not equal:
+        sys.exit(1)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--addr", required=True)
@@ -268,9 +532,17 @@ def main():
     ap.add_argument("--prompt", type=int, default=40)
     ap.add_argument("--gen", type=int, default=12)
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--mode", choices=["conversations", "paged"], default="conversations")
+    ap.add_argument("--systems", type=int, default=1, help="paged: shared system prompts")
+    ap.add_argument("--system-len", type=int, default=40, help="paged: tokens of a system prompt")
+    ap.add_argument("--salted", type=int, default=0, help="paged: the last N conversations carry a cache salt of their own")
+    ap.add_argument("--block-size", type=int, default=0, help="paged: tokens per block (0: the daemon's chunk tokens)")
+    ap.add_argument("--keep-local", action="store_true", help="paged: keep the local prefix cache between requests")
     a = ap.parse_args()
     torch.manual_seed(a.seed)
     m = Model(a.model)
+    if a.mode == "paged":
+        return paged_main(a, m, hc.Client(a.addr, token=a.token))
     # Plan: the last layer keeps K|V, the others their hidden state.
     kinds = [hc.HIDDEN] * (m.L - 1) + [hc.KV]
     client = hc.Client(a.addr, token=a.token)

@@ -11,7 +11,14 @@ grpc's generic channel API (python3-grpc-tools is not needed).
     w.append_layer(0, rows)          # prefill: all tokens of layer 0, then layer 1, ...
     w.append_tokens(1, token_rows)   # decode: one token of every stored layer
     w.flush()                        # returns once durable
-    for layer, rows in c.restore("engine-a", "conv-1", ident): ...
+    for layer, tokens, rows in c.restore("engine-a", "conv-1", ident): ...
+
+State can also be addressed by its tokens (chain keys, state/chain.go):
+c.lookup(ns, ident, tokens) answers how many leading tokens are stored,
+c.create(ns, cid, ident, tokens=prompt) shares the stored groups and says where
+the writer continues (w.tokens), w.append_tokens(n, rows, token_ids=...) adds
+decoded tokens, c.restore(ns, None, ident, tokens=prompt) restores the longest
+stored prefix, c.fork(ns, src, dst, n) starts dst from src's first n tokens.
 
 On the unix socket, bulk bytes can go through a shared memory Region (a sealed
 memfd handed to the daemon over its side socket): write rows into
@@ -26,6 +33,7 @@ import grpc
 import numpy as np
 
 from . import hcache_pb2 as pb
+from ._version import __version__  # noqa: F401
 
 NONE, HIDDEN, KV = pb.LAYER_NONE, pb.LAYER_HIDDEN, pb.LAYER_KV
 SHM_MAGIC = b"HCSHM001"
@@ -46,6 +54,8 @@ _METHODS = {
     "Pin": (pb.PinRequest, pb.PinReply, False),
     "Fsck": (pb.FsckRequest, pb.FsckReply, False),
     "Gc": (pb.GcRequest, pb.GcReply, False),
+    "Lookup": (pb.LookupRequest, pb.LookupReply, False),
+    "Fork": (pb.ForkRequest, pb.ForkReply, False),
 }
 
 
@@ -153,8 +163,106 @@ def _rows(rows):
     return pb.Rows(inline=bytes(rows))
 
 
+def _token_array(tokens):
+    """Token ids as a 1-D numpy uint64 array of values in [0, 2^32): from a
+    list, tuple, numpy array or torch tensor of integers. Anything else, or an
+    id out of range, raises ValueError naming the element (before anything is
+    sent)."""
+    if tokens is None:
+        return np.zeros(0, np.uint64)
+    if hasattr(tokens, "numpy") and hasattr(tokens, "cpu"):  # torch.Tensor
+        tokens = tokens.detach().cpu().numpy()
+    if isinstance(tokens, (list, tuple)):
+        kinds = set(map(type, tokens))
+        if not kinds <= {int}:
+            for i, t in enumerate(tokens):
+                if type(t) is not int and not (isinstance(t, np.integer)):
+                    raise ValueError(f"token ids: element {i} is {t!r} ({type(t).__name__}), want an int")
+        a = np.fromiter(tokens, dtype=np.int64, count=len(tokens)) if kinds <= {int} else np.asarray(tokens)
+        if a.size and a.dtype.kind not in "iu":  # numpy integers of mixed kinds
+            a = np.asarray([int(t) for t in tokens], dtype=object)
+    else:
+        try:
+            a = np.asarray(tokens)
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"token ids: {e}") from None
+        if a.ndim != 1 and a.size:
+            raise ValueError(f"token ids: shape {a.shape}, want one dimension")
+        if a.size and a.dtype.kind not in "iu":
+            bad = next((i for i, t in enumerate(a.reshape(-1).tolist()) if type(t) is not int), 0)
+            raise ValueError(f"token ids: element {bad} is {a.reshape(-1).tolist()[bad]!r} ({a.dtype}), want integers")
+    a = a.reshape(-1)
+    if a.size:
+        lo, hi = int(a.min()), int(a.max())
+        if lo < 0 or hi >= 1 << 32:
+            i = next(i for i, t in enumerate(a.tolist()) if t < 0 or t >= 1 << 32)
+            raise ValueError(f"token ids: element {i} is {int(a[i])}, outside [0, 2^32)")
+    return a.astype(np.uint64)
+
+
+def _token_ids(tokens):
+    """Token ids as a list of ints (see _token_array)."""
+    return _token_array(tokens).tolist()
+
+
+def _varint(v):
+    out = bytearray()
+    while True:
+        b = v & 0x7F
+        v >>= 7
+        if v:
+            out.append(b | 0x80)
+        else:
+            out.append(b)
+            return bytes(out)
+
+
+def _packed(field, a):
+    """The wire bytes of a packed repeated uint32 field holding a (an array
+    from _token_array): varints encoded with numpy, since building the field
+    through protobuf costs ~70 ns a token (9 ms for a 128K-token prompt)."""
+    if a.size == 0:
+        return b""
+    v = a.astype(np.uint32)
+    shifts = np.arange(0, 35, 7, dtype=np.uint32)
+    groups = ((v[:, None] >> shifts[None, :]) & 0x7F).astype(np.uint8)  # 7-bit groups, low first
+    nb = 1 + (v >= 1 << 7).astype(np.int8) + (v >= 1 << 14) + (v >= 1 << 21) + (v >= 1 << 28)
+    k = np.arange(5, dtype=np.int8)[None, :]
+    groups |= (k < (nb - 1)[:, None]).view(np.uint8) << 7  # continuation bits
+    out = groups[k < nb[:, None]]
+    payload = out.tobytes()
+    return _varint((field << 3) | 2) + _varint(len(payload)) + payload
+
+
+def _with_tokens(msg, tokens):
+    """msg (without its tokens field) serialized, followed by tokens as its
+    packed tokens field: the same message on the wire (a parser merges
+    fields in any order)."""
+    a = _token_array(tokens)
+    return msg.SerializeToString() + _packed(type(msg).DESCRIPTOR.fields_by_name["tokens"].number, a)
+
+
+def _serialize(req):
+    """Requests are messages, or bytes already serialized (_with_tokens)."""
+    return req if isinstance(req, bytes) else req.SerializeToString()
+
+
+def _salt(salt):
+    """A chain salt as bytes: None (no salt), bytes, or a str (UTF-8, as
+    vLLM's cache_salt)."""
+    if salt is None:
+        return b""
+    if isinstance(salt, str):
+        return salt.encode()
+    if isinstance(salt, (bytes, bytearray, memoryview)):
+        return bytes(salt)
+    raise ValueError(f"salt: {type(salt).__name__}, want bytes or str")
+
+
 class Writer:
-    """Appends to one context (not safe for concurrent use)."""
+    """Appends to one context (not safe for concurrent use). tokens: where
+    it continues; for a token-addressed context opened with tokens, the rows
+    of tokens before it are stored (or shared) already and must not be sent."""
 
     def __init__(self, client, ref, ident, tokens):
         self.c, self.ref, self.ident, self.tokens = client, ref, ident, tokens
@@ -164,8 +272,14 @@ class Writer:
         self.tokens = r.tokens
         return r.tokens
 
-    def append_tokens(self, count, rows):
-        r = self.c._call("AppendTokens", pb.AppendTokensRequest(ctx=self.ref, count=count, rows=_rows(rows)))
+    def append_tokens(self, count, rows, token_ids=None):
+        """Appends count whole tokens (rows token-major: every stored layer's
+        row of token 0, then of token 1, ...). token_ids: their ids, required
+        by a token-addressed context (count of them)."""
+        ids = _token_ids(token_ids) if token_ids is not None else []
+        if token_ids is not None and len(ids) != count:
+            raise ValueError(f"append_tokens: {len(ids)} token ids for {count} tokens")
+        r = self.c._call("AppendTokens", pb.AppendTokensRequest(ctx=self.ref, count=count, rows=_rows(rows), token_ids=ids))
         self.tokens = r.tokens
         return r.tokens
 
@@ -191,7 +305,7 @@ class Client:
         self._stubs = {}
         for name, (req, rep, stream) in _METHODS.items():
             mk = self.channel.unary_stream if stream else self.channel.unary_unary
-            self._stubs[name] = mk("/hcache.v1.HCache/" + name, request_serializer=req.SerializeToString,
+            self._stubs[name] = mk("/hcache.v1.HCache/" + name, request_serializer=_serialize,
                                    response_deserializer=rep.FromString)
 
     def _call(self, name, req):
@@ -210,19 +324,53 @@ class Client:
     def info(self):
         return self._call("Info", pb.InfoRequest())
 
-    def create(self, ns, cid, ident, pinned=False):
-        r = self._call("OpenContext", pb.OpenContextRequest(ctx=self._ref(ns, cid), identity=ident.proto(), mode=pb.CREATE, pinned=pinned))
+    def create(self, ns, cid, ident, pinned=False, tokens=None, salt=None):
+        """Opens a new context and returns its Writer. With tokens (the
+        prompt's ids) the context is token-addressed: whole chunk groups
+        already stored in ns under ident (and salt) are shared, and
+        writer.tokens says how many leading tokens are stored already: send
+        only the rows from there on."""
+        req = pb.OpenContextRequest(ctx=self._ref(ns, cid), identity=ident.proto(), mode=pb.CREATE, pinned=pinned, salt=_salt(salt))
+        r = self._call("OpenContext", _with_tokens(req, tokens))
         return Writer(self, self._ref(ns, cid), ident, r.tokens)
 
-    def append(self, ns, cid, ident):
-        r = self._call("OpenContext", pb.OpenContextRequest(ctx=self._ref(ns, cid), identity=ident.proto(), mode=pb.APPEND))
+    def append(self, ns, cid, ident, tokens=None, salt=None):
+        """Reopens a context for its next turn. A token-addressed context
+        takes tokens: its stored token ids followed by this turn's."""
+        req = pb.OpenContextRequest(ctx=self._ref(ns, cid), identity=ident.proto(), mode=pb.APPEND, salt=_salt(salt))
+        r = self._call("OpenContext", _with_tokens(req, tokens))
         return Writer(self, self._ref(ns, cid), ident, r.tokens)
 
-    def restore(self, ns, cid, ident, project=False):
+    def lookup(self, ns, ident, tokens, salt=None, id=None):
+        """How many leading tokens of tokens have state stored in ns under
+        ident (and salt): whole chunk groups, plus context id's own partial
+        tail when id is given and its tokens match. Reads only the index."""
+        req = pb.LookupRequest(namespace=ns, identity=ident.proto(), salt=_salt(salt), id=id or "")
+        return self._call("Lookup", _with_tokens(req, tokens)).tokens
+
+    def fork(self, ns, src, dst, tokens):
+        """Starts context dst (in ns) from the first tokens of src: whole
+        chunk groups are shared, only a partial tail is copied. Returns dst's
+        token count."""
+        if tokens < 0:
+            raise ValueError(f"fork: {tokens} tokens")
+        return self._call("Fork", pb.ForkRequest(src=self._ref(ns, src), dst_id=dst, tokens=tokens)).tokens
+
+    def _restore_req(self, ns, cid, ident, project, tokens, salt, **kw):
+        if cid is None and tokens is None:
+            raise ValueError("restore: give a context id, tokens, or both")
+        return _with_tokens(pb.RestoreRequest(ctx=self._ref(ns, cid or ""), identity=ident.proto(), project=project,
+                                              salt=_salt(salt), **kw), tokens)
+
+    def restore(self, ns, cid, ident, project=False, tokens=None, salt=None):
         """Yields (layer, tokens, rows bytes) as each layer arrives. With
         project, hidden-state layers come back as K|V rows projected on the
-        daemon's backend (the identity's model must be one in info().models)."""
-        req = pb.RestoreRequest(ctx=self._ref(ns, cid), identity=ident.proto(), project=project)
+        daemon's backend (the identity's model must be one in info().models).
+        With tokens (and cid None), the longest stored prefix of tokens in ns
+        (whole chunk groups; 0 tokens restore as no layers or empty ones); with
+        both, context cid, refused unless its tokens start with tokens' stored
+        prefix. The daemon checks every group's token ids before sending it."""
+        req = self._restore_req(ns, cid, ident, project, tokens, salt)
         buf = bytearray()
         try:
             for m in self._stubs["Restore"](req, metadata=self.md):
@@ -234,12 +382,13 @@ class Client:
         except grpc.RpcError as e:
             raise Error(e.code(), e.details()) from None
 
-    def restore_into(self, ns, cid, ident, region, offset=0, length=None, project=False):
+    def restore_into(self, ns, cid, ident, region, offset=0, length=None, project=False, tokens=None, salt=None):
         """Restores into a shared region; yields (layer, tokens, offset, nbytes)
-        as each layer is placed (read it with region.array / region.tensor)."""
+        as each layer is placed (read it with region.array / region.tensor).
+        tokens and salt as for restore."""
         if length is None:
             length = region.size - offset
-        req = pb.RestoreRequest(ctx=self._ref(ns, cid), identity=ident.proto(), region=region.slice(offset, length), project=project)
+        req = self._restore_req(ns, cid, ident, project, tokens, salt, region=region.slice(offset, length))
         try:
             for m in self._stubs["Restore"](req, metadata=self.md):
                 yield m.layer, m.tokens, m.region.offset, m.region.length
