@@ -33,9 +33,23 @@
 // conversation grows turn by turn, so a copy with more tokens is newer.
 // The formats are in manifest.go.
 //
+// By tokens. PublishTokens uploads the full groups of a token-addressed
+// prompt as group objects keyed by namespace and chain key (content
+// addressed: a group the bucket holds already, same token digest, is not
+// uploaded again), once they are durable locally; PublishTip writes a
+// named context's tip object (chain tip, salt, tail ids). LookupTokens
+// answers how many leading tokens past the local match the bucket holds
+// (HEADs, LookupParallel at once, digest in the object's metadata);
+// PromoteTokens fetches them, verifies every group (size, description,
+// token ids against the request, checksums) and writes them into the
+// local store as a token-addressed context (PromotedID), whose groups are
+// then local shared groups that a restore by tokens serves. A collision,
+// a corrupt or truncated object promotes nothing. The formats are in
+// groups.go.
+//
 // Keys, under Config.Prefix: seg/STORE/seg-NNNNNNNN.hcs (segment ids
 // restart at 1 in every store, hence the store id), ctx/STORE/BINDING.hcx,
-// name/NS/ID.hcm.
+// name/NS/ID.hcm, grp/NS/CHAINKEY.hcg, tip/NS/ID.hct.
 //
 // Faults are normal: a request that fails (store down, slow past
 // Config.Timeout, an error reply, a body cut short) is ErrUnavailable,

@@ -44,6 +44,7 @@ type GCOptions struct {
 // GCReport says what a remote gc found and did.
 type GCReport struct {
 	Manifests, ContextObjects, SegmentObjects int
+	Tips, GroupObjects                        int
 	Deleted                                   []string
 	KeptYoung                                 int      // unreferenced but within the grace
 	Skipped                                   []string // why something was not examined
@@ -123,6 +124,10 @@ func (c *Client) GC(ctx context.Context, o GCOptions) (*GCReport, error) {
 		rep.Skipped = append(rep.Skipped, "context objects: a manifest could not be read, so none was deleted")
 	}
 
+	if err := c.gcGroups(ctx, rep, cutoff, del); err != nil {
+		return nil, err
+	}
+
 	for i, s := range o.Stores {
 		store := o.StoreIDs[i]
 		known := map[uint32]bool{}
@@ -151,6 +156,70 @@ func (c *Client) GC(ctx context.Context, o GCOptions) (*GCReport, error) {
 		}
 	}
 	return rep, nil
+}
+
+// gcGroups removes group objects no tip object's chain reaches (walked
+// back from each tip through the group descriptions' parent keys), once
+// older than the grace. A tip that cannot be read, or a chain that breaks
+// on anything but a missing group, stops the deletion of group objects
+// (what it would have reached is unknown).
+func (c *Client) gcGroups(ctx context.Context, rep *GCReport, cutoff time.Time, del func(string)) error {
+	tips, err := c.list(ctx, "tip/")
+	if err != nil {
+		return err
+	}
+	refs := map[string]bool{}
+	ok := true
+	for _, oi := range tips {
+		rep.Tips++
+		t, err := c.readTip(ctx, oi.Key)
+		if isNotFound(err) {
+			continue
+		}
+		if err != nil {
+			ok = false
+			rep.Errors = append(rep.Errors, fmt.Sprintf("tip %s: %v", oi.Key, err))
+			continue
+		}
+		for key := t.tip; !key.IsZero(); {
+			k := c.groupKey(t.ns, key)
+			if refs[k] {
+				break
+			}
+			refs[k] = true
+			parent, _, err := c.groupParent(ctx, t.ns, t.ident, key)
+			if isNotFound(err) {
+				break // gone: nothing to keep past it on this chain
+			}
+			if err != nil {
+				ok = false
+				rep.Errors = append(rep.Errors, fmt.Sprintf("chain of %s at %s: %v", oi.Key, k, err))
+				break
+			}
+			key = parent
+		}
+	}
+	objs, err := c.list(ctx, "grp/")
+	if err != nil {
+		return err
+	}
+	for _, oi := range objs {
+		rep.GroupObjects++
+		if refs[oi.Key] {
+			continue
+		}
+		if oi.Modified.After(cutoff) {
+			rep.KeptYoung++
+			continue
+		}
+		if ok {
+			del(oi.Key)
+		}
+	}
+	if !ok {
+		rep.Skipped = append(rep.Skipped, "group objects: a tip or a chain could not be read, so none was deleted")
+	}
+	return nil
 }
 
 func isNotFound(err error) bool { return errors.Is(err, ErrNotFound) }
