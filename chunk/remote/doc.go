@@ -39,7 +39,7 @@
 // uploaded again), once they are durable locally; PublishTip writes a
 // named context's tip object (chain tip, salt, tail ids). LookupTokens
 // answers how many leading tokens past the local match the bucket holds
-// (HEADs, LookupParallel at once, digest in the object's metadata);
+// (HEADs, a bounded number at once, digest in the object's metadata);
 // PromoteTokens fetches them, verifies every group (size, description,
 // token ids against the request, checksums) and writes them into the
 // local store as a token-addressed context (PromotedID), whose groups are
@@ -56,8 +56,9 @@
 // never read as damage (a restore of a remote segment fails and is retried
 // later; the context is not marked damaged); local segments serve on;
 // an object gone is ErrNotFound, a miss. GC removes objects nothing refers
-// to once older than a grace period (GCOptions.Grace), which is how a
-// fleet avoids deleting what another node just wrote; Check verifies the
+// to once older than a grace period (GCOptions.Grace; a group object is
+// referred to while some tip object's chain reaches it, walked back from
+// the tip through the groups' parent keys), which is how a fleet avoids deleting what another node just wrote; Check verifies the
 // bucket read-only; DownloadSegments brings a store's segment objects back
 // before hcache repair rebuilds its index from segments.
 package remote
