@@ -26,7 +26,14 @@ type GCOptions struct {
 	// its index records it, each within seconds; a reader holding an
 	// older manifest finishes within the grace too. Set it well above the
 	// longest upload and restore (and above clock skew between nodes and
-	// the object store, whose clock dates the objects).
+	// the object store, whose clock dates the objects). Group objects: a
+	// node uploads a context's groups, then its tip object (which keeps
+	// them), within one publish. A publish that finds a group object
+	// already there does not upload it again; if that object was
+	// unreferenced and past the grace, a gc running before the new tip is
+	// written may delete it: the new chain then ends early in the bucket
+	// (lookups stop at the missing group: a shorter hit, never wrong
+	// bytes), and the context's next publish uploads the group again.
 	Grace time.Duration
 	// Stores are the local stores whose segment objects this gc may
 	// remove (the segments their index no longer lists); the segments of
