@@ -12,6 +12,7 @@ import (
 
 	"github.com/hcache/hcache/chunk"
 	"github.com/hcache/hcache/chunk/format"
+	"github.com/hcache/hcache/state"
 )
 
 // DefaultGrace is the age below which remote gc never deletes an object.
@@ -243,6 +244,7 @@ func segIDOfKey(key string) (uint32, bool) {
 // CheckReport is what a read-only check of the bucket found.
 type CheckReport struct {
 	Manifests, Layers int
+	Tips, Groups      int // tip objects read; group objects verified (deep)
 	Errors            []string
 }
 
@@ -284,7 +286,83 @@ func (c *Client) Check(ctx context.Context, deep bool) (*CheckReport, error) {
 			}
 		}
 	}
+	// By tokens: every tip object decodes; deep also reads every group
+	// object whole and verifies it on its own (checkGroupObject).
+	tips, err := c.list(ctx, "tip/")
+	if err != nil {
+		return nil, err
+	}
+	for _, oi := range tips {
+		rep.Tips++
+		if _, err := c.readTip(ctx, oi.Key); err != nil && !isNotFound(err) {
+			rep.Errors = append(rep.Errors, err.Error())
+		}
+	}
+	if deep {
+		grps, err := c.list(ctx, "grp/")
+		if err != nil {
+			return nil, err
+		}
+		for _, oi := range grps {
+			err := c.checkGroupObject(ctx, oi.Key)
+			if isNotFound(err) {
+				continue
+			}
+			rep.Groups++
+			if err != nil {
+				rep.Errors = append(rep.Errors, fmt.Sprintf("%s: %v", oi.Key, err))
+			}
+		}
+	}
 	return rep, nil
+}
+
+// checkGroupObject verifies a group object without a request to compare
+// it with: its description (checksum, version, identity), that its key
+// is the one its name carries, its size, its binding and token digest as
+// its namespace, identity, key and ids compute, and every layer's
+// checksum.
+func (c *Client) checkGroupObject(ctx context.Context, key string) error {
+	oi, err := c.stat(ctx, key)
+	if err != nil {
+		return err
+	}
+	if oi.Size > 1<<34 {
+		return fmt.Errorf("%w: %d bytes", format.ErrCorrupt, oi.Size)
+	}
+	b, err := c.get(ctx, key, oi.Size+1)
+	if err != nil {
+		return err
+	}
+	g, end, err := decodeGroup(b, nil)
+	if err != nil {
+		return err
+	}
+	if c.groupKey(g.ns, g.key) != key {
+		return fmt.Errorf("%w: it describes %s key %x", format.ErrCorrupt, g.ns, g.key[:8])
+	}
+	if g.binding != state.NewGroupBinding(g.ns, g.ident, g.key) || g.digest != state.TokensDigest(g.ids) {
+		return fmt.Errorf("%w: binding or token digest is not the one its description computes", format.ErrCorrupt)
+	}
+	want := newGroupDesc(g.ns, g.ident, int(g.index), g.key, g.parent, g.ids)
+	_, total := want.size()
+	if len(b) != total || end != len(want.encode()) {
+		return fmt.Errorf("%w: %d bytes, its description says %d", format.ErrCorrupt, len(b), total)
+	}
+	if len(g.layers) != len(want.layers) {
+		return fmt.Errorf("%w: %d layers, its identity %d", format.ErrCorrupt, len(g.layers), len(want.layers))
+	}
+	off := end
+	for i, l := range g.layers {
+		if l.Layer != want.layers[i].Layer || l.Bytes != want.layers[i].Bytes {
+			return fmt.Errorf("%w: layer entry %d does not match its identity", format.ErrCorrupt, i)
+		}
+		if format.SliceCRC(g.binding, g.index, l.Layer, b[off:off+int(l.Bytes)]) != l.CRC {
+			return fmt.Errorf("%w: layer %d: checksum mismatch", format.ErrCorrupt, l.Layer)
+		}
+		off += int(l.Bytes)
+	}
+	return nil
 }
 
 func (c *Client) checkObject(ctx context.Context, m *Manifest) error {

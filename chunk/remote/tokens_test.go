@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"math/rand"
+	"strings"
 	"testing"
 	"time"
 
@@ -136,6 +137,9 @@ func TestByTokens(t *testing.T) {
 		t.Fatalf("promote of the longer prompt on C: %d, %v; want %d", got, err, 2*testCT)
 	}
 	restoreTok(t, sc, lp, conv, 2*testCT)
+	if rep, err := b.Check(ctx, true); err != nil || !rep.OK() || rep.Groups != 3 || rep.Tips != 1 {
+		t.Fatalf("deep check: %+v, %v; want 3 groups and 1 tip, no errors", rep, err)
+	}
 
 	for _, q := range []chunk.Prefix{
 		{Namespace: "other", Salt: salt, Identity: ident, Tokens: prompt},
@@ -203,6 +207,9 @@ func TestByTokensRefused(t *testing.T) {
 		}
 		if l, _ := s.Lookup(p); l != 0 || len(s.Contexts()) != 0 {
 			t.Fatalf("%s: the refused promotion left %d tokens, %d contexts", tc.name, l, len(s.Contexts()))
+		}
+		if rep, err := a.Check(ctx, true); err != nil || len(rep.Errors) != 1 || !strings.Contains(rep.Errors[0], key) {
+			t.Fatalf("%s: deep check %+v, %v; want one error naming %s", tc.name, rep, err, key)
 		}
 	}
 	if err := a.put(ctx, key, bytes.NewReader(orig), int64(len(orig)), meta); err != nil {

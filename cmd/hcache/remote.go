@@ -112,7 +112,7 @@ func remoteCheckCmd(args []string, stdout, stderr io.Writer) error {
 			return err
 		}
 	} else {
-		fmt.Fprintf(stdout, "%d manifests checked, %d layers verified, %d errors\n", rep.Manifests, rep.Layers, len(rep.Errors))
+		fmt.Fprintf(stdout, "%d manifests checked, %d layers verified, %d tips read, %d group objects verified, %d errors\n", rep.Manifests, rep.Layers, rep.Tips, rep.Groups, len(rep.Errors))
 		for _, e := range rep.Errors {
 			fmt.Fprintf(stdout, "  %s\n", e)
 		}
