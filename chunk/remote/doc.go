@@ -58,7 +58,9 @@
 // an object gone is ErrNotFound, a miss. GC removes objects nothing refers
 // to once older than a grace period (GCOptions.Grace; a group object is
 // referred to while some tip object's chain reaches it, walked back from
-// the tip through the groups' parent keys), which is how a fleet avoids deleting what another node just wrote; Check verifies the
-// bucket read-only (deep: every group object too, on its own); DownloadSegments brings a store's segment objects back
-// before hcache repair rebuilds its index from segments.
+// the tip through the groups' parent keys), which is how a fleet avoids
+// deleting what another node just wrote; Check verifies the bucket
+// read-only (deep: every group object too, on its own); DownloadSegments
+// brings a store's segment objects back before hcache repair rebuilds its
+// index from segments.
 package remote
