@@ -109,6 +109,18 @@ func (s *Store) chainKeys(ch state.Chain, tokens []uint32) []ChainKey {
 	return keys
 }
 
+// ChainKeys returns the chain keys of the full groups of tokens in
+// namespace ns under salt and ident, as this store computes them (the
+// Options.ChainKeyFunc seam included): the remote tier names group objects
+// by them.
+func (s *Store) ChainKeys(ns string, salt []byte, ident *Identity, tokens []uint32) ([]ChainKey, error) {
+	ch, err := s.chainOf(ns, salt, ident)
+	if err != nil {
+		return nil, err
+	}
+	return s.chainKeys(ch, tokens), nil
+}
+
 // nextKey is the key of the group of ids after parent: Chain.Next, or the
 // keyFunc seam (tests force collisions through it).
 func (s *Store) nextKey(ch state.Chain, parent ChainKey, ids []uint32) ChainKey {

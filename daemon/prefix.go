@@ -88,10 +88,13 @@ func (s *Server) Lookup(ctx context.Context, req *hcachev1.LookupRequest) (*hcac
 	if err != nil {
 		return nil, err
 	}
-	n, err := s.store.Lookup(chunk.Prefix{Namespace: req.GetNamespace(), Salt: req.GetSalt(), Identity: ident, Tokens: req.GetTokens(), Context: req.GetId()})
+	p := chunk.Prefix{Namespace: req.GetNamespace(), Salt: req.GetSalt(), Identity: ident, Tokens: req.GetTokens(), Context: req.GetId()}
+	n, err := s.store.Lookup(p)
 	if err != nil {
 		return nil, s.prefixErr(err)
 	}
+	// Past the local match, the shared tier (remote.go).
+	n += s.remoteTokens(ctx, p, n, false)
 	res := "miss"
 	if n > 0 {
 		res = "hit"

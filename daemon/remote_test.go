@@ -22,7 +22,7 @@ import (
 
 // startNode runs a daemon whose store has the remote tier of store id node
 // in the server's bucket, publishing synchronously.
-func startNode(t *testing.T, srv *objstore.TestServer, node string) (*env, string) {
+func startNode(t *testing.T, srv *objstore.TestServer, node string, mut ...func(*chunk.Options)) (*env, string) {
 	t.Helper()
 	c, err := remote.New(remote.Config{Endpoint: srv.Endpoint, Bucket: "fleet", StoreID: node, AccessKey: "k", SecretKey: "s", Timeout: 5 * time.Second})
 	if err != nil {
@@ -37,8 +37,12 @@ func startNode(t *testing.T, srv *objstore.TestServer, node string) (*env, strin
 	}
 	t.Cleanup(func() { os.RemoveAll(sd) })
 	e := &env{t: t, dir: t.TempDir(), sock: filepath.Join(sd, "s")}
-	e.store, err = chunk.Open(chunk.Options{Dir: e.dir, GCInterval: -1, SegmentBytes: 8 << 20, Logf: t.Logf,
-		Providers: []chunk.ObjectProvider{c.Provider()}})
+	o := chunk.Options{Dir: e.dir, GCInterval: -1, SegmentBytes: 8 << 20, Logf: t.Logf,
+		Providers: []chunk.ObjectProvider{c.Provider()}}
+	for _, f := range mut {
+		f(&o)
+	}
+	e.store, err = chunk.Open(o)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -31,6 +31,11 @@ type openWriter struct {
 	tokenRow int      // bytes of one token over the stored layers
 	appended atomic.Int64
 	closed   bool // closed or abandoned (guarded by mu)
+	// A token-addressed writer: the salt and the ids of its tokens known
+	// so far (for its publish by tokens; remote.go).
+	byTokens bool
+	salt     []byte
+	ids      []uint32
 }
 
 // lock takes the writer for an append or flush, refusing one that was
@@ -263,6 +268,9 @@ func (s *Server) OpenContext(ctx context.Context, req *hcachev1.OpenContextReque
 		return nil, s.storeErr(err)
 	}
 	ow := &openWriter{ns: ns, id: id, conn: c.conn, w: w, ident: ident, layerTok: make([]uint64, len(ident.Plan))}
+	if len(tokens) > 0 {
+		ow.byTokens, ow.salt, ow.ids = true, salt, append([]uint32(nil), tokens...)
+	}
 	base := uint64(w.Tokens())
 	for l, p := range ident.Plan {
 		ow.tokenRow += int(p.RowBytes)
@@ -434,6 +442,13 @@ func (s *Server) AppendTokens(ctx context.Context, req *hcachev1.AppendTokensReq
 		}
 		done++
 	}
+	if w.byTokens && len(ids) > 0 {
+		for i := range done {
+			if int(t)+i >= len(w.ids) {
+				w.ids = append(w.ids, ids[i])
+			}
+		}
+	}
 	s.advance(w, done)
 	s.metrics.appendBytes.Add(float64(len(rows)))
 	return &hcachev1.AppendReply{Tokens: uint64(w.w.Tokens())}, nil
@@ -495,6 +510,10 @@ func (s *Server) CloseContext(ctx context.Context, req *hcachev1.CloseContextReq
 		cerr = w.w.Close()
 	}
 	tokens := w.w.Tokens()
+	var tp *tokPublish
+	if w.byTokens && len(w.ids) >= tokens {
+		tp = &tokPublish{ident: w.ident, salt: w.salt, ids: w.ids[:tokens]}
+	}
 	w.mu.Unlock()
 	s.mu.Lock()
 	if s.writers[key(ns, id)] == w {
@@ -512,7 +531,7 @@ func (s *Server) CloseContext(ctx context.Context, req *hcachev1.CloseContextReq
 		}
 		return &hcachev1.FlushReply{Tokens: info.Tokens}, nil
 	}
-	s.remotePublish(ns, id)
+	s.remotePublish(ns, id, tp)
 	return &hcachev1.FlushReply{Tokens: uint64(tokens)}, nil
 }
 
@@ -554,7 +573,15 @@ func (s *Server) Restore(req *hcachev1.RestoreRequest, stream grpc.ServerStreami
 	if err != nil {
 		return err
 	}
-	s.remoteRefresh(ctx, ns, id)
+	if id != "" {
+		s.remoteRefresh(ctx, ns, id)
+	}
+	if byTokens && s.cfg.Remote != nil {
+		p := chunk.Prefix{Namespace: ns, Salt: req.GetSalt(), Identity: ident, Tokens: req.GetTokens()}
+		if local, err := s.store.Lookup(p); err == nil {
+			s.remoteTokens(ctx, p, local, true)
+		}
+	}
 	var dst []byte
 	var dstOff uint64
 	releaseRegion := func() {}

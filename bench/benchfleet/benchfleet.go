@@ -36,15 +36,19 @@ import (
 
 // Options configure a run.
 type Options struct {
-	Nodes         int    `json:"nodes"`
-	Workload      string `json:"workload"` // chat
-	Conversations int    `json:"conversations"`
-	Turns         int    `json:"turns"`
-	FirstTokens   int    `json:"first_tokens"`
-	TurnTokens    int    `json:"turn_tokens"`
-	Layers        int    `json:"layers"`    // of the fleet's model shape (K|V rows)
-	RowBytes      int    `json:"row_bytes"` // per token per layer
-	Seed          int64  `json:"seed"`
+	Nodes    int    `json:"nodes"`
+	Workload string `json:"workload"` // chat or prefix
+	// The prefix workload (prefix.go): a bench/prefixwl stream.
+	PrefixWorkload string  `json:"prefix_workload,omitempty"`
+	PrefixScale    float64 `json:"prefix_scale,omitempty"`
+	Requests       int     `json:"requests,omitempty"`
+	Conversations  int     `json:"conversations"`
+	Turns          int     `json:"turns"`
+	FirstTokens    int     `json:"first_tokens"`
+	TurnTokens     int     `json:"turn_tokens"`
+	Layers         int     `json:"layers"`    // of the fleet's model shape (K|V rows)
+	RowBytes       int     `json:"row_bytes"` // per token per layer
+	Seed           int64   `json:"seed"`
 	// ThroughputTokens is the context of the remote read measurement, in
 	// Llama2-7B's shape (32 layers of 16 KiB K|V rows per token); 0 skips it.
 	ThroughputTokens int `json:"throughput_tokens"`
@@ -101,9 +105,10 @@ type Throughput struct {
 
 // Result is what `hcache bench fleet --json` prints.
 type Result struct {
-	Options    Options     `json:"options"`
-	Modes      []Mode      `json:"modes"`
-	Throughput *Throughput `json:"throughput,omitempty"`
+	Options    Options      `json:"options"`
+	Modes      []Mode       `json:"modes,omitempty"`
+	Prefix     []PrefixMode `json:"prefix_modes,omitempty"`
+	Throughput *Throughput  `json:"throughput,omitempty"`
 }
 
 func (o *Options) fill() error {
@@ -127,8 +132,17 @@ func (o *Options) fill() error {
 	if o.Workload == "" {
 		o.Workload = "chat"
 	}
-	if o.Workload != "chat" {
-		return fmt.Errorf("workload %q: only chat is built (prefix needs prefix-addressed state)", o.Workload)
+	if o.Workload != "chat" && o.Workload != "prefix" {
+		return fmt.Errorf("workload %q: want chat or prefix", o.Workload)
+	}
+	if o.Workload == "prefix" {
+		if o.PrefixWorkload == "" {
+			o.PrefixWorkload = "chat"
+		}
+		if o.PrefixScale == 0 {
+			o.PrefixScale = 0.05
+		}
+		def(&o.Requests, 120)
 	}
 	if o.Nodes < 1 || o.Turns < 2 || o.Conversations < 1 {
 		return fmt.Errorf("want at least 1 node, 2 turns and 1 conversation")
@@ -167,6 +181,14 @@ func Run(o Options) (*Result, error) {
 	os.Setenv("AWS_SECRET_ACCESS_KEY", "fleet")
 	res := &Result{Options: o}
 	for _, shared := range []bool{false, true} {
+		if o.Workload == "prefix" {
+			m, err := runPrefix(o, dir, srv.Endpoint, shared)
+			if err != nil {
+				return nil, fmt.Errorf("shared tier %v: %w", shared, err)
+			}
+			res.Prefix = append(res.Prefix, *m)
+			continue
+		}
 		m, err := runMode(o, dir, srv.Endpoint, shared)
 		if err != nil {
 			return nil, fmt.Errorf("shared tier %v: %w", shared, err)

@@ -33,17 +33,34 @@
 // conversation grows turn by turn, so a copy with more tokens is newer.
 // The formats are in manifest.go.
 //
+// By tokens. PublishTokens uploads the full groups of a token-addressed
+// prompt as group objects keyed by namespace and chain key (content
+// addressed: a group the bucket holds already, same token digest, is not
+// uploaded again), once they are durable locally; PublishTip writes a
+// named context's tip object (chain tip, salt, tail ids). LookupTokens
+// answers how many leading tokens past the local match the bucket holds
+// (HEADs, a bounded number at once, digest in the object's metadata);
+// PromoteTokens fetches them, verifies every group (size, description,
+// token ids against the request, checksums) and writes them into the
+// local store as a token-addressed context (PromotedID), whose groups are
+// then local shared groups that a restore by tokens serves. A collision,
+// a corrupt or truncated object promotes nothing. The formats are in
+// groups.go.
+//
 // Keys, under Config.Prefix: seg/STORE/seg-NNNNNNNN.hcs (segment ids
 // restart at 1 in every store, hence the store id), ctx/STORE/BINDING.hcx,
-// name/NS/ID.hcm.
+// name/NS/ID.hcm, grp/NS/CHAINKEY.hcg, tip/NS/ID.hct.
 //
 // Faults are normal: a request that fails (store down, slow past
 // Config.Timeout, an error reply, a body cut short) is ErrUnavailable,
 // never read as damage (a restore of a remote segment fails and is retried
 // later; the context is not marked damaged); local segments serve on;
 // an object gone is ErrNotFound, a miss. GC removes objects nothing refers
-// to once older than a grace period (GCOptions.Grace), which is how a
-// fleet avoids deleting what another node just wrote; Check verifies the
-// bucket read-only; DownloadSegments brings a store's segment objects back
-// before hcache repair rebuilds its index from segments.
+// to once older than a grace period (GCOptions.Grace; a group object is
+// referred to while some tip object's chain reaches it, walked back from
+// the tip through the groups' parent keys), which is how a fleet avoids
+// deleting what another node just wrote; Check verifies the bucket
+// read-only (deep: every group object too, on its own); DownloadSegments
+// brings a store's segment objects back before hcache repair rebuilds its
+// index from segments.
 package remote

@@ -12,6 +12,7 @@ import (
 
 	"github.com/hcache/hcache/chunk"
 	"github.com/hcache/hcache/chunk/format"
+	"github.com/hcache/hcache/state"
 )
 
 // DefaultGrace is the age below which remote gc never deletes an object.
@@ -26,7 +27,14 @@ type GCOptions struct {
 	// its index records it, each within seconds; a reader holding an
 	// older manifest finishes within the grace too. Set it well above the
 	// longest upload and restore (and above clock skew between nodes and
-	// the object store, whose clock dates the objects).
+	// the object store, whose clock dates the objects). Group objects: a
+	// node uploads a context's groups, then its tip object (which keeps
+	// them), within one publish. A publish that finds a group object
+	// already there does not upload it again; if that object was
+	// unreferenced and past the grace, a gc running before the new tip is
+	// written may delete it: the new chain then ends early in the bucket
+	// (lookups stop at the missing group: a shorter hit, never wrong
+	// bytes), and the context's next publish uploads the group again.
 	Grace time.Duration
 	// Stores are the local stores whose segment objects this gc may
 	// remove (the segments their index no longer lists); the segments of
@@ -44,6 +52,7 @@ type GCOptions struct {
 // GCReport says what a remote gc found and did.
 type GCReport struct {
 	Manifests, ContextObjects, SegmentObjects int
+	Tips, GroupObjects                        int
 	Deleted                                   []string
 	KeptYoung                                 int      // unreferenced but within the grace
 	Skipped                                   []string // why something was not examined
@@ -123,6 +132,10 @@ func (c *Client) GC(ctx context.Context, o GCOptions) (*GCReport, error) {
 		rep.Skipped = append(rep.Skipped, "context objects: a manifest could not be read, so none was deleted")
 	}
 
+	if err := c.gcGroups(ctx, rep, cutoff, del); err != nil {
+		return nil, err
+	}
+
 	for i, s := range o.Stores {
 		store := o.StoreIDs[i]
 		known := map[uint32]bool{}
@@ -153,6 +166,70 @@ func (c *Client) GC(ctx context.Context, o GCOptions) (*GCReport, error) {
 	return rep, nil
 }
 
+// gcGroups removes group objects no tip object's chain reaches (walked
+// back from each tip through the group descriptions' parent keys), once
+// older than the grace. A tip that cannot be read, or a chain that breaks
+// on anything but a missing group, stops the deletion of group objects
+// (what it would have reached is unknown).
+func (c *Client) gcGroups(ctx context.Context, rep *GCReport, cutoff time.Time, del func(string)) error {
+	tips, err := c.list(ctx, "tip/")
+	if err != nil {
+		return err
+	}
+	refs := map[string]bool{}
+	ok := true
+	for _, oi := range tips {
+		rep.Tips++
+		t, err := c.readTip(ctx, oi.Key)
+		if isNotFound(err) {
+			continue
+		}
+		if err != nil {
+			ok = false
+			rep.Errors = append(rep.Errors, fmt.Sprintf("tip %s: %v", oi.Key, err))
+			continue
+		}
+		for key := t.tip; !key.IsZero(); {
+			k := c.groupKey(t.ns, key)
+			if refs[k] {
+				break
+			}
+			refs[k] = true
+			parent, _, err := c.groupParent(ctx, t.ns, t.ident, key)
+			if isNotFound(err) {
+				break // gone: nothing to keep past it on this chain
+			}
+			if err != nil {
+				ok = false
+				rep.Errors = append(rep.Errors, fmt.Sprintf("chain of %s at %s: %v", oi.Key, k, err))
+				break
+			}
+			key = parent
+		}
+	}
+	objs, err := c.list(ctx, "grp/")
+	if err != nil {
+		return err
+	}
+	for _, oi := range objs {
+		rep.GroupObjects++
+		if refs[oi.Key] {
+			continue
+		}
+		if oi.Modified.After(cutoff) {
+			rep.KeptYoung++
+			continue
+		}
+		if ok {
+			del(oi.Key)
+		}
+	}
+	if !ok {
+		rep.Skipped = append(rep.Skipped, "group objects: a tip or a chain could not be read, so none was deleted")
+	}
+	return nil
+}
+
 func isNotFound(err error) bool { return errors.Is(err, ErrNotFound) }
 
 func segIDOfKey(key string) (uint32, bool) {
@@ -167,6 +244,7 @@ func segIDOfKey(key string) (uint32, bool) {
 // CheckReport is what a read-only check of the bucket found.
 type CheckReport struct {
 	Manifests, Layers int
+	Tips, Groups      int // tip objects read; group objects verified (deep)
 	Errors            []string
 }
 
@@ -208,7 +286,83 @@ func (c *Client) Check(ctx context.Context, deep bool) (*CheckReport, error) {
 			}
 		}
 	}
+	// By tokens: every tip object decodes; deep also reads every group
+	// object whole and verifies it on its own (checkGroupObject).
+	tips, err := c.list(ctx, "tip/")
+	if err != nil {
+		return nil, err
+	}
+	for _, oi := range tips {
+		rep.Tips++
+		if _, err := c.readTip(ctx, oi.Key); err != nil && !isNotFound(err) {
+			rep.Errors = append(rep.Errors, err.Error())
+		}
+	}
+	if deep {
+		grps, err := c.list(ctx, "grp/")
+		if err != nil {
+			return nil, err
+		}
+		for _, oi := range grps {
+			err := c.checkGroupObject(ctx, oi.Key)
+			if isNotFound(err) {
+				continue
+			}
+			rep.Groups++
+			if err != nil {
+				rep.Errors = append(rep.Errors, fmt.Sprintf("%s: %v", oi.Key, err))
+			}
+		}
+	}
 	return rep, nil
+}
+
+// checkGroupObject verifies a group object without a request to compare
+// it with: its description (checksum, version, identity), that its key
+// is the one its name carries, its size, its binding and token digest as
+// its namespace, identity, key and ids compute, and every layer's
+// checksum.
+func (c *Client) checkGroupObject(ctx context.Context, key string) error {
+	oi, err := c.stat(ctx, key)
+	if err != nil {
+		return err
+	}
+	if oi.Size > 1<<34 {
+		return fmt.Errorf("%w: %d bytes", format.ErrCorrupt, oi.Size)
+	}
+	b, err := c.get(ctx, key, oi.Size+1)
+	if err != nil {
+		return err
+	}
+	g, end, err := decodeGroup(b, nil)
+	if err != nil {
+		return err
+	}
+	if c.groupKey(g.ns, g.key) != key {
+		return fmt.Errorf("%w: it describes %s key %x", format.ErrCorrupt, g.ns, g.key[:8])
+	}
+	if g.binding != state.NewGroupBinding(g.ns, g.ident, g.key) || g.digest != state.TokensDigest(g.ids) {
+		return fmt.Errorf("%w: binding or token digest is not the one its description computes", format.ErrCorrupt)
+	}
+	want := newGroupDesc(g.ns, g.ident, int(g.index), g.key, g.parent, g.ids)
+	_, total := want.size()
+	if len(b) != total || end != len(want.encode()) {
+		return fmt.Errorf("%w: %d bytes, its description says %d", format.ErrCorrupt, len(b), total)
+	}
+	if len(g.layers) != len(want.layers) {
+		return fmt.Errorf("%w: %d layers, its identity %d", format.ErrCorrupt, len(g.layers), len(want.layers))
+	}
+	off := end
+	for i, l := range g.layers {
+		if l.Layer != want.layers[i].Layer || l.Bytes != want.layers[i].Bytes {
+			return fmt.Errorf("%w: layer entry %d does not match its identity", format.ErrCorrupt, i)
+		}
+		if format.SliceCRC(g.binding, g.index, l.Layer, b[off:off+int(l.Bytes)]) != l.CRC {
+			return fmt.Errorf("%w: layer %d: checksum mismatch", format.ErrCorrupt, l.Layer)
+		}
+		off += int(l.Bytes)
+	}
+	return nil
 }
 
 func (c *Client) checkObject(ctx context.Context, m *Manifest) error {

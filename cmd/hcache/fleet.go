@@ -18,7 +18,10 @@ func benchFleet(args []string, stdout, stderr io.Writer) error {
 	fs := newFlags("bench fleet", stderr)
 	var o benchfleet.Options
 	fs.IntVar(&o.Nodes, "nodes", 3, "hcached processes")
-	fs.StringVar(&o.Workload, "workload", "chat", "chat: conversations growing turn by turn")
+	fs.StringVar(&o.Workload, "workload", "chat", "chat: conversations growing turn by turn, restored by name; prefix: a bench/prefixwl stream (--prefix-workload) restored and saved by tokens")
+	fs.StringVar(&o.PrefixWorkload, "prefix-workload", "chat", "with --workload prefix: the prefixwl workload (chat, docqa, agent)")
+	fs.Float64Var(&o.PrefixScale, "prefix-scale", 0.05, "with --workload prefix: scale of the workload's sessions")
+	fs.IntVar(&o.Requests, "requests", 120, "with --workload prefix: at most this many requests")
 	fs.IntVar(&o.Conversations, "conversations", 16, "conversations")
 	fs.IntVar(&o.Turns, "turns", 5, "turns per conversation (the first creates it)")
 	fs.IntVar(&o.FirstTokens, "first-tokens", 256, "tokens of a conversation's first turn")
@@ -51,6 +54,10 @@ func benchFleet(args []string, stdout, stderr io.Writer) error {
 	for _, m := range res.Modes {
 		fmt.Fprintf(stdout, "shared tier %-5v: hit rate %.3f of %d restorable turns; local hits %d (p50 %.2f ms), remote hits %d (p50 %.2f ms, %.2f GB/s), misses %d; wrong bytes %d\n",
 			m.SharedTier, m.HitRate, m.RestorableTurns, m.LocalHit.Count, m.LocalHit.P50MS, m.RemoteHit.Count, m.RemoteHit.P50MS, m.RemoteHit.GBps, m.Miss.Count, m.WrongBytes)
+	}
+	for _, m := range res.Prefix {
+		fmt.Fprintf(stdout, "shared tier %-5v: %d requests, hit rate %.3f of %d restorable (tokens %.3f); local hits %d (p50 %.2f ms), remote hits %d (p50 %.2f ms), misses %d (p50 %.2f ms); wrong bytes %d\n",
+			m.SharedTier, m.Requests, m.HitRate, m.Restorable, m.TokenHitRate, m.LocalHit.Count, m.LocalHit.P50MS, m.RemoteHit.Count, m.RemoteHit.P50MS, m.Miss.Count, m.Miss.P50MS, m.WrongBytes)
 	}
 	if t := res.Throughput; t != nil {
 		fmt.Fprintf(stdout, "remote read of %d %s tokens (%d MiB): fetch %.2f GB/s, raw parallel GETs %.2f GB/s, ratio %.2f; import (fetch + local write) %.2f GB/s\n",

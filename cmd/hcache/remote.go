@@ -80,8 +80,8 @@ func remoteGCCmd(args []string, stdout, stderr io.Writer) error {
 		if dry {
 			verb = "would delete"
 		}
-		fmt.Fprintf(stdout, "%d manifests, %d context objects, %d segment objects; %s %d, kept %d younger than %v\n",
-			rep.Manifests, rep.ContextObjects, rep.SegmentObjects, verb, len(rep.Deleted), rep.KeptYoung, grace)
+		fmt.Fprintf(stdout, "%d manifests, %d context objects, %d segment objects, %d tips, %d group objects; %s %d, kept %d younger than %v\n",
+			rep.Manifests, rep.ContextObjects, rep.SegmentObjects, rep.Tips, rep.GroupObjects, verb, len(rep.Deleted), rep.KeptYoung, grace)
 		for _, k := range rep.Deleted {
 			fmt.Fprintf(stdout, "  %s %s\n", verb, k)
 		}
@@ -112,7 +112,7 @@ func remoteCheckCmd(args []string, stdout, stderr io.Writer) error {
 			return err
 		}
 	} else {
-		fmt.Fprintf(stdout, "%d manifests checked, %d layers verified, %d errors\n", rep.Manifests, rep.Layers, len(rep.Errors))
+		fmt.Fprintf(stdout, "%d manifests checked, %d layers verified, %d tips read, %d group objects verified, %d errors\n", rep.Manifests, rep.Layers, rep.Tips, rep.Groups, len(rep.Errors))
 		for _, e := range rep.Errors {
 			fmt.Fprintf(stdout, "  %s\n", e)
 		}

@@ -116,6 +116,7 @@ func run(args []string) int {
 	remoteFlags := remote.RegisterFlags(fs)
 	remoteLocal := fs.String("remote-local-bytes", "0", "sealed segment bytes kept local once the remote tier holds them; past it the oldest move there (their files deleted; restores read them remotely). 0: keep every local copy; -1: move each right after its upload")
 	remoteQueue := fs.Int("remote-upload-queue", 16, "sealed segments waiting for upload before the scan waits (backpressure)")
+	remoteLookupPar := fs.Int("remote-lookup-parallel", 16, "existence checks (HEADs) in flight of one lookup or restore by tokens past the local match")
 	remotePublish := fs.String("remote-publish", "sync", "publish a context by name when it is closed: sync (the close answers once the manifest is written, or --remote-timeout passed), async, or off (import only)")
 	if err := fs.Parse(args); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
@@ -273,7 +274,7 @@ func run(args []string) int {
 		tier = remote.StartTier(st, rclient, remote.TierOptions{QueueLen: *remoteQueue, LocalBytes: orNone(size("remote-local-bytes", *remoteLocal)),
 			Logf: func(f string, a ...any) { log.Warn(fmt.Sprintf(f, a...), "component", "remote") }})
 		cfg.Remote = &daemon.RemoteConfig{Client: rclient, Tier: tier, PublishSync: *remotePublish == "sync",
-			NoPublish: *remotePublish == "off", PublishTimeout: rcfg.Timeout}
+			NoPublish: *remotePublish == "off", PublishTimeout: rcfg.Timeout, LookupParallel: *remoteLookupPar}
 		log.Info("remote tier", "endpoint", rcfg.Endpoint, "bucket", rcfg.Bucket, "prefix", rcfg.Prefix, "store_id", rcfg.StoreID, "publish", *remotePublish)
 	}
 	s, err := daemon.New(cfg)
