@@ -64,7 +64,7 @@ func TestRemoteCommands(t *testing.T) {
 	if code, _, errs := runCLI("fsck", "--dir", dir); code == 0 || !strings.Contains(errs, "s3://cli/") {
 		t.Fatalf("fsck without the remote tier: exit %d, %s; want a refusal naming the location", code, errs)
 	}
-	if code, out, errs := runCLI(append([]string{"remote", "check", "--deep"}, rf...)...); code != 0 || !strings.Contains(out, "1 manifests checked, 1 layers verified, 0 errors") {
+	if code, out, errs := runCLI(append([]string{"remote", "check", "--deep"}, rf...)...); code != 0 || !strings.Contains(out, "1 manifests checked, 1 layers verified, 0 tips read, 0 group objects verified, 0 errors") {
 		t.Fatalf("remote check: exit %d\n%s\n%s", code, out, errs)
 	}
 	if code, out, errs := runCLI(append([]string{"remote", "gc", "--dir", dir, "--grace", "1ns"}, rf...)...); code != 0 || !strings.Contains(out, "deleted 0") {
