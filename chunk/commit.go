@@ -302,6 +302,13 @@ func (s *Store) settleJobs(jobs []*writeJob, newTokens map[*ctxState]uint64, err
 	// The jobs are dealt with only now that the token counts show them:
 	// an Append that sees none pending reads the count a restore sees.
 	for _, j := range jobs {
+		if err != nil && j.c.writeErr == nil {
+			// The commit failed, so the token count did not advance
+			// over these groups: a later group of the same writer
+			// (submitted while this commit was under way, before the
+			// store refused writes) must not be indexed after them.
+			j.c.writeErr = err
+		}
 		j.c.pending--
 		s.invariant(j.c.pending >= 0, "%s/%s: %d groups pending with the flusher after one was committed", j.c.ns, j.c.id, j.c.pending)
 	}

@@ -33,7 +33,10 @@
 // arrives early). Predicted restore time = when the compute stream finishes.
 // Stored layers are ordered hidden first, KV last: Johnson's rule for a
 // two-stage flow shop (hidden layers are the compute-heavy jobs, KV layers the
-// I/O-heavy ones), which a test confirms by also trying KV first.
+// I/O-heavy ones), which a test confirms by also trying KV first on every
+// profile: never faster. (Costs that no platform gives, a KV layer dearer to
+// load than to read and a hidden one cheaper to project than to read, can
+// make KV first faster; plans keep the fixed order regardless.)
 //
 // # The cost model against the CUDA backend
 //
@@ -53,10 +56,10 @@
 // sum need not be minimal near any one length's balance point, so problems up
 // to ~5e7 evaluations scan every k exactly; a seeded random case found this)
 // (what `simulate` uses: one plan fixed for a workload). Tests: against a
-// brute-force search over every split, both KV placements, on every profile x
-// tier (plus a compute-poor variant) x 6 lengths x every preset and two extra
-// shapes (624 cases), and 300 seeded random cost sets with mixed lengths: all
-// within 2% (in practice equal).
+// brute-force search over every split (hidden before KV, the order a plan
+// has) on every profile x tier (plus a compute-poor variant) x 6 lengths x
+// every preset and two extra shapes (624 cases), and 300 seeded random cost
+// sets with mixed lengths: all within 2% (in practice equal).
 //
 // # Codecs
 //
