@@ -28,10 +28,15 @@ func (r *CheckReport) OK() bool { return len(r.Errors) == 0 }
 // header matches it, and each slice must pass its checksum; each context's
 // groups must be contiguous and cover its tokens; each segment's live count
 // must equal the bytes its chunk keys reference. Run it with no writer
-// active and background GC off (Options.GCInterval -1). It reads everything
-// and changes nothing.
+// active and background GC off (Options.GCInterval -1). On a writable store
+// it first waits for the groups already handed to the flusher (an abandoned
+// writer's, say) to be committed, so that a commit landing mid-check does not
+// read as a mismatch. It reads everything and changes nothing.
 func (s *Store) Check(progress func(done, total int)) *CheckReport {
 	r := &CheckReport{}
+	if !s.readOnly {
+		_ = s.barrier(nil) // a closed or failed store: check what is there
+	}
 	r.addRecovery(s.Recovery())
 	chunks, err := s.checkChunkKeys(r, progress)
 	if err != nil {
