@@ -145,16 +145,9 @@ func (s *Store) RestoreTokensOwned(p Prefix, ahead int, fn func(layer int, rows 
 		s.dirtyCtxs[m.ctx] = struct{}{}
 		s.mu.Unlock()
 	}
-	sl := newBufSlots(s, ahead)
-	out := make(chan layerOut, 1)
-	stop := make(chan struct{})
-	go s.readLayers(c, sn, sl, out, stop)
-	firstErr := s.handLayers(c, sl, out, stop, fn)
-	sl.outstanding.Wait()
-	if firstErr != nil {
-		return 0, firstErr
+	if err := s.streamLayers(c, sn, ahead, fn); err != nil {
+		return 0, err
 	}
-	s.stats.restores.Add(1)
 	return m.tokens, nil
 }
 

@@ -91,6 +91,16 @@ func (s *Store) RestoreOwned(ns, id string, ident *Identity, ahead int, fn func(
 		s.mu.Unlock()
 	}()
 
+	if err := s.streamLayers(c, sn, ahead, fn); err != nil {
+		return 0, err
+	}
+	return sn.tokens, nil
+}
+
+// streamLayers reads a snapshot's layers ahead of the consumer (at most
+// ahead buffers out) and hands them to fn in layer order; it returns once
+// every buffer is released, with the first error, and counts a restore.
+func (s *Store) streamLayers(c *ctxState, sn *snapshot, ahead int, fn func(layer int, rows []byte, release func()) error) error {
 	sl := newBufSlots(s, ahead)
 	out := make(chan layerOut, 1)
 	stop := make(chan struct{})
@@ -98,10 +108,10 @@ func (s *Store) RestoreOwned(ns, id string, ident *Identity, ahead int, fn func(
 	firstErr := s.handLayers(c, sl, out, stop, fn)
 	sl.outstanding.Wait()
 	if firstErr != nil {
-		return 0, firstErr
+		return firstErr
 	}
 	s.stats.restores.Add(1)
-	return sn.tokens, nil
+	return nil
 }
 
 // beginRestore looks up a context that may be restored with ident and
