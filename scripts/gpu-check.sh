@@ -12,6 +12,9 @@
 #      and mixed plans (recomputed prefix, hidden, KV) restored from a store
 #      through serve's pipeline against the all-KV restore (never run on a
 #      GPU before this script's first run: see its log)
+#   6. `hcache bench gpu --codec fp8`: one hidden layer's fp8 copy plus the
+#      device dequantize (hc_fp8_dequant) against the fp16 copy, checked
+#      against state/codec (issue 23; never run on a GPU before this script)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu-results}
@@ -49,6 +52,7 @@ step llama3-8b timeout 150 "$BIN" bench gpu --model llama3-8b --tokens "$TOKENS"
 step disk timeout 60 "$BIN" bench io --dir "${STORE_DIR:-/tmp}" --size 2G --bs 1M --qd 32 --rounds 1 $(command -v fio >/dev/null || echo --no-fio) --json
 step from-store timeout 120 "$BIN" bench gpu --model llama2-7b --tokens 4096 --reps 2 --from-store "${STORE_DIR:-/tmp}" --json
 step mixed timeout 120 "$BIN" gpu mixed --tokens 200 --dir "${STORE_DIR:-/tmp}" --json
+step codec-fp8 timeout 90 "$BIN" bench gpu --codec fp8 --model llama2-7b --tokens "$TOKENS" --reps 5 --json
 python3 - "$OUT" <<'PY' | tee "$OUT/table.md"
 import json, sys, os
 out = sys.argv[1]
