@@ -242,9 +242,11 @@ func (s *Store) checkSegments(r *CheckReport, segRecs map[uint32]lsm.Segment, cs
 	}
 }
 
-// checkChunk reads one record's header and slices and checks them against the
-// index entry.
-func (s *Store) checkChunk(c *ctxState, g uint32, ch *lsm.Chunk) error {
+// readEntryHeader reads and decodes the header of the record an index
+// entry locates, after checking that the entry lies inside its segment's
+// written bytes and places its first slice on a block past a header of a
+// plausible size (an entry without slices: one block of header).
+func (s *Store) readEntryHeader(ch *lsm.Chunk) (*RecordHeader, error) {
 	s.mu.Lock()
 	sg := s.segs[ch.Segment]
 	var written uint64
@@ -253,10 +255,10 @@ func (s *Store) checkChunk(c *ctxState, g uint32, ch *lsm.Chunk) error {
 	}
 	s.mu.Unlock()
 	if sg == nil {
-		return fmt.Errorf("segment %d missing", ch.Segment)
+		return nil, fmt.Errorf("segment %d missing", ch.Segment)
 	}
 	if ch.Offset+uint64(ch.Length) > written {
-		return fmt.Errorf("record [%d, +%d) past segment %d's written end %d", ch.Offset, ch.Length, ch.Segment, written)
+		return nil, fmt.Errorf("record [%d, +%d) past segment %d's written end %d", ch.Offset, ch.Length, ch.Segment, written)
 	}
 	hb := BlockBytes
 	if len(ch.Slices) > 0 {
@@ -266,17 +268,23 @@ func (s *Store) checkChunk(c *ctxState, g uint32, ch *lsm.Chunk) error {
 		}
 	}
 	if hb <= 0 || hb > format.MaxHeaderBytes || hb%BlockBytes != 0 {
-		return fmt.Errorf("index places the first slice at %d", hb)
+		return nil, fmt.Errorf("index places the first slice at %d", hb)
 	}
 	buf, err := s.scratch.get(hb)
 	if err != nil {
-		return err
+		return nil, err
 	}
 	defer s.scratch.put(buf)
 	if err := sg.readAt(buf.Bytes()[:hb], int64(ch.Offset)); err != nil {
-		return err
+		return nil, err
 	}
-	h, err := DecodeRecordHeader(buf.Bytes()[:hb])
+	return DecodeRecordHeader(buf.Bytes()[:hb]) // copies what it keeps
+}
+
+// checkChunk reads one record's header and slices and checks them against the
+// index entry.
+func (s *Store) checkChunk(c *ctxState, g uint32, ch *lsm.Chunk) error {
+	h, err := s.readEntryHeader(ch)
 	if err != nil {
 		return err
 	}

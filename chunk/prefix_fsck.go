@@ -110,38 +110,10 @@ func (s *Store) checkGroups(r *CheckReport, ctxs []*ctxState, cs *checkedChunks)
 // checkGroupRecord reads a group's record header and slices and checks them
 // against its entry.
 func (s *Store) checkGroupRecord(ns string, key [32]byte, g *lsm.Group) error {
-	s.mu.Lock()
-	sg := s.segs[g.Segment]
-	var written uint64
-	if sr := s.segRecs[g.Segment]; sr != nil {
-		written = sr.Written
-	}
-	s.mu.Unlock()
-	if sg == nil {
-		return fmt.Errorf("segment %d missing", g.Segment)
-	}
-	if g.Offset+uint64(g.Length) > written {
-		return fmt.Errorf("record [%d, +%d) past segment %d's written end %d", g.Offset, g.Length, g.Segment, written)
-	}
 	if len(g.Slices) == 0 {
 		return fmt.Errorf("entry has no slices")
 	}
-	hb := int(g.Slices[0].Off)
-	for _, sl := range g.Slices {
-		hb = min(hb, int(sl.Off))
-	}
-	if hb <= 0 || hb > format.MaxHeaderBytes || hb%BlockBytes != 0 {
-		return fmt.Errorf("index places the first slice at %d", hb)
-	}
-	buf, err := s.scratch.get(hb)
-	if err != nil {
-		return err
-	}
-	defer s.scratch.put(buf)
-	if err := sg.readAt(buf.Bytes()[:hb], int64(g.Offset)); err != nil {
-		return err
-	}
-	h, err := DecodeRecordHeader(buf.Bytes()[:hb])
+	h, err := s.readEntryHeader(&g.Chunk)
 	if err != nil {
 		return err
 	}
