@@ -1,51 +1,17 @@
 package model
 
 import (
-	"encoding/binary"
 	"fmt"
 	"math"
 	"math/rand"
-	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
 
 	"github.com/hcache/hcache/internal/testseed"
+	"github.com/hcache/hcache/internal/torchtest"
 )
-
-// torchPython finds a python3 with PyTorch (Debian's python3-torch, which
-// .ci/run installs). HCACHE_REQUIRE_TORCH=1 (set by .ci/run) turns its
-// absence into a failure rather than a skip.
-func torchPython(t *testing.T) string {
-	t.Helper()
-	for _, p := range []string{os.Getenv("HCACHE_TORCH_PYTHON"), "/usr/bin/python3", "python3"} {
-		if p == "" {
-			continue
-		}
-		if err := exec.Command(p, "-c", "import torch, numpy").Run(); err == nil {
-			return p
-		}
-	}
-	if os.Getenv("HCACHE_REQUIRE_TORCH") == "1" {
-		t.Fatal("no python3 with torch and numpy (apt-get install python3-torch python3-numpy)")
-	}
-	t.Skip("no python3 with torch; set HCACHE_REQUIRE_TORCH=1 to make this a failure")
-	return ""
-}
-
-func readF32(t *testing.T, path string) []float32 {
-	t.Helper()
-	b, err := os.ReadFile(path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	out := make([]float32, len(b)/4)
-	for i := range out {
-		out[i] = math.Float32frombits(binary.LittleEndian.Uint32(b[4*i:]))
-	}
-	return out
-}
 
 // maxRelErr is max |a-b| / max(|b|, floor).
 func maxRelErr(a, b []float32, floor float64) float64 {
@@ -65,7 +31,7 @@ func maxRelErr(a, b []float32, floor float64) float64 {
 // error is measured against the largest |K| or |V| of the layer and allowed
 // four ulps of the dtype at that scale (fp16 2^-11, bf16 2^-8 per ulp).
 func TestForwardMatchesTorch(t *testing.T) {
-	py := torchPython(t)
+	py := torchtest.Python(t)
 	seed := testseed.Seed(t)
 	for _, preset := range []string{"tiny-llama", "tiny-gqa", "tiny-qwen2", "tiny-opt", "tiny-linear-rope"} {
 		t.Run(preset, func(t *testing.T) {
@@ -102,7 +68,7 @@ func TestForwardMatchesTorch(t *testing.T) {
 			if b, err := cmd.CombinedOutput(); err != nil {
 				t.Fatalf("torch reference: %v\n%s", err, b)
 			}
-			ref := readF32(t, filepath.Join(out, "logits.bin"))
+			ref := torchtest.ReadF32(t, filepath.Join(out, "logits.bin"))
 			scale := 0.0
 			for _, v := range ref {
 				scale = max(scale, math.Abs(float64(v)))
@@ -126,7 +92,7 @@ func TestForwardMatchesTorch(t *testing.T) {
 					got  []float32
 					file string
 				}{{ks[l], fmt.Sprintf("k%d.bin", l)}, {vs[l], fmt.Sprintf("v%d.bin", l)}} {
-					ref := readF32(t, filepath.Join(out, p.file))
+					ref := torchtest.ReadF32(t, filepath.Join(out, p.file))
 					s := 0.0
 					for _, v := range ref {
 						s = max(s, math.Abs(float64(v)))

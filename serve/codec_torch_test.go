@@ -1,11 +1,9 @@
 package serve
 
 import (
-	"encoding/binary"
 	"fmt"
 	"math"
 	"math/rand"
-	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
@@ -13,42 +11,11 @@ import (
 
 	"github.com/hcache/hcache/gpu"
 	"github.com/hcache/hcache/internal/testseed"
+	"github.com/hcache/hcache/internal/torchtest"
 	"github.com/hcache/hcache/model"
 	"github.com/hcache/hcache/state"
 	"github.com/hcache/hcache/state/codec"
 )
-
-// torchPython is model's test helper of the same name: a python3 with
-// PyTorch, or a skip (a failure with HCACHE_REQUIRE_TORCH=1).
-func torchPython(t *testing.T) string {
-	t.Helper()
-	for _, p := range []string{os.Getenv("HCACHE_TORCH_PYTHON"), "/usr/bin/python3", "python3"} {
-		if p == "" {
-			continue
-		}
-		if err := exec.Command(p, "-c", "import torch, numpy").Run(); err == nil {
-			return p
-		}
-	}
-	if os.Getenv("HCACHE_REQUIRE_TORCH") == "1" {
-		t.Fatal("no python3 with torch and numpy (apt-get install python3-torch python3-numpy)")
-	}
-	t.Skip("no python3 with torch; set HCACHE_REQUIRE_TORCH=1 to make this a failure")
-	return ""
-}
-
-func readF32File(t *testing.T, path string) []float32 {
-	t.Helper()
-	b, err := os.ReadFile(path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	out := make([]float32, len(b)/4)
-	for i := range out {
-		out[i] = math.Float32frombits(binary.LittleEndian.Uint32(b[4*i:]))
-	}
-	return out
-}
 
 // restoreUnder saves the prefill of toks with every layer stored as kind
 // under cd (Saver) and restores it (Restorer, CPU backend): the cache a
@@ -102,7 +69,7 @@ func restoreUnder(t *testing.T, m *model.Model, cd state.Codec, kind state.Layer
 // truncated instead of rounding to nearest would disagree on about half). It also checks that both sides measure the same
 // attention error for the codec (within 0.01).
 func TestCodecMatchesTorch(t *testing.T) {
-	py := torchPython(t)
+	py := torchtest.Python(t)
 	seed := testseed.Seed(t)
 	for _, tc := range []struct {
 		preset string
@@ -153,7 +120,7 @@ func TestCodecMatchesTorch(t *testing.T) {
 						got  []float32
 						file string
 					}{{got.K[l], kind.k}, {got.V[l], kind.v}} {
-						ref := readF32File(t, filepath.Join(out, fmt.Sprintf("%s%d.bin", p.file, l)))
+						ref := torchtest.ReadF32(t, filepath.Join(out, fmt.Sprintf("%s%d.bin", p.file, l)))
 						if len(ref) != len(p.got) {
 							t.Fatalf("%s%d: torch wrote %d values, Go restored %d", p.file, l, len(ref), len(p.got))
 						}
@@ -192,8 +159,8 @@ func TestCodecMatchesTorch(t *testing.T) {
 					if err != nil {
 						t.Fatal(err)
 					}
-					ta := readF32File(t, filepath.Join(out, fmt.Sprintf("%s%d.bin", kind.attnQ, l)))
-					te := readF32File(t, filepath.Join(out, fmt.Sprintf("attn%d.bin", l)))
+					ta := torchtest.ReadF32(t, filepath.Join(out, fmt.Sprintf("%s%d.bin", kind.attnQ, l)))
+					te := torchtest.ReadF32(t, filepath.Join(out, fmt.Sprintf("attn%d.bin", l)))
 					_, goErr := relErr(ga, ge)
 					_, torchErr := relErr(ta, te)
 					_, vsTorch := relErr(ga, ta)
