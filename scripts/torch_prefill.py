@@ -65,11 +65,11 @@ def parse_args(argv):
 
 
 def rand(shape, std, dtype, device, gen):
-    return (torch.randn(shape, generator=gen, dtype=torch.float32) * std).to(device=device, dtype=dtype)
+    return (torch.randn(shape, generator=gen, dtype=torch.float32, device=device) * std).to(dtype)
 
 
 def make_weights(a, dtype, device):
-    gen = torch.Generator().manual_seed(a.seed)
+    gen = torch.Generator(device=device).manual_seed(a.seed)  # on the device: seconds, not minutes, for 7B
     d, qd, kvd, im = a.hidden, a.heads * a.head_dim, a.kv_heads * a.head_dim, a.intermediate
     layers = []
     for _ in range(a.layers):
