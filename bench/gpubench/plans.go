@@ -287,14 +287,13 @@ func RunPlans(o PlanOptions) ([]PlanRow, error) {
 	rng := rand.New(rand.NewSource(o.Seed))
 	var out []PlanRow
 	for _, n := range o.Tokens {
-		rows, err := benchTokens(o, &c, b, dev, st, rest, n, splits, hidRows[:n*hrb], kvRows[:n*kvrb], rng, logf)
+		rows, err := benchTokens(o, &c, b, dev, st, rest, n, splits, predicted, hidRows[:n*hrb], kvRows[:n*kvrb], rng, logf)
 		if err != nil {
 			return out, fmt.Errorf("%d tokens: %w", n, err)
 		}
 		for i := range rows {
 			r := &rows[i]
 			r.Model, r.Backend, r.Device, r.Profile = o.Model, b.Name(), device, o.ProfileName
-			r.PredictedMS = predicted[r.Plan][n]
 			if r.Plan == PlanRecompute && o.Torch != nil {
 				r.TorchTarget = TorchTarget
 				if torchErr != nil {
@@ -313,7 +312,7 @@ func RunPlans(o PlanOptions) ([]PlanRow, error) {
 // benchTokens stores the context of n tokens under every plan, times the
 // interleaved rounds and checks each plan once for unwritten elements.
 func benchTokens(o PlanOptions, c *model.Config, b gpu.Backend, dev *cuda.Backend, st *chunk.Store, rest *serve.Restorer, n int,
-	splits map[string]map[int]sched.Split, hid, kv []byte, rng *rand.Rand, logf func(string, ...any)) ([]PlanRow, error) {
+	splits map[string]map[int]sched.Split, predicted map[string]map[int]float64, hid, kv []byte, rng *rand.Rand, logf func(string, ...any)) ([]PlanRow, error) {
 	L := c.Layers
 	prompt := make([]int, n)
 	for i := range prompt {
@@ -455,7 +454,7 @@ func benchTokens(o PlanOptions, c *model.Config, b gpu.Backend, dev *cuda.Backen
 		}
 		row := PlanRow{Tokens: n, Plan: kind, Recomputed: s.Recompute, Hidden: s.Hidden, KV: s.KV,
 			RestoreSpread: spreadOf(wall), DeviceMS: spreadOf(gpuT).Median, ReadBytes: readBytes[kind],
-			DiskGBps: diskS.Median, DiskSpread: diskS, Rounds: len(rounds)}
+			DiskGBps: diskS.Median, DiskSpread: diskS, Rounds: len(rounds), PredictedMS: predicted[kind][n]}
 		row.RestoreMS = row.RestoreSpread.Median
 		if kind == PlanScheduled {
 			var ratios []float64
