@@ -3,7 +3,11 @@
 // "host to device"), GEMM throughput, and per-model cost curves
 // (recomputation, projection, KV load) at a few token counts, with the
 // projection backend in use. `hcache profile` writes its result; `hcache
-// bench pipeline` uses it to pick a plan.
+// bench pipeline` uses it to pick a plan. On the CUDA backend the curves are
+// hcache's own device paths (MeasureDeviceCurves: the device recompute, the
+// pipelined hidden and KV restores into a device cache) and the copy figure
+// is the PCIe copy, so plans on a GPU use measured curves rather than
+// PyTorch's.
 package profiler
 
 import (
