@@ -211,3 +211,16 @@ func TestParseTorchRefuses(t *testing.T) {
 		}
 	}
 }
+
+// A failing baseline is reported in the recompute rows; the benchmark goes on.
+func TestRunPlansTorchFails(t *testing.T) {
+	rows, err := RunPlans(PlanOptions{Model: "tiny-llama", Tokens: []int{16}, Plans: []string{PlanRecompute}, Reps: 1,
+		Dir: t.TempDir(), Backend: "cpu", Profile: h200(t), Torch: &TorchOptions{Python: "/bin/false", Script: "torch_prefill.py"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(rows) != 1 || rows[0].TorchError == "" || rows[0].TorchMS != 0 || !(rows[0].RestoreMS > 0) {
+		t.Fatalf("%+v", rows)
+	}
+	t.Log(rows[0].TorchError)
+}

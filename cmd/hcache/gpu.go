@@ -159,6 +159,7 @@ func benchGPU(args []string, stdout, stderr io.Writer) error {
 	torchPython := fs.String("torch-python", "/usr/bin/python3", "python with torch for --torch")
 	torchDevice := fs.String("torch-device", "", "device of --torch: cuda or cpu (default: cuda with --backend cuda, else cpu)")
 	torchReps := fs.Int("torch-reps", 5, "timed runs of --torch per token count (after one warm-up)")
+	torchTimeout := fs.Duration("torch-timeout", 150*time.Second, "time limit of --torch (a failed baseline is reported in the rows, the benchmark goes on)")
 	codecName := fs.String("codec", "none", "with fp8 or fp8-block: time one hidden layer's rows copied in the model dtype against the same rows copied under the codec and decoded on the device (checked against state/codec), instead of the restores")
 	if err := parseFlags(fs, args); err != nil {
 		return err
@@ -204,7 +205,7 @@ func benchGPU(args []string, stdout, stderr io.Writer) error {
 					dev = "cuda"
 				}
 			}
-			o.Torch = &gpubench.TorchOptions{Python: *torchPython, Script: *torchScript, Device: dev, Reps: *torchReps}
+			o.Torch = &gpubench.TorchOptions{Python: *torchPython, Script: *torchScript, Device: dev, Reps: *torchReps, Timeout: *torchTimeout}
 		}
 		rows, err := gpubench.RunPlans(o)
 		if err != nil {
