@@ -172,6 +172,11 @@ func TestTorchBaselineCPU(t *testing.T) {
 			t.Fatalf("%d tokens: %+v %v", n, s, ok)
 		}
 	}
+	for _, r := range res.Rows {
+		if !r.Finite {
+			t.Errorf("%d tokens: the prefill's output is not finite", r.Tokens)
+		}
+	}
 	if res.DType != "fp32" || res.Shape["kv_heads"] != float64(c.KVHeads) || res.Shape["layers"] != float64(c.Layers) {
 		t.Fatalf("dtype %s shape %v", res.DType, res.Shape)
 	}

@@ -43,6 +43,7 @@ type TorchRow struct {
 	Layers  int       `json:"layers"`
 	MS      Spread    `json:"ms"`
 	Samples []float64 `json:"samples_ms"`
+	Finite  bool      `json:"finite"` // the output held no NaN or Inf (timing does not depend on it)
 }
 
 // At returns the baseline's time at n tokens.
