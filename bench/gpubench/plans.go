@@ -109,8 +109,8 @@ type PlanRow struct {
 	TorchError  string  `json:"torch_error,omitempty"`
 	// Unwritten counts elements of the checked layers (the first, the
 	// last recomputed, the first stored, the last) of the first Tokens
-	// positions still poisoned after one more restore: 0 when the plan
-	// wrote every layer it should.
+	// positions still poisoned after the plan's warm-up restore into a
+	// poisoned cache: 0 when the plan wrote every layer it should.
 	Unwritten     int   `json:"unwritten"`
 	CheckedLayers []int `json:"checked_layers"`
 	Rounds        int   `json:"rounds"`
@@ -310,7 +310,8 @@ func RunPlans(o PlanOptions) ([]PlanRow, error) {
 }
 
 // benchTokens stores the context of n tokens under every plan, times the
-// interleaved rounds and checks each plan once for unwritten elements.
+// interleaved rounds and checks each plan (in the warm-up round) for
+// unwritten elements.
 func benchTokens(o PlanOptions, c *model.Config, b gpu.Backend, dev *cuda.Backend, st *chunk.Store, rest *serve.Restorer, n int,
 	splits map[string]map[int]sched.Split, predicted map[string]map[int]float64, hid, kv []byte, rng *rand.Rand, logf func(string, ...any)) ([]PlanRow, error) {
 	L := c.Layers
@@ -441,8 +442,36 @@ func benchTokens(o PlanOptions, c *model.Config, b gpu.Backend, dev *cuda.Backen
 		}
 		return sample{wall: time.Since(t0) - rs.QueueWait, gpu: rs.Device.GPU}, nil
 	}
+	// The warm-up round doubles as the check: each plan restores into a
+	// poisoned cache, and its first, last recomputed, first stored and
+	// last layers must then hold no poison.
+	lb := c.KVDim() * c.ElemBytes() * n // the first n positions (identity block table)
+	unwritten := map[string]int{}
+	checked := map[string][]int{}
 	kinds := append(slices.Clone(o.Plans), diskKind)
-	rounds, err := interleave(kinds, 1, o.Reps, run)
+	calls := 0
+	rounds, err := interleave(kinds, 1, o.Reps, func(kind string) (sample, error) {
+		calls++
+		if calls > len(kinds) || kind == diskKind {
+			return run(kind)
+		}
+		if err := poison(); err != nil {
+			return sample{}, err
+		}
+		sm, err := run(kind)
+		if err != nil {
+			return sm, err
+		}
+		k, v := make([]byte, dstLayerBytes(dst, c, blocks, bt)), make([]byte, dstLayerBytes(dst, c, blocks, bt))
+		for _, l := range checkLayers(splits[kind][n], L) {
+			if err := download(l, k, v); err != nil {
+				return sm, err
+			}
+			unwritten[kind] += countPoison(k[:lb], c.ElemBytes()) + countPoison(v[:lb], c.ElemBytes())
+			checked[kind] = append(checked[kind], l)
+		}
+		return sm, nil
+	})
 	if err != nil {
 		return nil, err
 	}
@@ -451,7 +480,6 @@ func benchTokens(o PlanOptions, c *model.Config, b gpu.Backend, dev *cuda.Backen
 		disk = append(disk, float64(diskBytes)/r[diskKind].wall.Seconds()/1e9)
 	}
 	diskS := spreadOf(disk)
-	lb := c.KVDim() * c.ElemBytes() * n // the first n positions (identity block table)
 	var rowsOut []PlanRow
 	for _, kind := range o.Plans {
 		s := splits[kind][n]
@@ -481,22 +509,7 @@ func benchTokens(o PlanOptions, c *model.Config, b gpu.Backend, dev *cuda.Backen
 				row.OverBest, row.OverBestTarget = &sp, ScheduledTarget
 			}
 		}
-		// Check: poison, restore once more, count what is left in the
-		// first, last recomputed, first stored and last layers.
-		if err := poison(); err != nil {
-			return nil, err
-		}
-		if _, err := run(kind); err != nil {
-			return nil, err
-		}
-		k, v := make([]byte, dstLayerBytes(dst, c, blocks, bt)), make([]byte, dstLayerBytes(dst, c, blocks, bt))
-		for _, l := range checkLayers(s, L) {
-			if err := download(l, k, v); err != nil {
-				return nil, err
-			}
-			row.Unwritten += countPoison(k[:lb], c.ElemBytes()) + countPoison(v[:lb], c.ElemBytes())
-			row.CheckedLayers = append(row.CheckedLayers, l)
-		}
+		row.Unwritten, row.CheckedLayers = unwritten[kind], checked[kind]
 		logf("%s %6d tokens %-9s (%s): restore %.2f ms [%.2f-%.2f], predicted %.2f ms, disk %.2f GB/s, unwritten %d",
 			o.Model, n, kind, s, row.RestoreMS, row.RestoreSpread.Min, row.RestoreSpread.Max, row.PredictedMS, row.DiskGBps, row.Unwritten)
 		rowsOut = append(rowsOut, row)
