@@ -3,7 +3,11 @@
 // "host to device"), GEMM throughput, and per-model cost curves
 // (recomputation, projection, KV load) at a few token counts, with the
 // projection backend in use. `hcache profile` writes its result; `hcache
-// bench pipeline` uses it to pick a plan.
+// bench pipeline` uses it to pick a plan. On the CUDA backend the curves are
+// hcache's own device paths (MeasureDeviceCurves: the device recompute, the
+// pipelined hidden and KV restores into a device cache) and the copy figure
+// is the PCIe copy, so plans on a GPU use measured curves rather than
+// PyTorch's.
 package profiler
 
 import (
@@ -59,10 +63,15 @@ type Options struct {
 	ReadBytes int64 // bytes of the read-bandwidth context (default 64 MiB)
 	Rounds    int   // repetitions; medians are kept (default 3)
 	// Backend is "cpu", "cuda" or "auto" (CUDA when a device can be used,
-	// else the CPU backend). A CUDA backend is timed through gpu.Backend,
-	// whose calls copy rows in and the cache back out: an upper bound of
-	// its pipelined cost.
+	// else the CPU backend). With CUDA every curve is hcache's own device
+	// path (MeasureDeviceCurves: the device recompute, the pipelined
+	// hidden and KV restores into a device cache) and the copy figure is
+	// the PCIe copy; presets get SynthWeights (no MaxParams bound: the CPU
+	// forward pass does not run) and their positions raised to the largest
+	// token count.
 	Backend  string
+	CUDA     cuda.Options
+	Name     string // the profile's name (default "measured-<host>")
 	Progress io.Writer
 }
 
@@ -282,6 +291,17 @@ func Measure(o Options) (*profiles.Profile, error) {
 			fmt.Fprintf(o.Progress, "profile: %s\n", s)
 		}
 	}
+	if o.Backend == "" {
+		o.Backend = gpu.SelectAuto
+	}
+	switch o.Backend {
+	case gpu.SelectCUDA:
+		return measureCUDA(o, say)
+	case gpu.SelectAuto:
+		if _, _, err := cuda.Probe(o.CUDA.CublasPath); err == nil {
+			return measureCUDA(o, say)
+		}
+	}
 	c, w, err := LoadModel(o.Model, o.Seed, o.MaxParams)
 	if err != nil {
 		return nil, err
@@ -290,10 +310,7 @@ func Measure(o Options) (*profiles.Profile, error) {
 	if err != nil {
 		return nil, err
 	}
-	if o.Backend == "" {
-		o.Backend = gpu.SelectAuto
-	}
-	b, note, err := gpu.Select(o.Backend, c, w, cuda.Options{})
+	b, note, err := gpu.Select(o.Backend, c, w, o.CUDA)
 	if err != nil {
 		return nil, err
 	}
@@ -335,8 +352,12 @@ func Measure(o Options) (*profiles.Profile, error) {
 	curve := func(pts []profiles.Point, what string) *profiles.Curve {
 		return &profiles.Curve{Model: o.Model, Shape: &shape, Points: pts, Source: src(what)}
 	}
+	name := o.Name
+	if name == "" {
+		name = "measured-" + host
+	}
 	p := &profiles.Profile{
-		Name:            "measured-" + host,
+		Name:            name,
 		Description:     fmt.Sprintf("This machine, %s, model %s (%s engine on %s).", note, o.Model, engine, o.Dir),
 		Backend:         backendName,
 		Tiers:           []profiles.Tier{{Name: "dir", ReadGBps: profiles.Figure{Value: readGBps, Source: src("store restore of one context, O_DIRECT, no DRAM cache, on " + o.Dir)}}},

@@ -10,6 +10,7 @@ import (
 
 	"github.com/hcache/hcache/bench/gpubench"
 	"github.com/hcache/hcache/gpu/cuda"
+	"github.com/hcache/hcache/profiles"
 	"github.com/hcache/hcache/state"
 )
 
@@ -17,7 +18,25 @@ func init() {
 	register("gpu check", "CUDA backend against the CPU reference on every preset shape (needs a GPU)", gpuCheck)
 	register("gpu ipc-child", "(used by gpu check) restore into another process's cache opened by its CUDA IPC handle", gpuIPCChild)
 	register("gpu mixed", "mixed plans on the GPU: device recompute vs the CPU, scheduled-plan restore vs all-KV (needs a GPU)", gpuMixed)
-	register("bench gpu", "restore into GPU memory: pipelined hidden vs copy-only vs KV offload (needs a GPU)", benchGPU)
+	register("bench gpu", "restore into GPU memory: pipelined hidden vs copy-only vs KV offload; with --plan, scheduled/hidden/kv/recompute plans from a store (needs a GPU, or --backend cpu)", benchGPU)
+}
+
+// measuredGPUProfile is the shipped profile a GPU run of `hcache profile
+// --backend cuda` is committed as (scripts/gpu-check.sh writes it to $OUT);
+// fallbackGPUProfile is used until it exists.
+const (
+	measuredGPUProfile = "h200-measured"
+	fallbackGPUProfile = "h200-nvme"
+)
+
+// defaultGPUProfile is the profile `bench gpu --plan` plans with when
+// --profile is not given: the measured GPU profile when shipped, else
+// h200-nvme.
+func defaultGPUProfile() string {
+	if _, err := profiles.Load(measuredGPUProfile); err == nil {
+		return measuredGPUProfile
+	}
+	return fallbackGPUProfile
 }
 
 func cudaFlags(fs interface {
@@ -114,7 +133,15 @@ func benchGPU(args []string, stdout, stderr io.Writer) error {
 		fmt.Fprintln(stderr, "hcache bench gpu: restore a context into a paged KV cache in GPU memory, three ways, same run:\n"+
 			"copy-only (the hidden bytes copied, nothing computed), pipelined hidden restore (copy, GEMM, fused\n"+
 			"RoPE+scatter), and KV offload (K and V copied and scattered); checks the result against the CPU backend.\n\n"+
-			"Example:\n  hcache bench gpu --model llama2-7b --tokens 1024,4096,16384 --json\n\nflags:")
+			"With --plan: a context of each token count stored under each plan (scheduled: the plan `hcache plan`\n"+
+			"makes on --profile; hidden, kv, recompute: every layer so) on the disk of --from-store, restored through\n"+
+			"serve's pipeline and the backend, plans interleaved with the order rotated each round; one row per\n"+
+			"(tokens, plan): layer counts, restore_ms median and range, the disk's read speed in the same rounds,\n"+
+			"the scheduled plan over the best other (target <= 0.9), and with --torch PyTorch's prefill of the\n"+
+			"same layers beside the recompute row (target <= 1.3).\n\n"+
+			"Example:\n  hcache bench gpu --model llama2-7b --tokens 1024,4096,16384 --json\n"+
+			"  hcache bench gpu --model llama2-7b --plan scheduled,hidden,kv,recompute --from-store /data --tokens 1024,4096,16384 --torch scripts/torch_prefill.py --json\n"+
+			"  hcache bench gpu --model demo-llama --backend cpu --plan scheduled,kv --from-store /tmp --tokens 64,128\n\nflags:")
 		fs.PrintDefaults()
 	}
 	opts := cudaFlags(fs)
@@ -124,6 +151,15 @@ func benchGPU(args []string, stdout, stderr io.Writer) error {
 	fromStore := fs.String("from-store", "", "also restore from a store created under this directory (on the disk to measure)")
 	seed := fs.Int64("seed", 1, "random seed")
 	asJSON := fs.Bool("json", false, "print JSON (one object per token count)")
+	plans := fs.String("plan", "", "comma-separated plans to restore from the store of --from-store: scheduled, hidden, kv, recompute (all: \"all\")")
+	backend := fs.String("backend", "cuda", "with --plan: cuda, or cpu (a host cache; small models)")
+	profile := fs.String("profile", "", "with --plan: the profile of the scheduled plan, shipped name or path (default: "+measuredGPUProfile+" when shipped, else "+fallbackGPUProfile+")")
+	tier := fs.String("tier", "", "with --plan: storage tier of the profile (default: its first)")
+	torchScript := fs.String("torch", "", "with --plan recompute: the PyTorch baseline script (scripts/torch_prefill.py) run for the same layers and tokens")
+	torchPython := fs.String("torch-python", "/usr/bin/python3", "python with torch for --torch")
+	torchDevice := fs.String("torch-device", "", "device of --torch: cuda or cpu (default: cuda with --backend cuda, else cpu)")
+	torchReps := fs.Int("torch-reps", 5, "timed runs of --torch per token count (after one warm-up)")
+	torchTimeout := fs.Duration("torch-timeout", 150*time.Second, "time limit of --torch (a failed baseline is reported in the rows, the benchmark goes on)")
 	codecName := fs.String("codec", "none", "with fp8 or fp8-block: time one hidden layer's rows copied in the model dtype against the same rows copied under the codec and decoded on the device (checked against state/codec), instead of the restores")
 	if err := parseFlags(fs, args); err != nil {
 		return err
@@ -141,6 +177,50 @@ func benchGPU(args []string, stdout, stderr io.Writer) error {
 		ts = append(ts, n)
 	}
 	t0 := time.Now()
+	if *plans != "" {
+		if cd != state.CodecNone {
+			return errors.New("--plan and --codec are separate benchmarks: give one")
+		}
+		var kinds []string
+		if *plans != "all" {
+			for _, p := range strings.Split(*plans, ",") {
+				kinds = append(kinds, strings.TrimSpace(p))
+			}
+		}
+		pname := *profile
+		if pname == "" {
+			pname = defaultGPUProfile()
+		}
+		prof, err := profiles.Load(pname)
+		if err != nil {
+			return fmt.Errorf("--profile: %w", err)
+		}
+		o := gpubench.PlanOptions{Model: *modelName, Tokens: ts, Plans: kinds, Reps: *reps, Dir: *fromStore, Backend: *backend,
+			Profile: prof, ProfileName: pname, Tier: *tier, Seed: *seed, CUDA: opts(), Progress: stderr}
+		if *torchScript != "" {
+			dev := *torchDevice
+			if dev == "" {
+				dev = "cpu"
+				if *backend == "cuda" {
+					dev = "cuda"
+				}
+			}
+			o.Torch = &gpubench.TorchOptions{Python: *torchPython, Script: *torchScript, Device: dev, Reps: *torchReps, Timeout: *torchTimeout}
+		}
+		rows, err := gpubench.RunPlans(o)
+		if err != nil {
+			if errors.Is(err, cuda.ErrNoDevice) {
+				return fmt.Errorf("%w (this command needs a GPU, or --backend cpu)", err)
+			}
+			return err
+		}
+		fmt.Fprintf(stderr, "bench gpu --plan: %v\n", time.Since(t0).Round(time.Millisecond))
+		if *asJSON {
+			return printJSON(stdout, rows)
+		}
+		printPlanRows(stdout, rows)
+		return nil
+	}
 	if cd != state.CodecNone {
 		res, err := gpubench.RunCodec(gpubench.Options{Model: *modelName, Tokens: ts, Reps: *reps, Seed: *seed, CUDA: opts(), Progress: stderr}, cd)
 		if err != nil {
@@ -198,4 +278,27 @@ func gpuIPCChild(args []string, stdout, stderr io.Writer) error {
 		return fmt.Errorf("--voff: %w", err)
 	}
 	return gpubench.IPCChild(opts(), *preset, *tokens, *seed, *handle, k, v, *blocks)
+}
+
+// printPlanRows prints the plan benchmark as a table: one line per (tokens,
+// plan), the scheduled plan against the best other and the recompute
+// against PyTorch with their targets.
+func printPlanRows(w io.Writer, rows []gpubench.PlanRow) {
+	fmt.Fprintf(w, "%-10s %7s %-9s %-8s %12s %16s %12s %9s %s\n", "model", "tokens", "plan", "r/h/kv", "restore_ms", "[min-max]", "predicted", "disk_GB/s", "vs")
+	for _, r := range rows {
+		vs := ""
+		if r.OverBest != nil {
+			vs = fmt.Sprintf("%.3fx best other [%.3f-%.3f] (target <= %.2f)", r.OverBest.Median, r.OverBest.Min, r.OverBest.Max, r.OverBestTarget)
+		}
+		if r.TorchMS > 0 {
+			vs = fmt.Sprintf("torch %.2f ms, %.3fx (target <= %.2f)", r.TorchMS, r.OverTorch, r.TorchTarget)
+		} else if r.TorchError != "" {
+			vs = "torch failed: " + r.TorchError
+		}
+		if r.Unwritten != 0 {
+			vs += fmt.Sprintf(" UNWRITTEN %d", r.Unwritten)
+		}
+		fmt.Fprintf(w, "%-10s %7d %-9s %-8s %12.2f %16s %12.2f %9.2f %s\n", r.Model, r.Tokens, r.Plan, fmt.Sprintf("%d/%d/%d", r.Recomputed, r.Hidden, r.KV),
+			r.RestoreMS, fmt.Sprintf("[%.2f-%.2f]", r.RestoreSpread.Min, r.RestoreSpread.Max), r.PredictedMS, r.DiskGBps, vs)
+	}
 }

@@ -37,7 +37,9 @@ func runProfile(args []string, stdout, stderr io.Writer) error {
 	fs.Var(&readBytes, "read-bytes", "size of the context whose restore measures the read bandwidth")
 	seed := fs.Int64("seed", 1, "seed of the synthetic weights of a preset")
 	maxParams := fs.Int64("max-params", 50_000_000, "largest synthetic preset the CPU reference runs")
-	backend := fs.String("backend", "auto", "projection backend: auto (CUDA when a device can be used, else cpu), cpu or cuda")
+	backend := fs.String("backend", "auto", "backend: auto (CUDA when a device can be used, else cpu), cpu or cuda; with CUDA the curves time hcache's own device recompute, hidden and KV restores and the copy figure is the PCIe copy")
+	copts := cudaFlags(fs)
+	name := fs.String("name", "", "the profile's name (default measured-<host>); the GPU check names it "+measuredGPUProfile)
 	out := fs.String("out", "", "also write the profile to this file (usable as --profile of simulate)")
 	asJSON := fs.Bool("json", false, "print the profile as JSON")
 	if err := parseFlags(fs, args); err != nil {
@@ -54,7 +56,7 @@ func runProfile(args []string, stdout, stderr io.Writer) error {
 		return err
 	}
 	p, err := profiler.Measure(profiler.Options{Dir: *dir, Model: *mdl, Seed: *seed, MaxParams: *maxParams, Tokens: toks,
-		ReadBytes: int64(readBytes), Rounds: *rounds, Backend: *backend, Progress: stderr})
+		ReadBytes: int64(readBytes), Rounds: *rounds, Backend: *backend, CUDA: copts(), Name: *name, Progress: stderr})
 	if err != nil {
 		return err
 	}
@@ -71,7 +73,7 @@ func runProfile(args []string, stdout, stderr io.Writer) error {
 		_, err := stdout.Write(data)
 		return err
 	}
-	fmt.Fprintf(stdout, "store read %.2f GB/s, copy %.2f GB/s\n", p.Tiers[0].ReadGBps.Value, p.H2DGBps.Value)
+	fmt.Fprintf(stdout, "%s (%s backend): store read %.2f GB/s, copy %.2f GB/s\n", p.Name, p.Backend, p.Tiers[0].ReadGBps.Value, p.H2DGBps.Value)
 	for i, pt := range p.Recompute.Points {
 		fmt.Fprintf(stdout, "%6d tokens: recompute %9.2f ms, projection %8.2f ms, kv load %7.2f ms (all %s layers)\n",
 			pt.Tokens, pt.MS, p.Project.Points[i].MS, p.KVLoad.Points[i].MS, *mdl)
