@@ -20,7 +20,7 @@
 // prefix (BeginRestore, Recompute, Wait), and with --torch carries
 // PyTorch's prefill of the same layers (scripts/torch_prefill.py: eager,
 // scaled_dot_product_attention, CUDA events; RunTorch) and hcache's ratio to
-// it (target <= 1.3). Weights are SynthWeights (every tensor, in parallel);
+// it (target <= 1.3). Weights are model.SynthesizeParallel (every tensor, in parallel);
 // in the warm-up round each plan restores into a poisoned cache, and
 // its first, last recomputed, first stored and last layers must hold no
 // poison. Correctness against the CPU forward pass is `gpu mixed`'s.

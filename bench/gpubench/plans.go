@@ -242,7 +242,7 @@ func RunPlans(o PlanOptions) ([]PlanRow, error) {
 		}
 	}
 	t0 := time.Now()
-	w := SynthWeights(&c, o.Seed)
+	w := model.SynthesizeParallel(&c, o.Seed)
 	logf("%s: synthesized weights in %v", o.Model, time.Since(t0).Round(time.Millisecond))
 	t0 = time.Now()
 	b, note, err := gpu.Select(o.Backend, &c, w, o.CUDA)

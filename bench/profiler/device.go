@@ -9,7 +9,6 @@ import (
 
 	"golang.org/x/sys/unix"
 
-	"github.com/hcache/hcache/bench/gpubench"
 	"github.com/hcache/hcache/gpu/cuda"
 	"github.com/hcache/hcache/model"
 	"github.com/hcache/hcache/profiles"
@@ -213,7 +212,7 @@ func measureCUDA(o Options, say func(string)) (*profiles.Profile, error) {
 			}
 		}
 		t0 := time.Now()
-		w = gpubench.SynthWeights(c, o.Seed)
+		w = model.SynthesizeParallel(c, o.Seed)
 		say(fmt.Sprintf("synthesized %s weights in %v", o.Model, time.Since(t0).Round(time.Millisecond)))
 	}
 	t0 := time.Now()

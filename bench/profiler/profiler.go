@@ -66,7 +66,7 @@ type Options struct {
 	// else the CPU backend). With CUDA every curve is hcache's own device
 	// path (MeasureDeviceCurves: the device recompute, the pipelined
 	// hidden and KV restores into a device cache) and the copy figure is
-	// the PCIe copy; presets get SynthWeights (no MaxParams bound: the CPU
+	// the PCIe copy; presets get model.SynthesizeParallel (no MaxParams bound: the CPU
 	// forward pass does not run) and their positions raised to the largest
 	// token count.
 	Backend  string

@@ -1,27 +1,27 @@
-package gpubench
+package model
 
 import (
 	"math"
 	"math/rand"
-
-	"github.com/hcache/hcache/model"
+	"runtime"
+	"sync"
 )
 
-// SynthWeights makes seeded weights of every tensor the forward pass of c
-// needs (model.WeightsAll), each layer and each tensor from its own
+// SynthesizeParallel makes seeded weights of every tensor the forward pass of c
+// needs (WeightsAll), each layer and each tensor from its own
 // generator, in parallel: what a device recompute of a 7B shape needs,
-// in seconds rather than model.Synthesize's minutes (one generator, one
-// core). The tensors and their lengths are model.Synthesize's (read from a
+// in seconds rather than Synthesize's minutes (one generator, one
+// core). The tensors and their lengths are Synthesize's (read from a
 // one-layer, one-token-vocabulary synthesis of the same config); the values
 // are uniform, rounded to the dtype: norm weights 1 +- 0.17, biases +- 0.035,
 // matrices with a standard deviation of 1/sqrt(fan-in), embeddings of 1.
 // Deterministic for a seed, whatever the core count.
-func SynthWeights(c *model.Config, seed int64) *model.Weights {
+func SynthesizeParallel(c *Config, seed int64) *Weights {
 	tc := *c
 	tc.Layers, tc.Vocab = 1, 1
-	tmpl := model.Synthesize(&tc, seed)
+	tmpl := Synthesize(&tc, seed)
 	d := c.HiddenSize
-	w := &model.Weights{Layers: make([]model.LayerWeights, c.Layers)}
+	w := &Weights{Layers: make([]LayerWeights, c.Layers)}
 	type job struct {
 		dst       *[]float32
 		n         int
@@ -60,14 +60,14 @@ func SynthWeights(c *model.Config, seed int64) *model.Weights {
 			add(f.dst, f.like, len(f.like), f.base, f.std)
 		}
 	}
-	parallel(len(jobs), func(i int) {
+	synthParallel(len(jobs), func(i int) {
 		j := jobs[i]
 		rng := rand.New(rand.NewSource(seed + int64(i)*104729))
 		v := make([]float32, j.n)
 		for k := range v {
 			v[k] = j.base + (rng.Float32()*2-1)*j.std*1.7320508
 		}
-		roundTo(c, v)
+		roundToDtype(c, v)
 		*j.dst = v
 	})
 	if c.TieEmbeddings {
@@ -77,7 +77,7 @@ func SynthWeights(c *model.Config, seed int64) *model.Weights {
 }
 
 // roundTo rounds v to c's dtype in place, a slice at a time.
-func roundTo(c *model.Config, v []float32) {
+func roundToDtype(c *Config, v []float32) {
 	const part = 1 << 20
 	buf := make([]byte, part*4)
 	for lo := 0; lo < len(v); lo += part {
@@ -86,4 +86,20 @@ func roundTo(c *model.Config, v []float32) {
 		c.EncodeRow(b, s)
 		c.DecodeRow(s, b)
 	}
+}
+
+// synthParallel runs fn(0..n-1) on GOMAXPROCS goroutines.
+func synthParallel(n int, fn func(i int)) {
+	var wg sync.WaitGroup
+	sem := make(chan struct{}, runtime.GOMAXPROCS(0))
+	for i := 0; i < n; i++ {
+		wg.Add(1)
+		sem <- struct{}{}
+		go func(i int) {
+			defer wg.Done()
+			defer func() { <-sem }()
+			fn(i)
+		}(i)
+	}
+	wg.Wait()
 }
