@@ -42,6 +42,11 @@ type SimOptions struct {
 	// with shared prefixes, forks, deletes of one sharer, restores by
 	// tokens. Off, a seed replays the operations it always did.
 	Prefix bool
+
+	// opLog, when set, receives every draw of the workload's generator
+	// and the model after each operation (a test seam: a seed must replay
+	// the same operations; ops_test.go).
+	opLog io.Writer
 }
 
 // Config is one store configuration of the simulation. Every
@@ -182,7 +187,12 @@ func runCycle(rep *Report, o SimOptions, cycle int, trace io.Writer) {
 		ctxs: map[string]*ctxModel{}, slots: make([][]string, o.Contexts), hookRNG: rand.New(rand.NewSource(seed ^ 0x5eed)), now: simEpoch}
 	s.trace = trace
 	s.prefix, s.tokSlots = o.Prefix, make([][]string, tokSlots)
-	rng := rand.New(rand.NewSource(seed))
+	src := rand.NewSource(seed).(rand.Source64)
+	if o.opLog != nil {
+		fmt.Fprintf(o.opLog, "cycle %d seed %d\n", cycle, seed)
+		src = logSource{src, o.opLog}
+	}
+	rng := rand.New(src)
 	ct := o.Config.ChunkTokens
 	if ct == 0 {
 		ct = 8
@@ -256,7 +266,11 @@ func runCycle(rep *Report, o SimOptions, cycle int, trace io.Writer) {
 		s.op = op
 		s.now = simEpoch + int64(op+1)*1000
 		s.mu.Unlock()
-		if err := s.step(st, rng, o.Contexts); err != nil {
+		err := s.step(st, rng, o.Contexts)
+		if o.opLog != nil {
+			s.logModels(o.opLog, op, err)
+		}
+		if err != nil {
 			// A fault stopped the store's writes: that is the crash.
 			fmt.Fprintf(trace, "cycle %d stopped at op %d: %v\n", cycle, op, err)
 			break
