@@ -122,14 +122,7 @@ func CheckTokContext(st *chunk.Store, id string, ident *chunk.Identity, tokens [
 func (s *sim) stepTok(st *chunk.Store, rng *rand.Rand) error {
 	ct := st.ChunkTokens()
 	slot := rng.Intn(tokSlots)
-	var m *ctxModel
-	s.mu.Lock()
-	if ids := s.tokSlots[slot]; len(ids) > 0 {
-		if c := s.ctxs[ids[len(ids)-1]]; !c.deleteStarted && !c.evicted {
-			m = c
-		}
-	}
-	s.mu.Unlock()
+	m := s.live(s.tokSlots, slot)
 	r := rng.Intn(100)
 	switch {
 	case r >= 88 && r < 95:
@@ -235,51 +228,16 @@ func (s *sim) stepTok(st *chunk.Store, rng *rand.Rand) error {
 			}
 		}
 	case r < 75 && m.writer != nil:
-		s.mu.Lock()
-		want := m.appended
-		s.mu.Unlock()
-		var err error
-		if r < 65 {
-			err = m.writer.Flush()
-		} else {
-			err = m.writer.Close()
-			m.writer = nil
-		}
+		want, err := s.ack(m, r >= 65)
 		if err != nil {
 			return err
 		}
-		s.mu.Lock()
-		m.acked, m.ackedExists = want, true
-		s.mu.Unlock()
 		fmt.Fprintf(s.trace, "cycle %d op %d: flush %s at %d\n", s.cycle, s.op, m.id, want)
 	case r < 88:
 		// Delete one sharer (the others keep the shared groups).
-		if m.writer != nil {
-			err := m.writer.Close()
-			m.writer = nil
-			if err != nil {
-				return err
-			}
-			s.mu.Lock()
-			m.acked, m.ackedExists = m.appended, true
-			s.mu.Unlock()
-		}
-		s.mu.Lock()
-		m.deleteStarted = true
-		s.mu.Unlock()
-		fmt.Fprintf(s.trace, "cycle %d op %d: delete %s\n", s.cycle, s.op, m.id)
-		if err := st.Delete(TokNamespace, m.id); err != nil {
-			return err
-		}
-		s.mu.Lock()
-		m.deleteAcked = true
-		s.mu.Unlock()
+		return s.delete(st, m)
 	default:
-		s.mu.Lock()
-		e, tokens := m.expect(false), m.tokens
-		s.mu.Unlock()
-		v, msg := CheckTokContext(st, m.id, s.ident, tokens, e)
-		s.rep.tally(v, msg, fmt.Sprintf("seed %d cycle %d op %d (running store)", s.seed, s.cycle, s.op))
+		s.checkRunning(st, m)
 	}
 	return nil
 }

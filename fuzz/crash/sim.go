@@ -92,6 +92,14 @@ type ctxModel struct {
 	seed   int
 }
 
+// ns is the context's namespace.
+func (m *ctxModel) ns() string {
+	if m.tok {
+		return TokNamespace
+	}
+	return "crash"
+}
+
 // expect is what the context may look like after a crash (afterRepair:
 // and after the index was lost and rebuilt from the segments).
 func (m ctxModel) expect(afterRepair bool) Expect {
@@ -277,14 +285,8 @@ func runCycle(rep *Report, o SimOptions, cycle int, trace io.Writer) {
 		}
 	}
 	for _, id := range s.ids() {
-		m := s.ctxs[id]
-		if m.writer != nil {
-			if m.writer.Close() == nil {
-				s.mu.Lock()
-				m.acked, m.ackedExists = m.appended, !m.deleteStarted
-				s.mu.Unlock()
-			}
-			m.writer = nil
+		if m := s.ctxs[id]; m.writer != nil {
+			s.ack(m, true) // a failed Close acknowledges nothing
 		}
 	}
 	if s.mem != nil {
@@ -341,15 +343,7 @@ func (s *sim) step(st *chunk.Store, rng *rand.Rand, slots int) error {
 		return s.stepTok(st, rng)
 	}
 	slot := rng.Intn(slots)
-	// The live (not deleted or evicted) context of the slot, if any.
-	var m *ctxModel
-	s.mu.Lock()
-	if ids := s.slots[slot]; len(ids) > 0 {
-		if c := s.ctxs[ids[len(ids)-1]]; !c.deleteStarted && !c.evicted {
-			m = c
-		}
-	}
-	s.mu.Unlock()
+	m := s.live(s.slots, slot)
 	r := rng.Intn(100)
 	switch {
 	case m == nil:
@@ -395,42 +389,11 @@ func (s *sim) step(st *chunk.Store, rng *rand.Rand, slots int) error {
 			}
 		}
 	case r < 80 && m.writer != nil:
-		s.mu.Lock()
-		want := m.appended
-		s.mu.Unlock()
-		var err error
-		if r < 70 {
-			err = m.writer.Flush()
-		} else {
-			err = m.writer.Close()
-			m.writer = nil
-		}
-		if err != nil {
+		if _, err := s.ack(m, r >= 70); err != nil {
 			return err
 		}
-		s.mu.Lock()
-		m.acked, m.ackedExists = want, true
-		s.mu.Unlock()
 	case r < 90:
-		if m.writer != nil {
-			err := m.writer.Close()
-			m.writer = nil
-			if err != nil {
-				return err
-			}
-			s.mu.Lock()
-			m.acked, m.ackedExists = m.appended, true
-			s.mu.Unlock()
-		}
-		s.mu.Lock()
-		m.deleteStarted = true
-		s.mu.Unlock()
-		if err := st.Delete("crash", m.id); err != nil {
-			return err
-		}
-		s.mu.Lock()
-		m.deleteAcked = true
-		s.mu.Unlock()
+		return s.delete(st, m)
 	case r < 94:
 		if res := st.GC(); res.Err != nil {
 			return res.Err
@@ -440,13 +403,82 @@ func (s *sim) step(st *chunk.Store, rng *rand.Rand, slots int) error {
 	default:
 		// A restore on the running store: it must hold what was
 		// acknowledged (and it moves the context's last use).
-		s.mu.Lock()
-		e := m.expect(false)
-		s.mu.Unlock()
-		v, msg := CheckContext(st, "crash", m.id, s.ident, e)
-		s.rep.tally(v, msg, fmt.Sprintf("seed %d cycle %d op %d (running store)", s.seed, s.cycle, s.op))
+		s.checkRunning(st, m)
 	}
 	return nil
+}
+
+// live returns the live (not deleted or evicted) context of a slot, if
+// any: the last one created in it.
+func (s *sim) live(slots [][]string, slot int) *ctxModel {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if ids := slots[slot]; len(ids) > 0 {
+		if c := s.ctxs[ids[len(ids)-1]]; !c.deleteStarted && !c.evicted {
+			return c
+		}
+	}
+	return nil
+}
+
+// ack is the one "flush or close, then acknowledge" step of every context,
+// named or token-addressed: it flushes m's writer (or, with close, closes
+// and drops it) and, once that returned nil, acknowledges the tokens
+// appended before the call. It returns that count.
+func (s *sim) ack(m *ctxModel, close bool) (int, error) {
+	s.mu.Lock()
+	want := m.appended
+	s.mu.Unlock()
+	var err error
+	if close {
+		err = m.writer.Close()
+		s.mu.Lock()
+		m.writer = nil
+		s.mu.Unlock()
+	} else {
+		err = m.writer.Flush()
+	}
+	if err != nil {
+		return want, err
+	}
+	s.mu.Lock()
+	m.acked, m.ackedExists = want, !m.deleteStarted
+	s.mu.Unlock()
+	return want, nil
+}
+
+// delete closes m's writer, if any (acknowledging it), and deletes the
+// context: from the call on it need not exist, once the call returned it
+// must not.
+func (s *sim) delete(st *chunk.Store, m *ctxModel) error {
+	if m.writer != nil {
+		if _, err := s.ack(m, true); err != nil {
+			return err
+		}
+	}
+	s.mu.Lock()
+	m.deleteStarted = true
+	s.mu.Unlock()
+	if m.tok {
+		fmt.Fprintf(s.trace, "cycle %d op %d: delete %s\n", s.cycle, s.op, m.id)
+	}
+	if err := st.Delete(m.ns(), m.id); err != nil {
+		return err
+	}
+	s.mu.Lock()
+	m.deleteAcked = true
+	s.mu.Unlock()
+	return nil
+}
+
+// checkRunning restores m's context on the running store and tallies the
+// verdict: it must hold what was acknowledged.
+func (s *sim) checkRunning(st *chunk.Store, m *ctxModel) {
+	s.mu.Lock()
+	c := *m
+	s.mu.Unlock()
+	v, msg := s.checkModel(st, c, c.expect(false))
+	s.rep.tally(v, msg, fmt.Sprintf("seed %d cycle %d op %d (running store)", s.seed, s.cycle, s.op))
 }
 
 // evict runs one EvictOne: every context it may pick (no open writer) need
