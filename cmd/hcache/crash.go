@@ -26,12 +26,17 @@ func crashtest(args []string, stdout, stderr io.Writer) error {
 	dir := fs.String("dir", "", "directory of the SIGKILL loop's store (default: a temporary one)")
 	asJSON := fs.Bool("json", false, "print the report as JSON")
 	metamorphic := fs.Bool("metamorphic", false, "run the simulated workloads on several store configurations (chunk tokens, lz4, DRAM cache, GC eagerness; real files with io_uring/fallback, O_DIRECT/buffered) and require the same final restored state from all")
+	prefix := fs.Bool("prefix", false, "add token-addressed contexts to the simulated workloads (namespace tok): saves by tokens whose prompts share prefixes, forks, deletes of one sharer, restores by name and by tokens, all checked at every crash point and after repair (not the SIGKILL cycles)")
 	traceFile := fs.String("trace", "", "write the simulated run's trace (every crash point and what it found) to this file")
 	if err := parseFlags(fs, args); err != nil {
 		return err
 	}
-	fmt.Fprintf(stderr, "crashtest seed %d\n", *seed)
-	so := crash.SimOptions{Seed: *seed, Cycles: *cycles, Ops: *ops, WriteProb: *writeProb, SyncProb: *syncProb, Progress: stderr}
+	if *prefix {
+		fmt.Fprintf(stderr, "crashtest seed %d, with token-addressed contexts (--prefix)\n", *seed)
+	} else {
+		fmt.Fprintf(stderr, "crashtest seed %d\n", *seed)
+	}
+	so := crash.SimOptions{Seed: *seed, Cycles: *cycles, Ops: *ops, WriteProb: *writeProb, SyncProb: *syncProb, Progress: stderr, Prefix: *prefix}
 	if *traceFile != "" {
 		f, err := os.Create(*traceFile)
 		if err != nil {
@@ -80,6 +85,10 @@ func crashtest(args []string, stdout, stderr io.Writer) error {
 	} else {
 		fmt.Fprintf(stdout, "seed %d: %d cycles, %d crash points, %d SIGKILL cycles, %d acknowledged contexts: lost %d, torn %d, fsck errors %d, metamorphic mismatches %d (trace %s)\n",
 			rep.Seed, rep.Cycles, rep.CrashPoints, rep.KillCycles, rep.AckedContexts, rep.LostAcked, rep.TornServed, rep.FsckErrors, rep.Mismatches, rep.Trace)
+		if *prefix {
+			fmt.Fprintf(stdout, "token-addressed contexts: %d saved (%d by fork), %d tokens found already stored (shared prefixes); every context checked by name and by tokens at each crash point, %d of them also after index loss and repair\n",
+				rep.TokContexts, rep.Forks, rep.TokensShared, rep.RepairChecks)
+		}
 	}
 	if !rep.OK() {
 		for _, f := range rep.Failures {

@@ -60,6 +60,9 @@ func Metamorphic(o SimOptions, configs []Config) *Report {
 		total.FsckErrors += rep.FsckErrors
 		total.LiveRecounted += rep.LiveRecounted
 		total.RepairChecks += rep.RepairChecks
+		total.TokContexts += rep.TokContexts
+		total.Forks += rep.Forks
+		total.TokensShared += rep.TokensShared
 		for _, f := range rep.Failures {
 			total.fail("%s: %s", cfg.label(), f)
 		}

@@ -152,6 +152,7 @@ func (s *sim) stepTok(st *chunk.Store, rng *rand.Rand) error {
 		s.mu.Lock()
 		m.acked, m.ackedExists = n, true
 		s.mu.Unlock()
+		s.rep.Forks++
 		fmt.Fprintf(s.trace, "cycle %d op %d: fork %s -> %s at %d\n", s.cycle, s.op, src.id, m.id, n)
 	case m == nil:
 		// A prompt of one of three base documents (their prefixes are
@@ -172,6 +173,7 @@ func (s *sim) stepTok(st *chunk.Store, rng *rand.Rand) error {
 		s.mu.Lock()
 		m.writer, m.appended = w, stored
 		s.mu.Unlock()
+		s.rep.TokensShared += stored
 		fmt.Fprintf(s.trace, "cycle %d op %d: create %s by %d tokens of document %d, %d stored\n", s.cycle, s.op, m.id, len(tokens), seed, stored)
 	case m.writer == nil && r < 60:
 		w, err := st.Append(TokNamespace, m.id, s.ident)
@@ -249,6 +251,7 @@ func (s *sim) newTok(slot, seed int, tokens []uint32) *ctxModel {
 	m := &ctxModel{id: fmt.Sprintf("t%di%d", slot, len(s.ctxs)), tok: true, seed: seed, tokens: tokens}
 	s.ctxs[m.id] = m
 	s.tokSlots[slot] = append(s.tokSlots[slot], m.id)
+	s.rep.TokContexts++
 	return m
 }
 

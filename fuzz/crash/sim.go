@@ -173,23 +173,33 @@ func Simulate(o SimOptions) *Report {
 		o.Contexts = 6
 	}
 	rep := &Report{Seed: o.Seed}
-	bar := progress.New(o.Progress, "crashtest simulated", int64(o.Cycles), "cycles")
+	name := "crashtest simulated"
+	if o.Prefix {
+		name += " (with token-addressed contexts)"
+	}
+	if o.Config.Name != "" {
+		name += " " + o.Config.Name
+	}
+	bar := progress.New(o.Progress, name, int64(o.Cycles)*int64(o.Ops), "operations")
 	digest := sha256.New()
 	var trace io.Writer = digest
 	if o.Trace != nil {
 		trace = io.MultiWriter(digest, o.Trace)
 	}
 	for c := 0; c < o.Cycles; c++ {
-		runCycle(rep, o, c, trace)
+		runCycle(rep, o, c, trace, bar)
 		rep.Cycles++
-		bar.Add(1)
 	}
 	bar.Finish()
 	rep.Trace = hex.EncodeToString(digest.Sum(nil))[:16]
 	return rep
 }
 
-func runCycle(rep *Report, o SimOptions, cycle int, trace io.Writer) {
+func runCycle(rep *Report, o SimOptions, cycle int, trace io.Writer, bar *progress.Bar) {
+	// The progress bar counts every operation of the cycle, also those a
+	// stopped cycle did not run.
+	done := 0
+	defer func() { bar.Add(int64(o.Ops - done)) }()
 	seed := o.Seed*1000003 + int64(cycle)
 	s := &sim{rep: rep, cycle: cycle, seed: seed, cfg: o.Config, ident: Identity(),
 		ctxs: map[string]*ctxModel{}, slots: make([][]string, o.Contexts), hookRNG: rand.New(rand.NewSource(seed ^ 0x5eed)), now: simEpoch}
@@ -275,6 +285,8 @@ func runCycle(rep *Report, o SimOptions, cycle int, trace io.Writer) {
 		s.now = simEpoch + int64(op+1)*1000
 		s.mu.Unlock()
 		err := s.step(st, rng, o.Contexts)
+		done++
+		bar.Add(1)
 		if o.opLog != nil {
 			s.logModels(o.opLog, op, err)
 		}
