@@ -2,6 +2,7 @@ package main
 
 import (
 	"encoding/json"
+	"fmt"
 	"strings"
 	"testing"
 
@@ -58,5 +59,19 @@ func TestCrashtestPrefix(t *testing.T) {
 	code, out, errs := runCLI(append(args, "--prefix")...)
 	if code != 0 || !strings.Contains(out, "lost 0, torn 0") || !strings.Contains(out, "token-addressed contexts: ") || !strings.Contains(out, "checked by name and by tokens") {
 		t.Fatalf("seed %d: summary: exit %d\n%s\n%s", seed, code, out, errs)
+	}
+}
+
+// TestCrashtestAdversarial: `crashtest --adversarial` runs the adversarial
+// operations (crash.SimOptions.Adversarial) and says how many.
+func TestCrashtestAdversarial(t *testing.T) {
+	const seed = 3
+	code, out, errs := runCLI("crashtest", "--cycles", "1", "--ops", "80", "--seed", "3", "--sync-prob", "0.2", "--adversarial")
+	if code != 0 {
+		t.Fatalf("seed %d: exit %d\n%s\n%s", seed, code, out, errs)
+	}
+	want := crash.Simulate(crash.SimOptions{Seed: seed, Cycles: 1, Ops: 80, WriteProb: 0.05, SyncProb: 0.2, Adversarial: true})
+	if want.AdversarialOps == 0 || !strings.Contains(out, fmt.Sprintf("adversarial operations: %d run", want.AdversarialOps)) || !strings.Contains(out, want.Trace) {
+		t.Fatalf("seed %d: want %d adversarial operations, trace %s:\n%s\n%s", seed, want.AdversarialOps, want.Trace, out, errs)
 	}
 }

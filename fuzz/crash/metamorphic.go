@@ -63,6 +63,7 @@ func Metamorphic(o SimOptions, configs []Config) *Report {
 		total.TokContexts += rep.TokContexts
 		total.Forks += rep.Forks
 		total.TokensShared += rep.TokensShared
+		total.AdversarialOps += rep.AdversarialOps
 		for _, f := range rep.Failures {
 			total.fail("%s: %s", cfg.label(), f)
 		}

@@ -121,6 +121,9 @@ type Report struct {
 	TokContexts  int `json:"tok_contexts,omitempty"`
 	Forks        int `json:"forks,omitempty"`
 	TokensShared int `json:"tokens_shared,omitempty"`
+	// With SimOptions.Adversarial: the adversarial operations run (those
+	// that found nothing to act on not counted).
+	AdversarialOps int `json:"adversarial_ops,omitempty"`
 	// Trace is a digest of the simulated run: every crash point (where,
 	// operation, share of unsynced data kept) and what it found. The same
 	// seed and options give the same trace.

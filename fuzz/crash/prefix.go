@@ -141,19 +141,7 @@ func (s *sim) stepTok(st *chunk.Store, rng *rand.Rand) error {
 			return nil
 		}
 		src := srcs[rng.Intn(len(srcs))]
-		n := 1 + rng.Intn(src.acked)
-		m = s.newTok(slot, src.seed, src.tokens[:n:n])
-		s.mu.Lock()
-		m.appended = n
-		s.mu.Unlock()
-		if err := st.Fork(TokNamespace, src.id, m.id, n); err != nil {
-			return err
-		}
-		s.mu.Lock()
-		m.acked, m.ackedExists = n, true
-		s.mu.Unlock()
-		s.rep.Forks++
-		fmt.Fprintf(s.trace, "cycle %d op %d: fork %s -> %s at %d\n", s.cycle, s.op, src.id, m.id, n)
+		return s.fork(st, slot, src, 1+rng.Intn(src.acked))
 	case m == nil:
 		// A prompt of one of three base documents (their prefixes are
 		// shared), sometimes with its own continuation.
@@ -241,6 +229,25 @@ func (s *sim) stepTok(st *chunk.Store, rng *rand.Rand) error {
 	default:
 		s.checkRunning(st, m)
 	}
+	return nil
+}
+
+// fork forks the first n tokens of src (token-addressed, no writer, n at
+// most its acknowledged tokens) into a new context of the slot: it need not
+// exist until Fork returns, then must, with exactly n tokens.
+func (s *sim) fork(st *chunk.Store, slot int, src *ctxModel, n int) error {
+	m := s.newTok(slot, src.seed, src.tokens[:n:n])
+	s.mu.Lock()
+	m.appended, m.forkOf = n, src.id
+	s.mu.Unlock()
+	if err := st.Fork(TokNamespace, src.id, m.id, n); err != nil {
+		return err
+	}
+	s.mu.Lock()
+	m.acked, m.ackedExists = n, true
+	s.mu.Unlock()
+	s.rep.Forks++
+	fmt.Fprintf(s.trace, "cycle %d op %d: fork %s -> %s at %d\n", s.cycle, s.op, src.id, m.id, n)
 	return nil
 }
 

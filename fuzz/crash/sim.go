@@ -42,6 +42,14 @@ type SimOptions struct {
 	// with shared prefixes, forks, deletes of one sharer, restores by
 	// tokens. Off, a seed replays the operations it always did.
 	Prefix bool
+	// Adversarial adds operations a client may do that the workload
+	// otherwise never does (adversarial.go): writers abandoned (as by a
+	// client that disconnects) and reopened by name or by tokens, deletes
+	// (and GC) during a restore of the same context, forks of forks, of
+	// zero tokens, of a context being written, past its end, of a deleted
+	// context, of a named one. Each has an exact prediction. Off, a seed
+	// replays the operations it always did.
+	Adversarial bool
 
 	// opLog, when set, receives every draw of the workload's generator
 	// and the model after each operation (a test seam: a seed must replay
@@ -90,6 +98,7 @@ type ctxModel struct {
 	tok    bool
 	tokens []uint32
 	seed   int
+	forkOf string // the context it was forked from
 }
 
 // ns is the context's namespace.
@@ -145,6 +154,7 @@ type sim struct {
 	ctxs     map[string]*ctxModel
 	slots    [][]string // context ids per slot, in creation order
 	prefix   bool       // SimOptions.Prefix
+	adv      bool       // SimOptions.Adversarial
 	tokSlots [][]string
 	op       int
 	now      int64 // the store's clock: one microsecond per operation
@@ -177,6 +187,9 @@ func Simulate(o SimOptions) *Report {
 	if o.Prefix {
 		name += " (with token-addressed contexts)"
 	}
+	if o.Adversarial {
+		name += " (adversarial)"
+	}
 	if o.Config.Name != "" {
 		name += " " + o.Config.Name
 	}
@@ -204,7 +217,7 @@ func runCycle(rep *Report, o SimOptions, cycle int, trace io.Writer, bar *progre
 	s := &sim{rep: rep, cycle: cycle, seed: seed, cfg: o.Config, ident: Identity(),
 		ctxs: map[string]*ctxModel{}, slots: make([][]string, o.Contexts), hookRNG: rand.New(rand.NewSource(seed ^ 0x5eed)), now: simEpoch}
 	s.trace = trace
-	s.prefix, s.tokSlots = o.Prefix, make([][]string, tokSlots)
+	s.prefix, s.tokSlots, s.adv = o.Prefix, make([][]string, tokSlots), o.Adversarial
 	src := rand.NewSource(seed).(rand.Source64)
 	if o.opLog != nil {
 		fmt.Fprintf(o.opLog, "cycle %d seed %d\n", cycle, seed)
@@ -351,6 +364,9 @@ func (s *sim) idsLocked() []string {
 
 // step runs one random operation.
 func (s *sim) step(st *chunk.Store, rng *rand.Rand, slots int) error {
+	if s.adv && rng.Intn(100) < adversarialPct {
+		return s.stepAdversarial(st, rng, slots)
+	}
 	if s.prefix && rng.Intn(100) < 45 {
 		return s.stepTok(st, rng)
 	}
