@@ -106,61 +106,86 @@ func TestKnownBugAbandonedDedupedCreate(t *testing.T) {
 	lostByRepair(t, o, "b", 24)
 }
 
-// TestKnownBugTailRecordReclaimed: a context acknowledged with a partial
-// group (its tail record names it) is appended to until that group is
-// whole: the tail record is dead from then on, and a GC reclaims it before
-// a tip record names the context (no Flush yet), so after the writer is
-// gone (abandoned, or a crash) repair drops the context, acknowledged 7
-// tokens and holding 16. Found by SimOptions{Seed: 11, Cycles: 2, Ops: 200,
-// SyncProb: 0.05, Prefix: true} (cycle 1, t4i6; also `hcache crashtest
-// --prefix --seed 11 --cycles 6 --sync-prob 0.05 --write-crash-prob 0`).
+// TestKnownBugTailRecordReclaimed: a context acknowledged with a record
+// naming it (a tail record of a partial group; or a tip record, its groups
+// all stored already) is appended to until a new group is whole: that
+// record is dead from then on, and a GC reclaims it before a newer one
+// names the context (no Flush yet), so after the writer is gone (abandoned,
+// or a crash) repair drops the context, acknowledged 7 or 8 tokens and
+// holding 16. Found by SimOptions{Seed: 11, Cycles: 2, Ops: 200, SyncProb:
+// 0.05, Prefix: true} (cycle 1, t4i6: `hcache crashtest --prefix --seed 11
+// --cycles 6 --sync-prob 0.05 --write-crash-prob 0`) and by
+// TestSimulatedPrefixCrashes with HCACHE_SEED=22181 (cycle 2, t3i16: the
+// tip record).
 func TestKnownBugTailRecordReclaimed(t *testing.T) {
 	knownBug(t)
-	ident := Identity()
-	toks := PromptTokens(1, 40)
-	o := chunk.Options{FS: vfs.NewMem(), Dir: "/db", ChunkTokens: 8, Logf: t.Logf, SegmentBytes: chunk.MinSegmentBytes, GCInterval: -1, CapacityBytes: -1}
-	st, err := chunk.Open(o)
-	if err != nil {
-		t.Fatal(err)
+	cases := []struct {
+		name  string
+		acked int  // tokens of the first writer, acknowledged by its Close
+		other bool // another context stored the first group already
+	}{
+		{"tail record", 7, false},
+		{"tip record", 8, true},
 	}
-	w, _, err := st.CreateTokens(TokNamespace, "c", ident, toks[:7], chunk.CreateOptions{})
-	if err != nil {
-		t.Fatal(err)
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			ident := Identity()
+			toks := PromptTokens(1, 40)
+			o := chunk.Options{FS: vfs.NewMem(), Dir: "/db", ChunkTokens: 8, Logf: t.Logf, SegmentBytes: chunk.MinSegmentBytes, GCInterval: -1, CapacityBytes: -1}
+			st, err := chunk.Open(o)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if c.other {
+				w, _, err := st.CreateTokens(TokNamespace, "a", ident, toks[:8], chunk.CreateOptions{})
+				if err != nil {
+					t.Fatal(err)
+				}
+				tokRows(t, w, ident, toks, 0, 8)
+				if err := w.Close(); err != nil {
+					t.Fatal(err)
+				}
+			}
+			w, stored, err := st.CreateTokens(TokNamespace, "c", ident, toks[:c.acked], chunk.CreateOptions{})
+			if err != nil {
+				t.Fatal(err)
+			}
+			tokRows(t, w, ident, toks, stored, c.acked)
+			if err := w.Close(); err != nil {
+				t.Fatal(err)
+			}
+			if w, err = st.Append(TokNamespace, "c", ident); err != nil {
+				t.Fatal(err)
+			}
+			if err := w.ExtendTokens(toks[c.acked:20]); err != nil {
+				t.Fatal(err)
+			}
+			tokRows(t, w, ident, toks, c.acked, 20) // groups 0 and 1 whole, handed
+			// Another context fills the segment and the next ones; deleted,
+			// its segments are reclaimed, with c's dead record.
+			x, err := st.Create("crash", "x", ident, chunk.CreateOptions{})
+			if err != nil {
+				t.Fatal(err)
+			}
+			for tok := 0; tok < 3000; tok++ {
+				if err := x.AppendToken(TokenRows(ident, "x", tok)); err != nil {
+					t.Fatal(err)
+				}
+			}
+			if err := x.Close(); err != nil {
+				t.Fatal(err)
+			}
+			if err := st.Delete("crash", "x"); err != nil {
+				t.Fatal(err)
+			}
+			if res := st.GC(); res.Err != nil || res.Segments == 0 {
+				t.Fatalf("GC reclaimed nothing: %+v", res)
+			}
+			w.Abandon()
+			if err := st.Close(); err != nil {
+				t.Fatal(err)
+			}
+			lostByRepair(t, o, "c", c.acked)
+		})
 	}
-	tokRows(t, w, ident, toks, 0, 7)
-	if err := w.Close(); err != nil {
-		t.Fatal(err)
-	}
-	if w, err = st.Append(TokNamespace, "c", ident); err != nil {
-		t.Fatal(err)
-	}
-	if err := w.ExtendTokens(toks[7:20]); err != nil {
-		t.Fatal(err)
-	}
-	tokRows(t, w, ident, toks, 7, 20) // groups 0 and 1 whole, handed
-	// Another context fills the segment and the next ones; deleted, its
-	// segments are reclaimed, with c's dead tail record.
-	x, err := st.Create("crash", "x", ident, chunk.CreateOptions{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	for tok := 0; tok < 3000; tok++ {
-		if err := x.AppendToken(TokenRows(ident, "x", tok)); err != nil {
-			t.Fatal(err)
-		}
-	}
-	if err := x.Close(); err != nil {
-		t.Fatal(err)
-	}
-	if err := st.Delete("crash", "x"); err != nil {
-		t.Fatal(err)
-	}
-	if res := st.GC(); res.Err != nil || res.Segments == 0 {
-		t.Fatalf("GC reclaimed nothing: %+v", res)
-	}
-	w.Abandon()
-	if err := st.Close(); err != nil {
-		t.Fatal(err)
-	}
-	lostByRepair(t, o, "c", 7)
 }
