@@ -5,6 +5,7 @@ import (
 	"io"
 	"os"
 	"os/exec"
+	"strings"
 	"time"
 
 	"github.com/hcache/hcache/fuzz/crash"
@@ -26,12 +27,25 @@ func crashtest(args []string, stdout, stderr io.Writer) error {
 	dir := fs.String("dir", "", "directory of the SIGKILL loop's store (default: a temporary one)")
 	asJSON := fs.Bool("json", false, "print the report as JSON")
 	metamorphic := fs.Bool("metamorphic", false, "run the simulated workloads on several store configurations (chunk tokens, lz4, DRAM cache, GC eagerness; real files with io_uring/fallback, O_DIRECT/buffered) and require the same final restored state from all")
+	prefix := fs.Bool("prefix", false, "add token-addressed contexts to the simulated workloads (namespace tok): saves by tokens whose prompts share prefixes, forks, deletes of one sharer, restores by name and by tokens, all checked at every crash point and after repair (not the SIGKILL cycles)")
+	adversarial := fs.Bool("adversarial", false, "add operations a client may do that the workload otherwise never does: writers abandoned and reopened by name or (with --prefix) by tokens, deletes and GC during a restore, forks of forks, of zero tokens, and forks the store must refuse; each with an exact prediction")
 	traceFile := fs.String("trace", "", "write the simulated run's trace (every crash point and what it found) to this file")
 	if err := parseFlags(fs, args); err != nil {
 		return err
 	}
-	fmt.Fprintf(stderr, "crashtest seed %d\n", *seed)
-	so := crash.SimOptions{Seed: *seed, Cycles: *cycles, Ops: *ops, WriteProb: *writeProb, SyncProb: *syncProb, Progress: stderr}
+	var with []string
+	if *prefix {
+		with = append(with, "token-addressed contexts (--prefix)")
+	}
+	if *adversarial {
+		with = append(with, "adversarial operations (--adversarial)")
+	}
+	if len(with) > 0 {
+		fmt.Fprintf(stderr, "crashtest seed %d, with %s\n", *seed, strings.Join(with, " and "))
+	} else {
+		fmt.Fprintf(stderr, "crashtest seed %d\n", *seed)
+	}
+	so := crash.SimOptions{Seed: *seed, Cycles: *cycles, Ops: *ops, WriteProb: *writeProb, SyncProb: *syncProb, Progress: stderr, Prefix: *prefix, Adversarial: *adversarial}
 	if *traceFile != "" {
 		f, err := os.Create(*traceFile)
 		if err != nil {
@@ -80,6 +94,13 @@ func crashtest(args []string, stdout, stderr io.Writer) error {
 	} else {
 		fmt.Fprintf(stdout, "seed %d: %d cycles, %d crash points, %d SIGKILL cycles, %d acknowledged contexts: lost %d, torn %d, fsck errors %d, metamorphic mismatches %d (trace %s)\n",
 			rep.Seed, rep.Cycles, rep.CrashPoints, rep.KillCycles, rep.AckedContexts, rep.LostAcked, rep.TornServed, rep.FsckErrors, rep.Mismatches, rep.Trace)
+		if *prefix {
+			fmt.Fprintf(stdout, "token-addressed contexts: %d saved (%d by fork), %d tokens found already stored (shared prefixes); every context checked by name and by tokens at each crash point, %d of them also after index loss and repair\n",
+				rep.TokContexts, rep.Forks, rep.TokensShared, rep.RepairChecks)
+		}
+		if *adversarial {
+			fmt.Fprintf(stdout, "adversarial operations: %d run, each prediction checked on the running store (--trace lists them)\n", rep.AdversarialOps)
+		}
 	}
 	if !rep.OK() {
 		for _, f := range rep.Failures {

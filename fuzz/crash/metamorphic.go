@@ -60,6 +60,10 @@ func Metamorphic(o SimOptions, configs []Config) *Report {
 		total.FsckErrors += rep.FsckErrors
 		total.LiveRecounted += rep.LiveRecounted
 		total.RepairChecks += rep.RepairChecks
+		total.TokContexts += rep.TokContexts
+		total.Forks += rep.Forks
+		total.TokensShared += rep.TokensShared
+		total.AdversarialOps += rep.AdversarialOps
 		for _, f := range rep.Failures {
 			total.fail("%s: %s", cfg.label(), f)
 		}

@@ -115,6 +115,15 @@ type Report struct {
 	// Mismatches counts cycles whose configurations ended with different
 	// restored states (Metamorphic).
 	Mismatches int `json:"metamorphic_mismatches,omitempty"`
+	// With SimOptions.Prefix: token-addressed contexts created (saved by
+	// tokens or forked), forks among them, and tokens a save by tokens
+	// found stored already (shared prefixes referenced, not written).
+	TokContexts  int `json:"tok_contexts,omitempty"`
+	Forks        int `json:"forks,omitempty"`
+	TokensShared int `json:"tokens_shared,omitempty"`
+	// With SimOptions.Adversarial: the adversarial operations run (those
+	// that found nothing to act on not counted).
+	AdversarialOps int `json:"adversarial_ops,omitempty"`
 	// Trace is a digest of the simulated run: every crash point (where,
 	// operation, share of unsynced data kept) and what it found. The same
 	// seed and options give the same trace.

@@ -122,14 +122,7 @@ func CheckTokContext(st *chunk.Store, id string, ident *chunk.Identity, tokens [
 func (s *sim) stepTok(st *chunk.Store, rng *rand.Rand) error {
 	ct := st.ChunkTokens()
 	slot := rng.Intn(tokSlots)
-	var m *ctxModel
-	s.mu.Lock()
-	if ids := s.tokSlots[slot]; len(ids) > 0 {
-		if c := s.ctxs[ids[len(ids)-1]]; !c.deleteStarted && !c.evicted {
-			m = c
-		}
-	}
-	s.mu.Unlock()
+	m := s.live(s.tokSlots, slot)
 	r := rng.Intn(100)
 	switch {
 	case r >= 88 && r < 95:
@@ -148,18 +141,7 @@ func (s *sim) stepTok(st *chunk.Store, rng *rand.Rand) error {
 			return nil
 		}
 		src := srcs[rng.Intn(len(srcs))]
-		n := 1 + rng.Intn(src.acked)
-		m = s.newTok(slot, src.seed, src.tokens[:n:n])
-		s.mu.Lock()
-		m.appended = n
-		s.mu.Unlock()
-		if err := st.Fork(TokNamespace, src.id, m.id, n); err != nil {
-			return err
-		}
-		s.mu.Lock()
-		m.acked, m.ackedExists = n, true
-		s.mu.Unlock()
-		fmt.Fprintf(s.trace, "cycle %d op %d: fork %s -> %s at %d\n", s.cycle, s.op, src.id, m.id, n)
+		return s.fork(st, slot, src, 1+rng.Intn(src.acked))
 	case m == nil:
 		// A prompt of one of three base documents (their prefixes are
 		// shared), sometimes with its own continuation.
@@ -179,6 +161,7 @@ func (s *sim) stepTok(st *chunk.Store, rng *rand.Rand) error {
 		s.mu.Lock()
 		m.writer, m.appended = w, stored
 		s.mu.Unlock()
+		s.rep.TokensShared += stored
 		fmt.Fprintf(s.trace, "cycle %d op %d: create %s by %d tokens of document %d, %d stored\n", s.cycle, s.op, m.id, len(tokens), seed, stored)
 	case m.writer == nil && r < 60:
 		w, err := st.Append(TokNamespace, m.id, s.ident)
@@ -235,52 +218,36 @@ func (s *sim) stepTok(st *chunk.Store, rng *rand.Rand) error {
 			}
 		}
 	case r < 75 && m.writer != nil:
-		s.mu.Lock()
-		want := m.appended
-		s.mu.Unlock()
-		var err error
-		if r < 65 {
-			err = m.writer.Flush()
-		} else {
-			err = m.writer.Close()
-			m.writer = nil
-		}
+		want, err := s.ack(m, r >= 65)
 		if err != nil {
 			return err
 		}
-		s.mu.Lock()
-		m.acked, m.ackedExists = want, true
-		s.mu.Unlock()
 		fmt.Fprintf(s.trace, "cycle %d op %d: flush %s at %d\n", s.cycle, s.op, m.id, want)
 	case r < 88:
 		// Delete one sharer (the others keep the shared groups).
-		if m.writer != nil {
-			err := m.writer.Close()
-			m.writer = nil
-			if err != nil {
-				return err
-			}
-			s.mu.Lock()
-			m.acked, m.ackedExists = m.appended, true
-			s.mu.Unlock()
-		}
-		s.mu.Lock()
-		m.deleteStarted = true
-		s.mu.Unlock()
-		fmt.Fprintf(s.trace, "cycle %d op %d: delete %s\n", s.cycle, s.op, m.id)
-		if err := st.Delete(TokNamespace, m.id); err != nil {
-			return err
-		}
-		s.mu.Lock()
-		m.deleteAcked = true
-		s.mu.Unlock()
+		return s.delete(st, m)
 	default:
-		s.mu.Lock()
-		e, tokens := m.expect(false), m.tokens
-		s.mu.Unlock()
-		v, msg := CheckTokContext(st, m.id, s.ident, tokens, e)
-		s.rep.tally(v, msg, fmt.Sprintf("seed %d cycle %d op %d (running store)", s.seed, s.cycle, s.op))
+		s.checkRunning(st, m)
 	}
+	return nil
+}
+
+// fork forks the first n tokens of src (token-addressed, no writer, n at
+// most its acknowledged tokens) into a new context of the slot: it need not
+// exist until Fork returns, then must, with exactly n tokens.
+func (s *sim) fork(st *chunk.Store, slot int, src *ctxModel, n int) error {
+	m := s.newTok(slot, src.seed, src.tokens[:n:n])
+	s.mu.Lock()
+	m.appended, m.forkOf = n, src.id
+	s.mu.Unlock()
+	if err := st.Fork(TokNamespace, src.id, m.id, n); err != nil {
+		return err
+	}
+	s.mu.Lock()
+	m.acked, m.ackedExists = n, true
+	s.mu.Unlock()
+	s.rep.Forks++
+	fmt.Fprintf(s.trace, "cycle %d op %d: fork %s -> %s at %d\n", s.cycle, s.op, src.id, m.id, n)
 	return nil
 }
 
@@ -291,6 +258,7 @@ func (s *sim) newTok(slot, seed int, tokens []uint32) *ctxModel {
 	m := &ctxModel{id: fmt.Sprintf("t%di%d", slot, len(s.ctxs)), tok: true, seed: seed, tokens: tokens}
 	s.ctxs[m.id] = m
 	s.tokSlots[slot] = append(s.tokSlots[slot], m.id)
+	s.rep.TokContexts++
 	return m
 }
 

@@ -42,6 +42,19 @@ type SimOptions struct {
 	// with shared prefixes, forks, deletes of one sharer, restores by
 	// tokens. Off, a seed replays the operations it always did.
 	Prefix bool
+	// Adversarial adds operations a client may do that the workload
+	// otherwise never does (adversarial.go): writers abandoned (as by a
+	// client that disconnects) and reopened by name or by tokens, deletes
+	// (and GC) during a restore of the same context, forks of forks, of
+	// zero tokens, of a context being written, past its end, of a deleted
+	// context, of a named one. Each has an exact prediction. Off, a seed
+	// replays the operations it always did.
+	Adversarial bool
+
+	// opLog, when set, receives every draw of the workload's generator
+	// and the model after each operation (a test seam: a seed must replay
+	// the same operations; ops_test.go).
+	opLog io.Writer
 }
 
 // Config is one store configuration of the simulation. Every
@@ -85,6 +98,15 @@ type ctxModel struct {
 	tok    bool
 	tokens []uint32
 	seed   int
+	forkOf string // the context it was forked from
+}
+
+// ns is the context's namespace.
+func (m *ctxModel) ns() string {
+	if m.tok {
+		return TokNamespace
+	}
+	return "crash"
 }
 
 // expect is what the context may look like after a crash (afterRepair:
@@ -132,6 +154,7 @@ type sim struct {
 	ctxs     map[string]*ctxModel
 	slots    [][]string // context ids per slot, in creation order
 	prefix   bool       // SimOptions.Prefix
+	adv      bool       // SimOptions.Adversarial
 	tokSlots [][]string
 	op       int
 	now      int64 // the store's clock: one microsecond per operation
@@ -160,29 +183,47 @@ func Simulate(o SimOptions) *Report {
 		o.Contexts = 6
 	}
 	rep := &Report{Seed: o.Seed}
-	bar := progress.New(o.Progress, "crashtest simulated", int64(o.Cycles), "cycles")
+	name := "crashtest simulated"
+	if o.Prefix {
+		name += " (with token-addressed contexts)"
+	}
+	if o.Adversarial {
+		name += " (adversarial)"
+	}
+	if o.Config.Name != "" {
+		name += " " + o.Config.Name
+	}
+	bar := progress.New(o.Progress, name, int64(o.Cycles)*int64(o.Ops), "operations")
 	digest := sha256.New()
 	var trace io.Writer = digest
 	if o.Trace != nil {
 		trace = io.MultiWriter(digest, o.Trace)
 	}
 	for c := 0; c < o.Cycles; c++ {
-		runCycle(rep, o, c, trace)
+		runCycle(rep, o, c, trace, bar)
 		rep.Cycles++
-		bar.Add(1)
 	}
 	bar.Finish()
 	rep.Trace = hex.EncodeToString(digest.Sum(nil))[:16]
 	return rep
 }
 
-func runCycle(rep *Report, o SimOptions, cycle int, trace io.Writer) {
+func runCycle(rep *Report, o SimOptions, cycle int, trace io.Writer, bar *progress.Bar) {
+	// The progress bar counts every operation of the cycle, also those a
+	// stopped cycle did not run.
+	done := 0
+	defer func() { bar.Add(int64(o.Ops - done)) }()
 	seed := o.Seed*1000003 + int64(cycle)
 	s := &sim{rep: rep, cycle: cycle, seed: seed, cfg: o.Config, ident: Identity(),
 		ctxs: map[string]*ctxModel{}, slots: make([][]string, o.Contexts), hookRNG: rand.New(rand.NewSource(seed ^ 0x5eed)), now: simEpoch}
 	s.trace = trace
-	s.prefix, s.tokSlots = o.Prefix, make([][]string, tokSlots)
-	rng := rand.New(rand.NewSource(seed))
+	s.prefix, s.tokSlots, s.adv = o.Prefix, make([][]string, tokSlots), o.Adversarial
+	src := rand.NewSource(seed).(rand.Source64)
+	if o.opLog != nil {
+		fmt.Fprintf(o.opLog, "cycle %d seed %d\n", cycle, seed)
+		src = logSource{src, o.opLog}
+	}
+	rng := rand.New(src)
 	ct := o.Config.ChunkTokens
 	if ct == 0 {
 		ct = 8
@@ -256,21 +297,21 @@ func runCycle(rep *Report, o SimOptions, cycle int, trace io.Writer) {
 		s.op = op
 		s.now = simEpoch + int64(op+1)*1000
 		s.mu.Unlock()
-		if err := s.step(st, rng, o.Contexts); err != nil {
+		err := s.step(st, rng, o.Contexts)
+		done++
+		bar.Add(1)
+		if o.opLog != nil {
+			s.logModels(o.opLog, op, err)
+		}
+		if err != nil {
 			// A fault stopped the store's writes: that is the crash.
 			fmt.Fprintf(trace, "cycle %d stopped at op %d: %v\n", cycle, op, err)
 			break
 		}
 	}
 	for _, id := range s.ids() {
-		m := s.ctxs[id]
-		if m.writer != nil {
-			if m.writer.Close() == nil {
-				s.mu.Lock()
-				m.acked, m.ackedExists = m.appended, !m.deleteStarted
-				s.mu.Unlock()
-			}
-			m.writer = nil
+		if m := s.ctxs[id]; m.writer != nil {
+			s.ack(m, true) // a failed Close acknowledges nothing
 		}
 	}
 	if s.mem != nil {
@@ -323,19 +364,14 @@ func (s *sim) idsLocked() []string {
 
 // step runs one random operation.
 func (s *sim) step(st *chunk.Store, rng *rand.Rand, slots int) error {
+	if s.adv && rng.Intn(100) < adversarialPct {
+		return s.stepAdversarial(st, rng, slots)
+	}
 	if s.prefix && rng.Intn(100) < 45 {
 		return s.stepTok(st, rng)
 	}
 	slot := rng.Intn(slots)
-	// The live (not deleted or evicted) context of the slot, if any.
-	var m *ctxModel
-	s.mu.Lock()
-	if ids := s.slots[slot]; len(ids) > 0 {
-		if c := s.ctxs[ids[len(ids)-1]]; !c.deleteStarted && !c.evicted {
-			m = c
-		}
-	}
-	s.mu.Unlock()
+	m := s.live(s.slots, slot)
 	r := rng.Intn(100)
 	switch {
 	case m == nil:
@@ -381,42 +417,11 @@ func (s *sim) step(st *chunk.Store, rng *rand.Rand, slots int) error {
 			}
 		}
 	case r < 80 && m.writer != nil:
-		s.mu.Lock()
-		want := m.appended
-		s.mu.Unlock()
-		var err error
-		if r < 70 {
-			err = m.writer.Flush()
-		} else {
-			err = m.writer.Close()
-			m.writer = nil
-		}
-		if err != nil {
+		if _, err := s.ack(m, r >= 70); err != nil {
 			return err
 		}
-		s.mu.Lock()
-		m.acked, m.ackedExists = want, true
-		s.mu.Unlock()
 	case r < 90:
-		if m.writer != nil {
-			err := m.writer.Close()
-			m.writer = nil
-			if err != nil {
-				return err
-			}
-			s.mu.Lock()
-			m.acked, m.ackedExists = m.appended, true
-			s.mu.Unlock()
-		}
-		s.mu.Lock()
-		m.deleteStarted = true
-		s.mu.Unlock()
-		if err := st.Delete("crash", m.id); err != nil {
-			return err
-		}
-		s.mu.Lock()
-		m.deleteAcked = true
-		s.mu.Unlock()
+		return s.delete(st, m)
 	case r < 94:
 		if res := st.GC(); res.Err != nil {
 			return res.Err
@@ -426,13 +431,82 @@ func (s *sim) step(st *chunk.Store, rng *rand.Rand, slots int) error {
 	default:
 		// A restore on the running store: it must hold what was
 		// acknowledged (and it moves the context's last use).
-		s.mu.Lock()
-		e := m.expect(false)
-		s.mu.Unlock()
-		v, msg := CheckContext(st, "crash", m.id, s.ident, e)
-		s.rep.tally(v, msg, fmt.Sprintf("seed %d cycle %d op %d (running store)", s.seed, s.cycle, s.op))
+		s.checkRunning(st, m)
 	}
 	return nil
+}
+
+// live returns the live (not deleted or evicted) context of a slot, if
+// any: the last one created in it.
+func (s *sim) live(slots [][]string, slot int) *ctxModel {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if ids := slots[slot]; len(ids) > 0 {
+		if c := s.ctxs[ids[len(ids)-1]]; !c.deleteStarted && !c.evicted {
+			return c
+		}
+	}
+	return nil
+}
+
+// ack is the one "flush or close, then acknowledge" step of every context,
+// named or token-addressed: it flushes m's writer (or, with close, closes
+// and drops it) and, once that returned nil, acknowledges the tokens
+// appended before the call. It returns that count.
+func (s *sim) ack(m *ctxModel, close bool) (int, error) {
+	s.mu.Lock()
+	want := m.appended
+	s.mu.Unlock()
+	var err error
+	if close {
+		err = m.writer.Close()
+		s.mu.Lock()
+		m.writer = nil
+		s.mu.Unlock()
+	} else {
+		err = m.writer.Flush()
+	}
+	if err != nil {
+		return want, err
+	}
+	s.mu.Lock()
+	m.acked, m.ackedExists = want, !m.deleteStarted
+	s.mu.Unlock()
+	return want, nil
+}
+
+// delete closes m's writer, if any (acknowledging it), and deletes the
+// context: from the call on it need not exist, once the call returned it
+// must not.
+func (s *sim) delete(st *chunk.Store, m *ctxModel) error {
+	if m.writer != nil {
+		if _, err := s.ack(m, true); err != nil {
+			return err
+		}
+	}
+	s.mu.Lock()
+	m.deleteStarted = true
+	s.mu.Unlock()
+	if m.tok {
+		fmt.Fprintf(s.trace, "cycle %d op %d: delete %s\n", s.cycle, s.op, m.id)
+	}
+	if err := st.Delete(m.ns(), m.id); err != nil {
+		return err
+	}
+	s.mu.Lock()
+	m.deleteAcked = true
+	s.mu.Unlock()
+	return nil
+}
+
+// checkRunning restores m's context on the running store and tallies the
+// verdict: it must hold what was acknowledged.
+func (s *sim) checkRunning(st *chunk.Store, m *ctxModel) {
+	s.mu.Lock()
+	c := *m
+	s.mu.Unlock()
+	v, msg := s.checkModel(st, c, c.expect(false))
+	s.rep.tally(v, msg, fmt.Sprintf("seed %d cycle %d op %d (running store)", s.seed, s.cycle, s.op))
 }
 
 // evict runs one EvictOne: every context it may pick (no open writer) need
