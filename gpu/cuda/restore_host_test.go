@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"math"
 	"math/rand"
+	"runtime"
 	"strings"
 	"sync"
 	"testing"
@@ -631,4 +632,64 @@ func recomputeOnce(b *Backend, c *model.Config, m *model.Model, s *simRestore, i
 	}
 	res := &RecomputeCheck{}
 	return compareRecompute(c, caches, s.positions, wantK, wantV, res)
+}
+
+// TestReleaseWaitsForCopy: a layer's host buffer is handed back only once
+// its copy has read it. The device is frozen (nothing runs) when the layer
+// is queued; the test waits until either the release has been called or
+// something is blocked waiting for the device, and only then lets it run.
+// A release that does not wait for the copy's event is called while the
+// copy has not run.
+func TestReleaseWaitsForCopy(t *testing.T) {
+	seed := testseed.Seed(t)
+	c, _ := model.Preset("tiny-llama")
+	w := model.Synthesize(c, seed)
+	b, dev := newSimBackend(t, c, w, Options{Restores: 1}, seed)
+	cache, err := b.NewCache(c.Layers, 1, 16)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, kind := range []state.LayerKind{state.LayerHidden, state.LayerKV} {
+		r, err := b.Begin(cache, []int{0, 1, 2})
+		if err != nil {
+			t.Fatal(err)
+		}
+		dev.freeze()
+		rows := make([]byte, 3*c.HiddenRowBytes())
+		if kind == state.LayerKV {
+			rows = make([]byte, 3*c.KVRowBytes())
+		}
+		var mu sync.Mutex
+		called, ranFirst := false, false
+		release := func() {
+			ran := dev.copiedFrom(rows) > 0
+			mu.Lock()
+			called, ranFirst = true, ran
+			mu.Unlock()
+		}
+		if kind == state.LayerHidden {
+			err = r.Hidden(0, rows, release)
+		} else {
+			err = r.KV(0, rows, release)
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+		for {
+			mu.Lock()
+			done := called
+			mu.Unlock()
+			if done || dev.blocked() > 0 {
+				break
+			}
+			runtime.Gosched()
+		}
+		dev.thaw()
+		if _, err := r.Wait(); err != nil {
+			t.Fatal(err)
+		}
+		if !called || !ranFirst {
+			t.Errorf("%s layer: release called %v, after its copy ran %v", kind, called, ranFirst)
+		}
+	}
 }

@@ -45,6 +45,17 @@ type simDev struct {
 	copied  map[uintptr]int     // host address -> copies of it that have run
 	log     map[uintptr][]string
 	logging bool
+	weight  map[uintptr]int // the scheduler's stream weights of this phase
+	// lazyCopies: copies run only while someone synchronises (a copy
+	// engine far behind), so a buffer released without waiting for its
+	// copy's event is always released before the copy has read it.
+	lazyCopies bool
+	syncing    bool
+	// frozen: nothing runs, and every synchronising call waits (counted
+	// in waiters) until thaw.
+	frozen  bool
+	thawed  *sync.Cond
+	waiters int
 	bad     []string // violations seen
 	err     error    // first failure of a queued operation
 }
@@ -52,6 +63,7 @@ type simDev struct {
 type simOp struct {
 	seq   int
 	what  string
+	copy  bool
 	reads [][2]uintptr // device ranges [start, end) the operation reads
 	ready func() bool  // nil: always ready
 	run   func() error
@@ -66,9 +78,42 @@ type simEvent struct {
 
 func newSimDev(c *model.Config, seed int64) *simDev {
 	mem := newHostMem()
-	return &simDev{mem: mem, gemmOps: &hostOps{mem: mem, cfg: c}, rng: rand.New(rand.NewSource(seed)), next: 1,
+	rng := rand.New(rand.NewSource(seed))
+	d := &simDev{mem: mem, gemmOps: &hostOps{mem: mem, cfg: c}, rng: rng, next: 1, lazyCopies: rng.Intn(2) == 0,
 		streams: map[uintptr]*simStream{}, events: map[uintptr]*simEvent{}, blas: map[uintptr]uintptr{},
 		copied: map[uintptr]int{}, log: map[uintptr][]string{}}
+	d.thawed = sync.NewCond(&d.mu)
+	return d
+}
+
+// freeze stops the device: see frozen.
+func (d *simDev) freeze() {
+	d.mu.Lock()
+	d.frozen = true
+	d.mu.Unlock()
+}
+
+func (d *simDev) thaw() {
+	d.mu.Lock()
+	d.frozen = false
+	d.thawed.Broadcast()
+	d.mu.Unlock()
+}
+
+// blocked is how many calls wait for the device to thaw.
+func (d *simDev) blocked() int {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return d.waiters
+}
+
+// waitThaw waits while the device is frozen. Call with d.mu held.
+func (d *simDev) waitThaw() {
+	for d.frozen {
+		d.waiters++
+		d.thawed.Wait()
+		d.waiters--
+	}
 }
 
 func (d *simDev) handle() uintptr { d.next++; return d.next }
@@ -120,6 +165,9 @@ func (d *simDev) with(fn func() error) error { return fn() }
 func (d *simDev) syncAll() error {
 	d.mu.Lock()
 	defer d.mu.Unlock()
+	d.waitThaw()
+	d.syncing = true
+	defer func() { d.syncing = false }()
 	for d.pending() > 0 {
 		if !d.runOne() {
 			return fmt.Errorf("sim: %d operations queued and none can run (a wait on an event never recorded after them)", d.pending())
@@ -160,6 +208,9 @@ func (d *simDev) syncStream(s uintptr) error {
 	if st == nil {
 		return fmt.Errorf("sim: no stream %d", s)
 	}
+	d.waitThaw()
+	d.syncing = true
+	defer func() { d.syncing = false }()
 	for len(st.q) > 0 {
 		if !d.runOne() {
 			return fmt.Errorf("sim: stream %d cannot finish", s)
@@ -212,8 +263,12 @@ func (d *simDev) enqueue(s uintptr, op *simOp) error {
 	if d.logging {
 		d.log[s] = append(d.log[s], op.what)
 	}
-	for n := d.rng.Intn(3); n > 0; n-- {
-		d.runOne()
+	// Half the time nothing runs (queues build up, as on a busy device),
+	// else a few operations.
+	if !d.frozen && d.rng.Intn(2) == 0 {
+		for n := d.rng.Intn(4); n > 0; n-- {
+			d.runOne()
+		}
 	}
 	return nil
 }
@@ -223,7 +278,7 @@ func (d *simDev) enqueue(s uintptr, op *simOp) error {
 func (d *simDev) runOne() bool {
 	var ready []uintptr
 	for h, s := range d.streams {
-		if len(s.q) > 0 && (s.q[0].ready == nil || s.q[0].ready()) {
+		if len(s.q) > 0 && (s.q[0].ready == nil || s.q[0].ready()) && !(s.q[0].copy && d.lazyCopies && !d.syncing) {
 			ready = append(ready, h)
 		}
 	}
@@ -231,7 +286,30 @@ func (d *simDev) runOne() bool {
 		return false
 	}
 	sort.Slice(ready, func(i, j int) bool { return ready[i] < ready[j] })
-	s := d.streams[ready[d.rng.Intn(len(ready))]]
+	// Streams run at uneven speeds: every 16 operations each stream draws
+	// a weight of 1, 8 or 64, and a ready stream is picked in proportion,
+	// so that one stream (a copy stream, say) races ahead of another for a
+	// while, as far as its waits let it.
+	if d.clock%16 == 0 || d.weight == nil {
+		d.weight = map[uintptr]int{}
+	}
+	total := 0
+	for _, h := range ready {
+		if d.weight[h] == 0 {
+			d.weight[h] = []int{1, 8, 64}[d.rng.Intn(3)]
+		}
+		total += d.weight[h]
+	}
+	pick := d.rng.Intn(total)
+	chosen := ready[len(ready)-1]
+	for _, h := range ready {
+		if pick < d.weight[h] {
+			chosen = h
+			break
+		}
+		pick -= d.weight[h]
+	}
+	s := d.streams[chosen]
 	op := s.q[0]
 	s.q = s.q[1:]
 	d.clock++
@@ -276,6 +354,9 @@ func (d *simDev) syncEvent(e uintptr) error {
 		return fmt.Errorf("sim: synchronize on no event %d", e)
 	}
 	g := ev.gen
+	d.waitThaw()
+	d.syncing = true
+	defer func() { d.syncing = false }()
 	for ev.done < g {
 		if !d.runOne() {
 			return fmt.Errorf("sim: event %d can never complete", e)
@@ -305,7 +386,7 @@ func (d *simDev) copyAsync(dst uintptr, src []byte, stream uintptr) error {
 		return err
 	}
 	var op *simOp
-	op = &simOp{what: fmt.Sprintf("copy %d bytes", len(src)), run: func() error {
+	op = &simOp{what: fmt.Sprintf("copy %d bytes", len(src)), copy: true, run: func() error {
 		d.overwriteCheck(op, dst, dst+uintptr(len(src)))
 		b, _ := d.mem.slice(dst, len(src))
 		copy(b, src) // src is read now, not when it was queued
