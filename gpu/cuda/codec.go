@@ -23,9 +23,10 @@ var codecPTX []byte
 // moved the fp8 bytes. Its arithmetic is checked on the host against
 // state/codec (TestCodecKernelMatchesTranscode); on a GPU, CodecCopy checks
 // its output against the same host decode before it reports a time. The
-// restore pipeline (Restore.Hidden, Restore.KV) does not call it yet: serve
-// decodes rows on the host before handing them to any backend, so a CUDA
-// restore of an fp8 state is correct but copies model-dtype bytes.
+// restore pipeline calls it through Restore.Encoded (restore.go): serve
+// hands fp8 layers to a CUDA restore as stored, the copy moves the encoded
+// bytes into a staging slot, and the kernel decodes them into the lane's
+// decode buffer on the compute stream before the GEMM or the scatter.
 
 // CodecCopyResult is one CodecCopy measurement: device times (events on the
 // copy stream) of copying one layer's rows in the model dtype, and of copying
