@@ -124,9 +124,16 @@ func (d *simDev) alloc(n int) (uintptr, error) {
 	return d.mem.alloc(n)
 }
 
+// free poisons the buffer (0xff: NaN in every dtype) before dropping it, so
+// that a kernel still reading freed memory computes garbage.
 func (d *simDev) free(p uintptr) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
+	if b, ok := d.mem.bufs[p]; ok {
+		for i := range b {
+			b[i] = 0xff
+		}
+	}
 	d.mem.free(p)
 }
 
