@@ -59,6 +59,9 @@ type simRestore struct {
 	order     []int
 }
 
+// allHidden makes newSimRestore store every layer as hidden.
+var allHidden bool
+
 // newSimRestore draws a context: tokens at positions from start, a
 // shuffled block table over twice the blocks needed, each layer hidden or
 // KV at random, rows under cd, and the CPU backend's restore of it (rows
@@ -75,7 +78,7 @@ func newSimRestore(t *testing.T, c *model.Config, cpu *gpu.CPU, rng *rand.Rand, 
 	s.order = rng.Perm(c.Layers)
 	for l := 0; l < c.Layers; l++ {
 		kind := state.LayerHidden
-		if rng.Intn(3) == 0 {
+		if rng.Intn(3) == 0 && !allHidden {
 			kind = state.LayerKV
 		}
 		segs, vals := 1, c.HiddenSize
@@ -135,21 +138,36 @@ func newSimRestore(t *testing.T, c *model.Config, cpu *gpu.CPU, rng *rand.Rand, 
 // the CPU's. Each release checks that the copy of its rows has run and then
 // overwrites them, so a buffer handed back early corrupts the result.
 func (s *simRestore) run(b *Backend, dev *simDev, c *model.Config, bt int) error {
-	cache, err := b.NewCache(c.Layers, s.blocks, bt)
+	r, cache, err := s.begin(b, c, bt)
 	if err != nil {
 		return err
 	}
 	defer cache.Free()
+	return s.finish(r, cache, dev, c)
+}
+
+// begin makes the context's device cache and begins its restore.
+func (s *simRestore) begin(b *Backend, c *model.Config, bt int) (*Restore, *Cache, error) {
+	cache, err := b.NewCache(c.Layers, s.blocks, bt)
+	if err != nil {
+		return nil, nil, err
+	}
 	if err := cache.SetBlockTable(s.table); err != nil {
-		return err
+		return nil, nil, err
 	}
 	if err := cache.Poison(0xff); err != nil {
-		return err
+		return nil, nil, err
 	}
-	r, err := b.Begin(cache, s.positions)
+	r, err := cache.b.Begin(cache, s.positions)
 	if err != nil {
-		return err
+		cache.Free()
+		return nil, nil, err
 	}
+	return r, cache, nil
+}
+
+// finish submits every layer, waits and compares with the CPU's result.
+func (s *simRestore) finish(r *Restore, cache *Cache, dev *simDev, c *model.Config) (err error) {
 	var mu sync.Mutex
 	var early []int
 	released := 0
@@ -705,5 +723,48 @@ func TestReleaseWaitsForCopy(t *testing.T) {
 		if !called || !ranFirst {
 			t.Errorf("%s layer: release called %v, after its copy ran %v", kind, called, ranFirst)
 		}
+	}
+}
+
+// TestRopeTableOutlivesGrowth: a restore that began with the first RoPE
+// table still rotates with it after another restore, needing positions past
+// it, has made a larger one; the old table is freed (poisoned, on the
+// simulated device) only once its last holder has waited.
+func TestRopeTableOutlivesGrowth(t *testing.T) {
+	seed := testseed.Seed(t)
+	c, _ := model.Preset("tiny-gqa")
+	w := model.Synthesize(c, seed)
+	cpu, err := gpu.NewCPU(c, w)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, dev := newSimBackend(t, c, w, Options{Restores: 2}, seed)
+	rng := rand.New(rand.NewSource(seed))
+	allHidden = true // every layer rotated with the table
+	a := newSimRestore(t, c, cpu, rng, 20, 0, 8, state.CodecNone)
+	allHidden = false
+	z := newSimRestore(t, c, cpu, rng, 20, 1500, 8, state.CodecFP8Token)
+	ra, ca, err := a.begin(b, c, 8)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ca.Free()
+	first := ra.rope
+	rz, cz, err := z.begin(b, c, 8)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cz.Free()
+	if rz.rope == first || rz.rope.n <= 1500 {
+		t.Fatalf("the second restore's table covers %d positions, the same as the first's: %v", rz.rope.n, rz.rope == first)
+	}
+	if err := a.finish(ra, ca, dev, c); err != nil {
+		t.Errorf("the restore holding the old table: %v (seed %d)", err, seed)
+	}
+	if first.ptr != 0 {
+		t.Errorf("the old table is still allocated after its last holder waited")
+	}
+	if err := z.finish(rz, cz, dev, c); err != nil {
+		t.Errorf("the restore with the new table: %v (seed %d)", err, seed)
 	}
 }

@@ -444,6 +444,11 @@ func (d *simDev) launch(stream uintptr, l kLaunch) error {
 		}
 	}
 	op.run = func() error {
+		for _, r := range op.reads {
+			if _, err := d.mem.slice(r[0], int(r[1]-r[0])); err != nil {
+				d.bad = append(d.bad, fmt.Sprintf("%s ran reading freed memory: %v", op.what, err))
+			}
+		}
 		r, _, _ := purego.SyscallN(l.fn, uintptr(unsafe.Pointer(&l.params[0])), uintptr(l.grid), uintptr(l.threads), uintptr(l.shmem))
 		runtime.KeepAlive(l.params)
 		runtime.KeepAlive(l.keep)
@@ -464,6 +469,10 @@ func launchReads(keep any) [][2]uintptr {
 	case *kvArgs:
 		n := uintptr(a.n * a.rwords * 4 * 2)
 		return [][2]uintptr{{uintptr(a.rows), uintptr(a.rows) + n}}
+	case *projectArgs:
+		if a.rope != 0 { // the table's first entry
+			return [][2]uintptr{{uintptr(a.rope), uintptr(a.rope) + 8}}
+		}
 	}
 	return nil
 }
