@@ -768,3 +768,94 @@ func TestRopeTableOutlivesGrowth(t *testing.T) {
 		t.Errorf("the restore with the new table: %v (seed %d)", err, seed)
 	}
 }
+
+// TestHostCacheOnSim: the checked host path of the CUDA backend (a
+// gpu.HostCache through BeginRestore, and Project/LoadKV: a round trip to
+// the device per layer) gives the CPU backend's caches to the bit, and it
+// refuses what it cannot do.
+func TestHostCacheOnSim(t *testing.T) {
+	seed := testseed.Seed(t)
+	c, _ := model.Preset("tiny-qwen2")
+	w := model.Synthesize(c, seed)
+	cpu, err := gpu.NewCPU(c, w)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, _ := newSimBackend(t, c, w, Options{}, seed)
+	rng := rand.New(rand.NewSource(seed))
+	s := newSimRestore(t, c, cpu, rng, 23, 40, 8, state.CodecNone)
+	host := make(gpu.HostCache, c.Layers)
+	for l := range host {
+		host[l], _ = gpu.NewPagedKV(c, 8, s.blocks)
+		host[l].BlockTable = s.table
+		poison(host[l].K)
+		poison(host[l].V)
+	}
+	r, err := b.BeginRestore(host, s.positions)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := r.Recompute(make([]int, len(s.positions)), 1, nil); err == nil {
+		t.Error("recompute into a host cache accepted")
+	}
+	r, err = b.BeginRestore(host, s.positions)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, l := range s.order {
+		if s.kinds[l] == state.LayerHidden {
+			err = r.Hidden(l, s.rows[l], nil)
+		} else {
+			err = r.KV(l, s.rows[l], nil)
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := r.KV(c.Layers, s.rows[0], nil); err == nil {
+		t.Error("a layer past the model accepted")
+	}
+	r.Abort()
+	if _, err := r.Wait(); err == nil {
+		t.Error("Wait after a refused layer reports no error")
+	}
+	for l := range host {
+		if !bytes.Equal(host[l].K, s.want[l].K) || !bytes.Equal(host[l].V, s.want[l].V) {
+			t.Errorf("layer %d (%s) through the host path differs from the CPU's", l, s.kinds[l])
+		}
+	}
+	// Project and LoadKV directly.
+	for l := range host {
+		poison(host[l].K)
+		poison(host[l].V)
+		if s.kinds[l] == state.LayerHidden {
+			err = b.Project(l, s.rows[l], s.positions, host[l])
+		} else {
+			err = b.LoadKV(l, s.rows[l], s.positions, host[l])
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !bytes.Equal(host[l].K, s.want[l].K) || !bytes.Equal(host[l].V, s.want[l].V) {
+			t.Errorf("layer %d (%s) through Project/LoadKV differs from the CPU's", l, s.kinds[l])
+		}
+	}
+	wrong, _ := gpu.NewPagedKV(&model.Config{KVHeads: 1, HeadDim: 2, DType: "float32"}, 8, 1)
+	for _, tc := range []struct {
+		name string
+		err  error
+	}{
+		{"nil cache", b.Project(0, s.rows[0], s.positions, nil)},
+		{"another shape", b.Project(0, s.rows[0], s.positions, wrong)},
+		{"short host cache", func() error { _, err := b.BeginRestore(host[:1], s.positions); return err }()},
+		{"foreign cache", func() error { _, err := b.BeginRestore(foreignCache{}, s.positions); return err }()},
+	} {
+		if tc.err == nil {
+			t.Errorf("%s accepted", tc.name)
+		}
+	}
+}
+
+type foreignCache struct{}
+
+func (foreignCache) CacheLayers() int { return 3 }
