@@ -249,13 +249,15 @@ type ropeTable struct {
 }
 
 // holdRope makes the table cover positions [0, n) and takes a reference to
-// it (nil for a model without RoPE). Call with b.mu held, inside
+// it (nil for a model without RoPE); made reports a new table, uploaded by
+// a synchronous copy the restore streams do not wait for. Call with b.mu held, inside
 // b.ops.with.
-func (b *Backend) holdRope(n int) (*ropeTable, error) {
+func (b *Backend) holdRope(n int) (t *ropeTable, made bool, err error) {
 	if !b.cfg.UsesRope() {
-		return nil, nil
+		return nil, false, nil
 	}
 	if b.rope == nil || n > b.rope.n {
+		made = true
 		size := 1024
 		for size < n {
 			size *= 2
@@ -263,11 +265,11 @@ func (b *Backend) holdRope(n int) (*ropeTable, error) {
 		tab := RopeTable(b.invFreq, size)
 		p, err := b.alloc(4 * len(tab))
 		if err != nil {
-			return nil, err
+			return nil, false, err
 		}
 		if err := b.htod(p, f32bytes(tab)); err != nil {
 			b.free(p)
-			return nil, err
+			return nil, false, err
 		}
 		if old := b.rope; old != nil {
 			old.retired = true
@@ -278,7 +280,7 @@ func (b *Backend) holdRope(n int) (*ropeTable, error) {
 		b.rope = &ropeTable{ptr: p, n: size}
 	}
 	b.rope.refs++
-	return b.rope, nil
+	return b.rope, made, nil
 }
 
 // dropRope gives a reference back. Call with b.mu held, inside b.ops.with.

@@ -167,7 +167,8 @@ func (b *Backend) Begin(c *Cache, positions []int) (*Restore, error) {
 			b.mu.Unlock()
 			return errors.New("cuda: Begin on a freed cache")
 		}
-		r.rope, err = b.holdRope(maxPos + 1)
+		var made bool
+		r.rope, made, err = b.holdRope(maxPos + 1)
 		b.mu.Unlock()
 		if err != nil {
 			return err
@@ -179,10 +180,14 @@ func (b *Backend) Begin(c *Cache, positions []int) (*Restore, error) {
 		for i, p := range positions {
 			host[i] = int32(p)
 		}
-		if err := b.htod(l.pos.ptr, i32bytes(host)); err != nil {
+		// On the lane's compute stream, ahead of every kernel that reads
+		// them (from pageable memory: each call returns once its bytes are
+		// staged). No device-wide synchronisation: other lanes' restores
+		// keep running.
+		if err := b.ops.copyAsync(l.pos.ptr, i32bytes(host), l.compS); err != nil {
 			return err
 		}
-		if err := b.htod(l.bad.ptr, make([]byte, 4)); err != nil {
+		if err := b.ops.copyAsync(l.bad.ptr, make([]byte, 4), l.compS); err != nil {
 			return err
 		}
 		r.slot = b.slotBytes(len(positions))
@@ -191,10 +196,12 @@ func (b *Backend) Begin(c *Cache, positions []int) (*Restore, error) {
 				return err
 			}
 		}
-		// The uploads above were synchronous copies from pageable memory,
-		// which the non-blocking restore streams do not wait for.
-		if err := b.sync(); err != nil {
-			return err
+		if made {
+			// A new RoPE table went up by a synchronous copy from pageable
+			// memory, which the non-blocking streams do not wait for.
+			if err := b.sync(); err != nil {
+				return err
+			}
 		}
 		return b.ops.record(r.start, l.copyS)
 	})

@@ -315,6 +315,7 @@ func TestRestoreLanesMatchCPU(t *testing.T) {
 }
 
 // TestRestoreSubmitSequence: what one restore queues, stream by stream: on
+// the compute stream first the positions and the cleared decode flag; on
 // the copy stream, each layer's copy after a wait for the layer that last
 // used its staging slot, then an event; on the compute stream, a wait for
 // that event, then for an fp8 hidden layer the dequantize kernel (one block
@@ -385,7 +386,8 @@ func TestRestoreSubmitSequence(t *testing.T) {
 	}
 	th := b.opts.Threads
 	wantCopy := []string{fmt.Sprintf("record e%d", r.start)}
-	var wantComp []string
+	// Begin's uploads of the positions and the cleared decode flag.
+	wantComp := []string{fmt.Sprintf("copy %d bytes", 4*n), "copy 4 bytes"}
 	for l := 0; l < c.Layers; l++ {
 		if l >= b.opts.Slots {
 			wantCopy = append(wantCopy, fmt.Sprintf("wait e%d", r.done[l-b.opts.Slots]))
