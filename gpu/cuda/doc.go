@@ -233,7 +233,7 @@
 // an off-by-one causal mask, a dropped bias, a dropped epsilon or two swapped
 // struct fields each fail a test. `go test -cover ./gpu/cuda` without a GPU:
 // 8.0% of statements before the forward pass's host tests, 27.1% after;
-// 23.9% before the restore path ran on the simulated device, 56.9% after.
+// 23.9% before the restore path ran on the simulated device, 57.1% after.
 // What stays GPU-only: loading the driver and cuBLAS (driver.go), cudaOps
 // (each driver call itself), Open's module loading, CodecCopy, CUDA IPC,
 // WrapCache's address checks and CheckRecompute.
