@@ -7,6 +7,7 @@ import (
 	"time"
 
 	"github.com/hcache/hcache/model"
+	"github.com/hcache/hcache/state"
 )
 
 // Backend restores contexts into paged KV caches: a model's projection
@@ -84,6 +85,19 @@ type Restore interface {
 	Abort()
 	// Wait ends the restore and returns its first error.
 	Wait() (Timing, error)
+}
+
+// DeviceDecoder is a Restore that takes rows as stored under a codec and
+// decodes them itself after the copy (gpu/cuda: fp8 decoded on the device,
+// so the copy moves the encoded bytes). serve hands a layer as stored when
+// DecodesOnDevice reports the codec, and decodes on the host otherwise.
+type DeviceDecoder interface {
+	// DecodesOnDevice reports whether Encoded takes rows under cd.
+	DecodesOnDevice(cd state.Codec) bool
+	// Encoded queues one stored layer (kind LayerHidden or LayerKV) whose
+	// rows are encoded by cd (state/codec's row layout), as Hidden or KV
+	// would queue the decoded rows; release as for Hidden.
+	Encoded(layer int, kind state.LayerKind, cd state.Codec, rows []byte, release func()) error
 }
 
 // Timing of a finished restore.

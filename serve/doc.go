@@ -58,9 +58,12 @@
 // CPU recompute stops before its next layer) and the store's error returned.
 // Admission is a FIFO semaphore (`MaxConcurrent`); admitted restores run on
 // the backend side by side, each with its own `gpu.Restore`, up to the
-// backend's `Concurrency()` (the CPU: any; CUDA: one at a time for now, one
-// pair of streams and staging slots per backend; a later restore's reads run
-// ahead meanwhile). `RestoreStats` reports queue wait, recompute time, I/O
+// backend's `Concurrency()` (the CPU: any; CUDA: `cuda.Options.Restores`,
+// default 4, each on its own lane of streams and staging slots; a restore
+// past that waits in `BeginRestore` while its reads run ahead). Rows stored
+// under a codec are decoded on the host, unless the backend's restore is a
+// `gpu.DeviceDecoder` for that codec (CUDA, fp8): it then gets them as
+// stored, so that its copy moves the encoded bytes. `RestoreStats` reports queue wait, recompute time, I/O
 // time, backend time, compute idle (bubbles), backend wait (in
 // `BeginRestore`), peak read-ahead bytes, the backend's `gpu.Timing`, and per
 // layer: read done, compute start and end (on a device: when its work was

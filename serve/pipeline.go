@@ -532,6 +532,20 @@ func (r *Restorer) Restore(req Request) (RestoreStats, error) {
 		}
 		t0 := since()
 		rows, release := m.rows, func() { rd.release(m) }
+		if dd, ok := dev.(gpu.DeviceDecoder); ok && cd != state.CodecNone && dd.DecodesOnDevice(cd) {
+			// The backend decodes on the device: the copy moves the
+			// stored (encoded) bytes.
+			err := dd.Encoded(m.layer, lp.Kind, cd, rows, release)
+			t1 := since()
+			rs.ProjectDur += t1 - t0
+			rs.Layers = append(rs.Layers, LayerTiming{Layer: m.layer, Kind: lp.Kind.String(), ReadDone: m.at, Start: t0, End: t1})
+			prevEnd = t1
+			rs.IODur = m.at
+			if err != nil {
+				return fail(fmt.Errorf("serve: layer %d of %s/%s: %w", m.layer, req.NS, req.ID, err))
+			}
+			continue
+		}
 		if cd != state.CodecNone {
 			// Decode on the host into the consumer's dtype and give the
 			// store its buffer back at once.

@@ -31,6 +31,16 @@ type Options struct {
 	Slots int
 	// Threads per block of the scatter kernels (default 256).
 	Threads int
+	// Restores is how many restores run on the backend at once, each with
+	// its own pair of streams, cuBLAS handle and staging buffers (a lane);
+	// Begin waits while all are in use (default DefaultRestores, at most
+	// MaxRestores).
+	Restores int
+	// RestoreMemory is the most device memory, in bytes, the restore lanes
+	// may hold together (staging slots, GEMM outputs, decoded rows,
+	// recompute buffers); a restore that would need more is refused with
+	// ErrRestoreMemory. Default: a quarter of the device's memory.
+	RestoreMemory int64
 	// RecomputeMemory is the most device memory, in bytes, that
 	// LoadRecompute may put on the device for the recomputed prefix (the
 	// embeddings and the first layers' attention, MLP and norm weights;
@@ -63,46 +73,45 @@ const (
 
 // Backend is a model's projection state on one GPU: its K/V weights (uploaded
 // once, as one [2 x kv_dim, hidden] matrix per layer in the model dtype),
-// biases, RoPE table, streams, cuBLAS handle and kernels. One restore runs
-// on it at a time (Begin waits for the previous one to end).
+// biases, RoPE table, kernels, and up to Options.Restores lanes (streams,
+// cuBLAS handle, buffers), one per restore in progress: that many restores
+// run on it at once, side by side on their own streams.
 type Backend struct {
-	d       *driver
-	cfg     *model.Config
-	opts    Options
-	ctx     uintptr
-	dev     int32
-	devName string
-	mod     uintptr
-	fProj   uintptr
-	fKV     uintptr
-	blas    uintptr
-	copyS   uintptr
-	compS   uintptr
-	dtype   int // hc* code of the cache dtype
-	gemmT   int // cuda data type of the GEMM inputs
-	weights []uintptr
-	biases  []uintptr
-	invFreq []float32
+	d        *driver // nil when ops is a host model (tests)
+	ops      devOps
+	cfg      *model.Config
+	opts     Options
+	ctx      uintptr
+	dev      int32
+	devName  string
+	mod      uintptr
+	codecMod uintptr
+	fProj    uintptr
+	fKV      uintptr
+	fDeq     uintptr // hc_fp8_dequant
+	dtype    int     // hc* code of the cache dtype
+	gemmT    int     // cuda data type of the GEMM inputs
+	weights  []uintptr
+	biases   []uintptr
+	invFreq  []float32
+	alpha    float32 // GEMM scalars, read by cuBLAS from host memory
+	beta     float32
 
-	busy    sync.Mutex // held by the Restore in progress
-	mu      sync.Mutex // guards what follows
-	rope    uintptr    // [ropeLen x head_dim/2 x 2] float32 cos, sin
-	ropeLen int
-	staging devBuf    // slots x slotBytes
-	gemm    devBuf    // [tokens x 2 kv_dim] float32
-	events  []uintptr // pool of timing-free events (used under busy)
-	pos     uintptr   // device int32 positions of the restore in progress
-	posLen  int
-	alpha   float32 // GEMM scalars, read by cuBLAS from host memory
-	beta    float32
-	closed  bool
-	caches  map[*Cache]bool // live caches, freed by Close
-	memory  int64           // the device's total memory
+	laneSem chan struct{} // one token per restore in progress (cap Restores)
+	excl    sync.Mutex    // serialises exclusive()
+
+	mu        sync.Mutex // guards what follows
+	rope      *ropeTable // [n x head_dim/2 x 2] float32 cos, sin
+	events    []uintptr  // pool of timing-free events
+	idle      []*lane    // lanes no restore holds
+	lanesMade int
+	laneBytes int64 // device memory the lanes hold
+	closed    bool
+	caches    map[*Cache]bool // live caches, freed by Close
+	memory    int64           // the device's total memory
 
 	fwdFns [numFwdKernels]uintptr // the forward-pass kernels
-	fwd    *fwdWeights            // LoadRecompute's weights (under busy)
-	fwdScr fwdScratch             // the recompute buffers (under busy)
-	toks   devBuf                 // device int32 token ids of a recompute
+	fwd    *fwdWeights            // LoadRecompute's weights (changed only under exclusive)
 }
 
 type devBuf struct {
@@ -113,6 +122,26 @@ type devBuf struct {
 // Open loads CUDA, selects the device and uploads w's K/V weights (w needs
 // only the model.WeightsKV set).
 func Open(c *model.Config, w *model.Weights, o Options) (*Backend, error) {
+	b, err := newBackend(c, w, o)
+	if err != nil {
+		return nil, err
+	}
+	d, err := loadDriver(o.CublasPath)
+	if err != nil {
+		return nil, err
+	}
+	b.d = d
+	b.ops = cudaOps{b}
+	if err := b.init(w); err != nil {
+		b.Close()
+		return nil, err
+	}
+	return b, nil
+}
+
+// newBackend checks the options and the model and fills in the defaults;
+// nothing touches a device.
+func newBackend(c *model.Config, w *model.Weights, o Options) (*Backend, error) {
 	if c == nil || w == nil {
 		return nil, errors.New("cuda: Open needs a config and weights")
 	}
@@ -128,10 +157,19 @@ func Open(c *model.Config, w *model.Weights, o Options) (*Backend, error) {
 	if o.Threads < 32 || o.Threads > 1024 || o.Threads%32 != 0 {
 		return nil, fmt.Errorf("cuda: Threads %d: a multiple of 32 in [32, 1024]", o.Threads)
 	}
+	if o.Restores == 0 {
+		o.Restores = DefaultRestores
+	}
+	if o.Restores < 1 || o.Restores > MaxRestores {
+		return nil, fmt.Errorf("cuda: Restores %d: between 1 and %d", o.Restores, MaxRestores)
+	}
+	if o.RestoreMemory < 0 || o.RecomputeMemory < 0 {
+		return nil, fmt.Errorf("cuda: RestoreMemory %d, RecomputeMemory %d: negative", o.RestoreMemory, o.RecomputeMemory)
+	}
 	if len(w.Layers) != c.Layers {
 		return nil, fmt.Errorf("cuda: weights have %d layers, config %d", len(w.Layers), c.Layers)
 	}
-	b := &Backend{cfg: c, opts: o, invFreq: c.InvFreq(), alpha: 1}
+	b := &Backend{cfg: c, opts: o, invFreq: c.InvFreq(), alpha: 1, laneSem: make(chan struct{}, o.Restores)}
 	switch c.DType {
 	case "float16":
 		b.dtype, b.gemmT = hcF16, cudaR16F
@@ -147,15 +185,6 @@ func Open(c *model.Config, w *model.Weights, o Options) (*Backend, error) {
 	}
 	if c.HeadDim%2 != 0 {
 		return nil, fmt.Errorf("cuda: head_dim %d is odd", c.HeadDim)
-	}
-	d, err := loadDriver(o.CublasPath)
-	if err != nil {
-		return nil, err
-	}
-	b.d = d
-	if err := b.init(w); err != nil {
-		b.Close()
-		return nil, err
 	}
 	return b, nil
 }
@@ -201,17 +230,23 @@ func (b *Backend) init(w *model.Weights) error {
 			return err
 		}
 	}
-	for _, s := range []*uintptr{&b.copyS, &b.compS} {
-		if err := d.check("cuStreamCreate", d.call("cuStreamCreate", ptr(s), streamNonBlock)); err != nil {
-			return err
-		}
+	cptx := append(append([]byte(nil), codecPTX...), 0)
+	if err := d.check("cuModuleLoadData codec", d.call("cuModuleLoadData", ptr(&b.codecMod), bptr(cptx))); err != nil {
+		return fmt.Errorf("%w: the driver cannot load the codec kernel's PTX: %v", ErrNoDevice, err)
 	}
-	if err := checkBlas("cublasCreate", d.call("cublasCreate_v2", ptr(&b.blas))); err != nil {
-		return fmt.Errorf("%w: %s: %v", ErrNoDevice, d.cublasPath, err)
-	}
-	if err := checkBlas("cublasSetStream", d.call("cublasSetStream_v2", b.blas, b.compS)); err != nil {
+	runtime.KeepAlive(cptx)
+	dname := append([]byte("hc_fp8_dequant"), 0)
+	err := d.check("cuModuleGetFunction hc_fp8_dequant", d.call("cuModuleGetFunction", ptr(&b.fDeq), b.codecMod, bptr(dname)))
+	runtime.KeepAlive(dname)
+	if err != nil {
 		return err
 	}
+	// One lane now, so that a missing cuBLAS shows at Open.
+	l, err := b.newLane(0)
+	if err != nil {
+		return err
+	}
+	b.idle, b.lanesMade = []*lane{l}, 1
 	if err := b.uploadWeights(w); err != nil {
 		return err
 	}
@@ -222,9 +257,7 @@ func (b *Backend) init(w *model.Weights) error {
 // pageable memory included (they may return before their DMA lands, and the
 // restore streams do not wait for the legacy stream). Call on a locked
 // thread with the context current.
-func (b *Backend) sync() error {
-	return b.d.check("cuCtxSynchronize", b.d.call("cuCtxSynchronize"))
-}
+func (b *Backend) sync() error { return b.ops.syncAll() }
 
 // Config is the model the backend projects for.
 func (b *Backend) Config() *model.Config { return b.cfg }
@@ -303,56 +336,21 @@ func (b *Backend) Device() string { return b.devName }
 // CublasPath is the cuBLAS library loaded.
 func (b *Backend) CublasPath() string { return b.d.cublasPath }
 
-// alloc and htod run with the context current on a locked thread.
-func (b *Backend) alloc(n int) (uintptr, error) {
-	var p uintptr
-	if n == 0 {
-		n = 1
-	}
-	if err := b.d.check(fmt.Sprintf("cuMemAlloc(%d bytes)", n), b.d.call("cuMemAlloc_v2", ptr(&p), uintptr(n))); err != nil {
-		return 0, err
-	}
-	return p, nil
-}
-
-func (b *Backend) free(p uintptr) {
-	if p != 0 {
-		b.d.call("cuMemFree_v2", p)
-	}
-}
-
-func (b *Backend) htod(dst uintptr, src []byte) error {
-	if len(src) == 0 {
-		return nil
-	}
-	err := b.d.check("cuMemcpyHtoD", b.d.call("cuMemcpyHtoD_v2", dst, bptr(src), uintptr(len(src))))
-	runtime.KeepAlive(src)
-	return err
-}
-
-func (b *Backend) dtoh(dst []byte, src uintptr) error {
-	if len(dst) == 0 {
-		return nil
-	}
-	err := b.d.check("cuMemcpyDtoH", b.d.call("cuMemcpyDtoH_v2", bptr(dst), src, uintptr(len(dst))))
-	runtime.KeepAlive(dst)
-	return err
-}
+// alloc and htod run with the context current on a locked thread (inside
+// with).
+func (b *Backend) alloc(n int) (uintptr, error)       { return b.ops.alloc(n) }
+func (b *Backend) free(p uintptr)                     { b.ops.free(p) }
+func (b *Backend) htod(dst uintptr, src []byte) error { return b.ops.htod(dst, src) }
+func (b *Backend) dtoh(dst []byte, src uintptr) error { return b.ops.dtoh(dst, src) }
 
 // with runs fn on a locked OS thread with the backend's context current.
-func (b *Backend) with(fn func() error) error {
-	if err := b.d.lockThread(b.ctx); err != nil {
-		return err
-	}
-	defer runtime.UnlockOSThread()
-	return fn()
-}
+func (b *Backend) with(fn func() error) error { return b.ops.with(fn) }
 
 // HostRegister page-locks host memory for the copy engine
 // (cuMemHostRegister): the store's ReadBuffers hook, so restore buffers are
 // pinned once and copied from directly.
 func (b *Backend) HostRegister(mem []byte) error {
-	if len(mem) == 0 {
+	if len(mem) == 0 || b.d == nil {
 		return nil
 	}
 	return b.with(func() error {
@@ -362,7 +360,7 @@ func (b *Backend) HostRegister(mem []byte) error {
 
 // HostUnregister undoes HostRegister.
 func (b *Backend) HostUnregister(mem []byte) {
-	if len(mem) == 0 {
+	if len(mem) == 0 || b.d == nil {
 		return
 	}
 	b.with(func() error {
@@ -373,27 +371,33 @@ func (b *Backend) HostUnregister(mem []byte) {
 
 // Close frees everything Open made. Restores in flight must have ended.
 func (b *Backend) Close() error {
-	if b == nil || b.d == nil {
+	if b == nil || b.ops == nil {
 		return nil
 	}
-	b.busy.Lock()
-	defer b.busy.Unlock()
+	done := b.exclusive()
+	defer done()
 	b.mu.Lock()
-	defer b.mu.Unlock()
 	if b.closed {
+		b.mu.Unlock()
 		return nil
 	}
 	b.closed = true
-	if b.ctx == 0 {
+	b.mu.Unlock()
+	if b.d != nil && b.ctx == 0 {
 		return nil
 	}
 	return b.with(func() error {
-		d := b.d
-		d.call("cuCtxSynchronize")
-		for c := range b.caches {
+		b.sync()
+		b.mu.Lock()
+		caches, lanes := b.caches, b.idle
+		b.caches, b.idle = nil, nil
+		b.mu.Unlock()
+		for c := range caches {
 			c.release()
 		}
-		b.caches = nil
+		for _, l := range lanes {
+			l.release(b)
+		}
 		for _, p := range b.weights {
 			b.free(p)
 		}
@@ -403,27 +407,23 @@ func (b *Backend) Close() error {
 		if b.fwd != nil {
 			b.fwd.release(b)
 		}
-		b.fwdScr.release(b)
-		b.free(b.toks.ptr)
-		b.free(b.rope)
-		b.free(b.staging.ptr)
-		b.free(b.gemm.ptr)
-		b.free(b.pos)
+		if b.rope != nil {
+			b.free(b.rope.ptr)
+			b.rope = nil
+		}
 		for _, e := range b.events {
-			d.call("cuEventDestroy_v2", e)
+			b.ops.destroyEvent(e)
 		}
-		if b.blas != 0 {
-			d.call("cublasDestroy_v2", b.blas)
-		}
-		for _, s := range []uintptr{b.copyS, b.compS} {
-			if s != 0 {
-				d.call("cuStreamDestroy_v2", s)
+		b.events = nil
+		if d := b.d; d != nil {
+			if b.mod != 0 {
+				d.call("cuModuleUnload", b.mod)
 			}
+			if b.codecMod != 0 {
+				d.call("cuModuleUnload", b.codecMod)
+			}
+			d.call("cuDevicePrimaryCtxRelease_v2", uintptr(b.dev))
 		}
-		if b.mod != 0 {
-			d.call("cuModuleUnload", b.mod)
-		}
-		d.call("cuDevicePrimaryCtxRelease_v2", uintptr(b.dev))
 		return nil
 	})
 }
@@ -445,69 +445,25 @@ func RopeTable(invFreq []float32, n int) []float32 {
 	return tab
 }
 
-// ensureRope makes the cos/sin table cover positions [0, n). The angles are
-// computed as tensor.Rope computes them (float32 angle, float64 cos and sin
-// rounded to float32), so the kernel rotates with the CPU reference's
-// factors. Call with b.mu held on a locked thread.
-func (b *Backend) ensureRope(n int) error {
-	if !b.cfg.UsesRope() || n <= b.ropeLen {
-		return nil
-	}
-	size := 1024
-	for size < n {
-		size *= 2
-	}
-	tab := RopeTable(b.invFreq, size)
-	p, err := b.alloc(4 * len(tab))
-	if err != nil {
-		return err
-	}
-	if err := b.htod(p, f32bytes(tab)); err != nil {
-		b.free(p)
-		return err
-	}
-	b.free(b.rope)
-	b.rope, b.ropeLen = p, size
-	return nil
-}
-
-// ensureBuffers sizes the staging slots and the GEMM output for n tokens.
-func (b *Backend) ensureBuffers(n int) error {
-	c := b.cfg
-	slot := n * max(c.HiddenRowBytes(), c.KVRowBytes())
-	slot = (slot + 255) &^ 255
-	if need := slot * b.opts.Slots; need > b.staging.size {
-		b.free(b.staging.ptr)
-		b.staging = devBuf{}
-		p, err := b.alloc(need)
-		if err != nil {
-			return err
-		}
-		b.staging = devBuf{p, need}
-	}
-	if need := n * 2 * c.KVDim() * 4; need > b.gemm.size {
-		b.free(b.gemm.ptr)
-		b.gemm = devBuf{}
-		p, err := b.alloc(need)
-		if err != nil {
-			return err
-		}
-		b.gemm = devBuf{p, need}
-	}
-	return nil
-}
-
+// event takes a timing-free event from the pool (or makes one). Call inside
+// with.
 func (b *Backend) event() (uintptr, error) {
+	b.mu.Lock()
 	if n := len(b.events); n > 0 {
 		e := b.events[n-1]
 		b.events = b.events[:n-1]
+		b.mu.Unlock()
 		return e, nil
 	}
-	var e uintptr
-	if err := b.d.check("cuEventCreate", b.d.call("cuEventCreate", ptr(&e), eventNoTiming)); err != nil {
-		return 0, err
-	}
-	return e, nil
+	b.mu.Unlock()
+	return b.ops.newEvent(false)
+}
+
+// putEvents hands events back to the pool.
+func (b *Backend) putEvents(evs ...uintptr) {
+	b.mu.Lock()
+	b.events = append(b.events, evs...)
+	b.mu.Unlock()
 }
 
 // Project implements gpu.Backend for a host-memory cache: the cache is

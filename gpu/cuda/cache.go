@@ -208,7 +208,7 @@ func (c *Cache) Poison(v byte) error {
 	return c.op(func() error {
 		for l := range c.K {
 			for _, p := range []uintptr{c.K[l], c.V[l]} {
-				if err := c.b.d.check("cuMemsetD8", c.b.d.call("cuMemsetD8_v2", p, uintptr(v), uintptr(c.LayerBytes()))); err != nil {
+				if err := c.b.ops.memset(p, v, c.LayerBytes()); err != nil {
 					return err
 				}
 			}

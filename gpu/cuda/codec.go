@@ -23,9 +23,10 @@ var codecPTX []byte
 // moved the fp8 bytes. Its arithmetic is checked on the host against
 // state/codec (TestCodecKernelMatchesTranscode); on a GPU, CodecCopy checks
 // its output against the same host decode before it reports a time. The
-// restore pipeline (Restore.Hidden, Restore.KV) does not call it yet: serve
-// decodes rows on the host before handing them to any backend, so a CUDA
-// restore of an fp8 state is correct but copies model-dtype bytes.
+// restore pipeline calls it through Restore.Encoded (restore.go): serve
+// hands fp8 layers to a CUDA restore as stored, the copy moves the encoded
+// bytes into a staging slot, and the kernel decodes them into the lane's
+// decode buffer on the compute stream before the GEMM or the scatter.
 
 // CodecCopyResult is one CodecCopy measurement: device times (events on the
 // copy stream) of copying one layer's rows in the model dtype, and of copying
@@ -71,22 +72,21 @@ func (b *Backend) CodecCopy(cd state.Codec, segs, vals int, raw, enc []byte, rep
 		block = codec.BlockSize
 	}
 	res := &CodecCopyResult{Codec: cd.String(), Tokens: len(enc) / rb, RawBytes: len(raw), StoredBytes: len(enc)}
-	b.busy.Lock() // no restore runs meanwhile
-	defer b.busy.Unlock()
+	if b.d == nil {
+		return nil, errors.New("cuda: CodecCopy needs a GPU")
+	}
+	done := b.exclusive() // no restore runs meanwhile
+	defer done()
 	err := b.with(func() error {
 		d := b.d
-		var mod, fn uintptr
-		ptx := append(append([]byte(nil), codecPTX...), 0)
-		if err := d.check("cuModuleLoadData codec", d.call("cuModuleLoadData", ptr(&mod), bptr(ptx))); err != nil {
-			return err
+		fn := b.fDeq
+		b.mu.Lock()
+		if len(b.idle) == 0 {
+			b.mu.Unlock()
+			return errors.New("cuda: no restore lane")
 		}
-		runtime.KeepAlive(ptx)
-		defer d.call("cuModuleUnload", mod)
-		name := append([]byte("hc_fp8_dequant"), 0)
-		if err := d.check("cuModuleGetFunction hc_fp8_dequant", d.call("cuModuleGetFunction", ptr(&fn), mod, bptr(name))); err != nil {
-			return err
-		}
-		runtime.KeepAlive(name)
+		copyS := b.idle[0].copyS
+		b.mu.Unlock()
 		var bufs []uintptr
 		defer func() {
 			for _, p := range bufs {
@@ -146,29 +146,29 @@ func (b *Backend) CodecCopy(cd state.Codec, segs, vals int, raw, enc []byte, rep
 		}
 		var copyMS, codecMS, codecCopyMS []float64
 		for r := 0; r < reps+1; r++ { // the first round warms up, untimed
-			d.call("cuEventRecord", ev[0], b.copyS)
-			if err := d.check("cuMemcpyHtoDAsync raw", d.call("cuMemcpyHtoDAsync_v2", dRaw, bptr(raw), uintptr(len(raw)), b.copyS)); err != nil {
+			d.call("cuEventRecord", ev[0], copyS)
+			if err := d.check("cuMemcpyHtoDAsync raw", d.call("cuMemcpyHtoDAsync_v2", dRaw, bptr(raw), uintptr(len(raw)), copyS)); err != nil {
 				return err
 			}
-			d.call("cuEventRecord", ev[1], b.copyS)
+			d.call("cuEventRecord", ev[1], copyS)
 			t1, err := elapsed(ev[0], ev[1])
 			if err != nil {
 				return err
 			}
-			d.call("cuEventRecord", ev[0], b.copyS)
-			if err := d.check("cuMemcpyHtoDAsync fp8", d.call("cuMemcpyHtoDAsync_v2", dSrc, bptr(enc), uintptr(len(enc)), b.copyS)); err != nil {
+			d.call("cuEventRecord", ev[0], copyS)
+			if err := d.check("cuMemcpyHtoDAsync fp8", d.call("cuMemcpyHtoDAsync_v2", dSrc, bptr(enc), uintptr(len(enc)), copyS)); err != nil {
 				return err
 			}
-			d.call("cuEventRecord", ev[2], b.copyS)
+			d.call("cuEventRecord", ev[2], copyS)
 			escape(params)
-			code := d.call("cuLaunchKernel", fn, uintptr(nseg), 1, 1, uintptr(b.opts.Threads), 1, 1, 0, b.copyS,
+			code := d.call("cuLaunchKernel", fn, uintptr(nseg), 1, 1, uintptr(b.opts.Threads), 1, 1, 0, copyS,
 				uintptr(unsafe.Pointer(&params[0])), 0)
 			runtime.KeepAlive(params)
 			runtime.KeepAlive(&a)
 			if err := d.check("cuLaunchKernel hc_fp8_dequant", code); err != nil {
 				return err
 			}
-			d.call("cuEventRecord", ev[1], b.copyS)
+			d.call("cuEventRecord", ev[1], copyS)
 			t2, err := elapsed(ev[0], ev[1])
 			if err != nil {
 				return err

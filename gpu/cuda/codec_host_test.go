@@ -23,6 +23,9 @@ var (
 	codecOnce sync.Once
 	codecFn   func(src, dst unsafe.Pointer, nseg, segs, vals, block, segBytes, rowBytes, dtype int32, bad unsafe.Pointer, nthreads int32)
 	codecErr  error
+	// codecLaunch is hc_host_launch_fp8_dequant: the kernel's parameters
+	// as cuLaunchKernel takes them, over the grid.
+	codecLaunch uintptr
 )
 
 // loadCodecKernel builds kernels/codec.cu for the host (HCACHE_HOST) and
@@ -49,6 +52,9 @@ func loadCodecKernel(t *testing.T) func(src, dst unsafe.Pointer, nseg, segs, val
 			return
 		}
 		purego.RegisterLibFunc(&codecFn, h, "hc_host_fp8_dequant")
+		if codecLaunch, err = purego.Dlsym(h, "hc_host_launch_fp8_dequant"); err != nil {
+			codecErr = err
+		}
 	})
 	if codecErr != nil {
 		if os.Getenv("CI") != "" || os.Getenv("HCACHE_REQUIRE_CLANG") != "" {

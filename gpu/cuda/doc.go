@@ -4,7 +4,9 @@
 // without a GPU (Open then returns an error wrapping ErrNoDevice). Nothing
 // touches CUDA before Open.
 //
-// A restore streams layers through two streams: a copy stream moves a
+// A restore streams layers through two streams of its own lane (up to
+// Options.Restores restores, default 4, run on a backend at once): a copy
+// stream moves a
 // layer's rows from (pinned) host memory into one of a few device staging
 // slots; the compute stream, ordered after the copy by an event, runs one
 // cublasGemmEx of the rows by the layer's K||V weights (fp16/bf16 in, fp32
@@ -63,9 +65,15 @@
 // (`TestCodecKernelMatchesTranscode`, a mutated exponent bias fails it).
 // `Backend.CodecCopy` times copy plus decode against the model-dtype copy on a
 // device and checks the output (`hcache bench gpu --codec fp8`; it has not run
-// on a GPU yet). The restore pipeline does not call it yet: serve decodes on
-// the host, so a CUDA restore of an fp8 state is correct but copies
-// model-dtype bytes.
+// on a GPU yet). The restore pipeline runs it: `Restore.Encoded` (the
+// `gpu.DeviceDecoder` serve uses for fp8 states) copies a layer's rows as
+// stored into a staging slot (the fp8 bytes: 0.254x the fp16 K||V row of
+// Llama2-7B's hidden state) and, on the compute stream after the copy's
+// event, launches `hc_fp8_dequant` into the lane's decode buffer (one block
+// per segment: a hidden row one segment of hidden_size values, a KV row K
+// then V segments of kv_dim) before the GEMM and `hc_project_scatter`, or
+// `hc_kv_scatter`. The kernel's "not an encoding" flag is read back at
+// `Wait`, which then fails. No GPU has run this path yet.
 //
 // # Tested without a GPU
 //
@@ -83,9 +91,17 @@
 //
 // A `Backend` holds, per model, each layer's K||V weight
 // matrix `[2 kv_dim, hidden]` in the model dtype (uploaded once; exact, since
-// the weights are dtype values) and its biases, two non-blocking streams, a
-// cuBLAS handle bound to the compute stream, `Slots` (3) device staging buffers
-// and one float32 GEMM output. `Begin(cache, positions)` starts a restore into a
+// the weights are dtype values) and its biases, and up to `Options.Restores`
+// lanes (`lane.go`), made when first needed and kept until `Close`: two
+// non-blocking streams, a cuBLAS handle bound to the lane's compute stream,
+// `Slots` (3) device staging buffers, one float32 GEMM output, the positions,
+// a decode buffer and the recompute buffers. Every lane buffer counts against
+// `Options.RestoreMemory` (default a quarter of the device's memory; past it
+// `Begin` fails with `ErrRestoreMemory` before queueing anything). The RoPE
+// table is shared and reference-counted: a restore needing more positions
+// makes a larger one, and the old table is freed when the last restore
+// holding it ends. `Begin(cache, positions)` takes an idle lane (waiting while
+// all are in use) and starts a restore into a
 // `Cache` — K and V per layer, `[blocks, block_tokens, kv_heads, head_dim]`,
 // plus a block table: allocated by the backend (`NewCache`) or the caller's
 // own device memory (`WrapCache`, pointers from a serving engine) — and for
@@ -100,7 +116,31 @@
 //
 // So layer l+1 copies while layer l computes, and the host buffer goes back as
 // soon as its copy has read it. `Wait` joins both streams, waits for every
-// release and returns the device time. One restore runs on a backend at a time.
+// release, returns the device time and hands the lane back. `Concurrency()` is
+// `Options.Restores`, so serve's Restorer runs that many restores side by side
+// (`LoadRecompute`, `CodecCopy` and `Close` wait for every lane to be idle).
+//
+// The driver calls of this path (memory, streams, events, asynchronous
+// copies, launches, GEMMs) go through `devOps` (`devops.go`): `cudaOps` on a
+// GPU; in the tests `simDev`, a model of streams and events in which each
+// queued operation runs only when a seeded scheduler picks it (streams at
+// uneven speeds, copies that run only when someone synchronises, or nothing
+// at all until the test thaws it), kernels through their host builds with the
+// very parameter arrays built for `cuLaunchKernel`, GEMMs in Go. It records
+// a copy that overwrites bytes an operation queued before it has still to
+// read. `TestRestoreLanesMatchCPU` runs several restores at once (more than
+// the lanes), hidden and KV layers in random order, codec none, fp8 per token
+// and per block, five model families, and requires the CPU backend's caches
+// to the bit; `TestRestoreSubmitSequence` checks what each stream queues
+// (waits, copies of the encoded size, the dequantize grid and geometry, the
+// GEMM shape, the scatter grid, events); `TestReleaseWaitsForCopy` that no
+// buffer goes back before its copy ran; `TestRecomputeOnLanes` a mixed plan
+// (device recompute, then stored layers) on two lanes at once against
+// `model.Prefill` (within `RecomputeTolerance`) and the CPU backend (to the
+// bit); `TestRestoreRefusals` bad options, rows of the wrong size, bytes that
+// are not an encoding and the memory bound. Dropping the slot wait, the
+// copy-to-compute wait or the releaser's wait, or decoding fp8-block rows with
+// the per-token geometry, fails them.
 //
 // # Hand-off from the store
 //
@@ -192,9 +232,12 @@
 // largest output or one dtype step. Removing a barrier, a wrong GQA mapping,
 // an off-by-one causal mask, a dropped bias, a dropped epsilon or two swapped
 // struct fields each fail a test. `go test -cover ./gpu/cuda` without a GPU:
-// 8.0% of statements before, 27.1% after.
+// 8.0% of statements before the forward pass's host tests, 27.1% after;
+// 23.9% before the restore path ran on the simulated device, 57.1% after.
+// What stays GPU-only: loading the driver and cuBLAS (driver.go), cudaOps
+// (each driver call itself), Open's module loading, CodecCopy, CUDA IPC,
+// WrapCache's address checks and CheckRecompute.
 //
-// Not built: the wiring of `Restore.Recompute` into `serve` and the daemon
-// (after the restore pipeline's reshape); a separate recompute stream;
-// several restores sharing one backend at once (they take turns).
+// Not built: a separate recompute stream; fp8 fed to the GEMM directly
+// (the decode writes the model dtype first).
 package cuda

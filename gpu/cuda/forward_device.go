@@ -3,8 +3,6 @@ package cuda
 import (
 	"errors"
 	"fmt"
-	"runtime"
-	"unsafe"
 
 	"github.com/hcache/hcache/model"
 )
@@ -20,8 +18,8 @@ func (b *Backend) LoadRecompute(w *model.Weights, layers int) error {
 	if w == nil {
 		return errors.New("cuda: LoadRecompute needs weights")
 	}
-	b.busy.Lock()
-	defer b.busy.Unlock()
+	done := b.exclusive() // no restore reads the weights meanwhile
+	defer done()
 	return b.with(func() error {
 		b.mu.Lock()
 		defer b.mu.Unlock()
@@ -51,8 +49,8 @@ func (b *Backend) LoadRecompute(w *model.Weights, layers int) error {
 // RecomputeLayers is how many layers LoadRecompute has put on the device,
 // and RecomputeBytes the device memory they take.
 func (b *Backend) RecomputeLayers() (layers int, bytes int64) {
-	b.busy.Lock()
-	defer b.busy.Unlock()
+	b.mu.Lock()
+	defer b.mu.Unlock()
 	if b.fwd == nil {
 		return 0, 0
 	}
@@ -101,27 +99,22 @@ func (r *Restore) Recompute(tokens []int, layers int, done func(layer int)) (err
 		return fmt.Errorf("cuda: recompute of %d layers, LoadRecompute put %d on the device", layers, have)
 	}
 	return b.with(func() error {
-		if err := b.fwdScr.ensure(b, c, r.n); err != nil {
+		ln := r.lane
+		mem := laneMem{b, ln}
+		if err := ln.scr.ensure(mem, c, r.n); err != nil {
 			return err
 		}
-		if need := 4 * len(host); need > b.toks.size {
-			p, err := b.alloc(need)
-			if err != nil {
-				return err
-			}
-			b.free(b.toks.ptr)
-			b.toks = devBuf{p, need}
+		if err := mem.grow(&ln.toks, 4*len(host)); err != nil {
+			return err
 		}
-		src := i32bytes(host)
 		// From pageable memory: returns once src is staged, ordered on the
 		// compute stream before the kernels that read it.
-		if err := b.d.check("cuMemcpyHtoDAsync tokens", b.d.call("cuMemcpyHtoDAsync_v2", b.toks.ptr, bptr(src), uintptr(len(src)), b.compS)); err != nil {
+		if err := b.ops.copyAsync(ln.toks.ptr, i32bytes(host), ln.compS); err != nil {
 			return err
 		}
-		runtime.KeepAlive(src)
-		p := &fwdPass{cfg: c, dtype: b.dtype, threads: b.opts.Threads, w: b.fwd, scr: &b.fwdScr, ops: &deviceOps{b: b, stream: b.compS}}
+		p := &fwdPass{cfg: c, dtype: b.dtype, threads: b.opts.Threads, w: b.fwd, scr: &ln.scr, ops: laneOps{b, ln}}
 		t := fwdTarget{k: r.c.K, v: r.c.V, table: r.c.table, nblocks: len(r.c.hostTable), blockTokens: r.c.BlockTokens, layerMap: r.layerMap}
-		if err := p.run(r.n, b.toks.ptr, b.pos, b.rope, layers, t); err != nil {
+		if err := p.run(r.n, ln.toks.ptr, ln.pos.ptr, r.rope.devPtr(), layers, t); err != nil {
 			return err
 		}
 		r.recomputed += layers
@@ -130,34 +123,4 @@ func (r *Restore) Recompute(tokens []int, layers int, done func(layer int)) (err
 		}
 		return nil
 	})
-}
-
-// deviceOps runs the pass on a stream: cuLaunchKernel and cublasGemmEx.
-// Call on a locked thread with the context current.
-type deviceOps struct {
-	b      *Backend
-	stream uintptr
-}
-
-func (o *deviceOps) launch(l fwdLaunch) error {
-	b := o.b
-	f := b.fwdFns[l.k]
-	if f == 0 || len(l.params) == 0 {
-		return fmt.Errorf("cuda: kernel hc_%s not loaded", fwdKernelNames[l.k])
-	}
-	code := b.d.call("cuLaunchKernel", f, uintptr(l.grid), 1, 1, uintptr(l.threads), 1, 1, uintptr(l.shmem), o.stream,
-		uintptr(unsafe.Pointer(&l.params[0])), 0)
-	runtime.KeepAlive(l.params)
-	runtime.KeepAlive(l.keep)
-	return b.d.check("cuLaunchKernel hc_"+fwdKernelNames[l.k], code)
-}
-
-func (o *deviceOps) gemm(g fwdGemm) error {
-	b := o.b
-	code := b.d.call("cublasGemmEx", b.blas, cublasOpT, cublasOpN, uintptr(g.m), uintptr(g.n), uintptr(g.k),
-		ptr(&b.alpha), g.w, uintptr(b.gemmT), uintptr(g.k),
-		g.x, uintptr(b.gemmT), uintptr(g.k),
-		ptr(&b.beta), g.out, cudaR32F, uintptr(g.m),
-		cublasCompute32F, gemmAlgoDefault)
-	return checkBlas(fmt.Sprintf("cublasGemmEx %s (%d x %d x %d)", g.what, g.m, g.n, g.k), code)
 }

@@ -28,6 +28,7 @@ import (
 
 type hostKernels struct {
 	project, kv uintptr
+	kvLaunch    uintptr // hc_host_launch_kv_scatter
 	f16, bf16   func(float32) uint16
 
 	// The forward-pass kernels (forward_host_test.go).
@@ -90,6 +91,10 @@ func loadHostKernels(t *testing.T) *hostKernels {
 			return
 		}
 		if k.kv, err = purego.Dlsym(h, "hc_host_kv_scatter"); err != nil {
+			hostErr = err
+			return
+		}
+		if k.kvLaunch, err = purego.Dlsym(h, "hc_host_launch_kv_scatter"); err != nil {
 			hostErr = err
 			return
 		}

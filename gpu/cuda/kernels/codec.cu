@@ -127,6 +127,31 @@ HC_KERNEL void hc_fp8_dequant(const u8 *src, void *dst, int nseg, int segs, int 
 	}
 }
 #else
+// hc_fp8_dequant's arguments as cuLaunchKernel passes them (one pointer per
+// parameter), over a one-dimensional grid as the device runs it: block seg,
+// threads in turn.
+extern "C" int hc_host_launch_fp8_dequant(void **params, int grid, int threads, long smem) {
+	const u8 *src = *(const u8 **)params[0];
+	void *dst = *(void **)params[1];
+	int nseg = *(int *)params[2], segs = *(int *)params[3], vals = *(int *)params[4], block = *(int *)params[5];
+	int seg_bytes = *(int *)params[6], row_bytes = *(int *)params[7], dtype = *(int *)params[8];
+	int *bad = *(int **)params[9];
+	if (grid <= 0 || threads <= 0 || smem < 0) {
+		return -1;
+	}
+	for (int seg = 0; seg < grid; seg++) {
+		if (seg >= nseg) {
+			continue;
+		}
+		for (int tid = 0; tid < threads; tid++) {
+			for (int i = tid; i < vals; i += threads) {
+				fp8_value(src, dst, seg, i, segs, vals, block, seg_bytes, row_bytes, dtype, bad);
+			}
+		}
+	}
+	return 0;
+}
+
 // The same body over the grid, threads in turn.
 extern "C" void hc_host_fp8_dequant(const u8 *src, void *dst, int nseg, int segs, int vals, int block,
 	int seg_bytes, int row_bytes, int dtype, int *bad, int nthreads) {

@@ -824,6 +824,24 @@ extern "C" int hc_host_launch_project_scatter(void **params, int grid, int threa
 	});
 }
 
+// hc_kv_scatter's arguments as cuLaunchKernel passes them, over the grid.
+extern "C" int hc_host_launch_kv_scatter(void **params, int grid, int threads, long smem) {
+	const u32 *rows = *(const u32 **)params[0];
+	const int *positions = *(const int **)params[1];
+	const int *block_table = *(const int **)params[2];
+	int n = *(int *)params[3], nblocks = *(int *)params[4], block_tokens = *(int *)params[5];
+	int row_words = *(int *)params[6];
+	u32 *kcache = *(u32 **)params[7];
+	u32 *vcache = *(u32 **)params[8];
+	return hc_host_grid(grid, threads, smem, 0, [&] {
+		int tok = hc_block();
+		if (tok < n) {
+			kv_token(tok, hc_tid(), hc_ntid(), rows, positions, block_table, nblocks, block_tokens, row_words, kcache,
+				vcache);
+		}
+	});
+}
+
 extern "C" float hc_host_silu(float x) { return hc_silu(x); }
 extern "C" float hc_host_gelu_tanh(float x) { return hc_gelu_tanh(x); }
 extern "C" double hc_host_exp(double x) { return hc_exp(x); }
