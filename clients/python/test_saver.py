@@ -14,7 +14,7 @@ all contexts at once, flushing every --flush-every steps. Each append is
 slowed by --slow seconds in the background thread (a seam standing for a
 busy daemon), so that copies and appends are in flight when it dies. It
 prints, unbuffered, one line per event:
-  HANDED <step> <tokens handed per context>   after each append was queued
+  HANDING <step> <tokens>   before an append is handed: whole tokens per context once it is
   ACK <tokens> ...                            after a flush returned (durable per context)
   DONE                                        at the end
 """
@@ -300,22 +300,20 @@ def engine(a):
         for n in real:
             setattr(hc.Writer, n, slow(n))
     ws = [c.create("kill", f"k{i}", IDENT) for i in range(a.contexts)]
-    handed = 0
+    stored = [l for l, (_, rb) in enumerate(IDENT.plan) if rb]
     step = 0
-    for l, (_, rb) in enumerate(IDENT.plan):
-        if rb:
-            for i, w in enumerate(ws):
-                s.append_layer(w, l, as_rows(layer_rows(a.seed, i, l, 0, a.prefill), dev), timeout=None)
-            print(f"HANDED {step} 0", flush=True)  # prefill incomplete: no whole token yet
-            step += 1
-    handed = a.prefill
+    for l in stored:
+        # Whole tokens once this layer is handed: the prefill's, after its last layer.
+        print(f"HANDING {step} {a.prefill if l == stored[-1] else 0}", flush=True)
+        for i, w in enumerate(ws):
+            s.append_layer(w, l, as_rows(layer_rows(a.seed, i, l, 0, a.prefill), dev), timeout=None)
+        step += 1
     ack = s.flush()
     print("ACK " + " ".join(str(ack[("kill", f"k{i}")]) for i in range(a.contexts)), flush=True)
     for k in range(a.steps):
         t = a.prefill + k
+        print(f"HANDING {step} {t + 1}", flush=True)
         s.append_tokens(ws, as_rows(np.stack([token_rows(a.seed, i, t) for i in range(a.contexts)]), dev), timeout=None)
-        handed += 1
-        print(f"HANDED {step} {handed}", flush=True)
         step += 1
         if (k + 1) % a.flush_every == 0:
             ack = s.flush()
