@@ -14,11 +14,14 @@ all contexts at once, flushing every --flush-every steps. Each append is
 slowed by --slow seconds in the background thread (a seam standing for a
 busy daemon), so that copies and appends are in flight when it dies. It
 prints, unbuffered, one line per event:
-  HANDING <step> <tokens>   before an append is handed: whole tokens per context once it is
-  ACK <tokens> ...                            after a flush returned (durable per context)
-  DONE                                        at the end
+  HANDING <step> <tokens>   before an append is handed (whole tokens per context once it is)
+  ACK <tokens> ...          after a flush returned (durable tokens of each context)
+  DONE                      at the end
+--verify --acked A0,A1,.. --handed N checks a killed engine's contexts the
+same way (for scripts/gpu-save-check.sh, where there is no Go).
 """
 import argparse
+import json
 import os
 import random
 import sys
@@ -324,6 +327,33 @@ def engine(a):
     print("DONE", flush=True)
 
 
+def verify(a):
+    """After a killed --engine run (scripts/gpu-save-check.sh, where there is
+    no Go for TestPythonSaverKill): every context restores at least its
+    acknowledged tokens, at most the handed ones, each row as row_bytes."""
+    c = hc.Client(a.addr)
+    acked = [int(x) for x in a.acked.split(",")]
+    res = {"acked": acked, "handed": a.handed, "restored": [], "ok": True, "errors": []}
+    for i in range(a.contexts):
+        try:
+            got = list(c.restore("kill", f"k{i}", IDENT))
+        except hc.Error as e:
+            got = []
+            if acked[i] > 0:
+                res["errors"].append(f"k{i}: {e} with {acked[i]} tokens acknowledged")
+        n = got[0][1] if got else 0
+        res["restored"].append(n)
+        if not acked[i] <= n <= a.handed:
+            res["errors"].append(f"k{i}: {n} tokens restored, acknowledged {acked[i]}, handed {a.handed}")
+        for l, k, rows in got:
+            if k != n or rows != layer_rows(a.seed, i, l, 0, n).tobytes():
+                res["errors"].append(f"k{i} layer {l}: restored rows differ from the handed ones")
+    res["ok"] = not res["errors"]
+    print(json.dumps(res))
+    c.close()
+    sys.exit(0 if res["ok"] else 1)
+
+
 def main():
     global ADDR, SEED
     ap = argparse.ArgumentParser(add_help=False)
@@ -337,11 +367,16 @@ def main():
     ap.add_argument("--slow", type=float, default=0.002)
     ap.add_argument("--region", type=int, default=1 << 16)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--verify", action="store_true")
+    ap.add_argument("--acked", default="")
+    ap.add_argument("--handed", type=int, default=0)
     a, rest = ap.parse_known_args()
     ADDR = a.addr
     SEED = a.seed if a.seed is not None else random.SystemRandom().randrange(1 << 31)
     if a.engine:
         return engine(a)
+    if a.verify:
+        return verify(a)
     print(f"test_saver: seed {SEED} (replay with --seed {SEED})", file=sys.stderr)
     unittest.main(argv=[sys.argv[0]] + rest, verbosity=2)
 
