@@ -2,7 +2,7 @@
 
 Usage: test_saver.py [--addr unix:///path/hcache.sock] [--seed N] [unittest args]
        test_saver.py --engine --addr ... --seed N [--contexts 3] [--prefill 40] [--steps 60]
-                     [--flush-every 7] [--slow 0.002] [--device cpu|cuda]
+                     [--flush-every 7] [--slow 0.002] [--device cpu|cuda] [--decode-group 1]
 
 Without --addr only the ring's checks run (the rest skip). The round trips run
 on CPU tensors, numpy arrays and, where torch sees a GPU, CUDA tensors.
@@ -168,29 +168,40 @@ class SaverTest(unittest.TestCase):
 
     def test_round_trip(self):
         for dev in devices():
-            with self.subTest(dev=dev):
-                s = hc.Saver(self.c, 1 << 20, device="cuda" if dev == "cuda" else None)
-                try:
-                    ws = [self.create(f"rt-{dev}-{i}") for i in range(3)]
-                    for c, w in enumerate(ws):  # prefill, 20 tokens, in two appends per layer
-                        for l in (0, 2, 3):
-                            s.append_layer(w, l, as_rows(layer_rows(SEED, c, l, 0, 13), dev))
-                            s.append_layer(w, l, as_rows(layer_rows(SEED, c, l, 13, 7), dev))
-                    for t in range(20, 30):  # decode, all three at once
-                        s.append_tokens(ws, as_rows(np.stack([token_rows(SEED, c, t) for c in range(3)]), dev))
-                    s.append_tokens(ws[0], as_rows(np.concatenate([token_rows(SEED, 0, t) for t in (30, 31)]), dev))
-                    acked = s.flush()
-                    self.assertEqual(acked, {("saver", w.ref.id): (32 if c == 0 else 30) for c, w in enumerate(ws)})
-                    self.assertEqual(s.durable, acked)
-                    for c, w in enumerate(ws):
-                        w.close()
-                        self.check_restored(w, c, SEED, 32 if c == 0 else 30)
-                    if dev == "cuda":
-                        self.assertIn(s.stats["mode"], ("registered-region", "pinned-staging"))
-                    self.assertEqual(s.stats["full"], 0)
-                    self.assertEqual(s.stats["sends"], 3 * 6 + 3 * 10 + 1)
-                finally:
-                    s.close()
+            for group in (1, 3):
+                with self.subTest(dev=dev, decode_group=group):
+                    self.round_trip(dev, group)
+
+    def round_trip(self, dev, group):
+        s = hc.Saver(self.c, 1 << 20, device="cuda" if dev == "cuda" else None, decode_group=group)
+        try:
+            ws = [self.create(f"rt-{dev}-{group}-{i}") for i in range(3)]
+            for c, w in enumerate(ws):  # prefill, 20 tokens, in two appends per layer
+                for l in (0, 2, 3):
+                    s.append_layer(w, l, as_rows(layer_rows(SEED, c, l, 0, 13), dev))
+                    s.append_layer(w, l, as_rows(layer_rows(SEED, c, l, 13, 7), dev))
+            for t in range(20, 30):  # decode, all three at once
+                s.append_tokens(ws, as_rows(np.stack([token_rows(SEED, c, t) for c in range(3)]), dev))
+            # Then two of them (a decode group of other writers), then one alone.
+            for t in range(30, 34):
+                s.append_tokens(ws[:2], as_rows(np.stack([token_rows(SEED, c, t) for c in range(2)]), dev))
+            s.append_tokens(ws[0], as_rows(np.concatenate([token_rows(SEED, 0, t) for t in (34, 35)]), dev))
+            want = {0: 36, 1: 34, 2: 30}
+            acked = s.flush()
+            self.assertEqual(acked, {("saver", w.ref.id): want[c] for c, w in enumerate(ws)})
+            self.assertEqual(s.durable, acked)
+            for c, w in enumerate(ws):
+                w.close()
+                self.check_restored(w, c, SEED, want[c])
+            if dev == "cuda":
+                self.assertIn(s.stats["mode"], ("registered-region", "pinned-staging"))
+            self.assertEqual(s.stats["full"], 0)
+            if group == 1 or dev == "numpy":
+                self.assertEqual(s.stats["sends"], 3 * 6 + 3 * 10 + 2 * 4 + 1)
+            else:  # 10 steps of three: groups of 3, 3, 3, 1; 4 steps of two: 3, 1
+                self.assertEqual(s.stats["sends"], 3 * 6 + 3 * 4 + 2 * 2 + 1)
+        finally:
+            s.close()
 
     def test_backpressure(self):
         # A region of 4 KiB; appends of 1 KiB (16 tokens of layer 0): the
@@ -290,7 +301,7 @@ def engine(a):
     """The writer that TestPythonSaverKill kills (see the module doc)."""
     dev = a.device
     c = hc.Client(a.addr)
-    s = hc.Saver(c, a.region, device="cuda" if dev == "cuda" else None)
+    s = hc.Saver(c, a.region, device="cuda" if dev == "cuda" else None, decode_group=a.decode_group)
     real = {n: getattr(hc.Writer, n) for n in ("append_layer", "append_tokens")}
 
     def slow(name):
@@ -367,6 +378,7 @@ def main():
     ap.add_argument("--slow", type=float, default=0.002)
     ap.add_argument("--region", type=int, default=1 << 16)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--decode-group", type=int, default=1)
     ap.add_argument("--verify", action="store_true")
     ap.add_argument("--acked", default="")
     ap.add_argument("--handed", type=int, default=0)

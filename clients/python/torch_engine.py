@@ -668,17 +668,17 @@ def bench_main(a):
         torch.cuda.synchronize()
     load_s = _t.perf_counter() - t0
     client = hc.Client(a.addr, token=a.token)
-    saver = hc.Saver(client, a.region_mb << 20, device=dev if dev == "cuda" else None)
+    saver = hc.Saver(client, a.region_mb << 20, device=dev if dev == "cuda" else None, decode_group=a.decode_group)
     batches = [int(x) for x in a.batch.split(",")]
     res = {"mode": "bench", "shape": a.shape, "hidden": m.d, "layers": m.L, "dtype": a.dtype, "device": dev,
            "gpu": torch.cuda.get_device_name() if dev == "cuda" else None, "torch": torch.__version__,
            "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "loadavg_before": os.getloadavg(),
            "prompt": a.prompt, "steps": a.steps, "reps": a.reps, "region_bytes": a.region_mb << 20,
-           "saver_mode": saver.stats["mode"], "weights_s": load_s, "batches": [],
+           "saver_mode": saver.stats["mode"], "decode_group": a.decode_group, "weights_s": load_s, "batches": [],
            "targets": {"mean_ratio_max": 1.04, "p99_ratio_max": 1.10},
            "what": "time between tokens (host sync of each step's tokens to the next), greedy decode after a prefill; "
                    "save = every layer's normed hidden state saved through hcache_client.Saver (prefill per layer, "
-                   "decode one AppendTokens per sequence per step) and flushed (not timed) after the last token; "
+                   "decode steps gathered decode_group at a time, one AppendTokens per sequence per group) and flushed (not timed) after the last token; "
                    "runs alternate nosave/save"}
     run_id = a.seed * 1000
     for batch in batches:
@@ -735,6 +735,7 @@ def main():
     ap.add_argument("--steps", type=int, default=64, help="bench: decode steps per run")
     ap.add_argument("--reps", type=int, default=3, help="bench: runs of each kind per batch size")
     ap.add_argument("--region-mb", type=int, default=256, help="bench: the saver's shared region")
+    ap.add_argument("--decode-group", type=int, default=8, help="bench: decode steps the saver gathers per AppendTokens (Saver decode_group)")
     ap.add_argument("--systems", type=int, default=1, help="paged: shared system prompts")
     ap.add_argument("--system-len", type=int, default=40, help="paged: tokens of a system prompt")
     ap.add_argument("--salted", type=int, default=0, help="paged: the last N conversations carry a cache salt of their own")

@@ -80,15 +80,18 @@ func TestPythonSaverKill(t *testing.T) {
 		acks, handed int
 		killDaemon   bool
 		region       int
+		group        int // the Saver's decode_group
 	}{
-		{"mid-prefill", 0, 2, false, 1 << 16},
-		{"mid-prefill/daemon-killed", 0, 2, true, 1 << 16},
-		{"decode/after-2-acks", 3, 3, false, 1 << 16},
-		{"decode/after-2-acks/daemon-killed", 3, 3, true, 1 << 16},
-		{"decode/right-after-ack/daemon-killed", 2, 1, true, 1 << 16},
+		{"mid-prefill", 0, 2, false, 1 << 16, 1},
+		{"mid-prefill/daemon-killed", 0, 2, true, 1 << 16, 1},
+		{"decode/after-2-acks", 3, 3, false, 1 << 16, 1},
+		{"decode/after-2-acks/daemon-killed", 3, 3, true, 1 << 16, 1},
+		{"decode/right-after-ack/daemon-killed", 2, 1, true, 1 << 16, 1},
 		// A region of 4 KiB, five decode steps of the three contexts (528
 		// bytes, 768 with alignment): the engine waits for room when it dies.
-		{"decode/region-full/daemon-killed", 4, 5, true, 4 << 10},
+		{"decode/region-full/daemon-killed", 4, 5, true, 4 << 10, 1},
+		// Decode steps gathered four at a time before they go to the region.
+		{"decode/grouped/daemon-killed", 3, 6, true, 1 << 16, 4},
 	}
 	for i, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
@@ -106,7 +109,7 @@ func TestPythonSaverKill(t *testing.T) {
 			d.start()
 			eng := exec.Command(py, script, "--engine", "--addr", "unix://"+sock, "--seed", strconv.FormatUint(uint64(pyseed), 10),
 				"--contexts", strconv.Itoa(contexts), "--prefill", strconv.Itoa(prefill), "--steps", "60", "--flush-every", "7",
-				"--slow", "0.003", "--region", strconv.Itoa(tc.region))
+				"--slow", "0.003", "--region", strconv.Itoa(tc.region), "--decode-group", strconv.Itoa(tc.group))
 			var stderr bytes.Buffer
 			eng.Stderr = &stderr
 			stdout, err := eng.StdoutPipe()

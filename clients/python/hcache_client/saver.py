@@ -158,7 +158,18 @@ class Saver:
     number of writers of one client. Not safe for concurrent use by several
     engine threads (one engine thread, plus the saver's own)."""
 
-    def __init__(self, client, region_bytes=64 << 20, device=None, region=None):
+    def __init__(self, client, region_bytes=64 << 20, device=None, region=None, decode_group=1):
+        """decode_group K > 1: batched decode steps (append_tokens with a
+        list of writers, torch tensors) gather K steps in a buffer on the
+        rows' device (one small copy per step on the saver's stream) and go
+        out as one copy to the region and one AppendTokens of K tokens per
+        writer: K times fewer RPCs in the background thread, whose Python
+        competes with the engine's for the GIL. flush() sends a partial
+        group first."""
+        if decode_group < 1:
+            raise ValueError(f"decode_group {decode_group}, want at least 1")
+        self.decode_group = decode_group
+        self._lane = None  # the decode group being gathered
         self.c = client
         self.region = region if region is not None else client.region(region_bytes)
         self._own_region = region is None
@@ -299,6 +310,8 @@ class Saver:
         queued; raises SaverFull (nothing taken) when the region has no room
         within timeout seconds, ValueError for rows that do not fit the plan."""
         self._check()
+        if self._lane is not None:  # keep the order: the gathered steps go first
+            self._push_lane(stream, timeout)
         plan = writer.ident.plan
         if not 0 <= layer < len(plan):
             raise ValueError(f"append_layer: layer {layer} out of range [0, {len(plan)})")
@@ -351,8 +364,74 @@ class Saver:
                 ids = [_token_ids(token_ids)]
                 if len(ids[0]) != count:
                     raise ValueError(f"append_tokens: {len(ids[0])} token ids for {count} tokens")
+        if batch and self.decode_group > 1 and hasattr(rows, "element_size"):
+            return self._lane_append(ws, rows, None if ids is None else [i[0] for i in ids], stream, timeout)
+        if self._lane is not None:  # keep the order: the gathered steps go first
+            self._push_lane(stream, timeout)
         off, n, ev, keep = self._copy_in(rows, stream, timeout)
         self._q.put(_Item("tokens", writers=ws, count=count, ids=ids, off=off, n=n, event=ev, keep=keep))
+
+    def _lane_append(self, ws, rows, ids, stream, timeout):
+        torch = _torch()
+        key = tuple(id(w) for w in ws)
+        L = self._lane
+        if L is not None and (L["key"] != key or L["k"] == self.decode_group):
+            self._push_lane(stream, timeout)  # SaverFull here: this step was not taken
+            L = None
+        cuda = rows.device.type == "cuda"
+        if cuda and self._stream is None:
+            self._init_device(rows.device)
+        tb = ws[0].ident.token_bytes()
+        if L is None:
+            if cuda:
+                with torch.cuda.stream(self._stream):
+                    buf = torch.empty(len(ws), self.decode_group, tb, dtype=torch.uint8, device=rows.device)
+            else:
+                buf = torch.empty(len(ws), self.decode_group, tb, dtype=torch.uint8)
+            L = self._lane = {"key": key, "writers": ws, "buf": buf, "k": 0, "ids": [], "keep": []}
+        if cuda:
+            engine = stream if stream is not None else torch.cuda.current_stream(rows.device)
+            self._stream.wait_stream(engine)
+            with torch.cuda.stream(self._stream):
+                src = rows.detach().reshape(len(ws), -1)
+                if not src.is_contiguous():
+                    src = src.contiguous()
+                L["buf"][:, L["k"]].copy_(src.view(torch.uint8))
+            L["keep"].append((rows, src))  # until the group's copy to the region completes
+        else:
+            L["buf"][:, L["k"]].copy_(rows.detach().reshape(len(ws), -1).contiguous().view(torch.uint8))
+        L["ids"].append(ids)
+        L["k"] += 1
+        self.stats["grouped_steps"] = self.stats.get("grouped_steps", 0) + 1
+        if L["k"] == self.decode_group:
+            try:
+                self._push_lane(stream, 0.0)
+            except SaverFull:
+                pass  # taken: it goes out with the next call (which raises if there is still no room)
+
+    def _push_lane(self, stream, timeout):
+        """Sends the gathered decode steps: one copy into the region, one
+        AppendTokens of k tokens per writer. Raises SaverFull (the group
+        stays) when the region has no room."""
+        torch = _torch()
+        L = self._lane
+        k, buf = L["k"], L["buf"]
+        cuda = buf.device.type == "cuda"
+        if k < self.decode_group:
+            if cuda:
+                with torch.cuda.stream(self._stream):
+                    buf = buf[:, :k].contiguous()
+            else:
+                buf = buf[:, :k].contiguous()
+        off, n, ev, keep = self._copy_in(buf, stream if not cuda else self._stream, timeout)
+        ids = None
+        if all(i is not None for i in L["ids"]):
+            ids = [[L["ids"][s][b] for s in range(k)] for b in range(len(L["writers"]))]
+        elif any(i is not None for i in L["ids"]):
+            raise ValueError("append_tokens: token ids given for some steps of a decode group and not others")
+        self._q.put(_Item("tokens", writers=L["writers"], count=k, ids=ids, off=off, n=n, event=ev,
+                          keep=(keep, L["keep"], L["buf"])))
+        self._lane = None
 
     def wait_room(self, nbytes, timeout=None):
         """Waits until nbytes fit in the region (True), or timeout seconds (False)."""
@@ -367,6 +446,8 @@ class Saver:
         since its last flush) was flushed by the daemon (close: closed, which
         flushes too). Raises SaverError if a send or the flush failed."""
         self._check()
+        if self._lane is not None:
+            self._push_lane(None, None)
         done = threading.Event()
         it = _Item("flush", writers=None if writers is None else list(writers), done=done, close=close)
         self._q.put(it)
