@@ -212,7 +212,16 @@ class Saver:
             self._registered = True
             self.stats["mode"] = "registered-region"
         else:
-            torch.cuda.synchronize(dev)  # clear a sticky error of the failed call, if any
+            # The failed call left its error as the runtime's last error, which
+            # torch's next kernel launch check would report as its own: a
+            # small op takes it (once) here.
+            for _ in range(2):
+                try:
+                    torch.zeros(1, device=dev).add_(1)
+                    torch.cuda.synchronize(dev)
+                    break
+                except RuntimeError:
+                    continue
             self._staging = torch.empty(self.region.size, dtype=torch.uint8, pin_memory=True)
             self.stats["mode"] = "pinned-staging"
             self.stats["register_error"] = str(rc)
