@@ -292,6 +292,14 @@ class SaverTest(unittest.TestCase):
                     self.assertIn(want, str(cm.exception))
             self.assertEqual(s.stats["appends"], 0)
             self.assertEqual(s.flush(), {})
+            if "cpu" in devices():  # a decode group (torch tensors) larger than the region
+                s2 = hc.Saver(self.c, 4096, decode_group=8)
+                try:
+                    with self.assertRaises(ValueError) as cm:
+                        s2.append_tokens([w, w, w], as_rows(np.zeros(3 * 176, np.uint8), "cpu"))
+                    self.assertIn("a decode group of 8 steps of 3 writers (4224 bytes) exceeds the whole region", str(cm.exception))
+                finally:
+                    s2.close()
             w.close()
         finally:
             s.close()

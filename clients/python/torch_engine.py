@@ -623,7 +623,7 @@ def bench_run(a, m, client, saver, batch, run_id):
     if saver is not None:
         ident = hc.Identity(b"torch_engine bench " + a.shape.encode() + str(m.dtype).encode(),
                             [(hc.HIDDEN, m.d * m.emb.element_size())] * m.L)
-        ws = [client.create(a.namespace, f"bench-{run_id}-{b}", ident) for b in range(batch)]
+        ws = [client.create(a.namespace, f"bench-{os.getpid()}-{run_id}-{b}", ident) for b in range(batch)]
 
     def on_layer(l, h):
         for b in range(batch):
@@ -685,6 +685,7 @@ def bench_main(a):
         bench_run(a, m, client, None, batch, run_id)  # warm-up (allocator, kernels)
         run_id += 1
         times = {"nosave": [], "save": []}
+        steady = {"nosave": [], "save": []}  # without each run's first 8 steps (while the prefill's rows are still being sent)
         per_rep = []
         outs = []
         for r in range(a.reps):
@@ -694,13 +695,18 @@ def bench_main(a):
                 tbt, out = bench_run(a, m, client, saver if mode == "save" else None, batch, run_id)
                 run_id += 1
                 times[mode] += tbt
+                steady[mode] += tbt[8:]
                 rep[mode] = sum(tbt) / len(tbt)
                 if mode == "save":
                     outs.append(out)
             per_rep.append(rep["save"] / rep["nosave"])
         ns, sv = _dist(times["nosave"]), _dist(times["save"])
+        sns, ssv = (_dist(steady["nosave"]), _dist(steady["save"])) if steady["save"] else ({}, {})
         res["batches"].append({"batch": batch, "nosave": ns, "save": sv,
                                "mean_ratio": sv["mean_ms"] / ns["mean_ms"], "p99_ratio": sv["p99_ms"] / ns["p99_ms"],
+                               "steady_nosave": sns, "steady_save": ssv,
+                               "steady_mean_ratio": ssv["mean_ms"] / sns["mean_ms"] if ssv else None,
+                               "steady_p99_ratio": ssv["p99_ms"] / sns["p99_ms"] if ssv else None,
                                "mean_ratio_per_rep": per_rep, "flush_s": [o["flush_s"] for o in outs],
                                "durable_tokens_ok": all(o["durable_tokens_ok"] for o in outs),
                                "saved_bytes_per_step": batch * m.L * m.d * m.emb.element_size()})

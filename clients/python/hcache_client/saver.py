@@ -251,8 +251,8 @@ class Saver:
         """Takes room in the ring and starts the copy of rows into it:
         returns (offset, nbytes, event or None, references to keep)."""
         n = self._nbytes(rows)
-        if n > self.ring.size:
-            raise ValueError(f"saver: {n} bytes of rows exceed the whole region ({self.ring.size} bytes)")
+        if _Ring.rounded(n) > self.ring.size:
+            raise ValueError(f"saver: {n} bytes of rows exceed the whole region ({self.ring.size} bytes, slices aligned to {ALIGN})")
         off = self.ring.alloc(n, timeout)
         if off is None:
             self.stats["full"] += 1
@@ -382,7 +382,11 @@ class Saver:
 
     def _lane_append(self, ws, rows, ids, stream, timeout):
         torch = _torch()
-        key = tuple(id(w) for w in ws)
+        tb = ws[0].ident.token_bytes()
+        if _Ring.rounded(len(ws) * self.decode_group * tb) > self.ring.size:
+            raise ValueError(f"saver: a decode group of {self.decode_group} steps of {len(ws)} writers ({len(ws) * self.decode_group * tb} bytes) "
+                             f"exceeds the whole region ({self.ring.size} bytes)")
+        key = tuple(id(w) for w in ws)  # the writers stay referenced while the group lives
         L = self._lane
         if L is not None and (L["key"] != key or L["k"] == self.decode_group):
             self._push_lane(stream, timeout)  # SaverFull here: this step was not taken
@@ -390,7 +394,6 @@ class Saver:
         cuda = rows.device.type == "cuda"
         if cuda and self._stream is None:
             self._init_device(rows.device)
-        tb = ws[0].ident.token_bytes()
         if L is None:
             if cuda:
                 with torch.cuda.stream(self._stream):
@@ -445,8 +448,8 @@ class Saver:
     def wait_room(self, nbytes, timeout=None):
         """Waits until nbytes fit in the region (True), or timeout seconds (False)."""
         self._check()
-        if nbytes > self.ring.size:
-            raise ValueError(f"saver: {nbytes} bytes exceed the whole region ({self.ring.size} bytes)")
+        if _Ring.rounded(nbytes) > self.ring.size:
+            raise ValueError(f"saver: {nbytes} bytes exceed the whole region ({self.ring.size} bytes, slices aligned to {ALIGN})")
         return self.ring.wait_fit(nbytes, timeout)
 
     def flush(self, writers=None, close=False, timeout=None):
