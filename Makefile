@@ -25,7 +25,7 @@ help:
 	@echo "make bench-compare  hcache against its peers, llama2-7b chat and long, llama3-8b chat; reports in bench/results"
 	@echo "make build       bin/hcache and bin/hcached"
 	@echo "make ptx         regenerate the CUDA kernels' PTX with $(CLANG) (committed; ptx-check runs in lint)"
-	@echo "make gpu-bundle  bin/hcache with CGO_ENABLED=0, to carry to a GPU machine with scripts/gpu-check.sh"
+	@echo "make gpu-bundle  bin/hcache and bin/hcached with CGO_ENABLED=0, to carry to a GPU machine with scripts/gpu-check.sh"
 
 build:
 	$(GO) build -ldflags "$(LDFLAGS)" -o $(BIN) ./cmd/hcache
@@ -109,6 +109,7 @@ ptx-check:
 # has no Go toolchain): carry bin/ there.
 gpu-bundle:
 	CGO_ENABLED=0 $(GO) build -ldflags "$(LDFLAGS)" -o $(BIN) ./cmd/hcache
+	CGO_ENABLED=0 $(GO) build -ldflags "$(LDFLAGS)" -o $(DAEMON) ./cmd/hcached
 	@echo "carry bin/ and run: bash scripts/gpu-check.sh"
 
 clean:

@@ -133,7 +133,9 @@
 // `RegisterTimeout` 10 s; `TestRegisterDeadline`), the Python client's a
 // `timeout` (10 s, `DEADLINE_EXCEEDED`). Requests then carry a
 // `RegionSlice{region, offset, length}`: appends read the rows in place (the
-// store's staging copy is the only copy), restores are placed layer after layer
+// store's staging copy is the only copy) before they reply, so the client may
+// write over the slice as soon as the reply comes (hcache_client.Saver's ring
+// does; `TestRegionSliceReusableAfterAppend`), restores are placed layer after layer
 // into the region (one copy from the store's read buffer). The region lives as
 // long as the side connection; after that, requests naming it fail with
 // `FAILED_PRECONDITION`, and the daemon unmaps it once the requests using it end.

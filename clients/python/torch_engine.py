@@ -518,11 +518,212 @@ def paged_main(a, m, client):
     if not equal:
         sys.exit(1)
 
+# --mode bench: time between tokens, generating with and without saving.
+
+BENCH_SHAPES = {
+    # hidden, layers, heads, kv heads, ffn, vocab
+    "llama2-7b": (4096, 32, 32, 32, 11008, 32000),
+    "small": (1024, 8, 8, 8, 2816, 8000),
+    "tiny": (256, 4, 4, 4, 688, 1000),
+}
+
+
+class BenchModel:
+    """A Llama-shaped decoder with seeded random weights on a device (eager
+    PyTorch, a static KV cache, rope, SDPA attention). Each layer's normed
+    hidden state of a decode step is written (out=, no extra kernel) into a
+    step buffer [batch, layers, hidden]: the rows HCache saves."""
+
+    def __init__(self, shape, device, dtype, seed):
+        self.d, self.L, self.H, self.KV, self.ffn, self.vocab = BENCH_SHAPES[shape]
+        self.hd = self.d // self.H
+        self.dev, self.dtype = torch.device(device), dtype
+        g = torch.Generator(device=self.dev).manual_seed(seed)
+
+        def w(*s):
+            return (torch.randn(*s, generator=g, device=self.dev, dtype=torch.float32) * 0.02).to(dtype)
+
+        self.emb = w(self.vocab, self.d)
+        self.layers = [dict(ln1=torch.ones(self.d, device=self.dev, dtype=dtype), wqkv=w((self.H + 2 * self.KV) * self.hd, self.d),
+                            wo=w(self.d, self.d), ln2=torch.ones(self.d, device=self.dev, dtype=dtype), wgu=w(2 * self.ffn, self.d),
+                            wd=w(self.d, self.ffn)) for _ in range(self.L)]
+        self.norm = torch.ones(self.d, device=self.dev, dtype=dtype)
+        self.head = w(self.vocab, self.d)
+        self.inv = 1.0 / (10000 ** (torch.arange(0, self.hd, 2, device=self.dev, dtype=torch.float32) / self.hd))
+        self.sdpa = getattr(F, "scaled_dot_product_attention", None)
+
+    def cache(self, batch, tokens):
+        return [torch.zeros(2, batch, self.KV, tokens, self.hd, device=self.dev, dtype=self.dtype) for _ in range(self.L)]
+
+    def rms(self, x, w, out=None):
+        xf = x.float()
+        n = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-5)).to(self.dtype)
+        return torch.mul(n, w, out=out) if out is not None else n * w
+
+    def rope(self, x, pos):  # x [B, heads, n, hd]
+        ang = pos[:, None].float() * self.inv[None, :]
+        cos, sin = ang.cos().to(x.dtype), ang.sin().to(x.dtype)
+        x1, x2 = x[..., 0::2], x[..., 1::2]
+        return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], -1).flatten(-2)
+
+    def attend(self, q, k, v, causal):
+        if self.H != self.KV:
+            k, v = k.repeat_interleave(self.H // self.KV, 1), v.repeat_interleave(self.H // self.KV, 1)
+        if self.sdpa is not None:
+            return self.sdpa(q, k, v, is_causal=causal)
+        sc = (q.float() @ k.float().transpose(-1, -2)) / math.sqrt(self.hd)
+        if causal:
+            n = q.shape[2]
+            sc = sc + torch.triu(torch.full((n, n), float("-inf"), device=q.device), 1)
+        return (sc.softmax(-1) @ v.float()).to(q.dtype)
+
+    def forward(self, ids, pos0, kv, step=None, on_layer=None):
+        """ids [B, n] at positions pos0..; step: the decode step buffer
+        [B, L, d] (n == 1); on_layer(l, h): prefill rows of layer l [B, n, d].
+        Returns the next token of each sequence (greedy), on the device."""
+        B, n = ids.shape
+        pos = torch.arange(pos0, pos0 + n, device=self.dev)
+        x = self.emb[ids]
+        for l, p in enumerate(self.layers):
+            if step is not None:
+                h = self.rms(x[:, 0], p["ln1"], out=step[:, l]).unsqueeze(1)
+            else:
+                h = self.rms(x, p["ln1"])
+                if on_layer is not None:
+                    on_layer(l, h)
+            q, k, v = (h @ p["wqkv"].t()).split([self.H * self.hd, self.KV * self.hd, self.KV * self.hd], -1)
+            q = self.rope(q.view(B, n, self.H, self.hd).transpose(1, 2), pos)
+            k = self.rope(k.view(B, n, self.KV, self.hd).transpose(1, 2), pos)
+            kv[l][0, :, :, pos0:pos0 + n] = k
+            kv[l][1, :, :, pos0:pos0 + n] = v.view(B, n, self.KV, self.hd).transpose(1, 2)
+            a = self.attend(q, kv[l][0, :, :, :pos0 + n], kv[l][1, :, :, :pos0 + n], n > 1)
+            x = x + a.transpose(1, 2).reshape(B, n, self.d) @ p["wo"].t()
+            g, u = (self.rms(x, p["ln2"]) @ p["wgu"].t()).chunk(2, -1)
+            x = x + (F.silu(g) * u) @ p["wd"].t()
+        return (self.rms(x[:, -1], self.norm) @ self.head.t()).argmax(-1)
+
+
+def _dist(xs):
+    xs = sorted(xs)
+    p = lambda q: xs[min(len(xs) - 1, int(math.ceil(q * len(xs))) - 1)]  # noqa: E731 (nearest rank)
+    return {"n": len(xs), "mean_ms": 1e3 * sum(xs) / len(xs), "p50_ms": 1e3 * p(0.50), "p99_ms": 1e3 * p(0.99), "max_ms": 1e3 * xs[-1]}
+
+
+def bench_run(a, m, client, saver, batch, run_id):
+    """One generation of a.steps tokens after an a.prompt-token prefill, for
+    batch sequences; with saver, every layer's rows are saved through it
+    (prefill per layer, decode per step) and flushed at the end. Returns
+    the times between tokens (s) and what was saved."""
+    import time as _t
+
+    torch.manual_seed(run_id)
+    kv = m.cache(batch, a.prompt + a.steps + 1)
+    ids = torch.randint(0, m.vocab, (batch, a.prompt), device=m.dev)
+    ws = None
+    if saver is not None:
+        ident = hc.Identity(b"torch_engine bench " + a.shape.encode() + str(m.dtype).encode(),
+                            [(hc.HIDDEN, m.d * m.emb.element_size())] * m.L)
+        ws = [client.create(a.namespace, f"bench-{os.getpid()}-{run_id}-{b}", ident) for b in range(batch)]
+
+    def on_layer(l, h):
+        for b in range(batch):
+            saver.append_layer(ws[b], l, h[b], timeout=None)
+
+    nxt = m.forward(ids, 0, kv, on_layer=on_layer if ws else None)
+    tok = nxt.tolist()
+    prev = _t.perf_counter()
+    tbt = []
+    for i in range(a.steps):
+        step = torch.empty(batch, m.L, m.d, device=m.dev, dtype=m.dtype)
+        nxt = m.forward(nxt[:, None], a.prompt + i, kv, step=step)
+        if ws:
+            saver.append_tokens(ws, step.view(batch, -1))  # SaverFull propagates: never a silent drop
+        tok = nxt.tolist()  # the engine's host sync: the step's tokens
+        now = _t.perf_counter()
+        tbt.append(now - prev)
+        prev = now
+    out = {"last_tokens": tok}
+    if ws:
+        t0 = _t.perf_counter()
+        acked = saver.flush(ws, close=True)
+        out["flush_s"] = _t.perf_counter() - t0
+        out["durable_tokens_ok"] = all(v == a.prompt + a.steps for v in acked.values())
+    return tbt, out
+
+
+def bench_main(a):
+    """--mode bench: mean and p99 time between tokens at each batch size,
+    generating without and with saving through hcached (runs alternated),
+    as one JSON document."""
+    import platform
+    import time as _t
+
+    dev = a.device
+    if dev == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("torch_engine: --device cuda, but torch sees no GPU")
+    dtype = DTYPES[a.dtype]
+    t0 = _t.perf_counter()
+    m = BenchModel(a.shape, dev, dtype, a.seed)
+    if dev == "cuda":
+        torch.cuda.synchronize()
+    load_s = _t.perf_counter() - t0
+    client = hc.Client(a.addr, token=a.token)
+    saver = hc.Saver(client, a.region_mb << 20, device=dev if dev == "cuda" else None, decode_group=a.decode_group)
+    batches = [int(x) for x in a.batch.split(",")]
+    res = {"mode": "bench", "shape": a.shape, "hidden": m.d, "layers": m.L, "dtype": a.dtype, "device": dev,
+           "gpu": torch.cuda.get_device_name() if dev == "cuda" else None, "torch": torch.__version__,
+           "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "loadavg_before": os.getloadavg(),
+           "prompt": a.prompt, "steps": a.steps, "reps": a.reps, "region_bytes": a.region_mb << 20,
+           "saver_mode": saver.stats["mode"], "decode_group": a.decode_group, "weights_s": load_s, "batches": [],
+           "targets": {"mean_ratio_max": 1.04, "p99_ratio_max": 1.10},
+           "what": "time between tokens (host sync of each step's tokens to the next), greedy decode after a prefill; "
+                   "save = every layer's normed hidden state saved through hcache_client.Saver (prefill per layer, "
+                   "decode steps gathered decode_group at a time, one AppendTokens per sequence per group) and flushed (not timed) after the last token; "
+                   "runs alternate nosave/save"}
+    run_id = a.seed * 1000
+    for batch in batches:
+        bench_run(a, m, client, None, batch, run_id)  # warm-up (allocator, kernels)
+        run_id += 1
+        times = {"nosave": [], "save": []}
+        steady = {"nosave": [], "save": []}  # without each run's first 8 steps (while the prefill's rows are still being sent)
+        per_rep = []
+        outs = []
+        for r in range(a.reps):
+            order = ("nosave", "save") if r % 2 == 0 else ("save", "nosave")
+            rep = {}
+            for mode in order:
+                tbt, out = bench_run(a, m, client, saver if mode == "save" else None, batch, run_id)
+                run_id += 1
+                times[mode] += tbt
+                steady[mode] += tbt[8:]
+                rep[mode] = sum(tbt) / len(tbt)
+                if mode == "save":
+                    outs.append(out)
+            per_rep.append(rep["save"] / rep["nosave"])
+        ns, sv = _dist(times["nosave"]), _dist(times["save"])
+        sns, ssv = (_dist(steady["nosave"]), _dist(steady["save"])) if steady["save"] else ({}, {})
+        res["batches"].append({"batch": batch, "nosave": ns, "save": sv,
+                               "mean_ratio": sv["mean_ms"] / ns["mean_ms"], "p99_ratio": sv["p99_ms"] / ns["p99_ms"],
+                               "steady_nosave": sns, "steady_save": ssv,
+                               "steady_mean_ratio": ssv["mean_ms"] / sns["mean_ms"] if ssv else None,
+                               "steady_p99_ratio": ssv["p99_ms"] / sns["p99_ms"] if ssv else None,
+                               "mean_ratio_per_rep": per_rep, "flush_s": [o["flush_s"] for o in outs],
+                               "durable_tokens_ok": all(o["durable_tokens_ok"] for o in outs),
+                               "saved_bytes_per_step": batch * m.L * m.d * m.emb.element_size()})
+    res["saver"] = {k: v for k, v in saver.stats.items()}
+    res["loadavg_after"] = os.getloadavg()
+    saver.close()
+    client.close()
+    res["pass"] = all(b["mean_ratio"] <= 1.04 and b["p99_ratio"] <= 1.10 and b["durable_tokens_ok"] for b in res["batches"])
+    print(json.dumps(res))
+    if not all(b["durable_tokens_ok"] for b in res["batches"]):
+        sys.exit(1)
+
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--addr", required=True)
-    ap.add_argument("--model", required=True)
+    ap.add_argument("--model", default=None, help="model directory (not for --mode bench)")
     ap.add_argument("--token", default=None)
     ap.add_argument("--namespace", default="engine")
     ap.add_argument("--transport", choices=["shm", "inline"], default="shm")
@@ -532,7 +733,15 @@ def main():
     ap.add_argument("--prompt", type=int, default=40)
     ap.add_argument("--gen", type=int, default=12)
     ap.add_argument("--seed", type=int, default=1)
-    ap.add_argument("--mode", choices=["conversations", "paged"], default="conversations")
+    ap.add_argument("--mode", choices=["conversations", "paged", "bench"], default="conversations")
+    ap.add_argument("--shape", choices=sorted(BENCH_SHAPES), default="tiny", help="bench: the synthetic model's shape")
+    ap.add_argument("--device", default="cpu", help="bench: cpu or cuda")
+    ap.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="bench: weights and activations")
+    ap.add_argument("--batch", default="1,8", help="bench: batch sizes")
+    ap.add_argument("--steps", type=int, default=64, help="bench: decode steps per run")
+    ap.add_argument("--reps", type=int, default=3, help="bench: runs of each kind per batch size")
+    ap.add_argument("--region-mb", type=int, default=256, help="bench: the saver's shared region")
+    ap.add_argument("--decode-group", type=int, default=8, help="bench: decode steps the saver gathers per AppendTokens (Saver decode_group)")
     ap.add_argument("--systems", type=int, default=1, help="paged: shared system prompts")
     ap.add_argument("--system-len", type=int, default=40, help="paged: tokens of a system prompt")
     ap.add_argument("--salted", type=int, default=0, help="paged: the last N conversations carry a cache salt of their own")
@@ -540,6 +749,10 @@ def main():
     ap.add_argument("--keep-local", action="store_true", help="paged: keep the local prefix cache between requests")
     a = ap.parse_args()
     torch.manual_seed(a.seed)
+    if a.mode == "bench":
+        return bench_main(a)
+    if a.model is None:
+        ap.error("--model is required (except with --mode bench)")
     m = Model(a.model)
     if a.mode == "paged":
         return paged_main(a, m, hc.Client(a.addr, token=a.token))

@@ -419,3 +419,6 @@ class Client:
             g.close()
             raise
         return g
+
+
+from .saver import Saver, SaverError, SaverFull  # noqa: E402,F401
