@@ -222,8 +222,8 @@ func TestDeviceSaverRestoresBitExact(t *testing.T) {
 }
 
 // gatedWriter records appended rows per layer; while gate is closed every
-// append waits (a slow disk). failToken (1-based) makes that AppendToken
-// fail.
+// append waits (a slow disk). failToken (1-based, counting every append)
+// makes that append fail if it is an AppendToken.
 type gatedWriter struct {
 	mu        sync.Mutex
 	layers    [][]byte
@@ -268,7 +268,7 @@ func (w *gatedWriter) AppendToken(rows [][]byte) error {
 	w.mu.Lock()
 	defer w.mu.Unlock()
 	w.appends++
-	if w.tokens+1 == w.failToken {
+	if w.appends == w.failToken {
 		return errors.New("disk on fire")
 	}
 	w.tokens++
