@@ -358,6 +358,9 @@ func TestDeviceSaverNeverBlocksOnWriter(t *testing.T) {
 		ops = append(ops, op)
 	}
 	<-w.entered // the writer holds the first token
+	if err := e.ds.WaitCopied(4); err != nil {
+		t.Fatal(err)
+	}
 	refused := randToken(rng, testPlan)
 	_, err := e.save(refused, nil)
 	if !errors.Is(err, ErrStagingFull) {
