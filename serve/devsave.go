@@ -22,7 +22,7 @@ var ErrStagingFull = errors.New("serve: device save staging is full")
 // Device saver defaults.
 const (
 	DefaultStagingBytes = 256 << 20 // host staging of a DeviceSaver
-	DefaultSlotBytes    = 4 << 20   // bytes per staging slot (one copy's unit)
+	MinSlotBytes        = 64 << 10  // the smallest default staging slot
 )
 
 // DeviceSaveOptions configure a DeviceSaver. Zero values take the defaults.
@@ -32,9 +32,11 @@ type DeviceSaveOptions struct {
 	// (default DefaultStagingBytes). Slots are allocated as they are first
 	// needed.
 	StagingBytes int64
-	// SlotBytes is the staging unit (default DefaultSlotBytes, raised to
-	// one token's rows of every layer when that is larger): a decode
-	// token takes one slot, a prefill layer as many as its rows fill.
+	// SlotBytes is the staging unit (default: one token's rows of every
+	// layer, at least MinSlotBytes or the whole staging when that is
+	// smaller; never less than one token's rows): a
+	// decode token takes one slot, a prefill layer as many as its rows
+	// fill, each slot one device-to-host copy.
 	SlotBytes int
 	// WaitFull is how long a call waits for staging when it is full
 	// before returning ErrStagingFull; 0 returns it at once (the caller's
@@ -134,9 +136,6 @@ func NewDeviceSaver(plan []state.LayerPlan, w DeviceAppender, cp gpu.AsyncCopier
 	if o.StagingBytes == 0 {
 		o.StagingBytes = DefaultStagingBytes
 	}
-	if o.SlotBytes == 0 {
-		o.SlotBytes = int(min(DefaultSlotBytes, o.StagingBytes))
-	}
 	if o.StagingBytes < 0 || o.SlotBytes < 0 || o.WaitFull < 0 {
 		return nil, fmt.Errorf("serve: DeviceSaveOptions %+v: negative setting", o)
 	}
@@ -146,6 +145,9 @@ func NewDeviceSaver(plan []state.LayerPlan, w DeviceAppender, cp gpu.AsyncCopier
 	}
 	if s.tokBytes == 0 {
 		return nil, errors.New("serve: NewDeviceSaver: the plan stores no layer")
+	}
+	if o.SlotBytes == 0 {
+		o.SlotBytes = max(s.tokBytes, int(min(MinSlotBytes, o.StagingBytes)))
 	}
 	o.SlotBytes = max(o.SlotBytes, s.tokBytes)
 	s.nslots = int(o.StagingBytes / int64(o.SlotBytes))
@@ -407,6 +409,21 @@ func (s *DeviceSaver) WaitCopied(seq uint64) error {
 		return fmt.Errorf("serve: WaitCopied(%d): only %d calls were queued", seq, s.seq)
 	}
 	for s.copied < seq {
+		s.cond.Wait()
+	}
+	return s.err
+}
+
+// WaitWritten waits until the rows of call seq (and every call before it)
+// have been handed to the writer (appended, not yet durable: Flush) and
+// their staging released, and returns the saver's error if any.
+func (s *DeviceSaver) WaitWritten(seq uint64) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if seq > s.seq {
+		return fmt.Errorf("serve: WaitWritten(%d): only %d calls were queued", seq, s.seq)
+	}
+	for s.written < seq {
 		s.cond.Wait()
 	}
 	return s.err
