@@ -38,6 +38,10 @@ type DeviceSaveOptions struct {
 	// decode token takes one slot, a prefill layer as many as its rows
 	// fill, each slot one device-to-host copy.
 	SlotBytes int
+	// Preallocate allocates the whole staging in NewDeviceSaver, as one
+	// region carved into slots (page-locking memory is slow on CUDA: a
+	// latency-sensitive engine pays it once, before its first step).
+	Preallocate bool
 	// WaitFull is how long a call waits for staging when it is full
 	// before returning ErrStagingFull; 0 returns it at once (the caller's
 	// thread never blocks).
@@ -106,6 +110,7 @@ type DeviceSaver struct {
 	cond    *sync.Cond // slots freed, copies completed, rows written
 	free    [][]byte
 	allocs  []func() error
+	carved  bool // every slot was carved from one preallocated region
 	seq     uint64 // last call queued
 	copied  uint64 // last call whose copies completed
 	written uint64 // last call the writer dealt with
@@ -159,6 +164,17 @@ func NewDeviceSaver(plan []state.LayerPlan, w DeviceAppender, cp gpu.AsyncCopier
 	s.cond = sync.NewCond(&s.mu)
 	// Every queued item holds a slot, so at most nslots are queued: the
 	// sends below never block.
+	if o.Preallocate {
+		buf, free, err := cp.AllocHost(s.nslots * o.SlotBytes)
+		if err != nil {
+			return nil, fmt.Errorf("serve: NewDeviceSaver: allocating %d bytes of staging: %w", s.nslots*o.SlotBytes, err)
+		}
+		s.allocs = append(s.allocs, free)
+		for i := s.nslots - 1; i >= 0; i-- {
+			s.free = append(s.free, buf[i*o.SlotBytes:(i+1)*o.SlotBytes:(i+1)*o.SlotBytes])
+		}
+		s.carved = true
+	}
 	s.copyQ, s.writeQ = make(chan *devItem, s.nslots), make(chan *devItem, s.nslots)
 	s.exited = make(chan struct{})
 	go s.completer()
@@ -282,7 +298,7 @@ func (s *DeviceSaver) take(ctx context.Context, k int) ([][]byte, error) {
 		if s.err != nil {
 			return nil, s.err
 		}
-		if len(s.free)+s.nslots-len(s.allocs) >= k {
+		if len(s.free)+s.unallocated() >= k {
 			break
 		}
 		if s.o.WaitFull == 0 {
@@ -331,6 +347,14 @@ func (s *DeviceSaver) take(ctx context.Context, k int) ([][]byte, error) {
 	s.st.InUse += k
 	s.st.Peak = max(s.st.Peak, s.st.InUse)
 	return out, nil
+}
+
+// unallocated is how many slots may still be allocated (s.mu held).
+func (s *DeviceSaver) unallocated() int {
+	if s.carved {
+		return 0
+	}
+	return s.nslots - len(s.allocs)
 }
 
 // put returns slots (s.mu held).

@@ -346,9 +346,15 @@ func sameLayers(t *testing.T, what string, got, want [][]byte) {
 // queued is dropped: once the writer runs, Flush stores every accepted
 // token and the refused one can be saved again.
 func TestDeviceSaverNeverBlocksOnWriter(t *testing.T) {
+	for _, pre := range []bool{false, true} {
+		t.Run(fmt.Sprint("preallocate=", pre), func(t *testing.T) { neverBlocks(t, pre) })
+	}
+}
+
+func neverBlocks(t *testing.T, prealloc bool) {
 	rng := rand.New(rand.NewSource(1))
 	w := newGatedWriter(len(testPlan), true)
-	e := newEngine(t, testPlan, w, DeviceSaveOptions{StagingBytes: 4 * 96, SlotBytes: 96})
+	e := newEngine(t, testPlan, w, DeviceSaveOptions{StagingBytes: 4 * 96, SlotBytes: 96, Preallocate: prealloc})
 	var ops []saveOp
 	for i := range 4 {
 		op := randToken(rng, testPlan)
@@ -511,7 +517,7 @@ func TestDeviceSaverRandomInterleavings(t *testing.T) {
 			}
 		}
 		slots := 1 + rng.Intn(6)
-		e := newEngine(t, testPlan, w, DeviceSaveOptions{StagingBytes: int64(slots * 128), SlotBytes: 128})
+		e := newEngine(t, testPlan, w, DeviceSaveOptions{StagingBytes: int64(slots * 128), SlotBytes: 128, Preallocate: rng.Intn(2) == 0})
 		var ops []saveOp
 		var open []chan struct{}
 		calls := 0
