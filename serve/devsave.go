@@ -110,7 +110,7 @@ type DeviceSaver struct {
 	cond    *sync.Cond // slots freed, copies completed, rows written
 	free    [][]byte
 	allocs  []func() error
-	carved  bool // every slot was carved from one preallocated region
+	carved  bool   // every slot was carved from one preallocated region
 	seq     uint64 // last call queued
 	copied  uint64 // last call whose copies completed
 	written uint64 // last call the writer dealt with

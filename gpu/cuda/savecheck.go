@@ -32,7 +32,9 @@ func (d *CheckDevice) Alloc(n int) (gpu.DevicePtr, error) {
 }
 
 // Free frees memory Alloc returned.
-func (d *CheckDevice) Free(p gpu.DevicePtr) error { return d.do("cuMemFree", "cuMemFree_v2", uintptr(p)) }
+func (d *CheckDevice) Free(p gpu.DevicePtr) error {
+	return d.do("cuMemFree", "cuMemFree_v2", uintptr(p))
+}
 
 // Upload copies b to p synchronously.
 func (d *CheckDevice) Upload(p gpu.DevicePtr, b []byte) error {
