@@ -110,8 +110,12 @@ func gpuSaveCheck(args []string, stdout, stderr io.Writer) error {
 	if *layers < 1 || *rowBytes < 2 || *rowBytes%2 != 0 || *prefill < 1 || *decode < 1 || *busy < 1 {
 		return errors.New("gpu save-check: --layers, --prefill, --decode and --busy-mib must be positive, --row-bytes even")
 	}
-	res, err := runSaveCheck(*dir, cuda.CopierOptions{Device: *device, CublasPath: *cublas}, *layers, *rowBytes, *prefill, *decode, *busy, *seed, stderr)
+	cp, err := cuda.OpenCopier(cuda.CopierOptions{Device: *device, CublasPath: *cublas})
 	if err != nil {
+		return err
+	}
+	res, err := runSaveCheck(*dir, cp, cp.CheckDevice(), *layers, *rowBytes, *prefill, *decode, *busy, *seed, stderr)
+	if err = errors.Join(err, cp.Close()); err != nil {
 		return err
 	}
 	if *asJSON {
@@ -137,14 +141,25 @@ func p99(v []float64) float64 {
 	return s[min(len(s)-1, len(s)*99/100)]
 }
 
-func runSaveCheck(dir string, o cuda.CopierOptions, layers, rb, prefill, decode, busyMiB int, seed int64, progress io.Writer) (res *saveCheckResult, err error) {
+// saveCheckDevice is what the check plays an engine with: cuda.CheckDevice
+// on a GPU (the test runs the check on the CPU device through an adapter).
+type saveCheckDevice interface {
+	Alloc(n int) (gpu.DevicePtr, error)
+	Free(p gpu.DevicePtr) error
+	Upload(p gpu.DevicePtr, b []byte) error
+	Download(b []byte, p gpu.DevicePtr) error
+	NewStream() (gpu.Stream, error)
+	DestroyStream(s gpu.Stream) error
+	Memset(s gpu.Stream, p gpu.DevicePtr, v byte, n int) error
+	CopyAsync(s gpu.Stream, dst, src gpu.DevicePtr, n int) error
+	Synchronize(s gpu.Stream) error
+	Marker(s gpu.Stream) (query func() (bool, error), release func(), err error)
+}
+
+var _ saveCheckDevice = (*cuda.CheckDevice)(nil)
+
+func runSaveCheck(dir string, cp gpu.AsyncCopier, dev saveCheckDevice, layers, rb, prefill, decode, busyMiB int, seed int64, progress io.Writer) (res *saveCheckResult, err error) {
 	res = &saveCheckResult{Build: buildinfo.String("hcache"), Layers: layers, RowBytes: rb, Prefill: prefill, Decode: decode, BusyMiB: busyMiB}
-	cp, err := cuda.OpenCopier(o)
-	if err != nil {
-		return nil, err
-	}
-	defer func() { err = errors.Join(err, cp.Close()) }()
-	dev := cp.CheckDevice()
 	var allocs []gpu.DevicePtr
 	alloc := func(n int) gpu.DevicePtr {
 		if err != nil {
@@ -201,7 +216,8 @@ func runSaveCheck(dir string, o cuda.CopierOptions, layers, rb, prefill, decode,
 		srcs[l], layerBuf[l] = alloc(prefill*rb), alloc(prefill*rb)
 	}
 	decodeBuf := alloc(decode * tokBytes)
-	scratch := alloc(256 << 20)
+	scratchBytes := min(256, busyMiB) << 20
+	scratch := alloc(scratchBytes)
 	if err != nil {
 		return nil, err
 	}
@@ -219,7 +235,10 @@ func runSaveCheck(dir string, o cuda.CopierOptions, layers, rb, prefill, decode,
 	if err := dev.Synchronize(s); err != nil {
 		return nil, err
 	}
-	ds, err := serve.NewDeviceSaver(plan, cw, cp, serve.DeviceSaveOptions{StagingBytes: int64(prefill+decode) * int64(tokBytes), Preallocate: true, WaitFull: time.Minute})
+	ds, err := serve.NewDeviceSaver(plan, cw, cp, serve.DeviceSaveOptions{
+		// Slots of one token: the whole prefill and decode fit, so no call
+		// waits for staging (which would wait for the caller's stream).
+		StagingBytes: int64(prefill+decode+layers) * int64(tokBytes), SlotBytes: tokBytes, Preallocate: true, WaitFull: time.Minute})
 	if err != nil {
 		return nil, err
 	}
@@ -231,8 +250,8 @@ func runSaveCheck(dir string, o cuda.CopierOptions, layers, rb, prefill, decode,
 	bg := context.Background()
 
 	fmt.Fprintf(progress, "prefill: %d layers of %d tokens behind %d MiB of memsets\n", layers, prefill, busyMiB)
-	for m := 0; m < busyMiB; m += 256 {
-		if err := dev.Memset(s, scratch, byte(m), 256<<20); err != nil {
+	for m := 0; m < busyMiB; m += scratchBytes >> 20 {
+		if err := dev.Memset(s, scratch, byte(m), scratchBytes); err != nil {
 			return nil, err
 		}
 	}
