@@ -162,8 +162,6 @@ func NewDeviceSaver(plan []state.LayerPlan, w DeviceAppender, cp gpu.AsyncCopier
 	s.o = o
 	s.st.Slots, s.st.SlotBytes = s.nslots, o.SlotBytes
 	s.cond = sync.NewCond(&s.mu)
-	// Every queued item holds a slot, so at most nslots are queued: the
-	// sends below never block.
 	if o.Preallocate {
 		buf, free, err := cp.AllocHost(s.nslots * o.SlotBytes)
 		if err != nil {
@@ -175,6 +173,8 @@ func NewDeviceSaver(plan []state.LayerPlan, w DeviceAppender, cp gpu.AsyncCopier
 		}
 		s.carved = true
 	}
+	// Every queued item holds a slot, so at most nslots are queued: the
+	// sends to these never block.
 	s.copyQ, s.writeQ = make(chan *devItem, s.nslots), make(chan *devItem, s.nslots)
 	s.exited = make(chan struct{})
 	go s.completer()
