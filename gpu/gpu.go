@@ -12,6 +12,15 @@
 // on streams and is checked against it. serve drives every restore through
 // this interface and links no backend itself.
 //
+// The save side (save.go, issue 24) is AsyncCopier: CopyToHost orders
+// device-to-host copies after the work queued on a caller's stream (an
+// event recorded there, which the copier's own stream waits for) and
+// returns at once with the Event that completes them; serve's DeviceSaver
+// saves an engine's device-resident rows through it. CPUDevice is the CPU
+// backend's device (host memory as device memory, goroutine streams), on
+// which that saver runs and is tested with the code it runs on a GPU; gpu/cuda's
+// Copier implements it with the driver API.
+//
 // Select builds a backend by name from a registry: the CPU backend is always
 // there, and a device backend registers itself when its package is linked
 // (gpu/cuda does in its init), so that the binaries choose what they link

@@ -78,6 +78,7 @@ var driverSymbols = []string{
 	"cuMemHostRegister_v2", "cuMemHostUnregister", "cuMemGetAddressRange_v2",
 	"cuStreamCreate", "cuStreamDestroy_v2", "cuStreamSynchronize", "cuStreamWaitEvent",
 	"cuEventCreate", "cuEventDestroy_v2", "cuEventRecord", "cuEventSynchronize", "cuEventElapsedTime",
+	"cuEventQuery", "cuMemAllocHost_v2", "cuMemFreeHost", "cuMemcpyDtoDAsync_v2", // the save path (save.go, savecheck.go)
 	"cuGetErrorName", "cuGetErrorString",
 }
 

@@ -41,7 +41,7 @@ var layers = [][]string{
 	// 6: the daemon, the crash harness, benchmarks of one part.
 	{"daemon", "fuzz/crash", "bench/peer", "bench/benchio", "bench/benchstore", "bench/profiler"},
 	// 7: benchmarks that combine parts, and the demo.
-	{"bench/compare", "bench/gpubench", "bench/benchpipe", "bench/benchdaemon", "bench/benchfleet", "bench/benchprefix", "cmd/hcache/demo"},
+	{"bench/compare", "bench/gpubench", "bench/benchpipe", "bench/benchsave", "bench/benchdaemon", "bench/benchfleet", "bench/benchprefix", "cmd/hcache/demo"},
 	// 8: the commands and the fuzz targets.
 	{"cmd/hcache", "cmd/hcached", "fuzz"},
 }
