@@ -73,16 +73,11 @@ func saveCodec(t *testing.T, c *hc.Client, mc *model.Config, rng *rand.Rand, ns,
 		for i := range vals {
 			vals[i] = float32(rng.NormFloat64())
 		}
-		rb := int(p.RowBytes)
-		rows := make([]byte, n*rb)
-		for i := 0; i < n; i++ {
-			seg := make([][]float32, segs)
-			for j := range seg {
-				seg[j] = vals[(i*segs+j)*nv : (i*segs+j+1)*nv]
-			}
-			if err := codec.EncodeRow(enc, mc.DType, rows[i*rb:(i+1)*rb], seg...); err != nil {
-				t.Fatal(err)
-			}
+		rows := make([]byte, n*int(p.RowBytes))
+		// A prefill from position 0 (int8: a group row for every whole
+		// 64 tokens, token rows after).
+		if err := codec.EncodeRows(enc, mc.DType, rows, segs, nv, 0, vals); err != nil {
+			t.Fatal(err)
 		}
 		if err := w.AppendLayer(ctx, l, rows); err != nil {
 			t.Fatalf("append %s layer %d: %v", name, l, err)
@@ -170,6 +165,7 @@ func TestCodecThroughDaemon(t *testing.T) {
 	none.Codec = state.CodecNone
 	block := codecIdentity(mc, lm.Fingerprint, state.CodecFP8Block)
 	plain := codecIdentity(mc, lm.Fingerprint, state.CodecNone) // model-dtype rows
+	int8id := codecIdentity(mc, lm.Fingerprint, state.CodecInt8Channel)
 
 	toks := make([]uint32, 3*e.store.ChunkTokens()+5)
 	for i := range toks {
@@ -180,6 +176,7 @@ func TestCodecThroughDaemon(t *testing.T) {
 		"none":      saveCodec(t, c, mc, rng, "ns", "none", none, fp8.Codec, nil),
 		"fp8-block": saveCodec(t, c, mc, rng, "ns", "fp8-block", block, block.Codec, nil),
 		"plain":     saveCodec(t, c, mc, rng, "ns", "plain", plain, plain.Codec, nil),
+		"int8":      saveCodec(t, c, mc, rng, "ns", "int8", int8id, int8id.Codec, nil),
 		"fp8-toks":  saveCodec(t, c, mc, rng, "ns", "fp8-toks", fp8, fp8.Codec, toks),
 	}
 
@@ -193,6 +190,7 @@ func TestCodecThroughDaemon(t *testing.T) {
 			{"none state to an fp8 consumer", "none", fp8, "none", "fp8"},
 			{"fp8-block state to an fp8 consumer", "fp8-block", withCodec(block, state.CodecFP8Token), "fp8-block", "fp8"},
 			{"token-addressed fp8 state to a none consumer", "fp8-toks", none, "fp8", "none"},
+			{"int8 state to an fp8-block consumer", "int8", withCodec(int8id, state.CodecFP8Block), "int8", "fp8-block"},
 		} {
 			t.Run(tc.name, func(t *testing.T) {
 				check := func(what string, err error) {
@@ -268,6 +266,8 @@ func TestCodecThroughDaemon(t *testing.T) {
 			{"fp8 decoded", "fp8", true},
 			{"fp8-block as stored", "fp8-block", false},
 			{"fp8-block decoded", "fp8-block", true},
+			{"int8 as stored", "int8", false},
+			{"int8 decoded", "int8", true},
 			{"none as stored", "plain", false},
 			{"none with decode", "plain", true},
 		} {

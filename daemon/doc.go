@@ -69,7 +69,7 @@
 // # Codecs
 //
 // An identity carries its rows' codec (`Identity.codec`: `CODEC_NONE`,
-// `CODEC_FP8`, `CODEC_FP8_BLOCK`, state/codec), bound into the stored
+// `CODEC_FP8`, `CODEC_FP8_BLOCK`, `CODEC_INT8`, state/codec), bound into the stored
 // identity, the slice checksums and the chain keys. The client encodes: it
 // appends rows already encoded under its identity's codec (the plan's row
 // sizes are the encoded ones, `codec.HiddenRowBytes`), and the daemon stores

@@ -45,7 +45,9 @@ type (
 	// Codec is how an identity's rows are encoded (state/codec). Under a
 	// codec other than CodecNone the plan's row sizes are the encoded ones
 	// (codec.HiddenRowBytes, codec.KVRowBytes) and the client appends rows
-	// it encoded itself (codec.EncodeRow): the daemon stores them as given.
+	// it encoded itself (codec.EncodeRows from the layer's position, which
+	// int8's aligned groups need; codec.EncodeRow for one row): the daemon
+	// stores them as given.
 	// Restore hands them back as stored (codec.TranscodeRows decodes them);
 	// RestoreDecoded and RestoreProjected in the model dtype.
 	Codec = state.Codec
@@ -56,6 +58,7 @@ const (
 	CodecNone     = state.CodecNone
 	CodecFP8      = state.CodecFP8Token
 	CodecFP8Block = state.CodecFP8Block
+	CodecInt8     = state.CodecInt8Channel
 )
 
 // Layer kinds.

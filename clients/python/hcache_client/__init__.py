@@ -39,8 +39,8 @@ NONE, HIDDEN, KV = pb.LAYER_NONE, pb.LAYER_HIDDEN, pb.LAYER_KV
 # Codecs of an identity's rows (state/codec): under one other than CODEC_NONE
 # the plan's row sizes are the encoded ones and the client appends encoded
 # rows; restore hands them back as stored, or decoded with decode=True.
-CODEC_NONE, CODEC_FP8, CODEC_FP8_BLOCK = pb.CODEC_NONE, pb.CODEC_FP8, pb.CODEC_FP8_BLOCK
-_CODEC_NAMES = {"none": CODEC_NONE, "fp8": CODEC_FP8, "fp8-block": CODEC_FP8_BLOCK}
+CODEC_NONE, CODEC_FP8, CODEC_FP8_BLOCK, CODEC_INT8 = pb.CODEC_NONE, pb.CODEC_FP8, pb.CODEC_FP8_BLOCK, pb.CODEC_INT8
+_CODEC_NAMES = {"none": CODEC_NONE, "fp8": CODEC_FP8, "fp8-block": CODEC_FP8_BLOCK, "int8": CODEC_INT8}
 SHM_MAGIC = b"HCSHM001"
 REGISTER_TIMEOUT = 10.0  # seconds a region registration may take
 
@@ -74,7 +74,7 @@ class Error(Exception):
 
 class Identity:
     """Model fingerprint (bytes), per-layer plan [(kind, row_bytes)] and the
-    rows' codec (CODEC_* or its name: "none", "fp8", "fp8-block"). A state is
+    rows' codec (CODEC_* or its name: "none", "fp8", "fp8-block", "int8"). A state is
     served only under the codec it was stored with."""
 
     def __init__(self, model, plan, codec=CODEC_NONE):

@@ -88,6 +88,7 @@ const (
 	Codec_CODEC_NONE      Codec = 0 // the model dtype (fp16, bf16 or f32)
 	Codec_CODEC_FP8       Codec = 1 // fp8 E4M3, one float32 scale per token per segment
 	Codec_CODEC_FP8_BLOCK Codec = 2 // fp8 E4M3, one float32 scale per block of 128 values
+	Codec_CODEC_INT8      Codec = 3 // int8, a bfloat16 scale per channel per aligned 64-token group (state/codec)
 )
 
 // Enum value maps for Codec.
@@ -96,11 +97,13 @@ var (
 		0: "CODEC_NONE",
 		1: "CODEC_FP8",
 		2: "CODEC_FP8_BLOCK",
+		3: "CODEC_INT8",
 	}
 	Codec_value = map[string]int32{
 		"CODEC_NONE":      0,
 		"CODEC_FP8":       1,
 		"CODEC_FP8_BLOCK": 2,
+		"CODEC_INT8":      3,
 	}
 )
 
@@ -2426,12 +2429,14 @@ const file_hcache_v1_hcache_proto_rawDesc = "" +
 	"\n" +
 	"LAYER_NONE\x10\x00\x12\x10\n" +
 	"\fLAYER_HIDDEN\x10\x01\x12\f\n" +
-	"\bLAYER_KV\x10\x02*;\n" +
+	"\bLAYER_KV\x10\x02*K\n" +
 	"\x05Codec\x12\x0e\n" +
 	"\n" +
 	"CODEC_NONE\x10\x00\x12\r\n" +
 	"\tCODEC_FP8\x10\x01\x12\x13\n" +
-	"\x0fCODEC_FP8_BLOCK\x10\x02*=\n" +
+	"\x0fCODEC_FP8_BLOCK\x10\x02\x12\x0e\n" +
+	"\n" +
+	"CODEC_INT8\x10\x03*=\n" +
 	"\bOpenMode\x12\x19\n" +
 	"\x15OPEN_MODE_UNSPECIFIED\x10\x00\x12\n" +
 	"\n" +
