@@ -91,3 +91,20 @@ func rowsCodec(ident *chunk.Identity, decode, project bool) hcachev1.Codec {
 	}
 	return hcachev1.Codec(ident.Codec)
 }
+
+// forkCutsGroup refuses a fork of an int8 context at a token count inside
+// one of its whole 64-token groups: the fork would copy the group's first
+// rows without the rows that carry the rest of its scales, rows no restore
+// could decode. A count on a group boundary, or inside the source's last,
+// partial group (token rows, each whole by itself), is fine.
+func forkCutsGroup(info chunk.ContextInfo, tokens uint64) error {
+	if info.Identity == nil || info.Identity.Codec != state.CodecInt8Channel {
+		return nil
+	}
+	const g = codec.Int8Group
+	if tokens%g == 0 || info.Tokens < (tokens/g+1)*g {
+		return nil
+	}
+	return status.Errorf(codes.InvalidArgument, "fork of %d tokens of %s/%s, stored under codec int8: the count cuts the 64-token group of tokens %d..%d, whose rows decode only together (fork at a multiple of 64)",
+		tokens, info.Namespace, info.ID, tokens/g*g, tokens/g*g+g-1)
+}

@@ -3,6 +3,7 @@ package daemon_test
 import (
 	"bytes"
 	"context"
+	"fmt"
 	"io"
 	"math/rand"
 	"strings"
@@ -178,6 +179,7 @@ func TestCodecThroughDaemon(t *testing.T) {
 		"plain":     saveCodec(t, c, mc, rng, "ns", "plain", plain, plain.Codec, nil),
 		"int8":      saveCodec(t, c, mc, rng, "ns", "int8", int8id, int8id.Codec, nil),
 		"fp8-toks":  saveCodec(t, c, mc, rng, "ns", "fp8-toks", fp8, fp8.Codec, toks),
+		"int8-toks": saveCodec(t, c, mc, rng, "ns", "int8-toks", int8id, int8id.Codec, toks),
 	}
 
 	t.Run("refused", func(t *testing.T) {
@@ -311,6 +313,38 @@ func TestCodecThroughDaemon(t *testing.T) {
 		for l := range rows {
 			if rbs[l] != uint32(mc.KVRowBytes()) || cds[l] != hcachev1.Codec_CODEC_NONE || len(rows[l]) != 100*mc.KVRowBytes() {
 				t.Fatalf("projected layer %d: row bytes %d codec %v, %d bytes", l, rbs[l], cds[l], len(rows[l]))
+			}
+		}
+	})
+
+	t.Run("int8 fork", func(t *testing.T) {
+		// 197 tokens: whole groups 0..191, token rows 192..196.
+		for _, tc := range []struct {
+			name   string
+			tokens uint64
+			ok     bool
+		}{
+			{"inside a whole group", 100, false},
+			{"inside the last whole group", 191, false},
+			{"on a group boundary", 128, true},
+			{"inside the partial last group", 195, true},
+			{"everything", uint64(len(toks)), true},
+		} {
+			dst := fmt.Sprint("int8-fork-", tc.tokens)
+			err := c.Fork(ctx, "ns", "int8-toks", dst, tc.tokens)
+			if !tc.ok {
+				wantCode(t, tc.name, err, codes.InvalidArgument)
+				if msg := status.Convert(err).Message(); !strings.Contains(msg, "stored under codec int8") {
+					t.Fatalf("%s: %q", tc.name, msg)
+				}
+				continue
+			}
+			if err != nil {
+				t.Fatalf("%s: fork: %v", tc.name, err)
+			}
+			n, err := c.RestoreDecoded(ctx, "ns", dst, int8id, func(int, []byte) error { return nil })
+			if err != nil || n != tc.tokens {
+				t.Fatalf("%s: decoded restore of the fork: %d tokens, %v", tc.name, n, err)
 			}
 		}
 	})

@@ -88,7 +88,9 @@
 // with identities that differ in nothing but the codec). The daemon does
 // not check an encoding on append (it would need the model's layout): bytes
 // that are not a valid encoding are refused when decoded (`DATA_LOSS` with
-// `decode`, the codec's error in a client that decodes).
+// `decode`, the codec's error in a client that decodes). Under `CODEC_INT8`
+// the rows of a whole 64-token group decode only together: a `Fork` at a
+// count inside one is `INVALID_ARGUMENT` (fork at a multiple of 64).
 //
 // # State addressed by its tokens
 //
