@@ -276,22 +276,34 @@ func DecodeRows(c state.Codec, dtype string, dst []float32, src []byte, segs, n 
 func transcodeInt8Rows(dtype string, dst, src []byte, segs, n int) error {
 	rb := int8RowBytes(segs, n)
 	rows := len(src) / rb
-	vals := make([]float32, rows*segs*n)
-	if err := decodeInt8Rows(vals, src, segs, n); err != nil {
-		return err
-	}
-	switch dtype {
-	case "float16":
-		for i, f := range vals {
-			binary.LittleEndian.PutUint16(dst[2*i:], toF16(f))
+	v := segs * n
+	eb := len(dst) / max(1, rows*v)
+	// A group at a time (its values stay in cache between the decode and
+	// the conversion); each block starts on a group boundary.
+	vals := make([]float32, min(rows, Int8Group)*v)
+	for g := 0; g < rows; g += Int8Group {
+		end := min(rows, g+Int8Group)
+		blk := vals[:(end-g)*v]
+		if err := decodeInt8Rows(blk, src[g*rb:end*rb], segs, n); err != nil {
+			if g > 0 {
+				return fmt.Errorf("rows from %d: %w", g, err)
+			}
+			return err
 		}
-	case "bfloat16":
-		for i, f := range vals {
-			binary.LittleEndian.PutUint16(dst[2*i:], half.BF16FromFloat32(f))
-		}
-	default:
-		for i, f := range vals {
-			binary.LittleEndian.PutUint32(dst[4*i:], math.Float32bits(f))
+		out := dst[g*v*eb : end*v*eb]
+		switch dtype {
+		case "float16":
+			for i, f := range blk {
+				binary.LittleEndian.PutUint16(out[2*i:], toF16(f))
+			}
+		case "bfloat16":
+			for i, f := range blk {
+				binary.LittleEndian.PutUint16(out[2*i:], half.BF16FromFloat32(f))
+			}
+		default:
+			for i, f := range blk {
+				binary.LittleEndian.PutUint32(out[4*i:], math.Float32bits(f))
+			}
 		}
 	}
 	return nil
