@@ -44,7 +44,7 @@ type LayerPlan struct {
 type Codec uint8
 
 // Codecs. CodecNone stores rows in the model dtype, as every identity did
-// before codecs existed; the others are lossy fp8 encodings (a lossless
+// before codecs existed; the others are lossy fp8 and int8 encodings (a lossless
 // compression of rows is the store's own, chunk.Options.Compression, and
 // not part of the identity: it restores the same bytes).
 const (

@@ -18,6 +18,12 @@
 //   - state.CodecFP8Block: the same with one scale per block of BlockSize
 //     values (the last block may be shorter): n codes, then ceil(n/BlockSize)
 //     float32 scales. For head_dim 128 a block is one head.
+//   - state.CodecInt8Channel: int8 codes with a bfloat16 scale per channel
+//     per aligned group of 64 tokens, the scales spread over the group's
+//     rows; a row encoded alone carries its own scales. Its rows are
+//     encoded and decoded as rows (EncodeRows from a layer's position,
+//     TranscodeRows and DecodeRows from position 0), not segments:
+//     int8.go has the layout.
 //
 // Under an fp8 codec a stored row is its segments back to back, then zeros
 // up to a multiple of RowAlign (64) bytes: the store reads a slice of 64
