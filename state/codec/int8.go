@@ -33,13 +33,14 @@ import (
 //
 // Groups are aligned to positions: an append from position p encodes the
 // whole aligned groups it covers as group rows and the rest as token rows, so
-// a save holds at most 63 tokens of a layer, never the context. Every
-// restore hands a layer's rows from position 0, and the store serves whole
-// chunk groups (64 tokens by default: chunk tokens must be a multiple of
-// Int8Group for a restore by tokens) plus a context's tail (token rows), so
-// a restore never holds part of a group. A fork at a token count inside a
-// group copies that group's first rows without the rest: their decode fails
-// (ErrCodec), it never yields other values.
+// an encoder holds at most one group (64 tokens) of a layer, never the
+// context. Every restore hands a layer's rows from position 0, and the store
+// serves whole chunk groups plus a context's tail past its last whole chunk
+// group; with chunk groups of 64 tokens (the store's default) that tail is
+// token rows, so a restore never holds part of a group. With another chunk
+// size (or a fork at a count inside a group, which the daemon refuses), a
+// restore can hold a group's first rows without the rest: their decode
+// fails (ErrCodec), it never yields other values.
 //
 // Error: a group row's value moves by at most half a step, scale_c / 2 <=
 // amax_c / 254 x (1 + 2^-7); a token row's by amax_segment / 254. Unlike fp8
