@@ -66,6 +66,32 @@
 // open writer, and closes the store; a restart serves everything acknowledged.
 // `Pin` is durable at the next index commit (any flush, GC, or the stop).
 //
+// # Codecs
+//
+// An identity carries its rows' codec (`Identity.codec`: `CODEC_NONE`,
+// `CODEC_FP8`, `CODEC_FP8_BLOCK`, `CODEC_INT8`, state/codec), bound into the stored
+// identity, the slice checksums and the chain keys. The client encodes: it
+// appends rows already encoded under its identity's codec (the plan's row
+// sizes are the encoded ones, `codec.HiddenRowBytes`), and the daemon stores
+// them as given, so a save costs the daemon no CPU and needs no model
+// loaded; the engine has the values in float and encodes them where they
+// are (on the GPU, next to the forward pass). A restore hands rows back as
+// stored (encoded; each chunk's `codec` says so, and the client decodes
+// with `codec.TranscodeRows`, or on its GPU); with `decode` the daemon
+// decodes them into the model dtype first (the identity's model must be
+// loaded, as for `project`; `codec` `CODEC_NONE` on the chunks), and with
+// `project` the pipeline decodes before it projects. A state is served only
+// to the codec it was stored in: a restore or `APPEND` whose identity
+// differs in its codec is `FAILED_PRECONDITION` with both codecs named, and
+// a lookup or restore by tokens under another codec matches nothing (its
+// chain keys differ), also when it names the context (`TestCodecThroughDaemon`,
+// with identities that differ in nothing but the codec). The daemon does
+// not check an encoding on append (it would need the model's layout): bytes
+// that are not a valid encoding are refused when decoded (`DATA_LOSS` with
+// `decode`, the codec's error in a client that decodes). Under `CODEC_INT8`
+// the rows of a whole 64-token group decode only together: a `Fork` at a
+// count inside one is `INVALID_ARGUMENT` (fork at a multiple of 64).
+//
 // # State addressed by its tokens
 //
 // A context opened with `tokens` (`OpenContext` `CREATE`: the prompt's ids;
@@ -245,12 +271,13 @@
 //	| malformed protobuf (undecodable bytes) | `INTERNAL` ("failed to unmarshal": grpc-go's code for it, before our handler runs) |
 //	| missing context reference, rows, or identity; mode unset; count 0 | `INVALID_ARGUMENT` |
 //	| invalid ids: empty, > 255 bytes, NUL, control characters | `INVALID_ARGUMENT` |
-//	| invalid identity: no plan, odd or zero row size, unknown kind | `INVALID_ARGUMENT` |
+//	| invalid identity: no plan, odd or zero row size, unknown kind or codec | `INVALID_ARGUMENT` |
 //	| wrong row size (layer rows not whole rows; tokens not count x token bytes) | `INVALID_ARGUMENT` |
 //	| layer out of range, or a layer the plan stores nothing for | `INVALID_ARGUMENT` |
 //	| unknown context (stat, restore, append, delete) | `NOT_FOUND` |
 //	| context exists (create) | `ALREADY_EXISTS` |
 //	| identity mismatch (restore or append with another model or plan); `project` for an identity no loaded model has | `FAILED_PRECONDITION` (`TestProjectedRestore`) |
+//	| restore or append under another codec than the stored one; `decode` for an identity under a codec no loaded model has | `FAILED_PRECONDITION` (`TestCodecThroughDaemon`) |
 //	| append or flush without an open writer, on another connection's writer, or on one closed meanwhile; delete with a writer open; fsck with writers open | `FAILED_PRECONDITION` |
 //	| writer already open (on another connection, or on this one) | `ABORTED` |
 //	| oversize message (> `--max-message`) | `RESOURCE_EXHAUSTED` |

@@ -133,6 +133,9 @@ func (s *Server) Fork(ctx context.Context, req *hcachev1.ForkRequest) (*hcachev1
 	if req.GetTokens() > info.Tokens {
 		return nil, status.Errorf(codes.InvalidArgument, "fork of %d tokens of %s/%s, which holds %d", req.GetTokens(), ns, src, info.Tokens)
 	}
+	if err := forkCutsGroup(info, req.GetTokens()); err != nil {
+		return nil, err
+	}
 	done, serr := s.takeContextSlot(ns)
 	if serr != nil {
 		return nil, serr

@@ -105,7 +105,7 @@ func identityFrom(p *hcachev1.Identity) (*chunk.Identity, error) {
 	if p == nil {
 		return nil, status.Error(codes.InvalidArgument, "identity is required")
 	}
-	id := &chunk.Identity{Model: p.GetModel(), Plan: make([]chunk.LayerPlan, len(p.GetPlan()))}
+	id := &chunk.Identity{Model: p.GetModel(), Plan: make([]chunk.LayerPlan, len(p.GetPlan())), Codec: codecFrom(p.GetCodec())}
 	for i, l := range p.GetPlan() {
 		id.Plan[i] = chunk.LayerPlan{Kind: chunk.LayerKind(l.GetKind()), RowBytes: l.GetRowBytes()}
 	}
@@ -119,7 +119,7 @@ func identityTo(id *chunk.Identity) *hcachev1.Identity {
 	if id == nil {
 		return nil
 	}
-	p := &hcachev1.Identity{Model: id.Model}
+	p := &hcachev1.Identity{Model: id.Model, Codec: hcachev1.Codec(id.Codec)}
 	for _, l := range id.Plan {
 		p.Plan = append(p.Plan, &hcachev1.LayerPlan{Kind: hcachev1.LayerKind(l.Kind), RowBytes: l.RowBytes})
 	}
@@ -265,7 +265,7 @@ func (s *Server) OpenContext(ctx context.Context, req *hcachev1.OpenContextReque
 		if errors.Is(err, chunk.ErrIdentityMismatch) {
 			s.metrics.identityMismatch.Inc()
 		}
-		return nil, s.storeErr(err)
+		return nil, s.storeErr(s.mismatchErr(err, ns, id, ident))
 	}
 	ow := &openWriter{ns: ns, id: id, conn: c.conn, w: w, ident: ident, layerTok: make([]uint64, len(ident.Plan))}
 	if len(tokens) > 0 {
@@ -573,6 +573,11 @@ func (s *Server) Restore(req *hcachev1.RestoreRequest, stream grpc.ServerStreami
 	if err != nil {
 		return err
 	}
+	decode, err := s.layerDecoder(ident, req.GetDecode(), req.GetProject())
+	if err != nil {
+		return err
+	}
+	rowsCd := rowsCodec(ident, req.GetDecode(), req.GetProject())
 	if id != "" {
 		s.remoteRefresh(ctx, ns, id)
 	}
@@ -603,6 +608,11 @@ func (s *Server) Restore(req *hcachev1.RestoreRequest, stream grpc.ServerStreami
 		if err := ctx.Err(); err != nil {
 			return err
 		}
+		if decode != nil && l.Tokens > 0 {
+			if err := decode(&l); err != nil {
+				return err
+			}
+		}
 		rows, layer, tok, rb := l.Rows, l.Layer, uint64(l.Tokens), uint32(l.RowBytes)
 		kind := hcachev1.LayerKind(l.Kind)
 		if dst != nil {
@@ -610,14 +620,14 @@ func (s *Server) Restore(req *hcachev1.RestoreRequest, stream grpc.ServerStreami
 				return status.Errorf(codes.OutOfRange, "shared region slice of %d bytes too small: layer %d needs bytes [%d, %d)", len(dst), layer, placed, placed+len(rows))
 			}
 			copy(dst[placed:], rows)
-			m := &hcachev1.RestoreChunk{Layer: uint32(layer), Tokens: tok, RowBytes: rb, LayerDone: true, Kind: kind,
+			m := &hcachev1.RestoreChunk{Layer: uint32(layer), Tokens: tok, RowBytes: rb, LayerDone: true, Kind: kind, Codec: rowsCd,
 				Region: &hcachev1.RegionSlice{Region: req.GetRegion().GetRegion(), Offset: dstOff + uint64(placed), Length: uint64(len(rows))}}
 			placed += len(rows)
 			return stream.Send(m)
 		}
 		for off := 0; off < len(rows) || off == 0; off += piece {
 			end := min(off+piece, len(rows))
-			m := &hcachev1.RestoreChunk{Layer: uint32(layer), Tokens: tok, RowBytes: rb, Offset: uint64(off), Kind: kind,
+			m := &hcachev1.RestoreChunk{Layer: uint32(layer), Tokens: tok, RowBytes: rb, Offset: uint64(off), Kind: kind, Codec: rowsCd,
 				Inline: rows[off:end], LayerDone: end == len(rows)}
 			if err := stream.Send(m); err != nil {
 				return err
@@ -690,6 +700,7 @@ func (s *Server) Restore(req *hcachev1.RestoreRequest, stream grpc.ServerStreami
 		default:
 			s.metrics.restores.WithLabelValues("error").Inc()
 		}
+		err = s.mismatchErr(err, ns, id, ident)
 		if byTokens {
 			return s.prefixErr(err)
 		}

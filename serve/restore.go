@@ -51,6 +51,7 @@ type Saver struct {
 	codec   state.Codec
 	w       Appender
 	pending [][]byte // decode step rows by layer
+	pos     []int    // tokens traced per layer: the position of the next row (int8 groups align to it)
 	err     error
 }
 
@@ -64,7 +65,7 @@ func NewSaver(c *model.Config, plan []state.LayerPlan, w Appender) *Saver {
 // encoded by cd (the identity's codec): hidden rows as one segment, KV rows
 // as K then V segments (state/codec).
 func NewCodecSaver(c *model.Config, plan []state.LayerPlan, cd state.Codec, w Appender) *Saver {
-	return &Saver{cfg: c, plan: plan, codec: cd, w: w, pending: make([][]byte, len(plan))}
+	return &Saver{cfg: c, plan: plan, codec: cd, w: w, pending: make([][]byte, len(plan)), pos: make([]int, len(plan))}
 }
 
 // Trace is the model.Trace to pass to Forward/Generate.
@@ -79,17 +80,21 @@ func (s *Saver) Trace(layer int, hidden, k, v []float32) {
 	case state.LayerHidden:
 		rb := codec.HiddenRowBytes(s.codec, c.DType, c.HiddenSize)
 		rows = make([]byte, n*rb)
-		for i := 0; i < n && s.err == nil; i++ {
-			s.err = codec.EncodeRow(s.codec, c.DType, rows[i*rb:(i+1)*rb], hidden[i*c.HiddenSize:(i+1)*c.HiddenSize])
-		}
+		// Rows from this layer's position: int8 encodes whole aligned
+		// groups of tokens together (codec.EncodeRows).
+		s.err = codec.EncodeRows(s.codec, c.DType, rows, 1, c.HiddenSize, s.pos[layer], hidden[:n*c.HiddenSize])
 	case state.LayerKV:
 		kvd := c.KVDim()
 		rb := codec.KVRowBytes(s.codec, c.DType, kvd)
 		rows = make([]byte, n*rb)
-		for i := 0; i < n && s.err == nil; i++ {
-			s.err = codec.EncodeRow(s.codec, c.DType, rows[i*rb:(i+1)*rb], k[i*kvd:(i+1)*kvd], v[i*kvd:(i+1)*kvd])
+		kv := make([]float32, 2*n*kvd) // per token: K then V
+		for i := 0; i < n; i++ {
+			copy(kv[2*i*kvd:], k[i*kvd:(i+1)*kvd])
+			copy(kv[(2*i+1)*kvd:], v[i*kvd:(i+1)*kvd])
 		}
+		s.err = codec.EncodeRows(s.codec, c.DType, rows, 2, kvd, s.pos[layer], kv)
 	}
+	s.pos[layer] += n
 	if s.err != nil {
 		s.err = fmt.Errorf("serve: save layer %d under codec %s: %w", layer, s.codec, s.err)
 		return

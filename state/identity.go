@@ -44,17 +44,20 @@ type LayerPlan struct {
 type Codec uint8
 
 // Codecs. CodecNone stores rows in the model dtype, as every identity did
-// before codecs existed; the others are lossy fp8 encodings (a lossless
+// before codecs existed; the others are lossy fp8 and int8 encodings (a lossless
 // compression of rows is the store's own, chunk.Options.Compression, and
 // not part of the identity: it restores the same bytes).
 const (
 	CodecNone     Codec = 0 // model dtype (fp16, bf16 or f32)
 	CodecFP8Token Codec = 1 // fp8 E4M3, one float32 scale per token per segment
 	CodecFP8Block Codec = 2 // fp8 E4M3, one float32 scale per block of 128 values
-	maxCodec            = CodecFP8Block
+	// int8, one bfloat16 scale per channel per aligned group of 64 tokens
+	// (a row encoded alone: one float32 scale per segment); state/codec.
+	CodecInt8Channel Codec = 3
+	maxCodec               = CodecInt8Channel
 )
 
-var codecNames = [...]string{CodecNone: "none", CodecFP8Token: "fp8", CodecFP8Block: "fp8-block"}
+var codecNames = [...]string{CodecNone: "none", CodecFP8Token: "fp8", CodecFP8Block: "fp8-block", CodecInt8Channel: "int8"}
 
 func (c Codec) String() string {
 	if c <= maxCodec {
@@ -73,7 +76,7 @@ func ParseCodec(s string) (Codec, error) {
 			return Codec(c), nil
 		}
 	}
-	return 0, fmt.Errorf("state: unknown codec %q (have none, fp8, fp8-block)", s)
+	return 0, fmt.Errorf("state: unknown codec %q (have none, fp8, fp8-block, int8)", s)
 }
 
 // Identity is everything a stored state must match before it is served: the

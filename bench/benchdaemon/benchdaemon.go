@@ -18,7 +18,34 @@ import (
 	"github.com/hcache/hcache/internal/progress"
 	"github.com/hcache/hcache/model"
 	"github.com/hcache/hcache/serve/sched"
+	"github.com/hcache/hcache/state"
+	"github.com/hcache/hcache/state/codec"
 )
+
+// encodedRows fills layer with rows of p's kind encoded under cd from
+// seeded gaussian values (a KV row: K then V segments of kv_dim values).
+func encodedRows(c *model.Config, p state.LayerPlan, cd state.Codec, rng *rand.Rand, layer []byte) error {
+	segs, n := 1, c.HiddenSize
+	if p.Kind == state.LayerKV {
+		segs, n = 2, c.KVDim()
+	}
+	vals := make([][]float32, segs)
+	for j := range vals {
+		vals[j] = make([]float32, n)
+	}
+	rb := int(p.RowBytes)
+	for r := 0; r < len(layer)/rb; r++ {
+		for _, v := range vals {
+			for i := range v {
+				v[i] = float32(rng.NormFloat64())
+			}
+		}
+		if err := codec.EncodeRow(cd, c.DType, layer[r*rb:(r+1)*rb], vals...); err != nil {
+			return err
+		}
+	}
+	return nil
+}
 
 // Options configure a run.
 type Options struct {
@@ -28,6 +55,10 @@ type Options struct {
 	Contexts int
 	Clients  []int
 	Rounds   int // restores per client in the clients rows
+	// Codec of the stored rows: the default plan's kind with the codec's
+	// row sizes, rows encoded from seeded gaussian values (the client
+	// encodes; the daemon stores and restores them as they are).
+	Codec    state.Codec
 	Progress io.Writer
 }
 
@@ -43,6 +74,7 @@ type Row struct {
 // Result is what `hcache bench daemon --json` prints.
 type Result struct {
 	Model           string  `json:"model"`
+	Codec           string  `json:"codec"`
 	Tokens          int     `json:"tokens"`
 	Contexts        int     `json:"contexts"`
 	BytesPerContext int64   `json:"bytes_per_context"`
@@ -65,9 +97,12 @@ func Run(o Options) (*Result, error) {
 	if o.Tokens <= 0 || o.Contexts <= 0 || o.Rounds <= 0 {
 		return nil, fmt.Errorf("bench daemon: --tokens, --contexts and --rounds must be positive")
 	}
-	plan := sched.DefaultPlan(c)
+	if !o.Codec.Known() {
+		return nil, fmt.Errorf("bench daemon: unknown codec %d", uint8(o.Codec))
+	}
+	plan := sched.PlanOfCodec(c, sched.DefaultPlan(c)[0].Kind, o.Codec)
 	// The store and the client share state's Identity.
-	cident := &chunk.Identity{Model: model.ShapeFingerprint(c), Plan: plan}
+	cident := &chunk.Identity{Model: model.ShapeFingerprint(c), Plan: plan, Codec: o.Codec}
 	ident := *cident
 	ctxBytes := int64(cident.TokenBytes()) * int64(o.Tokens)
 	base, err := os.MkdirTemp(o.Dir, "hcache-bench-daemon")
@@ -81,14 +116,18 @@ func Run(o Options) (*Result, error) {
 		return nil, err
 	}
 	defer st.Close()
-	res := &Result{Model: o.Model, Tokens: o.Tokens, Contexts: o.Contexts, BytesPerContext: ctxBytes, Engine: st.EngineName(), Transport: "unix socket + shared memory region",
+	res := &Result{Model: o.Model, Codec: o.Codec.String(), Tokens: o.Tokens, Contexts: o.Contexts, BytesPerContext: ctxBytes, Engine: st.EngineName(), Transport: "unix socket + shared memory region",
 		Method: "embedded: Store.Restore copying each layer into a caller buffer; daemon: one client restoring into its shared region (the daemon copies each layer there); the sides alternate restore by restore (ABBA) over the same contexts, each side's bytes over its total time"}
 
 	// Save the contexts.
 	rng := rand.New(rand.NewSource(1))
 	layer := make([]byte, o.Tokens*int(plan[0].RowBytes))
-	for i := 0; i+1 < len(layer); i += 2 {
-		layer[i], layer[i+1] = byte(rng.Intn(256)), byte(0x30+rng.Intn(12))
+	if o.Codec == state.CodecNone {
+		for i := 0; i+1 < len(layer); i += 2 {
+			layer[i], layer[i+1] = byte(rng.Intn(256)), byte(0x30+rng.Intn(12))
+		}
+	} else if err := encodedRows(c, plan[0], o.Codec, rng, layer); err != nil {
+		return nil, err
 	}
 	bar := progress.New(o.Progress, "save", int64(o.Contexts), "contexts")
 	for i := 0; i < o.Contexts; i++ {

@@ -29,7 +29,12 @@ var AllSystems = []string{"hcache", "hcache-kv", "hcache-fp8", "hcache-dram", "f
 // restore admission and write yielding of issue 20 turned off (and the
 // earlier write queue and idle buffer sizes), to show their effect in the
 // same run.
-var ExtraSystems = []string{"hcache-noprio"}
+var ExtraSystems = []string{"hcache-noprio", "hcache-fp8-block", "hcache-int8"}
+
+// codecSystems are the hcache systems whose rows are under a codec: the
+// hcache plan's kind with the codec's row sizes (hcache-fp8 runs by
+// default; the others when named, for the codec column of one run).
+var codecSystems = map[string]state.Codec{"hcache-fp8": state.CodecFP8Token, "hcache-fp8-block": state.CodecFP8Block, "hcache-int8": state.CodecInt8Channel}
 
 // Options of one comparison.
 type Options struct {
@@ -338,11 +343,16 @@ func Run(o Options) (*Result, error) {
 				if name == "hcache" {
 					note = "plan: " + res.Plan + " (sched.DefaultPlan), O_DIRECT, DRAM tier off"
 				}
-			case "hcache-fp8":
-				fp8 := sched.PlanOfCodec(cfg, plan[0].Kind, state.CodecFP8Token)
-				spec.RowBytes = int(fp8[0].RowBytes)
-				sys, err = peer.NewHcache(spec, peer.HcacheOptions{Name: name, Model: shape, Plan: fp8, Codec: state.CodecFP8Token, StagingBytes: staging})
-				note = "the hcache plan's rows under the fp8 codec (E4M3, a scale per token; encode and decode not timed), O_DIRECT, DRAM tier off"
+			case "hcache-fp8", "hcache-fp8-block", "hcache-int8":
+				cd := codecSystems[name]
+				cp := sched.PlanOfCodec(cfg, plan[0].Kind, cd)
+				spec.RowBytes = int(cp[0].RowBytes)
+				sys, err = peer.NewHcache(spec, peer.HcacheOptions{Name: name, Model: shape, Plan: cp, Codec: cd, StagingBytes: staging})
+				note = map[state.Codec]string{
+					state.CodecFP8Token:    "the hcache plan's rows under the fp8 codec (E4M3, a scale per token; encode and decode not timed), O_DIRECT, DRAM tier off",
+					state.CodecFP8Block:    "the hcache plan's rows under the fp8-block codec (E4M3, a scale per 128 values; encode and decode not timed), O_DIRECT, DRAM tier off",
+					state.CodecInt8Channel: "the hcache plan's rows under the int8 codec (a scale per channel per 64 tokens; encode and decode not timed), O_DIRECT, DRAM tier off",
+				}[cd]
 			case "hcache-kv":
 				spec.RowBytes = cfg.KVRowBytes()
 				sys, err = peer.NewHcache(spec, peer.HcacheOptions{Name: name, Model: shape, Plan: sched.PlanOf(cfg, chunk.LayerKV), StagingBytes: staging})
@@ -385,8 +395,8 @@ func Run(o Options) (*Result, error) {
 			switch name {
 			case "hcache", "hcache-kv", "hcache-dram":
 				row.Codec = state.CodecNone.String()
-			case "hcache-fp8":
-				row.Codec = state.CodecFP8Token.String()
+			case "hcache-fp8", "hcache-fp8-block", "hcache-int8":
+				row.Codec = codecSystems[name].String()
 			}
 			if row.Restores == 0 {
 				res.Params = append(res.Params, fmt.Sprintf("%s: no row, no restore of this workload is within its limits (%s)", name, note))

@@ -38,10 +38,27 @@ type (
 	LayerKind = state.LayerKind
 	// LayerPlan is one layer's kind and row size in bytes.
 	LayerPlan = state.LayerPlan
-	// Identity is the model fingerprint and per-layer plan a stored state
-	// must match before it is served; Identity.TokenBytes is the bytes of one
-	// token over the stored layers.
+	// Identity is the model fingerprint, per-layer plan and codec a stored
+	// state must match before it is served; Identity.TokenBytes is the bytes
+	// of one token over the stored layers.
 	Identity = state.Identity
+	// Codec is how an identity's rows are encoded (state/codec). Under a
+	// codec other than CodecNone the plan's row sizes are the encoded ones
+	// (codec.HiddenRowBytes, codec.KVRowBytes) and the client appends rows
+	// it encoded itself (codec.EncodeRows from the layer's position, which
+	// int8's aligned groups need; codec.EncodeRow for one row): the daemon
+	// stores them as given.
+	// Restore hands them back as stored (codec.TranscodeRows decodes them);
+	// RestoreDecoded and RestoreProjected in the model dtype.
+	Codec = state.Codec
+)
+
+// Codecs.
+const (
+	CodecNone     = state.CodecNone
+	CodecFP8      = state.CodecFP8Token
+	CodecFP8Block = state.CodecFP8Block
+	CodecInt8     = state.CodecInt8Channel
 )
 
 // Layer kinds.
@@ -52,7 +69,7 @@ const (
 )
 
 func identityProto(id Identity) *hcachev1.Identity {
-	p := &hcachev1.Identity{Model: id.Model}
+	p := &hcachev1.Identity{Model: id.Model, Codec: hcachev1.Codec(id.Codec)}
 	for _, l := range id.Plan {
 		p.Plan = append(p.Plan, &hcachev1.LayerPlan{Kind: hcachev1.LayerKind(l.Kind), RowBytes: l.RowBytes})
 	}
@@ -217,6 +234,14 @@ func (c *Client) Restore(ctx context.Context, ns, id string, ident Identity, fn 
 // fingerprints).
 func (c *Client) RestoreProjected(ctx context.Context, ns, id string, ident Identity, fn func(layer int, rows []byte) error) (uint64, error) {
 	return c.restore(ctx, &hcachev1.RestoreRequest{Ctx: ref(ns, id), Identity: identityProto(ident), Project: true}, fn)
+}
+
+// RestoreDecoded is Restore with the rows of an identity under a codec
+// decoded on the daemon into the model dtype (hidden rows as hidden_size
+// values, KV rows as K then V of kv_dim values each); the identity's model
+// must be one the daemon loaded. Under CodecNone it is Restore.
+func (c *Client) RestoreDecoded(ctx context.Context, ns, id string, ident Identity, fn func(layer int, rows []byte) error) (uint64, error) {
+	return c.restore(ctx, &hcachev1.RestoreRequest{Ctx: ref(ns, id), Identity: identityProto(ident), Decode: true}, fn)
 }
 
 func (c *Client) restore(ctx context.Context, req *hcachev1.RestoreRequest, fn func(layer int, rows []byte) error) (uint64, error) {

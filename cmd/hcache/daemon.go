@@ -20,6 +20,7 @@ import (
 	"github.com/hcache/hcache/chunk/remote"
 	hc "github.com/hcache/hcache/clients/hcacheclient"
 	hcachev1 "github.com/hcache/hcache/proto/hcache/v1"
+	"github.com/hcache/hcache/state"
 )
 
 // Commands that work against a running hcached (--addr) or, when none runs,
@@ -408,9 +409,14 @@ func benchDaemon(args []string, stdout, stderr io.Writer) error {
 	contexts := fs.Int("contexts", 8, "contexts")
 	clients := fs.String("clients", "1,4,16", "client counts of the concurrency rows")
 	rounds := fs.Int("rounds", 4, "restores per client in each concurrency row")
+	cdName := fs.String("codec", "none", "codec of the stored rows: none, fp8 or fp8-block (the client encodes; the daemon stores them as given)")
 	asJSON := fs.Bool("json", false, "print one JSON object")
 	if err := parseFlags(fs, args); err != nil {
 		return err
+	}
+	cd, err := state.ParseCodec(*cdName)
+	if err != nil {
+		return fmt.Errorf("--codec: %w", err)
 	}
 	var ns []int
 	for _, f := range strings.Split(*clients, ",") {
@@ -424,15 +430,15 @@ func benchDaemon(args []string, stdout, stderr io.Writer) error {
 	if isTerminal(stderr) {
 		prog = stderr
 	}
-	res, err := benchdaemon.Run(benchdaemon.Options{Dir: *dir, Model: *mdl, Tokens: *tokens, Contexts: *contexts, Clients: ns, Rounds: *rounds, Progress: prog})
+	res, err := benchdaemon.Run(benchdaemon.Options{Dir: *dir, Model: *mdl, Tokens: *tokens, Contexts: *contexts, Clients: ns, Rounds: *rounds, Codec: cd, Progress: prog})
 	if err != nil {
 		return err
 	}
 	if *asJSON {
 		return printJSON(stdout, res)
 	}
-	fmt.Fprintf(stdout, "restore %s, %d x %d tokens (%d bytes each): embedded %.2f GB/s, daemon %.2f GB/s, ratio %.2f; inline in the messages %.2f GB/s\n",
-		res.Model, res.Contexts, res.Tokens, res.BytesPerContext, res.EmbeddedGBps, res.DaemonGBps, res.Ratio, res.InlineGBps)
+	fmt.Fprintf(stdout, "restore %s (codec %s), %d x %d tokens (%d bytes each): embedded %.2f GB/s, daemon %.2f GB/s, ratio %.2f; inline in the messages %.2f GB/s\n",
+		res.Model, res.Codec, res.Contexts, res.Tokens, res.BytesPerContext, res.EmbeddedGBps, res.DaemonGBps, res.Ratio, res.InlineGBps)
 	for _, r := range res.Rows {
 		fmt.Fprintf(stdout, "%3d clients: %.2f GB/s aggregate, p50 %.1f ms, p99 %.1f ms (%d restores)\n", r.Clients, r.AggregateGBps, r.P50MS, r.P99MS, r.Restores)
 	}

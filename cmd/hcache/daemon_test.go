@@ -23,6 +23,9 @@ import (
 	"github.com/hcache/hcache/chunk"
 	hc "github.com/hcache/hcache/clients/hcacheclient"
 	"github.com/hcache/hcache/daemon"
+	"github.com/hcache/hcache/model"
+	"github.com/hcache/hcache/state"
+	"github.com/hcache/hcache/state/codec"
 )
 
 // TestDaemonCommands drives ls, stat, pin, rm, fsck and gc against a running
@@ -155,26 +158,43 @@ func TestDaemonCommands(t *testing.T) {
 // TestBenchDaemonSmoke runs a tiny bench daemon and checks its JSON shape
 // (the figures themselves are measured with `hcache bench daemon`).
 func TestBenchDaemonSmoke(t *testing.T) {
-	code, out, errs := runCLI("bench", "daemon", "--dir", t.TempDir(), "--model", "tiny-llama", "--tokens", "100", "--contexts", "2", "--clients", "1,2", "--rounds", "1", "--json")
-	if code != 0 {
-		t.Fatalf("exit %d\n%s", code, errs)
-	}
-	var res struct {
-		EmbeddedGBps float64 `json:"embedded_gbps"`
-		DaemonGBps   float64 `json:"daemon_gbps"`
-		Ratio        float64 `json:"ratio"`
-		Rows         []struct {
-			Clients       int     `json:"clients"`
-			Restores      int     `json:"restores"`
-			AggregateGBps float64 `json:"aggregate_gbps"`
-			P99MS         float64 `json:"p99_ms"`
-		} `json:"clients_rows"`
-	}
-	if err := json.Unmarshal([]byte(out), &res); err != nil {
-		t.Fatalf("%q: %v", out, err)
-	}
-	if res.EmbeddedGBps <= 0 || res.DaemonGBps <= 0 || res.Ratio <= 0 || len(res.Rows) != 2 || res.Rows[1].Clients != 2 || res.Rows[1].Restores != 2 || res.Rows[1].P99MS <= 0 {
-		t.Fatalf("bench daemon result: %s", out)
+	c, _ := model.Preset("tiny-llama")
+	for _, tc := range []struct {
+		codec    string
+		rowBytes int // of the default plan's (hidden) rows
+	}{
+		{"none", c.HiddenRowBytes()},
+		{"fp8", codec.HiddenRowBytes(state.CodecFP8Token, c.DType, c.HiddenSize)},
+		{"fp8-block", codec.HiddenRowBytes(state.CodecFP8Block, c.DType, c.HiddenSize)},
+	} {
+		t.Run(tc.codec, func(t *testing.T) {
+			code, out, errs := runCLI("bench", "daemon", "--dir", t.TempDir(), "--model", "tiny-llama", "--tokens", "100", "--contexts", "2", "--clients", "1,2", "--rounds", "1", "--codec", tc.codec, "--json")
+			if code != 0 {
+				t.Fatalf("exit %d\n%s", code, errs)
+			}
+			var res struct {
+				Codec           string  `json:"codec"`
+				BytesPerContext int     `json:"bytes_per_context"`
+				EmbeddedGBps    float64 `json:"embedded_gbps"`
+				DaemonGBps      float64 `json:"daemon_gbps"`
+				Ratio           float64 `json:"ratio"`
+				Rows            []struct {
+					Clients       int     `json:"clients"`
+					Restores      int     `json:"restores"`
+					AggregateGBps float64 `json:"aggregate_gbps"`
+					P99MS         float64 `json:"p99_ms"`
+				} `json:"clients_rows"`
+			}
+			if err := json.Unmarshal([]byte(out), &res); err != nil {
+				t.Fatalf("%q: %v", out, err)
+			}
+			if res.Codec != tc.codec || res.BytesPerContext != 100*c.Layers*tc.rowBytes {
+				t.Fatalf("codec %q, %d bytes per context; want %q, %d", res.Codec, res.BytesPerContext, tc.codec, 100*c.Layers*tc.rowBytes)
+			}
+			if res.EmbeddedGBps <= 0 || res.DaemonGBps <= 0 || res.Ratio <= 0 || len(res.Rows) != 2 || res.Rows[1].Clients != 2 || res.Rows[1].Restores != 2 || res.Rows[1].P99MS <= 0 {
+				t.Fatalf("bench daemon result: %s", out)
+			}
+		})
 	}
 }
 

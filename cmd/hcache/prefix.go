@@ -215,7 +215,7 @@ func forkCmd(args []string, stdout, stderr io.Writer) error {
 
 // identityOf is a context's identity as the daemon describes it.
 func identityOf(p *hcachev1.Identity) *state.Identity {
-	id := &state.Identity{Model: p.GetModel(), Plan: make([]state.LayerPlan, len(p.GetPlan()))}
+	id := &state.Identity{Model: p.GetModel(), Plan: make([]state.LayerPlan, len(p.GetPlan())), Codec: state.Codec(p.GetCodec())}
 	for i, l := range p.GetPlan() {
 		id.Plan[i] = state.LayerPlan{Kind: state.LayerKind(l.GetKind()), RowBytes: l.GetRowBytes()}
 	}

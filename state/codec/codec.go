@@ -18,6 +18,12 @@
 //   - state.CodecFP8Block: the same with one scale per block of BlockSize
 //     values (the last block may be shorter): n codes, then ceil(n/BlockSize)
 //     float32 scales. For head_dim 128 a block is one head.
+//   - state.CodecInt8Channel: int8 codes with a bfloat16 scale per channel
+//     per aligned group of 64 tokens, the scales spread over the group's
+//     rows; a row encoded alone carries its own scales. Its rows are
+//     encoded and decoded as rows (EncodeRows from a layer's position,
+//     TranscodeRows and DecodeRows from position 0), not segments:
+//     int8.go has the layout.
 //
 // Under an fp8 codec a stored row is its segments back to back, then zeros
 // up to a multiple of RowAlign (64) bytes: the store reads a slice of 64
@@ -81,6 +87,8 @@ func SegmentBytes(c state.Codec, dtype string, n int) int {
 		return n + 4
 	case state.CodecFP8Block:
 		return n + 4*((n+BlockSize-1)/BlockSize)
+	case state.CodecInt8Channel:
+		return n // the codes; the row's scale area follows its segments (RowBytes)
 	}
 	return 0
 }
@@ -100,6 +108,12 @@ func AlignRow(c state.Codec, b int) int {
 
 // RowBytes is the stored size of a row of segs segments of n values.
 func RowBytes(c state.Codec, dtype string, segs, n int) int {
+	if c == state.CodecInt8Channel {
+		if _, err := elemBytes(dtype); err != nil {
+			return 0
+		}
+		return int8RowBytes(segs, n)
+	}
 	return AlignRow(c, segs*SegmentBytes(c, dtype, n))
 }
 
@@ -132,9 +146,21 @@ func EncodeRow(c state.Codec, dtype string, dst []byte, segs ...[]float32) error
 		if len(seg) != n {
 			return fmt.Errorf("%w: segment %d has %d values, segment 0 %d", ErrCodec, j, len(seg), n)
 		}
+		if c == state.CodecInt8Channel {
+			for i, f := range seg {
+				if math.IsNaN(float64(f)) || math.IsInf(float64(f), 0) {
+					return fmt.Errorf("%w: value %d of segment %d is %v", ErrCodec, i, j, f)
+				}
+			}
+			continue
+		}
 		if err := Encode(c, dtype, dst[j*sb:(j+1)*sb], seg); err != nil {
 			return err
 		}
+	}
+	if c == state.CodecInt8Channel {
+		encodeInt8Token(dst, segs) // a row alone: a token row
+		return nil
 	}
 	clear(dst[len(segs)*sb:])
 	return nil
@@ -159,6 +185,9 @@ func Encode(c state.Codec, dtype string, dst []byte, src []float32) error {
 			return err
 		}
 		return fmt.Errorf("%w: unknown codec %d", ErrCodec, uint8(c))
+	}
+	if c == state.CodecInt8Channel {
+		return errInt8Segment
 	}
 	if len(dst) != want {
 		return fmt.Errorf("%w: %s segment of %d values needs %d bytes, got %d", ErrCodec, c, n, want, len(dst))
@@ -341,6 +370,9 @@ func TranscodeRows(c state.Codec, dtype string, dst, src []byte, segs, n int) er
 	if len(dst) != rows*segs*n*eb {
 		return fmt.Errorf("%w: %d rows decode into %d bytes, got %d", ErrCodec, rows, rows*segs*n*eb, len(dst))
 	}
+	if c == state.CodecInt8Channel {
+		return transcodeInt8Rows(dtype, dst, src, segs, n)
+	}
 	for r := 0; r < rows; r++ {
 		for j := 0; j < segs; j++ {
 			s := r*segs + j
@@ -352,12 +384,19 @@ func TranscodeRows(c state.Codec, dtype string, dst, src []byte, segs, n int) er
 	return nil
 }
 
+// errInt8Segment: int8 rows share a scale area (and group rows their
+// group's scales), so they are encoded and decoded as rows.
+var errInt8Segment = fmt.Errorf("%w: codec int8 encodes and decodes whole rows (EncodeRows, EncodeRow, TranscodeRows, DecodeRows), not segments", ErrCodec)
+
 func checkSrc(c state.Codec, dtype string, n int, src []byte) error {
 	if _, err := elemBytes(dtype); err != nil {
 		return err
 	}
 	if !c.Known() {
 		return fmt.Errorf("%w: unknown codec %d", ErrCodec, uint8(c))
+	}
+	if c == state.CodecInt8Channel {
+		return errInt8Segment
 	}
 	if want := SegmentBytes(c, dtype, n); len(src) != want {
 		return fmt.Errorf("%w: %s segment of %d values is %d bytes, got %d", ErrCodec, c, n, want, len(src))

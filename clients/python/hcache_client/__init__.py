@@ -36,6 +36,11 @@ from . import hcache_pb2 as pb
 from ._version import __version__  # noqa: F401
 
 NONE, HIDDEN, KV = pb.LAYER_NONE, pb.LAYER_HIDDEN, pb.LAYER_KV
+# Codecs of an identity's rows (state/codec): under one other than CODEC_NONE
+# the plan's row sizes are the encoded ones and the client appends encoded
+# rows; restore hands them back as stored, or decoded with decode=True.
+CODEC_NONE, CODEC_FP8, CODEC_FP8_BLOCK, CODEC_INT8 = pb.CODEC_NONE, pb.CODEC_FP8, pb.CODEC_FP8_BLOCK, pb.CODEC_INT8
+_CODEC_NAMES = {"none": CODEC_NONE, "fp8": CODEC_FP8, "fp8-block": CODEC_FP8_BLOCK, "int8": CODEC_INT8}
 SHM_MAGIC = b"HCSHM001"
 REGISTER_TIMEOUT = 10.0  # seconds a region registration may take
 
@@ -68,14 +73,22 @@ class Error(Exception):
 
 
 class Identity:
-    """Model fingerprint (bytes) and per-layer plan [(kind, row_bytes)]."""
+    """Model fingerprint (bytes), per-layer plan [(kind, row_bytes)] and the
+    rows' codec (CODEC_* or its name: "none", "fp8", "fp8-block", "int8"). A state is
+    served only under the codec it was stored with."""
 
-    def __init__(self, model, plan):
+    def __init__(self, model, plan, codec=CODEC_NONE):
         self.model = bytes(model)
         self.plan = [(int(k), int(rb)) for k, rb in plan]
+        if isinstance(codec, str):
+            if codec not in _CODEC_NAMES:
+                raise ValueError(f"identity: unknown codec {codec!r} (have {', '.join(_CODEC_NAMES)})")
+            codec = _CODEC_NAMES[codec]
+        self.codec = int(codec)
 
     def proto(self):
-        return pb.Identity(model=self.model, plan=[pb.LayerPlan(kind=k, row_bytes=rb) for k, rb in self.plan])
+        return pb.Identity(model=self.model, plan=[pb.LayerPlan(kind=k, row_bytes=rb) for k, rb in self.plan],
+                           codec=self.codec)
 
     def token_bytes(self):
         return sum(rb for _, rb in self.plan)
@@ -356,21 +369,24 @@ class Client:
             raise ValueError(f"fork: {tokens} tokens")
         return self._call("Fork", pb.ForkRequest(src=self._ref(ns, src), dst_id=dst, tokens=tokens)).tokens
 
-    def _restore_req(self, ns, cid, ident, project, tokens, salt, **kw):
+    def _restore_req(self, ns, cid, ident, project, tokens, salt, decode=False, **kw):
         if cid is None and tokens is None:
             raise ValueError("restore: give a context id, tokens, or both")
         return _with_tokens(pb.RestoreRequest(ctx=self._ref(ns, cid or ""), identity=ident.proto(), project=project,
-                                              salt=_salt(salt), **kw), tokens)
+                                              salt=_salt(salt), decode=decode, **kw), tokens)
 
-    def restore(self, ns, cid, ident, project=False, tokens=None, salt=None):
+    def restore(self, ns, cid, ident, project=False, tokens=None, salt=None, decode=False):
         """Yields (layer, tokens, rows bytes) as each layer arrives. With
         project, hidden-state layers come back as K|V rows projected on the
         daemon's backend (the identity's model must be one in info().models).
+        Rows of an identity under a codec come back as stored (encoded), or
+        with decode in the model dtype (the model must be loaded, as for
+        project).
         With tokens (and cid None), the longest stored prefix of tokens in ns
         (whole chunk groups; 0 tokens restore as no layers or empty ones); with
         both, context cid, refused unless its tokens start with tokens' stored
         prefix. The daemon checks every group's token ids before sending it."""
-        req = self._restore_req(ns, cid, ident, project, tokens, salt)
+        req = self._restore_req(ns, cid, ident, project, tokens, salt, decode)
         buf = bytearray()
         try:
             for m in self._stubs["Restore"](req, metadata=self.md):

@@ -78,6 +78,62 @@ func (LayerKind) EnumDescriptor() ([]byte, []int) {
 	return file_hcache_v1_hcache_proto_rawDescGZIP(), []int{0}
 }
 
+// Codec is how a state's rows are encoded (state.Codec; the numbers are
+// the same). Under a codec other than NONE a plan's row_bytes are the encoded
+// row sizes (state/codec: an fp8 hidden row of 4096 values is 4160 bytes) and
+// the client encodes the rows it appends: the daemon stores them as given.
+type Codec int32
+
+const (
+	Codec_CODEC_NONE      Codec = 0 // the model dtype (fp16, bf16 or f32)
+	Codec_CODEC_FP8       Codec = 1 // fp8 E4M3, one float32 scale per token per segment
+	Codec_CODEC_FP8_BLOCK Codec = 2 // fp8 E4M3, one float32 scale per block of 128 values
+	Codec_CODEC_INT8      Codec = 3 // int8, a bfloat16 scale per channel per aligned 64-token group (state/codec)
+)
+
+// Enum value maps for Codec.
+var (
+	Codec_name = map[int32]string{
+		0: "CODEC_NONE",
+		1: "CODEC_FP8",
+		2: "CODEC_FP8_BLOCK",
+		3: "CODEC_INT8",
+	}
+	Codec_value = map[string]int32{
+		"CODEC_NONE":      0,
+		"CODEC_FP8":       1,
+		"CODEC_FP8_BLOCK": 2,
+		"CODEC_INT8":      3,
+	}
+)
+
+func (x Codec) Enum() *Codec {
+	p := new(Codec)
+	*p = x
+	return p
+}
+
+func (x Codec) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
+}
+
+func (Codec) Descriptor() protoreflect.EnumDescriptor {
+	return file_hcache_v1_hcache_proto_enumTypes[1].Descriptor()
+}
+
+func (Codec) Type() protoreflect.EnumType {
+	return &file_hcache_v1_hcache_proto_enumTypes[1]
+}
+
+func (x Codec) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
+}
+
+// Deprecated: Use Codec.Descriptor instead.
+func (Codec) EnumDescriptor() ([]byte, []int) {
+	return file_hcache_v1_hcache_proto_rawDescGZIP(), []int{1}
+}
+
 type OpenMode int32
 
 const (
@@ -111,11 +167,11 @@ func (x OpenMode) String() string {
 }
 
 func (OpenMode) Descriptor() protoreflect.EnumDescriptor {
-	return file_hcache_v1_hcache_proto_enumTypes[1].Descriptor()
+	return file_hcache_v1_hcache_proto_enumTypes[2].Descriptor()
 }
 
 func (OpenMode) Type() protoreflect.EnumType {
-	return &file_hcache_v1_hcache_proto_enumTypes[1]
+	return &file_hcache_v1_hcache_proto_enumTypes[2]
 }
 
 func (x OpenMode) Number() protoreflect.EnumNumber {
@@ -124,7 +180,7 @@ func (x OpenMode) Number() protoreflect.EnumNumber {
 
 // Deprecated: Use OpenMode.Descriptor instead.
 func (OpenMode) EnumDescriptor() ([]byte, []int) {
-	return file_hcache_v1_hcache_proto_rawDescGZIP(), []int{1}
+	return file_hcache_v1_hcache_proto_rawDescGZIP(), []int{2}
 }
 
 type LayerPlan struct {
@@ -180,11 +236,16 @@ func (x *LayerPlan) GetRowBytes() uint32 {
 }
 
 // Identity is what a stored state must match before it is served: an opaque
-// model fingerprint (architecture, dtype, layout, rope, weights) and the plan.
+// model fingerprint (architecture, dtype, layout, rope, weights), the plan
+// and the codec of the rows. A state is served only to an identity with the
+// same codec (FAILED_PRECONDITION otherwise), and the codec is part of the
+// chain keys of token-addressed state, so a prefix stored under one codec
+// never matches a lookup or restore under another.
 type Identity struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Model         []byte                 `protobuf:"bytes,1,opt,name=model,proto3" json:"model,omitempty"`
 	Plan          []*LayerPlan           `protobuf:"bytes,2,rep,name=plan,proto3" json:"plan,omitempty"`
+	Codec         Codec                  `protobuf:"varint,3,opt,name=codec,proto3,enum=hcache.v1.Codec" json:"codec,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -231,6 +292,13 @@ func (x *Identity) GetPlan() []*LayerPlan {
 		return x.Plan
 	}
 	return nil
+}
+
+func (x *Identity) GetCodec() Codec {
+	if x != nil {
+		return x.Codec
+	}
+	return Codec_CODEC_NONE
 }
 
 type ContextRef struct {
@@ -1135,8 +1203,15 @@ type RestoreRequest struct {
 	// not exist; ctx.id may be empty). The chunks' tokens field is the count;
 	// nothing stored is an empty stream. Every group's token ids are checked
 	// before its rows are sent.
-	Tokens        []uint32 `protobuf:"varint,6,rep,packed,name=tokens,proto3" json:"tokens,omitempty"`
-	Salt          []byte   `protobuf:"bytes,7,opt,name=salt,proto3" json:"salt,omitempty"`
+	Tokens []uint32 `protobuf:"varint,6,rep,packed,name=tokens,proto3" json:"tokens,omitempty"`
+	Salt   []byte   `protobuf:"bytes,7,opt,name=salt,proto3" json:"salt,omitempty"`
+	// decode: rows of an identity with a codec come back decoded into the
+	// model dtype (row_bytes and kind as the model's rows; the chunks' codec is
+	// CODEC_NONE), which needs the identity's model loaded on the daemon, as
+	// project does. Unset: rows come back as stored (encoded; the client
+	// decodes them, state/codec). project implies decode. Under CODEC_NONE it
+	// changes nothing.
+	Decode        bool `protobuf:"varint,8,opt,name=decode,proto3" json:"decode,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1220,6 +1295,13 @@ func (x *RestoreRequest) GetSalt() []byte {
 	return nil
 }
 
+func (x *RestoreRequest) GetDecode() bool {
+	if x != nil {
+		return x.Decode
+	}
+	return false
+}
+
 type RestoreChunk struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Layer         uint32                 `protobuf:"varint,1,opt,name=layer,proto3" json:"layer,omitempty"`
@@ -1230,6 +1312,7 @@ type RestoreChunk struct {
 	Region        *RegionSlice           `protobuf:"bytes,6,opt,name=region,proto3" json:"region,omitempty"`                         // or where the whole layer was placed
 	LayerDone     bool                   `protobuf:"varint,7,opt,name=layer_done,json=layerDone,proto3" json:"layer_done,omitempty"` // last piece of this layer
 	Kind          LayerKind              `protobuf:"varint,8,opt,name=kind,proto3,enum=hcache.v1.LayerKind" json:"kind,omitempty"`   // layout of the rows: HIDDEN as stored, or KV (stored, or projected)
+	Codec         Codec                  `protobuf:"varint,9,opt,name=codec,proto3,enum=hcache.v1.Codec" json:"codec,omitempty"`     // encoding of the rows: the identity's as stored, NONE when decoded or projected
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1318,6 +1401,13 @@ func (x *RestoreChunk) GetKind() LayerKind {
 		return x.Kind
 	}
 	return LayerKind_LAYER_NONE
+}
+
+func (x *RestoreChunk) GetCodec() Codec {
+	if x != nil {
+		return x.Codec
+	}
+	return Codec_CODEC_NONE
 }
 
 type StatRequest struct {
@@ -2191,10 +2281,11 @@ const file_hcache_v1_hcache_proto_rawDesc = "" +
 	"\x16hcache/v1/hcache.proto\x12\thcache.v1\"R\n" +
 	"\tLayerPlan\x12(\n" +
 	"\x04kind\x18\x01 \x01(\x0e2\x14.hcache.v1.LayerKindR\x04kind\x12\x1b\n" +
-	"\trow_bytes\x18\x02 \x01(\rR\browBytes\"J\n" +
+	"\trow_bytes\x18\x02 \x01(\rR\browBytes\"r\n" +
 	"\bIdentity\x12\x14\n" +
 	"\x05model\x18\x01 \x01(\fR\x05model\x12(\n" +
-	"\x04plan\x18\x02 \x03(\v2\x14.hcache.v1.LayerPlanR\x04plan\":\n" +
+	"\x04plan\x18\x02 \x03(\v2\x14.hcache.v1.LayerPlanR\x04plan\x12&\n" +
+	"\x05codec\x18\x03 \x01(\x0e2\x10.hcache.v1.CodecR\x05codec\":\n" +
 	"\n" +
 	"ContextRef\x12\x1c\n" +
 	"\tnamespace\x18\x01 \x01(\tR\tnamespace\x12\x0e\n" +
@@ -2256,7 +2347,7 @@ const file_hcache_v1_hcache_proto_rawDesc = "" +
 	"\x06tokens\x18\x01 \x01(\x04R\x06tokens\"X\n" +
 	"\x13CloseContextRequest\x12'\n" +
 	"\x03ctx\x18\x01 \x01(\v2\x15.hcache.v1.ContextRefR\x03ctx\x12\x18\n" +
-	"\aabandon\x18\x02 \x01(\bR\aabandon\"\x88\x02\n" +
+	"\aabandon\x18\x02 \x01(\bR\aabandon\"\xa0\x02\n" +
 	"\x0eRestoreRequest\x12'\n" +
 	"\x03ctx\x18\x01 \x01(\v2\x15.hcache.v1.ContextRefR\x03ctx\x12/\n" +
 	"\bidentity\x18\x02 \x01(\v2\x13.hcache.v1.IdentityR\bidentity\x12.\n" +
@@ -2264,7 +2355,8 @@ const file_hcache_v1_hcache_proto_rawDesc = "" +
 	"\x0fmax_piece_bytes\x18\x04 \x01(\rR\rmaxPieceBytes\x12\x18\n" +
 	"\aproject\x18\x05 \x01(\bR\aproject\x12\x16\n" +
 	"\x06tokens\x18\x06 \x03(\rR\x06tokens\x12\x12\n" +
-	"\x04salt\x18\a \x01(\fR\x04salt\"\x82\x02\n" +
+	"\x04salt\x18\a \x01(\fR\x04salt\x12\x16\n" +
+	"\x06decode\x18\b \x01(\bR\x06decode\"\xaa\x02\n" +
 	"\fRestoreChunk\x12\x14\n" +
 	"\x05layer\x18\x01 \x01(\rR\x05layer\x12\x16\n" +
 	"\x06tokens\x18\x02 \x01(\x04R\x06tokens\x12\x1b\n" +
@@ -2274,7 +2366,8 @@ const file_hcache_v1_hcache_proto_rawDesc = "" +
 	"\x06region\x18\x06 \x01(\v2\x16.hcache.v1.RegionSliceR\x06region\x12\x1d\n" +
 	"\n" +
 	"layer_done\x18\a \x01(\bR\tlayerDone\x12(\n" +
-	"\x04kind\x18\b \x01(\x0e2\x14.hcache.v1.LayerKindR\x04kind\"6\n" +
+	"\x04kind\x18\b \x01(\x0e2\x14.hcache.v1.LayerKindR\x04kind\x12&\n" +
+	"\x05codec\x18\t \x01(\x0e2\x10.hcache.v1.CodecR\x05codec\"6\n" +
 	"\vStatRequest\x12'\n" +
 	"\x03ctx\x18\x01 \x01(\v2\x15.hcache.v1.ContextRefR\x03ctx\"\xa5\x02\n" +
 	"\vContextInfo\x12\x1c\n" +
@@ -2336,7 +2429,14 @@ const file_hcache_v1_hcache_proto_rawDesc = "" +
 	"\n" +
 	"LAYER_NONE\x10\x00\x12\x10\n" +
 	"\fLAYER_HIDDEN\x10\x01\x12\f\n" +
-	"\bLAYER_KV\x10\x02*=\n" +
+	"\bLAYER_KV\x10\x02*K\n" +
+	"\x05Codec\x12\x0e\n" +
+	"\n" +
+	"CODEC_NONE\x10\x00\x12\r\n" +
+	"\tCODEC_FP8\x10\x01\x12\x13\n" +
+	"\x0fCODEC_FP8_BLOCK\x10\x02\x12\x0e\n" +
+	"\n" +
+	"CODEC_INT8\x10\x03*=\n" +
 	"\bOpenMode\x12\x19\n" +
 	"\x15OPEN_MODE_UNSPECIFIED\x10\x00\x12\n" +
 	"\n" +
@@ -2372,107 +2472,110 @@ func file_hcache_v1_hcache_proto_rawDescGZIP() []byte {
 	return file_hcache_v1_hcache_proto_rawDescData
 }
 
-var file_hcache_v1_hcache_proto_enumTypes = make([]protoimpl.EnumInfo, 2)
+var file_hcache_v1_hcache_proto_enumTypes = make([]protoimpl.EnumInfo, 3)
 var file_hcache_v1_hcache_proto_msgTypes = make([]protoimpl.MessageInfo, 34)
 var file_hcache_v1_hcache_proto_goTypes = []any{
 	(LayerKind)(0),              // 0: hcache.v1.LayerKind
-	(OpenMode)(0),               // 1: hcache.v1.OpenMode
-	(*LayerPlan)(nil),           // 2: hcache.v1.LayerPlan
-	(*Identity)(nil),            // 3: hcache.v1.Identity
-	(*ContextRef)(nil),          // 4: hcache.v1.ContextRef
-	(*RegionSlice)(nil),         // 5: hcache.v1.RegionSlice
-	(*Rows)(nil),                // 6: hcache.v1.Rows
-	(*InfoRequest)(nil),         // 7: hcache.v1.InfoRequest
-	(*InfoReply)(nil),           // 8: hcache.v1.InfoReply
-	(*ModelInfo)(nil),           // 9: hcache.v1.ModelInfo
-	(*OpenContextRequest)(nil),  // 10: hcache.v1.OpenContextRequest
-	(*OpenContextReply)(nil),    // 11: hcache.v1.OpenContextReply
-	(*AppendLayerRequest)(nil),  // 12: hcache.v1.AppendLayerRequest
-	(*AppendTokensRequest)(nil), // 13: hcache.v1.AppendTokensRequest
-	(*AppendReply)(nil),         // 14: hcache.v1.AppendReply
-	(*FlushRequest)(nil),        // 15: hcache.v1.FlushRequest
-	(*FlushReply)(nil),          // 16: hcache.v1.FlushReply
-	(*CloseContextRequest)(nil), // 17: hcache.v1.CloseContextRequest
-	(*RestoreRequest)(nil),      // 18: hcache.v1.RestoreRequest
-	(*RestoreChunk)(nil),        // 19: hcache.v1.RestoreChunk
-	(*StatRequest)(nil),         // 20: hcache.v1.StatRequest
-	(*ContextInfo)(nil),         // 21: hcache.v1.ContextInfo
-	(*ListRequest)(nil),         // 22: hcache.v1.ListRequest
-	(*ListReply)(nil),           // 23: hcache.v1.ListReply
-	(*DeleteRequest)(nil),       // 24: hcache.v1.DeleteRequest
-	(*DeleteReply)(nil),         // 25: hcache.v1.DeleteReply
-	(*PinRequest)(nil),          // 26: hcache.v1.PinRequest
-	(*PinReply)(nil),            // 27: hcache.v1.PinReply
-	(*FsckRequest)(nil),         // 28: hcache.v1.FsckRequest
-	(*FsckReply)(nil),           // 29: hcache.v1.FsckReply
-	(*LookupRequest)(nil),       // 30: hcache.v1.LookupRequest
-	(*LookupReply)(nil),         // 31: hcache.v1.LookupReply
-	(*ForkRequest)(nil),         // 32: hcache.v1.ForkRequest
-	(*ForkReply)(nil),           // 33: hcache.v1.ForkReply
-	(*GcRequest)(nil),           // 34: hcache.v1.GcRequest
-	(*GcReply)(nil),             // 35: hcache.v1.GcReply
+	(Codec)(0),                  // 1: hcache.v1.Codec
+	(OpenMode)(0),               // 2: hcache.v1.OpenMode
+	(*LayerPlan)(nil),           // 3: hcache.v1.LayerPlan
+	(*Identity)(nil),            // 4: hcache.v1.Identity
+	(*ContextRef)(nil),          // 5: hcache.v1.ContextRef
+	(*RegionSlice)(nil),         // 6: hcache.v1.RegionSlice
+	(*Rows)(nil),                // 7: hcache.v1.Rows
+	(*InfoRequest)(nil),         // 8: hcache.v1.InfoRequest
+	(*InfoReply)(nil),           // 9: hcache.v1.InfoReply
+	(*ModelInfo)(nil),           // 10: hcache.v1.ModelInfo
+	(*OpenContextRequest)(nil),  // 11: hcache.v1.OpenContextRequest
+	(*OpenContextReply)(nil),    // 12: hcache.v1.OpenContextReply
+	(*AppendLayerRequest)(nil),  // 13: hcache.v1.AppendLayerRequest
+	(*AppendTokensRequest)(nil), // 14: hcache.v1.AppendTokensRequest
+	(*AppendReply)(nil),         // 15: hcache.v1.AppendReply
+	(*FlushRequest)(nil),        // 16: hcache.v1.FlushRequest
+	(*FlushReply)(nil),          // 17: hcache.v1.FlushReply
+	(*CloseContextRequest)(nil), // 18: hcache.v1.CloseContextRequest
+	(*RestoreRequest)(nil),      // 19: hcache.v1.RestoreRequest
+	(*RestoreChunk)(nil),        // 20: hcache.v1.RestoreChunk
+	(*StatRequest)(nil),         // 21: hcache.v1.StatRequest
+	(*ContextInfo)(nil),         // 22: hcache.v1.ContextInfo
+	(*ListRequest)(nil),         // 23: hcache.v1.ListRequest
+	(*ListReply)(nil),           // 24: hcache.v1.ListReply
+	(*DeleteRequest)(nil),       // 25: hcache.v1.DeleteRequest
+	(*DeleteReply)(nil),         // 26: hcache.v1.DeleteReply
+	(*PinRequest)(nil),          // 27: hcache.v1.PinRequest
+	(*PinReply)(nil),            // 28: hcache.v1.PinReply
+	(*FsckRequest)(nil),         // 29: hcache.v1.FsckRequest
+	(*FsckReply)(nil),           // 30: hcache.v1.FsckReply
+	(*LookupRequest)(nil),       // 31: hcache.v1.LookupRequest
+	(*LookupReply)(nil),         // 32: hcache.v1.LookupReply
+	(*ForkRequest)(nil),         // 33: hcache.v1.ForkRequest
+	(*ForkReply)(nil),           // 34: hcache.v1.ForkReply
+	(*GcRequest)(nil),           // 35: hcache.v1.GcRequest
+	(*GcReply)(nil),             // 36: hcache.v1.GcReply
 }
 var file_hcache_v1_hcache_proto_depIdxs = []int32{
 	0,  // 0: hcache.v1.LayerPlan.kind:type_name -> hcache.v1.LayerKind
-	2,  // 1: hcache.v1.Identity.plan:type_name -> hcache.v1.LayerPlan
-	5,  // 2: hcache.v1.Rows.region:type_name -> hcache.v1.RegionSlice
-	9,  // 3: hcache.v1.InfoReply.models:type_name -> hcache.v1.ModelInfo
-	4,  // 4: hcache.v1.OpenContextRequest.ctx:type_name -> hcache.v1.ContextRef
-	3,  // 5: hcache.v1.OpenContextRequest.identity:type_name -> hcache.v1.Identity
-	1,  // 6: hcache.v1.OpenContextRequest.mode:type_name -> hcache.v1.OpenMode
-	4,  // 7: hcache.v1.AppendLayerRequest.ctx:type_name -> hcache.v1.ContextRef
-	6,  // 8: hcache.v1.AppendLayerRequest.rows:type_name -> hcache.v1.Rows
-	4,  // 9: hcache.v1.AppendTokensRequest.ctx:type_name -> hcache.v1.ContextRef
-	6,  // 10: hcache.v1.AppendTokensRequest.rows:type_name -> hcache.v1.Rows
-	4,  // 11: hcache.v1.FlushRequest.ctx:type_name -> hcache.v1.ContextRef
-	4,  // 12: hcache.v1.CloseContextRequest.ctx:type_name -> hcache.v1.ContextRef
-	4,  // 13: hcache.v1.RestoreRequest.ctx:type_name -> hcache.v1.ContextRef
-	3,  // 14: hcache.v1.RestoreRequest.identity:type_name -> hcache.v1.Identity
-	5,  // 15: hcache.v1.RestoreRequest.region:type_name -> hcache.v1.RegionSlice
-	5,  // 16: hcache.v1.RestoreChunk.region:type_name -> hcache.v1.RegionSlice
-	0,  // 17: hcache.v1.RestoreChunk.kind:type_name -> hcache.v1.LayerKind
-	4,  // 18: hcache.v1.StatRequest.ctx:type_name -> hcache.v1.ContextRef
-	3,  // 19: hcache.v1.ContextInfo.identity:type_name -> hcache.v1.Identity
-	21, // 20: hcache.v1.ListReply.contexts:type_name -> hcache.v1.ContextInfo
-	4,  // 21: hcache.v1.DeleteRequest.ctx:type_name -> hcache.v1.ContextRef
-	4,  // 22: hcache.v1.PinRequest.ctx:type_name -> hcache.v1.ContextRef
-	3,  // 23: hcache.v1.LookupRequest.identity:type_name -> hcache.v1.Identity
-	4,  // 24: hcache.v1.ForkRequest.src:type_name -> hcache.v1.ContextRef
-	7,  // 25: hcache.v1.HCache.Info:input_type -> hcache.v1.InfoRequest
-	10, // 26: hcache.v1.HCache.OpenContext:input_type -> hcache.v1.OpenContextRequest
-	12, // 27: hcache.v1.HCache.AppendLayer:input_type -> hcache.v1.AppendLayerRequest
-	13, // 28: hcache.v1.HCache.AppendTokens:input_type -> hcache.v1.AppendTokensRequest
-	15, // 29: hcache.v1.HCache.Flush:input_type -> hcache.v1.FlushRequest
-	17, // 30: hcache.v1.HCache.CloseContext:input_type -> hcache.v1.CloseContextRequest
-	18, // 31: hcache.v1.HCache.Restore:input_type -> hcache.v1.RestoreRequest
-	20, // 32: hcache.v1.HCache.Stat:input_type -> hcache.v1.StatRequest
-	22, // 33: hcache.v1.HCache.List:input_type -> hcache.v1.ListRequest
-	24, // 34: hcache.v1.HCache.Delete:input_type -> hcache.v1.DeleteRequest
-	26, // 35: hcache.v1.HCache.Pin:input_type -> hcache.v1.PinRequest
-	28, // 36: hcache.v1.HCache.Fsck:input_type -> hcache.v1.FsckRequest
-	34, // 37: hcache.v1.HCache.Gc:input_type -> hcache.v1.GcRequest
-	30, // 38: hcache.v1.HCache.Lookup:input_type -> hcache.v1.LookupRequest
-	32, // 39: hcache.v1.HCache.Fork:input_type -> hcache.v1.ForkRequest
-	8,  // 40: hcache.v1.HCache.Info:output_type -> hcache.v1.InfoReply
-	11, // 41: hcache.v1.HCache.OpenContext:output_type -> hcache.v1.OpenContextReply
-	14, // 42: hcache.v1.HCache.AppendLayer:output_type -> hcache.v1.AppendReply
-	14, // 43: hcache.v1.HCache.AppendTokens:output_type -> hcache.v1.AppendReply
-	16, // 44: hcache.v1.HCache.Flush:output_type -> hcache.v1.FlushReply
-	16, // 45: hcache.v1.HCache.CloseContext:output_type -> hcache.v1.FlushReply
-	19, // 46: hcache.v1.HCache.Restore:output_type -> hcache.v1.RestoreChunk
-	21, // 47: hcache.v1.HCache.Stat:output_type -> hcache.v1.ContextInfo
-	23, // 48: hcache.v1.HCache.List:output_type -> hcache.v1.ListReply
-	25, // 49: hcache.v1.HCache.Delete:output_type -> hcache.v1.DeleteReply
-	27, // 50: hcache.v1.HCache.Pin:output_type -> hcache.v1.PinReply
-	29, // 51: hcache.v1.HCache.Fsck:output_type -> hcache.v1.FsckReply
-	35, // 52: hcache.v1.HCache.Gc:output_type -> hcache.v1.GcReply
-	31, // 53: hcache.v1.HCache.Lookup:output_type -> hcache.v1.LookupReply
-	33, // 54: hcache.v1.HCache.Fork:output_type -> hcache.v1.ForkReply
-	40, // [40:55] is the sub-list for method output_type
-	25, // [25:40] is the sub-list for method input_type
-	25, // [25:25] is the sub-list for extension type_name
-	25, // [25:25] is the sub-list for extension extendee
-	0,  // [0:25] is the sub-list for field type_name
+	3,  // 1: hcache.v1.Identity.plan:type_name -> hcache.v1.LayerPlan
+	1,  // 2: hcache.v1.Identity.codec:type_name -> hcache.v1.Codec
+	6,  // 3: hcache.v1.Rows.region:type_name -> hcache.v1.RegionSlice
+	10, // 4: hcache.v1.InfoReply.models:type_name -> hcache.v1.ModelInfo
+	5,  // 5: hcache.v1.OpenContextRequest.ctx:type_name -> hcache.v1.ContextRef
+	4,  // 6: hcache.v1.OpenContextRequest.identity:type_name -> hcache.v1.Identity
+	2,  // 7: hcache.v1.OpenContextRequest.mode:type_name -> hcache.v1.OpenMode
+	5,  // 8: hcache.v1.AppendLayerRequest.ctx:type_name -> hcache.v1.ContextRef
+	7,  // 9: hcache.v1.AppendLayerRequest.rows:type_name -> hcache.v1.Rows
+	5,  // 10: hcache.v1.AppendTokensRequest.ctx:type_name -> hcache.v1.ContextRef
+	7,  // 11: hcache.v1.AppendTokensRequest.rows:type_name -> hcache.v1.Rows
+	5,  // 12: hcache.v1.FlushRequest.ctx:type_name -> hcache.v1.ContextRef
+	5,  // 13: hcache.v1.CloseContextRequest.ctx:type_name -> hcache.v1.ContextRef
+	5,  // 14: hcache.v1.RestoreRequest.ctx:type_name -> hcache.v1.ContextRef
+	4,  // 15: hcache.v1.RestoreRequest.identity:type_name -> hcache.v1.Identity
+	6,  // 16: hcache.v1.RestoreRequest.region:type_name -> hcache.v1.RegionSlice
+	6,  // 17: hcache.v1.RestoreChunk.region:type_name -> hcache.v1.RegionSlice
+	0,  // 18: hcache.v1.RestoreChunk.kind:type_name -> hcache.v1.LayerKind
+	1,  // 19: hcache.v1.RestoreChunk.codec:type_name -> hcache.v1.Codec
+	5,  // 20: hcache.v1.StatRequest.ctx:type_name -> hcache.v1.ContextRef
+	4,  // 21: hcache.v1.ContextInfo.identity:type_name -> hcache.v1.Identity
+	22, // 22: hcache.v1.ListReply.contexts:type_name -> hcache.v1.ContextInfo
+	5,  // 23: hcache.v1.DeleteRequest.ctx:type_name -> hcache.v1.ContextRef
+	5,  // 24: hcache.v1.PinRequest.ctx:type_name -> hcache.v1.ContextRef
+	4,  // 25: hcache.v1.LookupRequest.identity:type_name -> hcache.v1.Identity
+	5,  // 26: hcache.v1.ForkRequest.src:type_name -> hcache.v1.ContextRef
+	8,  // 27: hcache.v1.HCache.Info:input_type -> hcache.v1.InfoRequest
+	11, // 28: hcache.v1.HCache.OpenContext:input_type -> hcache.v1.OpenContextRequest
+	13, // 29: hcache.v1.HCache.AppendLayer:input_type -> hcache.v1.AppendLayerRequest
+	14, // 30: hcache.v1.HCache.AppendTokens:input_type -> hcache.v1.AppendTokensRequest
+	16, // 31: hcache.v1.HCache.Flush:input_type -> hcache.v1.FlushRequest
+	18, // 32: hcache.v1.HCache.CloseContext:input_type -> hcache.v1.CloseContextRequest
+	19, // 33: hcache.v1.HCache.Restore:input_type -> hcache.v1.RestoreRequest
+	21, // 34: hcache.v1.HCache.Stat:input_type -> hcache.v1.StatRequest
+	23, // 35: hcache.v1.HCache.List:input_type -> hcache.v1.ListRequest
+	25, // 36: hcache.v1.HCache.Delete:input_type -> hcache.v1.DeleteRequest
+	27, // 37: hcache.v1.HCache.Pin:input_type -> hcache.v1.PinRequest
+	29, // 38: hcache.v1.HCache.Fsck:input_type -> hcache.v1.FsckRequest
+	35, // 39: hcache.v1.HCache.Gc:input_type -> hcache.v1.GcRequest
+	31, // 40: hcache.v1.HCache.Lookup:input_type -> hcache.v1.LookupRequest
+	33, // 41: hcache.v1.HCache.Fork:input_type -> hcache.v1.ForkRequest
+	9,  // 42: hcache.v1.HCache.Info:output_type -> hcache.v1.InfoReply
+	12, // 43: hcache.v1.HCache.OpenContext:output_type -> hcache.v1.OpenContextReply
+	15, // 44: hcache.v1.HCache.AppendLayer:output_type -> hcache.v1.AppendReply
+	15, // 45: hcache.v1.HCache.AppendTokens:output_type -> hcache.v1.AppendReply
+	17, // 46: hcache.v1.HCache.Flush:output_type -> hcache.v1.FlushReply
+	17, // 47: hcache.v1.HCache.CloseContext:output_type -> hcache.v1.FlushReply
+	20, // 48: hcache.v1.HCache.Restore:output_type -> hcache.v1.RestoreChunk
+	22, // 49: hcache.v1.HCache.Stat:output_type -> hcache.v1.ContextInfo
+	24, // 50: hcache.v1.HCache.List:output_type -> hcache.v1.ListReply
+	26, // 51: hcache.v1.HCache.Delete:output_type -> hcache.v1.DeleteReply
+	28, // 52: hcache.v1.HCache.Pin:output_type -> hcache.v1.PinReply
+	30, // 53: hcache.v1.HCache.Fsck:output_type -> hcache.v1.FsckReply
+	36, // 54: hcache.v1.HCache.Gc:output_type -> hcache.v1.GcReply
+	32, // 55: hcache.v1.HCache.Lookup:output_type -> hcache.v1.LookupReply
+	34, // 56: hcache.v1.HCache.Fork:output_type -> hcache.v1.ForkReply
+	42, // [42:57] is the sub-list for method output_type
+	27, // [27:42] is the sub-list for method input_type
+	27, // [27:27] is the sub-list for extension type_name
+	27, // [27:27] is the sub-list for extension extendee
+	0,  // [0:27] is the sub-list for field type_name
 }
 
 func init() { file_hcache_v1_hcache_proto_init() }
@@ -2489,7 +2592,7 @@ func file_hcache_v1_hcache_proto_init() {
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_hcache_v1_hcache_proto_rawDesc), len(file_hcache_v1_hcache_proto_rawDesc)),
-			NumEnums:      2,
+			NumEnums:      3,
 			NumMessages:   34,
 			NumExtensions: 0,
 			NumServices:   1,
