@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"syscall"
+	"time"
 
 	"github.com/cockroachdb/pebble/v2/vfs"
 	"github.com/hcache/hcache/chunk/format"
@@ -44,7 +45,11 @@ func (s *Store) allocate(length uint64, gc bool) (*segFile, uint64, error) {
 	s.mu.Unlock()
 	if sg == nil {
 		var err error
-		if sg, err = s.newSegment(); err != nil {
+		t0 := time.Now()
+		sg, err = s.newSegment()
+		s.saveStages.segs.Add(1)
+		s.saveStages.segNanos.Add(since(t0))
+		if err != nil {
 			return nil, 0, err
 		}
 		end = format.SegmentHeaderBytes + length
@@ -72,7 +77,11 @@ func (s *Store) grow(sg *segFile, need uint64) error {
 		return nil
 	}
 	size := min(s.opts.SegmentBytes, max(2*sg.allocated, int64(format.RoundUp(int(need)))))
-	if err := sg.preallocate(size); err != nil {
+	t0 := time.Now()
+	err := sg.preallocate(size)
+	s.saveStages.segs.Add(1)
+	s.saveStages.segNanos.Add(since(t0))
+	if err != nil {
 		if errors.Is(err, syscall.ENOSPC) {
 			s.mu.Lock()
 			s.enterDiskFullLocked(err)
