@@ -6,6 +6,9 @@ import (
 	"sort"
 	"syscall"
 
+	"github.com/cockroachdb/pebble/v2/vfs"
+	"golang.org/x/sys/unix"
+
 	"github.com/hcache/hcache/chunk/format"
 	"github.com/hcache/hcache/lsm"
 )
@@ -275,7 +278,7 @@ func (s *Store) scanTombstones(path string, id uint32, from uint64) ([]scannedTo
 	size := st.Size()
 	var out []scannedTomb
 	block := make([]byte, BlockBytes)
-	for off := int64(max(from, format.SegmentHeaderBytes)); off+BlockBytes <= size; {
+	for off := nextData(f, int64(max(from, format.SegmentHeaderBytes)), size); off+BlockBytes <= size; {
 		if _, err := f.ReadAt(block, off); err != nil {
 			return nil, err
 		}
@@ -290,7 +293,7 @@ func (s *Store) scanTombstones(path string, id uint32, from uint64) ([]scannedTo
 		}
 		h, err := DecodeRecordHeader(hdr)
 		if err != nil || off+int64(h.RecordBytes) > size || h.RecordBytes == 0 {
-			off += BlockBytes
+			off = nextData(f, off+BlockBytes, size)
 			continue
 		}
 		if h.Flags&RecordTombstone != 0 && h.Segment == id && lsm.ValidateName("namespace", h.Namespace) == nil && lsm.ValidateName("context id", h.ContextID) == nil {
@@ -299,6 +302,28 @@ func (s *Store) scanTombstones(path string, id uint32, from uint64) ([]scannedTo
 		off += int64(h.RecordBytes)
 	}
 	return out, nil
+}
+
+// nextData returns the first block at or after off (a block offset) that
+// may hold data: the file system's SEEK_DATA, which reports never-written
+// space (holes, and on ext4 preallocated unwritten extents) that reads as
+// zeros and so holds no record; size when none follows. Where the file has
+// no descriptor or the file system cannot say, it returns off (every block
+// is read). A whole preallocated segment's unwritten tail took Open a block
+// read per 4 KiB (seconds per GiB) without it.
+func nextData(f vfs.File, off, size int64) int64 {
+	fd := f.Fd()
+	if fd == vfs.InvalidFd || off >= size {
+		return off
+	}
+	n, err := unix.Seek(int(fd), off, unix.SEEK_DATA)
+	switch {
+	case errors.Is(err, unix.ENXIO):
+		return size // no data past off
+	case err != nil || n <= off:
+		return off
+	}
+	return max(off, n-n%BlockBytes)
 }
 
 // rollForwardTombstones completes the deletes whose tombstones are durable

@@ -1,10 +1,12 @@
 package chunk
 
 import (
+	"errors"
 	"os"
 	"path/filepath"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -173,5 +175,111 @@ func TestSaveStagesBusy(t *testing.T) {
 	}
 	if st.Segments-before.Segments == 0 || st.Segment <= before.Segment {
 		t.Fatalf("segment creates/grows %d, %v: the save created a segment", st.Segments-before.Segments, st.Segment-before.Segment)
+	}
+}
+
+// TestNextData: nextData skips space never written (a sparse gap, an
+// unwritten preallocated range) to the block holding the next data, says
+// size when nothing follows, and reads every block where it cannot tell (a
+// file without a descriptor).
+func TestNextData(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "f")
+	f, err := vfs.Default.Create(path, vfs.WriteCategoryUnspecified)
+	if err != nil {
+		t.Fatal(err)
+	}
+	data := make([]byte, BlockBytes)
+	data[0] = 1
+	const far = 8<<20 + 3*BlockBytes
+	for _, off := range []int64{0, far} {
+		if _, err := f.WriteAt(data, off); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := f.Preallocate(0, 64<<20); err != nil { // unwritten past far
+		t.Fatal(err)
+	}
+	if err := f.Sync(); err != nil {
+		t.Fatal(err)
+	}
+	size := int64(64 << 20)
+	for _, c := range []struct{ off, want int64 }{
+		{0, 0},                   // data here
+		{BlockBytes, far},        // the gap is skipped
+		{far, far},               // data here
+		{far + BlockBytes, size}, // only unwritten space follows
+	} {
+		if got := nextData(f, c.off, size); got != c.want {
+			t.Errorf("nextData(%d) = %d, want %d", c.off, got, c.want)
+		}
+	}
+	f.Close()
+	mem := vfs.NewMem()
+	mf, _ := mem.Create("f", vfs.WriteCategoryUnspecified)
+	mf.WriteAt(data, far)
+	if got := nextData(mf, BlockBytes, far+BlockBytes); got != BlockBytes {
+		t.Errorf("a file without a descriptor: nextData(%d) = %d, want %d (no skipping)", BlockBytes, got, BlockBytes)
+	}
+}
+
+// readCountFS counts the reads of segment files.
+type readCountFS struct {
+	vfs.FS
+	reads atomic.Int64
+}
+
+type readCountFile struct {
+	vfs.File
+	fs *readCountFS
+}
+
+func (f *readCountFS) Open(name string, opts ...vfs.OpenOption) (vfs.File, error) {
+	file, err := f.FS.Open(name, opts...)
+	if err != nil || !strings.Contains(name, "segments/") {
+		return file, err
+	}
+	return &readCountFile{file, f}, nil
+}
+
+func (f *readCountFile) ReadAt(p []byte, off int64) (int, error) {
+	f.fs.reads.Add(1)
+	return f.File.ReadAt(p, off)
+}
+
+// TestOpenSkipsUnwrittenTail: reopening a store whose active segment was
+// preallocated whole reads a few blocks of its unwritten tail, not every
+// one (the tombstone scan: nextData); a deleted context stays deleted.
+func TestOpenSkipsUnwrittenTail(t *testing.T) {
+	ident := testIdentity("m")
+	const segBytes = 64 << 20
+	rfs := &readCountFS{FS: vfs.Default}
+	e := newEnv(t, "disk", func(o *Options) { o.FS = rfs; o.SegmentBytes = segBytes; o.GCInterval = -1 })
+	s := e.open()
+	s.allocMu.Lock()
+	s.wholeSegments = true // as after a filled segment
+	s.allocMu.Unlock()
+	for _, id := range []string{"a", "b"} {
+		w, _ := s.Create("ns", id, ident, CreateOptions{})
+		appendPrefill(t, w, ident, id, 0, 100)
+		if err := w.Close(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := s.Delete("ns", "b"); err != nil {
+		t.Fatal(err)
+	}
+	s.Close()
+	if st, err := os.Stat(filepath.Join(e.dir, "segments", segName(1))); err != nil || st.Size() != segBytes {
+		t.Fatalf("segment 1: %v, %v; want a whole %d-byte segment", st, err, segBytes)
+	}
+	rfs.reads.Store(0)
+	s = e.open()
+	defer s.Close()
+	if n := rfs.reads.Load(); n > 256 {
+		t.Fatalf("Open read segment files %d times (a 64 MiB segment is %d blocks)", n, segBytes/BlockBytes)
+	}
+	verify(t, s, "ns", "a", ident, 100)
+	if _, err := s.Restore("ns", "b", ident, func(int, []byte) error { return nil }); !errors.Is(err, ErrNotFound) {
+		t.Fatalf("restore of the deleted context: %v, want ErrNotFound", err)
 	}
 }
