@@ -276,6 +276,7 @@ func (s *Store) scanTombstones(path string, id uint32, from uint64) ([]scannedTo
 		return nil, err
 	}
 	size := st.Size()
+	defer scanAdvice(f)()
 	var out []scannedTomb
 	block := make([]byte, BlockBytes)
 	for off := nextData(f, int64(max(from, format.SegmentHeaderBytes)), size); off+BlockBytes <= size; {
@@ -324,6 +325,21 @@ func nextData(f vfs.File, off, size int64) int64 {
 		return off
 	}
 	return max(off, n-n%BlockBytes)
+}
+
+// scanAdvice readies f for a scan that skips never-written space with
+// nextData: no readahead (on ext4 a page in the page cache counts as data
+// for SEEK_DATA even over an unwritten extent, so pages read ahead of the
+// scan made the rest of the file look written), and, when the scan is done,
+// its pages dropped, so that a later scan is not misled by them either.
+// Without a descriptor it does nothing.
+func scanAdvice(f vfs.File) (done func()) {
+	fd := f.Fd()
+	if fd == vfs.InvalidFd {
+		return func() {}
+	}
+	unix.Fadvise(int(fd), 0, 0, unix.FADV_RANDOM)
+	return func() { unix.Fadvise(int(fd), 0, 0, unix.FADV_DONTNEED) }
 }
 
 // rollForwardTombstones completes the deletes whose tombstones are durable
