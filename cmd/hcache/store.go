@@ -66,9 +66,13 @@ func benchStore(args []string, stdout, stderr io.Writer) error {
 		fmt.Fprintf(stdout, "%s; ours: save %.2f x, restore %.2f x the best\n", res.FioSweep, res.SaveVsBest, res.RestoreVsBest)
 	}
 	sp := func(s benchstore.Spread) string { return fmt.Sprintf("%.2f [%.2f, %.2f]", s.Median, s.Min, s.Max) }
-	fmt.Fprintf(stdout, "%d save rounds, median [min, max]: save %s GB/s; next to each: fio %s %s GB/s, save/it %s; fio %s %s GB/s, save/it %s (the same job over its own written blocks: %s GB/s)\n",
-		res.SaveSpread.N, sp(res.SaveSpread), res.FioBestWriteJob, sp(res.FioBestWriteSpread), sp(res.SaveVsBestInterleaved),
-		res.FioDurableWriteJob, sp(res.FioDurableWriteSpread), sp(res.SaveVsDurable), sp(res.FioDurableOverSpread))
+	if res.FioBestWriteSpread.N == 0 {
+		fmt.Fprintf(stdout, "%d save rounds, median [min, max]: save %s GB/s (no fio)\n", res.SaveSpread.N, sp(res.SaveSpread))
+	} else {
+		fmt.Fprintf(stdout, "%d save rounds, median [min, max]: save %s GB/s; next to each: fio %s %s GB/s, save/it %s; fio %s %s GB/s, save/it %s (the same job over its own written blocks: %s GB/s)\n",
+			res.SaveSpread.N, sp(res.SaveSpread), res.FioBestWriteJob, sp(res.FioBestWriteSpread), sp(res.SaveVsBestInterleaved),
+			res.FioDurableWriteJob, sp(res.FioDurableWriteSpread), sp(res.SaveVsDurable), sp(res.FioDurableOverSpread))
+	}
 	for i, r := range res.SaveRounds {
 		fmt.Fprintf(stdout, "  round %d: save %.2f GB/s in %.0f ms: writes in flight %.0f ms (idle %.0f), %d writes of %d B (%.1f ms each), %d fdatasyncs %.0f ms, %d index commits %.0f ms, %d segment creates/grows %.0f ms; writers: copy %.0f ms, close %.0f ms (summed)\n",
 			i, r.GBps, r.WallMS, r.BusyMS, r.IdleMS, r.Writes, r.WriteBytes, r.WriteMS, r.Syncs, r.SyncMS, r.Commits, r.IndexMS, r.Segments, r.SegmentMS, r.CopyMS, r.CloseMS)
