@@ -22,6 +22,7 @@ import (
 	"github.com/hcache/hcache/internal/stat"
 	"github.com/hcache/hcache/model"
 	"github.com/hcache/hcache/serve/sched"
+	"golang.org/x/sys/unix"
 )
 
 // Options of one run.
@@ -297,6 +298,7 @@ func Run(o Options) (*Result, error) {
 				return nil, g.Err
 			}
 		}
+		settle(o.Dir)
 		var sr SaveRound
 		fioJobs := func() error {
 			if o.SkipFio {
@@ -316,6 +318,8 @@ func Run(o Options) (*Result, error) {
 			// save into recycled segment files could reach.
 			ow, err := fio.Run(durJ)
 			sr.FioBestWriteGBps, sr.FioDurableWriteGBps, sr.FioDurableOverwriteGBps = bw, dw, ow
+			os.Remove(durJ.File)
+			settle(o.Dir)
 			return err
 		}
 		steps := []func() error{func() error { return saveRound(st, o, ident, plan, src, prefix, total, &sr) }, fioJobs}
@@ -512,6 +516,18 @@ func appendCost(st *chunk.Store, ident *chunk.Identity, plan []chunk.LayerPlan, 
 }
 
 func abs(x float64) float64 { return max(x, -x) }
+
+// settle commits the file system's journal (syncfs) before a timed step,
+// so that the frees of the files and segments deleted before it (with
+// online discard, the discards) are not charged to the step.
+func settle(dir string) {
+	f, err := os.Open(dir)
+	if err != nil {
+		return
+	}
+	unix.Syncfs(int(f.Fd()))
+	f.Close()
+}
 
 // interleavedJobs returns fio's two write jobs of every save round: the
 // sweep's best write configuration (overwriting the laid-out file fpath,
