@@ -119,6 +119,25 @@ type flusher struct {
 	committing bool
 	commitQ    chan commitReq
 	commitDone chan struct{}
+	busySince  time.Time // when the writes in flight went from 0 to 1 (SaveStages.Busy)
+}
+
+// started and completed count a write in and out of flight.
+func (f *flusher) started() {
+	if f.inflight == 0 {
+		f.busySince = time.Now()
+	}
+	f.inflight++
+}
+
+func (f *flusher) completed(j *writeJob) {
+	f.inflight--
+	f.inflightBytes -= j.inflight
+	f.s.invariant(f.inflight >= 0 && f.inflightBytes >= 0, "flusher: %d writes (%d bytes) in flight after one completed", f.inflight, f.inflightBytes)
+	if f.inflight == 0 {
+		f.s.saveStages.busyNanos.Add(since(f.busySince))
+	}
+	j.done = true
 }
 
 type commitReq struct {
@@ -156,10 +175,7 @@ func (s *Store) flushLoop() {
 		}
 		select {
 		case j := <-f.compl:
-			f.inflight--
-			f.inflightBytes -= j.inflight
-			s.invariant(f.inflight >= 0 && f.inflightBytes >= 0, "flusher: %d writes (%d bytes) in flight after one completed", f.inflight, f.inflightBytes)
-			j.done = true
+			f.completed(j)
 		case <-f.commitDone:
 			f.committing = false
 		case o := <-ops:
@@ -234,10 +250,7 @@ func (f *flusher) drain() {
 		f.committing = false
 	}
 	for f.inflight > 0 {
-		j := <-f.compl
-		f.inflight--
-		f.inflightBytes -= j.inflight
-		j.done = true
+		f.completed(<-f.compl)
 	}
 	jobs, ws := f.queue, f.waiters
 	f.queue, f.waiters = nil, nil
@@ -253,7 +266,7 @@ func (f *flusher) startWrite(o op) {
 	f.seq++
 	j := &writeJob{op: o, seq: f.seq}
 	f.queue = append(f.queue, j)
-	f.inflight++
+	f.started()
 	fail := func(err error) {
 		j.err = err
 		f.compl <- j

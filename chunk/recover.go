@@ -132,6 +132,9 @@ func (s *Store) openSegments(ids []uint32, onDisk map[uint32]bool) error {
 		}
 		if size, err := sg.size(); err == nil {
 			sg.allocated = size
+			if size >= s.opts.SegmentBytes {
+				s.wholeSegments = true // alloc.go: this store fills segments
+			}
 		}
 		s.segs[id] = sg
 		s.recovery.Segments++

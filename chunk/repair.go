@@ -435,6 +435,7 @@ func repairScanSegment(fs vfs.FS, path string, id uint32, rep *RepairReport) ([]
 		return nil, 0, 0, err
 	}
 	size := st.Size()
+	defer scanAdvice(f)()
 	block := make([]byte, BlockBytes)
 	if _, err := f.ReadAt(block, 0); err != nil {
 		rep.SetAside = append(rep.SetAside, fmt.Sprintf("segment %d: header unreadable: %v", id, err))
@@ -448,7 +449,7 @@ func repairScanSegment(fs vfs.FS, path string, id uint32, rep *RepairReport) ([]
 	skipped := 0
 	var rec []byte
 	var tmp []byte
-	for off := int64(format.SegmentHeaderBytes); off+BlockBytes <= size; {
+	for off := nextData(f, format.SegmentHeaderBytes, size); off+BlockBytes <= size; { // never-written space holds no record (tombstone.go)
 		if _, err := f.ReadAt(block, off); err != nil {
 			return nil, 0, 0, err
 		}
@@ -470,7 +471,7 @@ func repairScanSegment(fs vfs.FS, path string, id uint32, rep *RepairReport) ([]
 			if !allZero(block) {
 				skipped++
 			}
-			off += BlockBytes
+			off = nextData(f, off+BlockBytes, size)
 			continue
 		}
 		rep.Records++

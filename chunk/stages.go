@@ -22,6 +22,11 @@ type saveStages struct {
 	writeNanos, syncNanos, indexNanos atomic.Int64
 	writeBytes                        atomic.Uint64
 	yieldedNanos                      atomic.Int64
+	// busyNanos: time with at least one group write in flight;
+	// segNanos/segs: segment files created or grown (fallocate), on the
+	// flusher, which submits nothing meanwhile.
+	busyNanos, segNanos atomic.Int64
+	segs                atomic.Uint64
 }
 
 // SaveStages is where saves spent their time since Open, summed
@@ -36,13 +41,23 @@ type SaveStages struct {
 	Write      time.Duration
 	Sync       time.Duration
 	Index      time.Duration
+	// Busy is the time during which at least one group write was in
+	// flight: over a save's wall time, the rest is time the disk had
+	// nothing of ours to do (rows still being copied into staging, a
+	// commit's fdatasync with no write queued, segment creation).
+	Busy time.Duration
+	// Segments counts segment files created or grown (fallocate), and
+	// Segment the flusher's time in them (it submits nothing meanwhile).
+	Segments uint64
+	Segment  time.Duration
 }
 
 // SaveStages returns the sums of where saves spent their time.
 func (s *Store) SaveStages() SaveStages {
 	st := &s.saveStages
 	return SaveStages{Writes: st.writes.Load(), WriteBytes: st.writeBytes.Load(), Syncs: st.syncs.Load(), Commits: st.commits.Load(),
-		Write: time.Duration(st.writeNanos.Load()), Sync: time.Duration(st.syncNanos.Load()), Index: time.Duration(st.indexNanos.Load())}
+		Write: time.Duration(st.writeNanos.Load()), Sync: time.Duration(st.syncNanos.Load()), Index: time.Duration(st.indexNanos.Load()),
+		Busy: time.Duration(st.busyNanos.Load()), Segments: st.segs.Load(), Segment: time.Duration(st.segNanos.Load())}
 }
 
 // RestoreStages is where restores spent their time, summed over every

@@ -73,21 +73,24 @@ type Store struct {
 	cache    *sliceCache
 	recovery Recovery
 
-	allocMu    sync.Mutex // serializes allocate (the flusher; evictions on the committer)
-	mu         sync.Mutex
-	ctxs       map[string]*ctxState
-	segs       map[uint32]*segFile
-	segRecs    map[uint32]*lsm.Segment
-	namespaces map[string]bool
-	active     *segFile
-	nextSeg    uint32
-	nextGen    uint64
-	closed     bool
-	readOnly   bool
-	diskFull   bool                   // an allocation met ENOSPC: writes refused until GC frees space
-	closedFlag atomic.Bool            // closed, readable without s.mu (writers check it)
-	failed     error                  // a fatal index error: the store refuses writes
-	broken     atomic.Pointer[string] // the first invariant found violated: writes refused (see invariant)
+	allocMu sync.Mutex // serializes allocate (the flusher; evictions on the committer)
+	// wholeSegments (under allocMu): new segments are preallocated at
+	// SegmentBytes, not grown from initialSegmentBytes (alloc.go).
+	wholeSegments bool
+	mu            sync.Mutex
+	ctxs          map[string]*ctxState
+	segs          map[uint32]*segFile
+	segRecs       map[uint32]*lsm.Segment
+	namespaces    map[string]bool
+	active        *segFile
+	nextSeg       uint32
+	nextGen       uint64
+	closed        bool
+	readOnly      bool
+	diskFull      bool                   // an allocation met ENOSPC: writes refused until GC frees space
+	closedFlag    atomic.Bool            // closed, readable without s.mu (writers check it)
+	failed        error                  // a fatal index error: the store refuses writes
+	broken        atomic.Pointer[string] // the first invariant found violated: writes refused (see invariant)
 
 	dirtyCtxs map[*ctxState]struct{} // contexts to write at the next commit (under mu)
 	live      int64                  // sum of the contexts' live bytes (under mu)

@@ -28,6 +28,11 @@ func Compare(readGBps, writeGBps, fioReadGBps, fioWriteGBps float64, sweep *Swee
 	return compare(readGBps, writeGBps, fioReadGBps, fioWriteGBps, sw), nil
 }
 
+// CompareWith is Compare with a sweep that already ran (nil: none).
+func CompareWith(readGBps, writeGBps, fioReadGBps, fioWriteGBps float64, sw *SweepResult) *Comparison {
+	return compare(readGBps, writeGBps, fioReadGBps, fioWriteGBps, sw)
+}
+
 func compare(readGBps, writeGBps, fioReadGBps, fioWriteGBps float64, sw *SweepResult) *Comparison {
 	c := &Comparison{FioReadGBps: fioReadGBps, FioWriteGBps: fioWriteGBps,
 		ReadRatio: ratio(readGBps, fioReadGBps), WriteRatio: ratio(writeGBps, fioWriteGBps)}

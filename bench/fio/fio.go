@@ -28,6 +28,34 @@ type Job struct {
 	Mem string
 	// IOMemAlign is fio's --iomem_align in bytes; 0 leaves it out.
 	IOMemAlign int
+	// Fdatasync, when positive, issues an fdatasync every this many
+	// writes (fio's --fdatasync), and EndFsync an fsync at the end that
+	// the bandwidth includes (--end_fsync): a durable write, as a save's
+	// group commits are. Both zero: nothing is synced, as in the sweep.
+	Fdatasync int
+	EndFsync  bool
+}
+
+// Describe names what the job measures, for reports: the block size, the
+// queue depth, and whether and how often it syncs.
+func (j Job) Describe() string {
+	rw := "read"
+	if j.Write {
+		rw = "write"
+	}
+	d := fmt.Sprintf("%s bs=%d qd=%d", rw, j.BlockSize, j.QD)
+	if j.Write {
+		switch {
+		case j.Fdatasync > 0:
+			d += fmt.Sprintf(" fdatasync every %d writes", j.Fdatasync)
+		case !j.EndFsync:
+			d += " no fsync"
+		}
+		if j.EndFsync {
+			d += " end_fsync"
+		}
+	}
+	return d
 }
 
 // Args returns fio's command line for the job.
@@ -49,6 +77,12 @@ func (j Job) Args() []string {
 	}
 	if j.IOMemAlign > 0 {
 		args = append(args, "--iomem_align="+strconv.Itoa(j.IOMemAlign))
+	}
+	if j.Fdatasync > 0 {
+		args = append(args, "--fdatasync="+strconv.Itoa(j.Fdatasync))
+	}
+	if j.EndFsync {
+		args = append(args, "--end_fsync=1")
 	}
 	return args
 }

@@ -15,7 +15,9 @@ func TestJobArgs(t *testing.T) {
 	}{
 		{Job{File: "f", SizeBytes: 1 << 20, BlockSize: 4096, QD: 2}, []string{"--rw=read", "--bs=4096", "--iodepth=2"}, []string{"--time_based", "--mem=", "--iomem_align"}},
 		{Job{File: "f", SizeBytes: 1 << 20, BlockSize: 8192, QD: 4, Write: true, Runtime: 1500 * time.Millisecond, Mem: "mmap", IOMemAlign: 2 << 20},
-			[]string{"--rw=write", "--time_based", "--runtime=1500ms", "--mem=mmap", "--iomem_align=2097152"}, nil},
+			[]string{"--rw=write", "--time_based", "--runtime=1500ms", "--mem=mmap", "--iomem_align=2097152"}, []string{"--fdatasync", "--end_fsync"}},
+		{Job{File: "f", SizeBytes: 1 << 30, BlockSize: 16 << 20, QD: 4, Write: true, Fdatasync: 16, EndFsync: true},
+			[]string{"--rw=write", "--fdatasync=16", "--end_fsync=1"}, []string{"--time_based"}},
 	}
 	for _, c := range cases {
 		a := strings.Join(c.job.Args(), " ")
@@ -28,6 +30,22 @@ func TestJobArgs(t *testing.T) {
 			if strings.Contains(a, n) {
 				t.Errorf("%+v: args %q contain %q", c.job, a, n)
 			}
+		}
+	}
+}
+
+func TestJobDescribe(t *testing.T) {
+	for _, c := range []struct {
+		job  Job
+		want string
+	}{
+		{Job{BlockSize: 4096, QD: 2}, "read bs=4096 qd=2"},
+		{Job{BlockSize: 2 << 20, QD: 32, Write: true}, "write bs=2097152 qd=32 no fsync"},
+		{Job{BlockSize: 16 << 20, QD: 4, Write: true, Fdatasync: 16, EndFsync: true}, "write bs=16777216 qd=4 fdatasync every 16 writes end_fsync"},
+		{Job{BlockSize: 1 << 20, QD: 8, Write: true, EndFsync: true}, "write bs=1048576 qd=8 end_fsync"},
+	} {
+		if got := c.job.Describe(); got != c.want {
+			t.Errorf("%+v: %q, want %q", c.job, got, c.want)
 		}
 	}
 }
@@ -76,5 +94,18 @@ func TestSweepTiny(t *testing.T) {
 	}
 	if _, err := RunSweep(SweepOptions{Dir: t.TempDir(), SizeBytes: 1 << 20, BS: []int{1000}}); err == nil {
 		t.Error("a block size not a multiple of 4096 was accepted")
+	}
+}
+
+// TestDurableJobRuns: fio accepts a durable job's options (fdatasync
+// cadence, end fsync) on a fresh file and reports a bandwidth.
+func TestDurableJobRuns(t *testing.T) {
+	if _, err := exec.LookPath("fio"); err != nil {
+		t.Fatal("fio is required (apt-get install fio)")
+	}
+	j := Job{File: t.TempDir() + "/f", SizeBytes: 8 << 20, BlockSize: 1 << 20, QD: 2, Write: true, Fdatasync: 2, EndFsync: true}
+	bw, err := Run(j)
+	if err != nil || bw <= 0 {
+		t.Fatalf("%s: %v GB/s, %v", j.Describe(), bw, err)
 	}
 }

@@ -30,7 +30,7 @@ func benchStore(args []string, stdout, stderr io.Writer) error {
 	asJSON := fs.Bool("json", false, "print one JSON object")
 	noFio := fs.Bool("no-fio", false, "skip the fio baseline")
 	codecs := fs.String("codecs", "", "compare codecs instead, in one run: \"default\" or a comma-separated list of CODEC-KIND[+lz4] (none-kv, none-hidden, fp8-hidden, fp8-block-hidden, fp8-kv, none-hidden+lz4, ...)")
-	rounds := fs.Int("rounds", 3, "with --codecs: rounds over the variants (interleaved); restore figures are medians")
+	rounds := fs.Int("rounds", 3, "save rounds, each next to fio's best-write and durable-write jobs (interleaved; save figures are medians); with --codecs: rounds over the variants (interleaved; restore figures are medians)")
 	seed := fs.Int64("seed", 1, "with --codecs: seed of the synthetic states")
 	sweep := addSweepFlags(fs)
 	so, err := sweep.parse(fs, args, dir)
@@ -49,7 +49,7 @@ func benchStore(args []string, stdout, stderr io.Writer) error {
 		return err
 	}
 	res, err := benchstore.Run(benchstore.Options{Dir: *dir, Model: *mdl, Tokens: *tokens, Contexts: *contexts,
-		Writers: *writers, Compression: *comp, SkipFio: *noFio, Progress: stderr, Sweep: so,
+		Writers: *writers, Compression: *comp, SkipFio: *noFio, Progress: stderr, Sweep: so, Rounds: *rounds,
 		CrashWriter: func(d string) *exec.Cmd {
 			return exec.Command(self, "stress", "--dir", d, "--seed", "1", "--chunk-tokens", "0")
 		}})
@@ -64,6 +64,18 @@ func benchStore(args []string, stdout, stderr io.Writer) error {
 		res.BytesOnDiskPerToken, res.DiskOverRaw, res.AppendTokenUS, res.CopyUS, res.AppendTokenRatio, res.RecoveryMS)
 	if res.FioSweep != nil {
 		fmt.Fprintf(stdout, "%s; ours: save %.2f x, restore %.2f x the best\n", res.FioSweep, res.SaveVsBest, res.RestoreVsBest)
+	}
+	sp := func(s benchstore.Spread) string { return fmt.Sprintf("%.2f [%.2f, %.2f]", s.Median, s.Min, s.Max) }
+	if res.FioBestWriteSpread.N == 0 {
+		fmt.Fprintf(stdout, "%d save rounds, median [min, max]: save %s GB/s (no fio)\n", res.SaveSpread.N, sp(res.SaveSpread))
+	} else {
+		fmt.Fprintf(stdout, "%d save rounds, median [min, max]: save %s GB/s; next to each: fio %s %s GB/s, save/it %s; fio %s %s GB/s, save/it %s (the same job over its own written blocks: %s GB/s)\n",
+			res.SaveSpread.N, sp(res.SaveSpread), res.FioBestWriteJob, sp(res.FioBestWriteSpread), sp(res.SaveVsBestInterleaved),
+			res.FioDurableWriteJob, sp(res.FioDurableWriteSpread), sp(res.SaveVsDurable), sp(res.FioDurableOverSpread))
+	}
+	for i, r := range res.SaveRounds {
+		fmt.Fprintf(stdout, "  round %d: save %.2f GB/s in %.0f ms: writes in flight %.0f ms (idle %.0f), %d writes of %d B (%.1f ms each), %d fdatasyncs %.0f ms, %d index commits %.0f ms, %d segment creates/grows %.0f ms; writers: copy %.0f ms, close %.0f ms (summed)\n",
+			i, r.GBps, r.WallMS, r.BusyMS, r.IdleMS, r.Writes, r.WriteBytes, r.WriteMS, r.Syncs, r.SyncMS, r.Commits, r.IndexMS, r.Segments, r.SegmentMS, r.CopyMS, r.CloseMS)
 	}
 	return nil
 }

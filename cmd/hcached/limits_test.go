@@ -3,6 +3,7 @@ package main
 import (
 	"bytes"
 	"context"
+	"errors"
 	"net"
 	"os"
 	"os/exec"
@@ -134,5 +135,64 @@ func TestFDExhaustingClient(t *testing.T) {
 	}
 	if !strings.Contains(d.logs.String(), "side connection refused") {
 		t.Fatalf("the daemon refused no side connection:\n%s", d.logs)
+	}
+}
+
+// TestStoreIOFlags: the store's I/O settings (--restore-queue,
+// --write-bytes, --write-bytes-under-restores) reach the store, as the
+// "store open" log line shows, and the daemon serves with them; a value
+// the store has no meaning for exits 2 naming the flag, before anything
+// is created.
+func TestStoreIOFlags(t *testing.T) {
+	bin := hcachedBinary(t)
+	for _, tc := range []struct {
+		args []string
+		want string // in the error
+	}{
+		{[]string{"--write-bytes", "0"}, "--write-bytes 0: want at least 1 byte"},
+		{[]string{"--write-bytes-under-restores", "0"}, "--write-bytes-under-restores 0: want at least 1 byte"},
+		{[]string{"--write-bytes", "-5"}, "--write-bytes: bad size"},
+		{[]string{"--restore-queue", "lots"}, "--restore-queue: bad size"},
+	} {
+		dir := filepath.Join(t.TempDir(), "store")
+		args := append([]string{"--dir", dir, "--listen", "unix://" + filepath.Join(t.TempDir(), "s"), "--metrics", ""}, tc.args...)
+		out, err := exec.Command(bin, args...).CombinedOutput()
+		var ee *exec.ExitError
+		if !errors.As(err, &ee) || ee.ExitCode() != 2 {
+			t.Fatalf("hcached %v: %v, want exit status 2\n%s", tc.args, err, out)
+		}
+		if !strings.Contains(string(out), tc.want) {
+			t.Fatalf("hcached %v said %q, want it to contain %q", tc.args, out, tc.want)
+		}
+		if _, err := os.Stat(dir); !os.IsNotExist(err) {
+			t.Fatalf("hcached %v: store directory created (%v)", tc.args, err)
+		}
+	}
+	sd, err := os.MkdirTemp("", "hcd")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer os.RemoveAll(sd)
+	sock := filepath.Join(sd, "s")
+	d := &daemonProc{t: t, bin: bin, sock: sock, args: []string{"--dir", t.TempDir(), "--listen", "unix://" + sock, "--metrics", "",
+		"--restore-queue", "0", "--write-bytes", "1M", "--write-bytes-under-restores", "64M"}}
+	d.start()
+	c, err := hc.Dial("unix://" + sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	ctx := context.Background()
+	if err := writeCtx(ctx, c, 1, "ns", "x", 300, 5); err != nil {
+		t.Fatal(err)
+	}
+	if err := verify(ctx, c, 1, "ns", "x", 305); err != nil {
+		t.Fatal(err)
+	}
+	d.signal(syscall.SIGTERM)
+	for _, want := range []string{`"restore_queue_bytes":-1`, `"write_bytes":1048576`, `"write_bytes_under_restores":67108864`} {
+		if !strings.Contains(d.logs.String(), want) {
+			t.Fatalf("the daemon's log lacks %q:\n%s", want, d.logs)
+		}
 	}
 }

@@ -112,6 +112,9 @@ func run(args []string) int {
 	chunkTokens := fs.Int("chunk-tokens", 0, "tokens per chunk group of a new store (default 64)")
 	restoreAhead := fs.String("restore-ahead", units.FormatSize(chunk.DefaultRestoreAheadBytes), "layer bytes one restore keeps read or in flight (at least two layers; 0: two layers)")
 	idleReadBufs := fs.String("idle-read-buffers", units.FormatSize(chunk.DefaultIdleReadBufferBytes), "restore buffers kept mapped for reuse while idle (0: none)")
+	restoreQueue := fs.String("restore-queue", units.FormatSize(chunk.DefaultRestoreQueueBytes), "buffers the restores being read at once may reserve; later restores wait in arrival order, one that does not fit alone is read alone (0: no bound, every restore reads at once)")
+	writeBytes := fs.String("write-bytes", units.FormatSize(chunk.DefaultWriteBytes), "bytes of the flusher's group writes in flight, so an fdatasync does not queue behind them (one write always goes; at least 1)")
+	writeUnder := fs.String("write-bytes-under-restores", units.FormatSize(chunk.DefaultWriteBytesUnderRestores), "bytes of group writes in flight while a restore is being read, so restore reads do not queue behind saves (at least 1; --write-bytes or more: saves never yield)")
 	logLevel := fs.String("log-level", "info", "debug, info, warn or error")
 	remoteFlags := remote.RegisterFlags(fs)
 	remoteLocal := fs.String("remote-local-bytes", "0", "sealed segment bytes kept local once the remote tier holds them; past it the oldest move there (their files deleted; restores read them remotely). 0: keep every local copy; -1: move each right after its upload")
@@ -152,6 +155,16 @@ func run(args []string) int {
 		n, err := parseSize(v)
 		if err != nil {
 			fmt.Fprintf(os.Stderr, "hcached: --%s: %v\n", name, err)
+			os.Exit(2)
+		}
+		return n
+	}
+	// positive is a size flag the store has no "none" for: 0 would mean
+	// its default there, so it is refused rather than silently changed.
+	positive := func(name, v string) int64 {
+		n := size(name, v)
+		if n == 0 {
+			fmt.Fprintf(os.Stderr, "hcached: --%s %s: want at least 1 byte\n", name, v)
 			os.Exit(2)
 		}
 		return n
@@ -251,9 +264,12 @@ func run(args []string) int {
 		}
 		cancel()
 	}
+	ioOpts := chunk.Options{RestoreQueueBytes: orNone(size("restore-queue", *restoreQueue)), WriteBytes: positive("write-bytes", *writeBytes),
+		WriteBytesUnderRestores: positive("write-bytes-under-restores", *writeUnder)}
 	st, err := chunk.Open(chunk.Options{Dir: *dir, ChunkTokens: *chunkTokens, CapacityBytes: capBytes, Providers: providers,
 		CacheBytes: size("cache", *cacheBytes), StagingBytes: size("staging", *staging),
 		RestoreAheadBytes: orNone(size("restore-ahead", *restoreAhead)), IdleReadBufferBytes: orNone(size("idle-read-buffers", *idleReadBufs)),
+		RestoreQueueBytes: ioOpts.RestoreQueueBytes, WriteBytes: ioOpts.WriteBytes, WriteBytesUnderRestores: ioOpts.WriteBytesUnderRestores,
 		GCInterval: -1, // the daemon runs GC itself, so that fsck can exclude it
 		Logf:       func(f string, a ...any) { log.Info(fmt.Sprintf(f, a...), "component", "chunk") },
 		OnEvict: func(ns, id string) {
@@ -267,7 +283,8 @@ func run(args []string) int {
 	}
 	rec := st.Recovery()
 	log.Info("store open", "dir", *dir, "contexts", rec.Contexts, "segments", rec.Segments,
-		"unindexed_records", rec.UnindexedRecords, "orphan_segments", rec.OrphanSegments, "took", rec.Duration.String(), "engine", st.EngineName())
+		"unindexed_records", rec.UnindexedRecords, "orphan_segments", rec.OrphanSegments, "took", rec.Duration.String(), "engine", st.EngineName(),
+		"restore_queue_bytes", ioOpts.RestoreQueueBytes, "write_bytes", ioOpts.WriteBytes, "write_bytes_under_restores", ioOpts.WriteBytesUnderRestores)
 	cfg.Store = st
 	var tier *remote.Tier
 	if rclient != nil {
