@@ -279,14 +279,18 @@ func (c *Client) Import(ctx context.Context, s *chunk.Store, ns, id string) (*Ma
 		}
 	}
 	if tc != nil {
+		if tc, err = c.loadTipContext(ctx, s, tc); err != nil {
+			return m, err
+		}
 		return m, c.importTip(ctx, s, tc, 0, nil)
 	}
 	return m, c.importManifest(ctx, s, m, nil)
 }
 
-// lookupByName reads ns/id's manifest and tip object (at once) and picks
-// the newer (see Import): tc is set when it is the tip object, m describes
-// the choice either way. ErrNotFound: neither is there.
+// lookupByName reads ns/id's manifest and tip object's description (at
+// once) and picks the newer (see Import): tc is set when it is the tip
+// object (to be read whole by loadTipContext), m describes the choice
+// either way. ErrNotFound: neither is there.
 func (c *Client) lookupByName(ctx context.Context, s *chunk.Store, ns, id string) (*Manifest, *tipContext, error) {
 	var tc *tipContext
 	var terr error
@@ -378,7 +382,9 @@ func (c *Client) RestoreByName(ctx context.Context, s *chunk.Store, ns, id strin
 		return "miss", 0, fmt.Errorf("%w: %s/%s: the bucket holds %d tokens, %d wanted", ErrNotFound, ns, id, m.Tokens, minTokens)
 	}
 	if tc != nil {
-		err = c.importTip(ctx, s, tc, 0, fn)
+		if tc, err = c.loadTipContext(ctx, s, tc); err == nil {
+			err = c.importTip(ctx, s, tc, 0, fn)
+		}
 	} else {
 		err = c.importManifest(ctx, s, m, fn)
 	}

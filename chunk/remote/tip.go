@@ -333,15 +333,25 @@ func (c *Client) LookupTip(ctx context.Context, ns, id string) (tip chunk.ChainK
 }
 
 // readTip reads and checks a tip object's description (not its tail
-// rows: a leading piece of the object).
+// rows: a leading piece of the object, its first 4 KiB and, for a longer
+// description, the rest of it).
 func (c *Client) readTip(ctx context.Context, key string) (*tipDesc, error) {
 	oi, err := c.stat(ctx, key)
 	if err != nil {
 		return nil, err
 	}
-	b := make([]byte, min(oi.Size, maxManifest))
+	if oi.Size < 0 || oi.Size > maxTipObject {
+		return nil, fmt.Errorf("%w: %s: tip object of %d bytes", format.ErrCorrupt, key, oi.Size)
+	}
+	b := make([]byte, min(oi.Size, 4096))
 	if err := c.getRange(ctx, key, b, 0); err != nil {
 		return nil, err
+	}
+	if n := tipDescLen(b); n > len(b) && int64(n) <= oi.Size && n <= 2*maxManifest {
+		b = make([]byte, n)
+		if err := c.getRange(ctx, key, b, 0); err != nil {
+			return nil, err
+		}
 	}
 	t, err := decodeTip(b)
 	if err != nil {
@@ -359,6 +369,23 @@ func (c *Client) readTip(ctx context.Context, key string) (*tipDesc, error) {
 		t.tail = t.ids[len(t.ids)-tailLen(t):]
 	}
 	return t, nil
+}
+
+// tipDescLen is the length of a version-2 description from its fixed
+// part (0 when b is too short or not one: decodeTip then says why).
+func tipDescLen(b []byte) int {
+	const fixed = 8 + 2 + 2 + 8 + 32 + 16 + 2 + 2 + 2 + 4 + 2
+	if len(b) < fixed || string(b[:8]) != magicTip2 {
+		return 0
+	}
+	le := binary.LittleEndian
+	tokens := le.Uint64(b[12:20])
+	if tokens > maxManifest {
+		return 0
+	}
+	nl, il, sl := int(le.Uint16(b[68:70])), int(le.Uint16(b[70:72])), int(le.Uint16(b[72:74]))
+	dl, ll := int(le.Uint32(b[74:78])), int(le.Uint16(b[78:80]))
+	return fixed + nl + il + sl + dl + 4*int(tokens) + ll*layerEntryBytes + 4
 }
 
 // tailLen is how many tokens of a version-2 tip are past its full groups
@@ -381,10 +408,28 @@ type tipContext struct {
 	tail map[int][]byte // layer -> the tail's rows
 }
 
-// readTipContext reads ns/id's tip object whole (ErrNotFound: none) and
-// verifies it. A version-1 tip is errTipV1 (its rows are in the by-name
-// objects).
+// readTipContext reads ns/id's tip object's description (ErrNotFound:
+// none); loadTipContext then reads it whole and verifies it. A version-1
+// tip is errTipV1 (its rows are in the by-name objects).
 func (c *Client) readTipContext(ctx context.Context, s *chunk.Store, ns, id string) (*tipContext, error) {
+	key := c.tipKey(ns, id)
+	td, err := c.readTip(ctx, key)
+	if err != nil {
+		return nil, err
+	}
+	if td.version == 1 {
+		return nil, errTipV1
+	}
+	if td.ns != ns || td.id != id {
+		return nil, fmt.Errorf("%w: %s describes %s/%s", format.ErrCorrupt, key, td.ns, td.id)
+	}
+	return &tipContext{t: td}, nil
+}
+
+// loadTipContext reads the tip object of tc (from readTipContext) whole and
+// verifies it (see readTipContext) against its description as read first.
+func (c *Client) loadTipContext(ctx context.Context, s *chunk.Store, tc *tipContext) (*tipContext, error) {
+	ns, id := tc.t.ns, tc.t.id
 	key := c.tipKey(ns, id)
 	b, err := c.get(ctx, key, maxTipObject)
 	if err != nil {
@@ -394,8 +439,8 @@ func (c *Client) readTipContext(ctx context.Context, s *chunk.Store, ns, id stri
 	if err != nil {
 		return nil, fmt.Errorf("%s: %w", key, err)
 	}
-	if t.version == 1 {
-		return nil, errTipV1
+	if t.version == 1 || t.tokens != tc.t.tokens || t.digest != tc.t.digest {
+		return nil, fmt.Errorf("%w: %s changed while it was read (another publish?)", ErrNotFound, key)
 	}
 	if t.ns != ns || t.id != id {
 		return nil, fmt.Errorf("%w: %s describes %s/%s", format.ErrCorrupt, key, t.ns, t.id)
@@ -432,7 +477,7 @@ func (c *Client) readTipContext(ctx context.Context, s *chunk.Store, ns, id stri
 	if len(b) != t.end+t.rowBytes() {
 		return nil, fmt.Errorf("%w: %s holds %d bytes, its description says %d", format.ErrCorrupt, key, len(b), t.end+t.rowBytes())
 	}
-	tc := &tipContext{t: t, gs: gs, tail: map[int][]byte{}}
+	out := &tipContext{t: t, gs: gs, tail: map[int][]byte{}}
 	bind := t.tailBinding()
 	off := t.end
 	for _, l := range t.layers {
@@ -441,9 +486,9 @@ func (c *Client) readTipContext(ctx context.Context, s *chunk.Store, ns, id stri
 		if format.SliceCRC(bind, uint32(len(gs)), l.Layer, r) != l.CRC {
 			return nil, fmt.Errorf("%w: %s tail layer %d: checksum mismatch", format.ErrCorrupt, key, l.Layer)
 		}
-		tc.tail[int(l.Layer)] = r
+		out.tail[int(l.Layer)] = r
 	}
-	return tc, nil
+	return out, nil
 }
 
 var errTipV1 = errors.New("remote: a version-1 tip object (its rows are in the by-name objects)")

@@ -61,8 +61,14 @@ func TestByNameFromTip(t *testing.T) {
 	}
 	checkConvo(t, sb, "chat", "conv/1", ident, prefixConvo(ident, conv, len(turn1)))
 	restoreTok(t, sb, chunk.Prefix{Namespace: "chat", Salt: salt, Identity: ident, Tokens: turn1, Context: "conv/1"}, conv, len(turn1))
+	got0 := b.Stats().GetBytes
 	if _, err := b.Import(ctx, sb, "chat", "conv/1"); !errors.Is(err, ErrHaveNewer) {
 		t.Fatalf("second import: %v, want ErrHaveNewer", err)
+	}
+	// Deciding that the local copy is current reads the tip's description,
+	// not its tail rows (every append and restore by name asks).
+	if got, tail := b.Stats().GetBytes-got0, int64(5*(512+2*1024)); got >= tail {
+		t.Fatalf("an import finding the local copy current read %d bytes, the tail's rows alone are %d", got, tail)
 	}
 
 	// The next turn: the context grows to 5 groups and a tail; its publish
