@@ -16,9 +16,11 @@ import (
 // The shared tier on object storage (package chunk/remote), when
 // Config.Remote is set: a context closed here is published by name (its
 // manifest is written last, so another node sees all of it or nothing);
-// a token-addressed one also by tokens, in the same background publish
+// a token-addressed one by tokens instead, in the same background publish
 // (after its Close made its groups durable): its full groups the bucket
-// lacks as group objects, then its tip object. A Lookup whose local match
+// lacks as group objects, then its tip object (with its partial tail's
+// rows), which is also its by-name form: a Close uploads only new groups,
+// the tail and the tip, never the whole context again. A Lookup whose local match
 // ends on a group boundary asks the bucket for the next groups (batched
 // existence checks, LookupParallel at once); a restore by tokens first
 // promotes what the bucket holds past the local match into the local
@@ -209,13 +211,14 @@ func (s *Server) remotePublish(ns, id string, tp *tokPublish) {
 		t0 := time.Now()
 		var err error
 		if tp != nil {
-			// Groups first, then the tip naming them, then the name.
+			// Groups first (only those the bucket lacks), then the tip
+			// naming them and holding the tail: the context's by-name
+			// form too (no context object: its groups hold the rows).
 			p := chunk.Prefix{Namespace: ns, Salt: tp.salt, Identity: tp.ident, Tokens: tp.ids}
 			if _, err = rc.Client.PublishTokens(ctx, s.store, p, rc.LookupParallel); err == nil {
 				err = rc.Client.PublishTip(ctx, s.store, id, p)
 			}
-		}
-		if err == nil {
+		} else {
 			_, err = rc.Client.Publish(ctx, s.store, ns, id)
 		}
 		s.remote.seconds.WithLabelValues("publish").Observe(time.Since(t0).Seconds())

@@ -1,16 +1,20 @@
 package daemon_test
 
 import (
+	"bytes"
 	"context"
 	"crypto/sha256"
 	"encoding/binary"
+	"fmt"
 	"io"
 	"math/rand"
 	"net/http"
+	"strconv"
 	"strings"
 	"testing"
 
 	"github.com/hcache/hcache/chunk"
+	"github.com/hcache/hcache/chunk/remote"
 	hc "github.com/hcache/hcache/clients/hcacheclient"
 	"github.com/hcache/hcache/internal/objstore"
 	"github.com/hcache/hcache/internal/testseed"
@@ -136,4 +140,90 @@ func TestRemoteForcedCollision(t *testing.T) {
 	}
 	saveTokens(t, cb, "chat", "b", pb, nil, nil) // its publish by tokens fails (collision), logged
 	checkTokens(t, cc, "A's prompt on C", hc.Prefix{Namespace: "chat", Identity: ident, Tokens: pa}, pa, 2*ct)
+}
+
+// TestRemoteTokensByName: a token-addressed context closed on node A is
+// published as its new group objects and its tip object only (no by-name
+// context object, no manifest), restores by name on node B bit-exact
+// (imported from the tip object and the groups it reaches), and its next
+// turn's publish uploads only the new groups, the tail and the tip.
+func TestRemoteTokensByName(t *testing.T) {
+	seed := testseed.Seed(t)
+	rng := rand.New(rand.NewSource(seed))
+	srv := objstore.Start(t)
+	a, aMetrics := startNode(t, srv, "node-a")
+	b, _ := startNode(t, srv, "node-b")
+	ca, cb := a.dial(), b.dial()
+	ctx := context.Background()
+	ct := a.store.ChunkTokens()
+	salt := []byte("tenant-1")
+	prompt, decode := randTokens(rng, 4*ct+3), randTokens(rng, 4)
+	all := append(append([]uint32(nil), prompt...), decode...)
+	saveTokens(t, ca, "chat", "conv", prompt, decode, salt)
+	if m := metricsOf(t, aMetrics); strings.Contains(m, `hcache_remote_publishes_total{result="error"}`) {
+		t.Fatalf("publish failed on A:\n%s", grepLines(m, "hcache_remote_publish"))
+	}
+	putAfter1 := putBytes(t, aMetrics)
+	cl, err := remote.New(remote.Config{Endpoint: srv.Endpoint, Bucket: "fleet", StoreID: "check", AccessKey: "k", SecretKey: "s"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if rep, err := cl.Check(ctx, true); err != nil || !rep.OK() || rep.Manifests != 0 || rep.Tips != 1 || rep.Groups != 4 {
+		t.Fatalf("bucket after the close: %+v, %v; want 4 groups, 1 tip, no manifest", rep, err)
+	}
+	restoreByName := func(c *hc.Client, what string, tokens []uint32) {
+		t.Helper()
+		n, err := c.Restore(ctx, "chat", "conv", ident, func(layer int, rows []byte) error {
+			rb := int(ident.Plan[layer].RowBytes)
+			if !bytes.Equal(rows, tokRows(tokens, layer, 0, len(tokens), rb)) {
+				return fmt.Errorf("layer %d differs", layer)
+			}
+			return nil
+		})
+		if err != nil || n != uint64(len(tokens)) {
+			t.Fatalf("%s: restore by name: %d, %v; want %d tokens", what, n, err, len(tokens))
+		}
+	}
+	restoreByName(cb, "on B", all)
+	checkTokens(t, cb, "on B by tokens", hc.Prefix{Namespace: "chat", Identity: ident, Tokens: all, Salt: salt, ID: "conv"}, all, len(all))
+
+	// The next turn on A: 2 more groups' worth of tokens.
+	w, err := ca.Append(ctx, "chat", "conv", ident)
+	if err != nil {
+		t.Fatal(err)
+	}
+	more := randTokens(rng, 2*ct)
+	all2 := append(append([]uint32(nil), all...), more...)
+	for i := len(all); i < len(all2); i++ {
+		if err := w.AppendTokenIDs(ctx, all2[i:i+1], tokRow(all2, i)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := w.Close(ctx); err != nil {
+		t.Fatal(err)
+	}
+	rowBytes := 0
+	for _, p := range ident.Plan {
+		rowBytes += int(p.RowBytes)
+	}
+	put := putBytes(t, aMetrics) - putAfter1
+	if lo, hi := 2*ct*rowBytes, (3*ct+7)*rowBytes+64<<10; put < float64(lo) || put > float64(hi) {
+		t.Fatalf("the second turn's publish put %.0f bytes, want the new groups and the tail (%d to %d), not the whole context (%d)", put, lo, hi, len(all2)*rowBytes)
+	}
+	restoreByName(cb, "on B, second turn", all2)
+}
+
+func putBytes(t *testing.T, addr string) float64 {
+	t.Helper()
+	for _, l := range strings.Split(metricsOf(t, addr), "\n") {
+		if v, ok := strings.CutPrefix(l, "hcache_remote_put_bytes_total "); ok {
+			f, err := strconv.ParseFloat(v, 64)
+			if err != nil {
+				t.Fatal(err)
+			}
+			return f
+		}
+	}
+	t.Fatal("no hcache_remote_put_bytes_total")
+	return 0
 }

@@ -47,6 +47,11 @@ type Config struct {
 	// to a miss rather than wait).
 	Timeout    time.Duration
 	MaxRetries int
+	// PublishBatchBytes bounds the rows a publish by tokens holds in
+	// memory at once (default 64 MiB): the groups to upload are read from
+	// the store in batches of at most this many bytes (at least one group
+	// each), each batch uploaded before the next is read.
+	PublishBatchBytes int64
 }
 
 var storeIDRE = regexp.MustCompile(`^[A-Za-z0-9._-]{1,64}$`)
@@ -81,6 +86,12 @@ func (c *Config) fill() error {
 	}
 	if c.MaxRetries == 0 {
 		c.MaxRetries = 2
+	}
+	if c.PublishBatchBytes == 0 {
+		c.PublishBatchBytes = DefaultPublishBatchBytes
+	}
+	if c.PublishBatchBytes < 0 {
+		return fmt.Errorf("remote: PublishBatchBytes %d is negative", c.PublishBatchBytes)
 	}
 	return nil
 }

@@ -37,7 +37,13 @@
 // prompt as group objects keyed by namespace and chain key (content
 // addressed: a group the bucket holds already, same token digest, is not
 // uploaded again), once they are durable locally; PublishTip writes a
-// named context's tip object (chain tip, salt, tail ids). LookupTokens
+// named context's tip object (chain tip, salt, token ids, the partial
+// tail's rows), which with the group objects is also the context's by-name
+// form: a token-addressed context is never uploaded whole as a context
+// object, so a Close uploads only its new groups, its tail and its tip
+// (Import and RestoreByName assemble it from them, verified as a
+// promotion, and take the tip or a manifest, whichever has more tokens).
+// LookupTokens
 // answers how many leading tokens past the local match the bucket holds
 // (HEADs, a bounded number at once, digest in the object's metadata);
 // PromoteTokens fetches them, verifies every group (size, description,
@@ -50,6 +56,7 @@
 // Keys, under Config.Prefix: seg/STORE/seg-NNNNNNNN.hcs (segment ids
 // restart at 1 in every store, hence the store id), ctx/STORE/BINDING.hcx,
 // name/NS/ID.hcm, grp/NS/CHAINKEY.hcg, tip/NS/ID.hct.
+// The tip object's format is in tip.go.
 //
 // Faults are normal: a request that fails (store down, slow past
 // Config.Timeout, an error reply, a body cut short) is ErrUnavailable,
@@ -60,7 +67,9 @@
 // referred to while some tip object's chain reaches it, walked back from
 // the tip through the groups' parent keys), which is how a fleet avoids
 // deleting what another node just wrote; Check verifies the bucket
-// read-only (deep: every group object too, on its own); DownloadSegments
+// read-only (deep: every group object on its own and its parent link,
+// every tip's chain back to its first group and its tail's checksums);
+// DownloadSegments
 // brings a store's segment objects back before hcache repair rebuilds its
 // index from segments.
 package remote

@@ -253,8 +253,10 @@ func (r *CheckReport) OK() bool { return len(r.Errors) == 0 }
 
 // Check verifies every manifest in the bucket (checksum, binding, layout),
 // that its context object exists with the right size and that the
-// object's header and trailer describe the same context; deep also reads
-// every layer and checks its checksum. It writes nothing.
+// object's header and trailer describe the same context, and every tip
+// object's description; deep also reads every layer and checks its
+// checksum, every group object and each tip's chain (see below). It
+// writes nothing.
 func (c *Client) Check(ctx context.Context, deep bool) (*CheckReport, error) {
 	mans, err := c.list(ctx, "name/")
 	if err != nil {
@@ -286,35 +288,134 @@ func (c *Client) Check(ctx context.Context, deep bool) (*CheckReport, error) {
 			}
 		}
 	}
-	// By tokens: every tip object decodes; deep also reads every group
-	// object whole and verifies it on its own (checkGroupObject).
-	tips, err := c.list(ctx, "tip/")
-	if err != nil {
-		return nil, err
-	}
-	for _, oi := range tips {
-		rep.Tips++
-		if _, err := c.readTip(ctx, oi.Key); err != nil && !isNotFound(err) {
-			rep.Errors = append(rep.Errors, err.Error())
-		}
-	}
+	// By tokens: every tip object's description decodes and matches its
+	// size; deep also reads every group object whole and verifies it on
+	// its own (checkGroupObject), its parent link (the parent it names, if
+	// the bucket holds it, is the group before it on the same chain), and
+	// walks each tip's chain back to its first group through the verified
+	// descriptions (a group missing or refused on the way is an error: a
+	// restore by that name would fail), comparing each group's token ids
+	// with the tip's, and checks the tip's tail rows against their
+	// checksums.
+	groups := map[string]*groupDesc{} // verified group objects by key
+	bad := map[string]bool{}          // group objects that failed
 	if deep {
 		grps, err := c.list(ctx, "grp/")
 		if err != nil {
 			return nil, err
 		}
 		for _, oi := range grps {
-			err := c.checkGroupObject(ctx, oi.Key)
+			g, err := c.checkGroupObject(ctx, oi.Key)
 			if isNotFound(err) {
 				continue
 			}
 			rep.Groups++
 			if err != nil {
+				bad[oi.Key] = true
 				rep.Errors = append(rep.Errors, fmt.Sprintf("%s: %v", oi.Key, err))
+				continue
+			}
+			groups[oi.Key] = g
+		}
+		for key, g := range groups {
+			if g.index == 0 {
+				if !g.parent.IsZero() {
+					rep.Errors = append(rep.Errors, fmt.Sprintf("%s: group 0 names parent %x", key, g.parent[:8]))
+				}
+				continue
+			}
+			pg := groups[c.groupKey(g.ns, g.parent)]
+			if pg != nil && (pg.index != g.index-1 || !pg.ident.Equal(g.ident) || len(pg.ids) != len(g.ids)) {
+				rep.Errors = append(rep.Errors, fmt.Sprintf("%s: its parent %x is group %d of %d tokens, not group %d of this chain", key, g.parent[:8], pg.index, len(pg.ids), g.index-1))
+			}
+		}
+	}
+	tips, err := c.list(ctx, "tip/")
+	if err != nil {
+		return nil, err
+	}
+	for _, oi := range tips {
+		t, err := c.readTip(ctx, oi.Key)
+		if isNotFound(err) {
+			continue
+		}
+		rep.Tips++
+		if err != nil {
+			rep.Errors = append(rep.Errors, err.Error())
+			continue
+		}
+		if deep {
+			if err := c.checkTipChain(ctx, oi.Key, t, groups, bad); err != nil {
+				rep.Errors = append(rep.Errors, fmt.Sprintf("%s (%s/%s): %v", oi.Key, t.ns, t.id, err))
 			}
 		}
 	}
 	return rep, nil
+}
+
+// checkTipChain walks t's chain back from its tip key through the verified
+// group descriptions in groups (bad: group objects that failed their own
+// check) and, for a version-2 tip, compares each group's token ids with
+// the tip's and verifies the tail rows' checksums.
+func (c *Client) checkTipChain(ctx context.Context, key string, t *tipDesc, groups map[string]*groupDesc, bad map[string]bool) error {
+	n := 0 // groups on the chain
+	want, first, last := 0, true, uint32(0)
+	k := t.tip
+	for !k.IsZero() {
+		gk := c.groupKey(t.ns, k)
+		g := groups[gk]
+		switch {
+		case bad[gk]:
+			return fmt.Errorf("%w: its chain reaches %s, which failed its check", format.ErrCorrupt, gk)
+		case g == nil:
+			return fmt.Errorf("%w: its chain reaches %s, which the bucket lacks", ErrNotFound, gk)
+		case !first && int(g.index) != want:
+			return fmt.Errorf("%w: its chain reaches %s as group %d, expected %d", format.ErrCorrupt, gk, g.index, want)
+		case !g.ident.Equal(t.ident):
+			return fmt.Errorf("%w: its chain reaches %s of another identity", format.ErrCorrupt, gk)
+		}
+		if first {
+			n, first = int(g.index)+1, false
+		}
+		if t.version != 1 {
+			ct := len(g.ids)
+			lo := int(g.index) * ct
+			if lo+ct > len(t.ids) || !equalIDs(g.ids, t.ids[lo:lo+ct]) {
+				return fmt.Errorf("%w: %s (group %d) holds other token ids than the tip's", format.ErrCorrupt, gk, g.index)
+			}
+		}
+		last = g.index
+		if g.index == 0 {
+			break
+		}
+		want = int(g.index) - 1
+		k = g.parent
+	}
+	if last != 0 {
+		return fmt.Errorf("%w: its chain ends at group %d (no parent), not 0", format.ErrCorrupt, last)
+	}
+	if t.version == 1 {
+		return nil
+	}
+	if full := int(t.tokens) - tailLen(t); n > 0 && full%n != 0 {
+		return fmt.Errorf("%w: %d tokens past a %d-token tail in %d groups", format.ErrCorrupt, full, tailLen(t), n)
+	}
+	b, err := c.get(ctx, key, maxTipObject)
+	if err != nil {
+		return err
+	}
+	if len(b) != t.end+t.rowBytes() {
+		return fmt.Errorf("%w: %d bytes, its description says %d", format.ErrCorrupt, len(b), t.end+t.rowBytes())
+	}
+	bind := t.tailBinding()
+	off := t.end
+	for _, l := range t.layers {
+		if format.SliceCRC(bind, uint32(n), l.Layer, b[off:off+int(l.Bytes)]) != l.CRC {
+			return fmt.Errorf("%w: tail layer %d: checksum mismatch", format.ErrCorrupt, l.Layer)
+		}
+		off += int(l.Bytes)
+	}
+	return nil
 }
 
 // checkGroupObject verifies a group object without a request to compare
@@ -322,47 +423,55 @@ func (c *Client) Check(ctx context.Context, deep bool) (*CheckReport, error) {
 // is the one its name carries, its size, its binding and token digest as
 // its namespace, identity, key and ids compute, and every layer's
 // checksum.
-func (c *Client) checkGroupObject(ctx context.Context, key string) error {
+func (c *Client) checkGroupObject(ctx context.Context, key string) (*groupDesc, error) {
+	g, err := c.checkGroupObjectErr(ctx, key)
+	if err != nil {
+		return nil, err
+	}
+	return g, nil
+}
+
+func (c *Client) checkGroupObjectErr(ctx context.Context, key string) (*groupDesc, error) {
 	oi, err := c.stat(ctx, key)
 	if err != nil {
-		return err
+		return nil, err
 	}
 	if oi.Size > 1<<34 {
-		return fmt.Errorf("%w: %d bytes", format.ErrCorrupt, oi.Size)
+		return nil, fmt.Errorf("%w: %d bytes", format.ErrCorrupt, oi.Size)
 	}
 	b, err := c.get(ctx, key, oi.Size+1)
 	if err != nil {
-		return err
+		return nil, err
 	}
 	g, end, err := decodeGroup(b, nil)
 	if err != nil {
-		return err
+		return nil, err
 	}
 	if c.groupKey(g.ns, g.key) != key {
-		return fmt.Errorf("%w: it describes %s key %x", format.ErrCorrupt, g.ns, g.key[:8])
+		return nil, fmt.Errorf("%w: it describes %s key %x", format.ErrCorrupt, g.ns, g.key[:8])
 	}
 	if g.binding != state.NewGroupBinding(g.ns, g.ident, g.key) || g.digest != state.TokensDigest(g.ids) {
-		return fmt.Errorf("%w: binding or token digest is not the one its description computes", format.ErrCorrupt)
+		return nil, fmt.Errorf("%w: binding or token digest is not the one its description computes", format.ErrCorrupt)
 	}
 	want := newGroupDesc(g.ns, g.ident, int(g.index), g.key, g.parent, g.ids)
 	_, total := want.size()
 	if len(b) != total || end != len(want.encode()) {
-		return fmt.Errorf("%w: %d bytes, its description says %d", format.ErrCorrupt, len(b), total)
+		return nil, fmt.Errorf("%w: %d bytes, its description says %d", format.ErrCorrupt, len(b), total)
 	}
 	if len(g.layers) != len(want.layers) {
-		return fmt.Errorf("%w: %d layers, its identity %d", format.ErrCorrupt, len(g.layers), len(want.layers))
+		return nil, fmt.Errorf("%w: %d layers, its identity %d", format.ErrCorrupt, len(g.layers), len(want.layers))
 	}
 	off := end
 	for i, l := range g.layers {
 		if l.Layer != want.layers[i].Layer || l.Bytes != want.layers[i].Bytes {
-			return fmt.Errorf("%w: layer entry %d does not match its identity", format.ErrCorrupt, i)
+			return nil, fmt.Errorf("%w: layer entry %d does not match its identity", format.ErrCorrupt, i)
 		}
 		if format.SliceCRC(g.binding, g.index, l.Layer, b[off:off+int(l.Bytes)]) != l.CRC {
-			return fmt.Errorf("%w: layer %d: checksum mismatch", format.ErrCorrupt, l.Layer)
+			return nil, fmt.Errorf("%w: layer %d: checksum mismatch", format.ErrCorrupt, l.Layer)
 		}
 		off += int(l.Bytes)
 	}
-	return nil
+	return g, nil
 }
 
 func (c *Client) checkObject(ctx context.Context, m *Manifest) error {

@@ -45,22 +45,22 @@ import (
 // a truncated object serves nothing.
 //
 // A named token-addressed context also gets a tip object, tip/NS/ID.hct
-// (written after its groups): magic "HCTIP001" | version u16 | reserved u16
-// | tokens u64 | tip key [32] | namespace length u16 | id length u16 | salt
-// length u16 | identity length u32 | tail length u32 | namespace | id | salt
-// | encoded identity | tail token ids (u32 each) | crc32c. It names the
-// context's chain (tip, salt) and its partial tail's ids; its rows, tail
-// included, are in the context's by-name objects. remote gc keeps a group
-// object while some tip object's chain reaches it.
+// (written after its groups; format in tip.go): it names the context's
+// chain (tip key, salt, every token id) and holds its partial tail's rows,
+// so the tip object and the group objects it reaches are the context's
+// whole by-name form (no context object, no manifest). remote gc keeps a
+// group object while some tip object's chain reaches it.
 
 const (
 	groupVersion = 1
 	magicGroup   = "HCGROUP1"
-	magicTip     = "HCTIP001"
+	magicTip1    = "HCTIP001" // tip objects of version 1 (read, never written)
 	metaDigest   = "hcache-digest"
 	// DefaultLookupParallel bounds the existence checks in flight of one
 	// lookup by tokens (Config.LookupParallel when 0).
 	DefaultLookupParallel = 16
+	// DefaultPublishBatchBytes is Config.PublishBatchBytes when 0.
+	DefaultPublishBatchBytes = 64 << 20
 )
 
 // ErrCollision is wrapped by the error of a group object whose key is the
@@ -321,6 +321,9 @@ func (c *Client) LookupTokens(ctx context.Context, s *chunk.Store, p chunk.Prefi
 // PublishReport says what a publish by tokens did.
 type PublishReport struct {
 	Groups, Uploaded, Existing int
+	// Batches is how many reads of the store the upload took (see
+	// Config.PublishBatchBytes).
+	Batches int
 }
 
 // PublishTokens uploads the full groups of p.Tokens that the bucket lacks
@@ -328,9 +331,9 @@ type PublishReport struct {
 // as group objects, parent first; a group object already there (with the
 // same token digest) is not uploaded again. A key the bucket holds for
 // other tokens (a collision) stops the publish there with ErrCollision.
-// The rows are read from the store by tokens (RestoreTokens of the
-// prefix up to the last missing group) and each object is checked (size)
-// after its upload.
+// The rows are read from the store by tokens in batches of at most
+// Config.PublishBatchBytes (bounded memory whatever the prefix's length)
+// and each object is checked (size) after its upload.
 func (c *Client) PublishTokens(ctx context.Context, s *chunk.Store, p chunk.Prefix, parallel int) (PublishReport, error) {
 	var rep PublishReport
 	gs, err := groupsOf(s, p)
@@ -375,53 +378,83 @@ func (c *Client) PublishTokens(ctx context.Context, s *chunk.Store, p chunk.Pref
 	if last < 0 {
 		return rep, nil
 	}
+	// The missing groups, in batches of at most PublishBatchBytes of rows
+	// (at least one group): each batch is read from the store (a restore
+	// by tokens of the prefix up to its last group, two layers' buffers at
+	// a time, keeping only the batch's rows) and uploaded before the next.
+	_, gtotal := gs[0].size()
+	per := max(1, int(c.cfg.PublishBatchBytes/int64(gtotal)))
+	for i := 0; i <= last; {
+		if st[i] == groupPresent {
+			i++
+			continue
+		}
+		var batch []int
+		for ; i <= last && len(batch) < per; i++ {
+			if st[i] != groupPresent {
+				batch = append(batch, i)
+			}
+		}
+		if err := c.publishGroups(ctx, s, p, gs, batch); err != nil {
+			return rep, err
+		}
+		rep.Uploaded += len(batch)
+		rep.Batches++
+	}
+	return rep, nil
+}
+
+// publishGroups reads the rows of groups idx (ascending) of p from s and
+// uploads each as its group object, checking its size after the upload.
+func (c *Client) publishGroups(ctx context.Context, s *chunk.Store, p chunk.Prefix, gs []*groupDesc, idx []int) error {
 	ct := s.ChunkTokens()
+	lo, hi := idx[0], idx[len(idx)-1]+1
 	q := p
 	q.Context = ""
-	q.Tokens = p.Tokens[:(last+1)*ct]
-	rows := map[int][]byte{}
-	n, err := s.RestoreTokens(q, func(layer int, r []byte) error {
-		rows[layer] = append([]byte(nil), r...)
+	q.Tokens = p.Tokens[:hi*ct]
+	rows := map[int][]byte{} // layer -> rows of groups [lo, hi)
+	n, err := s.RestoreTokensOwned(q, 2, func(layer int, r []byte, release func()) error {
+		defer release()
+		rb := int(p.Identity.Plan[layer].RowBytes)
+		if len(r) < hi*ct*rb {
+			return fmt.Errorf("remote: publish by tokens in %s: layer %d has %d bytes, want %d", p.Namespace, layer, len(r), hi*ct*rb)
+		}
+		rows[layer] = append([]byte(nil), r[lo*ct*rb:hi*ct*rb]...)
 		return nil
 	})
 	if err != nil {
-		return rep, err
+		return err
 	}
 	if n < len(q.Tokens) {
-		return rep, fmt.Errorf("remote: publish by tokens in %s: the store holds %d of the %d tokens", p.Namespace, n, len(q.Tokens))
+		return fmt.Errorf("remote: publish by tokens in %s: the store holds %d of the %d tokens", p.Namespace, n, len(q.Tokens))
 	}
-	for i := 0; i <= last; i++ {
-		if st[i] == groupPresent {
-			continue
-		}
+	for _, i := range idx {
 		g := gs[i]
-		body := g.encode() // checksums filled below
 		var data [][]byte
 		for li, l := range g.layers {
 			rb := int(l.Bytes) / ct
-			r := rows[int(l.Layer)][i*ct*rb : (i+1)*ct*rb]
+			r := rows[int(l.Layer)][(i-lo)*ct*rb : (i-lo+1)*ct*rb]
 			g.layers[li].CRC = format.SliceCRC(g.binding, g.index, l.Layer, r)
 			data = append(data, r)
 		}
-		body = g.encode()
+		body := g.encode()
 		for _, d := range data {
 			body = append(body, d...)
 		}
 		key := c.groupKey(g.ns, g.key)
 		meta := map[string]string{"hcache-store": c.cfg.StoreID, "hcache-kind": "group", metaDigest: hex.EncodeToString(g.digest[:])}
 		if err := c.put(ctx, key, bytes.NewReader(body), int64(len(body)), meta); err != nil {
-			return rep, err
+			return err
 		}
 		oi, err := c.stat(ctx, key)
 		if err != nil {
-			return rep, err
+			return err
 		}
 		if oi.Size != int64(len(body)) {
-			return rep, fmt.Errorf("%w: %s holds %d bytes, %d uploaded", format.ErrCorrupt, key, oi.Size, len(body))
+			return fmt.Errorf("%w: %s holds %d bytes, %d uploaded", format.ErrCorrupt, key, oi.Size, len(body))
 		}
-		rep.Uploaded++
 	}
-	return rep, nil
+	return nil
 }
 
 // fetchGroup reads and verifies one group object: the rows of each stored
@@ -554,124 +587,6 @@ func (c *Client) PromoteTokens(ctx context.Context, s *chunk.Store, p chunk.Pref
 		return fail(err)
 	}
 	return end - local, nil
-}
-
-// tipDesc is a tip object.
-type tipDesc struct {
-	ns, id string
-	salt   []byte
-	ident  *chunk.Identity
-	tokens uint64
-	tip    chunk.ChainKey
-	tail   []uint32
-}
-
-func (t *tipDesc) encode() []byte {
-	ident := t.ident.Encode()
-	var p []byte
-	p = append(p, magicTip...)
-	p = binary.LittleEndian.AppendUint16(p, groupVersion)
-	p = binary.LittleEndian.AppendUint16(p, 0)
-	p = binary.LittleEndian.AppendUint64(p, t.tokens)
-	p = append(p, t.tip[:]...)
-	p = binary.LittleEndian.AppendUint16(p, uint16(len(t.ns)))
-	p = binary.LittleEndian.AppendUint16(p, uint16(len(t.id)))
-	p = binary.LittleEndian.AppendUint16(p, uint16(len(t.salt)))
-	p = binary.LittleEndian.AppendUint32(p, uint32(len(ident)))
-	p = binary.LittleEndian.AppendUint32(p, uint32(len(t.tail)))
-	p = append(p, t.ns...)
-	p = append(p, t.id...)
-	p = append(p, t.salt...)
-	p = append(p, ident...)
-	for _, id := range t.tail {
-		p = binary.LittleEndian.AppendUint32(p, id)
-	}
-	return binary.LittleEndian.AppendUint32(p, crc32.Checksum(p, format.Castagnoli))
-}
-
-func decodeTip(b []byte) (*tipDesc, error) {
-	if len(b) < 8 || !bytes.Equal(b[:8], []byte(magicTip)) {
-		return nil, fmt.Errorf("%w: no %s magic", format.ErrCorrupt, magicTip)
-	}
-	r := &rd{b: b[8:]}
-	t := &tipDesc{}
-	v := r.u16()
-	r.u16()
-	t.tokens = r.u64()
-	copy(t.tip[:], r.take(32))
-	nl, il, sl, dl, tl := int(r.u16()), int(r.u16()), int(r.u16()), int(r.u32()), int(r.u32())
-	if r.bad || dl > maxManifest || tl > 1<<20 {
-		return nil, fmt.Errorf("%w: tip object truncated", format.ErrCorrupt)
-	}
-	t.ns, t.id = string(r.take(nl)), string(r.take(il))
-	t.salt = append([]byte(nil), r.take(sl)...)
-	identB := r.take(dl)
-	for range tl {
-		if r.bad {
-			break
-		}
-		t.tail = append(t.tail, r.u32())
-	}
-	end := len(b) - len(r.b)
-	sum := r.u32()
-	if r.bad || len(r.b) != 0 {
-		return nil, fmt.Errorf("%w: tip object truncated or overlong", format.ErrCorrupt)
-	}
-	if crc32.Checksum(b[:end], format.Castagnoli) != sum {
-		return nil, fmt.Errorf("%w: tip object checksum mismatch", format.ErrCorrupt)
-	}
-	if v != groupVersion {
-		return nil, fmt.Errorf("%w: tip object version %d, this build reads %d", format.ErrCorrupt, v, groupVersion)
-	}
-	id, err := chunk.DecodeIdentity(identB)
-	if err != nil {
-		return nil, fmt.Errorf("%w: tip identity: %v", format.ErrCorrupt, err)
-	}
-	t.ident = id
-	return t, nil
-}
-
-// PublishTip writes the tip object of the named token-addressed context
-// ns/id whose token ids are p.Tokens (all of them: its full groups and its
-// tail), once its groups are in the bucket (PublishTokens): it names the
-// chain's tip key, the salt and the tail ids.
-func (c *Client) PublishTip(ctx context.Context, s *chunk.Store, id string, p chunk.Prefix) error {
-	gs, err := groupsOf(s, p)
-	if err != nil {
-		return err
-	}
-	t := &tipDesc{ns: p.Namespace, id: id, salt: p.Salt, ident: p.Identity, tokens: uint64(len(p.Tokens))}
-	if len(gs) > 0 {
-		t.tip = gs[len(gs)-1].key
-	}
-	t.tail = p.Tokens[len(gs)*s.ChunkTokens():]
-	b := t.encode()
-	return c.put(ctx, c.tipKey(p.Namespace, id), bytes.NewReader(b), int64(len(b)), map[string]string{"hcache-store": c.cfg.StoreID, "hcache-kind": "tip"})
-}
-
-// LookupTip reads and checks the tip object of ns/id: the chain tip, salt,
-// token count and tail ids of a named token-addressed context.
-func (c *Client) LookupTip(ctx context.Context, ns, id string) (tip chunk.ChainKey, salt []byte, tokens uint64, tail []uint32, err error) {
-	t, err := c.readTip(ctx, c.tipKey(ns, id))
-	if err != nil {
-		return tip, nil, 0, nil, err
-	}
-	if t.ns != ns || t.id != id {
-		return tip, nil, 0, nil, fmt.Errorf("%w: %s describes %s/%s", format.ErrCorrupt, c.tipKey(ns, id), t.ns, t.id)
-	}
-	return t.tip, t.salt, t.tokens, t.tail, nil
-}
-
-func (c *Client) readTip(ctx context.Context, key string) (*tipDesc, error) {
-	b, err := c.get(ctx, key, maxManifest)
-	if err != nil {
-		return nil, err
-	}
-	t, err := decodeTip(b)
-	if err != nil {
-		return nil, fmt.Errorf("%s: %w", key, err)
-	}
-	return t, nil
 }
 
 // groupParent reads the description of a group object (for gc's walk of a

@@ -253,21 +253,69 @@ func (c *Client) Fetch(ctx context.Context, m *Manifest, ahead int, fn func(laye
 var ErrHaveNewer = errors.New("remote: the local store holds the context already")
 
 // Import restores ns/id from the bucket by name into the local store s (a
-// promotion into the local tier): it reads the manifest, fetches and
-// verifies every layer, and writes them as a new local context. A local
-// copy holding fewer tokens is replaced. A failure leaves no local
-// context of that name (nothing partial is visible), only what was there.
+// promotion into the local tier). A named token-addressed context's form is
+// its tip object (version 2) and the group objects its chain reaches; any
+// other context's is its manifest and context object. Import reads both
+// the tip object and the manifest and takes the one with more tokens (a
+// conversation grows: more is newer; a tie goes to the tip), fetches and
+// verifies everything it needs, and writes it as a new local context (a
+// token-addressed one from a tip: its groups become local shared groups,
+// those the store held already are not fetched). A local copy holding
+// fewer tokens is replaced. A failure leaves no local context of that
+// name (nothing partial is visible), only what was there. A tip object
+// that is there but unreadable (corrupt, truncated, a group it reaches
+// missing or corrupt) fails the import, whatever the manifest says. For a
+// context imported from its tip object the Manifest returned describes it
+// (names, identity, tokens) with Object the tip object's key and no
+// layers.
 func (c *Client) Import(ctx context.Context, s *chunk.Store, ns, id string) (*Manifest, error) {
-	m, err := c.Lookup(ctx, ns, id)
+	m, tc, err := c.lookupByName(ctx, s, ns, id)
 	if err != nil {
-		return nil, err
+		return m, err
 	}
 	if info, err := s.Context(ns, id); err == nil {
 		if info.Tokens >= m.Tokens {
 			return m, fmt.Errorf("%w: %s/%s has %d tokens, the bucket %d", ErrHaveNewer, ns, id, info.Tokens, m.Tokens)
 		}
 	}
+	if tc != nil {
+		if tc, err = c.loadTipContext(ctx, s, tc); err != nil {
+			return m, err
+		}
+		return m, c.importTip(ctx, s, tc, 0, nil)
+	}
 	return m, c.importManifest(ctx, s, m, nil)
+}
+
+// lookupByName reads ns/id's manifest and tip object's description (at
+// once) and picks the newer (see Import): tc is set when it is the tip
+// object (to be read whole by loadTipContext), m describes the choice
+// either way. ErrNotFound: neither is there.
+func (c *Client) lookupByName(ctx context.Context, s *chunk.Store, ns, id string) (*Manifest, *tipContext, error) {
+	var tc *tipContext
+	var terr error
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		tc, terr = c.readTipContext(ctx, s, ns, id)
+	}()
+	m, merr := c.Lookup(ctx, ns, id)
+	<-done
+	switch {
+	case terr == nil:
+		if merr == nil && m.Tokens > tc.t.tokens {
+			return m, nil, nil
+		}
+		if merr != nil && !errors.Is(merr, ErrNotFound) {
+			return nil, nil, merr
+		}
+		t := tc.t
+		return &Manifest{Namespace: ns, ID: id, Identity: t.ident, Tokens: t.tokens, Object: c.tipKey(ns, id)}, tc, nil
+	case errors.Is(terr, ErrNotFound) || errors.Is(terr, errTipV1):
+		return m, nil, merr
+	default:
+		return nil, nil, terr
+	}
 }
 
 // importManifest writes m's context into s; each verified layer is also
@@ -317,7 +365,8 @@ func (c *Client) importManifest(ctx context.Context, s *chunk.Store, m *Manifest
 
 // RestoreByName serves ns/id: from the local store when it holds at least
 // minTokens tokens, else from the bucket (promoting it into the local
-// store as it streams). It reports where it came from.
+// store as it streams; see Import for which form is read). It reports
+// where it came from.
 func (c *Client) RestoreByName(ctx context.Context, s *chunk.Store, ns, id string, minTokens uint64, fn func(layer int, rows []byte) error) (from string, tokens int, err error) {
 	if info, err := s.Context(ns, id); err == nil && info.Tokens >= max(minTokens, 1) {
 		n, err := s.Restore(ns, id, info.Identity, fn)
@@ -325,14 +374,21 @@ func (c *Client) RestoreByName(ctx context.Context, s *chunk.Store, ns, id strin
 			return "local", n, err
 		}
 	}
-	m, err := c.Lookup(ctx, ns, id)
+	m, tc, err := c.lookupByName(ctx, s, ns, id)
 	if err != nil {
 		return "miss", 0, err
 	}
 	if m.Tokens < minTokens {
 		return "miss", 0, fmt.Errorf("%w: %s/%s: the bucket holds %d tokens, %d wanted", ErrNotFound, ns, id, m.Tokens, minTokens)
 	}
-	if err := c.importManifest(ctx, s, m, fn); err != nil {
+	if tc != nil {
+		if tc, err = c.loadTipContext(ctx, s, tc); err == nil {
+			err = c.importTip(ctx, s, tc, 0, fn)
+		}
+	} else {
+		err = c.importManifest(ctx, s, m, fn)
+	}
+	if err != nil {
 		return "remote", 0, err
 	}
 	return "remote", int(m.Tokens), nil

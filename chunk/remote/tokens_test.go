@@ -97,7 +97,7 @@ func TestByTokens(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if rep != (PublishReport{Groups: 3, Uploaded: 3}) {
+	if rep != (PublishReport{Groups: 3, Uploaded: 3, Batches: 1}) {
 		t.Fatalf("first publish: %+v", rep)
 	}
 	if rep, err = a.PublishTokens(ctx, sa, p, 4); err != nil || rep != (PublishReport{Groups: 3, Existing: 3}) {

@@ -13,7 +13,7 @@ import (
 
 func init() {
 	register("remote gc", "remove objects of the remote tier nothing refers to and older than --grace (idempotent; --dir: also this store's unlisted segments)", remoteGCCmd)
-	register("remote check", "check the remote tier read-only: every manifest, its context object's size, header and trailer (--deep: every layer's checksum)", remoteCheckCmd)
+	register("remote check", "check the remote tier read-only: every manifest, its context object's size, header and trailer (--deep: every layer's checksum, every group object and its parent link, each tip's chain of groups and its tail)", remoteCheckCmd)
 	register("remote fetch-segments", "copy this store's segment objects with no local file into --dir/segments (before hcache repair; writes nothing to the bucket)", remoteFetchCmd)
 	examples["remote gc"] = "hcache remote gc --remote-endpoint 127.0.0.1:8333 --remote-bucket hcache --dir /var/lib/hcache --remote-store-id node-a --grace 1h"
 	examples["remote check"] = "hcache remote check --remote-endpoint 127.0.0.1:8333 --remote-bucket hcache --deep --json"
@@ -98,7 +98,7 @@ func remoteGCCmd(args []string, stdout, stderr io.Writer) error {
 func remoteCheckCmd(args []string, stdout, stderr io.Writer) error {
 	var deep bool
 	c, f, err := remoteClient("remote check", args, stderr, func(f *targetFlags) {
-		f.BoolVar(&deep, "deep", false, "also read every layer and check its checksum")
+		f.BoolVar(&deep, "deep", false, "also read every layer and check its checksum, every group object, and walk each tip object's chain")
 	})
 	if err != nil {
 		return err
