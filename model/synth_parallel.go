@@ -3,8 +3,8 @@ package model
 import (
 	"math"
 	"math/rand"
-	"runtime"
-	"sync"
+
+	"github.com/hcache/hcache/internal/par"
 )
 
 // SynthesizeParallel makes seeded weights of every tensor the forward pass of c
@@ -60,7 +60,7 @@ func SynthesizeParallel(c *Config, seed int64) *Weights {
 			add(f.dst, f.like, len(f.like), f.base, f.std)
 		}
 	}
-	synthParallel(len(jobs), func(i int) {
+	par.Each(len(jobs), func(i int) {
 		j := jobs[i]
 		rng := rand.New(rand.NewSource(seed + int64(i)*104729))
 		v := make([]float32, j.n)
@@ -86,20 +86,4 @@ func roundToDtype(c *Config, v []float32) {
 		c.EncodeRow(b, s)
 		c.DecodeRow(s, b)
 	}
-}
-
-// synthParallel runs fn(0..n-1) on GOMAXPROCS goroutines.
-func synthParallel(n int, fn func(i int)) {
-	var wg sync.WaitGroup
-	sem := make(chan struct{}, runtime.GOMAXPROCS(0))
-	for i := 0; i < n; i++ {
-		wg.Add(1)
-		sem <- struct{}{}
-		go func(i int) {
-			defer wg.Done()
-			defer func() { <-sem }()
-			fn(i)
-		}(i)
-	}
-	wg.Wait()
 }

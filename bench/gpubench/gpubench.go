@@ -7,13 +7,13 @@ import (
 	"math/rand"
 	"runtime"
 	"sort"
-	"sync"
 	"time"
 
 	"golang.org/x/sys/unix"
 
 	"github.com/hcache/hcache/gpu"
 	"github.com/hcache/hcache/gpu/cuda"
+	"github.com/hcache/hcache/internal/par"
 	"github.com/hcache/hcache/model"
 )
 
@@ -24,7 +24,7 @@ func SynthKV(c *model.Config, seed int64) *model.Weights {
 	w := &model.Weights{Layers: make([]model.LayerWeights, c.Layers)}
 	kvd, d := c.KVDim(), c.HiddenSize
 	std := float32(1 / math.Sqrt(float64(d)))
-	parallel(c.Layers, func(l int) {
+	par.Each(c.Layers, func(l int) {
 		rng := rand.New(rand.NewSource(seed + int64(l)*7919))
 		lw := &w.Layers[l]
 		lw.Wk = randRounded(c, rng, kvd*d, std)
@@ -50,21 +50,6 @@ func randRounded(c *model.Config, rng *rand.Rand, n int, std float32) []float32 
 	return v
 }
 
-func parallel(n int, fn func(i int)) {
-	var wg sync.WaitGroup
-	sem := make(chan struct{}, runtime.GOMAXPROCS(0))
-	for i := 0; i < n; i++ {
-		wg.Add(1)
-		sem <- struct{}{}
-		go func(i int) {
-			defer wg.Done()
-			defer func() { <-sem }()
-			fn(i)
-		}(i)
-	}
-	wg.Wait()
-}
-
 // hostRows fills dst (rows of rowBytes) with encoded values, uniform with a
 // standard deviation of 1 (valid numbers of the dtype, never the poison
 // pattern). The result depends only on the seed: rows are split into a fixed
@@ -73,7 +58,7 @@ func hostRows(c *model.Config, dst []byte, rowBytes int, seed int64) {
 	rows := len(dst) / rowBytes
 	per := rowBytes / c.ElemBytes()
 	const parts = 64
-	parallel(parts, func(i int) {
+	par.Each(parts, func(i int) {
 		rng := rand.New(rand.NewSource(seed + int64(i)))
 		v := make([]float32, per)
 		for r := i; r < rows; r += parts {
@@ -131,7 +116,7 @@ func countPoison(buf []byte, eb int) int {
 	n := len(buf) / eb
 	parts := runtime.GOMAXPROCS(0)
 	counts := make([]int, parts)
-	parallel(parts, func(p int) {
+	par.Each(parts, func(p int) {
 		lo, hi := p*n/parts, (p+1)*n/parts
 		for i := lo; i < hi; i++ {
 			if isPoison(buf[i*eb : (i+1)*eb]) {
