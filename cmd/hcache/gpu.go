@@ -2,6 +2,7 @@ package main
 
 import (
 	"errors"
+	"flag"
 	"fmt"
 	"io"
 	"strconv"
@@ -9,7 +10,9 @@ import (
 	"time"
 
 	"github.com/hcache/hcache/bench/gpubench"
+	"github.com/hcache/hcache/gpu"
 	"github.com/hcache/hcache/gpu/cuda"
+	"github.com/hcache/hcache/internal/units"
 	"github.com/hcache/hcache/profiles"
 	"github.com/hcache/hcache/state"
 )
@@ -42,11 +45,76 @@ func defaultGPUProfile() string {
 func cudaFlags(fs interface {
 	String(string, string, string) *string
 	Int(string, int, string) *int
+	Var(flag.Value, string, string)
 }) func() cuda.Options {
 	cublas := fs.String("cublas", "", "libcublas path (default: $"+cuda.EnvCublas+", the loader's search, then the CUDA and PyTorch install directories)")
 	device := fs.Int("device", 0, "CUDA device ordinal")
 	slots := fs.Int("slots", cuda.DefaultSlots, "device staging buffers (layers in flight between copy and compute)")
-	return func() cuda.Options { return cuda.Options{CublasPath: *cublas, Device: *device, Slots: *slots} }
+	var restores restoresFlag
+	var restoreMem restoreMemoryFlag
+	fs.Var(&restores, "restores", fmt.Sprintf("run `N` restores at once on the CUDA backend, each on its own lane of streams and staging buffers, 1 to %d (default %d)", cuda.MaxRestores, cuda.DefaultRestores))
+	fs.Var(&restoreMem, "restore-memory", "`SIZE` of device memory the CUDA backend's restore lanes may hold together, e.g. 8G (default: a quarter of the device's memory); a restore that would need more fails")
+	return func() cuda.Options {
+		return cuda.Options{CublasPath: *cublas, Device: *device, Slots: *slots, Restores: int(restores), RestoreMemory: int64(restoreMem)}
+	}
+}
+
+// cudaOnlyFlags refuses the CUDA backend's lane flags (--restores,
+// --restore-memory) with a backend that is not CUDA: they would be
+// silently ignored.
+func cudaOnlyFlags(fs *flag.FlagSet, backend string) error {
+	if backend == gpu.SelectCUDA || backend == gpu.SelectAuto {
+		return nil
+	}
+	var err error
+	fs.Visit(func(f *flag.Flag) {
+		if err == nil && (f.Name == "restores" || f.Name == "restore-memory") {
+			err = fmt.Errorf("--%s is an option of the CUDA backend, not of --backend %s", f.Name, backend)
+		}
+	})
+	return err
+}
+
+// restoresFlag is --restores: cuda.Options.Restores, checked when parsed.
+type restoresFlag int
+
+func (f *restoresFlag) String() string {
+	if f == nil || *f == 0 {
+		return ""
+	}
+	return strconv.Itoa(int(*f))
+}
+
+func (f *restoresFlag) Set(s string) error {
+	n, err := strconv.Atoi(strings.TrimSpace(s))
+	if err != nil || n < 1 || n > cuda.MaxRestores {
+		return fmt.Errorf("%q: want how many restores run on the device at once, 1 to %d", s, cuda.MaxRestores)
+	}
+	*f = restoresFlag(n)
+	return nil
+}
+
+// restoreMemoryFlag is --restore-memory: cuda.Options.RestoreMemory, a
+// size (units.ParseSize), checked when parsed.
+type restoreMemoryFlag int64
+
+func (f *restoreMemoryFlag) String() string {
+	if f == nil || *f == 0 {
+		return ""
+	}
+	return units.FormatSize(int64(*f))
+}
+
+func (f *restoreMemoryFlag) Set(s string) error {
+	n, err := units.ParseSize(strings.TrimSpace(s))
+	if err != nil {
+		return err
+	}
+	if n == 0 {
+		return fmt.Errorf("%q: want a size of device memory such as 8G (leave the flag out for the default, a quarter of the device)", s)
+	}
+	*f = restoreMemoryFlag(n)
+	return nil
 }
 
 func gpuCheck(args []string, stdout, stderr io.Writer) error {
@@ -178,6 +246,9 @@ func benchGPU(args []string, stdout, stderr io.Writer) error {
 	}
 	t0 := time.Now()
 	if *plans != "" {
+		if err := cudaOnlyFlags(fs, *backend); err != nil {
+			return err
+		}
 		if cd != state.CodecNone {
 			return errors.New("--plan and --codec are separate benchmarks: give one")
 		}
