@@ -120,3 +120,32 @@ func TestCUDALaneFlags(t *testing.T) {
 		}
 	}
 }
+
+// `gpu lanes` on the CPU backend: JSON with both codecs and both
+// concurrency levels passing; its flag errors.
+func TestGPULanesCPU(t *testing.T) {
+	code, out, errs := runCLI("gpu", "lanes", "--backend", "cpu", "--tokens", "24", "--reps", "1", "--dir", t.TempDir(), "--json")
+	if code != 0 {
+		t.Fatalf("exit %d\n%s", code, errs)
+	}
+	var res gpubench.LanesResult
+	if err := json.Unmarshal([]byte(out), &res); err != nil {
+		t.Fatalf("%v\n%s", err, out)
+	}
+	if res.Failed != 0 || len(res.Codecs) != 2 || res.Codecs[1].Codec != "fp8-block" || len(res.Concurrency) != 2 || res.Concurrency[1].N != 2*res.Lanes {
+		t.Fatalf("%+v", res)
+	}
+	for _, c := range []struct {
+		args []string
+		msg  string
+	}{
+		{[]string{"--backend", "cpu", "--restores", "2"}, "--restores is an option of the CUDA backend"},
+		{[]string{"--backend", "cpu", "--tokens", "0"}, "--tokens 0"},
+		{[]string{"--backend", "cpu", "--model", "nosuch"}, "nosuch"},
+	} {
+		code, out, errs := runCLI(append([]string{"gpu", "lanes", "--dir", t.TempDir()}, c.args...)...)
+		if code == 0 || !strings.Contains(out+errs, c.msg) {
+			t.Errorf("%v: exit %d, output %q lacks %q", c.args, code, out+errs, c.msg)
+		}
+	}
+}
