@@ -10,12 +10,14 @@
 # run in order of importance; SKIP="name ..." leaves steps out. Estimates on
 # an H200 (16 cores, 1.9 GB/s disk), in order:
 #   check      ~30 s  (90)   `hcache gpu check`: every preset shape against the CPU reference
-#   lanes      ~30 s  (90)   `hcache gpu lanes`: fp8 / fp8-block contexts (llama2-7b's first
-#                            $LANES_LAYERS layers, $LANES_TOKENS tokens) restored from a store through
-#                            serve with the rows decoded on the device (the copy moves the fp8 bytes)
-#                            against decoded on the host (bit-exact) and the CPU backend (hidden within
-#                            the projection's tolerance, KV exact); N = lanes and 2x lanes restores at
-#                            once, each against its restore alone, timed against N in turn
+#   lanes      ~30 s  (90)   `hcache gpu lanes` (what the lanes and fp8 on the device need a GPU
+#                            to show; not yet run on one): llama2-7b's first $LANES_LAYERS layers
+#                            (hidden, then KV), through serve from a store. (a) fp8 and fp8-block
+#                            contexts of $LANES_CODEC_TOKENS tokens decoded on the device (the copy
+#                            moves the fp8 bytes) against decoded on the host (bit-exact) and the
+#                            CPU backend (hidden within the projection's tolerance, KV exact);
+#                            (b) N = lanes and 2x lanes restores of $LANES_TOKENS tokens at once,
+#                            each against its restore alone, timed against N in turn
 #   mixed      ~20 s  (120)  `hcache gpu mixed`: the device recompute against the CPU forward pass,
 #                            and mixed plans (recomputed prefix, hidden, KV) restored from a store
 #                            through serve's pipeline against the all-KV restore
@@ -74,6 +76,7 @@ READ_BYTES=${READ_BYTES:-2G}
 LANES_MODEL=${LANES_MODEL:-$PLAN_MODEL}
 LANES_LAYERS=${LANES_LAYERS:-4}
 LANES_TOKENS=${LANES_TOKENS:-1024}
+LANES_CODEC_TOKENS=${LANES_CODEC_TOKENS:-128}
 GQA_TOKENS=${GQA_TOKENS:-4096,16384}
 TORCH_DEVICE=${TORCH_DEVICE:-$([ "$BACKEND" = cuda ] && echo cuda || echo cpu)}
 TORCH_PYTHON=${TORCH_PYTHON:-}
@@ -105,7 +108,8 @@ step() { # name, timeout seconds, command...
 	[ $r -eq 0 ] || rc=1
 }
 step check 90 "$BIN" gpu check --tokens 200 --json
-step lanes 90 "$BIN" gpu lanes --backend "$BACKEND" --model "$LANES_MODEL" --layers "$LANES_LAYERS" --tokens "$LANES_TOKENS" --reps 3 \
+step lanes 90 "$BIN" gpu lanes --backend "$BACKEND" --model "$LANES_MODEL" --layers "$LANES_LAYERS" --tokens "$LANES_TOKENS" \
+	--codec-tokens "$LANES_CODEC_TOKENS" --reps 3 \
 	--dir "$STORE" --json
 step mixed 120 "$BIN" gpu mixed --tokens 200 --dir "$STORE" --json
 # Issue 18: the measured device profile, then the plans benchmark with it.
@@ -217,7 +221,7 @@ except Exception as e:
     print(f"gpu check: failed: {e}")
 try:
     c = load("lanes.json")
-    print(f"\ngpu lanes: {c['model']} {c['layers']} layers (hidden/kv {c['plan']}), {c['tokens']} tokens on {c['device']}, {c['lanes']} lanes, {c['failed']} failed")
+    print(f"\ngpu lanes: {c['model']} {c['layers']} layers (hidden/kv {c['plan']}), {c['tokens']} tokens (codec check {c['codec_tokens']}) on {c['device']}, {c['lanes']} lanes, {c['failed']} failed")
     for r in c["codecs"]:
         print(f"  {r['codec']:9s} on device {r['decoded_on_device']} copied {r['copied_bytes']} B (host-decoded {r['host_decoded_bytes']} B) exact vs host decode {r['exact_vs_host_decode']} (max err {r['max_rel_err_vs_host_decode']:.1e}) vs cpu: hidden {r['hidden_rel_err_vs_cpu']:.1e} (tol {r['hidden_tolerance']:.0e}) kv exact {r['kv_exact_vs_cpu']} ok {r['ok']} {r.get('error', '')}")
     for r in c["concurrency"]:

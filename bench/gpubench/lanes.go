@@ -1,6 +1,7 @@
 package gpubench
 
 import (
+	"errors"
 	"fmt"
 	"io"
 	"math"
@@ -24,7 +25,11 @@ import (
 type LanesOptions struct {
 	Model  string // preset (default tiny-llama)
 	Layers int    // the preset's first Layers layers (0: all)
-	Tokens int    // tokens per context
+	Tokens int    // tokens per context of the concurrency check
+	// CodecTokens: tokens of the codec check's contexts, which the CPU
+	// backend also restores (its projection is slow on big shapes);
+	// default min(Tokens, 256).
+	CodecTokens int
 	// Dir is where the temporary store is created.
 	Dir string
 	// Backend: "cuda" (default) or "cpu" (a host cache: the same check
@@ -47,7 +52,9 @@ type LanesResult struct {
 	Backend string `json:"backend"`
 	Device  string `json:"device"`
 	Tokens  int    `json:"tokens"`
-	Layers  int    `json:"layers"`
+	// CodecTokens: the codec check's contexts' tokens.
+	CodecTokens int `json:"codec_tokens"`
+	Layers      int `json:"layers"`
 	// Plan is the stored plan: hidden/kv layer counts (hidden first).
 	Plan string `json:"plan"`
 	// Lanes is the backend's Concurrency (the CPU's unbounded one is
@@ -119,8 +126,11 @@ func (o *LanesOptions) check() error {
 	if o.Tokens <= 0 {
 		return fmt.Errorf("gpubench: %d tokens per context", o.Tokens)
 	}
-	if o.Layers < 0 {
-		return fmt.Errorf("gpubench: %d layers", o.Layers)
+	if o.Layers < 0 || o.CodecTokens < 0 {
+		return fmt.Errorf("gpubench: %d layers, %d codec tokens", o.Layers, o.CodecTokens)
+	}
+	if o.CodecTokens == 0 {
+		o.CodecTokens = min(o.Tokens, 256)
 	}
 	if o.Reps <= 0 {
 		o.Reps = 3
@@ -163,7 +173,7 @@ func CheckLanes(o LanesOptions) (*LanesResult, error) {
 		}
 		c.Layers = o.Layers
 	}
-	c.MaxPositions = max(c.MaxPositions, o.Tokens)
+	c.MaxPositions = max(c.MaxPositions, o.Tokens, o.CodecTokens)
 	if o.Backend == gpu.SelectCUDA {
 		if _, _, err := cuda.Probe(o.CUDA.CublasPath); err != nil {
 			return nil, err
@@ -188,7 +198,7 @@ func CheckLanes(o LanesOptions) (*LanesResult, error) {
 	}
 	defer cpu.Close()
 	dev, _ := b.(*cuda.Backend)
-	res := &LanesResult{Model: o.Model, Backend: b.Name(), Device: "cpu", Tokens: n, Layers: L, Lanes: b.Concurrency()}
+	res := &LanesResult{Model: o.Model, Backend: b.Name(), Device: "cpu", Tokens: n, CodecTokens: o.CodecTokens, Layers: L, Lanes: b.Concurrency()}
 	if dev != nil {
 		res.Device = dev.Device()
 	}
@@ -221,7 +231,7 @@ func CheckLanes(o LanesOptions) (*LanesResult, error) {
 	}
 	split.KV = L - split.Hidden
 	res.Plan = fmt.Sprintf("%d/%d", split.Hidden, split.KV)
-	lc := &lanesCtx{c: &c, st: st, dev: dev, n: n, split: split, rng: rand.New(rand.NewSource(o.Seed))}
+	lc := &lanesCtx{c: &c, st: st, dev: dev, n: o.CodecTokens, split: split, rng: rand.New(rand.NewSource(o.Seed))}
 
 	// (a) fp8 decoded on the device against decoded on the host.
 	onHost := serve.NewRestorer(st, hostDecoded{b}, serve.Settings{})
@@ -240,6 +250,7 @@ func CheckLanes(o LanesOptions) (*LanesResult, error) {
 	}
 
 	// (b) N restores at once against each alone.
+	lc.n = n
 	for _, N := range []int{res.Lanes, 2 * res.Lanes} {
 		r := ConcurrentRun{N: N}
 		if err := lc.checkConcurrent(&r, b, o.Reps, o.Seed+1000*int64(N)); err != nil {
@@ -292,7 +303,7 @@ type lanesCtx struct {
 	c     *model.Config
 	st    *chunk.Store
 	dev   *cuda.Backend
-	n     int
+	n     int // tokens of the contexts saved next
 	split sched.Split
 	rng   *rand.Rand
 	ids   int
@@ -313,47 +324,50 @@ func (lc *lanesCtx) save(cd state.Codec, seed int64) (string, *state.Identity, i
 	if err != nil {
 		return "", nil, 0, err
 	}
-	rng := rand.New(rand.NewSource(seed))
 	kvd := c.KVDim()
 	var total int64
 	for l, p := range plan {
 		rb := int(p.RowBytes)
 		rows := make([]byte, lc.n*rb)
-		segs := 1
+		segs, per := 1, c.HiddenSize
 		if p.Kind == state.LayerKV {
-			segs = 2
+			segs, per = 2, kvd
 		}
-		per := c.HiddenSize
-		if segs == 2 {
-			per = kvd
-		}
-		v := make([]float32, segs*per)
-		for t := 0; t < lc.n; t++ {
-			scale := float32(math.Exp(rng.NormFloat64())) // rows of different sizes: per-token scales differ
-			for j := range v {
-				v[j] = float32(rng.NormFloat64()) * scale
-			}
-			// In the model dtype first: what an engine hands over.
+		// Parts of 64 tokens in parallel, each with its own seeded stream.
+		const part = 64
+		parts := (lc.n + part - 1) / part
+		errs := make([]error, parts)
+		parallel(parts, func(i int) {
+			rng := rand.New(rand.NewSource(seed*1_000_003 + int64(l)*10_007 + int64(i)))
+			v := make([]float32, segs*per)
 			mb := make([]byte, len(v)*c.ElemBytes())
-			c.EncodeRow(mb, v)
-			c.DecodeRow(v, mb)
-			dst := rows[t*rb : (t+1)*rb]
-			if cd == state.CodecNone {
-				copy(dst, mb)
-				continue
+			for t := i * part; t < min(lc.n, (i+1)*part); t++ {
+				scale := float32(math.Exp(rng.NormFloat64())) // rows of different sizes: per-token scales differ
+				for j := range v {
+					v[j] = float32(rng.NormFloat64()) * scale
+				}
+				// In the model dtype first: what an engine hands over.
+				c.EncodeRow(mb, v)
+				c.DecodeRow(v, mb)
+				dst := rows[t*rb : (t+1)*rb]
+				switch {
+				case cd == state.CodecNone:
+					copy(dst, mb)
+				case segs == 1:
+					errs[i] = codec.EncodeRow(cd, c.DType, dst, v)
+				default:
+					errs[i] = codec.EncodeRow(cd, c.DType, dst, v[:kvd], v[kvd:])
+				}
+				if errs[i] != nil {
+					return
+				}
 			}
-			var err error
-			if segs == 1 {
-				err = codec.EncodeRow(cd, c.DType, dst, v)
-			} else {
-				err = codec.EncodeRow(cd, c.DType, dst, v[:kvd], v[kvd:])
-			}
-			if err != nil {
-				wr.Close()
-				return "", nil, 0, err
-			}
+		})
+		err := errors.Join(errs...)
+		if err == nil {
+			err = wr.AppendLayer(l, rows)
 		}
-		if err := wr.AppendLayer(l, rows); err != nil {
+		if err != nil {
 			wr.Close()
 			return "", nil, 0, err
 		}

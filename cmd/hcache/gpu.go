@@ -190,14 +190,15 @@ func gpuLanes(args []string, stdout, stderr io.Writer) error {
 			"the projection's tolerance, KV exact); (b) N restores of different contexts at once (N = the lanes, then\n"+
 			"twice the lanes; codecs none, fp8, fp8-block in turn) must each equal its restore alone; N at once is\n"+
 			"timed against N in turn. Exits 1 on any disagreement.\n\n"+
-			"Example:\n  hcache gpu lanes --model llama2-7b --layers 4 --tokens 1024 --dir /tmp --json\n"+
+			"Example:\n  hcache gpu lanes --model llama2-7b --layers 4 --tokens 1024 --codec-tokens 128 --dir /tmp --json\n"+
 			"  hcache gpu lanes --backend cpu --tokens 64 --dir /tmp\n\nflags:")
 		fs.PrintDefaults()
 	}
 	opts := cudaFlags(fs)
 	modelName := fs.String("model", "tiny-llama", "preset")
 	layers := fs.Int("layers", 0, "the preset's first N layers (0: all)")
-	tokens := fs.Int("tokens", 256, "tokens per context")
+	tokens := fs.Int("tokens", 256, "tokens per context of the concurrency check")
+	codecTokens := fs.Int("codec-tokens", 0, "tokens per context of the codec check, which the CPU backend restores too (default: --tokens, at most 256)")
 	dir := fs.String("dir", "", "directory of the temporary store (default: the system's temporary directory)")
 	backend := fs.String("backend", "cuda", "cuda, or cpu (host caches; the CPU backend decodes on the host)")
 	reps := fs.Int("reps", 3, "timed rounds of N in turn and N at once, after one checked round")
@@ -209,10 +210,10 @@ func gpuLanes(args []string, stdout, stderr io.Writer) error {
 	if err := cudaOnlyFlags(fs, *backend); err != nil {
 		return err
 	}
-	if *tokens <= 0 || *layers < 0 || *reps <= 0 {
-		return fmt.Errorf("--tokens %d, --layers %d, --reps %d: want positive tokens and rounds, layers >= 0", *tokens, *layers, *reps)
+	if *tokens <= 0 || *codecTokens < 0 || *layers < 0 || *reps <= 0 {
+		return fmt.Errorf("--tokens %d, --codec-tokens %d, --layers %d, --reps %d: want positive tokens and rounds, layers >= 0", *tokens, *codecTokens, *layers, *reps)
 	}
-	res, err := gpubench.CheckLanes(gpubench.LanesOptions{Model: *modelName, Layers: *layers, Tokens: *tokens, Dir: *dir, Backend: *backend,
+	res, err := gpubench.CheckLanes(gpubench.LanesOptions{Model: *modelName, Layers: *layers, Tokens: *tokens, CodecTokens: *codecTokens, Dir: *dir, Backend: *backend,
 		Reps: *reps, Seed: *seed, CUDA: opts(), Progress: stderr})
 	if err != nil {
 		if errors.Is(err, cuda.ErrNoDevice) {
@@ -225,7 +226,7 @@ func gpuLanes(args []string, stdout, stderr io.Writer) error {
 			return err
 		}
 	} else {
-		fmt.Fprintf(stdout, "%s, %d layers (hidden/kv %s), %d tokens on %s, %d lanes\n", res.Model, res.Layers, res.Plan, res.Tokens, res.Device, res.Lanes)
+		fmt.Fprintf(stdout, "%s, %d layers (hidden/kv %s), %d tokens (codec check %d) on %s, %d lanes\n", res.Model, res.Layers, res.Plan, res.Tokens, res.CodecTokens, res.Device, res.Lanes)
 		for _, r := range res.Codecs {
 			fmt.Fprintf(stdout, "  %-9s decoded on the device %-5v copied %d bytes (host-decoded %d): exact vs host decode %v (max err %.1e), vs cpu hidden %.1e (tolerance %.0e) kv exact %v: ok %v %s\n",
 				r.Codec, r.DecodedOnDevice, r.CopiedBytes, r.HostDecodedBytes, r.Exact, r.MaxErrVsHost, r.HiddenErrVsCPU, r.HiddenTolerance, r.KVExactVsCPU, r.OK, r.Error)
