@@ -34,6 +34,13 @@ type Model struct {
 // is a device backend linked into the binary, CUDA when cmd/hcached links
 // gpu/cuda, when one can be used here, else the CPU backend).
 func LoadModel(name, dir, backend string) (*Model, error) {
+	return LoadModelWith(name, dir, backend, nil)
+}
+
+// LoadModelWith is LoadModel with the backend's options (gpu.Select's opts:
+// a cuda.Options for the CUDA backend, given by the binary that links it;
+// nil: the defaults).
+func LoadModelWith(name, dir, backend string, opts any) (*Model, error) {
 	c, err := model.LoadConfig(dir)
 	if err != nil {
 		return nil, err
@@ -42,7 +49,7 @@ func LoadModel(name, dir, backend string) (*Model, error) {
 	if err != nil {
 		return nil, err
 	}
-	b, note, err := gpu.Select(backend, c, w, nil)
+	b, note, err := gpu.Select(backend, c, w, opts)
 	if err != nil {
 		return nil, err
 	}

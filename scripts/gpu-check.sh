@@ -10,6 +10,14 @@
 # run in order of importance; SKIP="name ..." leaves steps out. Estimates on
 # an H200 (16 cores, 1.9 GB/s disk), in order:
 #   check      ~30 s  (90)   `hcache gpu check`: every preset shape against the CPU reference
+#   lanes      ~30 s  (90)   `hcache gpu lanes` (what the lanes and fp8 on the device need a GPU
+#                            to show; not yet run on one): llama2-7b's first $LANES_LAYERS layers
+#                            (hidden, then KV), through serve from a store. (a) fp8 and fp8-block
+#                            contexts of $LANES_CODEC_TOKENS tokens decoded on the device (the copy
+#                            moves the fp8 bytes) against decoded on the host (bit-exact) and the
+#                            CPU backend (hidden within the projection's tolerance, KV exact);
+#                            (b) N = lanes and 2x lanes restores of $LANES_TOKENS tokens at once,
+#                            each against its restore alone, timed against N in turn
 #   mixed      ~20 s  (120)  `hcache gpu mixed`: the device recompute against the CPU forward pass,
 #                            and mixed plans (recomputed prefix, hidden, KV) restored from a store
 #                            through serve's pipeline against the all-KV restore
@@ -26,10 +34,12 @@
 #                            Targets: scheduled <= 0.9x the best other at 4K and 16K; hcache's
 #                            recompute <= 1.3x PyTorch's.
 #   save-check ~240 s (240)  scripts/gpu-save-check.sh when present (another helper's), OUT=$OUT/save
-#   llama2-7b  ~50 s  (120)  `hcache bench gpu` from pinned memory: copy-only, hidden, KV
+#   llama2-7b  ~40 s  (120)  `hcache bench gpu` from pinned memory: copy-only, hidden, KV (3 rounds)
 #   disk       ~10 s  (60)   `hcache bench io`: the disk with hcache's io_uring engine
 #   codec-fp8  ~20 s  (90)   `hcache bench gpu --codec fp8` (issue 23)
-#   llama3-8b  ~50 s  (120)  `hcache bench gpu` for GQA
+#   llama3-8b  ~30 s  (120)  `hcache bench gpu` for GQA at $GQA_TOKENS (3 rounds)
+# (To make room for lanes: llama2-7b and llama3-8b time 3 rounds instead of
+# 5, and llama3-8b leaves out 1024 tokens: GQA_TOKENS=4096,16384.)
 # (The earlier from-store step is superseded by `plans`, which restores
 # from a store at every token count.) None of the issue-18 steps has run on
 # a GPU before this script's first run: see their logs.
@@ -58,10 +68,16 @@ PROFILE_NAME=${PROFILE_NAME:-h200-measured}
 STORE=${STORE_DIR:-/tmp}
 SKIP=${SKIP:-}
 # A smoke run without a GPU: BACKEND=cpu PLAN_MODEL=demo-llama PLAN_TOKENS=64,128 READ_BYTES=8M
-# SKIP="check mixed llama2-7b disk codec-fp8 llama3-8b" (the profile and plans steps on the CPU).
+# LANES_TOKENS=64 SKIP="check mixed save-check llama2-7b disk codec-fp8 llama3-8b" (the lanes, profile and
+# plans steps on the CPU).
 BACKEND=${BACKEND:-cuda}
 PLAN_MODEL=${PLAN_MODEL:-llama2-7b}
 READ_BYTES=${READ_BYTES:-2G}
+LANES_MODEL=${LANES_MODEL:-$PLAN_MODEL}
+LANES_LAYERS=${LANES_LAYERS:-4}
+LANES_TOKENS=${LANES_TOKENS:-1024}
+LANES_CODEC_TOKENS=${LANES_CODEC_TOKENS:-128}
+GQA_TOKENS=${GQA_TOKENS:-4096,16384}
 TORCH_DEVICE=${TORCH_DEVICE:-$([ "$BACKEND" = cuda ] && echo cuda || echo cpu)}
 TORCH_PYTHON=${TORCH_PYTHON:-}
 if [ -z "$TORCH_PYTHON" ]; then
@@ -92,6 +108,9 @@ step() { # name, timeout seconds, command...
 	[ $r -eq 0 ] || rc=1
 }
 step check 90 "$BIN" gpu check --tokens 200 --json
+step lanes 90 "$BIN" gpu lanes --backend "$BACKEND" --model "$LANES_MODEL" --layers "$LANES_LAYERS" --tokens "$LANES_TOKENS" \
+	--codec-tokens "$LANES_CODEC_TOKENS" --reps 3 \
+	--dir "$STORE" --json
 step mixed 120 "$BIN" gpu mixed --tokens 200 --dir "$STORE" --json
 # Issue 18: the measured device profile, then the plans benchmark with it.
 step profile 180 "$BIN" profile --backend "$BACKEND" --model "$PLAN_MODEL" --tokens "$PLAN_TOKENS" --rounds 3 --read-bytes "$READ_BYTES" \
@@ -115,12 +134,12 @@ if [ -f scripts/gpu-save-check.sh ]; then
 	mkdir -p "$OUT/save"
 	step save-check 240 env OUT="$OUT/save" bash scripts/gpu-save-check.sh
 fi
-step llama2-7b 120 "$BIN" bench gpu --model llama2-7b --tokens "$TOKENS" --reps 5 --json
+step llama2-7b 120 "$BIN" bench gpu --model llama2-7b --tokens "$TOKENS" --reps 3 --json
 # The disk's read bandwidth with hcache's io_uring engine (fio is not
 # installed on the GPU machines; it is used where it is).
 step disk 60 "$BIN" bench io --dir "$STORE" --size 2G --bs 1M --qd 32 --rounds 1 $(command -v fio >/dev/null || echo --no-fio) --json
 step codec-fp8 90 "$BIN" bench gpu --codec fp8 --model llama2-7b --tokens "$TOKENS" --reps 5 --json
-step llama3-8b 120 "$BIN" bench gpu --model llama3-8b --tokens "$TOKENS" --reps 5 --json
+step llama3-8b 120 "$BIN" bench gpu --model llama3-8b --tokens "$GQA_TOKENS" --reps 3 --json
 python3 - "$OUT" "$PROFILE_NAME" <<'PY' | tee "$OUT/table.md"
 import json, sys, os
 out, prof_name = sys.argv[1], sys.argv[2]
@@ -200,6 +219,16 @@ try:
         print(f"  {r['preset']:18s} {r['dtype']:9s} max_rel_err {r['max_rel_err']:.2e} max_abs_err {r['max_abs_err']:.2e} unwritten {r['unwritten']} kv_exact {r['kv_exact']} ok {r['ok']}")
 except Exception as e:
     print(f"gpu check: failed: {e}")
+try:
+    c = load("lanes.json")
+    print(f"\ngpu lanes: {c['model']} {c['layers']} layers (hidden/kv {c['plan']}), {c['tokens']} tokens (codec check {c['codec_tokens']}) on {c['device']}, {c['lanes']} lanes, {c['failed']} failed")
+    for r in c["codecs"]:
+        print(f"  {r['codec']:9s} on device {r['decoded_on_device']} copied {r['copied_bytes']} B (host-decoded {r['host_decoded_bytes']} B) exact vs host decode {r['exact_vs_host_decode']} (max err {r['max_rel_err_vs_host_decode']:.1e}) vs cpu: hidden {r['hidden_rel_err_vs_cpu']:.1e} (tol {r['hidden_tolerance']:.0e}) kv exact {r['kv_exact_vs_cpu']} ok {r['ok']} {r.get('error', '')}")
+    for r in c["concurrency"]:
+        q = r["concurrent_over_sequential"]
+        print(f"  {r['n']:2d} at once: equal to alone {r['equal']} {r.get('mismatched') or ''}; at once {r['concurrent_ms']:.2f} ms, in turn {r['sequential_ms']:.2f} ms, {q['median']:.3f}x [{q['min']:.3f}-{q['max']:.3f}] ({r['bytes_read']} B) ok {r['ok']} {r.get('error', '')}")
+except Exception as e:
+    print(f"gpu lanes: failed: {e}")
 try:
     c = load("mixed.json")
     print(f"\ngpu mixed: {len(c['checks'])} presets, {c['failed']} failed")

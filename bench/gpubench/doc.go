@@ -1,5 +1,6 @@
 // Package gpubench measures the CUDA backend on a GPU and checks it against
-// the CPU reference: `hcache gpu check` (every preset shape) and
+// the CPU reference: `hcache gpu check` (every preset shape), `hcache gpu
+// lanes` (fp8 decoded on the device, restores at once) and
 // `hcache bench gpu` (pipelined hidden restore against a copy-only baseline
 // and KV offload, from pinned host memory or from a store on disk).
 //
@@ -24,6 +25,27 @@
 // in the warm-up round each plan restores into a poisoned cache, and
 // its first, last recomputed, first stored and last layers must hold no
 // poison. Correctness against the CPU forward pass is `gpu mixed`'s.
+//
+// # Lanes and fp8 on the device
+//
+// `hcache gpu lanes` (CheckLanes) checks what only a GPU shows of the
+// restore lanes and of fp8 decoded on the device, through serve.Restorer
+// from a store, for a preset's first layers stored hidden then KV: (a) a
+// context under each fp8 codec restored with the rows decoded on the device
+// (the restore is a gpu.DeviceDecoder: the copy moves the stored bytes,
+// `copied_bytes`) must equal, bit for bit, the same restore through a
+// backend wrapper that hides Encoded (serve decodes on the host, the device
+// gets the model dtype), and the CPU backend's restore (hidden layers within
+// CheckTolerance, KV exact); (b) N = the lanes, then twice the lanes,
+// restores of different contexts (codecs none, fp8, fp8-block in turn) at
+// once must each equal its restore alone, and N at once is timed against N
+// in turn (rounds alternating the order; median and range of the ratio).
+// The codec check's contexts are short (`--codec-tokens`, default at most
+// 256): the CPU backend restores them too. With `--backend cpu` the same
+// check runs on the host (`TestCheckLanesCPU`); `TestCheckLanesFindsFaults`
+// gives it a CPU backend whose restores decode fp8 themselves, and a decode
+// off by one bit, or a restore off by one bit only while another runs, fails
+// it. It has not run on a GPU yet.
 //
 // # How bench gpu times
 //

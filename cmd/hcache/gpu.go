@@ -2,6 +2,7 @@ package main
 
 import (
 	"errors"
+	"flag"
 	"fmt"
 	"io"
 	"strconv"
@@ -9,7 +10,9 @@ import (
 	"time"
 
 	"github.com/hcache/hcache/bench/gpubench"
+	"github.com/hcache/hcache/gpu"
 	"github.com/hcache/hcache/gpu/cuda"
+	"github.com/hcache/hcache/internal/units"
 	"github.com/hcache/hcache/profiles"
 	"github.com/hcache/hcache/state"
 )
@@ -17,6 +20,7 @@ import (
 func init() {
 	register("gpu check", "CUDA backend against the CPU reference on every preset shape (needs a GPU)", gpuCheck)
 	register("gpu ipc-child", "(used by gpu check) restore into another process's cache opened by its CUDA IPC handle", gpuIPCChild)
+	register("gpu lanes", "fp8 states decoded on the device against decoded on the host, and N restores at once against each alone, from a store through serve (needs a GPU, or --backend cpu)", gpuLanes)
 	register("gpu mixed", "mixed plans on the GPU: device recompute vs the CPU, scheduled-plan restore vs all-KV (needs a GPU)", gpuMixed)
 	register("bench gpu", "restore into GPU memory: pipelined hidden vs copy-only vs KV offload; with --plan, scheduled/hidden/kv/recompute plans from a store (needs a GPU, or --backend cpu)", benchGPU)
 }
@@ -42,11 +46,76 @@ func defaultGPUProfile() string {
 func cudaFlags(fs interface {
 	String(string, string, string) *string
 	Int(string, int, string) *int
+	Var(flag.Value, string, string)
 }) func() cuda.Options {
 	cublas := fs.String("cublas", "", "libcublas path (default: $"+cuda.EnvCublas+", the loader's search, then the CUDA and PyTorch install directories)")
 	device := fs.Int("device", 0, "CUDA device ordinal")
 	slots := fs.Int("slots", cuda.DefaultSlots, "device staging buffers (layers in flight between copy and compute)")
-	return func() cuda.Options { return cuda.Options{CublasPath: *cublas, Device: *device, Slots: *slots} }
+	var restores restoresFlag
+	var restoreMem restoreMemoryFlag
+	fs.Var(&restores, "restores", fmt.Sprintf("run `N` restores at once on the CUDA backend, each on its own lane of streams and staging buffers, 1 to %d (default %d)", cuda.MaxRestores, cuda.DefaultRestores))
+	fs.Var(&restoreMem, "restore-memory", "`SIZE` of device memory the CUDA backend's restore lanes may hold together, e.g. 8G (default: a quarter of the device's memory); a restore that would need more fails")
+	return func() cuda.Options {
+		return cuda.Options{CublasPath: *cublas, Device: *device, Slots: *slots, Restores: int(restores), RestoreMemory: int64(restoreMem)}
+	}
+}
+
+// cudaOnlyFlags refuses the CUDA backend's lane flags (--restores,
+// --restore-memory) with a backend that is not CUDA: they would be
+// silently ignored.
+func cudaOnlyFlags(fs *flag.FlagSet, backend string) error {
+	if backend == gpu.SelectCUDA || backend == gpu.SelectAuto {
+		return nil
+	}
+	var err error
+	fs.Visit(func(f *flag.Flag) {
+		if err == nil && (f.Name == "restores" || f.Name == "restore-memory") {
+			err = fmt.Errorf("--%s is an option of the CUDA backend, not of --backend %s", f.Name, backend)
+		}
+	})
+	return err
+}
+
+// restoresFlag is --restores: cuda.Options.Restores, checked when parsed.
+type restoresFlag int
+
+func (f *restoresFlag) String() string {
+	if f == nil || *f == 0 {
+		return ""
+	}
+	return strconv.Itoa(int(*f))
+}
+
+func (f *restoresFlag) Set(s string) error {
+	n, err := strconv.Atoi(strings.TrimSpace(s))
+	if err != nil || n < 1 || n > cuda.MaxRestores {
+		return fmt.Errorf("%q: want how many restores run on the device at once, 1 to %d", s, cuda.MaxRestores)
+	}
+	*f = restoresFlag(n)
+	return nil
+}
+
+// restoreMemoryFlag is --restore-memory: cuda.Options.RestoreMemory, a
+// size (units.ParseSize), checked when parsed.
+type restoreMemoryFlag int64
+
+func (f *restoreMemoryFlag) String() string {
+	if f == nil || *f == 0 {
+		return ""
+	}
+	return units.FormatSize(int64(*f))
+}
+
+func (f *restoreMemoryFlag) Set(s string) error {
+	n, err := units.ParseSize(strings.TrimSpace(s))
+	if err != nil {
+		return err
+	}
+	if n == 0 {
+		return fmt.Errorf("%q: want a size of device memory such as 8G (leave the flag out for the default, a quarter of the device)", s)
+	}
+	*f = restoreMemoryFlag(n)
+	return nil
 }
 
 func gpuCheck(args []string, stdout, stderr io.Writer) error {
@@ -107,6 +176,68 @@ func gpuMixed(args []string, stdout, stderr io.Writer) error {
 	}
 	if bad > 0 {
 		return fmt.Errorf("%d presets' mixed-plan restores disagree", bad)
+	}
+	return nil
+}
+
+func gpuLanes(args []string, stdout, stderr io.Writer) error {
+	fs := newFlags("gpu lanes", stderr)
+	fs.Usage = func() {
+		fmt.Fprintln(stderr, "hcache gpu lanes: what only a GPU shows of the restore lanes and fp8 decoded on the device, through\n"+
+			"serve's pipeline from a store: (a) a context stored under fp8 and fp8-block (hidden layers, then KV layers)\n"+
+			"restored with the rows decoded on the device (the copy moves the fp8 bytes, hc_fp8_dequant decodes) must\n"+
+			"equal the same restore with the rows decoded on the host bit for bit, and the CPU backend's (hidden within\n"+
+			"the projection's tolerance, KV exact); (b) N restores of different contexts at once (N = the lanes, then\n"+
+			"twice the lanes; codecs none, fp8, fp8-block in turn) must each equal its restore alone; N at once is\n"+
+			"timed against N in turn. Exits 1 on any disagreement.\n\n"+
+			"Example:\n  hcache gpu lanes --model llama2-7b --layers 4 --tokens 1024 --codec-tokens 128 --dir /tmp --json\n"+
+			"  hcache gpu lanes --backend cpu --tokens 64 --dir /tmp\n\nflags:")
+		fs.PrintDefaults()
+	}
+	opts := cudaFlags(fs)
+	modelName := fs.String("model", "tiny-llama", "preset")
+	layers := fs.Int("layers", 0, "the preset's first N layers (0: all)")
+	tokens := fs.Int("tokens", 256, "tokens per context of the concurrency check")
+	codecTokens := fs.Int("codec-tokens", 0, "tokens per context of the codec check, which the CPU backend restores too (default: --tokens, at most 256)")
+	dir := fs.String("dir", "", "directory of the temporary store (default: the system's temporary directory)")
+	backend := fs.String("backend", "cuda", "cuda, or cpu (host caches; the CPU backend decodes on the host)")
+	reps := fs.Int("reps", 3, "timed rounds of N in turn and N at once, after one checked round")
+	seed := fs.Int64("seed", 1, "random seed")
+	asJSON := fs.Bool("json", false, "print JSON")
+	if err := parseFlags(fs, args); err != nil {
+		return err
+	}
+	if err := cudaOnlyFlags(fs, *backend); err != nil {
+		return err
+	}
+	if *tokens <= 0 || *codecTokens < 0 || *layers < 0 || *reps <= 0 {
+		return fmt.Errorf("--tokens %d, --codec-tokens %d, --layers %d, --reps %d: want positive tokens and rounds, layers >= 0", *tokens, *codecTokens, *layers, *reps)
+	}
+	res, err := gpubench.CheckLanes(gpubench.LanesOptions{Model: *modelName, Layers: *layers, Tokens: *tokens, CodecTokens: *codecTokens, Dir: *dir, Backend: *backend,
+		Reps: *reps, Seed: *seed, CUDA: opts(), Progress: stderr})
+	if err != nil {
+		if errors.Is(err, cuda.ErrNoDevice) {
+			return fmt.Errorf("%w (this command needs a GPU, or --backend cpu)", err)
+		}
+		return err
+	}
+	if *asJSON {
+		if err := printJSON(stdout, res); err != nil {
+			return err
+		}
+	} else {
+		fmt.Fprintf(stdout, "%s, %d layers (hidden/kv %s), %d tokens (codec check %d) on %s, %d lanes\n", res.Model, res.Layers, res.Plan, res.Tokens, res.CodecTokens, res.Device, res.Lanes)
+		for _, r := range res.Codecs {
+			fmt.Fprintf(stdout, "  %-9s decoded on the device %-5v copied %d bytes (host-decoded %d): exact vs host decode %v (max err %.1e), vs cpu hidden %.1e (tolerance %.0e) kv exact %v: ok %v %s\n",
+				r.Codec, r.DecodedOnDevice, r.CopiedBytes, r.HostDecodedBytes, r.Exact, r.MaxErrVsHost, r.HiddenErrVsCPU, r.HiddenTolerance, r.KVExactVsCPU, r.OK, r.Error)
+		}
+		for _, r := range res.Concurrency {
+			fmt.Fprintf(stdout, "  %2d at once: each equal to its restore alone %v %v; %.2f ms at once, %.2f ms in turn, %.3fx [%.3f-%.3f]: ok %v %s\n",
+				r.N, r.Equal, r.Mismatched, r.ConcurrentMS, r.SequentialMS, r.Ratio.Median, r.Ratio.Min, r.Ratio.Max, r.OK, r.Error)
+		}
+	}
+	if res.Failed > 0 {
+		return fmt.Errorf("%d lane checks failed", res.Failed)
 	}
 	return nil
 }
@@ -178,6 +309,9 @@ func benchGPU(args []string, stdout, stderr io.Writer) error {
 	}
 	t0 := time.Now()
 	if *plans != "" {
+		if err := cudaOnlyFlags(fs, *backend); err != nil {
+			return err
+		}
 		if cd != state.CodecNone {
 			return errors.New("--plan and --codec are separate benchmarks: give one")
 		}

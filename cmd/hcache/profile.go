@@ -45,6 +45,9 @@ func runProfile(args []string, stdout, stderr io.Writer) error {
 	if err := parseFlags(fs, args); err != nil {
 		return err
 	}
+	if err := cudaOnlyFlags(fs, *backend); err != nil {
+		return err
+	}
 	if *dir == "" {
 		return fmt.Errorf("--dir is required (the data directory to measure)")
 	}

@@ -524,6 +524,11 @@ func TestBadFlags(t *testing.T) {
 			"--tls-cert", filepath.Join(sd, "none.pem"), "--tls-key", filepath.Join(sd, "none.key")}, 1, "TLS"},
 		{"model without a config", []string{"--dir", dir, "--listen", sock, "--model", "m=" + dir}, 1, "--model m"},
 		{"unknown backend", []string{"--dir", dir, "--listen", sock, "--model", "m=" + mdir, "--backend", "tpu"}, 1, `unknown backend \"tpu\"`},
+		{"no restores", []string{"--dir", dir, "--listen", sock, "--model", "m=" + mdir, "--backend", "cuda", "--restores", "0"}, 2, "--restores 0: want how many restores run on the device at once, 1 to 64"},
+		{"too many restores", []string{"--dir", dir, "--listen", sock, "--model", "m=" + mdir, "--restores", "65"}, 2, "1 to 64"},
+		{"bad restore memory", []string{"--dir", dir, "--listen", sock, "--model", "m=" + mdir, "--backend", "cuda", "--restore-memory", "-1G"}, 2, "--restore-memory: bad size"},
+		{"lanes on the cpu backend", []string{"--dir", dir, "--listen", sock, "--model", "m=" + mdir, "--backend", "cpu", "--restores", "2", "--restore-memory", "1G"}, 2,
+			"--restore-memory, --restores: an option of the CUDA backend, not of --backend cpu"},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {

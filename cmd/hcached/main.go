@@ -19,6 +19,7 @@ import (
 	"net"
 	"os"
 	"os/signal"
+	"slices"
 	"strconv"
 	"strings"
 	"sync/atomic"
@@ -28,7 +29,8 @@ import (
 	"github.com/hcache/hcache/chunk"
 	"github.com/hcache/hcache/chunk/remote"
 	"github.com/hcache/hcache/daemon"
-	_ "github.com/hcache/hcache/gpu/cuda" // registers --backend cuda with gpu.Select
+	"github.com/hcache/hcache/gpu"
+	"github.com/hcache/hcache/gpu/cuda" // registers --backend cuda with gpu.Select
 	"github.com/hcache/hcache/internal/buildinfo"
 	"github.com/hcache/hcache/internal/units"
 )
@@ -87,6 +89,8 @@ func run(args []string) int {
 	var grants, quotas, models listFlag
 	fs.Var(&models, "model", "NAME=DIR: load a model's K/V weights to project hidden states on restore (repeatable)")
 	backend := fs.String("backend", "auto", "projection backend of --model: auto (CUDA when a device can be used, else CPU), cpu or cuda")
+	restores := fs.Int("restores", 0, fmt.Sprintf("CUDA backend (--backend cuda, or auto on a GPU): projected restores run on the device at once, each on its own lane of streams and staging buffers, 1 to %d (default %d); more wait for a lane", cuda.MaxRestores, cuda.DefaultRestores))
+	restoreMem := fs.String("restore-memory", "0", "CUDA backend: device memory its restore lanes may hold together, e.g. 8G (0: a quarter of the device's memory); a restore that would need more fails")
 	fs.Var(&grants, "grant", "UID=NS[,NS...]: namespaces a unix user may use, \"*\" = all (repeatable; default: this daemon's user gets *)")
 	fs.Var(&quotas, "quota", "NS=BYTES: stored row bytes allowed in a namespace (repeatable)")
 	defQuota := fs.String("default-quota", "0", "row bytes allowed in a namespace without --quota (0: unlimited)")
@@ -212,12 +216,35 @@ func run(args []string) int {
 		}
 		cfg.Grants.Tokens = t
 	}
+	// The CUDA backend's options: checked here, so a bad value is refused
+	// before anything opens (and not only on a machine with a GPU).
+	var cudaOpts any
+	{
+		var set []string
+		fs.Visit(func(f *flag.Flag) {
+			if f.Name == "restores" || f.Name == "restore-memory" {
+				set = append(set, "--"+f.Name)
+			}
+		})
+		if len(set) > 0 && *backend == gpu.SelectCPU {
+			fmt.Fprintf(os.Stderr, "hcached: %s: an option of the CUDA backend, not of --backend cpu\n", strings.Join(set, ", "))
+			return 2
+		}
+		if slices.Contains(set, "--restores") && (*restores < 1 || *restores > cuda.MaxRestores) {
+			fmt.Fprintf(os.Stderr, "hcached: --restores %d: want how many restores run on the device at once, 1 to %d\n", *restores, cuda.MaxRestores)
+			return 2
+		}
+		o := cuda.Options{Restores: *restores, RestoreMemory: size("restore-memory", *restoreMem)}
+		if *backend != gpu.SelectCPU {
+			cudaOpts = o
+		}
+	}
 	for _, m := range models {
 		name, dir, ok := strings.Cut(m, "=")
 		if !ok {
 			return fail("--model %q: want NAME=DIR", m)
 		}
-		lm, err := daemon.LoadModel(name, dir, *backend)
+		lm, err := daemon.LoadModelWith(name, dir, *backend, cudaOpts)
 		if err != nil {
 			return fail("--model %s: %v", name, err)
 		}
