@@ -14,6 +14,7 @@ import (
 	"github.com/hcache/hcache/chunk"
 	"github.com/hcache/hcache/gpu"
 	"github.com/hcache/hcache/gpu/cuda"
+	"github.com/hcache/hcache/internal/par"
 	"github.com/hcache/hcache/model"
 	"github.com/hcache/hcache/serve"
 	"github.com/hcache/hcache/serve/sched"
@@ -337,7 +338,7 @@ func (lc *lanesCtx) save(cd state.Codec, seed int64) (string, *state.Identity, i
 		const part = 64
 		parts := (lc.n + part - 1) / part
 		errs := make([]error, parts)
-		parallel(parts, func(i int) {
+		par.Each(parts, func(i int) {
 			rng := rand.New(rand.NewSource(seed*1_000_003 + int64(l)*10_007 + int64(i)))
 			v := make([]float32, segs*per)
 			mb := make([]byte, len(v)*c.ElemBytes())
