@@ -275,6 +275,31 @@ func (s *Store) keptRecords(j *writeJob) {
 	}
 }
 
+// keptChainSection is the chain section of a kept tail or tip record at
+// group g of c (chain is c's committed chain, g below its length): the
+// tip it names (group g-1's key) and, for a tail of tokens tokens, their
+// ids, which are the first ids of group g (the tail grew into it). GC
+// rebuilds a damaged header from it (headerFromIndex).
+func (s *Store) keptChainSection(c *ctxState, chain []*groupEnt, g uint32, tokens int) (ChainKey, []uint32, error) {
+	var tip ChainKey
+	if g > 0 {
+		tip = chain[g-1].key
+	} else if tokens == 0 {
+		return tip, nil, fmt.Errorf("%w: %s/%s: a tip record at group 0", ErrCorrupt, c.ns, c.id)
+	}
+	if tokens == 0 {
+		return tip, nil, nil
+	}
+	e, err := s.db.GetGroup(c.ns, chain[g].key)
+	if err != nil {
+		return tip, nil, fmt.Errorf("%s/%s group %d: %w", c.ns, c.id, g, err)
+	}
+	if len(e.IDs) < tokens {
+		return tip, nil, fmt.Errorf("%w: %s/%s group %d holds %d token ids, its kept tail %d", ErrCorrupt, c.ns, c.id, g, len(e.IDs), tokens)
+	}
+	return tip, e.IDs[:tokens], nil
+}
+
 // itemSrc is the binding and cache name of a fetched record that is not
 // the fetching context's own (fetchItem.src).
 type itemSrc struct {
