@@ -145,7 +145,7 @@
 // record written after it is durable; the index batch of that commit
 // drops it (prefix_write.go keptRecords), as does a delete. Quotas: a shared group is paid for once, by the store as a
 // whole (Stats.GroupBytes; LiveBytes counts it once); a context's
-// ContextInfo.LiveBytes counts only its own records (its tail), so the
+// ContextInfo.LiveBytes counts only its own records (its tail or tip record, and a kept one), so the
 // daemon's per-namespace limits, which count contexts, are unaffected by
 // sharing.
 package chunk
