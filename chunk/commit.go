@@ -114,6 +114,9 @@ func (s *Store) supersededRecords(jobs []*writeJob) map[groupKey]*lsm.Chunk {
 				j.err = fmt.Errorf("chunk: read the record group %d of %s/%s supersedes: %w", j.group, j.c.ns, j.c.id, err)
 			}
 		}
+		if j.err == nil && j.chain != nil {
+			s.keptRecords(j) // prefix_write.go
+		}
 	}
 	return stored
 }

@@ -136,9 +136,16 @@
 // writer's Flush if that write fails. Repair rebuilds group entries and
 // token-addressed contexts from their version 3 records (a group is
 // adopted iff a live context's chain reaches it); fsck checks group
-// records, reference counts and chains read-only. Quotas: a shared group is paid for once, by the store as a
+// records, reference counts and chains read-only. Repair finds a context
+// only through its own records: its tail, or a tip record (a Flush or
+// Close with no tail writes one naming the chain's tip, unless one at the
+// full group count is indexed). So a durable record names every
+// acknowledged state: a tail or tip record that a newly whole group
+// supersedes stays indexed and live (GC moves it) until a tail or tip
+// record written after it is durable; the index batch of that commit
+// drops it (prefix_write.go keptRecords), as does a delete. Quotas: a shared group is paid for once, by the store as a
 // whole (Stats.GroupBytes; LiveBytes counts it once); a context's
-// ContextInfo.LiveBytes counts only its own records (its tail), so the
+// ContextInfo.LiveBytes counts only its own records (its tail or tip record, and a kept one), so the
 // daemon's per-namespace limits, which count contexts, are unaffected by
 // sharing.
 package chunk

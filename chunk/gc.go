@@ -324,8 +324,27 @@ func (s *Store) headerFromIndex(m gcMove, rec []byte) (*RecordHeader, error) {
 	}
 	binding, gen, enc := c.binding, c.rec.Gen, c.rec.Identity
 	tok, salt, tip, tail := c.tokCtx(), c.rec.Salt, c.rec.Tip, c.rec.TailIDs
-	s.mu.Unlock()
 	g := m.g
+	var chain []*groupEnt
+	kept := tok && uint64(g) < c.rec.Tokens/uint64(s.ct)
+	if kept {
+		// A tail or tip record a full group superseded, kept as the
+		// newest durable record naming the context (prefix_write.go
+		// keptRecords): its chain section is that of the state it
+		// named, an earlier point of the context's chain.
+		var err error
+		if chain, err = s.chainLocked(c); err != nil {
+			s.mu.Unlock()
+			return nil, err
+		}
+	}
+	s.mu.Unlock()
+	if kept {
+		var err error
+		if tip, tail, err = s.keptChainSection(c, chain, g, int(m.ch.Tokens)); err != nil {
+			return nil, err
+		}
+	}
 	h := &RecordHeader{Version: format.Version, RecordBytes: uint64(m.ch.Length), ChunkTokens: uint16(s.ct), Tokens: m.ch.Tokens,
 		Group: g, Gen: gen, Binding: binding, Slices: m.ch.Slices, Namespace: c.ns, ContextID: c.id, Identity: enc}
 	if tok {
@@ -428,7 +447,7 @@ func (s *Store) walkLiveRecords(sg *segFile, id uint32, written uint64) (moves [
 				found += uint64(m.ch.Length)
 				moves = append(moves, m)
 			}
-		} else if h.Flags&(format.RecordTombstone|format.RecordTip) == 0 {
+		} else if h.Flags&format.RecordTombstone == 0 {
 			ch, err := s.db.GetChunk(h.Namespace, h.ContextID, h.Group)
 			switch {
 			case errors.Is(err, lsm.ErrNotFound):

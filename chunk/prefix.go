@@ -79,6 +79,18 @@ type chainOp struct {
 	// checksums start from bind (the group binding).
 	wrote bool
 	bind  Binding
+	// kept: a tail or tip op's context's chunk keys below its group,
+	// read at commit (keptRecords): an earlier tail or tip record kept
+	// live as the newest durable record naming the context, which this
+	// op's record replaces once durable.
+	kept []keptRec
+}
+
+// keptRec is a chunk key of a token-addressed context below its full
+// group count: a tail or tip record that a full group superseded, kept.
+type keptRec struct {
+	g  uint32
+	ch *lsm.Chunk
 }
 
 // tokCtx reports whether c is token-addressed. Call with s.mu held or on

@@ -148,8 +148,11 @@ func (s *Store) checkGroupRecord(ns string, key [32]byte, g *lsm.Group) error {
 }
 
 // checkTokenCoverage checks a token-addressed context: its chain is whole
-// in the table, and its only chunk key is at its full group count (its
-// tail, or a tip record) covering its tail.
+// in the table, and its chunk keys are one at its full group count (its
+// tail, or a tip record) covering its tail, and at most one below it: an
+// earlier tail or tip record that a full group superseded, kept as the
+// newest durable record naming the context until a later one is (see
+// indexChainJob).
 func (s *Store) checkTokenCoverage(r *CheckReport, c *ctxState, cc *ctxChunks) {
 	name := c.ns + "/" + c.id
 	s.mu.Lock()
@@ -167,10 +170,24 @@ func (s *Store) checkTokenCoverage(r *CheckReport, c *ctxState, cc *ctxChunks) {
 	if cc != nil {
 		groups = cc.groups
 	}
+	at, below := -1, 0
+	bad := false
+	for i, g := range groups {
+		switch {
+		case int(g) == full:
+			at = i
+		case int(g) < full && int(cc.tokens[i]) < s.ct:
+			below++
+		default:
+			bad = true
+		}
+	}
 	switch {
-	case len(groups) > 1 || len(groups) == 1 && int(groups[0]) != full:
-		r.errorf("%s: chunk keys at groups %v, want at most one, at group %d", name, groups, full)
-	case tail > 0 && (len(groups) == 0 || int(cc.tokens[0]) < tail):
+	case bad || below > 1:
+		r.errorf("%s: chunk keys at groups %v, want one at group %d and at most one kept below it (a superseded tail or tip)", name, groups, full)
+	case tail > 0 && (at < 0 || int(cc.tokens[at]) < tail):
 		r.errorf("%s: its %d-token tail has no record covering it", name, tail)
+	case at >= 0 && below > 0:
+		r.errorf("%s: chunk keys at groups %v: a record kept below its tail or tip record, which replaced it", name, groups)
 	}
 }

@@ -152,6 +152,23 @@ func (s *Store) indexChainJob(b *lsm.Batch, j *writeJob, syncErr error, stored, 
 			superseded[k] = nil
 		}
 	}
+	// dropKept makes the records this tail or tip op replaces as the
+	// context's name dead (keptRecords); its own record is durable by now
+	// (this commit synced it), so one durable record names the context at
+	// every point.
+	dropKept := func() {
+		for _, kr := range co.kept {
+			k := groupKey{c, kr.g}
+			old, ok := superseded[k]
+			if kr.g >= j.group || ok && old == nil {
+				continue // not below it, or dropped by this batch already
+			}
+			if !ok {
+				superseded[k] = kr.ch
+			}
+			dropOld(kr.g, true)
+		}
+	}
 	switch {
 	case co.refs != nil:
 		if !s.invariant(start == cur && cur%ct == 0, "%s/%s: a reference to groups from %d with %d tokens indexed", c.ns, c.id, j.group, cur) {
@@ -188,7 +205,11 @@ func (s *Store) indexChainJob(b *lsm.Batch, j *writeJob, syncErr error, stored, 
 			}
 		}
 		e.refs++
-		dropOld(j.group, true)
+		// The context's record of this group (a tail, or a tip record
+		// at this position) is superseded, but it stays indexed and
+		// live: it is the newest durable record naming the context
+		// (repair finds a context only through its own records), until
+		// a tail or tip record written after it is durable (dropKept).
 		c.ptip, c.ptail = e.key, nil
 		newTokens[c] = start + ct
 	case co.tip:
@@ -197,6 +218,7 @@ func (s *Store) indexChainJob(b *lsm.Batch, j *writeJob, syncErr error, stored, 
 			return
 		}
 		dropOld(j.group, false)
+		dropKept()
 		ch := j.chunk
 		superseded[key] = &ch
 		b.PutChunk(c.ns, c.id, j.group, &ch)
@@ -211,6 +233,7 @@ func (s *Store) indexChainJob(b *lsm.Batch, j *writeJob, syncErr error, stored, 
 			return
 		}
 		dropOld(j.group, false)
+		dropKept()
 		ch := j.chunk
 		superseded[key] = &ch
 		b.PutChunk(c.ns, c.id, j.group, &ch)
@@ -224,6 +247,57 @@ func (s *Store) indexChainJob(b *lsm.Batch, j *writeJob, syncErr error, stored, 
 		}
 	}
 	ctxTouched[c] = true
+}
+
+// keptRecords reads, for a tail or tip job of a token-addressed context
+// (on the flusher, at commit, without the store lock), the context's chunk
+// keys below the job's group into j.chain.kept: a tail or tip record that
+// a full group superseded, kept indexed and live because it was the newest
+// durable record naming the context (indexChainJob). A chunk value that
+// does not decode fails the job, as in supersededRecords.
+//
+// A tail or tip op is the last op of its context in a commit (the writer
+// waits for that commit before handing over more), so every record it
+// replaces was indexed by an earlier commit and this read finds it.
+func (s *Store) keptRecords(j *writeJob) {
+	co := j.chain
+	if co.refs != nil || j.tokens == s.ct || j.group == 0 {
+		return
+	}
+	err := s.db.ScanChunks(j.c.ns, j.c.id, func(g uint32, ch *lsm.Chunk) error {
+		if g < j.group {
+			co.kept = append(co.kept, keptRec{g, ch})
+		}
+		return nil
+	})
+	if err != nil {
+		j.err = fmt.Errorf("chunk: read the records %s/%s's group %d replaces: %w", j.c.ns, j.c.id, j.group, err)
+	}
+}
+
+// keptChainSection is the chain section of a kept tail or tip record at
+// group g of c (chain is c's committed chain, g below its length): the
+// tip it names (group g-1's key) and, for a tail of tokens tokens, their
+// ids, which are the first ids of group g (the tail grew into it). GC
+// rebuilds a damaged header from it (headerFromIndex).
+func (s *Store) keptChainSection(c *ctxState, chain []*groupEnt, g uint32, tokens int) (ChainKey, []uint32, error) {
+	var tip ChainKey
+	if g > 0 {
+		tip = chain[g-1].key
+	} else if tokens == 0 {
+		return tip, nil, fmt.Errorf("%w: %s/%s: a tip record at group 0", ErrCorrupt, c.ns, c.id)
+	}
+	if tokens == 0 {
+		return tip, nil, nil
+	}
+	e, err := s.db.GetGroup(c.ns, chain[g].key)
+	if err != nil {
+		return tip, nil, fmt.Errorf("%s/%s group %d: %w", c.ns, c.id, g, err)
+	}
+	if len(e.IDs) < tokens {
+		return tip, nil, fmt.Errorf("%w: %s/%s group %d holds %d token ids, its kept tail %d", ErrCorrupt, c.ns, c.id, g, len(e.IDs), tokens)
+	}
+	return tip, e.IDs[:tokens], nil
 }
 
 // itemSrc is the binding and cache name of a fetched record that is not

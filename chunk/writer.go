@@ -160,8 +160,20 @@ func (s *Store) Append(ns, id string, ident *Identity) (*Writer, error) {
 	if w.tok {
 		s.mu.Lock()
 		w.idBase, w.ids, w.parent = w.handed, append([]uint32(nil), c.rec.TailIDs...), c.rec.Tip
-		w.tipRecorded = w.parent
 		s.mu.Unlock()
+		w.tipRecorded = w.parent
+		if tokens > 0 && tokens%w.ct == 0 {
+			// No tail: a tip record at the full group count names the
+			// context's extent, unless none was written (a context
+			// whose groups were all stored already, its writer
+			// abandoned before Close) or a full group superseded it
+			// (an abandoned writer's groups committed). Then Close
+			// writes one, so that repair finds the context (an index
+			// read error counts as none: a tip too many is harmless).
+			if _, err := s.db.GetChunk(ns, id, uint32(tokens/w.ct)); err != nil {
+				w.tipRecorded = ChainKey{}
+			}
+		}
 	}
 	for i := range w.layerTok {
 		w.layerTok[i] = tokens

@@ -181,15 +181,12 @@ func TestSimulatedPrefixCrashes(t *testing.T) {
 // forks of forks, of zero tokens, and forks the store must refuse) keep
 // their exact predictions on the running store and every acknowledgement
 // at every crash point and after repair. With token-addressed contexts it
-// finds a known chunk bug (knownbugs_test.go), so that case runs only with
-// HCACHE_KNOWN_BUGS=1.
+// found that repair lost an abandoned and reopened context
+// (TestRepairKeepsAbandonedDedupedCreate).
 func TestSimulatedAdversarial(t *testing.T) {
 	seed := testSeed(t)
 	for _, prefix := range []bool{false, true} {
 		t.Run(fmt.Sprintf("prefix=%v", prefix), func(t *testing.T) {
-			if prefix {
-				knownBug(t)
-			}
 			var trace strings.Builder
 			rep := Simulate(SimOptions{Seed: seed, Cycles: 3, Ops: 120, WriteProb: 0.02, SyncProb: 0.3, Prefix: prefix, Adversarial: true, Trace: &trace})
 			t.Logf("seed %d: %d adversarial operations, %d crash points (%d repaired), %d acknowledged contexts", seed, rep.AdversarialOps, rep.CrashPoints, rep.RepairChecks, rep.AckedContexts)

@@ -94,8 +94,8 @@
 // Run longer (`--seed 11 --cycles 6 --sync-prob 0.05 --write-crash-prob 0`)
 // it found that repair drops an acknowledged context whose tail (or tip)
 // record a GC reclaimed once a newer group was whole, before a newer record
-// named it (TestKnownBugTailRecordReclaimed, run with HCACHE_KNOWN_BUGS=1;
-// TestSimulatedPrefixCrashes fails by it with HCACHE_SEED=22181).
+// named it (TestRepairKeepsSupersededName; TestSimulatedPrefixCrashes
+// failed by it with HCACHE_SEED=22181).
 //
 // # Adversarial operations
 //
