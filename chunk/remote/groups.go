@@ -161,26 +161,11 @@ func decodeGroup(b []byte, want *groupDesc) (*groupDesc, int, error) {
 	}
 	g.ns = string(r.take(nl))
 	identB := r.take(dl)
-	g.ids = make([]uint32, 0, min(nt, 1<<16))
-	for range nt {
-		if r.bad {
-			break
-		}
-		g.ids = append(g.ids, r.u32())
-	}
-	for range ll {
-		if r.bad {
-			break
-		}
-		g.layers = append(g.layers, LayerRef{Layer: r.u16(), Bytes: r.u64(), CRC: r.u32()})
-	}
-	end := len(b) - len(r.b)
-	sum := r.u32()
-	if r.bad {
-		return nil, 0, fmt.Errorf("%w: group description truncated", format.ErrCorrupt)
-	}
-	if crc32.Checksum(b[:end], format.Castagnoli) != sum {
-		return nil, 0, fmt.Errorf("%w: group description checksum mismatch", format.ErrCorrupt)
+	g.ids = r.u32s(nt)
+	g.layers = r.layerRefs(ll)
+	n, err := r.sealed(b, "group description")
+	if err != nil {
+		return nil, 0, err
 	}
 	if v != groupVersion {
 		return nil, 0, fmt.Errorf("%w: group object version %d, this build reads %d", format.ErrCorrupt, v, groupVersion)
@@ -207,7 +192,7 @@ func decodeGroup(b []byte, want *groupDesc) (*groupDesc, int, error) {
 			}
 		}
 	}
-	return g, end + 4, nil
+	return g, n, nil
 }
 
 func equalIDs(a, b []uint32) bool {

@@ -124,6 +124,46 @@ func (r *rd) u16() uint16 { return binary.LittleEndian.Uint16(r.take(2)) }
 func (r *rd) u32() uint32 { return binary.LittleEndian.Uint32(r.take(4)) }
 func (r *rd) u64() uint64 { return binary.LittleEndian.Uint64(r.take(8)) }
 
+// u32s reads n u32s, stopping early once the input runs short (r.bad).
+func (r *rd) u32s(n int) []uint32 {
+	out := make([]uint32, 0, min(n, 1<<16))
+	for range n {
+		if r.bad {
+			break
+		}
+		out = append(out, r.u32())
+	}
+	return out
+}
+
+// layerRefs reads n layer references of a group or tip object (layer u16,
+// bytes u64, crc u32), stopping early once the input runs short.
+func (r *rd) layerRefs(n int) []LayerRef {
+	var out []LayerRef
+	for range n {
+		if r.bad {
+			break
+		}
+		out = append(out, LayerRef{Layer: r.u16(), Bytes: r.u64(), CRC: r.u32()})
+	}
+	return out
+}
+
+// sealed reads the CRC-32C that ends a description read from b (r holds
+// b's unread rest) and checks it over the bytes before it; it returns the
+// description's length with the checksum. what names it in errors.
+func (r *rd) sealed(b []byte, what string) (int, error) {
+	end := len(b) - len(r.b)
+	sum := r.u32()
+	if r.bad {
+		return 0, fmt.Errorf("%w: %s truncated", format.ErrCorrupt, what)
+	}
+	if crc32.Checksum(b[:end], format.Castagnoli) != sum {
+		return 0, fmt.Errorf("%w: %s checksum mismatch", format.ErrCorrupt, what)
+	}
+	return end + 4, nil
+}
+
 // decodeManifest parses and checks a description with the given magic (b
 // may carry zero padding after it). It checks the checksum, the version,
 // the identity, that the binding is the one the names compute, and that

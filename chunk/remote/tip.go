@@ -170,31 +170,16 @@ func decodeTip(b []byte) (*tipDesc, error) {
 	t.ns, t.id = string(r.take(nl)), string(r.take(il))
 	t.salt = append([]byte(nil), r.take(sl)...)
 	identB := r.take(dl)
-	t.ids = make([]uint32, 0, min(int(t.tokens), 1<<16))
-	for range t.tokens {
-		if r.bad {
-			break
-		}
-		t.ids = append(t.ids, r.u32())
-	}
-	for range ll {
-		if r.bad {
-			break
-		}
-		t.layers = append(t.layers, LayerRef{Layer: r.u16(), Bytes: r.u64(), CRC: r.u32()})
-	}
-	end := len(b) - len(r.b)
-	sum := r.u32()
-	if r.bad {
-		return nil, fmt.Errorf("%w: tip object truncated", format.ErrCorrupt)
-	}
-	if crc32.Checksum(b[:end], format.Castagnoli) != sum {
-		return nil, fmt.Errorf("%w: tip object checksum mismatch", format.ErrCorrupt)
+	t.ids = r.u32s(int(t.tokens))
+	t.layers = r.layerRefs(ll)
+	n, err := r.sealed(b, "tip object")
+	if err != nil {
+		return nil, err
 	}
 	if t.version != tipVersion {
 		return nil, fmt.Errorf("%w: tip object version %d under magic %s, this build reads %d", format.ErrCorrupt, t.version, magicTip2, tipVersion)
 	}
-	t.end = end + 4
+	t.end = n
 	id, err := chunk.DecodeIdentity(identB)
 	if err != nil {
 		return nil, fmt.Errorf("%w: tip identity: %v", format.ErrCorrupt, err)
