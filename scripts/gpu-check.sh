@@ -33,7 +33,8 @@
 #                            (scripts/torch_prefill.py: eager, SDPA, fp16, CUDA events).
 #                            Targets: scheduled <= 0.9x the best other at 4K and 16K; hcache's
 #                            recompute <= 1.3x PyTorch's.
-#   save-check ~240 s (240)  scripts/gpu-save-check.sh when present (another helper's), OUT=$OUT/save
+#   save-lib   ~10 s  (60)   `hcache gpu save-check` (issue 24): the library's device save path
+#   save-check ~240 s (240)  scripts/gpu-save-check.sh (issue 24, the Python Saver through hcached), OUT=$OUT/save
 #   llama2-7b  ~40 s  (120)  `hcache bench gpu` from pinned memory: copy-only, hidden, KV (3 rounds)
 #   disk       ~10 s  (60)   `hcache bench io`: the disk with hcache's io_uring engine
 #   codec-fp8  ~20 s  (90)   `hcache bench gpu --codec fp8` (issue 23)
@@ -68,7 +69,7 @@ PROFILE_NAME=${PROFILE_NAME:-h200-measured}
 STORE=${STORE_DIR:-/tmp}
 SKIP=${SKIP:-}
 # A smoke run without a GPU: BACKEND=cpu PLAN_MODEL=demo-llama PLAN_TOKENS=64,128 READ_BYTES=8M
-# LANES_TOKENS=64 SKIP="check mixed save-check llama2-7b disk codec-fp8 llama3-8b" (the lanes, profile and
+# LANES_TOKENS=64 SKIP="check mixed save-lib save-check llama2-7b disk codec-fp8 llama3-8b" (the lanes, profile and
 # plans steps on the CPU).
 BACKEND=${BACKEND:-cuda}
 PLAN_MODEL=${PLAN_MODEL:-llama2-7b}
@@ -130,6 +131,10 @@ torch_args=()
 [ -n "$TORCH_PYTHON" ] && torch_args=(--torch scripts/torch_prefill.py --torch-python "$TORCH_PYTHON" --torch-device "$TORCH_DEVICE" --torch-reps 5)
 step plans 300 "$BIN" bench gpu --model "$PLAN_MODEL" --backend "$BACKEND" --plan all --from-store "$STORE" --tokens "$PLAN_TOKENS" --reps 3 \
 	--profile "$PROF" "${torch_args[@]}" --json
+# Issue 24, the library's device save path: rows written on the caller's
+# stream behind queued work, saved by hcache's copy stream, checked bit for
+# bit and flushed; SaveToken against a synchronous copy (< 10 s expected).
+step save-lib 60 "$BIN" gpu save-check --dir "$STORE" --json
 if [ -f scripts/gpu-save-check.sh ]; then
 	mkdir -p "$OUT/save"
 	step save-check 240 env OUT="$OUT/save" bash scripts/gpu-save-check.sh
