@@ -268,6 +268,9 @@ class SaverTest(unittest.TestCase):
             self.assertIn("AppendLayer of layer 0", str(cm.exception))
             with self.assertRaises(hc.SaverError):
                 s.append_layer(w, 3, as_rows(layer_rows(SEED, 0, 3, 0, 3), "cpu"))
+            # flush raises as soon as the error is known, possibly before the
+            # background thread has reached layer 2's append: close joins it.
+            s.close(flush=False)
             self.assertEqual(s.stats["dropped_after_error"], 1)  # layer 2's append, not sent after the failure
         finally:
             s.close()
