@@ -7,7 +7,6 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
-	"hash/crc32"
 	"strings"
 	"sync"
 
@@ -105,15 +104,9 @@ func (g *groupDesc) encode() []byte {
 	p = binary.LittleEndian.AppendUint16(p, uint16(len(g.layers)))
 	p = append(p, g.ns...)
 	p = append(p, ident...)
-	for _, id := range g.ids {
-		p = binary.LittleEndian.AppendUint32(p, id)
-	}
-	for _, l := range g.layers {
-		p = binary.LittleEndian.AppendUint16(p, l.Layer)
-		p = binary.LittleEndian.AppendUint64(p, l.Bytes)
-		p = binary.LittleEndian.AppendUint32(p, l.CRC)
-	}
-	return binary.LittleEndian.AppendUint32(p, crc32.Checksum(p, format.Castagnoli))
+	p = appendU32s(p, g.ids)
+	p = appendLayerRefs(p, g.layers)
+	return seal(p)
 }
 
 // newGroupDesc is the description of group index of tokens (its ids),

@@ -103,7 +103,7 @@ func (m *Manifest) encode(magic string) []byte {
 		p = binary.LittleEndian.AppendUint64(p, l.Bytes)
 		p = binary.LittleEndian.AppendUint32(p, l.CRC)
 	}
-	return binary.LittleEndian.AppendUint32(p, crc32.Checksum(p, format.Castagnoli))
+	return seal(p)
 }
 
 type rd struct {
@@ -123,6 +123,29 @@ func (r *rd) take(n int) []byte {
 func (r *rd) u16() uint16 { return binary.LittleEndian.Uint16(r.take(2)) }
 func (r *rd) u32() uint32 { return binary.LittleEndian.Uint32(r.take(4)) }
 func (r *rd) u64() uint64 { return binary.LittleEndian.Uint64(r.take(8)) }
+
+// appendU32s appends ids as little-endian u32s (what rd.u32s reads).
+func appendU32s(p []byte, ids []uint32) []byte {
+	for _, id := range ids {
+		p = binary.LittleEndian.AppendUint32(p, id)
+	}
+	return p
+}
+
+// appendLayerRefs appends layer references as rd.layerRefs reads them.
+func appendLayerRefs(p []byte, layers []LayerRef) []byte {
+	for _, l := range layers {
+		p = binary.LittleEndian.AppendUint16(p, l.Layer)
+		p = binary.LittleEndian.AppendUint64(p, l.Bytes)
+		p = binary.LittleEndian.AppendUint32(p, l.CRC)
+	}
+	return p
+}
+
+// seal appends the CRC-32C of p (what rd.sealed checks).
+func seal(p []byte) []byte {
+	return binary.LittleEndian.AppendUint32(p, crc32.Checksum(p, format.Castagnoli))
+}
 
 // u32s reads n u32s, stopping early once the input runs short (r.bad).
 func (r *rd) u32s(n int) []uint32 {

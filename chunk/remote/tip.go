@@ -90,15 +90,9 @@ func (t *tipDesc) encode() []byte {
 	p = append(p, t.id...)
 	p = append(p, t.salt...)
 	p = append(p, ident...)
-	for _, id := range t.ids {
-		p = binary.LittleEndian.AppendUint32(p, id)
-	}
-	for _, l := range t.layers {
-		p = binary.LittleEndian.AppendUint16(p, l.Layer)
-		p = binary.LittleEndian.AppendUint64(p, l.Bytes)
-		p = binary.LittleEndian.AppendUint32(p, l.CRC)
-	}
-	return binary.LittleEndian.AppendUint32(p, crc32.Checksum(p, format.Castagnoli))
+	p = appendU32s(p, t.ids)
+	p = appendLayerRefs(p, t.layers)
+	return seal(p)
 }
 
 // encodeV1 writes a version-1 tip object (the form older builds wrote;
@@ -120,10 +114,8 @@ func (t *tipDesc) encodeV1() []byte {
 	p = append(p, t.id...)
 	p = append(p, t.salt...)
 	p = append(p, ident...)
-	for _, id := range t.tail {
-		p = binary.LittleEndian.AppendUint32(p, id)
-	}
-	return binary.LittleEndian.AppendUint32(p, crc32.Checksum(p, format.Castagnoli))
+	p = appendU32s(p, t.tail)
+	return seal(p)
 }
 
 // rowBytes is the tail rows' bytes (version 2).
