@@ -5,12 +5,15 @@ import (
 	"io"
 	"math"
 	"math/rand"
+	"os"
+	"path/filepath"
 	"runtime"
 	"sort"
 	"time"
 
 	"golang.org/x/sys/unix"
 
+	"github.com/hcache/hcache/chunk"
 	"github.com/hcache/hcache/gpu"
 	"github.com/hcache/hcache/gpu/cuda"
 	"github.com/hcache/hcache/internal/par"
@@ -530,4 +533,27 @@ func countPoisonSerial(b []byte, eb int) int {
 		}
 	}
 	return n
+}
+
+// tempStore opens a new store in a temporary directory under dir (named
+// prefix followed by random characters), with no capacity bound and GC off;
+// quiet silences its log; with dev, its restore buffers are registered with
+// the device (pinned). done closes the store, then removes the directory.
+func tempStore(dir, prefix string, dev *cuda.Backend, quiet bool) (st *chunk.Store, done func(), err error) {
+	sdir, err := os.MkdirTemp(dir, prefix)
+	if err != nil {
+		return nil, nil, err
+	}
+	opts := chunk.Options{Dir: filepath.Join(sdir, "store"), CapacityBytes: -1, GCInterval: -1}
+	if quiet {
+		opts.Logf = func(string, ...any) {}
+	}
+	if dev != nil {
+		opts.ReadBuffers = chunk.BufferHooks{Register: dev.HostRegister, Unregister: dev.HostUnregister}
+	}
+	if st, err = chunk.Open(opts); err != nil {
+		os.RemoveAll(sdir)
+		return nil, nil, err
+	}
+	return st, func() { st.Close(); os.RemoveAll(sdir) }, nil
 }

@@ -6,8 +6,6 @@ import (
 	"io"
 	"math"
 	"math/rand"
-	"os"
-	"path/filepath"
 	"sync"
 	"time"
 
@@ -211,20 +209,11 @@ func CheckLanes(o LanesOptions) (*LanesResult, error) {
 	}
 	logf("lanes: %s (%d layers) on %s, %d lanes, opened in %v", o.Model, L, res.Device, res.Lanes, time.Since(t0).Round(time.Millisecond))
 
-	sdir, err := os.MkdirTemp(o.Dir, "hcache-lanes-")
+	st, done, err := tempStore(o.Dir, "hcache-lanes-", dev, true)
 	if err != nil {
 		return nil, err
 	}
-	defer os.RemoveAll(sdir)
-	sopts := chunk.Options{Dir: filepath.Join(sdir, "store"), CapacityBytes: -1, GCInterval: -1, Logf: func(string, ...any) {}}
-	if dev != nil {
-		sopts.ReadBuffers = chunk.BufferHooks{Register: dev.HostRegister, Unregister: dev.HostUnregister}
-	}
-	st, err := chunk.Open(sopts)
-	if err != nil {
-		return nil, err
-	}
-	defer st.Close()
+	defer done()
 
 	split := sched.Split{Hidden: L / 2}
 	if !sched.HiddenAllowed(&c) {

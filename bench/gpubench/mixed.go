@@ -5,8 +5,6 @@ import (
 	"io"
 	"math"
 	"math/rand"
-	"os"
-	"path/filepath"
 	"slices"
 
 	"github.com/hcache/hcache/chunk"
@@ -90,16 +88,11 @@ func checkMixedOne(opts cuda.Options, dir, preset string, tokens int, seed int64
 	if err != nil {
 		return res, err
 	}
-	sdir, err := os.MkdirTemp(dir, "hcache-mixed-")
+	st, done, err := tempStore(dir, "hcache-mixed-", nil, false)
 	if err != nil {
 		return res, err
 	}
-	defer os.RemoveAll(sdir)
-	st, err := chunk.Open(chunk.Options{Dir: filepath.Join(sdir, "store"), CapacityBytes: -1, GCInterval: -1})
-	if err != nil {
-		return res, err
-	}
-	defer st.Close()
+	defer done()
 	rng := rand.New(rand.NewSource(seed))
 	prompt := make([]int, tokens)
 	for i := range prompt {

@@ -5,8 +5,6 @@ import (
 	"fmt"
 	"io"
 	"math/rand"
-	"os"
-	"path/filepath"
 	"slices"
 	"time"
 
@@ -263,20 +261,11 @@ func RunPlans(o PlanOptions) ([]PlanRow, error) {
 	logf("%s: %s, %d layers loaded for recompute, in %v", o.Model, note, recompute, time.Since(t0).Round(time.Millisecond))
 	w = nil // the backend holds what it needs
 
-	sdir, err := os.MkdirTemp(o.Dir, "hcache-benchplans-")
+	st, done, err := tempStore(o.Dir, "hcache-benchplans-", dev, true)
 	if err != nil {
 		return nil, err
 	}
-	defer os.RemoveAll(sdir)
-	sopts := chunk.Options{Dir: filepath.Join(sdir, "store"), CapacityBytes: -1, GCInterval: -1, Logf: func(string, ...any) {}}
-	if dev != nil {
-		sopts.ReadBuffers = chunk.BufferHooks{Register: dev.HostRegister, Unregister: dev.HostUnregister}
-	}
-	st, err := chunk.Open(sopts)
-	if err != nil {
-		return nil, err
-	}
-	defer st.Close()
+	defer done()
 	rest := serve.NewRestorer(st, b, serve.Settings{MaxConcurrent: 1})
 
 	hrb, kvrb := c.HiddenRowBytes(), c.KVRowBytes()
