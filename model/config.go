@@ -198,6 +198,9 @@ func ParseHFConfig(data []byte) (*Config, error) {
 		if c.RopeScaling.Type == "" {
 			c.RopeScaling.Type = rs.Type
 		}
+		if c.RopeScaling.Type == "" {
+			return nil, fmt.Errorf("%w: rope_scaling names no rope_type (or type): %s", ErrConfig, h.RopeScaling)
+		}
 		if c.RopeScaling.Type == "default" {
 			c.RopeScaling = RopeScaling{}
 		}
@@ -268,6 +271,9 @@ func (c *Config) Validate() error {
 		}
 		switch c.RopeScaling.Type {
 		case "":
+			if c.RopeScaling != (RopeScaling{}) {
+				return bad("rope_scaling %+v has no type", c.RopeScaling)
+			}
 		case "linear":
 			if c.RopeScaling.Factor < 1 {
 				return bad("linear rope_scaling factor %v < 1", c.RopeScaling.Factor)
