@@ -181,6 +181,19 @@ type fetchOp struct {
 	gen      uint64
 	reads    *readBatch
 	bytes    int
+	// need[i] is the number of leading reads of the batch that must have
+	// landed before item i can be checked: its own and every earlier
+	// item's (a direct read rounded up to whole blocks may write into the
+	// next items' place, never into an earlier one's).
+	need []int
+	// The early checker (verifyEarly), when running, checks items in order
+	// as their reads land, so that a layer's checksums are mostly verified
+	// by the time its last read completes; it owns items[:checked] and
+	// closes checkedDone on exit (finish waits for it, then goes on from
+	// checked). checkErr is its failed check.
+	checkedDone chan struct{}
+	checked     int
+	checkErr    error
 }
 
 // fetch reads the items (all at once, so the queue depth is the item count,
@@ -195,12 +208,15 @@ func (s *Store) fetch(c *ctxState, items []fetchItem, useCache bool) error {
 
 // fetchStart serves cache hits and issues the reads of the other items.
 func (s *Store) fetchStart(c *ctxState, items []fetchItem, useCache bool) (*fetchOp, error) {
-	f := &fetchOp{s: s, c: c, items: items, useCache: useCache}
+	f := &fetchOp{s: s, c: c, items: items, useCache: useCache, need: make([]int, len(items))}
 	s.mu.Lock()
 	f.binding, f.gen = c.binding, c.rec.Gen
 	s.mu.Unlock()
 	var reqs []readReq
 	for i := range items {
+		// Each path below either continues having appended this item's
+		// read, or is a hit (no read).
+		f.need[i] = len(reqs) + 1
 		it := &items[i]
 		if int(it.sl.Raw) != len(it.dst) {
 			f.release()
@@ -209,6 +225,7 @@ func (s *Store) fetchStart(c *ctxState, items []fetchItem, useCache bool) (*fetc
 		if v, ok := s.cache.get(it.cacheKey(f.gen)); useCache && ok && len(v) == len(it.dst) {
 			it.hit = v // cache entries are never written after add
 			s.stats.cacheHits.Add(1)
+			f.need[i] = len(reqs)
 			continue
 		}
 		s.mu.Lock()
@@ -245,8 +262,58 @@ func (s *Store) fetchStart(c *ctxState, items []fetchItem, useCache bool) (*fetc
 		t0 := time.Now()
 		f.reads = startReads(s.eng, reqs)
 		s.stages.submitNanos.Add(since(t0))
+		if len(f.reads.direct) == len(reqs) && len(items) > 1 {
+			// Every read goes through the engine, so each one's landing
+			// is known: check items as they land.
+			f.checkedDone = make(chan struct{})
+			go f.verifyEarly()
+		}
 	}
 	return f, nil
+}
+
+// verifyEarly checks items in order as the reads they need land (see
+// need), until every item is checked, a check fails, a read fails (finish
+// reports it), or the batch is complete with nothing more to check.
+func (f *fetchOp) verifyEarly() {
+	defer close(f.checkedDone)
+	rb := f.reads
+	var tmp []byte
+	landed := 0 // leading reads landed without error
+	complete := false
+	var spent time.Duration
+	defer func() { f.s.stages.verifyNanos.Add(int64(spent)) }()
+	for f.checked < len(f.items) {
+		for landed < len(rb.direct) && rb.landed[landed].Load() {
+			if rb.direct[landed].Err != nil {
+				return
+			}
+			landed++
+		}
+		if f.need[f.checked] <= landed {
+			t0 := time.Now()
+			for f.checked < len(f.items) && f.need[f.checked] <= landed {
+				if err := f.verifyItem(f.checked, &tmp); err != nil {
+					f.checkErr = err
+					break
+				}
+				f.checked++
+			}
+			spent += time.Since(t0)
+			if f.checkErr != nil {
+				return
+			}
+			continue
+		}
+		if complete {
+			return // a failed submission: nothing more lands
+		}
+		select {
+		case <-rb.progress:
+		case <-rb.done:
+			complete = true // every landing is now visible: look once more
+		}
+	}
 }
 
 func (f *fetchOp) release() {
@@ -258,12 +325,17 @@ func (f *fetchOp) release() {
 	}
 }
 
-// finish waits for the reads, decompresses and verifies.
+// finish waits for the reads, decompresses and verifies what the early
+// checker has not.
 func (f *fetchOp) finish() error {
 	defer f.release()
 	s, c := f.s, f.c
 	if f.reads != nil {
-		if err := f.reads.wait(); err != nil {
+		err := f.reads.wait()
+		if f.checkedDone != nil {
+			<-f.checkedDone // it may still be copying out of a bounce buffer
+		}
+		if err != nil {
 			if errors.Is(err, io.ErrUnexpectedEOF) || errors.Is(err, io.EOF) {
 				// The index points past the end of the segment.
 				return fmt.Errorf("%w: %s/%s: %v", ErrCorrupt, c.ns, c.id, err)
@@ -272,38 +344,52 @@ func (f *fetchOp) finish() error {
 		}
 		s.stats.bytesRead.Add(uint64(f.bytes))
 		s.stages.readNanos.Add(f.reads.elapsed())
+		if f.checkErr != nil {
+			return f.checkErr
+		}
 	}
 	defer func(t0 time.Time) { s.stages.verifyNanos.Add(since(t0)) }(time.Now())
 	var tmp []byte
-	for i := range f.items {
-		it := &f.items[i]
-		if it.hit != nil {
-			copy(it.dst, it.hit)
-			continue
+	for i := f.checked; i < len(f.items); i++ {
+		if err := f.verifyItem(i, &tmp); err != nil {
+			return err
 		}
-		if it.bounce != nil {
-			stored := it.bounce.Bytes()[:it.sl.Stored]
-			if it.sl.Flags&lsm.SliceLZ4 != 0 {
-				if len(tmp) < len(it.dst) {
-					tmp = make([]byte, len(it.dst))
-				}
-				if err := decompressSlice(it.dst, tmp, stored); err != nil {
-					return fmt.Errorf("%s/%s layer %d group %d: %w", c.ns, c.id, it.sl.Layer, it.group, err)
-				}
-			} else {
-				copy(it.dst, stored)
+	}
+	return nil
+}
+
+// verifyItem brings item i into its place (a cache hit's copy, a bounce
+// buffer's bytes, decompressed) and checks its checksum; call once every
+// read it needs has landed. tmp is decompression scratch.
+func (f *fetchOp) verifyItem(i int, tmp *[]byte) error {
+	s, c := f.s, f.c
+	it := &f.items[i]
+	if it.hit != nil {
+		copy(it.dst, it.hit)
+		return nil
+	}
+	if it.bounce != nil {
+		stored := it.bounce.Bytes()[:it.sl.Stored]
+		if it.sl.Flags&lsm.SliceLZ4 != 0 {
+			if len(*tmp) < len(it.dst) {
+				*tmp = make([]byte, len(it.dst))
 			}
+			if err := decompressSlice(it.dst, *tmp, stored); err != nil {
+				return fmt.Errorf("%s/%s layer %d group %d: %w", c.ns, c.id, it.sl.Layer, it.group, err)
+			}
+		} else {
+			copy(it.dst, stored)
 		}
-		binding := f.binding
-		if it.src != nil {
-			binding = it.src.bind
-		}
-		if got := crc32.Update(format.SliceSeed(binding, it.group, it.sl.Layer), format.Castagnoli, it.dst); got != it.sl.CRC {
-			return fmt.Errorf("%w: %s/%s layer %d group %d: checksum %08x, index says %08x", ErrCorrupt, c.ns, c.id, it.sl.Layer, it.group, got, it.sl.CRC)
-		}
-		if f.useCache {
-			s.cache.add(it.cacheKey(f.gen), it.dst)
-		}
+	}
+	binding := f.binding
+	if it.src != nil {
+		binding = it.src.bind
+	}
+	if got := crc32.Update(format.SliceSeed(binding, it.group, it.sl.Layer), format.Castagnoli, it.dst); got != it.sl.CRC {
+		return fmt.Errorf("%w: %s/%s layer %d group %d: checksum %08x, index says %08x", ErrCorrupt, c.ns, c.id, it.sl.Layer, it.group, got, it.sl.CRC)
+	}
+	if f.useCache {
+		s.cache.add(it.cacheKey(f.gen), it.dst)
 	}
 	return nil
 }

@@ -135,7 +135,12 @@ type readReq struct {
 
 // readBatch is a set of reads in flight.
 type readBatch struct {
-	left    atomic.Int64
+	left atomic.Int64
+	// landed[i] is set once direct[i] has completed (then its N and Err
+	// may be read), before progress is signalled; progress holds at most
+	// one pending signal.
+	landed   []atomic.Bool
+	progress chan struct{}
 	done    chan struct{} // closed when every read has completed (or none was sent)
 	once    sync.Once
 	direct  []*iouring.Request
@@ -185,7 +190,18 @@ func startReads(eng iouring.Engine, reqs []readReq) *readBatch {
 	}
 	if len(rb.direct) > 0 {
 		rb.left.Store(int64(len(rb.direct)))
-		if err := eng.Submit(rb.direct, func(*iouring.Request) {
+		rb.landed = make([]atomic.Bool, len(rb.direct))
+		rb.progress = make(chan struct{}, 1)
+		index := make(map[*iouring.Request]int, len(rb.direct))
+		for i, r := range rb.direct {
+			index[r] = i
+		}
+		if err := eng.Submit(rb.direct, func(r *iouring.Request) {
+			rb.landed[index[r]].Store(true)
+			select {
+			case rb.progress <- struct{}{}:
+			default:
+			}
 			if rb.left.Add(-1) == 0 {
 				rb.doneAt.Store(time.Now().UnixNano())
 				rb.once.Do(func() { close(directDone) })

@@ -79,7 +79,8 @@ type RestoreStages struct {
 	// completion of the last one.
 	Read time.Duration
 	// Verify is the time spent checking checksums (and copying bounce
-	// buffers) before layers were handed over.
+	// buffers) before layers were handed over; most of it overlaps the
+	// layer's reads (slices are checked as the reads they need land).
 	Verify time.Duration
 	// Wall is the restores' own time, from the call to the return.
 	Wall time.Duration
