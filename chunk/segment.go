@@ -141,14 +141,14 @@ type readBatch struct {
 	// one pending signal.
 	landed   []atomic.Bool
 	progress chan struct{}
-	done    chan struct{} // closed when every read has completed (or none was sent)
-	once    sync.Once
-	direct  []*iouring.Request
-	objErrs []error // of the reads through an ObjectReader
-	syncErr error
-	submitE error
-	start   time.Time // when the reads were started
-	doneAt  atomic.Int64
+	done     chan struct{} // closed when every read has completed (or none was sent)
+	once     sync.Once
+	direct   []*iouring.Request
+	objErrs  []error // of the reads through an ObjectReader
+	syncErr  error
+	submitE  error
+	start    time.Time // when the reads were started
+	doneAt   atomic.Int64
 }
 
 // elapsed is the time from the start of the reads to the completion of
