@@ -2,6 +2,7 @@ package chunk
 
 import (
 	"fmt"
+	"runtime"
 	"sort"
 	"strconv"
 	"strings"
@@ -324,6 +325,16 @@ func (s *segFile) size() (int64, error) {
 // least recently returned freed first, and sizes rounded up to classes (a
 // quarter of a power of two apart) so that contexts of different lengths
 // share buffers; without, up to maxScratchPerSize per exact size.
+//
+// Bounded (the restore buffers), a request no idle buffer serves does not
+// wait for huge pages: mapping them can stall for seconds where memory is
+// fragmented (the kernel compacts it first), seconds a restore would add to
+// its time to first token. It takes a buffer in base pages (mapped in a
+// fraction of that, read into somewhat slower), and a buffer of its class
+// in huge pages is mapped in the background and kept idle for the next
+// restores, which prefer it; base-page buffers go first when idle memory
+// is trimmed, and one is freed on return once a huge-page buffer of its
+// size is idle.
 type alignedScratch struct {
 	mu      sync.Mutex
 	free    map[int][]*iouring.AlignedBuffer
@@ -333,6 +344,14 @@ type alignedScratch struct {
 	limit   int64
 	hooks   BufferHooks
 	logf    func(string, ...any)
+	// mapping holds the classes whose huge-page buffer is being mapped in
+	// the background (bounded only); mappers counts those goroutines, and
+	// closed (set by release) makes them free what they mapped.
+	mapping    map[int]bool
+	mappers    sync.WaitGroup
+	closed     bool
+	smallPages atomic.Uint64 // buffers handed out in base pages instead
+	mapped     func()        // test seam: runs in a mapper once its buffer is mapped
 }
 
 // sizeClass rounds n up to a power of two plus one block (at least two
@@ -357,11 +376,16 @@ func (a *alignedScratch) get(n int) (*iouring.AlignedBuffer, error) {
 		need := n
 		n = sizeClass(n)
 		// The smallest idle buffer that holds the request, up to twice
-		// its class: mapping (and faulting in) a new buffer can cost more
-		// than the read it serves.
+		// its class, in huge pages if one of that size is idle: mapping
+		// (and faulting in) a new buffer can cost more than the read it
+		// serves.
 		best := -1
+		better := func(b, than *iouring.AlignedBuffer) bool {
+			l, tl := len(b.Bytes()), len(than.Bytes())
+			return l < tl || l == tl && b.HugePages() && !than.HugePages()
+		}
 		for i, b := range a.idle {
-			if l := len(b.Bytes()); l >= need && l <= 2*n && (best < 0 || l < len(a.idle[best].Bytes())) {
+			if l := len(b.Bytes()); l >= need && l <= 2*n && (best < 0 || better(b, a.idle[best])) {
 				best = i
 			}
 		}
@@ -369,8 +393,18 @@ func (a *alignedScratch) get(n int) (*iouring.AlignedBuffer, error) {
 			b := a.idle[best]
 			a.idle = append(a.idle[:best], a.idle[best+1:]...)
 			a.idleB -= int64(len(b.Bytes()))
+			if l := len(b.Bytes()); !b.HugePages() && l >= iouring.HugePageBytes && int64(l) <= a.limit {
+				a.mapInBackgroundLocked(l) // replace it
+			}
 			a.mu.Unlock()
 			return b, nil
+		}
+		if n >= iouring.HugePageBytes && int64(n) <= a.limit && !a.closed {
+			// Nothing idle fits: base pages now, huge pages for later.
+			a.mapInBackgroundLocked(n)
+			a.mu.Unlock()
+			a.smallPages.Add(1)
+			return a.alloc(n, iouring.AllocSmallPages)
 		}
 	} else if l := a.free[n]; len(l) > 0 {
 		b := l[len(l)-1]
@@ -379,13 +413,59 @@ func (a *alignedScratch) get(n int) (*iouring.AlignedBuffer, error) {
 		return b, nil
 	}
 	a.mu.Unlock()
-	b, err := iouring.Alloc(n)
+	return a.alloc(n, iouring.Alloc)
+}
+
+// alloc maps a buffer of n bytes and registers it.
+func (a *alignedScratch) alloc(n int, mapBuf func(int) (*iouring.AlignedBuffer, error)) (*iouring.AlignedBuffer, error) {
+	b, err := mapBuf(n)
 	if err == nil && a.hooks.Register != nil {
 		if err := a.hooks.Register(b.Bytes()); err != nil && a.logf != nil {
 			a.logf("chunk: registering a %d-byte read buffer: %v (used unregistered)", n, err)
 		}
 	}
 	return b, err
+}
+
+// mapInBackgroundLocked starts mapping an idle huge-page buffer of class n
+// unless one is being mapped already. Call with a.mu held.
+func (a *alignedScratch) mapInBackgroundLocked(n int) {
+	if a.mapping[n] || a.closed {
+		return
+	}
+	if a.mapping == nil {
+		a.mapping = map[int]bool{}
+	}
+	a.mapping[n] = true
+	a.mappers.Add(1)
+	go func() {
+		defer a.mappers.Done()
+		// Compaction for the huge pages runs on this thread: lowest
+		// priority, so restores keep the CPUs. Never unlocked: the thread
+		// ends with the goroutine, its priority with it.
+		runtime.LockOSThread()
+		_ = unix.Setpriority(unix.PRIO_PROCESS, unix.Gettid(), 19)
+		b, err := a.alloc(n, iouring.Alloc)
+		if a.mapped != nil {
+			a.mapped()
+		}
+		a.mu.Lock()
+		defer a.mu.Unlock()
+		delete(a.mapping, n)
+		if err != nil {
+			if a.logf != nil {
+				a.logf("chunk: mapping a %d-byte restore buffer in huge pages: %v (restores keep base pages)", n, err)
+			}
+			return
+		}
+		if a.closed {
+			a.free1(b)
+			return
+		}
+		a.idle = append(a.idle, b)
+		a.idleB += int64(n)
+		a.trimLocked()
+	}()
 }
 
 func (a *alignedScratch) free1(b *iouring.AlignedBuffer) {
@@ -403,14 +483,27 @@ func (a *alignedScratch) put(b *iouring.AlignedBuffer) {
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	if a.bounded {
+		// A base-page buffer and a huge-page one of the same size: the
+		// base-page one goes (it was handed out while the other was
+		// being mapped, or in use).
+		if n >= iouring.HugePageBytes {
+			for i, o := range a.idle {
+				if len(o.Bytes()) != n || o.HugePages() == b.HugePages() {
+					continue
+				}
+				if o.HugePages() {
+					a.free1(b)
+					return
+				}
+				a.idle = append(a.idle[:i], a.idle[i+1:]...)
+				a.idleB -= int64(n)
+				a.free1(o)
+				break
+			}
+		}
 		a.idle = append(a.idle, b)
 		a.idleB += int64(n)
-		for a.idleB > a.limit && len(a.idle) > 0 {
-			old := a.idle[0]
-			a.idle = a.idle[1:]
-			a.idleB -= int64(len(old.Bytes()))
-			a.free1(old)
-		}
+		a.trimLocked()
 		return
 	}
 	if a.free == nil {
@@ -421,6 +514,24 @@ func (a *alignedScratch) put(b *iouring.AlignedBuffer) {
 		return
 	}
 	a.free[n] = append(a.free[n], b)
+}
+
+// trimLocked frees idle buffers past the limit: base-page ones first, then
+// the least recently returned. Call with a.mu held (bounded).
+func (a *alignedScratch) trimLocked() {
+	for a.idleB > a.limit && len(a.idle) > 0 {
+		i := 0
+		for j, b := range a.idle {
+			if !b.HugePages() && len(b.Bytes()) >= iouring.HugePageBytes {
+				i = j
+				break
+			}
+		}
+		old := a.idle[i]
+		a.idle = append(a.idle[:i], a.idle[i+1:]...)
+		a.idleB -= int64(len(old.Bytes()))
+		a.free1(old)
+	}
 }
 
 // idleBytes is the memory held by idle buffers.
@@ -437,9 +548,13 @@ func (a *alignedScratch) idleBytes() int64 {
 	return n
 }
 
+// release frees every idle buffer and waits for the background mappers
+// (each frees what it mapped once it sees closed).
 func (a *alignedScratch) release() {
+	defer a.mappers.Wait()
 	a.mu.Lock()
 	defer a.mu.Unlock()
+	a.closed = true
 	for _, l := range a.free {
 		for _, b := range l {
 			a.free1(b)

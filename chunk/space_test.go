@@ -294,6 +294,14 @@ func TestGrowingContextReusesBuffers(t *testing.T) {
 	defer s.Close()
 	createFilled(t, s, ident, "grow", 300)
 	verify(t, s, "ns", "grow", ident, 300)
+	// Buffers first handed out in base pages are replaced by huge-page ones
+	// mapped in the background: settle, then count.
+	for prev := int64(-1); maps.Load() != prev; {
+		s.readBufs.mappers.Wait()
+		prev = maps.Load()
+		verify(t, s, "ns", "grow", ident, 300)
+		s.readBufs.mappers.Wait()
+	}
 	first := maps.Load()
 	if first == 0 {
 		t.Fatal("the first restore mapped no buffer")

@@ -84,6 +84,10 @@ type RestoreStages struct {
 	Verify time.Duration
 	// Wall is the restores' own time, from the call to the return.
 	Wall time.Duration
+	// BasePageBuffers counts restore buffers handed out in base pages
+	// because no idle buffer fitted (one in huge pages is then mapped in
+	// the background for the next restores; see alignedScratch).
+	BasePageBuffers uint64
 }
 
 // RestoreStages returns the sums of where restores spent their time.
@@ -92,7 +96,8 @@ func (s *Store) RestoreStages() RestoreStages {
 	return RestoreStages{Restores: st.restores.Load(), Layers: st.layers.Load(),
 		Buffer: time.Duration(st.bufferNanos.Load()), Submit: time.Duration(st.submitNanos.Load()),
 		Queued: time.Duration(st.queuedNanos.Load()), Read: time.Duration(st.readNanos.Load()),
-		Verify: time.Duration(st.verifyNanos.Load()), Wall: time.Duration(st.wall.Load())}
+		Verify: time.Duration(st.verifyNanos.Load()), Wall: time.Duration(st.wall.Load()),
+		BasePageBuffers: s.readBufs.smallPages.Load()}
 }
 
 func since(t time.Time) int64 { return int64(time.Since(t)) }

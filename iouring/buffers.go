@@ -12,8 +12,9 @@ import (
 // heap: it never moves, satisfies O_DIRECT alignment, can be registered with
 // a ring, and can later be pinned for a GPU (cuMemHostRegister).
 type AlignedBuffer struct {
-	mem []byte
-	raw []byte // the whole mapping (mem lies inside it)
+	mem  []byte
+	raw  []byte // the whole mapping (mem lies inside it)
+	huge bool   // 2 MiB-aligned and advised MADV_HUGEPAGE
 }
 
 // HugePageBytes is the transparent huge page size buffers of at least this
@@ -34,11 +35,7 @@ func Alloc(n int) (*AlignedBuffer, error) {
 	}
 	size := RoundUp(n)
 	if size < HugePageBytes {
-		mem, err := unix.Mmap(-1, 0, size, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_PRIVATE|unix.MAP_ANONYMOUS|unix.MAP_POPULATE)
-		if err != nil {
-			return nil, fmt.Errorf("iouring: mmap %d bytes: %w", size, err)
-		}
-		return &AlignedBuffer{mem: mem, raw: mem}, nil
+		return AllocSmallPages(n)
 	}
 	size = (size + HugePageBytes - 1) &^ (HugePageBytes - 1)
 	raw, err := unix.Mmap(-1, 0, size+HugePageBytes, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_PRIVATE|unix.MAP_ANONYMOUS)
@@ -53,8 +50,30 @@ func Alloc(n int) (*AlignedBuffer, error) {
 			mem[i] = 0
 		}
 	}
-	return &AlignedBuffer{mem: mem[:RoundUp(n)], raw: raw}, nil
+	return &AlignedBuffer{mem: mem[:RoundUp(n)], raw: raw, huge: true}, nil
 }
+
+// AllocSmallPages maps n bytes rounded up to Alignment in base pages, every
+// one faulted in, never advised for huge pages. Mapping huge pages can stall
+// for seconds where memory is fragmented (the kernel compacts it first),
+// while transfers into base pages run slower (more segments per request):
+// a caller that cannot wait takes these and maps huge pages off its
+// critical path (chunk's restore buffers; figures in DESIGN.md).
+func AllocSmallPages(n int) (*AlignedBuffer, error) {
+	if n <= 0 {
+		return nil, fmt.Errorf("iouring: AllocSmallPages(%d): size must be positive", n)
+	}
+	size := RoundUp(n)
+	mem, err := unix.Mmap(-1, 0, size, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_PRIVATE|unix.MAP_ANONYMOUS|unix.MAP_POPULATE)
+	if err != nil {
+		return nil, fmt.Errorf("iouring: mmap %d bytes: %w", size, err)
+	}
+	return &AlignedBuffer{mem: mem, raw: mem}, nil
+}
+
+// HugePages reports whether the buffer was advised for huge pages (Alloc of
+// HugePageBytes or more); whether the kernel granted them is its own choice.
+func (b *AlignedBuffer) HugePages() bool { return b.huge }
 
 // madvPopulateWrite is MADV_POPULATE_WRITE (Linux 5.14).
 const madvPopulateWrite = 23
