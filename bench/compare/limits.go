@@ -114,6 +114,9 @@ func (r *Result) ratios() {
 			// Time to restore hcache's bytes against the same bytes at
 			// the fio best-of read bandwidth.
 			put("restore_time_hcache_over_fio_best_c1", l.RestoreGBps, h.RestoreGBps)
+			// The same by medians: the limit row's median is the
+			// median of the same restores' bytes at that bandwidth.
+			put("restore_median_hcache_over_fio_best_c1", h.RestoreMSMedian, l.RestoreMSMedian)
 		}
 	}
 	// Restores with saves in the mix against restores alone (the long
