@@ -243,3 +243,71 @@ func TestRestoreByTokensHotPrefixOutlastsTheRest(t *testing.T) {
 		})
 	}
 }
+
+// readWorkload runs a seeded workload under a capacity bound: each step is
+// either a new conversation saved by tokens (one of 8 system prompts of 4
+// groups, picked evenly, then 1-2 groups and a tail of its own) or a
+// reader (an engine restoring a system prompt by tokens without naming a
+// context, picked with skew: half of them the first). It returns the
+// share of the readers' tokens found stored. With restore false the
+// readers only look up (a use eviction cannot see).
+func readWorkload(t *testing.T, seed int64, restore bool) (hitRate float64, evictions uint64) {
+	t.Helper()
+	now := int64(1_000_000_000)
+	e := newEnv(t, "mem", func(o *Options) {
+		o.CapacityBytes = 40 * 16 << 10 // about 40 group records
+		o.GCInterval = -1
+		o.EvictSharedBonus = -1 // plain LRU: what the restores add alone
+		o.Now = func() int64 { return now }
+		o.Logf = func(string, ...any) {}
+	})
+	s := e.open()
+	defer s.Close()
+	ct := s.ChunkTokens()
+	ident := testIdentity("m1")
+	rng := rand.New(rand.NewSource(seed))
+	var hit, total int
+	for i := 0; i < 300; i++ {
+		now += int64(time.Second)
+		if rng.Intn(2) == 0 {
+			prompt := joinTokens(promptTokens(rng.Intn(8), 4*ct), promptTokens(5000+i, ct*(1+rng.Intn(2))+rng.Intn(ct)))
+			saveTokens(t, s, "ns", fmt.Sprintf("c%03d", i), ident, nil, prompt)
+			continue
+		}
+		p := Prefix{Namespace: "ns", Identity: ident, Tokens: promptTokens([]int{0, 0, 0, 0, 1, 1, 2, 3}[rng.Intn(8)], 4*ct)}
+		n, err := s.Lookup(p)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if restore && n > 0 {
+			if got, err := s.RestoreTokens(p, func(int, []byte) error { return nil }); err != nil || got != n {
+				t.Fatalf("step %d: restore by tokens: %d, %v; the lookup found %d", i, got, err, n)
+			}
+		}
+		hit += n
+		total += len(p.Tokens)
+	}
+	return float64(hit) / float64(total), s.Stats().Evictions
+}
+
+// TestRestoreByTokensRaisesHitRate measures what counting restores by
+// tokens as uses does on a seeded workload (fixed seeds, so it replays
+// exactly): readers that restore popular system prompts by tokens keep
+// them stored, and find more of them than readers whose use eviction
+// cannot see (lookups only, which is what a restore by tokens was to
+// eviction before).
+func TestRestoreByTokensRaisesHitRate(t *testing.T) {
+	var seen, unseen float64
+	for _, seed := range []int64{1, 2, 3} {
+		look, lookEv := readWorkload(t, seed, false)
+		rest, restEv := readWorkload(t, seed, true)
+		t.Logf("seed %d: readers' hit rate over 300 steps: lookups only %.3f (%d evictions), restores by tokens %.3f (%d evictions)", seed, look, lookEv, rest, restEv)
+		if lookEv == 0 || restEv == 0 {
+			t.Fatalf("seed %d: the workload did not evict (%d, %d): capacity too large for the test", seed, lookEv, restEv)
+		}
+		seen, unseen = seen+rest, unseen+look
+	}
+	if seen <= unseen {
+		t.Fatalf("restores by tokens did not raise the hit rate: %.3f <= %.3f (sum over seeds)", seen, unseen)
+	}
+}
