@@ -132,6 +132,13 @@
 // reference to); a token-addressed context ranks as if used up to
 // Options.EvictSharedBonus later, scaled by the share of its bytes other
 // contexts also reference (TestEvictionPrefersUnshared measures it). A
+// restore by tokens is a use of the named context whose tail it serves
+// (persisted, as Restore's) and of the shared groups it serves, whoever
+// holds them (in memory only, a hint: a restart forgets it): a context
+// whose delete would drop such a group ranks no earlier than that use, so
+// a prefix engines restore by tokens stays stored while its sharers go by
+// their own use (TestRestoreByTokensKeepsWhatItServed,
+// TestRestoreByTokensRaisesHitRate). A
 // reference taken to a group still being written fails the referencing
 // writer's Flush if that write fails. Repair rebuilds group entries and
 // token-addressed contexts from their version 3 records (a group is

@@ -1,13 +1,46 @@
 package chunk
 
 import (
-	"sort"
+	"container/heap"
 
 	"github.com/hcache/hcache/lsm"
 )
 
+// evictCand is an eviction candidate and its rank (a last-use time; lower
+// goes first, then the older generation).
+type evictCand struct {
+	c    *ctxState
+	rank int64
+	gen  uint64
+}
+
+// evictQueue is a min-heap of candidates by rank.
+type evictQueue []evictCand
+
+func (q evictQueue) Len() int { return len(q) }
+func (q evictQueue) Less(i, j int) bool {
+	if q[i].rank != q[j].rank {
+		return q[i].rank < q[j].rank
+	}
+	return q[i].gen < q[j].gen
+}
+func (q evictQueue) Swap(i, j int) { q[i], q[j] = q[j], q[i] }
+func (q *evictQueue) Push(x any)   { *q = append(*q, x.(evictCand)) }
+func (q *evictQueue) Pop() any {
+	old := *q
+	x := old[len(old)-1]
+	*q = old[:len(old)-1]
+	return x
+}
+
 // evict deletes least recently used, unpinned contexts without an open
-// writer while the live bytes exceed CapacityBytes.
+// writer while the live bytes exceed CapacityBytes. A context ranks by its
+// own last use (Create, Append, a restore naming it), plus the shared
+// bonus, or, when evicting it would drop shared groups (it holds their
+// last reference, counting the victims chosen before it), by the latest
+// restore by tokens that served one of them, if later. So a prefix that
+// restores by tokens keep reading stays stored, held by one of its
+// sharers, while the others go by their own use.
 func (f *flusher) evict() {
 	s := f.s
 	s.mu.Lock()
@@ -17,26 +50,16 @@ func (f *flusher) evict() {
 	}
 	// Over capacity: rank the candidates once, with their last-use times
 	// read under the lock (Restore writes them).
-	type cand struct {
-		c       *ctxState
-		lastUse int64
-		gen     uint64
-	}
-	var cands []cand
+	var cands evictQueue
 	for _, c := range s.ctxs {
 		if !c.deleted && c.writer == nil && c.rec.Flags&lsm.FlagPinned == 0 {
 			// A token-addressed context whose bytes are shared ranks as
 			// if used later (Options.EvictSharedBonus; prefix.go).
-			cands = append(cands, cand{c, c.lastUse + s.sharedBonusLocked(c), c.rec.Gen})
+			cands = append(cands, evictCand{c, c.lastUse + s.sharedBonusLocked(c), c.rec.Gen})
 		}
 	}
 	s.mu.Unlock()
-	sort.Slice(cands, func(i, j int) bool {
-		if cands[i].lastUse != cands[j].lastUse {
-			return cands[i].lastUse < cands[j].lastUse
-		}
-		return cands[i].gen < cands[j].gen
-	})
+	heap.Init(&cands)
 	// The victims, least recently used first, until the live bytes fit;
 	// their tombstones go out together (one append each, one fdatasync,
 	// one index batch), not one fsync per context.
@@ -44,12 +67,19 @@ func (f *flusher) evict() {
 	over := s.live - s.opts.CapacityBytes
 	var victims []*ctxState
 	released := map[*groupEnt]int{} // references the victims so far release
-	for _, cd := range cands {
-		if over <= 0 {
-			break
-		}
+	for over > 0 && cands.Len() > 0 {
+		cd := heap.Pop(&cands).(evictCand)
 		c := cd.c
 		if c.deleted || c.writer != nil || c.rec.Flags&lsm.FlagPinned != 0 {
+			continue
+		}
+		// Groups it would drop that a restore by tokens used later than
+		// its rank: rank it again by that use. A rank only rises as
+		// victims release references, so the first candidate popped
+		// whose rank stands is the least recently used.
+		if used := s.heldUseLocked(c, released); used > cd.rank {
+			cd.rank = used
+			heap.Push(&cands, cd)
 			continue
 		}
 		victims = append(victims, c)

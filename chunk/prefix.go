@@ -49,6 +49,10 @@ type groupEnt struct {
 	committed bool
 	failed    bool      // its write failed: never committed, dropped once unpinned
 	writer    *writeJob // the job writing it (until its commit)
+	// lastUse is when a restore by tokens last served it (0: none since
+	// Open), in memory only: eviction ranks the context holding its last
+	// reference by it (evict.go).
+	lastUse int64
 }
 
 // gid names a shared group: chain keys already bind the namespace, and
@@ -213,9 +217,10 @@ type Prefix struct {
 // prefixMatch is what a lookup found: the leading full groups stored (their
 // keys), and the named context's tail rows that extend them.
 type prefixMatch struct {
-	keys   []ChainKey // the stored groups' keys (len = groups)
-	tail   int        // tokens of the named context's tail that match
-	ctx    *ctxState  // the named context, when its tail matched
+	keys   []ChainKey  // the stored groups' keys (len = groups)
+	ents   []*groupEnt // their entries as the lookup found them
+	tail   int         // tokens of the named context's tail that match
+	ctx    *ctxState   // the named context, when its tail matched
 	tokens int
 }
 
@@ -236,7 +241,7 @@ func (s *Store) match(p Prefix) (*prefixMatch, error) {
 	if err != nil {
 		return nil, err
 	}
-	keys, _, err := s.probe(p.Namespace, ch, p.Tokens, false, false)
+	keys, ents, err := s.probe(p.Namespace, ch, p.Tokens, false, false)
 	if err != nil {
 		s.opts.Logf("chunk: lookup in %s: %v; the match stops before it", p.Namespace, err)
 	}
@@ -246,7 +251,7 @@ func (s *Store) match(p Prefix) (*prefixMatch, error) {
 	if s.closed {
 		return nil, ErrClosed
 	}
-	m := &prefixMatch{keys: keys, tokens: n * s.ct}
+	m := &prefixMatch{keys: keys, ents: ents, tokens: n * s.ct}
 	if p.Context == "" {
 		return m, nil
 	}
@@ -680,6 +685,27 @@ func (s *Store) sharedBonusLocked(c *ctxState) int64 {
 		return 0
 	}
 	return int64(float64(s.opts.EvictSharedBonus) * float64(shared) / float64(total))
+}
+
+// heldUseLocked is the latest restore by tokens (groupEnt.lastUse) of the
+// shared groups whose last reference c holds, given the references
+// released (by victims chosen before it): what deleting c would drop. 0
+// when there is none. Call with s.mu held.
+func (s *Store) heldUseLocked(c *ctxState, released map[*groupEnt]int) int64 {
+	if !c.tokCtx() {
+		return 0
+	}
+	chain, err := s.chainLocked(c)
+	if err != nil {
+		return 0
+	}
+	var used int64
+	for _, e := range chain {
+		if e.lastUse > used && e.refs-released[e] == 1 && e.pending == 0 {
+			used = e.lastUse
+		}
+	}
+	return used
 }
 
 // freedGroupsLocked is the bytes of shared groups whose last reference c

@@ -138,13 +138,23 @@ func (s *Store) RestoreTokensOwned(p Prefix, ahead int, fn func(layer int, rows 
 	if auto {
 		ahead = s.autoAhead(c, sn)
 	}
+	// A use of what it serves: the named context whose tail it reads
+	// (persisted with the next index commit, as Restore's), and the
+	// shared groups, whichever contexts hold them (in memory: eviction
+	// keeps the holder of a group's last reference by it; evict.go).
+	s.mu.Lock()
+	now := s.opts.Now()
+	for _, e := range m.ents {
+		if e.committed {
+			e.lastUse = now
+		}
+	}
 	if m.ctx != nil {
-		s.mu.Lock()
-		m.ctx.lastUse = s.opts.Now()
+		m.ctx.lastUse = now
 		m.ctx.useDirty = true
 		s.dirtyCtxs[m.ctx] = struct{}{}
-		s.mu.Unlock()
 	}
+	s.mu.Unlock()
 	if err := s.streamLayers(c, sn, ahead, fn); err != nil {
 		return 0, err
 	}
