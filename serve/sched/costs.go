@@ -180,16 +180,20 @@ func (pl *Platform) Costs(c *model.Config, n int) (Costs, error) {
 //     dtype written), so it is priced at 1 + 4 + 4 + dtype bytes per value
 //     at the slower of mem_gbps and h2d_gbps (a host-memory read: the host
 //     is at least that fast, and a CUDA profile's mem_gbps is the device's).
-//     The int8 estimate is so never faster than fp8's.
+//     So int8's estimate is always below fp8's.
 //   - and no faster than the slowest rate the profile did measure: a codec
-//     measured nowhere on this platform is assumed to decode no faster than
-//     the codecs measured on it (every decode does at least fp8's work per
-//     value: a code converted and scaled; measured on one core, fp8-block
-//     and int8 are the slower ones). A profile that measured only fp8 (the
-//     old decode_gbps) so prices fp8-block and int8 as before or slower,
-//     and chooses among the codecs it could choose before as it did.
+//     not measured on this platform is assumed to decode no faster than the
+//     codecs that were (every decode does at least fp8's work per value, a
+//     code converted and scaled, and on the host fp8 is the fastest: the
+//     state/codec benchmarks of 4096 values on one core of a loaded 2-core
+//     VM, 2026-12-03, gave fp8 0.75-1.0, fp8-block 0.43-0.49, int8 0.19-0.35
+//     GB/s). The measured rate only bounds the estimate: the source says
+//     so. A profile that measured only fp8 (the old decode_gbps) so prices
+//     fp8-block and int8 as before or slower, and chooses among the codecs
+//     it could choose before as it did (TestOldProfilesChooseAsBefore).
 //
-// The source says which applies; Costs.DecodeSource carries it into a plan.
+// cd is a codec other than none. The source says which figure applies;
+// Costs.DecodeSource carries it into a plan.
 func (pl *Platform) DecodeGBps(c *model.Config, cd state.Codec) (float64, string) {
 	p := pl.Profile
 	if f := p.Decode(cd.String()); f != nil {
