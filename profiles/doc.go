@@ -14,7 +14,10 @@
 // h200-nvme` names one; a path to a JSON file works too). Every figure is
 // `{"value", "source"}`: storage tiers' read bandwidth, host-to-device
 // bandwidth, GEMM rate, device memory bandwidth, a per-layer launch overhead,
-// optionally `compute_efficiency`, and optional measured curves (`recompute`,
+// optionally `compute_efficiency`, optional decode rates by codec (`decode_gbps`
+// is fp8's, as it always was; `codec_decode_gbps` holds `fp8-block` and `int8`;
+// a codec without one is priced by the scheduler's conservative estimate,
+// which another codec's measured rate can only cap, never stand in for), and optional measured curves (`recompute`,
 // `project`, `kv_load`: ms for all layers of a named model at several token
 // counts, interpolated as a power law between points and extended beyond them
 // with the nearest segment's exponent, so a superlinear cost stays
@@ -33,7 +36,8 @@
 // measures one for this machine with the backend `--backend` selects (auto:
 // CUDA when a device can be used, else the CPU one): store restore bandwidth
 // on D with O_DIRECT (tier `dir`) and from the store's DRAM tier (tier `dram`),
-// a host memory copy standing for H2D, and the three curves for M at
+// a host memory copy standing for H2D, each codec's host decode of M's hidden
+// rows (`profiler.DecodeRates`), and the three curves for M at
 // `--tokens`. A CUDA backend is timed through `gpu.Backend` (rows copied in,
 // the cache copied back), an upper bound of its pipelined cost, and its H2D
 // is not measured; only the CPU path has run (no GPU reached this branch).

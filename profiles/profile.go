@@ -86,17 +86,42 @@ type Profile struct {
 	ComputeEfficiency *Figure `json:"compute_efficiency,omitempty"`
 	// LayerOverheadUS is a fixed cost per layer and operation (launches).
 	LayerOverheadUS Figure `json:"layer_overhead_us"`
-	// DecodeGBps is the backend's decode of rows stored under an fp8 codec
-	// into the model dtype, in GB/s of model-dtype output (on a GPU the
-	// dequantize kernel after the copy; on the CPU backend the host
-	// decode). Optional: without it the scheduler prices the decode as
-	// memory-bound (each value read as 1 byte and written in the dtype at
-	// mem_gbps).
+	// DecodeGBps is the decode of rows stored under the fp8 codec
+	// (per-token scale) into the model dtype, in GB/s of model-dtype
+	// output (on a GPU the dequantize kernel after the copy; on the CPU
+	// backend the host decode). Profiles written before the other codecs
+	// had rates of their own carry only this one, measured on fp8 rows;
+	// it keeps that meaning.
 	DecodeGBps *Figure `json:"decode_gbps,omitempty"`
+	// CodecDecodeGBps is the same figure for the other codecs, by name
+	// ("fp8-block", "int8"; fp8's own is DecodeGBps, and the loader
+	// refuses it here so that one figure has one place). All optional:
+	// the scheduler prices a codec without a rate by a conservative
+	// estimate (sched.Platform.DecodeGBps says which), never by another
+	// codec's figure alone.
+	CodecDecodeGBps map[string]Figure `json:"codec_decode_gbps,omitempty"`
 	// Measured curves; each optional (figures above stand in for a missing one).
 	Recompute *Curve `json:"recompute,omitempty"`
 	Project   *Curve `json:"project,omitempty"`
 	KVLoad    *Curve `json:"kv_load,omitempty"`
+}
+
+// DecodeCodecs are the codecs (state.Codec's names) a profile gives decode
+// rates for: fp8 in decode_gbps, the others in codec_decode_gbps.
+var DecodeCodecs = []string{"fp8", "fp8-block", "int8"}
+
+// Decode returns the profile's measured decode rate of the codec named
+// (decode_gbps for "fp8", codec_decode_gbps for the others), or nil when
+// the profile gives none: the caller estimates, it does not borrow another
+// codec's figure.
+func (p *Profile) Decode(codec string) *Figure {
+	if codec == "fp8" {
+		return p.DecodeGBps
+	}
+	if f, ok := p.CodecDecodeGBps[codec]; ok {
+		return &f
+	}
+	return nil
 }
 
 // ErrProfile is wrapped by every validation error.
@@ -180,6 +205,24 @@ func (p *Profile) Validate() error {
 	}
 	if p.DecodeGBps != nil {
 		if err := fig("decode_gbps", *p.DecodeGBps, true); err != nil {
+			return err
+		}
+	}
+	keys := make([]string, 0, len(p.CodecDecodeGBps))
+	for k := range p.CodecDecodeGBps {
+		keys = append(keys, k)
+	}
+	sort.Strings(keys)
+	for _, k := range keys {
+		f := fmt.Sprintf("codec_decode_gbps[%q]", k)
+		switch k {
+		case "fp8":
+			return bad(f, "fp8's decode rate is decode_gbps: give it there")
+		case "fp8-block", "int8":
+		default:
+			return bad(f, "is not a codec with a decode (have %s; fp8's rate is decode_gbps)", strings.Join(DecodeCodecs[1:], ", "))
+		}
+		if err := fig(f, p.CodecDecodeGBps[k], true); err != nil {
 			return err
 		}
 	}

@@ -60,6 +60,11 @@ func TestValidationNamesTheBadField(t *testing.T) {
 		{"points out of order", `{"tokens": 4096, "ms": 127.1}`, `{"tokens": 512, "ms": 127.1}`, "recompute.points[1].tokens"},
 		{"negative decode", `"layer_overhead_us":`, `"decode_gbps": {"value": -3, "source": "x"}, "layer_overhead_us":`, "decode_gbps.value"},
 		{"decode without source", `"layer_overhead_us":`, `"decode_gbps": {"value": 3, "source": " "}, "layer_overhead_us":`, "decode_gbps.source"},
+		{"fp8 in the codec map", `"layer_overhead_us":`, `"codec_decode_gbps": {"fp8": {"value": 3, "source": "x"}}, "layer_overhead_us":`, `codec_decode_gbps["fp8"]: fp8's decode rate is decode_gbps`},
+		{"codec none", `"layer_overhead_us":`, `"codec_decode_gbps": {"none": {"value": 3, "source": "x"}}, "layer_overhead_us":`, `codec_decode_gbps["none"]: is not a codec with a decode`},
+		{"unknown codec", `"layer_overhead_us":`, `"codec_decode_gbps": {"int4": {"value": 3, "source": "x"}}, "layer_overhead_us":`, `codec_decode_gbps["int4"]`},
+		{"zero int8 decode", `"layer_overhead_us":`, `"codec_decode_gbps": {"int8": {"value": 0, "source": "x"}}, "layer_overhead_us":`, `codec_decode_gbps["int8"].value`},
+		{"fp8-block decode without source", `"layer_overhead_us":`, `"codec_decode_gbps": {"int8": {"value": 1, "source": "x"}, "fp8-block": {"value": 2, "source": ""}}, "layer_overhead_us":`, `codec_decode_gbps["fp8-block"].source`},
 		{"bad ms", `"ms": 615.7`, `"ms": 0`, "recompute.points[2].ms"},
 		{"bad backend", `"backend": "cuda"`, `"backend": "tpu"`, "backend"},
 		{"unknown field", `"backend": "cuda",`, `"backend": "cuda", "h2d": 3,`, `unknown field "h2d"`},
@@ -83,6 +88,61 @@ func TestValidationNamesTheBadField(t *testing.T) {
 	p.Recompute = nil
 	if err := p.Validate(); err == nil || !strings.Contains(err.Error(), "compute_efficiency") {
 		t.Fatalf("no recompute cost: %v", err)
+	}
+}
+
+// TestDecodeRates: a profile written before per-codec rates (decode_gbps
+// alone) loads, and its figure is fp8's and no other codec's; rates by codec
+// survive a round trip and are returned by name.
+func TestDecodeRates(t *testing.T) {
+	base, err := shipped.ReadFile("h200-nvme.json")
+	if err != nil {
+		t.Fatal(err)
+	}
+	with := func(fields string) *Profile {
+		t.Helper()
+		p, err := Parse([]byte(strings.Replace(string(base), `"layer_overhead_us":`, fields+` "layer_overhead_us":`, 1)))
+		if err != nil {
+			t.Fatal(err)
+		}
+		return p
+	}
+	old := with(`"decode_gbps": {"value": 1.5, "source": "old"},`)
+	both := with(`"decode_gbps": {"value": 1.5, "source": "a"}, "codec_decode_gbps": {"int8": {"value": 0.4, "source": "b"}, "fp8-block": {"value": 0.7, "source": "c"}},`)
+	b, err := both.Marshal()
+	if err != nil {
+		t.Fatal(err)
+	}
+	trip, err := Parse(b)
+	if err != nil {
+		t.Fatalf("round trip: %v", err)
+	}
+	none, _ := Parse(base)
+	for _, c := range []struct {
+		name  string
+		p     *Profile
+		codec string
+		want  float64 // 0: no figure
+	}{
+		{"old fp8", old, "fp8", 1.5},
+		{"old fp8-block", old, "fp8-block", 0},
+		{"old int8", old, "int8", 0},
+		{"old none", old, "none", 0},
+		{"both fp8", both, "fp8", 1.5},
+		{"both fp8-block", both, "fp8-block", 0.7},
+		{"both int8", both, "int8", 0.4},
+		{"round trip int8", trip, "int8", 0.4},
+		{"round trip fp8", trip, "fp8", 1.5},
+		{"shipped fp8", none, "fp8", 0},
+		{"shipped int8", none, "int8", 0},
+	} {
+		f := c.p.Decode(c.codec)
+		switch {
+		case c.want == 0 && f != nil:
+			t.Errorf("%s: %s has rate %+v, want none", c.name, c.codec, *f)
+		case c.want != 0 && (f == nil || f.Value != c.want):
+			t.Errorf("%s: %s has rate %+v, want %v", c.name, c.codec, f, c.want)
+		}
 	}
 }
 

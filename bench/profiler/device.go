@@ -13,6 +13,7 @@ import (
 	"github.com/hcache/hcache/model"
 	"github.com/hcache/hcache/profiles"
 	"github.com/hcache/hcache/serve/sched"
+	"github.com/hcache/hcache/state"
 )
 
 // DeviceCurves are a CUDA backend's own curves: hcache's device recompute,
@@ -234,7 +235,7 @@ func measureCUDA(o Options, say func(string)) (*profiles.Profile, error) {
 		return nil, err
 	}
 	say(fmt.Sprintf("store read: %.2f GB/s from disk (%s engine)", readGBps, engine))
-	decGBps, err := DecodeGBps(c, o.Rounds)
+	decRates, err := DecodeRates(c, o.Rounds, say)
 	if err != nil {
 		return nil, err
 	}
@@ -244,7 +245,7 @@ func measureCUDA(o Options, say func(string)) (*profiles.Profile, error) {
 		return nil, err
 	}
 	host, _ := os.Hostname()
-	return deviceProfile(o, c, host, note, engine, readGBps, decGBps, memGBps, dc, time.Now())
+	return deviceProfile(o, c, host, note, engine, readGBps, decRates, memGBps, dc, time.Now())
 }
 
 // loadDeviceModel is LoadModel without the CPU's size bound: a preset's
@@ -260,7 +261,7 @@ func loadDeviceModel(name string, seed int64) (*model.Config, *model.Weights, bo
 }
 
 // deviceProfile assembles the profile of a CUDA measurement.
-func deviceProfile(o Options, c *model.Config, host, note, engine string, readGBps, decGBps, memGBps float64, dc DeviceCurves, at time.Time) (*profiles.Profile, error) {
+func deviceProfile(o Options, c *model.Config, host, note, engine string, readGBps float64, decRates map[state.Codec]float64, memGBps float64, dc DeviceCurves, at time.Time) (*profiles.Profile, error) {
 	if len(dc.Recompute) == 0 {
 		return nil, errors.New("profile: no device curves")
 	}
@@ -287,11 +288,11 @@ func deviceProfile(o Options, c *model.Config, host, note, engine string, readGB
 		GemmTFLOPs:      profiles.Figure{Value: dc.EffTFLOPs, Source: src(fmt.Sprintf("effective rate of the device recompute at %d tokens: its matrix and attention FLOPs over its time (not a GEMM peak; unused while the curves are given)", last))},
 		MemGBps:         profiles.Figure{Value: memGBps, Source: src("64 MiB host memory copy (not the device's memory; unused while the curves are given)")},
 		LayerOverheadUS: profiles.Figure{Value: 0, Source: "measured curves include per-layer overheads"},
-		DecodeGBps:      &profiles.Figure{Value: decGBps, Source: src(fmt.Sprintf("host decode (state/codec, one core) of 256 fp8 hidden rows into %s, GB/s of output; serve decodes on the host", c.DType))},
 		Recompute:       curve(dc.Recompute, "hcache's device recompute (gpu/cuda Restore.Recompute) of every layer from token ids into a device cache, wall time from Begin to the end of Wait"),
 		Project:         curve(dc.Project, "hcache's pipelined hidden restore of every layer from pinned host rows (copy overlapped with the K/V GEMM and the fused RoPE and scatter), wall time: the PCIe copy included, an upper bound of the projection"),
 		KVLoad:          curve(dc.KVLoad, "hcache's KV restore of every layer from pinned host rows (copy and scatter), wall time: the PCIe copy included"),
 	}
+	setDecodeRates(p, c, decRates, src, "serve decodes int8 on the host; the CUDA backend decodes the fp8 codecs on the device (gpu.DeviceDecoder), which this does not time, so for them it is a lower bound")
 	if err := p.Validate(); err != nil {
 		return nil, fmt.Errorf("profile: the measurement is not a valid profile: %w", err)
 	}

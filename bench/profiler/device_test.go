@@ -5,12 +5,14 @@ import (
 	"math"
 	"math/rand"
 	"slices"
+	"strings"
 	"testing"
 	"time"
 
 	"github.com/hcache/hcache/model"
 	"github.com/hcache/hcache/profiles"
 	"github.com/hcache/hcache/serve/sched"
+	"github.com/hcache/hcache/state"
 )
 
 // fakeRestore records what the curves queue.
@@ -146,7 +148,8 @@ func TestDeviceProfilePlans(t *testing.T) {
 		H2DGBps: 54, EffTFLOPs: 400,
 	}
 	o := Options{Model: "llama2-7b", Dir: "/data", Rounds: 3, Name: "h200-measured"}
-	p, err := deviceProfile(o, &c, "gpu1", "cuda backend on NVIDIA H200", "io_uring", 1.9, 0.8, 10, dc, time.Unix(0, 0))
+	rates := map[state.Codec]float64{state.CodecFP8Token: 0.8, state.CodecFP8Block: 0.6, state.CodecInt8Channel: 0.3}
+	p, err := deviceProfile(o, &c, "gpu1", "cuda backend on NVIDIA H200", "io_uring", 1.9, rates, 10, dc, time.Unix(0, 0))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -165,6 +168,12 @@ func TestDeviceProfilePlans(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	// Each codec's measured rate is read back as its own.
+	for cd, want := range rates {
+		if g, src := pl.DecodeGBps(base, cd); g != want || !strings.Contains(src, cd.String()+" measured") {
+			t.Fatalf("%s decodes at %v (%s), measured %v", cd, g, src, want)
+		}
+	}
 	d, err := pl.Choose(base, 4096)
 	if err != nil {
 		t.Fatal(err)
@@ -174,7 +183,7 @@ func TestDeviceProfilePlans(t *testing.T) {
 		t.Fatalf("plan %v, costs %+v", d.Split, cs)
 	}
 	t.Logf("plan at 4096 tokens: %v, predicted %.2f ms", d.Split, d.PredictedMS)
-	if _, err := deviceProfile(o, &c, "gpu1", "", "", 1.9, 0.8, 10, DeviceCurves{}, time.Unix(0, 0)); err == nil {
+	if _, err := deviceProfile(o, &c, "gpu1", "", "", 1.9, rates, 10, DeviceCurves{}, time.Unix(0, 0)); err == nil {
 		t.Fatal("a profile without curves")
 	}
 }

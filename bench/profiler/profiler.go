@@ -106,31 +106,67 @@ func RandomRows(c *model.Config, rng *rand.Rand, n, width int) []byte {
 	return b
 }
 
-// DecodeGBps times the host decode of 256 fp8 (per-token scale) hidden rows
-// into the model dtype, in GB/s of output: what serve does for every stored
-// layer of a state saved under the fp8 codec.
-func DecodeGBps(c *model.Config, rounds int) (float64, error) {
+// DecodeCodecs are the codecs whose host decode a profile records.
+var DecodeCodecs = []state.Codec{state.CodecFP8Token, state.CodecFP8Block, state.CodecInt8Channel}
+
+// DecodeGBps times the host decode of 256 hidden rows stored under codec cd
+// (encoded from position 0, as a save of a prefill encodes them: under int8
+// four whole groups) into the model dtype, in GB/s of output: what serve
+// does for every stored layer of a state saved under cd when the backend
+// does not decode it on the device.
+func DecodeGBps(c *model.Config, cd state.Codec, rounds int) (float64, error) {
 	const n = 256
 	rng := rand.New(rand.NewSource(1))
-	x := make([]float32, c.HiddenSize)
-	rb := codec.HiddenRowBytes(state.CodecFP8Token, c.DType, c.HiddenSize)
-	enc := make([]byte, n*rb)
-	for t := 0; t < n; t++ {
-		for i := range x {
-			x[i] = float32(rng.NormFloat64())
-		}
-		if err := codec.EncodeRow(state.CodecFP8Token, c.DType, enc[t*rb:(t+1)*rb], x); err != nil {
-			return 0, err
-		}
+	x := make([]float32, n*c.HiddenSize)
+	for i := range x {
+		x[i] = float32(rng.NormFloat64())
+	}
+	enc := make([]byte, n*codec.HiddenRowBytes(cd, c.DType, c.HiddenSize))
+	if err := codec.EncodeRows(cd, c.DType, enc, 1, c.HiddenSize, 0, x); err != nil {
+		return 0, err
 	}
 	out := make([]byte, n*c.HiddenRowBytes())
 	d, err := timeIt(rounds, func() error {
-		return codec.TranscodeRows(state.CodecFP8Token, c.DType, out, enc, 1, c.HiddenSize)
+		return codec.TranscodeRows(cd, c.DType, out, enc, 1, c.HiddenSize)
 	})
 	if err != nil {
 		return 0, err
 	}
 	return float64(len(out)) / d.Seconds() / 1e9, nil
+}
+
+// DecodeRates is DecodeGBps of every codec of DecodeCodecs.
+func DecodeRates(c *model.Config, rounds int, say func(string)) (map[state.Codec]float64, error) {
+	r := map[state.Codec]float64{}
+	for _, cd := range DecodeCodecs {
+		g, err := DecodeGBps(c, cd, rounds)
+		if err != nil {
+			return nil, fmt.Errorf("profile: %s decode: %w", cd, err)
+		}
+		say(fmt.Sprintf("%s decode into %s on the host %.2f GB/s", cd, c.DType, g))
+		r[cd] = g
+	}
+	return r, nil
+}
+
+// setDecodeRates writes the measured rates into the profile's decode figures
+// (fp8's is decode_gbps, the others codec_decode_gbps), each with its source.
+func setDecodeRates(p *profiles.Profile, c *model.Config, rates map[state.Codec]float64, src func(string) string, note string) {
+	for _, cd := range DecodeCodecs {
+		g, ok := rates[cd]
+		if !ok {
+			continue
+		}
+		f := profiles.Figure{Value: g, Source: src(fmt.Sprintf("host decode (state/codec, one core) of 256 %s hidden rows into %s, GB/s of output; %s", cd, c.DType, note))}
+		if cd == state.CodecFP8Token {
+			p.DecodeGBps = &f
+			continue
+		}
+		if p.CodecDecodeGBps == nil {
+			p.CodecDecodeGBps = map[string]profiles.Figure{}
+		}
+		p.CodecDecodeGBps[cd.String()] = f
+	}
 }
 
 // StoreReadGBps writes one context of about bytes bytes (hidden rows of
@@ -333,11 +369,10 @@ func Measure(o Options) (*profiles.Profile, error) {
 	copyGBps := CopyGBps(o.Rounds)
 	gemm := GemmTFLOPs(c.HiddenSize, 256, o.Rounds)
 	say(fmt.Sprintf("memory copy %.2f GB/s, float32 GEMM %.4f TFLOP/s", copyGBps, gemm))
-	decGBps, err := DecodeGBps(c, o.Rounds)
+	decRates, err := DecodeRates(c, o.Rounds, say)
 	if err != nil {
 		return nil, err
 	}
-	say(fmt.Sprintf("fp8 decode into %s on the host %.2f GB/s", c.DType, decGBps))
 	cv, err := MeasureCurves(m, b, o.Tokens, o.Rounds, say)
 	if err != nil {
 		return nil, err
@@ -365,11 +400,11 @@ func Measure(o Options) (*profiles.Profile, error) {
 		GemmTFLOPs:      profiles.Figure{Value: gemm, Source: src(fmt.Sprintf("float32 GEMM [256 x %d] x [%d x %d] of the CPU reference", c.HiddenSize, c.HiddenSize, c.HiddenSize))},
 		MemGBps:         profiles.Figure{Value: copyGBps, Source: src("64 MiB memory copy")},
 		LayerOverheadUS: profiles.Figure{Value: 0, Source: "measured curves include per-layer overheads"},
-		DecodeGBps:      &profiles.Figure{Value: decGBps, Source: src(fmt.Sprintf("host decode (state/codec, one core) of 256 fp8 hidden rows into %s, GB/s of output; with the cuda backend serve still decodes on the host", c.DType))},
 		Recompute:       curve(cv.Recompute, "forward pass over all layers"),
 		Project:         curve(cv.Project, backendName+" backend projection of every layer through gpu.Backend"),
 		KVLoad:          curve(cv.KVLoad, backendName+" backend KV load of every layer through gpu.Backend"),
 	}
+	setDecodeRates(p, c, decRates, src, "what serve does on this backend")
 	if err := p.Validate(); err != nil {
 		return nil, fmt.Errorf("profile: the measurement is not a valid profile: %w", err)
 	}

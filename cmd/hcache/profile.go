@@ -8,6 +8,7 @@ import (
 	"strings"
 
 	"github.com/hcache/hcache/bench/profiler"
+	"github.com/hcache/hcache/profiles"
 )
 
 func init() {
@@ -77,6 +78,13 @@ func runProfile(args []string, stdout, stderr io.Writer) error {
 		return err
 	}
 	fmt.Fprintf(stdout, "%s (%s backend): store read %.2f GB/s, copy %.2f GB/s\n", p.Name, p.Backend, p.Tiers[0].ReadGBps.Value, p.H2DGBps.Value)
+	var dec []string
+	for _, cd := range profiles.DecodeCodecs {
+		if f := p.Decode(cd); f != nil {
+			dec = append(dec, fmt.Sprintf("%s %.2f GB/s", cd, f.Value))
+		}
+	}
+	fmt.Fprintf(stdout, "host decode into the model dtype: %s\n", strings.Join(dec, ", "))
 	for i, pt := range p.Recompute.Points {
 		fmt.Fprintf(stdout, "%6d tokens: recompute %9.2f ms, projection %8.2f ms, kv load %7.2f ms (all %s layers)\n",
 			pt.Tokens, pt.MS, p.Project.Points[i].MS, p.KVLoad.Points[i].MS, *mdl)

@@ -76,6 +76,11 @@ func TestProfileThenSimulate(t *testing.T) {
 	if p.Backend != "cpu" || p.Tiers[0].ReadGBps.Value <= 0 || len(p.Recompute.Points) != 2 || p.Recompute.Shape == nil {
 		t.Fatalf("measured profile %+v", p)
 	}
+	for _, name := range profiles.DecodeCodecs {
+		if f := p.Decode(name); f == nil || f.Value <= 0 || !strings.Contains(f.Source, " "+name+" hidden rows") {
+			t.Fatalf("measured profile: %s decode %+v, want its own measured rate", name, f)
+		}
+	}
 	if code, _, errs := runCLI("simulate", "--profile", out, "--model", "tiny-llama", "--workload", "chat"); code != 0 {
 		t.Fatalf("simulate on the measured profile: exit %d: %s", code, errs)
 	}

@@ -2,6 +2,7 @@ package sched
 
 import (
 	"fmt"
+	"math"
 
 	"github.com/hcache/hcache/model"
 	"github.com/hcache/hcache/profiles"
@@ -19,11 +20,15 @@ type Costs struct {
 	HiddenIOMS  float64 `json:"hidden_io_ms"` // T_hio: read + host-to-device copy of the hidden rows
 	KVIOMS      float64 `json:"kv_io_ms"`     // T_kvio: read + copy of the K/V rows
 	// Codec is the encoding of the stored rows the I/O figures price
-	// (CostsCodec); under an fp8 codec ProjectMS and KVLoadMS include
-	// the decode into the model dtype (DecodeHiddenMS, DecodeKVMS).
+	// (CostsCodec); under a codec other than none ProjectMS and KVLoadMS include
+	// the decode into the model dtype (DecodeHiddenMS, DecodeKVMS), at
+	// the codec's own rate.
 	Codec          string  `json:"codec,omitempty"`
 	DecodeHiddenMS float64 `json:"decode_hidden_ms,omitempty"`
 	DecodeKVMS     float64 `json:"decode_kv_ms,omitempty"`
+	// DecodeSource says where the decode rate comes from: the profile's
+	// measured rate of the codec, or an estimate (Platform.DecodeGBps).
+	DecodeSource string `json:"decode_source,omitempty"`
 }
 
 // Platform is a profile with a storage tier chosen: it prices layers.
@@ -159,15 +164,60 @@ func (pl *Platform) Costs(c *model.Config, n int) (Costs, error) {
 	return cs, nil
 }
 
-// DecodeGBps is the rate the backend decodes fp8 rows into the model dtype,
-// in GB/s of output: the profile's decode_gbps, else memory-bound (a value
-// read as 1 byte and written as ElemBytes at mem_gbps).
-func (pl *Platform) DecodeGBps(c *model.Config) float64 {
-	if d := pl.Profile.DecodeGBps; d != nil {
-		return d.Value
+// DecodeGBps is the rate, in GB/s of model-dtype output, at which rows
+// stored under codec cd decode into the model dtype, and where the figure
+// comes from. It is the profile's measured rate of that codec (decode_gbps
+// for fp8, codec_decode_gbps for fp8-block and int8). A codec the profile
+// has no rate for gets an estimate that is meant to be conservative, never
+// another codec's figure in its place:
+//
+//   - memory-bound: fp8 and fp8-block read one byte per value and write it
+//     in the dtype at mem_gbps (on CUDA a dequantize kernel does just that;
+//     unchanged from when one figure priced every codec, so profiles that
+//     give no rate choose as they did). int8 has no device decoder: it is
+//     decoded on the host, whose reference decodes a group into float32
+//     (1 byte read, 4 written per value) and then converts it (4 read, the
+//     dtype written), so it is priced at 1 + 4 + 4 + dtype bytes per value
+//     at the slower of mem_gbps and h2d_gbps (a host-memory read: the host
+//     is at least that fast, and a CUDA profile's mem_gbps is the device's).
+//     So int8's estimate is always below fp8's.
+//   - and no faster than the slowest rate the profile did measure: a codec
+//     not measured on this platform is assumed to decode no faster than the
+//     codecs that were (every decode does at least fp8's work per value, a
+//     code converted and scaled, and on the host fp8 is the fastest: the
+//     state/codec benchmarks of 4096 values on one core of a loaded 2-core
+//     VM, 2026-12-03, gave fp8 0.75-1.0, fp8-block 0.43-0.49, int8 0.19-0.35
+//     GB/s). The measured rate only bounds the estimate: the source says
+//     so. A profile that measured only fp8 (the old decode_gbps) so prices
+//     fp8-block and int8 as before or slower, and chooses among the codecs
+//     it could choose before as it did (TestOldProfilesChooseAsBefore).
+//
+// cd is a codec other than none. The source says which figure applies;
+// Costs.DecodeSource carries it into a plan.
+func (pl *Platform) DecodeGBps(c *model.Config, cd state.Codec) (float64, string) {
+	p := pl.Profile
+	if f := p.Decode(cd.String()); f != nil {
+		return f.Value, cd.String() + " measured: " + f.Source
 	}
 	eb := float64(c.ElemBytes())
-	return pl.Profile.MemGBps.Value * eb / (1 + eb)
+	rate := p.MemGBps.Value * eb / (1 + eb)
+	src := fmt.Sprintf("%s estimate: memory-bound, 1 byte read and %g written per value at mem_gbps", cd, eb)
+	if cd == state.CodecInt8Channel {
+		bw := min(p.MemGBps.Value, p.H2DGBps.Value)
+		rate = bw * eb / (9 + eb)
+		src = fmt.Sprintf("%s estimate: host decode through float32, %g bytes moved per value at min(mem_gbps, h2d_gbps) = %g GB/s", cd, 9+eb, bw)
+	}
+	slowest, from := math.Inf(1), ""
+	for _, name := range profiles.DecodeCodecs {
+		if f := p.Decode(name); f != nil && f.Value < slowest {
+			slowest, from = f.Value, name
+		}
+	}
+	if slowest < rate {
+		rate = slowest
+		src += fmt.Sprintf(", capped at the slowest measured decode (%s's %g GB/s): no rate measured for %s", from, slowest, cd)
+	}
+	return rate, src
 }
 
 // CostsCodec prices one layer of model c at n tokens with rows stored under
@@ -187,7 +237,9 @@ func (pl *Platform) CostsCodec(c *model.Config, n int, cd state.Codec) (Costs, e
 	cs.Codec = cd.String()
 	cs.HiddenIOMS = nf * float64(codec.HiddenRowBytes(cd, c.DType, c.HiddenSize)) / io * 1e3
 	cs.KVIOMS = nf * float64(kvRowBytesCodec(c, cd)) / io * 1e3
-	dec := pl.DecodeGBps(c) * 1e9
+	gbps, src := pl.DecodeGBps(c, cd)
+	dec := gbps * 1e9
+	cs.DecodeSource = src
 	cs.DecodeHiddenMS = nf * float64(c.HiddenRowBytes()) / dec * 1e3
 	cs.DecodeKVMS = nf * float64(c.KVRowBytes()) / dec * 1e3
 	cs.ProjectMS += cs.DecodeHiddenMS

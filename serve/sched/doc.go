@@ -65,12 +65,19 @@
 //
 // `Platform.CostsCodec` prices a layer whose rows are stored under a codec:
 // the reads and copies move the encoded bytes, and the projection and the KV
-// load first decode them (the profile's `decode_gbps`, else memory-bound: one
-// byte read and the dtype written per value at `mem_gbps`). `ChooseCodec`
+// load first decode them at the codec's own rate (`Platform.DecodeGBps`: the
+// profile's `decode_gbps` for fp8, `codec_decode_gbps` for fp8-block and
+// int8; without one an estimate: memory-bound at `mem_gbps` for the fp8
+// codecs, int8's host decode through float32 at the slower of `mem_gbps`
+// and `h2d_gbps`, and either no faster than the slowest rate the profile
+// measured, so a profile with only the old `decode_gbps` chooses as before;
+// `Costs.DecodeSource` names the figure). `ChooseCodec`
 // runs the optimiser for every codec the caller allows and keeps the fastest
 // (ties: fewer bytes); `PlanOfCodec` and `Split.PlanCodec` give the encoded row
 // sizes. GQA presets choose KV in every codec (a test); MLA (`deepseek-v3`)
-// stores its latent and rotary key (`kvRowBytes`; two segments under a codec),
+// stores its latent and rotary key (`kvRowBytes`; two segments under fp8,
+// one row of 576 values with its scale area under int8: 640 bytes, what
+// `codec.EncodeRows` takes),
 // and its costs count the low-rank projections (the forward pass is not built).
 //
 // # Simulation

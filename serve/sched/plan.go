@@ -57,10 +57,29 @@ func LayerPlanOfCodec(c *model.Config, kind state.LayerKind, cd state.Codec) sta
 }
 
 // kvRowBytesCodec is a stored KV row under cd: K and V segments of kv_dim
-// values, or for MLA the latent and the rotary key as two segments.
+// values, or for MLA the latent and the rotary key (two segments; one
+// under int8, mlaInt8Row).
 func kvRowBytesCodec(c *model.Config, cd state.Codec) int {
 	if m := c.MLA; m != nil {
+		if cd == state.CodecInt8Channel {
+			segs, n := mlaInt8Row(m)
+			return codec.RowBytes(cd, c.DType, segs, n)
+		}
 		return codec.AlignRow(cd, codec.SegmentBytes(cd, c.DType, m.KVLoraRank)+codec.SegmentBytes(cd, c.DType, m.QKRopeDim))
 	}
 	return codec.KVRowBytes(cd, c.DType, c.KVDim())
+}
+
+// mlaInt8Row is how an MLA model's KV row (its latent, then its rotary key)
+// is encoded under int8, as codec.EncodeRows takes rows: segs segments of n
+// values. An int8 row is encoded whole (its scale area follows all its
+// codes: a bf16 scale per channel per aligned 64-token group, spread over
+// the group's rows; int8.go) and its segments must be equal, which the
+// latent (512) and the rotary key (64) are not, so it is one segment of
+// latent + rope values: a group row scales every channel on its own anyway;
+// a token row has one scale over both. (Under fp8 the two are segments of
+// their own, each with its scales.) No MLA forward pass saves rows yet: this
+// is the layout the plan's row size is computed from.
+func mlaInt8Row(m *model.MLA) (segs, n int) {
+	return 1, m.KVLoraRank + m.QKRopeDim
 }
