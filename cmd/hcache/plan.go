@@ -20,7 +20,7 @@ func runPlan(args []string, stdout, stderr io.Writer) error {
 	fs := newFlags("plan", stderr)
 	pf := platformFlagsOf(fs)
 	tokens := fs.Int("tokens", 4096, "expected context length")
-	codecList := fs.String("codec", "none", "comma-separated codecs the plan may use (none, fp8, fp8-block): a lossy codec is opted into; the fastest predicted wins")
+	codecList := fs.String("codec", "none", "comma-separated codecs the plan may use (none, fp8, fp8-block, int8): a lossy codec is opted into; the fastest predicted wins")
 	pl, c, err := pf.parse(args)
 	if err != nil {
 		return err
