@@ -307,6 +307,21 @@ func benchGPU(args []string, stdout, stderr io.Writer) error {
 		}
 		ts = append(ts, n)
 	}
+	if *plans == "" {
+		// The flags of --plan alone would be silently ignored.
+		var err error
+		fs.Visit(func(f *flag.Flag) {
+			switch f.Name {
+			case "backend", "profile", "tier", "torch", "torch-python", "torch-device", "torch-reps", "torch-timeout":
+				if err == nil && !(f.Name == "backend" && f.Value.String() == gpu.SelectCUDA) {
+					err = fmt.Errorf("--%s applies with --plan only (without it, bench gpu compares copy-only, hidden and KV restores on the CUDA backend)", f.Name)
+				}
+			}
+		})
+		if err != nil {
+			return err
+		}
+	}
 	t0 := time.Now()
 	if *plans != "" {
 		if err := cudaOnlyFlags(fs, *backend); err != nil {

@@ -113,6 +113,9 @@ func TestCUDALaneFlags(t *testing.T) {
 		{[]string{"profile", "--backend", "cpu", "--dir", "/tmp", "--model", "tiny-llama", "--restore-memory", "1G"},
 			"--restore-memory is an option of the CUDA backend, not of --backend cpu"},
 		{[]string{"gpu", "mixed", "--restores", "0"}, "1 to 64"},
+		{[]string{"bench", "gpu", "--model", "tiny-llama", "--backend", "cpu", "--tokens", "16"}, "--backend applies with --plan only"},
+		{[]string{"bench", "gpu", "--model", "tiny-llama", "--torch", "scripts/torch_prefill.py", "--tokens", "16"}, "--torch applies with --plan only"},
+		{[]string{"bench", "gpu", "--model", "tiny-llama", "--profile", "h200-nvme", "--tokens", "16"}, "--profile applies with --plan only"},
 	} {
 		code, out, errs := runCLI(c.args...)
 		if code == 0 || !strings.Contains(out+errs, c.msg) {
