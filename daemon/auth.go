@@ -3,7 +3,9 @@ package daemon
 import (
 	"bufio"
 	"context"
+	"crypto/sha256"
 	"crypto/subtle"
+	"encoding/hex"
 	"fmt"
 	"net"
 	"os"
@@ -31,6 +33,7 @@ type peerAuth struct {
 	unix          bool
 	uid, gid, pid uint32
 	tls           credentials.AuthInfo // TCP with TLS
+	tcp           *tcpConn             // TCP: the tokens its requests are charged to
 }
 
 func (p peerAuth) AuthType() string {
@@ -72,14 +75,23 @@ func (peerCreds) ClientHandshake(ctx context.Context, _ string, c net.Conn) (net
 func (p peerCreds) ServerHandshake(c net.Conn) (net.Conn, credentials.AuthInfo, error) {
 	a := peerAuth{CommonAuthInfo: credentials.CommonAuthInfo{SecurityLevel: credentials.NoSecurity}}
 	uc, isUnix := c.(*net.UnixConn)
-	if !isUnix && p.tls != nil {
-		tc, info, err := p.tls.ServerHandshake(c)
-		if err != nil {
-			return nil, nil, err
+	if !isUnix {
+		if p.tls != nil {
+			tc, info, err := p.tls.ServerHandshake(c)
+			if err != nil {
+				return nil, nil, err
+			}
+			a.CommonAuthInfo = credentials.CommonAuthInfo{SecurityLevel: credentials.PrivacyAndIntegrity}
+			a.tls = info
+			c = tc
 		}
-		a.CommonAuthInfo = credentials.CommonAuthInfo{SecurityLevel: credentials.PrivacyAndIntegrity}
-		a.tls = info
-		return tc, a, nil
+		if p.s != nil {
+			// Who a TCP client is shows only in its requests (the bearer
+			// token), so its connection is charged to a token there.
+			a.tcp = &tcpConn{s: p.s}
+			return &countedConn{Conn: c, release: a.tcp.release}, a, nil
+		}
+		return c, a, nil
 	}
 	if isUnix {
 		cred, err := ucred(uc)
@@ -311,6 +323,11 @@ func (s *Server) authenticate(ctx context.Context) (*caller, error) {
 		if !hasTok {
 			return nil, status.Error(codes.Unauthenticated, "TCP clients must present a bearer token (authorization: Bearer TOKEN)")
 		}
+		if a.tcp != nil {
+			if err := a.tcp.charge(tok, tokNS); err != nil {
+				return nil, err
+			}
+		}
 		c.namespaces = tokNS
 		return c, nil
 	}
@@ -341,6 +358,7 @@ func (s *Server) takeConn(uid uint32) (func(), error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if s.connsByUID[uid] >= s.cfg.MaxConnsPerUID {
+		s.metrics.connsRefused.WithLabelValues("unix").Inc()
 		s.log.Warn("connection refused: too many connections", "uid", uid, "max", s.cfg.MaxConnsPerUID)
 		return nil, fmt.Errorf("uid %d already has %d connections (--max-conns)", uid, s.cfg.MaxConnsPerUID)
 	}
@@ -350,4 +368,73 @@ func (s *Server) takeConn(uid uint32) (func(), error) {
 		s.connsByUID[uid]--
 		s.mu.Unlock()
 	}, nil
+}
+
+// TCP connections per token (--max-conns-per-token). A TCP client is known
+// only by the bearer token its requests carry, not at its handshake, so a
+// connection is charged to a token by the first request that presents it:
+// from then on, until the connection closes, it holds one of that token's
+// slots. A request whose token already holds MaxConnsPerToken other
+// connections is refused (RESOURCE_EXHAUSTED naming the flag), and the
+// connection is not charged; a later request on it is admitted once the
+// token has a free slot. A connection whose requests present several
+// tokens holds a slot of each. TLS does not change the key: the daemon asks
+// no client certificate, so under TLS too a client is its token.
+
+// tcpConn is a TCP connection's record of the tokens charged for it.
+type tcpConn struct {
+	s      *Server
+	mu     sync.Mutex
+	tokens []string // each holds one slot of connsByToken
+	closed bool
+}
+
+// charge charges the connection to tok, unless it is already or the token
+// holds MaxConnsPerToken connections (then the request is refused).
+func (t *tcpConn) charge(tok string, grant []string) error {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if t.closed || slices.Contains(t.tokens, tok) {
+		// A closed connection's requests are ending: nothing to hold.
+		return nil
+	}
+	if err := t.s.takeTokenConn(tok, grant); err != nil {
+		return err
+	}
+	t.tokens = append(t.tokens, tok)
+	return nil
+}
+
+// release gives back the connection's slots (it closed).
+func (t *tcpConn) release() {
+	t.mu.Lock()
+	toks := t.tokens
+	t.tokens, t.closed = nil, true
+	t.mu.Unlock()
+	t.s.mu.Lock()
+	for _, tok := range toks {
+		if t.s.connsByToken[tok]--; t.s.connsByToken[tok] <= 0 {
+			delete(t.s.connsByToken, tok)
+		}
+	}
+	t.s.mu.Unlock()
+}
+
+func (s *Server) takeTokenConn(tok string, grant []string) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if n := s.connsByToken[tok]; n >= s.cfg.MaxConnsPerToken {
+		s.metrics.connsRefused.WithLabelValues("tcp").Inc()
+		s.log.Warn("request refused: its token holds too many TCP connections", "token", tokenID(tok), "namespaces", grant, "connections", n, "max", s.cfg.MaxConnsPerToken)
+		return status.Errorf(codes.ResourceExhausted, "this bearer token (%s) already holds %d TCP connections (--max-conns-per-token %d): send on the connections it holds, or close some", tokenID(tok), n, s.cfg.MaxConnsPerToken)
+	}
+	s.connsByToken[tok]++
+	return nil
+}
+
+// tokenID names a token in logs and errors without showing it: the first 8
+// hex digits of its SHA-256 (tokens are at least 16 characters).
+func tokenID(tok string) string {
+	h := sha256.Sum256([]byte(tok))
+	return "sha256:" + hex.EncodeToString(h[:4])
 }

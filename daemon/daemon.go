@@ -35,6 +35,7 @@ const (
 	DefaultMaxTokensPerContext = 1 << 20
 	DefaultMaxInflight         = 64
 	DefaultMaxConnsPerUID      = 256
+	DefaultMaxConnsPerToken    = 256 // TCP connections per bearer token, as many as a unix user's
 	DefaultMaxMessageBytes     = 64 << 20
 	DefaultMaxRegionBytes      = 4 << 30
 	DefaultMaxRegionsPerUID    = 64
@@ -88,16 +89,20 @@ type Config struct {
 	// and any local user can read it.
 	MetricsNamespaces   bool
 	MaxTokensPerContext uint64
-	MaxInflight         int   // concurrent RPCs per client connection
-	MaxConnsPerUID      int   // unix connections per user
-	MaxMessageBytes     int   // gRPC message size, both ways
-	MaxRegionBytes      int64 // one shared region
-	MaxRegionsPerUID    int
-	RestorePieceBytes   int // inline restore pieces
-	GCInterval          time.Duration
-	StopTimeout         time.Duration
-	RestoreTimeout      time.Duration // longest restore (a client that stops reading is cut off)
-	Logger              *slog.Logger
+	MaxInflight         int // concurrent RPCs per client connection
+	MaxConnsPerUID      int // unix connections per user
+	// MaxConnsPerToken bounds the TCP connections charged to one bearer
+	// token (auth.go): past it a request presenting the token on another
+	// connection is refused with RESOURCE_EXHAUSTED.
+	MaxConnsPerToken  int
+	MaxMessageBytes   int   // gRPC message size, both ways
+	MaxRegionBytes    int64 // one shared region
+	MaxRegionsPerUID  int
+	RestorePieceBytes int // inline restore pieces
+	GCInterval        time.Duration
+	StopTimeout       time.Duration
+	RestoreTimeout    time.Duration // longest restore (a client that stops reading is cut off)
+	Logger            *slog.Logger
 	// Models are what Restore with project set can project with.
 	Models []*Model
 	// Remote, if set, is the shared tier on object storage (remote.go).
@@ -124,6 +129,7 @@ func (c *Config) fill() error {
 	def(&c.MaxContexts, DefaultMaxContexts)
 	def(&c.MaxInflight, DefaultMaxInflight)
 	def(&c.MaxConnsPerUID, DefaultMaxConnsPerUID)
+	def(&c.MaxConnsPerToken, DefaultMaxConnsPerToken)
 	def(&c.MaxMessageBytes, DefaultMaxMessageBytes)
 	def(&c.MaxRegionsPerUID, DefaultMaxRegionsPerUID)
 	def(&c.RestorePieceBytes, DefaultRestorePieceBytes)
@@ -189,8 +195,10 @@ type Server struct {
 	writers    map[string]*openWriter // ns\0id
 	conns      map[uint64]*connState
 	connsByUID map[uint32]int
-	usage      map[string]int64 // stored + appended row bytes per namespace
-	stopping   bool
+	// TCP connections charged to each bearer token (--max-conns-per-token).
+	connsByToken map[string]int
+	usage        map[string]int64 // stored + appended row bytes per namespace
+	stopping     bool
 	// Contexts per namespace and in all (empty ones included), kept by
 	// creates, deletes and evictions; creating counts creates under way.
 	nsCtx         map[string]int
@@ -223,7 +231,7 @@ func New(cfg Config) (*Server, error) {
 		return nil, err
 	}
 	s := &Server{cfg: cfg, store: cfg.Store, grants: cfg.Grants, log: cfg.Logger,
-		writers: map[string]*openWriter{}, conns: map[uint64]*connState{}, connsByUID: map[uint32]int{}, usage: map[string]int64{},
+		writers: map[string]*openWriter{}, conns: map[uint64]*connState{}, connsByUID: map[uint32]int{}, connsByToken: map[string]int{}, usage: map[string]int64{},
 		nsCtx: map[string]int{}, ctxGen: map[string]uint64{}, creating: map[string]int{}, sidePending: map[uint32]int{},
 		shmOpen: map[*net.UnixConn]bool{}, gcStop: make(chan struct{}), gcDone: make(chan struct{}),
 		serveErr: make(chan error, 4)}

@@ -520,6 +520,8 @@ func TestBadFlags(t *testing.T) {
 		{"token file readable by others", []string{"--dir", dir, "--listen", sock, "--tokens", open}, 1, "chmod 600"},
 		{"short token", []string{"--dir", dir, "--listen", sock, "--tokens", short}, 1, "shorter than 16"},
 		{"tcp without tokens", []string{"--dir", dir, "--listen", sock, "--tcp", "127.0.0.1:0", "--metrics", ""}, 1, "needs a token file"},
+		{"no connections per token", []string{"--dir", dir, "--listen", sock, "--max-conns-per-token", "0"}, 2, "--max-conns-per-token 0: want at least 1 connection"},
+		{"negative connections per user", []string{"--dir", dir, "--listen", sock, "--max-conns", "-1"}, 2, "--max-conns -1: want at least 1 connection"},
 		{"missing TLS certificate", []string{"--dir", dir, "--listen", sock, "--tcp", "127.0.0.1:0", "--tokens", good, "--metrics", "",
 			"--tls-cert", filepath.Join(sd, "none.pem"), "--tls-key", filepath.Join(sd, "none.key")}, 1, "TLS"},
 		{"model without a config", []string{"--dir", dir, "--listen", sock, "--model", "m=" + dir}, 1, "--model m"},

@@ -1,0 +1,253 @@
+package daemon_test
+
+import (
+	"context"
+	"crypto/tls"
+	"fmt"
+	"math/rand"
+	"net"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+
+	hc "github.com/hcache/hcache/clients/hcacheclient"
+	"github.com/hcache/hcache/daemon"
+	"github.com/hcache/hcache/internal/testseed"
+)
+
+// metricValue is the value of one series of a /metrics body ("name" or
+// `name{label="v"}`); -1 when absent.
+func metricValue(body, series string) float64 {
+	for _, l := range strings.Split(body, "\n") {
+		if v, ok := strings.CutPrefix(l, series+" "); ok {
+			f, err := strconv.ParseFloat(strings.TrimSpace(v), 64)
+			if err != nil {
+				return -1
+			}
+			return f
+		}
+	}
+	return -1
+}
+
+func freeAddr(t *testing.T) string {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	return ln.Addr().String()
+}
+
+// connEnv is a daemon with a unix socket, a TCP listener (with TLS when
+// asked) and /metrics, and two tokens.
+type connEnv struct {
+	*env
+	tcp, metrics string
+	tlsCfg       *tls.Config
+}
+
+const (
+	connTokA = "conn-token-tenant-a"
+	connTokB = "conn-token-tenant-b"
+)
+
+func startConns(t *testing.T, withTLS bool, mod func(*daemon.Config)) *connEnv {
+	ce := &connEnv{tcp: freeAddr(t), metrics: freeAddr(t)}
+	var cert, key string
+	if withTLS {
+		c, k, p := selfSigned(t)
+		cert, key, ce.tlsCfg = c, k, &tls.Config{RootCAs: p}
+	}
+	ce.env = start(t, func(c *daemon.Config) {
+		c.TCP, c.Metrics = ce.tcp, ce.metrics
+		c.TLSCertFile, c.TLSKeyFile = cert, key
+		c.Grants.Tokens = map[string][]string{connTokA: {"a"}, connTokB: {"b"}}
+		if mod != nil {
+			mod(c)
+		}
+	})
+	return ce
+}
+
+// client dials a new connection: over the unix socket ("" token: the
+// daemon's own user) or TCP with a token.
+func (ce *connEnv) client(t *testing.T, unix bool, tok string) *hc.Client {
+	t.Helper()
+	var opts []hc.Option
+	if tok != "" {
+		opts = append(opts, hc.WithToken(tok))
+	}
+	addr := "unix://" + ce.sock
+	if !unix {
+		addr = ce.tcp
+		if ce.tlsCfg != nil {
+			opts = append(opts, hc.WithTLS(ce.tlsCfg))
+		}
+	}
+	c, err := hc.Dial(addr, opts...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	return c
+}
+
+func (ce *connEnv) metric(t *testing.T, series string) float64 {
+	return metricValue(httpGet(t, "http://"+ce.metrics+"/metrics"), series)
+}
+
+// waitMetric waits until a series has the value want: the daemon sees a
+// closed connection only when its transport notices.
+func (ce *connEnv) waitMetric(t *testing.T, series string, want float64) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		got := ce.metric(t, series)
+		if got == want {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%s = %v, want %v", series, got, want)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+// TestCallerConnectionLimits: a caller's connections are bounded, unix ones
+// per user (--max-conns, refused at the handshake: UNAVAILABLE) and TCP ones
+// per bearer token (--max-conns-per-token: the request that would charge a
+// connection past the limit is RESOURCE_EXHAUSTED naming the flag); one
+// token at its limit leaves the other token's connections alone; a closed
+// connection frees its slot (a refused TCP connection's next request then
+// goes through), and the counts return to zero once every client closed.
+// Before, TCP connections were not limited at all.
+func TestCallerConnectionLimits(t *testing.T) {
+	const limit = 3
+	cases := []struct {
+		name      string
+		unix, tls bool
+		listener  string
+		code      codes.Code
+		msg       string // in the refusal; "" when the client cannot see one
+	}{
+		{"unix per user", true, false, "unix", codes.Unavailable, ""},
+		{"tcp per token", false, false, "tcp", codes.ResourceExhausted, fmt.Sprintf("--max-conns-per-token %d", limit)},
+		{"tls per token", false, true, "tcp", codes.ResourceExhausted, fmt.Sprintf("--max-conns-per-token %d", limit)},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			ce := startConns(t, tc.tls, func(c *daemon.Config) { c.MaxConnsPerUID, c.MaxConnsPerToken = limit, limit })
+			ctx := context.Background()
+			gauge := `hcache_caller_connections{listener="` + tc.listener + `"}`
+			refused := `hcache_connections_refused_total{listener="` + tc.listener + `"}`
+			tokA, tokB := connTokA, connTokB
+			if tc.unix {
+				tokA, tokB = "", ""
+			}
+			var as []*hc.Client
+			for i := 0; i < limit; i++ {
+				c := ce.client(t, tc.unix, tokA)
+				if _, err := c.Info(ctx); err != nil {
+					t.Fatalf("connection %d of %d: %v", i+1, limit, err)
+				}
+				as = append(as, c)
+			}
+			extra := ce.client(t, tc.unix, tokA)
+			_, err := extra.Info(ctx)
+			wantCode(t, "a connection past the limit", err, tc.code)
+			if !strings.Contains(status.Convert(err).Message(), tc.msg) {
+				t.Fatalf("refusal %q does not name %q", status.Convert(err).Message(), tc.msg)
+			}
+			if got := ce.metric(t, refused); got < 1 {
+				t.Fatalf("%s = %v after a refusal", refused, got)
+			}
+			open := limit
+			if !tc.unix {
+				// The other token is not held back by A's.
+				for i := 0; i < limit; i++ {
+					b := ce.client(t, false, tokB)
+					if _, err := b.Stat(ctx, "b", "none"); status.Code(err) != codes.NotFound {
+						t.Fatalf("token B's connection %d while A is at its limit: %v, want NOT_FOUND", i+1, err)
+					}
+					defer b.Close()
+				}
+				open += limit
+				// Requests on A's connections that hold a slot still go through.
+				for i, c := range as {
+					if _, err := c.Stat(ctx, "a", "none"); status.Code(err) != codes.NotFound {
+						t.Fatalf("A's connection %d at the limit: %v, want NOT_FOUND", i, err)
+					}
+				}
+			}
+			ce.waitMetric(t, gauge, float64(open))
+			as[0].Close()
+			ce.waitMetric(t, gauge, float64(open-1))
+			next := extra
+			if tc.unix {
+				next = ce.client(t, true, tokA) // the refused one was closed by the daemon
+			}
+			if _, err := next.Info(ctx); err != nil {
+				t.Fatalf("a request after a slot was freed: %v", err)
+			}
+			ce.waitMetric(t, gauge, float64(open))
+			for _, c := range as[1:] {
+				c.Close()
+			}
+			next.Close()
+			extra.Close()
+			if !tc.unix {
+				ce.waitMetric(t, gauge, limit) // B's
+			}
+		})
+	}
+}
+
+// TestTokenConnectionsRandom opens and closes TCP connections of two tokens
+// in a seeded random order against a model: a request is refused exactly
+// when its token holds --max-conns-per-token other connections, and the
+// daemon's count follows every close (it never drifts), back to zero.
+func TestTokenConnectionsRandom(t *testing.T) {
+	seed := testseed.Seed(t)
+	rng := rand.New(rand.NewSource(seed))
+	const limit = 3
+	ce := startConns(t, false, func(c *daemon.Config) { c.MaxConnsPerToken = limit })
+	ctx := context.Background()
+	toks := []string{connTokA, connTokB}
+	open := map[string][]*hc.Client{}
+	total := func() int { return len(open[connTokA]) + len(open[connTokB]) }
+	gauge := `hcache_caller_connections{listener="tcp"}`
+	for step := 0; step < 40; step++ {
+		tok := toks[rng.Intn(2)]
+		if len(open[tok]) > 0 && rng.Intn(3) == 0 {
+			i := rng.Intn(len(open[tok]))
+			open[tok][i].Close()
+			open[tok] = append(open[tok][:i], open[tok][i+1:]...)
+			ce.waitMetric(t, gauge, float64(total()))
+			continue
+		}
+		c := ce.client(t, false, tok)
+		_, err := c.Info(ctx)
+		if len(open[tok]) < limit {
+			if err != nil {
+				t.Fatalf("step %d: token %s holds %d connections: %v", step, tok, len(open[tok]), err)
+			}
+			open[tok] = append(open[tok], c)
+		} else {
+			wantCode(t, fmt.Sprintf("step %d: a token at its limit", step), err, codes.ResourceExhausted)
+			c.Close()
+		}
+		ce.waitMetric(t, gauge, float64(total()))
+	}
+	for _, tok := range toks {
+		for _, c := range open[tok] {
+			c.Close()
+		}
+	}
+	ce.waitMetric(t, gauge, 0)
+}
