@@ -250,8 +250,32 @@ func LoadTokens(path string) (map[string][]string, error) {
 type caller struct {
 	unix       bool
 	uid        uint32
+	token      string // TCP: the bearer token (who the caller is there)
 	conn       uint64
 	namespaces []string // granted; may hold All
+}
+
+// callerKey is what per-caller limits count by: the user of a unix client,
+// the bearer token of a TCP one.
+type callerKey struct {
+	unix  bool
+	uid   uint32
+	token string
+}
+
+func (c *caller) key() callerKey {
+	if c.unix {
+		return callerKey{unix: true, uid: c.uid}
+	}
+	return callerKey{token: c.token}
+}
+
+// String names the caller in logs and errors (a token by its hash).
+func (k callerKey) String() string {
+	if k.unix {
+		return fmt.Sprintf("uid %d", k.uid)
+	}
+	return "bearer token " + tokenID(k.token)
 }
 
 func (c *caller) admin() bool { return slices.Contains(c.namespaces, All) }
@@ -328,7 +352,7 @@ func (s *Server) authenticate(ctx context.Context) (*caller, error) {
 				return nil, err
 			}
 		}
-		c.namespaces = tokNS
+		c.namespaces, c.token = tokNS, tok
 		return c, nil
 	}
 	uidNS := s.uidGrant(a.uid)

@@ -17,6 +17,7 @@ import (
 	hc "github.com/hcache/hcache/clients/hcacheclient"
 	"github.com/hcache/hcache/daemon"
 	"github.com/hcache/hcache/internal/testseed"
+	hcachev1 "github.com/hcache/hcache/proto/hcache/v1"
 )
 
 // metricValue is the value of one series of a /metrics body ("name" or
@@ -250,4 +251,110 @@ func TestTokenConnectionsRandom(t *testing.T) {
 		}
 	}
 	ce.waitMetric(t, gauge, 0)
+}
+
+// holdRestore starts a restore of ns/huge (saved by saveHuge) and reads
+// only its first message: the stream stays open, its restore running (the
+// rest is more than the transport's flow-control window lets through),
+// until cancel.
+func holdRestore(t *testing.T, c *hc.Client, ns string) (cancel func(), err error) {
+	t.Helper()
+	ctx, cancel := context.WithCancel(context.Background())
+	st, err := c.API.Restore(ctx, &hcachev1.RestoreRequest{Ctx: &hcachev1.ContextRef{Namespace: ns, Id: "huge"},
+		Identity: &hcachev1.Identity{Model: hugeIdent.Model, Plan: []*hcachev1.LayerPlan{{Kind: hcachev1.LayerKind_LAYER_HIDDEN, RowBytes: 64 << 10}}}})
+	if err == nil {
+		_, err = st.Recv()
+	}
+	if err != nil {
+		cancel()
+		return nil, err
+	}
+	return cancel, nil
+}
+
+var hugeIdent = hc.Identity{Model: []byte("huge"), Plan: []hc.LayerPlan{{Kind: hc.LayerHidden, RowBytes: 64 << 10}}}
+
+func saveHuge(t *testing.T, c *hc.Client, ns string) {
+	t.Helper()
+	ctx := context.Background()
+	w, err := c.Create(ctx, ns, "huge", hugeIdent, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := w.AppendLayer(ctx, 0, make([]byte, 16*(64<<10))); err != nil {
+		t.Fatal(err)
+	}
+	if err := w.Close(ctx); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// TestRestoresPerCaller: a caller (a unix user, a TCP bearer token) runs at
+// most --max-restores-per-caller restores at once, over all its
+// connections: one more is RESOURCE_EXHAUSTED naming the flag (counted in
+// hcache_restore_requests_total{result="refused"}), another token's are not
+// held back, and an ended restore frees its slot. Before, only the
+// restores of one connection were bounded (--max-inflight), so a caller's
+// grew with its connections.
+func TestRestoresPerCaller(t *testing.T) {
+	const limit = 2
+	cases := []struct {
+		name string
+		unix bool
+	}{{"unix user", true}, {"tcp token", false}}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			ce := startConns(t, false, func(c *daemon.Config) { c.MaxRestoresPerCaller, c.RestorePieceBytes = limit, 64<<10 })
+			tokA, tokB := connTokA, connTokB
+			if tc.unix {
+				tokA, tokB = "", ""
+			}
+			saveHuge(t, ce.client(t, tc.unix, tokA), "a")
+			if !tc.unix {
+				saveHuge(t, ce.client(t, false, tokB), "b")
+			}
+			// Each restore on a connection of its own: the bound is the
+			// caller's, not a connection's (--max-inflight).
+			var held []func()
+			for i := 0; i < limit; i++ {
+				cancel, err := holdRestore(t, ce.client(t, tc.unix, tokA), "a")
+				if err != nil {
+					t.Fatalf("restore %d of %d: %v", i+1, limit, err)
+				}
+				held = append(held, cancel)
+			}
+			_, err := holdRestore(t, ce.client(t, tc.unix, tokA), "a")
+			wantCode(t, "a restore past the caller's limit", err, codes.ResourceExhausted)
+			if msg := status.Convert(err).Message(); !strings.Contains(msg, fmt.Sprintf("--max-restores-per-caller %d", limit)) {
+				t.Fatalf("refusal %q does not name --max-restores-per-caller %d", msg, limit)
+			}
+			if got := ce.metric(t, `hcache_restore_requests_total{result="refused"}`); got != 1 {
+				t.Fatalf("refused restores counted %v, want 1", got)
+			}
+			if !tc.unix {
+				cancel, err := holdRestore(t, ce.client(t, false, tokB), "b")
+				if err != nil {
+					t.Fatalf("token B's restore while A is at its limit: %v", err)
+				}
+				defer cancel()
+			}
+			held[0]()
+			deadline := time.Now().Add(10 * time.Second)
+			c := ce.client(t, tc.unix, tokA)
+			for {
+				cancel, err := holdRestore(t, c, "a")
+				if err == nil {
+					cancel()
+					break
+				}
+				if status.Code(err) != codes.ResourceExhausted || time.Now().After(deadline) {
+					t.Fatalf("a restore after one ended: %v", err)
+				}
+				time.Sleep(5 * time.Millisecond)
+			}
+			for _, cancel := range held[1:] {
+				cancel()
+			}
+		})
+	}
 }

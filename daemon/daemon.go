@@ -35,7 +35,6 @@ const (
 	DefaultMaxTokensPerContext = 1 << 20
 	DefaultMaxInflight         = 64
 	DefaultMaxConnsPerUID      = 256
-	DefaultMaxConnsPerToken    = 256 // TCP connections per bearer token, as many as a unix user's
 	DefaultMaxMessageBytes     = 64 << 20
 	DefaultMaxRegionBytes      = 4 << 30
 	DefaultMaxRegionsPerUID    = 64
@@ -48,6 +47,14 @@ const (
 	DefaultMaxSidePendingPerUID = 8
 	DefaultMaxSidePending       = 64
 	DefaultSideRegisterTimeout  = 2 * time.Second
+)
+
+// Defaults of the per-caller limits (auth.go): TCP connections per bearer
+// token, as many as a unix user's; restores running at once per caller, one
+// connection's --max-inflight.
+const (
+	DefaultMaxConnsPerToken     = DefaultMaxConnsPerUID
+	DefaultMaxRestoresPerCaller = DefaultMaxInflight
 )
 
 // Config configures a Server. Zero limits take the defaults above.
@@ -89,20 +96,16 @@ type Config struct {
 	// and any local user can read it.
 	MetricsNamespaces   bool
 	MaxTokensPerContext uint64
-	MaxInflight         int // concurrent RPCs per client connection
-	MaxConnsPerUID      int // unix connections per user
-	// MaxConnsPerToken bounds the TCP connections charged to one bearer
-	// token (auth.go): past it a request presenting the token on another
-	// connection is refused with RESOURCE_EXHAUSTED.
-	MaxConnsPerToken  int
-	MaxMessageBytes   int   // gRPC message size, both ways
-	MaxRegionBytes    int64 // one shared region
-	MaxRegionsPerUID  int
-	RestorePieceBytes int // inline restore pieces
-	GCInterval        time.Duration
-	StopTimeout       time.Duration
-	RestoreTimeout    time.Duration // longest restore (a client that stops reading is cut off)
-	Logger            *slog.Logger
+	MaxInflight         int   // concurrent RPCs per client connection
+	MaxConnsPerUID      int   // unix connections per user
+	MaxMessageBytes     int   // gRPC message size, both ways
+	MaxRegionBytes      int64 // one shared region
+	MaxRegionsPerUID    int
+	RestorePieceBytes   int // inline restore pieces
+	GCInterval          time.Duration
+	StopTimeout         time.Duration
+	RestoreTimeout      time.Duration // longest restore (a client that stops reading is cut off)
+	Logger              *slog.Logger
 	// Models are what Restore with project set can project with.
 	Models []*Model
 	// Remote, if set, is the shared tier on object storage (remote.go).
@@ -112,6 +115,15 @@ type Config struct {
 	// OpenContext's tokens, Restore by tokens, AppendTokens' token_ids).
 	// Default DefaultMaxRequestTokens.
 	MaxRequestTokens uint64
+
+	// MaxConnsPerToken bounds the TCP connections charged to one bearer
+	// token (auth.go): past it a request presenting the token on another
+	// connection is refused with RESOURCE_EXHAUSTED.
+	MaxConnsPerToken int
+	// MaxRestoresPerCaller bounds the restores one caller (a unix user, a
+	// TCP bearer token) runs at once, over all its connections; past it a
+	// restore is refused with RESOURCE_EXHAUSTED.
+	MaxRestoresPerCaller int
 }
 
 func (c *Config) fill() error {
@@ -130,6 +142,7 @@ func (c *Config) fill() error {
 	def(&c.MaxInflight, DefaultMaxInflight)
 	def(&c.MaxConnsPerUID, DefaultMaxConnsPerUID)
 	def(&c.MaxConnsPerToken, DefaultMaxConnsPerToken)
+	def(&c.MaxRestoresPerCaller, DefaultMaxRestoresPerCaller)
 	def(&c.MaxMessageBytes, DefaultMaxMessageBytes)
 	def(&c.MaxRegionsPerUID, DefaultMaxRegionsPerUID)
 	def(&c.RestorePieceBytes, DefaultRestorePieceBytes)
@@ -197,8 +210,10 @@ type Server struct {
 	connsByUID map[uint32]int
 	// TCP connections charged to each bearer token (--max-conns-per-token).
 	connsByToken map[string]int
-	usage        map[string]int64 // stored + appended row bytes per namespace
-	stopping     bool
+	// Restores running per caller (--max-restores-per-caller).
+	restoresBy map[callerKey]int
+	usage      map[string]int64 // stored + appended row bytes per namespace
+	stopping   bool
 	// Contexts per namespace and in all (empty ones included), kept by
 	// creates, deletes and evictions; creating counts creates under way.
 	nsCtx         map[string]int
@@ -231,7 +246,7 @@ func New(cfg Config) (*Server, error) {
 		return nil, err
 	}
 	s := &Server{cfg: cfg, store: cfg.Store, grants: cfg.Grants, log: cfg.Logger,
-		writers: map[string]*openWriter{}, conns: map[uint64]*connState{}, connsByUID: map[uint32]int{}, connsByToken: map[string]int{}, usage: map[string]int64{},
+		writers: map[string]*openWriter{}, conns: map[uint64]*connState{}, connsByUID: map[uint32]int{}, connsByToken: map[string]int{}, restoresBy: map[callerKey]int{}, usage: map[string]int64{},
 		nsCtx: map[string]int{}, ctxGen: map[string]uint64{}, creating: map[string]int{}, sidePending: map[uint32]int{},
 		shmOpen: map[*net.UnixConn]bool{}, gcStop: make(chan struct{}), gcDone: make(chan struct{}),
 		serveErr: make(chan error, 4)}
@@ -561,6 +576,31 @@ func (s *Server) admit(ctx context.Context) (func(), error) {
 		return nil, status.Errorf(codes.ResourceExhausted, "more than %d requests in flight on this connection (--max-inflight)", s.cfg.MaxInflight)
 	}
 	return func() { cs.inflight.Add(-1) }, nil
+}
+
+// takeRestore takes one of a caller's restore slots
+// (--max-restores-per-caller), or refuses the restore; the returned func
+// gives it back (once, however often called).
+func (s *Server) takeRestore(c *caller) (func(), error) {
+	k := c.key()
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if n := s.restoresBy[k]; n >= s.cfg.MaxRestoresPerCaller {
+		s.metrics.restores.WithLabelValues("refused").Inc()
+		s.log.Warn("restore refused: its caller runs too many restores", "caller", k.String(), "restores", n, "max", s.cfg.MaxRestoresPerCaller)
+		return nil, status.Errorf(codes.ResourceExhausted, "%s already runs %d restores (--max-restores-per-caller %d): wait for one to end", k, n, s.cfg.MaxRestoresPerCaller)
+	}
+	s.restoresBy[k]++
+	var once sync.Once
+	return func() {
+		once.Do(func() {
+			s.mu.Lock()
+			if s.restoresBy[k]--; s.restoresBy[k] <= 0 {
+				delete(s.restoresBy, k)
+			}
+			s.mu.Unlock()
+		})
+	}, nil
 }
 
 func rowSum(id *chunk.Identity) int64 {

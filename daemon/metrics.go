@@ -38,7 +38,7 @@ func newMetrics(s *Server) *metrics {
 	m := &metrics{reg: prometheus.NewRegistry(), s: s}
 	f := func(c prometheus.Collector) { m.reg.MustRegister(c) }
 	m.restores = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "hcache_restore_requests_total",
-		Help: "Restore requests by result: hit (served), miss (no such context), identity_mismatch, timeout (--restore-timeout), error."}, []string{"result"})
+		Help: "Restore requests by result: hit (served), miss (no such context), identity_mismatch, timeout (--restore-timeout), refused (--max-restores-per-caller), error."}, []string{"result"})
 	m.restoreStage = prometheus.NewHistogramVec(prometheus.HistogramOpts{Name: "hcache_restore_seconds",
 		Help:    "Restore latency by stage: first_layer (request to first layer verified), layer_wait (waiting for the next layer's reads), layer_send (handing a layer to the client, projection included), project (daemon-side projection of a hidden layer), total.",
 		Buckets: prometheus.ExponentialBuckets(50e-6, 2, 18)}, []string{"stage"})

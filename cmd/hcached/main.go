@@ -105,6 +105,7 @@ func run(args []string) int {
 	maxInflight := fs.Int("max-inflight", daemon.DefaultMaxInflight, "concurrent requests per client connection")
 	maxConns := fs.Int("max-conns", daemon.DefaultMaxConnsPerUID, "unix socket connections per user")
 	maxConnsTok := fs.Int("max-conns-per-token", daemon.DefaultMaxConnsPerToken, "TCP connections per bearer token: a connection counts for each token its requests present, until it closes; past it such a request is refused (RESOURCE_EXHAUSTED)")
+	maxRestoresCaller := fs.Int("max-restores-per-caller", daemon.DefaultMaxRestoresPerCaller, "restores one caller (a unix user, a TCP bearer token) runs at once over all its connections; past it a restore is refused (RESOURCE_EXHAUSTED)")
 	maxMsg := fs.String("max-message", units.FormatSize(int64(daemon.DefaultMaxMessageBytes)), "largest gRPC message, both ways")
 	maxRegion := fs.String("max-region", units.FormatSize(int64(daemon.DefaultMaxRegionBytes)), "largest shared region")
 	maxRegions := fs.Int("max-regions", daemon.DefaultMaxRegionsPerUID, "shared regions per user")
@@ -154,9 +155,9 @@ func run(args []string) int {
 	for _, l := range []struct {
 		name string
 		v    int
-	}{{"max-conns", *maxConns}, {"max-conns-per-token", *maxConnsTok}} {
+	}{{"max-conns", *maxConns}, {"max-conns-per-token", *maxConnsTok}, {"max-restores-per-caller", *maxRestoresCaller}} {
 		if l.v < 1 {
-			fmt.Fprintf(os.Stderr, "hcached: --%s %d: want at least 1 connection\n", l.name, l.v)
+			fmt.Fprintf(os.Stderr, "hcached: --%s %d: want at least 1\n", l.name, l.v)
 			return 2
 		}
 	}
@@ -188,7 +189,7 @@ func run(args []string) int {
 		Quotas: map[string]int64{}, DefaultQuota: size("default-quota", *defQuota),
 		MaxContexts: *maxContexts, MaxContextsPerNamespace: *maxContextsNS,
 		MaxSidePendingPerUID: *maxSidePendingUID, MaxSidePending: *maxSidePending, SideRegisterTimeout: *sideRegisterTimeout, MetricsNamespaces: *metricsNS,
-		MaxTokensPerContext: *maxTokens, MaxRequestTokens: *maxReqTokens, MaxInflight: *maxInflight, MaxConnsPerUID: *maxConns, MaxConnsPerToken: *maxConnsTok,
+		MaxTokensPerContext: *maxTokens, MaxRequestTokens: *maxReqTokens, MaxInflight: *maxInflight, MaxConnsPerUID: *maxConns, MaxConnsPerToken: *maxConnsTok, MaxRestoresPerCaller: *maxRestoresCaller,
 		MaxMessageBytes: int(size("max-message", *maxMsg)), MaxRegionBytes: size("max-region", *maxRegion), MaxRegionsPerUID: *maxRegions,
 		GCInterval: *gcInterval, StopTimeout: *stopTimeout, RestoreTimeout: *restoreTimeout, Logger: log,
 	}
