@@ -13,6 +13,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"time"
 
 	"golang.org/x/sys/unix"
 	"google.golang.org/grpc/codes"
@@ -76,19 +77,29 @@ func (p peerCreds) ServerHandshake(c net.Conn) (net.Conn, credentials.AuthInfo, 
 	a := peerAuth{CommonAuthInfo: credentials.CommonAuthInfo{SecurityLevel: credentials.NoSecurity}}
 	uc, isUnix := c.(*net.UnixConn)
 	if !isUnix {
+		if p.s != nil {
+			// Who a TCP client is shows only in its requests (the bearer
+			// token), so its connection is pending until one charges it
+			// to a token.
+			t, err := p.s.newTCPConn(c)
+			if err != nil {
+				return nil, nil, err
+			}
+			a.tcp = t
+		}
 		if p.tls != nil {
 			tc, info, err := p.tls.ServerHandshake(c)
 			if err != nil {
+				if a.tcp != nil {
+					a.tcp.release()
+				}
 				return nil, nil, err
 			}
 			a.CommonAuthInfo = credentials.CommonAuthInfo{SecurityLevel: credentials.PrivacyAndIntegrity}
 			a.tls = info
 			c = tc
 		}
-		if p.s != nil {
-			// Who a TCP client is shows only in its requests (the bearer
-			// token), so its connection is charged to a token there.
-			a.tcp = &tcpConn{s: p.s}
+		if a.tcp != nil {
 			return &countedConn{Conn: c, release: a.tcp.release}, a, nil
 		}
 		return c, a, nil
@@ -405,12 +416,60 @@ func (s *Server) takeConn(uid uint32) (func(), error) {
 // tokens holds a slot of each. TLS does not change the key: the daemon asks
 // no client certificate, so under TLS too a client is its token.
 
+//
+// Until its first request with a known token a TCP connection is pending:
+// at most MaxTCPPending are, over all clients (past it a new connection is
+// closed at its handshake, which the client sees as UNAVAILABLE), and one
+// still pending TCPAuthTimeout after its handshake began is closed. So a
+// client that connects and never presents a token (or only a refused one)
+// holds a descriptor only that long.
+
 // tcpConn is a TCP connection's record of the tokens charged for it.
 type tcpConn struct {
-	s      *Server
-	mu     sync.Mutex
-	tokens []string // each holds one slot of connsByToken
-	closed bool
+	s       *Server
+	mu      sync.Mutex
+	tokens  []string // each holds one slot of connsByToken
+	closed  bool
+	pending bool        // holds a slot of tcpPending
+	expiry  *time.Timer // closes the connection while pending
+}
+
+// newTCPConn takes a pending slot for a new TCP connection, or refuses it.
+func (s *Server) newTCPConn(raw net.Conn) (*tcpConn, error) {
+	s.mu.Lock()
+	if n := s.tcpPending; n >= s.cfg.MaxTCPPending {
+		s.mu.Unlock()
+		s.metrics.connsRefused.WithLabelValues("tcp_pending").Inc()
+		s.log.Warn("TCP connection refused: too many connections without a known bearer token", "remote", raw.RemoteAddr().String(), "pending", n, "max", s.cfg.MaxTCPPending)
+		return nil, fmt.Errorf("%d TCP connections have not presented a known bearer token yet (--max-tcp-pending %d)", n, s.cfg.MaxTCPPending)
+	}
+	s.tcpPending++
+	s.mu.Unlock()
+	t := &tcpConn{s: s, pending: true}
+	t.mu.Lock()
+	t.expiry = time.AfterFunc(s.cfg.TCPAuthTimeout, func() {
+		t.mu.Lock()
+		expired := t.pending && !t.closed
+		t.mu.Unlock()
+		if expired {
+			s.log.Info("TCP connection closed: no request with a known bearer token in time (--tcp-auth-timeout)", "remote", raw.RemoteAddr().String(), "timeout", s.cfg.TCPAuthTimeout.String())
+			raw.Close() // the transport then closes its countedConn: release
+		}
+	})
+	t.mu.Unlock()
+	return t, nil
+}
+
+// settle gives back the pending slot (t.mu held).
+func (t *tcpConn) settle() {
+	if !t.pending {
+		return
+	}
+	t.pending = false
+	t.expiry.Stop()
+	t.s.mu.Lock()
+	t.s.tcpPending--
+	t.s.mu.Unlock()
 }
 
 // charge charges the connection to tok, unless it is already or the token
@@ -426,6 +485,7 @@ func (t *tcpConn) charge(tok string, grant []string) error {
 		return err
 	}
 	t.tokens = append(t.tokens, tok)
+	t.settle()
 	return nil
 }
 
@@ -434,6 +494,7 @@ func (t *tcpConn) release() {
 	t.mu.Lock()
 	toks := t.tokens
 	t.tokens, t.closed = nil, true
+	t.settle()
 	t.mu.Unlock()
 	t.s.mu.Lock()
 	for _, tok := range toks {

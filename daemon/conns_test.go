@@ -1,13 +1,17 @@
 package daemon_test
 
 import (
+	"bytes"
 	"context"
 	"crypto/tls"
 	"fmt"
+	"io"
+	"log/slog"
 	"math/rand"
 	"net"
 	"strconv"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -354,6 +358,105 @@ func TestRestoresPerCaller(t *testing.T) {
 			}
 			for _, cancel := range held[1:] {
 				cancel()
+			}
+		})
+	}
+}
+
+type lockedBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (l *lockedBuffer) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.Write(p)
+}
+
+func (l *lockedBuffer) String() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.String()
+}
+
+// TestTCPPending: a TCP connection is pending until a request with a known
+// token charges it; pending ones are bounded in all (--max-tcp-pending: a
+// new one past it is closed at its handshake, UNAVAILABLE) and closed
+// --tcp-auth-timeout after they were accepted, while charged ones stay.
+// Before, a client that connected and never presented a token (or a
+// refused one) held its descriptor for as long as it liked, outside any
+// per-token count.
+func TestTCPPending(t *testing.T) {
+	cases := []struct {
+		name    string
+		pending int           // Config.MaxTCPPending
+		timeout time.Duration // Config.TCPAuthTimeout
+		silent  int           // raw connections that send nothing
+	}{
+		{"pending bound", 2, time.Hour, 2},
+		{"auth timeout", 8, 300 * time.Millisecond, 1},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			logs := &lockedBuffer{}
+			ce := startConns(t, false, func(c *daemon.Config) {
+				c.MaxTCPPending, c.TCPAuthTimeout = tc.pending, tc.timeout
+				c.Logger = slog.New(slog.NewTextHandler(logs, nil))
+			})
+			ctx := context.Background()
+			pending := "hcache_tcp_pending_connections"
+			charged := `hcache_caller_connections{listener="tcp"}`
+			a := ce.client(t, false, connTokA)
+			if _, err := a.Info(ctx); err != nil {
+				t.Fatal(err)
+			}
+			var silent []net.Conn
+			for i := 0; i < tc.silent; i++ {
+				c, err := net.Dial("tcp", ce.tcp)
+				if err != nil {
+					t.Fatal(err)
+				}
+				defer c.Close()
+				silent = append(silent, c)
+			}
+			if tc.silent < tc.pending {
+				// Closed by the daemon once their time is up.
+				for i, c := range silent {
+					c.SetReadDeadline(time.Now().Add(30 * time.Second))
+					if _, err := io.ReadAll(c); err != nil {
+						t.Fatalf("silent connection %d not closed by the daemon: %v", i, err)
+					}
+				}
+				ce.waitMetric(t, pending, 0)
+				if n := strings.Count(logs.String(), "no request with a known bearer token in time"); n != tc.silent {
+					t.Fatalf("%d connections closed for --tcp-auth-timeout, want %d (the silent ones only):\n%s", n, tc.silent, logs)
+				}
+			} else {
+				ce.waitMetric(t, pending, float64(tc.silent))
+				_, err := ce.client(t, false, connTokB).Info(ctx)
+				wantCode(t, "a connection past --max-tcp-pending", err, codes.Unavailable)
+				if got := ce.metric(t, `hcache_connections_refused_total{listener="tcp_pending"}`); got < 1 {
+					t.Fatalf("refused pending connections counted %v", got)
+				}
+				silent[0].Close()
+				ce.waitMetric(t, pending, float64(tc.silent-1))
+				if _, err := ce.client(t, false, connTokB).Info(ctx); err != nil {
+					t.Fatalf("B after a pending slot was freed: %v", err)
+				}
+			}
+			// The charged connections were not touched.
+			if _, err := a.Info(ctx); err != nil {
+				t.Fatal(err)
+			}
+			for _, c := range silent {
+				c.Close()
+			}
+			ce.waitMetric(t, pending, 0)
+			if tc.silent < tc.pending {
+				ce.waitMetric(t, charged, 1)
+			} else {
+				ce.waitMetric(t, charged, 2)
 			}
 		})
 	}

@@ -55,6 +55,11 @@ const (
 const (
 	DefaultMaxConnsPerToken     = DefaultMaxConnsPerUID
 	DefaultMaxRestoresPerCaller = DefaultMaxInflight
+	// TCP connections that have not presented a known bearer token yet, in
+	// all (as many as side connections not registered yet), and how long
+	// one may take to.
+	DefaultMaxTCPPending  = DefaultMaxSidePending
+	DefaultTCPAuthTimeout = 10 * time.Second
 )
 
 // Config configures a Server. Zero limits take the defaults above.
@@ -124,6 +129,12 @@ type Config struct {
 	// TCP bearer token) runs at once, over all its connections; past it a
 	// restore is refused with RESOURCE_EXHAUSTED.
 	MaxRestoresPerCaller int
+	// MaxTCPPending bounds the TCP connections that have not presented a
+	// known bearer token yet, in all; past it a new one is closed at its
+	// handshake. TCPAuthTimeout closes one still pending that long after
+	// it was accepted.
+	MaxTCPPending  int
+	TCPAuthTimeout time.Duration
 }
 
 func (c *Config) fill() error {
@@ -143,6 +154,10 @@ func (c *Config) fill() error {
 	def(&c.MaxConnsPerUID, DefaultMaxConnsPerUID)
 	def(&c.MaxConnsPerToken, DefaultMaxConnsPerToken)
 	def(&c.MaxRestoresPerCaller, DefaultMaxRestoresPerCaller)
+	def(&c.MaxTCPPending, DefaultMaxTCPPending)
+	if c.TCPAuthTimeout == 0 {
+		c.TCPAuthTimeout = DefaultTCPAuthTimeout
+	}
 	def(&c.MaxMessageBytes, DefaultMaxMessageBytes)
 	def(&c.MaxRegionsPerUID, DefaultMaxRegionsPerUID)
 	def(&c.RestorePieceBytes, DefaultRestorePieceBytes)
@@ -212,6 +227,8 @@ type Server struct {
 	connsByToken map[string]int
 	// Restores running per caller (--max-restores-per-caller).
 	restoresBy map[callerKey]int
+	// TCP connections not charged to a token yet (--max-tcp-pending).
+	tcpPending int
 	usage      map[string]int64 // stored + appended row bytes per namespace
 	stopping   bool
 	// Contexts per namespace and in all (empty ones included), kept by

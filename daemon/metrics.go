@@ -54,7 +54,7 @@ func newMetrics(s *Server) *metrics {
 	m.abandoned = prometheus.NewCounter(prometheus.CounterOpts{Name: "hcache_writers_abandoned_total", Help: "Writers dropped because their client's connection ended."})
 	m.conns = prometheus.NewGauge(prometheus.GaugeOpts{Name: "hcache_connections", Help: "Open client connections."})
 	m.connsRefused = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "hcache_connections_refused_total",
-		Help: "Connections refused for their caller's connection limit, by listener: unix (past --max-conns, at the handshake) and tcp (a request whose bearer token holds --max-conns-per-token other connections)."}, []string{"listener"})
+		Help: "Connections refused for a connection limit, by listener: unix (past --max-conns, at the handshake), tcp (a request whose bearer token holds --max-conns-per-token other connections), tcp_pending (a new TCP connection past --max-tcp-pending, at the handshake)."}, []string{"listener"})
 	m.acceptErrors = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "hcache_accept_errors_total",
 		Help: "Failed accepts by listener (api, tcp, shm) and errno (EMFILE, ENFILE, ECONNABORTED, ...): each is retried after a backoff."}, []string{"listener", "errno"})
 	m.sideRefused = prometheus.NewCounter(prometheus.CounterOpts{Name: "hcache_side_refused_total",
@@ -126,6 +126,11 @@ func newMetrics(s *Server) *metrics {
 			n += v
 		}
 		return n
+	})
+	gauge("hcache_tcp_pending_connections", "TCP connections that have not presented a known bearer token yet (--max-tcp-pending; closed after --tcp-auth-timeout).", func() float64 {
+		s.mu.Lock()
+		defer s.mu.Unlock()
+		return float64(s.tcpPending)
 	})
 	if s.cfg.MetricsNamespaces {
 		f(usageCollector{s})

@@ -522,6 +522,8 @@ func TestBadFlags(t *testing.T) {
 		{"tcp without tokens", []string{"--dir", dir, "--listen", sock, "--tcp", "127.0.0.1:0", "--metrics", ""}, 1, "needs a token file"},
 		{"no connections per token", []string{"--dir", dir, "--listen", sock, "--max-conns-per-token", "0"}, 2, "--max-conns-per-token 0: want at least 1"},
 		{"no restores per caller", []string{"--dir", dir, "--listen", sock, "--max-restores-per-caller", "0"}, 2, "--max-restores-per-caller 0: want at least 1"},
+		{"no pending TCP connections", []string{"--dir", dir, "--listen", sock, "--max-tcp-pending", "0"}, 2, "--max-tcp-pending 0: want at least 1"},
+		{"no TCP auth time", []string{"--dir", dir, "--listen", sock, "--tcp-auth-timeout", "0s"}, 2, "--tcp-auth-timeout 0s: want a positive duration"},
 		{"negative connections per user", []string{"--dir", dir, "--listen", sock, "--max-conns", "-1"}, 2, "--max-conns -1: want at least 1"},
 		{"missing TLS certificate", []string{"--dir", dir, "--listen", sock, "--tcp", "127.0.0.1:0", "--tokens", good, "--metrics", "",
 			"--tls-cert", filepath.Join(sd, "none.pem"), "--tls-key", filepath.Join(sd, "none.key")}, 1, "TLS"},
