@@ -415,7 +415,6 @@ func (s *Server) takeConn(uid uint32) (func(), error) {
 // token has a free slot. A connection whose requests present several
 // tokens holds a slot of each. TLS does not change the key: the daemon asks
 // no client certificate, so under TLS too a client is its token.
-
 //
 // Until its first request with a known token a TCP connection is pending:
 // at most MaxTCPPending are, over all clients (past it a new connection is
@@ -453,7 +452,12 @@ func (s *Server) newTCPConn(raw net.Conn) (*tcpConn, error) {
 		t.mu.Unlock()
 		if expired {
 			s.log.Info("TCP connection closed: no request with a known bearer token in time (--tcp-auth-timeout)", "remote", raw.RemoteAddr().String(), "timeout", s.cfg.TCPAuthTimeout.String())
-			raw.Close() // the transport then closes its countedConn: release
+			raw.Close()
+			// The transport then closes its countedConn, which releases it
+			// again (a no-op); released here too, so the slot comes back
+			// even where grpc closes only the raw connection (an error
+			// before its transport was up).
+			t.release()
 		}
 	})
 	t.mu.Unlock()
