@@ -252,7 +252,8 @@
 // `hcache_side_refused_total`, connections, open writers, region bytes,
 // `hcache_caller_connections{listener=unix|tcp}` (connections charged to
 // `--max-conns` and `--max-conns-per-token`),
-// `hcache_connections_refused_total{listener=unix|tcp}`;
+// `hcache_connections_refused_total{listener=unix|tcp|tcp_pending}`,
+// `hcache_tcp_pending_connections`;
 // token-addressed state: `hcache_lookups_total{result=hit|miss}`,
 // `hcache_lookup_hit_tokens_total`, `hcache_shared_groups`,
 // `hcache_shared_bytes` (counted once), `hcache_groups_written_total`,
