@@ -3,7 +3,9 @@ package daemon
 import (
 	"bufio"
 	"context"
+	"crypto/sha256"
 	"crypto/subtle"
+	"encoding/hex"
 	"fmt"
 	"net"
 	"os"
@@ -11,6 +13,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"time"
 
 	"golang.org/x/sys/unix"
 	"google.golang.org/grpc/codes"
@@ -31,6 +34,7 @@ type peerAuth struct {
 	unix          bool
 	uid, gid, pid uint32
 	tls           credentials.AuthInfo // TCP with TLS
+	tcp           *tcpConn             // TCP: the tokens its requests are charged to
 }
 
 func (p peerAuth) AuthType() string {
@@ -72,14 +76,33 @@ func (peerCreds) ClientHandshake(ctx context.Context, _ string, c net.Conn) (net
 func (p peerCreds) ServerHandshake(c net.Conn) (net.Conn, credentials.AuthInfo, error) {
 	a := peerAuth{CommonAuthInfo: credentials.CommonAuthInfo{SecurityLevel: credentials.NoSecurity}}
 	uc, isUnix := c.(*net.UnixConn)
-	if !isUnix && p.tls != nil {
-		tc, info, err := p.tls.ServerHandshake(c)
-		if err != nil {
-			return nil, nil, err
+	if !isUnix {
+		if p.s != nil {
+			// Who a TCP client is shows only in its requests (the bearer
+			// token), so its connection is pending until one charges it
+			// to a token.
+			t, err := p.s.newTCPConn(c)
+			if err != nil {
+				return nil, nil, err
+			}
+			a.tcp = t
 		}
-		a.CommonAuthInfo = credentials.CommonAuthInfo{SecurityLevel: credentials.PrivacyAndIntegrity}
-		a.tls = info
-		return tc, a, nil
+		if p.tls != nil {
+			tc, info, err := p.tls.ServerHandshake(c)
+			if err != nil {
+				if a.tcp != nil {
+					a.tcp.release()
+				}
+				return nil, nil, err
+			}
+			a.CommonAuthInfo = credentials.CommonAuthInfo{SecurityLevel: credentials.PrivacyAndIntegrity}
+			a.tls = info
+			c = tc
+		}
+		if a.tcp != nil {
+			return &countedConn{Conn: c, release: a.tcp.release}, a, nil
+		}
+		return c, a, nil
 	}
 	if isUnix {
 		cred, err := ucred(uc)
@@ -238,8 +261,32 @@ func LoadTokens(path string) (map[string][]string, error) {
 type caller struct {
 	unix       bool
 	uid        uint32
+	token      string // TCP: the bearer token (who the caller is there)
 	conn       uint64
 	namespaces []string // granted; may hold All
+}
+
+// callerKey is what per-caller limits count by: the user of a unix client,
+// the bearer token of a TCP one.
+type callerKey struct {
+	unix  bool
+	uid   uint32
+	token string
+}
+
+func (c *caller) key() callerKey {
+	if c.unix {
+		return callerKey{unix: true, uid: c.uid}
+	}
+	return callerKey{token: c.token}
+}
+
+// String names the caller in logs and errors (a token by its hash).
+func (k callerKey) String() string {
+	if k.unix {
+		return fmt.Sprintf("uid %d", k.uid)
+	}
+	return "bearer token " + tokenID(k.token)
 }
 
 func (c *caller) admin() bool { return slices.Contains(c.namespaces, All) }
@@ -311,7 +358,12 @@ func (s *Server) authenticate(ctx context.Context) (*caller, error) {
 		if !hasTok {
 			return nil, status.Error(codes.Unauthenticated, "TCP clients must present a bearer token (authorization: Bearer TOKEN)")
 		}
-		c.namespaces = tokNS
+		if a.tcp != nil {
+			if err := a.tcp.charge(tok, tokNS); err != nil {
+				return nil, err
+			}
+		}
+		c.namespaces, c.token = tokNS, tok
 		return c, nil
 	}
 	uidNS := s.uidGrant(a.uid)
@@ -341,6 +393,7 @@ func (s *Server) takeConn(uid uint32) (func(), error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if s.connsByUID[uid] >= s.cfg.MaxConnsPerUID {
+		s.metrics.connsRefused.WithLabelValues("unix").Inc()
 		s.log.Warn("connection refused: too many connections", "uid", uid, "max", s.cfg.MaxConnsPerUID)
 		return nil, fmt.Errorf("uid %d already has %d connections (--max-conns)", uid, s.cfg.MaxConnsPerUID)
 	}
@@ -350,4 +403,127 @@ func (s *Server) takeConn(uid uint32) (func(), error) {
 		s.connsByUID[uid]--
 		s.mu.Unlock()
 	}, nil
+}
+
+// TCP connections per token (--max-conns-per-token). A TCP client is known
+// only by the bearer token its requests carry, not at its handshake, so a
+// connection is charged to a token by the first request that presents it:
+// from then on, until the connection closes, it holds one of that token's
+// slots. A request whose token already holds MaxConnsPerToken other
+// connections is refused (RESOURCE_EXHAUSTED naming the flag), and the
+// connection is not charged; a later request on it is admitted once the
+// token has a free slot. A connection whose requests present several
+// tokens holds a slot of each. TLS does not change the key: the daemon asks
+// no client certificate, so under TLS too a client is its token.
+//
+// Until its first request with a known token a TCP connection is pending:
+// at most MaxTCPPending are, over all clients (past it a new connection is
+// closed at its handshake, which the client sees as UNAVAILABLE), and one
+// still pending TCPAuthTimeout after its handshake began is closed. So a
+// client that connects and never presents a token (or only a refused one)
+// holds a descriptor only that long.
+
+// tcpConn is a TCP connection's record of the tokens charged for it.
+type tcpConn struct {
+	s       *Server
+	mu      sync.Mutex
+	tokens  []string // each holds one slot of connsByToken
+	closed  bool
+	pending bool        // holds a slot of tcpPending
+	expiry  *time.Timer // closes the connection while pending
+}
+
+// newTCPConn takes a pending slot for a new TCP connection, or refuses it.
+func (s *Server) newTCPConn(raw net.Conn) (*tcpConn, error) {
+	s.mu.Lock()
+	if n := s.tcpPending; n >= s.cfg.MaxTCPPending {
+		s.mu.Unlock()
+		s.metrics.connsRefused.WithLabelValues("tcp_pending").Inc()
+		s.log.Warn("TCP connection refused: too many connections without a known bearer token", "remote", raw.RemoteAddr().String(), "pending", n, "max", s.cfg.MaxTCPPending)
+		return nil, fmt.Errorf("%d TCP connections have not presented a known bearer token yet (--max-tcp-pending %d)", n, s.cfg.MaxTCPPending)
+	}
+	s.tcpPending++
+	s.mu.Unlock()
+	t := &tcpConn{s: s, pending: true}
+	t.mu.Lock()
+	t.expiry = time.AfterFunc(s.cfg.TCPAuthTimeout, func() {
+		t.mu.Lock()
+		expired := t.pending && !t.closed
+		t.mu.Unlock()
+		if expired {
+			s.log.Info("TCP connection closed: no request with a known bearer token in time (--tcp-auth-timeout)", "remote", raw.RemoteAddr().String(), "timeout", s.cfg.TCPAuthTimeout.String())
+			raw.Close()
+			// The transport then closes its countedConn, which releases it
+			// again (a no-op); released here too, so the slot comes back
+			// even where grpc closes only the raw connection (an error
+			// before its transport was up).
+			t.release()
+		}
+	})
+	t.mu.Unlock()
+	return t, nil
+}
+
+// settle gives back the pending slot (t.mu held).
+func (t *tcpConn) settle() {
+	if !t.pending {
+		return
+	}
+	t.pending = false
+	t.expiry.Stop()
+	t.s.mu.Lock()
+	t.s.tcpPending--
+	t.s.mu.Unlock()
+}
+
+// charge charges the connection to tok, unless it is already or the token
+// holds MaxConnsPerToken connections (then the request is refused).
+func (t *tcpConn) charge(tok string, grant []string) error {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if t.closed || slices.Contains(t.tokens, tok) {
+		// A closed connection's requests are ending: nothing to hold.
+		return nil
+	}
+	if err := t.s.takeTokenConn(tok, grant); err != nil {
+		return err
+	}
+	t.tokens = append(t.tokens, tok)
+	t.settle()
+	return nil
+}
+
+// release gives back the connection's slots (it closed).
+func (t *tcpConn) release() {
+	t.mu.Lock()
+	toks := t.tokens
+	t.tokens, t.closed = nil, true
+	t.settle()
+	t.mu.Unlock()
+	t.s.mu.Lock()
+	for _, tok := range toks {
+		if t.s.connsByToken[tok]--; t.s.connsByToken[tok] <= 0 {
+			delete(t.s.connsByToken, tok)
+		}
+	}
+	t.s.mu.Unlock()
+}
+
+func (s *Server) takeTokenConn(tok string, grant []string) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if n := s.connsByToken[tok]; n >= s.cfg.MaxConnsPerToken {
+		s.metrics.connsRefused.WithLabelValues("tcp").Inc()
+		s.log.Warn("request refused: its token holds too many TCP connections", "token", tokenID(tok), "namespaces", grant, "connections", n, "max", s.cfg.MaxConnsPerToken)
+		return status.Errorf(codes.ResourceExhausted, "this bearer token (%s) already holds %d TCP connections (--max-conns-per-token %d): send on the connections it holds, or close some", tokenID(tok), n, s.cfg.MaxConnsPerToken)
+	}
+	s.connsByToken[tok]++
+	return nil
+}
+
+// tokenID names a token in logs and errors without showing it: the first 8
+// hex digits of its SHA-256 (tokens are at least 16 characters).
+func tokenID(tok string) string {
+	h := sha256.Sum256([]byte(tok))
+	return "sha256:" + hex.EncodeToString(h[:4])
 }

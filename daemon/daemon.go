@@ -49,6 +49,19 @@ const (
 	DefaultSideRegisterTimeout  = 2 * time.Second
 )
 
+// Defaults of the per-caller limits (auth.go): TCP connections per bearer
+// token, as many as a unix user's; restores running at once per caller, one
+// connection's --max-inflight.
+const (
+	DefaultMaxConnsPerToken     = DefaultMaxConnsPerUID
+	DefaultMaxRestoresPerCaller = DefaultMaxInflight
+	// TCP connections that have not presented a known bearer token yet, in
+	// all (as many as side connections not registered yet), and how long
+	// one may take to.
+	DefaultMaxTCPPending  = DefaultMaxSidePending
+	DefaultTCPAuthTimeout = 10 * time.Second
+)
+
 // Config configures a Server. Zero limits take the defaults above.
 type Config struct {
 	// Store is the open store the daemon serves (it does not close it).
@@ -107,6 +120,21 @@ type Config struct {
 	// OpenContext's tokens, Restore by tokens, AppendTokens' token_ids).
 	// Default DefaultMaxRequestTokens.
 	MaxRequestTokens uint64
+
+	// MaxConnsPerToken bounds the TCP connections charged to one bearer
+	// token (auth.go): past it a request presenting the token on another
+	// connection is refused with RESOURCE_EXHAUSTED.
+	MaxConnsPerToken int
+	// MaxRestoresPerCaller bounds the restores one caller (a unix user, a
+	// TCP bearer token) runs at once, over all its connections; past it a
+	// restore is refused with RESOURCE_EXHAUSTED.
+	MaxRestoresPerCaller int
+	// MaxTCPPending bounds the TCP connections that have not presented a
+	// known bearer token yet, in all; past it a new one is closed at its
+	// handshake. TCPAuthTimeout closes one still pending that long after
+	// it was accepted.
+	MaxTCPPending  int
+	TCPAuthTimeout time.Duration
 }
 
 func (c *Config) fill() error {
@@ -124,6 +152,12 @@ func (c *Config) fill() error {
 	def(&c.MaxContexts, DefaultMaxContexts)
 	def(&c.MaxInflight, DefaultMaxInflight)
 	def(&c.MaxConnsPerUID, DefaultMaxConnsPerUID)
+	def(&c.MaxConnsPerToken, DefaultMaxConnsPerToken)
+	def(&c.MaxRestoresPerCaller, DefaultMaxRestoresPerCaller)
+	def(&c.MaxTCPPending, DefaultMaxTCPPending)
+	if c.TCPAuthTimeout == 0 {
+		c.TCPAuthTimeout = DefaultTCPAuthTimeout
+	}
 	def(&c.MaxMessageBytes, DefaultMaxMessageBytes)
 	def(&c.MaxRegionsPerUID, DefaultMaxRegionsPerUID)
 	def(&c.RestorePieceBytes, DefaultRestorePieceBytes)
@@ -189,6 +223,12 @@ type Server struct {
 	writers    map[string]*openWriter // ns\0id
 	conns      map[uint64]*connState
 	connsByUID map[uint32]int
+	// TCP connections charged to each bearer token (--max-conns-per-token).
+	connsByToken map[string]int
+	// Restores running per caller (--max-restores-per-caller).
+	restoresBy map[callerKey]int
+	// TCP connections not charged to a token yet (--max-tcp-pending).
+	tcpPending int
 	usage      map[string]int64 // stored + appended row bytes per namespace
 	stopping   bool
 	// Contexts per namespace and in all (empty ones included), kept by
@@ -223,7 +263,7 @@ func New(cfg Config) (*Server, error) {
 		return nil, err
 	}
 	s := &Server{cfg: cfg, store: cfg.Store, grants: cfg.Grants, log: cfg.Logger,
-		writers: map[string]*openWriter{}, conns: map[uint64]*connState{}, connsByUID: map[uint32]int{}, usage: map[string]int64{},
+		writers: map[string]*openWriter{}, conns: map[uint64]*connState{}, connsByUID: map[uint32]int{}, connsByToken: map[string]int{}, restoresBy: map[callerKey]int{}, usage: map[string]int64{},
 		nsCtx: map[string]int{}, ctxGen: map[string]uint64{}, creating: map[string]int{}, sidePending: map[uint32]int{},
 		shmOpen: map[*net.UnixConn]bool{}, gcStop: make(chan struct{}), gcDone: make(chan struct{}),
 		serveErr: make(chan error, 4)}
@@ -553,6 +593,31 @@ func (s *Server) admit(ctx context.Context) (func(), error) {
 		return nil, status.Errorf(codes.ResourceExhausted, "more than %d requests in flight on this connection (--max-inflight)", s.cfg.MaxInflight)
 	}
 	return func() { cs.inflight.Add(-1) }, nil
+}
+
+// takeRestore takes one of a caller's restore slots
+// (--max-restores-per-caller), or refuses the restore; the returned func
+// gives it back (once, however often called).
+func (s *Server) takeRestore(c *caller) (func(), error) {
+	k := c.key()
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if n := s.restoresBy[k]; n >= s.cfg.MaxRestoresPerCaller {
+		s.metrics.restores.WithLabelValues("refused").Inc()
+		s.log.Warn("restore refused: its caller runs too many restores", "caller", k.String(), "restores", n, "max", s.cfg.MaxRestoresPerCaller)
+		return nil, status.Errorf(codes.ResourceExhausted, "%s already runs %d restores (--max-restores-per-caller %d): wait for one to end", k, n, s.cfg.MaxRestoresPerCaller)
+	}
+	s.restoresBy[k]++
+	var once sync.Once
+	return func() {
+		once.Do(func() {
+			s.mu.Lock()
+			if s.restoresBy[k]--; s.restoresBy[k] <= 0 {
+				delete(s.restoresBy, k)
+			}
+			s.mu.Unlock()
+		})
+	}, nil
 }
 
 func rowSum(id *chunk.Identity) int64 {

@@ -208,6 +208,10 @@
 //	| `--quota NS=BYTES`, `--default-quota` | none | row bytes of a namespace | disk share |
 //	| `--max-inflight` | 64 | concurrent requests per connection | goroutines and memory per client |
 //	| `--max-conns` | 256 | unix connections per user; past it the connection is closed at its handshake (`UNAVAILABLE`, `TestConnectionLimit`) | file descriptors per user |
+//	| `--max-conns-per-token` | 256 | TCP connections per bearer token. A TCP client is known only by the token its requests carry, so a connection is charged to a token by its first request presenting it and holds that slot until it closes (one slot of each token its requests present); a request that would charge a connection past the limit is refused (`RESOURCE_EXHAUSTED` naming the flag; the connection stays pending, and a later request on it goes through once a slot is free, until `--tcp-auth-timeout` closes it). Logged with the token's SHA-256 prefix and grant, never the token; counted in `hcache_connections_refused_total{listener="tcp"}`. Under TLS the key is the token too (no client certificate is asked) (`TestCallerConnectionLimits`, `TestTokenConnectionsRandom`) | file descriptors and memory per tenant on TCP |
+//	| `--max-tcp-pending` | 64 | TCP connections of all clients not charged to a token yet (before their first request with a known token, or refused by `--max-conns-per-token`); past it a new TCP connection is closed at its handshake (`UNAVAILABLE`), counted in `hcache_connections_refused_total{listener="tcp_pending"}`; gauge `hcache_tcp_pending_connections` (`TestTCPPending`) | file descriptors: a client that connects and never presents a token is in no token's count |
+//	| `--tcp-auth-timeout` | 10 s | how long after it is accepted a TCP connection may stay pending; then it is closed (logged) | a pending slot is held only that long |
+//	| `--max-restores-per-caller` | 64 (one connection's `--max-inflight`) | restores one caller (a unix user; a TCP bearer token) runs at once over all its connections; a restore holds its slot until its goroutine ends (after its stream, when cut off by `--restore-timeout`); counted in `hcache_restore_requests_total{result="refused"}` (`TestRestoresPerCaller`) | a caller's restores grew with its connections (`--max-inflight` each); restore buffers are bounded in all (`--restore-queue`) but read in arrival order, so one caller's many restores queued ahead of everyone's |
 //	| `--max-side-pending-per-uid` | 8 | side connections of one user not registered yet; past it `ERR` and closed | file descriptors: silent connections |
 //	| `--max-side-pending` | 64 | side connections of all users not registered yet | same, across users |
 //	| `--side-register-timeout` | 2 s | how long a side connection may take to register (then `ERR`, closed) | a slot is held only that long |
@@ -239,13 +243,17 @@
 // tier), `hcache_dram_slice_hits_total` (DRAM tier), `hcache_live_bytes`,
 // `hcache_dead_bytes`, `hcache_gc_segments_total`, `hcache_gc_moved_bytes_total`,
 // `hcache_evictions_total`, `hcache_damaged_contexts_total`, `hcache_commits_total`)
-// and the daemon's: `hcache_restore_requests_total{result=hit|miss|identity_mismatch|timeout|error}`,
+// and the daemon's: `hcache_restore_requests_total{result=hit|miss|identity_mismatch|timeout|refused|error}`,
 // `hcache_restore_seconds{stage=first_layer|layer_wait|layer_send|project|total}`,
 // `hcache_flush_seconds`, `hcache_rpcs_total{method,code}`,
 // `hcache_checksum_failures_total`, `hcache_io_errors_total`,
 // `hcache_identity_mismatch_total`, `hcache_quota_refused_total`,
 // `hcache_writers_abandoned_total`, `hcache_accept_errors_total{listener,errno}`,
-// `hcache_side_refused_total`, connections, open writers, region bytes;
+// `hcache_side_refused_total`, connections, open writers, region bytes,
+// `hcache_caller_connections{listener=unix|tcp}` (connections charged to
+// `--max-conns` and `--max-conns-per-token`),
+// `hcache_connections_refused_total{listener=unix|tcp|tcp_pending}`,
+// `hcache_tcp_pending_connections`;
 // token-addressed state: `hcache_lookups_total{result=hit|miss}`,
 // `hcache_lookup_hit_tokens_total`, `hcache_shared_groups`,
 // `hcache_shared_bytes` (counted once), `hcache_groups_written_total`,
@@ -287,6 +295,9 @@
 //	| side connections not registered past `--max-side-pending-per-uid`/`--max-side-pending`, or silent past `--side-register-timeout` | side socket answers `ERR <reason>` and closes (`TestSidePendingLimits`) |
 //	| a client that stops reading a restore | `DEADLINE_EXCEEDED` after `--restore-timeout` (`TestRestoreTimeout`) |
 //	| connections per user past `--max-conns` | connection closed at the handshake: `UNAVAILABLE` (`TestConnectionLimit`) |
+//	| a request charging a TCP connection to a token that holds `--max-conns-per-token` others | `RESOURCE_EXHAUSTED` naming the flag (`TestCallerConnectionLimits`) |
+//	| a new TCP connection past `--max-tcp-pending`; one without a request with a known token after `--tcp-auth-timeout` | closed at the handshake: `UNAVAILABLE`; closed (`TestTCPPending`) |
+//	| a restore past its caller's `--max-restores-per-caller` | `RESOURCE_EXHAUSTED` naming the flag (`TestRestoresPerCaller`) |
 //	| shared region unknown, released (unmapped early), or another user's; region on TCP | `FAILED_PRECONDITION` |
 //	| region slice past the region's end; restore into a region too small | `OUT_OF_RANGE` |
 //	| memfd without `F_SEAL_SHRINK`, not a memfd, too large | side socket answers `ERR <reason>` (`TestUnsealedRegionRefused`) |

@@ -26,6 +26,7 @@ type metrics struct {
 	quotaRefused     prometheus.Counter
 	abandoned        prometheus.Counter
 	conns            prometheus.Gauge
+	connsRefused     *prometheus.CounterVec
 	acceptErrors     *prometheus.CounterVec
 	sideRefused      prometheus.Counter
 	lookups          *prometheus.CounterVec
@@ -37,7 +38,7 @@ func newMetrics(s *Server) *metrics {
 	m := &metrics{reg: prometheus.NewRegistry(), s: s}
 	f := func(c prometheus.Collector) { m.reg.MustRegister(c) }
 	m.restores = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "hcache_restore_requests_total",
-		Help: "Restore requests by result: hit (served), miss (no such context), identity_mismatch, timeout (--restore-timeout), error."}, []string{"result"})
+		Help: "Restore requests by result: hit (served), miss (no such context), identity_mismatch, timeout (--restore-timeout), refused (--max-restores-per-caller), error."}, []string{"result"})
 	m.restoreStage = prometheus.NewHistogramVec(prometheus.HistogramOpts{Name: "hcache_restore_seconds",
 		Help:    "Restore latency by stage: first_layer (request to first layer verified), layer_wait (waiting for the next layer's reads), layer_send (handing a layer to the client, projection included), project (daemon-side projection of a hidden layer), total.",
 		Buckets: prometheus.ExponentialBuckets(50e-6, 2, 18)}, []string{"stage"})
@@ -52,6 +53,8 @@ func newMetrics(s *Server) *metrics {
 	m.quotaRefused = prometheus.NewCounter(prometheus.CounterOpts{Name: "hcache_quota_refused_total", Help: "Appends refused by a namespace quota."})
 	m.abandoned = prometheus.NewCounter(prometheus.CounterOpts{Name: "hcache_writers_abandoned_total", Help: "Writers dropped because their client's connection ended."})
 	m.conns = prometheus.NewGauge(prometheus.GaugeOpts{Name: "hcache_connections", Help: "Open client connections."})
+	m.connsRefused = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "hcache_connections_refused_total",
+		Help: "Connections refused for a connection limit, by listener: unix (past --max-conns, at the handshake), tcp (a request whose bearer token holds --max-conns-per-token other connections), tcp_pending (a new TCP connection past --max-tcp-pending, at the handshake)."}, []string{"listener"})
 	m.acceptErrors = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "hcache_accept_errors_total",
 		Help: "Failed accepts by listener (api, tcp, shm) and errno (EMFILE, ENFILE, ECONNABORTED, ...): each is retried after a backoff."}, []string{"listener", "errno"})
 	m.sideRefused = prometheus.NewCounter(prometheus.CounterOpts{Name: "hcache_side_refused_total",
@@ -60,7 +63,7 @@ func newMetrics(s *Server) *metrics {
 		Help: "Lookup requests by result: hit (some leading tokens stored), miss (none)."}, []string{"result"})
 	m.lookupTokens = prometheus.NewCounter(prometheus.CounterOpts{Name: "hcache_lookup_hit_tokens_total", Help: "Leading tokens with stored state that lookups reported."})
 	for _, c := range []prometheus.Collector{m.lookups, m.lookupTokens, m.acceptErrors, m.sideRefused, m.restores, m.restoreStage, m.restoreTokens, m.flushSeconds, m.appendBytes, m.rpcs,
-		m.checksumFailures, m.identityMismatch, m.ioErrors, m.quotaRefused, m.abandoned, m.conns} {
+		m.checksumFailures, m.identityMismatch, m.ioErrors, m.quotaRefused, m.abandoned, m.conns, m.connsRefused} {
 		f(c)
 	}
 	st := func() chunk.Stats { return s.store.Stats() }
@@ -100,6 +103,34 @@ func newMetrics(s *Server) *metrics {
 		s.mu.Lock()
 		defer s.mu.Unlock()
 		return float64(len(s.writers))
+	})
+	callerConns := func(listener string, v func() int) {
+		f(prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "hcache_caller_connections", ConstLabels: prometheus.Labels{"listener": listener},
+			Help: "Connections charged to callers' limits: unix (per user, --max-conns), tcp (per bearer token, --max-conns-per-token; a connection counts once for each token its requests presented)."},
+			func() float64 {
+				s.mu.Lock()
+				defer s.mu.Unlock()
+				return float64(v())
+			}))
+	}
+	sum := func(m map[uint32]int) (n int) {
+		for _, v := range m {
+			n += v
+		}
+		return n
+	}
+	callerConns("unix", func() int { return sum(s.connsByUID) })
+	callerConns("tcp", func() int {
+		n := 0
+		for _, v := range s.connsByToken {
+			n += v
+		}
+		return n
+	})
+	gauge("hcache_tcp_pending_connections", "TCP connections that have not presented a known bearer token yet (--max-tcp-pending; closed after --tcp-auth-timeout).", func() float64 {
+		s.mu.Lock()
+		defer s.mu.Unlock()
+		return float64(s.tcpPending)
 	})
 	if s.cfg.MetricsNamespaces {
 		f(usageCollector{s})

@@ -569,6 +569,18 @@ func (s *Server) Restore(req *hcachev1.RestoreRequest, stream grpc.ServerStreami
 			return err
 		}
 	}
+	// The slot is held until the restore's goroutine ends, which may be
+	// after the stream (--restore-timeout): what it holds is what counts.
+	releaseSlot, err := s.takeRestore(c)
+	if err != nil {
+		return err
+	}
+	handed := false
+	defer func() {
+		if !handed {
+			releaseSlot()
+		}
+	}()
 	rest, err := s.restorerFor(ident, req.GetProject())
 	if err != nil {
 		return err
@@ -651,8 +663,10 @@ func (s *Server) Restore(req *hcachev1.RestoreRequest, stream grpc.ServerStreami
 	}
 	done := make(chan result, 1)
 	s.restoring.Add(1)
+	handed = true
 	go func() {
 		defer s.restoring.Done()
+		defer releaseSlot()
 		defer releaseRegion()
 		sr := serve.StreamRequest{NS: ns, ID: id, Ident: ident, Project: req.GetProject()}
 		if byTokens {

@@ -13,6 +13,9 @@ import (
 	"testing"
 	"time"
 
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+
 	hc "github.com/hcache/hcache/clients/hcacheclient"
 )
 
@@ -194,5 +197,68 @@ func TestStoreIOFlags(t *testing.T) {
 		if !strings.Contains(d.logs.String(), want) {
 			t.Fatalf("the daemon's log lacks %q:\n%s", want, d.logs)
 		}
+	}
+}
+
+// TestMaxConnsPerToken: --max-conns-per-token reaches the daemon: with 1, a
+// second TCP connection of a token is refused (RESOURCE_EXHAUSTED naming the
+// flag, logged with the token's hash and namespaces, never the token), the
+// other token's connection is served, and closing the first frees the slot.
+func TestMaxConnsPerToken(t *testing.T) {
+	bin := hcachedBinary(t)
+	sd, err := os.MkdirTemp("", "hcd")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer os.RemoveAll(sd)
+	tokA, tokB := "alpha-token-0123456789", "bravo-token-0123456789"
+	tokFile := filepath.Join(sd, "tokens")
+	if err := os.WriteFile(tokFile, []byte(tokA+" a\n"+tokB+" b\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	sock, tcp := filepath.Join(sd, "s"), freePort(t)
+	d := &daemonProc{t: t, bin: bin, sock: sock, args: []string{"--dir", t.TempDir(), "--listen", "unix://" + sock, "--metrics", "",
+		"--tcp", tcp, "--tokens", tokFile, "--max-conns-per-token", "1"}}
+	d.start()
+	defer d.signal(syscall.SIGTERM)
+	ctx := context.Background()
+	dial := func(tok string) *hc.Client {
+		c, err := hc.Dial(tcp, hc.WithToken(tok))
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { c.Close() })
+		return c
+	}
+	a1 := dial(tokA)
+	if _, err := a1.Info(ctx); err != nil {
+		t.Fatal(err)
+	}
+	a2 := dial(tokA)
+	_, err = a2.Info(ctx)
+	if status.Code(err) != codes.ResourceExhausted || !strings.Contains(status.Convert(err).Message(), "--max-conns-per-token 1") {
+		t.Fatalf("a second connection of token A: %v, want RESOURCE_EXHAUSTED naming --max-conns-per-token 1", err)
+	}
+	if _, err := dial(tokB).Info(ctx); err != nil {
+		t.Fatalf("token B while A is at its limit: %v", err)
+	}
+	a1.Close()
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		_, err := a2.Info(ctx)
+		if err == nil {
+			break
+		}
+		if status.Code(err) != codes.ResourceExhausted || time.Now().After(deadline) {
+			t.Fatalf("A's second connection after the first closed: %v", err)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	logs := d.logs.String()
+	if !strings.Contains(logs, "its token holds too many TCP connections") || !strings.Contains(logs, `"namespaces":["a"]`) {
+		t.Fatalf("no log line of the refusal:\n%s", logs)
+	}
+	if strings.Contains(logs, tokA) {
+		t.Fatal("the log shows a token")
 	}
 }

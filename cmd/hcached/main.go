@@ -104,6 +104,10 @@ func run(args []string) int {
 	maxReqTokens := fs.Uint64("max-request-tokens", daemon.DefaultMaxRequestTokens, "token ids in one request (lookup, open, restore by tokens, append)")
 	maxInflight := fs.Int("max-inflight", daemon.DefaultMaxInflight, "concurrent requests per client connection")
 	maxConns := fs.Int("max-conns", daemon.DefaultMaxConnsPerUID, "unix socket connections per user")
+	maxConnsTok := fs.Int("max-conns-per-token", daemon.DefaultMaxConnsPerToken, "TCP connections per bearer token: a connection counts for each token its requests present, until it closes; past it such a request is refused (RESOURCE_EXHAUSTED)")
+	maxRestoresCaller := fs.Int("max-restores-per-caller", daemon.DefaultMaxRestoresPerCaller, "restores one caller (a unix user, a TCP bearer token) runs at once over all its connections; past it a restore is refused (RESOURCE_EXHAUSTED)")
+	maxTCPPending := fs.Int("max-tcp-pending", daemon.DefaultMaxTCPPending, "TCP connections of all clients that have not presented a known bearer token yet; past it a new one is closed at once")
+	tcpAuthTimeout := fs.Duration("tcp-auth-timeout", daemon.DefaultTCPAuthTimeout, "how long a TCP connection may take to present a known bearer token (in a request the daemon admits) before it is closed")
 	maxMsg := fs.String("max-message", units.FormatSize(int64(daemon.DefaultMaxMessageBytes)), "largest gRPC message, both ways")
 	maxRegion := fs.String("max-region", units.FormatSize(int64(daemon.DefaultMaxRegionBytes)), "largest shared region")
 	maxRegions := fs.Int("max-regions", daemon.DefaultMaxRegionsPerUID, "shared regions per user")
@@ -150,6 +154,19 @@ func run(args []string) int {
 		fmt.Fprintln(os.Stderr, "usage: hcached --dir DIR [--listen /run/hcache/hcache.sock] [flags]; hcached -h for the flags and an example")
 		return 2
 	}
+	for _, l := range []struct {
+		name string
+		v    int
+	}{{"max-conns", *maxConns}, {"max-conns-per-token", *maxConnsTok}, {"max-restores-per-caller", *maxRestoresCaller}, {"max-tcp-pending", *maxTCPPending}} {
+		if l.v < 1 {
+			fmt.Fprintf(os.Stderr, "hcached: --%s %d: want at least 1\n", l.name, l.v)
+			return 2
+		}
+	}
+	if *tcpAuthTimeout <= 0 {
+		fmt.Fprintf(os.Stderr, "hcached: --tcp-auth-timeout %v: want a positive duration\n", *tcpAuthTimeout)
+		return 2
+	}
 	sockMode, err := strconv.ParseUint(*socketMode, 8, 32)
 	if err != nil || sockMode > 0o777 {
 		fmt.Fprintf(os.Stderr, "hcached: --socket-mode %q: want octal permission bits such as 0660\n", *socketMode)
@@ -178,7 +195,8 @@ func run(args []string) int {
 		Quotas: map[string]int64{}, DefaultQuota: size("default-quota", *defQuota),
 		MaxContexts: *maxContexts, MaxContextsPerNamespace: *maxContextsNS,
 		MaxSidePendingPerUID: *maxSidePendingUID, MaxSidePending: *maxSidePending, SideRegisterTimeout: *sideRegisterTimeout, MetricsNamespaces: *metricsNS,
-		MaxTokensPerContext: *maxTokens, MaxRequestTokens: *maxReqTokens, MaxInflight: *maxInflight, MaxConnsPerUID: *maxConns,
+		MaxTokensPerContext: *maxTokens, MaxRequestTokens: *maxReqTokens, MaxInflight: *maxInflight, MaxConnsPerUID: *maxConns, MaxConnsPerToken: *maxConnsTok, MaxRestoresPerCaller: *maxRestoresCaller,
+		MaxTCPPending: *maxTCPPending, TCPAuthTimeout: *tcpAuthTimeout,
 		MaxMessageBytes: int(size("max-message", *maxMsg)), MaxRegionBytes: size("max-region", *maxRegion), MaxRegionsPerUID: *maxRegions,
 		GCInterval: *gcInterval, StopTimeout: *stopTimeout, RestoreTimeout: *restoreTimeout, Logger: log,
 	}
