@@ -78,6 +78,20 @@ func TestRestoreBuffersMapHugePagesInBackground(t *testing.T) {
 			a.put(big)       // 4/huge, 16/base: over the bound, the base one goes though newer
 			a.put(small)     // 4/base beside 4/huge: freed
 		}, []string{"4/huge"}, 2},
+		{"prepared: the restore's buffers are mapped ahead", 64 * mib, func(t *testing.T, a *alignedScratch) {
+			a.prepare(3*mib, 2)
+			a.mappers.Wait()
+			a.prepare(3*mib, 2) // two idle already: nothing more
+			b1, b2 := get(t, a, 3*mib), get(t, a, 3*mib)
+			if !b1.HugePages() || !b2.HugePages() {
+				t.Fatal("a prepared request was handed base pages")
+			}
+			a.put(b1)
+			a.put(b2)
+		}, []string{"4/huge", "4/huge"}, 0},
+		{"prepared past the idle bound: nothing mapped", 6 * mib, func(t *testing.T, a *alignedScratch) {
+			a.prepare(3*mib, 2)
+		}, nil, 0},
 		{"under a huge page: mapped directly", 64 * mib, func(t *testing.T, a *alignedScratch) {
 			b := get(t, a, 100<<10)
 			a.mappers.Wait()
@@ -167,4 +181,28 @@ func get(t *testing.T, a *alignedScratch, n int) *iouring.AlignedBuffer {
 		t.Fatal(err)
 	}
 	return b
+}
+
+// TestSavedContextRestoresIntoHugePages: closing a writer has the context's
+// restore buffers mapped in huge pages in the background, so its first
+// restore takes none in base pages.
+func TestSavedContextRestoresIntoHugePages(t *testing.T) {
+	e := newEnv(t, "disk", func(o *Options) { o.ChunkTokens = 64 })
+	s := e.open()
+	defer s.Close()
+	ident := &Identity{Model: []byte("huge"), Plan: []LayerPlan{{Kind: LayerHidden, RowBytes: 8192}, {Kind: LayerHidden, RowBytes: 8192}}}
+	const tokens = 320 // 2.5 MiB layers
+	w, err := s.Create("ns", "c", ident, CreateOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	appendPrefill(t, w, ident, "c", 0, tokens)
+	if err := w.Close(); err != nil {
+		t.Fatal(err)
+	}
+	s.readBufs.mappers.Wait()
+	verify(t, s, "ns", "c", ident, tokens)
+	if n := s.RestoreStages().BasePageBuffers; n != 0 {
+		t.Fatalf("the first restore of a saved context took %d buffers in base pages", n)
+	}
 }

@@ -142,14 +142,21 @@ func (s *Store) beginRestore(ns, id string, ident *Identity) (*ctxState, error) 
 // context's layers as Options.RestoreAheadBytes holds, at least
 // DefaultRestoreAhead.
 func (s *Store) autoAhead(c *ctxState, sn *snapshot) int {
+	ahead, _ := s.restoreBuffers(c, sn.tokens)
+	return ahead
+}
+
+// restoreBuffers is what a restore of tokens tokens of c with ahead 0
+// takes: that many buffers, each of at least layer bytes.
+func (s *Store) restoreBuffers(c *ctxState, tokens int) (ahead, layer int) {
 	maxRow := 0
 	for _, l := range c.stored {
 		maxRow = max(maxRow, int(c.ident.Plan[l].RowBytes))
 	}
-	if layer := int64(sn.tokens) * int64(maxRow); layer > 0 {
-		return int(max(DefaultRestoreAhead, min(int64(len(c.stored)), s.opts.RestoreAheadBytes/layer)))
+	if l := int64(tokens) * int64(maxRow); l > 0 {
+		return int(max(DefaultRestoreAhead, min(int64(len(c.stored)), s.opts.RestoreAheadBytes/l))), int(l) + BlockBytes
 	}
-	return DefaultRestoreAhead
+	return DefaultRestoreAhead, 0
 }
 
 // bufSlots counts a restore's buffers taken and not yet given back: one

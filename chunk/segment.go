@@ -334,7 +334,8 @@ func (s *segFile) size() (int64, error) {
 // in huge pages is mapped in the background and kept idle for the next
 // restores, which prefer it; base-page buffers go first when idle memory
 // is trimmed, and one is freed on return once a huge-page buffer of its
-// size is idle.
+// size is idle. Writer.Close prepares the buffers its context's restore
+// will take the same way, so a saved context's first restore finds them.
 type alignedScratch struct {
 	mu      sync.Mutex
 	free    map[int][]*iouring.AlignedBuffer
@@ -344,10 +345,10 @@ type alignedScratch struct {
 	limit   int64
 	hooks   BufferHooks
 	logf    func(string, ...any)
-	// mapping holds the classes whose huge-page buffer is being mapped in
+	// mapping counts, per class, the huge-page buffers being mapped in
 	// the background (bounded only); mappers counts those goroutines, and
 	// closed (set by release) makes them free what they mapped.
-	mapping    map[int]bool
+	mapping    map[int]int
 	mappers    sync.WaitGroup
 	closed     bool
 	smallPages atomic.Uint64 // buffers handed out in base pages instead
@@ -427,16 +428,46 @@ func (a *alignedScratch) alloc(n int, mapBuf func(int) (*iouring.AlignedBuffer, 
 	return b, err
 }
 
+// prepare has count huge-page buffers that serve requests of need bytes
+// mapped in the background and kept idle, counting those idle or being
+// mapped already, within the idle bound (a saved context's restore
+// buffers: Writer.Close). Requests under a huge page need no preparing.
+func (a *alignedScratch) prepare(need, count int) {
+	n := sizeClass(need)
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if !a.bounded || n < iouring.HugePageBytes || int64(n)*int64(count) > a.limit {
+		return
+	}
+	have := a.mapping[n]
+	for _, b := range a.idle {
+		if l := len(b.Bytes()); b.HugePages() && l >= need && l <= 2*n {
+			have++
+		}
+	}
+	for ; have < count; have++ {
+		a.startMapLocked(n)
+	}
+}
+
 // mapInBackgroundLocked starts mapping an idle huge-page buffer of class n
 // unless one is being mapped already. Call with a.mu held.
 func (a *alignedScratch) mapInBackgroundLocked(n int) {
-	if a.mapping[n] || a.closed {
+	if a.mapping[n] == 0 {
+		a.startMapLocked(n)
+	}
+}
+
+// startMapLocked starts mapping an idle huge-page buffer of class n. Call
+// with a.mu held.
+func (a *alignedScratch) startMapLocked(n int) {
+	if a.closed {
 		return
 	}
 	if a.mapping == nil {
-		a.mapping = map[int]bool{}
+		a.mapping = map[int]int{}
 	}
-	a.mapping[n] = true
+	a.mapping[n]++
 	a.mappers.Add(1)
 	go func() {
 		defer a.mappers.Done()
@@ -451,7 +482,9 @@ func (a *alignedScratch) mapInBackgroundLocked(n int) {
 		}
 		a.mu.Lock()
 		defer a.mu.Unlock()
-		delete(a.mapping, n)
+		if a.mapping[n]--; a.mapping[n] == 0 {
+			delete(a.mapping, n)
+		}
 		if err != nil {
 			if a.logf != nil {
 				a.logf("chunk: mapping a %d-byte restore buffer in huge pages: %v (restores keep base pages)", n, err)

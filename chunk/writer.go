@@ -486,6 +486,13 @@ func (w *Writer) Close() error {
 	if err == nil {
 		err = w.incompleteErr()
 	}
+	if err == nil {
+		// A saved context is restored later: have its restore buffers
+		// mapped in huge pages now, off any restore's path.
+		if ahead, layer := w.s.restoreBuffers(w.c, w.tokens); layer > 0 {
+			w.s.readBufs.prepare(layer, ahead)
+		}
+	}
 	w.abandonLocked()
 	w.closeErr = err
 	return err
