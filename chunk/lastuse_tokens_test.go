@@ -254,14 +254,7 @@ func TestRestoreByTokensHotPrefixOutlastsTheRest(t *testing.T) {
 func readWorkload(t *testing.T, seed int64, restore bool) (hitRate float64, evictions uint64) {
 	t.Helper()
 	now := int64(1_000_000_000)
-	e := newEnv(t, "mem", func(o *Options) {
-		o.CapacityBytes = 40 * 16 << 10 // about 40 group records
-		o.GCInterval = -1
-		o.EvictSharedBonus = -1 // plain LRU: what the restores add alone
-		o.Now = func() int64 { return now }
-		o.Logf = func(string, ...any) {}
-	})
-	s := e.open()
+	s := clockedEvictStore(t, 40, -1, &now) // no shared bonus: plain LRU, what the restores add alone
 	defer s.Close()
 	ct := s.ChunkTokens()
 	ident := testIdentity("m1")

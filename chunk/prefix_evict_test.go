@@ -14,14 +14,7 @@ import (
 func evictWorkload(t *testing.T, seed int64, bonus time.Duration) (hitRate float64, evictions uint64) {
 	t.Helper()
 	now := int64(1_000_000_000)
-	e := newEnv(t, "mem", func(o *Options) {
-		o.CapacityBytes = 60 * 16 << 10 // about 60 group records
-		o.GCInterval = -1
-		o.EvictSharedBonus = bonus
-		o.Now = func() int64 { return now }
-		o.Logf = func(string, ...any) {}
-	})
-	s := e.open()
+	s := clockedEvictStore(t, 60, bonus, &now)
 	defer s.Close()
 	ct := s.ChunkTokens()
 	ident := testIdentity("m1")
@@ -69,4 +62,19 @@ func TestEvictionPrefersUnshared(t *testing.T) {
 	if bonusSum <= lruSum {
 		t.Fatalf("the shared bonus did not raise the hit rate: %.3f <= %.3f (sum over seeds)", bonusSum, lruSum)
 	}
+}
+
+// clockedEvictStore opens an in-memory store bounded to about records
+// group records (of testIdentity's 16-token groups), with the shared
+// bonus given and the clock *now, no GC and no logging.
+func clockedEvictStore(t *testing.T, records int, bonus time.Duration, now *int64) *Store {
+	t.Helper()
+	e := newEnv(t, "mem", func(o *Options) {
+		o.CapacityBytes = int64(records) * 16 << 10
+		o.GCInterval = -1
+		o.EvictSharedBonus = bonus
+		o.Now = func() int64 { return *now }
+		o.Logf = func(string, ...any) {}
+	})
+	return e.open()
 }
