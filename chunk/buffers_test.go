@@ -206,3 +206,50 @@ func TestSavedContextRestoresIntoHugePages(t *testing.T) {
 		t.Fatalf("the first restore of a saved context took %d buffers in base pages", n)
 	}
 }
+
+// TestReopenedStorePreparesRestoreBuffers: Open has the restore buffers of
+// the stored contexts mapped in huge pages in the background, the most
+// recently used first within IdleReadBufferBytes, so the first restore after
+// a restart takes none in base pages; a read-only open (fsck, stat) maps
+// nothing.
+func TestReopenedStorePreparesRestoreBuffers(t *testing.T) {
+	cases := []struct {
+		name     string
+		idle     int64
+		readOnly bool
+		wantIdle int // idle buffers once the mappers are done
+		wantBase int // buffers the first restore took in base pages (-1: some, as the mapper runs beside it)
+	}{
+		{"prepared", 0, false, 2, 0},
+		{"read-only: nothing mapped", 0, true, 0, -1},
+		{"past the idle bound: nothing mapped, huge pages on the restore's path", 4 << 20, false, 0, 0},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			e := newEnv(t, "disk", func(o *Options) { o.ChunkTokens = 64; o.IdleReadBufferBytes = c.idle })
+			s := e.open()
+			ident := &Identity{Model: []byte("huge"), Plan: []LayerPlan{{Kind: LayerHidden, RowBytes: 8192}, {Kind: LayerHidden, RowBytes: 8192}}}
+			const tokens = 320 // 2.5 MiB layers: two 4 MiB buffers
+			w, err := s.Create("ns", "c", ident, CreateOptions{})
+			if err != nil {
+				t.Fatal(err)
+			}
+			appendPrefill(t, w, ident, "c", 0, tokens)
+			if err := w.Close(); err != nil {
+				t.Fatal(err)
+			}
+			s.Close()
+			e.opts.ReadOnly = c.readOnly
+			s = e.open()
+			defer s.Close()
+			s.readBufs.mappers.Wait()
+			if got := len(idleKinds(&s.readBufs)); got != c.wantIdle {
+				t.Fatalf("%d idle buffers after Open, want %d", got, c.wantIdle)
+			}
+			verify(t, s, "ns", "c", ident, tokens)
+			if n := s.RestoreStages().BasePageBuffers; c.wantBase >= 0 && n != uint64(c.wantBase) || c.wantBase < 0 && n == 0 {
+				t.Fatalf("the first restore after Open took %d buffers in base pages, want %d", n, c.wantBase)
+			}
+		})
+	}
+}

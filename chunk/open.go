@@ -74,6 +74,9 @@ func Open(opts Options) (*Store, error) {
 	s.staging.invariant = s.invariant
 	s.cache = newSliceCache(opts.CacheBytes)
 	s.recovery.Duration = time.Since(start)
+	if !s.readOnly {
+		s.prepareRestoreBuffers()
+	}
 	s.startBackground()
 	ok = true
 	return s, nil

@@ -3,6 +3,7 @@ package chunk
 import (
 	"errors"
 	"fmt"
+	"sort"
 	"sync"
 	"time"
 
@@ -144,6 +145,44 @@ func (s *Store) beginRestore(ns, id string, ident *Identity) (*ctxState, error) 
 func (s *Store) autoAhead(c *ctxState, sn *snapshot) int {
 	ahead, _ := s.restoreBuffers(c, sn.tokens)
 	return ahead
+}
+
+// prepareRestoreBuffers has the restore buffers of the most recently used
+// contexts mapped in huge pages in the background (see alignedScratch),
+// within IdleReadBufferBytes, so that the first restores after a restart do
+// not map them on their critical path.
+func (s *Store) prepareRestoreBuffers() {
+	type want struct {
+		lastUse      int64
+		ahead, layer int
+	}
+	var ws []want
+	s.mu.Lock()
+	for _, c := range s.ctxs {
+		if c.deleted || c.probe || c.ident == nil || c.rec.Flags&lsm.FlagDamaged != 0 || c.rec.Tokens == 0 {
+			continue
+		}
+		if ahead, layer := s.restoreBuffers(c, int(c.rec.Tokens)); layer > 0 {
+			ws = append(ws, want{c.lastUse, ahead, layer})
+		}
+	}
+	s.mu.Unlock()
+	sort.Slice(ws, func(i, j int) bool { return ws[i].lastUse > ws[j].lastUse })
+	prepared := map[int]int{} // class -> buffers asked for
+	var bytes int64
+	for _, w := range ws {
+		n := sizeClass(w.layer)
+		if n < iouring.HugePageBytes || w.ahead <= prepared[n] {
+			continue
+		}
+		add := int64(n) * int64(w.ahead-prepared[n])
+		if bytes+add > s.readBufs.limit {
+			continue
+		}
+		bytes += add
+		prepared[n] = w.ahead
+		s.readBufs.prepare(w.layer, w.ahead)
+	}
 }
 
 // restoreBuffers is what a restore of tokens tokens of c with ahead 0

@@ -335,7 +335,8 @@ func (s *segFile) size() (int64, error) {
 // restores, which prefer it; base-page buffers go first when idle memory
 // is trimmed, and one is freed on return once a huge-page buffer of its
 // size is idle. Writer.Close prepares the buffers its context's restore
-// will take the same way, so a saved context's first restore finds them.
+// will take the same way, so a saved context's first restore finds them,
+// and Open those of the stored contexts (prepareRestoreBuffers).
 type alignedScratch struct {
 	mu      sync.Mutex
 	free    map[int][]*iouring.AlignedBuffer
