@@ -1,6 +1,7 @@
 package remote
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -14,6 +15,8 @@ import (
 
 	"github.com/minio/minio-go/v7"
 	"github.com/minio/minio-go/v7/pkg/credentials"
+
+	"github.com/hcache/hcache/chunk/format"
 )
 
 // Config names an S3-compatible bucket and this store's place in it.
@@ -340,6 +343,22 @@ func (c *Client) get(ctx context.Context, key string, limit int64) ([]byte, erro
 // put uploads an object of size bytes from r (a failed upload leaves no
 // object: a single PUT or a multipart upload is visible only once whole).
 // The body's MD5 travels with it and the store checks it.
+// putChecked uploads body as key and checks the stored object's size
+// against it (a short object is ErrCorrupt).
+func (c *Client) putChecked(ctx context.Context, key string, body []byte, meta map[string]string) error {
+	if err := c.put(ctx, key, bytes.NewReader(body), int64(len(body)), meta); err != nil {
+		return err
+	}
+	oi, err := c.stat(ctx, key)
+	if err != nil {
+		return err
+	}
+	if oi.Size != int64(len(body)) {
+		return fmt.Errorf("%w: %s holds %d bytes, %d uploaded", format.ErrCorrupt, key, oi.Size, len(body))
+	}
+	return nil
+}
+
 func (c *Client) put(ctx context.Context, key string, r io.Reader, size int64, meta map[string]string) error {
 	c.stats.puts.Add(1)
 	_, err := c.mc.PutObject(ctx, c.cfg.Bucket, key, r, size, minio.PutObjectOptions{

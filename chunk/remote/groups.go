@@ -421,15 +421,8 @@ func (c *Client) publishGroups(ctx context.Context, s *chunk.Store, p chunk.Pref
 		}
 		key := c.groupKey(g.ns, g.key)
 		meta := map[string]string{"hcache-store": c.cfg.StoreID, "hcache-kind": "group", metaDigest: hex.EncodeToString(g.digest[:])}
-		if err := c.put(ctx, key, bytes.NewReader(body), int64(len(body)), meta); err != nil {
+		if err := c.putChecked(ctx, key, body, meta); err != nil {
 			return err
-		}
-		oi, err := c.stat(ctx, key)
-		if err != nil {
-			return err
-		}
-		if oi.Size != int64(len(body)) {
-			return fmt.Errorf("%w: %s holds %d bytes, %d uploaded", format.ErrCorrupt, key, oi.Size, len(body))
 		}
 	}
 	return nil

@@ -1,7 +1,6 @@
 package remote
 
 import (
-	"bytes"
 	"context"
 	"encoding/binary"
 	"errors"
@@ -283,17 +282,7 @@ func (c *Client) PublishTip(ctx context.Context, s *chunk.Store, id string, p ch
 		body = append(body, d...)
 	}
 	key := c.tipKey(p.Namespace, id)
-	if err := c.put(ctx, key, bytes.NewReader(body), int64(len(body)), map[string]string{"hcache-store": c.cfg.StoreID, "hcache-kind": "tip"}); err != nil {
-		return err
-	}
-	oi, err := c.stat(ctx, key)
-	if err != nil {
-		return err
-	}
-	if oi.Size != int64(len(body)) {
-		return fmt.Errorf("%w: %s holds %d bytes, %d uploaded", format.ErrCorrupt, key, oi.Size, len(body))
-	}
-	return nil
+	return c.putChecked(ctx, key, body, map[string]string{"hcache-store": c.cfg.StoreID, "hcache-kind": "tip"})
 }
 
 // LookupTip reads and checks the tip object of ns/id: the chain tip, salt,
